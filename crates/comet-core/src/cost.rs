@@ -1,0 +1,210 @@
+//! The cost model (COMET's adaptive workload assignment, DESIGN.md section 1).
+//!
+//! From a few device figures it predicts, per layer call, the time of the
+//! non-overlapped execution (dispatch, FC1, FC2, combine one after another
+//! on the whole device) and of the overlapped one, where `comm_blocks` of
+//! the device's SMs move data while the rest run GEMM tiles. It then picks
+//! the number of communication blocks and the layer1 chunk size that
+//! minimise the overlapped time. The figures are either measured (CPU
+//! executor calibration, autotune) or the reference ones of DESIGN.md.
+
+use crate::config::MoeConfig;
+use crate::schedule::TileShape;
+
+/// What the model needs to know about a device and its link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceFigures {
+    pub name: String,
+    /// Dense GEMM rate on the whole device, TFLOP/s.
+    pub gemm_tflops: f64,
+    /// Link bandwidth to the other ranks, one direction, GB/s.
+    pub link_gbps: f64,
+    /// Latency of one put + signal, microseconds.
+    pub link_latency_us: f64,
+    /// Parallel units (SMs, or worker threads on a CPU).
+    pub sms: usize,
+    /// Bandwidth one communication block can drive alone, GB/s.
+    pub block_gbps: f64,
+    /// Fixed cost of one layer1 chunk (signal, wait, launch of its sends), us.
+    pub chunk_overhead_us: f64,
+    /// Rows per GEMM tile on this device.
+    pub bm: usize,
+}
+
+impl DeviceFigures {
+    /// 2 x H200 over NVLink (NV18), figures from DESIGN.md section 7.
+    pub fn h200_nvlink() -> DeviceFigures {
+        DeviceFigures {
+            name: "h200-nvlink".into(),
+            gemm_tflops: 700.0,
+            link_gbps: 371.0,
+            link_latency_us: 3.0,
+            sms: 132,
+            block_gbps: 25.0,
+            chunk_overhead_us: 2.0,
+            bm: 128,
+        }
+    }
+
+    /// H200s linked by something like the socket path of DESIGN.md (3 GB/s).
+    pub fn h200_slow_link() -> DeviceFigures {
+        DeviceFigures { name: "h200-socket".into(), link_gbps: 3.0, link_latency_us: 30.0, ..DeviceFigures::h200_nvlink() }
+    }
+
+    /// A CPU running the CPU executor: `threads` compute workers at
+    /// `gflops_per_thread`, local copies at `copy_gbps`.
+    pub fn cpu(gflops_per_thread: f64, copy_gbps: f64, threads: usize) -> DeviceFigures {
+        DeviceFigures {
+            name: "cpu".into(),
+            gemm_tflops: gflops_per_thread * threads as f64 / 1e3,
+            link_gbps: copy_gbps,
+            link_latency_us: 20.0,
+            sms: threads.max(1),
+            block_gbps: copy_gbps,
+            chunk_overhead_us: 30.0,
+            bm: 32,
+        }
+    }
+}
+
+/// The model's prediction for one layer call on one rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostEstimate {
+    pub gemm_ms: f64,
+    pub dispatch_ms: f64,
+    pub combine_ms: f64,
+    /// Everything in sequence on the whole device.
+    pub baseline_ms: f64,
+    /// Fused layers with the chosen split.
+    pub overlapped_ms: f64,
+    pub comm_blocks: usize,
+    pub chunks: usize,
+    pub shape: TileShape,
+}
+
+impl CostEstimate {
+    pub fn speedup(&self) -> f64 {
+        self.baseline_ms / self.overlapped_ms
+    }
+}
+
+pub struct CostModel;
+
+impl CostModel {
+    /// Candidate chunk counts: those whose chunk width divides `hidden`
+    /// and stays a multiple of 64 columns (a GEMM tile width) when it can.
+    pub fn chunk_candidates(hidden: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (1..=64)
+            .filter(|&n| hidden % n == 0 && (hidden / n) % 64 == 0)
+            .collect();
+        if v.is_empty() {
+            v = (1..=hidden.min(64)).filter(|&n| hidden % n == 0).collect();
+        }
+        v
+    }
+
+    /// Prediction for `tokens` tokens per rank, routed uniformly.
+    pub fn estimate(cfg: &MoeConfig, tokens: usize, dev: &DeviceFigures) -> CostEstimate {
+        let rows = (tokens * cfg.top_k) as f64;
+        let w = cfg.ranks as f64;
+        let remote = (w - 1.0) / w;
+        let flops = cfg.expert_flops(tokens * cfg.top_k);
+        let gemm_s = flops / (dev.gemm_tflops * 1e12);
+        let (l0_s, l1_s) = (gemm_s * 2.0 / 3.0, gemm_s / 3.0);
+        let bytes = rows * remote * (cfg.hidden * cfg.dtype.bytes()) as f64;
+        let lat = dev.link_latency_us * 1e-6;
+        let link = |gbps: f64| if bytes == 0.0 { 0.0 } else { bytes / (gbps * 1e9) + lat };
+        let dispatch_s = link(dev.link_gbps);
+        let baseline_s = 2.0 * dispatch_s + gemm_s;
+
+        let mut best: Option<(f64, usize, usize)> = None;
+        let max_blocks = (dev.sms / 2).max(1);
+        for blocks in 1..=max_blocks {
+            if blocks >= dev.sms && dev.sms > 1 {
+                break;
+            }
+            let compute_share = if dev.sms > 1 { (dev.sms - blocks) as f64 / dev.sms as f64 } else { 1.0 };
+            let comm_s = link(dev.link_gbps.min(blocks as f64 * dev.block_gbps));
+            let (c0, c1) = (l0_s / compute_share, l1_s / compute_share);
+            // Layer0: tiles wait for whole segments; after the last segment
+            // lands, only its own share of the work (one expert from one
+            // source) is left to compute.
+            let pieces = (cfg.ranks * cfg.experts_per_rank()) as f64;
+            let layer0 = c0.max(comm_s + c0 / pieces);
+            for &n in &CostModel::chunk_candidates(cfg.hidden) {
+                let n_f = n as f64;
+                // Layer1: chunk 0 must compute before anything leaves, and
+                // every chunk pays a fixed signalling cost.
+                let layer1 = c1.max(c1 / n_f + comm_s) + n_f * dev.chunk_overhead_us * 1e-6;
+                let total = layer0 + layer1;
+                if best.map_or(true, |(t, _, _)| total < t) {
+                    best = Some((total, blocks, n));
+                }
+            }
+        }
+        let (overlapped_s, comm_blocks, chunks) = best.expect("at least one candidate");
+        CostEstimate {
+            gemm_ms: gemm_s * 1e3,
+            dispatch_ms: dispatch_s * 1e3,
+            combine_ms: dispatch_s * 1e3,
+            baseline_ms: baseline_s * 1e3,
+            overlapped_ms: overlapped_s * 1e3,
+            comm_blocks,
+            chunks,
+            shape: TileShape { bm: dev.bm, chunk_cols: cfg.hidden / chunks },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+
+    #[test]
+    fn compute_bound_hides_communication() {
+        // Mixtral over NVLink: the GEMMs dwarf the transfers.
+        let cfg = Preset::Mixtral8x7b.config(2).unwrap();
+        let e = CostModel::estimate(&cfg, 8192, &DeviceFigures::h200_nvlink());
+        assert!(e.gemm_ms > 5.0 * e.dispatch_ms, "{e:?}");
+        // Overlap can only win the communication back, and does most of it.
+        assert!(e.overlapped_ms < e.baseline_ms);
+        assert!(e.overlapped_ms < e.gemm_ms * 1.1, "{e:?}");
+        // Few blocks suffice to feed the link, so most SMs keep computing.
+        assert!(e.comm_blocks <= 32, "{e:?}");
+        assert!(e.shape.validate(&cfg).is_ok());
+    }
+
+    #[test]
+    fn communication_bound_is_limited_by_the_link() {
+        let cfg = Preset::Qwen2Moe.config(2).unwrap();
+        let e = CostModel::estimate(&cfg, 8192, &DeviceFigures::h200_slow_link());
+        assert!(e.dispatch_ms > 5.0 * e.gemm_ms, "{e:?}");
+        // Nothing beats sending the bytes twice over the link.
+        assert!(e.overlapped_ms >= 2.0 * e.dispatch_ms * 0.99, "{e:?}");
+        assert!(e.speedup() < 1.3, "{e:?}");
+        // A slow link is saturated by one block; taking more only slows GEMMs.
+        assert_eq!(e.comm_blocks, 1);
+    }
+
+    #[test]
+    fn balanced_case_gains_most() {
+        // Pick a link so that each transfer takes about a layer's compute.
+        let cfg = Preset::Qwen2Moe.config(2).unwrap();
+        let mut dev = DeviceFigures::h200_nvlink();
+        let probe = CostModel::estimate(&cfg, 8192, &dev);
+        dev.link_gbps *= probe.dispatch_ms / (probe.gemm_ms / 2.0);
+        let e = CostModel::estimate(&cfg, 8192, &dev);
+        assert!(e.speedup() > 1.4, "{e:?}");
+        assert!(e.chunks > 1, "layer1 should pipeline in chunks: {e:?}");
+    }
+
+    #[test]
+    fn chunk_candidates_divide_hidden() {
+        for h in [8, 100, 256, 3584, 4096] {
+            let c = CostModel::chunk_candidates(h);
+            assert!(!c.is_empty());
+            assert!(c.iter().all(|&n| h % n == 0));
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Tile schedules of the two fused layers and the signal map they share
+//! with the transports (DESIGN.md sections 1 and 4).
+//!
+//! Layer0 (dispatch -> FC1 -> SwiGLU): the receive buffer is cut by rows;
+//! a tile of `bm` rows of one expert depends exactly on the segments
+//! `(expert, src)` its rows overlap, and tiles are ordered by the arrival
+//! step of their latest segment, so local rows are computed while remote
+//! ones are still on the wire.
+//!
+//! Layer1 (FC2 -> combine): the output is cut by columns; every expert's
+//! tiles of column chunk c come before chunk c+1, so chunk c is sent while
+//! c+1 computes. Each chunk counts its finished tiles on a local counter
+//! and, once complete, raises one combine signal on every source it feeds.
+
+use crate::config::MoeConfig;
+use crate::error::CoreError;
+use crate::layout::LayoutPlan;
+
+/// Index of a 64-bit signal word in a rank's signal array.
+pub type SignalId = u32;
+
+/// How the signal array of every rank is laid out; identical on all ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalMap {
+    pub ranks: usize,
+    pub experts_per_rank: usize,
+    pub chunks: usize,
+}
+
+impl SignalMap {
+    pub fn new(cfg: &MoeConfig, chunks: usize) -> SignalMap {
+        SignalMap { ranks: cfg.ranks, experts_per_rank: cfg.experts_per_rank(), chunks }
+    }
+    /// On a destination: segment `(local expert, src)` has landed.
+    pub fn dispatch(&self, expert: usize, src: usize) -> SignalId {
+        (expert * self.ranks + src) as SignalId
+    }
+    /// On a source: expert rank `from` has delivered column chunk `chunk`.
+    pub fn combine(&self, from: usize, chunk: usize) -> SignalId {
+        (self.experts_per_rank * self.ranks + from * self.chunks + chunk) as SignalId
+    }
+    /// Local counter: finished layer1 tiles of `chunk`.
+    pub fn chunk_done(&self, chunk: usize) -> SignalId {
+        (self.experts_per_rank * self.ranks + self.ranks * self.chunks + chunk) as SignalId
+    }
+    pub fn len(&self) -> usize {
+        self.experts_per_rank * self.ranks + self.ranks * self.chunks + self.chunks
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Tile sizes chosen by the planner (cost model or autotune).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileShape {
+    /// Rows per GEMM tile.
+    pub bm: usize,
+    /// Output columns per layer1 chunk (divides `hidden`).
+    pub chunk_cols: usize,
+}
+
+impl TileShape {
+    pub fn validate(&self, cfg: &MoeConfig) -> Result<(), CoreError> {
+        if self.bm == 0 {
+            return Err(CoreError::InvalidConfig { field: "bm", problem: "must be > 0".into() });
+        }
+        if self.chunk_cols == 0 || cfg.hidden % self.chunk_cols != 0 {
+            return Err(CoreError::InvalidConfig {
+                field: "chunk_cols",
+                problem: format!("{} does not divide hidden {}", self.chunk_cols, cfg.hidden),
+            });
+        }
+        Ok(())
+    }
+    pub fn chunks(&self, cfg: &MoeConfig) -> usize {
+        cfg.hidden / self.chunk_cols
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer0Tile {
+    /// Local expert.
+    pub expert: usize,
+    pub row: usize,
+    pub rows: usize,
+    /// Dispatch signals this tile waits on (each for `>= epoch`).
+    pub deps: Vec<SignalId>,
+    /// Arrival step of the latest dependency (0 = only local rows).
+    pub ready_step: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer0Schedule {
+    pub rank: usize,
+    pub tiles: Vec<Layer0Tile>,
+}
+
+impl Layer0Schedule {
+    pub fn new(plan: &LayoutPlan, rank: usize, shape: TileShape, signals: &SignalMap) -> Layer0Schedule {
+        let w = plan.cfg.ranks;
+        let layout = &plan.recv[rank];
+        let mut tiles = Vec::new();
+        for le in 0..plan.cfg.experts_per_rank() {
+            let (start, n) = (layout.expert_row[le], layout.expert_rows[le]);
+            let segs = &layout.segments[le * w..(le + 1) * w];
+            let mut row = start;
+            while row < start + n {
+                let rows = shape.bm.min(start + n - row);
+                let overlapping = segs.iter().filter(|s| s.rows > 0 && s.row < row + rows && row < s.row + s.rows);
+                let mut deps = Vec::new();
+                let mut ready_step = 0;
+                for s in overlapping {
+                    deps.push(signals.dispatch(le, s.src));
+                    ready_step = ready_step.max(layout.arrival_step(s.src, w));
+                }
+                tiles.push(Layer0Tile { expert: le, row, rows, deps, ready_step });
+                row += rows;
+            }
+        }
+        // Stable: equal steps keep expert-major order.
+        tiles.sort_by_key(|t| t.ready_step);
+        Layer0Schedule { rank, tiles }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layer1Tile {
+    pub expert: usize,
+    pub row: usize,
+    pub rows: usize,
+    pub chunk: usize,
+    pub col: usize,
+    pub cols: usize,
+}
+
+/// One block of combined rows: rows `[row, row + rows)` of this rank's
+/// FC2 output, columns of the chunk, go to `dst` at `dst_pos` in its send
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CombineSend {
+    pub dst: usize,
+    pub row: usize,
+    pub rows: usize,
+    pub dst_pos: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer1Chunk {
+    pub index: usize,
+    pub col: usize,
+    pub cols: usize,
+    /// Tiles that must finish before the chunk leaves.
+    pub tiles: usize,
+    /// Counter the tiles raise; the chunk leaves at `base + tiles`.
+    pub done_signal: SignalId,
+    /// Sends grouped by destination, destinations in ring order.
+    pub sends: Vec<CombineSend>,
+    /// `(dst, signal on dst)` raised once this chunk's sends to dst are out.
+    pub raises: Vec<(usize, SignalId)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer1Schedule {
+    pub rank: usize,
+    pub tiles: Vec<Layer1Tile>,
+    pub chunks: Vec<Layer1Chunk>,
+}
+
+impl Layer1Schedule {
+    pub fn new(plan: &LayoutPlan, rank: usize, shape: TileShape, signals: &SignalMap) -> Layer1Schedule {
+        let cfg = &plan.cfg;
+        let w = cfg.ranks;
+        let layout = &plan.recv[rank];
+        let nchunks = shape.chunks(cfg);
+        let mut tiles = Vec::new();
+        let mut chunks = Vec::with_capacity(nchunks);
+        for c in 0..nchunks {
+            let col = c * shape.chunk_cols;
+            let before = tiles.len();
+            for le in 0..cfg.experts_per_rank() {
+                let (start, n) = (layout.expert_row[le], layout.expert_rows[le]);
+                let mut row = start;
+                while row < start + n {
+                    let rows = shape.bm.min(start + n - row);
+                    tiles.push(Layer1Tile { expert: le, row, rows, chunk: c, col, cols: shape.chunk_cols });
+                    row += rows;
+                }
+            }
+            let mut sends = Vec::new();
+            let mut raises = Vec::new();
+            for i in 0..w {
+                let dst = crate::layout::ring_dest(rank, i, w);
+                if plan.rows_between(dst, rank) == 0 {
+                    continue;
+                }
+                for le in 0..cfg.experts_per_rank() {
+                    let seg = layout.segment(le, dst, w);
+                    if seg.rows > 0 {
+                        let dst_pos = plan.send_offset(dst, cfg.global_expert(rank, le));
+                        sends.push(CombineSend { dst, row: seg.row, rows: seg.rows, dst_pos });
+                    }
+                }
+                raises.push((dst, signals.combine(rank, c)));
+            }
+            chunks.push(Layer1Chunk {
+                index: c,
+                col,
+                cols: shape.chunk_cols,
+                tiles: tiles.len() - before,
+                done_signal: signals.chunk_done(c),
+                sends,
+                raises,
+            });
+        }
+        Layer1Schedule { rank, tiles, chunks }
+    }
+}
+
+/// The combine signals a source waits on before reducing chunk `c`: one per
+/// expert rank it sent rows to.
+pub fn combine_waits(plan: &LayoutPlan, src: usize, chunk: usize, signals: &SignalMap) -> Vec<SignalId> {
+    (0..plan.cfg.ranks)
+        .filter(|&d| plan.rows_between(src, d) > 0)
+        .map(|d| signals.combine(d, chunk))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Preset;
+    use crate::routing::{Routing, RoutingKind};
+
+    fn plan(w: usize, kind: RoutingKind) -> LayoutPlan {
+        let cfg = Preset::Small.config(w).unwrap();
+        let routings: Vec<Routing> = (0..w).map(|r| Routing::generate(&cfg, r, 61, kind, 5)).collect();
+        LayoutPlan::from_routings(&cfg, &routings).unwrap()
+    }
+
+    #[test]
+    fn layer0_deps_are_exact_and_ordered() {
+        let p = plan(4, RoutingKind::Uniform);
+        let sig = SignalMap::new(&p.cfg, 4);
+        let shape = TileShape { bm: 16, chunk_cols: 64 };
+        for rank in 0..4 {
+            let s = Layer0Schedule::new(&p, rank, shape, &sig);
+            let covered: usize = s.tiles.iter().map(|t| t.rows).sum();
+            assert_eq!(covered, p.recv[rank].total_rows);
+            assert!(s.tiles.windows(2).all(|w| w[0].ready_step <= w[1].ready_step));
+            for t in &s.tiles {
+                // A dep for every non-empty segment the rows touch, no others.
+                for seg in &p.recv[rank].segments {
+                    let touches = seg.expert == t.expert && seg.rows > 0 && seg.row < t.row + t.rows && t.row < seg.row + seg.rows;
+                    assert_eq!(touches, t.deps.contains(&sig.dispatch(seg.expert, seg.src)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layer1_chunks_are_column_major_and_cover_everything() {
+        let p = plan(4, RoutingKind::Zipf(1.2));
+        let shape = TileShape { bm: 16, chunk_cols: 64 };
+        let sig = SignalMap::new(&p.cfg, shape.chunks(&p.cfg));
+        for rank in 0..4 {
+            let s = Layer1Schedule::new(&p, rank, shape, &sig);
+            assert!(s.tiles.windows(2).all(|w| w[0].chunk <= w[1].chunk));
+            for c in &s.chunks {
+                let rows: usize = s.tiles.iter().filter(|t| t.chunk == c.index).map(|t| t.rows).sum();
+                assert_eq!(rows, p.recv[rank].total_rows);
+                let sent: usize = c.sends.iter().map(|x| x.rows).sum();
+                assert_eq!(sent, p.recv[rank].total_rows);
+            }
+        }
+        // Every source waits exactly on the ranks that raise its signals.
+        for src in 0..4 {
+            for c in 0..sig.chunks {
+                let waits = combine_waits(&p, src, c, &sig);
+                let raised: Vec<SignalId> = (0..4)
+                    .flat_map(|d| Layer1Schedule::new(&p, d, shape, &sig).chunks[c].raises.clone())
+                    .filter(|&(dst, _)| dst == src)
+                    .map(|(_, s)| s)
+                    .collect();
+                let (mut a, mut b) = (waits.clone(), raised);
+                a.sort();
+                b.sort();
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn signal_ids_are_distinct() {
+        let cfg = Preset::Qwen2Moe.config(8).unwrap();
+        let m = SignalMap::new(&cfg, 7);
+        let mut all = Vec::new();
+        for e in 0..m.experts_per_rank {
+            for s in 0..8 {
+                all.push(m.dispatch(e, s));
+            }
+        }
+        for r in 0..8 {
+            for c in 0..7 {
+                all.push(m.combine(r, c));
+            }
+        }
+        for c in 0..7 {
+            all.push(m.chunk_done(c));
+        }
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
+        assert_eq!(n, m.len());
+    }
+
+    #[test]
+    fn bad_tile_shape() {
+        let cfg = Preset::Small.config(2).unwrap();
+        assert!(TileShape { bm: 0, chunk_cols: 64 }.validate(&cfg).is_err());
+        assert!(TileShape { bm: 64, chunk_cols: 100 }.validate(&cfg).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! comet-py: the PyO3 module `comet`.

@@ -1,0 +1,1 @@
+//! comet-sched: turns (config, routing, transport) into plans and runs them.

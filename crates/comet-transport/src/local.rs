@@ -1,0 +1,486 @@
+//! The `local` transport: W ranks as threads of one process.
+//!
+//! Buffers and signal words are host memory shared by the threads. With a
+//! delay model, every put and signal is handed to a delivery thread that
+//! applies it after a seeded random delay, so puts overtake each other and
+//! arrive late, as on a real link; a signal is never applied before the
+//! puts that preceded it from the same sender to the same receiver
+//! (release ordering). Without one, operations apply at once.
+
+use crate::error::TransportError;
+use crate::transport::{check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Seeded random delays for every put and signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DelayModel {
+    pub seed: u64,
+    /// Each operation is applied after a uniform delay in `[0, max)`.
+    pub max: Duration,
+}
+
+type Buffer = Arc<Mutex<Vec<u8>>>;
+
+struct RankMem {
+    buffers: Mutex<Vec<Buffer>>,
+    signals: Mutex<Vec<u64>>,
+    cv: Condvar,
+}
+
+enum Op {
+    Put { dst: usize, buf: Buffer, offset: usize, data: Vec<u8> },
+    Signal { dst: usize, sig: SignalId, op: SignalOp },
+}
+
+struct Pending {
+    due: Instant,
+    seq: u64,
+    op: Op,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, o: &Self) -> bool {
+        (self.due, self.seq) == (o.due, o.seq)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, o: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Pending {
+    // Reversed: BinaryHeap pops the earliest due first, ties by issue order.
+    fn cmp(&self, o: &Self) -> CmpOrdering {
+        (o.due, o.seq).cmp(&(self.due, self.seq))
+    }
+}
+
+struct DeliveryState {
+    heap: BinaryHeap<Pending>,
+    seq: u64,
+    rng: ChaCha8Rng,
+    /// Latest due time of a put per (src, dst): signals wait for it.
+    last_put_due: Vec<Option<Instant>>,
+    shutdown: bool,
+}
+
+struct Delivery {
+    max: Duration,
+    state: Mutex<DeliveryState>,
+    cv: Condvar,
+}
+
+struct Shared {
+    world: usize,
+    ranks: Vec<RankMem>,
+    dead: Vec<AtomicBool>,
+    alive: AtomicUsize,
+    barrier: Mutex<(u64, usize)>,
+    barrier_cv: Condvar,
+    delivery: Option<Delivery>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking rank thread must not take the others down with poison.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn apply(&self, op: Op) {
+        match op {
+            Op::Put { dst: _, buf, offset, data } => {
+                lock(&buf)[offset..offset + data.len()].copy_from_slice(&data);
+            }
+            Op::Signal { dst, sig, op } => {
+                let mem = &self.ranks[dst];
+                let mut s = lock(&mem.signals);
+                if let Some(w) = s.get_mut(sig as usize) {
+                    match op {
+                        SignalOp::Set(v) => *w = v,
+                        SignalOp::Add(v) => *w += v,
+                    }
+                }
+                drop(s);
+                mem.cv.notify_all();
+            }
+        }
+    }
+
+    fn first_dead(&self) -> Option<usize> {
+        self.dead.iter().position(|d| d.load(Ordering::Acquire))
+    }
+
+    fn deliver_loop(self: Arc<Self>) {
+        let d = self.delivery.as_ref().expect("delivery thread without a delay model");
+        let mut st = lock(&d.state);
+        loop {
+            let now = Instant::now();
+            match st.heap.peek() {
+                Some(p) if p.due <= now || st.shutdown => {
+                    let p = st.heap.pop().expect("peeked");
+                    drop(st);
+                    self.apply(p.op);
+                    st = lock(&d.state);
+                }
+                Some(p) => {
+                    let wait = p.due - now;
+                    st = d.cv.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+                }
+                None if st.shutdown => return,
+                None => st = d.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+}
+
+/// One rank's handle on a local world.
+pub struct LocalTransport {
+    rank: usize,
+    shared: Arc<Shared>,
+    deliverer: Option<JoinHandle<()>>,
+}
+
+/// Builds the W handles of one in-process world.
+pub fn local_world(world: usize, delay: Option<DelayModel>) -> Vec<LocalTransport> {
+    let shared = Arc::new(Shared {
+        world,
+        ranks: (0..world)
+            .map(|_| RankMem { buffers: Mutex::new(Vec::new()), signals: Mutex::new(Vec::new()), cv: Condvar::new() })
+            .collect(),
+        dead: (0..world).map(|_| AtomicBool::new(false)).collect(),
+        alive: AtomicUsize::new(world),
+        barrier: Mutex::new((0, 0)),
+        barrier_cv: Condvar::new(),
+        delivery: delay.filter(|d| !d.max.is_zero()).map(|d| Delivery {
+            max: d.max,
+            state: Mutex::new(DeliveryState {
+                heap: BinaryHeap::new(),
+                seq: 0,
+                rng: ChaCha8Rng::seed_from_u64(d.seed),
+                last_put_due: vec![None; world * world],
+                shutdown: false,
+            }),
+            cv: Condvar::new(),
+        }),
+    });
+    let deliverer = shared.delivery.as_ref().map(|_| {
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("comet-local-delivery".into())
+            .spawn(move || s.deliver_loop())
+            .expect("spawn delivery thread")
+    });
+    let mut handles: Vec<LocalTransport> =
+        (0..world).map(|rank| LocalTransport { rank, shared: Arc::clone(&shared), deliverer: None }).collect();
+    if let Some(h) = handles.first_mut() {
+        h.deliverer = deliverer;
+    }
+    handles
+}
+
+impl LocalTransport {
+    /// Simulates this rank crashing: every other rank's waits and barriers
+    /// fail with `PeerGone` instead of waiting out their timeout.
+    pub fn kill(&self) {
+        self.shared.dead[self.rank].store(true, Ordering::Release);
+        for r in &self.shared.ranks {
+            let _g = lock(&r.signals);
+            r.cv.notify_all();
+        }
+        let _g = lock(&self.shared.barrier);
+        self.shared.barrier_cv.notify_all();
+    }
+
+    fn check_alive(&self, peer: usize) -> Result<(), TransportError> {
+        if let Some(dead) = self.shared.first_dead() {
+            if dead == peer || dead == self.rank {
+                return Err(TransportError::PeerGone { rank: self.rank, peer: dead, reason: "rank was killed".into() });
+            }
+        }
+        Ok(())
+    }
+
+    fn buffer(&self, rank: usize, buf: BufferId) -> Result<Buffer, TransportError> {
+        lock(&self.shared.ranks[rank].buffers).get(buf.0 as usize).cloned().ok_or_else(|| TransportError::NotAllocated {
+            rank: self.rank,
+            what: format!("buffer {} on rank {rank}", buf.0),
+        })
+    }
+
+    fn submit(&self, src: usize, op: Op) {
+        let Some(d) = self.shared.delivery.as_ref() else {
+            self.shared.apply(op);
+            return;
+        };
+        let mut st = lock(&d.state);
+        let delay = st.rng.gen_range(Duration::ZERO..d.max);
+        let mut due = Instant::now() + delay;
+        let seq = st.seq;
+        st.seq += 1;
+        match &op {
+            Op::Put { dst, .. } => {
+                let slot = &mut st.last_put_due[src * self.shared.world + dst];
+                *slot = Some(slot.map_or(due, |t| t.max(due)));
+            }
+            Op::Signal { dst, .. } => {
+                if let Some(t) = st.last_put_due[src * self.shared.world + dst] {
+                    due = due.max(t);
+                }
+            }
+        }
+        st.heap.push(Pending { due, seq, op });
+        drop(st);
+        d.cv.notify_one();
+    }
+}
+
+impl Drop for LocalTransport {
+    fn drop(&mut self) {
+        if self.shared.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(d) = self.shared.delivery.as_ref() {
+                lock(&d.state).shutdown = true;
+                d.cv.notify_all();
+            }
+        }
+        if let Some(h) = self.deliverer.take() {
+            // The last handle's drop above stops the thread; an earlier drop
+            // of this handle leaves it to finish on its own.
+            if self.shared.alive.load(Ordering::Acquire) == 0 {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Transport for LocalTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { name: "local", initiation: Initiation::Host, device_memory: false }
+    }
+
+    fn alloc_buffer(&self, bytes: usize) -> Result<BufferId, TransportError> {
+        let mut mine = lock(&self.shared.ranks[self.rank].buffers);
+        let id = mine.len();
+        for (r, mem) in self.shared.ranks.iter().enumerate() {
+            if r == self.rank {
+                continue;
+            }
+            if let Some(b) = lock(&mem.buffers).get(id) {
+                let theirs = lock(b).len();
+                if theirs != bytes {
+                    return Err(TransportError::Mismatch {
+                        rank: self.rank,
+                        what: "alloc_buffer",
+                        detail: format!("buffer {id} is {bytes} bytes here but {theirs} on rank {r}"),
+                    });
+                }
+            }
+        }
+        mine.push(Arc::new(Mutex::new(vec![0u8; bytes])));
+        Ok(BufferId(id as u32))
+    }
+
+    fn alloc_signals(&self, count: usize) -> Result<(), TransportError> {
+        let mem = &self.shared.ranks[self.rank];
+        *lock(&mem.signals) = vec![0; count];
+        Ok(())
+    }
+
+    fn put(&self, dst: usize, buf: BufferId, offset: usize, data: &[u8]) -> Result<(), TransportError> {
+        check_rank(self, dst)?;
+        self.check_alive(dst)?;
+        let b = self.buffer(dst, buf)?;
+        let size = lock(&b).len();
+        if offset.checked_add(data.len()).is_none_or(|end| end > size) {
+            return Err(TransportError::OutOfBounds {
+                rank: self.rank,
+                what: format!("put to buffer {} on rank {dst}", buf.0),
+                offset,
+                len: data.len(),
+                size,
+            });
+        }
+        self.submit(self.rank, Op::Put { dst, buf: b, offset, data: data.to_vec() });
+        Ok(())
+    }
+
+    fn signal(&self, dst: usize, sig: SignalId, op: SignalOp) -> Result<(), TransportError> {
+        check_rank(self, dst)?;
+        self.check_alive(dst)?;
+        let n = lock(&self.shared.ranks[dst].signals).len();
+        if sig as usize >= n {
+            return Err(TransportError::NotAllocated { rank: self.rank, what: format!("signal {sig} on rank {dst} (it has {n})") });
+        }
+        self.submit(self.rank, Op::Signal { dst, sig, op });
+        Ok(())
+    }
+
+    fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
+        let mem = &self.shared.ranks[self.rank];
+        let start = Instant::now();
+        let mut s = lock(&mem.signals);
+        loop {
+            let Some(&v) = s.get(sig as usize) else {
+                return Err(TransportError::NotAllocated { rank: self.rank, what: format!("signal {sig}") });
+            };
+            if v >= target {
+                return Ok(v);
+            }
+            if let Some(dead) = self.shared.first_dead() {
+                return Err(TransportError::PeerGone {
+                    rank: self.rank,
+                    peer: dead,
+                    reason: format!("while waiting for signal {sig} to reach {target}"),
+                });
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(TransportError::WaitTimeout { rank: self.rank, signal: sig, expected: target, observed: v, waited });
+            }
+            s = mem.cv.wait_timeout(s, timeout - waited).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
+        let b = self.buffer(self.rank, buf)?;
+        let g = lock(&b);
+        if offset.checked_add(out.len()).is_none_or(|end| end > g.len()) {
+            return Err(TransportError::OutOfBounds {
+                rank: self.rank,
+                what: format!("read of buffer {}", buf.0),
+                offset,
+                len: out.len(),
+                size: g.len(),
+            });
+        }
+        out.copy_from_slice(&g[offset..offset + out.len()]);
+        Ok(())
+    }
+
+    fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
+        let start = Instant::now();
+        let mut g = lock(&self.shared.barrier);
+        let gen = g.0;
+        g.1 += 1;
+        if g.1 == self.shared.world {
+            *g = (gen + 1, 0);
+            self.shared.barrier_cv.notify_all();
+            return Ok(());
+        }
+        loop {
+            if g.0 != gen {
+                return Ok(());
+            }
+            if let Some(dead) = self.shared.first_dead() {
+                return Err(TransportError::PeerGone { rank: self.rank, peer: dead, reason: "during barrier".into() });
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                g.1 -= 1;
+                return Err(TransportError::WaitTimeout { rank: self.rank, signal: u32::MAX, expected: gen + 1, observed: gen, waited });
+            }
+            g = self.shared.barrier_cv.wait_timeout(g, timeout - waited).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn put_then_signal_is_seen_in_order_under_delays() {
+        for seed in 0..8 {
+            let world = local_world(3, Some(DelayModel { seed, max: Duration::from_micros(300) }));
+            std::thread::scope(|s| {
+                for t in &world {
+                    s.spawn(move || {
+                        let b = t.alloc_buffer(3 * 4096).unwrap();
+                        t.alloc_signals(3).unwrap();
+                        t.barrier(T).unwrap();
+                        for epoch in 1..=20u64 {
+                            for dst in 0..3 {
+                                let data = vec![(epoch as u8).wrapping_mul(7).wrapping_add(t.rank() as u8); 4096];
+                                t.put(dst, b, t.rank() * 4096, &data).unwrap();
+                                t.signal(dst, t.rank() as u32, SignalOp::Set(epoch)).unwrap();
+                            }
+                            for src in 0..3 {
+                                t.wait(src as u32, epoch, T).unwrap();
+                                let mut out = vec![0u8; 4096];
+                                t.read(b, src * 4096, &mut out).unwrap();
+                                let want = (epoch as u8).wrapping_mul(7).wrapping_add(src as u8);
+                                // A later epoch may already have landed; never an older one.
+                                assert!(out.iter().all(|&v| v == want || v == want.wrapping_add(7)), "seed {seed}");
+                            }
+                            t.barrier(T).unwrap();
+                        }
+                    });
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn bounded_wait_names_rank_and_signal() {
+        let w = local_world(2, None);
+        w[1].alloc_signals(4).unwrap();
+        let e = w[1].wait(2, 1, Duration::from_millis(20)).unwrap_err();
+        match e {
+            TransportError::WaitTimeout { rank: 1, signal: 2, expected: 1, observed: 0, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().contains("signal 2"));
+    }
+
+    #[test]
+    fn killed_peer_fails_waiters_fast() {
+        let w = local_world(2, None);
+        w[0].alloc_signals(1).unwrap();
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                w[1].kill();
+            });
+            let e = w[0].wait(0, 1, Duration::from_secs(30)).unwrap_err();
+            assert!(matches!(e, TransportError::PeerGone { peer: 1, .. }), "{e:?}");
+        });
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(w[0].barrier(Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn bad_puts_are_errors() {
+        let w = local_world(2, None);
+        let b0 = w[0].alloc_buffer(16).unwrap();
+        let _ = w[1].alloc_buffer(16).unwrap();
+        assert!(matches!(w[0].put(1, b0, 8, &[0; 9]), Err(TransportError::OutOfBounds { .. })));
+        assert!(matches!(w[0].put(2, b0, 0, &[0; 1]), Err(TransportError::BadRank { peer: 2, .. })));
+        assert!(matches!(w[0].put(1, BufferId(5), 0, &[0; 1]), Err(TransportError::NotAllocated { .. })));
+        assert!(matches!(w[0].signal(1, 0, SignalOp::Set(1)), Err(TransportError::NotAllocated { .. })));
+        assert!(matches!(w[1].alloc_buffer(32), Err(TransportError::Mismatch { .. })));
+    }
+
+    #[test]
+    fn barrier_times_out_when_a_rank_never_comes() {
+        let w = local_world(2, None);
+        assert!(matches!(w[0].barrier(Duration::from_millis(20)), Err(TransportError::WaitTimeout { .. })));
+    }
+}

@@ -1,0 +1,76 @@
+// comet-rs: shared definitions of the grouped GEMM kernels (sm80 and sm90a).
+//
+// Data layout (row-major everywhere, bf16):
+//   A  [total_rows, K]   rows of each expert contiguous (layout plan)
+//   B  [E, N, K]         per expert, K contiguous (like torch Linear.weight,
+//                        i.e. the transpose of comet_core's fc1/fc2 [K, N])
+//   C  plain:   [total_rows, ldc] (ldc >= N)
+//      swiglu:  [total_rows, ldc] (ldc >= N/2); out = silu(gate) * up with
+//               gate = GEMM cols [0, N/2), up = cols [N/2, N)
+//      scatter: [dst rows, ldc]; row r goes to scatter_idx[r] (skipped when
+//               negative), scaled by scatter_w[r] (combine's top-k weight)
+// A tile list in GPU memory drives a persistent grid; each tile says which
+// expert, which rows and which output columns it computes, and which signals
+// it waits on (prologue hook) or raises (epilogue hook).
+#pragma once
+#include "signal.cuh"
+
+namespace comet {
+
+// bf16 as raw bits: no CUDA headers are needed, so NVRTC compiles these
+// sources on a machine that has only libnvrtc.
+typedef unsigned short bf16_t;
+
+// Two floats -> packed bf16x2 (round to nearest even), lo in the low half.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ void store_bf16x2(bf16_t* dst, float lo, float hi) {
+  *reinterpret_cast<unsigned*>(dst) = pack_bf16x2(lo, hi);
+}
+
+enum EpilogueKind { EPI_STORE = 0, EPI_SWIGLU = 1, EPI_SCATTER = 2 };
+
+// 32 bytes; mirrored by comet_kernels::tiles::TileDesc.
+struct TileDesc {
+  int expert;    // index into B's leading dimension
+  int row0;      // first row in A (global row index)
+  int rows;      // rows of this tile, 1..=BM
+  int n0;        // first OUTPUT column (swiglu: in [0, N/2))
+  int dep_off;   // first dependency in GemmParams::deps
+  int dep_cnt;   // number of dependencies (0: none)
+  int sig;       // signal raised when the tile is stored (-1: none)
+  int sig_mode;  // 0: store raise_value, 1: add 1
+};
+
+struct GemmParams {
+  const bf16_t* A;
+  const bf16_t* B;
+  bf16_t* C;
+  const TileDesc* tiles;
+  const int* scatter_idx;
+  const float* scatter_w;
+  u64* signals;
+  const unsigned* deps;
+  u64* err;
+  u64 wait_target;
+  u64 raise_value;
+  u64 timeout_ns;
+  int num_tiles;
+  int K;
+  int N;      // GEMM columns (swiglu: 2 * output columns)
+  int ldc;
+  int total_rows;
+  int experts;
+};
+
+__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + __expf(-x)); }
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+}  // namespace comet

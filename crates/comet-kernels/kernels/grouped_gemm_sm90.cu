@@ -1,0 +1,265 @@
+// comet-rs: Hopper (sm_90a) grouped GEMM.
+// One producer warp (warpgroup 0) streams A and B tiles with TMA into a
+// STAGES-deep shared-memory ring whose slots complete on mbarriers; two
+// consumer warpgroups each own 64 rows of the 128 x BN tile and issue wgmma
+// (m64n128k16, both operands from 128B-swizzled shared memory). The grid is
+// persistent over the tile list; the producer runs ahead into the next tile
+// while the consumers store the previous one. Hooks are template parameters.
+#include "gemm_common.cuh"
+
+namespace comet {
+namespace sm90 {
+
+constexpr int BM = 128, BK = 64, THREADS = 384;
+
+// Opaque CUtensorMap (64-byte aligned, 128 bytes), filled on the host by
+// cuTensorMapEncodeTiled.
+struct alignas(64) TmaDesc {
+  unsigned long long v[16];
+};
+
+struct HopperParams {
+  TmaDesc tma_a;  // A: dims {K, total_rows}, box {64, 128}
+  TmaDesc tma_b;  // B: dims {K, N, E}, box {64, BN/2}
+  GemmParams p;
+};
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@!P1 bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const TmaDesc* map, unsigned bar, int c0,
+                                            int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const TmaDesc* map, unsigned bar, int c0,
+                                            int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+// K-major operand in shared memory, 128-byte swizzle: rows of 64 bf16, 8-row
+// core groups 1024 bytes apart.
+__device__ __forceinline__ unsigned long long smem_desc(unsigned addr) {
+  unsigned long long d = 0;
+  d |= (unsigned long long)((addr & 0x3FFFF) >> 4);
+  d |= (unsigned long long)1 << 16;             // leading byte offset (unused when swizzled)
+  d |= (unsigned long long)(1024 >> 4) << 32;   // stride byte offset
+  d |= (unsigned long long)1 << 62;             // 128B swizzle
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+#define COMET_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+  "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+
+// d[64] += A(64x16) * B(16x128)^T, both K-major in shared memory.
+__device__ __forceinline__ void wgmma_n128(float* d, unsigned long long da, unsigned long long db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : COMET_R8(0), COMET_R8(8), COMET_R8(16), COMET_R8(24), COMET_R8(32), COMET_R8(40),
+        COMET_R8(48), COMET_R8(56)
+      : "l"(da), "l"(db), "r"(1));
+}
+
+template <int BN, int STAGES>
+struct Smem {
+  static constexpr int A_BYTES = BM * BK * 2;
+  static constexpr int B_BYTES = BN * BK * 2;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  // ring + barriers + flags, plus 1 KiB to align the ring to 1024 bytes.
+  static constexpr int BYTES = STAGES * STAGE_BYTES + 1024 + 256;
+};
+
+template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES>
+__device__ __forceinline__ void gemm(const HopperParams& hp) {
+  constexpr int NB = BN / 128;  // wgmma n128 blocks per consumer
+  using S = Smem<BN, STAGES>;
+  extern __shared__ unsigned char smem_raw[];
+  const unsigned raw = smem_u32(smem_raw);
+  const unsigned ring = (raw + 1023u) & ~1023u;
+  const unsigned bars = ring + STAGES * S::STAGE_BYTES;  // full[STAGES], empty[STAGES]
+  volatile int* abort_flag =
+      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + 2 * STAGES * 8);
+  const GemmParams& p = hp.p;
+  const int wg = threadIdx.x / 128;
+  const int kblocks = p.K / BK;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bars + s * 8, 1);                 // producer's expect_tx arrival
+      mbar_init(bars + (STAGES + s) * 8, 8);      // one arrival per consumer warp
+    }
+    *abort_flag = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      int it = 0;  // global k-block counter across tiles: slot and phase
+      for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
+        const TileDesc t = p.tiles[ti];
+        bool ok = true;
+        if (WAIT) {
+          for (int i = 0; i < t.dep_cnt && ok; ++i)
+            ok = signal_wait(p.signals, p.deps[t.dep_off + i], p.wait_target, p.timeout_ns, p.err);
+          // A and B are read by the async proxy after the acquire.
+          asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        }
+        const int bn0 = t.n0;
+        const int bn1 = (EPI == EPI_SWIGLU) ? (p.N / 2 + t.n0) : (t.n0 + BN / 2);
+        for (int kb = 0; kb < kblocks; ++kb, ++it) {
+          const int s = it % STAGES;
+          const unsigned ph = (unsigned)(it / STAGES) & 1u;
+          mbar_wait(bars + (STAGES + s) * 8, ph ^ 1u);
+          const unsigned full = bars + s * 8;
+          if (!ok) {
+            *abort_flag = 1;
+            mbar_arrive(full);  // wakes the consumers without data
+            break;
+          }
+          mbar_expect_tx(full, S::STAGE_BYTES);
+          const unsigned sa = ring + s * S::STAGE_BYTES;
+          const unsigned sb = sa + S::A_BYTES;
+          tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
+          tma_load_3d(sb, &hp.tma_b, full, kb * BK, bn0, t.expert);
+          tma_load_3d(sb + S::B_BYTES / 2, &hp.tma_b, full, kb * BK, bn1, t.expert);
+        }
+        if (!ok) break;
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = wg - 1;                  // consumer index: rows cw*64 .. +64
+    const int lt = threadIdx.x % 128;
+    const int warp = lt / 32, lane = lt % 32;
+    int it = 0;
+    for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
+      const TileDesc t = p.tiles[ti];
+      float acc[NB][64];
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[b][i] = 0.f;
+      for (int kb = 0; kb < kblocks; ++kb, ++it) {
+        const int s = it % STAGES;
+        const unsigned ph = (unsigned)(it / STAGES) & 1u;
+        mbar_wait(bars + s * 8, ph);
+        if (*abort_flag) return;
+        const unsigned sa = ring + s * S::STAGE_BYTES + cw * 64 * BK * 2;
+        const unsigned sb = ring + s * S::STAGE_BYTES + S::A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          const unsigned long long da = smem_desc(sa + kk * 32);
+#pragma unroll
+          for (int b = 0; b < NB; ++b)
+            wgmma_n128(acc[b], da, smem_desc(sb + b * 128 * BK * 2 + kk * 32));
+        }
+        wgmma_commit();
+        wgmma_wait0();
+        if (lane == 0) mbar_arrive(bars + (STAGES + s) * 8);
+      }
+      // Epilogue from registers. Accumulator i of n128 block b: row
+      // warp*16 + lane/4 + 8*((i/2)&1), column b*128 + (i/4)*8 + (lane%4)*2 + (i&1).
+      const int rbase = cw * 64 + warp * 16 + (lane >> 2);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = rbase + h * 8;
+        if (r < t.rows) {
+          const int grow = t.row0 + r;
+          if (EPI == EPI_SWIGLU) {
+            const int fcols = p.N / 2;
+            // gate = columns [0, BN/2) of the tile, up = [BN/2, BN)
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) {
+              const int col = t.n0 + j * 8 + (lane & 3) * 2;
+              const int gb = (j * 8) / 128, gi = ((j * 8) % 128) / 8 * 4 + h * 2;
+              const int ub = (BN / 2 + j * 8) / 128, ui = ((BN / 2 + j * 8) % 128) / 8 * 4 + h * 2;
+              if (col < fcols) {
+                const float o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
+                const float o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
+                store_bf16x2(p.C + (size_t)grow * p.ldc + col, o0, o1);
+              }
+            }
+          } else {
+            size_t orow = (size_t)grow;
+            float w = 1.f;
+            bool keep = true;
+            if (EPI == EPI_SCATTER) {
+              const int d = p.scatter_idx[grow];
+              keep = d >= 0;
+              orow = keep ? (size_t)d : 0;
+              w = keep ? p.scatter_w[grow] : 0.f;
+            }
+            if (keep) {
+#pragma unroll
+              for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int j = 0; j < 16; ++j) {
+                  const int col = t.n0 + b * 128 + j * 8 + (lane & 3) * 2;
+                  if (col < p.N)
+                    store_bf16x2(p.C + orow * p.ldc + col, w * acc[b][j * 4 + h * 2],
+                                              w * acc[b][j * 4 + h * 2 + 1]);
+                }
+            }
+          }
+        }
+      }
+      if (RAISE) {
+        if (t.sig >= 0) {
+          signal_fence();
+          asm volatile("bar.sync 1, 256;\n" ::: "memory");
+          if (cw == 0 && lt == 0) {
+            if (t.sig_mode == 1)
+              signal_raise_add(p.signals, (unsigned)t.sig, 1ull);
+            else
+              signal_raise(p.signals, (unsigned)t.sig, p.raise_value);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace comet

@@ -1,0 +1,466 @@
+//! Loading and launching grouped GEMM variants on a GPU (the crate's one
+//! kernel-launch module). Compiled cubins come from [`crate::nvrtc`]; the
+//! parameter structs here mirror `GemmParams`/`HopperParams` in the .cu
+//! sources byte for byte.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{self, CUdeviceptr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+
+use crate::error::KernelError;
+use crate::nvrtc::{Compiler, Target};
+use crate::variants::{Epilogue, Family, GemmVariant};
+
+/// Signal hooks of one launch (raw device pointers: signal arrays may live
+/// in peer or host-mapped memory).
+#[derive(Debug, Clone, Copy)]
+pub struct HookArgs {
+    /// 64-bit signal words.
+    pub signals: CUdeviceptr,
+    /// u32 signal indices the tiles' `dep_off/dep_cnt` refer to.
+    pub deps: CUdeviceptr,
+    /// Wait until `signal >= wait_target` (this call's epoch).
+    pub wait_target: u64,
+    /// Value stored by set-mode raises (this call's epoch).
+    pub raise_value: u64,
+    /// Bound of every wait; past it the kernel records a timeout and exits.
+    pub timeout_ns: u64,
+}
+
+/// One grouped GEMM launch. All pointers are device pointers; see
+/// kernels/gemm_common.cuh for the layouts.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmArgs {
+    pub a: CUdeviceptr,
+    pub b: CUdeviceptr,
+    pub c: CUdeviceptr,
+    pub tiles: CUdeviceptr,
+    pub num_tiles: usize,
+    pub total_rows: usize,
+    pub k: usize,
+    /// GEMM columns of B (SwiGLU: 2 x output columns).
+    pub n: usize,
+    pub ldc: usize,
+    pub experts: usize,
+    /// Scatter epilogue: i32 destination row and f32 weight per A row.
+    pub scatter_idx: CUdeviceptr,
+    pub scatter_w: CUdeviceptr,
+    /// u64 error word (code << 32 | signal), needed by hooked variants.
+    pub err: CUdeviceptr,
+    pub hooks: Option<HookArgs>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemmParamsC {
+    a: u64,
+    b: u64,
+    c: u64,
+    tiles: u64,
+    scatter_idx: u64,
+    scatter_w: u64,
+    signals: u64,
+    deps: u64,
+    err: u64,
+    wait_target: u64,
+    raise_value: u64,
+    timeout_ns: u64,
+    num_tiles: i32,
+    k: i32,
+    n: i32,
+    ldc: i32,
+    total_rows: i32,
+    experts: i32,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct HopperParamsC {
+    tma_a: [u64; 16],
+    tma_b: [u64; 16],
+    p: GemmParamsC,
+}
+
+const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 120);
+const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 384);
+
+/// Checks the shape rules every variant shares; one error naming the problem.
+pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
+    let bad = |m: String| Err(KernelError::InvalidShape(m));
+    if a.k == 0 || !a.k.is_multiple_of(64) {
+        return bad(format!("K = {} must be a positive multiple of 64", a.k));
+    }
+    if a.n == 0 || !a.n.is_multiple_of(64) {
+        return bad(format!("N = {} must be a positive multiple of 64", a.n));
+    }
+    if v.epilogue == Epilogue::SwiGlu && !a.n.is_multiple_of(128) {
+        return bad(format!(
+            "SwiGLU needs N = 2F with F a multiple of 64, got N = {}",
+            a.n
+        ));
+    }
+    let out = if v.epilogue == Epilogue::SwiGlu {
+        a.n / 2
+    } else {
+        a.n
+    };
+    if a.ldc < out {
+        return bad(format!("ldc = {} is below the {out} output columns", a.ldc));
+    }
+    if a.experts == 0 {
+        return bad("experts must be > 0".into());
+    }
+    for (val, what) in [
+        (a.k, "K"),
+        (a.n, "N"),
+        (a.ldc, "ldc"),
+        (a.total_rows, "rows"),
+        (a.num_tiles, "tiles"),
+    ] {
+        if val > i32::MAX as usize {
+            return bad(format!("{what} = {val} does not fit in i32"));
+        }
+    }
+    if a.num_tiles > 0 && (a.a == 0 || a.b == 0 || a.c == 0 || a.tiles == 0) {
+        return bad("A, B, C and the tile list must be non-null".into());
+    }
+    if v.epilogue == Epilogue::Scatter
+        && a.num_tiles > 0
+        && (a.scatter_idx == 0 || a.scatter_w == 0)
+    {
+        return bad("the scatter epilogue needs scatter_idx and scatter_w".into());
+    }
+    if v.hooks.wait || v.hooks.raise {
+        match a.hooks {
+            None => return bad(format!("{} needs hook arguments", v.kernel_name())),
+            Some(h) if h.signals == 0 || a.err == 0 || (v.hooks.wait && h.deps == 0) => {
+                return bad("hooked variants need signals, deps and the error word".into())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Compiled variants for one GPU, loaded lazily and kept for the process.
+pub struct GemmRuntime {
+    ctx: Arc<CudaContext>,
+    target: Target,
+    sms: u32,
+    compiler: Compiler,
+    funcs: Mutex<HashMap<GemmVariant, (CudaFunction, u32)>>,
+}
+
+fn drv(r: sys::CUresult) -> Result<(), KernelError> {
+    r.result().map_err(KernelError::Driver)
+}
+
+/// The installed driver's version (e.g. 13000), 0 when none is loaded.
+pub fn driver_version() -> i32 {
+    let mut v = 0;
+    // SAFETY: out-pointer to a live int; errors leave it 0.
+    let _ = unsafe { sys::cuDriverGetVersion(&mut v) };
+    v
+}
+
+impl GemmRuntime {
+    pub fn new(ctx: Arc<CudaContext>) -> Result<GemmRuntime, KernelError> {
+        let (major, minor) = ctx.compute_capability()?;
+        let target = Target::for_compute_capability(major as u32, minor as u32)?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32;
+        Ok(GemmRuntime {
+            ctx,
+            target,
+            sms,
+            compiler: Compiler::with_default_cache(driver_version()),
+            funcs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sms
+    }
+
+    /// The fastest correct family here: Hopper's on sm_90a unless
+    /// `COMET_GEMM_FAMILY=sm80` asks for the portable one.
+    pub fn default_family(&self) -> Family {
+        let want_sm80 = std::env::var("COMET_GEMM_FAMILY").is_ok_and(|v| v == "sm80");
+        if self.target.has_wgmma() && !want_sm80 {
+            Family::SM90_DEFAULT
+        } else {
+            Family::Sm80
+        }
+    }
+
+    /// Compiles (or loads from the cache) and loads `v`; returns the
+    /// function and its grid size limit (resident blocks on the GPU).
+    fn function(&self, v: &GemmVariant) -> Result<(CudaFunction, u32), KernelError> {
+        let mut funcs = self
+            .funcs
+            .lock()
+            .map_err(|_| KernelError::Unsupported("kernel table poisoned".into()))?;
+        if let Some(f) = funcs.get(v) {
+            return Ok(f.clone());
+        }
+        if !v.supports(self.target) {
+            return Err(KernelError::Unsupported(format!(
+                "{} does not run on {}",
+                v.kernel_name(),
+                self.target
+            )));
+        }
+        let cubin = self.compiler.compile(&v.compile_unit(), self.target)?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))?;
+        let f = module.load_function(&v.kernel_name())?;
+        let shape = v.launch_shape();
+        // SAFETY: f is a live function of this context; the attribute value
+        // is within the device's opt-in limit (checked by the driver).
+        drv(unsafe {
+            sys::cuFuncSetAttribute(
+                f.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shape.smem_bytes as i32,
+            )
+        })?;
+        let mut per_sm = 0i32;
+        // SAFETY: out-pointer to a live int; f is valid.
+        drv(unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut per_sm,
+                f.cu_function(),
+                shape.threads as i32,
+                shape.smem_bytes as usize,
+            )
+        })?;
+        if per_sm < 1 {
+            return Err(KernelError::Unsupported(format!(
+                "{} cannot be resident on this GPU",
+                v.kernel_name()
+            )));
+        }
+        let grid_cap = self.sms * per_sm as u32;
+        funcs.insert(*v, (f.clone(), grid_cap));
+        Ok((f, grid_cap))
+    }
+
+    /// Compiles and loads `v` ahead of time (keeps NVRTC out of timings).
+    pub fn prepare(&self, v: &GemmVariant) -> Result<(), KernelError> {
+        self.function(v).map(|_| ())
+    }
+
+    /// Launches `v` on `stream`.
+    ///
+    /// # Safety
+    /// Every pointer in `args` must be a device allocation of this context
+    /// large enough for the shapes and tile list given (A: total_rows x K,
+    /// B: experts x N x K, C: rows written x ldc, tiles: num_tiles entries,
+    /// deps: every index a tile names), and stay alive until the kernel ends.
+    pub unsafe fn launch(
+        &self,
+        v: &GemmVariant,
+        args: &GemmArgs,
+        stream: &CudaStream,
+    ) -> Result<(), KernelError> {
+        validate_args(v, args)?;
+        if args.num_tiles == 0 {
+            return Ok(());
+        }
+        let (f, grid_cap) = self.function(v)?;
+        let h = args.hooks.unwrap_or(HookArgs {
+            signals: 0,
+            deps: 0,
+            wait_target: 0,
+            raise_value: 0,
+            timeout_ns: 0,
+        });
+        let p = GemmParamsC {
+            a: args.a,
+            b: args.b,
+            c: args.c,
+            tiles: args.tiles,
+            scatter_idx: args.scatter_idx,
+            scatter_w: args.scatter_w,
+            signals: h.signals,
+            deps: h.deps,
+            err: args.err,
+            wait_target: h.wait_target,
+            raise_value: h.raise_value,
+            timeout_ns: h.timeout_ns,
+            num_tiles: args.num_tiles as i32,
+            k: args.k as i32,
+            n: args.n as i32,
+            ldc: args.ldc as i32,
+            total_rows: args.total_rows as i32,
+            experts: args.experts as i32,
+        };
+        let shape = v.launch_shape();
+        let grid = (args.num_tiles as u32).min(grid_cap).max(1);
+        match v.family {
+            Family::Sm80 => {
+                let mut pc = p;
+                let mut params = [&mut pc as *mut GemmParamsC as *mut c_void];
+                // SAFETY: one parameter, laid out as the kernel's GemmParams;
+                // pointer validity is the caller's contract.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(
+                        f.cu_function(),
+                        (grid, 1, 1),
+                        (shape.threads, 1, 1),
+                        shape.smem_bytes,
+                        stream.cu_stream(),
+                        &mut params,
+                    )
+                }?;
+            }
+            Family::Sm90 { bn, .. } => {
+                let tma_a = tensor_map(
+                    args.a,
+                    &[args.k as u64, args.total_rows as u64],
+                    &[args.k as u64 * 2],
+                    &[64, 128],
+                )?;
+                let tma_b = tensor_map(
+                    args.b,
+                    &[args.k as u64, args.n as u64, args.experts as u64],
+                    &[args.k as u64 * 2, (args.n * args.k * 2) as u64],
+                    &[64, bn / 2, 1],
+                )?;
+                let mut hp = HopperParamsC { tma_a, tma_b, p };
+                let mut params = [&mut hp as *mut HopperParamsC as *mut c_void];
+                // SAFETY: as above, laid out as the kernel's HopperParams.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(
+                        f.cu_function(),
+                        (grid, 1, 1),
+                        (shape.threads, 1, 1),
+                        shape.smem_bytes,
+                        stream.cu_stream(),
+                        &mut params,
+                    )
+                }?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A bf16 tiled tensor map with 128-byte swizzle and zero fill out of bounds.
+fn tensor_map(
+    base: CUdeviceptr,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+) -> Result<[u64; 16], KernelError> {
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let elem = vec![1u32; dims.len()];
+    // SAFETY: arrays have rank (dims.len()) and rank-1 (strides) entries as
+    // the driver expects; map is a writable CUtensorMap.
+    drv(unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            dims.len() as u32,
+            base as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    })?;
+    // SAFETY: initialised by the successful call above.
+    let map = unsafe { map.assume_init() };
+    Ok(map.opaque)
+}
+
+/// Turns the kernels' error word into a Result.
+pub fn check_error_word(word: u64) -> Result<(), KernelError> {
+    match KernelError::from_error_word(word) {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::variants::Hooks;
+
+    fn args() -> GemmArgs {
+        GemmArgs {
+            a: 1,
+            b: 1,
+            c: 1,
+            tiles: 1,
+            num_tiles: 1,
+            total_rows: 10,
+            k: 128,
+            n: 256,
+            ldc: 256,
+            experts: 1,
+            scatter_idx: 0,
+            scatter_w: 0,
+            err: 0,
+            hooks: None,
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_problem() {
+        let v = GemmVariant::new(Family::Sm80, Epilogue::Store, Hooks::NONE);
+        validate_args(&v, &args()).unwrap();
+        let e = validate_args(&v, &GemmArgs { k: 100, ..args() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("K = 100"), "{e}");
+        let e = validate_args(&v, &GemmArgs { n: 96, ..args() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("N = 96"), "{e}");
+        let sw = GemmVariant::new(Family::Sm80, Epilogue::SwiGlu, Hooks::NONE);
+        assert!(validate_args(
+            &sw,
+            &GemmArgs {
+                n: 192,
+                ldc: 96,
+                ..args()
+            }
+        )
+        .is_err());
+        validate_args(&sw, &GemmArgs { ldc: 128, ..args() }).unwrap();
+        let sc = GemmVariant::new(Family::Sm80, Epilogue::Scatter, Hooks::NONE);
+        assert!(validate_args(&sc, &args()).is_err());
+        let hk = GemmVariant::new(
+            Family::Sm80,
+            Epilogue::Store,
+            Hooks {
+                wait: true,
+                raise: false,
+            },
+        );
+        assert!(validate_args(&hk, &args()).is_err());
+    }
+
+    #[test]
+    fn error_words_decode() {
+        check_error_word(0).unwrap();
+        match check_error_word((1u64 << 32) | 17) {
+            Err(KernelError::SignalTimeout { signal: 17, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}

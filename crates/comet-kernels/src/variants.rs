@@ -1,0 +1,304 @@
+//! Grouped GEMM variants: each is one template instantiation with an
+//! explicit `extern "C"` kernel name, compiled as its own NVRTC unit so a
+//! process compiles only what it launches. [`all_gemm_variants`] lists
+//! every variant the planner can choose; the CI gate compiles them all.
+
+use std::collections::BTreeMap;
+
+use crate::nvrtc::{CompileUnit, Target};
+
+const SIGNAL_CUH: &str = include_str!("../kernels/signal.cuh");
+const COMMON_CUH: &str = include_str!("../kernels/gemm_common.cuh");
+const SM80_CU: &str = include_str!("../kernels/grouped_gemm_sm80.cu");
+const SM90_CU: &str = include_str!("../kernels/grouped_gemm_sm90.cu");
+
+/// What happens to an output tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Epilogue {
+    /// `C[row, col] = acc`.
+    Store,
+    /// FC1: `C[row, j] = silu(acc[row, j]) * acc[row, N/2 + j]`, N/2 outputs.
+    SwiGlu,
+    /// Combine: `C[idx[row], col] = w[row] * acc`, rows with idx < 0 skipped.
+    Scatter,
+}
+
+impl Epilogue {
+    pub const ALL: [Epilogue; 3] = [Epilogue::Store, Epilogue::SwiGlu, Epilogue::Scatter];
+    fn code(self) -> u32 {
+        match self {
+            Epilogue::Store => 0,
+            Epilogue::SwiGlu => 1,
+            Epilogue::Scatter => 2,
+        }
+    }
+    fn tag(self) -> &'static str {
+        match self {
+            Epilogue::Store => "store",
+            Epilogue::SwiGlu => "swiglu",
+            Epilogue::Scatter => "scatter",
+        }
+    }
+}
+
+/// Prologue (wait on the tile's dependency signals) and epilogue (raise the
+/// tile's signal after its stores) hooks; compiled out when false.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Hooks {
+    pub wait: bool,
+    pub raise: bool,
+}
+
+impl Hooks {
+    pub const NONE: Hooks = Hooks {
+        wait: false,
+        raise: false,
+    };
+    pub const ALL: [Hooks; 4] = [
+        Hooks {
+            wait: false,
+            raise: false,
+        },
+        Hooks {
+            wait: true,
+            raise: false,
+        },
+        Hooks {
+            wait: false,
+            raise: true,
+        },
+        Hooks {
+            wait: true,
+            raise: true,
+        },
+    ];
+    fn tag(self) -> &'static str {
+        match (self.wait, self.raise) {
+            (false, false) => "nohook",
+            (true, false) => "wait",
+            (false, true) => "raise",
+            (true, true) => "wait_raise",
+        }
+    }
+}
+
+/// Kernel family: the portable mma.sync path or the Hopper wgmma path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// 128x128x64 tiles, 4 warps, cp.async ring; any CC >= 8.0.
+    Sm80,
+    /// 128 x `bn` x 64 tiles, TMA + mbarrier ring of `stages`, 1 producer
+    /// warp + 2 consumer warpgroups with wgmma; sm_90a only.
+    Sm90 { bn: u32, stages: u32 },
+}
+
+impl Family {
+    pub const SM90_DEFAULT: Family = Family::Sm90 { bn: 256, stages: 4 };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GemmVariant {
+    pub family: Family,
+    pub epilogue: Epilogue,
+    pub hooks: Hooks,
+}
+
+/// Shared memory a variant needs (dynamic), and its block size.
+pub struct LaunchShape {
+    pub threads: u32,
+    pub smem_bytes: u32,
+}
+
+impl GemmVariant {
+    pub fn new(family: Family, epilogue: Epilogue, hooks: Hooks) -> GemmVariant {
+        GemmVariant {
+            family,
+            epilogue,
+            hooks,
+        }
+    }
+
+    pub fn kernel_name(&self) -> String {
+        match self.family {
+            Family::Sm80 => format!(
+                "comet_gemm_sm80_{}_{}",
+                self.epilogue.tag(),
+                self.hooks.tag()
+            ),
+            Family::Sm90 { bn, stages } => {
+                format!(
+                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}",
+                    self.epilogue.tag(),
+                    self.hooks.tag()
+                )
+            }
+        }
+    }
+
+    /// Rows per tile.
+    pub fn tile_rows(&self) -> usize {
+        128
+    }
+
+    /// GEMM columns one tile covers.
+    pub fn tile_gemm_cols(&self) -> usize {
+        match self.family {
+            Family::Sm80 => 128,
+            Family::Sm90 { bn, .. } => bn as usize,
+        }
+    }
+
+    /// Output columns one tile writes (SwiGLU halves them).
+    pub fn tile_out_cols(&self) -> usize {
+        match self.epilogue {
+            Epilogue::SwiGlu => self.tile_gemm_cols() / 2,
+            _ => self.tile_gemm_cols(),
+        }
+    }
+
+    pub fn launch_shape(&self) -> LaunchShape {
+        match self.family {
+            Family::Sm80 => LaunchShape {
+                threads: 128,
+                smem_bytes: 3 * (128 + 128) * 64 * 2,
+            },
+            Family::Sm90 { bn, stages } => LaunchShape {
+                threads: 384,
+                smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2) + 1024 + 256,
+            },
+        }
+    }
+
+    /// Whether this variant can run on (or be compiled for) `target`.
+    pub fn supports(&self, target: Target) -> bool {
+        match self.family {
+            Family::Sm80 => target.major >= 8,
+            Family::Sm90 { .. } => target.has_wgmma(),
+        }
+    }
+
+    /// The NVRTC unit: the family's source plus one instantiation.
+    pub fn compile_unit(&self) -> CompileUnit {
+        let name = self.kernel_name();
+        let (epi, w, r) = (self.epilogue.code(), self.hooks.wait, self.hooks.raise);
+        let (body, inst) = match self.family {
+            Family::Sm80 => (
+                SM80_CU,
+                format!(
+                    "extern \"C\" __global__ void __launch_bounds__(128) {name}(const __grid_constant__ \
+                     comet::GemmParams p) {{ comet::sm80::gemm<{epi}, {w}, {r}>(p); }}\n"
+                ),
+            ),
+            Family::Sm90 { bn, stages } => (
+                SM90_CU,
+                format!(
+                    "extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ \
+                     comet::sm90::HopperParams hp) {{ comet::sm90::gemm<{epi}, {w}, {r}, {bn}, {stages}>(hp); }}\n"
+                ),
+            ),
+        };
+        CompileUnit {
+            name,
+            source: format!("{body}\n{inst}"),
+            headers: BTreeMap::from([
+                ("signal.cuh".to_string(), SIGNAL_CUH.to_string()),
+                ("gemm_common.cuh".to_string(), COMMON_CUH.to_string()),
+            ]),
+            extra_options: vec![],
+        }
+    }
+}
+
+/// Every variant the planner can choose, with the targets each is built for:
+/// the portable family for sm_80 and for sm_90a (it is the fallback on
+/// Hopper too), the Hopper family for sm_90a.
+pub fn all_gemm_variants() -> Vec<(GemmVariant, Target)> {
+    let mut v = Vec::new();
+    for epi in Epilogue::ALL {
+        for hooks in Hooks::ALL {
+            v.push((GemmVariant::new(Family::Sm80, epi, hooks), Target::SM80));
+            v.push((GemmVariant::new(Family::Sm80, epi, hooks), Target::SM90A));
+            v.push((
+                GemmVariant::new(Family::SM90_DEFAULT, epi, hooks),
+                Target::SM90A,
+            ));
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_explicit() {
+        let all = all_gemm_variants();
+        let mut names: Vec<String> = all
+            .iter()
+            .map(|(v, t)| format!("{}@{t}", v.kernel_name()))
+            .collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        let v = GemmVariant::new(
+            Family::SM90_DEFAULT,
+            Epilogue::SwiGlu,
+            Hooks {
+                wait: true,
+                raise: false,
+            },
+        );
+        assert_eq!(v.kernel_name(), "comet_gemm_sm90_swiglu_wait_n256_s4");
+        assert!(v
+            .compile_unit()
+            .source
+            .contains("gemm<1, true, false, 256, 4>"));
+        assert_eq!(v.tile_out_cols(), 128);
+    }
+
+    #[test]
+    fn hopper_needs_sm90a_and_fits_shared_memory() {
+        let v = GemmVariant::new(Family::SM90_DEFAULT, Epilogue::Store, Hooks::NONE);
+        assert!(v.supports(Target::SM90A));
+        assert!(!v.supports(Target::SM80));
+        assert!(v.launch_shape().smem_bytes <= 227 * 1024);
+    }
+
+    #[test]
+    fn all_variants_compile_for_their_targets() {
+        // The full gate is `cargo xtask compile-kernels`; here one of each family.
+        if let Err(e) = crate::nvrtc::ensure_nvrtc() {
+            eprintln!("skipping: {e}");
+            return;
+        }
+        for (v, t) in [
+            (
+                GemmVariant::new(
+                    Family::Sm80,
+                    Epilogue::SwiGlu,
+                    Hooks {
+                        wait: true,
+                        raise: true,
+                    },
+                ),
+                Target::SM80,
+            ),
+            (
+                GemmVariant::new(
+                    Family::SM90_DEFAULT,
+                    Epilogue::Scatter,
+                    Hooks {
+                        wait: true,
+                        raise: true,
+                    },
+                ),
+                Target::SM90A,
+            ),
+        ] {
+            if let Err(e) = crate::nvrtc::compile_cubin(&v.compile_unit(), t) {
+                panic!("{e}");
+            }
+        }
+    }
+}

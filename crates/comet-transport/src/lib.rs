@@ -7,10 +7,14 @@
 //! 64-bit word per signal, raised after the data it guards is visible,
 //! waited on for `word >= target` with a bound that becomes an error.
 
+pub mod bootstrap;
 pub mod error;
+pub mod launch;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod transport;
+#[cfg(feature = "ucx")]
+pub mod ucx;
 
 pub use error::TransportError;
 pub use transport::{BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport};

@@ -8,10 +8,17 @@
 //! waited on for `word >= target` with a bound that becomes an error.
 
 pub mod bootstrap;
+#[cfg(any(feature = "nvlink", feature = "nccl"))]
+pub mod cuda;
 pub mod error;
+pub mod gpu;
 pub mod launch;
 #[cfg(feature = "local")]
 pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+#[cfg(feature = "nvlink")]
+pub mod nvlink;
 pub mod transport;
 #[cfg(feature = "ucx")]
 pub mod ucx;

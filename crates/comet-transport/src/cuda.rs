@@ -1,0 +1,392 @@
+//! The few CUDA driver calls the GPU transports need, wrapped once.
+//!
+//! Everything `unsafe` of the `nvlink` and `nccl` transports that touches
+//! the driver lives here: plain `cuMemAlloc` allocations (stream-ordered
+//! pool allocations are neither peer-accessible nor IPC-exportable), CUDA
+//! IPC export/import, peer access, asynchronous copies, stream memory
+//! operations (`cuStreamWriteValue64` raises a signal after the data on the
+//! same stream) and a one-thread PTX kernel for counter signals
+//! (`SignalOp::Add`), which stream memory operations cannot express.
+//!
+//! The driver is loaded at run time (cudarc `dynamic-loading`), so this
+//! builds and links on a machine with no CUDA; [`gpu_available`] says
+//! whether a driver and a device are present before anything else runs.
+
+use crate::error::TransportError;
+use cudarc::driver::{
+    result, sys, CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
+use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
+
+/// Size of a CUDA IPC memory handle.
+pub const IPC_HANDLE_BYTES: usize = 64;
+
+/// Converts a driver error into the transport error, naming what failed.
+pub fn driver_err(
+    backend: &'static str,
+    rank: usize,
+    what: &str,
+    e: DriverError,
+) -> TransportError {
+    TransportError::Backend {
+        backend,
+        rank,
+        message: format!("{what}: {e:?}"),
+    }
+}
+
+/// Whether a CUDA driver is loadable and reports at least one device.
+/// Never panics (cudarc panics when it must load a missing library).
+pub fn gpu_available() -> bool {
+    device_count() > 0
+}
+
+/// Number of CUDA devices, 0 when there is no driver.
+pub fn device_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return 0;
+        }
+        if result::init().is_err() {
+            return 0;
+        }
+        result::device::get_count()
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(0)
+    })
+}
+
+/// Opens device `ordinal`'s primary context with cudarc's event tracking
+/// off: the transports and the kernels that spin on signals synchronise
+/// through signal words across streams, and tracking would insert waits
+/// between those streams that deadlock against a spinning kernel.
+pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, DriverError> {
+    let ctx = CudaContext::new(ordinal)?;
+    // SAFETY: we never rely on cudarc's implicit cross-stream ordering of
+    // CudaSlice uses; every cross-stream dependency is a signal or an
+    // explicit synchronisation.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
+}
+
+/// A zeroed device allocation made with `cuMemAlloc`, freed on drop.
+pub struct DeviceAlloc {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl std::fmt::Debug for DeviceAlloc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceAlloc({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl DeviceAlloc {
+    /// `bytes` may be 0: one byte is allocated so the buffer has an address
+    /// and an IPC handle like every other.
+    pub fn zeroed(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self, DriverError> {
+        ctx.bind_to_thread()?;
+        let n = bytes.max(1);
+        // SAFETY: a plain allocation; it is zeroed below before anyone reads it.
+        let ptr = unsafe { result::malloc_sync(n)? };
+        let me = Self {
+            ptr,
+            bytes,
+            ctx: Arc::clone(ctx),
+        };
+        // SAFETY: `ptr` is a live allocation of `n` bytes in this context.
+        unsafe { result::memset_d8_sync(ptr, 0, n)? };
+        Ok(me)
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The CUDA IPC handle of this allocation, for other processes.
+    pub fn ipc_handle(&self) -> Result<[u8; IPC_HANDLE_BYTES], DriverError> {
+        self.ctx.bind_to_thread()?;
+        let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
+        // SAFETY: `ptr` is the base of a cuMemAlloc allocation of this context.
+        unsafe { sys::cuIpcGetMemHandle(h.as_mut_ptr(), self.ptr).result()? };
+        // SAFETY: initialised by the successful call above.
+        let h = unsafe { h.assume_init() };
+        let mut out = [0u8; IPC_HANDLE_BYTES];
+        for (o, &c) in out.iter_mut().zip(h.reserved.iter()) {
+            *o = c as u8;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: we own the allocation; peers that mapped it must have
+            // been synchronised by the collective that dropped it.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// A peer process's allocation mapped through CUDA IPC; unmapped on drop.
+pub struct IpcMapping {
+    ptr: sys::CUdeviceptr,
+    ctx: Arc<CudaContext>,
+}
+
+impl IpcMapping {
+    pub fn open(
+        ctx: &Arc<CudaContext>,
+        handle: &[u8; IPC_HANDLE_BYTES],
+    ) -> Result<Self, DriverError> {
+        ctx.bind_to_thread()?;
+        let mut h = sys::CUipcMemHandle {
+            reserved: [0; IPC_HANDLE_BYTES],
+        };
+        for (c, &b) in h.reserved.iter_mut().zip(handle.iter()) {
+            *c = b as _;
+        }
+        let mut ptr: sys::CUdeviceptr = 0;
+        let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        // SAFETY: the handle came from cuIpcGetMemHandle in another process;
+        // the driver validates it and fails cleanly otherwise.
+        unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, h, flags).result()? };
+        Ok(Self {
+            ptr,
+            ctx: Arc::clone(ctx),
+        })
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: the mapping was opened by us and is no longer used.
+            let _ = unsafe { sys::cuIpcCloseMemHandle(self.ptr).result() };
+        }
+    }
+}
+
+/// Lets `ctx` access memory of `peer` (different devices of one process).
+/// Already-enabled access is not an error.
+pub fn enable_peer_access(
+    ctx: &Arc<CudaContext>,
+    peer: &Arc<CudaContext>,
+) -> Result<(), DriverError> {
+    if ctx.cu_device() == peer.cu_device() {
+        return Ok(());
+    }
+    ctx.bind_to_thread()?;
+    // SAFETY: both contexts are live primary contexts.
+    let r = unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) };
+    match r {
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+            Ok(())
+        }
+        other => Err(DriverError(other)),
+    }
+}
+
+/// Whether the two devices can access each other's memory.
+pub fn can_access_peer(a: &Arc<CudaContext>, b: &Arc<CudaContext>) -> Result<bool, DriverError> {
+    if a.cu_device() == b.cu_device() {
+        return Ok(true);
+    }
+    let mut v: i32 = 0;
+    // SAFETY: plain query on two valid device handles.
+    unsafe { sys::cuDeviceCanAccessPeer(&mut v, a.cu_device(), b.cu_device()).result()? };
+    Ok(v != 0)
+}
+
+/// Enqueues a 64-bit store of `value` at `addr` on `stream`, after all
+/// earlier work of the stream, preceded by a system-wide memory barrier
+/// (the default flags), so the data copied before it is visible first.
+///
+/// # Safety
+/// `addr` must be an 8-byte aligned device address valid in the stream's
+/// context for as long as the stream may run the operation.
+pub unsafe fn write_value64(stream: &CudaStream, addr: u64, value: u64) -> Result<(), DriverError> {
+    let flags = sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32;
+    sys::cuStreamWriteValue64_v2(stream.cu_stream(), addr, value, flags).result()
+}
+
+/// Enqueues a stream wait until the 64-bit word at `addr` is `>= value`.
+/// Unbounded on the device: callers pair it with a host-side watchdog.
+///
+/// # Safety
+/// As [`write_value64`].
+pub unsafe fn wait_value64_geq(
+    stream: &CudaStream,
+    addr: u64,
+    value: u64,
+) -> Result<(), DriverError> {
+    let flags = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32;
+    sys::cuStreamWaitValue64_v2(stream.cu_stream(), addr, value, flags).result()
+}
+
+/// Enqueues a device-to-device copy (any two addresses of the unified
+/// address space this context can reach: local, peer or IPC-mapped).
+///
+/// # Safety
+/// Both ranges must stay valid until the stream has run the copy.
+pub unsafe fn copy_dtod_async(
+    stream: &CudaStream,
+    dst: u64,
+    src: u64,
+    bytes: usize,
+) -> Result<(), DriverError> {
+    result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream())
+}
+
+/// Copy between devices of different contexts (the cuMemcpyPeer baseline).
+///
+/// # Safety
+/// As [`copy_dtod_async`].
+pub unsafe fn copy_peer_async(
+    stream: &CudaStream,
+    dst: u64,
+    dst_ctx: &CudaContext,
+    src: u64,
+    src_ctx: &CudaContext,
+    bytes: usize,
+) -> Result<(), DriverError> {
+    result::memcpy_peer_async(
+        dst_ctx.cu_ctx(),
+        dst,
+        src_ctx.cu_ctx(),
+        src,
+        bytes,
+        stream.cu_stream(),
+    )
+}
+
+/// Whether `p` is page-locked (pinned or registered) host memory, which
+/// an asynchronous copy reads later rather than before returning.
+pub fn is_pinned_host(p: *const u8) -> bool {
+    let mut ty: u32 = 0;
+    // SAFETY: a query; the driver reports an error for pageable memory.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ty as *mut u32).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            p as u64,
+        )
+    };
+    r == sys::CUresult::CUDA_SUCCESS && ty == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
+}
+
+/// Enqueues a host-to-device copy. From pageable memory the driver has
+/// consumed `src` when this returns; from pinned memory the caller must
+/// synchronise the stream before `src` changes (see [`is_pinned_host`]).
+///
+/// # Safety
+/// `dst .. dst + src.len()` must be valid device memory.
+pub unsafe fn copy_htod_async(
+    stream: &CudaStream,
+    dst: u64,
+    src: &[u8],
+) -> Result<(), DriverError> {
+    result::memcpy_htod_async(dst, src, stream.cu_stream())
+}
+
+/// Synchronous device-to-host copy on `stream` (never the legacy default
+/// stream, which would wait behind a spinning kernel).
+///
+/// # Safety
+/// `src .. src + dst.len()` must be valid device memory.
+pub unsafe fn copy_dtoh_sync(
+    stream: &CudaStream,
+    dst: &mut [u8],
+    src: u64,
+) -> Result<(), DriverError> {
+    result::memcpy_dtoh_async(dst, src, stream.cu_stream())?;
+    stream.synchronize()
+}
+
+/// Reads one 64-bit word of device memory through `stream`.
+pub fn read_word(stream: &CudaStream, addr: u64) -> Result<u64, DriverError> {
+    let mut b = [0u8; 8];
+    // SAFETY: callers pass the address of a live signal word.
+    unsafe { copy_dtoh_sync(stream, &mut b, addr)? };
+    Ok(u64::from_le_bytes(b))
+}
+
+// A release add at system scope, issued by one thread after the fence that
+// orders the stream's earlier copies before it. Hand-written PTX, JIT
+// compiled by the driver for the device present: no NVRTC needed.
+const SIGNAL_ADD_PTX: &str = r#"
+.version 7.0
+.target sm_70
+.address_size 64
+.visible .entry comet_transport_signal_add(.param .u64 p_addr, .param .u64 p_delta)
+{
+    .reg .b64 %rd<3>;
+    ld.param.u64 %rd1, [p_addr];
+    ld.param.u64 %rd2, [p_delta];
+    fence.acq_rel.sys;
+    red.release.sys.global.add.u64 [%rd1], %rd2;
+    ret;
+}
+"#;
+
+/// The counter-signal kernel, loaded once per context.
+pub struct SignalAdd {
+    f: CudaFunction,
+}
+
+impl SignalAdd {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, DriverError> {
+        let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(SIGNAL_ADD_PTX))?;
+        Ok(Self {
+            f: m.load_function("comet_transport_signal_add")?,
+        })
+    }
+
+    /// Enqueues `*addr += delta` (release, system scope) on `stream`.
+    ///
+    /// # Safety
+    /// As [`write_value64`].
+    pub unsafe fn launch(
+        &self,
+        stream: &Arc<CudaStream>,
+        addr: u64,
+        delta: u64,
+    ) -> Result<(), DriverError> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&self.f);
+        b.arg(&addr).arg(&delta);
+        b.launch(cfg).map(|_| ())
+    }
+}
+
+/// A token unique to this process (pid alone repeats across containers):
+/// ranks that share it can use each other's device pointers directly.
+pub fn process_token() -> u64 {
+    static TOKEN: OnceLock<u64> = OnceLock::new();
+    *TOKEN.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let local = 0u8;
+        let addr = &local as *const u8 as u64;
+        (u64::from(std::process::id()) << 32) ^ t ^ addr.rotate_left(17) ^ rand::random::<u64>()
+    })
+}

@@ -1,0 +1,238 @@
+//! What the GPU transports (`nvlink`, `nccl`) share: the extension trait
+//! that hands device pointers to kernels, and the blob all-gather through
+//! which ranks exchange IPC handles and NCCL unique ids.
+//!
+//! [`BlobExchange`] is the only thing these transports need from a
+//! bootstrap: the TCP rendezvous of the `bootstrap` module implements it
+//! for ranks in different processes, [`ThreadExchange`] for ranks that are
+//! threads of one process.
+
+use crate::error::TransportError;
+#[cfg(any(feature = "nvlink", feature = "nccl"))]
+use crate::transport::{BufferId, Transport};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// All-gather of byte blobs among the ranks of one world.
+pub trait BlobExchange: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Every rank contributes `blob`; returns all blobs indexed by rank.
+    /// Collective: every rank calls it the same number of times.
+    fn all_gather(&self, blob: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>, TransportError>;
+    fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
+        self.all_gather(&[], timeout).map(|_| ())
+    }
+}
+
+#[cfg(any(feature = "nvlink", feature = "nccl"))]
+/// GPU-side view of a transport: the addresses kernels need.
+///
+/// Device-initiated transports (`nvlink`) map every peer's buffers and
+/// signal words, so a kernel stores into a peer and raises its signal
+/// itself; host-driven ones (`nccl`) return `None` for peers and raise the
+/// local signal words from the stream when a transfer lands. Either way a
+/// kernel waits on [`DeviceTransport::signals_ptr`] of its own rank with
+/// the device half of the ABI (comet-kernels `signal.cuh`).
+pub trait DeviceTransport: Transport {
+    /// CUDA ordinal of this rank's device.
+    fn device_ordinal(&self) -> usize;
+    /// This rank's copy of `buf`.
+    fn buffer_ptr(&self, buf: BufferId) -> Result<u64, TransportError>;
+    /// `peer`'s copy of `buf` as addressable from this rank's device, or
+    /// `None` when the transport cannot map peers.
+    fn peer_buffer_ptr(&self, peer: usize, buf: BufferId) -> Result<Option<u64>, TransportError>;
+    /// This rank's signal array (`alloc_signals` words).
+    fn signals_ptr(&self) -> Result<u64, TransportError>;
+    /// `peer`'s signal array as addressable from here, or `None`.
+    fn peer_signals_ptr(&self, peer: usize) -> Result<Option<u64>, TransportError>;
+    /// A zeroed 64-bit word where kernels of this rank record the first
+    /// error (signal.cuh layout: code << 32 | signal index).
+    fn error_word_ptr(&self) -> u64;
+    /// Reads the error word; 0 means no kernel reported an error.
+    fn read_error_word(&self) -> Result<u64, TransportError>;
+    /// Clears the error word before the next launch.
+    fn clear_error_word(&self) -> Result<(), TransportError>;
+    /// The communication stream on which puts and signals are enqueued.
+    fn comm_stream(&self) -> Arc<cudarc::driver::CudaStream>;
+    /// Device-to-device put: `len` bytes at device address `src` (this
+    /// rank's memory) into `dst`'s copy of `buf` at `offset`, enqueued on
+    /// the communication stream. `src` must stay valid until the stream
+    /// has run it.
+    fn put_device(
+        &self,
+        dst: usize,
+        buf: BufferId,
+        offset: usize,
+        src: u64,
+        len: usize,
+    ) -> Result<(), TransportError>;
+}
+
+struct ExchangeState {
+    generation: u64,
+    arrived: usize,
+    slots: Vec<Option<Vec<u8>>>,
+    last: Arc<Vec<Vec<u8>>>,
+    broken: Option<String>,
+}
+
+/// In-process [`BlobExchange`] for ranks that are threads of one process.
+pub struct ThreadExchange {
+    rank: usize,
+    world: usize,
+    shared: Arc<(Mutex<ExchangeState>, Condvar)>,
+}
+
+impl ThreadExchange {
+    /// The `world` handles of one in-process world, indexed by rank.
+    pub fn world(world: usize) -> Vec<Arc<ThreadExchange>> {
+        let shared = Arc::new((
+            Mutex::new(ExchangeState {
+                generation: 0,
+                arrived: 0,
+                slots: vec![None; world],
+                last: Arc::new(Vec::new()),
+                broken: None,
+            }),
+            Condvar::new(),
+        ));
+        (0..world)
+            .map(|rank| {
+                Arc::new(ThreadExchange {
+                    rank,
+                    world,
+                    shared: Arc::clone(&shared),
+                })
+            })
+            .collect()
+    }
+}
+
+impl BlobExchange for ThreadExchange {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_gather(&self, blob: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>, TransportError> {
+        let start = Instant::now();
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = &st.broken {
+            return Err(TransportError::Bootstrap(format!(
+                "rank {}: exchange is broken: {why}",
+                self.rank
+            )));
+        }
+        let gen = st.generation;
+        st.slots[self.rank] = Some(blob.to_vec());
+        st.arrived += 1;
+        if st.arrived == self.world {
+            let all: Vec<Vec<u8>> = st
+                .slots
+                .iter_mut()
+                .map(|s| s.take().unwrap_or_default())
+                .collect();
+            st.last = Arc::new(all);
+            st.arrived = 0;
+            st.generation += 1;
+            cv.notify_all();
+            return Ok(st.last.as_ref().clone());
+        }
+        loop {
+            if st.generation != gen {
+                return Ok(st.last.as_ref().clone());
+            }
+            if let Some(why) = &st.broken {
+                return Err(TransportError::Bootstrap(format!(
+                    "rank {}: exchange is broken: {why}",
+                    self.rank
+                )));
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                let missing: Vec<usize> = st
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.is_none())
+                    .map(|(r, _)| r)
+                    .collect();
+                let why = format!(
+                    "rank {} gave up after {waited:?}; ranks {missing:?} never arrived",
+                    self.rank
+                );
+                st.broken = Some(why.clone());
+                cv.notify_all();
+                return Err(TransportError::Bootstrap(why));
+            }
+            st = cv
+                .wait_timeout(st, timeout - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Ranks in different processes exchange through the TCP bootstrap.
+impl BlobExchange for crate::bootstrap::Bootstrap {
+    fn rank(&self) -> usize {
+        crate::bootstrap::Bootstrap::rank(self)
+    }
+
+    fn world(&self) -> usize {
+        crate::bootstrap::Bootstrap::world(self)
+    }
+
+    fn all_gather(&self, blob: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>, TransportError> {
+        crate::bootstrap::Bootstrap::all_gather(self, blob, timeout).map_err(TransportError::from)
+    }
+
+    fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
+        crate::bootstrap::Bootstrap::barrier(self, timeout).map_err(TransportError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_exchange_gathers_in_rank_order_many_rounds() {
+        let w = ThreadExchange::world(4);
+        std::thread::scope(|s| {
+            for x in &w {
+                s.spawn(move || {
+                    for round in 0..200u32 {
+                        let mine = vec![x.rank() as u8; (round as usize % 7) + x.rank()];
+                        let all = x.all_gather(&mine, Duration::from_secs(10)).unwrap();
+                        assert_eq!(all.len(), 4);
+                        for (r, b) in all.iter().enumerate() {
+                            assert_eq!(
+                                b,
+                                &vec![r as u8; (round as usize % 7) + r],
+                                "round {round}"
+                            );
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn thread_exchange_times_out_naming_missing_ranks() {
+        let w = ThreadExchange::world(3);
+        let e = w[0]
+            .all_gather(b"x", Duration::from_millis(30))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("[1, 2]"), "{msg}");
+        // The world is broken from then on: no later call hangs.
+        assert!(w[1].all_gather(b"y", Duration::from_secs(30)).is_err());
+    }
+}

@@ -1,0 +1,636 @@
+//! The `nccl` transport: host-driven chunk transfers through NCCL
+//! point-to-point, ending in the same signal ABI as `nvlink`.
+//!
+//! A communicator is built from a unique id that rank 0 creates and the
+//! bootstrap all-gathers ([`BlobExchange`]); NCCL needs one GPU per rank.
+//! Buffers and signal arrays are plain `cuMemAlloc` memory of each rank;
+//! peers never map them.
+//!
+//! Data moves in steps ([`plan::Transfer`] lists). NCCL needs the receiver
+//! to post a matching recv for every send, so both sides must know the
+//! step: comet-sched derives it on every rank from the same layout plan and
+//! calls [`NcclTransport::post`] as tiles complete (the proxy of DESIGN.md
+//! section 4); each step is one NCCL group of sends and recvs on the
+//! communication stream, and the receiver's signals are raised after the
+//! group on that stream (`cuStreamWriteValue64`, or a one-thread release
+//! add for counters), so a GEMM waits on them exactly as on nvlink.
+//!
+//! The plain [`Transport`] calls work too, but host-driven: `put` and
+//! `signal` are staged on the sender and move at the next collective
+//! `barrier` (or [`NcclTransport::flush`]), where the ranks all-gather
+//! what they staged so that every receiver knows what to post. A `wait` for
+//! a signal whose put has not been flushed yet times out.
+//!
+//! Every host-side wait is bounded: the stream is polled, not synchronised,
+//! and a step that cannot complete (a peer that never posts or died)
+//! aborts the communicator and becomes an error.
+
+pub mod ffi;
+pub mod plan;
+
+use crate::cuda::{self, DeviceAlloc, SignalAdd};
+use crate::error::TransportError;
+use crate::gpu::{BlobExchange, DeviceTransport};
+use crate::transport::{
+    check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
+};
+use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use plan::{LocalOp, Transfer, RAW_DEVICE, STAGING};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+const BACKEND: &str = "nccl";
+
+/// Settings of an [`NcclTransport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NcclOptions {
+    /// Bound of setup, allocations and each step's completion.
+    pub collective_timeout: Duration,
+}
+
+impl Default for NcclOptions {
+    fn default() -> Self {
+        Self {
+            collective_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+struct Staged {
+    transfers: Vec<Transfer>,
+    host: Vec<u8>,
+}
+
+struct Inner {
+    comm: ffi::RawComm,
+    buffers: Vec<DeviceAlloc>,
+    signals: Option<(DeviceAlloc, usize)>,
+    staging: Option<DeviceAlloc>,
+    staged: Staged,
+}
+
+/// One rank of an NCCL world.
+pub struct NcclTransport {
+    rank: usize,
+    world: usize,
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    poll: Arc<CudaStream>,
+    exchange: Arc<dyn BlobExchange>,
+    opts: NcclOptions,
+    inner: Mutex<Inner>,
+    error_word: DeviceAlloc,
+    add: OnceLock<SignalAdd>,
+}
+
+fn nccl_err(rank: usize, what: &str, e: cudarc::nccl::result::NcclError) -> TransportError {
+    TransportError::Backend {
+        backend: BACKEND,
+        rank,
+        message: format!("{what}: {e:?}"),
+    }
+}
+
+impl NcclTransport {
+    /// Collective: joins the world of `exchange` on device `ordinal`.
+    pub fn new(
+        ordinal: usize,
+        exchange: Arc<dyn BlobExchange>,
+        opts: NcclOptions,
+    ) -> Result<Self, TransportError> {
+        let rank = exchange.rank();
+        let world = exchange.world();
+        let err = |what: &str, e: DriverError| cuda::driver_err(BACKEND, rank, what, e);
+        if !cuda::gpu_available() {
+            return Err(TransportError::Backend {
+                backend: BACKEND,
+                rank,
+                message: "no CUDA driver or device".into(),
+            });
+        }
+        if !ffi::nccl_available() {
+            return Err(TransportError::Backend {
+                backend: BACKEND,
+                rank,
+                message: "libnccl cannot be loaded".into(),
+            });
+        }
+        if ordinal >= cuda::device_count() || i32::try_from(world).is_err() {
+            return Err(TransportError::Backend {
+                backend: BACKEND,
+                rank,
+                message: format!(
+                    "device {ordinal} of {} / world {world} is not usable",
+                    cuda::device_count()
+                ),
+            });
+        }
+        let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| err("create communication stream", e))?;
+        let poll = ctx.new_stream().map_err(|e| err("create poll stream", e))?;
+        let error_word = DeviceAlloc::zeroed(&ctx, 8).map_err(|e| err("allocate error word", e))?;
+        let mine = if rank == 0 {
+            ffi::unique_id()
+                .map_err(|e| nccl_err(rank, "ncclGetUniqueId", e))?
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        let all = exchange.all_gather(&mine, opts.collective_timeout)?;
+        let id: [u8; 128] = all
+            .first()
+            .and_then(|b| b.as_slice().try_into().ok())
+            .ok_or_else(|| TransportError::Mismatch {
+                rank,
+                what: "nccl unique id",
+                detail: format!(
+                    "rank 0 sent {} bytes, not 128",
+                    all.first().map_or(0, Vec::len)
+                ),
+            })?;
+        ctx.bind_to_thread().map_err(|e| err("bind context", e))?;
+        let comm = ffi::RawComm::init(&id, rank, world)
+            .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
+        tracing::debug!(rank, world, ordinal, "nccl transport up");
+        Ok(Self {
+            rank,
+            world,
+            ordinal,
+            ctx,
+            stream,
+            poll,
+            exchange,
+            opts,
+            inner: Mutex::new(Inner {
+                comm,
+                buffers: Vec::new(),
+                signals: None,
+                staging: None,
+                staged: Staged {
+                    transfers: Vec::new(),
+                    host: Vec::new(),
+                },
+            }),
+            error_word,
+            add: OnceLock::new(),
+        })
+    }
+
+    fn err(&self, what: &str, e: DriverError) -> TransportError {
+        cuda::driver_err(BACKEND, self.rank, what, e)
+    }
+
+    fn bind(&self) -> Result<(), TransportError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| self.err("bind context", e))
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn local_range(
+        &self,
+        inner: &Inner,
+        buf: BufferId,
+        offset: usize,
+        len: usize,
+        what: &str,
+    ) -> Result<u64, TransportError> {
+        if buf == RAW_DEVICE {
+            return Ok(offset as u64);
+        }
+        let (ptr, size) =
+            if buf == STAGING {
+                let s = inner
+                    .staging
+                    .as_ref()
+                    .ok_or_else(|| TransportError::NotAllocated {
+                        rank: self.rank,
+                        what: "staging".into(),
+                    })?;
+                (s.ptr(), s.bytes())
+            } else {
+                let b = inner.buffers.get(buf.0 as usize).ok_or_else(|| {
+                    TransportError::NotAllocated {
+                        rank: self.rank,
+                        what: format!("buffer {}", buf.0),
+                    }
+                })?;
+                (b.ptr(), b.bytes())
+            };
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(TransportError::OutOfBounds {
+                rank: self.rank,
+                what: format!("{what} buffer {}", buf.0),
+                offset,
+                len,
+                size,
+            });
+        }
+        Ok(ptr + offset as u64)
+    }
+
+    fn signal_addr(&self, inner: &Inner, sig: SignalId) -> Result<u64, TransportError> {
+        match &inner.signals {
+            Some((s, n)) if (sig as usize) < *n => Ok(s.ptr() + 8 * u64::from(sig)),
+            Some((_, n)) => Err(TransportError::NotAllocated {
+                rank: self.rank,
+                what: format!("signal {sig} (it has {n})"),
+            }),
+            None => Err(TransportError::NotAllocated {
+                rank: self.rank,
+                what: format!("signal {sig} (no signal array)"),
+            }),
+        }
+    }
+
+    fn add_kernel(&self) -> Result<&SignalAdd, TransportError> {
+        if let Some(k) = self.add.get() {
+            return Ok(k);
+        }
+        let k = SignalAdd::load(&self.ctx).map_err(|e| self.err("load signal-add kernel", e))?;
+        Ok(self.add.get_or_init(|| k))
+    }
+
+    /// Collective over the ranks named in `step`: enqueues this rank's part
+    /// of it on the communication stream (copies, one NCCL group of sends
+    /// and recvs, then the signals this rank receives). Every rank must
+    /// post the same steps in the same order; returns once enqueued.
+    pub fn post(&self, step: &[Transfer]) -> Result<(), TransportError> {
+        let ops = plan::lower(self.rank, self.world, step)?;
+        let mut inner = self.inner();
+        self.enqueue(&mut inner, &ops)
+    }
+
+    fn enqueue(&self, inner: &mut Inner, ops: &[LocalOp]) -> Result<(), TransportError> {
+        self.bind()?;
+        // Resolve and bounds-check every address before enqueuing anything.
+        let mut addrs = Vec::with_capacity(ops.len());
+        for op in ops {
+            addrs.push(match *op {
+                LocalOp::Copy {
+                    src_buf,
+                    src_offset,
+                    dst_buf,
+                    dst_offset,
+                    len,
+                } => (
+                    self.local_range(inner, src_buf, src_offset, len, "copy from")?,
+                    self.local_range(inner, dst_buf, dst_offset, len, "copy to")?,
+                ),
+                LocalOp::Send {
+                    buf, offset, len, ..
+                } => (self.local_range(inner, buf, offset, len, "send from")?, 0),
+                LocalOp::Recv {
+                    buf, offset, len, ..
+                } => (self.local_range(inner, buf, offset, len, "recv into")?, 0),
+                LocalOp::Signal { sig, .. } => (self.signal_addr(inner, sig)?, 0),
+            });
+        }
+        let mut in_group = false;
+        for (op, &(a, b)) in ops.iter().zip(&addrs) {
+            let grouped = matches!(op, LocalOp::Send { .. } | LocalOp::Recv { .. });
+            if grouped && !in_group {
+                ffi::group_start().map_err(|e| nccl_err(self.rank, "ncclGroupStart", e))?;
+                in_group = true;
+            }
+            if !grouped && in_group {
+                ffi::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+                in_group = false;
+            }
+            match *op {
+                // SAFETY (all arms): addresses were resolved against live
+                // allocations of this rank and bounds-checked above.
+                LocalOp::Copy { len, .. } => {
+                    unsafe { cuda::copy_dtod_async(&self.stream, b, a, len) }
+                        .map_err(|e| self.err("local copy", e))?
+                }
+                LocalOp::Send { peer, len, .. } => {
+                    unsafe { inner.comm.send(a, len, peer, &self.stream) }
+                        .map_err(|e| nccl_err(self.rank, "ncclSend", e))?
+                }
+                LocalOp::Recv { peer, len, .. } => {
+                    unsafe { inner.comm.recv(a, len, peer, &self.stream) }
+                        .map_err(|e| nccl_err(self.rank, "ncclRecv", e))?
+                }
+                LocalOp::Signal {
+                    op: SignalOp::Set(v),
+                    ..
+                } => unsafe { cuda::write_value64(&self.stream, a, v) }
+                    .map_err(|e| self.err("signal", e))?,
+                LocalOp::Signal {
+                    op: SignalOp::Add(d),
+                    ..
+                } => unsafe { self.add_kernel()?.launch(&self.stream, a, d) }
+                    .map_err(|e| self.err("signal add", e))?,
+            }
+        }
+        if in_group {
+            ffi::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the communication stream, bounded: a step whose peer never
+    /// posts aborts the communicator and returns an error.
+    pub fn synchronize(&self, timeout: Duration) -> Result<(), TransportError> {
+        self.bind()?;
+        let start = Instant::now();
+        loop {
+            // SAFETY: querying a live stream of this context.
+            match unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) } {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(self.err("communication stream", DriverError(other))),
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                self.inner().comm.abort();
+                return Err(TransportError::Backend {
+                    backend: BACKEND,
+                    rank: self.rank,
+                    message: format!("a step did not complete within {waited:?} (a peer never posted its side?); communicator aborted"),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Collective: moves everything staged by `put`/`signal` on every rank.
+    pub fn flush(&self, timeout: Duration) -> Result<(), TransportError> {
+        let (mine, host) = {
+            let mut inner = self.inner();
+            let s = std::mem::replace(
+                &mut inner.staged,
+                Staged {
+                    transfers: Vec::new(),
+                    host: Vec::new(),
+                },
+            );
+            (s.transfers, s.host)
+        };
+        let all = self.exchange.all_gather(&plan::encode(&mine), timeout)?;
+        let mut step = Vec::new();
+        for (from, raw) in all.iter().enumerate() {
+            step.extend(plan::decode(self.rank, from, raw)?);
+        }
+        if step.is_empty() {
+            return Ok(());
+        }
+        let ops = plan::lower(self.rank, self.world, &step)?;
+        {
+            let mut inner = self.inner();
+            if !host.is_empty() {
+                self.bind()?;
+                if inner
+                    .staging
+                    .as_ref()
+                    .is_none_or(|s| s.bytes() < host.len())
+                {
+                    inner.staging = None;
+                    inner.staging = Some(
+                        DeviceAlloc::zeroed(&self.ctx, host.len())
+                            .map_err(|e| self.err("staging", e))?,
+                    );
+                }
+                let dst = inner.staging.as_ref().map_or(0, DeviceAlloc::ptr);
+                // SAFETY: staging holds at least `host.len()` bytes; `host`
+                // is pageable, so the driver consumed it before returning,
+                // and it lives until the stream is synchronised below anyway.
+                unsafe { cuda::copy_htod_async(&self.stream, dst, &host) }
+                    .map_err(|e| self.err("stage puts", e))?;
+            }
+            self.enqueue(&mut inner, &ops)?;
+        }
+        self.synchronize(timeout)
+    }
+
+    fn check_sizes(&self, what: &'static str, bytes: usize) -> Result<(), TransportError> {
+        let all = self
+            .exchange
+            .all_gather(&(bytes as u64).to_le_bytes(), self.opts.collective_timeout)?;
+        for (peer, b) in all.iter().enumerate() {
+            let theirs = b
+                .as_slice()
+                .try_into()
+                .map(u64::from_le_bytes)
+                .unwrap_or(u64::MAX);
+            if theirs != bytes as u64 {
+                return Err(TransportError::Mismatch {
+                    rank: self.rank,
+                    what,
+                    detail: format!("{bytes} bytes here but {theirs} on rank {peer}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NcclTransport {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() && self.synchronize(Duration::from_secs(10)).is_err() {
+            tracing::warn!(
+                rank = self.rank,
+                "nccl transport dropped with unfinished steps; communicator aborted"
+            );
+        }
+    }
+}
+
+impl Transport for NcclTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "nccl",
+            initiation: Initiation::Host,
+            device_memory: true,
+        }
+    }
+
+    fn alloc_buffer(&self, bytes: usize) -> Result<BufferId, TransportError> {
+        self.check_sizes("alloc_buffer", bytes)?;
+        self.bind()?;
+        let b = DeviceAlloc::zeroed(&self.ctx, bytes).map_err(|e| self.err("alloc_buffer", e))?;
+        let mut inner = self.inner();
+        inner.buffers.push(b);
+        Ok(BufferId((inner.buffers.len() - 1) as u32))
+    }
+
+    fn alloc_signals(&self, count: usize) -> Result<(), TransportError> {
+        self.synchronize(self.opts.collective_timeout)?;
+        self.check_sizes("alloc_signals", count * 8)?;
+        self.bind()?;
+        let s =
+            DeviceAlloc::zeroed(&self.ctx, count * 8).map_err(|e| self.err("alloc_signals", e))?;
+        self.inner().signals = Some((s, count));
+        Ok(())
+    }
+
+    fn put(
+        &self,
+        dst: usize,
+        buf: BufferId,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        check_rank(self, dst)?;
+        let mut inner = self.inner();
+        // Symmetric buffers: our size is the peer's size.
+        self.local_range(&inner, buf, offset, data.len(), "put to")?;
+        let at = inner.staged.host.len();
+        inner.staged.host.extend_from_slice(data);
+        inner.staged.transfers.push(Transfer {
+            src: self.rank,
+            dst,
+            src_buf: STAGING,
+            src_offset: at,
+            dst_buf: buf,
+            dst_offset: offset,
+            len: data.len(),
+            signal: None,
+        });
+        Ok(())
+    }
+
+    fn signal(&self, dst: usize, sig: SignalId, op: SignalOp) -> Result<(), TransportError> {
+        check_rank(self, dst)?;
+        let mut inner = self.inner();
+        self.signal_addr(&inner, sig)?;
+        inner.staged.transfers.push(Transfer {
+            src: self.rank,
+            dst,
+            src_buf: STAGING,
+            src_offset: 0,
+            dst_buf: BufferId(0),
+            dst_offset: 0,
+            len: 0,
+            signal: Some((sig, op)),
+        });
+        Ok(())
+    }
+
+    fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
+        self.bind()?;
+        let addr = self.signal_addr(&self.inner(), sig)?;
+        let start = Instant::now();
+        loop {
+            let v = cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e))?;
+            if v >= target {
+                return Ok(v);
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(TransportError::WaitTimeout {
+                    rank: self.rank,
+                    signal: sig,
+                    expected: target,
+                    observed: v,
+                    waited,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(20).min(timeout - waited));
+        }
+    }
+
+    fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
+        let addr = self.local_range(&self.inner(), buf, offset, out.len(), "read of")?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.synchronize(self.opts.collective_timeout)?;
+        // SAFETY: bounds-checked above; `out` is exclusively borrowed.
+        unsafe { cuda::copy_dtoh_sync(&self.poll, out, addr) }.map_err(|e| self.err("read", e))
+    }
+
+    fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
+        self.flush(timeout)?;
+        self.exchange.barrier(timeout)
+    }
+}
+
+impl DeviceTransport for NcclTransport {
+    fn device_ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    fn buffer_ptr(&self, buf: BufferId) -> Result<u64, TransportError> {
+        self.local_range(&self.inner(), buf, 0, 0, "address of")
+    }
+
+    fn peer_buffer_ptr(&self, peer: usize, _buf: BufferId) -> Result<Option<u64>, TransportError> {
+        check_rank(self, peer)?;
+        Ok(None)
+    }
+
+    fn signals_ptr(&self) -> Result<u64, TransportError> {
+        self.signal_addr(&self.inner(), 0)
+    }
+
+    fn peer_signals_ptr(&self, peer: usize) -> Result<Option<u64>, TransportError> {
+        check_rank(self, peer)?;
+        Ok(None)
+    }
+
+    fn error_word_ptr(&self) -> u64 {
+        self.error_word.ptr()
+    }
+
+    fn read_error_word(&self) -> Result<u64, TransportError> {
+        self.bind()?;
+        cuda::read_word(&self.poll, self.error_word.ptr())
+            .map_err(|e| self.err("read error word", e))
+    }
+
+    fn clear_error_word(&self) -> Result<(), TransportError> {
+        self.bind()?;
+        // SAFETY: our own 8-byte word; the poll stream is synchronised next.
+        unsafe { cuda::write_value64(&self.poll, self.error_word.ptr(), 0) }
+            .map_err(|e| self.err("clear error word", e))?;
+        self.poll
+            .synchronize()
+            .map_err(|e| self.err("clear error word", e))
+    }
+
+    fn comm_stream(&self) -> Arc<CudaStream> {
+        Arc::clone(&self.stream)
+    }
+
+    /// Staged like `put` (moves at the next flush): the source address is
+    /// read then, so it must stay valid until the flush returns.
+    fn put_device(
+        &self,
+        dst: usize,
+        buf: BufferId,
+        offset: usize,
+        src: u64,
+        len: usize,
+    ) -> Result<(), TransportError> {
+        check_rank(self, dst)?;
+        let mut inner = self.inner();
+        self.local_range(&inner, buf, offset, len, "put to")?;
+        inner.staged.transfers.push(Transfer {
+            src: self.rank,
+            dst,
+            src_buf: RAW_DEVICE,
+            src_offset: src as usize,
+            dst_buf: buf,
+            dst_offset: offset,
+            len,
+            signal: None,
+        });
+        Ok(())
+    }
+}

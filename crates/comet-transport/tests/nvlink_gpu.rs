@@ -1,0 +1,301 @@
+//! GPU tests of the `nvlink` transport: put + signal under load, in both
+//! modes (several processes through CUDA IPC, several threads of one
+//! process), on however many GPUs there are (all ranks share one GPU on a
+//! single-GPU machine: that proves the protocol, not the link).
+//!
+//! Without a CUDA device every test prints why it is skipped and passes,
+//! so CI builds and runs this file as no-ops. The multi-process tests
+//! re-launch this test binary W times through `comet_transport::launch`;
+//! the child entry point is the `child_rank` test, inert unless
+//! `COMET_NVLINK_CHILD` is set.
+#![cfg(feature = "nvlink")]
+
+use comet_transport::bootstrap::Bootstrap;
+use comet_transport::cuda;
+use comet_transport::gpu::{BlobExchange, DeviceTransport};
+use comet_transport::launch::{launch, LaunchConfig};
+use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
+use comet_transport::{BufferId, SignalOp, Transport, TransportError};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+use std::time::Duration;
+
+const CHILD_ENV: &str = "COMET_NVLINK_CHILD";
+const T: Duration = Duration::from_secs(60);
+const POISON: u8 = 0xA5;
+
+fn no_gpu() -> bool {
+    if cuda::gpu_available() {
+        return false;
+    }
+    eprintln!("skipped: no CUDA driver or device on this machine");
+    true
+}
+
+/// The bytes rank `src` sends in `epoch` (every rank can regenerate them).
+fn payload(seed: u64, epoch: u64, src: usize, len: usize) -> Vec<u8> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ (epoch << 20) ^ (src as u64) << 8);
+    let mut v = vec![0u8; len];
+    r.fill(&mut v[..]);
+    v
+}
+
+/// How `src` cuts its segment for `dst` in `epoch`: random sizes (odd ones
+/// too), random order; both sides derive the same list.
+fn chunks(seed: u64, epoch: u64, src: usize, dst: usize, seg: usize) -> Vec<(usize, usize)> {
+    let mut r = ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(31) ^ (epoch << 24) ^ ((src as u64) << 12) ^ dst as u64,
+    );
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < seg {
+        let len = r.gen_range(1..=(seg / 3).max(1)).min(seg - off);
+        out.push((off, len));
+        off += len;
+    }
+    out.shuffle(&mut r);
+    out
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Every rank sends a random segment to every rank (itself included) per
+/// epoch, chunk by chunk, mixing device-to-device and host puts; a
+/// counter signal counts chunks and an epoch signal closes each segment.
+/// Buffers and signals are never reset: epochs only grow. Returns the
+/// bytes this rank sent.
+fn stress(t: &NvlinkTransport, seed: u64, epochs: u64, seg: usize) -> Result<u64, String> {
+    let w = t.world();
+    let me = t.rank();
+    let buf = t.alloc_buffer(w * seg).map_err(|e| e.to_string())?;
+    let stage = t.alloc_buffer(seg).map_err(|e| e.to_string())?;
+    // [0, w): epoch per source; [w, 2w): chunk counters; 2w: never raised.
+    t.alloc_signals(2 * w + 1).map_err(|e| e.to_string())?;
+    let stage_ptr = t.buffer_ptr(stage).map_err(|e| e.to_string())?;
+    let mut expect_count = vec![0u64; w];
+    let mut sent = 0u64;
+    let poison = vec![POISON; w * seg];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
+    for epoch in 1..=epochs {
+        t.put(me, buf, 0, &poison).map_err(|e| e.to_string())?;
+        t.barrier(T).map_err(|e| e.to_string())?;
+        let data = payload(seed, epoch, me, seg);
+        t.put(me, stage, 0, &data).map_err(|e| e.to_string())?;
+        let mut dsts: Vec<usize> = (0..w).collect();
+        dsts.shuffle(&mut rng);
+        for dst in dsts {
+            let host_path = (epoch + dst as u64).is_multiple_of(3);
+            for (off, len) in chunks(seed, epoch, me, dst, seg) {
+                if host_path {
+                    t.put(dst, buf, me * seg + off, &data[off..off + len])
+                        .map_err(|e| e.to_string())?;
+                } else {
+                    t.put_device(dst, buf, me * seg + off, stage_ptr + off as u64, len)
+                        .map_err(|e| e.to_string())?;
+                }
+                t.signal(dst, (w + me) as u32, SignalOp::Add(1))
+                    .map_err(|e| e.to_string())?;
+                sent += len as u64;
+            }
+            t.signal(dst, me as u32, SignalOp::Set(epoch))
+                .map_err(|e| e.to_string())?;
+        }
+        let mut out = vec![0u8; seg];
+        for (src, count) in expect_count.iter_mut().enumerate() {
+            *count += chunks(seed, epoch, src, me, seg).len() as u64;
+            let v = t.wait(src as u32, epoch, T).map_err(|e| e.to_string())?;
+            if v != epoch {
+                return Err(format!(
+                    "rank {me}: epoch signal of {src} is {v}, expected {epoch}"
+                ));
+            }
+            t.wait((w + src) as u32, *count, T)
+                .map_err(|e| e.to_string())?;
+            t.read(buf, src * seg, &mut out)
+                .map_err(|e| e.to_string())?;
+            let want = payload(seed, epoch, src, seg);
+            if fnv(&out) != fnv(&want) || out != want {
+                let bad = out.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+                return Err(format!(
+                    "rank {me}, epoch {epoch}: segment from {src} differs at byte {bad} ({:#x} != {:#x}; poison is {POISON:#x})",
+                    out[bad], want[bad]
+                ));
+            }
+        }
+        t.barrier(T).map_err(|e| e.to_string())?;
+    }
+    // A signal nobody raises: a bounded error naming rank and signal.
+    let never = (2 * w) as u32;
+    match t.wait(never, 1, Duration::from_millis(50)) {
+        Err(TransportError::WaitTimeout {
+            rank,
+            signal,
+            expected: 1,
+            observed: 0,
+            ..
+        }) if rank == me && signal == never => {}
+        other => {
+            return Err(format!(
+                "rank {me}: wait on a never-raised signal gave {other:?}"
+            ))
+        }
+    }
+    // Misuse is an error, not a crash.
+    if !matches!(
+        t.put(0, buf, w * seg, &[1]),
+        Err(TransportError::OutOfBounds { .. })
+    ) {
+        return Err("put past the end was accepted".into());
+    }
+    if !matches!(
+        t.signal(0, never + 1, SignalOp::Set(1)),
+        Err(TransportError::NotAllocated { .. })
+    ) {
+        return Err("signal past the array was accepted".into());
+    }
+    if !matches!(t.put(w, buf, 0, &[1]), Err(TransportError::BadRank { .. })) {
+        return Err("put to a rank outside the world was accepted".into());
+    }
+    if !matches!(
+        t.put(0, BufferId(99), 0, &[1]),
+        Err(TransportError::NotAllocated { .. })
+    ) {
+        return Err("put to an unknown buffer was accepted".into());
+    }
+    t.barrier(T).map_err(|e| e.to_string())?;
+    Ok(sent)
+}
+
+fn params() -> (u64, u64, usize) {
+    let epochs = std::env::var("COMET_NVLINK_EPOCHS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let seg = std::env::var("COMET_NVLINK_SEG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256 * 1024 + 13);
+    (0xC0FE, epochs, seg)
+}
+
+/// Entry point of one launched rank (inert in a normal test run).
+#[test]
+fn child_rank() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let boot = Arc::new(Bootstrap::from_env().expect("bootstrap"));
+    let rank = boot.rank();
+    let ordinal = rank % cuda::device_count().max(1);
+    let t = NvlinkTransport::new(
+        ordinal,
+        boot.clone() as Arc<dyn BlobExchange>,
+        NvlinkOptions::default(),
+    )
+    .expect("nvlink up");
+    assert!(!t.peer_in_process((rank + 1) % t.world()) || t.world() == 1);
+    let (seed, epochs, seg) = params();
+    match stress(&t, seed, epochs, seg) {
+        Ok(sent) => println!("rank {rank}: ok, sent {sent} bytes over {epochs} epochs"),
+        Err(e) => panic!("{e}"),
+    }
+    t.shutdown(T).expect("shutdown");
+}
+
+fn run_processes(w: usize) {
+    if no_gpu() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let cfg = LaunchConfig {
+        timeout: Some(Duration::from_secs(300)),
+        ..LaunchConfig::new(w, exe)
+    }
+    .args(["--exact", "child_rank", "--nocapture", "--test-threads=1"])
+    .env(CHILD_ENV, "1");
+    match launch(&cfg) {
+        Ok(rep) => assert!(rep.ranks.iter().all(|r| r.success()), "{rep:?}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn ipc_processes_w2() {
+    run_processes(2);
+}
+
+#[test]
+fn ipc_processes_w3() {
+    run_processes(3);
+}
+
+#[test]
+fn ipc_processes_w4() {
+    run_processes(4);
+}
+
+fn run_threads(w: usize) {
+    if no_gpu() {
+        return;
+    }
+    let n = cuda::device_count();
+    let ordinals: Vec<usize> = (0..w).map(|r| r % n).collect();
+    let ranks =
+        NvlinkTransport::in_process(&ordinals, NvlinkOptions::default()).expect("in-process world");
+    let (seed, epochs, seg) = params();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ranks
+            .iter()
+            .map(|t| {
+                assert!(w == 1 || t.peer_in_process((t.rank() + 1) % w));
+                s.spawn(move || stress(t, seed + 1, epochs / 2, seg))
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("rank thread").expect("stress");
+        }
+    });
+}
+
+#[test]
+fn one_process_threads_w2() {
+    run_threads(2);
+}
+
+#[test]
+fn one_process_threads_w4() {
+    run_threads(4);
+}
+
+#[test]
+fn mismatched_allocation_is_an_error_on_every_rank() {
+    if no_gpu() {
+        return;
+    }
+    let ranks = NvlinkTransport::in_process(&[0, 0], NvlinkOptions::default()).expect("world");
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ranks
+            .iter()
+            .map(|t| s.spawn(move || t.alloc_buffer(1024 * (t.rank() + 1))))
+            .collect();
+        for h in hs {
+            let e = h.join().expect("thread").unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    TransportError::Mismatch {
+                        what: "alloc_buffer",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+    });
+}

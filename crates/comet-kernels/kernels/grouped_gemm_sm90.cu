@@ -10,7 +10,7 @@
 namespace comet {
 namespace sm90 {
 
-constexpr int BM = 128, BK = 64, THREADS = 384;
+constexpr int BM = 128, BK = 64;
 
 // Opaque CUtensorMap (64-byte aligned, 128 bytes), filled on the host by
 // cuTensorMapEncodeTiled.
@@ -76,7 +76,16 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins the accumulators after a wait so no read is hoisted above it.
+__device__ __forceinline__ void fence_acc(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 #define COMET_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
   "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
@@ -104,9 +113,31 @@ struct Smem {
   static constexpr int A_BYTES = BM * BK * 2;
   static constexpr int B_BYTES = BN * BK * 2;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-  // ring + barriers + flags, plus 1 KiB to align the ring to 1024 bytes.
-  static constexpr int BYTES = STAGES * STAGE_BYTES + 1024 + 256;
+  // Epilogue staging: per consumer, 64 rows x 128 bf16 (one n128 block).
+  static constexpr int STAGING_BYTES = 2 * 64 * 128 * 2;
+  // ring, staging, barriers (2 per stage) and the abort flag, plus 1 KiB to
+  // align the ring to 1024 bytes (128B-swizzled TMA destinations).
+  static constexpr int BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 128 + 1024;
 };
+
+// Staging tile [64 rows][128 cols] bf16; 16-byte chunk c of row r sits at
+// chunk c ^ (r & 7) so the fragment writes (8 rows per instruction) and the
+// row-wise 16-byte reads are both free of bank conflicts.
+__device__ __forceinline__ unsigned stg_off(int r, int col) {
+  return (unsigned)(r * 256 + ((((col >> 3) ^ (r & 7)) & 15) << 4) + (col & 7) * 2);
+}
+
+__device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
 
 template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES>
 __device__ __forceinline__ void gemm(const HopperParams& hp) {
@@ -115,7 +146,8 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
   extern __shared__ unsigned char smem_raw[];
   const unsigned raw = smem_u32(smem_raw);
   const unsigned ring = (raw + 1023u) & ~1023u;
-  const unsigned bars = ring + STAGES * S::STAGE_BYTES;  // full[STAGES], empty[STAGES]
+  const unsigned staging = ring + STAGES * S::STAGE_BYTES;
+  const unsigned bars = staging + S::STAGING_BYTES;  // full[STAGES], empty[STAGES]
   volatile int* abort_flag =
       reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + 2 * STAGES * 8);
   const GemmParams& p = hp.p;
@@ -124,8 +156,8 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bars + s * 8, 1);                 // producer's expect_tx arrival
-      mbar_init(bars + (STAGES + s) * 8, 8);      // one arrival per consumer warp
+      mbar_init(bars + s * 8, 1);             // producer's expect_tx arrival
+      mbar_init(bars + (STAGES + s) * 8, 8);  // one arrival per consumer warp
     }
     *abort_flag = 0;
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -135,7 +167,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (threadIdx.x == 0) {
-      int it = 0;  // global k-block counter across tiles: slot and phase
+      int it = 0;  // k-block counter across tiles: ring slot and phase
       for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
         const TileDesc t = p.tiles[ti];
         bool ok = true;
@@ -169,9 +201,10 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = wg - 1;                  // consumer index: rows cw*64 .. +64
+    const int cw = wg - 1;  // consumer index: tile rows cw*64 .. +64
     const int lt = threadIdx.x % 128;
     const int warp = lt / 32, lane = lt % 32;
+    const unsigned stg = staging + cw * (64 * 128 * 2);
     int it = 0;
     for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
       const TileDesc t = p.tiles[ti];
@@ -180,6 +213,9 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       for (int b = 0; b < NB; ++b)
 #pragma unroll
         for (int i = 0; i < 64; ++i) acc[b][i] = 0.f;
+      // One wgmma group stays in flight: slot kb-1 is released once group
+      // kb is issued and kb-1 has retired.
+      int prev_s = -1;
       for (int kb = 0; kb < kblocks; ++kb, ++it) {
         const int s = it % STAGES;
         const unsigned ph = (unsigned)(it / STAGES) & 1u;
@@ -196,59 +232,79 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
             wgmma_n128(acc[b], da, smem_desc(sb + b * 128 * BK * 2 + kk * 32));
         }
         wgmma_commit();
-        wgmma_wait0();
-        if (lane == 0) mbar_arrive(bars + (STAGES + s) * 8);
+        wgmma_wait<1>();
+        if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
+        prev_s = s;
       }
-      // Epilogue from registers. Accumulator i of n128 block b: row
+      wgmma_wait<0>();
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) fence_acc(acc[b][i]);
+      if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
+
+      // Epilogue: fragments -> swizzled staging (bf16) -> 16-byte coalesced
+      // row stores. Accumulator i of n128 block b holds row
       // warp*16 + lane/4 + 8*((i/2)&1), column b*128 + (i/4)*8 + (lane%4)*2 + (i&1).
-      const int rbase = cw * 64 + warp * 16 + (lane >> 2);
+      constexpr int PASSES = (EPI == EPI_SWIGLU) ? 1 : NB;
+      // Output columns one pass covers (SwiGLU: BN/2 <= 128).
+      constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
+      const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
+      float wrow[2] = {1.f, 1.f};
+      if (EPI == EPI_SCATTER) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = rbase + h * 8;
-        if (r < t.rows) {
-          const int grow = t.row0 + r;
-          if (EPI == EPI_SWIGLU) {
-            const int fcols = p.N / 2;
-            // gate = columns [0, BN/2) of the tile, up = [BN/2, BN)
+        for (int h = 0; h < 2; ++h) {
+          const int r = cw * 64 + warp * 16 + (lane >> 2) + h * 8;
+          wrow[h] = r < t.rows ? p.scatter_w[t.row0 + r] : 0.f;
+        }
+      }
 #pragma unroll
-            for (int j = 0; j < BN / 16; ++j) {
-              const int col = t.n0 + j * 8 + (lane & 3) * 2;
-              const int gb = (j * 8) / 128, gi = ((j * 8) % 128) / 8 * 4 + h * 2;
-              const int ub = (BN / 2 + j * 8) / 128, ui = ((BN / 2 + j * 8) % 128) / 8 * 4 + h * 2;
-              if (col < fcols) {
-                const float o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
-                const float o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
-                store_bf16x2(p.C + (size_t)grow * p.ldc + col, o0, o1);
-              }
+      for (int pass = 0; pass < PASSES; ++pass) {
+        named_barrier(2 + cw, 128);  // earlier readers of the staging are done
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int sr = warp * 16 + (lane >> 2) + h * 8;
+#pragma unroll
+          for (int j = 0; j < PASS_COLS / 8; ++j) {
+            const int col = j * 8 + (lane & 3) * 2;
+            float o0, o1;
+            if (EPI == EPI_SWIGLU) {
+              // gate = tile columns [0, BN/2), up = [BN/2, BN)
+              const int gc = j * 8, uc = BN / 2 + j * 8;
+              const int gb = gc / 128, gi = (gc % 128) / 8 * 4 + h * 2;
+              const int ub = uc / 128, ui = (uc % 128) / 8 * 4 + h * 2;
+              o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
+              o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
+            } else {
+              o0 = wrow[h] * acc[pass][j * 4 + h * 2];
+              o1 = wrow[h] * acc[pass][j * 4 + h * 2 + 1];
             }
-          } else {
-            size_t orow = (size_t)grow;
-            float w = 1.f;
-            bool keep = true;
+            st_shared_u32(stg + stg_off(sr, col), pack_bf16x2(o0, o1));
+          }
+        }
+        named_barrier(2 + cw, 128);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int idx = lt + i * 128;
+          const int sr = idx >> 4, ch = idx & 15;
+          const int r = cw * 64 + sr;
+          const int col = t.n0 + pass * 128 + ch * 8;
+          if (ch * 8 < PASS_COLS && r < t.rows && col < out_cols) {
+            size_t orow = (size_t)(t.row0 + r);
             if (EPI == EPI_SCATTER) {
-              const int d = p.scatter_idx[grow];
-              keep = d >= 0;
-              orow = keep ? (size_t)d : 0;
-              w = keep ? p.scatter_w[grow] : 0.f;
+              const int d = p.scatter_idx[orow];
+              if (d < 0) continue;
+              orow = (size_t)d;
             }
-            if (keep) {
-#pragma unroll
-              for (int b = 0; b < NB; ++b)
-#pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                  const int col = t.n0 + b * 128 + j * 8 + (lane & 3) * 2;
-                  if (col < p.N)
-                    store_bf16x2(p.C + orow * p.ldc + col, w * acc[b][j * 4 + h * 2],
-                                              w * acc[b][j * 4 + h * 2 + 1]);
-                }
-            }
+            const uint4 v = ld_shared_v4(stg + stg_off(sr, ch * 8));
+            *reinterpret_cast<uint4*>(p.C + orow * p.ldc + col) = v;
           }
         }
       }
       if (RAISE) {
         if (t.sig >= 0) {
           signal_fence();
-          asm volatile("bar.sync 1, 256;\n" ::: "memory");
+          named_barrier(1, 256);
           if (cw == 0 && lt == 0) {
             if (t.sig_mode == 1)
               signal_raise_add(p.signals, (unsigned)t.sig, 1ull);

@@ -110,6 +110,12 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
     if a.ldc < out {
         return bad(format!("ldc = {} is below the {out} output columns", a.ldc));
     }
+    if !a.ldc.is_multiple_of(8) {
+        return bad(format!(
+            "ldc = {} must be a multiple of 8 (16-byte row stores)",
+            a.ldc
+        ));
+    }
     if a.experts == 0 {
         return bad("experts must be > 0".into());
     }

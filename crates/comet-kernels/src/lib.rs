@@ -9,9 +9,12 @@
 //!   comet-core's layer schedules.
 //! - [`gemm`]: loading and launching a variant on a GPU.
 
+pub mod bench;
+pub mod device;
 pub mod error;
 pub mod gemm;
 pub mod nvrtc;
+pub mod problem;
 pub mod tiles;
 pub mod variants;
 

@@ -271,6 +271,15 @@ fn cstring(s: &str, what: &str) -> Result<CString, KernelError> {
 
 /// Compiles `unit` for `target` to a cubin, without the cache.
 pub fn compile_cubin(unit: &CompileUnit, target: Target) -> Result<Vec<u8>, KernelError> {
+    compile_cubin_with_log(unit, target).map(|(cubin, _)| cubin)
+}
+
+/// As [`compile_cubin`], also returning NVRTC's log (warnings, and ptxas'
+/// resource report when the unit asks for `--ptxas-options=-v`).
+pub fn compile_cubin_with_log(
+    unit: &CompileUnit,
+    target: Target,
+) -> Result<(Vec<u8>, String), KernelError> {
     ensure_nvrtc()?;
     let src = cstring(&unit.source, "source")?;
     let name = cstring(&unit.name, "unit name")?;
@@ -318,10 +327,9 @@ pub fn compile_cubin(unit: &CompileUnit, target: Target) -> Result<Vec<u8>, Kern
                 log: program_log(prog).unwrap_or_else(|e| format!("(no log: {e})")),
             });
         }
-        if let Ok(log) = program_log(prog) {
-            if !log.trim().is_empty() {
-                tracing::debug!(unit = %unit.name, %target, "NVRTC log:\n{log}");
-            }
+        let log = program_log(prog).unwrap_or_default();
+        if !log.trim().is_empty() {
+            tracing::debug!(unit = %unit.name, %target, "NVRTC log:\n{log}");
         }
         let mut size = 0usize;
         // SAFETY: valid program, valid out-pointer.
@@ -335,7 +343,7 @@ pub fn compile_cubin(unit: &CompileUnit, target: Target) -> Result<Vec<u8>, Kern
             unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) },
             "nvrtcGetCUBIN",
         )?;
-        Ok(cubin)
+        Ok((cubin, log))
     })();
     // SAFETY: prog came from nvrtcCreateProgram and is destroyed once.
     unsafe { sys::nvrtcDestroyProgram(&mut prog) };

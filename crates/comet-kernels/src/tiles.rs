@@ -40,38 +40,49 @@ fn to_i32(v: usize, what: &str) -> Result<i32, KernelError> {
         .map_err(|_| KernelError::InvalidShape(format!("{what} = {v} does not fit in i32")))
 }
 
+/// Column blocks per raster group: about 2048 GEMM columns of B.
+pub fn raster_group(v: &GemmVariant) -> usize {
+    (2048 / v.tile_gemm_cols()).max(1)
+}
+
 /// Column starts of `out_cols` output columns in steps of `step`.
 fn col_blocks(out_cols: usize, step: usize) -> impl Iterator<Item = usize> {
     (0..out_cols.div_ceil(step)).map(move |i| i * step)
 }
 
 impl TileList {
-    /// Plain grouped GEMM without hooks: experts in order, each expert's
-    /// rows (contiguous, expert `e` starting at the sum of earlier counts)
-    /// cut into row blocks, each row block into column blocks.
+    /// Plain grouped GEMM without hooks: experts in order (expert `e`'s rows
+    /// start at the sum of earlier counts). Inside an expert, column blocks
+    /// are taken in groups of [`raster_group`] and row blocks run fastest
+    /// within a group, so the tiles resident at one time share a few A row
+    /// blocks and a few B column blocks (L2 reuse) instead of all of B.
     pub fn grouped(
         expert_rows: &[usize],
         out_cols: usize,
         v: &GemmVariant,
     ) -> Result<TileList, KernelError> {
         let (bm, bn) = (v.tile_rows(), v.tile_out_cols());
+        let group = raster_group(v);
+        let ncb = out_cols.div_ceil(bn);
         let mut tiles = Vec::new();
         let mut start = 0usize;
         for (e, &n) in expert_rows.iter().enumerate() {
-            let mut row = start;
-            while row < start + n {
-                let rows = bm.min(start + n - row);
-                for n0 in col_blocks(out_cols, bn) {
-                    tiles.push(TileDesc {
-                        expert: to_i32(e, "expert")?,
-                        row0: to_i32(row, "row")?,
-                        rows: rows as i32,
-                        n0: to_i32(n0, "column")?,
-                        sig: -1,
-                        ..TileDesc::default()
-                    });
+            for g0 in (0..ncb).step_by(group) {
+                let mut row = start;
+                while row < start + n {
+                    let rows = bm.min(start + n - row);
+                    for cb in g0..(g0 + group).min(ncb) {
+                        tiles.push(TileDesc {
+                            expert: to_i32(e, "expert")?,
+                            row0: to_i32(row, "row")?,
+                            rows: rows as i32,
+                            n0: to_i32(cb * bn, "column")?,
+                            sig: -1,
+                            ..TileDesc::default()
+                        });
+                    }
+                    row += rows;
                 }
-                row += rows;
             }
             start += n;
         }

@@ -164,7 +164,7 @@ impl GemmVariant {
             },
             Family::Sm90 { bn, stages } => LaunchShape {
                 threads: 384,
-                smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2) + 1024 + 256,
+                smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2) + 2 * 64 * 128 * 2 + 128 + 1024,
             },
         }
     }

@@ -1,0 +1,252 @@
+//! Safe device-side plumbing for tests, benchmarks and the scheduler: a
+//! grouped GEMM problem resident on the GPU (poisoned output, tile list,
+//! error word), launched through [`GemmRuntime`], plus host-driven signal
+//! raises through stream memory operations (how a host proxy raises a
+//! signal once a transfer has landed).
+
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+use crate::error::KernelError;
+use crate::gemm::{check_error_word, GemmArgs, GemmRuntime, HookArgs};
+use crate::problem::GroupedProblem;
+use crate::tiles::{TileDesc, TileList};
+use crate::variants::GemmVariant;
+
+// SAFETY: TileDesc is repr(C) plain integers, valid for any bit pattern.
+unsafe impl DeviceRepr for TileDesc {}
+// SAFETY: all-zero bytes are a valid TileDesc.
+unsafe impl ValidAsZeroBits for TileDesc {}
+
+/// A problem's buffers on the GPU.
+pub struct DeviceProblem {
+    pub stream: Arc<CudaStream>,
+    pub a: CudaSlice<bf16>,
+    pub b: CudaSlice<bf16>,
+    pub c: CudaSlice<bf16>,
+    pub tiles: CudaSlice<TileDesc>,
+    pub num_tiles: usize,
+    pub deps: CudaSlice<u32>,
+    pub scatter_idx: CudaSlice<i32>,
+    pub scatter_w: CudaSlice<f32>,
+    pub err: CudaSlice<u64>,
+    pub total_rows: usize,
+    pub k: usize,
+    pub n: usize,
+    pub ldc: usize,
+    pub experts: usize,
+    pub out_rows: usize,
+}
+
+impl DeviceProblem {
+    /// Uploads `p` with the tile list `tiles` (validated first).
+    pub fn upload(
+        stream: Arc<CudaStream>,
+        p: &GroupedProblem,
+        v: &GemmVariant,
+        tiles: &TileList,
+    ) -> Result<DeviceProblem, KernelError> {
+        tiles.validate(p.rows(), p.experts(), p.out_cols(), v)?;
+        let one = |s: &Arc<CudaStream>| s.alloc_zeros::<u32>(1);
+        let a = if p.a.is_empty() {
+            stream.alloc_zeros::<bf16>(1)?
+        } else {
+            stream.clone_htod(&p.a)?
+        };
+        let b = stream.clone_htod(&p.b)?;
+        let ldc = p.out_cols();
+        let c = stream.alloc_zeros::<bf16>((p.out_rows * ldc).max(1))?;
+        let t = if tiles.tiles.is_empty() {
+            stream.alloc_zeros::<TileDesc>(1)?
+        } else {
+            stream.clone_htod(&tiles.tiles)?
+        };
+        let deps = if tiles.deps.is_empty() {
+            one(&stream)?
+        } else {
+            stream.clone_htod(&tiles.deps)?
+        };
+        let scatter_idx = if p.scatter_idx.is_empty() {
+            stream.alloc_zeros::<i32>(1)?
+        } else {
+            stream.clone_htod(&p.scatter_idx)?
+        };
+        let scatter_w = if p.scatter_w.is_empty() {
+            stream.alloc_zeros::<f32>(1)?
+        } else {
+            stream.clone_htod(&p.scatter_w)?
+        };
+        let err = stream.alloc_zeros::<u64>(1)?;
+        let mut dp = DeviceProblem {
+            stream: stream.clone(),
+            a,
+            b,
+            c,
+            tiles: t,
+            num_tiles: tiles.tiles.len(),
+            deps,
+            scatter_idx,
+            scatter_w,
+            err,
+            total_rows: p.rows(),
+            k: p.k,
+            n: p.n,
+            ldc,
+            experts: p.experts(),
+            out_rows: p.out_rows,
+        };
+        dp.poison()?;
+        Ok(dp)
+    }
+
+    /// Replaces the tile list (e.g. to launch another epilogue over the same
+    /// A and B; C must already be large enough for it).
+    pub fn set_tiles(&mut self, tiles: &TileList) -> Result<(), KernelError> {
+        self.tiles = if tiles.tiles.is_empty() {
+            self.stream.alloc_zeros::<TileDesc>(1)?
+        } else {
+            self.stream.clone_htod(&tiles.tiles)?
+        };
+        self.num_tiles = tiles.tiles.len();
+        Ok(())
+    }
+
+    /// Fills C with NaN (0xFFFF in bf16) and clears the error word.
+    pub fn poison(&mut self) -> Result<(), KernelError> {
+        let (c, _g) = self.c.device_ptr(&self.stream);
+        // SAFETY: c covers c.len() bf16 elements of this context.
+        unsafe { sys::cuMemsetD16Async(c, 0xFFFF, self.c.len(), self.stream.cu_stream()) }
+            .result()?;
+        drop(_g);
+        self.stream.memset_zeros(&mut self.err)?;
+        Ok(())
+    }
+
+    /// Launches `v` over this problem; `signals` (raw pointer to u64 words)
+    /// and the timeouts/epochs only matter for hooked variants.
+    pub fn launch(
+        &self,
+        rt: &GemmRuntime,
+        v: &GemmVariant,
+        hooks: Option<HookArgs>,
+    ) -> Result<(), KernelError> {
+        let s = &self.stream;
+        let (a, _ga) = self.a.device_ptr(s);
+        let (b, _gb) = self.b.device_ptr(s);
+        let (c, _gc) = self.c.device_ptr(s);
+        let (tiles, _gt) = self.tiles.device_ptr(s);
+        let (deps, _gd) = self.deps.device_ptr(s);
+        let (si, _gsi) = self.scatter_idx.device_ptr(s);
+        let (sw, _gsw) = self.scatter_w.device_ptr(s);
+        let (err, _ge) = self.err.device_ptr(s);
+        let hooks = hooks.map(|h| HookArgs { deps, ..h });
+        let args = GemmArgs {
+            a,
+            b,
+            c,
+            tiles,
+            num_tiles: self.num_tiles,
+            total_rows: self.total_rows,
+            k: self.k,
+            n: self.n,
+            ldc: self.ldc,
+            experts: self.experts,
+            scatter_idx: si,
+            scatter_w: sw,
+            err,
+            hooks,
+        };
+        if self.total_rows == 0 && self.num_tiles > 0 {
+            return Err(KernelError::InvalidShape(
+                "tiles given for a problem with no rows".into(),
+            ));
+        }
+        // SAFETY: every buffer was sized by `upload` for this problem and
+        // tile list (validated there); they outlive the launch because the
+        // caller synchronizes before dropping self. Signal pointers come from
+        // the caller's HookArgs and must cover the indices in `deps`.
+        unsafe { rt.launch(v, &args, s) }
+    }
+
+    pub fn download_c(&self) -> Result<Vec<bf16>, KernelError> {
+        Ok(self.stream.clone_dtoh(&self.c)?)
+    }
+
+    /// Synchronizes and turns the device error word into a Result.
+    pub fn finish(&self) -> Result<(), KernelError> {
+        self.stream.synchronize()?;
+        let w = self.stream.clone_dtoh(&self.err)?;
+        check_error_word(w[0])
+    }
+
+    pub fn err_ptr(&self) -> sys::CUdeviceptr {
+        let (p, _g) = self.err.device_ptr(&self.stream);
+        p
+    }
+}
+
+/// Stores `value` into signal word `index` of `signals` from `stream`, after
+/// all earlier work on that stream (e.g. the copy that delivered the data):
+/// an 8-byte host-to-device copy, ordered after the stream's earlier copies.
+/// (cuStreamWriteValue64_v2 answered CUDA_ERROR_INVALID_VALUE on the 13.0
+/// driver through cudarc's binding, so a copy it is.)
+pub fn raise_signal_async(
+    stream: &CudaStream,
+    signals: &CudaSlice<u64>,
+    index: usize,
+    value: u64,
+) -> Result<(), KernelError> {
+    if index >= signals.len() {
+        return Err(KernelError::InvalidShape(format!(
+            "signal {index} outside {} signals",
+            signals.len()
+        )));
+    }
+    let (base, _g) = signals.device_ptr(stream);
+    let v = value;
+    // SAFETY: the address is inside `signals` (checked above); the source is
+    // pageable, so the driver stages it before returning.
+    unsafe {
+        sys::cuMemcpyHtoDAsync_v2(
+            base + (index * 8) as u64,
+            &v as *const u64 as *const _,
+            8,
+            stream.cu_stream(),
+        )
+    }
+    .result()?;
+    Ok(())
+}
+
+/// Copies host rows into a device bf16 buffer at element offset `at`.
+pub fn copy_rows_async(
+    stream: &CudaStream,
+    dst: &CudaSlice<bf16>,
+    at: usize,
+    src: &[bf16],
+) -> Result<(), KernelError> {
+    if at + src.len() > dst.len() {
+        return Err(KernelError::InvalidShape(format!(
+            "copy of {} at {at} outside {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    let (base, _g) = dst.device_ptr(stream);
+    // SAFETY: the range is inside dst (checked); src stays alive until the
+    // caller synchronizes the stream (pageable copies are staged by the
+    // driver before this call returns).
+    unsafe {
+        sys::cuMemcpyHtoDAsync_v2(
+            base + (at * 2) as u64,
+            src.as_ptr() as *const _,
+            src.len() * 2,
+            stream.cu_stream(),
+        )
+    }
+    .result()?;
+    Ok(())
+}

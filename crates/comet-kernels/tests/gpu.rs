@@ -1,0 +1,365 @@
+//! GPU tests of the grouped GEMM (need a CUDA GPU of CC >= 8.0 and NVRTC;
+//! ignored by default; run with `cargo test -p comet-kernels --test gpu --
+//! --ignored`). Every numeric check poisons the output with NaN first and
+//! compares sampled rows against an f64 CPU reference (tolerance in
+//! `GroupedProblem::check`: per element 0.02|ref| + 0.02 rms, and relative
+//! Frobenius error <= 1e-2).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use comet_core::Preset;
+use comet_kernels::device::{copy_rows_async, raise_signal_async, DeviceProblem};
+use comet_kernels::problem::{ragged_counts, GroupedProblem};
+use comet_kernels::{
+    Epilogue, Family, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileList,
+};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn setup() -> (Arc<CudaContext>, Arc<CudaStream>, GemmRuntime) {
+    let ctx = CudaContext::new(0).expect("a CUDA GPU");
+    let stream = ctx.new_stream().expect("stream");
+    let rt = GemmRuntime::new(ctx.clone()).expect("runtime");
+    (ctx, stream, rt)
+}
+
+fn families(rt: &GemmRuntime) -> Vec<Family> {
+    let mut f = vec![Family::Sm80];
+    if rt.target().has_wgmma() {
+        f.push(Family::SM90_DEFAULT);
+    }
+    f
+}
+
+fn run_check(
+    rt: &GemmRuntime,
+    stream: &Arc<CudaStream>,
+    v: GemmVariant,
+    p: &GroupedProblem,
+    label: &str,
+) {
+    let tiles = TileList::grouped(&p.counts, p.out_cols(), &v).unwrap();
+    let dp = DeviceProblem::upload(stream.clone(), p, &v, &tiles).unwrap();
+    dp.launch(rt, &v, None).unwrap();
+    dp.finish().unwrap();
+    let out = dp.download_c().unwrap();
+    match p.check(&out, dp.ldc, 48) {
+        Ok(r) => println!(
+            "ok   {label:<40} {:<36} rows {:>5} checked {:>3} rel {:.2e} worst {:.2}",
+            v.kernel_name(),
+            p.rows(),
+            r.rows_checked,
+            r.rel_error,
+            r.worst_ratio
+        ),
+        Err(e) => panic!("{label} {}: {e}", v.kernel_name()),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn presets_fc1_fc2_ragged() {
+    let (_ctx, stream, rt) = setup();
+    for fam in families(&rt) {
+        for (pi, preset) in [Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe]
+            .into_iter()
+            .enumerate()
+        {
+            let cfg = preset.config(2).unwrap();
+            let local = cfg.experts / 2;
+            let counts = ragged_counts(local);
+            let seed = 100 + pi as u64;
+            let fc1 = GroupedProblem::new(
+                counts.clone(),
+                cfg.hidden,
+                2 * cfg.ffn,
+                Epilogue::SwiGlu,
+                seed,
+            );
+            run_check(
+                &rt,
+                &stream,
+                GemmVariant::new(fam, Epilogue::SwiGlu, Hooks::NONE),
+                &fc1,
+                &format!("{} FC1 swiglu", preset.name()),
+            );
+            drop(fc1);
+            let fc2 = GroupedProblem::new(
+                counts.clone(),
+                cfg.ffn,
+                cfg.hidden,
+                Epilogue::Store,
+                seed + 10,
+            );
+            run_check(
+                &rt,
+                &stream,
+                GemmVariant::new(fam, Epilogue::Store, Hooks::NONE),
+                &fc2,
+                &format!("{} FC2 store", preset.name()),
+            );
+            drop(fc2);
+            if preset == Preset::Phi35Moe {
+                let fc1p = GroupedProblem::new(
+                    counts.clone(),
+                    cfg.hidden,
+                    2 * cfg.ffn,
+                    Epilogue::Store,
+                    seed + 20,
+                );
+                run_check(
+                    &rt,
+                    &stream,
+                    GemmVariant::new(fam, Epilogue::Store, Hooks::NONE),
+                    &fc1p,
+                    &format!("{} FC1 store", preset.name()),
+                );
+                drop(fc1p);
+                let sc =
+                    GroupedProblem::new(counts, cfg.ffn, cfg.hidden, Epilogue::Scatter, seed + 30);
+                run_check(
+                    &rt,
+                    &stream,
+                    GemmVariant::new(fam, Epilogue::Scatter, Hooks::NONE),
+                    &sc,
+                    &format!("{} FC2 scatter", preset.name()),
+                );
+            }
+        }
+    }
+}
+
+/// Small shapes of every epilogue and hook-free variant; the case
+/// compute-sanitizer runs.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn small_all_epilogues() {
+    let (_ctx, stream, rt) = setup();
+    for fam in families(&rt) {
+        for epi in Epilogue::ALL {
+            let p = GroupedProblem::new(vec![0, 1, 130, 5], 128, 256, epi, 7);
+            run_check(
+                &rt,
+                &stream,
+                GemmVariant::new(fam, epi, Hooks::NONE),
+                &p,
+                "small",
+            );
+        }
+        // N not a multiple of the tile width (64 < 128 < 192 < 256).
+        let p = GroupedProblem::new(vec![3, 200], 192, 192, Epilogue::Store, 8);
+        run_check(
+            &rt,
+            &stream,
+            GemmVariant::new(fam, Epilogue::Store, Hooks::NONE),
+            &p,
+            "small N=192",
+        );
+        let p = GroupedProblem::new(vec![3, 200], 64, 192 * 2, Epilogue::SwiGlu, 9);
+        run_check(
+            &rt,
+            &stream,
+            GemmVariant::new(fam, Epilogue::SwiGlu, Hooks::NONE),
+            &p,
+            "small swiglu F=192",
+        );
+    }
+}
+
+/// Segments of each expert's rows, as the layout plan makes them: every
+/// expert's rows cut into `per_expert` contiguous pieces, one signal each.
+fn segments(counts: &[usize], per_expert: usize) -> Vec<(usize, usize)> {
+    let mut segs = Vec::new();
+    let mut start = 0;
+    for &c in counts {
+        let step = c.div_ceil(per_expert).max(1);
+        let mut r = start;
+        while r < start + c {
+            let n = step.min(start + c - r);
+            segs.push((r, n));
+            r += n;
+        }
+        start += c;
+    }
+    segs
+}
+
+/// Tile list whose tiles depend on every segment their rows overlap.
+fn tiles_with_deps(p: &GroupedProblem, v: &GemmVariant, segs: &[(usize, usize)]) -> TileList {
+    let mut list = TileList::grouped(&p.counts, p.out_cols(), v).unwrap();
+    for t in list.tiles.iter_mut() {
+        let (r0, r1) = (t.row0 as usize, (t.row0 + t.rows) as usize);
+        t.dep_off = list.deps.len() as i32;
+        for (i, &(s, n)) in segs.iter().enumerate() {
+            if s < r1 && r0 < s + n {
+                list.deps.push(i as u32);
+            }
+        }
+        t.dep_cnt = list.deps.len() as i32 - t.dep_off;
+    }
+    list
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wait_hook_waits_for_late_signals_in_random_order() {
+    let (ctx, stream, rt) = setup();
+    let copier = ctx.new_stream().unwrap();
+    for fam in families(&rt) {
+        for epoch in [1u64, 2] {
+            let v = GemmVariant::new(
+                fam,
+                Epilogue::SwiGlu,
+                Hooks {
+                    wait: true,
+                    raise: false,
+                },
+            );
+            let p = GroupedProblem::new(
+                vec![300, 0, 77, 1, 450],
+                256,
+                512,
+                Epilogue::SwiGlu,
+                40 + epoch,
+            );
+            let segs = segments(&p.counts, 3);
+            let tiles = tiles_with_deps(&p, &v, &segs);
+            let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
+            dp.poison().unwrap();
+            // A starts as NaN: a tile that reads before its signal is wrong.
+            let nan = vec![half::bf16::NAN; dp.a.len()];
+            copy_rows_async(&stream, &dp.a, 0, &nan).unwrap();
+            // Signals already at the previous epoch, as after an earlier call.
+            let signals = stream.clone_htod(&vec![epoch - 1; segs.len()]).unwrap();
+            stream.synchronize().unwrap();
+            let (sig_ptr, _g) = signals.device_ptr(&stream);
+            let hooks = HookArgs {
+                signals: sig_ptr,
+                deps: 0,
+                wait_target: epoch,
+                raise_value: 0,
+                timeout_ns: 20_000_000_000,
+            };
+            dp.launch(&rt, &v, Some(hooks)).unwrap();
+            let mut order: Vec<usize> = (0..segs.len()).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(epoch);
+            order.shuffle(&mut rng);
+            for &i in &order {
+                std::thread::sleep(Duration::from_millis(rng.gen_range(1..15)));
+                let (r, n) = segs[i];
+                copy_rows_async(&copier, &dp.a, r * p.k, &p.a[r * p.k..(r + n) * p.k]).unwrap();
+                raise_signal_async(&copier, &signals, i, epoch).unwrap();
+            }
+            copier.synchronize().unwrap();
+            dp.finish().unwrap();
+            let out = dp.download_c().unwrap();
+            let rep = p
+                .check(&out, dp.ldc, 64)
+                .unwrap_or_else(|e| panic!("{}: {e}", v.kernel_name()));
+            println!(
+                "ok   wait hook epoch {epoch} {} rel {:.2e}",
+                v.kernel_name(),
+                rep.rel_error
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wait_hook_times_out_on_a_missing_signal() {
+    let (_ctx, stream, rt) = setup();
+    for fam in families(&rt) {
+        let v = GemmVariant::new(
+            fam,
+            Epilogue::Store,
+            Hooks {
+                wait: true,
+                raise: true,
+            },
+        );
+        let p = GroupedProblem::new(vec![200, 100], 128, 256, Epilogue::Store, 3);
+        let segs = segments(&p.counts, 2);
+        let tiles = tiles_with_deps(&p, &v, &segs);
+        let dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
+        let missing = 2usize;
+        let init: Vec<u64> = (0..segs.len())
+            .map(|i| if i == missing { 0 } else { 1 })
+            .collect();
+        let signals = stream.clone_htod(&init).unwrap();
+        let (sig_ptr, _g) = signals.device_ptr(&stream);
+        let hooks = HookArgs {
+            signals: sig_ptr,
+            deps: 0,
+            wait_target: 1,
+            raise_value: 1,
+            timeout_ns: 50_000_000,
+        };
+        dp.launch(&rt, &v, Some(hooks)).unwrap();
+        match dp.finish() {
+            Err(KernelError::SignalTimeout { signal, .. }) => {
+                assert_eq!(signal as usize, missing);
+                println!("ok   timeout names signal {signal} ({})", v.kernel_name());
+            }
+            other => panic!(
+                "{}: expected a timeout on signal {missing}, got {other:?}",
+                v.kernel_name()
+            ),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn raise_hook_counts_and_stores() {
+    let (_ctx, stream, rt) = setup();
+    for fam in families(&rt) {
+        let v = GemmVariant::new(
+            fam,
+            Epilogue::Store,
+            Hooks {
+                wait: false,
+                raise: true,
+            },
+        );
+        let p = GroupedProblem::new(vec![129, 0, 64, 300], 128, 512, Epilogue::Store, 11);
+        let mut tiles = TileList::grouped(&p.counts, p.out_cols(), &v).unwrap();
+        // Column chunk c of the output counts its tiles on signal c (add);
+        // tiles of expert 2 also store the epoch into signal 8 (set).
+        let bn = v.tile_out_cols() as i32;
+        let mut want = vec![0u64; 9];
+        for t in tiles.tiles.iter_mut() {
+            if t.expert == 2 {
+                t.sig = 8;
+                t.sig_mode = 0;
+                want[8] = 7;
+            } else {
+                t.sig = t.n0 / bn;
+                t.sig_mode = 1;
+                want[t.sig as usize] += 1;
+            }
+        }
+        let dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
+        let signals = stream.alloc_zeros::<u64>(9).unwrap();
+        let (sig_ptr, _g) = signals.device_ptr(&stream);
+        let hooks = HookArgs {
+            signals: sig_ptr,
+            deps: 0,
+            wait_target: 0,
+            raise_value: 7,
+            timeout_ns: 1_000_000_000,
+        };
+        dp.launch(&rt, &v, Some(hooks)).unwrap();
+        dp.finish().unwrap();
+        drop(_g);
+        let got = stream.clone_dtoh(&signals).unwrap();
+        assert_eq!(got, want, "{}", v.kernel_name());
+        let out = dp.download_c().unwrap();
+        p.check(&out, dp.ldc, 32)
+            .unwrap_or_else(|e| panic!("{}: {e}", v.kernel_name()));
+        println!("ok   raise hook {} counters {:?}", v.kernel_name(), got);
+    }
+}

@@ -1,1 +1,76 @@
-fn main() {}
+//! The `comet` command: benchmarks, plans and traces of the COMET MoE layer.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+mod launch;
+mod layer;
+mod plan;
+mod transport_bench;
+
+#[derive(Parser)]
+#[command(
+    name = "comet",
+    version,
+    about = "Fine-grained overlapped MoE layers (COMET) — bench, plan, trace"
+)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `comet_sched=debug`.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run and time the MoE layer (default), or a component benchmark.
+    Bench(BenchCmd),
+    /// Print the layout plan and the cost model's choices for a preset.
+    Plan(plan::PlanArgs),
+    /// Start W local ranks of a command with torchrun's environment.
+    Launch(launch::LaunchArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCmd {
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
+    #[command(flatten)]
+    layer: layer::LayerArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// The whole MoE layer: fused (overlapped) vs baseline vs reference.
+    Layer(layer::LayerArgs),
+    /// Transports' bandwidth and latency per message size, with a baseline.
+    Transport(transport_bench::TransportBenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli.cmd) {
+        eprintln!("comet: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Bench(b) => match b.what {
+            None => layer::run(b.layer),
+            Some(BenchWhat::Layer(a)) => layer::run(a),
+            Some(BenchWhat::Transport(a)) => transport_bench::run(a),
+        },
+        Cmd::Launch(a) => launch::run(a),
+        Cmd::Plan(a) => plan::run(a),
+    }
+}

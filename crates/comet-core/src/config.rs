@@ -76,7 +76,12 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub const ALL: [Preset; 4] = [Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe, Preset::Small];
+    pub const ALL: [Preset; 4] = [
+        Preset::Mixtral8x7b,
+        Preset::Qwen2Moe,
+        Preset::Phi35Moe,
+        Preset::Small,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -95,22 +100,36 @@ impl Preset {
             Preset::Phi35Moe => (4096, 6400, 16, 2),
             Preset::Small => (256, 512, 8, 2),
         };
-        MoeConfig { hidden, ffn, experts, top_k, ranks, dtype: Dtype::Bf16 }.validated()
+        MoeConfig {
+            hidden,
+            ffn,
+            experts,
+            top_k,
+            ranks,
+            dtype: Dtype::Bf16,
+        }
+        .validated()
     }
 }
 
 impl FromStr for Preset {
     type Err = CoreError;
     fn from_str(s: &str) -> Result<Self, CoreError> {
-        Preset::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
-            let known: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
-            CoreError::UnknownPreset(s.to_string(), known.join(", "))
-        })
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+                CoreError::UnknownPreset(s.to_string(), known.join(", "))
+            })
     }
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> CoreError {
-    CoreError::InvalidConfig { field, problem: problem.into() }
+    CoreError::InvalidConfig {
+        field,
+        problem: problem.into(),
+    }
 }
 
 impl MoeConfig {
@@ -134,10 +153,13 @@ impl MoeConfig {
         if self.top_k > self.experts {
             return Err(invalid(
                 "top_k",
-                format!("{} exceeds the number of experts {}", self.top_k, self.experts),
+                format!(
+                    "{} exceeds the number of experts {}",
+                    self.top_k, self.experts
+                ),
             ));
         }
-        if self.experts % self.ranks != 0 {
+        if !self.experts.is_multiple_of(self.ranks) {
             return Err(invalid(
                 "experts",
                 format!("{} is not divisible by ranks {}", self.experts, self.ranks),
@@ -169,7 +191,11 @@ impl MoeConfig {
     /// (never below 8), for CPU runs of the large presets.
     pub fn scaled_down(&self, factor: usize) -> Self {
         let f = factor.max(1);
-        MoeConfig { hidden: (self.hidden / f).max(8), ffn: (self.ffn / f).max(8), ..self.clone() }
+        MoeConfig {
+            hidden: (self.hidden / f).max(8),
+            ffn: (self.ffn / f).max(8),
+            ..self.clone()
+        }
     }
 
     /// FLOPs of both expert GEMMs for `rows` routed rows (FC1 + FC2).
@@ -210,13 +236,55 @@ mod tests {
     fn each_mistake_is_named() {
         let ok = Preset::Small.config(2).unwrap();
         let cases: Vec<(MoeConfig, &str)> = vec![
-            (MoeConfig { hidden: 0, ..ok.clone() }, "hidden"),
-            (MoeConfig { ffn: 0, ..ok.clone() }, "ffn"),
-            (MoeConfig { experts: 0, ..ok.clone() }, "experts"),
-            (MoeConfig { ranks: 0, ..ok.clone() }, "ranks"),
-            (MoeConfig { top_k: 0, ..ok.clone() }, "top_k"),
-            (MoeConfig { top_k: 9, ..ok.clone() }, "top_k"),
-            (MoeConfig { ranks: 3, ..ok.clone() }, "experts"),
+            (
+                MoeConfig {
+                    hidden: 0,
+                    ..ok.clone()
+                },
+                "hidden",
+            ),
+            (
+                MoeConfig {
+                    ffn: 0,
+                    ..ok.clone()
+                },
+                "ffn",
+            ),
+            (
+                MoeConfig {
+                    experts: 0,
+                    ..ok.clone()
+                },
+                "experts",
+            ),
+            (
+                MoeConfig {
+                    ranks: 0,
+                    ..ok.clone()
+                },
+                "ranks",
+            ),
+            (
+                MoeConfig {
+                    top_k: 0,
+                    ..ok.clone()
+                },
+                "top_k",
+            ),
+            (
+                MoeConfig {
+                    top_k: 9,
+                    ..ok.clone()
+                },
+                "top_k",
+            ),
+            (
+                MoeConfig {
+                    ranks: 3,
+                    ..ok.clone()
+                },
+                "experts",
+            ),
         ];
         for (cfg, field) in cases {
             match cfg.validate() {
@@ -224,7 +292,10 @@ mod tests {
                 other => panic!("expected error on {field}, got {other:?}"),
             }
         }
-        assert!(matches!("nope".parse::<Preset>(), Err(CoreError::UnknownPreset(..))));
+        assert!(matches!(
+            "nope".parse::<Preset>(),
+            Err(CoreError::UnknownPreset(..))
+        ));
         assert!("bf17".parse::<Dtype>().is_err());
     }
 

@@ -48,7 +48,12 @@ impl DeviceFigures {
 
     /// H200s linked by something like the socket path of DESIGN.md (3 GB/s).
     pub fn h200_slow_link() -> DeviceFigures {
-        DeviceFigures { name: "h200-socket".into(), link_gbps: 3.0, link_latency_us: 30.0, ..DeviceFigures::h200_nvlink() }
+        DeviceFigures {
+            name: "h200-socket".into(),
+            link_gbps: 3.0,
+            link_latency_us: 30.0,
+            ..DeviceFigures::h200_nvlink()
+        }
     }
 
     /// A CPU running the CPU executor: `threads` compute workers at
@@ -95,10 +100,10 @@ impl CostModel {
     /// and stays a multiple of 64 columns (a GEMM tile width) when it can.
     pub fn chunk_candidates(hidden: usize) -> Vec<usize> {
         let mut v: Vec<usize> = (1..=64)
-            .filter(|&n| hidden % n == 0 && (hidden / n) % 64 == 0)
+            .filter(|&n| hidden.is_multiple_of(n) && (hidden / n).is_multiple_of(64))
             .collect();
         if v.is_empty() {
-            v = (1..=hidden.min(64)).filter(|&n| hidden % n == 0).collect();
+            v = (1..=hidden.min(64)).filter(|&n| hidden.is_multiple_of(n)).collect();
         }
         v
     }
@@ -113,7 +118,13 @@ impl CostModel {
         let (l0_s, l1_s) = (gemm_s * 2.0 / 3.0, gemm_s / 3.0);
         let bytes = rows * remote * (cfg.hidden * cfg.dtype.bytes()) as f64;
         let lat = dev.link_latency_us * 1e-6;
-        let link = |gbps: f64| if bytes == 0.0 { 0.0 } else { bytes / (gbps * 1e9) + lat };
+        let link = |gbps: f64| {
+            if bytes == 0.0 {
+                0.0
+            } else {
+                bytes / (gbps * 1e9) + lat
+            }
+        };
         let dispatch_s = link(dev.link_gbps);
         let baseline_s = 2.0 * dispatch_s + gemm_s;
 
@@ -123,7 +134,11 @@ impl CostModel {
             if blocks >= dev.sms && dev.sms > 1 {
                 break;
             }
-            let compute_share = if dev.sms > 1 { (dev.sms - blocks) as f64 / dev.sms as f64 } else { 1.0 };
+            let compute_share = if dev.sms > 1 {
+                (dev.sms - blocks) as f64 / dev.sms as f64
+            } else {
+                1.0
+            };
             let comm_s = link(dev.link_gbps.min(blocks as f64 * dev.block_gbps));
             let (c0, c1) = (l0_s / compute_share, l1_s / compute_share);
             // Layer0: tiles wait for whole segments; after the last segment
@@ -137,7 +152,7 @@ impl CostModel {
                 // every chunk pays a fixed signalling cost.
                 let layer1 = c1.max(c1 / n_f + comm_s) + n_f * dev.chunk_overhead_us * 1e-6;
                 let total = layer0 + layer1;
-                if best.map_or(true, |(t, _, _)| total < t) {
+                if best.is_none_or(|(t, _, _)| total < t) {
                     best = Some((total, blocks, n));
                 }
             }
@@ -151,7 +166,10 @@ impl CostModel {
             overlapped_ms: overlapped_s * 1e3,
             comm_blocks,
             chunks,
-            shape: TileShape { bm: dev.bm, chunk_cols: cfg.hidden / chunks },
+            shape: TileShape {
+                bm: dev.bm,
+                chunk_cols: cfg.hidden / chunks,
+            },
         }
     }
 }

@@ -5,7 +5,10 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum CoreError {
     #[error("invalid MoE config: {field} {problem}")]
-    InvalidConfig { field: &'static str, problem: String },
+    InvalidConfig {
+        field: &'static str,
+        problem: String,
+    },
     #[error("unknown preset '{0}' (known: {1})")]
     UnknownPreset(String, String),
     #[error("routing does not match the config: {0}")]
@@ -13,5 +16,9 @@ pub enum CoreError {
     #[error("count matrix does not match the config: {0}")]
     BadCounts(String),
     #[error("tensor shape mismatch for {name}: expected {expected} elements, got {got}")]
-    Shape { name: &'static str, expected: usize, got: usize },
+    Shape {
+        name: &'static str,
+        expected: usize,
+        got: usize,
+    },
 }

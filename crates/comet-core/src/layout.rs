@@ -86,10 +86,21 @@ impl LayoutPlan {
         cfg.validate()?;
         let w = cfg.ranks;
         if counts.len() != w {
-            return Err(CoreError::BadCounts(format!("{} rows for {w} ranks", counts.len())));
+            return Err(CoreError::BadCounts(format!(
+                "{} rows for {w} ranks",
+                counts.len()
+            )));
         }
-        if let Some((s, row)) = counts.iter().enumerate().find(|(_, r)| r.len() != cfg.experts) {
-            return Err(CoreError::BadCounts(format!("rank {s} has {} columns for {} experts", row.len(), cfg.experts)));
+        if let Some((s, row)) = counts
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.len() != cfg.experts)
+        {
+            return Err(CoreError::BadCounts(format!(
+                "rank {s} has {} columns for {} experts",
+                row.len(),
+                cfg.experts
+            )));
         }
         let epr = cfg.experts_per_rank();
         let recv = (0..w)
@@ -105,30 +116,54 @@ impl LayoutPlan {
                     for i in 0..w {
                         let src = ring_source(dst, i, w);
                         let rows = counts[src][e];
-                        segments.push(Segment { expert: le, src, row, rows });
+                        segments.push(Segment {
+                            expert: le,
+                            src,
+                            row,
+                            rows,
+                        });
                         row += rows;
                     }
                     expert_rows.push(row - start);
                 }
-                RecvLayout { rank: dst, expert_row, expert_rows, segments, total_rows: row }
+                RecvLayout {
+                    rank: dst,
+                    expert_row,
+                    expert_rows,
+                    segments,
+                    total_rows: row,
+                }
             })
             .collect();
-        Ok(LayoutPlan { cfg: cfg.clone(), counts, recv })
+        Ok(LayoutPlan {
+            cfg: cfg.clone(),
+            counts,
+            recv,
+        })
     }
 
     /// The plan from every rank's routing (what the count exchange yields).
     pub fn from_routings(cfg: &MoeConfig, routings: &[Routing]) -> Result<LayoutPlan, CoreError> {
-        let counts = routings.iter().map(|r| r.counts_per_expert(cfg.experts)).collect();
+        let counts = routings
+            .iter()
+            .map(|r| r.counts_per_expert(cfg.experts))
+            .collect();
         LayoutPlan::new(cfg, counts)
     }
 
     /// For every `(token, j)` of `src` (in `token * k + j` order), its
     /// destination. Inside a segment rows keep the source's slot order.
-    pub fn dispatch_map(&self, src: usize, routing: &Routing) -> Result<Vec<Destination>, CoreError> {
+    pub fn dispatch_map(
+        &self,
+        src: usize,
+        routing: &Routing,
+    ) -> Result<Vec<Destination>, CoreError> {
         routing.validate(&self.cfg)?;
         let expect = &self.counts[src];
         if routing.counts_per_expert(self.cfg.experts) != *expect {
-            return Err(CoreError::BadCounts(format!("rank {src}'s routing disagrees with the count matrix")));
+            return Err(CoreError::BadCounts(format!(
+                "rank {src}'s routing disagrees with the count matrix"
+            )));
         }
         let w = self.cfg.ranks;
         let epr = self.cfg.experts_per_rank();
@@ -168,9 +203,13 @@ impl LayoutPlan {
     pub fn send_positions(&self, src: usize, routing: &Routing) -> Result<Vec<usize>, CoreError> {
         routing.validate(&self.cfg)?;
         if routing.counts_per_expert(self.cfg.experts) != self.counts[src] {
-            return Err(CoreError::BadCounts(format!("rank {src}'s routing disagrees with the count matrix")));
+            return Err(CoreError::BadCounts(format!(
+                "rank {src}'s routing disagrees with the count matrix"
+            )));
         }
-        let mut next: Vec<usize> = (0..self.cfg.experts).map(|e| self.send_offset(src, e)).collect();
+        let mut next: Vec<usize> = (0..self.cfg.experts)
+            .map(|e| self.send_offset(src, e))
+            .collect();
         Ok(routing
             .ids
             .iter()
@@ -228,8 +267,15 @@ mod tests {
     #[test]
     fn dispatch_and_combine_are_inverse() {
         let cfg = Preset::Small.config(4).unwrap();
-        for kind in [RoutingKind::Uniform, RoutingKind::AllToOne, RoutingKind::SilentRank, RoutingKind::SomeEmpty] {
-            let routings: Vec<Routing> = (0..4).map(|r| Routing::generate(&cfg, r, 37, kind, 11)).collect();
+        for kind in [
+            RoutingKind::Uniform,
+            RoutingKind::AllToOne,
+            RoutingKind::SilentRank,
+            RoutingKind::SomeEmpty,
+        ] {
+            let routings: Vec<Routing> = (0..4)
+                .map(|r| Routing::generate(&cfg, r, 37, kind, 11))
+                .collect();
             let plan = LayoutPlan::from_routings(&cfg, &routings).unwrap();
             let mut slots: Vec<Vec<Option<(usize, usize)>>> =
                 plan.recv.iter().map(|l| vec![None; l.total_rows]).collect();
@@ -240,13 +286,21 @@ mod tests {
                     // The row lies in the right expert's range.
                     let le = r.ids[slot] as usize % cfg.experts_per_rank();
                     let l = &plan.recv[d.rank];
-                    assert!(d.row >= l.expert_row[le] && d.row < l.expert_row[le] + l.expert_rows[le]);
+                    assert!(
+                        d.row >= l.expert_row[le] && d.row < l.expert_row[le] + l.expert_rows[le]
+                    );
                 }
             }
-            let positions: Vec<Vec<usize>> =
-                routings.iter().enumerate().map(|(s, r)| plan.send_positions(s, r).unwrap()).collect();
+            let positions: Vec<Vec<usize>> = routings
+                .iter()
+                .enumerate()
+                .map(|(s, r)| plan.send_positions(s, r).unwrap())
+                .collect();
             for (dst, s) in slots.iter().enumerate() {
-                assert!(s.iter().all(|x| x.is_some()), "a receive row is never written");
+                assert!(
+                    s.iter().all(|x| x.is_some()),
+                    "a receive row is never written"
+                );
                 for (row, &(src, pos)) in plan.combine_map(dst).iter().enumerate() {
                     let (src0, slot) = s[row].unwrap();
                     assert_eq!(src, src0);
@@ -259,7 +313,9 @@ mod tests {
     #[test]
     fn own_rows_come_first() {
         let cfg = Preset::Small.config(4).unwrap();
-        let routings: Vec<Routing> = (0..4).map(|r| Routing::generate(&cfg, r, 50, RoutingKind::Uniform, 2)).collect();
+        let routings: Vec<Routing> = (0..4)
+            .map(|r| Routing::generate(&cfg, r, 50, RoutingKind::Uniform, 2))
+            .collect();
         let plan = LayoutPlan::from_routings(&cfg, &routings).unwrap();
         for (dst, l) in plan.recv.iter().enumerate() {
             for le in 0..cfg.experts_per_rank() {

@@ -35,14 +35,27 @@ pub fn expert_row(x: &[f32], fc1: &[f32], fc2: &[f32], hidden: usize, ffn: usize
 
 /// The layer's output for one rank's tokens `x [tokens, hidden]`.
 /// `weights` must hold every expert (see [`ExpertWeights::all`]).
-pub fn moe_layer(cfg: &MoeConfig, x: &[f32], routing: &Routing, weights: &ExpertWeights) -> Result<Vec<f64>, CoreError> {
+pub fn moe_layer(
+    cfg: &MoeConfig,
+    x: &[f32],
+    routing: &Routing,
+    weights: &ExpertWeights,
+) -> Result<Vec<f64>, CoreError> {
     routing.validate(cfg)?;
     let h = cfg.hidden;
     if x.len() != routing.tokens * h {
-        return Err(CoreError::Shape { name: "x", expected: routing.tokens * h, got: x.len() });
+        return Err(CoreError::Shape {
+            name: "x",
+            expected: routing.tokens * h,
+            got: x.len(),
+        });
     }
     if weights.experts.len() != cfg.experts {
-        return Err(CoreError::Shape { name: "reference weights", expected: cfg.experts, got: weights.experts.len() });
+        return Err(CoreError::Shape {
+            name: "reference weights",
+            expected: cfg.experts,
+            got: weights.experts.len(),
+        });
     }
     let mut y = vec![0f64; routing.tokens * h];
     for t in 0..routing.tokens {
@@ -65,7 +78,13 @@ pub fn max_error(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "max_error on slices of different length");
     a.iter()
         .zip(b)
-        .map(|(&x, &y)| if x.is_finite() { (x as f64 - y).abs() / (1.0 + y.abs()) } else { f64::INFINITY })
+        .map(|(&x, &y)| {
+            if x.is_finite() {
+                (x as f64 - y).abs() / (1.0 + y.abs())
+            } else {
+                f64::INFINITY
+            }
+        })
         .fold(0.0, f64::max)
 }
 
@@ -85,13 +104,17 @@ mod tests {
 
     #[test]
     fn layer_is_a_weighted_sum() {
-        let cfg = MoeConfig { hidden: 8, ffn: 8, ..Preset::Small.config(1).unwrap() };
+        let cfg = MoeConfig {
+            hidden: 8,
+            ffn: 8,
+            ..Preset::Small.config(1).unwrap()
+        };
         let w = ExpertWeights::all(&cfg, 3);
         let x = random_tokens(3, 8, 1);
         let r = Routing::generate(&cfg, 0, 3, crate::routing::RoutingKind::Uniform, 4);
         let y = moe_layer(&cfg, &x, &r, &w).unwrap();
         let t = 1;
-        let mut expect = vec![0f64; 8];
+        let mut expect = [0f64; 8];
         for j in 0..2 {
             let e = r.ids[t * 2 + j] as usize;
             let o = expert_row(&x[8..16], &w.fc1[e], &w.fc2[e], 8, 8);

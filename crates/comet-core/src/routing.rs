@@ -59,12 +59,22 @@ impl FromStr for RoutingKind {
 impl Routing {
     /// Softmax over each token's `experts` logits, keep the top-k, and
     /// renormalise their probabilities to sum to one. Ties go to the lower id.
-    pub fn softmax_topk(logits: &[f32], experts: usize, top_k: usize) -> Result<Routing, CoreError> {
+    pub fn softmax_topk(
+        logits: &[f32],
+        experts: usize,
+        top_k: usize,
+    ) -> Result<Routing, CoreError> {
         if experts == 0 || top_k == 0 || top_k > experts {
-            return Err(CoreError::BadRouting(format!("top_k {top_k} with {experts} experts")));
+            return Err(CoreError::BadRouting(format!(
+                "top_k {top_k} with {experts} experts"
+            )));
         }
-        if logits.len() % experts != 0 {
-            return Err(CoreError::Shape { name: "logits", expected: experts, got: logits.len() % experts });
+        if !logits.len().is_multiple_of(experts) {
+            return Err(CoreError::Shape {
+                name: "logits",
+                expected: experts,
+                got: logits.len() % experts,
+            });
         }
         let tokens = logits.len() / experts;
         let mut ids = Vec::with_capacity(tokens * top_k);
@@ -72,7 +82,9 @@ impl Routing {
         let mut order: Vec<usize> = Vec::with_capacity(experts);
         for row in logits.chunks_exact(experts) {
             if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
-                return Err(CoreError::BadRouting(format!("non-finite router logit {bad}")));
+                return Err(CoreError::BadRouting(format!(
+                    "non-finite router logit {bad}"
+                )));
             }
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let probs: Vec<f64> = row.iter().map(|&v| ((v - max) as f64).exp()).collect();
@@ -86,20 +98,34 @@ impl Routing {
                 weights.push((probs[e] / kept) as f32);
             }
         }
-        Ok(Routing { tokens, top_k, ids, weights })
+        Ok(Routing {
+            tokens,
+            top_k,
+            ids,
+            weights,
+        })
     }
 
     /// A seeded routing of `tokens` tokens of `rank` under `kind`.
-    pub fn generate(cfg: &MoeConfig, rank: usize, tokens: usize, kind: RoutingKind, seed: u64) -> Routing {
+    pub fn generate(
+        cfg: &MoeConfig,
+        rank: usize,
+        tokens: usize,
+        kind: RoutingKind,
+        seed: u64,
+    ) -> Routing {
         let (e, k) = (cfg.experts, cfg.top_k);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let normal_logits = |rng: &mut ChaCha8Rng, n: usize| -> Vec<f32> {
-            (0..n).map(|_| {
-                // Box-Muller keeps us on plain `rand` without rand_distr.
-                let u1: f32 = rng.gen_range(1e-7f32..1.0);
-                let u2: f32 = rng.gen();
-                (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-            }).collect()
+            (0..n)
+                .map(|_| {
+                    // Box-Muller keeps us on plain `rand` without rand_distr.
+                    let u1: f32 = rng.gen_range(1e-7f32..1.0);
+                    let u2: f32 = rng.gen();
+                    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                })
+                .collect()
         };
         match kind {
             RoutingKind::Uniform => {
@@ -126,7 +152,9 @@ impl Routing {
                     let mut w = pop.clone();
                     let mut chosen = Vec::with_capacity(k);
                     for _ in 0..k {
-                        let idx = WeightedIndex::new(&w).expect("positive weights").sample(&mut rng);
+                        let idx = WeightedIndex::new(&w)
+                            .expect("positive weights")
+                            .sample(&mut rng);
                         w[idx] = 0.0;
                         chosen.push(perm[idx]);
                     }
@@ -137,7 +165,12 @@ impl Routing {
                         weights.push(r / sum);
                     }
                 }
-                Routing { tokens, top_k: k, ids, weights }
+                Routing {
+                    tokens,
+                    top_k: k,
+                    ids,
+                    weights,
+                }
             }
             RoutingKind::AllToOne => {
                 let hot = (seed as usize) % e;
@@ -151,7 +184,12 @@ impl Routing {
                         weights.push(r / sum);
                     }
                 }
-                Routing { tokens, top_k: k, ids, weights }
+                Routing {
+                    tokens,
+                    top_k: k,
+                    ids,
+                    weights,
+                }
             }
             RoutingKind::SomeEmpty => {
                 // The live subset is seeded without rank so that it is the
@@ -165,8 +203,17 @@ impl Routing {
                 let live_set = &perm[..live];
                 let logits = normal_logits(&mut rng, tokens * live);
                 let sub = Routing::softmax_topk(&logits, live, k).expect("k <= live");
-                let ids = sub.ids.iter().map(|&i| live_set[i as usize] as u32).collect();
-                Routing { tokens, top_k: k, ids, weights: sub.weights }
+                let ids = sub
+                    .ids
+                    .iter()
+                    .map(|&i| live_set[i as usize] as u32)
+                    .collect();
+                Routing {
+                    tokens,
+                    top_k: k,
+                    ids,
+                    weights: sub.weights,
+                }
             }
         }
     }
@@ -174,27 +221,45 @@ impl Routing {
     /// Checks ids against the config: in range, distinct per token, finite weights.
     pub fn validate(&self, cfg: &MoeConfig) -> Result<(), CoreError> {
         if self.top_k != cfg.top_k {
-            return Err(CoreError::BadRouting(format!("top_k {} but config has {}", self.top_k, cfg.top_k)));
+            return Err(CoreError::BadRouting(format!(
+                "top_k {} but config has {}",
+                self.top_k, cfg.top_k
+            )));
         }
         let n = self.tokens * self.top_k;
         if self.ids.len() != n {
-            return Err(CoreError::Shape { name: "routing ids", expected: n, got: self.ids.len() });
+            return Err(CoreError::Shape {
+                name: "routing ids",
+                expected: n,
+                got: self.ids.len(),
+            });
         }
         if self.weights.len() != n {
-            return Err(CoreError::Shape { name: "routing weights", expected: n, got: self.weights.len() });
+            return Err(CoreError::Shape {
+                name: "routing weights",
+                expected: n,
+                got: self.weights.len(),
+            });
         }
         for (t, row) in self.ids.chunks_exact(self.top_k.max(1)).enumerate() {
             for (j, &id) in row.iter().enumerate() {
                 if id as usize >= cfg.experts {
-                    return Err(CoreError::BadRouting(format!("token {t} slot {j}: expert {id} >= {}", cfg.experts)));
+                    return Err(CoreError::BadRouting(format!(
+                        "token {t} slot {j}: expert {id} >= {}",
+                        cfg.experts
+                    )));
                 }
                 if row[..j].contains(&id) {
-                    return Err(CoreError::BadRouting(format!("token {t}: expert {id} chosen twice")));
+                    return Err(CoreError::BadRouting(format!(
+                        "token {t}: expert {id} chosen twice"
+                    )));
                 }
             }
         }
         if let Some(w) = self.weights.iter().find(|w| !w.is_finite()) {
-            return Err(CoreError::BadRouting(format!("non-finite routing weight {w}")));
+            return Err(CoreError::BadRouting(format!(
+                "non-finite routing weight {w}"
+            )));
         }
         Ok(())
     }
@@ -229,7 +294,13 @@ mod tests {
     #[test]
     fn generators_are_valid_and_seeded() {
         let cfg = Preset::Small.config(4).unwrap();
-        for kind in [RoutingKind::Uniform, RoutingKind::Zipf(1.2), RoutingKind::AllToOne, RoutingKind::SomeEmpty, RoutingKind::SilentRank] {
+        for kind in [
+            RoutingKind::Uniform,
+            RoutingKind::Zipf(1.2),
+            RoutingKind::AllToOne,
+            RoutingKind::SomeEmpty,
+            RoutingKind::SilentRank,
+        ] {
             for rank in 0..4 {
                 let r = Routing::generate(&cfg, rank, 64, kind, 7);
                 r.validate(&cfg).unwrap();
@@ -241,15 +312,32 @@ mod tests {
         let hot = Routing::generate(&cfg, 1, 64, RoutingKind::AllToOne, 3);
         assert_eq!(hot.counts_per_expert(8)[3], 64);
         let empty = Routing::generate(&cfg, 1, 256, RoutingKind::SomeEmpty, 3);
-        assert_eq!(empty.counts_per_expert(8).iter().filter(|&&c| c == 0).count(), 4);
+        assert_eq!(
+            empty
+                .counts_per_expert(8)
+                .iter()
+                .filter(|&&c| c == 0)
+                .count(),
+            4
+        );
     }
 
     #[test]
     fn validate_catches_bad_ids() {
         let cfg = Preset::Small.config(2).unwrap();
-        let bad = Routing { tokens: 1, top_k: 2, ids: vec![3, 3], weights: vec![0.5, 0.5] };
+        let bad = Routing {
+            tokens: 1,
+            top_k: 2,
+            ids: vec![3, 3],
+            weights: vec![0.5, 0.5],
+        };
         assert!(bad.validate(&cfg).is_err());
-        let oob = Routing { tokens: 1, top_k: 2, ids: vec![3, 99], weights: vec![0.5, 0.5] };
+        let oob = Routing {
+            tokens: 1,
+            top_k: 2,
+            ids: vec![3, 99],
+            weights: vec![0.5, 0.5],
+        };
         assert!(oob.validate(&cfg).is_err());
     }
 }

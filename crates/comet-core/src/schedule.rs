@@ -29,7 +29,11 @@ pub struct SignalMap {
 
 impl SignalMap {
     pub fn new(cfg: &MoeConfig, chunks: usize) -> SignalMap {
-        SignalMap { ranks: cfg.ranks, experts_per_rank: cfg.experts_per_rank(), chunks }
+        SignalMap {
+            ranks: cfg.ranks,
+            experts_per_rank: cfg.experts_per_rank(),
+            chunks,
+        }
     }
     /// On a destination: segment `(local expert, src)` has landed.
     pub fn dispatch(&self, expert: usize, src: usize) -> SignalId {
@@ -63,9 +67,12 @@ pub struct TileShape {
 impl TileShape {
     pub fn validate(&self, cfg: &MoeConfig) -> Result<(), CoreError> {
         if self.bm == 0 {
-            return Err(CoreError::InvalidConfig { field: "bm", problem: "must be > 0".into() });
+            return Err(CoreError::InvalidConfig {
+                field: "bm",
+                problem: "must be > 0".into(),
+            });
         }
-        if self.chunk_cols == 0 || cfg.hidden % self.chunk_cols != 0 {
+        if self.chunk_cols == 0 || !cfg.hidden.is_multiple_of(self.chunk_cols) {
             return Err(CoreError::InvalidConfig {
                 field: "chunk_cols",
                 problem: format!("{} does not divide hidden {}", self.chunk_cols, cfg.hidden),
@@ -97,7 +104,12 @@ pub struct Layer0Schedule {
 }
 
 impl Layer0Schedule {
-    pub fn new(plan: &LayoutPlan, rank: usize, shape: TileShape, signals: &SignalMap) -> Layer0Schedule {
+    pub fn new(
+        plan: &LayoutPlan,
+        rank: usize,
+        shape: TileShape,
+        signals: &SignalMap,
+    ) -> Layer0Schedule {
         let w = plan.cfg.ranks;
         let layout = &plan.recv[rank];
         let mut tiles = Vec::new();
@@ -107,14 +119,22 @@ impl Layer0Schedule {
             let mut row = start;
             while row < start + n {
                 let rows = shape.bm.min(start + n - row);
-                let overlapping = segs.iter().filter(|s| s.rows > 0 && s.row < row + rows && row < s.row + s.rows);
+                let overlapping = segs
+                    .iter()
+                    .filter(|s| s.rows > 0 && s.row < row + rows && row < s.row + s.rows);
                 let mut deps = Vec::new();
                 let mut ready_step = 0;
                 for s in overlapping {
                     deps.push(signals.dispatch(le, s.src));
                     ready_step = ready_step.max(layout.arrival_step(s.src, w));
                 }
-                tiles.push(Layer0Tile { expert: le, row, rows, deps, ready_step });
+                tiles.push(Layer0Tile {
+                    expert: le,
+                    row,
+                    rows,
+                    deps,
+                    ready_step,
+                });
                 row += rows;
             }
         }
@@ -168,7 +188,12 @@ pub struct Layer1Schedule {
 }
 
 impl Layer1Schedule {
-    pub fn new(plan: &LayoutPlan, rank: usize, shape: TileShape, signals: &SignalMap) -> Layer1Schedule {
+    pub fn new(
+        plan: &LayoutPlan,
+        rank: usize,
+        shape: TileShape,
+        signals: &SignalMap,
+    ) -> Layer1Schedule {
         let cfg = &plan.cfg;
         let w = cfg.ranks;
         let layout = &plan.recv[rank];
@@ -183,7 +208,14 @@ impl Layer1Schedule {
                 let mut row = start;
                 while row < start + n {
                     let rows = shape.bm.min(start + n - row);
-                    tiles.push(Layer1Tile { expert: le, row, rows, chunk: c, col, cols: shape.chunk_cols });
+                    tiles.push(Layer1Tile {
+                        expert: le,
+                        row,
+                        rows,
+                        chunk: c,
+                        col,
+                        cols: shape.chunk_cols,
+                    });
                     row += rows;
                 }
             }
@@ -198,7 +230,12 @@ impl Layer1Schedule {
                     let seg = layout.segment(le, dst, w);
                     if seg.rows > 0 {
                         let dst_pos = plan.send_offset(dst, cfg.global_expert(rank, le));
-                        sends.push(CombineSend { dst, row: seg.row, rows: seg.rows, dst_pos });
+                        sends.push(CombineSend {
+                            dst,
+                            row: seg.row,
+                            rows: seg.rows,
+                            dst_pos,
+                        });
                     }
                 }
                 raises.push((dst, signals.combine(rank, c)));
@@ -213,13 +250,22 @@ impl Layer1Schedule {
                 raises,
             });
         }
-        Layer1Schedule { rank, tiles, chunks }
+        Layer1Schedule {
+            rank,
+            tiles,
+            chunks,
+        }
     }
 }
 
 /// The combine signals a source waits on before reducing chunk `c`: one per
 /// expert rank it sent rows to.
-pub fn combine_waits(plan: &LayoutPlan, src: usize, chunk: usize, signals: &SignalMap) -> Vec<SignalId> {
+pub fn combine_waits(
+    plan: &LayoutPlan,
+    src: usize,
+    chunk: usize,
+    signals: &SignalMap,
+) -> Vec<SignalId> {
     (0..plan.cfg.ranks)
         .filter(|&d| plan.rows_between(src, d) > 0)
         .map(|d| signals.combine(d, chunk))
@@ -234,7 +280,9 @@ mod tests {
 
     fn plan(w: usize, kind: RoutingKind) -> LayoutPlan {
         let cfg = Preset::Small.config(w).unwrap();
-        let routings: Vec<Routing> = (0..w).map(|r| Routing::generate(&cfg, r, 61, kind, 5)).collect();
+        let routings: Vec<Routing> = (0..w)
+            .map(|r| Routing::generate(&cfg, r, 61, kind, 5))
+            .collect();
         LayoutPlan::from_routings(&cfg, &routings).unwrap()
     }
 
@@ -242,16 +290,25 @@ mod tests {
     fn layer0_deps_are_exact_and_ordered() {
         let p = plan(4, RoutingKind::Uniform);
         let sig = SignalMap::new(&p.cfg, 4);
-        let shape = TileShape { bm: 16, chunk_cols: 64 };
+        let shape = TileShape {
+            bm: 16,
+            chunk_cols: 64,
+        };
         for rank in 0..4 {
             let s = Layer0Schedule::new(&p, rank, shape, &sig);
             let covered: usize = s.tiles.iter().map(|t| t.rows).sum();
             assert_eq!(covered, p.recv[rank].total_rows);
-            assert!(s.tiles.windows(2).all(|w| w[0].ready_step <= w[1].ready_step));
+            assert!(s
+                .tiles
+                .windows(2)
+                .all(|w| w[0].ready_step <= w[1].ready_step));
             for t in &s.tiles {
                 // A dep for every non-empty segment the rows touch, no others.
                 for seg in &p.recv[rank].segments {
-                    let touches = seg.expert == t.expert && seg.rows > 0 && seg.row < t.row + t.rows && t.row < seg.row + seg.rows;
+                    let touches = seg.expert == t.expert
+                        && seg.rows > 0
+                        && seg.row < t.row + t.rows
+                        && t.row < seg.row + seg.rows;
                     assert_eq!(touches, t.deps.contains(&sig.dispatch(seg.expert, seg.src)));
                 }
             }
@@ -261,13 +318,21 @@ mod tests {
     #[test]
     fn layer1_chunks_are_column_major_and_cover_everything() {
         let p = plan(4, RoutingKind::Zipf(1.2));
-        let shape = TileShape { bm: 16, chunk_cols: 64 };
+        let shape = TileShape {
+            bm: 16,
+            chunk_cols: 64,
+        };
         let sig = SignalMap::new(&p.cfg, shape.chunks(&p.cfg));
         for rank in 0..4 {
             let s = Layer1Schedule::new(&p, rank, shape, &sig);
             assert!(s.tiles.windows(2).all(|w| w[0].chunk <= w[1].chunk));
             for c in &s.chunks {
-                let rows: usize = s.tiles.iter().filter(|t| t.chunk == c.index).map(|t| t.rows).sum();
+                let rows: usize = s
+                    .tiles
+                    .iter()
+                    .filter(|t| t.chunk == c.index)
+                    .map(|t| t.rows)
+                    .sum();
                 assert_eq!(rows, p.recv[rank].total_rows);
                 let sent: usize = c.sends.iter().map(|x| x.rows).sum();
                 assert_eq!(sent, p.recv[rank].total_rows);
@@ -278,7 +343,11 @@ mod tests {
             for c in 0..sig.chunks {
                 let waits = combine_waits(&p, src, c, &sig);
                 let raised: Vec<SignalId> = (0..4)
-                    .flat_map(|d| Layer1Schedule::new(&p, d, shape, &sig).chunks[c].raises.clone())
+                    .flat_map(|d| {
+                        Layer1Schedule::new(&p, d, shape, &sig).chunks[c]
+                            .raises
+                            .clone()
+                    })
                     .filter(|&(dst, _)| dst == src)
                     .map(|(_, s)| s)
                     .collect();
@@ -318,7 +387,17 @@ mod tests {
     #[test]
     fn bad_tile_shape() {
         let cfg = Preset::Small.config(2).unwrap();
-        assert!(TileShape { bm: 0, chunk_cols: 64 }.validate(&cfg).is_err());
-        assert!(TileShape { bm: 64, chunk_cols: 100 }.validate(&cfg).is_err());
+        assert!(TileShape {
+            bm: 0,
+            chunk_cols: 64
+        }
+        .validate(&cfg)
+        .is_err());
+        assert!(TileShape {
+            bm: 64,
+            chunk_cols: 100
+        }
+        .validate(&cfg)
+        .is_err());
     }
 }

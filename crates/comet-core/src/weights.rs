@@ -28,9 +28,21 @@ impl ExpertWeights {
         let (h, f) = (cfg.hidden, cfg.ffn);
         let s1 = (3.0 / h as f32).sqrt();
         let s2 = (3.0 / f as f32).sqrt();
-        let fc1 = experts.iter().map(|&e| uniform(seed ^ (2 * e as u64 + 1) << 20, h * 2 * f, s1)).collect();
-        let fc2 = experts.iter().map(|&e| uniform(seed ^ (2 * e as u64 + 2) << 20, f * h, s2)).collect();
-        ExpertWeights { hidden: h, ffn: f, experts, fc1, fc2 }
+        let fc1 = experts
+            .iter()
+            .map(|&e| uniform(seed ^ (2 * e as u64 + 1) << 20, h * 2 * f, s1))
+            .collect();
+        let fc2 = experts
+            .iter()
+            .map(|&e| uniform(seed ^ (2 * e as u64 + 2) << 20, f * h, s2))
+            .collect();
+        ExpertWeights {
+            hidden: h,
+            ffn: f,
+            experts,
+            fc1,
+            fc2,
+        }
     }
 
     /// The local experts of `rank`.
@@ -47,7 +59,11 @@ impl ExpertWeights {
 
 /// Seeded activations `[tokens, hidden]` in [-1, 1).
 pub fn random_tokens(tokens: usize, hidden: usize, seed: u64) -> Vec<f32> {
-    uniform(seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(17), tokens * hidden, 1.0)
+    uniform(
+        seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(17),
+        tokens * hidden,
+        1.0,
+    )
 }
 
 #[cfg(test)]

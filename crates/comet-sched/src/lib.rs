@@ -1,1 +1,18 @@
 //! comet-sched: turns (config, routing, transport) into plans and runs them.
+//!
+//! Every rank derives the same layout plan and tile schedules from the
+//! exchanged count matrix, then runs the two fused layers: tiles wait on
+//! the transport's signals in their prologue and raise them in their
+//! epilogue (DESIGN.md sections 3, 4 and 6). This crate holds the CPU
+//! executor (ranks as threads over any `Transport`, one compute and one
+//! communication worker per rank, mirroring the GPU's specialised thread
+//! blocks) and the non-overlapped baseline executor used for comparison.
+
+pub mod cpu;
+pub mod error;
+pub mod tile_math;
+pub mod trace;
+
+pub use cpu::{CallStats, CpuRank, CpuWorld, ExecMode, ExecOptions, Fault, RankInput, RankOutput};
+pub use error::SchedError;
+pub use trace::{Trace, TraceSlice, Track};

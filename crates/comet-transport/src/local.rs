@@ -8,7 +8,9 @@
 //! (release ordering). Without one, operations apply at once.
 
 use crate::error::TransportError;
-use crate::transport::{check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport};
+use crate::transport::{
+    check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Ordering as CmpOrdering;
@@ -35,8 +37,17 @@ struct RankMem {
 }
 
 enum Op {
-    Put { dst: usize, buf: Buffer, offset: usize, data: Vec<u8> },
-    Signal { dst: usize, sig: SignalId, op: SignalOp },
+    Put {
+        dst: usize,
+        buf: Buffer,
+        offset: usize,
+        data: Vec<u8>,
+    },
+    Signal {
+        dst: usize,
+        sig: SignalId,
+        op: SignalOp,
+    },
 }
 
 struct Pending {
@@ -96,7 +107,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn apply(&self, op: Op) {
         match op {
-            Op::Put { dst: _, buf, offset, data } => {
+            Op::Put {
+                dst: _,
+                buf,
+                offset,
+                data,
+            } => {
                 lock(&buf)[offset..offset + data.len()].copy_from_slice(&data);
             }
             Op::Signal { dst, sig, op } => {
@@ -119,7 +135,10 @@ impl Shared {
     }
 
     fn deliver_loop(self: Arc<Self>) {
-        let d = self.delivery.as_ref().expect("delivery thread without a delay model");
+        let d = self
+            .delivery
+            .as_ref()
+            .expect("delivery thread without a delay model");
         let mut st = lock(&d.state);
         loop {
             let now = Instant::now();
@@ -132,7 +151,10 @@ impl Shared {
                 }
                 Some(p) => {
                     let wait = p.due - now;
-                    st = d.cv.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
+                    st =
+                        d.cv.wait_timeout(st, wait)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
                 }
                 None if st.shutdown => return,
                 None => st = d.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
@@ -153,7 +175,11 @@ pub fn local_world(world: usize, delay: Option<DelayModel>) -> Vec<LocalTranspor
     let shared = Arc::new(Shared {
         world,
         ranks: (0..world)
-            .map(|_| RankMem { buffers: Mutex::new(Vec::new()), signals: Mutex::new(Vec::new()), cv: Condvar::new() })
+            .map(|_| RankMem {
+                buffers: Mutex::new(Vec::new()),
+                signals: Mutex::new(Vec::new()),
+                cv: Condvar::new(),
+            })
             .collect(),
         dead: (0..world).map(|_| AtomicBool::new(false)).collect(),
         alive: AtomicUsize::new(world),
@@ -178,8 +204,13 @@ pub fn local_world(world: usize, delay: Option<DelayModel>) -> Vec<LocalTranspor
             .spawn(move || s.deliver_loop())
             .expect("spawn delivery thread")
     });
-    let mut handles: Vec<LocalTransport> =
-        (0..world).map(|rank| LocalTransport { rank, shared: Arc::clone(&shared), deliverer: None }).collect();
+    let mut handles: Vec<LocalTransport> = (0..world)
+        .map(|rank| LocalTransport {
+            rank,
+            shared: Arc::clone(&shared),
+            deliverer: None,
+        })
+        .collect();
     if let Some(h) = handles.first_mut() {
         h.deliverer = deliverer;
     }
@@ -202,17 +233,24 @@ impl LocalTransport {
     fn check_alive(&self, peer: usize) -> Result<(), TransportError> {
         if let Some(dead) = self.shared.first_dead() {
             if dead == peer || dead == self.rank {
-                return Err(TransportError::PeerGone { rank: self.rank, peer: dead, reason: "rank was killed".into() });
+                return Err(TransportError::PeerGone {
+                    rank: self.rank,
+                    peer: dead,
+                    reason: "rank was killed".into(),
+                });
             }
         }
         Ok(())
     }
 
     fn buffer(&self, rank: usize, buf: BufferId) -> Result<Buffer, TransportError> {
-        lock(&self.shared.ranks[rank].buffers).get(buf.0 as usize).cloned().ok_or_else(|| TransportError::NotAllocated {
-            rank: self.rank,
-            what: format!("buffer {} on rank {rank}", buf.0),
-        })
+        lock(&self.shared.ranks[rank].buffers)
+            .get(buf.0 as usize)
+            .cloned()
+            .ok_or_else(|| TransportError::NotAllocated {
+                rank: self.rank,
+                what: format!("buffer {} on rank {rank}", buf.0),
+            })
     }
 
     fn submit(&self, src: usize, op: Op) {
@@ -270,28 +308,37 @@ impl Transport for LocalTransport {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { name: "local", initiation: Initiation::Host, device_memory: false }
+        Capabilities {
+            name: "local",
+            initiation: Initiation::Host,
+            device_memory: false,
+        }
     }
 
     fn alloc_buffer(&self, bytes: usize) -> Result<BufferId, TransportError> {
-        let mut mine = lock(&self.shared.ranks[self.rank].buffers);
-        let id = mine.len();
+        // Only this rank's thread appends to its list, so the id is stable
+        // without holding the lock; holding it while locking the peers'
+        // lists would deadlock ranks that allocate at the same time.
+        let id = lock(&self.shared.ranks[self.rank].buffers).len();
         for (r, mem) in self.shared.ranks.iter().enumerate() {
             if r == self.rank {
                 continue;
             }
-            if let Some(b) = lock(&mem.buffers).get(id) {
-                let theirs = lock(b).len();
+            let theirs = lock(&mem.buffers).get(id).cloned();
+            if let Some(b) = theirs {
+                let theirs = lock(&b).len();
                 if theirs != bytes {
                     return Err(TransportError::Mismatch {
                         rank: self.rank,
                         what: "alloc_buffer",
-                        detail: format!("buffer {id} is {bytes} bytes here but {theirs} on rank {r}"),
+                        detail: format!(
+                            "buffer {id} is {bytes} bytes here but {theirs} on rank {r}"
+                        ),
                     });
                 }
             }
         }
-        mine.push(Arc::new(Mutex::new(vec![0u8; bytes])));
+        lock(&self.shared.ranks[self.rank].buffers).push(Arc::new(Mutex::new(vec![0u8; bytes])));
         Ok(BufferId(id as u32))
     }
 
@@ -301,7 +348,13 @@ impl Transport for LocalTransport {
         Ok(())
     }
 
-    fn put(&self, dst: usize, buf: BufferId, offset: usize, data: &[u8]) -> Result<(), TransportError> {
+    fn put(
+        &self,
+        dst: usize,
+        buf: BufferId,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
         check_rank(self, dst)?;
         self.check_alive(dst)?;
         let b = self.buffer(dst, buf)?;
@@ -315,7 +368,15 @@ impl Transport for LocalTransport {
                 size,
             });
         }
-        self.submit(self.rank, Op::Put { dst, buf: b, offset, data: data.to_vec() });
+        self.submit(
+            self.rank,
+            Op::Put {
+                dst,
+                buf: b,
+                offset,
+                data: data.to_vec(),
+            },
+        );
         Ok(())
     }
 
@@ -324,7 +385,10 @@ impl Transport for LocalTransport {
         self.check_alive(dst)?;
         let n = lock(&self.shared.ranks[dst].signals).len();
         if sig as usize >= n {
-            return Err(TransportError::NotAllocated { rank: self.rank, what: format!("signal {sig} on rank {dst} (it has {n})") });
+            return Err(TransportError::NotAllocated {
+                rank: self.rank,
+                what: format!("signal {sig} on rank {dst} (it has {n})"),
+            });
         }
         self.submit(self.rank, Op::Signal { dst, sig, op });
         Ok(())
@@ -336,7 +400,10 @@ impl Transport for LocalTransport {
         let mut s = lock(&mem.signals);
         loop {
             let Some(&v) = s.get(sig as usize) else {
-                return Err(TransportError::NotAllocated { rank: self.rank, what: format!("signal {sig}") });
+                return Err(TransportError::NotAllocated {
+                    rank: self.rank,
+                    what: format!("signal {sig}"),
+                });
             };
             if v >= target {
                 return Ok(v);
@@ -350,16 +417,29 @@ impl Transport for LocalTransport {
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                return Err(TransportError::WaitTimeout { rank: self.rank, signal: sig, expected: target, observed: v, waited });
+                return Err(TransportError::WaitTimeout {
+                    rank: self.rank,
+                    signal: sig,
+                    expected: target,
+                    observed: v,
+                    waited,
+                });
             }
-            s = mem.cv.wait_timeout(s, timeout - waited).unwrap_or_else(|e| e.into_inner()).0;
+            s = mem
+                .cv
+                .wait_timeout(s, timeout - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
         let b = self.buffer(self.rank, buf)?;
         let g = lock(&b);
-        if offset.checked_add(out.len()).is_none_or(|end| end > g.len()) {
+        if offset
+            .checked_add(out.len())
+            .is_none_or(|end| end > g.len())
+        {
             return Err(TransportError::OutOfBounds {
                 rank: self.rank,
                 what: format!("read of buffer {}", buf.0),
@@ -387,14 +467,29 @@ impl Transport for LocalTransport {
                 return Ok(());
             }
             if let Some(dead) = self.shared.first_dead() {
-                return Err(TransportError::PeerGone { rank: self.rank, peer: dead, reason: "during barrier".into() });
+                return Err(TransportError::PeerGone {
+                    rank: self.rank,
+                    peer: dead,
+                    reason: "during barrier".into(),
+                });
             }
             let waited = start.elapsed();
             if waited >= timeout {
                 g.1 -= 1;
-                return Err(TransportError::WaitTimeout { rank: self.rank, signal: u32::MAX, expected: gen + 1, observed: gen, waited });
+                return Err(TransportError::WaitTimeout {
+                    rank: self.rank,
+                    signal: u32::MAX,
+                    expected: gen + 1,
+                    observed: gen,
+                    waited,
+                });
             }
-            g = self.shared.barrier_cv.wait_timeout(g, timeout - waited).unwrap_or_else(|e| e.into_inner()).0;
+            g = self
+                .shared
+                .barrier_cv
+                .wait_timeout(g, timeout - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -408,7 +503,13 @@ mod tests {
     #[test]
     fn put_then_signal_is_seen_in_order_under_delays() {
         for seed in 0..8 {
-            let world = local_world(3, Some(DelayModel { seed, max: Duration::from_micros(300) }));
+            let world = local_world(
+                3,
+                Some(DelayModel {
+                    seed,
+                    max: Duration::from_micros(300),
+                }),
+            );
             std::thread::scope(|s| {
                 for t in &world {
                     s.spawn(move || {
@@ -417,9 +518,14 @@ mod tests {
                         t.barrier(T).unwrap();
                         for epoch in 1..=20u64 {
                             for dst in 0..3 {
-                                let data = vec![(epoch as u8).wrapping_mul(7).wrapping_add(t.rank() as u8); 4096];
+                                let data =
+                                    vec![
+                                        (epoch as u8).wrapping_mul(7).wrapping_add(t.rank() as u8);
+                                        4096
+                                    ];
                                 t.put(dst, b, t.rank() * 4096, &data).unwrap();
-                                t.signal(dst, t.rank() as u32, SignalOp::Set(epoch)).unwrap();
+                                t.signal(dst, t.rank() as u32, SignalOp::Set(epoch))
+                                    .unwrap();
                             }
                             for src in 0..3 {
                                 t.wait(src as u32, epoch, T).unwrap();
@@ -427,7 +533,10 @@ mod tests {
                                 t.read(b, src * 4096, &mut out).unwrap();
                                 let want = (epoch as u8).wrapping_mul(7).wrapping_add(src as u8);
                                 // A later epoch may already have landed; never an older one.
-                                assert!(out.iter().all(|&v| v == want || v == want.wrapping_add(7)), "seed {seed}");
+                                assert!(
+                                    out.iter().all(|&v| v == want || v == want.wrapping_add(7)),
+                                    "seed {seed}"
+                                );
                             }
                             t.barrier(T).unwrap();
                         }
@@ -443,7 +552,13 @@ mod tests {
         w[1].alloc_signals(4).unwrap();
         let e = w[1].wait(2, 1, Duration::from_millis(20)).unwrap_err();
         match e {
-            TransportError::WaitTimeout { rank: 1, signal: 2, expected: 1, observed: 0, .. } => {}
+            TransportError::WaitTimeout {
+                rank: 1,
+                signal: 2,
+                expected: 1,
+                observed: 0,
+                ..
+            } => {}
             other => panic!("{other:?}"),
         }
         assert!(e.to_string().contains("signal 2"));
@@ -460,7 +575,10 @@ mod tests {
                 w[1].kill();
             });
             let e = w[0].wait(0, 1, Duration::from_secs(30)).unwrap_err();
-            assert!(matches!(e, TransportError::PeerGone { peer: 1, .. }), "{e:?}");
+            assert!(
+                matches!(e, TransportError::PeerGone { peer: 1, .. }),
+                "{e:?}"
+            );
         });
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(w[0].barrier(Duration::from_secs(1)).is_err());
@@ -471,16 +589,34 @@ mod tests {
         let w = local_world(2, None);
         let b0 = w[0].alloc_buffer(16).unwrap();
         let _ = w[1].alloc_buffer(16).unwrap();
-        assert!(matches!(w[0].put(1, b0, 8, &[0; 9]), Err(TransportError::OutOfBounds { .. })));
-        assert!(matches!(w[0].put(2, b0, 0, &[0; 1]), Err(TransportError::BadRank { peer: 2, .. })));
-        assert!(matches!(w[0].put(1, BufferId(5), 0, &[0; 1]), Err(TransportError::NotAllocated { .. })));
-        assert!(matches!(w[0].signal(1, 0, SignalOp::Set(1)), Err(TransportError::NotAllocated { .. })));
-        assert!(matches!(w[1].alloc_buffer(32), Err(TransportError::Mismatch { .. })));
+        assert!(matches!(
+            w[0].put(1, b0, 8, &[0; 9]),
+            Err(TransportError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            w[0].put(2, b0, 0, &[0; 1]),
+            Err(TransportError::BadRank { peer: 2, .. })
+        ));
+        assert!(matches!(
+            w[0].put(1, BufferId(5), 0, &[0; 1]),
+            Err(TransportError::NotAllocated { .. })
+        ));
+        assert!(matches!(
+            w[0].signal(1, 0, SignalOp::Set(1)),
+            Err(TransportError::NotAllocated { .. })
+        ));
+        assert!(matches!(
+            w[1].alloc_buffer(32),
+            Err(TransportError::Mismatch { .. })
+        ));
     }
 
     #[test]
     fn barrier_times_out_when_a_rank_never_comes() {
         let w = local_world(2, None);
-        assert!(matches!(w[0].barrier(Duration::from_millis(20)), Err(TransportError::WaitTimeout { .. })));
+        assert!(matches!(
+            w[0].barrier(Duration::from_millis(20)),
+            Err(TransportError::WaitTimeout { .. })
+        ));
     }
 }

@@ -57,7 +57,13 @@ pub trait Transport: Send + Sync {
     fn alloc_signals(&self, count: usize) -> Result<(), TransportError>;
 
     /// Copy `data` into `dst`'s copy of `buf` at byte `offset`.
-    fn put(&self, dst: usize, buf: BufferId, offset: usize, data: &[u8]) -> Result<(), TransportError>;
+    fn put(
+        &self,
+        dst: usize,
+        buf: BufferId,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError>;
 
     /// Raise signal `sig` on `dst`, after every earlier put from here to `dst`.
     fn signal(&self, dst: usize, sig: SignalId, op: SignalOp) -> Result<(), TransportError>;
@@ -75,7 +81,11 @@ pub trait Transport: Send + Sync {
 /// Checks that `peer` is a rank of `t`'s world.
 pub fn check_rank(t: &dyn Transport, peer: usize) -> Result<(), TransportError> {
     if peer >= t.world() {
-        return Err(TransportError::BadRank { rank: t.rank(), peer, world: t.world() });
+        return Err(TransportError::BadRank {
+            rank: t.rank(),
+            peer,
+            world: t.world(),
+        });
     }
     Ok(())
 }

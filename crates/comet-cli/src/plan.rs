@@ -1,0 +1,128 @@
+//! `comet plan`: the layout plan, tile schedules and cost-model choice for
+//! a preset, without running anything.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use comet_core::cost::{CostModel, DeviceFigures};
+use comet_core::schedule::{Layer0Schedule, Layer1Schedule, SignalMap};
+use comet_core::{LayoutPlan, Preset, Routing, RoutingKind};
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Model preset: mixtral-8x7b, qwen2-moe, phi3.5-moe, small.
+    #[arg(long, default_value = "mixtral-8x7b")]
+    pub preset: String,
+    /// Expert-parallel ranks.
+    #[arg(long, default_value_t = 2)]
+    pub ranks: usize,
+    /// Tokens per rank.
+    #[arg(long, default_value_t = 8192)]
+    pub tokens: usize,
+    /// Routing: uniform, zipf, all-to-one, some-empty, silent-rank.
+    #[arg(long, default_value = "uniform")]
+    pub routing: String,
+    /// Device figures for the cost model: h200-nvlink or h200-socket.
+    #[arg(long, default_value = "h200-nvlink")]
+    pub device: String,
+    /// Rank whose receive layout and schedules are printed.
+    #[arg(long, default_value_t = 0)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+pub fn device_figures(name: &str) -> Result<DeviceFigures> {
+    match name {
+        "h200-nvlink" => Ok(DeviceFigures::h200_nvlink()),
+        "h200-socket" => Ok(DeviceFigures::h200_slow_link()),
+        other => anyhow::bail!("unknown --device '{other}' (known: h200-nvlink, h200-socket)"),
+    }
+}
+
+pub fn run(a: PlanArgs) -> Result<()> {
+    let preset: Preset = a.preset.parse()?;
+    let cfg = preset
+        .config(a.ranks)
+        .with_context(|| format!("preset {} over {} ranks", a.preset, a.ranks))?;
+    let kind: RoutingKind = a.routing.parse()?;
+    anyhow::ensure!(
+        a.rank < cfg.ranks,
+        "--rank {} is not below --ranks {}",
+        a.rank,
+        cfg.ranks
+    );
+    let dev = device_figures(&a.device)?;
+    let est = CostModel::estimate(&cfg, a.tokens, &dev);
+    let routings: Vec<Routing> = (0..cfg.ranks)
+        .map(|r| Routing::generate(&cfg, r, a.tokens, kind, a.seed))
+        .collect();
+    let plan = LayoutPlan::from_routings(&cfg, &routings)?;
+    let sig = SignalMap::new(&cfg, est.chunks);
+    let l0 = Layer0Schedule::new(&plan, a.rank, est.shape, &sig);
+    let l1 = Layer1Schedule::new(&plan, a.rank, est.shape, &sig);
+
+    println!(
+        "config   {} ({}), {} tokens/rank, {} routing",
+        cfg,
+        preset.name(),
+        a.tokens,
+        a.routing
+    );
+    println!(
+        "rows received per rank: {:?}",
+        plan.recv.iter().map(|l| l.total_rows).collect::<Vec<_>>()
+    );
+    let layout = &plan.recv[a.rank];
+    println!(
+        "\nrank {} receive layout (expert-major, own rows first, then ring order):",
+        a.rank
+    );
+    println!(
+        "  {:>6} {:>6} {:>10} {:>8}",
+        "expert", "src", "first row", "rows"
+    );
+    for s in &layout.segments {
+        println!(
+            "  {:>6} {:>6} {:>10} {:>8}",
+            cfg.global_expert(a.rank, s.expert),
+            s.src,
+            s.row,
+            s.rows
+        );
+    }
+    let steps = l0.tiles.iter().map(|t| t.ready_step).max().unwrap_or(0);
+    println!(
+        "\nlayer0: {} tiles of <= {} rows, ready over {} arrival steps; first tiles:",
+        l0.tiles.len(),
+        est.shape.bm,
+        steps + 1
+    );
+    for t in l0.tiles.iter().take(6) {
+        println!(
+            "  expert {:>3} rows {:>7}..{:<7} step {} waits on {:?}",
+            t.expert,
+            t.row,
+            t.row + t.rows,
+            t.ready_step,
+            t.deps
+        );
+    }
+    println!(
+        "layer1: {} chunks of {} columns, {} tiles each; chunk 0 sends {} blocks",
+        l1.chunks.len(),
+        est.shape.chunk_cols,
+        l1.chunks.first().map_or(0, |c| c.tiles),
+        l1.chunks.first().map_or(0, |c| c.sends.len())
+    );
+    println!("\ncost model ({}):", dev.name);
+    println!("  expert GEMMs      {:8.3} ms", est.gemm_ms);
+    println!("  dispatch/combine  {:8.3} ms each", est.dispatch_ms);
+    println!("  baseline          {:8.3} ms", est.baseline_ms);
+    println!(
+        "  overlapped        {:8.3} ms  ({:.2}x)",
+        est.overlapped_ms,
+        est.speedup()
+    );
+    println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! The error type of comet-sched: what failed, and on which rank.
+
+use comet_core::CoreError;
+use comet_transport::TransportError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SchedError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("rank {rank}: {message}")]
+    Input { rank: usize, message: String },
+    #[error("rank {rank}: {what} needs {needed} but the executor was built for {capacity}")]
+    Capacity {
+        rank: usize,
+        what: &'static str,
+        needed: usize,
+        capacity: usize,
+    },
+    #[error("rank {rank} worker panicked: {message}")]
+    Panicked { rank: usize, message: String },
+}

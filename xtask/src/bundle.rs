@@ -1,0 +1,130 @@
+//! `cargo xtask bundle`: release binaries for a GPU machine that has only
+//! the driver and CUDA libraries (cudarc loads libcuda, libnvrtc and
+//! libcublas at run time): the `comet` CLI, comet-kernels' GPU test binary,
+//! the torch baseline script and an env/run script, in .bundle/ (< 64 MiB).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const LIMIT: u64 = 64 << 20;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Test executables cargo reports for `args` (JSON messages on stdout).
+fn test_executables(args: &[&str]) -> Result<Vec<PathBuf>> {
+    let out = cargo()
+        .current_dir(root())
+        .args(["test", "--release", "--no-run", "--message-format=json"])
+        .args(args)
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "cargo test --no-run failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut exes = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if let Some(exe) = v.get("executable").and_then(|e| e.as_str()) {
+            exes.push(PathBuf::from(exe));
+        }
+    }
+    Ok(exes)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+const RUN_SH: &str = r#"#!/bin/bash
+# Environment for the bundle on a GPU machine: CUDA libraries from the
+# toolkit or from pip wheels (nvidia-*), found by cudarc's dlopen.
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [[ -d $d ]] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH}"
+done
+PYNV=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)
+if [[ -n "$PYNV" ]]; then
+  for d in "$PYNV"/nvidia/cu13/lib "$PYNV"/nvidia/*/lib; do
+    [[ -d $d ]] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH}:$d"
+  done
+fi
+export LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0
+export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
+# usage: .bundle/run.sh comet bench gemm | .bundle/run.sh comet-kernels-gpu --ignored --test-threads=1
+exe="$1"; shift
+exec "$HERE/$exe" "$@"
+"#;
+
+/// Builds the bundle; returns its folder.
+pub fn bundle() -> Result<PathBuf> {
+    let root = root();
+    let status = cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "comet-cli", "--bin", "comet"])
+        .status()
+        .context("cargo build --release -p comet-cli")?;
+    if !status.success() {
+        bail!("building the comet CLI failed");
+    }
+    let gpu_tests = test_executables(&["-p", "comet-kernels", "--test", "gpu"])?;
+    let gpu_test = gpu_tests
+        .first()
+        .context("no comet-kernels GPU test executable reported")?;
+
+    let dir = root.join(".bundle");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let files: Vec<(PathBuf, &str)> = vec![
+        (target_dir().join("release/comet"), "comet"),
+        (gpu_test.clone(), "comet-kernels-gpu"),
+        (
+            root.join("scripts/bench_torch_gemm.py"),
+            "bench_torch_gemm.py",
+        ),
+    ];
+    for (src, name) in &files {
+        std::fs::copy(src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
+        // Symbols are not needed to run; a missing `strip` only costs size.
+        if !name.ends_with(".py") {
+            let _ = Command::new("strip").arg(dir.join(name)).status();
+        }
+    }
+    std::fs::write(dir.join("run.sh"), RUN_SH)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let mut total = 0;
+    for e in std::fs::read_dir(&dir)? {
+        total += e?.metadata()?.len();
+    }
+    println!(
+        "bundle: {} ({:.1} MiB)",
+        dir.display(),
+        total as f64 / (1 << 20) as f64
+    );
+    if total > LIMIT {
+        bail!("bundle is {total} bytes, over the 64 MiB limit");
+    }
+    Ok(dir)
+}

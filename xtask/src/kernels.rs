@@ -1,0 +1,111 @@
+//! `cargo xtask compile-kernels`: the CI compile gate. Compiles every grouped
+//! GEMM variant the planner can choose for sm_90a and sm_80 with NVRTC on a
+//! machine with no GPU, installing NVRTC from the pip wheels
+//! (scripts/install-nvrtc.sh) into .tools/nvrtc when none is found.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use comet_kernels::nvrtc::{compile_cubin_with_log, ensure_nvrtc};
+use comet_kernels::variants::all_gemm_variants;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Makes NVRTC loadable: an explicit COMET_NVRTC_LIB_DIR, the project's
+/// .tools/nvrtc, or a fresh install of the pinned wheels there.
+fn provide_nvrtc(root: &Path) -> Result<()> {
+    let lib = root.join(".tools/nvrtc/nvidia/cu13/lib");
+    if std::env::var_os("COMET_NVRTC_LIB_DIR").is_none() && !lib.join("libnvrtc.so.13").exists() {
+        eprintln!("compile-kernels: installing NVRTC wheels into .tools/nvrtc");
+        let status = Command::new("bash")
+            .arg(root.join("scripts/install-nvrtc.sh"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running scripts/install-nvrtc.sh")?;
+        if !status.success() {
+            bail!("scripts/install-nvrtc.sh failed ({status})");
+        }
+    }
+    if std::env::var_os("COMET_NVRTC_LIB_DIR").is_none() {
+        // SAFETY-free: set before any thread starts and before NVRTC loads.
+        std::env::set_var("COMET_NVRTC_LIB_DIR", &lib);
+    }
+    ensure_nvrtc().context("loading NVRTC")?;
+    Ok(())
+}
+
+/// Compiles every variant for its targets; `verbose` prints ptxas' resource
+/// report (registers, spills, shared memory) of each.
+pub fn compile_gate(verbose: bool) -> Result<()> {
+    let root = workspace_root();
+    provide_nvrtc(&root)?;
+    let jobs = all_gemm_variants();
+    let t0 = Instant::now();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let chunk = jobs.len().div_ceil(threads);
+    let results: Vec<(String, Result<String, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|(v, t)| {
+                            let mut unit = v.compile_unit();
+                            if verbose {
+                                unit.extra_options.push("--ptxas-options=-v".into());
+                            }
+                            let name = format!("{} @ {t}", v.kernel_name());
+                            (
+                                name,
+                                compile_cubin_with_log(&unit, *t)
+                                    .map(|(_, log)| log)
+                                    .map_err(|e| e.to_string()),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("compile thread panicked"))
+            .collect()
+    });
+    let mut failed = 0;
+    for (name, r) in &results {
+        match r {
+            Ok(log) => {
+                println!("ok   {name}");
+                let bad = log.contains("spill") && !log.contains("0 bytes spill stores");
+                if verbose || bad || log.contains("warning") {
+                    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                        println!("       {line}");
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name}\n{e}");
+            }
+        }
+    }
+    println!(
+        "compile-kernels: {} variants, {failed} failed, {:.1} s",
+        results.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!("{failed} kernel variants failed to compile");
+    }
+    Ok(())
+}

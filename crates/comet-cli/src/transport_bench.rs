@@ -27,7 +27,8 @@ const WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Args, Debug, Clone)]
 pub struct TransportBenchArgs {
-    /// Transports to measure, comma-separated: tcp (baseline), local, ucx.
+    /// Transports to measure, comma-separated: tcp (baseline), local, ucx,
+    /// nvlink (GPU; rows next to the driver's own device copy).
     #[arg(long, value_delimiter = ',', default_values_t = default_transports())]
     pub transports: Vec<String>,
     /// Message sizes (4K, 1M, ...), comma-separated.
@@ -50,6 +51,9 @@ fn default_transports() -> Vec<String> {
     let mut v = vec!["tcp".to_string(), "local".to_string()];
     if cfg!(feature = "ucx") {
         v.push("ucx".into());
+    }
+    if cfg!(feature = "nvlink") {
+        v.push("nvlink".into());
     }
     v
 }
@@ -319,6 +323,43 @@ pub fn bench_ucx(tls: &str, sizes: &[usize], volume: usize) -> Result<Vec<Measur
     measure_pair(&format!("ucx[{tls}]"), &pair, sizes, volume)
 }
 
+/// The `nvlink` transport between two ranks of this process (devices 0
+/// and 1, or both on device 0 when there is one GPU), next to the plain
+/// driver copy of the same bytes (`cuMemcpyDtoD` on one GPU, where no link
+/// is measured; `cuMemcpyPeer` between two). Bandwidth: back-to-back put +
+/// signal on the communication stream, timed with device events; latency:
+/// device time of one put + signal (the host-observed time is in
+/// `comet_transport::nvlink::bench`'s own report). No GPU: no rows.
+#[cfg(feature = "nvlink")]
+pub fn bench_nvlink(sizes: &[usize]) -> Result<Vec<Measurement>> {
+    use comet_transport::{cuda, nvlink::bench};
+    if !cuda::gpu_available() {
+        eprintln!("nvlink: no CUDA device, no rows");
+        return Ok(Vec::new());
+    }
+    let ordinals = if cuda::device_count() >= 2 {
+        [0, 1]
+    } else {
+        [0, 0]
+    };
+    let r = bench::run(ordinals, sizes)?;
+    for n in &r.notes {
+        eprintln!("nvlink on {}: {n}", r.device);
+    }
+    Ok(r.rows
+        .iter()
+        .map(|row| Measurement {
+            transport: row.method.clone(),
+            device: true,
+            baseline: !row.method.starts_with("nvlink"),
+            bytes: row.bytes,
+            gbps: row.gb_per_s,
+            latency_us: row.device_us,
+            iters: 0,
+        })
+        .collect())
+}
+
 fn table(rows: &[Measurement], markdown: bool) -> String {
     let base = |m: &Measurement| {
         rows.iter()
@@ -394,7 +435,11 @@ pub fn run(args: TransportBenchArgs) -> Result<()> {
             }
             #[cfg(not(feature = "ucx"))]
             "ucx" => bail!("this comet was built without the `ucx` feature"),
-            other => bail!("unknown transport {other:?} (known: tcp, local, ucx)"),
+            #[cfg(feature = "nvlink")]
+            "nvlink" => rows.extend(bench_nvlink(&sizes)?),
+            #[cfg(not(feature = "nvlink"))]
+            "nvlink" => bail!("this comet was built without the `nvlink` feature"),
+            other => bail!("unknown transport {other:?} (known: tcp, local, ucx, nvlink)"),
         }
     }
     // Baselines first; otherwise in the order measured (stable sort).

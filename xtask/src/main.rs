@@ -1,13 +1,16 @@
 //! `cargo xtask`: project automation (kernel compile gate, GPU bundle).
 
 mod bundle;
+mod ci;
 mod kernels;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("ci") => ci::ci(),
+        Some("bench") => ci::bench(),
         Some("compile-kernels") => kernels::compile_gate(args.iter().any(|a| a == "--verbose")),
         Some("bundle") => bundle::bundle().map(|_| ()),
-        _ => anyhow::bail!("usage: cargo xtask <compile-kernels [--verbose] | bundle>"),
+        _ => anyhow::bail!("usage: cargo xtask <ci | bench | compile-kernels [--verbose] | bundle>"),
     }
 }

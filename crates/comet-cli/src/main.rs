@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+mod gemm;
 mod launch;
 mod layer;
 mod plan;
@@ -47,6 +48,8 @@ enum BenchWhat {
     Layer(layer::LayerArgs),
     /// Transports' bandwidth and latency per message size, with a baseline.
     Transport(transport_bench::TransportBenchArgs),
+    /// Grouped expert GEMM: comet-kernels vs cuBLAS vs torch._grouped_mm.
+    Gemm(gemm::GemmBenchArgs),
 }
 
 fn main() {
@@ -69,6 +72,7 @@ fn run(cmd: Cmd) -> Result<()> {
             None => layer::run(b.layer),
             Some(BenchWhat::Layer(a)) => layer::run(a),
             Some(BenchWhat::Transport(a)) => transport_bench::run(a),
+            Some(BenchWhat::Gemm(a)) => gemm::run(a),
         },
         Cmd::Launch(a) => launch::run(a),
         Cmd::Plan(a) => plan::run(a),

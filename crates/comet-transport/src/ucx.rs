@@ -4,10 +4,13 @@
 //! Every rank maps its symmetric buffers and its signal array with UCP,
 //! packs their remote keys, and swaps addresses and keys with the others
 //! through the [`Bootstrap`]. A put is `ucp_put_nbx` into the peer's copy
-//! of the buffer; a signal is an endpoint flush (every earlier put to that
-//! peer has completed at the target) followed by a 64-bit atomic (swap for
-//! `Set`, add for `Add`) on the peer's signal word, so the word is never
-//! raised before the data it guards is in place. Waits poll the local word
+//! of the buffer (returning once the caller's slice may be reused); a
+//! signal is a 64-bit atomic (swap for `Set`, add for `Add`) on the peer's
+//! signal word, ordered after every earlier put by `ucp_worker_fence`
+//! ([`SignalOrdering::Fence`], the default, no round trip) or by an
+//! endpoint flush that waits until those puts completed at the target
+//! ([`SignalOrdering::Flush`]); so the word is never raised before the data
+//! it guards is in place. The atomic itself completes in the background. Waits poll the local word
 //! while progressing the worker, which also serves peers whose operations
 //! UCX emulates in software (TCP, shared memory). Every blocking step has a
 //! deadline, and a peer that vanishes (its UCX endpoint fails, or its
@@ -27,6 +30,11 @@
 //! installed headers is also safer than copying their layouts into Rust.
 //! The cost is a C compiler and `libucx-dev` at build time
 //! (scripts/install-ucx-deps.sh).
+//!
+//! UCX is configured by its environment as usual (`UCX_TLS`, `UCX_NET_DEVICES`,
+//! ...). Over TCP, `UCX_TCP_TX_SEG_SIZE=256k UCX_TCP_RX_SEG_SIZE=256k` makes
+//! puts of 64 KiB and more 2-3x faster than UCX's 8 KiB default
+//! (docs/PERF.md); `comet bench transport` sets them where unset.
 //!
 //! Call [`Transport::barrier`] before dropping a transport, so no peer is
 //! still writing into this rank's memory when it is unmapped.
@@ -112,6 +120,7 @@ mod ffi {
         ) -> c_int;
         pub fn cx_ep_flush(ep: *mut c_void, req: *mut *mut c_void) -> c_int;
         pub fn cx_worker_flush(worker: *mut c_void, req: *mut *mut c_void) -> c_int;
+        pub fn cx_worker_fence(worker: *mut c_void) -> c_int;
         pub fn cx_req_check(req: *mut c_void) -> c_int;
         pub fn cx_req_free(req: *mut c_void);
     }
@@ -149,6 +158,20 @@ pub struct UcxConfig {
     /// reporting where no transport can (UCX 1.13's shared memory), which
     /// leaves peer failures to the bootstrap's liveness tracking.
     pub peer_errors: Option<bool>,
+    /// How a signal is ordered after the puts before it.
+    pub ordering: SignalOrdering,
+}
+
+/// How [`Transport::signal`] keeps the signal word behind the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalOrdering {
+    /// `ucp_worker_fence` before the atomic: UCP's documented guarantee
+    /// that earlier operations complete before later ones (what OpenSHMEM's
+    /// `shmem_fence` maps to). No round trip.
+    Fence,
+    /// `ucp_ep_flush_nbx` before the atomic: waits until every earlier put
+    /// has completed at the target. One round trip per signal.
+    Flush,
 }
 
 impl Default for UcxConfig {
@@ -156,6 +179,7 @@ impl Default for UcxConfig {
         UcxConfig {
             op_timeout: Duration::from_secs(60),
             peer_errors: None,
+            ordering: SignalOrdering::Fence,
         }
     }
 }
@@ -177,6 +201,17 @@ impl UcxConfig {
                     ))
                 })?;
             c.op_timeout = Duration::from_secs_f64(v);
+        }
+        if let Ok(s) = std::env::var("COMET_UCX_ORDERING") {
+            c.ordering = match s.trim() {
+                "fence" => SignalOrdering::Fence,
+                "flush" => SignalOrdering::Flush,
+                _ => {
+                    return Err(TransportError::Bootstrap(format!(
+                        "COMET_UCX_ORDERING is {s:?}, not fence or flush"
+                    )))
+                }
+            };
         }
         if let Ok(s) = std::env::var("COMET_UCX_PEER_ERRORS") {
             c.peer_errors = match s.trim() {
@@ -216,12 +251,21 @@ struct Peer {
     peer_errors: bool,
 }
 
+/// A signal's atomic still in flight, with the operands UCX reads and
+/// writes until it completes.
+struct InFlight {
+    req: *mut c_void,
+    peer: usize,
+    _operands: Box<[u64; 2]>,
+}
+
 struct Inner {
     ctx: *mut c_void,
     worker: *mut c_void,
     peers: Vec<Option<Peer>>,
     buffers: Vec<Region>,
     signals: Option<Region>,
+    in_flight: Vec<InFlight>,
 }
 
 // SAFETY: the UCP context, worker, endpoints, keys and mapped memory are only
@@ -301,6 +345,7 @@ impl UcxTransport {
                 peers: (0..world).map(|_| None).collect(),
                 buffers: Vec::new(),
                 signals: None,
+                in_flight: Vec::new(),
             }),
             boot,
         };
@@ -707,7 +752,36 @@ impl UcxTransport {
         let mut req = std::ptr::null_mut();
         // SAFETY: valid worker.
         let st = unsafe { ffi::cx_worker_flush(g.worker, &mut req) };
-        self.complete(&mut g, st, req, None, "worker flush")
+        self.complete(&mut g, st, req, None, "worker flush")?;
+        self.reap(&mut g)
+    }
+
+    /// Releases the signal atomics that have completed; the first failure
+    /// (its peer is then marked broken) is returned.
+    fn reap(&self, g: &mut Inner) -> Result<(), TransportError> {
+        let mut first = None;
+        let mut i = 0;
+        while i < g.in_flight.len() {
+            // SAFETY: a live request handle of an atomic not yet released.
+            let st = unsafe { ffi::cx_req_check(g.in_flight[i].req) };
+            if st == UCS_INPROGRESS {
+                i += 1;
+                continue;
+            }
+            let f = g.in_flight.swap_remove(i);
+            // SAFETY: completed, released once; its operands are dropped after.
+            unsafe { ffi::cx_req_free(f.req) };
+            if st != UCS_OK && first.is_none() {
+                let e = TransportError::PeerGone {
+                    rank: self.rank,
+                    peer: f.peer,
+                    reason: format!("a signal to it failed: {}", status_string(st)),
+                };
+                self.break_peer(g, f.peer, &e.to_string());
+                first = Some(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     fn remote(
@@ -854,34 +928,65 @@ impl Transport for UcxTransport {
         self.peer_ok(&g, dst)?;
         let ep = g.peers[dst].as_ref().map_or(std::ptr::null_mut(), |p| p.ep);
         let mut req = std::ptr::null_mut();
-        // Remote completion of every earlier put to dst before the word moves.
-        // SAFETY: live endpoint (peer_ok passed).
-        let st = unsafe { ffi::cx_ep_flush(ep, &mut req) };
-        self.complete(
-            &mut g,
-            st,
-            req,
-            Some(dst),
-            &format!("flush before signal {sig} on rank {dst}"),
-        )?;
-        let (mut value, mut reply) = (
+        match self.cfg.ordering {
+            SignalOrdering::Flush => {
+                // SAFETY: live endpoint (peer_ok passed).
+                let st = unsafe { ffi::cx_ep_flush(ep, &mut req) };
+                self.complete(
+                    &mut g,
+                    st,
+                    req,
+                    Some(dst),
+                    &format!("flush before signal {sig} on rank {dst}"),
+                )?;
+            }
+            SignalOrdering::Fence => {
+                // SAFETY: valid worker.
+                let st = unsafe { ffi::cx_worker_fence(g.worker) };
+                if st != UCS_OK {
+                    return Err(self.be(format!(
+                        "fence before signal {sig} on rank {dst}: {}",
+                        status_string(st)
+                    )));
+                }
+            }
+        }
+        let mut operands = Box::new([
             match op {
                 SignalOp::Set(v) | SignalOp::Add(v) => v,
             },
             0u64,
-        );
+        ]);
         let opcode = if matches!(op, SignalOp::Set(_)) { 1 } else { 0 };
-        // SAFETY: live endpoint and key; `value`/`reply` live on this stack
-        // frame until `complete` returns (or the endpoint is force-closed).
-        let st =
-            unsafe { ffi::cx_atomic64(ep, opcode, &mut value, &mut reply, raddr, rkey, &mut req) };
-        self.complete(
-            &mut g,
-            st,
-            req,
-            Some(dst),
-            &format!("signal {sig} on rank {dst}"),
-        )
+        let (value, reply) = {
+            let [v, r] = &mut *operands;
+            (v as *mut u64, r as *mut u64)
+        };
+        // SAFETY: live endpoint and key; the operands are boxed and kept in
+        // `in_flight` until the request completes (or leaked with the worker).
+        let st = unsafe { ffi::cx_atomic64(ep, opcode, value, reply, raddr, rkey, &mut req) };
+        match st {
+            UCS_OK => {}
+            UCS_INPROGRESS => g.in_flight.push(InFlight {
+                req,
+                peer: dst,
+                _operands: operands,
+            }),
+            err => {
+                let e = self.be(format!(
+                    "signal {sig} on rank {dst}: {}",
+                    status_string(err)
+                ));
+                self.break_peer(&mut g, dst, &e.to_string());
+                return Err(e);
+            }
+        }
+        // Keep the list short; completed atomics are common after a progress.
+        if g.in_flight.len() >= 64 {
+            g.progress();
+            self.reap(&mut g)?;
+        }
+        Ok(())
     }
 
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
@@ -911,6 +1016,7 @@ impl Transport for UcxTransport {
             }
             spins += 1;
             if spins & 63 == 0 {
+                self.reap(&mut g)?;
                 if let Err(BootstrapError::PeerGone { peer, reason, .. }) = self.boot.check_peers()
                 {
                     return Err(TransportError::PeerGone {
@@ -1013,7 +1119,19 @@ impl Drop for UcxTransport {
             std::mem::forget(std::mem::take(&mut g.buffers));
             std::mem::forget(g.signals.take());
             std::mem::forget(std::mem::take(&mut g.peers));
+            std::mem::forget(std::mem::take(&mut g.in_flight));
             return;
+        }
+        {
+            // Signals still in flight complete (the caller's barrier made
+            // sure peers are there to answer), or their operands are leaked.
+            let mut g = lock(&self.inner);
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while !g.in_flight.is_empty() && Instant::now() < deadline {
+                g.progress();
+                let _ = self.reap(&mut g);
+            }
+            std::mem::forget(std::mem::take(&mut g.in_flight));
         }
         let regions: Vec<Region> = {
             let mut g = lock(&self.inner);

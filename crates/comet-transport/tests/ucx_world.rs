@@ -99,7 +99,7 @@ fn peer_errors(tls: &str) -> &'static str {
     }
 }
 
-fn run(scenario: &str, world: usize, tls: &str) {
+fn run(scenario: &str, world: usize, tls: &str, ordering: &str) {
     let rep = expect_ok(launch_self(
         ENTRY,
         world,
@@ -108,6 +108,7 @@ fn run(scenario: &str, world: usize, tls: &str) {
             ("COMET_TEST_SEED", "7"),
             ("UCX_TLS", tls),
             ("COMET_UCX_PEER_ERRORS", peer_errors(tls)),
+            ("COMET_UCX_ORDERING", ordering),
             ("COMET_UCX_TIMEOUT_S", "60"),
         ],
         OnFailure::KillAll,
@@ -117,27 +118,28 @@ fn run(scenario: &str, world: usize, tls: &str) {
 
 #[test]
 fn ucx_bulk_64mib_two_ranks_tcp() {
-    run("bulk", 2, "tcp");
+    run("bulk", 2, "tcp", "fence");
 }
 
 #[test]
 fn ucx_bulk_64mib_three_ranks_shm() {
-    run("bulk", 3, "sm,self");
+    run("bulk", 3, "sm,self", "fence");
 }
 
 #[test]
 fn ucx_bulk_64mib_four_ranks_tcp() {
-    run("bulk", 4, "tcp");
+    run("bulk", 4, "tcp", "flush");
 }
 
 #[test]
 fn ucx_100_epochs_without_reset_tcp() {
-    run("epochs", 3, "tcp");
+    run("epochs", 3, "tcp", "fence");
 }
 
 #[test]
 fn ucx_100_epochs_without_reset_shm() {
-    run("epochs", 2, "sm,self");
+    run("epochs", 2, "sm,self", "flush");
+    run("epochs", 4, "sm,self", "fence");
 }
 
 #[test]
@@ -186,4 +188,43 @@ fn ucx_library_has_the_nbx_api() {
         major >= 1 && (major > 1 || minor >= 10),
         "UCX {major}.{minor} lacks the *_nbx API"
     );
+}
+
+fn world_of_one(cfg: UcxConfig) -> Result<UcxTransport, TransportError> {
+    use comet_transport::bootstrap::{listen, Bootstrap, BootstrapConfig};
+    let l = listen("127.0.0.1", 0).unwrap();
+    let b = Bootstrap::with_listener(BootstrapConfig::local(0, 1, 0), l)?;
+    UcxTransport::new(b, cfg)
+}
+
+#[test]
+fn ucx_world_of_one_puts_and_signals_itself() {
+    let t = world_of_one(UcxConfig::default()).unwrap();
+    let b = t.alloc_buffer(1000).unwrap();
+    t.alloc_signals(3).unwrap();
+    let data: Vec<u8> = (0..200u32).map(|i| (i * 7 + 1) as u8).collect();
+    t.put(0, b, 800, &data).unwrap();
+    t.signal(0, 2, SignalOp::Set(5)).unwrap();
+    t.signal(0, 2, SignalOp::Add(2)).unwrap();
+    assert_eq!(t.wait(2, 7, T).unwrap(), 7);
+    let mut out = vec![0u8; 200];
+    t.read(b, 800, &mut out).unwrap();
+    assert_eq!(out, data);
+    assert!(matches!(
+        t.put(0, b, 801, &data),
+        Err(TransportError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        t.signal(0, 3, SignalOp::Add(1)),
+        Err(TransportError::NotAllocated { .. })
+    ));
+    assert!(matches!(
+        t.put(1, b, 0, &data),
+        Err(TransportError::BadRank { .. })
+    ));
+    assert!(matches!(
+        t.wait(1, 1, Duration::from_millis(30)),
+        Err(TransportError::WaitTimeout { signal: 1, .. })
+    ));
+    t.barrier(T).unwrap();
 }

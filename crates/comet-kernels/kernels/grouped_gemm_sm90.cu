@@ -108,6 +108,21 @@ __device__ __forceinline__ void wgmma_n128(float* d, unsigned long long da, unsi
       : "l"(da), "l"(db), "r"(1));
 }
 
+// d[128] += A(64x16) * B(16x256)^T: one instruction for the whole tile
+// width, so A is read from shared memory once per k16 step.
+__device__ __forceinline__ void wgmma_n256(float* d, unsigned long long da, unsigned long long db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : COMET_R8(0), COMET_R8(8), COMET_R8(16), COMET_R8(24), COMET_R8(32), COMET_R8(40), COMET_R8(48), COMET_R8(56), COMET_R8(64), COMET_R8(72), COMET_R8(80), COMET_R8(88), COMET_R8(96), COMET_R8(104), COMET_R8(112), COMET_R8(120)
+      : "l"(da), "l"(db), "r"(1));
+}
+
 template <int BN, int STAGES>
 struct Smem {
   static constexpr int A_BYTES = BM * BK * 2;
@@ -227,9 +242,13 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
           const unsigned long long da = smem_desc(sa + kk * 32);
+          if (NB == 2) {
+            wgmma_n256(&acc[0][0], da, smem_desc(sb + kk * 32));
+          } else {
 #pragma unroll
-          for (int b = 0; b < NB; ++b)
-            wgmma_n128(acc[b], da, smem_desc(sb + b * 128 * BK * 2 + kk * 32));
+            for (int b = 0; b < NB; ++b)
+              wgmma_n128(acc[b], da, smem_desc(sb + b * 128 * BK * 2 + kk * 32));
+          }
         }
         wgmma_commit();
         wgmma_wait<1>();

@@ -305,7 +305,7 @@ pub fn bench_ucx(tls: &str, sizes: &[usize], volume: usize) -> Result<Vec<Measur
     // UCX's 8 KiB TCP segments cost 2-3x on puts of 64 KiB and up; a user's
     // own choice wins.
     for k in ["UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE"] {
-        if std::env::var_os(k).is_none() {
+        if tls.contains("tcp") && std::env::var_os(k).is_none() {
             std::env::set_var(k, "256k");
         }
     }

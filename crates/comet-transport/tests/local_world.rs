@@ -2,6 +2,8 @@
 //! threads, seeded random delivery delays): 64 MiB in random chunks, and
 //! 100 epochs without resetting buffers, for W = 2..4.
 
+#![cfg(feature = "local")]
+
 mod common;
 
 use comet_transport::local::{local_world, DelayModel};

@@ -277,14 +277,12 @@ pub unsafe fn copy_peer_async(
 /// an asynchronous copy reads later rather than before returning.
 pub fn is_pinned_host(p: *const u8) -> bool {
     let mut ty: u32 = 0;
-    // SAFETY: a query; the driver reports an error for pageable memory.
-    let r = unsafe {
-        sys::cuPointerGetAttribute(
-            (&mut ty as *mut u32).cast::<c_void>(),
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-            p as u64,
-        )
-    };
+    let mut attr = sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE;
+    let mut data = [(&mut ty as *mut u32).cast::<c_void>()];
+    // SAFETY: a query. Unlike cuPointerGetAttribute, the plural form
+    // answers "no type" for pageable memory instead of raising an API
+    // error (which tools such as compute-sanitizer report).
+    let r = unsafe { sys::cuPointerGetAttributes(1, &mut attr, data.as_mut_ptr(), p as u64) };
     r == sys::CUresult::CUDA_SUCCESS && ty == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
 }
 
@@ -380,13 +378,6 @@ impl SignalAdd {
 /// ranks that share it can use each other's device pointers directly.
 pub fn process_token() -> u64 {
     static TOKEN: OnceLock<u64> = OnceLock::new();
-    *TOKEN.get_or_init(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let local = 0u8;
-        let addr = &local as *const u8 as u64;
-        (u64::from(std::process::id()) << 32) ^ t ^ addr.rotate_left(17) ^ rand::random::<u64>()
-    })
+    // Random from the OS-seeded generator, mixed with the pid.
+    *TOKEN.get_or_init(|| rand::random::<u64>() ^ (u64::from(std::process::id()) << 32))
 }

@@ -330,7 +330,11 @@ pub fn format_table(results: &[BenchResult]) -> String {
 
 /// Opens GPU 0 and runs [`run_gemm_bench`] there (for binaries that do not
 /// depend on cudarc themselves).
-pub fn run_on_first_gpu(cases: &[BenchCase], family: Option<Family>, iters: usize) -> Result<(String, Vec<BenchResult>), KernelError> {
+pub fn run_on_first_gpu(
+    cases: &[BenchCase],
+    family: Option<Family>,
+    iters: usize,
+) -> Result<(String, Vec<BenchResult>), KernelError> {
     let ctx = CudaContext::new(0)?;
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
     Ok((name, run_gemm_bench(ctx, cases, family, iters)?))

@@ -101,27 +101,52 @@ impl TileList {
         v: &GemmVariant,
     ) -> Result<TileList, KernelError> {
         let (bm, bn) = (v.tile_rows(), v.tile_out_cols());
+        let group = raster_group(v);
+        let ncb = out_cols.div_ceil(bn);
         let mut list = TileList::default();
-        for t in &sched.tiles {
-            let dep_off = to_i32(list.deps.len(), "dependency offset")?;
-            list.deps.extend(t.deps.iter().copied());
-            let mut row = t.row;
-            while row < t.row + t.rows {
-                let rows = bm.min(t.row + t.rows - row);
-                for n0 in col_blocks(out_cols, bn) {
-                    list.tiles.push(TileDesc {
-                        expert: to_i32(t.expert, "expert")?,
-                        row0: to_i32(row, "row")?,
-                        rows: rows as i32,
-                        n0: to_i32(n0, "column")?,
-                        dep_off,
-                        dep_cnt: t.deps.len() as i32,
-                        sig: -1,
-                        sig_mode: 0,
-                    });
-                }
-                row += rows;
+        // Runs of schedule tiles that become ready together (same expert and
+        // arrival step) are rastered like `grouped`: column groups outside,
+        // row blocks inside. Order between runs is the schedule's.
+        let tiles = &sched.tiles;
+        let mut i = 0;
+        while i < tiles.len() {
+            let mut j = i + 1;
+            while j < tiles.len()
+                && tiles[j].expert == tiles[i].expert
+                && tiles[j].ready_step == tiles[i].ready_step
+            {
+                j += 1;
             }
+            // (row, rows, dep_off, dep_cnt) of every row block in the run.
+            let mut blocks = Vec::new();
+            for t in &tiles[i..j] {
+                let dep_off = to_i32(list.deps.len(), "dependency offset")?;
+                list.deps.extend(t.deps.iter().copied());
+                let mut row = t.row;
+                while row < t.row + t.rows {
+                    let rows = bm.min(t.row + t.rows - row);
+                    blocks.push((row, rows, dep_off, t.deps.len() as i32));
+                    row += rows;
+                }
+            }
+            let expert = to_i32(tiles[i].expert, "expert")?;
+            for g0 in (0..ncb).step_by(group) {
+                for &(row, rows, dep_off, dep_cnt) in &blocks {
+                    for cb in g0..(g0 + group).min(ncb) {
+                        list.tiles.push(TileDesc {
+                            expert,
+                            row0: to_i32(row, "row")?,
+                            rows: rows as i32,
+                            n0: to_i32(cb * bn, "column")?,
+                            dep_off,
+                            dep_cnt,
+                            sig: -1,
+                            sig_mode: 0,
+                        });
+                    }
+                }
+            }
+            i = j;
         }
         Ok(list)
     }
@@ -283,6 +308,26 @@ mod tests {
         list.validate(rows0, cfg.experts_per_rank(), cfg.ffn, &v(Epilogue::SwiGlu))
             .unwrap();
         assert!(list.tiles.iter().all(|t| t.dep_cnt > 0));
+        // Every receive row x output column block exactly once.
+        let ncb = cfg.ffn.div_ceil(v(Epilogue::SwiGlu).tile_out_cols());
+        let mut seen = vec![0u8; rows0 * ncb];
+        for t in &list.tiles {
+            for r in t.row0..t.row0 + t.rows {
+                seen[r as usize * ncb + t.n0 as usize / 64] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&s| s == 1));
+        // A GEMM tile waits on the same signals as its schedule tile.
+        for st in &l0.tiles {
+            for t in list
+                .tiles
+                .iter()
+                .filter(|t| t.row0 as usize >= st.row && (t.row0 as usize) < st.row + st.rows)
+            {
+                let deps = &list.deps[t.dep_off as usize..(t.dep_off + t.dep_cnt) as usize];
+                assert_eq!(deps, &st.deps[..]);
+            }
+        }
         let l1 = Layer1Schedule::new(&plan, 0, shape, &signals);
         let (list1, per_chunk) = TileList::layer1(&l1, &v(Epilogue::Store)).unwrap();
         assert_eq!(per_chunk.iter().sum::<u64>() as usize, list1.tiles.len());

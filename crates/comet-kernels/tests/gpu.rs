@@ -363,3 +363,127 @@ fn raise_hook_counts_and_stores() {
         println!("ok   raise hook {} counters {:?}", v.kernel_name(), got);
     }
 }
+
+/// Tile lists built from comet-core's real schedules drive the hooks:
+/// layer0 (FC1 + SwiGLU) waits on dispatch signals raised segment by
+/// segment in shuffled order after the rows land; layer1 (FC2) counts its
+/// tiles on the chunk counters the schedule names.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn schedules_from_comet_core_drive_the_hooks() {
+    use comet_core::schedule::{Layer0Schedule, Layer1Schedule, SignalMap, TileShape};
+    use comet_core::{LayoutPlan, Routing, RoutingKind};
+    let (ctx, stream, rt) = setup();
+    let copier = ctx.new_stream().unwrap();
+    let cfg = Preset::Phi35Moe.config(2).unwrap().scaled_down(4);
+    let routings: Vec<Routing> = (0..2)
+        .map(|r| Routing::generate(&cfg, r, 700, RoutingKind::Zipf(1.1), 5))
+        .collect();
+    let plan = LayoutPlan::from_routings(&cfg, &routings).unwrap();
+    let recv = &plan.recv[0];
+    let counts = recv.expert_rows.clone();
+    for fam in families(&rt) {
+        let v0 = GemmVariant::new(
+            fam,
+            Epilogue::SwiGlu,
+            Hooks {
+                wait: true,
+                raise: false,
+            },
+        );
+        let shape = TileShape {
+            bm: 128,
+            chunk_cols: 2 * v0.tile_gemm_cols(),
+        };
+        let signals_map = SignalMap::new(&cfg, shape.chunks(&cfg));
+        let l0 = Layer0Schedule::new(&plan, 0, shape, &signals_map);
+        let p = GroupedProblem::new(
+            counts.clone(),
+            cfg.hidden,
+            2 * cfg.ffn,
+            Epilogue::SwiGlu,
+            77,
+        );
+        let tiles = TileList::layer0(&l0, cfg.ffn, &v0).unwrap();
+        let dp = DeviceProblem::upload(stream.clone(), &p, &v0, &tiles).unwrap();
+        let nan = vec![half::bf16::NAN; dp.a.len()];
+        copy_rows_async(&stream, &dp.a, 0, &nan).unwrap();
+        let signals = stream.alloc_zeros::<u64>(signals_map.len()).unwrap();
+        stream.synchronize().unwrap();
+        let (sig_ptr, _g) = signals.device_ptr(&stream);
+        let hooks = HookArgs {
+            signals: sig_ptr,
+            deps: 0,
+            wait_target: 1,
+            raise_value: 0,
+            timeout_ns: 20_000_000_000,
+        };
+        dp.launch(&rt, &v0, Some(hooks)).unwrap();
+        let mut segs: Vec<_> = recv.segments.iter().filter(|s| s.rows > 0).collect();
+        segs.shuffle(&mut ChaCha8Rng::seed_from_u64(9));
+        for s in segs {
+            std::thread::sleep(Duration::from_millis(3));
+            copy_rows_async(
+                &copier,
+                &dp.a,
+                s.row * p.k,
+                &p.a[s.row * p.k..(s.row + s.rows) * p.k],
+            )
+            .unwrap();
+            raise_signal_async(
+                &copier,
+                &signals,
+                signals_map.dispatch(s.expert, s.src) as usize,
+                1,
+            )
+            .unwrap();
+        }
+        // Tiles depend only on segments that carry rows: nothing else is raised.
+        copier.synchronize().unwrap();
+        dp.finish().unwrap();
+        p.check(&dp.download_c().unwrap(), dp.ldc, 48)
+            .unwrap_or_else(|e| panic!("layer0 {}: {e}", v0.kernel_name()));
+
+        let v1 = GemmVariant::new(
+            fam,
+            Epilogue::Store,
+            Hooks {
+                wait: false,
+                raise: true,
+            },
+        );
+        let l1 = Layer1Schedule::new(&plan, 0, shape, &signals_map);
+        let (tiles1, per_chunk) = TileList::layer1(&l1, &v1).unwrap();
+        let p1 = GroupedProblem::new(counts.clone(), cfg.ffn, cfg.hidden, Epilogue::Store, 78);
+        let dp1 = DeviceProblem::upload(stream.clone(), &p1, &v1, &tiles1).unwrap();
+        let counters = stream.alloc_zeros::<u64>(signals_map.len()).unwrap();
+        let (cptr, _g1) = counters.device_ptr(&stream);
+        let hooks = HookArgs {
+            signals: cptr,
+            deps: 0,
+            wait_target: 0,
+            raise_value: 0,
+            timeout_ns: 1_000_000_000,
+        };
+        dp1.launch(&rt, &v1, Some(hooks)).unwrap();
+        dp1.finish().unwrap();
+        drop(_g1);
+        let got = stream.clone_dtoh(&counters).unwrap();
+        for (c, chunk) in l1.chunks.iter().enumerate() {
+            assert_eq!(
+                got[chunk.done_signal as usize], per_chunk[c],
+                "chunk {c} counter"
+            );
+        }
+        p1.check(&dp1.download_c().unwrap(), dp1.ldc, 48)
+            .unwrap_or_else(|e| panic!("layer1 {}: {e}", v1.kernel_name()));
+        println!(
+            "ok   schedules {} + {}: {} + {} tiles, chunks {:?}",
+            v0.kernel_name(),
+            v1.kernel_name(),
+            tiles.tiles.len(),
+            tiles1.tiles.len(),
+            per_chunk
+        );
+    }
+}

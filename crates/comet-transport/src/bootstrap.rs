@@ -46,6 +46,9 @@ const K_GATHERED: u16 = 5;
 const K_BYE: u16 = 6;
 const K_PEER_GONE: u16 = 7;
 
+/// How long rank 0 waits for a new connection's hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Default deadline of the rendezvous and of each collective.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -275,8 +278,9 @@ fn read_frame(s: &mut TcpStream) -> io::Result<Option<Frame>> {
         ));
     }
     if version != VERSION {
+        // A comet rank of another build: `Unsupported` tells it from strangers.
         return Err(io::Error::new(
-            ErrorKind::InvalidData,
+            ErrorKind::Unsupported,
             format!("protocol version {version}, this build speaks {VERSION}"),
         ));
     }
@@ -537,25 +541,32 @@ impl Bootstrap {
             };
             s.set_nonblocking(false).map_err(|e| io("socket", e))?;
             let _ = s.set_nodelay(true);
+            // A silent connection may not hold up the others for long.
             let left = cfg
                 .timeout
                 .saturating_sub(start.elapsed())
-                .max(Duration::from_millis(100));
+                .clamp(Duration::from_millis(100), HELLO_TIMEOUT);
             s.set_read_timeout(Some(left))
                 .map_err(|e| io("socket", e))?;
             let hello = match read_frame(&mut s) {
                 Ok(Some(f)) if f.kind == K_HELLO && f.payload.len() >= 8 => f,
-                Ok(_) => {
-                    return Err(BootstrapError::Protocol {
-                        peer: from.to_string(),
-                        detail: "first frame was not a hello".into(),
-                    })
-                }
-                Err(e) => {
-                    return Err(BootstrapError::Protocol {
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    let err = BootstrapError::Protocol {
                         peer: from.to_string(),
                         detail: e.to_string(),
-                    })
+                    };
+                    let _ = write_frame(&mut s, K_REJECT, err.to_string().as_bytes());
+                    return Err(err);
+                }
+                other => {
+                    // Port scanners and health checks are no reason to fail
+                    // the world: drop them and keep waiting for ranks.
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        _ => "first frame was not a hello".into(),
+                    };
+                    tracing::warn!(%from, why, "bootstrap: ignoring a connection that is no comet rank");
+                    continue;
                 }
             };
             let rank = u32_at(&hello.payload, 0).unwrap_or(u32::MAX) as usize;
@@ -574,7 +585,16 @@ impl Bootstrap {
                     },
                 ));
             }
-            if rank == 0 || rank >= cfg.world || joined.contains_key(&rank) {
+            if rank >= cfg.world {
+                return Err(refuse(
+                    &mut s,
+                    BootstrapError::RankOutOfRange {
+                        rank,
+                        world: cfg.world,
+                    },
+                ));
+            }
+            if rank == 0 || joined.contains_key(&rank) {
                 return Err(refuse(&mut s, BootstrapError::DuplicateRank { rank }));
             }
             tracing::debug!(rank, %from, "rank joined");

@@ -258,3 +258,43 @@ fn an_orderly_exit_is_no_failure_but_cannot_join_collectives() {
         "{e:?}"
     );
 }
+
+#[test]
+fn strangers_on_rank_0s_port_are_ignored() {
+    let l = listen("127.0.0.1", 0).unwrap();
+    let port = l.local_addr().unwrap().port();
+    // A port scanner that connects and leaves, and one that speaks HTTP.
+    let _ = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let root = thread::spawn(move || Bootstrap::with_listener(cfg(0, 2, port, T), l));
+    let one = Bootstrap::connect(cfg(1, 2, port, T)).unwrap();
+    let root = root.join().unwrap().unwrap();
+    let h = thread::spawn(move || one.all_gather(b"b", T).unwrap());
+    let all = root.all_gather(b"a", T).unwrap();
+    assert_eq!(all, vec![b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(h.join().unwrap(), all);
+    drop(http);
+}
+
+#[test]
+fn a_rank_of_another_protocol_version_is_refused() {
+    let l = listen("127.0.0.1", 0).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let root = thread::spawn(move || Bootstrap::with_listener(cfg(0, 2, port, T), l));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // The frame header of a hello from protocol version 99.
+    let mut frame = 0x434d_5442u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&99u16.to_le_bytes());
+    frame.extend_from_slice(&1u16.to_le_bytes());
+    frame.extend_from_slice(&8u32.to_le_bytes());
+    frame.extend_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0]);
+    s.write_all(&frame).unwrap();
+    match root.join().unwrap() {
+        Err(BootstrapError::Protocol { detail, .. }) => {
+            assert!(detail.contains("version 99"), "{detail}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -131,13 +131,13 @@ fn consumer(t: &NvlinkTransport, data: comet_transport::BufferId, out: comet_tra
         t.read(out, 0, &mut raw).expect("read out");
         for row in 0..ROWS {
             let want = row_data(epoch, row);
-            for c in 0..COLS {
+            for (c, x) in want.iter().enumerate() {
                 let o = 4 * (row * COLS + c);
                 let got = f32::from_le_bytes(raw[o..o + 4].try_into().expect("4 bytes"));
                 // 2x is exact, so the fused and unfused forms agree: tolerance 0.
                 assert_eq!(
                     got.to_bits(),
-                    (want[c] * 2.0 + 1.0).to_bits(),
+                    (x * 2.0 + 1.0).to_bits(),
                     "epoch {epoch} row {row} col {c}: got {got}"
                 );
             }

@@ -28,7 +28,8 @@ const WAIT: Duration = Duration::from_secs(120);
 #[derive(Args, Debug, Clone)]
 pub struct TransportBenchArgs {
     /// Transports to measure, comma-separated: tcp (baseline), local, ucx,
-    /// nvlink (GPU; rows next to the driver's own device copy).
+    /// nvlink (GPU; rows next to the driver's own device copy), nccl (two
+    /// GPUs).
     #[arg(long, value_delimiter = ',', default_values_t = default_transports())]
     pub transports: Vec<String>,
     /// Message sizes (4K, 1M, ...), comma-separated.
@@ -367,6 +368,31 @@ pub fn bench_nvlink(sizes: &[usize]) -> Result<Vec<Measurement>> {
         .collect())
 }
 
+/// The `nccl` transport between two GPUs of this process: one chunk per
+/// step (an NCCL group of one send and one recv), the receiver's signal
+/// raised on its stream after the recv. Latency: device time of one step
+/// on the sender. Needs two GPUs; with fewer, no rows.
+#[cfg(feature = "nccl")]
+pub fn bench_nccl(sizes: &[usize]) -> Result<Vec<Measurement>> {
+    use comet_transport::{cuda, nccl};
+    if cuda::device_count() < 2 || !nccl::ffi::nccl_available() {
+        eprintln!("nccl: needs two GPUs and libnccl (NCCL refuses two ranks on one GPU), no rows");
+        return Ok(Vec::new());
+    }
+    Ok(nccl::bench::run([0, 1], sizes)?
+        .into_iter()
+        .map(|row| Measurement {
+            transport: row.method,
+            device: true,
+            baseline: false,
+            bytes: row.bytes,
+            gbps: row.gb_per_s,
+            latency_us: row.device_us,
+            iters: 0,
+        })
+        .collect())
+}
+
 fn table(rows: &[Measurement], markdown: bool) -> String {
     let base = |m: &Measurement| {
         rows.iter()
@@ -446,7 +472,11 @@ pub fn run(args: TransportBenchArgs) -> Result<()> {
             "nvlink" => rows.extend(bench_nvlink(&sizes)?),
             #[cfg(not(feature = "nvlink"))]
             "nvlink" => bail!("this comet was built without the `nvlink` feature"),
-            other => bail!("unknown transport {other:?} (known: tcp, local, ucx, nvlink)"),
+            #[cfg(feature = "nccl")]
+            "nccl" => rows.extend(bench_nccl(&sizes)?),
+            #[cfg(not(feature = "nccl"))]
+            "nccl" => bail!("this comet was built without the `nccl` feature"),
+            other => bail!("unknown transport {other:?} (known: tcp, local, ucx, nvlink, nccl)"),
         }
     }
     // Baselines first; otherwise in the order measured (stable sort).

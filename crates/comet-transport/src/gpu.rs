@@ -69,6 +69,21 @@ pub trait DeviceTransport: Transport {
     ) -> Result<(), TransportError>;
 }
 
+/// One measured (method, size) point of a GPU transport bench.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuBenchRow {
+    pub method: String,
+    pub bytes: usize,
+    /// Bytes moved per second, one direction, over back-to-back repeats
+    /// timed with device events.
+    pub gb_per_s: f64,
+    /// Median device time of one operation alone (events around it).
+    pub device_us: f64,
+    /// Median time from enqueueing on the host to the host seeing the
+    /// receiver's signal (put + signal only; includes one 8-byte poll).
+    pub host_us: Option<f64>,
+}
+
 struct ExchangeState {
     generation: u64,
     arrived: usize,

@@ -25,6 +25,7 @@
 //! and a step that cannot complete (a peer that never posts or died)
 //! aborts the communicator and becomes an error.
 
+pub mod bench;
 pub mod ffi;
 pub mod plan;
 
@@ -177,6 +178,11 @@ impl NcclTransport {
             error_word,
             add: OnceLock::new(),
         })
+    }
+
+    /// The CUDA context of this rank's device.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
     fn err(&self, what: &str, e: DriverError) -> TransportError {

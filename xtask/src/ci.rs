@@ -8,11 +8,18 @@ use std::time::Instant;
 fn cargo(args: &[&str]) -> Result<()> {
     let t0 = Instant::now();
     eprintln!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(env!("CARGO")).args(args).status().with_context(|| format!("running cargo {}", args[0]))?;
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args[0]))?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
-    eprintln!("xtask: cargo {} ok in {:.0} s", args[0], t0.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask: cargo {} ok in {:.0} s",
+        args[0],
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -21,9 +28,24 @@ fn cargo(args: &[&str]) -> Result<()> {
 pub fn ci() -> Result<()> {
     let t0 = Instant::now();
     cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     for feature in ["local", "nvlink", "nccl", "ucx"] {
-        cargo(&["check", "-p", "comet-transport", "--no-default-features", "--features", feature])?;
+        cargo(&[
+            "check",
+            "-p",
+            "comet-transport",
+            "--no-default-features",
+            "--features",
+            feature,
+        ])?;
     }
     cargo(&["test", "--workspace", "--all-features"])?;
     crate::kernels::compile_gate(false)?;

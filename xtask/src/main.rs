@@ -11,6 +11,8 @@ fn main() -> anyhow::Result<()> {
         Some("bench") => ci::bench(),
         Some("compile-kernels") => kernels::compile_gate(args.iter().any(|a| a == "--verbose")),
         Some("bundle") => bundle::bundle().map(|_| ()),
-        _ => anyhow::bail!("usage: cargo xtask <ci | bench | compile-kernels [--verbose] | bundle>"),
+        _ => {
+            anyhow::bail!("usage: cargo xtask <ci | bench | compile-kernels [--verbose] | bundle>")
+        }
     }
 }

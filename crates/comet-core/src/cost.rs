@@ -103,7 +103,9 @@ impl CostModel {
             .filter(|&n| hidden.is_multiple_of(n) && (hidden / n).is_multiple_of(64))
             .collect();
         if v.is_empty() {
-            v = (1..=hidden.min(64)).filter(|&n| hidden.is_multiple_of(n)).collect();
+            v = (1..=hidden.min(64))
+                .filter(|&n| hidden.is_multiple_of(n))
+                .collect();
         }
         v
     }

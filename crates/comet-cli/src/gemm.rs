@@ -24,7 +24,8 @@ pub struct GemmBenchArgs {
     /// Timed repetitions per kernel (median reported), after 2 warm-ups.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
-    /// Kernel family: auto (sm90 on Hopper), sm80 or sm90.
+    /// Kernel families, comma separated: auto (the default on this GPU),
+    /// sm80, sm90 (consumers store) or sm90ws (storer warps).
     #[arg(long, default_value = "auto")]
     pub family: String,
     /// torch._grouped_mm baseline: auto (when python3 + torch exist) or off.
@@ -118,29 +119,41 @@ fn run_torch(args: &GemmBenchArgs, results: &[BenchResult]) -> Result<Option<ser
     ))
 }
 
-pub fn run(args: GemmBenchArgs) -> Result<()> {
-    let family = match args.family.as_str() {
+fn family(name: &str) -> Result<Option<Family>> {
+    Ok(match name.trim() {
         "auto" => None,
         "sm80" => Some(Family::Sm80),
         "sm90" => Some(Family::SM90_DEFAULT),
-        other => bail!("unknown --family {other:?}: expected auto, sm80 or sm90"),
-    };
+        "sm90ws" => Some(Family::SM90_WS),
+        other => bail!("unknown --family {other:?}: expected auto, sm80, sm90 or sm90ws"),
+    })
+}
+
+pub fn run(args: GemmBenchArgs) -> Result<()> {
+    let families: Vec<Option<Family>> =
+        args.family.split(',').map(family).collect::<Result<_>>()?;
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
     let cases = preset_cases(args.tokens, &presets(&args.preset)?)?;
-    let (gpu, results) = run_on_first_gpu(&cases, family, args.iters)?;
-    let fam = results
-        .first()
-        .map(|r| format!("{:?}", r.family))
-        .unwrap_or_default();
-    println!(
-        "device: {gpu}; kernel family: {fam}; tokens {} per rank, EP = 2; median of {} runs",
-        args.tokens, args.iters
-    );
-    print!("{}", format_table(&results));
+    let mut first: Option<Vec<BenchResult>> = None;
+    for fam in families {
+        let (gpu, results) = run_on_first_gpu(&cases, fam, args.iters)?;
+        let name = results
+            .first()
+            .map(|r| format!("{:?}", r.family))
+            .unwrap_or_default();
+        println!(
+            "device: {gpu}; kernel family: {name}; tokens {} per rank, EP = 2; median of {} runs",
+            args.tokens, args.iters
+        );
+        print!("{}", format_table(&results));
+        println!();
+        first.get_or_insert(results);
+    }
+    let results = first.unwrap_or_default();
     if let Some(torch) = run_torch(&args, &results)? {
-        println!("\n| case | ours TFLOP/s | torch._grouped_mm TFLOP/s | ours/torch |\n| --- | --- | --- | --- |");
+        println!("| case | ours TFLOP/s | torch._grouped_mm TFLOP/s | ours/torch |\n| --- | --- | --- | --- |");
         for r in &results {
             let f = r.case.flops();
             match torch.get(&r.case.label).and_then(|v| v.as_f64()) {

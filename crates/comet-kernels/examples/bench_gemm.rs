@@ -9,6 +9,7 @@ fn main() {
     let family = match args.get(1).map(String::as_str) {
         Some("sm80") => Some(Family::Sm80),
         Some("sm90") => Some(Family::SM90_DEFAULT),
+        Some("sm90ws") => Some(Family::SM90_WS),
         _ => None,
     };
     let iters = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);

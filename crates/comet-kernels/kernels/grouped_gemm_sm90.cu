@@ -154,6 +154,48 @@ __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
   return v;
 }
 
+// The producer thread: for every tile of this CTA, wait on its dependency
+// signals (prologue hook), then stream its k-blocks into the ring. On a
+// failed wait it sets the abort flag and completes the slot without data so
+// the consumers wake and leave.
+template <int EPI, bool WAIT, int BN, int STAGES>
+__device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, unsigned bars,
+                                        volatile int* abort_flag) {
+  using S = Smem<BN, STAGES>;
+  const GemmParams& p = hp.p;
+  const int kblocks = p.K / BK;
+  int it = 0;  // k-block counter across tiles: ring slot and phase
+  for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
+    const TileDesc t = p.tiles[ti];
+    bool ok = true;
+    if (WAIT) {
+      for (int i = 0; i < t.dep_cnt && ok; ++i)
+        ok = signal_wait(p.signals, p.deps[t.dep_off + i], p.wait_target, p.timeout_ns, p.err);
+      // A and B are read by the async proxy after the acquire.
+      asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    }
+    const int bn0 = t.n0;
+    const int bn1 = (EPI == EPI_SWIGLU) ? (p.N / 2 + t.n0) : (t.n0 + BN / 2);
+    for (int kb = 0; kb < kblocks; ++kb, ++it) {
+      const int s = it % STAGES;
+      const unsigned ph = (unsigned)(it / STAGES) & 1u;
+      mbar_wait(bars + (STAGES + s) * 8, ph ^ 1u);
+      const unsigned full = bars + s * 8;
+      if (!ok) {
+        *abort_flag = 1;
+        mbar_arrive(full);  // wakes the consumers without data
+        return;
+      }
+      mbar_expect_tx(full, S::STAGE_BYTES);
+      const unsigned sa = ring + s * S::STAGE_BYTES;
+      const unsigned sb = sa + S::A_BYTES;
+      tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
+      tma_load_3d(sb, &hp.tma_b, full, kb * BK, bn0, t.expert);
+      tma_load_3d(sb + S::B_BYTES / 2, &hp.tma_b, full, kb * BK, bn1, t.expert);
+    }
+  }
+}
+
 template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES>
 __device__ __forceinline__ void gemm(const HopperParams& hp) {
   constexpr int NB = BN / 128;  // wgmma n128 blocks per consumer
@@ -181,39 +223,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x == 0) {
-      int it = 0;  // k-block counter across tiles: ring slot and phase
-      for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
-        const TileDesc t = p.tiles[ti];
-        bool ok = true;
-        if (WAIT) {
-          for (int i = 0; i < t.dep_cnt && ok; ++i)
-            ok = signal_wait(p.signals, p.deps[t.dep_off + i], p.wait_target, p.timeout_ns, p.err);
-          // A and B are read by the async proxy after the acquire.
-          asm volatile("fence.proxy.async.global;\n" ::: "memory");
-        }
-        const int bn0 = t.n0;
-        const int bn1 = (EPI == EPI_SWIGLU) ? (p.N / 2 + t.n0) : (t.n0 + BN / 2);
-        for (int kb = 0; kb < kblocks; ++kb, ++it) {
-          const int s = it % STAGES;
-          const unsigned ph = (unsigned)(it / STAGES) & 1u;
-          mbar_wait(bars + (STAGES + s) * 8, ph ^ 1u);
-          const unsigned full = bars + s * 8;
-          if (!ok) {
-            *abort_flag = 1;
-            mbar_arrive(full);  // wakes the consumers without data
-            break;
-          }
-          mbar_expect_tx(full, S::STAGE_BYTES);
-          const unsigned sa = ring + s * S::STAGE_BYTES;
-          const unsigned sb = sa + S::A_BYTES;
-          tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
-          tma_load_3d(sb, &hp.tma_b, full, kb * BK, bn0, t.expert);
-          tma_load_3d(sb + S::B_BYTES / 2, &hp.tma_b, full, kb * BK, bn1, t.expert);
-        }
-        if (!ok) break;
-      }
-    }
+    if (threadIdx.x == 0) produce<EPI, WAIT, BN, STAGES>(hp, ring, bars, abort_flag);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int cw = wg - 1;  // consumer index: tile rows cw*64 .. +64
@@ -332,6 +342,198 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
           }
         }
       }
+    }
+  }
+}
+
+
+// Variant with storer warps: consumers convert the finished tile to bf16
+// into a full-tile staging buffer and go straight on to the next tile's
+// wgmma; warps 1-3 of warpgroup 0 copy the staging to global memory (and
+// raise the tile's signal), so stores overlap the next tile's math. Costs a
+// ring stage of shared memory (STAGES is typically 3 here).
+template <int BN, int STAGES>
+struct SmemWs {
+  static constexpr int A_BYTES = BM * BK * 2;
+  static constexpr int B_BYTES = BN * BK * 2;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  static constexpr int STAGING_BYTES = 2 * 64 * BN * 2;  // per consumer: 64 x BN bf16
+  static constexpr int BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 128 + 1024;
+};
+
+template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES>
+__device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
+  constexpr int NB = BN / 128;
+  constexpr int PASSES = (EPI == EPI_SWIGLU) ? 1 : NB;
+  constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
+  using S = SmemWs<BN, STAGES>;
+  using SP = Smem<BN, STAGES>;  // same ring layout as the producer expects
+  static_assert(S::STAGE_BYTES == SP::STAGE_BYTES, "ring layout");
+  extern __shared__ unsigned char smem_raw[];
+  const unsigned raw = smem_u32(smem_raw);
+  const unsigned ring = (raw + 1023u) & ~1023u;
+  const unsigned staging = ring + STAGES * S::STAGE_BYTES;
+  // full[STAGES], empty[STAGES], stg_full[2], stg_empty[2], abort flag
+  const unsigned bars = staging + S::STAGING_BYTES;
+  const unsigned stg_full = bars + 2 * STAGES * 8;
+  const unsigned stg_empty = stg_full + 2 * 8;
+  volatile int* abort_flag =
+      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 4) * 8);
+  const GemmParams& p = hp.p;
+  const int wg = threadIdx.x / 128;
+  const int kblocks = p.K / BK;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bars + s * 8, 1);
+      mbar_init(bars + (STAGES + s) * 8, 8);
+    }
+    for (int c = 0; c < 2; ++c) {
+      mbar_init(stg_full + c * 8, 4);   // one arrival per consumer warp
+      mbar_init(stg_empty + c * 8, 3);  // one arrival per storer warp
+    }
+    *abort_flag = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (threadIdx.x == 0) {
+      produce<EPI, WAIT, BN, STAGES>(hp, ring, bars, abort_flag);
+    } else if (warp >= 1) {
+      // Storers: 96 threads.
+      const int st = threadIdx.x - 32;
+      const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
+      int n = 0;
+      for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x, ++n) {
+        const TileDesc t = p.tiles[ti];
+        for (int cw = 0; cw < 2; ++cw) {
+          mbar_wait(stg_full + cw * 8, (unsigned)n & 1u);
+          if (*abort_flag) return;
+          const unsigned buf = staging + cw * (64 * BN * 2);
+#pragma unroll 1
+          for (int pass = 0; pass < PASSES; ++pass) {
+            const unsigned sub = buf + pass * (64 * 128 * 2);
+#pragma unroll 4
+            for (int idx = st; idx < 64 * 16; idx += 96) {
+              const int sr = idx >> 4, ch = idx & 15;
+              const int r = cw * 64 + sr;
+              const int col = t.n0 + pass * 128 + ch * 8;
+              if (ch * 8 < PASS_COLS && r < t.rows && col < out_cols) {
+                size_t orow = (size_t)(t.row0 + r);
+                if (EPI == EPI_SCATTER) {
+                  const int d = p.scatter_idx[orow];
+                  if (d < 0) continue;
+                  orow = (size_t)d;
+                }
+                const uint4 v = ld_shared_v4(sub + stg_off(sr, ch * 8));
+                *reinterpret_cast<uint4*>(p.C + orow * p.ldc + col) = v;
+              }
+            }
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(stg_empty + cw * 8);
+        }
+        if (RAISE) {
+          if (t.sig >= 0) {
+            signal_fence();
+            named_barrier(1, 96);
+            if (st == 0) {
+              if (t.sig_mode == 1)
+                signal_raise_add(p.signals, (unsigned)t.sig, 1ull);
+              else
+                signal_raise(p.signals, (unsigned)t.sig, p.raise_value);
+            }
+          }
+        }
+      }
+    }
+  } else {
+    const int cw = wg - 1;
+    const int lt = threadIdx.x % 128;
+    const int warp = lt / 32, lane = lt % 32;
+    const unsigned buf = staging + cw * (64 * BN * 2);
+    int it = 0, n = 0;
+    for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x, ++n) {
+      const TileDesc t = p.tiles[ti];
+      float acc[NB][64];
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[b][i] = 0.f;
+      int prev_s = -1;
+      for (int kb = 0; kb < kblocks; ++kb, ++it) {
+        const int s = it % STAGES;
+        const unsigned ph = (unsigned)(it / STAGES) & 1u;
+        mbar_wait(bars + s * 8, ph);
+        if (*abort_flag) {
+          __syncwarp();
+          if (lane == 0) mbar_arrive(stg_full + cw * 8);  // lets the storers see it
+          return;
+        }
+        const unsigned sa = ring + s * S::STAGE_BYTES + cw * 64 * BK * 2;
+        const unsigned sb = ring + s * S::STAGE_BYTES + S::A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          const unsigned long long da = smem_desc(sa + kk * 32);
+          if (NB == 2) {
+            wgmma_n256(&acc[0][0], da, smem_desc(sb + kk * 32));
+          } else {
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+              wgmma_n128(acc[b], da, smem_desc(sb + b * 128 * BK * 2 + kk * 32));
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
+        prev_s = s;
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) fence_acc(acc[b][i]);
+      if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
+
+      float wrow[2] = {1.f, 1.f};
+      if (EPI == EPI_SCATTER) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = cw * 64 + warp * 16 + (lane >> 2) + h * 8;
+          wrow[h] = r < t.rows ? p.scatter_w[t.row0 + r] : 0.f;
+        }
+      }
+      // The storers must have drained this buffer (previous tile).
+      mbar_wait(stg_empty + cw * 8, ((unsigned)n & 1u) ^ 1u);
+#pragma unroll
+      for (int pass = 0; pass < PASSES; ++pass) {
+        const unsigned sub = buf + pass * (64 * 128 * 2);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int sr = warp * 16 + (lane >> 2) + h * 8;
+#pragma unroll
+          for (int j = 0; j < PASS_COLS / 8; ++j) {
+            const int col = j * 8 + (lane & 3) * 2;
+            float o0, o1;
+            if (EPI == EPI_SWIGLU) {
+              const int gc = j * 8, uc = BN / 2 + j * 8;
+              const int gb = gc / 128, gi = (gc % 128) / 8 * 4 + h * 2;
+              const int ub = uc / 128, ui = (uc % 128) / 8 * 4 + h * 2;
+              o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
+              o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
+            } else {
+              o0 = wrow[h] * acc[pass][j * 4 + h * 2];
+              o1 = wrow[h] * acc[pass][j * 4 + h * 2 + 1];
+            }
+            st_shared_u32(sub + stg_off(sr, col), pack_bf16x2(o0, o1));
+          }
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(stg_full + cw * 8);
     }
   }
 }

@@ -88,12 +88,25 @@ pub enum Family {
     /// 128x128x64 tiles, 4 warps, cp.async ring; any CC >= 8.0.
     Sm80,
     /// 128 x `bn` x 64 tiles, TMA + mbarrier ring of `stages`, 1 producer
-    /// warp + 2 consumer warpgroups with wgmma; sm_90a only.
-    Sm90 { bn: u32, stages: u32 },
+    /// warp + 2 consumer warpgroups with wgmma; sm_90a only. With `storer`,
+    /// warps 1-3 of the producer warpgroup write finished tiles from a
+    /// full-tile staging buffer while the consumers start the next tile.
+    Sm90 { bn: u32, stages: u32, storer: bool },
 }
 
 impl Family {
-    pub const SM90_DEFAULT: Family = Family::Sm90 { bn: 256, stages: 4 };
+    /// Consumers store their own tiles; 4-stage ring.
+    pub const SM90_DEFAULT: Family = Family::Sm90 {
+        bn: 256,
+        stages: 4,
+        storer: false,
+    };
+    /// Storer warps overlap the epilogue with the next tile; 3-stage ring.
+    pub const SM90_WS: Family = Family::Sm90 {
+        bn: 256,
+        stages: 3,
+        storer: true,
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -125,11 +138,12 @@ impl GemmVariant {
                 self.epilogue.tag(),
                 self.hooks.tag()
             ),
-            Family::Sm90 { bn, stages } => {
+            Family::Sm90 { bn, stages, storer } => {
                 format!(
-                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}",
+                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}",
                     self.epilogue.tag(),
-                    self.hooks.tag()
+                    self.hooks.tag(),
+                    if storer { "_ws" } else { "" }
                 )
             }
         }
@@ -162,9 +176,16 @@ impl GemmVariant {
                 threads: 128,
                 smem_bytes: 3 * (128 + 128) * 64 * 2,
             },
-            Family::Sm90 { bn, stages } => LaunchShape {
+            Family::Sm90 { bn, stages, storer } => LaunchShape {
                 threads: 384,
-                smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2) + 2 * 64 * 128 * 2 + 128 + 1024,
+                smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2)
+                    + if storer {
+                        2 * 64 * bn * 2
+                    } else {
+                        2 * 64 * 128 * 2
+                    }
+                    + 128
+                    + 1024,
             },
         }
     }
@@ -189,11 +210,12 @@ impl GemmVariant {
                      comet::GemmParams p) {{ comet::sm80::gemm<{epi}, {w}, {r}>(p); }}\n"
                 ),
             ),
-            Family::Sm90 { bn, stages } => (
+            Family::Sm90 { bn, stages, storer } => (
                 SM90_CU,
                 format!(
                     "extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ \
-                     comet::sm90::HopperParams hp) {{ comet::sm90::gemm<{epi}, {w}, {r}, {bn}, {stages}>(hp); }}\n"
+                     comet::sm90::HopperParams hp) {{ comet::sm90::{}<{epi}, {w}, {r}, {bn}, {stages}>(hp); }}\n",
+                    if storer { "gemm_ws" } else { "gemm" }
                 ),
             ),
         };
@@ -222,6 +244,7 @@ pub fn all_gemm_variants() -> Vec<(GemmVariant, Target)> {
                 GemmVariant::new(Family::SM90_DEFAULT, epi, hooks),
                 Target::SM90A,
             ));
+            v.push((GemmVariant::new(Family::SM90_WS, epi, hooks), Target::SM90A));
         }
     }
     v
@@ -263,6 +286,14 @@ mod tests {
         assert!(v.supports(Target::SM90A));
         assert!(!v.supports(Target::SM80));
         assert!(v.launch_shape().smem_bytes <= 227 * 1024);
+        for f in [Family::SM90_DEFAULT, Family::SM90_WS] {
+            let v = GemmVariant::new(f, Epilogue::Scatter, Hooks::ALL[3]);
+            assert!(
+                v.launch_shape().smem_bytes <= 227 * 1024,
+                "{}",
+                v.kernel_name()
+            );
+        }
     }
 
     #[test]

@@ -46,12 +46,16 @@ pub struct TransportBenchArgs {
     /// Print the table as Markdown (for docs/PERF.md).
     #[arg(long)]
     pub markdown: bool,
+    /// Internal: run as one rank of `ucx-procs` with this UCX_TLS.
+    #[arg(long, hide = true, value_name = "UCX_TLS")]
+    pub rank_worker: Option<String>,
 }
 
 fn default_transports() -> Vec<String> {
     let mut v = vec!["tcp".to_string(), "local".to_string()];
     if cfg!(feature = "ucx") {
         v.push("ucx".into());
+        v.push("ucx-procs".into());
     }
     if cfg!(feature = "nvlink") {
         v.push("nvlink".into());
@@ -393,6 +397,109 @@ pub fn bench_nccl(sizes: &[usize]) -> Result<Vec<Measurement>> {
         .collect())
 }
 
+/// UCX with `UCX_TLS=tls` between two processes (this binary, started by
+/// the launcher, bootstrapped from the environment): the cross-process
+/// path (shared memory segments, CMA, TCP) as a job would use it.
+#[cfg(feature = "ucx")]
+pub fn bench_ucx_processes(tls: &str, sizes: &[usize], volume: usize) -> Result<Vec<Measurement>> {
+    use comet_transport::launch::{launch, LaunchConfig};
+    let exe = std::env::current_exe().context("ucx-procs: path of this program")?;
+    let sizes_arg = sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cfg = LaunchConfig::new(2, exe)
+        .args([
+            "bench",
+            "transport",
+            "--rank-worker",
+            tls,
+            "--sizes",
+            &sizes_arg,
+        ])
+        .args(["--volume", &volume.to_string()])
+        .env("UCX_TLS", tls);
+    if tls.contains("tcp") {
+        for k in ["UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE"] {
+            if std::env::var_os(k).is_none() {
+                cfg = cfg.env(k, "256k");
+            }
+        }
+    }
+    cfg.capture = true;
+    cfg.forward = false;
+    cfg.timeout = Some(Duration::from_secs(600));
+    let rep = launch(&cfg).map_err(|e| {
+        let out: Vec<String> = e
+            .report()
+            .map(|r| {
+                r.ranks
+                    .iter()
+                    .map(|o| format!("rank {}: {}", o.rank, o.text()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        anyhow!("{e}\n{}", out.join("\n"))
+    })?;
+    let name = format!("ucx-procs[{tls}]");
+    let mut rows = Vec::new();
+    for line in rep.ranks[0]
+        .output
+        .iter()
+        .filter_map(|l| l.strip_prefix("COMET_MEASURE "))
+    {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let bad = || anyhow!("ucx-procs: unreadable measurement {line:?}");
+        if f.len() != 4 {
+            return Err(bad());
+        }
+        rows.push(Measurement {
+            transport: name.clone(),
+            device: false,
+            baseline: false,
+            bytes: f[0].parse().map_err(|_| bad())?,
+            gbps: f[1].parse().map_err(|_| bad())?,
+            latency_us: f[2].parse().map_err(|_| bad())?,
+            iters: f[3].parse().map_err(|_| bad())?,
+        });
+    }
+    if rows.len() != sizes.len() {
+        bail!(
+            "ucx-procs: rank 0 reported {} of {} sizes",
+            rows.len(),
+            sizes.len()
+        );
+    }
+    Ok(rows)
+}
+
+/// One rank of [`bench_ucx_processes`]; rank 0 prints the measurements.
+#[cfg(feature = "ucx")]
+fn ucx_rank_worker(tls: &str, sizes: &[usize], volume: usize) -> Result<()> {
+    use comet_transport::ucx::{UcxConfig, UcxTransport};
+    let boot = comet_transport::bootstrap::Bootstrap::from_env()?;
+    if boot.world() != 2 {
+        bail!(
+            "ucx-procs needs 2 ranks, the environment has {}",
+            boot.world()
+        );
+    }
+    let cfg = UcxConfig {
+        peer_errors: Some(tls.contains("tcp")),
+        ..UcxConfig::from_env()?
+    };
+    let t = UcxTransport::new(boot, cfg)?;
+    let max = sizes.iter().copied().max().unwrap_or(0);
+    let out = pair_rank(&t, sizes, max, volume)?;
+    if t.rank() == 0 {
+        for (bytes, gbps, lat, iters) in out {
+            println!("COMET_MEASURE {bytes} {gbps} {lat} {iters}");
+        }
+    }
+    Ok(())
+}
+
 fn table(rows: &[Measurement], markdown: bool) -> String {
     let base = |m: &Measurement| {
         rows.iter()
@@ -447,6 +554,10 @@ pub fn run(args: TransportBenchArgs) -> Result<()> {
     if sizes.is_empty() {
         bail!("no message sizes given");
     }
+    #[cfg(feature = "ucx")]
+    if let Some(tls) = &args.rank_worker {
+        return ucx_rank_worker(tls, &sizes, volume);
+    }
     let mut rows = Vec::new();
     for t in &args.transports {
         match t.as_str() {
@@ -466,8 +577,22 @@ pub fn run(args: TransportBenchArgs) -> Result<()> {
                     );
                 }
             }
+            #[cfg(feature = "ucx")]
+            "ucx-procs" => {
+                for tls in args
+                    .ucx_tls
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                {
+                    rows.extend(
+                        bench_ucx_processes(tls, &sizes, volume)
+                            .with_context(|| format!("ucx-procs with UCX_TLS={tls}"))?,
+                    );
+                }
+            }
             #[cfg(not(feature = "ucx"))]
-            "ucx" => bail!("this comet was built without the `ucx` feature"),
+            "ucx" | "ucx-procs" => bail!("this comet was built without the `ucx` feature"),
             #[cfg(feature = "nvlink")]
             "nvlink" => rows.extend(bench_nvlink(&sizes)?),
             #[cfg(not(feature = "nvlink"))]
@@ -476,7 +601,9 @@ pub fn run(args: TransportBenchArgs) -> Result<()> {
             "nccl" => rows.extend(bench_nccl(&sizes)?),
             #[cfg(not(feature = "nccl"))]
             "nccl" => bail!("this comet was built without the `nccl` feature"),
-            other => bail!("unknown transport {other:?} (known: tcp, local, ucx, nvlink, nccl)"),
+            other => bail!(
+                "unknown transport {other:?} (known: tcp, local, ucx, ucx-procs, nvlink, nccl)"
+            ),
         }
     }
     // Baselines first; otherwise in the order measured (stable sort).

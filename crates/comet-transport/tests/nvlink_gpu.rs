@@ -332,3 +332,71 @@ fn stream_wait_holds_a_stream_until_the_peer_signals() {
         assert_eq!(t1.read_signal(0).expect("read"), epoch);
     }
 }
+
+const KILL_ENV: &str = "COMET_NVLINK_KILL_CHILD";
+
+/// Rank 1 vanishes after one signal; rank 0's next wait and barrier must
+/// end in errors within their bounds, not hang.
+#[test]
+fn child_killed_peer() {
+    if std::env::var_os(KILL_ENV).is_none() {
+        return;
+    }
+    let boot = Arc::new(Bootstrap::from_env().expect("bootstrap"));
+    let ordinal = boot.rank() % cuda::device_count().max(1);
+    let t = NvlinkTransport::new(
+        ordinal,
+        boot as Arc<dyn BlobExchange>,
+        NvlinkOptions::default(),
+    )
+    .expect("nvlink up");
+    let buf = t.alloc_buffer(1 << 20).expect("buffer");
+    t.alloc_signals(1).expect("signals");
+    t.barrier(T).expect("barrier");
+    if t.rank() == 1 {
+        t.put(0, buf, 0, &payload(1, 1, 0, 1 << 20)).expect("put");
+        t.signal(0, 0, SignalOp::Set(1)).expect("signal");
+        t.synchronize().expect("sync");
+        // No goodbye, no destructors: as if killed.
+        std::process::exit(0);
+    }
+    assert_eq!(t.wait(0, 1, T).expect("first signal arrives"), 1);
+    match t.wait(0, 2, Duration::from_secs(2)) {
+        Err(TransportError::WaitTimeout {
+            rank: 0,
+            signal: 0,
+            expected: 2,
+            observed: 1,
+            ..
+        }) => {}
+        other => panic!("wait after the peer died gave {other:?}"),
+    }
+    let e = t
+        .barrier(Duration::from_secs(30))
+        .expect_err("barrier with a dead peer must fail");
+    println!("rank 0: peer loss reported as: {e}");
+}
+
+#[test]
+fn a_vanished_peer_is_an_error_not_a_hang() {
+    if no_gpu() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let cfg = LaunchConfig {
+        timeout: Some(Duration::from_secs(120)),
+        on_failure: comet_transport::launch::OnFailure::Wait,
+        ..LaunchConfig::new(2, exe)
+    }
+    .args([
+        "--exact",
+        "child_killed_peer",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(KILL_ENV, "1");
+    match launch(&cfg) {
+        Ok(rep) => assert!(rep.ranks.iter().all(|r| r.success()), "{rep:?}"),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -173,6 +173,12 @@ impl<T: Transport> CpuRank<T> {
         let combine = t.alloc_buffer(max_tokens * cfg.top_k * cfg.hidden * 4)?;
         let map = SignalMap::new(cfg, shape.chunks(cfg));
         t.alloc_signals(w + map.len())?;
+        // Poisoned, so a tile that reads rows before they land computes NaN
+        // instead of plausible zeros.
+        let nan = as_bytes(&[f32::NAN]);
+        for (buf, rows) in [(recv, recv_cap_rows), (combine, max_tokens * cfg.top_k)] {
+            t.put(rank, buf, 0, &nan.repeat(rows * cfg.hidden))?;
+        }
         t.barrier(timeout)?;
         Ok(CpuRank {
             cfg: cfg.clone(),

@@ -246,7 +246,8 @@ fn signals_follow_the_schedule() {
 #[test]
 fn a_transport_failure_is_an_error() {
     let (cfg, shape, routing, x) = setup();
-    for fail_after in [0, 1, 3] {
+    // The executor's first two puts poison its own buffers at construction.
+    for fail_after in [2, 3, 5] {
         let (t, _mem) = transport(Some(fail_after));
         let mut rank = CpuRank::new(
             &cfg,

@@ -347,38 +347,39 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 }
 
 
-// Variant with storer warps: consumers convert the finished tile to bf16
-// into a full-tile staging buffer and go straight on to the next tile's
-// wgmma; warps 1-3 of warpgroup 0 copy the staging to global memory (and
-// raise the tile's signal), so stores overlap the next tile's math. Costs a
-// ring stage of shared memory (STAGES is typically 3 here).
-template <int BN, int STAGES>
+// Variant with storer warps: consumers convert a finished tile to bf16 into
+// shared staging buffers (one 64 x 128 pass at a time, NBUF buffers per
+// consumer) and go on; warps 1-3 of warpgroup 0 copy each pass to global
+// memory (and raise the tile's signal), so the global stores overlap the
+// next pass or the next tile's math. With NBUF = 1 the ring keeps its 4
+// stages; each pass hands over through an mbarrier pair.
+template <int BN, int STAGES, int NBUF>
 struct SmemWs {
   static constexpr int A_BYTES = BM * BK * 2;
   static constexpr int B_BYTES = BN * BK * 2;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-  static constexpr int STAGING_BYTES = 2 * 64 * BN * 2;  // per consumer: 64 x BN bf16
+  static constexpr int PASS_BYTES = 64 * 128 * 2;
+  static constexpr int STAGING_BYTES = 2 * NBUF * PASS_BYTES;
   static constexpr int BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 128 + 1024;
 };
 
-template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES>
+template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES, int NBUF>
 __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
   constexpr int NB = BN / 128;
   constexpr int PASSES = (EPI == EPI_SWIGLU) ? 1 : NB;
   constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
-  using S = SmemWs<BN, STAGES>;
-  using SP = Smem<BN, STAGES>;  // same ring layout as the producer expects
-  static_assert(S::STAGE_BYTES == SP::STAGE_BYTES, "ring layout");
+  using S = SmemWs<BN, STAGES, NBUF>;
+  static_assert(S::STAGE_BYTES == Smem<BN, STAGES>::STAGE_BYTES, "ring layout");
   extern __shared__ unsigned char smem_raw[];
   const unsigned raw = smem_u32(smem_raw);
   const unsigned ring = (raw + 1023u) & ~1023u;
   const unsigned staging = ring + STAGES * S::STAGE_BYTES;
-  // full[STAGES], empty[STAGES], stg_full[2], stg_empty[2], abort flag
+  // full[STAGES], empty[STAGES], stg_full[2][NBUF], stg_empty[2][NBUF], abort
   const unsigned bars = staging + S::STAGING_BYTES;
   const unsigned stg_full = bars + 2 * STAGES * 8;
-  const unsigned stg_empty = stg_full + 2 * 8;
+  const unsigned stg_empty = stg_full + 2 * NBUF * 8;
   volatile int* abort_flag =
-      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 4) * 8);
+      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 4 * NBUF) * 8);
   const GemmParams& p = hp.p;
   const int wg = threadIdx.x / 128;
   const int kblocks = p.K / BK;
@@ -388,7 +389,7 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
       mbar_init(bars + s * 8, 1);
       mbar_init(bars + (STAGES + s) * 8, 8);
     }
-    for (int c = 0; c < 2; ++c) {
+    for (int c = 0; c < 2 * NBUF; ++c) {
       mbar_init(stg_full + c * 8, 4);   // one arrival per consumer warp
       mbar_init(stg_empty + c * 8, 3);  // one arrival per storer warp
     }
@@ -402,19 +403,21 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
     if (threadIdx.x == 0) {
       produce<EPI, WAIT, BN, STAGES>(hp, ring, bars, abort_flag);
     } else if (warp >= 1) {
-      // Storers: 96 threads.
+      // Storers (96 threads): passes in the order the consumers fill them,
+      // alternating consumers so neither waits on the other's drain.
       const int st = threadIdx.x - 32;
       const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
-      int n = 0;
-      for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x, ++n) {
+      int use = 0;  // per-consumer staging uses (both consumers in step)
+      for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
         const TileDesc t = p.tiles[ti];
-        for (int cw = 0; cw < 2; ++cw) {
-          mbar_wait(stg_full + cw * 8, (unsigned)n & 1u);
-          if (*abort_flag) return;
-          const unsigned buf = staging + cw * (64 * BN * 2);
-#pragma unroll 1
-          for (int pass = 0; pass < PASSES; ++pass) {
-            const unsigned sub = buf + pass * (64 * 128 * 2);
+        for (int pass = 0; pass < PASSES; ++pass, ++use) {
+          const int b = use % NBUF;
+          const unsigned par = (unsigned)(use / NBUF) & 1u;
+          for (int cw = 0; cw < 2; ++cw) {
+            const unsigned slot = (unsigned)(cw * NBUF + b);
+            mbar_wait(stg_full + slot * 8, par);
+            if (*abort_flag) return;
+            const unsigned sub = staging + slot * S::PASS_BYTES;
 #pragma unroll 4
             for (int idx = st; idx < 64 * 16; idx += 96) {
               const int sr = idx >> 4, ch = idx & 15;
@@ -431,9 +434,9 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
                 *reinterpret_cast<uint4*>(p.C + orow * p.ldc + col) = v;
               }
             }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(stg_empty + slot * 8);
           }
-          __syncwarp();
-          if (lane == 0) mbar_arrive(stg_empty + cw * 8);
         }
         if (RAISE) {
           if (t.sig >= 0) {
@@ -453,9 +456,8 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
     const int cw = wg - 1;
     const int lt = threadIdx.x % 128;
     const int warp = lt / 32, lane = lt % 32;
-    const unsigned buf = staging + cw * (64 * BN * 2);
-    int it = 0, n = 0;
-    for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x, ++n) {
+    int it = 0, use = 0;
+    for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
       const TileDesc t = p.tiles[ti];
       float acc[NB][64];
 #pragma unroll
@@ -468,8 +470,9 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
         const unsigned ph = (unsigned)(it / STAGES) & 1u;
         mbar_wait(bars + s * 8, ph);
         if (*abort_flag) {
+          // Wake the storers (they wait on this consumer's next pass).
           __syncwarp();
-          if (lane == 0) mbar_arrive(stg_full + cw * 8);  // lets the storers see it
+          if (lane == 0) mbar_arrive(stg_full + (cw * NBUF + use % NBUF) * 8);
           return;
         }
         const unsigned sa = ring + s * S::STAGE_BYTES + cw * 64 * BK * 2;
@@ -506,11 +509,13 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
           wrow[h] = r < t.rows ? p.scatter_w[t.row0 + r] : 0.f;
         }
       }
-      // The storers must have drained this buffer (previous tile).
-      mbar_wait(stg_empty + cw * 8, ((unsigned)n & 1u) ^ 1u);
 #pragma unroll
-      for (int pass = 0; pass < PASSES; ++pass) {
-        const unsigned sub = buf + pass * (64 * 128 * 2);
+      for (int pass = 0; pass < PASSES; ++pass, ++use) {
+        const int b = use % NBUF;
+        const unsigned slot = (unsigned)(cw * NBUF + b);
+        // The storers must have drained this buffer's previous pass.
+        mbar_wait(stg_empty + slot * 8, ((unsigned)(use / NBUF) & 1u) ^ 1u);
+        const unsigned sub = staging + slot * S::PASS_BYTES;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int sr = warp * 16 + (lane >> 2) + h * 8;
@@ -531,9 +536,9 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
             st_shared_u32(sub + stg_off(sr, col), pack_bf16x2(o0, o1));
           }
         }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(stg_full + slot * 8);
       }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(stg_full + cw * 8);
     }
   }
 }

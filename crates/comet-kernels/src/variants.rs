@@ -101,12 +101,22 @@ impl Family {
         stages: 4,
         storer: false,
     };
-    /// Storer warps overlap the epilogue with the next tile; 3-stage ring.
+    /// Storer warps write finished passes while the consumers go on; 4-stage ring.
     pub const SM90_WS: Family = Family::Sm90 {
         bn: 256,
-        stages: 3,
+        stages: 4,
         storer: true,
     };
+}
+
+/// Shared memory an sm_90a block may use (H100/H200 opt-in limit).
+const SM90_SMEM: u32 = 232_448;
+
+/// Staging buffers (64 x 128 bf16 per consumer each) the storer variant
+/// gets from what the ring leaves: at least 1, at most 2.
+fn storer_bufs(bn: u32, stages: u32) -> u32 {
+    let ring = stages * (128 * 64 * 2 + bn * 64 * 2);
+    (SM90_SMEM.saturating_sub(ring + 1152) / (2 * 64 * 128 * 2)).clamp(1, 2)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -180,7 +190,7 @@ impl GemmVariant {
                 threads: 384,
                 smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2)
                     + if storer {
-                        2 * 64 * bn * 2
+                        storer_bufs(bn, stages) * 2 * 64 * 128 * 2
                     } else {
                         2 * 64 * 128 * 2
                     }
@@ -214,8 +224,9 @@ impl GemmVariant {
                 SM90_CU,
                 format!(
                     "extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ \
-                     comet::sm90::HopperParams hp) {{ comet::sm90::{}<{epi}, {w}, {r}, {bn}, {stages}>(hp); }}\n",
-                    if storer { "gemm_ws" } else { "gemm" }
+                     comet::sm90::HopperParams hp) {{ comet::sm90::{}<{epi}, {w}, {r}, {bn}, {stages}{}>(hp); }}\n",
+                    if storer { "gemm_ws" } else { "gemm" },
+                    if storer { format!(", {}", storer_bufs(bn, stages)) } else { String::new() }
                 ),
             ),
         };

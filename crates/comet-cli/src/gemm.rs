@@ -25,7 +25,8 @@ pub struct GemmBenchArgs {
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
     /// Kernel families, comma separated: auto (the default on this GPU),
-    /// sm80, sm90 (consumers store) or sm90ws (storer warps).
+    /// sm80, sm90 (consumers store) or sm90ws (storer warps). Each gets
+    /// its own table with cuBLAS beside it; torch is compared with the first.
     #[arg(long, default_value = "auto")]
     pub family: String,
     /// torch._grouped_mm baseline: auto (when python3 + torch exist) or off.

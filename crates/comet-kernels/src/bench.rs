@@ -335,7 +335,14 @@ pub fn run_on_first_gpu(
     family: Option<Family>,
     iters: usize,
 ) -> Result<(String, Vec<BenchResult>), KernelError> {
-    let ctx = CudaContext::new(0)?;
+    let ctx = crate::gemm::open_gpu(0)?;
+    // SAFETY: only dlopen()s candidate names; checked so a missing cuBLAS
+    // is an error, not cudarc's panic.
+    if !unsafe { cbsys::is_culib_present() } {
+        return Err(KernelError::Unsupported(
+            "no cuBLAS library found (LD_LIBRARY_PATH)".into(),
+        ));
+    }
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
     Ok((name, run_gemm_bench(ctx, cases, family, iters)?))
 }

@@ -164,6 +164,18 @@ fn drv(r: sys::CUresult) -> Result<(), KernelError> {
     r.result().map_err(KernelError::Driver)
 }
 
+/// Opens GPU `ordinal`, with an error instead of cudarc's panic when no
+/// CUDA driver library can be loaded (machines without a GPU).
+pub fn open_gpu(ordinal: usize) -> Result<Arc<CudaContext>, KernelError> {
+    // SAFETY: only dlopen()s candidate library names and closes them.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(KernelError::Unsupported(
+            "no CUDA driver library (libcuda) found".into(),
+        ));
+    }
+    Ok(CudaContext::new(ordinal)?)
+}
+
 /// The installed driver's version (e.g. 13000), 0 when none is loaded.
 pub fn driver_version() -> i32 {
     let mut v = 0;

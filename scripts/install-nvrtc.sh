@@ -31,11 +31,10 @@ if [[ ! -f "$INC/cuda_bf16.h" ]]; then
   echo "install-nvrtc.sh: $INC/cuda_bf16.h missing after install" >&2
   exit 1
 fi
-# cudarc's dynamic loading dlopen()s "libnvrtc.so" and versioned names; the
-# wheel ships only libnvrtc.so.13, so give it the unversioned names too.
-for so in "$LIB"/libnvrtc.so.13 "$LIB"/libnvrtc-builtins.so.13.0; do
-  [[ -e "$so" ]] || continue
-done
+# cudarc's dynamic loading tries "libnvrtc.so" first, then versioned names
+# (libnvrtc.so.13 among them); the wheel ships only the versioned file, so
+# add the plain name too. comet-kernels also preloads both libraries by full
+# path from COMET_NVRTC_LIB_DIR, so LD_LIBRARY_PATH is optional.
 if [[ -e "$LIB/libnvrtc.so.13" && ! -e "$LIB/libnvrtc.so" ]]; then
   ln -s libnvrtc.so.13 "$LIB/libnvrtc.so"
 fi

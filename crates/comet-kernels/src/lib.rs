@@ -8,6 +8,28 @@
 //! - [`tiles`]: tile lists (pure Rust) built from expert row counts or from
 //!   comet-core's layer schedules.
 //! - [`gemm`]: loading and launching a variant on a GPU.
+//! - [`device`]: a problem's buffers on the GPU (poisoned output, error
+//!   word) and host-driven signal raises; [`problem`]: host data and the
+//!   f64 reference; [`mod@bench`]: the side-by-side benchmark.
+//!
+//! A fused layer launch from the scheduler looks like this (pointers are
+//! the layer's buffers; `signals` may be peer or host-mapped memory):
+//!
+//! ```ignore
+//! let rt = GemmRuntime::new(ctx)?;                       // picks sm_90a on H100/H200
+//! let v = GemmVariant::new(rt.default_family(), Epilogue::SwiGlu,
+//!                          Hooks { wait: true, raise: false });
+//! let tiles = TileList::layer0(&layer0_schedule, cfg.ffn, &v)?;  // upload tiles + deps
+//! let args = GemmArgs { a, b, c, tiles: d_tiles, num_tiles, total_rows, k: cfg.hidden,
+//!     n: 2 * cfg.ffn, ldc: cfg.ffn, experts, scatter_idx: 0, scatter_w: 0, err,
+//!     hooks: Some(HookArgs { signals, deps: d_deps, wait_target: epoch,
+//!                            raise_value: epoch, timeout_ns }) };
+//! unsafe { rt.launch(&v, &args, &stream)? };
+//! // after the stream: gemm::check_error_word(err word) names a timed-out signal
+//! ```
+//!
+//! B is per expert `[N, K]` row-major (K contiguous, like torch's
+//! `Linear.weight`), i.e. the transpose of comet_core's `fc1`/`fc2`.
 
 pub mod bench;
 pub mod device;

@@ -12,7 +12,7 @@ use comet_core::weights::random_tokens;
 use comet_core::{ExpertWeights, MoeConfig, Preset, Routing, RoutingKind};
 use comet_sched::tile_math::fc1_swiglu;
 use comet_sched::{CallStats, CpuWorld, ExecMode, ExecOptions, RankInput, Trace};
-use comet_transport::local::DelayModel;
+use comet_transport::local::{DelayModel, LinkModel};
 use std::time::{Duration, Instant};
 
 /// Relative tolerance of the f32 executor against the f64 reference.
@@ -44,6 +44,13 @@ pub struct LayerArgs {
     /// Random delay bound of the local transport per put/signal, microseconds.
     #[arg(long, default_value_t = 0)]
     pub delay_us: u64,
+    /// Emulated link between ranks, GB/s per direction (0: plain memcpy).
+    /// Gives the overlap something to hide on a CPU.
+    #[arg(long, default_value_t = 0.0)]
+    pub link_gbps: f64,
+    /// Latency of the emulated link, microseconds.
+    #[arg(long, default_value_t = 10)]
+    pub link_latency_us: u64,
     /// Bound on every wait, seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
@@ -108,14 +115,33 @@ pub fn run(a: LayerArgs) -> Result<()> {
     let (gflops, gbps) = calibrate(&cfg);
     // Per rank: its share of the cores computes; copies run beside it.
     let per_rank_gflops = gflops * cores.min(cfg.ranks) as f64 / cfg.ranks as f64;
+    anyhow::ensure!(
+        a.link_gbps >= 0.0 && a.link_gbps.is_finite(),
+        "--link-gbps must be a finite number >= 0"
+    );
+    let link = (a.link_gbps > 0.0).then(|| LinkModel {
+        gbps: a.link_gbps,
+        latency: Duration::from_micros(a.link_latency_us),
+    });
     let mut dev = DeviceFigures::cpu(per_rank_gflops, gbps, 1);
     dev.bm = a.bm;
+    if let Some(l) = link {
+        dev.link_gbps = l.gbps;
+        dev.block_gbps = l.gbps;
+        dev.link_latency_us = l.latency.as_secs_f64() * 1e6;
+    }
     let est = CostModel::estimate(&cfg, a.tokens, &dev);
     let shape = TileShape {
         bm: a.bm,
         chunk_cols: est.shape.chunk_cols,
     };
 
+    if let Some(l) = link {
+        eprintln!(
+            "comet bench: emulated link {} GB/s, {:?} latency between ranks",
+            l.gbps, l.latency
+        );
+    }
     eprintln!(
         "comet bench: CPU executor (no GPU path selected), {} ({}), {} tokens/rank, {} routing, {} cores",
         preset.name(), cfg, a.tokens, a.routing, cores
@@ -125,7 +151,7 @@ pub fn run(a: LayerArgs) -> Result<()> {
         max: Duration::from_micros(a.delay_us),
     });
     let timeout = Duration::from_secs(a.timeout_s);
-    let mut world = CpuWorld::new(&cfg, a.tokens, shape, delay, a.seed, timeout)?;
+    let mut world = CpuWorld::with_link(&cfg, a.tokens, shape, delay, link, a.seed, timeout)?;
     let inputs: Vec<RankInput> = (0..cfg.ranks)
         .map(|r| {
             let routing = Routing::generate(&cfg, r, a.tokens, kind, a.seed);
@@ -243,8 +269,8 @@ pub fn run(a: LayerArgs) -> Result<()> {
         verdict(base.max_err)
     );
     println!(
-        "cost model (calibrated: {:.1} GFLOP/s per core, {:.1} GB/s copies): predicted baseline {:.3} ms, overlapped {:.3} ms; measured {:.3} / {:.3} ms",
-        gflops, gbps, est.baseline_ms, est.overlapped_ms, ms(base.median.total), ms(fused.median.total)
+        "cost model (calibrated: {:.1} GFLOP/s per core, link {:.1} GB/s): predicted baseline {:.3} ms, overlapped {:.3} ms; measured {:.3} / {:.3} ms",
+        gflops, dev.link_gbps, est.baseline_ms, est.overlapped_ms, ms(base.median.total), ms(fused.median.total)
     );
     if let (Some(path), Some(t)) = (&a.trace, &fused.trace) {
         let text = serde_json::to_string(&t.to_json())?;

@@ -22,7 +22,7 @@ use crate::trace::{Trace, Track};
 use comet_core::layout::{ring_dest, LayoutPlan};
 use comet_core::schedule::{combine_waits, Layer0Schedule, Layer1Schedule, SignalMap, TileShape};
 use comet_core::{ExpertWeights, MoeConfig, Routing};
-use comet_transport::local::{local_world, DelayModel, LocalTransport};
+use comet_transport::local::{local_world_with_link, DelayModel, LinkModel, LocalTransport};
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -695,9 +695,23 @@ impl CpuWorld {
         weight_seed: u64,
         timeout: Duration,
     ) -> Result<CpuWorld, SchedError> {
+        CpuWorld::with_link(cfg, max_tokens, shape, delay, None, weight_seed, timeout)
+    }
+
+    /// Like [`CpuWorld::new`], with transfers between ranks paced by an
+    /// emulated link, so that overlap has something to hide on a CPU.
+    pub fn with_link(
+        cfg: &MoeConfig,
+        max_tokens: usize,
+        shape: TileShape,
+        delay: Option<DelayModel>,
+        link: Option<LinkModel>,
+        weight_seed: u64,
+        timeout: Duration,
+    ) -> Result<CpuWorld, SchedError> {
         cfg.validate()?;
         shape.validate(cfg)?;
-        let transports = local_world(cfg.ranks, delay);
+        let transports = local_world_with_link(cfg.ranks, delay, link);
         let ranks = std::thread::scope(|s| {
             let handles: Vec<_> = transports
                 .into_iter()

@@ -28,6 +28,15 @@ pub struct DelayModel {
     pub max: Duration,
 }
 
+/// An emulated link between every pair of ranks: puts between two ranks
+/// are serialised at `gbps` and land `latency` after their last byte left,
+/// so the CPU executor sees transfers that take time, as on a real link.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkModel {
+    pub gbps: f64,
+    pub latency: Duration,
+}
+
 type Buffer = Arc<Mutex<Vec<u8>>>;
 
 struct RankMem {
@@ -80,11 +89,14 @@ struct DeliveryState {
     rng: ChaCha8Rng,
     /// Latest due time of a put per (src, dst): signals wait for it.
     last_put_due: Vec<Option<Instant>>,
+    /// When the emulated link (src, dst) is free for the next put.
+    link_free: Vec<Option<Instant>>,
     shutdown: bool,
 }
 
 struct Delivery {
     max: Duration,
+    link: Option<LinkModel>,
     state: Mutex<DeliveryState>,
     cv: Condvar,
 }
@@ -172,6 +184,17 @@ pub struct LocalTransport {
 
 /// Builds the W handles of one in-process world.
 pub fn local_world(world: usize, delay: Option<DelayModel>) -> Vec<LocalTransport> {
+    local_world_with_link(world, delay, None)
+}
+
+/// Like [`local_world`], with puts between ranks timed by an emulated link.
+pub fn local_world_with_link(
+    world: usize,
+    delay: Option<DelayModel>,
+    link: Option<LinkModel>,
+) -> Vec<LocalTransport> {
+    let delay = delay.filter(|d| !d.max.is_zero());
+    let link = link.filter(|l| l.gbps > 0.0 && l.gbps.is_finite());
     let shared = Arc::new(Shared {
         world,
         ranks: (0..world)
@@ -185,13 +208,15 @@ pub fn local_world(world: usize, delay: Option<DelayModel>) -> Vec<LocalTranspor
         alive: AtomicUsize::new(world),
         barrier: Mutex::new((0, 0)),
         barrier_cv: Condvar::new(),
-        delivery: delay.filter(|d| !d.max.is_zero()).map(|d| Delivery {
-            max: d.max,
+        delivery: (delay.is_some() || link.is_some()).then(|| Delivery {
+            max: delay.map_or(Duration::ZERO, |d| d.max),
+            link,
             state: Mutex::new(DeliveryState {
                 heap: BinaryHeap::new(),
                 seq: 0,
-                rng: ChaCha8Rng::seed_from_u64(d.seed),
+                rng: ChaCha8Rng::seed_from_u64(delay.map_or(0, |d| d.seed)),
                 last_put_due: vec![None; world * world],
+                link_free: vec![None; world * world],
                 shutdown: false,
             }),
             cv: Condvar::new(),
@@ -259,8 +284,22 @@ impl LocalTransport {
             return;
         };
         let mut st = lock(&d.state);
-        let delay = st.rng.gen_range(Duration::ZERO..d.max);
-        let mut due = Instant::now() + delay;
+        let now = Instant::now();
+        let delay = if d.max.is_zero() {
+            Duration::ZERO
+        } else {
+            st.rng.gen_range(Duration::ZERO..d.max)
+        };
+        let mut due = now + delay;
+        if let (Some(link), Op::Put { dst, data, .. }) = (d.link, &op) {
+            if *dst != src {
+                let slot = &mut st.link_free[src * self.shared.world + dst];
+                let start = slot.map_or(now, |t| t.max(now));
+                let done = start + Duration::from_secs_f64(data.len() as f64 / (link.gbps * 1e9));
+                *slot = Some(done);
+                due = due.max(done + link.latency);
+            }
+        }
         let seq = st.seq;
         st.seq += 1;
         match &op {
@@ -547,6 +586,37 @@ mod tests {
     }
 
     #[test]
+    fn emulated_link_paces_puts() {
+        // 1 GB/s: four 1 MB puts to one peer take about 4 ms on the link.
+        let link = LinkModel {
+            gbps: 1.0,
+            latency: Duration::from_micros(10),
+        };
+        let w = local_world_with_link(2, None, Some(link));
+        let b0 = w[0].alloc_buffer(4 << 20).unwrap();
+        w[1].alloc_buffer(4 << 20).unwrap();
+        w[1].alloc_signals(1).unwrap();
+        let start = Instant::now();
+        for i in 0..4 {
+            w[0].put(1, b0, i << 20, &vec![i as u8 + 1; 1 << 20])
+                .unwrap();
+        }
+        w[0].signal(1, 0, SignalOp::Set(1)).unwrap();
+        w[1].wait(0, 1, T).unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_micros(4000),
+            "link did not pace the puts"
+        );
+        let mut out = vec![0u8; 4 << 20];
+        w[1].read(b0, 0, &mut out).unwrap();
+        for i in 0..4 {
+            assert!(out[i << 20..(i + 1) << 20]
+                .iter()
+                .all(|&v| v == i as u8 + 1));
+        }
+    }
+
+    #[test]
     fn bounded_wait_names_rank_and_signal() {
         let w = local_world(2, None);
         w[1].alloc_signals(4).unwrap();
@@ -605,8 +675,9 @@ mod tests {
             w[0].signal(1, 0, SignalOp::Set(1)),
             Err(TransportError::NotAllocated { .. })
         ));
+        w[0].alloc_buffer(32).unwrap();
         assert!(matches!(
-            w[1].alloc_buffer(32),
+            w[1].alloc_buffer(64),
             Err(TransportError::Mismatch { .. })
         ));
     }

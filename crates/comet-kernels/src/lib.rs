@@ -8,6 +8,8 @@
 //! - [`tiles`]: tile lists (pure Rust) built from expert row counts or from
 //!   comet-core's layer schedules.
 //! - [`gemm`]: loading and launching a variant on a GPU.
+//! - [`layer`]: the small kernels around a layer's GEMMs (combine reduce,
+//!   output poisoning) for comet-sched's GPU executor.
 //! - [`device`]: a problem's buffers on the GPU (poisoned output, error
 //!   word) and host-driven signal raises; [`problem`]: host data and the
 //!   f64 reference; [`mod@bench`]: the side-by-side benchmark.
@@ -35,6 +37,7 @@ pub mod bench;
 pub mod device;
 pub mod error;
 pub mod gemm;
+pub mod layer;
 pub mod nvrtc;
 pub mod problem;
 pub mod tiles;

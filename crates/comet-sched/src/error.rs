@@ -19,6 +19,10 @@ pub enum SchedError {
         needed: usize,
         capacity: usize,
     },
+    /// A GPU failure: a driver or kernel error, or a device wait that
+    /// timed out (the message names the signal).
+    #[error("rank {rank}: GPU: {message}")]
+    Device { rank: usize, message: String },
     #[error("rank {rank} worker panicked: {message}")]
     Panicked { rank: usize, message: String },
 }

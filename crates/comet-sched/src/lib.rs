@@ -6,10 +6,13 @@
 //! epilogue (DESIGN.md sections 3, 4 and 6). This crate holds the CPU
 //! executor (ranks as threads over any `Transport`, one compute and one
 //! communication worker per rank, mirroring the GPU's specialised thread
-//! blocks) and the non-overlapped baseline executor used for comparison.
+//! blocks) and the non-overlapped baseline executor used for comparison,
+//! and (feature `gpu`) the GPU executor running the real kernels.
 
 pub mod cpu;
 pub mod error;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod tile_math;
 pub mod trace;
 

@@ -8,15 +8,18 @@
 //! 1. count exchange through the transport, exactly as the CPU executor
 //!    (double-buffered by epoch parity; it is also the fence that keeps call
 //!    n+1's writes out of buffers still read by call n);
-//! 2. layer0: `x` is uploaded already in send order (global expert order,
-//!    slot order inside: the order of the segments), so dispatch is one
-//!    device-to-device `put_device` per non-empty segment straight into its
-//!    final rows on the destination, followed on the same communication
-//!    stream by `dispatch(le, me) = epoch`. Staging on the host keeps the
-//!    dispatch free of kernels: ranks sharing one GPU can then never wait
-//!    for SMs held by a peer's spinning GEMM. FC1+SwiGLU is ONE launch over
-//!    the layer0 tile list whose prologue waits (bounded) on exactly the
-//!    dispatch signals of each tile's rows;
+//! 2. layer0: FC1+SwiGLU is ONE launch over the layer0 tile list whose
+//!    prologue waits (bounded) on exactly the dispatch signals of each
+//!    tile's rows (the COMET prologue), launched first; then `x`, staged on
+//!    the host in send order (global expert order, slot order inside: the
+//!    order of the segments) as bf16, is put per non-empty segment straight
+//!    into its final rows on the destination, each followed on the same
+//!    communication stream by `dispatch(le, me) = epoch`. The dispatch is a
+//!    host-to-device put (copy engine), not a device-to-device one: with W
+//!    ranks on one GPU, a hooked FC1 grid that fills every SM while it
+//!    spins on a peer's signals starved that peer's device-to-device copies
+//!    (observed on one H100 at mixtral-8x7b size: the wait timed out), while
+//!    host-to-device copies never need an SM;
 //! 3. layer1: FC2 is one launch per column chunk into a contiguous
 //!    `[rows, cols]` chunk buffer (FC2 weights are stored chunk-major); the
 //!    communication stream waits on an event recorded after launch c, then
@@ -83,6 +86,9 @@ pub struct GpuCallStats {
     pub exchange: Duration,
     /// From the end of the count exchange to the end of the call.
     pub layers: Duration,
+    /// The layer on the GPU: from the first dispatch put (inputs and
+    /// tables uploaded) until both streams are done (host clock).
+    pub device: Duration,
     pub rows_received: usize,
 }
 
@@ -106,8 +112,6 @@ struct Private {
     w1: CudaSlice<bf16>,
     /// bf16 `[chunks][epr][cols][F]` (B of FC2, chunk-major).
     w2: CudaSlice<bf16>,
-    /// bf16 `[max_tokens * k, H]`: x in send order.
-    stage: CudaSlice<bf16>,
     /// bf16 `[recv_cap_rows, F]`.
     act: CudaSlice<bf16>,
     /// bf16 `[chunks][recv_cap_rows][cols]`.
@@ -323,9 +327,6 @@ impl<T: DeviceTransport> GpuRank<T> {
         let mem = Private {
             w1: stream.clone_htod(&w1).map_err(|e| alloc("upload FC1", e))?,
             w2: stream.clone_htod(&w2).map_err(|e| alloc("upload FC2", e))?,
-            stage: stream
-                .alloc_zeros::<bf16>(sent_cap.max(1) * h)
-                .map_err(|e| alloc("allocate staging", e))?,
             act: stream
                 .alloc_zeros::<bf16>(recv_cap_rows.max(1) * f)
                 .map_err(|e| alloc("allocate activations", e))?,
@@ -448,15 +449,16 @@ impl<T: DeviceTransport> GpuRank<T> {
         let rows_sent = plan.rows_sent(rank);
         let (chunks, cols) = (self.map.chunks, self.shape.chunk_cols);
 
-        // Host staging: x rows in send order, and the per-call tables.
-        let mut send = vec![bf16::ZERO; rows_sent * h];
+        // Host staging: x rows in send order as bf16 bytes (little-endian
+        // like the device), and the per-call tables.
+        let mut send = vec![0u8; rows_sent * h * 2];
         for (slot, &p) in positions.iter().enumerate() {
             let t = slot / k;
-            for (d, &v) in send[p * h..(p + 1) * h]
-                .iter_mut()
+            for (d, &v) in send[p * h * 2..(p + 1) * h * 2]
+                .chunks_exact_mut(2)
                 .zip(&x[t * h..(t + 1) * h])
             {
-                *d = bf16::from_f32(v);
+                d.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
             }
         }
         let fc1_v = match mode {
@@ -481,12 +483,6 @@ impl<T: DeviceTransport> GpuRank<T> {
 
         let s = &self.stream;
         let up = |what: &str, e| dev(rank, what, e);
-        // SAFETY (for the raw device writes below): the staging buffer holds
-        // max_tokens * k rows, rows_sent <= tokens * k.
-        if rows_sent > 0 {
-            s.memcpy_htod(&send, &mut self.mem.stage.slice_mut(0..rows_sent * h))
-                .map_err(|e| up("upload x", e))?;
-        }
         let d_l0_tiles =
             upload::<TileDesc>(s, &l0_list.tiles).map_err(|e| up("upload tiles", e))?;
         let d_l0_deps = upload::<u32>(s, &l0_list.deps).map_err(|e| up("upload deps", e))?;
@@ -508,46 +504,17 @@ impl<T: DeviceTransport> GpuRank<T> {
             .map_err(|e| dev(rank, "poison", e))?;
         }
         s.synchronize().map_err(|e| up("synchronize uploads", e))?;
+        let t_dev = Instant::now();
 
-        let stage = ptr(&self.mem.stage, s);
         let recv_ptr = self.t.buffer_ptr(self.bufs.recv)?;
         let comb_ptr = self.t.buffer_ptr(self.bufs.combine)?;
         let signals = self.t.signals_ptr()? + 8 * w as u64;
         let err = self.t.error_word_ptr();
         let timeout_ns = opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
 
-        // 2. Layer0: dispatch every segment (ring order), then FC1.
-        for i in 0..w {
-            let dst = ring_dest(rank, i, w);
-            for le in 0..cfg.experts_per_rank() {
-                let seg = plan.recv[dst].segment(le, rank, w);
-                if seg.rows == 0 {
-                    continue;
-                }
-                let from = plan.send_offset(rank, cfg.global_expert(dst, le));
-                self.t.put_device(
-                    dst,
-                    self.bufs.recv,
-                    seg.row * h * 2,
-                    stage + (from * h * 2) as u64,
-                    seg.rows * h * 2,
-                )?;
-                self.t.signal(
-                    dst,
-                    self.sig(self.map.dispatch(le, rank)),
-                    SignalOp::Set(epoch),
-                )?;
-            }
-        }
-        if mode == ExecMode::Baseline {
-            for seg in plan.recv[rank].segments.iter().filter(|s| s.rows > 0) {
-                self.t.wait(
-                    self.sig(self.map.dispatch(seg.expert, seg.src)),
-                    epoch,
-                    opts.timeout,
-                )?;
-            }
-        }
+        // 2. Layer0. Fused: FC1 first (its tiles wait on their segments'
+        // signals), then the dispatch; baseline: dispatch, wait for every
+        // segment, FC1 without hooks.
         let fc1_args = GemmArgs {
             a: recv_ptr,
             b: ptr(&self.mem.w1, s),
@@ -570,11 +537,27 @@ impl<T: DeviceTransport> GpuRank<T> {
                 timeout_ns,
             }),
         };
-        // SAFETY: A is the receive buffer (recv_rows <= capacity rows of H),
-        // B holds epr experts of [2F, H], C holds recv_cap rows of F, the
-        // tile list was validated against these shapes and lives until the
-        // stream is synchronised below.
-        unsafe { self.rt.launch(&fc1_v, &fc1_args, s) }.map_err(|e| dev(rank, "FC1", e))?;
+        let launch_fc1 = || {
+            // SAFETY: A is the receive buffer (recv_rows <= capacity rows of
+            // H), B holds epr experts of [2F, H], C holds recv_cap rows of F,
+            // the tile list was validated against these shapes and lives
+            // until the stream is synchronised below.
+            unsafe { self.rt.launch(&fc1_v, &fc1_args, s) }.map_err(|e| dev(rank, "FC1", e))
+        };
+        if mode == ExecMode::Fused {
+            launch_fc1()?;
+        }
+        self.dispatch(&plan, &send, epoch)?;
+        if mode == ExecMode::Baseline {
+            for seg in plan.recv[rank].segments.iter().filter(|s| s.rows > 0) {
+                self.t.wait(
+                    self.sig(self.map.dispatch(seg.expert, seg.src)),
+                    epoch,
+                    opts.timeout,
+                )?;
+            }
+            launch_fc1()?;
+        }
 
         // 3. Layer1: FC2 chunk by chunk; each chunk leaves once computed.
         let comm = self.t.comm_stream();
@@ -653,6 +636,7 @@ impl<T: DeviceTransport> GpuRank<T> {
             .comm_stream()
             .synchronize()
             .map_err(|e| dev(rank, "synchronize comm", e))?;
+        let device = t_dev.elapsed();
         drop(events);
         self.check_device(rank)?;
         let mut y = vec![0f32; routing.tokens * h];
@@ -667,9 +651,40 @@ impl<T: DeviceTransport> GpuRank<T> {
                 total: start.elapsed(),
                 exchange,
                 layers: t_layers.elapsed(),
+                device,
                 rows_received: recv_rows,
             },
         })
+    }
+
+    /// Layer0 communication: every segment straight to its final rows on
+    /// its destination (ring order), then `dispatch(le, me) = epoch` on the
+    /// same stream. The rows are put from the host (a copy-engine transfer),
+    /// so the dispatch never needs an SM; see the module docs for why.
+    fn dispatch(&self, plan: &LayoutPlan, send: &[u8], epoch: u64) -> Result<(), SchedError> {
+        let (w, h, rank) = (self.cfg.ranks, self.cfg.hidden, self.t.rank());
+        for i in 0..w {
+            let dst = ring_dest(rank, i, w);
+            for le in 0..self.cfg.experts_per_rank() {
+                let seg = plan.recv[dst].segment(le, rank, w);
+                if seg.rows == 0 {
+                    continue;
+                }
+                let from = plan.send_offset(rank, self.cfg.global_expert(dst, le)) * h * 2;
+                self.t.put(
+                    dst,
+                    self.bufs.recv,
+                    seg.row * h * 2,
+                    &send[from..from + seg.rows * h * 2],
+                )?;
+                self.t.signal(
+                    dst,
+                    self.sig(self.map.dispatch(le, rank)),
+                    SignalOp::Set(epoch),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Combine sends of one chunk (enqueued on the communication stream).

@@ -83,14 +83,17 @@ fn check(w: usize, ffn: usize, experts: usize, kind: RoutingKind, max_tokens: us
                 RankInput { x, routing }
             })
             .collect();
+        let reference: Vec<Vec<f64>> = inputs
+            .iter()
+            .map(|inp| moe_layer(&cfg, &inp.x, &inp.routing, &all).unwrap())
+            .collect();
         for mode in [ExecMode::Fused, ExecMode::Baseline] {
             let outs = world
                 .run(&inputs, mode, &opts)
                 .unwrap_or_else(|e| panic!("W={w} {kind:?} epoch {epoch} {mode:?}: {e}"));
-            for (r, (o, inp)) in outs.iter().zip(&inputs).enumerate() {
-                let want = moe_layer(&cfg, &inp.x, &inp.routing, &all).unwrap();
+            for (r, ((o, inp), want)) in outs.iter().zip(&inputs).zip(&reference).enumerate() {
                 assert_eq!(o.y.len(), want.len());
-                let err = max_error(&o.y, &want);
+                let err = max_error(&o.y, want);
                 eprintln!(
                     "W={w} F={ffn} E={experts} {kind:?} epoch {epoch} {mode:?} rank {r}: tokens {} rows recv {} max err {err:.2e}",
                     inp.routing.tokens, o.stats.rows_received

@@ -59,6 +59,10 @@ pub struct LayerArgs {
     pub trace: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Run on the GPU executor (all ranks share GPU 0); `--preset all`
+    /// runs mixtral-8x7b, qwen2-moe and phi3.5-moe.
+    #[arg(long)]
+    pub gpu: bool,
 }
 
 struct ModeResult {
@@ -103,6 +107,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn run(a: LayerArgs) -> Result<()> {
+    if a.gpu {
+        return crate::layer_gpu::run(&a);
+    }
     anyhow::ensure!(a.iters >= 1, "--iters must be at least 1");
     anyhow::ensure!(a.bm >= 1, "--bm must be at least 1");
     let preset: Preset = a.preset.parse()?;

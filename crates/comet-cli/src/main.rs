@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 mod gemm;
 mod launch;
 mod layer;
+mod layer_gpu;
 mod plan;
 mod transport_bench;
 
@@ -26,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run and time the MoE layer (default), or a component benchmark.
-    Bench(BenchCmd),
+    Bench(Box<BenchCmd>),
     /// Print the layout plan and the cost model's choices for a preset.
     Plan(plan::PlanArgs),
     /// Start W local ranks of a command with torchrun's environment.

@@ -16,10 +16,11 @@
 //!    into its final rows on the destination, each followed on the same
 //!    communication stream by `dispatch(le, me) = epoch`. The dispatch is a
 //!    host-to-device put (copy engine), not a device-to-device one: with W
-//!    ranks on one GPU, a hooked FC1 grid that fills every SM while it
-//!    spins on a peer's signals starved that peer's device-to-device copies
-//!    (observed on one H100 at mixtral-8x7b size: the wait timed out), while
-//!    host-to-device copies never need an SM;
+//!    ranks on one GPU, a hooked FC1 grid that filled every SM while it
+//!    spun on a peer's signals timed out waiting for that peer's
+//!    device-to-device dispatch (one H100, mixtral-8x7b size; small shapes
+//!    passed). The likely cause is that same-device copies need SMs;
+//!    host-to-device copies run on the copy engines and never do;
 //! 3. layer1: FC2 is one launch per column chunk into a contiguous
 //!    `[rows, cols]` chunk buffer (FC2 weights are stored chunk-major); the
 //!    communication stream waits on an event recorded after launch c, then

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job: builds the `comet` command in release mode and runs
-# `comet bench` (without a GPU: the CPU executor on the small default).
-# Extra arguments go to `comet bench`, e.g. `--preset qwen2-moe --scale-down 16`.
+# `comet bench`. With an NVIDIA GPU present: the GPU executor, fused vs
+# non-overlapped, on the three large presets (ranks share GPU 0). Without
+# one: the CPU executor on the small default, with a Perfetto trace.
+# Extra arguments go to `comet bench`, e.g. `--ranks 2 --tokens 512`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ! command -v cargo >/dev/null 2>&1; then
@@ -9,4 +11,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 cargo build --release -p comet-cli --quiet
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    exec ./target/release/comet bench --gpu --preset all --ranks 2 "$@"
+fi
 exec ./target/release/comet bench --trace target/comet-bench.trace.json "$@"

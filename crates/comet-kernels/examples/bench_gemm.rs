@@ -1,4 +1,4 @@
-//! Grouped GEMM benchmark without the CLI: `bench_gemm [sm80|sm90] [iters]`.
+//! Grouped GEMM benchmark without the CLI: `bench_gemm [sm80|sm90|sm90ws|sm90tma] [iters]`.
 
 use comet_core::Preset;
 use comet_kernels::bench::{format_table, preset_cases, run_gemm_bench};
@@ -10,6 +10,7 @@ fn main() {
         Some("sm80") => Some(Family::Sm80),
         Some("sm90") => Some(Family::SM90_DEFAULT),
         Some("sm90ws") => Some(Family::SM90_WS),
+        Some("sm90tma") => Some(Family::SM90_TMA),
         _ => None,
     };
     let iters = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);

@@ -21,7 +21,9 @@ struct alignas(64) TmaDesc {
 struct HopperParams {
   TmaDesc tma_a;  // A: dims {K, total_rows}, box {64, 128}
   TmaDesc tma_b;  // B: dims {K, N, E}, box {64, BN/2}
+  TmaDesc tma_c;  // C: dims {output cols, total_rows}, box {64, 64} (TMA-store variants)
   GemmParams p;
+  int tma_store;  // 0: tma_c is not valid here, every tile uses plain stores
 };
 
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
@@ -61,6 +63,28 @@ __device__ __forceinline__ void tma_load_3d(unsigned dst, const TmaDesc* map, un
       "{%3, %4, %5}], [%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
+}
+
+// Bulk tensor store of one 64 x 64 box from 128B-swizzled shared memory;
+// the copy reads shared memory asynchronously (bulk async-group of the
+// issuing thread), so the consumers go on to the next tile meanwhile.
+__device__ __forceinline__ void tma_store_2d(const TmaDesc* map, unsigned src, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+          reinterpret_cast<unsigned long long>(map)),
+      "r"(src), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's bulk stores have finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+// This thread's bulk stores are complete.
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Generic-proxy shared-memory writes become visible to the async proxy (TMA).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 // K-major operand in shared memory, 128-byte swizzle: rows of 64 bf16, 8-row
@@ -135,11 +159,12 @@ struct Smem {
   static constexpr int BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 128 + 1024;
 };
 
-// Staging tile [64 rows][128 cols] bf16; 16-byte chunk c of row r sits at
-// chunk c ^ (r & 7) so the fragment writes (8 rows per instruction) and the
-// row-wise 16-byte reads are both free of bank conflicts.
+// Staging tile [64 rows][128 cols] bf16 as two [64][64] halves of 8 KiB, each
+// in TMA's 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r & 7)),
+// so a half is one bulk-store box; the fragment writes (8 rows per
+// instruction) and the row-wise 16-byte reads are both free of bank conflicts.
 __device__ __forceinline__ unsigned stg_off(int r, int col) {
-  return (unsigned)(r * 256 + ((((col >> 3) ^ (r & 7)) & 15) << 4) + (col & 7) * 2);
+  return (unsigned)((col >> 6) * 8192 + r * 128 + ((((col >> 3) ^ r) & 7) << 4) + (col & 7) * 2);
 }
 
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned v) {
@@ -196,9 +221,17 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
   }
 }
 
-template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES>
+// TMA_ST: full tiles of the store epilogue leave through bulk tensor stores
+// (one thread per consumer issues them and only waits for the reads of its
+// staging before the next pass refills it), so the global writes overlap
+// the next pass and the next tile's math. Partial tiles (rows of the next
+// expert follow in C), scatter and raise-hook variants keep plain stores;
+// so does SwiGLU (one pass per tile: bulk stores measured no faster there,
+// 2026-11-23, docs/PERF.md).
+template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES, bool TMA_ST = false>
 __device__ __forceinline__ void gemm(const HopperParams& hp) {
   constexpr int NB = BN / 128;  // wgmma n128 blocks per consumer
+  constexpr bool TS = TMA_ST && EPI == EPI_STORE && !RAISE;
   using S = Smem<BN, STAGES>;
   extern __shared__ unsigned char smem_raw[];
   const unsigned raw = smem_u32(smem_raw);
@@ -241,11 +274,19 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       // One wgmma group stays in flight: slot kb-1 is released once group
       // kb is issued and kb-1 has retired.
       int prev_s = -1;
+      // Only a failed dependency wait sets the abort flag. Leaving the
+      // k-loop early made ptxas retire every wgmma group before each
+      // k-block's check, so an aborted tile runs to its end on stale
+      // operands without waiting (the producer has left) and the
+      // consumers leave after it.
+      bool aborted = false;
       for (int kb = 0; kb < kblocks; ++kb, ++it) {
         const int s = it % STAGES;
         const unsigned ph = (unsigned)(it / STAGES) & 1u;
-        mbar_wait(bars + s * 8, ph);
-        if (*abort_flag) return;
+        if (!aborted) {
+          mbar_wait(bars + s * 8, ph);
+          aborted = WAIT && *abort_flag;
+        }
         const unsigned sa = ring + s * S::STAGE_BYTES + cw * 64 * BK * 2;
         const unsigned sb = ring + s * S::STAGE_BYTES + S::A_BYTES;
         wgmma_fence();
@@ -271,6 +312,10 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 #pragma unroll
         for (int i = 0; i < 64; ++i) fence_acc(acc[b][i]);
       if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
+      if (WAIT && aborted) {
+        if (TS && lt == 0) bulk_wait_all();
+        return;
+      }
 
       // Epilogue: fragments -> swizzled staging (bf16) -> 16-byte coalesced
       // row stores. Accumulator i of n128 block b holds row
@@ -279,6 +324,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       // Output columns one pass covers (SwiGLU: BN/2 <= 128).
       constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
       const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
+      const bool bulk = TS && hp.tma_store != 0 && t.rows == BM;
       float wrow[2] = {1.f, 1.f};
       if (EPI == EPI_SCATTER) {
 #pragma unroll
@@ -289,6 +335,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       }
 #pragma unroll
       for (int pass = 0; pass < PASSES; ++pass) {
+        if (TS && lt == 0) bulk_wait_read();
         named_barrier(2 + cw, 128);  // earlier readers of the staging are done
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -311,7 +358,18 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
             st_shared_u32(stg + stg_off(sr, col), pack_bf16x2(o0, o1));
           }
         }
+        if (TS && bulk) fence_proxy_async_smem();
         named_barrier(2 + cw, 128);
+        if (TS && bulk) {
+          if (lt == 0) {
+            const int col0 = t.n0 + pass * 128;
+            const int row = t.row0 + cw * 64;
+            if (col0 < out_cols) tma_store_2d(&hp.tma_c, stg, col0, row);
+            if (col0 + 64 < out_cols) tma_store_2d(&hp.tma_c, stg + 8192, col0 + 64, row);
+            bulk_commit();
+          }
+          continue;
+        }
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int idx = lt + i * 128;
@@ -343,6 +401,8 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
         }
       }
     }
+    // Shared memory must outlive the last bulk stores' reads.
+    if (TS && lt == 0) bulk_wait_all();
   }
 }
 

@@ -81,11 +81,14 @@ struct GemmParamsC {
 struct HopperParamsC {
     tma_a: [u64; 16],
     tma_b: [u64; 16],
+    tma_c: [u64; 16],
     p: GemmParamsC,
+    tma_store: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 120);
-const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 384);
+const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 512);
+const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 504);
 
 /// Checks the shape rules every variant shares; one error naming the problem.
 pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
@@ -208,14 +211,17 @@ impl GemmRuntime {
         self.sms
     }
 
-    /// The fastest correct family here: Hopper's on sm_90a unless
-    /// `COMET_GEMM_FAMILY=sm80` asks for the portable one.
+    /// The fastest correct family here: Hopper's with TMA bulk stores
+    /// ([`Family::SM90_TMA`]) on sm_90a unless `COMET_GEMM_FAMILY` asks for
+    /// `sm80` (the portable one) or `sm90` (Hopper's with plain stores).
     pub fn default_family(&self) -> Family {
-        let want_sm80 = std::env::var("COMET_GEMM_FAMILY").is_ok_and(|v| v == "sm80");
-        if self.target.has_wgmma() && !want_sm80 {
+        let want = std::env::var("COMET_GEMM_FAMILY").unwrap_or_default();
+        if !self.target.has_wgmma() || want == "sm80" {
+            Family::Sm80
+        } else if want == "sm90" {
             Family::SM90_DEFAULT
         } else {
-            Family::Sm80
+            Family::SM90_TMA
         }
     }
 
@@ -341,7 +347,7 @@ impl GemmRuntime {
                     )
                 }?;
             }
-            Family::Sm90 { bn, .. } => {
+            Family::Sm90 { bn, tma_store, .. } => {
                 let tma_a = tensor_map(
                     args.a,
                     &[args.k as u64, args.total_rows as u64],
@@ -354,7 +360,26 @@ impl GemmRuntime {
                     &[args.k as u64 * 2, (args.n * args.k * 2) as u64],
                     &[64, bn / 2, 1],
                 )?;
-                let mut hp = HopperParamsC { tma_a, tma_b, p };
+                // C as bulk stores see it; a C the driver will not map (e.g. a
+                // misaligned base) just keeps every tile on plain stores.
+                let tma_c = if tma_store && v.epilogue == Epilogue::Store {
+                    tensor_map(
+                        args.c,
+                        &[args.n as u64, args.total_rows as u64],
+                        &[args.ldc as u64 * 2],
+                        &[64, 64],
+                    )
+                    .ok()
+                } else {
+                    None
+                };
+                let mut hp = HopperParamsC {
+                    tma_a,
+                    tma_b,
+                    tma_c: tma_c.unwrap_or([0; 16]),
+                    p,
+                    tma_store: i32::from(tma_c.is_some()),
+                };
                 let mut params = [&mut hp as *mut HopperParamsC as *mut c_void];
                 // SAFETY: as above, laid out as the kernel's HopperParams.
                 unsafe {

@@ -91,21 +91,41 @@ pub enum Family {
     /// warp + 2 consumer warpgroups with wgmma; sm_90a only. With `storer`,
     /// warps 1-3 of the producer warpgroup write finished tiles from a
     /// full-tile staging buffer while the consumers start the next tile.
-    Sm90 { bn: u32, stages: u32, storer: bool },
+    /// With `tma_store` (consumers storing only), full tiles of the store
+    /// epilogue without the raise hook leave through asynchronous TMA bulk
+    /// stores; every other case is the same code as without it.
+    Sm90 {
+        bn: u32,
+        stages: u32,
+        storer: bool,
+        tma_store: bool,
+    },
 }
 
 impl Family {
-    /// Consumers store their own tiles; 4-stage ring.
+    /// Consumers store their own tiles with plain 16-byte stores; 4-stage
+    /// ring. (The runtime's default is [`Family::SM90_TMA`].)
     pub const SM90_DEFAULT: Family = Family::Sm90 {
         bn: 256,
         stages: 4,
         storer: false,
+        tma_store: false,
+    };
+    /// As [`Family::SM90_DEFAULT`], with TMA bulk stores for full tiles of
+    /// the store epilogue: the default on sm_90a (about 1% faster there,
+    /// docs/PERF.md).
+    pub const SM90_TMA: Family = Family::Sm90 {
+        bn: 256,
+        stages: 4,
+        storer: false,
+        tma_store: true,
     };
     /// Storer warps write finished passes while the consumers go on; 4-stage ring.
     pub const SM90_WS: Family = Family::Sm90 {
         bn: 256,
         stages: 4,
         storer: true,
+        tma_store: false,
     };
 }
 
@@ -148,12 +168,18 @@ impl GemmVariant {
                 self.epilogue.tag(),
                 self.hooks.tag()
             ),
-            Family::Sm90 { bn, stages, storer } => {
+            Family::Sm90 {
+                bn,
+                stages,
+                storer,
+                tma_store,
+            } => {
                 format!(
-                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}",
+                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}{}",
                     self.epilogue.tag(),
                     self.hooks.tag(),
-                    if storer { "_ws" } else { "" }
+                    if storer { "_ws" } else { "" },
+                    if tma_store && !storer { "_tma" } else { "" }
                 )
             }
         }
@@ -186,7 +212,9 @@ impl GemmVariant {
                 threads: 128,
                 smem_bytes: 3 * (128 + 128) * 64 * 2,
             },
-            Family::Sm90 { bn, stages, storer } => LaunchShape {
+            Family::Sm90 {
+                bn, stages, storer, ..
+            } => LaunchShape {
                 threads: 384,
                 smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2)
                     + if storer {
@@ -220,13 +248,24 @@ impl GemmVariant {
                      comet::GemmParams p) {{ comet::sm80::gemm<{epi}, {w}, {r}>(p); }}\n"
                 ),
             ),
-            Family::Sm90 { bn, stages, storer } => (
+            Family::Sm90 {
+                bn,
+                stages,
+                storer,
+                tma_store,
+            } => (
                 SM90_CU,
                 format!(
                     "extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ \
                      comet::sm90::HopperParams hp) {{ comet::sm90::{}<{epi}, {w}, {r}, {bn}, {stages}{}>(hp); }}\n",
                     if storer { "gemm_ws" } else { "gemm" },
-                    if storer { format!(", {}", storer_bufs(bn, stages)) } else { String::new() }
+                    if storer {
+                        format!(", {}", storer_bufs(bn, stages))
+                    } else if tma_store {
+                        ", true".to_string()
+                    } else {
+                        String::new()
+                    }
                 ),
             ),
         };
@@ -256,6 +295,10 @@ pub fn all_gemm_variants() -> Vec<(GemmVariant, Target)> {
                 Target::SM90A,
             ));
             v.push((GemmVariant::new(Family::SM90_WS, epi, hooks), Target::SM90A));
+            v.push((
+                GemmVariant::new(Family::SM90_TMA, epi, hooks),
+                Target::SM90A,
+            ));
         }
     }
     v
@@ -297,7 +340,7 @@ mod tests {
         assert!(v.supports(Target::SM90A));
         assert!(!v.supports(Target::SM80));
         assert!(v.launch_shape().smem_bytes <= 227 * 1024);
-        for f in [Family::SM90_DEFAULT, Family::SM90_WS] {
+        for f in [Family::SM90_DEFAULT, Family::SM90_WS, Family::SM90_TMA] {
             let v = GemmVariant::new(f, Epilogue::Scatter, Hooks::ALL[3]);
             assert!(
                 v.launch_shape().smem_bytes <= 227 * 1024,

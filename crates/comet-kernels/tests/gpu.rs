@@ -31,6 +31,7 @@ fn families(rt: &GemmRuntime) -> Vec<Family> {
     if rt.target().has_wgmma() {
         f.push(Family::SM90_DEFAULT);
         f.push(Family::SM90_WS);
+        f.push(Family::SM90_TMA);
     }
     f
 }

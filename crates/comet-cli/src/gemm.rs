@@ -25,7 +25,8 @@ pub struct GemmBenchArgs {
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
     /// Kernel families, comma separated: auto (the default on this GPU),
-    /// sm80, sm90 (consumers store) or sm90ws (storer warps). Each gets
+    /// sm80, sm90 (consumers store), sm90ws (storer warps) or sm90tma
+    /// (TMA bulk stores; what auto picks on sm_90a). Each gets
     /// its own table with cuBLAS beside it; torch is compared with the first.
     #[arg(long, default_value = "auto")]
     pub family: String,
@@ -126,7 +127,8 @@ fn family(name: &str) -> Result<Option<Family>> {
         "sm80" => Some(Family::Sm80),
         "sm90" => Some(Family::SM90_DEFAULT),
         "sm90ws" => Some(Family::SM90_WS),
-        other => bail!("unknown --family {other:?}: expected auto, sm80, sm90 or sm90ws"),
+        "sm90tma" => Some(Family::SM90_TMA),
+        other => bail!("unknown --family {other:?}: expected auto, sm80, sm90, sm90ws or sm90tma"),
     })
 }
 

@@ -17,13 +17,16 @@
 //!    source; sources reduce each chunk (weighted top-k sum) as it lands.
 
 use crate::error::SchedError;
+use crate::protocol::{
+    build_ranks, check_input, check_inputs, exchange_counts, panic_text, rank_err, run_ranks,
+};
 use crate::tile_math::{as_bytes, fc1_swiglu, fc2_cols, from_bytes};
 use crate::trace::{Trace, Track};
 use comet_core::layout::{ring_dest, LayoutPlan};
 use comet_core::schedule::{combine_waits, Layer0Schedule, Layer1Schedule, SignalMap, TileShape};
 use comet_core::{ExpertWeights, MoeConfig, Routing};
 use comet_transport::local::{local_world_with_link, DelayModel, LinkModel, LocalTransport};
-use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
+use comet_transport::{BufferId, SignalId, SignalOp, Transport};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -124,13 +127,6 @@ struct Call<'a, T: Transport> {
     trace_on: bool,
 }
 
-fn rank_err(rank: usize, message: impl Into<String>) -> SchedError {
-    SchedError::Input {
-        rank,
-        message: message.into(),
-    }
-}
-
 impl<T: Transport> CpuRank<T> {
     /// Collective: every rank of the transport's world calls it together.
     /// `max_tokens` bounds the tokens of any rank in any later call.
@@ -218,26 +214,7 @@ impl<T: Transport> CpuRank<T> {
         let start = Instant::now();
         let rank = self.t.rank();
         let cfg = &self.cfg;
-        routing.validate(cfg)?;
-        if x.len() != routing.tokens * cfg.hidden {
-            return Err(rank_err(
-                rank,
-                format!(
-                    "x has {} values, expected tokens {} x hidden {}",
-                    x.len(),
-                    routing.tokens,
-                    cfg.hidden
-                ),
-            ));
-        }
-        if routing.tokens > self.max_tokens {
-            return Err(SchedError::Capacity {
-                rank,
-                what: "tokens",
-                needed: routing.tokens,
-                capacity: self.max_tokens,
-            });
-        }
+        check_input(cfg, rank, x, routing, self.max_tokens)?;
         self.epoch += 1;
         let epoch = self.epoch;
         let base = cfg.ranks as SignalId;
@@ -245,7 +222,14 @@ impl<T: Transport> CpuRank<T> {
 
         // 1. Count exchange.
         let t_ex = Instant::now();
-        let plan = self.exchange_counts(routing, epoch, opts.timeout)?;
+        let plan = exchange_counts(
+            &self.t,
+            &self.cfg,
+            self.bufs.counts,
+            routing,
+            epoch,
+            opts.timeout,
+        )?;
         let recv_rows = plan.recv[rank].total_rows;
         if recv_rows > self.recv_cap_rows {
             return Err(SchedError::Capacity {
@@ -337,48 +321,6 @@ impl<T: Transport> CpuRank<T> {
         stats.rows_received = recv_rows;
         Ok(RankOutput { y, stats, trace })
     }
-
-    fn exchange_counts(
-        &self,
-        routing: &Routing,
-        epoch: u64,
-        timeout: Duration,
-    ) -> Result<LayoutPlan, SchedError> {
-        let (w, e, rank) = (self.cfg.ranks, self.cfg.experts, self.t.rank());
-        let slot = (epoch % 2) as usize;
-        let row: Vec<u8> = routing
-            .counts_per_expert(e)
-            .iter()
-            .flat_map(|&c| (c as u64).to_le_bytes())
-            .collect();
-        for i in 0..w {
-            let dst = ring_dest(rank, i, w);
-            self.t
-                .put(dst, self.bufs.counts, (slot * w + rank) * e * 8, &row)?;
-            self.t.signal(dst, rank as SignalId, SignalOp::Set(epoch))?;
-        }
-        for src in 0..w {
-            self.t.wait(src as SignalId, epoch, timeout)?;
-        }
-        let mut raw = vec![0u8; w * e * 8];
-        self.t.read(self.bufs.counts, slot * w * e * 8, &mut raw)?;
-        let counts = raw
-            .chunks_exact(e * 8)
-            .map(|r| {
-                r.chunks_exact(8)
-                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-                    .collect()
-            })
-            .collect();
-        Ok(LayoutPlan::new(&self.cfg, counts)?)
-    }
-}
-
-pub(crate) fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl<T: Transport> Call<'_, T> {
@@ -712,27 +654,9 @@ impl CpuWorld {
         cfg.validate()?;
         shape.validate(cfg)?;
         let transports = local_world_with_link(cfg.ranks, delay, link);
-        let ranks = std::thread::scope(|s| {
-            let handles: Vec<_> = transports
-                .into_iter()
-                .enumerate()
-                .map(|(r, t)| {
-                    s.spawn(move || {
-                        let w = ExpertWeights::for_rank(cfg, r, weight_seed);
-                        CpuRank::new(cfg, t, w, max_tokens, shape, timeout)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(r, h)| {
-                    h.join().map_err(|p| SchedError::Panicked {
-                        rank: r,
-                        message: panic_text(p),
-                    })?
-                })
-                .collect::<Result<Vec<_>, SchedError>>()
+        let ranks = build_ranks(transports, |r, t| {
+            let w = ExpertWeights::for_rank(cfg, r, weight_seed);
+            CpuRank::new(cfg, t, w, max_tokens, shape, timeout)
         })?;
         Ok(CpuWorld {
             cfg: cfg.clone(),
@@ -752,87 +676,11 @@ impl CpuWorld {
         mode: ExecMode,
         opts: &ExecOptions,
     ) -> Result<Vec<RankOutput>, SchedError> {
-        if inputs.len() != self.cfg.ranks {
-            return Err(rank_err(
-                0,
-                format!("{} inputs for {} ranks", inputs.len(), self.cfg.ranks),
-            ));
-        }
-        // Shapes are checked before any rank starts: a rank that failed
-        // alone would leave the others waiting out their timeout.
-        for (r, inp) in inputs.iter().enumerate() {
-            inp.routing
-                .validate(&self.cfg)
-                .map_err(|e| rank_err(r, e.to_string()))?;
-            if inp.x.len() != inp.routing.tokens * self.cfg.hidden {
-                return Err(rank_err(
-                    r,
-                    format!(
-                        "x has {} values, expected tokens {} x hidden {}",
-                        inp.x.len(),
-                        inp.routing.tokens,
-                        self.cfg.hidden
-                    ),
-                ));
-            }
-            let cap = self.ranks[r].max_tokens;
-            if inp.routing.tokens > cap {
-                return Err(SchedError::Capacity {
-                    rank: r,
-                    what: "tokens",
-                    needed: inp.routing.tokens,
-                    capacity: cap,
-                });
-            }
-        }
+        let caps: Vec<usize> = self.ranks.iter().map(|r| r.max_tokens).collect();
+        check_inputs(&self.cfg, inputs, &caps)?;
         let origin = self.origin;
-        let results: Vec<Result<RankOutput, SchedError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .zip(inputs)
-                .map(|(rank, inp)| {
-                    s.spawn(move || rank.call(&inp.x, &inp.routing, mode, opts, origin))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(r, h)| {
-                    h.join().unwrap_or_else(|p| {
-                        Err(SchedError::Panicked {
-                            rank: r,
-                            message: panic_text(p),
-                        })
-                    })
-                })
-                .collect()
-        });
-        // Report the root cause: a rank's own failure before the timeouts
-        // and lost peers it caused on the others.
-        let mut first_err = None;
-        let mut outs = Vec::with_capacity(results.len());
-        for r in results {
-            match r {
-                Ok(o) => outs.push(o),
-                Err(e) => {
-                    let secondary = matches!(
-                        e,
-                        SchedError::Transport(
-                            TransportError::WaitTimeout { .. } | TransportError::PeerGone { .. }
-                        )
-                    );
-                    match (&first_err, secondary) {
-                        (None, _) => first_err = Some((e, secondary)),
-                        (Some((_, true)), false) => first_err = Some((e, false)),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some((e, _)) => Err(e),
-            None => Ok(outs),
-        }
+        run_ranks(&mut self.ranks, inputs, |rank, inp| {
+            rank.call(&inp.x, &inp.routing, mode, opts, origin)
+        })
     }
 }

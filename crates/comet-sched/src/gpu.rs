@@ -41,6 +41,9 @@
 
 use crate::cpu::{ExecMode, RankInput};
 use crate::error::SchedError;
+use crate::protocol::{
+    build_ranks, check_input, check_inputs, exchange_counts, rank_err, run_ranks,
+};
 use comet_core::layout::{ring_dest, LayoutPlan};
 use comet_core::schedule::{combine_waits, Layer0Schedule, Layer1Schedule, SignalMap, TileShape};
 use comet_core::{ExpertWeights, MoeConfig, Routing};
@@ -51,7 +54,7 @@ use comet_kernels::{
 };
 use comet_transport::gpu::DeviceTransport;
 use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
-use comet_transport::{BufferId, SignalId, SignalOp, TransportError};
+use comet_transport::{BufferId, SignalId, SignalOp};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use half::bf16;
 use std::sync::Arc;
@@ -156,13 +159,6 @@ pub struct GpuRank<T: DeviceTransport> {
     fc1_plain: GemmVariant,
     fc2: GemmVariant,
     epoch: u64,
-}
-
-fn rank_err(rank: usize, message: impl Into<String>) -> SchedError {
-    SchedError::Input {
-        rank,
-        message: message.into(),
-    }
 }
 
 fn dev(rank: usize, what: &str, e: impl std::fmt::Display) -> SchedError {
@@ -404,25 +400,7 @@ impl<T: DeviceTransport> GpuRank<T> {
         let rank = self.t.rank();
         let cfg = self.cfg.clone();
         let (w, h, f, k) = (cfg.ranks, cfg.hidden, cfg.ffn, cfg.top_k);
-        routing.validate(&cfg)?;
-        if x.len() != routing.tokens * h {
-            return Err(rank_err(
-                rank,
-                format!(
-                    "x has {} values, expected tokens {} x hidden {h}",
-                    x.len(),
-                    routing.tokens
-                ),
-            ));
-        }
-        if routing.tokens > self.max_tokens {
-            return Err(SchedError::Capacity {
-                rank,
-                what: "tokens",
-                needed: routing.tokens,
-                capacity: self.max_tokens,
-            });
-        }
+        check_input(&cfg, rank, x, routing, self.max_tokens)?;
         self.stream
             .context()
             .bind_to_thread()
@@ -432,7 +410,14 @@ impl<T: DeviceTransport> GpuRank<T> {
 
         // 1. Count exchange.
         let t_ex = Instant::now();
-        let plan = self.exchange_counts(routing, epoch, opts.timeout)?;
+        let plan = exchange_counts(
+            &self.t,
+            &self.cfg,
+            self.bufs.counts,
+            routing,
+            epoch,
+            opts.timeout,
+        )?;
         let exchange = t_ex.elapsed();
         let t_layers = Instant::now();
         let recv_rows = plan.recv[rank].total_rows;
@@ -736,41 +721,6 @@ impl<T: DeviceTransport> GpuRank<T> {
             message: what,
         })
     }
-
-    fn exchange_counts(
-        &self,
-        routing: &Routing,
-        epoch: u64,
-        timeout: Duration,
-    ) -> Result<LayoutPlan, SchedError> {
-        let (w, e, rank) = (self.cfg.ranks, self.cfg.experts, self.t.rank());
-        let slot = (epoch % 2) as usize;
-        let row: Vec<u8> = routing
-            .counts_per_expert(e)
-            .iter()
-            .flat_map(|&c| (c as u64).to_le_bytes())
-            .collect();
-        for i in 0..w {
-            let dst = ring_dest(rank, i, w);
-            self.t
-                .put(dst, self.bufs.counts, (slot * w + rank) * e * 8, &row)?;
-            self.t.signal(dst, rank as SignalId, SignalOp::Set(epoch))?;
-        }
-        for src in 0..w {
-            self.t.wait(src as SignalId, epoch, timeout)?;
-        }
-        let mut raw = vec![0u8; w * e * 8];
-        self.t.read(self.bufs.counts, slot * w * e * 8, &mut raw)?;
-        let counts = raw
-            .chunks_exact(e * 8)
-            .map(|r| {
-                r.chunks_exact(8)
-                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-                    .collect()
-            })
-            .collect();
-        Ok(LayoutPlan::new(&self.cfg, counts)?)
-    }
 }
 
 /// The CUDA context of a device transport's rank (the one its comm stream
@@ -858,28 +808,10 @@ impl GpuWorld {
             };
             per_rank.push(idx);
         }
-        let ranks = std::thread::scope(|s| {
-            let handles: Vec<_> = transports
-                .into_iter()
-                .enumerate()
-                .map(|(r, t)| {
-                    let kernels = loaded[per_rank[r]].clone();
-                    s.spawn(move || {
-                        let w = weights(r);
-                        GpuRank::new(cfg, t, &w, kernels, max_tokens, shape, timeout)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(r, h)| {
-                    h.join().map_err(|p| SchedError::Panicked {
-                        rank: r,
-                        message: crate::cpu::panic_text(p),
-                    })?
-                })
-                .collect::<Result<Vec<_>, SchedError>>()
+        let ranks = build_ranks(transports, |r, t| {
+            let kernels = loaded[per_rank[r]].clone();
+            let w = weights(r);
+            GpuRank::new(cfg, t, &w, kernels, max_tokens, shape, timeout)
         })?;
         Ok(GpuWorld {
             cfg: cfg.clone(),
@@ -898,72 +830,11 @@ impl GpuWorld {
         mode: ExecMode,
         opts: &GpuExecOptions,
     ) -> Result<Vec<GpuRankOutput>, SchedError> {
-        if inputs.len() != self.cfg.ranks {
-            return Err(rank_err(
-                0,
-                format!("{} inputs for {} ranks", inputs.len(), self.cfg.ranks),
-            ));
-        }
-        for (r, inp) in inputs.iter().enumerate() {
-            inp.routing
-                .validate(&self.cfg)
-                .map_err(|e| rank_err(r, e.to_string()))?;
-            if inp.x.len() != inp.routing.tokens * self.cfg.hidden {
-                return Err(rank_err(r, "x does not match tokens x hidden"));
-            }
-            if inp.routing.tokens > self.ranks[r].max_tokens {
-                return Err(SchedError::Capacity {
-                    rank: r,
-                    what: "tokens",
-                    needed: inp.routing.tokens,
-                    capacity: self.ranks[r].max_tokens,
-                });
-            }
-        }
-        let results: Vec<Result<GpuRankOutput, SchedError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .zip(inputs)
-                .map(|(rank, inp)| s.spawn(move || rank.call(&inp.x, &inp.routing, mode, opts)))
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(r, h)| {
-                    h.join().unwrap_or_else(|p| {
-                        Err(SchedError::Panicked {
-                            rank: r,
-                            message: crate::cpu::panic_text(p),
-                        })
-                    })
-                })
-                .collect()
-        });
-        let mut first: Option<(SchedError, bool)> = None;
-        let mut outs = Vec::with_capacity(results.len());
-        for r in results {
-            match r {
-                Ok(o) => outs.push(o),
-                Err(e) => {
-                    let secondary = matches!(
-                        e,
-                        SchedError::Transport(
-                            TransportError::WaitTimeout { .. } | TransportError::PeerGone { .. }
-                        )
-                    );
-                    match (&first, secondary) {
-                        (None, _) => first = Some((e, secondary)),
-                        (Some((_, true)), false) => first = Some((e, false)),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        match first {
-            Some((e, _)) => Err(e),
-            None => Ok(outs),
-        }
+        let caps: Vec<usize> = self.ranks.iter().map(|r| r.max_tokens).collect();
+        check_inputs(&self.cfg, inputs, &caps)?;
+        run_ranks(&mut self.ranks, inputs, |rank, inp| {
+            rank.call(&inp.x, &inp.routing, mode, opts)
+        })
     }
 }
 

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+mod protocol;
 pub mod tile_math;
 pub mod trace;
 

@@ -223,20 +223,6 @@ pub unsafe fn write_value64(stream: &CudaStream, addr: u64, value: u64) -> Resul
     sys::cuStreamWriteValue64_v2(stream.cu_stream(), addr, value, flags).result()
 }
 
-/// Enqueues a stream wait until the 64-bit word at `addr` is `>= value`.
-/// Unbounded on the device: callers pair it with a host-side watchdog.
-///
-/// # Safety
-/// As [`write_value64`].
-pub unsafe fn wait_value64_geq(
-    stream: &CudaStream,
-    addr: u64,
-    value: u64,
-) -> Result<(), DriverError> {
-    let flags = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32;
-    sys::cuStreamWaitValue64_v2(stream.cu_stream(), addr, value, flags).result()
-}
-
 /// Enqueues a device-to-device copy (any two addresses of the unified
 /// address space this context can reach: local, peer or IPC-mapped).
 ///

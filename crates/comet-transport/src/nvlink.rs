@@ -376,25 +376,6 @@ impl NvlinkTransport {
         cuda::read_word(&self.poll, addr).map_err(|e| self.err("read signal", e))
     }
 
-    /// Makes `stream` wait on the device until this rank's signal `sig` is
-    /// `>= target` (cuStreamWaitValue64), for device-side ordering of a
-    /// kernel after a transfer without a host round trip. The device wait
-    /// itself is unbounded: pair it with a bounded host [`Transport::wait`]
-    /// or the kernels' own bounded wait.
-    pub fn enqueue_wait(
-        &self,
-        stream: &CudaStream,
-        sig: SignalId,
-        target: u64,
-    ) -> Result<(), TransportError> {
-        self.bind()?;
-        let addr = self.signal_addr(&self.state(), self.rank, sig)?;
-        // SAFETY: `addr` is a live signal word of this context; the signal
-        // array outlives the stream work because reallocation synchronises.
-        unsafe { cuda::wait_value64_geq(stream, addr, target) }
-            .map_err(|e| self.err("enqueue stream wait", e))
-    }
-
     /// Waits until every put and signal this rank enqueued has executed.
     pub fn synchronize(&self) -> Result<(), TransportError> {
         self.bind()?;

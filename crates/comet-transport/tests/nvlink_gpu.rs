@@ -300,39 +300,6 @@ fn mismatched_allocation_is_an_error_on_every_rank() {
     });
 }
 
-#[test]
-fn stream_wait_holds_a_stream_until_the_peer_signals() {
-    if no_gpu() {
-        return;
-    }
-    let ranks = NvlinkTransport::in_process(
-        &[0, usize::from(cuda::device_count() > 1)],
-        NvlinkOptions::default(),
-    )
-    .expect("world");
-    std::thread::scope(|s| {
-        for t in &ranks {
-            s.spawn(move || t.alloc_signals(1).expect("signals"));
-        }
-    });
-    let (t0, t1) = (&ranks[0], &ranks[1]);
-    let ctx = t1.context().clone();
-    let stream = ctx.new_stream().expect("stream");
-    let ev = ctx.new_event(None).expect("event");
-    for epoch in 1..=3u64 {
-        t1.enqueue_wait(&stream, 0, epoch).expect("enqueue wait");
-        ev.record(&stream).expect("record");
-        // The stream cannot pass the wait before the signal is raised.
-        assert!(
-            !ev.try_is_complete().expect("query"),
-            "epoch {epoch}: stream ran ahead of the signal"
-        );
-        t0.signal(1, 0, SignalOp::Set(epoch)).expect("signal");
-        stream.synchronize().expect("stream drains once signalled");
-        assert_eq!(t1.read_signal(0).expect("read"), epoch);
-    }
-}
-
 const KILL_ENV: &str = "COMET_NVLINK_KILL_CHILD";
 
 /// Rank 1 vanishes after one signal; rank 0's next wait and barrier must

@@ -308,6 +308,31 @@ pub fn read_word(stream: &CudaStream, addr: u64) -> Result<u64, DriverError> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// The 64-bit word where this rank's kernels record their first error
+/// (signal.cuh layout: `code << 32 | signal`), read and cleared through a
+/// poll stream that never queues behind the layer's own work.
+pub struct ErrorWord(DeviceAlloc);
+
+impl ErrorWord {
+    pub fn zeroed(ctx: &Arc<CudaContext>) -> Result<Self, DriverError> {
+        DeviceAlloc::zeroed(ctx, 8).map(ErrorWord)
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.0.ptr()
+    }
+
+    pub fn read(&self, poll: &CudaStream) -> Result<u64, DriverError> {
+        read_word(poll, self.ptr())
+    }
+
+    pub fn clear(&self, poll: &CudaStream) -> Result<(), DriverError> {
+        // SAFETY: our own live 8-byte word; the stream is synchronised next.
+        unsafe { write_value64(poll, self.ptr(), 0)? };
+        poll.synchronize()
+    }
+}
+
 // A release add at system scope, issued by one thread after the fence that
 // orders the stream's earlier copies before it. Hand-written PTX, JIT
 // compiled by the driver for the device present: no NVRTC needed.

@@ -29,7 +29,7 @@ pub mod bench;
 pub mod ffi;
 pub mod plan;
 
-use crate::cuda::{self, DeviceAlloc, SignalAdd};
+use crate::cuda::{self, DeviceAlloc, ErrorWord, SignalAdd};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport};
 use crate::transport::{
@@ -81,7 +81,7 @@ pub struct NcclTransport {
     exchange: Arc<dyn BlobExchange>,
     opts: NcclOptions,
     inner: Mutex<Inner>,
-    error_word: DeviceAlloc,
+    error_word: ErrorWord,
     add: OnceLock<SignalAdd>,
 }
 
@@ -132,7 +132,7 @@ impl NcclTransport {
             .new_stream()
             .map_err(|e| err("create communication stream", e))?;
         let poll = ctx.new_stream().map_err(|e| err("create poll stream", e))?;
-        let error_word = DeviceAlloc::zeroed(&ctx, 8).map_err(|e| err("allocate error word", e))?;
+        let error_word = ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
         let mine = if rank == 0 {
             ffi::unique_id()
                 .map_err(|e| nccl_err(rank, "ncclGetUniqueId", e))?
@@ -596,17 +596,15 @@ impl DeviceTransport for NcclTransport {
 
     fn read_error_word(&self) -> Result<u64, TransportError> {
         self.bind()?;
-        cuda::read_word(&self.poll, self.error_word.ptr())
+        self.error_word
+            .read(&self.poll)
             .map_err(|e| self.err("read error word", e))
     }
 
     fn clear_error_word(&self) -> Result<(), TransportError> {
         self.bind()?;
-        // SAFETY: our own 8-byte word; the poll stream is synchronised next.
-        unsafe { cuda::write_value64(&self.poll, self.error_word.ptr(), 0) }
-            .map_err(|e| self.err("clear error word", e))?;
-        self.poll
-            .synchronize()
+        self.error_word
+            .clear(&self.poll)
             .map_err(|e| self.err("clear error word", e))
     }
 

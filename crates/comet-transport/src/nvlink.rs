@@ -23,7 +23,7 @@
 
 pub mod bench;
 
-use crate::cuda::{self, DeviceAlloc, IpcMapping, SignalAdd, IPC_HANDLE_BYTES};
+use crate::cuda::{self, DeviceAlloc, ErrorWord, IpcMapping, SignalAdd, IPC_HANDLE_BYTES};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport, ThreadExchange};
 use crate::transport::{
@@ -81,7 +81,7 @@ pub struct NvlinkTransport {
     /// Whether each rank shares our process (direct pointers) or not (IPC).
     same_process: Vec<bool>,
     state: RwLock<State>,
-    error_word: DeviceAlloc,
+    error_word: ErrorWord,
     add: OnceLock<SignalAdd>,
 }
 
@@ -168,7 +168,7 @@ impl NvlinkTransport {
             .new_stream()
             .map_err(|e| err("create communication stream", e))?;
         let poll = ctx.new_stream().map_err(|e| err("create poll stream", e))?;
-        let error_word = DeviceAlloc::zeroed(&ctx, 8).map_err(|e| err("allocate error word", e))?;
+        let error_word = ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
         let hello = Blob {
             kind: KIND_HELLO,
             token: cuda::process_token(),
@@ -605,17 +605,15 @@ impl DeviceTransport for NvlinkTransport {
 
     fn read_error_word(&self) -> Result<u64, TransportError> {
         self.bind()?;
-        cuda::read_word(&self.poll, self.error_word.ptr())
+        self.error_word
+            .read(&self.poll)
             .map_err(|e| self.err("read error word", e))
     }
 
     fn clear_error_word(&self) -> Result<(), TransportError> {
         self.bind()?;
-        // SAFETY: our own 8-byte word; the poll stream is synchronised next.
-        unsafe { cuda::write_value64(&self.poll, self.error_word.ptr(), 0) }
-            .map_err(|e| self.err("clear error word", e))?;
-        self.poll
-            .synchronize()
+        self.error_word
+            .clear(&self.poll)
             .map_err(|e| self.err("clear error word", e))
     }
 

@@ -226,19 +226,12 @@ impl<T: Transport> CpuRank<T> {
             &self.t,
             &self.cfg,
             self.bufs.counts,
+            self.recv_cap_rows,
             routing,
             epoch,
             opts.timeout,
         )?;
         let recv_rows = plan.recv[rank].total_rows;
-        if recv_rows > self.recv_cap_rows {
-            return Err(SchedError::Capacity {
-                rank,
-                what: "received rows",
-                needed: recv_rows,
-                capacity: self.recv_cap_rows,
-            });
-        }
         if opts.trace {
             trace.record(rank, Track::Comm, "count exchange", t_ex);
         }

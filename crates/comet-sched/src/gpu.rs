@@ -414,6 +414,7 @@ impl<T: DeviceTransport> GpuRank<T> {
             &self.t,
             &self.cfg,
             self.bufs.counts,
+            self.recv_cap_rows,
             routing,
             epoch,
             opts.timeout,
@@ -421,14 +422,6 @@ impl<T: DeviceTransport> GpuRank<T> {
         let exchange = t_ex.elapsed();
         let t_layers = Instant::now();
         let recv_rows = plan.recv[rank].total_rows;
-        if recv_rows > self.recv_cap_rows {
-            return Err(SchedError::Capacity {
-                rank,
-                what: "received rows",
-                needed: recv_rows,
-                capacity: self.recv_cap_rows,
-            });
-        }
         let l0 = Layer0Schedule::new(&plan, rank, self.shape, &self.map);
         let l1 = Layer1Schedule::new(&plan, rank, self.shape, &self.map);
         let positions = plan.send_positions(rank, routing)?;

@@ -29,10 +29,12 @@ pub(crate) fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
 /// (signals `0..W`), waits for all rows and builds the plan. Since nobody
 /// gets all rows of call n+1 before every rank has finished call n, it
 /// also fences call n+1's writes away from buffers call n still reads.
+/// Fails if this rank would receive more rows than `recv_cap_rows`.
 pub(crate) fn exchange_counts<T: Transport + ?Sized>(
     t: &T,
     cfg: &MoeConfig,
     counts_buf: BufferId,
+    recv_cap_rows: usize,
     routing: &Routing,
     epoch: u64,
     timeout: Duration,
@@ -62,7 +64,17 @@ pub(crate) fn exchange_counts<T: Transport + ?Sized>(
                 .collect()
         })
         .collect();
-    Ok(LayoutPlan::new(cfg, counts)?)
+    let plan = LayoutPlan::new(cfg, counts)?;
+    let recv_rows = plan.recv[rank].total_rows;
+    if recv_rows > recv_cap_rows {
+        return Err(SchedError::Capacity {
+            rank,
+            what: "received rows",
+            needed: recv_rows,
+            capacity: recv_cap_rows,
+        });
+    }
+    Ok(plan)
 }
 
 /// Checks every rank's input before any rank starts: a rank that failed

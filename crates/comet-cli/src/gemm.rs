@@ -25,8 +25,9 @@ pub struct GemmBenchArgs {
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
     /// Kernel families, comma separated: auto (the default on this GPU),
-    /// sm80, sm90 (consumers store), sm90ws (storer warps) or sm90tma
-    /// (TMA bulk stores; what auto picks on sm_90a). Each gets
+    /// sm80, sm90 (consumers store), sm90ws (storer warps), sm90tma (TMA
+    /// bulk stores; what auto picks on sm_90a) or sm90c2 (sm90tma in
+    /// clusters of two sharing B by multicast). Each gets
     /// its own table with cuBLAS beside it; torch is compared with the first.
     #[arg(long, default_value = "auto")]
     pub family: String,
@@ -122,14 +123,20 @@ fn run_torch(args: &GemmBenchArgs, results: &[BenchResult]) -> Result<Option<ser
 }
 
 fn family(name: &str) -> Result<Option<Family>> {
-    Ok(match name.trim() {
-        "auto" => None,
-        "sm80" => Some(Family::Sm80),
-        "sm90" => Some(Family::SM90_DEFAULT),
-        "sm90ws" => Some(Family::SM90_WS),
-        "sm90tma" => Some(Family::SM90_TMA),
-        other => bail!("unknown --family {other:?}: expected auto, sm80, sm90, sm90ws or sm90tma"),
-    })
+    let name = name.trim();
+    if name == "auto" {
+        return Ok(None);
+    }
+    match Family::from_name(name) {
+        Some(f) => Ok(Some(f)),
+        None => {
+            let known: Vec<&str> = Family::NAMES.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "unknown --family {name:?}: expected auto or one of {}",
+                known.join(", ")
+            )
+        }
+    }
 }
 
 pub fn run(args: GemmBenchArgs) -> Result<()> {

@@ -1,4 +1,4 @@
-//! Grouped GEMM benchmark without the CLI: `bench_gemm [sm80|sm90|sm90ws|sm90tma] [iters]`.
+//! Grouped GEMM benchmark without the CLI: `bench_gemm [family name, see Family::NAMES] [iters]`.
 
 use comet_core::Preset;
 use comet_kernels::bench::{format_table, preset_cases, run_gemm_bench};
@@ -6,13 +6,7 @@ use comet_kernels::Family;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let family = match args.get(1).map(String::as_str) {
-        Some("sm80") => Some(Family::Sm80),
-        Some("sm90") => Some(Family::SM90_DEFAULT),
-        Some("sm90ws") => Some(Family::SM90_WS),
-        Some("sm90tma") => Some(Family::SM90_TMA),
-        _ => None,
-    };
+    let family = args.get(1).and_then(|n| Family::from_name(n));
     let iters = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
     let ctx = cudarc::driver::CudaContext::new(0).expect("a CUDA GPU");
     let cases = preset_cases(

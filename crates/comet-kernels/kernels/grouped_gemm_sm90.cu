@@ -5,6 +5,12 @@
 // (m64n128k16, both operands from 128B-swizzled shared memory). The grid is
 // persistent over the tile list; the producer runs ahead into the next tile
 // while the consumers store the previous one. Hooks are template parameters.
+// With CM = 2 the CTAs run as clusters of two along M: the tile list holds
+// pairs (entries 2i, 2i+1: same expert and columns, the second possibly
+// empty), each CTA loads its own A and one half of the shared B tile, which
+// TMA multicasts into both CTAs' rings, so each SM pulls a third less from
+// L2 per k-block (the bound of 128 x 256 tiles on H100, per NVIDIA's CUTLASS
+// docs on multicast; measured in docs/PERF.md).
 #include "gemm_common.cuh"
 
 namespace comet {
@@ -63,6 +69,62 @@ __device__ __forceinline__ void tma_load_3d(unsigned dst, const TmaDesc* map, un
       "{%3, %4, %5}], [%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
+}
+
+// As tma_load_3d, written to the same shared offset of every CTA in `mask`
+// and completing on each one's mbarrier at `bar`.
+__device__ __forceinline__ void tma_load_3d_mc(unsigned dst, const TmaDesc* map, unsigned bar,
+                                               int c0, int c1, int c2, unsigned short mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
+      "cluster [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2),
+      "h"(mask)
+      : "memory");
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The address of local shared address `addr` in cluster CTA `rank`.
+__device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
+  unsigned r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+// Arrive on an mbarrier of any CTA of the cluster (address from mapa). The
+// ring's releases order nothing but retired wgmma reads, so CTA scope does;
+// the verdict exchange publishes a value and takes cluster scope.
+__device__ __forceinline__ void mbar_arrive_remote(unsigned cluster_addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_remote_release(unsigned cluster_addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(
+                   cluster_addr)
+               : "memory");
+}
+// mbar_wait that also acquires what the arriving peer CTA released.
+__device__ __forceinline__ void mbar_wait_cluster(unsigned bar, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
+      "@!P1 bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void st_shared_cluster_u32(unsigned cluster_addr, unsigned v) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(cluster_addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
 }
 
 // Bulk tensor store of one 64 x 64 box from 128B-swizzled shared memory;
@@ -154,8 +216,9 @@ struct Smem {
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
   // Epilogue staging: per consumer, 64 rows x 128 bf16 (one n128 block).
   static constexpr int STAGING_BYTES = 2 * 64 * 128 * 2;
-  // ring, staging, barriers (2 per stage) and the abort flag, plus 1 KiB to
-  // align the ring to 1024 bytes (128B-swizzled TMA destinations).
+  // ring, staging, barriers (2 per stage, 2 for the cluster's verdict
+  // exchange), the verdict words and the abort flag, plus 1 KiB to align the
+  // ring to 1024 bytes (128B-swizzled TMA destinations).
   static constexpr int BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 128 + 1024;
 };
 
@@ -170,6 +233,11 @@ __device__ __forceinline__ unsigned stg_off(int r, int col) {
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ __forceinline__ unsigned ld_shared_u32(unsigned addr) {
+  unsigned v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
 __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -182,42 +250,86 @@ __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
 // The producer thread: for every tile of this CTA, wait on its dependency
 // signals (prologue hook), then stream its k-blocks into the ring. On a
 // failed wait it sets the abort flag and completes the slot without data so
-// the consumers wake and leave.
-template <int EPI, bool WAIT, int BN, int STAGES>
+// the consumers wake and leave. With CM = 2 both CTAs of a cluster agree on
+// the verdict first (each one's B half lands in the other's ring), and each
+// producer ends by waiting until both CTAs' consumers released every slot,
+// so no CTA leaves while its peer may still arrive on its barriers.
+template <int EPI, bool WAIT, int BN, int STAGES, int CM = 1>
 __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, unsigned bars,
                                         volatile int* abort_flag) {
   using S = Smem<BN, STAGES>;
   const GemmParams& p = hp.p;
   const int kblocks = p.K / BK;
+  const unsigned crank = CM > 1 ? cluster_rank() : 0u;
+  const unsigned pair_bar = bars + 2 * STAGES * 8;  // [2]: the peer's verdict arrived
+  const unsigned pair_ok = pair_bar + 2 * 8;        // [2]: the peer's verdict
+  // Slot of k-block i free: released by every consumer warp of the cluster.
+  auto wait_empty = [&](int i) {
+    mbar_wait(bars + (STAGES + i % STAGES) * 8, ((unsigned)(i / STAGES) & 1u) ^ 1u);
+  };
   int it = 0;  // k-block counter across tiles: ring slot and phase
-  for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
-    const TileDesc t = p.tiles[ti];
+  int q = 0;   // tiles (pairs) taken
+  for (int ti = blockIdx.x / CM; ti < p.num_tiles / CM; ti += gridDim.x / CM, ++q) {
+    const TileDesc t = p.tiles[ti * CM + crank];
     bool ok = true;
     if (WAIT) {
       for (int i = 0; i < t.dep_cnt && ok; ++i)
         ok = signal_wait(p.signals, p.deps[t.dep_off + i], p.wait_target, p.timeout_ns, p.err);
       // A and B are read by the async proxy after the acquire.
       asm volatile("fence.proxy.async.global;\n" ::: "memory");
+      if (CM > 1) {
+        // Two slots, so the peer can be one pair ahead but never two.
+        const unsigned slot = (unsigned)q & 1u, peer = crank ^ 1u;
+        st_shared_cluster_u32(mapa(pair_ok + slot * 4, peer), ok ? 1u : 0u);
+        mbar_arrive_remote_release(mapa(pair_bar + slot * 8, peer));
+        mbar_wait_cluster(pair_bar + slot * 8, (unsigned)(q >> 1) & 1u);
+        ok = ok && ld_shared_u32(pair_ok + slot * 4) != 0u;
+      }
+    }
+    if (!ok) {
+      // The slot free (with CM > 1 every slot: both CTAs' consumers are done
+      // with earlier tiles, so no peer arrives here after this CTA leaves).
+      for (int j = 0; j < (CM > 1 ? STAGES : 1); ++j) wait_empty(it + j);
+      *abort_flag = 1;
+      mbar_arrive(bars + (it % STAGES) * 8);  // wakes the consumers without data
+      return;
     }
     const int bn0 = t.n0;
     const int bn1 = (EPI == EPI_SWIGLU) ? (p.N / 2 + t.n0) : (t.n0 + BN / 2);
+    // The second CTA of a pair may have no rows: it still takes B for both.
+    const bool has_a = CM == 1 || t.rows > 0;
+    const unsigned bytes = has_a ? S::STAGE_BYTES : S::B_BYTES;
     for (int kb = 0; kb < kblocks; ++kb, ++it) {
       const int s = it % STAGES;
-      const unsigned ph = (unsigned)(it / STAGES) & 1u;
-      mbar_wait(bars + (STAGES + s) * 8, ph ^ 1u);
+      wait_empty(it);
       const unsigned full = bars + s * 8;
-      if (!ok) {
-        *abort_flag = 1;
-        mbar_arrive(full);  // wakes the consumers without data
-        return;
-      }
-      mbar_expect_tx(full, S::STAGE_BYTES);
+      mbar_expect_tx(full, bytes);
       const unsigned sa = ring + s * S::STAGE_BYTES;
       const unsigned sb = sa + S::A_BYTES;
-      tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
-      tma_load_3d(sb, &hp.tma_b, full, kb * BK, bn0, t.expert);
-      tma_load_3d(sb + S::B_BYTES / 2, &hp.tma_b, full, kb * BK, bn1, t.expert);
+      if (has_a) tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
+      if (CM == 1) {
+        tma_load_3d(sb, &hp.tma_b, full, kb * BK, bn0, t.expert);
+        tma_load_3d(sb + S::B_BYTES / 2, &hp.tma_b, full, kb * BK, bn1, t.expert);
+      } else {
+        tma_load_3d_mc(sb + crank * (S::B_BYTES / 2), &hp.tma_b, full, kb * BK,
+                       crank ? bn1 : bn0, t.expert, (unsigned short)0x3);
+      }
     }
+  }
+  if (CM > 1)
+    for (int j = 0; j < STAGES; ++j) wait_empty(it + j);
+}
+
+// A consumer warp's release of ring slot `s`: to every CTA of the cluster
+// whose producer may refill it (each one multicasts into both).
+template <int STAGES, int CM>
+__device__ __forceinline__ void release_slot(unsigned bars, int s) {
+  const unsigned empty = bars + (STAGES + s) * 8;
+  if (CM == 1) {
+    mbar_arrive(empty);
+  } else {
+#pragma unroll
+    for (int c = 0; c < CM; ++c) mbar_arrive_remote(mapa(empty, (unsigned)c));
   }
 }
 
@@ -228,8 +340,9 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
 // expert follow in C), scatter and raise-hook variants keep plain stores;
 // so does SwiGLU (one pass per tile: bulk stores measured no faster there,
 // 2026-11-23, docs/PERF.md).
-template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES, bool TMA_ST = false>
+template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES, bool TMA_ST = false, int CM = 1>
 __device__ __forceinline__ void gemm(const HopperParams& hp) {
+  static_assert(CM == 1 || CM == 2, "clusters of one or two CTAs along M");
   constexpr int NB = BN / 128;  // wgmma n128 blocks per consumer
   constexpr bool TS = TMA_ST && EPI == EPI_STORE && !RAISE;
   using S = Smem<BN, STAGES>;
@@ -237,35 +350,61 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
   const unsigned raw = smem_u32(smem_raw);
   const unsigned ring = (raw + 1023u) & ~1023u;
   const unsigned staging = ring + STAGES * S::STAGE_BYTES;
-  const unsigned bars = staging + S::STAGING_BYTES;  // full[STAGES], empty[STAGES]
+  // full[STAGES], empty[STAGES], pair[2] (8 bytes each), pair verdicts [2]
+  // and the abort flag (4 bytes each)
+  const unsigned bars = staging + S::STAGING_BYTES;
   volatile int* abort_flag =
-      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + 2 * STAGES * 8);
+      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 2) * 8 + 8);
   const GemmParams& p = hp.p;
   const int wg = threadIdx.x / 128;
   const int kblocks = p.K / BK;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bars + s * 8, 1);             // producer's expect_tx arrival
-      mbar_init(bars + (STAGES + s) * 8, 8);  // one arrival per consumer warp
+      mbar_init(bars + s * 8, 1);                  // producer's expect_tx arrival
+      mbar_init(bars + (STAGES + s) * 8, 8 * CM);  // each consumer warp of the cluster
     }
+    mbar_init(bars + 2 * STAGES * 8, 1);
+    mbar_init(bars + 2 * STAGES * 8 + 8, 1);
     *abort_flag = 0;
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  // The peer's producer multicasts into this CTA's ring and its consumers
+  // arrive on this CTA's barriers: both CTAs' barriers must be initialised.
+  if (CM > 1)
+    cluster_sync();
+  else
+    __syncthreads();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x == 0) produce<EPI, WAIT, BN, STAGES>(hp, ring, bars, abort_flag);
+    if (threadIdx.x == 0) produce<EPI, WAIT, BN, STAGES, CM>(hp, ring, bars, abort_flag);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int cw = wg - 1;  // consumer index: tile rows cw*64 .. +64
     const int lt = threadIdx.x % 128;
     const int warp = lt / 32, lane = lt % 32;
     const unsigned stg = staging + cw * (64 * 128 * 2);
+    const unsigned crank = CM > 1 ? cluster_rank() : 0u;
     int it = 0;
-    for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
-      const TileDesc t = p.tiles[ti];
+    for (int ti = blockIdx.x / CM; ti < p.num_tiles / CM; ti += gridDim.x / CM) {
+      const TileDesc t = p.tiles[ti * CM + crank];
+      // A pair of a cluster aborts before its first k-block, in both CTAs
+      // alike; the consumers leave without touching the ring.
+      if (WAIT && CM > 1) {
+        mbar_wait(bars + (it % STAGES) * 8, (unsigned)(it / STAGES) & 1u);
+        if (*abort_flag) break;
+      }
+      if (CM > 1 && t.rows == 0) {
+        // The empty second tile of a pair only takes its share of B: its
+        // consumers pass each slot on (a loop of its own, so the wgmma loop
+        // below keeps its single in-flight group).
+        for (int kb = 0; kb < kblocks; ++kb, ++it) {
+          if (!(WAIT && kb == 0)) mbar_wait(bars + (it % STAGES) * 8, (unsigned)(it / STAGES) & 1u);
+          if (lane == 0) release_slot<STAGES, CM>(bars, it % STAGES);
+        }
+        continue;
+      }
       float acc[NB][64];
 #pragma unroll
       for (int b = 0; b < NB; ++b)
@@ -283,9 +422,9 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       for (int kb = 0; kb < kblocks; ++kb, ++it) {
         const int s = it % STAGES;
         const unsigned ph = (unsigned)(it / STAGES) & 1u;
-        if (!aborted) {
+        if (!aborted && !(WAIT && CM > 1 && kb == 0)) {
           mbar_wait(bars + s * 8, ph);
-          aborted = WAIT && *abort_flag;
+          aborted = WAIT && CM == 1 && *abort_flag;
         }
         const unsigned sa = ring + s * S::STAGE_BYTES + cw * 64 * BK * 2;
         const unsigned sb = ring + s * S::STAGE_BYTES + S::A_BYTES;
@@ -303,7 +442,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
         }
         wgmma_commit();
         wgmma_wait<1>();
-        if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
+        if (prev_s >= 0 && lane == 0) release_slot<STAGES, CM>(bars, prev_s);
         prev_s = s;
       }
       wgmma_wait<0>();
@@ -311,7 +450,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       for (int b = 0; b < NB; ++b)
 #pragma unroll
         for (int i = 0; i < 64; ++i) fence_acc(acc[b][i]);
-      if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
+      if (prev_s >= 0 && lane == 0) release_slot<STAGES, CM>(bars, prev_s);
       if (WAIT && aborted) {
         if (TS && lt == 0) bulk_wait_all();
         return;

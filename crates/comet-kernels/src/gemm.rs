@@ -122,6 +122,14 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
     if a.experts == 0 {
         return bad("experts must be > 0".into());
     }
+    if !a.num_tiles.is_multiple_of(v.cluster()) {
+        return bad(format!(
+            "{} tiles for {}: each cluster takes {} consecutive tiles",
+            a.num_tiles,
+            v.kernel_name(),
+            v.cluster()
+        ));
+    }
     for (val, what) in [
         (a.k, "K"),
         (a.n, "N"),
@@ -212,16 +220,23 @@ impl GemmRuntime {
     }
 
     /// The fastest correct family here: Hopper's with TMA bulk stores
-    /// ([`Family::SM90_TMA`]) on sm_90a unless `COMET_GEMM_FAMILY` asks for
-    /// `sm80` (the portable one) or `sm90` (Hopper's with plain stores).
+    /// ([`Family::SM90_TMA`]) on sm_90a, the portable one elsewhere, unless
+    /// `COMET_GEMM_FAMILY` names another ([`Family::NAMES`]) this GPU runs.
     pub fn default_family(&self) -> Family {
-        let want = std::env::var("COMET_GEMM_FAMILY").unwrap_or_default();
-        if !self.target.has_wgmma() || want == "sm80" {
-            Family::Sm80
-        } else if want == "sm90" {
-            Family::SM90_DEFAULT
-        } else {
+        let fallback = if self.target.has_wgmma() {
             Family::SM90_TMA
+        } else {
+            Family::Sm80
+        };
+        match std::env::var("COMET_GEMM_FAMILY") {
+            Ok(name) => match Family::from_name(name.trim()) {
+                Some(f) if self.target.has_wgmma() || f == Family::Sm80 => f,
+                _ => {
+                    tracing::warn!(%name, "COMET_GEMM_FAMILY not usable here; using the default");
+                    fallback
+                }
+            },
+            Err(_) => fallback,
         }
     }
 
@@ -273,7 +288,39 @@ impl GemmRuntime {
                 v.kernel_name()
             )));
         }
-        let grid_cap = self.sms * per_sm as u32;
+        let cm = v.cluster() as u32;
+        let grid_cap = if cm > 1 {
+            // Clusters must fit in one GPC each, so fewer than sms / cm may be
+            // resident at once; the persistent grid takes exactly those.
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: self.sms.div_ceil(cm) * cm,
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: shape.threads,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: shape.smem_bytes,
+                hStream: std::ptr::null_mut(),
+                attrs: std::ptr::null_mut(),
+                numAttrs: 0,
+            };
+            let mut clusters = 0i32;
+            // SAFETY: out-pointer to a live int, a config with no attribute
+            // array (the cluster shape is compiled into f); f is valid.
+            drv(unsafe {
+                sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &cfg)
+            })?;
+            if clusters < 1 {
+                return Err(KernelError::Unsupported(format!(
+                    "no cluster of {cm} blocks of {} fits on this GPU",
+                    v.kernel_name()
+                )));
+            }
+            clusters as u32 * cm
+        } else {
+            self.sms * per_sm as u32
+        };
+        tracing::debug!(kernel = %v.kernel_name(), grid_cap, "persistent grid");
         funcs.insert(*v, (f.clone(), grid_cap));
         Ok((f, grid_cap))
     }
@@ -329,7 +376,10 @@ impl GemmRuntime {
             experts: args.experts as i32,
         };
         let shape = v.launch_shape();
-        let grid = (args.num_tiles as u32).min(grid_cap).max(1);
+        // Clustered variants: one cluster per tile pair, grid_cap a multiple
+        // of the cluster size.
+        let cm = v.cluster() as u32;
+        let grid = (args.num_tiles as u32 / cm).min(grid_cap / cm).max(1) * cm;
         match v.family {
             Family::Sm80 => {
                 let mut pc = p;

@@ -46,50 +46,122 @@ pub fn raster_group(v: &GemmVariant) -> usize {
 }
 
 /// Column starts of `out_cols` output columns in steps of `step`.
-fn col_blocks(out_cols: usize, step: usize) -> impl Iterator<Item = usize> {
+fn col_blocks(out_cols: usize, step: usize) -> impl Iterator<Item = usize> + Clone {
     (0..out_cols.div_ceil(step)).map(move |i| i * step)
 }
 
+/// Up to `tile_rows` rows of one expert and the dependencies their tiles wait on.
+#[derive(Debug, Clone, Copy)]
+struct RowBlock {
+    row: usize,
+    rows: usize,
+    dep_off: i32,
+    dep_cnt: i32,
+}
+
+/// `rows` rows from `row` cut into row blocks of `bm`, all with one dependency range.
+fn row_blocks(row: usize, rows: usize, bm: usize, dep_off: i32, dep_cnt: i32) -> Vec<RowBlock> {
+    (row..row + rows)
+        .step_by(bm)
+        .map(|r| RowBlock {
+            row: r,
+            rows: bm.min(row + rows - r),
+            dep_off,
+            dep_cnt,
+        })
+        .collect()
+}
+
 impl TileList {
+    /// Appends the tiles of `blocks` (rows of `expert`) by the output
+    /// columns `n0s`: column blocks inside row blocks, so neighbours share A.
+    /// For a clustered variant the row blocks go in groups of the cluster
+    /// size, each group's tiles of one column block consecutive (they share
+    /// B), the last group padded with empty tiles (rows 0). Returns how many
+    /// non-empty tiles it added.
+    fn push_blocks(
+        &mut self,
+        v: &GemmVariant,
+        expert: usize,
+        blocks: &[RowBlock],
+        n0s: impl Iterator<Item = usize> + Clone,
+        sig: (i32, i32),
+    ) -> Result<u64, KernelError> {
+        let expert = to_i32(expert, "expert")?;
+        let cm = v.cluster();
+        let mut real = 0;
+        for group in blocks.chunks(cm) {
+            for n0 in n0s.clone() {
+                let n0 = to_i32(n0, "column")?;
+                for k in 0..cm {
+                    let tile = match group.get(k) {
+                        Some(b) => {
+                            real += 1;
+                            TileDesc {
+                                expert,
+                                row0: to_i32(b.row, "row")?,
+                                rows: b.rows as i32,
+                                n0,
+                                dep_off: b.dep_off,
+                                dep_cnt: b.dep_cnt,
+                                sig: sig.0,
+                                sig_mode: sig.1,
+                            }
+                        }
+                        None => TileDesc {
+                            expert,
+                            row0: to_i32(group[0].row, "row")?,
+                            rows: 0,
+                            n0,
+                            sig: -1,
+                            ..TileDesc::default()
+                        },
+                    };
+                    self.tiles.push(tile);
+                }
+            }
+        }
+        Ok(real)
+    }
+
+    /// Tiles of `rows` rows of `expert` from `row` by the output columns
+    /// `n0s` (no hooks), cut and ordered as the kernels of `v` take them.
+    pub fn push_rows(
+        &mut self,
+        v: &GemmVariant,
+        expert: usize,
+        row: usize,
+        rows: usize,
+        n0s: impl Iterator<Item = usize> + Clone,
+    ) -> Result<(), KernelError> {
+        let blocks = row_blocks(row, rows, v.tile_rows(), 0, 0);
+        self.push_blocks(v, expert, &blocks, n0s, (-1, 0))
+            .map(|_| ())
+    }
+
     /// Plain grouped GEMM without hooks: experts in order (expert `e`'s rows
     /// start at the sum of earlier counts). Inside an expert, column blocks
-    /// are taken in groups of [`raster_group`] and row blocks run fastest
-    /// within a group, so the tiles resident at one time share a few A row
+    /// are taken in groups of [`raster_group`], and each group runs over
+    /// all row blocks, so the tiles resident at one time share a few A row
     /// blocks and a few B column blocks (L2 reuse) instead of all of B.
     pub fn grouped(
         expert_rows: &[usize],
         out_cols: usize,
         v: &GemmVariant,
     ) -> Result<TileList, KernelError> {
-        let (bm, bn) = (v.tile_rows(), v.tile_out_cols());
+        let bn = v.tile_out_cols();
         let group = raster_group(v);
         let ncb = out_cols.div_ceil(bn);
-        let mut tiles = Vec::new();
+        let mut list = TileList::default();
         let mut start = 0usize;
         for (e, &n) in expert_rows.iter().enumerate() {
             for g0 in (0..ncb).step_by(group) {
-                let mut row = start;
-                while row < start + n {
-                    let rows = bm.min(start + n - row);
-                    for cb in g0..(g0 + group).min(ncb) {
-                        tiles.push(TileDesc {
-                            expert: to_i32(e, "expert")?,
-                            row0: to_i32(row, "row")?,
-                            rows: rows as i32,
-                            n0: to_i32(cb * bn, "column")?,
-                            sig: -1,
-                            ..TileDesc::default()
-                        });
-                    }
-                    row += rows;
-                }
+                let n0s = (g0..(g0 + group).min(ncb)).map(|cb| cb * bn);
+                list.push_rows(v, e, start, n, n0s)?;
             }
             start += n;
         }
-        Ok(TileList {
-            tiles,
-            deps: Vec::new(),
-        })
+        Ok(list)
     }
 
     /// Layer0 (FC1 after dispatch): each schedule tile, in schedule order,
@@ -117,34 +189,15 @@ impl TileList {
             {
                 j += 1;
             }
-            // (row, rows, dep_off, dep_cnt) of every row block in the run.
             let mut blocks = Vec::new();
             for t in &tiles[i..j] {
                 let dep_off = to_i32(list.deps.len(), "dependency offset")?;
                 list.deps.extend(t.deps.iter().copied());
-                let mut row = t.row;
-                while row < t.row + t.rows {
-                    let rows = bm.min(t.row + t.rows - row);
-                    blocks.push((row, rows, dep_off, t.deps.len() as i32));
-                    row += rows;
-                }
+                blocks.extend(row_blocks(t.row, t.rows, bm, dep_off, t.deps.len() as i32));
             }
-            let expert = to_i32(tiles[i].expert, "expert")?;
             for g0 in (0..ncb).step_by(group) {
-                for &(row, rows, dep_off, dep_cnt) in &blocks {
-                    for cb in g0..(g0 + group).min(ncb) {
-                        list.tiles.push(TileDesc {
-                            expert,
-                            row0: to_i32(row, "row")?,
-                            rows: rows as i32,
-                            n0: to_i32(cb * bn, "column")?,
-                            dep_off,
-                            dep_cnt,
-                            sig: -1,
-                            sig_mode: 0,
-                        });
-                    }
-                }
+                let n0s = (g0..(g0 + group).min(ncb)).map(|cb| cb * bn);
+                list.push_blocks(v, tiles[i].expert, &blocks, n0s, (-1, 0))?;
             }
             i = j;
         }
@@ -170,35 +223,23 @@ impl TileList {
                     sched.chunks.len()
                 ))
             })?;
-            let mut row = t.row;
-            while row < t.row + t.rows {
-                let rows = bm.min(t.row + t.rows - row);
-                for c in col_blocks(t.cols, bn) {
-                    list.tiles.push(TileDesc {
-                        expert: to_i32(t.expert, "expert")?,
-                        row0: to_i32(row, "row")?,
-                        rows: rows as i32,
-                        n0: to_i32(t.col + c, "column")?,
-                        dep_off: 0,
-                        dep_cnt: 0,
-                        sig: to_i32(chunk.done_signal as usize, "signal")?,
-                        sig_mode: 1,
-                    });
-                    per_chunk[t.chunk] += 1;
-                }
-                row += rows;
-            }
             if t.cols % bn != 0 {
                 return Err(KernelError::InvalidShape(format!(
                     "layer1 chunk width {} is not a multiple of the kernel's {bn} output columns",
                     t.cols
                 )));
             }
+            let sig = to_i32(chunk.done_signal as usize, "signal")?;
+            let blocks = row_blocks(t.row, t.rows, bm, 0, 0);
+            let n0s = col_blocks(t.cols, bn).map(|c| t.col + c);
+            per_chunk[t.chunk] += list.push_blocks(v, t.expert, &blocks, n0s, (sig, 1))?;
         }
         Ok((list, per_chunk))
     }
 
     /// Checks every tile against the problem before it reaches the GPU.
+    /// For a clustered variant also the grouping: each cluster's tiles share
+    /// expert and columns, and only the first must have rows.
     pub fn validate(
         &self,
         total_rows: usize,
@@ -206,13 +247,40 @@ impl TileList {
         out_cols: usize,
         v: &GemmVariant,
     ) -> Result<(), KernelError> {
+        let cm = v.cluster();
+        if !self.tiles.len().is_multiple_of(cm) {
+            return Err(KernelError::InvalidShape(format!(
+                "{} tiles: {} takes them in clusters of {cm}",
+                self.tiles.len(),
+                v.kernel_name()
+            )));
+        }
         for (i, t) in self.tiles.iter().enumerate() {
             let bad = |what: String| Err(KernelError::InvalidShape(format!("tile {i}: {what}")));
             if t.expert < 0 || t.expert as usize >= experts {
                 return bad(format!("expert {} outside 0..{experts}", t.expert));
             }
-            if t.rows < 1 || t.rows as usize > v.tile_rows() {
-                return bad(format!("rows {} outside 1..={}", t.rows, v.tile_rows()));
+            let lead = &self.tiles[i - i % cm];
+            if (t.expert, t.n0) != (lead.expert, lead.n0) {
+                return bad(format!(
+                    "expert {} column {} differ from tile {} of its cluster (expert {} column {})",
+                    t.expert,
+                    t.n0,
+                    i - i % cm,
+                    lead.expert,
+                    lead.n0
+                ));
+            }
+            let min_rows = if i % cm == 0 { 1 } else { 0 };
+            if t.rows < min_rows || t.rows as usize > v.tile_rows() {
+                return bad(format!(
+                    "rows {} outside {min_rows}..={}",
+                    t.rows,
+                    v.tile_rows()
+                ));
+            }
+            if t.rows == 0 && (t.sig >= 0 || t.dep_cnt != 0) {
+                return bad("an empty tile can neither wait nor raise".into());
             }
             if t.row0 < 0 || t.row0 as usize + t.rows as usize > total_rows {
                 return bad(format!(
@@ -242,31 +310,72 @@ mod tests {
         GemmVariant::new(Family::Sm80, epi, Hooks::NONE)
     }
 
-    #[test]
-    fn grouped_covers_every_row_and_column_once() {
-        let counts = [0, 1, 127, 128, 129, 300];
-        let n = 320;
-        let list = TileList::grouped(&counts, n, &v(Epilogue::Store)).unwrap();
-        let total: usize = counts.iter().sum();
-        let mut seen = vec![0u8; total * n];
-        for t in &list.tiles {
-            for r in t.row0..t.row0 + t.rows {
-                for c in t.n0 as usize..(t.n0 as usize + 128).min(n) {
-                    seen[r as usize * n + c] += 1;
+    /// One unclustered and one clustered variant.
+    fn variants(epi: Epilogue) -> [GemmVariant; 2] {
+        [
+            v(epi),
+            GemmVariant::new(Family::SM90_CLUSTER, epi, Hooks::NONE),
+        ]
+    }
+
+    /// Each cluster's tiles share expert and columns, take adjacent row
+    /// blocks, and only trailing ones are empty.
+    fn assert_clusters(list: &TileList, v: &GemmVariant) {
+        let cm = v.cluster();
+        assert_eq!(list.tiles.len() % cm, 0);
+        for g in list.tiles.chunks(cm) {
+            assert!(g[0].rows > 0, "{g:?}");
+            for (k, t) in g.iter().enumerate().skip(1) {
+                assert_eq!((t.expert, t.n0), (g[0].expert, g[0].n0), "{g:?}");
+                if t.rows > 0 {
+                    assert_eq!(g[k - 1].rows as usize, v.tile_rows(), "{g:?}");
+                    assert_eq!(t.row0, g[k - 1].row0 + g[k - 1].rows, "{g:?}");
+                } else {
+                    assert!(g[k..].iter().all(|t| t.rows == 0 && t.sig < 0), "{g:?}");
                 }
             }
         }
-        assert!(seen.iter().all(|&s| s == 1));
-        list.validate(total, counts.len(), n, &v(Epilogue::Store))
-            .unwrap();
-        // rows of a tile never cross experts
-        let mut start = 0;
-        for (e, &c) in counts.iter().enumerate() {
-            for t in list.tiles.iter().filter(|t| t.expert as usize == e) {
-                assert!(t.row0 as usize >= start && (t.row0 + t.rows) as usize <= start + c);
+    }
+
+    #[test]
+    fn grouped_covers_every_row_and_column_once() {
+        let counts = [0, 1, 127, 128, 129, 300, 256];
+        let n = 320;
+        for v in variants(Epilogue::Store) {
+            let list = TileList::grouped(&counts, n, &v).unwrap();
+            let total: usize = counts.iter().sum();
+            let mut seen = vec![0u8; total * n];
+            for t in &list.tiles {
+                for r in t.row0..t.row0 + t.rows {
+                    for c in t.n0 as usize..(t.n0 as usize + v.tile_out_cols()).min(n) {
+                        seen[r as usize * n + c] += 1;
+                    }
+                }
             }
-            start += c;
+            assert!(seen.iter().all(|&s| s == 1), "{}", v.kernel_name());
+            list.validate(total, counts.len(), n, &v).unwrap();
+            assert_clusters(&list, &v);
+            // rows of a tile never cross experts
+            let mut start = 0;
+            for (e, &c) in counts.iter().enumerate() {
+                for t in list
+                    .tiles
+                    .iter()
+                    .filter(|t| t.expert as usize == e && t.rows > 0)
+                {
+                    assert!(t.row0 as usize >= start && (t.row0 + t.rows) as usize <= start + c);
+                }
+                start += c;
+            }
         }
+        // 129 rows in clusters of two: one full pair per column block.
+        let c2 = GemmVariant::new(Family::SM90_CLUSTER, Epilogue::Store, Hooks::NONE);
+        let list = TileList::grouped(&[129], 256, &c2).unwrap();
+        let rows: Vec<i32> = list.tiles.iter().map(|t| t.rows).collect();
+        assert_eq!(rows, vec![128, 1]);
+        let list = TileList::grouped(&[100], 512, &c2).unwrap();
+        let rows: Vec<(i32, i32)> = list.tiles.iter().map(|t| (t.n0, t.rows)).collect();
+        assert_eq!(rows, vec![(0, 100), (0, 0), (256, 100), (256, 0)]);
     }
 
     #[test]
@@ -286,13 +395,36 @@ mod tests {
         let mut list = TileList::grouped(&[10], 128, &v(Epilogue::Store)).unwrap();
         list.tiles[0].dep_cnt = 2;
         assert!(list.validate(10, 1, 128, &v(Epilogue::Store)).is_err());
+        // Clusters: the pair must share columns, an empty tile cannot lead
+        // or raise, and the count must be whole pairs.
+        let c2 = GemmVariant::new(Family::SM90_CLUSTER, Epilogue::Store, Hooks::NONE);
+        let good = TileList::grouped(&[300], 512, &c2).unwrap();
+        good.validate(300, 1, 512, &c2).unwrap();
+        let mut list = good.clone();
+        list.tiles[1].n0 = 256;
+        let e = list.validate(300, 1, 512, &c2).unwrap_err().to_string();
+        assert!(e.contains("tile 1") && e.contains("column"), "{e}");
+        let mut list = good.clone();
+        list.tiles.swap(4, 5);
+        assert!(list.validate(300, 1, 512, &c2).is_err());
+        let mut list = good.clone();
+        list.tiles[5].sig = 3;
+        assert!(list.validate(300, 1, 512, &c2).is_err());
+        let mut list = good;
+        list.tiles.pop();
+        let e = list.validate(300, 1, 512, &c2).unwrap_err().to_string();
+        assert!(e.contains("clusters of 2"), "{e}");
+        // The unclustered kernels never take empty tiles.
+        let mut list = TileList::grouped(&[10], 128, &v(Epilogue::Store)).unwrap();
+        list.tiles[0].rows = 0;
+        assert!(list.validate(10, 1, 128, &v(Epilogue::Store)).is_err());
     }
 
     #[test]
     fn layer_schedules_become_tiles() {
         use comet_core::schedule::{SignalMap, TileShape};
         use comet_core::{LayoutPlan, Preset, Routing, RoutingKind};
-        let cfg = Preset::Mixtral8x7b.config(2).unwrap().scaled_down(16);
+        let cfg = Preset::Mixtral8x7b.config(2).unwrap().scaled_down(8);
         let routings: Vec<Routing> = (0..2)
             .map(|r| Routing::generate(&cfg, r, 300, RoutingKind::Uniform, 7))
             .collect();
@@ -303,34 +435,39 @@ mod tests {
         };
         let signals = SignalMap::new(&cfg, shape.chunks(&cfg));
         let l0 = Layer0Schedule::new(&plan, 0, shape, &signals);
-        let list = TileList::layer0(&l0, cfg.ffn, &v(Epilogue::SwiGlu)).unwrap();
-        let rows0 = plan.recv[0].total_rows;
-        list.validate(rows0, cfg.experts_per_rank(), cfg.ffn, &v(Epilogue::SwiGlu))
-            .unwrap();
-        assert!(list.tiles.iter().all(|t| t.dep_cnt > 0));
-        // Every receive row x output column block exactly once.
-        let ncb = cfg.ffn.div_ceil(v(Epilogue::SwiGlu).tile_out_cols());
-        let mut seen = vec![0u8; rows0 * ncb];
-        for t in &list.tiles {
-            for r in t.row0..t.row0 + t.rows {
-                seen[r as usize * ncb + t.n0 as usize / 64] += 1;
+        for v0 in variants(Epilogue::SwiGlu) {
+            let list = TileList::layer0(&l0, cfg.ffn, &v0).unwrap();
+            let rows0 = plan.recv[0].total_rows;
+            list.validate(rows0, cfg.experts_per_rank(), cfg.ffn, &v0)
+                .unwrap();
+            assert_clusters(&list, &v0);
+            assert!(list.tiles.iter().all(|t| t.dep_cnt > 0 || t.rows == 0));
+            // Every receive row x output column block exactly once.
+            let ncb = cfg.ffn.div_ceil(v0.tile_out_cols());
+            let mut seen = vec![0u8; rows0 * ncb];
+            for t in &list.tiles {
+                for r in t.row0..t.row0 + t.rows {
+                    seen[r as usize * ncb + t.n0 as usize / v0.tile_out_cols()] += 1;
+                }
             }
-        }
-        assert!(seen.iter().all(|&s| s == 1));
-        // A GEMM tile waits on the same signals as its schedule tile.
-        for st in &l0.tiles {
-            for t in list
-                .tiles
-                .iter()
-                .filter(|t| t.row0 as usize >= st.row && (t.row0 as usize) < st.row + st.rows)
-            {
-                let deps = &list.deps[t.dep_off as usize..(t.dep_off + t.dep_cnt) as usize];
-                assert_eq!(deps, &st.deps[..]);
+            assert!(seen.iter().all(|&s| s == 1), "{}", v0.kernel_name());
+            // A GEMM tile waits on the same signals as its schedule tile.
+            for st in &l0.tiles {
+                for t in list.tiles.iter().filter(|t| {
+                    t.rows > 0 && t.row0 as usize >= st.row && (t.row0 as usize) < st.row + st.rows
+                }) {
+                    let deps = &list.deps[t.dep_off as usize..(t.dep_off + t.dep_cnt) as usize];
+                    assert_eq!(deps, &st.deps[..]);
+                }
             }
         }
         let l1 = Layer1Schedule::new(&plan, 0, shape, &signals);
-        let (list1, per_chunk) = TileList::layer1(&l1, &v(Epilogue::Store)).unwrap();
-        assert_eq!(per_chunk.iter().sum::<u64>() as usize, list1.tiles.len());
-        assert!(list1.tiles.iter().all(|t| t.sig_mode == 1 && t.sig >= 0));
+        for v1 in variants(Epilogue::Store) {
+            let (list1, per_chunk) = TileList::layer1(&l1, &v1).unwrap();
+            assert_clusters(&list1, &v1);
+            let real: Vec<&TileDesc> = list1.tiles.iter().filter(|t| t.rows > 0).collect();
+            assert_eq!(per_chunk.iter().sum::<u64>() as usize, real.len());
+            assert!(real.iter().all(|t| t.sig_mode == 1 && t.sig >= 0));
+        }
     }
 }

@@ -93,12 +93,16 @@ pub enum Family {
     /// full-tile staging buffer while the consumers start the next tile.
     /// With `tma_store` (consumers storing only), full tiles of the store
     /// epilogue without the raise hook leave through asynchronous TMA bulk
-    /// stores; every other case is the same code as without it.
+    /// stores; every other case is the same code as without it. With
+    /// `cluster` = 2 (consumers storing only), CTAs run as clusters of two
+    /// along M sharing each k-block of B through TMA multicast; the tile
+    /// list then holds pairs ([`TileList`](crate::TileList) builds them).
     Sm90 {
         bn: u32,
         stages: u32,
         storer: bool,
         tma_store: bool,
+        cluster: u32,
     },
 }
 
@@ -110,6 +114,7 @@ impl Family {
         stages: 4,
         storer: false,
         tma_store: false,
+        cluster: 1,
     };
     /// As [`Family::SM90_DEFAULT`], with TMA bulk stores for full tiles of
     /// the store epilogue: the default on sm_90a (about 1% faster there,
@@ -119,6 +124,16 @@ impl Family {
         stages: 4,
         storer: false,
         tma_store: true,
+        cluster: 1,
+    };
+    /// As [`Family::SM90_TMA`], in clusters of two CTAs along M that
+    /// multicast B (each SM loads 32 instead of 48 KiB per k-block).
+    pub const SM90_CLUSTER: Family = Family::Sm90 {
+        bn: 256,
+        stages: 4,
+        storer: false,
+        tma_store: true,
+        cluster: 2,
     };
     /// Storer warps write finished passes while the consumers go on; 4-stage ring.
     pub const SM90_WS: Family = Family::Sm90 {
@@ -126,7 +141,38 @@ impl Family {
         stages: 4,
         storer: true,
         tma_store: false,
+        cluster: 1,
     };
+
+    /// The names `comet bench gemm --family` and `COMET_GEMM_FAMILY` take.
+    pub const NAMES: [(&'static str, Family); 5] = [
+        ("sm80", Family::Sm80),
+        ("sm90", Family::SM90_DEFAULT),
+        ("sm90ws", Family::SM90_WS),
+        ("sm90tma", Family::SM90_TMA),
+        ("sm90c2", Family::SM90_CLUSTER),
+    ];
+
+    /// The family called `name` in [`Family::NAMES`].
+    pub fn from_name(name: &str) -> Option<Family> {
+        Family::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, f)| f)
+    }
+
+    /// CTAs per cluster (1: no cluster). Tile lists of a clustered family
+    /// hold one tile per CTA of each cluster, consecutively.
+    pub fn cluster(self) -> usize {
+        match self {
+            Family::Sm90 {
+                cluster,
+                storer: false,
+                ..
+            } => cluster.max(1) as usize,
+            _ => 1,
+        }
+    }
 }
 
 /// Shared memory an sm_90a block may use (H100/H200 opt-in limit).
@@ -173,13 +219,20 @@ impl GemmVariant {
                 stages,
                 storer,
                 tma_store,
+                ..
             } => {
+                let cm = self.family.cluster();
                 format!(
-                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}{}",
+                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}{}{}",
                     self.epilogue.tag(),
                     self.hooks.tag(),
                     if storer { "_ws" } else { "" },
-                    if tma_store && !storer { "_tma" } else { "" }
+                    if tma_store && !storer { "_tma" } else { "" },
+                    if cm > 1 {
+                        format!("_c{cm}")
+                    } else {
+                        String::new()
+                    }
                 )
             }
         }
@@ -188,6 +241,11 @@ impl GemmVariant {
     /// Rows per tile.
     pub fn tile_rows(&self) -> usize {
         128
+    }
+
+    /// CTAs per cluster; see [`Family::cluster`].
+    pub fn cluster(&self) -> usize {
+        self.family.cluster()
     }
 
     /// GEMM columns one tile covers.
@@ -253,21 +311,31 @@ impl GemmVariant {
                 stages,
                 storer,
                 tma_store,
-            } => (
-                SM90_CU,
-                format!(
-                    "extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const __grid_constant__ \
-                     comet::sm90::HopperParams hp) {{ comet::sm90::{}<{epi}, {w}, {r}, {bn}, {stages}{}>(hp); }}\n",
-                    if storer { "gemm_ws" } else { "gemm" },
-                    if storer {
-                        format!(", {}", storer_bufs(bn, stages))
-                    } else if tma_store {
-                        ", true".to_string()
-                    } else {
-                        String::new()
-                    }
-                ),
-            ),
+                ..
+            } => {
+                let cm = self.family.cluster();
+                let (cluster_attr, tail) = if storer {
+                    (String::new(), format!(", {}", storer_bufs(bn, stages)))
+                } else if cm > 1 {
+                    (
+                        format!("__cluster_dims__({cm}, 1, 1) "),
+                        format!(", {tma_store}, {cm}"),
+                    )
+                } else if tma_store {
+                    (String::new(), ", true".to_string())
+                } else {
+                    (String::new(), String::new())
+                };
+                (
+                    SM90_CU,
+                    format!(
+                        "extern \"C\" __global__ void {cluster_attr}__launch_bounds__(384, 1) {name}(const \
+                         __grid_constant__ comet::sm90::HopperParams hp) {{ \
+                         comet::sm90::{}<{epi}, {w}, {r}, {bn}, {stages}{tail}>(hp); }}\n",
+                        if storer { "gemm_ws" } else { "gemm" },
+                    ),
+                )
+            }
         };
         CompileUnit {
             name,
@@ -297,6 +365,10 @@ pub fn all_gemm_variants() -> Vec<(GemmVariant, Target)> {
             v.push((GemmVariant::new(Family::SM90_WS, epi, hooks), Target::SM90A));
             v.push((
                 GemmVariant::new(Family::SM90_TMA, epi, hooks),
+                Target::SM90A,
+            ));
+            v.push((
+                GemmVariant::new(Family::SM90_CLUSTER, epi, hooks),
                 Target::SM90A,
             ));
         }
@@ -340,7 +412,12 @@ mod tests {
         assert!(v.supports(Target::SM90A));
         assert!(!v.supports(Target::SM80));
         assert!(v.launch_shape().smem_bytes <= 227 * 1024);
-        for f in [Family::SM90_DEFAULT, Family::SM90_WS, Family::SM90_TMA] {
+        for f in [
+            Family::SM90_DEFAULT,
+            Family::SM90_WS,
+            Family::SM90_TMA,
+            Family::SM90_CLUSTER,
+        ] {
             let v = GemmVariant::new(f, Epilogue::Scatter, Hooks::ALL[3]);
             assert!(
                 v.launch_shape().smem_bytes <= 227 * 1024,

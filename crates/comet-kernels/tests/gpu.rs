@@ -32,6 +32,7 @@ fn families(rt: &GemmRuntime) -> Vec<Family> {
         f.push(Family::SM90_DEFAULT);
         f.push(Family::SM90_WS);
         f.push(Family::SM90_TMA);
+        f.push(Family::SM90_CLUSTER);
     }
     f
 }
@@ -192,7 +193,8 @@ fn segments(counts: &[usize], per_expert: usize) -> Vec<(usize, usize)> {
 /// Tile list whose tiles depend on every segment their rows overlap.
 fn tiles_with_deps(p: &GroupedProblem, v: &GemmVariant, segs: &[(usize, usize)]) -> TileList {
     let mut list = TileList::grouped(&p.counts, p.out_cols(), v).unwrap();
-    for t in list.tiles.iter_mut() {
+    // The padding tiles of clustered variants (no rows) wait on nothing.
+    for t in list.tiles.iter_mut().filter(|t| t.rows > 0) {
         let (r0, r1) = (t.row0 as usize, (t.row0 + t.rows) as usize);
         t.dep_off = list.deps.len() as i32;
         for (i, &(s, n)) in segs.iter().enumerate() {
@@ -333,7 +335,7 @@ fn raise_hook_counts_and_stores() {
         // tiles of expert 2 also store the epoch into signal 8 (set).
         let bn = v.tile_out_cols() as i32;
         let mut want = vec![0u64; 9];
-        for t in tiles.tiles.iter_mut() {
+        for t in tiles.tiles.iter_mut().filter(|t| t.rows > 0) {
             if t.expert == 2 {
                 t.sig = 8;
                 t.sig_mode = 0;

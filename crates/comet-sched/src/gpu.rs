@@ -725,7 +725,7 @@ fn rt_context<T: DeviceTransport>(t: &T) -> Result<Arc<cudarc::driver::CudaConte
 /// The FC2 tiles of one chunk, columns relative to the chunk (every chunk
 /// has the same rows, so one list serves all chunk launches).
 fn fc2_chunk_tiles(l1: &Layer1Schedule, v: &GemmVariant) -> Result<TileList, SchedError> {
-    let (bm, bn) = (v.tile_rows(), v.tile_out_cols());
+    let bn = v.tile_out_cols();
     let mut list = TileList::default();
     for t in l1.tiles.iter().filter(|t| t.chunk == 0) {
         if !t.cols.is_multiple_of(bn) {
@@ -734,23 +734,8 @@ fn fc2_chunk_tiles(l1: &Layer1Schedule, v: &GemmVariant) -> Result<TileList, Sch
                 format!("chunk width {} is not a multiple of {bn}", t.cols),
             ));
         }
-        let mut row = t.row;
-        while row < t.row + t.rows {
-            let rows = bm.min(t.row + t.rows - row);
-            for n0 in (0..t.cols).step_by(bn) {
-                list.tiles.push(TileDesc {
-                    expert: t.expert as i32,
-                    row0: row as i32,
-                    rows: rows as i32,
-                    n0: n0 as i32,
-                    dep_off: 0,
-                    dep_cnt: 0,
-                    sig: -1,
-                    sig_mode: 0,
-                });
-            }
-            row += rows;
-        }
+        list.push_rows(v, t.expert, t.row, t.rows, (0..t.cols).step_by(bn))
+            .map_err(|e| dev(l1.rank, "tile list", e))?;
     }
     Ok(list)
 }

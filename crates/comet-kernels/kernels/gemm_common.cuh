@@ -65,6 +65,15 @@ struct GemmParams {
   int ldc;
   int total_rows;
   int experts;
+  // Split tail (sm90, no clusters): tiles [sk_begin, num_tiles) are cut
+  // along K into runs of sk_len k-blocks over CTAs 0..sk_ctas; see
+  // comet_kernels::tiles::TailSplit. sk_begin == num_tiles: no split.
+  float* sk_partials;  // [CTA][consumer][acc element][thread] f32
+  u64* sk_flags;       // [CTA][consumer]: sk_epoch once that partial is stored
+  u64 sk_epoch;
+  int sk_begin;
+  int sk_len;
+  int sk_ctas;
 };
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + __expf(-x)); }

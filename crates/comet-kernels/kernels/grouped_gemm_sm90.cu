@@ -238,6 +238,19 @@ __device__ __forceinline__ unsigned ld_shared_u32(unsigned addr) {
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
   return v;
 }
+__device__ __forceinline__ void st_global_v4(float* p, float a, float b, float c, float d) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+// Through L2 only: the line was written by another SM during this launch.
+__device__ __forceinline__ float4 ld_global_cg_v4(const float* p) {
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
 __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -245,6 +258,62 @@ __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
                : "r"(addr)
                : "memory");
   return v;
+}
+
+// One unit of a CTA's work: k-blocks [kb0, kb1) of tile `tile`. A whole
+// tile is stored by its epilogue; a part of a split tail tile leaves its f32
+// accumulators in the CTA's workspace slot; the last part (the one holding
+// the tile's last k-block) adds the parts of CTAs from..blockIdx.x-1 to its
+// own and runs the epilogue. Mirrored by comet_kernels::tiles::TailSplit.
+enum PieceRole { PIECE_WHOLE = 0, PIECE_PART = 1, PIECE_LAST = 2 };
+struct Piece {
+  int tile, kb0, kb1, role, from;
+};
+
+// Piece `which` (0 or 1) of this CTA's run of the split tail. A run of
+// sk_len k-blocks spans at most two tiles; the piece that starts a tile goes
+// first because it never waits, so a last part only ever waits on CTAs that
+// run their part before anything else of the tail.
+__device__ __forceinline__ bool tail_piece(const GemmParams& p, int kblocks, int which, Piece& pc) {
+  const int tail = p.num_tiles - p.sk_begin;
+  if (tail <= 0 || (int)blockIdx.x >= p.sk_ctas) return false;
+  const long long len = p.sk_len, work = (long long)tail * kblocks;
+  const long long r0 = (long long)blockIdx.x * len;
+  const long long r1 = r0 + len < work ? r0 + len : work;
+  if (r0 >= r1) return false;
+  const long long first_end = (r0 / kblocks + 1) * kblocks;
+  const long long cut = first_end < r1 ? first_end : r1;
+  const bool two = cut < r1;
+  if (which > 1 || (which == 1 && !two)) return false;
+  const long long a = (two && which == 0) ? cut : r0;
+  const long long b = (two && which == 0) ? r1 : cut;
+  const long long tl = a / kblocks;
+  pc.tile = p.sk_begin + (int)tl;
+  pc.kb0 = (int)(a - tl * kblocks);
+  pc.kb1 = (int)(b - tl * kblocks);
+  pc.role = pc.kb1 < kblocks ? PIECE_PART : (pc.kb0 == 0 ? PIECE_WHOLE : PIECE_LAST);
+  pc.from = (int)(tl * kblocks / len);
+  return true;
+}
+
+// This CTA's work item `step`: its grid-stride tiles (pairs with CM = 2),
+// then its pieces of the split tail. False past the last one.
+template <int CM>
+__device__ __forceinline__ bool work_item(const GemmParams& p, int kblocks, unsigned crank, int step,
+                                          Piece& pc) {
+  if (CM > 1) {
+    const int ti = (int)blockIdx.x / CM + step * ((int)gridDim.x / CM);
+    if (ti >= p.num_tiles / CM) return false;
+    pc = Piece{ti * CM + (int)crank, 0, kblocks, PIECE_WHOLE, 0};
+    return true;
+  }
+  const int b = (int)blockIdx.x, g = (int)gridDim.x;
+  const int whole = b < p.sk_begin ? (p.sk_begin - 1 - b) / g + 1 : 0;
+  if (step < whole) {
+    pc = Piece{b + step * g, 0, kblocks, PIECE_WHOLE, 0};
+    return true;
+  }
+  return tail_piece(p, kblocks, step - whole, pc);
 }
 
 // The producer thread: for every tile of this CTA, wait on its dependency
@@ -268,9 +337,10 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
     mbar_wait(bars + (STAGES + i % STAGES) * 8, ((unsigned)(i / STAGES) & 1u) ^ 1u);
   };
   int it = 0;  // k-block counter across tiles: ring slot and phase
-  int q = 0;   // tiles (pairs) taken
-  for (int ti = blockIdx.x / CM; ti < p.num_tiles / CM; ti += gridDim.x / CM, ++q) {
-    const TileDesc t = p.tiles[ti * CM + crank];
+  for (int q = 0;; ++q) {  // q: work items (pairs) taken
+    Piece pc;
+    if (!work_item<CM>(p, kblocks, crank, q, pc)) break;
+    const TileDesc t = p.tiles[pc.tile];
     bool ok = true;
     if (WAIT) {
       for (int i = 0; i < t.dep_cnt && ok; ++i)
@@ -299,7 +369,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
     // The second CTA of a pair may have no rows: it still takes B for both.
     const bool has_a = CM == 1 || t.rows > 0;
     const unsigned bytes = has_a ? S::STAGE_BYTES : S::B_BYTES;
-    for (int kb = 0; kb < kblocks; ++kb, ++it) {
+    for (int kb = pc.kb0; kb < pc.kb1; ++kb, ++it) {
       const int s = it % STAGES;
       wait_empty(it);
       const unsigned full = bars + s * 8;
@@ -350,11 +420,12 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
   const unsigned raw = smem_u32(smem_raw);
   const unsigned ring = (raw + 1023u) & ~1023u;
   const unsigned staging = ring + STAGES * S::STAGE_BYTES;
-  // full[STAGES], empty[STAGES], pair[2] (8 bytes each), pair verdicts [2]
-  // and the abort flag (4 bytes each)
+  // full[STAGES], empty[STAGES], pair[2] (8 bytes each), pair verdicts [2],
+  // the abort flag and the split verdicts [2] (4 bytes each)
   const unsigned bars = staging + S::STAGING_BYTES;
   volatile int* abort_flag =
       reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 2) * 8 + 8);
+  volatile int* sk_ok = abort_flag + 1;  // [2]: a last part's partials all arrived
   const GemmParams& p = hp.p;
   const int wg = threadIdx.x / 128;
   const int kblocks = p.K / BK;
@@ -387,8 +458,10 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
     const unsigned stg = staging + cw * (64 * 128 * 2);
     const unsigned crank = CM > 1 ? cluster_rank() : 0u;
     int it = 0;
-    for (int ti = blockIdx.x / CM; ti < p.num_tiles / CM; ti += gridDim.x / CM) {
-      const TileDesc t = p.tiles[ti * CM + crank];
+    for (int step = 0;; ++step) {
+      Piece pc;
+      if (!work_item<CM>(p, kblocks, crank, step, pc)) break;
+      const TileDesc t = p.tiles[pc.tile];
       // A pair of a cluster aborts before its first k-block, in both CTAs
       // alike; the consumers leave without touching the ring.
       if (WAIT && CM > 1) {
@@ -399,8 +472,8 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
         // The empty second tile of a pair only takes its share of B: its
         // consumers pass each slot on (a loop of its own, so the wgmma loop
         // below keeps its single in-flight group).
-        for (int kb = 0; kb < kblocks; ++kb, ++it) {
-          if (!(WAIT && kb == 0)) mbar_wait(bars + (it % STAGES) * 8, (unsigned)(it / STAGES) & 1u);
+        for (int kb = pc.kb0; kb < pc.kb1; ++kb, ++it) {
+          if (!(WAIT && kb == pc.kb0)) mbar_wait(bars + (it % STAGES) * 8, (unsigned)(it / STAGES) & 1u);
           if (lane == 0) release_slot<STAGES, CM>(bars, it % STAGES);
         }
         continue;
@@ -419,10 +492,10 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       // operands without waiting (the producer has left) and the
       // consumers leave after it.
       bool aborted = false;
-      for (int kb = 0; kb < kblocks; ++kb, ++it) {
+      for (int kb = pc.kb0; kb < pc.kb1; ++kb, ++it) {
         const int s = it % STAGES;
         const unsigned ph = (unsigned)(it / STAGES) & 1u;
-        if (!aborted && !(WAIT && CM > 1 && kb == 0)) {
+        if (!aborted && !(WAIT && CM > 1 && kb == pc.kb0)) {
           mbar_wait(bars + s * 8, ph);
           aborted = WAIT && CM == 1 && *abort_flag;
         }
@@ -454,6 +527,46 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       if (WAIT && aborted) {
         if (TS && lt == 0) bulk_wait_all();
         return;
+      }
+      if (CM == 1 && pc.role != PIECE_WHOLE) {
+        // Thread lt's accumulators as float4 columns of its consumer's slot,
+        // so each store and load of the 128 threads is one contiguous 2 KiB.
+        constexpr int Q = NB * 16;
+        const size_t slot_floats = (size_t)Q * 128 * 4;
+        if (pc.role == PIECE_PART) {
+          float* dst = p.sk_partials + ((size_t)blockIdx.x * 2 + cw) * slot_floats;
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            const float* a = &acc[q / 16][(q % 16) * 4];
+            st_global_v4(dst + ((size_t)q * 128 + lt) * 4, a[0], a[1], a[2], a[3]);
+          }
+          signal_fence();
+          named_barrier(2 + cw, 128);
+          if (lt == 0) signal_raise(p.sk_flags, blockIdx.x * 2 + cw, p.sk_epoch);
+          continue;
+        }
+        if (lt == 0) {
+          bool ok = true;
+          for (int j = pc.from; j < (int)blockIdx.x && ok; ++j)
+            ok = wait_at_least(p.sk_flags + j * 2 + cw, p.sk_epoch, p.timeout_ns, p.err,
+                               COMET_ERR_SPLIT_TIMEOUT, (unsigned)pc.tile);
+          sk_ok[cw] = ok ? 1 : 0;
+        }
+        named_barrier(2 + cw, 128);
+        // A missing part is in the error word; the tile stays unwritten.
+        if (!sk_ok[cw]) continue;
+        for (int j = pc.from; j < (int)blockIdx.x; ++j) {
+          const float* src = p.sk_partials + ((size_t)j * 2 + cw) * slot_floats;
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            float* a = &acc[q / 16][(q % 16) * 4];
+            const float4 v = ld_global_cg_v4(src + ((size_t)q * 128 + lt) * 4);
+            a[0] += v.x;
+            a[1] += v.y;
+            a[2] += v.z;
+            a[3] += v.w;
+          }
+        }
       }
 
       // Epilogue: fragments -> swizzled staging (bf16) -> 16-byte coalesced

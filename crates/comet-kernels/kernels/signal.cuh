@@ -32,6 +32,8 @@ enum : unsigned {
   COMET_ERR_NONE = 0,
   COMET_ERR_SIGNAL_TIMEOUT = 1,
   COMET_ERR_ABORTED = 2,
+  // A split tile's finisher never saw a partial (index: the tile).
+  COMET_ERR_SPLIT_TIMEOUT = 3,
 };
 
 __device__ __forceinline__ u64 signal_load_acquire(const u64* p) {
@@ -75,25 +77,31 @@ __device__ __forceinline__ bool signal_error_set(const u64* err) {
   return signal_load_relaxed(err) != 0ull;
 }
 
-// Bounded wait for signals[index] >= target, called by ONE thread. Returns
-// true once satisfied, false after recording a timeout (or seeing another
-// thread's error).
-__device__ __forceinline__ bool signal_wait(const u64* signals, unsigned index, u64 target,
-                                            u64 timeout_ns, u64* err) {
-  if (signal_load_acquire(signals + index) >= target) return true;
+// Bounded wait for *word >= target, called by ONE thread. Returns true once
+// satisfied, false after recording (code, index) on timeout (or on seeing
+// another thread's error).
+__device__ __forceinline__ bool wait_at_least(const u64* word, u64 target, u64 timeout_ns, u64* err,
+                                              unsigned code, unsigned index) {
+  if (signal_load_acquire(word) >= target) return true;
   const u64 start = global_timer_ns();
   unsigned spins = 0;
   while (true) {
-    if (signal_load_acquire(signals + index) >= target) return true;
+    if (signal_load_acquire(word) >= target) return true;
     if ((++spins & 63u) == 0u) {
       if (signal_error_set(err)) return false;
       if (global_timer_ns() - start > timeout_ns) {
-        signal_record_error(err, COMET_ERR_SIGNAL_TIMEOUT, index);
+        signal_record_error(err, code, index);
         return false;
       }
     }
     __nanosleep(64);
   }
+}
+
+// Bounded wait for signals[index] >= target (see wait_at_least).
+__device__ __forceinline__ bool signal_wait(const u64* signals, unsigned index, u64 target,
+                                            u64 timeout_ns, u64* err) {
+  return wait_at_least(signals + index, target, timeout_ns, err, COMET_ERR_SIGNAL_TIMEOUT, index);
 }
 
 // Raise a signal to `value` (epochs); call after the block barrier that

@@ -38,6 +38,9 @@ impl BenchCase {
 pub struct BenchResult {
     pub case: BenchCase,
     pub ours_ms: f64,
+    /// The same kernel with every tile whole, where `ours_ms` split its
+    /// last wave ([`crate::TailSplit`]); None where nothing was split.
+    pub ours_unsplit_ms: Option<f64>,
     pub ours_swiglu_ms: Option<f64>,
     pub cublas_loop_ms: f64,
     pub cublas_grouped_ms: Option<f64>,
@@ -49,6 +52,41 @@ pub struct BenchResult {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+type Launch<'a> = Box<dyn FnMut() -> Result<(), KernelError> + 'a>;
+
+/// Median milliseconds of each of `fns`, timed in turns (one run of each per
+/// round, `iters` rounds) so clock and temperature drift during the run
+/// falls on all of them alike; each first runs for at least `warmup` runs
+/// and 50 ms, so the first case does not meet an idle GPU's clocks.
+fn time_interleaved(
+    stream: &Arc<CudaStream>,
+    warmup: usize,
+    iters: usize,
+    fns: &mut [Launch<'_>],
+) -> Result<Vec<f64>, KernelError> {
+    for f in fns.iter_mut() {
+        let t0 = std::time::Instant::now();
+        let mut n = 0;
+        while n < warmup || t0.elapsed() < std::time::Duration::from_millis(50) {
+            f()?;
+            stream.synchronize()?;
+            n += 1;
+        }
+    }
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut times = vec![Vec::with_capacity(iters); fns.len()];
+    for _ in 0..iters {
+        for (f, t) in fns.iter_mut().zip(&mut times) {
+            let start = stream.record_event(flags)?;
+            f()?;
+            let end = stream.record_event(flags)?;
+            end.synchronize()?;
+            t.push(start.elapsed_ms(&end)? as f64);
+        }
+    }
+    Ok(times.into_iter().map(median).collect())
 }
 
 fn time_ms<F: FnMut() -> Result<(), KernelError>>(
@@ -77,7 +115,9 @@ fn blas_err(e: cudarc::cublas::result::CublasError) -> KernelError {
     KernelError::Unsupported(format!("cuBLAS: {e:?}"))
 }
 
-/// Runs every case; `iters` timed repetitions after 2 warm-ups each.
+/// Runs every case: ours, the cuBLAS loop (and ours unsplit where the
+/// split applies) timed in turns for `iters` rounds after warm-ups; the
+/// grouped cuBLAS call and the SwiGLU epilogue after them, each on its own.
 pub fn run_gemm_bench(
     ctx: Arc<CudaContext>,
     cases: &[BenchCase],
@@ -95,25 +135,16 @@ pub fn run_gemm_bench(
         let tiles = TileList::grouped(&p.counts, p.out_cols(), &v)?;
         let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles)?;
         rt.prepare(&v)?;
-        let ours_ms = time_ms(&stream, 2, iters, || dp.launch(&rt, &v, None))?;
-        let ours_c: Vec<bf16> = dp.download_c()?;
-
-        let ours_swiglu_ms = if case.swiglu {
-            let vs = GemmVariant::new(family, Epilogue::SwiGlu, Hooks::NONE);
-            dp.set_tiles(&TileList::grouped(&p.counts, p.n / 2, &vs)?)?;
-            rt.prepare(&vs)?;
-            let t = time_ms(&stream, 2, iters, || dp.launch(&rt, &vs, None))?;
-            dp.set_tiles(&tiles)?;
-            Some(t)
-        } else {
-            None
-        };
+        dp.enable_split(&rt, &v)?;
+        let slots = rt.split_slots(&v)?;
+        let splits =
+            slots > 0 && crate::TailSplit::plan(tiles.tiles.len(), case.k / 64, slots).ctas > 0;
 
         // cuBLAS per-expert loop. Row-major C[m, n] = A[m, k] B[n, k]^T is
         // column-major C^T[n, m] = op(B)[n, k] * A^T[k, m] with op = T.
         let (k, n) = (case.k, case.n);
         let mut c = stream.alloc_zeros::<bf16>(p.rows().max(1) * n)?;
-        let cublas_loop_ms = time_ms(&stream, 2, iters, || {
+        let cublas_loop = || -> Result<(), KernelError> {
             let mut start = 0usize;
             for (e, &m) in case.counts.iter().enumerate() {
                 if m > 0 {
@@ -139,7 +170,33 @@ pub fn run_gemm_bench(
                 start += m;
             }
             Ok(())
-        })?;
+        };
+        // Ours (split where it gains), cuBLAS, and ours unsplit, in turns.
+        let mut fns: Vec<Launch<'_>> =
+            vec![Box::new(|| dp.launch(&rt, &v, None)), Box::new(cublas_loop)];
+        if splits {
+            fns.push(Box::new(|| dp.launch_unsplit(&rt, &v, None)));
+        }
+        let ms = time_interleaved(&stream, 2, iters, &mut fns)?;
+        drop(fns);
+        let (ours_ms, cublas_loop_ms, ours_unsplit_ms) = (ms[0], ms[1], ms.get(2).copied());
+        // The output checked is the split launch's.
+        dp.poison()?;
+        dp.launch(&rt, &v, None)?;
+        dp.finish()?;
+        let ours_c: Vec<bf16> = dp.download_c()?;
+
+        let ours_swiglu_ms = if case.swiglu {
+            let vs = GemmVariant::new(family, Epilogue::SwiGlu, Hooks::NONE);
+            dp.set_tiles(&TileList::grouped(&p.counts, p.n / 2, &vs)?)?;
+            rt.prepare(&vs)?;
+            let t = time_ms(&stream, 2, iters, || dp.launch(&rt, &vs, None))?;
+            dp.finish()?;
+            dp.set_tiles(&tiles)?;
+            Some(t)
+        } else {
+            None
+        };
         let ref_c: Vec<bf16> = stream.clone_dtoh(&c)?;
         let rel = rel_diff(&ours_c[..p.rows() * n], &ref_c[..p.rows() * n]);
         if rel.is_nan() || rel >= 2e-2 {
@@ -152,6 +209,7 @@ pub fn run_gemm_bench(
         out.push(BenchResult {
             case: case.clone(),
             ours_ms,
+            ours_unsplit_ms,
             ours_swiglu_ms,
             cublas_loop_ms,
             cublas_grouped_ms,
@@ -296,8 +354,8 @@ pub fn preset_cases(
 /// A plain-text table of results (TFLOP/s and ratios).
 pub fn format_table(results: &[BenchResult]) -> String {
     let mut s = String::from(
-        "| case | rows | K | N | ours TFLOP/s | ours+SwiGLU | cuBLAS loop | cuBLAS grouped | ours/loop | ours/grouped | rel diff |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| case | rows | K | N | ours TFLOP/s | ours unsplit | ours+SwiGLU | cuBLAS loop | cuBLAS grouped | ours/loop | ours/grouped | unsplit/ours | rel diff |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in results {
         let f = r.case.flops();
@@ -311,17 +369,19 @@ pub fn format_table(results: &[BenchResult]) -> String {
                 .unwrap_or_else(|| "n/a".into())
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {:.0} | {} | {:.2} | {} | {:.1e} |\n",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.2} | {} | {} | {:.1e} |\n",
             r.case.label,
             r.case.counts.iter().sum::<usize>(),
             r.case.k,
             r.case.n,
             tf(r.ours_ms),
+            opt(r.ours_unsplit_ms),
             opt(r.ours_swiglu_ms),
             tf(r.cublas_loop_ms),
             opt(r.cublas_grouped_ms),
             r.cublas_loop_ms / r.ours_ms,
             ratio(r.cublas_grouped_ms),
+            ratio(r.ours_unsplit_ms),
             r.rel_diff_vs_cublas
         ));
     }

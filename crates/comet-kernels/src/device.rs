@@ -4,6 +4,7 @@
 //! raises through stream memory operations (how a host proxy raises a
 //! signal once a transfer has landed).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys;
@@ -11,7 +12,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBi
 use half::bf16;
 
 use crate::error::KernelError;
-use crate::gemm::{check_error_word, GemmArgs, GemmRuntime, HookArgs};
+use crate::gemm::{check_error_word, GemmArgs, GemmRuntime, HookArgs, SplitArgs};
 use crate::problem::GroupedProblem;
 use crate::tiles::{TileDesc, TileList};
 use crate::variants::GemmVariant;
@@ -39,6 +40,16 @@ pub struct DeviceProblem {
     pub ldc: usize,
     pub experts: usize,
     pub out_rows: usize,
+    /// Split-tail workspace ([`DeviceProblem::enable_split`]).
+    split: Option<SplitWorkspace>,
+}
+
+/// A launch's split-tail workspace and the epoch of its last launch.
+struct SplitWorkspace {
+    partials: CudaSlice<f32>,
+    flags: CudaSlice<u64>,
+    slots: usize,
+    epoch: AtomicU64,
 }
 
 impl DeviceProblem {
@@ -97,6 +108,7 @@ impl DeviceProblem {
             ldc,
             experts: p.experts(),
             out_rows: p.out_rows,
+            split: None,
         };
         dp.poison()?;
         Ok(dp)
@@ -111,6 +123,24 @@ impl DeviceProblem {
             self.stream.clone_htod(&tiles.tiles)?
         };
         self.num_tiles = tiles.tiles.len();
+        Ok(())
+    }
+
+    /// Lets launches of `v` split their last wave of tiles along K
+    /// ([`crate::tiles::TailSplit`]); without it every tile runs whole. A
+    /// no-op for families that never split.
+    pub fn enable_split(&mut self, rt: &GemmRuntime, v: &GemmVariant) -> Result<(), KernelError> {
+        let slots = rt.split_slots(v)?;
+        if slots == 0 {
+            return Ok(());
+        }
+        let floats = slots * GemmRuntime::split_slot_bytes(v) / 4;
+        self.split = Some(SplitWorkspace {
+            partials: self.stream.alloc_zeros::<f32>(floats)?,
+            flags: self.stream.alloc_zeros::<u64>(2 * slots)?,
+            slots,
+            epoch: AtomicU64::new(0),
+        });
         Ok(())
     }
 
@@ -133,6 +163,27 @@ impl DeviceProblem {
         v: &GemmVariant,
         hooks: Option<HookArgs>,
     ) -> Result<(), KernelError> {
+        self.launch_with(rt, v, hooks, true)
+    }
+
+    /// As [`DeviceProblem::launch`] with every tile whole even when the
+    /// split workspace is there (the benchmark's side-by-side baseline).
+    pub fn launch_unsplit(
+        &self,
+        rt: &GemmRuntime,
+        v: &GemmVariant,
+        hooks: Option<HookArgs>,
+    ) -> Result<(), KernelError> {
+        self.launch_with(rt, v, hooks, false)
+    }
+
+    fn launch_with(
+        &self,
+        rt: &GemmRuntime,
+        v: &GemmVariant,
+        hooks: Option<HookArgs>,
+        split: bool,
+    ) -> Result<(), KernelError> {
         let s = &self.stream;
         let (a, _ga) = self.a.device_ptr(s);
         let (b, _gb) = self.b.device_ptr(s);
@@ -143,6 +194,12 @@ impl DeviceProblem {
         let (sw, _gsw) = self.scatter_w.device_ptr(s);
         let (err, _ge) = self.err.device_ptr(s);
         let hooks = hooks.map(|h| HookArgs { deps, ..h });
+        let split = self.split.as_ref().filter(|_| split).map(|w| SplitArgs {
+            partials: w.partials.device_ptr(s).0,
+            flags: w.flags.device_ptr(s).0,
+            slots: w.slots,
+            epoch: w.epoch.fetch_add(1, Ordering::Relaxed) + 1,
+        });
         let args = GemmArgs {
             a,
             b,
@@ -158,6 +215,7 @@ impl DeviceProblem {
             scatter_w: sw,
             err,
             hooks,
+            split,
         };
         if self.total_rows == 0 && self.num_tiles > 0 {
             return Err(KernelError::InvalidShape(

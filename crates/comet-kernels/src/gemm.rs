@@ -12,6 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 use crate::error::KernelError;
 use crate::nvrtc::{Compiler, Target};
+use crate::tiles::TailSplit;
 use crate::variants::{Epilogue, Family, GemmVariant};
 
 /// Signal hooks of one launch (raw device pointers: signal arrays may live
@@ -29,6 +30,26 @@ pub struct HookArgs {
     /// Bound of every wait; past it the kernel records a timeout and exits.
     pub timeout_ns: u64,
 }
+
+/// Where the parts of split tail tiles meet ([`TailSplit`]): one slot per
+/// CTA of f32 accumulators and two u64 flag words. Zeroed once, then reused
+/// by every launch on one stream; `epoch` must grow by one per launch (the
+/// flags hold the epoch whose part they announce, so a part left by an
+/// aborted launch is never taken for a later one's).
+#[derive(Debug, Clone, Copy)]
+pub struct SplitArgs {
+    /// `slots` x [`GemmRuntime::split_slot_bytes`] bytes.
+    pub partials: CUdeviceptr,
+    /// `2 * slots` u64 words.
+    pub flags: CUdeviceptr,
+    pub slots: usize,
+    pub epoch: u64,
+}
+
+/// Bound of a last part's wait for the other parts when the launch has no
+/// hooks (with hooks, their `timeout_ns`). Every part's CTA is resident
+/// from the start, so only a failed launch comes near it.
+const SPLIT_TIMEOUT_NS: u64 = 10_000_000_000;
 
 /// One grouped GEMM launch. All pointers are device pointers; see
 /// kernels/gemm_common.cuh for the layouts.
@@ -51,6 +72,9 @@ pub struct GemmArgs {
     /// u64 error word (code << 32 | signal), needed by hooked variants.
     pub err: CUdeviceptr,
     pub hooks: Option<HookArgs>,
+    /// Lets families that can ([`Family::splits_tail`]) cut the last wave
+    /// of tiles along K; None runs every tile whole.
+    pub split: Option<SplitArgs>,
 }
 
 #[repr(C)]
@@ -74,6 +98,12 @@ struct GemmParamsC {
     ldc: i32,
     total_rows: i32,
     experts: i32,
+    sk_partials: u64,
+    sk_flags: u64,
+    sk_epoch: u64,
+    sk_begin: i32,
+    sk_len: i32,
+    sk_ctas: i32,
 }
 
 #[repr(C, align(64))]
@@ -86,9 +116,9 @@ struct HopperParamsC {
     tma_store: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 120);
-const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 512);
-const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 504);
+const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 160);
+const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 576);
+const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 544);
 
 /// Checks the shape rules every variant shares; one error naming the problem.
 pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
@@ -325,6 +355,21 @@ impl GemmRuntime {
         Ok((f, grid_cap))
     }
 
+    /// Bytes of one workspace slot of [`SplitArgs::partials`] for `v`: a
+    /// tile's f32 accumulators.
+    pub fn split_slot_bytes(v: &GemmVariant) -> usize {
+        v.tile_rows() * v.tile_gemm_cols() * 4
+    }
+
+    /// Workspace slots a launch of `v` may use when split (its grid limit;
+    /// 0 for families that never split). Compiles `v` if needed.
+    pub fn split_slots(&self, v: &GemmVariant) -> Result<usize, KernelError> {
+        if !v.family.splits_tail() {
+            return Ok(0);
+        }
+        Ok(self.function(v)?.1 as usize)
+    }
+
     /// Compiles and loads `v` ahead of time (keeps NVRTC out of timings).
     pub fn prepare(&self, v: &GemmVariant) -> Result<(), KernelError> {
         self.function(v).map(|_| ())
@@ -348,6 +393,28 @@ impl GemmRuntime {
             return Ok(());
         }
         let (f, grid_cap) = self.function(v)?;
+        // Clustered variants: one cluster per tile pair, grid_cap a multiple
+        // of the cluster size.
+        let cm = v.cluster() as u32;
+        let mut split = TailSplit::none(args.num_tiles / cm as usize, (grid_cap / cm) as usize);
+        split.grid *= cm as usize;
+        split.begin = args.num_tiles;
+        let mut sk = (0, 0, 0);
+        if let (Some(w), true) = (args.split, v.family.splits_tail()) {
+            let plan = TailSplit::plan(args.num_tiles, args.k / 64, grid_cap as usize);
+            if plan.ctas > 0 {
+                if w.slots < plan.ctas || w.partials == 0 || w.flags == 0 || args.err == 0 {
+                    return Err(KernelError::InvalidShape(format!(
+                        "the split tail needs {} workspace slots, flags and the error word \
+                         (given {} slots)",
+                        plan.ctas, w.slots
+                    )));
+                }
+                tracing::debug!(?plan, "split tail");
+                split = plan;
+                sk = (w.partials, w.flags, w.epoch);
+            }
+        }
         let h = args.hooks.unwrap_or(HookArgs {
             signals: 0,
             deps: 0,
@@ -367,19 +434,26 @@ impl GemmRuntime {
             err: args.err,
             wait_target: h.wait_target,
             raise_value: h.raise_value,
-            timeout_ns: h.timeout_ns,
+            timeout_ns: if args.hooks.is_none() && split.ctas > 0 {
+                SPLIT_TIMEOUT_NS
+            } else {
+                h.timeout_ns
+            },
             num_tiles: args.num_tiles as i32,
             k: args.k as i32,
             n: args.n as i32,
             ldc: args.ldc as i32,
             total_rows: args.total_rows as i32,
             experts: args.experts as i32,
+            sk_partials: sk.0,
+            sk_flags: sk.1,
+            sk_epoch: sk.2,
+            sk_begin: split.begin as i32,
+            sk_len: split.len as i32,
+            sk_ctas: split.ctas as i32,
         };
         let shape = v.launch_shape();
-        // Clustered variants: one cluster per tile pair, grid_cap a multiple
-        // of the cluster size.
-        let cm = v.cluster() as u32;
-        let grid = (args.num_tiles as u32 / cm).min(grid_cap / cm).max(1) * cm;
+        let grid = split.grid as u32;
         match v.family {
             Family::Sm80 => {
                 let mut pc = p;
@@ -509,6 +583,7 @@ mod tests {
             scatter_w: 0,
             err: 0,
             hooks: None,
+            split: None,
         }
     }
 

@@ -25,7 +25,7 @@
 //! let args = GemmArgs { a, b, c, tiles: d_tiles, num_tiles, total_rows, k: cfg.hidden,
 //!     n: 2 * cfg.ffn, ldc: cfg.ffn, experts, scatter_idx: 0, scatter_w: 0, err,
 //!     hooks: Some(HookArgs { signals, deps: d_deps, wait_target: epoch,
-//!                            raise_value: epoch, timeout_ns }) };
+//!                            raise_value: epoch, timeout_ns }), split: None };
 //! unsafe { rt.launch(&v, &args, &stream)? };
 //! // after the stream: gemm::check_error_word(err word) names a timed-out signal
 //! ```
@@ -46,7 +46,7 @@ pub mod variants;
 pub use error::KernelError;
 pub use gemm::{GemmArgs, GemmRuntime, HookArgs};
 pub use nvrtc::{Compiler, Target};
-pub use tiles::{TileDesc, TileList};
+pub use tiles::{TailSplit, TileDesc, TileList};
 pub use variants::{Epilogue, Family, GemmVariant, Hooks};
 
 /// The device half of the signal ABI, for other crates' kernels.

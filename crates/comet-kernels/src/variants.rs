@@ -161,6 +161,20 @@ impl Family {
             .map(|&(_, f)| f)
     }
 
+    /// Whether launches may split the last wave of tiles along K
+    /// ([`TailSplit`](crate::tiles::TailSplit)): the Hopper kernels whose
+    /// consumers store their own tiles, without clusters.
+    pub fn splits_tail(self) -> bool {
+        matches!(
+            self,
+            Family::Sm90 {
+                storer: false,
+                cluster: 1,
+                ..
+            }
+        )
+    }
+
     /// CTAs per cluster (1: no cluster). Tile lists of a clustered family
     /// hold one tile per CTA of each cluster, consecutively.
     pub fn cluster(self) -> usize {

@@ -12,7 +12,7 @@ use comet_core::Preset;
 use comet_kernels::device::{copy_rows_async, raise_signal_async, DeviceProblem};
 use comet_kernels::problem::{ragged_counts, GroupedProblem};
 use comet_kernels::{
-    Epilogue, Family, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileList,
+    Epilogue, Family, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TailSplit, TileList,
 };
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
 use rand::seq::SliceRandom;
@@ -45,20 +45,193 @@ fn run_check(
     label: &str,
 ) {
     let tiles = TileList::grouped(&p.counts, p.out_cols(), &v).unwrap();
-    let dp = DeviceProblem::upload(stream.clone(), p, &v, &tiles).unwrap();
+    let mut dp = DeviceProblem::upload(stream.clone(), p, &v, &tiles).unwrap();
+    // As the benchmark runs them: the last wave split where it gains.
+    dp.enable_split(rt, &v).unwrap();
     dp.launch(rt, &v, None).unwrap();
     dp.finish().unwrap();
     let out = dp.download_c().unwrap();
     match p.check(&out, dp.ldc, 48) {
         Ok(r) => println!(
-            "ok   {label:<40} {:<36} rows {:>5} checked {:>3} rel {:.2e} worst {:.2}",
+            "ok   {label:<40} {:<36} rows {:>5} split {:>3} checked {:>3} rel {:.2e} worst {:.2}",
             v.kernel_name(),
             p.rows(),
+            split_ctas(rt, &v, tiles.tiles.len(), p.k),
             r.rows_checked,
             r.rel_error,
             r.worst_ratio
         ),
         Err(e) => panic!("{label} {}: {e}", v.kernel_name()),
+    }
+}
+
+/// CTAs sharing the split tail of a launch of `num_tiles` tiles (0: none).
+fn split_ctas(rt: &GemmRuntime, v: &GemmVariant, num_tiles: usize, k: usize) -> usize {
+    let slots = rt.split_slots(v).unwrap();
+    if slots == 0 {
+        return 0;
+    }
+    TailSplit::plan(num_tiles, k / 64, slots).ctas
+}
+
+/// The split tail (Hopper families that split): shapes whose last wave is
+/// cut along K into 2-4 parts per tile, every epilogue, three launches on
+/// one workspace (epochs 1-3, output poisoned before each), the raise hook
+/// counting each split tile once, the wait hook with late signals, and a
+/// missing signal ending in its timeout error instead of a hang.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn split_tail_parts_add_up() {
+    let (ctx, stream, rt) = setup();
+    let copier = ctx.new_stream().unwrap();
+    let fams: Vec<Family> = families(&rt)
+        .into_iter()
+        .filter(|f| f.splits_tail())
+        .collect();
+    if fams.is_empty() {
+        println!("skip: no family here splits its tail");
+        return;
+    }
+    for fam in fams {
+        for (epi, counts, k, n) in [
+            (Epilogue::Store, vec![300, 0, 1, 129, 256], 2048, 512),
+            (Epilogue::Store, vec![4000, 3000], 4096, 1024),
+            (Epilogue::SwiGlu, vec![77, 0, 513], 3072, 1024),
+            (Epilogue::Scatter, vec![128, 5, 260], 2048, 768),
+        ] {
+            let v = GemmVariant::new(fam, epi, Hooks::NONE);
+            let p = GroupedProblem::new(counts, k, n, epi, 500 + k as u64);
+            let tiles = TileList::grouped(&p.counts, p.out_cols(), &v).unwrap();
+            let ctas = split_ctas(&rt, &v, tiles.tiles.len(), k);
+            assert!(
+                ctas > 0,
+                "{} tiles of K = {k} should split",
+                tiles.tiles.len()
+            );
+            let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
+            dp.enable_split(&rt, &v).unwrap();
+            for epoch in 1..=3 {
+                dp.poison().unwrap();
+                dp.launch(&rt, &v, None).unwrap();
+                dp.finish().unwrap();
+                let rep = p
+                    .check(&dp.download_c().unwrap(), dp.ldc, 64)
+                    .unwrap_or_else(|e| panic!("{} epoch {epoch}: {e}", v.kernel_name()));
+                println!(
+                    "ok   split {} tiles {} over {ctas} CTAs, K {k}, epoch {epoch}, rel {:.2e}",
+                    v.kernel_name(),
+                    tiles.tiles.len(),
+                    rep.rel_error
+                );
+            }
+        }
+
+        // Raise hook: every tile's counter once, split or not.
+        let v = GemmVariant::new(
+            fam,
+            Epilogue::Store,
+            Hooks {
+                wait: false,
+                raise: true,
+            },
+        );
+        let p = GroupedProblem::new(vec![400, 3, 250], 2048, 512, Epilogue::Store, 61);
+        let mut tiles = TileList::grouped(&p.counts, p.out_cols(), &v).unwrap();
+        for t in &mut tiles.tiles {
+            t.sig = t.expert;
+            t.sig_mode = 1;
+        }
+        let mut want = vec![0u64; 3];
+        for t in &tiles.tiles {
+            want[t.expert as usize] += 1;
+        }
+        assert!(split_ctas(&rt, &v, tiles.tiles.len(), p.k) > 0);
+        let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
+        dp.enable_split(&rt, &v).unwrap();
+        let counters = stream.alloc_zeros::<u64>(3).unwrap();
+        let (cptr, _g) = counters.device_ptr(&stream);
+        let hooks = HookArgs {
+            signals: cptr,
+            deps: 0,
+            wait_target: 0,
+            raise_value: 0,
+            timeout_ns: 1_000_000_000,
+        };
+        dp.launch(&rt, &v, Some(hooks)).unwrap();
+        dp.finish().unwrap();
+        drop(_g);
+        assert_eq!(
+            stream.clone_dtoh(&counters).unwrap(),
+            want,
+            "{}",
+            v.kernel_name()
+        );
+        p.check(&dp.download_c().unwrap(), dp.ldc, 48)
+            .unwrap_or_else(|e| panic!("{}: {e}", v.kernel_name()));
+        println!("ok   split raise {} counters {want:?}", v.kernel_name());
+
+        // Wait hook: A lands segment by segment after the launch; then one
+        // segment never comes.
+        let v = GemmVariant::new(
+            fam,
+            Epilogue::Store,
+            Hooks {
+                wait: true,
+                raise: false,
+            },
+        );
+        let p = GroupedProblem::new(vec![300, 0, 260], 2048, 512, Epilogue::Store, 62);
+        let segs = segments(&p.counts, 3);
+        let tiles = tiles_with_deps(&p, &v, &segs);
+        assert!(split_ctas(&rt, &v, tiles.tiles.len(), p.k) > 0);
+        let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
+        dp.enable_split(&rt, &v).unwrap();
+        for (epoch, missing) in [(1u64, None), (2, Some(segs.len() - 1))] {
+            dp.poison().unwrap();
+            let nan = vec![half::bf16::NAN; dp.a.len()];
+            copy_rows_async(&stream, &dp.a, 0, &nan).unwrap();
+            let signals = stream.clone_htod(&vec![epoch - 1; segs.len()]).unwrap();
+            stream.synchronize().unwrap();
+            let (sig_ptr, _g) = signals.device_ptr(&stream);
+            let hooks = HookArgs {
+                signals: sig_ptr,
+                deps: 0,
+                wait_target: epoch,
+                raise_value: 0,
+                timeout_ns: if missing.is_some() {
+                    100_000_000
+                } else {
+                    20_000_000_000
+                },
+            };
+            dp.launch(&rt, &v, Some(hooks)).unwrap();
+            let mut order: Vec<usize> = (0..segs.len()).collect();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(epoch));
+            for &i in &order {
+                std::thread::sleep(Duration::from_millis(2));
+                let (r, n) = segs[i];
+                copy_rows_async(&copier, &dp.a, r * p.k, &p.a[r * p.k..(r + n) * p.k]).unwrap();
+                if Some(i) != missing {
+                    raise_signal_async(&copier, &signals, i, epoch).unwrap();
+                }
+            }
+            copier.synchronize().unwrap();
+            match (missing, dp.finish()) {
+                (None, Ok(())) => {
+                    p.check(&dp.download_c().unwrap(), dp.ldc, 64)
+                        .unwrap_or_else(|e| panic!("{}: {e}", v.kernel_name()));
+                    println!("ok   split wait {} late signals", v.kernel_name());
+                }
+                (Some(m), Err(KernelError::SignalTimeout { signal, .. })) => {
+                    assert_eq!(signal as usize, m);
+                    println!(
+                        "ok   split wait {} timeout names signal {m}",
+                        v.kernel_name()
+                    );
+                }
+                (m, other) => panic!("{}: missing {m:?}, got {other:?}", v.kernel_name()),
+            }
+        }
     }
 }
 

@@ -23,6 +23,8 @@ pub enum KernelError {
     Unsupported(String),
     #[error("signal {signal} timed out on the device (error code {code})")]
     SignalTimeout { signal: u32, code: u32 },
+    #[error("tile {tile} of a split tail never got its other parts (a CTA failed or never ran)")]
+    SplitTimeout { tile: u32 },
     #[error("device error word {code}:{index}")]
     DeviceError { code: u32, index: u32 },
 }
@@ -37,6 +39,7 @@ impl KernelError {
                 signal: index,
                 code,
             }),
+            3 => Some(KernelError::SplitTimeout { tile: index }),
             _ => Some(KernelError::DeviceError { code, index }),
         }
     }

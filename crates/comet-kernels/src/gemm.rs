@@ -630,5 +630,9 @@ mod tests {
             Err(KernelError::SignalTimeout { signal: 17, .. }) => {}
             other => panic!("{other:?}"),
         }
+        match check_error_word((3u64 << 32) | 5) {
+            Err(KernelError::SplitTimeout { tile: 5 }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

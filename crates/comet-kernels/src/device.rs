@@ -44,12 +44,49 @@ pub struct DeviceProblem {
     split: Option<SplitWorkspace>,
 }
 
-/// A launch's split-tail workspace and the epoch of its last launch.
-struct SplitWorkspace {
+/// A split-tail workspace ([`SplitArgs`]) for GEMM launches that run one
+/// after another on one stream, and the epoch each launch gets.
+pub struct SplitWorkspace {
     partials: CudaSlice<f32>,
     flags: CudaSlice<u64>,
     slots: usize,
     epoch: AtomicU64,
+}
+
+impl SplitWorkspace {
+    /// Room for launches of any of `variants` (compiled if needed); None
+    /// when none of them splits its tail.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        rt: &GemmRuntime,
+        variants: &[GemmVariant],
+    ) -> Result<Option<SplitWorkspace>, KernelError> {
+        let mut slots = 0;
+        let mut slot_bytes = 0;
+        for v in variants {
+            slots = slots.max(rt.split_slots(v)?);
+            slot_bytes = slot_bytes.max(GemmRuntime::split_slot_bytes(v));
+        }
+        if slots == 0 {
+            return Ok(None);
+        }
+        Ok(Some(SplitWorkspace {
+            partials: stream.alloc_zeros::<f32>(slots * slot_bytes / 4)?,
+            flags: stream.alloc_zeros::<u64>(2 * slots)?,
+            slots,
+            epoch: AtomicU64::new(0),
+        }))
+    }
+
+    /// The arguments of the next launch on `stream` (a new epoch each call).
+    pub fn next_launch(&self, stream: &CudaStream) -> SplitArgs {
+        SplitArgs {
+            partials: self.partials.device_ptr(stream).0,
+            flags: self.flags.device_ptr(stream).0,
+            slots: self.slots,
+            epoch: self.epoch.fetch_add(1, Ordering::Relaxed) + 1,
+        }
+    }
 }
 
 impl DeviceProblem {
@@ -130,17 +167,7 @@ impl DeviceProblem {
     /// ([`crate::tiles::TailSplit`]); without it every tile runs whole. A
     /// no-op for families that never split.
     pub fn enable_split(&mut self, rt: &GemmRuntime, v: &GemmVariant) -> Result<(), KernelError> {
-        let slots = rt.split_slots(v)?;
-        if slots == 0 {
-            return Ok(());
-        }
-        let floats = slots * GemmRuntime::split_slot_bytes(v) / 4;
-        self.split = Some(SplitWorkspace {
-            partials: self.stream.alloc_zeros::<f32>(floats)?,
-            flags: self.stream.alloc_zeros::<u64>(2 * slots)?,
-            slots,
-            epoch: AtomicU64::new(0),
-        });
+        self.split = SplitWorkspace::new(&self.stream, rt, &[*v])?;
         Ok(())
     }
 
@@ -194,12 +221,11 @@ impl DeviceProblem {
         let (sw, _gsw) = self.scatter_w.device_ptr(s);
         let (err, _ge) = self.err.device_ptr(s);
         let hooks = hooks.map(|h| HookArgs { deps, ..h });
-        let split = self.split.as_ref().filter(|_| split).map(|w| SplitArgs {
-            partials: w.partials.device_ptr(s).0,
-            flags: w.flags.device_ptr(s).0,
-            slots: w.slots,
-            epoch: w.epoch.fetch_add(1, Ordering::Relaxed) + 1,
-        });
+        let split = self
+            .split
+            .as_ref()
+            .filter(|_| split)
+            .map(|w| w.next_launch(s));
         let args = GemmArgs {
             a,
             b,

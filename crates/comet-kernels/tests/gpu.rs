@@ -148,24 +148,8 @@ fn split_tail_parts_add_up() {
         assert!(split_ctas(&rt, &v, tiles.tiles.len(), p.k) > 0);
         let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
         dp.enable_split(&rt, &v).unwrap();
-        let counters = stream.alloc_zeros::<u64>(3).unwrap();
-        let (cptr, _g) = counters.device_ptr(&stream);
-        let hooks = HookArgs {
-            signals: cptr,
-            deps: 0,
-            wait_target: 0,
-            raise_value: 0,
-            timeout_ns: 1_000_000_000,
-        };
-        dp.launch(&rt, &v, Some(hooks)).unwrap();
-        dp.finish().unwrap();
-        drop(_g);
-        assert_eq!(
-            stream.clone_dtoh(&counters).unwrap(),
-            want,
-            "{}",
-            v.kernel_name()
-        );
+        let got = launch_raising(&rt, &stream, &dp, &v, 3, 0);
+        assert_eq!(got, want, "{}", v.kernel_name());
         p.check(&dp.download_c().unwrap(), dp.ldc, 48)
             .unwrap_or_else(|e| panic!("{}: {e}", v.kernel_name()));
         println!("ok   split raise {} counters {want:?}", v.kernel_name());
@@ -489,6 +473,32 @@ fn wait_hook_times_out_on_a_missing_signal() {
     }
 }
 
+/// Launches `v` (a raise-hook variant) over `dp` with `signals` zeroed
+/// signal words and set-mode raises of `raise_value`; returns the words
+/// once the kernel is done.
+fn launch_raising(
+    rt: &GemmRuntime,
+    stream: &Arc<CudaStream>,
+    dp: &DeviceProblem,
+    v: &GemmVariant,
+    signals: usize,
+    raise_value: u64,
+) -> Vec<u64> {
+    let words = stream.alloc_zeros::<u64>(signals).unwrap();
+    let (ptr, _g) = words.device_ptr(stream);
+    let hooks = HookArgs {
+        signals: ptr,
+        deps: 0,
+        wait_target: 0,
+        raise_value,
+        timeout_ns: 1_000_000_000,
+    };
+    dp.launch(rt, v, Some(hooks)).unwrap();
+    dp.finish().unwrap();
+    drop(_g);
+    stream.clone_dtoh(&words).unwrap()
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn raise_hook_counts_and_stores() {
@@ -520,19 +530,7 @@ fn raise_hook_counts_and_stores() {
             }
         }
         let dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
-        let signals = stream.alloc_zeros::<u64>(9).unwrap();
-        let (sig_ptr, _g) = signals.device_ptr(&stream);
-        let hooks = HookArgs {
-            signals: sig_ptr,
-            deps: 0,
-            wait_target: 0,
-            raise_value: 7,
-            timeout_ns: 1_000_000_000,
-        };
-        dp.launch(&rt, &v, Some(hooks)).unwrap();
-        dp.finish().unwrap();
-        drop(_g);
-        let got = stream.clone_dtoh(&signals).unwrap();
+        let got = launch_raising(&rt, &stream, &dp, &v, 9, 7);
         assert_eq!(got, want, "{}", v.kernel_name());
         let out = dp.download_c().unwrap();
         p.check(&out, dp.ldc, 32)

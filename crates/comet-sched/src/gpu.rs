@@ -47,7 +47,8 @@ use crate::protocol::{
 use comet_core::layout::{ring_dest, LayoutPlan};
 use comet_core::schedule::{combine_waits, Layer0Schedule, Layer1Schedule, SignalMap, TileShape};
 use comet_core::{ExpertWeights, MoeConfig, Routing};
-use comet_kernels::gemm::{check_error_word, SplitArgs};
+use comet_kernels::device::SplitWorkspace;
+use comet_kernels::gemm::check_error_word;
 use comet_kernels::layer::{fill_u16, fill_u32, LayerKernels, ReduceArgs};
 use comet_kernels::{
     Epilogue, GemmArgs, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileDesc, TileList,
@@ -123,10 +124,8 @@ struct Private {
     /// f32 `[max_tokens, H]`.
     y: CudaSlice<f32>,
     /// Split-tail workspace of the GEMMs (all on the compute stream, one
-    /// after another, so they share it): partial slots and flag words.
-    split_partials: CudaSlice<f32>,
-    split_flags: CudaSlice<u64>,
-    split_slots: usize,
+    /// after another, so they share it).
+    split: Option<SplitWorkspace>,
 }
 
 /// The loaded kernels of one CUDA context, shared by the ranks on it.
@@ -164,8 +163,6 @@ pub struct GpuRank<T: DeviceTransport> {
     fc1_plain: GemmVariant,
     fc2: GemmVariant,
     epoch: u64,
-    /// Epoch of the last GEMM launch that may split its tail.
-    split_epoch: u64,
 }
 
 fn dev(rank: usize, what: &str, e: impl std::fmt::Display) -> SchedError {
@@ -328,17 +325,6 @@ impl<T: DeviceTransport> GpuRank<T> {
             }
         }
         let alloc = |what: &str, e| dev(rank, what, e);
-        let mut split_slots = 0;
-        for v in [&fc1_fused, &fc1_plain, &fc2] {
-            split_slots =
-                split_slots.max(rt.split_slots(v).map_err(|e| dev(rank, "load GEMM", e))?);
-        }
-        let slot_floats = [&fc1_fused, &fc1_plain, &fc2]
-            .into_iter()
-            .map(GemmRuntime::split_slot_bytes)
-            .max()
-            .unwrap_or(0)
-            / 4;
         let mem = Private {
             w1: stream.clone_htod(&w1).map_err(|e| alloc("upload FC1", e))?,
             w2: stream.clone_htod(&w2).map_err(|e| alloc("upload FC2", e))?,
@@ -351,13 +337,8 @@ impl<T: DeviceTransport> GpuRank<T> {
             y: stream
                 .alloc_zeros::<f32>(max_tokens.max(1) * h)
                 .map_err(|e| alloc("allocate y", e))?,
-            split_partials: stream
-                .alloc_zeros::<f32>((split_slots * slot_floats).max(1))
-                .map_err(|e| alloc("allocate split workspace", e))?,
-            split_flags: stream
-                .alloc_zeros::<u64>((2 * split_slots).max(1))
-                .map_err(|e| alloc("allocate split flags", e))?,
-            split_slots,
+            split: SplitWorkspace::new(&stream, &rt, &[fc1_fused, fc1_plain, fc2])
+                .map_err(|e| dev(rank, "allocate split workspace", e))?,
         };
         drop((w1, w2));
         for v in [&fc1_fused, &fc1_plain, &fc2] {
@@ -398,7 +379,6 @@ impl<T: DeviceTransport> GpuRank<T> {
             fc1_plain,
             fc2,
             epoch: 0,
-            split_epoch: 0,
         })
     }
 
@@ -516,17 +496,7 @@ impl<T: DeviceTransport> GpuRank<T> {
         let signals = self.t.signals_ptr()? + 8 * w as u64;
         let err = self.t.error_word_ptr();
         let timeout_ns = opts.timeout.as_nanos().min(u64::MAX as u128) as u64;
-        // One split epoch per GEMM launch of this call: FC1, then each chunk.
-        let split_base = self.split_epoch;
-        self.split_epoch += 1 + chunks as u64;
-        let split = |launch: u64| {
-            (self.mem.split_slots > 0).then(|| SplitArgs {
-                partials: ptr(&self.mem.split_partials, s),
-                flags: ptr(&self.mem.split_flags, s),
-                slots: self.mem.split_slots,
-                epoch: split_base + 1 + launch,
-            })
-        };
+        let split = || self.mem.split.as_ref().map(|w| w.next_launch(s));
 
         // 2. Layer0. Fused: FC1 first (its tiles wait on their segments'
         // signals), then the dispatch; baseline: dispatch, wait for every
@@ -552,7 +522,7 @@ impl<T: DeviceTransport> GpuRank<T> {
                 raise_value: epoch,
                 timeout_ns,
             }),
-            split: split(0),
+            split: split(),
         };
         let launch_fc1 = || {
             // SAFETY: A is the receive buffer (recv_rows <= capacity rows of
@@ -597,7 +567,7 @@ impl<T: DeviceTransport> GpuRank<T> {
                 scatter_w: 0,
                 err,
                 hooks: None,
-                split: split(1 + c as u64),
+                split: split(),
             };
             // SAFETY: A is act (recv_rows x F), B chunk c of the chunk-major
             // FC2 weights (epr x cols x F), C chunk c's buffer (recv_cap x

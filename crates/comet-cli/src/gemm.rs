@@ -1,17 +1,18 @@
 //! `comet bench gemm`: the grouped GEMM of comet-kernels against cuBLAS (a
 //! per-expert loop and the grouped API) in this process, and
-//! torch._grouped_mm through scripts/bench_torch_gemm.py when python3 with
-//! torch is present, on the presets' FC1/FC2 shapes (EP = 2: tokens x top-k
+//! torch._grouped_mm through a scripts/bench_torch_gemm.py helper when
+//! python3 with torch is present, all timed in turns, on the presets' FC1/FC2 shapes (EP = 2: tokens x top-k
 //! rows over E/2 local experts), uniform and skewed routing.
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use comet_core::Preset;
-use comet_kernels::bench::{format_table, preset_cases, run_on_first_gpu, BenchResult};
+use comet_kernels::bench::{format_table, preset_cases, run_on_first_gpu, ExternalBaseline};
 use comet_kernels::Family;
+
+use crate::torch_baseline::TorchBaseline;
 
 #[derive(Args, Debug, Clone)]
 pub struct GemmBenchArgs {
@@ -21,14 +22,14 @@ pub struct GemmBenchArgs {
     /// Tokens per rank; rows = tokens x top-k spread over E/2 local experts.
     #[arg(long, default_value_t = 8192)]
     pub tokens: usize,
-    /// Timed repetitions per kernel (median reported), after 2 warm-ups.
+    /// Timed rounds (median reported), after warm-ups of 50 ms per kernel.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
     /// Kernel families, comma separated: auto (the default on this GPU),
     /// sm80, sm90 (consumers store), sm90ws (storer warps), sm90tma (TMA
     /// bulk stores; what auto picks on sm_90a) or sm90c2 (sm90tma in
     /// clusters of two sharing B by multicast). Each gets
-    /// its own table with cuBLAS beside it; torch is compared with the first.
+    /// its own table with cuBLAS and torch beside it.
     #[arg(long, default_value = "auto")]
     pub family: String,
     /// torch._grouped_mm baseline: auto (when python3 + torch exist) or off.
@@ -69,8 +70,8 @@ fn torch_script(args: &GemmBenchArgs) -> Option<PathBuf> {
     candidates.into_iter().flatten().find(|p| p.exists())
 }
 
-/// Median ms per case label from the torch script, or None when skipped.
-fn run_torch(args: &GemmBenchArgs, results: &[BenchResult]) -> Result<Option<serde_json::Value>> {
+/// The torch helper, or None when `--torch off` or it cannot run here.
+fn start_torch(args: &GemmBenchArgs) -> Result<Option<TorchBaseline>> {
     if args.torch == "off" {
         return Ok(None);
     }
@@ -80,46 +81,7 @@ fn run_torch(args: &GemmBenchArgs, results: &[BenchResult]) -> Result<Option<ser
         );
         return Ok(None);
     };
-    let cases: Vec<serde_json::Value> = results
-        .iter()
-        .map(|r| serde_json::json!({"label": r.case.label, "counts": r.case.counts, "k": r.case.k, "n": r.case.n}))
-        .collect();
-    let file = std::env::temp_dir().join(format!("comet-gemm-cases-{}.json", std::process::id()));
-    std::fs::write(&file, serde_json::to_vec(&cases)?).context("writing the torch case file")?;
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(&file)
-        .arg(args.iters.to_string())
-        .output();
-    let _ = std::fs::remove_file(&file);
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("comet bench gemm: python3 not runnable ({e}); torch baseline skipped");
-            return Ok(None);
-        }
-    };
-    if out.status.code() == Some(2) {
-        eprintln!(
-            "comet bench gemm: torch baseline skipped: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return Ok(None);
-    }
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !stderr.trim().is_empty() {
-        eprintln!("{}", stderr.trim());
-    }
-    Ok(Some(
-        serde_json::from_slice(&out.stdout).context("parsing the torch script's JSON")?,
-    ))
+    TorchBaseline::start(&script)
 }
 
 fn family(name: &str) -> Result<Option<Family>> {
@@ -145,42 +107,24 @@ pub fn run(args: GemmBenchArgs) -> Result<()> {
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
+    if args.torch != "off" && args.torch != "auto" {
+        bail!("--torch {:?}: expected auto or off", args.torch);
+    }
     let cases = preset_cases(args.tokens, &presets(&args.preset)?)?;
-    let mut first: Option<Vec<BenchResult>> = None;
+    let mut torch = start_torch(&args)?;
     for fam in families {
-        let (gpu, results) = run_on_first_gpu(&cases, fam, args.iters)?;
+        let baseline = torch.as_mut().map(|t| t as &mut dyn ExternalBaseline);
+        let (gpu, results) = run_on_first_gpu(&cases, fam, args.iters, baseline)?;
         let name = results
             .first()
             .map(|r| format!("{:?}", r.family))
             .unwrap_or_default();
         println!(
-            "device: {gpu}; kernel family: {name}; tokens {} per rank, EP = 2; median of {} runs",
+            "device: {gpu}; kernel family: {name}; tokens {} per rank, EP = 2; median of {} rounds, kernels (and torch) timed in turns",
             args.tokens, args.iters
         );
-        print!("{}", format_table(&results));
+        print!("{}", format_table(&results, "torch._grouped_mm"));
         println!();
-        first.get_or_insert(results);
-    }
-    let results = first.unwrap_or_default();
-    if let Some(torch) = run_torch(&args, &results)? {
-        println!("| case | ours TFLOP/s | torch._grouped_mm TFLOP/s | ours/torch |\n| --- | --- | --- | --- |");
-        for r in &results {
-            let f = r.case.flops();
-            match torch.get(&r.case.label).and_then(|v| v.as_f64()) {
-                Some(ms) => println!(
-                    "| {} | {:.0} | {:.0} | {:.2} |",
-                    r.case.label,
-                    f / (r.ours_ms * 1e-3) / 1e12,
-                    f / (ms * 1e-3) / 1e12,
-                    ms / r.ours_ms
-                ),
-                None => println!(
-                    "| {} | {:.0} | n/a | n/a |",
-                    r.case.label,
-                    f / (r.ours_ms * 1e-3) / 1e12
-                ),
-            }
-        }
     }
     Ok(())
 }

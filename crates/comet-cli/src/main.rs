@@ -8,6 +8,7 @@ mod launch;
 mod layer;
 mod layer_gpu;
 mod plan;
+mod torch_baseline;
 mod transport_bench;
 
 #[derive(Parser)]

@@ -14,8 +14,8 @@ fn main() {
         &[Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe],
     )
     .expect("cases");
-    match run_gemm_bench(ctx, &cases, family, iters) {
-        Ok(r) => print!("{}", format_table(&r)),
+    match run_gemm_bench(ctx, &cases, family, iters, None) {
+        Ok(r) => print!("{}", format_table(&r, "baseline")),
         Err(e) => {
             eprintln!("bench_gemm: {e}");
             std::process::exit(1);

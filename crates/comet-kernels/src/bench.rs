@@ -1,7 +1,8 @@
 //! Grouped GEMM benchmark: this crate's kernel against cuBLAS (a per-expert
 //! loop of cublasGemmEx, and cublasGemmGroupedBatchedEx) on the same data,
 //! timed with CUDA events in one process on one GPU. `comet bench gemm`
-//! drives it; torch._grouped_mm runs beside it from scripts/bench_torch_gemm.py.
+//! drives it and passes torch._grouped_mm in as an [`ExternalBaseline`]
+//! (a helper process, scripts/bench_torch_gemm.py) timed in turns with ours.
 
 use std::sync::Arc;
 
@@ -33,6 +34,17 @@ impl BenchCase {
     }
 }
 
+/// A GEMM timed by someone else on this GPU (torch._grouped_mm in a helper
+/// process): the benchmark runs it in turns with its own kernels, each time
+/// with this process's stream idle, so all see the same clocks.
+pub trait ExternalBaseline {
+    /// Sets `case` up on the baseline's side (same shapes, data of the same
+    /// distribution); Ok(false) when the baseline cannot run it.
+    fn prepare(&mut self, case: &BenchCase) -> Result<bool, KernelError>;
+    /// Runs the prepared case once; its device milliseconds.
+    fn run_once(&mut self) -> Result<f64, KernelError>;
+}
+
 /// Median milliseconds per variant; None where it could not run.
 #[derive(Debug, Clone)]
 pub struct BenchResult {
@@ -44,6 +56,8 @@ pub struct BenchResult {
     pub ours_swiglu_ms: Option<f64>,
     pub cublas_loop_ms: f64,
     pub cublas_grouped_ms: Option<f64>,
+    /// The [`ExternalBaseline`], timed in turns with ours.
+    pub baseline_ms: Option<f64>,
     /// ||ours - cuBLAS|| / ||cuBLAS|| on the plain-store output.
     pub rel_diff_vs_cublas: f64,
     pub family: Family,
@@ -54,36 +68,46 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-type Launch<'a> = Box<dyn FnMut() -> Result<(), KernelError> + 'a>;
+/// One run of something timed, returning its device milliseconds once it
+/// has finished.
+type Timed<'a> = Box<dyn FnMut() -> Result<f64, KernelError> + 'a>;
+
+/// `f` launched on `stream` between two events; waits for the end event.
+fn evented<'a, F>(stream: &'a Arc<CudaStream>, mut f: F) -> Timed<'a>
+where
+    F: FnMut() -> Result<(), KernelError> + 'a,
+{
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    Box::new(move || {
+        let start = stream.record_event(flags)?;
+        f()?;
+        let end = stream.record_event(flags)?;
+        end.synchronize()?;
+        Ok(start.elapsed_ms(&end)? as f64)
+    })
+}
 
 /// Median milliseconds of each of `fns`, timed in turns (one run of each per
 /// round, `iters` rounds) so clock and temperature drift during the run
 /// falls on all of them alike; each first runs for at least `warmup` runs
 /// and 50 ms, so the first case does not meet an idle GPU's clocks.
 fn time_interleaved(
-    stream: &Arc<CudaStream>,
     warmup: usize,
     iters: usize,
-    fns: &mut [Launch<'_>],
+    fns: &mut [Timed<'_>],
 ) -> Result<Vec<f64>, KernelError> {
     for f in fns.iter_mut() {
         let t0 = std::time::Instant::now();
         let mut n = 0;
         while n < warmup || t0.elapsed() < std::time::Duration::from_millis(50) {
             f()?;
-            stream.synchronize()?;
             n += 1;
         }
     }
-    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut times = vec![Vec::with_capacity(iters); fns.len()];
     for _ in 0..iters {
         for (f, t) in fns.iter_mut().zip(&mut times) {
-            let start = stream.record_event(flags)?;
-            f()?;
-            let end = stream.record_event(flags)?;
-            end.synchronize()?;
-            t.push(start.elapsed_ms(&end)? as f64);
+            t.push(f()?);
         }
     }
     Ok(times.into_iter().map(median).collect())
@@ -93,36 +117,25 @@ fn time_ms<F: FnMut() -> Result<(), KernelError>>(
     stream: &Arc<CudaStream>,
     warmup: usize,
     iters: usize,
-    mut f: F,
+    f: F,
 ) -> Result<f64, KernelError> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    stream.synchronize()?;
-    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = stream.record_event(flags)?;
-        f()?;
-        let end = stream.record_event(flags)?;
-        end.synchronize()?;
-        times.push(start.elapsed_ms(&end)? as f64);
-    }
-    Ok(median(times))
+    Ok(time_interleaved(warmup, iters, &mut [evented(stream, f)])?[0])
 }
 
 fn blas_err(e: cudarc::cublas::result::CublasError) -> KernelError {
     KernelError::Unsupported(format!("cuBLAS: {e:?}"))
 }
 
-/// Runs every case: ours, the cuBLAS loop (and ours unsplit where the
-/// split applies) timed in turns for `iters` rounds after warm-ups; the
-/// grouped cuBLAS call and the SwiGLU epilogue after them, each on its own.
+/// Runs every case: ours, the cuBLAS loop, ours unsplit (where the split
+/// applies) and the external baseline (where given and able) timed in turns
+/// for `iters` rounds after warm-ups; the grouped cuBLAS call and the
+/// SwiGLU epilogue after them, each on its own.
 pub fn run_gemm_bench(
     ctx: Arc<CudaContext>,
     cases: &[BenchCase],
     family: Option<Family>,
     iters: usize,
+    mut baseline: Option<&mut dyn ExternalBaseline>,
 ) -> Result<Vec<BenchResult>, KernelError> {
     let stream = ctx.new_stream()?;
     let rt = GemmRuntime::new(ctx.clone())?;
@@ -171,15 +184,29 @@ pub fn run_gemm_bench(
             }
             Ok(())
         };
-        // Ours (split where it gains), cuBLAS, and ours unsplit, in turns.
-        let mut fns: Vec<Launch<'_>> =
-            vec![Box::new(|| dp.launch(&rt, &v, None)), Box::new(cublas_loop)];
+        // Ours (split where it gains), cuBLAS, ours unsplit and the
+        // baseline, in turns.
+        let with_baseline = match baseline.as_deref_mut() {
+            Some(b) => b.prepare(case)?,
+            None => false,
+        };
+        let mut fns: Vec<Timed<'_>> = vec![
+            evented(&stream, || dp.launch(&rt, &v, None)),
+            evented(&stream, cublas_loop),
+        ];
         if splits {
-            fns.push(Box::new(|| dp.launch_unsplit(&rt, &v, None)));
+            fns.push(evented(&stream, || dp.launch_unsplit(&rt, &v, None)));
         }
-        let ms = time_interleaved(&stream, 2, iters, &mut fns)?;
+        if with_baseline {
+            if let Some(b) = baseline.as_deref_mut() {
+                fns.push(Box::new(move || b.run_once()));
+            }
+        }
+        let ms = time_interleaved(2, iters, &mut fns)?;
         drop(fns);
-        let (ours_ms, cublas_loop_ms, ours_unsplit_ms) = (ms[0], ms[1], ms.get(2).copied());
+        let (ours_ms, cublas_loop_ms) = (ms[0], ms[1]);
+        let ours_unsplit_ms = splits.then(|| ms[2]);
+        let baseline_ms = with_baseline.then(|| ms[ms.len() - 1]);
         // The output checked is the split launch's.
         dp.poison()?;
         dp.launch(&rt, &v, None)?;
@@ -213,6 +240,7 @@ pub fn run_gemm_bench(
             ours_swiglu_ms,
             cublas_loop_ms,
             cublas_grouped_ms,
+            baseline_ms,
             rel_diff_vs_cublas: rel,
             family,
         });
@@ -351,11 +379,12 @@ pub fn preset_cases(
     Ok(cases)
 }
 
-/// A plain-text table of results (TFLOP/s and ratios).
-pub fn format_table(results: &[BenchResult]) -> String {
-    let mut s = String::from(
-        "| case | rows | K | N | ours TFLOP/s | ours unsplit | ours+SwiGLU | cuBLAS loop | cuBLAS grouped | ours/loop | ours/grouped | unsplit/ours | rel diff |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+/// A plain-text table of results (TFLOP/s and ratios); the external
+/// baseline's columns are headed `baseline`.
+pub fn format_table(results: &[BenchResult], baseline: &str) -> String {
+    let mut s = format!(
+        "| case | rows | K | N | ours TFLOP/s | ours unsplit | ours+SwiGLU | cuBLAS loop | cuBLAS grouped | {baseline} | ours/loop | ours/grouped | ours/{baseline} | unsplit/ours | rel diff |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in results {
         let f = r.case.flops();
@@ -369,7 +398,7 @@ pub fn format_table(results: &[BenchResult]) -> String {
                 .unwrap_or_else(|| "n/a".into())
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {:.2} | {} | {} | {:.1e} |\n",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {:.1e} |\n",
             r.case.label,
             r.case.counts.iter().sum::<usize>(),
             r.case.k,
@@ -379,8 +408,10 @@ pub fn format_table(results: &[BenchResult]) -> String {
             opt(r.ours_swiglu_ms),
             tf(r.cublas_loop_ms),
             opt(r.cublas_grouped_ms),
+            opt(r.baseline_ms),
             r.cublas_loop_ms / r.ours_ms,
             ratio(r.cublas_grouped_ms),
+            ratio(r.baseline_ms),
             ratio(r.ours_unsplit_ms),
             r.rel_diff_vs_cublas
         ));
@@ -394,6 +425,7 @@ pub fn run_on_first_gpu(
     cases: &[BenchCase],
     family: Option<Family>,
     iters: usize,
+    baseline: Option<&mut dyn ExternalBaseline>,
 ) -> Result<(String, Vec<BenchResult>), KernelError> {
     let ctx = crate::gemm::open_gpu(0)?;
     // SAFETY: only dlopen()s candidate names; checked so a missing cuBLAS
@@ -404,5 +436,5 @@ pub fn run_on_first_gpu(
         ));
     }
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-    Ok((name, run_gemm_bench(ctx, cases, family, iters)?))
+    Ok((name, run_gemm_bench(ctx, cases, family, iters, baseline)?))
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask bundle`: release binaries for a GPU machine that has only
 //! the driver and CUDA libraries (cudarc loads libcuda, libnvrtc and
-//! libcublas at run time): the `comet` CLI, comet-kernels' GPU test binary,
-//! the torch baseline script and an env/run script, in .bundle/ (< 64 MiB).
+//! libcublas at run time): the `comet` CLI, the GPU test binaries of
+//! comet-kernels and comet-sched (`gpu_layer`), the torch baseline script and an env/run script, in .bundle/ (< 64 MiB).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,6 +70,7 @@ fi
 export LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0
 export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
 # usage: .bundle/run.sh comet bench gemm | .bundle/run.sh comet-kernels-gpu --ignored --test-threads=1
+#        .bundle/run.sh gpu_layer --ignored --test-threads=1
 exe="$1"; shift
 exec "$HERE/$exe" "$@"
 "#;
@@ -89,6 +90,17 @@ pub fn bundle() -> Result<PathBuf> {
     let gpu_test = gpu_tests
         .first()
         .context("no comet-kernels GPU test executable reported")?;
+    let layer_tests = test_executables(&[
+        "-p",
+        "comet-sched",
+        "--features",
+        "gpu",
+        "--test",
+        "gpu_layer",
+    ])?;
+    let layer_test = layer_tests
+        .first()
+        .context("no comet-sched gpu_layer test executable reported")?;
 
     let dir = root.join(".bundle");
     let _ = std::fs::remove_dir_all(&dir);
@@ -96,6 +108,7 @@ pub fn bundle() -> Result<PathBuf> {
     let files: Vec<(PathBuf, &str)> = vec![
         (target_dir().join("release/comet"), "comet"),
         (gpu_test.clone(), "comet-kernels-gpu"),
+        (layer_test.clone(), "gpu_layer"),
         (
             root.join("scripts/bench_torch_gemm.py"),
             "bench_torch_gemm.py",

@@ -127,9 +127,9 @@ fn blas_err(e: cudarc::cublas::result::CublasError) -> KernelError {
 }
 
 /// Runs every case: ours, the cuBLAS loop, ours unsplit (where the split
-/// applies) and the external baseline (where given and able) timed in turns
-/// for `iters` rounds after warm-ups; the grouped cuBLAS call and the
-/// SwiGLU epilogue after them, each on its own.
+/// applies), ours with the SwiGLU epilogue (FC1) and the external baseline
+/// (where given and able) timed in turns for `iters` rounds after
+/// warm-ups; the grouped cuBLAS call after them, on its own.
 pub fn run_gemm_bench(
     ctx: Arc<CudaContext>,
     cases: &[BenchCase],
@@ -148,7 +148,15 @@ pub fn run_gemm_bench(
         let tiles = TileList::grouped(&p.counts, p.out_cols(), &v)?;
         let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles)?;
         rt.prepare(&v)?;
-        dp.enable_split(&rt, &v)?;
+        // FC1 also with the fused SwiGLU epilogue over the same A and B.
+        let vs = GemmVariant::new(family, Epilogue::SwiGlu, Hooks::NONE);
+        let swiglu_tiles = if case.swiglu {
+            rt.prepare(&vs)?;
+            Some(dp.upload_tiles(&TileList::grouped(&p.counts, p.n / 2, &vs)?, &vs)?)
+        } else {
+            None
+        };
+        dp.enable_split(&rt, &[v, vs])?;
         let slots = rt.split_slots(&v)?;
         let splits =
             slots > 0 && crate::TailSplit::plan(tiles.tiles.len(), case.k / 64, slots).ctas > 0;
@@ -184,8 +192,8 @@ pub fn run_gemm_bench(
             }
             Ok(())
         };
-        // Ours (split where it gains), cuBLAS, ours unsplit and the
-        // baseline, in turns.
+        // Ours (split where it gains), cuBLAS, ours unsplit, ours+SwiGLU
+        // and the baseline, in turns.
         let with_baseline = match baseline.as_deref_mut() {
             Some(b) => b.prepare(case)?,
             None => false,
@@ -194,9 +202,16 @@ pub fn run_gemm_bench(
             evented(&stream, || dp.launch(&rt, &v, None)),
             evented(&stream, cublas_loop),
         ];
+        // Each optional entry's index in `fns`, where present.
+        let unsplit_at = splits.then_some(fns.len());
         if splits {
             fns.push(evented(&stream, || dp.launch_unsplit(&rt, &v, None)));
         }
+        let swiglu_at = swiglu_tiles.is_some().then_some(fns.len());
+        if let Some(st) = &swiglu_tiles {
+            fns.push(evented(&stream, || dp.launch_tiles(&rt, &vs, st, None)));
+        }
+        let baseline_at = with_baseline.then_some(fns.len());
         if with_baseline {
             if let Some(b) = baseline.as_deref_mut() {
                 fns.push(Box::new(move || b.run_once()));
@@ -205,25 +220,15 @@ pub fn run_gemm_bench(
         let ms = time_interleaved(2, iters, &mut fns)?;
         drop(fns);
         let (ours_ms, cublas_loop_ms) = (ms[0], ms[1]);
-        let ours_unsplit_ms = splits.then(|| ms[2]);
-        let baseline_ms = with_baseline.then(|| ms[ms.len() - 1]);
+        let ours_unsplit_ms = unsplit_at.map(|i| ms[i]);
+        let ours_swiglu_ms = swiglu_at.map(|i| ms[i]);
+        let baseline_ms = baseline_at.map(|i| ms[i]);
         // The output checked is the split launch's.
         dp.poison()?;
         dp.launch(&rt, &v, None)?;
         dp.finish()?;
         let ours_c: Vec<bf16> = dp.download_c()?;
 
-        let ours_swiglu_ms = if case.swiglu {
-            let vs = GemmVariant::new(family, Epilogue::SwiGlu, Hooks::NONE);
-            dp.set_tiles(&TileList::grouped(&p.counts, p.n / 2, &vs)?)?;
-            rt.prepare(&vs)?;
-            let t = time_ms(&stream, 2, iters, || dp.launch(&rt, &vs, None))?;
-            dp.finish()?;
-            dp.set_tiles(&tiles)?;
-            Some(t)
-        } else {
-            None
-        };
         let ref_c: Vec<bf16> = stream.clone_dtoh(&c)?;
         let rel = rel_diff(&ours_c[..p.rows() * n], &ref_c[..p.rows() * n]);
         if rel.is_nan() || rel >= 2e-2 {

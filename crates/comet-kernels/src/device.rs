@@ -28,8 +28,7 @@ pub struct DeviceProblem {
     pub a: CudaSlice<bf16>,
     pub b: CudaSlice<bf16>,
     pub c: CudaSlice<bf16>,
-    pub tiles: CudaSlice<TileDesc>,
-    pub num_tiles: usize,
+    pub tiles: DeviceTiles,
     pub deps: CudaSlice<u32>,
     pub scatter_idx: CudaSlice<i32>,
     pub scatter_w: CudaSlice<f32>,
@@ -42,6 +41,34 @@ pub struct DeviceProblem {
     pub out_rows: usize,
     /// Split-tail workspace ([`DeviceProblem::enable_split`]).
     split: Option<SplitWorkspace>,
+}
+
+/// A tile list in device memory.
+pub struct DeviceTiles {
+    buf: CudaSlice<TileDesc>,
+    len: usize,
+}
+
+impl DeviceTiles {
+    fn upload(stream: &Arc<CudaStream>, tiles: &TileList) -> Result<DeviceTiles, KernelError> {
+        let buf = if tiles.tiles.is_empty() {
+            stream.alloc_zeros::<TileDesc>(1)?
+        } else {
+            stream.clone_htod(&tiles.tiles)?
+        };
+        Ok(DeviceTiles {
+            buf,
+            len: tiles.tiles.len(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// A split-tail workspace ([`SplitArgs`]) for GEMM launches that run one
@@ -107,11 +134,7 @@ impl DeviceProblem {
         let b = stream.clone_htod(&p.b)?;
         let ldc = p.out_cols();
         let c = stream.alloc_zeros::<bf16>((p.out_rows * ldc).max(1))?;
-        let t = if tiles.tiles.is_empty() {
-            stream.alloc_zeros::<TileDesc>(1)?
-        } else {
-            stream.clone_htod(&tiles.tiles)?
-        };
+        let t = DeviceTiles::upload(&stream, tiles)?;
         let deps = if tiles.deps.is_empty() {
             one(&stream)?
         } else {
@@ -134,7 +157,6 @@ impl DeviceProblem {
             b,
             c,
             tiles: t,
-            num_tiles: tiles.tiles.len(),
             deps,
             scatter_idx,
             scatter_w,
@@ -151,23 +173,43 @@ impl DeviceProblem {
         Ok(dp)
     }
 
-    /// Replaces the tile list (e.g. to launch another epilogue over the same
-    /// A and B; C must already be large enough for it).
-    pub fn set_tiles(&mut self, tiles: &TileList) -> Result<(), KernelError> {
-        self.tiles = if tiles.tiles.is_empty() {
-            self.stream.alloc_zeros::<TileDesc>(1)?
-        } else {
-            self.stream.clone_htod(&tiles.tiles)?
+    /// Uploads another tile list for `v` over this problem's A and B (e.g.
+    /// another epilogue), validated against the problem's shape; launch it
+    /// with [`DeviceProblem::launch_tiles`].
+    pub fn upload_tiles(
+        &self,
+        tiles: &TileList,
+        v: &GemmVariant,
+    ) -> Result<DeviceTiles, KernelError> {
+        let out_cols = match v.epilogue {
+            crate::Epilogue::SwiGlu => self.n / 2,
+            _ => self.n,
         };
-        self.num_tiles = tiles.tiles.len();
-        Ok(())
+        if out_cols > self.ldc {
+            return Err(KernelError::InvalidShape(format!(
+                "{out_cols} output columns for {} do not fit in C's {} columns",
+                v.kernel_name(),
+                self.ldc
+            )));
+        }
+        tiles.validate(self.total_rows, self.experts, out_cols, v)?;
+        DeviceTiles::upload(&self.stream, tiles)
     }
 
-    /// Lets launches of `v` split their last wave of tiles along K
-    /// ([`crate::tiles::TailSplit`]); without it every tile runs whole. A
-    /// no-op for families that never split.
-    pub fn enable_split(&mut self, rt: &GemmRuntime, v: &GemmVariant) -> Result<(), KernelError> {
-        self.split = SplitWorkspace::new(&self.stream, rt, &[*v])?;
+    /// Replaces the tile list with one from [`DeviceProblem::upload_tiles`].
+    pub fn set_tiles(&mut self, tiles: DeviceTiles) {
+        self.tiles = tiles;
+    }
+
+    /// Lets launches of any of `variants` split their last wave of tiles
+    /// along K ([`crate::tiles::TailSplit`]); without it every tile runs
+    /// whole. A no-op for families that never split.
+    pub fn enable_split(
+        &mut self,
+        rt: &GemmRuntime,
+        variants: &[GemmVariant],
+    ) -> Result<(), KernelError> {
+        self.split = SplitWorkspace::new(&self.stream, rt, variants)?;
         Ok(())
     }
 
@@ -190,7 +232,19 @@ impl DeviceProblem {
         v: &GemmVariant,
         hooks: Option<HookArgs>,
     ) -> Result<(), KernelError> {
-        self.launch_with(rt, v, hooks, true)
+        self.launch_with(rt, v, &self.tiles, hooks, true)
+    }
+
+    /// As [`DeviceProblem::launch`] over `tiles` (from
+    /// [`DeviceProblem::upload_tiles`] for `v`) instead of the problem's own list.
+    pub fn launch_tiles(
+        &self,
+        rt: &GemmRuntime,
+        v: &GemmVariant,
+        tiles: &DeviceTiles,
+        hooks: Option<HookArgs>,
+    ) -> Result<(), KernelError> {
+        self.launch_with(rt, v, tiles, hooks, true)
     }
 
     /// As [`DeviceProblem::launch`] with every tile whole even when the
@@ -201,13 +255,14 @@ impl DeviceProblem {
         v: &GemmVariant,
         hooks: Option<HookArgs>,
     ) -> Result<(), KernelError> {
-        self.launch_with(rt, v, hooks, false)
+        self.launch_with(rt, v, &self.tiles, hooks, false)
     }
 
     fn launch_with(
         &self,
         rt: &GemmRuntime,
         v: &GemmVariant,
+        tiles: &DeviceTiles,
         hooks: Option<HookArgs>,
         split: bool,
     ) -> Result<(), KernelError> {
@@ -215,7 +270,8 @@ impl DeviceProblem {
         let (a, _ga) = self.a.device_ptr(s);
         let (b, _gb) = self.b.device_ptr(s);
         let (c, _gc) = self.c.device_ptr(s);
-        let (tiles, _gt) = self.tiles.device_ptr(s);
+        let num_tiles = tiles.len;
+        let (tiles, _gt) = tiles.buf.device_ptr(s);
         let (deps, _gd) = self.deps.device_ptr(s);
         let (si, _gsi) = self.scatter_idx.device_ptr(s);
         let (sw, _gsw) = self.scatter_w.device_ptr(s);
@@ -231,7 +287,7 @@ impl DeviceProblem {
             b,
             c,
             tiles,
-            num_tiles: self.num_tiles,
+            num_tiles,
             total_rows: self.total_rows,
             k: self.k,
             n: self.n,
@@ -243,7 +299,7 @@ impl DeviceProblem {
             hooks,
             split,
         };
-        if self.total_rows == 0 && self.num_tiles > 0 {
+        if self.total_rows == 0 && num_tiles > 0 {
             return Err(KernelError::InvalidShape(
                 "tiles given for a problem with no rows".into(),
             ));

@@ -47,7 +47,7 @@ fn run_check(
     let tiles = TileList::grouped(&p.counts, p.out_cols(), &v).unwrap();
     let mut dp = DeviceProblem::upload(stream.clone(), p, &v, &tiles).unwrap();
     // As the benchmark runs them: the last wave split where it gains.
-    dp.enable_split(rt, &v).unwrap();
+    dp.enable_split(rt, &[v]).unwrap();
     dp.launch(rt, &v, None).unwrap();
     dp.finish().unwrap();
     let out = dp.download_c().unwrap();
@@ -109,7 +109,7 @@ fn split_tail_parts_add_up() {
                 tiles.tiles.len()
             );
             let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
-            dp.enable_split(&rt, &v).unwrap();
+            dp.enable_split(&rt, &[v]).unwrap();
             for epoch in 1..=3 {
                 dp.poison().unwrap();
                 dp.launch(&rt, &v, None).unwrap();
@@ -147,7 +147,7 @@ fn split_tail_parts_add_up() {
         }
         assert!(split_ctas(&rt, &v, tiles.tiles.len(), p.k) > 0);
         let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
-        dp.enable_split(&rt, &v).unwrap();
+        dp.enable_split(&rt, &[v]).unwrap();
         let got = launch_raising(&rt, &stream, &dp, &v, 3, 0);
         assert_eq!(got, want, "{}", v.kernel_name());
         p.check(&dp.download_c().unwrap(), dp.ldc, 48)
@@ -169,7 +169,7 @@ fn split_tail_parts_add_up() {
         let tiles = tiles_with_deps(&p, &v, &segs);
         assert!(split_ctas(&rt, &v, tiles.tiles.len(), p.k) > 0);
         let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
-        dp.enable_split(&rt, &v).unwrap();
+        dp.enable_split(&rt, &[v]).unwrap();
         for (epoch, missing) in [(1u64, None), (2, Some(segs.len() - 1))] {
             dp.poison().unwrap();
             let nan = vec![half::bf16::NAN; dp.a.len()];
@@ -660,5 +660,46 @@ fn schedules_from_comet_core_drive_the_hooks() {
             tiles1.tiles.len(),
             per_chunk
         );
+    }
+}
+
+/// A second tile list over one upload (the benchmark's SwiGLU column): a
+/// SwiGLU launch over a plain-store problem's A and B writes the SwiGLU
+/// outputs into C's first N/2 columns; a list wider than C is refused.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn second_tile_list_over_one_upload() {
+    let (_ctx, stream, rt) = setup();
+    let counts = ragged_counts(5);
+    for family in families(&rt) {
+        let v = GemmVariant::new(family, Epilogue::Store, Hooks::NONE);
+        let vs = GemmVariant::new(family, Epilogue::SwiGlu, Hooks::NONE);
+        let p = GroupedProblem::new(counts.clone(), 256, 512, Epilogue::Store, 77);
+        // Same seed and shapes: the same A and B, checked as SwiGLU.
+        let ps = GroupedProblem::new(counts.clone(), 256, 512, Epilogue::SwiGlu, 77);
+        let tiles = TileList::grouped(&p.counts, p.out_cols(), &v).unwrap();
+        let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
+        dp.enable_split(&rt, &[v, vs]).unwrap();
+        let st = dp
+            .upload_tiles(&TileList::grouped(&p.counts, p.n / 2, &vs).unwrap(), &vs)
+            .unwrap();
+        for _ in 0..2 {
+            dp.poison().unwrap();
+            dp.launch_tiles(&rt, &vs, &st, None).unwrap();
+            dp.finish().unwrap();
+            let out = dp.download_c().unwrap();
+            if let Err(e) = ps.check(&out, dp.ldc, 32) {
+                panic!("{}: {e}", vs.kernel_name());
+            }
+        }
+
+        let tiles_s = TileList::grouped(&ps.counts, ps.out_cols(), &vs).unwrap();
+        let narrow = DeviceProblem::upload(stream.clone(), &ps, &vs, &tiles_s).unwrap();
+        let wide = TileList::grouped(&ps.counts, ps.n, &v).unwrap();
+        match narrow.upload_tiles(&wide, &v) {
+            Err(KernelError::InvalidShape(m)) => assert!(m.contains("do not fit"), "{m}"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a store list wider than C was accepted"),
+        }
     }
 }

@@ -260,6 +260,54 @@ __device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
   return v;
 }
 
+// Scatter: the top-k weights of this thread's two accumulator rows (rows
+// past the tile get 0); 1 for the other epilogues.
+template <int EPI>
+__device__ __forceinline__ void row_weights(const GemmParams& p, const TileDesc& t, int cw, int warp,
+                                            int lane, float (&wrow)[2]) {
+  wrow[0] = wrow[1] = 1.f;
+  if (EPI == EPI_SCATTER) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = cw * 64 + warp * 16 + (lane >> 2) + h * 8;
+      wrow[h] = r < t.rows ? p.scatter_w[t.row0 + r] : 0.f;
+    }
+  }
+}
+
+// Epilogue pass `pass` of one consumer: its accumulators as bf16 into the
+// swizzled 64 x 128 staging buffer at `dst` (SwiGLU: silu(gate) * up, one
+// pass of BN/2 columns; otherwise n128 block `pass`, scaled by the row
+// weights). Accumulator i of n128 block b holds row
+// warp*16 + lane/4 + 8*((i/2)&1), column b*128 + (i/4)*8 + (lane%4)*2 + (i&1).
+template <int EPI, int BN>
+__device__ __forceinline__ void stage_pass(const float (&acc)[BN / 128][64], int pass,
+                                           const float (&wrow)[2], unsigned dst, int warp,
+                                           int lane) {
+  constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int sr = warp * 16 + (lane >> 2) + h * 8;
+#pragma unroll
+    for (int j = 0; j < PASS_COLS / 8; ++j) {
+      const int col = j * 8 + (lane & 3) * 2;
+      float o0, o1;
+      if (EPI == EPI_SWIGLU) {
+        // gate = tile columns [0, BN/2), up = [BN/2, BN)
+        const int gc = j * 8, uc = BN / 2 + j * 8;
+        const int gb = gc / 128, gi = (gc % 128) / 8 * 4 + h * 2;
+        const int ub = uc / 128, ui = (uc % 128) / 8 * 4 + h * 2;
+        o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
+        o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
+      } else {
+        o0 = wrow[h] * acc[pass][j * 4 + h * 2];
+        o1 = wrow[h] * acc[pass][j * 4 + h * 2 + 1];
+      }
+      st_shared_u32(dst + stg_off(sr, col), pack_bf16x2(o0, o1));
+    }
+  }
+}
+
 // One unit of a CTA's work: k-blocks [kb0, kb1) of tile `tile`. A whole
 // tile is stored by its epilogue; a part of a split tail tile leaves its f32
 // accumulators in the CTA's workspace slot; the last part (the one holding
@@ -570,46 +618,19 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
       }
 
       // Epilogue: fragments -> swizzled staging (bf16) -> 16-byte coalesced
-      // row stores. Accumulator i of n128 block b holds row
-      // warp*16 + lane/4 + 8*((i/2)&1), column b*128 + (i/4)*8 + (lane%4)*2 + (i&1).
+      // row stores (or bulk stores), one 64 x 128 pass at a time.
       constexpr int PASSES = (EPI == EPI_SWIGLU) ? 1 : NB;
       // Output columns one pass covers (SwiGLU: BN/2 <= 128).
       constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
       const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
       const bool bulk = TS && hp.tma_store != 0 && t.rows == BM;
-      float wrow[2] = {1.f, 1.f};
-      if (EPI == EPI_SCATTER) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = cw * 64 + warp * 16 + (lane >> 2) + h * 8;
-          wrow[h] = r < t.rows ? p.scatter_w[t.row0 + r] : 0.f;
-        }
-      }
+      float wrow[2];
+      row_weights<EPI>(p, t, cw, warp, lane, wrow);
 #pragma unroll
       for (int pass = 0; pass < PASSES; ++pass) {
         if (TS && lt == 0) bulk_wait_read();
         named_barrier(2 + cw, 128);  // earlier readers of the staging are done
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int sr = warp * 16 + (lane >> 2) + h * 8;
-#pragma unroll
-          for (int j = 0; j < PASS_COLS / 8; ++j) {
-            const int col = j * 8 + (lane & 3) * 2;
-            float o0, o1;
-            if (EPI == EPI_SWIGLU) {
-              // gate = tile columns [0, BN/2), up = [BN/2, BN)
-              const int gc = j * 8, uc = BN / 2 + j * 8;
-              const int gb = gc / 128, gi = (gc % 128) / 8 * 4 + h * 2;
-              const int ub = uc / 128, ui = (uc % 128) / 8 * 4 + h * 2;
-              o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
-              o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
-            } else {
-              o0 = wrow[h] * acc[pass][j * 4 + h * 2];
-              o1 = wrow[h] * acc[pass][j * 4 + h * 2 + 1];
-            }
-            st_shared_u32(stg + stg_off(sr, col), pack_bf16x2(o0, o1));
-          }
-        }
+        stage_pass<EPI, BN>(acc, pass, wrow, stg, warp, lane);
         if (TS && bulk) fence_proxy_async_smem();
         named_barrier(2 + cw, 128);
         if (TS && bulk) {
@@ -813,41 +834,15 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
         for (int i = 0; i < 64; ++i) fence_acc(acc[b][i]);
       if (prev_s >= 0 && lane == 0) mbar_arrive(bars + (STAGES + prev_s) * 8);
 
-      float wrow[2] = {1.f, 1.f};
-      if (EPI == EPI_SCATTER) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = cw * 64 + warp * 16 + (lane >> 2) + h * 8;
-          wrow[h] = r < t.rows ? p.scatter_w[t.row0 + r] : 0.f;
-        }
-      }
+      float wrow[2];
+      row_weights<EPI>(p, t, cw, warp, lane, wrow);
 #pragma unroll
       for (int pass = 0; pass < PASSES; ++pass, ++use) {
         const int b = use % NBUF;
         const unsigned slot = (unsigned)(cw * NBUF + b);
         // The storers must have drained this buffer's previous pass.
         mbar_wait(stg_empty + slot * 8, ((unsigned)(use / NBUF) & 1u) ^ 1u);
-        const unsigned sub = staging + slot * S::PASS_BYTES;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int sr = warp * 16 + (lane >> 2) + h * 8;
-#pragma unroll
-          for (int j = 0; j < PASS_COLS / 8; ++j) {
-            const int col = j * 8 + (lane & 3) * 2;
-            float o0, o1;
-            if (EPI == EPI_SWIGLU) {
-              const int gc = j * 8, uc = BN / 2 + j * 8;
-              const int gb = gc / 128, gi = (gc % 128) / 8 * 4 + h * 2;
-              const int ub = uc / 128, ui = (uc % 128) / 8 * 4 + h * 2;
-              o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
-              o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
-            } else {
-              o0 = wrow[h] * acc[pass][j * 4 + h * 2];
-              o1 = wrow[h] * acc[pass][j * 4 + h * 2 + 1];
-            }
-            st_shared_u32(sub + stg_off(sr, col), pack_bf16x2(o0, o1));
-          }
-        }
+        stage_pass<EPI, BN>(acc, pass, wrow, staging + slot * S::PASS_BYTES, warp, lane);
         __syncwarp();
         if (lane == 0) mbar_arrive(stg_full + slot * 8);
       }

@@ -1,8 +1,9 @@
 //! `comet bench gemm`: the grouped GEMM of comet-kernels against cuBLAS (a
 //! per-expert loop and the grouped API) in this process, and
 //! torch._grouped_mm through a scripts/bench_torch_gemm.py helper when
-//! python3 with torch is present, all timed in turns, on the presets' FC1/FC2 shapes (EP = 2: tokens x top-k
-//! rows over E/2 local experts), uniform and skewed routing.
+//! python3 with torch is present, all timed in turns, on the presets'
+//! FC1/FC2 shapes (EP = 2: tokens x top-k rows over E/2 local experts),
+//! uniform and skewed routing.
 
 use std::path::PathBuf;
 

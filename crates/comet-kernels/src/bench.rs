@@ -194,26 +194,23 @@ pub fn run_gemm_bench(
         };
         // Ours (split where it gains), cuBLAS, ours unsplit, ours+SwiGLU
         // and the baseline, in turns.
-        let with_baseline = match baseline.as_deref_mut() {
-            Some(b) => b.prepare(case)?,
-            None => false,
-        };
         let mut fns: Vec<Timed<'_>> = vec![
             evented(&stream, || dp.launch(&rt, &v, None)),
             evented(&stream, cublas_loop),
         ];
         // Each optional entry's index in `fns`, where present.
-        let unsplit_at = splits.then_some(fns.len());
+        let (mut unsplit_at, mut swiglu_at, mut baseline_at) = (None, None, None);
         if splits {
+            unsplit_at = Some(fns.len());
             fns.push(evented(&stream, || dp.launch_unsplit(&rt, &v, None)));
         }
-        let swiglu_at = swiglu_tiles.is_some().then_some(fns.len());
         if let Some(st) = &swiglu_tiles {
+            swiglu_at = Some(fns.len());
             fns.push(evented(&stream, || dp.launch_tiles(&rt, &vs, st, None)));
         }
-        let baseline_at = with_baseline.then_some(fns.len());
-        if with_baseline {
-            if let Some(b) = baseline.as_deref_mut() {
+        if let Some(b) = baseline.as_deref_mut() {
+            if b.prepare(case)? {
+                baseline_at = Some(fns.len());
                 fns.push(Box::new(move || b.run_once()));
             }
         }

@@ -61,14 +61,6 @@ impl DeviceTiles {
             len: tiles.tiles.len(),
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// A split-tail workspace ([`SplitArgs`]) for GEMM launches that run one
@@ -181,10 +173,7 @@ impl DeviceProblem {
         tiles: &TileList,
         v: &GemmVariant,
     ) -> Result<DeviceTiles, KernelError> {
-        let out_cols = match v.epilogue {
-            crate::Epilogue::SwiGlu => self.n / 2,
-            _ => self.n,
-        };
+        let out_cols = v.epilogue.out_cols(self.n);
         if out_cols > self.ldc {
             return Err(KernelError::InvalidShape(format!(
                 "{out_cols} output columns for {} do not fit in C's {} columns",
@@ -194,11 +183,6 @@ impl DeviceProblem {
         }
         tiles.validate(self.total_rows, self.experts, out_cols, v)?;
         DeviceTiles::upload(&self.stream, tiles)
-    }
-
-    /// Replaces the tile list with one from [`DeviceProblem::upload_tiles`].
-    pub fn set_tiles(&mut self, tiles: DeviceTiles) {
-        self.tiles = tiles;
     }
 
     /// Lets launches of any of `variants` split their last wave of tiles

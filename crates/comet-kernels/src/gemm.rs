@@ -135,11 +135,7 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
             a.n
         ));
     }
-    let out = if v.epilogue == Epilogue::SwiGlu {
-        a.n / 2
-    } else {
-        a.n
-    };
+    let out = v.epilogue.out_cols(a.n);
     if a.ldc < out {
         return bad(format!("ldc = {} is below the {out} output columns", a.ldc));
     }

@@ -130,11 +130,7 @@ impl GroupedProblem {
     }
 
     pub fn out_cols(&self) -> usize {
-        if self.epilogue == Epilogue::SwiGlu {
-            self.n / 2
-        } else {
-            self.n
-        }
+        self.epilogue.out_cols(self.n)
     }
 
     /// The expert of A row `r`.

@@ -25,6 +25,13 @@ pub enum Epilogue {
 
 impl Epilogue {
     pub const ALL: [Epilogue; 3] = [Epilogue::Store, Epilogue::SwiGlu, Epilogue::Scatter];
+    /// Output columns of a GEMM with `n` columns (SwiGLU keeps half).
+    pub fn out_cols(self, n: usize) -> usize {
+        match self {
+            Epilogue::SwiGlu => n / 2,
+            Epilogue::Store | Epilogue::Scatter => n,
+        }
+    }
     fn code(self) -> u32 {
         match self {
             Epilogue::Store => 0,

@@ -336,6 +336,22 @@ mod tests {
                 assert_eq!(rows, p.recv[rank].total_rows);
                 let sent: usize = c.sends.iter().map(|x| x.rows).sum();
                 assert_eq!(sent, p.recv[rank].total_rows);
+                // The chunk leaves after exactly its own tiles: one per BM
+                // rows (rounded up) of every local expert, counted here
+                // independently of the schedule, and the same number of
+                // tiles in the list carry this chunk's columns.
+                let want: usize = p.recv[rank]
+                    .expert_rows
+                    .iter()
+                    .map(|&n| n.div_ceil(shape.bm))
+                    .sum();
+                assert_eq!(c.tiles, want, "rank {rank} chunk {}", c.index);
+                let listed: Vec<&Layer1Tile> =
+                    s.tiles.iter().filter(|t| t.chunk == c.index).collect();
+                assert_eq!(listed.len(), c.tiles, "rank {rank} chunk {}", c.index);
+                assert!(listed
+                    .iter()
+                    .all(|t| t.col == c.col && t.cols == c.cols && t.rows <= shape.bm));
             }
         }
         // Every source waits exactly on the ranks that raise its signals.

@@ -498,10 +498,18 @@ mod tests {
 
     #[test]
     fn cache_dir_honours_env() {
-        // Only reads the variable; other tests do not set it.
-        if std::env::var_os("COMET_CACHE_DIR").is_none() {
-            assert!(default_cache_dir().is_some() || std::env::var_os("HOME").is_none());
+        // The only test that sets the variable. It points at a writable
+        // temporary folder, so a test compiling at the same time still
+        // works, and the previous value is put back.
+        let before = std::env::var_os("COMET_CACHE_DIR");
+        let dir = std::env::temp_dir().join(format!("comet-cache-env-test-{}", std::process::id()));
+        std::env::set_var("COMET_CACHE_DIR", &dir);
+        let got = default_cache_dir();
+        match &before {
+            Some(v) => std::env::set_var("COMET_CACHE_DIR", v),
+            None => std::env::remove_var("COMET_CACHE_DIR"),
         }
+        assert_eq!(got, Some(dir));
     }
 
     #[test]

@@ -42,6 +42,10 @@ type Buffer = Arc<Mutex<Vec<u8>>>;
 struct RankMem {
     buffers: Mutex<Vec<Buffer>>,
     signals: Mutex<Vec<u64>>,
+    /// A delayed signal that found its word gone when it landed (the
+    /// receiver re-allocated fewer signals meanwhile): `(src, signal)`.
+    /// Its waiters get an error instead of timing out.
+    lost: Mutex<Option<(usize, SignalId)>>,
     cv: Condvar,
 }
 
@@ -53,6 +57,7 @@ enum Op {
         data: Vec<u8>,
     },
     Signal {
+        src: usize,
         dst: usize,
         sig: SignalId,
         op: SignalOp,
@@ -127,13 +132,18 @@ impl Shared {
             } => {
                 lock(&buf)[offset..offset + data.len()].copy_from_slice(&data);
             }
-            Op::Signal { dst, sig, op } => {
+            Op::Signal { src, dst, sig, op } => {
                 let mem = &self.ranks[dst];
                 let mut s = lock(&mem.signals);
-                if let Some(w) = s.get_mut(sig as usize) {
-                    match op {
+                match s.get_mut(sig as usize) {
+                    Some(w) => match op {
                         SignalOp::Set(v) => *w = v,
                         SignalOp::Add(v) => *w += v,
+                    },
+                    None => {
+                        // `signal` checked the index when it was raised.
+                        tracing::error!(src, dst, sig, "signal landed after its word was freed");
+                        *lock(&mem.lost) = Some((src, sig));
                     }
                 }
                 drop(s);
@@ -201,6 +211,7 @@ pub fn local_world_with_link(
             .map(|_| RankMem {
                 buffers: Mutex::new(Vec::new()),
                 signals: Mutex::new(Vec::new()),
+                lost: Mutex::new(None),
                 cv: Condvar::new(),
             })
             .collect(),
@@ -384,6 +395,7 @@ impl Transport for LocalTransport {
     fn alloc_signals(&self, count: usize) -> Result<(), TransportError> {
         let mem = &self.shared.ranks[self.rank];
         *lock(&mem.signals) = vec![0; count];
+        *lock(&mem.lost) = None;
         Ok(())
     }
 
@@ -419,6 +431,9 @@ impl Transport for LocalTransport {
         Ok(())
     }
 
+    /// Fails at once, naming the signal, if `sig` is not below the number
+    /// of signals `dst` allocated: never dropped on the way, so the waiter
+    /// is not left to time out.
     fn signal(&self, dst: usize, sig: SignalId, op: SignalOp) -> Result<(), TransportError> {
         check_rank(self, dst)?;
         self.check_alive(dst)?;
@@ -429,7 +444,15 @@ impl Transport for LocalTransport {
                 what: format!("signal {sig} on rank {dst} (it has {n})"),
             });
         }
-        self.submit(self.rank, Op::Signal { dst, sig, op });
+        self.submit(
+            self.rank,
+            Op::Signal {
+                src: self.rank,
+                dst,
+                sig,
+                op,
+            },
+        );
         Ok(())
     }
 
@@ -446,6 +469,14 @@ impl Transport for LocalTransport {
             };
             if v >= target {
                 return Ok(v);
+            }
+            if let Some((src, lost)) = *lock(&mem.lost) {
+                return Err(TransportError::NotAllocated {
+                    rank: self.rank,
+                    what: format!(
+                        "signal {lost} raised by rank {src} (re-allocated before it landed)"
+                    ),
+                });
             }
             if let Some(dead) = self.shared.first_dead() {
                 return Err(TransportError::PeerGone {
@@ -680,6 +711,64 @@ mod tests {
             w[1].alloc_buffer(64),
             Err(TransportError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn out_of_range_signal_is_an_error_at_the_raise() {
+        for delay in [
+            None,
+            Some(DelayModel {
+                seed: 3,
+                max: Duration::from_millis(2),
+            }),
+        ] {
+            let w = local_world(2, delay);
+            w[0].alloc_signals(2).unwrap();
+            w[1].alloc_signals(4).unwrap();
+            // Index 4 is one past rank 1's signals (rank 0 has only 2, so
+            // the check must use the receiver's count, and 3 is fine).
+            match w[0].signal(1, 4, SignalOp::Set(1)) {
+                Err(TransportError::NotAllocated { rank: 0, what }) => {
+                    assert!(what.contains("signal 4 on rank 1"), "{what}")
+                }
+                other => panic!("raise of signal 4 of 4 gave {other:?}"),
+            }
+            assert!(matches!(
+                w[1].signal(0, 2, SignalOp::Add(1)),
+                Err(TransportError::NotAllocated { rank: 1, .. })
+            ));
+            assert!(matches!(
+                w[0].signal(1, u32::MAX, SignalOp::Set(1)),
+                Err(TransportError::NotAllocated { .. })
+            ));
+            w[0].signal(1, 3, SignalOp::Set(7)).unwrap();
+            assert_eq!(w[1].wait(3, 7, T).unwrap(), 7);
+        }
+    }
+
+    #[test]
+    fn a_signal_whose_word_is_gone_when_it_lands_fails_the_waiter() {
+        // 100 KB at 1 MB/s: the put, and so the signal behind it, lands
+        // about 100 ms after it was issued.
+        let link = LinkModel {
+            gbps: 0.001,
+            latency: Duration::ZERO,
+        };
+        let w = local_world_with_link(2, None, Some(link));
+        let b = w[0].alloc_buffer(100_000).unwrap();
+        w[1].alloc_buffer(100_000).unwrap();
+        w[1].alloc_signals(8).unwrap();
+        w[0].put(1, b, 0, &[1u8; 100_000]).unwrap();
+        w[0].signal(1, 6, SignalOp::Set(1)).unwrap();
+        // Rank 1 shrinks its signals before the delayed raise lands.
+        w[1].alloc_signals(2).unwrap();
+        let start = Instant::now();
+        let e = w[1].wait(0, 1, Duration::from_secs(20)).unwrap_err();
+        assert!(
+            matches!(&e, TransportError::NotAllocated { rank: 1, what } if what.contains("signal 6")),
+            "{e:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

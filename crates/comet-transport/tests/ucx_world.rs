@@ -5,7 +5,7 @@
 
 mod common;
 
-use comet_transport::launch::OnFailure;
+use comet_transport::launch::{LaunchReport, OnFailure};
 use comet_transport::ucx::{UcxConfig, UcxTransport};
 use comet_transport::{SignalOp, Transport, TransportError};
 use common::*;
@@ -13,7 +13,15 @@ use std::time::{Duration, Instant};
 
 const ENTRY: &str = "ucx_rank";
 
-/// One rank: runs the scenario named by `COMET_TEST_SCENARIO`.
+/// The line a rank prints once it ran its scenario to the end; the parent
+/// checks it on every rank, so a rank that returned early (no scenario
+/// variable, a test filter that matched nothing) fails the test.
+fn done_marker(rank: usize, scenario: &str) -> String {
+    format!("ucx_rank {rank}: scenario {scenario} done")
+}
+
+/// One rank: runs the scenario named by `COMET_TEST_SCENARIO` (inert
+/// without it: only the launcher starts this entry point).
 #[test]
 #[ignore = "a rank of a multi-process test, started by the launcher"]
 fn ucx_rank() {
@@ -33,6 +41,21 @@ fn ucx_rank() {
         "epochs" => epochs(&t, seed, 100, 8 * 1024 + 40).expect("100 epochs"),
         "kill" => kill_scenario(&t),
         other => panic!("unknown scenario {other}"),
+    }
+    println!("{}", done_marker(t.rank(), &scenario));
+}
+
+/// Every rank of `rep` ran `scenario` to its end.
+fn assert_ran(rep: &comet_transport::launch::LaunchReport, scenario: &str) {
+    for r in &rep.ranks {
+        let want = done_marker(r.rank, scenario);
+        assert!(
+            r.success() && r.output.iter().any(|l| l.contains(&want)),
+            "rank {} ({}) never printed {want:?}:\n{}",
+            r.rank,
+            r.describe(),
+            r.text()
+        );
     }
 }
 
@@ -113,7 +136,8 @@ fn run(scenario: &str, world: usize, tls: &str, ordering: &str) {
         ],
         OnFailure::KillAll,
     ));
-    assert!(rep.ranks.iter().all(|r| r.success()));
+    assert_eq!(rep.ranks.len(), world);
+    assert_ran(&rep, scenario);
 }
 
 #[test]
@@ -176,18 +200,48 @@ fn ucx_killed_peer_fails_every_other_rank() {
                 r.text()
             );
         }
+        // The survivors ran the scenario to its end; the victim never did.
+        let survivors = LaunchReport {
+            master_port: rep.master_port,
+            ranks: rep.ranks[..world - 1].to_vec(),
+        };
+        assert_ran(&survivors, "kill");
+        assert!(!rep.ranks[world - 1]
+            .output
+            .iter()
+            .any(|l| l.contains(&done_marker(world - 1, "kill"))));
     }
 }
 
+extern "C" {
+    fn dlsym(
+        handle: *mut std::ffi::c_void,
+        symbol: *const std::ffi::c_char,
+    ) -> *mut std::ffi::c_void;
+}
+
+/// The UCX this process loaded reports a version with the `*_nbx` API
+/// (1.10 and later) and really exports every `*_nbx` entry point the
+/// transport's C layer calls.
 #[test]
 fn ucx_library_has_the_nbx_api() {
-    let c = UcxConfig::default();
-    assert!(c.op_timeout > Duration::ZERO);
     let (major, minor, _) = comet_transport::ucx::ucx_version();
     assert!(
         major >= 1 && (major > 1 || minor >= 10),
         "UCX {major}.{minor} lacks the *_nbx API"
     );
+    for name in [
+        c"ucp_put_nbx",
+        c"ucp_atomic_op_nbx",
+        c"ucp_ep_flush_nbx",
+        c"ucp_worker_flush_nbx",
+        c"ucp_ep_close_nbx",
+    ] {
+        // RTLD_DEFAULT (a null handle on glibc): search every loaded object.
+        // SAFETY: dlsym only reads the NUL-terminated name.
+        let p = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
+        assert!(!p.is_null(), "the loaded libucp has no {name:?}");
+    }
 }
 
 fn world_of_one(cfg: UcxConfig) -> Result<UcxTransport, TransportError> {

@@ -3,15 +3,36 @@
 # `comet bench`. With an NVIDIA GPU present: the GPU executor, fused vs
 # non-overlapped, on the three large presets (ranks share GPU 0). Without
 # one: the CPU executor on the small default, with a Perfetto trace.
-# Extra arguments go to `comet bench`, e.g. `--ranks 2 --tokens 512`.
+# Extra arguments go to `comet bench`, e.g. `--ranks 2 --tokens 512`; a
+# flag given here replaces the script's own default for it (--trace,
+# --preset, --ranks).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ! command -v cargo >/dev/null 2>&1; then
     echo "bench.sh: cargo not found; install a Rust toolchain (rustup) first" >&2
     exit 1
 fi
-cargo build --release -p comet-cli --quiet
+# Whether the caller passed flag $1 (as `--flag value` or `--flag=value`).
+given() {
+    local flag=$1 a
+    shift
+    for a in "$@"; do
+        case "$a" in "$flag" | "$flag"=*) return 0 ;; esac
+    done
+    return 1
+}
+# One progress line on stderr: the words, space-separated.
+say() { local IFS=' '; echo "$*" >&2; }
+echo "bench.sh: building comet in release mode (cargo; a few minutes on a fresh clone)" >&2
+cargo build --release -p comet-cli
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
-    exec ./target/release/comet bench --gpu --preset all --ranks 2 "$@"
+    defaults=(--gpu)
+    given --preset "$@" || defaults+=(--preset all)
+    given --ranks "$@" || defaults+=(--ranks 2)
+    say "bench.sh: GPU found; running: comet bench" "${defaults[@]}" "$@"
+    exec ./target/release/comet bench "${defaults[@]}" "$@"
 fi
-exec ./target/release/comet bench --trace target/comet-bench.trace.json "$@"
+defaults=()
+given --trace "$@" || defaults+=(--trace target/comet-bench.trace.json)
+say "bench.sh: no GPU; running the CPU executor: comet bench" ${defaults[@]+"${defaults[@]}"} "$@"
+exec ./target/release/comet bench ${defaults[@]+"${defaults[@]}"} "$@"

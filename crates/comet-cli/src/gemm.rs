@@ -10,16 +10,22 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use comet_core::Preset;
-use comet_kernels::bench::{format_table, preset_cases, run_on_first_gpu, ExternalBaseline};
+use comet_kernels::bench::{format_table, run_on_first_gpu, BenchCase, ExternalBaseline};
+use comet_kernels::problem::routed_counts;
 use comet_kernels::Family;
 
+use crate::shape::{Shape, ShapeArgs};
 use crate::torch_baseline::TorchBaseline;
 
 #[derive(Args, Debug, Clone)]
 pub struct GemmBenchArgs {
-    /// Presets to run (comma separated), or `all`.
+    /// Presets to run (comma separated), or `all`. With shape flags: the
+    /// named presets with those fields replaced, or with `all` (the
+    /// default) the one shape all four flags give.
     #[arg(long, default_value = "all")]
     pub preset: String,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// Tokens per rank; rows = tokens x top-k spread over E/2 local experts.
     #[arg(long, default_value_t = 8192)]
     pub tokens: usize,
@@ -41,17 +47,62 @@ pub struct GemmBenchArgs {
     pub torch_script: Option<PathBuf>,
 }
 
-fn presets(spec: &str) -> Result<Vec<Preset>> {
-    if spec == "all" {
-        return Ok(vec![
-            Preset::Mixtral8x7b,
-            Preset::Qwen2Moe,
-            Preset::Phi35Moe,
-        ]);
+/// The GEMMs of each shape at EP = 2: `tokens` x top-k rows over the
+/// E/2 local experts, uniform and skewed (1/(i+1)), each expert's rows cut
+/// to a multiple of 16 (the rest to expert 0); FC1 (H -> 2F, with the
+/// SwiGLU epilogue timed too) and FC2 (F -> H).
+fn cases(tokens: usize, shapes: &[Shape]) -> Vec<BenchCase> {
+    let mut out = Vec::new();
+    for s in shapes {
+        let cfg = &s.cfg;
+        let name = if s.label.contains("custom") || s.label.contains('+') {
+            format!(
+                "H{} F{} E{} k{}",
+                cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k
+            )
+        } else {
+            s.label.clone()
+        };
+        let local = cfg.experts / 2;
+        let total = tokens * cfg.top_k;
+        for skewed in [false, true] {
+            let mut counts = routed_counts(local, total, skewed);
+            let mut carry = 0usize;
+            for c in counts.iter_mut() {
+                let r = *c % 16;
+                *c -= r;
+                carry += r;
+            }
+            counts[0] += carry;
+            let dist = if skewed { "skewed" } else { "uniform" };
+            out.push(BenchCase {
+                label: format!("{name} FC1 {dist}"),
+                counts: counts.clone(),
+                k: cfg.hidden,
+                n: 2 * cfg.ffn,
+                swiglu: true,
+            });
+            out.push(BenchCase {
+                label: format!("{name} FC2 {dist}"),
+                counts,
+                k: cfg.ffn,
+                n: cfg.hidden,
+                swiglu: false,
+            });
+        }
     }
-    spec.split(',')
-        .map(|s| s.trim().parse::<Preset>().map_err(anyhow::Error::from))
-        .collect()
+    out
+}
+
+/// The shapes `--preset` and the shape flags name, at EP = 2.
+fn shapes(args: &GemmBenchArgs) -> Result<Vec<Shape>> {
+    args.shape.shapes(
+        &args.preset,
+        &[Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe],
+        2,
+        "the EP size",
+        1,
+    )
 }
 
 fn torch_script(args: &GemmBenchArgs) -> Option<PathBuf> {
@@ -111,7 +162,10 @@ pub fn run(args: GemmBenchArgs) -> Result<()> {
     if args.torch != "off" && args.torch != "auto" {
         bail!("--torch {:?}: expected auto or off", args.torch);
     }
-    let cases = preset_cases(args.tokens, &presets(&args.preset)?)?;
+    if args.tokens == 0 {
+        bail!("--tokens must be at least 1");
+    }
+    let cases = cases(args.tokens, &shapes(&args)?);
     let mut torch = start_torch(&args)?;
     for fam in families {
         let baseline = torch.as_mut().map(|t| t as &mut dyn ExternalBaseline);
@@ -128,4 +182,77 @@ pub fn run(args: GemmBenchArgs) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comet_kernels::bench::preset_cases;
+
+    fn args(extra: &[&str]) -> GemmBenchArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: GemmBenchArgs,
+        }
+        let mut v = vec!["gemm"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).unwrap().a
+    }
+
+    #[test]
+    fn preset_cases_are_the_kernels_own() {
+        let presets = [Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe];
+        let want = preset_cases(8192, &presets).unwrap();
+        let got = cases(8192, &shapes(&args(&[])).unwrap());
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(
+                (&g.label, &g.counts, g.k, g.n, g.swiglu),
+                (&w.label, &w.counts, w.k, w.n, w.swiglu)
+            );
+        }
+    }
+
+    #[test]
+    fn a_users_own_shape() {
+        let a = args(&[
+            "--hidden",
+            "2048",
+            "--ffn",
+            "1408",
+            "--experts",
+            "60",
+            "--top-k",
+            "4",
+            "--tokens",
+            "1000",
+        ]);
+        let c = cases(a.tokens, &shapes(&a).unwrap());
+        assert_eq!(c.len(), 4);
+        for x in &c {
+            assert!(x.label.starts_with("H2048 F1408 E60 k4 FC"), "{}", x.label);
+            assert_eq!(x.counts.len(), 30);
+            assert_eq!(x.counts.iter().sum::<usize>(), 4000);
+        }
+        assert_eq!((c[0].k, c[0].n, c[0].swiglu), (2048, 2816, true));
+        assert_eq!((c[1].k, c[1].n, c[1].swiglu), (1408, 2048, false));
+        let e = shapes(&args(&[
+            "--experts",
+            "61",
+            "--top-k",
+            "2",
+            "--hidden",
+            "8",
+            "--ffn",
+            "8",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--experts 61 is not divisible by the EP size 2"),
+            "{e}"
+        );
+    }
 }

@@ -1,5 +1,7 @@
 //! `comet launch -n W -- cmd args...`: W local ranks of a command with
-//! torchrun's environment, through comet-transport's launcher.
+//! torchrun's environment, through comet-transport's launcher. When a rank
+//! fails, `comet launch` exits with that rank's exit code (the first rank
+//! to fail), as torchrun does; 128 + N for a rank killed by signal N.
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -25,9 +27,33 @@ pub struct LaunchArgs {
     pub cmd: Vec<String>,
 }
 
+/// The exit code `comet launch` ends with for `e`: the first failing
+/// rank's own code, or 128 + signal for a rank that was killed. None for
+/// any other error (the command's usual 1).
+pub fn exit_code(e: &anyhow::Error) -> Option<i32> {
+    let e = e.downcast_ref::<LaunchError>()?;
+    let rank = match e {
+        LaunchError::RankFailed { rank, report, .. } => report.ranks.get(*rank)?,
+        LaunchError::Failed { failed, report } => report.ranks.get(*failed.first()?)?,
+        _ => return None,
+    };
+    match (rank.code, rank.signal) {
+        (Some(c), _) if c != 0 => Some(c),
+        (None, Some(s)) => Some(128 + s),
+        _ => None,
+    }
+}
+
 pub fn run(args: LaunchArgs) -> Result<()> {
     if args.world == 0 {
         bail!("-n must be at least 1");
+    }
+    if args.world > comet_transport::launch::MAX_WORLD {
+        bail!(
+            "-n {} is above the launcher's limit of {} local ranks",
+            args.world,
+            comet_transport::launch::MAX_WORLD
+        );
     }
     if !args.timeout.is_finite() || args.timeout < 0.0 {
         bail!(

@@ -3,7 +3,9 @@
 //! per-phase times beside the cost model's prediction. Without a GPU this
 //! is the CPU executor: W ranks as threads over the local transport.
 
-use anyhow::{Context, Result};
+use crate::limits::{available_memory, ensure_fits};
+use crate::shape::{Shape, ShapeArgs};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use comet_core::cost::{CostModel, DeviceFigures};
 use comet_core::reference::{max_error, moe_layer};
@@ -13,6 +15,7 @@ use comet_core::{ExpertWeights, MoeConfig, Preset, Routing, RoutingKind};
 use comet_sched::tile_math::fc1_swiglu;
 use comet_sched::{CallStats, CpuWorld, ExecMode, ExecOptions, RankInput, Trace};
 use comet_transport::local::{DelayModel, LinkModel};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Relative tolerance of the f32 executor against the f64 reference.
@@ -23,6 +26,8 @@ pub struct LayerArgs {
     /// Model preset: small, mixtral-8x7b, qwen2-moe, phi3.5-moe.
     #[arg(long, default_value = "small")]
     pub preset: String,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// Divide hidden and FFN sizes by this (CPU runs of the large presets).
     #[arg(long, default_value_t = 1)]
     pub scale_down: usize,
@@ -48,10 +53,12 @@ pub struct LayerArgs {
     /// Gives the overlap something to hide on a CPU.
     #[arg(long, default_value_t = 0.0)]
     pub link_gbps: f64,
-    /// Latency of the emulated link, microseconds.
-    #[arg(long, default_value_t = 10)]
-    pub link_latency_us: u64,
-    /// Bound on every wait, seconds.
+    /// Latency of the emulated link, microseconds (default 10; needs
+    /// --link-gbps).
+    #[arg(long)]
+    pub link_latency_us: Option<u64>,
+    /// Bound on every wait, seconds: a call that has waited this long in
+    /// all fails, naming the rank and the signal.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
     /// Write a Chrome/Perfetto trace of the last fused call here.
@@ -63,6 +70,140 @@ pub struct LayerArgs {
     /// runs mixtral-8x7b, qwen2-moe and phi3.5-moe.
     #[arg(long)]
     pub gpu: bool,
+}
+
+/// Fails fast, before any weight is generated, when this machine has no
+/// CUDA device: no driver library (libcuda), or a driver that reports no
+/// GPU. Cheap (the driver is probed once per process, no context created).
+pub fn require_gpu() -> Result<()> {
+    if comet_transport::cuda::device_count() == 0 {
+        bail!(
+            "--gpu: no CUDA device on this machine (no libcuda driver library, or it reports no GPU); \
+             run without --gpu for the CPU executor"
+        );
+    }
+    Ok(())
+}
+
+/// Checks that `--trace` can be written before anything runs: its folder
+/// exists and a file can be created there (a file made only to check this
+/// is removed again).
+pub fn check_trace_path(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("--trace {}: is a folder, not a file", path.display());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "--trace {}: folder {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("--trace {}: cannot write there", path.display()))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Bytes the CPU executor holds at once for `tokens` per rank: inputs,
+/// routing, the f64 reference, the weights (the model's and each rank's
+/// copy), each rank's receive and combine buffers (sized for the worst
+/// case, with their poison fill) and one call's intermediates.
+pub fn cpu_bench_bytes(cfg: &MoeConfig, tokens: usize) -> u128 {
+    let (w, h, f, e, k) = (
+        cfg.ranks as u128,
+        cfg.hidden as u128,
+        cfg.ffn as u128,
+        cfg.experts as u128,
+        cfg.top_k as u128,
+    );
+    let t = tokens as u128;
+    let kk = k.min(e / w.max(1));
+    let rows = w * t * k; // rows of the world per call
+    let inputs = w * t * h * 4 + w * t * k * 8 + t * e * 4;
+    let reference = w * t * h * 8 + rows * f * 8;
+    let weights = 2 * e * 3 * h * f * 4;
+    let buffers = w * (w * t * kk * h * 4 * 2 + t * k * h * 4 * 2);
+    let call = rows * h * 4 * 2 + rows * f * 4 + w * t * h * 4;
+    inputs + reference + weights + buffers + call
+}
+
+impl LayerArgs {
+    /// The flags every executor shares, checked before anything runs;
+    /// each mistake named by its flag.
+    pub fn check(&self) -> Result<()> {
+        if self.tokens == 0 {
+            bail!("--tokens must be at least 1");
+        }
+        if self.ranks == 0 {
+            bail!("--ranks must be at least 1");
+        }
+        if self.iters == 0 {
+            bail!("--iters must be at least 1");
+        }
+        if self.timeout_s == 0 {
+            bail!("--timeout-s must be at least 1 (it bounds every wait of a call)");
+        }
+        if self.scale_down == 0 {
+            bail!("--scale-down must be at least 1 (1 keeps the sizes as they are)");
+        }
+        if !(self.link_gbps >= 0.0 && self.link_gbps.is_finite()) {
+            bail!("--link-gbps must be a finite number >= 0");
+        }
+        if self.link_latency_us.is_some() && self.link_gbps == 0.0 {
+            bail!("--link-latency-us needs --link-gbps: without it there is no emulated link");
+        }
+        if self.gpu {
+            for (given, flag) in [
+                (self.link_gbps > 0.0, "--link-gbps"),
+                (self.delay_us > 0, "--delay-us"),
+            ] {
+                if given {
+                    bail!("{flag} shapes the CPU executor's emulated link; --gpu has none");
+                }
+            }
+        }
+        if let Some(p) = &self.trace {
+            check_trace_path(p)?;
+        }
+        Ok(())
+    }
+
+    /// The shapes to run: `--preset` (one name, or `all` for the three
+    /// large presets) over `--ranks`, with the shape flags applied, then
+    /// scaled down by `--scale-down`. The GPU bench iterates these.
+    pub fn shapes(&self) -> Result<Vec<Shape>> {
+        self.shape.shapes(
+            &self.preset,
+            &[Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe],
+            self.ranks,
+            "--ranks",
+            self.scale_down,
+        )
+    }
+
+    /// The one shape of a run of one preset (`all` is an error here).
+    pub fn config(&self) -> Result<Shape> {
+        let mut v = self.shapes()?;
+        if v.len() != 1 {
+            bail!(
+                "--preset {} names {} shapes; the CPU executor runs one (name a preset)",
+                self.preset,
+                v.len()
+            );
+        }
+        Ok(v.remove(0))
+    }
 }
 
 struct ModeResult {
@@ -107,28 +248,36 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn run(a: LayerArgs) -> Result<()> {
+    a.check()?;
     if a.gpu {
+        // Before the GPU bench generates gigabytes of weights.
+        require_gpu()?;
         return crate::layer_gpu::run(&a);
     }
-    anyhow::ensure!(a.iters >= 1, "--iters must be at least 1");
     anyhow::ensure!(a.bm >= 1, "--bm must be at least 1");
-    let preset: Preset = a.preset.parse()?;
-    let cfg = preset
-        .config(a.ranks)
-        .with_context(|| format!("preset {} over {} ranks", a.preset, a.ranks))?
-        .scaled_down(a.scale_down);
+    let Shape { label, cfg } = a.config()?;
     let kind: RoutingKind = a.routing.parse()?;
+    ensure_fits(
+        cpu_bench_bytes(&cfg, a.tokens),
+        available_memory(),
+        &format!(
+            "the CPU executor with {} tokens per rank over {} ranks ({cfg})",
+            a.tokens, cfg.ranks
+        ),
+        "lower --tokens or --ranks, or raise --scale-down",
+    )?;
+    run_cpu(&a, &label, &cfg, kind)
+}
+
+fn run_cpu(a: &LayerArgs, label: &str, cfg: &MoeConfig, kind: RoutingKind) -> Result<()> {
+    let cfg = cfg.clone();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (gflops, gbps) = calibrate(&cfg);
     // Per rank: its share of the cores computes; copies run beside it.
     let per_rank_gflops = gflops * cores.min(cfg.ranks) as f64 / cfg.ranks as f64;
-    anyhow::ensure!(
-        a.link_gbps >= 0.0 && a.link_gbps.is_finite(),
-        "--link-gbps must be a finite number >= 0"
-    );
     let link = (a.link_gbps > 0.0).then(|| LinkModel {
         gbps: a.link_gbps,
-        latency: Duration::from_micros(a.link_latency_us),
+        latency: Duration::from_micros(a.link_latency_us.unwrap_or(10)),
     });
     let mut dev = DeviceFigures::cpu(per_rank_gflops, gbps, 1);
     dev.bm = a.bm;
@@ -151,7 +300,7 @@ pub fn run(a: LayerArgs) -> Result<()> {
     }
     eprintln!(
         "comet bench: CPU executor (no GPU path selected), {} ({}), {} tokens/rank, {} routing, {} cores",
-        preset.name(), cfg, a.tokens, a.routing, cores
+        label, cfg, a.tokens, a.routing, cores
     );
     let delay = (a.delay_us > 0).then(|| DelayModel {
         seed: a.seed,
@@ -223,9 +372,7 @@ pub fn run(a: LayerArgs) -> Result<()> {
 
     println!(
         "comet bench — CPU executor, {} {} tokens/rank, {} routing",
-        preset.name(),
-        a.tokens,
-        a.routing
+        label, a.tokens, a.routing
     );
     println!(
         "config: {cfg}; tiles BM {}, {} layer1 chunks of {} columns (cost model)",

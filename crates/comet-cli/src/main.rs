@@ -7,7 +7,9 @@ mod gemm;
 mod launch;
 mod layer;
 mod layer_gpu;
+mod limits;
 mod plan;
+mod shape;
 mod torch_baseline;
 mod transport_bench;
 
@@ -61,11 +63,20 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .init();
     if let Err(e) = run(cli.cmd) {
         eprintln!("comet: error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(launch::exit_code(&e).unwrap_or(1));
     }
+}
+
+/// Colour only for a terminal, and never when NO_COLOR is set to
+/// anything non-empty (no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
 }
 
 fn run(cmd: Cmd) -> Result<()> {

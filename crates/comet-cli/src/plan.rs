@@ -1,17 +1,21 @@
 //! `comet plan`: the layout plan, tile schedules and cost-model choice for
 //! a preset, without running anything.
 
-use anyhow::{Context, Result};
+use crate::limits::{available_memory, ensure_fits};
+use crate::shape::ShapeArgs;
+use anyhow::{bail, Result};
 use clap::Args;
 use comet_core::cost::{CostModel, DeviceFigures};
 use comet_core::schedule::{Layer0Schedule, Layer1Schedule, SignalMap};
-use comet_core::{LayoutPlan, Preset, Routing, RoutingKind};
+use comet_core::{LayoutPlan, MoeConfig, Preset, Routing, RoutingKind};
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
     /// Model preset: mixtral-8x7b, qwen2-moe, phi3.5-moe, small.
     #[arg(long, default_value = "mixtral-8x7b")]
     pub preset: String,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// Expert-parallel ranks.
     #[arg(long, default_value_t = 2)]
     pub ranks: usize,
@@ -39,12 +43,33 @@ pub fn device_figures(name: &str) -> Result<DeviceFigures> {
     }
 }
 
+/// Bytes `comet plan` holds: every rank's routing (ids and weights), the
+/// router logits of one rank while it is generated, and the tiles of the
+/// printed rank's schedules (at most one per row and chunk).
+fn plan_bytes(cfg: &MoeConfig, tokens: usize) -> u128 {
+    let (w, e, k) = (cfg.ranks as u128, cfg.experts as u128, cfg.top_k as u128);
+    let t = tokens as u128;
+    w * t * k * 8 + t * e * 4 * 2 + w * t * k * 64
+}
+
 pub fn run(a: PlanArgs) -> Result<()> {
-    let preset: Preset = a.preset.parse()?;
-    let cfg = preset
-        .config(a.ranks)
-        .with_context(|| format!("preset {} over {} ranks", a.preset, a.ranks))?;
+    if a.tokens == 0 {
+        bail!("--tokens must be at least 1");
+    }
+    let shape = a
+        .shape
+        .resolve(a.preset.parse::<Preset>()?, a.ranks, "--ranks", 1)?;
+    let cfg = shape.cfg;
     let kind: RoutingKind = a.routing.parse()?;
+    ensure_fits(
+        plan_bytes(&cfg, a.tokens),
+        available_memory(),
+        &format!(
+            "planning {} tokens per rank over {} ranks ({cfg})",
+            a.tokens, cfg.ranks
+        ),
+        "lower --tokens",
+    )?;
     anyhow::ensure!(
         a.rank < cfg.ranks,
         "--rank {} is not below --ranks {}",
@@ -63,10 +88,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
 
     println!(
         "config   {} ({}), {} tokens/rank, {} routing",
-        cfg,
-        preset.name(),
-        a.tokens,
-        a.routing
+        cfg, shape.label, a.tokens, a.routing
     );
     println!(
         "rows received per rank: {:?}",

@@ -36,9 +36,10 @@ pub struct TransportBenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = default_sizes())]
     pub sizes: Vec<String>,
     /// UCX transport selections (UCX_TLS values) to measure, comma-separated
-    /// groups separated by `;`, e.g. `sm,self;tcp`.
-    #[arg(long, default_value = "sm,self;tcp")]
-    pub ucx_tls: String,
+    /// groups separated by `;`, e.g. `sm,self;tcp` (the default). Needs a
+    /// build with `--features ucx` and the ucx or ucx-procs transport.
+    #[arg(long)]
+    pub ucx_tls: Option<String>,
     /// Bytes each bandwidth measurement streams (the iteration count
     /// follows from it, within [10, 4000]).
     #[arg(long, default_value = "256M")]
@@ -544,16 +545,43 @@ fn table(rows: &[Measurement], markdown: bool) -> String {
     s
 }
 
+#[cfg(feature = "ucx")]
+const DEFAULT_UCX_TLS: &str = "sm,self;tcp";
+
+/// `--ucx-tls` is only meaningful where a UCX transport is measured.
+fn check_ucx_tls(args: &TransportBenchArgs) -> Result<()> {
+    let Some(tls) = &args.ucx_tls else {
+        return Ok(());
+    };
+    if !cfg!(feature = "ucx") {
+        bail!(
+            "--ucx-tls {tls:?}: this comet was built without UCX; rebuild with \
+             `cargo build --release -p comet-cli --features ucx` (needs libucx-dev)"
+        );
+    }
+    if !args
+        .transports
+        .iter()
+        .any(|t| t == "ucx" || t == "ucx-procs")
+    {
+        bail!("--ucx-tls {tls:?} needs ucx or ucx-procs in --transports");
+    }
+    Ok(())
+}
+
 pub fn run(args: TransportBenchArgs) -> Result<()> {
     let sizes = args
         .sizes
         .iter()
-        .map(|s| parse_size(s))
+        .map(|s| parse_size(s).with_context(|| format!("--sizes {s}")))
         .collect::<Result<Vec<_>>>()?;
-    let volume = parse_size(&args.volume)?;
+    let volume = parse_size(&args.volume).with_context(|| format!("--volume {}", args.volume))?;
     if sizes.is_empty() {
-        bail!("no message sizes given");
+        bail!("--sizes: no message sizes given");
     }
+    check_ucx_tls(&args)?;
+    #[cfg(feature = "ucx")]
+    let ucx_tls = args.ucx_tls.as_deref().unwrap_or(DEFAULT_UCX_TLS);
     #[cfg(feature = "ucx")]
     if let Some(tls) = &args.rank_worker {
         return ucx_rank_worker(tls, &sizes, volume);
@@ -565,12 +593,7 @@ pub fn run(args: TransportBenchArgs) -> Result<()> {
             "local" => rows.extend(bench_local(&sizes, volume)?),
             #[cfg(feature = "ucx")]
             "ucx" => {
-                for tls in args
-                    .ucx_tls
-                    .split(';')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                {
+                for tls in ucx_tls.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     rows.extend(
                         bench_ucx(tls, &sizes, volume)
                             .with_context(|| format!("ucx with UCX_TLS={tls}"))?,
@@ -579,12 +602,7 @@ pub fn run(args: TransportBenchArgs) -> Result<()> {
             }
             #[cfg(feature = "ucx")]
             "ucx-procs" => {
-                for tls in args
-                    .ucx_tls
-                    .split(';')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                {
+                for tls in ucx_tls.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     rows.extend(
                         bench_ucx_processes(tls, &sizes, volume)
                             .with_context(|| format!("ucx-procs with UCX_TLS={tls}"))?,

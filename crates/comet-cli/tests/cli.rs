@@ -2,12 +2,32 @@
 //! the plan printout, and one clear line plus a non-zero exit on bad input.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn comet(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_comet"))
         .args(args)
         .output()
         .expect("run comet")
+}
+
+/// Runs comet expecting a failure: exactly one line mentioning "error",
+/// containing `needle`, within `within`. Returns stderr.
+fn fails_with(args: &[&str], env: &[(&str, &str)], needle: &str, within: Duration) -> String {
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run comet");
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+    assert!(lines[0].contains(needle), "{args:?}: {stderr}");
+    assert!(took < within, "{args:?} took {took:?}: {stderr}");
+    stderr
 }
 
 #[test]
@@ -103,4 +123,222 @@ fn bad_input_is_one_clear_line_and_a_failure() {
     }
     let out = comet(&["bench", "--no-such-flag"]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn bad_values_are_refused_up_front_naming_the_flag() {
+    let quick = Duration::from_secs(5);
+    for (args, needle) in [
+        (
+            vec!["bench", "--tokens", "0"],
+            "--tokens must be at least 1",
+        ),
+        (
+            vec!["bench", "--timeout-s", "0"],
+            "--timeout-s must be at least 1",
+        ),
+        (
+            vec!["bench", "--scale-down", "0"],
+            "--scale-down must be at least 1",
+        ),
+        (
+            vec!["bench", "--link-latency-us", "5"],
+            "--link-latency-us needs --link-gbps",
+        ),
+        (
+            vec!["bench", "--trace", "/nonexistent/comet-dir/t.json"],
+            "--trace /nonexistent/comet-dir/t.json: folder /nonexistent/comet-dir does not exist",
+        ),
+        (vec!["bench", "--gpu", "--delay-us", "5"], "--delay-us"),
+        (
+            vec!["bench", "--hidden", "0"],
+            "--hidden must be at least 1",
+        ),
+        (vec!["bench", "--ffn", "0"], "--ffn must be at least 1"),
+        (
+            vec!["bench", "--top-k", "9"],
+            "--top-k 9 exceeds --experts (from preset small) 8",
+        ),
+        (
+            vec!["bench", "--experts", "6", "--ranks", "4"],
+            "--experts 6 is not divisible by --ranks 4",
+        ),
+        (
+            vec!["plan", "--experts", "60", "--ranks", "8"],
+            "--experts 60 is not divisible by --ranks 8",
+        ),
+        (vec!["plan", "--tokens", "0"], "--tokens must be at least 1"),
+        (
+            vec!["bench", "gemm", "--experts", "61", "--preset", "small"],
+            "--experts 61 is not divisible by the EP size 2",
+        ),
+        (
+            vec!["bench", "gemm", "--hidden", "1024"],
+            "--preset all with shape flags needs all of",
+        ),
+        (
+            vec!["bench", "gemm", "--tokens", "0"],
+            "--tokens must be at least 1",
+        ),
+        (vec!["bench", "transport", "--volume", "0"], "--volume 0"),
+        (vec!["bench", "transport", "--sizes", "4K,x"], "--sizes x"),
+        // Sizes far beyond any machine's memory: one line, no allocation.
+        (vec!["bench", "--tokens", "100000000000"], "needs about"),
+        (vec!["plan", "--tokens", "4000000000000"], "needs about"),
+        (
+            vec!["launch", "-n", "1000000", "--", "true"],
+            "limit of 1024",
+        ),
+    ] {
+        fails_with(&args, &[], needle, quick);
+    }
+    if !cfg!(feature = "ucx") {
+        fails_with(
+            &["bench", "transport", "--ucx-tls", "tcp"],
+            &[],
+            "built without UCX",
+            quick,
+        );
+    }
+}
+
+#[test]
+fn gpu_bench_without_a_device_fails_before_generating_weights() {
+    // No device visible (also on a GPU machine): the check comes first,
+    // before gigabytes of Mixtral weights would be generated.
+    fails_with(
+        &["bench", "--gpu", "--preset", "mixtral-8x7b"],
+        &[("CUDA_VISIBLE_DEVICES", "")],
+        "--gpu: no CUDA device",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn a_timeout_ends_the_run_within_about_its_length() {
+    // A link so slow nothing arrives: every wait would time out in turn.
+    for extra in [["--link-gbps", "0.000001"], ["--delay-us", "100000000"]] {
+        let mut args = vec![
+            "bench",
+            "--ranks",
+            "2",
+            "--tokens",
+            "32",
+            "--iters",
+            "1",
+            "--timeout-s",
+            "2",
+        ];
+        args.extend(extra);
+        let err = fails_with(&args, &[], "timed out after", Duration::from_secs(8));
+        assert!(err.contains("rank "), "{err}");
+    }
+}
+
+#[test]
+fn any_model_shape_from_the_command_line() {
+    // The shape users bring: H 2048, F 1408, 60 experts, top-4.
+    let out = comet(&[
+        "plan",
+        "--hidden",
+        "2048",
+        "--ffn",
+        "1408",
+        "--experts",
+        "60",
+        "--top-k",
+        "4",
+        "--ranks",
+        "4",
+        "--tokens",
+        "512",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("H=2048 F=1408 E=60 k=4 W=4"), "{stdout}");
+    // Rows received over the 4 ranks: 512 tokens x top-4 x 4 ranks.
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("rows received per rank"))
+        .expect("rows line");
+    let total: usize = line
+        .split(['[', ']', ','])
+        .filter_map(|x| x.trim().parse::<usize>().ok())
+        .sum();
+    assert_eq!(total, 512 * 4 * 4, "{line}");
+
+    // The same flags on the CPU bench (scaled down to run in a second),
+    // checked against the reference; overriding only some fields.
+    let out = comet(&[
+        "bench",
+        "--hidden",
+        "2048",
+        "--ffn",
+        "1408",
+        "--experts",
+        "60",
+        "--top-k",
+        "4",
+        "--scale-down",
+        "32",
+        "--ranks",
+        "2",
+        "--tokens",
+        "16",
+        "--iters",
+        "1",
+        "--bm",
+        "8",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("config: H=64 F=44 E=60 k=4 W=2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" ok, baseline"), "{stdout}");
+    let out = comet(&[
+        "plan", "--preset", "small", "--top-k", "3", "--tokens", "64",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("H=256 F=512 E=8 k=3 W=2") && stdout.contains("small+overrides"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn launch_passes_the_rank_exit_code_through_without_colour() {
+    let out = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args([
+            "launch",
+            "-n",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "[ \"$RANK\" = 1 ] && exit 3; sleep 20",
+        ])
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run comet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes in piped output: {stderr:?}"
+    );
+    assert!(stderr.contains("rank 0 was stopped"), "{stderr}");
+    // A world of one: nobody else to stop, and the code still comes through.
+    let out = comet(&["launch", "-n", "1", "--", "sh", "-c", "exit 7"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(!stderr.contains("stopped"), "{stderr}");
+    let out = comet(&["launch", "-n", "2", "--", "true"]);
+    assert!(out.status.success());
 }

@@ -26,7 +26,7 @@ use comet_core::layout::{ring_dest, LayoutPlan};
 use comet_core::schedule::{combine_waits, Layer0Schedule, Layer1Schedule, SignalMap, TileShape};
 use comet_core::{ExpertWeights, MoeConfig, Routing};
 use comet_transport::local::{local_world_with_link, DelayModel, LinkModel, LocalTransport};
-use comet_transport::{BufferId, SignalId, SignalOp, Transport};
+use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,8 @@ pub enum Fault {
 
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
-    /// Bound on every wait; past it the call fails naming rank and signal.
+    /// Bound on a call's waits, all of them together: a call that has run
+    /// this long while waiting fails, naming the rank and the signal.
     pub timeout: Duration,
     pub trace: bool,
     pub fault: Option<Fault>,
@@ -115,7 +116,10 @@ struct Call<'a, T: Transport> {
     map: &'a SignalMap,
     base: SignalId,
     epoch: u64,
-    timeout: Duration,
+    /// When the call started and when its waits give up: the timeout
+    /// bounds the whole call, not each wait in turn.
+    start: Instant,
+    deadline: Instant,
     plan: LayoutPlan,
     l0: Layer0Schedule,
     l1: Layer1Schedule,
@@ -219,6 +223,7 @@ impl<T: Transport> CpuRank<T> {
         let epoch = self.epoch;
         let base = cfg.ranks as SignalId;
         let mut trace = Trace::new(origin);
+        let deadline = start + opts.timeout;
 
         // 1. Count exchange.
         let t_ex = Instant::now();
@@ -229,7 +234,7 @@ impl<T: Transport> CpuRank<T> {
             self.recv_cap_rows,
             routing,
             epoch,
-            opts.timeout,
+            deadline.saturating_duration_since(t_ex),
         )?;
         let recv_rows = plan.recv[rank].total_rows;
         if opts.trace {
@@ -252,7 +257,8 @@ impl<T: Transport> CpuRank<T> {
             map: &self.map,
             base,
             epoch,
-            timeout: opts.timeout,
+            start,
+            deadline,
             chunk_out: l1
                 .chunks
                 .iter()
@@ -321,9 +327,28 @@ impl<T: Transport> Call<'_, T> {
         self.base + id
     }
 
+    /// Waits until the call's deadline at most; a timeout reports how long
+    /// the call had been running, not only this last wait.
     fn wait(&self, id: SignalId, target: u64) -> Result<(), SchedError> {
-        self.t.wait(self.sig(id), target, self.timeout)?;
-        Ok(())
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.t.wait(self.sig(id), target, left) {
+            Ok(_) => Ok(()),
+            Err(TransportError::WaitTimeout {
+                rank,
+                signal,
+                expected,
+                observed,
+                ..
+            }) => Err(TransportError::WaitTimeout {
+                rank,
+                signal,
+                expected,
+                observed,
+                waited: self.start.elapsed(),
+            }
+            .into()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Layer0 communication: every segment to its final rows, ring order.

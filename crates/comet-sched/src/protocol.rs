@@ -51,8 +51,12 @@ pub(crate) fn exchange_counts<T: Transport + ?Sized>(
         t.put(dst, counts_buf, (slot * w + rank) * e * 8, &row)?;
         t.signal(dst, rank as SignalId, SignalOp::Set(epoch))?;
     }
+    // One deadline for all W rows: the timeout bounds the exchange, not
+    // each wait in turn.
+    let deadline = std::time::Instant::now() + timeout;
     for src in 0..w {
-        t.wait(src as SignalId, epoch, timeout)?;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        t.wait(src as SignalId, epoch, left)?;
     }
     let mut raw = vec![0u8; w * e * 8];
     t.read(counts_buf, slot * w * e * 8, &mut raw)?;

@@ -18,6 +18,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// The most ranks one launch starts: each is a process with two threads
+/// here forwarding its output, so a mistyped `-n` is refused up front
+/// instead of exhausting the machine's processes or threads.
+pub const MAX_WORLD: usize = 1024;
+
 /// What to do when one rank exits with a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {
@@ -122,10 +127,12 @@ pub enum LaunchError {
         program: String,
         detail: String,
     },
-    #[error("launch: rank {rank} failed ({status}); the other ranks were stopped")]
+    #[error("launch: rank {rank} failed ({status}){}", stopped_note(.stopped))]
     RankFailed {
         rank: usize,
         status: String,
+        /// The ranks the launcher killed because of it (those still running).
+        stopped: Vec<usize>,
         report: LaunchReport,
     },
     #[error("launch: ranks {failed:?} failed")]
@@ -139,6 +146,14 @@ pub enum LaunchError {
         waited: Duration,
         report: LaunchReport,
     },
+}
+
+fn stopped_note(stopped: &[usize]) -> String {
+    match stopped {
+        [] => String::new(),
+        [r] => format!("; rank {r} was stopped"),
+        rs => format!("; ranks {rs:?} were stopped"),
+    }
 }
 
 impl LaunchError {
@@ -173,33 +188,35 @@ fn pump(
     to_stderr: bool,
     forward: bool,
     capture: Option<Arc<Mutex<Vec<String>>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(src);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("comet-launch-out-{rank}"))
+        .spawn(move || {
+            let mut r = BufReader::new(src);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\n', '\r']);
+                if forward {
+                    // Whole lines under the lock, so ranks never interleave mid-line.
+                    let _ = if to_stderr {
+                        writeln!(std::io::stderr().lock(), "[rank {rank}] {line}")
+                    } else {
+                        writeln!(std::io::stdout().lock(), "[rank {rank}] {line}")
+                    };
+                }
+                if let Some(c) = &capture {
+                    c.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(line.to_string());
+                }
             }
-            let line = String::from_utf8_lossy(&buf);
-            let line = line.trim_end_matches(['\n', '\r']);
-            if forward {
-                // Whole lines under the lock, so ranks never interleave mid-line.
-                let _ = if to_stderr {
-                    writeln!(std::io::stderr().lock(), "[rank {rank}] {line}")
-                } else {
-                    writeln!(std::io::stdout().lock(), "[rank {rank}] {line}")
-                };
-            }
-            if let Some(c) = &capture {
-                c.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(line.to_string());
-            }
-        }
-    })
+        })
 }
 
 fn outcome(rank: usize, r: Running) -> RankOutcome {
@@ -246,6 +263,12 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchReport, LaunchError> {
     if cfg.world == 0 {
         return Err(LaunchError::Config("world size must be at least 1".into()));
     }
+    if cfg.world > MAX_WORLD {
+        return Err(LaunchError::Config(format!(
+            "world size {} is above the launcher's limit of {MAX_WORLD} local ranks",
+            cfg.world
+        )));
+    }
     let port = if cfg.master_port == 0 {
         free_port(&cfg.master_addr)
             .map_err(|e| LaunchError::Config(format!("no free port on {}: {e}", cfg.master_addr)))?
@@ -282,11 +305,22 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchReport, LaunchError> {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let cap = cfg.capture.then(|| Arc::clone(&lines));
         let mut pumps = Vec::new();
+        let mut started = Ok(());
         if let Some(o) = child.stdout.take() {
-            pumps.push(pump(rank, o, false, cfg.forward, cap.clone()));
+            started = pump(rank, o, false, cfg.forward, cap.clone()).map(|p| pumps.push(p));
         }
-        if let Some(e) = child.stderr.take() {
-            pumps.push(pump(rank, e, true, cfg.forward, cap));
+        if let (Ok(()), Some(e)) = (&started, child.stderr.take()) {
+            started = pump(rank, e, true, cfg.forward, cap).map(|p| pumps.push(p));
+        }
+        if let Err(e) = started {
+            let _ = child.kill();
+            let _ = child.wait();
+            kill_all(&mut ranks);
+            return Err(LaunchError::Spawn {
+                rank,
+                program: cfg.program.to_string_lossy().into_owned(),
+                detail: format!("cannot start a thread for its output: {e}"),
+            });
         }
         tracing::debug!(rank, pid = child.id(), "rank started");
         ranks.push(Running {
@@ -322,9 +356,16 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchReport, LaunchError> {
                     .collect(),
             };
             let status = report.ranks[rank].describe();
+            let stopped = report
+                .ranks
+                .iter()
+                .filter(|r| r.killed_by_launcher)
+                .map(|r| r.rank)
+                .collect();
             return Err(LaunchError::RankFailed {
                 rank,
                 status,
+                stopped,
                 report,
             });
         }

@@ -52,18 +52,56 @@ fn one_failing_rank_stops_the_others() {
         3,
         "if [ \"$RANK\" = 1 ]; then echo dying; exit 3; fi; exec sleep 30",
     );
-    match launch(&c) {
+    let r = launch(&c);
+    let message = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+    match r {
         Err(LaunchError::RankFailed {
             rank: 1,
             status,
+            stopped,
             report,
         }) => {
             assert_eq!(status, "exit code 3");
+            assert_eq!(stopped, vec![0, 2]);
             assert_eq!(report.ranks[1].output, vec!["dying".to_string()]);
             assert!(report.ranks[0].killed_by_launcher && report.ranks[2].killed_by_launcher);
+            assert!(
+                message.ends_with("; ranks [0, 2] were stopped"),
+                "{message}"
+            );
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn no_stopped_ranks_are_claimed_when_there_were_none() {
+    // A world of one, and a world whose other rank had already finished.
+    for (world, script) in [
+        (1, "exit 3"),
+        (
+            2,
+            "if [ \"$RANK\" = 1 ]; then sleep 0.5; exit 4; fi; exit 0",
+        ),
+    ] {
+        match &launch(&sh(world, script)) {
+            Err(e @ LaunchError::RankFailed { stopped, .. }) => {
+                assert!(stopped.is_empty(), "{e}");
+                assert!(!e.to_string().contains("stopped"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn too_many_ranks_are_refused_up_front() {
+    let start = std::time::Instant::now();
+    match launch(&LaunchConfig::new(1_000_000, "true")) {
+        Err(LaunchError::Config(m)) => assert!(m.contains("limit of 1024"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(1));
 }
 
 #[test]

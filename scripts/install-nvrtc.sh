@@ -19,6 +19,7 @@ if [[ ! -f "$STAMP" ]]; then
   fi
   rm -rf "$DEST"
   mkdir -p "$DEST"
+  echo "install-nvrtc.sh: installing the NVRTC $NVRTC_VER and CUDA runtime $RT_VER wheels into $DEST (pip, first run only)" >&2
   "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --target "$DEST" \
     "nvidia-cuda-nvrtc==$NVRTC_VER" "nvidia-cuda-runtime==$RT_VER" >&2
   touch "$STAMP"

@@ -2,7 +2,9 @@
 # Every test, on a fresh Debian machine or CI: installs what is missing
 # (rustfmt/clippy components, UCX from Debian, NVRTC wheels into .tools/),
 # then runs `cargo xtask ci` (fmt, clippy -D warnings, feature builds, all
-# tests, kernel compile gate for sm_90a and sm_80). Needs no GPU.
+# tests, kernel compile gate for sm_90a and sm_80). Needs no GPU. The
+# last line is the total over every test binary:
+# `N passed, N failed, N ignored` (GPU-only tests are among the ignored).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -10,14 +12,18 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "test.sh: cargo not found; install a Rust toolchain (rustup) first" >&2
     exit 1
 fi
+echo "test.sh: [1/4] rustfmt and clippy components" >&2
 if command -v rustup >/dev/null 2>&1; then
     for c in rustfmt clippy; do
         rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
     done
 fi
+echo "test.sh: [2/4] UCX headers and libraries (apt, when missing)" >&2
 bash scripts/install-ucx-deps.sh
+echo "test.sh: [3/4] NVRTC wheels for the kernel compile gate (pip, when missing)" >&2
 eval "$(bash scripts/install-nvrtc.sh)"
 # UCX over loopback only: TCP and shared memory, no RDMA devices needed.
 export UCX_TLS="${UCX_TLS:-tcp,self,sm}"
 export NCCL_NVLS_ENABLE=0
+echo "test.sh: [4/4] cargo xtask ci (format, clippy, feature builds, all tests, kernel compile gate); ends with the test total" >&2
 cargo xtask ci

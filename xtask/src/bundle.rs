@@ -113,6 +113,10 @@ pub fn bundle() -> Result<PathBuf> {
             root.join("scripts/bench_torch_gemm.py"),
             "bench_torch_gemm.py",
         ),
+        (
+            root.join("scripts/bench_torch_layer.py"),
+            "bench_torch_layer.py",
+        ),
     ];
     for (src, name) in &files {
         std::fs::copy(src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;

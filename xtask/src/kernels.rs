@@ -1,5 +1,6 @@
 //! `cargo xtask compile-kernels`: the CI compile gate. Compiles every grouped
-//! GEMM variant the planner can choose for sm_90a and sm_80 with NVRTC on a
+//! GEMM variant the planner can choose, and the device forward kernels, for
+//! sm_90a and sm_80 with NVRTC on a
 //! machine with no GPU, installing NVRTC from the pip wheels
 //! (scripts/install-nvrtc.sh) into .tools/nvrtc when none is found.
 
@@ -8,7 +9,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use comet_kernels::nvrtc::{compile_cubin_with_log, ensure_nvrtc};
+use comet_kernels::forward::forward_unit;
+use comet_kernels::nvrtc::{compile_cubin_with_log, ensure_nvrtc, CompileUnit, Target};
 use comet_kernels::variants::all_gemm_variants;
 
 fn workspace_root() -> PathBuf {
@@ -46,7 +48,14 @@ fn provide_nvrtc(root: &Path) -> Result<()> {
 pub fn compile_gate(verbose: bool) -> Result<()> {
     let root = workspace_root();
     provide_nvrtc(&root)?;
-    let jobs = all_gemm_variants();
+    // Every GEMM variant for its targets, and the forward kernels for both.
+    let mut jobs: Vec<(String, CompileUnit, Target)> = all_gemm_variants()
+        .into_iter()
+        .map(|(v, t)| (v.kernel_name(), v.compile_unit(), t))
+        .collect();
+    for t in [Target::SM80, Target::SM90A] {
+        jobs.push(("comet_moe_forward".into(), forward_unit(), t));
+    }
     let t0 = Instant::now();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -59,12 +68,12 @@ pub fn compile_gate(verbose: bool) -> Result<()> {
             .map(|part| {
                 s.spawn(move || {
                     part.iter()
-                        .map(|(v, t)| {
-                            let mut unit = v.compile_unit();
+                        .map(|(kernel, unit, t)| {
+                            let mut unit = unit.clone();
                             if verbose {
                                 unit.extra_options.push("--ptxas-options=-v".into());
                             }
-                            let name = format!("{} @ {t}", v.kernel_name());
+                            let name = format!("{kernel} @ {t}");
                             (
                                 name,
                                 compile_cubin_with_log(&unit, *t)
@@ -100,7 +109,7 @@ pub fn compile_gate(verbose: bool) -> Result<()> {
         }
     }
     println!(
-        "compile-kernels: {} variants, {failed} failed, {:.1} s",
+        "compile-kernels: {} units, {failed} failed, {:.1} s",
         results.len(),
         t0.elapsed().as_secs_f64()
     );

@@ -8,6 +8,9 @@ use clap::Args;
 use comet_core::cost::{CostModel, DeviceFigures};
 use comet_core::schedule::{Layer0Schedule, Layer1Schedule, SignalMap};
 use comet_core::{LayoutPlan, MoeConfig, Preset, Routing, RoutingKind};
+use comet_kernels::Family;
+use comet_sched::device_plan::DevicePlan;
+use comet_sched::forward::kernel_tiles_for;
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -28,6 +31,10 @@ pub struct PlanArgs {
     /// Device figures for the cost model: h200-nvlink or h200-socket.
     #[arg(long, default_value = "h200-nvlink")]
     pub device: String,
+    /// Ranks sharing one GPU (each gets its share of the SMs) for the
+    /// device forward's plan; `comet bench --gpu` puts all W on GPU 0.
+    #[arg(long, default_value_t = 1)]
+    pub ranks_per_gpu: usize,
     /// Rank whose receive layout and schedules are printed.
     #[arg(long, default_value_t = 0)]
     pub rank: usize,
@@ -146,5 +153,21 @@ pub fn run(a: PlanArgs) -> Result<()> {
         est.speedup()
     );
     println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
+    // What MoeLayer::forward will run on an H200 (sm_90a kernels) with
+    // `--tokens` as its capacity: the same DevicePlan it builds.
+    let device = DevicePlan::new(
+        &cfg,
+        a.tokens,
+        None,
+        dev.sms,
+        a.ranks_per_gpu,
+        kernel_tiles_for(Family::SM90_TMA),
+        &dev,
+    )?;
+    println!(
+        "
+{}",
+        device.describe()
+    );
     Ok(())
 }

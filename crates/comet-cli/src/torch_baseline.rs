@@ -31,6 +31,21 @@ fn err(what: String) -> KernelError {
     KernelError::Unsupported(format!("torch baseline: {what}"))
 }
 
+/// A helper script next to the binary (the GPU bundle) or in ./scripts.
+pub fn find_script(name: &str) -> Option<std::path::PathBuf> {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()));
+    [
+        exe_dir.as_ref().map(|d| d.join(name)),
+        exe_dir.as_ref().map(|d| d.join("scripts").join(name)),
+        Some(std::path::Path::new("scripts").join(name)),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists())
+}
+
 impl TorchBaseline {
     /// Starts the helper; Ok(None) (with the reason on stderr) where python3,
     /// torch or a GPU for it is missing.
@@ -47,7 +62,7 @@ impl TorchBaseline {
         {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("comet bench gemm: python3 not runnable ({e}); torch baseline skipped");
+                eprintln!("python3 not runnable ({e}); torch baseline skipped");
                 return Ok(None);
             }
         };
@@ -73,7 +88,7 @@ impl TorchBaseline {
         let hello = me.answer(start_timeout)?;
         if hello["ready"].as_bool() != Some(true) {
             eprintln!(
-                "comet bench gemm: torch baseline skipped: {}",
+                "torch baseline skipped: {}",
                 hello["why"].as_str().unwrap_or("helper not ready")
             );
             return Ok(None);
@@ -108,28 +123,40 @@ impl TorchBaseline {
     }
 }
 
-impl ExternalBaseline for TorchBaseline {
-    fn prepare(&mut self, case: &BenchCase) -> Result<bool, KernelError> {
-        let a = self.ask(
-            json!({"op": "prepare", "counts": case.counts, "k": case.k, "n": case.n}),
-            self.prepare_timeout,
-        )?;
+impl TorchBaseline {
+    /// Asks the helper to build a case (`req` with `"op": "prepare"`);
+    /// false, with the reason on stderr, when it cannot.
+    pub fn prepare_request(&mut self, req: Value, label: &str) -> Result<bool, KernelError> {
+        let a = self.ask(req, self.prepare_timeout)?;
         if a["ok"].as_bool() == Some(true) {
             return Ok(true);
         }
         eprintln!(
-            "comet bench gemm: torch._grouped_mm cannot run {}: {}",
-            case.label,
+            "torch baseline cannot run {label}: {}",
             a["why"].as_str().unwrap_or("no reason given")
         );
         Ok(false)
     }
 
-    fn run_once(&mut self) -> Result<f64, KernelError> {
+    /// One timed call of the prepared case, in milliseconds.
+    pub fn time_once(&mut self) -> Result<f64, KernelError> {
         let a = self.ask(json!({"op": "run"}), self.run_timeout)?;
         a["ms"]
             .as_f64()
             .ok_or_else(|| err(format!("answer without ms: {a}")))
+    }
+}
+
+impl ExternalBaseline for TorchBaseline {
+    fn prepare(&mut self, case: &BenchCase) -> Result<bool, KernelError> {
+        self.prepare_request(
+            json!({"op": "prepare", "counts": case.counts, "k": case.k, "n": case.n}),
+            &format!("torch._grouped_mm {}", case.label),
+        )
+    }
+
+    fn run_once(&mut self) -> Result<f64, KernelError> {
+        self.time_once()
     }
 }
 

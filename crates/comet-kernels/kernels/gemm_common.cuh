@@ -74,7 +74,28 @@ struct GemmParams {
   int sk_begin;
   int sk_len;
   int sk_ctas;
+  // Work that lives in GPU memory (the device forward, DESIGN.md 6b): when
+  // set, the kernel reads the tile count and the call's epoch (hooks' wait
+  // target and raise value) at run time, so one launch, captured once in a
+  // CUDA graph, serves every call; no tail is split then.
+  const int* num_tiles_dev;
+  const u64* epoch_dev;
 };
+
+// Tiles of this launch: the device count when there is one.
+__device__ __forceinline__ int tile_count(const GemmParams& p) {
+  return p.num_tiles_dev ? *p.num_tiles_dev : p.num_tiles;
+}
+// First tile of the split tail (== tile_count: nothing is split).
+__device__ __forceinline__ int split_begin(const GemmParams& p) {
+  return p.num_tiles_dev ? *p.num_tiles_dev : p.sk_begin;
+}
+__device__ __forceinline__ u64 hook_wait_target(const GemmParams& p) {
+  return p.epoch_dev ? *p.epoch_dev : p.wait_target;
+}
+__device__ __forceinline__ u64 hook_raise_value(const GemmParams& p) {
+  return p.epoch_dev ? *p.epoch_dev : p.raise_value;
+}
 
 __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + __expf(-x)); }
 

@@ -85,10 +85,10 @@ __device__ __forceinline__ void gemm(const GemmParams& p) {
   const int wm = warp / 2, wn = warp % 2;
   const int kblocks = p.K / BK;
 
-  for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
+  for (int ti = blockIdx.x; ti < tile_count(p); ti += gridDim.x) {
     const TileDesc t = p.tiles[ti];
     if (WAIT) {
-      if (!signal_wait_block(p.signals, p.deps + t.dep_off, (unsigned)t.dep_cnt, p.wait_target,
+      if (!signal_wait_block(p.signals, p.deps + t.dep_off, (unsigned)t.dep_cnt, hook_wait_target(p),
                              p.timeout_ns, p.err, &wait_ok))
         return;
     }
@@ -189,7 +189,7 @@ __device__ __forceinline__ void gemm(const GemmParams& p) {
           if (t.sig_mode == 1)
             signal_raise_add(p.signals, (unsigned)t.sig, 1ull);
           else
-            signal_raise(p.signals, (unsigned)t.sig, p.raise_value);
+            signal_raise(p.signals, (unsigned)t.sig, hook_raise_value(p));
         }
       }
     }

@@ -323,7 +323,7 @@ struct Piece {
 // first because it never waits, so a last part only ever waits on CTAs that
 // run their part before anything else of the tail.
 __device__ __forceinline__ bool tail_piece(const GemmParams& p, int kblocks, int which, Piece& pc) {
-  const int tail = p.num_tiles - p.sk_begin;
+  const int tail = tile_count(p) - split_begin(p);
   if (tail <= 0 || (int)blockIdx.x >= p.sk_ctas) return false;
   const long long len = p.sk_len, work = (long long)tail * kblocks;
   const long long r0 = (long long)blockIdx.x * len;
@@ -351,12 +351,13 @@ __device__ __forceinline__ bool work_item(const GemmParams& p, int kblocks, unsi
                                           Piece& pc) {
   if (CM > 1) {
     const int ti = (int)blockIdx.x / CM + step * ((int)gridDim.x / CM);
-    if (ti >= p.num_tiles / CM) return false;
+    if (ti >= tile_count(p) / CM) return false;
     pc = Piece{ti * CM + (int)crank, 0, kblocks, PIECE_WHOLE, 0};
     return true;
   }
   const int b = (int)blockIdx.x, g = (int)gridDim.x;
-  const int whole = b < p.sk_begin ? (p.sk_begin - 1 - b) / g + 1 : 0;
+  const int sb = split_begin(p);
+  const int whole = b < sb ? (sb - 1 - b) / g + 1 : 0;
   if (step < whole) {
     pc = Piece{b + step * g, 0, kblocks, PIECE_WHOLE, 0};
     return true;
@@ -392,7 +393,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
     bool ok = true;
     if (WAIT) {
       for (int i = 0; i < t.dep_cnt && ok; ++i)
-        ok = signal_wait(p.signals, p.deps[t.dep_off + i], p.wait_target, p.timeout_ns, p.err);
+        ok = signal_wait(p.signals, p.deps[t.dep_off + i], hook_wait_target(p), p.timeout_ns, p.err);
       // A and B are read by the async proxy after the acquire.
       asm volatile("fence.proxy.async.global;\n" ::: "memory");
       if (CM > 1) {
@@ -669,7 +670,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
             if (t.sig_mode == 1)
               signal_raise_add(p.signals, (unsigned)t.sig, 1ull);
             else
-              signal_raise(p.signals, (unsigned)t.sig, p.raise_value);
+              signal_raise(p.signals, (unsigned)t.sig, hook_raise_value(p));
           }
         }
       }
@@ -741,7 +742,7 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
       const int st = threadIdx.x - 32;
       const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
       int use = 0;  // per-consumer staging uses (both consumers in step)
-      for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
+      for (int ti = blockIdx.x; ti < tile_count(p); ti += gridDim.x) {
         const TileDesc t = p.tiles[ti];
         for (int pass = 0; pass < PASSES; ++pass, ++use) {
           const int b = use % NBUF;
@@ -779,7 +780,7 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
               if (t.sig_mode == 1)
                 signal_raise_add(p.signals, (unsigned)t.sig, 1ull);
               else
-                signal_raise(p.signals, (unsigned)t.sig, p.raise_value);
+                signal_raise(p.signals, (unsigned)t.sig, hook_raise_value(p));
             }
           }
         }
@@ -790,7 +791,7 @@ __device__ __forceinline__ void gemm_ws(const HopperParams& hp) {
     const int lt = threadIdx.x % 128;
     const int warp = lt / 32, lane = lt % 32;
     int it = 0, use = 0;
-    for (int ti = blockIdx.x; ti < p.num_tiles; ti += gridDim.x) {
+    for (int ti = blockIdx.x; ti < tile_count(p); ti += gridDim.x) {
       const TileDesc t = p.tiles[ti];
       float acc[NB][64];
 #pragma unroll

@@ -34,6 +34,10 @@ enum : unsigned {
   COMET_ERR_ABORTED = 2,
   // A split tile's finisher never saw a partial (index: the tile).
   COMET_ERR_SPLIT_TIMEOUT = 3,
+  // An expert id >= the number of experts (index: the slot).
+  COMET_ERR_BAD_EXPERT = 4,
+  // A call's rows exceed a rank's receive capacity (index: that rank).
+  COMET_ERR_CAPACITY = 5,
 };
 
 __device__ __forceinline__ u64 signal_load_acquire(const u64* p) {

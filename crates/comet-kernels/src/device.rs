@@ -282,6 +282,7 @@ impl DeviceProblem {
             err,
             hooks,
             split,
+            device: None,
         };
         if self.total_rows == 0 && num_tiles > 0 {
             return Err(KernelError::InvalidShape(

@@ -75,6 +75,23 @@ pub struct GemmArgs {
     /// Lets families that can ([`Family::splits_tail`]) cut the last wave
     /// of tiles along K; None runs every tile whole.
     pub split: Option<SplitArgs>,
+    /// The tile count and epoch live in GPU memory (the device forward);
+    /// `num_tiles` is then the tile list's capacity.
+    pub device: Option<DeviceWork>,
+}
+
+/// Work a launch reads from GPU memory at run time (DESIGN.md 6b): the
+/// kernels that derive the layout on the device write the tile list and
+/// its length, and the call's epoch lives in a device word, so one launch
+/// (or one captured graph node) serves every call. No tail is split.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceWork {
+    /// i32: tiles of this call (at most the launch's `num_tiles`).
+    pub num_tiles: CUdeviceptr,
+    /// u64: the hooks' wait target and set-mode raise value.
+    pub epoch: CUdeviceptr,
+    /// CTAs of the persistent grid (this rank's share of the SMs).
+    pub grid: u32,
 }
 
 #[repr(C)]
@@ -104,6 +121,8 @@ struct GemmParamsC {
     sk_begin: i32,
     sk_len: i32,
     sk_ctas: i32,
+    num_tiles_dev: u64,
+    epoch_dev: u64,
 }
 
 #[repr(C, align(64))]
@@ -116,9 +135,9 @@ struct HopperParamsC {
     tma_store: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 160);
+const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 176);
 const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 576);
-const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 544);
+const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 560);
 
 /// Checks the shape rules every variant shares; one error naming the problem.
 pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
@@ -384,6 +403,21 @@ impl GemmRuntime {
         args: &GemmArgs,
         stream: &CudaStream,
     ) -> Result<(), KernelError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.launch_raw(v, args, stream.cu_stream()) }
+    }
+
+    /// [`GemmRuntime::launch`] on a raw stream handle of this context (a
+    /// caller's stream, e.g. PyTorch's current stream).
+    ///
+    /// # Safety
+    /// As [`GemmRuntime::launch`]; `stream` is a live stream of this context.
+    pub unsafe fn launch_raw(
+        &self,
+        v: &GemmVariant,
+        args: &GemmArgs,
+        stream: sys::CUstream,
+    ) -> Result<(), KernelError> {
         validate_args(v, args)?;
         if args.num_tiles == 0 {
             return Ok(());
@@ -396,7 +430,15 @@ impl GemmRuntime {
         split.grid *= cm as usize;
         split.begin = args.num_tiles;
         let mut sk = (0, 0, 0);
-        if let (Some(w), true) = (args.split, v.family.splits_tail()) {
+        if let Some(d) = args.device {
+            if cm != 1 {
+                return Err(KernelError::InvalidShape(format!(
+                    "{} runs in clusters; a device tile count needs one CTA per tile",
+                    v.kernel_name()
+                )));
+            }
+            split.grid = split.grid.min(d.grid.max(1) as usize);
+        } else if let (Some(w), true) = (args.split, v.family.splits_tail()) {
             let plan = TailSplit::plan(args.num_tiles, args.k / 64, grid_cap as usize);
             if plan.ctas > 0 {
                 if w.slots < plan.ctas || w.partials == 0 || w.flags == 0 || args.err == 0 {
@@ -447,6 +489,8 @@ impl GemmRuntime {
             sk_begin: split.begin as i32,
             sk_len: split.len as i32,
             sk_ctas: split.ctas as i32,
+            num_tiles_dev: args.device.map_or(0, |d| d.num_tiles),
+            epoch_dev: args.device.map_or(0, |d| d.epoch),
         };
         let shape = v.launch_shape();
         let grid = split.grid as u32;
@@ -462,7 +506,7 @@ impl GemmRuntime {
                         (grid, 1, 1),
                         (shape.threads, 1, 1),
                         shape.smem_bytes,
-                        stream.cu_stream(),
+                        stream,
                         &mut params,
                     )
                 }?;
@@ -508,7 +552,7 @@ impl GemmRuntime {
                         (grid, 1, 1),
                         (shape.threads, 1, 1),
                         shape.smem_bytes,
-                        stream.cu_stream(),
+                        stream,
                         &mut params,
                     )
                 }?;
@@ -580,6 +624,7 @@ mod tests {
             err: 0,
             hooks: None,
             split: None,
+            device: None,
         }
     }
 

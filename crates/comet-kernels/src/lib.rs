@@ -8,8 +8,8 @@
 //! - [`tiles`]: tile lists (pure Rust) built from expert row counts or from
 //!   comet-core's layer schedules.
 //! - [`gemm`]: loading and launching a variant on a GPU.
-//! - [`layer`]: the small kernels around a layer's GEMMs (combine reduce,
-//!   output poisoning) for comet-sched's GPU executor.
+//! - [`forward`]: the kernels of the device forward around the GEMMs
+//!   (route, layout, dispatch, combine, reduce) for comet-sched's MoeLayer.
 //! - [`device`]: a problem's buffers on the GPU (poisoned output, error
 //!   word) and host-driven signal raises; [`problem`]: host data and the
 //!   f64 reference; [`mod@bench`]: the side-by-side benchmark.
@@ -25,7 +25,7 @@
 //! let args = GemmArgs { a, b, c, tiles: d_tiles, num_tiles, total_rows, k: cfg.hidden,
 //!     n: 2 * cfg.ffn, ldc: cfg.ffn, experts, scatter_idx: 0, scatter_w: 0, err,
 //!     hooks: Some(HookArgs { signals, deps: d_deps, wait_target: epoch,
-//!                            raise_value: epoch, timeout_ns }), split: None };
+//!                            raise_value: epoch, timeout_ns }), split: None, device: None };
 //! unsafe { rt.launch(&v, &args, &stream)? };
 //! // after the stream: gemm::check_error_word(err word) names a timed-out signal
 //! ```
@@ -36,8 +36,8 @@
 pub mod bench;
 pub mod device;
 pub mod error;
+pub mod forward;
 pub mod gemm;
-pub mod layer;
 pub mod nvrtc;
 pub mod problem;
 pub mod tiles;

@@ -23,6 +23,14 @@ pub enum SchedError {
     /// timed out (the message names the signal).
     #[error("rank {rank}: GPU: {message}")]
     Device { rank: usize, message: String },
+    /// A kernel or driver error of the GPU layer, with its source.
+    #[cfg(feature = "gpu")]
+    #[error("rank {rank}: {source}")]
+    Kernel {
+        rank: usize,
+        #[source]
+        source: comet_kernels::KernelError,
+    },
     #[error("rank {rank} worker panicked: {message}")]
     Panicked { rank: usize, message: String },
 }

@@ -6,13 +6,19 @@
 //! epilogue (DESIGN.md sections 3, 4 and 6). This crate holds the CPU
 //! executor (ranks as threads over any `Transport`, one compute and one
 //! communication worker per rank, mirroring the GPU's specialised thread
-//! blocks) and the non-overlapped baseline executor used for comparison,
-//! and (feature `gpu`) the GPU executor running the real kernels.
+//! blocks) and the non-overlapped baseline executor used for comparison;
+//! the plan of the device forward ([`device_plan`], pure Rust), and
+//! (feature `gpu`) the device forward itself ([`forward::MoeLayer`]: tensors
+//! in and out on the GPU, no host in the loop) with an in-process world of
+//! W ranks for tests and benchmarks ([`device_world`]).
 
 pub mod cpu;
+pub mod device_plan;
+#[cfg(feature = "gpu")]
+pub mod device_world;
 pub mod error;
 #[cfg(feature = "gpu")]
-pub mod gpu;
+pub mod forward;
 mod protocol;
 pub mod tile_math;
 pub mod trace;

@@ -1,25 +1,30 @@
-//! The GPU executor against the f64 reference: W = 1, 2, 4 ranks as
-//! threads sharing one GPU (so this proves the protocol on the real
-//! kernels, not link speed), fused and baseline, uniform, all-to-one and
-//! silent-rank routing, several epochs on the same buffers, outputs
-//! poisoned (NaN) before every call.
+//! The device forward (`MoeLayer`) against the f64 reference: W = 1, 2, 4
+//! ranks as threads sharing one GPU (the protocol on the real kernels, not
+//! link speed), fused and non-overlapped, every routing kind, T = 0, 1 and
+//! the capacity, 30 calls on the same buffers with changing routing and T,
+//! a CUDA graph captured once and replayed with new routing written into
+//! the same input buffers, and the bad inputs (T over capacity, expert ids
+//! out of range or negative, rows over a receive capacity). Receive,
+//! activation, FC2 output and y buffers are poisoned (NaN) before every
+//! checked call.
 //!
-//! The reference is `comet_core::reference::moe_layer` computed from the
-//! bf16-rounded x and weights the GPU gets; the GPU also rounds the FC1
-//! activations and the FC2 outputs to bf16 (f32 accumulation), so the
-//! tolerance is `max |y - ref| / (1 + |ref|) <= 2e-2`.
+//! The reference is `comet_core::reference::moe_layer` on the bf16-rounded
+//! x and weights the GPU gets; the GPU also rounds the FC1 activations, the
+//! FC2 outputs and y to bf16 (f32 accumulation), so the tolerance is
+//! `max |y - ref| / (1 + |ref|) <= 2e-2`.
 //!
 //! `#[ignore]`: run on a GPU machine with
-//! `cargo test -p comet-sched --features gpu --test gpu_layer -- --ignored`.
+//! `cargo test -p comet-sched --features gpu --test gpu_layer -- --ignored --test-threads=1`.
 #![cfg(feature = "gpu")]
 
+use comet_core::cost::{CostModel, DeviceFigures};
 use comet_core::reference::{max_error, moe_layer};
-use comet_core::schedule::TileShape;
 use comet_core::weights::random_tokens;
 use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
-use comet_sched::gpu::{GpuExecOptions, GpuWorld};
+use comet_kernels::KernelError;
+use comet_sched::device_world::{DeviceWorld, WorldWeights};
+use comet_sched::forward::LayerOptions;
 use comet_sched::{ExecMode, RankInput, SchedError};
-use comet_transport::cuda;
 use half::bf16;
 use std::time::Duration;
 
@@ -39,129 +44,300 @@ fn rounded(w: &ExpertWeights) -> ExpertWeights {
     }
 }
 
-fn check(w: usize, ffn: usize, experts: usize, kind: RoutingKind, max_tokens: usize) {
-    let cfg = MoeConfig {
+fn cfg(w: usize, ffn: usize, experts: usize, top_k: usize) -> MoeConfig {
+    MoeConfig {
         hidden: 512,
         ffn,
         experts,
-        top_k: 2,
+        top_k,
         ranks: w,
         dtype: Dtype::Bf16,
-    };
-    let seed = 0xC0FE + w as u64;
-    let shape = TileShape {
-        bm: 128,
-        chunk_cols: 256,
-    };
-    let ordinals = vec![0; w];
-    let weights = |r: usize| ExpertWeights::for_rank(&cfg, r, seed);
-    let mut world = GpuWorld::new(
-        &cfg,
-        &ordinals,
-        max_tokens,
-        shape,
-        &weights,
-        Duration::from_secs(20),
-    )
-    .unwrap_or_else(|e| panic!("setup W={w}: {e}"));
-    let all = rounded(&ExpertWeights::all(&cfg, seed));
-    let opts = GpuExecOptions {
-        timeout: Duration::from_secs(20),
-        poison: true,
-    };
-    for epoch in 0..3u64 {
-        let inputs: Vec<RankInput> = (0..w)
-            .map(|r| {
-                let tokens = (max_tokens - 37 * r - 11 * epoch as usize).max(1);
+    }
+}
+
+/// Figures of a link whose transfers take about half the GEMM time, so the
+/// cost model overlaps these small layers (W > 1) in two chunks: the
+/// overlapped path is what the fused mode must prove here.
+fn opts(cfg: &MoeConfig, capacity: usize) -> LayerOptions {
+    let mut dev = DeviceFigures::h200_nvlink();
+    dev.link_latency_us = 0.0;
+    dev.chunk_overhead_us = 0.0;
+    let mut scaled = dev.clone();
+    scaled.gemm_tflops *= (132 / cfg.ranks) as f64 / dev.sms as f64;
+    scaled.sms = 132 / cfg.ranks;
+    let probe = CostModel::estimate(cfg, capacity, &scaled);
+    dev.link_gbps *= probe.dispatch_ms.max(1e-9) / (probe.gemm_ms / 2.0);
+    LayerOptions {
+        timeout: Duration::from_secs(10),
+        figures: dev,
+        ..LayerOptions::default()
+    }
+}
+
+struct Harness {
+    world: DeviceWorld,
+    all: ExpertWeights,
+    seed: u64,
+}
+
+impl Harness {
+    fn new(cfg: &MoeConfig, capacity: usize, o: &LayerOptions) -> Harness {
+        let seed = 0xC0FE + cfg.ranks as u64;
+        let weights = |r: usize| ExpertWeights::for_rank(cfg, r, seed);
+        let world = DeviceWorld::new(
+            cfg,
+            &vec![0; cfg.ranks],
+            capacity,
+            WorldWeights::Host(&weights),
+            o,
+        )
+        .unwrap_or_else(|e| panic!("setup {cfg}: {e}"));
+        let plan = world.ranks()[0].layer.plan();
+        eprintln!("{cfg}: {}", plan.describe());
+        if cfg.ranks > 1 && o.recv_capacity.is_none() {
+            assert!(
+                plan.overlap && plan.chunks > 1,
+                "the fused mode must overlap: {plan:?}"
+            );
+        }
+        Harness {
+            world,
+            all: rounded(&ExpertWeights::all(cfg, seed)),
+            seed,
+        }
+    }
+
+    fn inputs(&self, tokens: &[usize], kind: RoutingKind, call: u64) -> Vec<RankInput> {
+        let cfg = &self.world.cfg;
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(r, &t)| {
                 let routing =
-                    Routing::generate(&cfg, r, tokens, kind, seed ^ (epoch << 8) ^ r as u64);
+                    Routing::generate(cfg, r, t, kind, self.seed ^ (call << 8) ^ r as u64);
                 let x = round(&random_tokens(
                     routing.tokens,
                     cfg.hidden,
-                    seed + 100 * epoch + r as u64,
+                    self.seed + 100 * call + r as u64,
                 ));
                 RankInput { x, routing }
             })
-            .collect();
-        let reference: Vec<Vec<f64>> = inputs
-            .iter()
-            .map(|inp| moe_layer(&cfg, &inp.x, &inp.routing, &all).unwrap())
-            .collect();
-        for mode in [ExecMode::Fused, ExecMode::Baseline] {
-            let outs = world
-                .run(&inputs, mode, &opts)
-                .unwrap_or_else(|e| panic!("W={w} {kind:?} epoch {epoch} {mode:?}: {e}"));
-            for (r, ((o, inp), want)) in outs.iter().zip(&inputs).zip(&reference).enumerate() {
-                assert_eq!(o.y.len(), want.len());
-                let err = max_error(&o.y, want);
-                eprintln!(
-                    "W={w} F={ffn} E={experts} {kind:?} epoch {epoch} {mode:?} rank {r}: tokens {} rows recv {} max err {err:.2e}",
-                    inp.routing.tokens, o.stats.rows_received
-                );
-                assert!(
-                    err <= TOL,
-                    "W={w} {kind:?} epoch {epoch} {mode:?} rank {r}: max error {err} > {TOL}"
-                );
+            .collect()
+    }
+
+    /// Poisons, runs one call of every rank and checks every y.
+    fn call(&mut self, inputs: &[RankInput], mode: ExecMode, label: &str) {
+        self.world.set_mode(mode);
+        self.world.set_inputs(inputs).unwrap();
+        self.world.poison().unwrap();
+        self.world
+            .forward()
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let infos = self
+            .world
+            .check()
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        self.compare(inputs, label, &infos);
+    }
+
+    fn compare(&self, inputs: &[RankInput], label: &str, infos: &[comet_sched::forward::CallInfo]) {
+        let outs = self.world.outputs().unwrap();
+        let cfg = &self.world.cfg;
+        for (r, (y, inp)) in outs.iter().zip(inputs).enumerate() {
+            let want = moe_layer(cfg, &inp.x, &inp.routing, &self.all).unwrap();
+            let err = max_error(y, &want);
+            assert!(
+                err <= TOL,
+                "{label} rank {r}: tokens {} max error {err} > {TOL} ({:?})",
+                inp.routing.tokens,
+                infos.get(r)
+            );
+        }
+    }
+}
+
+fn modes() -> [ExecMode; 2] {
+    [ExecMode::Fused, ExecMode::Baseline]
+}
+
+fn routings() -> [RoutingKind; 5] {
+    [
+        RoutingKind::Uniform,
+        RoutingKind::Zipf(1.2),
+        RoutingKind::AllToOne,
+        RoutingKind::SomeEmpty,
+        RoutingKind::SilentRank,
+    ]
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn every_routing_and_size_matches_the_reference() {
+    for (w, ffn, experts, k, cap) in [
+        (1, 256, 4, 2, 200),
+        (2, 512, 4, 2, 256),
+        (4, 256, 8, 3, 160),
+    ] {
+        let c = cfg(w, ffn, experts, k);
+        let mut h = Harness::new(&c, cap, &opts(&c, cap));
+        for (i, kind) in routings().into_iter().enumerate() {
+            for tokens in [0, 1, cap, cap - 37] {
+                let toks: Vec<usize> = (0..w).map(|r| tokens.saturating_sub(r * 3)).collect();
+                let inputs = h.inputs(&toks, kind, (i * 10 + tokens) as u64);
+                for mode in modes() {
+                    h.call(
+                        &inputs,
+                        mode,
+                        &format!("W={w} {kind:?} T={tokens} {mode:?}"),
+                    );
+                }
             }
         }
     }
 }
 
-fn no_gpu() -> bool {
-    if cuda::gpu_available() {
-        return false;
+#[test]
+#[ignore = "needs a GPU"]
+fn thirty_calls_on_the_same_buffers() {
+    // Chunks > 1 and overlap on: a wide hidden over several ranks.
+    let c = cfg(2, 256, 8, 2);
+    let mut h = Harness::new(&c, 256, &opts(&c, 256));
+    for call in 0..30u64 {
+        let toks: Vec<usize> = (0..2)
+            .map(|r| 1 + ((call as usize * 53 + r * 97) % 256))
+            .collect();
+        let kind = routings()[call as usize % 5];
+        let inputs = h.inputs(&toks, kind, 1000 + call);
+        let mode = modes()[call as usize % 2];
+        h.call(&inputs, mode, &format!("call {call} {kind:?} {mode:?}"));
     }
-    eprintln!("skipped: no CUDA driver or device on this machine");
-    true
 }
 
 #[test]
 #[ignore = "needs a GPU"]
-fn gpu_layer_matches_reference() {
-    if no_gpu() {
-        return;
+fn a_captured_graph_replays_with_new_routing() {
+    for w in [1, 2] {
+        let c = cfg(w, 256, 8, 2);
+        let mut h = Harness::new(&c, 128, &opts(&c, 128));
+        let first = h.inputs(&vec![128; w], RoutingKind::Uniform, 7);
+        h.world.set_inputs(&first).unwrap();
+        let graphs = h
+            .world
+            .capture()
+            .unwrap_or_else(|e| panic!("capture W={w}: {e}"));
+        for call in 0..10u64 {
+            // A graph replays the captured token count: no silent rank here.
+            let kind = routings()[call as usize % 4];
+            let inputs = h.inputs(&vec![128; w], kind, 2000 + call);
+            h.world.set_inputs(&inputs).unwrap();
+            h.world.poison().unwrap();
+            for g in &graphs {
+                g.launch().unwrap();
+            }
+            let infos = h
+                .world
+                .check()
+                .unwrap_or_else(|e| panic!("replay {call}: {e}"));
+            h.compare(&inputs, &format!("W={w} replay {call} {kind:?}"), &infos);
+        }
     }
-    check(1, 256, 4, RoutingKind::Uniform, 200);
-    for kind in [
-        RoutingKind::Uniform,
-        RoutingKind::AllToOne,
-        RoutingKind::SilentRank,
-    ] {
-        check(2, 512, 4, kind, 256);
-        check(4, 256, 8, kind, 160);
-    }
-    check(2, 1024, 8, RoutingKind::Uniform, 512);
 }
 
 #[test]
 #[ignore = "needs a GPU"]
-fn gpu_layer_rejects_bad_shapes() {
-    if no_gpu() {
-        return;
+fn bad_inputs_are_clear_errors() {
+    let c = cfg(2, 256, 4, 2);
+    let mut h = Harness::new(&c, 64, &opts(&c, 64));
+    // T above the capacity: refused on the host, nothing enqueued.
+    h.world.ranks_mut()[0].set_tokens(65);
+    let e = h.world.forward().unwrap_err();
+    assert!(e.to_string().contains("capacity of 64"), "{e}");
+
+    // An expert id out of range: a device error naming the slot, the slot
+    // dropped, no hang; the next call is clean.
+    let inputs = h.inputs(&[64, 64], RoutingKind::Uniform, 1);
+    h.world.set_inputs(&inputs).unwrap();
+    let mut ids: Vec<i32> = inputs[0].routing.ids.iter().map(|&e| e as i32).collect();
+    ids[5] = 4;
+    h.world.ranks_mut()[0].set_raw_ids(&ids).unwrap();
+    h.world.forward().unwrap();
+    match h.world.check() {
+        Err(SchedError::Kernel {
+            rank: 0,
+            source: KernelError::BadExpert { slot: 5 },
+        }) => {}
+        other => panic!("expected a bad expert at slot 5 of rank 0, got {other:?}"),
     }
-    let cfg = MoeConfig {
-        hidden: 512,
-        ffn: 256,
-        experts: 2,
-        top_k: 1,
-        ranks: 1,
-        dtype: Dtype::Bf16,
+    h.call(&inputs, ExecMode::Fused, "after a bad id");
+
+    // Negative ids drop their slot: the reference sees weight 0 there.
+    let mut dropped = inputs.clone();
+    let mut ids: Vec<i32> = inputs[1].routing.ids.iter().map(|&e| e as i32).collect();
+    for s in [0, 3, 10, 11] {
+        ids[s] = -1;
+        dropped[1].routing.weights[s] = 0.0;
+    }
+    for mode in modes() {
+        h.world.set_mode(mode);
+        h.world.set_inputs(&inputs).unwrap();
+        h.world.ranks_mut()[1].set_raw_ids(&ids).unwrap();
+        h.world.poison().unwrap();
+        h.world.forward().unwrap();
+        let infos = h.world.check().unwrap();
+        h.compare(&dropped, &format!("dropped slots {mode:?}"), &infos);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn rows_over_the_receive_capacity_are_refused_by_every_rank() {
+    let c = cfg(2, 256, 4, 2);
+    let o = LayerOptions {
+        recv_capacity: Some(100),
+        ..opts(&c, 64)
     };
-    let weights = |r: usize| ExpertWeights::for_rank(&cfg, r, 1);
-    // A chunk narrower than the FC2 kernel's tile is refused up front.
-    let e = GpuWorld::new(
-        &cfg,
-        &[0],
-        64,
-        TileShape {
-            bm: 128,
-            chunk_cols: 128,
-        },
-        &weights,
-        Duration::from_secs(10),
-    )
-    .map(|_| ())
-    .unwrap_err();
-    assert!(matches!(e, SchedError::Input { .. }), "{e}");
-    assert!(e.to_string().contains("chunk width"), "{e}");
+    let mut h = Harness::new(&c, 64, &o);
+    // Everything to rank 0's experts: 128 rows > 100.
+    let inputs = h.inputs(&[64, 64], RoutingKind::AllToOne, 3);
+    h.world.set_inputs(&inputs).unwrap();
+    h.world.forward().unwrap();
+    let e = h.world.check().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SchedError::Kernel {
+                source: KernelError::Capacity { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A call that fits still works afterwards.
+    let inputs = h.inputs(&[20, 20], RoutingKind::Uniform, 4);
+    h.call(&inputs, ExecMode::Fused, "after a refused call");
+}
+
+/// One small call per mode: what compute-sanitizer runs (memcheck on
+/// both, racecheck on one rank, whose kernels never wait on another
+/// stream's).
+fn small_layer(w: usize) {
+    let c = cfg(w, 256, 4, 2);
+    let mut h = Harness::new(&c, 64, &opts(&c, 64));
+    let toks: Vec<usize> = (0..w).map(|r| 64 - 9 * r).collect();
+    let inputs = h.inputs(&toks, RoutingKind::Uniform, 9);
+    for mode in modes() {
+        h.call(&inputs, mode, &format!("small W={w} {mode:?}"));
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn small_layer_one_rank() {
+    small_layer(1);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn small_layer_two_ranks() {
+    small_layer(2);
 }

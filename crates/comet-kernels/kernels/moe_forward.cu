@@ -1,0 +1,633 @@
+// comet-rs: the MoE forward on the device (DESIGN.md 6b, docs/ARCHITECTURE.md).
+// The phases around the two grouped GEMMs, named as in comet-sched's
+// forward.rs:
+//   comet_route     topk ids -> this rank's per-expert counts and each slot's
+//                   index inside its (this rank -> expert) segment
+//   comet_layout    count exchange with every rank, then from the W x E count
+//                   matrix what comet-core's LayoutPlan computes on the host:
+//                   receive segments, send offsets, destination rows, and the
+//                   tile lists of both GEMMs (read by them from GPU memory)
+//   comet_dispatch  x rows straight into their final rows on the destinations;
+//                   dispatch(expert, src) there once a segment is complete
+//   comet_wait_signals  (non-overlapped) a range of this rank's signals
+//   comet_combine   FC2 rows, chunk by chunk as a chunk's tiles finish, back to
+//                   their source ranks; combine(from, chunk) there
+//   comet_reduce    y = weighted top-k sum (bf16), chunk by chunk as combines land
+//
+// Conventions. ids are int32 or int64 (as torch.topk gives them); a negative
+// id is a dropped slot and adds nothing to y; an id >= experts is recorded in
+// the error word (COMET_ERR_BAD_EXPERT, index = slot) and dropped, so the
+// protocol stays whole. Every rank derives the same layout from the same
+// count matrix, so a call whose rows exceed some rank's receive capacity is
+// refused by all ranks alike (COMET_ERR_CAPACITY, index = that rank) and
+// nothing moves. Signal indices are absolute in a rank's signal array:
+// [0, W) count(src), then W + le*W + src dispatch(le, src), then
+// W + epr*W + from*chunks + c combine(from, c).
+#include "gemm_common.cuh"
+
+namespace comet {
+
+// Written by comet_layout, read by the other phases; mirrored by
+// comet_kernels::forward::Scalars.
+struct Scalars {
+  int ok;          // 1: every rank's rows fit its receive capacity
+  int recv_rows;   // rows this rank receives
+  int sent_rows;   // rows this rank sends (non-dropped slots)
+  int row_tiles;   // row tiles of this rank's experts
+  int fc1_tiles;   // entries of the FC1 tile list
+  int fc2_tiles;   // entries of the FC2 tile list
+  int pad0, pad1;
+  u64 chunk_tiles; // FC2 tiles of one column chunk: target of its counter
+};
+
+__device__ __forceinline__ long long load_id(const void* ids, int i64, long long s) {
+  return i64 ? reinterpret_cast<const long long*>(ids)[s]
+             : (long long)reinterpret_cast<const int*>(ids)[s];
+}
+
+__device__ __forceinline__ float bf16_to_f32(unsigned short b) {
+  return __uint_as_float(((unsigned)b) << 16);
+}
+
+__device__ __forceinline__ u64* peer_word(const u64* table, int rank, long long index) {
+  return reinterpret_cast<u64*>(table[rank]) + index;
+}
+
+// 16-byte vectors of one row, copied by the lanes of a warp.
+__device__ __forceinline__ void warp_copy(uint4* dst, const uint4* src, int vecs, int lane) {
+#pragma unroll 4
+  for (int v = lane; v < vecs; v += 32) dst[v] = src[v];
+}
+
+struct RouteParams {
+  const void* ids;   // [slots] int32 or int64
+  unsigned* cnt;     // [experts], zeroed by the call
+  int* local_idx;    // [slots]: index in the segment, -1 dropped
+  u64* epoch;        // this rank's call counter, bumped here once per call
+  u64* err;
+  int slots;
+  int experts;
+  int ids_i64;
+  int pad;
+};
+
+struct LayoutParams {
+  const unsigned* cnt;      // [E] this call's counts of this rank
+  const void* ids;
+  const int* local_idx;
+  const unsigned* counts;   // own symmetric counts [2][W][E]
+  const u64* peer_counts;   // [W] every rank's counts buffer
+  const u64* peer_signals;  // [W] every rank's signal array
+  const u64* signals;       // own signal array
+  const u64* epoch;
+  u64* err;
+  Scalars* sc;
+  int* send_off;            // [E + 1] this rank's send order: global expert order
+  int* dest_row;            // [E] first row of (e, this rank) on e's owner
+  int* segs;                // [epr * W][4]: row, rows, src, src's send position
+  int* rows_from;           // [W] rows received from each source
+  int* send_slots;          // [slots] slot at each send position
+  TileDesc* fc1;            // [max_row_tiles * ncol1]
+  TileDesc* fc2;            // [max_row_tiles * nc2 * chunks]
+  u64 timeout_ns;
+  int slots;
+  int experts;
+  int ranks;
+  int me;
+  int epr;
+  int ids_i64;
+  int recv_cap;             // rows every rank can receive
+  int bm;                   // rows per GEMM tile
+  int ncol1;                // FC1 column tiles
+  int bn1;                  // FC1 output columns per tile
+  int nc2;                  // FC2 column tiles per chunk
+  int bn2;                  // FC2 output columns per tile
+  int cols;                 // chunk width
+  int chunks;
+  int pad0, pad1;
+};
+
+struct DispatchParams {
+  const bf16_t* x;          // [tokens, hidden]
+  const void* ids;
+  const int* local_idx;
+  const int* send_slots;
+  const int* send_off;
+  const int* dest_row;
+  const unsigned* cnt;
+  unsigned* seg_done;       // [E] rows stored of each segment, zeroed by the call
+  const u64* peer_recv;     // [W] every rank's receive buffer
+  const u64* peer_signals;
+  const Scalars* sc;
+  const u64* epoch;
+  int hidden;
+  int k;
+  int experts;
+  int epr;
+  int ranks;
+  int me;
+  int ids_i64;
+  int pad;
+};
+
+struct WaitParams {
+  const u64* signals;
+  const Scalars* sc;
+  const u64* epoch;
+  u64* err;
+  u64 timeout_ns;
+  int first;
+  int count;
+};
+
+struct CombineParams {
+  const bf16_t* out;        // FC2 output [recv rows, hidden]
+  const int* segs;
+  const int* rows_from;
+  const u64* chunk_done;    // [chunks] finished FC2 tiles per chunk
+  unsigned* comb_done;      // [chunks][W] rows sent, zeroed by the call
+  const u64* peer_comb;     // [W] every rank's combine buffer
+  const u64* peer_signals;
+  const Scalars* sc;
+  const u64* epoch;
+  u64* err;
+  u64 timeout_ns;
+  int hidden;
+  int cols;
+  int chunks;
+  int epr;
+  int ranks;
+  int me;
+  int wait_chunks;          // 0: FC2 has finished (non-overlapped)
+  int chunk_sig0;           // index naming chunk_done(0) in timeouts
+};
+
+struct ReduceParams {
+  const bf16_t* out;        // own FC2 output: rows this rank computed for itself
+  const bf16_t* comb;       // combine buffer [send positions, hidden]
+  const void* ids;
+  const void* w;            // [slots] f32 or bf16
+  const int* local_idx;
+  const int* send_off;
+  const int* segs;
+  bf16_t* y;                // [tokens, hidden]
+  const u64* signals;
+  const Scalars* sc;
+  const u64* epoch;
+  u64* err;
+  u64 timeout_ns;
+  int tokens;
+  int k;
+  int hidden;
+  int cols;
+  int chunks;
+  int epr;
+  int ranks;
+  int me;
+  int ids_i64;
+  int w_bf16;
+  int pad0, pad1;
+};
+
+__device__ __forceinline__ unsigned dispatch_sig(int W, int le, int src) {
+  return (unsigned)(W + le * W + src);
+}
+__device__ __forceinline__ unsigned combine_sig(int W, int epr, int chunks, int from, int c) {
+  return (unsigned)(W + epr * W + from * chunks + c);
+}
+
+}  // namespace comet
+
+using namespace comet;
+
+// Counting by block-local histograms: one global atomic per (block, expert),
+// then each slot's index = its block's base + its rank in the block. The
+// order inside a segment is not fixed, and needs not be: a row's result does
+// not depend on where in its expert's rows it sits.
+extern "C" __global__ void __launch_bounds__(512) comet_route(const __grid_constant__ RouteParams p) {
+  extern __shared__ unsigned hist[];
+  for (int e = threadIdx.x; e < p.experts; e += blockDim.x) hist[e] = 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.epoch += 1;
+  __syncthreads();
+  const long long per = ((long long)p.slots + gridDim.x - 1) / gridDim.x;
+  const long long s0 = (long long)blockIdx.x * per;
+  const long long s1 = s0 + per < p.slots ? s0 + per : p.slots;
+  for (long long s = s0 + threadIdx.x; s < s1; s += blockDim.x) {
+    const long long e = load_id(p.ids, p.ids_i64, s);
+    int li = -1;
+    if (e >= p.experts)
+      signal_record_error(p.err, COMET_ERR_BAD_EXPERT, (unsigned)s);
+    else if (e >= 0)
+      li = (int)atomicAdd(&hist[e], 1u);
+    p.local_idx[s] = li;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.experts; e += blockDim.x)
+    if (hist[e] != 0u) hist[e] = atomicAdd(&p.cnt[e], hist[e]);
+  __syncthreads();
+  for (long long s = s0 + threadIdx.x; s < s1; s += blockDim.x) {
+    const int li = p.local_idx[s];
+    if (li >= 0) p.local_idx[s] = li + (int)hist[load_id(p.ids, p.ids_i64, s)];
+  }
+}
+
+// Row tile q of the arrival-ordered list: its expert, first row and the
+// arrival steps of its first and last segments.
+struct RowTile {
+  int le, row0, rows, i_first, i_last;
+};
+
+__device__ __forceinline__ RowTile row_tile(int q, const int* gstart, const int* gfirst,
+                                            const int* erow, const int* erows, const int* srows,
+                                            int E, int epr, int W, int bm) {
+  int lo = 0, hi = E - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (gstart[mid] <= q) lo = mid; else hi = mid - 1;
+  }
+  RowTile t;
+  t.i_last = lo / epr;
+  t.le = lo - t.i_last * epr;
+  const int r = gfirst[lo] + (q - gstart[lo]);
+  const int rel = r * bm;
+  t.row0 = erow[t.le] + rel;
+  t.rows = min(bm, erows[t.le] - rel);
+  int end = 0;
+  t.i_first = 0;
+  for (int i = 0; i < W; ++i) {
+    end += srows[t.le * W + i];
+    if (end > rel) { t.i_first = i; break; }
+  }
+  return t;
+}
+
+extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_constant__ LayoutParams p) {
+  extern __shared__ int sm[];
+  const int W = p.ranks, E = p.experts, epr = p.epr, me = p.me;
+  unsigned* mat = reinterpret_cast<unsigned*>(sm);  // [W][E] counts[src][e]
+  int* erow = sm + W * E;                            // [epr] first row of each local expert
+  int* erows = erow + epr;                           // [epr] its rows
+  int* srows = erows + epr;                          // [epr][W] segment rows, arrival order
+  int* gcnt = srows + E;                             // [W][epr] row tiles whose last segment is i
+  int* gfirst = gcnt + E;                            // [W][epr] the first of them
+  int* gstart = gfirst + E;                          // [W*epr + 1] prefix over (i, le)
+  int* soff = gstart + E + 1;                        // [E + 1] this rank's send offsets
+  __shared__ int ok_flag, bad_dst, recv_total;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const u64 epoch = *p.epoch;
+  const int par = (int)(epoch & 1ull);
+
+  // 1. Count exchange: block 0 stores this rank's row into counts[par][me]
+  // of every rank and raises count(me) there; every block waits for all W.
+  if (blockIdx.x == 0) {
+    for (int i = tid; i < W * E; i += nt) {
+      const int r = i / E, e = i - r * E;
+      reinterpret_cast<unsigned*>(p.peer_counts[r])[((size_t)par * W + me) * E + e] = p.cnt[e];
+    }
+    signal_fence();
+    __syncthreads();
+    if (tid < W) signal_store_release(peer_word(p.peer_signals, tid, me), epoch);
+  }
+  if (tid == 0) {
+    int ok = 1;
+    for (int r = 0; r < W && ok; ++r) ok = signal_wait(p.signals, (unsigned)r, epoch, p.timeout_ns, p.err);
+    ok_flag = ok;
+    bad_dst = -1;
+  }
+  __syncthreads();
+  if (ok_flag) {
+    const volatile unsigned* rows = p.counts + (size_t)par * W * E;
+    for (int i = tid; i < W * E; i += nt) mat[i] = rows[i];
+  }
+  __syncthreads();
+
+  // 2. Capacity: every rank checks every destination, so all agree.
+  if (ok_flag) {
+    for (int d = tid; d < W; d += nt) {
+      long long tot = 0;
+      for (int e = d * epr; e < (d + 1) * epr; ++e)
+        for (int s = 0; s < W; ++s) tot += mat[s * E + e];
+      if (tot > p.recv_cap) atomicExch(&bad_dst, d);
+    }
+  }
+  __syncthreads();
+  if (!ok_flag || bad_dst >= 0) {
+    if (blockIdx.x == 0 && tid == 0) {
+      if (bad_dst >= 0) signal_record_error(p.err, COMET_ERR_CAPACITY, (unsigned)bad_dst);
+      Scalars z = {};
+      *p.sc = z;
+    }
+    return;
+  }
+
+  // 3. This rank's receive layout: experts in order, inside one its sources
+  // in arrival order (itself first, then me-1, me-2, ...).
+  for (int le = tid; le < epr; le += nt) {
+    int rows = 0;
+    for (int i = 0; i < W; ++i) {
+      const int src = (me - i + W) % W;
+      const int r = (int)mat[src * E + me * epr + le];
+      srows[le * W + i] = r;
+      rows += r;
+    }
+    erows[le] = rows;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int row = 0;
+    for (int le = 0; le < epr; ++le) {
+      erow[le] = row;
+      row += erows[le];
+    }
+    recv_total = row;
+    int off = 0;
+    for (int e = 0; e < E; ++e) {
+      soff[e] = off;
+      off += (int)mat[me * E + e];
+    }
+    soff[E] = off;
+  }
+
+  // 4. Row tiles of each expert, grouped by the arrival step of their last
+  // segment: tiles of local rows first, then those completed by step 1, ...
+  for (int le = tid; le < epr; le += nt) {
+    for (int i = 0; i < W; ++i) gcnt[i * epr + le] = 0;
+    const int R = erows[le];
+    const int ntile = (R + p.bm - 1) / p.bm;
+    int i = 0, end = srows[le * W];
+    for (int r = 0; r < ntile; ++r) {
+      const int last = min((r + 1) * p.bm, R) - 1;
+      while (last >= end) end += srows[le * W + (++i)];
+      if (gcnt[i * epr + le] == 0) gfirst[i * epr + le] = r;
+      gcnt[i * epr + le] += 1;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int acc = 0;
+    for (int g = 0; g < E; ++g) {
+      gstart[g] = acc;
+      acc += gcnt[g];
+    }
+    gstart[E] = acc;
+  }
+  __syncthreads();
+  const int NR = gstart[E];
+  const long long n1 = (long long)NR * p.ncol1;
+  const long long per2 = (long long)NR * p.nc2;
+  const long long n2 = per2 * p.chunks;
+
+  // 5. Tables for the other phases (block 0).
+  if (blockIdx.x == 0) {
+    for (int e = tid; e <= E; e += nt) p.send_off[e] = soff[e];
+    for (int e = tid; e < E; e += nt) {
+      const int dst = e / epr, le = e - dst * epr;
+      int row = 0;
+      for (int l = 0; l < le; ++l)
+        for (int s = 0; s < W; ++s) row += (int)mat[s * E + dst * epr + l];
+      const int steps = (dst - me + W) % W;  // sources before this rank at dst
+      for (int i = 0; i < steps; ++i) row += (int)mat[((dst - i + W) % W) * E + e];
+      p.dest_row[e] = row;
+    }
+    for (int sg = tid; sg < E; sg += nt) {
+      const int le = sg / W, i = sg - le * W;
+      const int src = (me - i + W) % W;
+      const int e = me * epr + le;
+      int row = erow[le];
+      for (int j = 0; j < i; ++j) row += srows[le * W + j];
+      int pos = 0;
+      for (int x = 0; x < e; ++x) pos += (int)mat[src * E + x];
+      p.segs[4 * sg + 0] = row;
+      p.segs[4 * sg + 1] = srows[sg];
+      p.segs[4 * sg + 2] = src;
+      p.segs[4 * sg + 3] = pos;
+    }
+    for (int s = tid; s < W; s += nt) {
+      int rows = 0;
+      for (int le = 0; le < epr; ++le) rows += (int)mat[s * E + me * epr + le];
+      p.rows_from[s] = rows;
+    }
+    if (tid == 0) {
+      Scalars s = {};
+      s.ok = 1;
+      s.recv_rows = recv_total;
+      s.sent_rows = soff[E];
+      s.row_tiles = NR;
+      s.fc1_tiles = (int)n1;
+      s.fc2_tiles = (int)n2;
+      s.chunk_tiles = (u64)per2;
+      *p.sc = s;
+    }
+  }
+
+  // 6. Tile lists (all blocks). FC1: row tiles in arrival order, columns
+  // inside; each waits on the dispatch signals of the segments it spans.
+  // FC2: chunk-major, each tile adding 1 to its chunk's counter.
+  const long long gt = (long long)blockIdx.x * nt + tid, gs = (long long)gridDim.x * nt;
+  for (long long g = gt; g < n1; g += gs) {
+    const int q = (int)(g / p.ncol1), n = (int)(g - (long long)q * p.ncol1);
+    const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm);
+    TileDesc d;
+    d.expert = t.le;
+    d.row0 = t.row0;
+    d.rows = t.rows;
+    d.n0 = n * p.bn1;
+    d.dep_off = t.le * W + t.i_first;
+    d.dep_cnt = t.i_last - t.i_first + 1;
+    d.sig = -1;
+    d.sig_mode = 0;
+    p.fc1[g] = d;
+  }
+  for (long long g = gt; g < n2; g += gs) {
+    const int c = (int)(g / per2);
+    const long long rem = g - (long long)c * per2;
+    const int q = (int)(rem / p.nc2), n = (int)(rem - (long long)q * p.nc2);
+    const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm);
+    TileDesc d;
+    d.expert = t.le;
+    d.row0 = t.row0;
+    d.rows = t.rows;
+    d.n0 = c * p.cols + n * p.bn2;
+    d.dep_off = 0;
+    d.dep_cnt = 0;
+    d.sig = c;
+    d.sig_mode = 1;
+    p.fc2[g] = d;
+  }
+
+  // 7. Send order: the slot at each send position.
+  for (long long s = gt; s < p.slots; s += gs) {
+    const int li = p.local_idx[s];
+    if (li >= 0) p.send_slots[soff[load_id(p.ids, p.ids_i64, s)] + li] = (int)s;
+  }
+}
+
+// Warps take send positions from this rank's own rows on (own segments land
+// first, then the next ranks in ring order), one row each; the warp that
+// stores a segment's last row raises dispatch(le, me) on its destination.
+extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_constant__ DispatchParams p) {
+  if (!p.sc->ok) return;
+  const u64 epoch = *p.epoch;
+  const int W = p.ranks;
+  if (blockIdx.x == 0)
+    for (int e = threadIdx.x; e < p.experts; e += blockDim.x)
+      if (p.cnt[e] == 0u) {
+        const int dst = e / p.epr;
+        signal_store_release(peer_word(p.peer_signals, dst, dispatch_sig(W, e - dst * p.epr, p.me)),
+                             epoch);
+      }
+  const int total = p.sc->sent_rows;
+  const int start = p.send_off[p.me * p.epr];
+  const int lane = threadIdx.x & 31;
+  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  const int vecs = p.hidden / 8;
+  for (long long w = warp; w < total; w += nwarps) {
+    long long pos = start + w;
+    if (pos >= total) pos -= total;
+    const int slot = p.send_slots[pos];
+    const int e = (int)load_id(p.ids, p.ids_i64, slot);
+    const int dst = e / p.epr;
+    const long long row = (long long)p.dest_row[e] + p.local_idx[slot];
+    const uint4* src = reinterpret_cast<const uint4*>(p.x + (size_t)(slot / p.k) * p.hidden);
+    uint4* dstp = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_recv[dst]) + row * p.hidden);
+    warp_copy(dstp, src, vecs, lane);
+    signal_fence();
+    __syncwarp();
+    if (lane == 0 && atomicAdd(&p.seg_done[e], 1u) + 1u == p.cnt[e])
+      signal_raise(peer_word(p.peer_signals, dst, 0), dispatch_sig(W, e - dst * p.epr, p.me), epoch);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) comet_wait_signals(const __grid_constant__ WaitParams p) {
+  if (!p.sc->ok) return;
+  const u64 epoch = *p.epoch;
+  for (int i = threadIdx.x; i < p.count; i += blockDim.x)
+    if (!signal_wait(p.signals, (unsigned)(p.first + i), epoch, p.timeout_ns, p.err)) return;
+}
+
+// Rows of other sources only: the reduce reads this rank's own rows in place.
+extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_constant__ CombineParams p) {
+  __shared__ int ok;
+  if (!p.sc->ok) return;
+  const u64 epoch = *p.epoch;
+  const int W = p.ranks, nseg = p.epr * W, recv = p.sc->recv_rows;
+  const int lane = threadIdx.x & 31;
+  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  const int vecs = p.cols / 8;
+  for (int c = 0; c < p.chunks; ++c) {
+    if (blockIdx.x == 0)
+      for (int s = threadIdx.x; s < W; s += blockDim.x)
+        if (s != p.me && p.rows_from[s] == 0)
+          signal_store_release(peer_word(p.peer_signals, s, combine_sig(W, p.epr, p.chunks, p.me, c)),
+                               epoch);
+    if (p.wait_chunks) {
+      if (threadIdx.x == 0)
+        ok = wait_at_least(p.chunk_done + c, p.sc->chunk_tiles, p.timeout_ns, p.err,
+                           COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + c));
+      __syncthreads();
+      const bool good = ok != 0;
+      __syncthreads();  // thread 0 rewrites `ok` for the next chunk
+      if (!good) return;
+    }
+    for (long long w = warp; w < recv; w += nwarps) {
+      const int r = (int)w;
+      int lo = 0, hi = nseg - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (p.segs[4 * mid] <= r) lo = mid; else hi = mid - 1;
+      }
+      const int* sg = p.segs + 4 * lo;
+      const int src = sg[2];
+      if (src == p.me) continue;
+      const long long pos = (long long)sg[3] + (r - sg[0]);
+      const uint4* from = reinterpret_cast<const uint4*>(p.out + (size_t)r * p.hidden + (size_t)c * p.cols);
+      uint4* to = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_comb[src]) +
+                                           pos * p.hidden + (long long)c * p.cols);
+      warp_copy(to, from, vecs, lane);
+      signal_fence();
+      __syncwarp();
+      if (lane == 0 && atomicAdd(&p.comb_done[c * W + src], 1u) + 1u == (unsigned)p.rows_from[src])
+        signal_raise(peer_word(p.peer_signals, src, 0), combine_sig(W, p.epr, p.chunks, p.me, c), epoch);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_constant__ ReduceParams p) {
+  __shared__ int ok;
+  if (!p.sc->ok) return;
+  const u64 epoch = *p.epoch;
+  const int W = p.ranks, vecs = p.cols / 8;
+  const long long per_chunk = (long long)p.tokens * vecs;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (int c = 0; c < p.chunks; ++c) {
+    if (threadIdx.x == 0) {
+      int good = 1;
+      for (int s = 0; s < W && good; ++s)
+        if (s != p.me)
+          good = signal_wait(p.signals, combine_sig(W, p.epr, p.chunks, s, c), epoch, p.timeout_ns, p.err);
+      ok = good;
+    }
+    __syncthreads();
+    const bool landed = ok != 0;
+    __syncthreads();  // thread 0 rewrites `ok` for the next chunk
+    if (!landed) return;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < per_chunk; idx += stride) {
+      const int t = (int)(idx / vecs);
+      const int v = (int)(idx - (long long)t * vecs);
+      const long long col = (long long)c * p.cols + v * 8;
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int j = 0; j < p.k; ++j) {
+        const long long slot = (long long)t * p.k + j;
+        const int li = p.local_idx[slot];
+        if (li < 0) continue;
+        const int e = (int)load_id(p.ids, p.ids_i64, slot);
+        const int dst = e / p.epr;
+        const float wt = p.w_bf16 ? bf16_to_f32(reinterpret_cast<const unsigned short*>(p.w)[slot])
+                                  : reinterpret_cast<const float*>(p.w)[slot];
+        const bf16_t* row = dst == p.me
+                                ? p.out + (long long)(p.segs[4 * ((e - dst * p.epr) * W)] + li) * p.hidden
+                                : p.comb + (long long)(p.send_off[e] + li) * p.hidden;
+        const uint4 q = *reinterpret_cast<const uint4*>(row + col);
+        const unsigned u[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          acc[2 * h] += wt * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
+          acc[2 * h + 1] += wt * bf16_to_f32((unsigned short)(u[h] >> 16));
+        }
+      }
+      uint4 o;
+      o.x = pack_bf16x2(acc[0], acc[1]);
+      o.y = pack_bf16x2(acc[2], acc[3]);
+      o.z = pack_bf16x2(acc[4], acc[5]);
+      o.w = pack_bf16x2(acc[6], acc[7]);
+      *reinterpret_cast<uint4*>(p.y + (long long)t * p.hidden + col) = o;
+    }
+  }
+}
+
+namespace comet {
+struct FillParams {
+  bf16_t* dst;
+  long long n;
+  u64 seed;
+  float scale;
+  int pad;
+};
+}  // namespace comet
+
+// Uniform bf16 values in [-scale, scale) from a hash of (seed, index)
+// (splitmix64's mixer): weights for tests and benchmarks without staging
+// gigabytes through the host.
+extern "C" __global__ void __launch_bounds__(512) comet_fill_random(const __grid_constant__ FillParams p) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+    u64 z = p.seed + (u64)i * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    p.dst[i] = (bf16_t)(pack_bf16x2((2.f * u - 1.f) * p.scale, 0.f) & 0xFFFFu);
+  }
+}

@@ -1,0 +1,526 @@
+//! The kernels of the device forward around the two grouped GEMMs
+//! (kernels/moe_forward.cu): route, layout, dispatch, wait, combine and
+//! reduce, plus device fills for poisoning. A kernel-launch module: each
+//! parameter struct mirrors its C struct byte for byte (size asserts
+//! below), and every launch is `unsafe` because the structs carry raw
+//! device pointers.
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+use cudarc::driver::{CudaContext, CudaFunction};
+
+use crate::error::KernelError;
+use crate::gemm::driver_version;
+use crate::nvrtc::{CompileUnit, Compiler, Target};
+
+const FORWARD_CU: &str = include_str!("../kernels/moe_forward.cu");
+const COMMON_CUH: &str = include_str!("../kernels/gemm_common.cuh");
+const SIGNAL_CUH: &str = include_str!("../kernels/signal.cuh");
+
+/// Threads of the route, layout, dispatch, combine and reduce blocks.
+pub const BLOCK_THREADS: u32 = 512;
+/// Dynamic shared memory the layout kernel may use (set on load).
+pub const LAYOUT_SMEM_MAX: usize = 96 * 1024;
+
+/// The NVRTC unit of the forward kernels (the CI gate compiles it too).
+pub fn forward_unit() -> CompileUnit {
+    CompileUnit {
+        name: "comet_moe_forward".into(),
+        source: FORWARD_CU.into(),
+        headers: BTreeMap::from([
+            ("gemm_common.cuh".to_string(), COMMON_CUH.to_string()),
+            ("signal.cuh".to_string(), SIGNAL_CUH.to_string()),
+        ]),
+        extra_options: vec![],
+    }
+}
+
+/// Shared memory of the layout kernel for `ranks` x `experts`.
+pub fn layout_smem_bytes(ranks: usize, experts: usize) -> usize {
+    let epr = experts / ranks.max(1);
+    4 * (ranks * experts + 2 * epr + 5 * experts + 2)
+}
+
+/// What the layout kernel derived for this call (mirrors `comet::Scalars`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scalars {
+    /// 1 when every rank's rows fit its receive capacity.
+    pub ok: i32,
+    pub recv_rows: i32,
+    pub sent_rows: i32,
+    pub row_tiles: i32,
+    pub fc1_tiles: i32,
+    pub fc2_tiles: i32,
+    pub pad: [i32; 2],
+    /// FC2 tiles of one column chunk.
+    pub chunk_tiles: u64,
+}
+
+/// `comet::RouteParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RouteParams {
+    pub ids: CUdeviceptr,
+    pub cnt: CUdeviceptr,
+    pub local_idx: CUdeviceptr,
+    pub epoch: CUdeviceptr,
+    pub err: CUdeviceptr,
+    pub slots: i32,
+    pub experts: i32,
+    pub ids_i64: i32,
+    pub pad: i32,
+}
+
+/// `comet::LayoutParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LayoutParams {
+    pub cnt: CUdeviceptr,
+    pub ids: CUdeviceptr,
+    pub local_idx: CUdeviceptr,
+    pub counts: CUdeviceptr,
+    pub peer_counts: CUdeviceptr,
+    pub peer_signals: CUdeviceptr,
+    pub signals: CUdeviceptr,
+    pub epoch: CUdeviceptr,
+    pub err: CUdeviceptr,
+    pub sc: CUdeviceptr,
+    pub send_off: CUdeviceptr,
+    pub dest_row: CUdeviceptr,
+    pub segs: CUdeviceptr,
+    pub rows_from: CUdeviceptr,
+    pub send_slots: CUdeviceptr,
+    pub fc1: CUdeviceptr,
+    pub fc2: CUdeviceptr,
+    pub timeout_ns: u64,
+    pub slots: i32,
+    pub experts: i32,
+    pub ranks: i32,
+    pub me: i32,
+    pub epr: i32,
+    pub ids_i64: i32,
+    pub recv_cap: i32,
+    pub bm: i32,
+    pub ncol1: i32,
+    pub bn1: i32,
+    pub nc2: i32,
+    pub bn2: i32,
+    pub cols: i32,
+    pub chunks: i32,
+    pub pad: [i32; 2],
+}
+
+/// `comet::DispatchParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchParams {
+    pub x: CUdeviceptr,
+    pub ids: CUdeviceptr,
+    pub local_idx: CUdeviceptr,
+    pub send_slots: CUdeviceptr,
+    pub send_off: CUdeviceptr,
+    pub dest_row: CUdeviceptr,
+    pub cnt: CUdeviceptr,
+    pub seg_done: CUdeviceptr,
+    pub peer_recv: CUdeviceptr,
+    pub peer_signals: CUdeviceptr,
+    pub sc: CUdeviceptr,
+    pub epoch: CUdeviceptr,
+    pub hidden: i32,
+    pub k: i32,
+    pub experts: i32,
+    pub epr: i32,
+    pub ranks: i32,
+    pub me: i32,
+    pub ids_i64: i32,
+    pub pad: i32,
+}
+
+/// `comet::WaitParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct WaitParams {
+    pub signals: CUdeviceptr,
+    pub sc: CUdeviceptr,
+    pub epoch: CUdeviceptr,
+    pub err: CUdeviceptr,
+    pub timeout_ns: u64,
+    pub first: i32,
+    pub count: i32,
+}
+
+/// `comet::CombineParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CombineParams {
+    pub out: CUdeviceptr,
+    pub segs: CUdeviceptr,
+    pub rows_from: CUdeviceptr,
+    pub chunk_done: CUdeviceptr,
+    pub comb_done: CUdeviceptr,
+    pub peer_comb: CUdeviceptr,
+    pub peer_signals: CUdeviceptr,
+    pub sc: CUdeviceptr,
+    pub epoch: CUdeviceptr,
+    pub err: CUdeviceptr,
+    pub timeout_ns: u64,
+    pub hidden: i32,
+    pub cols: i32,
+    pub chunks: i32,
+    pub epr: i32,
+    pub ranks: i32,
+    pub me: i32,
+    pub wait_chunks: i32,
+    pub chunk_sig0: i32,
+}
+
+/// `comet::ReduceParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ReduceParams {
+    pub out: CUdeviceptr,
+    pub comb: CUdeviceptr,
+    pub ids: CUdeviceptr,
+    pub w: CUdeviceptr,
+    pub local_idx: CUdeviceptr,
+    pub send_off: CUdeviceptr,
+    pub segs: CUdeviceptr,
+    pub y: CUdeviceptr,
+    pub signals: CUdeviceptr,
+    pub sc: CUdeviceptr,
+    pub epoch: CUdeviceptr,
+    pub err: CUdeviceptr,
+    pub timeout_ns: u64,
+    pub tokens: i32,
+    pub k: i32,
+    pub hidden: i32,
+    pub cols: i32,
+    pub chunks: i32,
+    pub epr: i32,
+    pub ranks: i32,
+    pub me: i32,
+    pub ids_i64: i32,
+    pub w_bf16: i32,
+    pub pad: [i32; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<Scalars>() == 40);
+const _: () = assert!(std::mem::size_of::<RouteParams>() == 56);
+const _: () = assert!(std::mem::size_of::<LayoutParams>() == 208);
+const _: () = assert!(std::mem::size_of::<DispatchParams>() == 128);
+const _: () = assert!(std::mem::size_of::<WaitParams>() == 48);
+const _: () = assert!(std::mem::size_of::<CombineParams>() == 120);
+const _: () = assert!(std::mem::size_of::<ReduceParams>() == 152);
+
+/// `comet::FillParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FillParams {
+    pub dst: CUdeviceptr,
+    pub n: i64,
+    pub seed: u64,
+    pub scale: f32,
+    pub pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<FillParams>() == 32);
+
+/// Grid and dynamic shared memory of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub blocks: u32,
+    pub smem: u32,
+}
+
+impl Grid {
+    pub fn blocks(blocks: u32) -> Grid {
+        Grid {
+            blocks: blocks.max(1),
+            smem: 0,
+        }
+    }
+}
+
+/// The forward kernels loaded in one context.
+pub struct ForwardKernels {
+    route: CudaFunction,
+    layout: CudaFunction,
+    dispatch: CudaFunction,
+    wait: CudaFunction,
+    combine: CudaFunction,
+    reduce: CudaFunction,
+    fill: CudaFunction,
+}
+
+impl ForwardKernels {
+    /// Compiles (or loads from the kernel cache) and loads the kernels.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<ForwardKernels, KernelError> {
+        let (major, minor) = ctx.compute_capability()?;
+        let target = Target::for_compute_capability(major as u32, minor as u32)?;
+        let cubin =
+            Compiler::with_default_cache(driver_version()).compile(&forward_unit(), target)?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))?;
+        let layout = module.load_function("comet_layout")?;
+        // SAFETY: a plain attribute call on a function handle of this module.
+        unsafe {
+            sys::cuFuncSetAttribute(
+                layout.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                LAYOUT_SMEM_MAX as i32,
+            )
+        }
+        .result()?;
+        Ok(ForwardKernels {
+            route: module.load_function("comet_route")?,
+            layout,
+            dispatch: module.load_function("comet_dispatch")?,
+            wait: module.load_function("comet_wait_signals")?,
+            combine: module.load_function("comet_combine")?,
+            reduce: module.load_function("comet_reduce")?,
+            fill: module.load_function("comet_fill_random")?,
+        })
+    }
+
+    /// # Safety
+    /// Every pointer in `p` is live device memory of this context, sized as
+    /// kernels/moe_forward.cu documents, until the kernel ends.
+    pub unsafe fn route(&self, p: &RouteParams, g: Grid, s: CUstream) -> Result<(), KernelError> {
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.route, g, BLOCK_THREADS, s, p) }
+    }
+
+    /// # Safety
+    /// As [`ForwardKernels::route`].
+    pub unsafe fn layout(&self, p: &LayoutParams, g: Grid, s: CUstream) -> Result<(), KernelError> {
+        if g.smem as usize > LAYOUT_SMEM_MAX {
+            return Err(KernelError::InvalidShape(format!(
+                "layout needs {} bytes of shared memory (at most {LAYOUT_SMEM_MAX}): \
+                 too many ranks x experts",
+                g.smem
+            )));
+        }
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.layout, g, BLOCK_THREADS, s, p) }
+    }
+
+    /// # Safety
+    /// As [`ForwardKernels::route`].
+    pub unsafe fn dispatch(
+        &self,
+        p: &DispatchParams,
+        g: Grid,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.dispatch, g, BLOCK_THREADS, s, p) }
+    }
+
+    /// # Safety
+    /// As [`ForwardKernels::route`].
+    pub unsafe fn wait(&self, p: &WaitParams, s: CUstream) -> Result<(), KernelError> {
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.wait, Grid::blocks(1), 256, s, p) }
+    }
+
+    /// # Safety
+    /// As [`ForwardKernels::route`].
+    pub unsafe fn combine(
+        &self,
+        p: &CombineParams,
+        g: Grid,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.combine, g, BLOCK_THREADS, s, p) }
+    }
+
+    /// # Safety
+    /// As [`ForwardKernels::route`].
+    pub unsafe fn reduce(&self, p: &ReduceParams, g: Grid, s: CUstream) -> Result<(), KernelError> {
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.reduce, g, BLOCK_THREADS, s, p) }
+    }
+}
+
+impl ForwardKernels {
+    /// Fills `n` bf16 values at `dst` with uniform values in
+    /// `[-scale, scale)` determined by `seed` (test and bench weights).
+    ///
+    /// # Safety
+    /// `dst .. dst + 2n` is live device memory of this context.
+    pub unsafe fn fill_random(
+        &self,
+        dst: CUdeviceptr,
+        n: usize,
+        seed: u64,
+        scale: f32,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let p = FillParams {
+            dst,
+            n: n as i64,
+            seed,
+            scale,
+            pad: 0,
+        };
+        let blocks = n.div_ceil(BLOCK_THREADS as usize).min(4096) as u32;
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.fill, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
+    }
+}
+
+/// One launch whose only parameter is `p` (a `__grid_constant__` struct).
+///
+/// # Safety
+/// `P` must be laid out as the kernel's parameter struct and its pointers
+/// valid for the kernel's whole run.
+unsafe fn launch<P: Copy>(
+    f: &CudaFunction,
+    g: Grid,
+    threads: u32,
+    s: CUstream,
+    p: &P,
+) -> Result<(), KernelError> {
+    let mut copy = *p;
+    let mut params = [&mut copy as *mut P as *mut c_void];
+    // SAFETY: one parameter laid out as the kernel expects (caller's
+    // contract); the driver copies it before returning.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            f.cu_function(),
+            (g.blocks.max(1), 1, 1),
+            (threads, 1, 1),
+            g.smem,
+            s,
+            &mut params,
+        )
+    }?;
+    Ok(())
+}
+
+/// Fills `count` 16-bit words at `ptr` with `value` on `stream`
+/// (0xFFFF: bf16 NaN, to poison outputs).
+///
+/// # Safety
+/// `ptr .. ptr + 2 * count` must be live device memory of the stream's context.
+pub unsafe fn fill_u16(
+    stream: CUstream,
+    ptr: CUdeviceptr,
+    value: u16,
+    count: usize,
+) -> Result<(), KernelError> {
+    if count == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller guarantees the range.
+    unsafe { sys::cuMemsetD16Async(ptr, value, count, stream) }
+        .result()
+        .map_err(KernelError::Driver)
+}
+
+/// Fills `count` 32-bit words at `ptr` with `value` on `stream`.
+///
+/// # Safety
+/// `ptr .. ptr + 4 * count` must be live device memory of the stream's context.
+pub unsafe fn fill_u32(
+    stream: CUstream,
+    ptr: CUdeviceptr,
+    value: u32,
+    count: usize,
+) -> Result<(), KernelError> {
+    if count == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller guarantees the range.
+    unsafe { sys::cuMemsetD32Async(ptr, value, count, stream) }
+        .result()
+        .map_err(KernelError::Driver)
+}
+
+/// A 64-bit word in pinned host memory that the stream copies a device
+/// word into at the end of every call, so the host learns a call's status
+/// by reading memory: no synchronisation, and it works in a CUDA graph.
+pub struct StatusWord {
+    ptr: *mut u64,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the word is plain pinned memory owned by this value; reads and
+// writes are volatile and the owner is the only host-side user.
+unsafe impl Send for StatusWord {}
+
+impl StatusWord {
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<StatusWord, KernelError> {
+        ctx.bind_to_thread()?;
+        // SAFETY: an 8-byte pinned allocation, zeroed before use.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(8, 0) }? as *mut u64;
+        // SAFETY: freshly allocated, aligned and 8 bytes long.
+        unsafe { ptr.write_volatile(0) };
+        Ok(StatusWord {
+            ptr,
+            ctx: Arc::clone(ctx),
+        })
+    }
+
+    /// The last value the device copied here.
+    pub fn read(&self) -> u64 {
+        // SAFETY: live, aligned, owned by self.
+        unsafe { self.ptr.read_volatile() }
+    }
+
+    pub fn clear(&self) {
+        // SAFETY: as in read.
+        unsafe { self.ptr.write_volatile(0) }
+    }
+
+    /// Enqueues a copy of the device word at `src` into this word.
+    ///
+    /// # Safety
+    /// `src` is a live 8-byte device word of this context.
+    pub unsafe fn copy_from(&self, src: CUdeviceptr, stream: CUstream) -> Result<(), KernelError> {
+        // SAFETY: 8 bytes from a live device word into our pinned word.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(self.ptr as *mut c_void, src, 8, stream) }.result()?;
+        Ok(())
+    }
+}
+
+impl Drop for StatusWord {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by malloc_host in new; copies into it are
+        // ordered before any drop by the owner's stream synchronisation.
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr as *mut c_void) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_kernels_compile() {
+        if let Err(e) = crate::nvrtc::ensure_nvrtc() {
+            eprintln!("skipping: {e}");
+            return;
+        }
+        for t in [Target::SM80, Target::SM90A] {
+            if let Err(e) = crate::nvrtc::compile_cubin(&forward_unit(), t) {
+                panic!("{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn layout_smem_grows_with_ranks_times_experts() {
+        assert_eq!(layout_smem_bytes(1, 8), 4 * (8 + 16 + 40 + 2));
+        assert!(layout_smem_bytes(8, 256) < LAYOUT_SMEM_MAX);
+        assert!(layout_smem_bytes(64, 1024) > LAYOUT_SMEM_MAX);
+    }
+}

@@ -1,0 +1,358 @@
+//! What the device forward runs for one layer (DESIGN.md 6b): decided once,
+//! when the layer is built, from the shape, the capacity, this rank's share
+//! of its GPU and the cost model. The persistent grids, the communication
+//! blocks, the column chunks and the size of every per-call buffer come from
+//! here, so `comet plan` prints exactly what `forward` uses, on any machine.
+//!
+//! Co-residency rule: a kernel that spins must never keep off the GPU a
+//! block it waits for. Each rank owns `share = sms / ranks_per_gpu` SMs; a
+//! GEMM CTA fills an SM, and whatever runs at the same time on one rank
+//! (GEMM grid + communication blocks) never takes more than the share, so
+//! every rank's blocks are resident together.
+
+use crate::error::SchedError;
+use comet_core::cost::{CostEstimate, CostModel, DeviceFigures};
+use comet_core::MoeConfig;
+
+/// Tile sizes of the GEMM kernels the layer will launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelTiles {
+    /// Rows per tile.
+    pub bm: usize,
+    /// Output columns per FC1 (SwiGLU) tile.
+    pub fc1_cols: usize,
+    /// Output columns per FC2 tile.
+    pub fc2_cols: usize,
+}
+
+/// The most experts the device route and layout handle.
+pub const MAX_EXPERTS: usize = 1024;
+/// The most ranks the device layout handles.
+pub const MAX_RANKS: usize = 512;
+
+/// The layer's plan (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DevicePlan {
+    pub cfg: MoeConfig,
+    /// Tokens per call, at most.
+    pub capacity: usize,
+    /// Rows this rank can receive in one call.
+    pub recv_capacity: usize,
+    pub sms: usize,
+    pub ranks_per_gpu: usize,
+    /// SMs this rank may fill at once.
+    pub share: usize,
+    /// Whether the fused mode overlaps communication with the GEMMs (the
+    /// cost model's verdict; with one rank there is nothing to overlap).
+    pub overlap: bool,
+    /// Blocks of the communication kernels while the GEMMs run.
+    pub comm_blocks: usize,
+    /// CTAs of the persistent GEMMs when overlapping / in sequence.
+    pub gemm_grid_overlap: usize,
+    pub gemm_grid: usize,
+    /// Blocks of the route, layout, reduce and sequential copy kernels.
+    pub aux_blocks: usize,
+    /// Output columns per layer1 chunk, and the number of chunks.
+    pub chunk_cols: usize,
+    pub chunks: usize,
+    pub tiles: KernelTiles,
+    /// Row tiles the receive capacity can need (tile list capacity).
+    pub max_row_tiles: usize,
+    pub estimate: CostEstimate,
+}
+
+fn bad(field: &'static str, problem: String) -> SchedError {
+    SchedError::Core(comet_core::CoreError::InvalidConfig { field, problem })
+}
+
+impl DevicePlan {
+    /// `recv_capacity: None` sizes the receive side for the worst case
+    /// (every rank sends all its tokens to this rank's experts).
+    pub fn new(
+        cfg: &MoeConfig,
+        capacity: usize,
+        recv_capacity: Option<usize>,
+        sms: usize,
+        ranks_per_gpu: usize,
+        tiles: KernelTiles,
+        figures: &DeviceFigures,
+    ) -> Result<DevicePlan, SchedError> {
+        cfg.validate()?;
+        let (w, h, f, epr) = (cfg.ranks, cfg.hidden, cfg.ffn, cfg.experts_per_rank());
+        if capacity == 0 {
+            return Err(bad("capacity", "must be at least one token".into()));
+        }
+        if cfg.experts > MAX_EXPERTS || w > MAX_RANKS {
+            return Err(bad(
+                "experts",
+                format!(
+                    "{} experts over {w} ranks: the device layout handles at most \
+                     {MAX_EXPERTS} experts and {MAX_RANKS} ranks",
+                    cfg.experts
+                ),
+            ));
+        }
+        if !h.is_multiple_of(64) || !h.is_multiple_of(tiles.fc2_cols) {
+            return Err(bad(
+                "hidden",
+                format!(
+                    "{h} must be a multiple of 64 and of the FC2 tile's {} columns",
+                    tiles.fc2_cols
+                ),
+            ));
+        }
+        if !f.is_multiple_of(64) || !f.is_multiple_of(tiles.fc1_cols) {
+            return Err(bad(
+                "ffn",
+                format!(
+                    "{f} must be a multiple of 64 and of the FC1 tile's {} columns",
+                    tiles.fc1_cols
+                ),
+            ));
+        }
+        if sms == 0 || ranks_per_gpu == 0 || tiles.bm == 0 {
+            return Err(bad(
+                "sms",
+                format!(
+                    "{sms} SMs, {ranks_per_gpu} ranks per GPU, {} tile rows",
+                    tiles.bm
+                ),
+            ));
+        }
+        let worst = w * capacity * cfg.top_k.min(epr);
+        let recv_capacity = recv_capacity.unwrap_or(worst).max(1);
+        if capacity * cfg.top_k > i32::MAX as usize || recv_capacity > i32::MAX as usize / 2 {
+            return Err(bad(
+                "capacity",
+                format!(
+                    "{capacity} tokens x top-{} rows do not fit 32-bit row indices",
+                    cfg.top_k
+                ),
+            ));
+        }
+        let share = (sms / ranks_per_gpu).max(1);
+        let mut dev = figures.clone();
+        dev.gemm_tflops *= share as f64 / dev.sms.max(1) as f64;
+        dev.sms = share;
+        dev.bm = tiles.bm;
+        let estimate = CostModel::estimate(cfg, capacity, &dev);
+        let overlap = w > 1 && share > 1 && estimate.overlapped_ms < estimate.baseline_ms;
+        let comm_blocks = estimate.comm_blocks.clamp(1, (share / 4).max(1));
+        let (chunk_cols, chunks) = if overlap {
+            let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
+            (cols, h / cols)
+        } else {
+            (h, 1)
+        };
+        Ok(DevicePlan {
+            cfg: cfg.clone(),
+            capacity,
+            recv_capacity,
+            sms,
+            ranks_per_gpu,
+            share,
+            overlap,
+            comm_blocks,
+            gemm_grid_overlap: if overlap { share - comm_blocks } else { share },
+            gemm_grid: share,
+            aux_blocks: share,
+            chunk_cols,
+            chunks,
+            tiles,
+            max_row_tiles: recv_capacity.div_ceil(tiles.bm) + epr,
+            estimate,
+        })
+    }
+
+    /// FC1 tile list capacity.
+    pub fn fc1_tiles_cap(&self) -> usize {
+        self.max_row_tiles * (self.cfg.ffn / self.tiles.fc1_cols)
+    }
+
+    /// FC2 tile list capacity (every chunk).
+    pub fn fc2_tiles_cap(&self) -> usize {
+        self.max_row_tiles * (self.cfg.hidden / self.tiles.fc2_cols)
+    }
+
+    /// Rows this rank sends in one call, at most.
+    pub fn send_capacity(&self) -> usize {
+        self.capacity * self.cfg.top_k
+    }
+
+    /// Blocks of the route kernel for `tokens` tokens (about 4096 slots each).
+    pub fn route_blocks(&self, tokens: usize) -> usize {
+        (tokens * self.cfg.top_k)
+            .div_ceil(4096)
+            .clamp(1, self.aux_blocks)
+    }
+
+    /// The plan in a few lines, as `comet plan` prints it.
+    pub fn describe(&self) -> String {
+        format!(
+            "device forward: {} SMs, {} rank(s) per GPU -> {} SMs per rank\n\
+             overlap: {} (cost model: overlapped {:.3} ms vs sequential {:.3} ms)\n\
+             GEMM grid: {} CTAs overlapping, {} in sequence; communication blocks: {}\n\
+             tiles: {} rows, FC1 {} cols, FC2 {} cols; layer1 chunks: {} x {} cols\n\
+             capacity: {} tokens, {} receive rows, {} row tiles",
+            self.sms,
+            self.ranks_per_gpu,
+            self.share,
+            self.overlap,
+            self.estimate.overlapped_ms,
+            self.estimate.baseline_ms,
+            self.gemm_grid_overlap,
+            self.gemm_grid,
+            self.comm_blocks,
+            self.tiles.bm,
+            self.tiles.fc1_cols,
+            self.tiles.fc2_cols,
+            self.chunks,
+            self.chunk_cols,
+            self.capacity,
+            self.recv_capacity,
+            self.max_row_tiles,
+        )
+    }
+}
+
+/// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
+fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {
+    (1..=hidden / tile)
+        .map(|m| m * tile)
+        .filter(|c| hidden.is_multiple_of(*c))
+        .min_by_key(|&c| (c.abs_diff(goal), usize::MAX - c))
+        .unwrap_or(hidden)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comet_core::Preset;
+
+    const TILES: KernelTiles = KernelTiles {
+        bm: 128,
+        fc1_cols: 128,
+        fc2_cols: 256,
+    };
+
+    fn plan(p: Preset, w: usize, per_gpu: usize) -> DevicePlan {
+        let cfg = p.config(w).unwrap();
+        DevicePlan::new(
+            &cfg,
+            8192,
+            None,
+            132,
+            per_gpu,
+            TILES,
+            &DeviceFigures::h200_nvlink(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn concurrent_blocks_stay_within_the_share() {
+        for p in [Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe] {
+            for (w, per_gpu) in [(1, 1), (2, 2), (4, 4), (2, 1), (8, 1)] {
+                let d = plan(p, w, per_gpu);
+                assert_eq!(d.share, 132 / per_gpu);
+                assert!(
+                    !d.overlap || d.gemm_grid_overlap + d.comm_blocks <= d.share,
+                    "{d:?}"
+                );
+                assert!(d.gemm_grid <= d.share && d.aux_blocks <= d.share);
+                assert!(d.share * per_gpu <= 132);
+                assert_eq!(d.chunk_cols * d.chunks, d.cfg.hidden);
+                assert!(d.chunk_cols.is_multiple_of(TILES.fc2_cols));
+            }
+        }
+    }
+
+    #[test]
+    fn one_rank_runs_in_sequence_on_the_whole_gpu() {
+        let d = plan(Preset::Mixtral8x7b, 1, 1);
+        assert!(!d.overlap);
+        assert_eq!(d.gemm_grid_overlap, 132);
+        assert_eq!(d.chunks, 1);
+    }
+
+    #[test]
+    fn several_ranks_overlap_over_nvlink() {
+        let d = plan(Preset::Qwen2Moe, 8, 1);
+        assert!(d.overlap, "{d:?}");
+        assert!(d.comm_blocks >= 1 && d.comm_blocks <= 33);
+        assert!(d.chunks >= 1);
+    }
+
+    #[test]
+    fn worst_case_receive_capacity() {
+        let d = plan(Preset::Qwen2Moe, 2, 2);
+        // Each token has at most min(k, experts per rank) rows on one rank.
+        assert_eq!(d.recv_capacity, 2 * 8192 * 8);
+        assert_eq!(d.max_row_tiles, (2 * 8192 * 8usize).div_ceil(128) + 32);
+        let cfg = Preset::Mixtral8x7b.config(8).unwrap();
+        let d = DevicePlan::new(
+            &cfg,
+            100,
+            None,
+            132,
+            1,
+            TILES,
+            &DeviceFigures::h200_nvlink(),
+        )
+        .unwrap();
+        assert_eq!(d.recv_capacity, 8 * 100);
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let mut cfg = Preset::Mixtral8x7b.config(1).unwrap();
+        cfg.ffn = 1000;
+        let e = DevicePlan::new(&cfg, 16, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
+            .unwrap_err();
+        assert!(e.to_string().contains("ffn"), "{e}");
+        let cfg = Preset::Mixtral8x7b.config(1).unwrap();
+        let e = DevicePlan::new(&cfg, 0, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
+            .unwrap_err();
+        assert!(e.to_string().contains("capacity"), "{e}");
+    }
+
+    /// A link whose transfers take about half the GEMM time: where the cost
+    /// model overlaps (the GPU tests build their small layers this way).
+    fn balanced(cfg: &MoeConfig, tokens: usize, share: usize) -> DeviceFigures {
+        let mut dev = DeviceFigures::h200_nvlink();
+        dev.link_latency_us = 0.0;
+        dev.chunk_overhead_us = 0.0;
+        let mut scaled = dev.clone();
+        scaled.gemm_tflops *= share as f64 / dev.sms as f64;
+        scaled.sms = share;
+        let probe = CostModel::estimate(cfg, tokens, &scaled);
+        dev.link_gbps *= probe.dispatch_ms / (probe.gemm_ms / 2.0);
+        dev
+    }
+
+    #[test]
+    fn a_balanced_link_makes_small_layers_overlap_in_chunks() {
+        for (w, experts, cap) in [(2, 8, 256), (4, 8, 160), (2, 4, 256)] {
+            let cfg = MoeConfig {
+                hidden: 512,
+                ffn: 256,
+                experts,
+                top_k: 2,
+                ranks: w,
+                dtype: comet_core::Dtype::Bf16,
+            };
+            let fig = balanced(&cfg, cap, 132 / w);
+            let d = DevicePlan::new(&cfg, cap, None, 132, w, TILES, &fig).unwrap();
+            assert!(d.overlap, "{d:?}");
+            assert_eq!(d.chunks, 2, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_width_is_a_dividing_multiple() {
+        assert_eq!(chunk_width(4096, 256, 1024), 1024);
+        assert_eq!(chunk_width(3584, 256, 900), 512);
+        assert_eq!(chunk_width(3584, 256, 3584), 3584);
+        assert_eq!(chunk_width(256, 256, 1), 256);
+    }
+}

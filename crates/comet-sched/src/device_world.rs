@@ -1,0 +1,404 @@
+//! W ranks of the device layer ([`crate::forward::MoeLayer`]) as threads of
+//! one process over the nvlink transport, all on one GPU when the ordinals
+//! repeat: what the GPU tests and `comet bench --gpu` drive. Each rank owns
+//! its stream and capacity-sized device tensors (x, ids, weights, y and
+//! its experts); [`DeviceWorld::forward`] enqueues every rank's call and
+//! returns, [`DeviceWorld::check`] waits and reports the root cause of any
+//! failure.
+
+use crate::cpu::{ExecMode, RankInput};
+use crate::error::SchedError;
+use crate::forward::{
+    CallInfo, ForwardArgs, IdType, LayerKernels, LayerOptions, MoeLayer, WeightType,
+};
+use crate::protocol::build_ranks;
+use comet_core::{ExpertWeights, MoeConfig};
+use comet_transport::gpu::DeviceTransport;
+use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+use std::sync::Arc;
+
+/// Where the ranks' expert weights come from.
+pub enum WorldWeights<'a> {
+    /// f32 weights per rank (rounded to bf16 and laid out for the kernels).
+    Host(&'a (dyn Fn(usize) -> ExpertWeights + Sync)),
+    /// Uniform random bf16 generated on the device (benchmarks).
+    Random { seed: u64, scale: f32 },
+}
+
+/// One rank: its layer, stream and device tensors.
+pub struct WorldRank {
+    pub layer: MoeLayer<NvlinkTransport>,
+    pub stream: Arc<CudaStream>,
+    w1: CudaSlice<bf16>,
+    w2: CudaSlice<bf16>,
+    x: CudaSlice<bf16>,
+    ids: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
+    y: CudaSlice<bf16>,
+    tokens: usize,
+}
+
+impl WorldRank {
+    /// This rank's call arguments (its current inputs).
+    pub fn args(&self) -> ForwardArgs {
+        let s = &self.stream;
+        ForwardArgs {
+            tokens: self.tokens,
+            x: self.x.device_ptr(s).0,
+            topk_ids: self.ids.device_ptr(s).0,
+            ids: IdType::I32,
+            topk_weights: self.weights.device_ptr(s).0,
+            weights: WeightType::F32,
+            w1: self.w1.device_ptr(s).0,
+            w2: self.w2.device_ptr(s).0,
+            y: self.y.device_ptr(s).0,
+        }
+    }
+
+    fn dev(&self, what: &str, e: impl std::fmt::Display) -> SchedError {
+        SchedError::Device {
+            rank: self.layer.rank(),
+            message: format!("{what}: {e}"),
+        }
+    }
+}
+
+/// The ranks of one in-process world.
+pub struct DeviceWorld {
+    pub cfg: MoeConfig,
+    ranks: Vec<WorldRank>,
+}
+
+/// B of FC1 per expert `[2F, H]` and of FC2 `[H, F]` (K contiguous) from
+/// comet-core's `fc1 [H, 2F]` and `fc2 [F, H]`.
+pub fn kernel_weights(w: &ExpertWeights) -> (Vec<bf16>, Vec<bf16>) {
+    let (h, f) = (w.hidden, w.ffn);
+    let mut w1 = vec![bf16::ZERO; w.fc1.len() * 2 * f * h];
+    for (le, fc1) in w.fc1.iter().enumerate() {
+        let dst = &mut w1[le * 2 * f * h..(le + 1) * 2 * f * h];
+        for (k, row) in fc1.chunks_exact(2 * f).enumerate() {
+            for (n, &v) in row.iter().enumerate() {
+                dst[n * h + k] = bf16::from_f32(v);
+            }
+        }
+    }
+    let mut w2 = vec![bf16::ZERO; w.fc2.len() * h * f];
+    for (le, fc2) in w.fc2.iter().enumerate() {
+        let dst = &mut w2[le * h * f..(le + 1) * h * f];
+        for (k, row) in fc2.chunks_exact(h).enumerate() {
+            for (n, &v) in row.iter().enumerate() {
+                dst[n * f + k] = bf16::from_f32(v);
+            }
+        }
+    }
+    (w1, w2)
+}
+
+impl DeviceWorld {
+    /// Rank r runs on `ordinals[r]`; `capacity` tokens per rank and call.
+    pub fn new(
+        cfg: &MoeConfig,
+        ordinals: &[usize],
+        capacity: usize,
+        weights: WorldWeights<'_>,
+        opts: &LayerOptions,
+    ) -> Result<DeviceWorld, SchedError> {
+        cfg.validate()?;
+        if ordinals.len() != cfg.ranks {
+            return Err(SchedError::Input {
+                rank: 0,
+                message: format!("{} device ordinals for {} ranks", ordinals.len(), cfg.ranks),
+            });
+        }
+        let transports = NvlinkTransport::in_process(
+            ordinals,
+            NvlinkOptions {
+                collective_timeout: opts.timeout,
+            },
+        )?;
+        // One set of kernels per CUDA context (ranks sharing a GPU share it).
+        let mut loaded: Vec<(usize, LayerKernels)> = Vec::new();
+        for t in &transports {
+            let ctx = t.context();
+            if !loaded.iter().any(|(o, _)| *o == t.device_ordinal()) {
+                let k = LayerKernels::load(ctx)
+                    .map_err(|source| SchedError::Kernel { rank: 0, source })?;
+                loaded.push((t.device_ordinal(), k));
+            }
+        }
+        let ranks = build_ranks(transports, |r, t| {
+            let kernels = loaded
+                .iter()
+                .find(|(o, _)| *o == ordinals[r])
+                .map(|(_, k)| k.clone())
+                .expect("loaded above");
+            let per_gpu = ordinals.iter().filter(|&&o| o == ordinals[r]).count();
+            let mut lopts = opts.clone();
+            lopts.ranks_per_gpu = per_gpu;
+            let stream = t.context().new_stream().map_err(|e| SchedError::Device {
+                rank: r,
+                message: format!("create stream: {e}"),
+            })?;
+            let layer = MoeLayer::new(cfg, capacity, t, &kernels, &lopts)?;
+            WorldRank::new(layer, stream, cfg, capacity, &weights, &kernels)
+        })?;
+        Ok(DeviceWorld {
+            cfg: cfg.clone(),
+            ranks,
+        })
+    }
+
+    pub fn ranks(&self) -> &[WorldRank] {
+        &self.ranks
+    }
+
+    pub fn ranks_mut(&mut self) -> &mut [WorldRank] {
+        &mut self.ranks
+    }
+
+    pub fn set_mode(&mut self, mode: ExecMode) {
+        for r in &mut self.ranks {
+            r.layer.set_mode(mode);
+        }
+    }
+
+    /// Uploads each rank's x (rounded to bf16), ids and weights.
+    pub fn set_inputs(&mut self, inputs: &[RankInput]) -> Result<(), SchedError> {
+        if inputs.len() != self.ranks.len() {
+            return Err(SchedError::Input {
+                rank: 0,
+                message: format!("{} inputs for {} ranks", inputs.len(), self.ranks.len()),
+            });
+        }
+        for (r, inp) in self.ranks.iter_mut().zip(inputs) {
+            r.set_input(&self.cfg, inp)?;
+        }
+        Ok(())
+    }
+
+    /// NaN in every rank's receive, activation, FC2 output and y buffers.
+    pub fn poison(&mut self) -> Result<(), SchedError> {
+        for r in &mut self.ranks {
+            // SAFETY: the rank's own stream, of its layer's context.
+            unsafe { r.layer.poison(r.stream.cu_stream()) }?;
+            let n = r.y.len();
+            let y = r.y.device_ptr(&r.stream).0;
+            // SAFETY: y holds n bf16 values.
+            unsafe { comet_kernels::forward::fill_u16(r.stream.cu_stream(), y, 0xFFFF, n) }
+                .map_err(|source| SchedError::Kernel {
+                    rank: r.layer.rank(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues one call on every rank and returns.
+    pub fn forward(&mut self) -> Result<(), SchedError> {
+        for r in &mut self.ranks {
+            let a = r.args();
+            // SAFETY: the tensors are this rank's own, sized for the
+            // capacity and live as long as the world.
+            unsafe { r.layer.forward(r.stream.cu_stream(), &a) }?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues only the two grouped GEMMs of every rank over the rows of
+    /// its last call (the bench's GEMM-only column).
+    pub fn gemms_only(&mut self) -> Result<(), SchedError> {
+        for r in &mut self.ranks {
+            let a = r.args();
+            // SAFETY: as in forward.
+            unsafe { r.layer.gemms_only(r.stream.cu_stream(), &a) }?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank; the root-cause error of any rank (a kernel
+    /// error before a timeout, which may only be its consequence).
+    pub fn check(&mut self) -> Result<Vec<CallInfo>, SchedError> {
+        let results: Vec<_> = self
+            .ranks
+            .iter_mut()
+            // SAFETY: each rank's own stream, of its layer's context.
+            .map(|r| unsafe { r.layer.check(r.stream.cu_stream()) })
+            .collect();
+        let mut infos = Vec::with_capacity(results.len());
+        let mut first: Option<SchedError> = None;
+        for res in results {
+            match res {
+                Ok(i) => infos.push(i),
+                Err(e) => {
+                    let timeout = matches!(e, SchedError::Device { .. });
+                    if first.as_ref().is_none_or(|f| timeout_rank(f) && !timeout) {
+                        first = Some(e);
+                    }
+                }
+            }
+        }
+        first.map_or(Ok(infos), Err)
+    }
+
+    /// Each rank's y as f32 (`tokens x hidden`).
+    pub fn outputs(&self) -> Result<Vec<Vec<f32>>, SchedError> {
+        let h = self.cfg.hidden;
+        self.ranks
+            .iter()
+            .map(|r| {
+                let mut y = vec![bf16::ZERO; r.tokens * h];
+                if r.tokens > 0 {
+                    r.stream
+                        .memcpy_dtoh(&r.y.slice(0..r.tokens * h), &mut y)
+                        .map_err(|e| r.dev("download y", e))?;
+                    r.stream.synchronize().map_err(|e| r.dev("download y", e))?;
+                }
+                Ok(y.iter().map(|v| v.to_f32()).collect())
+            })
+            .collect()
+    }
+
+    /// Captures one call of every rank as a CUDA graph on its stream;
+    /// launching graph r replays rank r's call on its current inputs.
+    pub fn capture(&mut self) -> Result<Vec<CudaGraph>, SchedError> {
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        let mut graphs = Vec::with_capacity(self.ranks.len());
+        for r in &mut self.ranks {
+            r.stream
+                .begin_capture(mode)
+                .map_err(|e| r.dev("begin capture", e))?;
+            let a = r.args();
+            // SAFETY: as in forward.
+            let res = unsafe { r.layer.forward(r.stream.cu_stream(), &a) };
+            let g = r
+                .stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                .map_err(|e| r.dev("end capture", e))?;
+            res?;
+            graphs.push(g.ok_or_else(|| r.dev("capture", "empty graph"))?);
+        }
+        Ok(graphs)
+    }
+}
+
+fn timeout_rank(e: &SchedError) -> bool {
+    matches!(e, SchedError::Device { .. })
+}
+
+impl WorldRank {
+    fn new(
+        layer: MoeLayer<NvlinkTransport>,
+        stream: Arc<CudaStream>,
+        cfg: &MoeConfig,
+        capacity: usize,
+        weights: &WorldWeights<'_>,
+        kernels: &LayerKernels,
+    ) -> Result<WorldRank, SchedError> {
+        let rank = layer.rank();
+        let (h, f, epr, k) = (cfg.hidden, cfg.ffn, cfg.experts_per_rank(), cfg.top_k);
+        let d = |what: &str, e: cudarc::driver::DriverError| SchedError::Device {
+            rank,
+            message: format!("{what}: {e}"),
+        };
+        let (w1, w2) = match weights {
+            WorldWeights::Host(f_w) => {
+                let (a, b) = kernel_weights(&f_w(rank));
+                (
+                    stream.clone_htod(&a).map_err(|e| d("upload w1", e))?,
+                    stream.clone_htod(&b).map_err(|e| d("upload w2", e))?,
+                )
+            }
+            WorldWeights::Random { seed, scale } => {
+                let a = stream
+                    .alloc_zeros::<bf16>(epr * 2 * f * h)
+                    .map_err(|e| d("allocate w1", e))?;
+                let b = stream
+                    .alloc_zeros::<bf16>(epr * h * f)
+                    .map_err(|e| d("allocate w2", e))?;
+                let s = stream.cu_stream();
+                let seed = seed ^ ((rank as u64) << 32);
+                // SAFETY: both allocations hold exactly the counts filled.
+                unsafe {
+                    kernels
+                        .forward
+                        .fill_random(a.device_ptr(&stream).0, a.len(), seed, *scale, s)
+                        .and_then(|_| {
+                            kernels.forward.fill_random(
+                                b.device_ptr(&stream).0,
+                                b.len(),
+                                seed ^ 1,
+                                *scale,
+                                s,
+                            )
+                        })
+                }
+                .map_err(|source| SchedError::Kernel { rank, source })?;
+                (a, b)
+            }
+        };
+        let cap = capacity.max(1);
+        Ok(WorldRank {
+            x: stream
+                .alloc_zeros(cap * h)
+                .map_err(|e| d("allocate x", e))?,
+            ids: stream
+                .alloc_zeros(cap * k)
+                .map_err(|e| d("allocate ids", e))?,
+            weights: stream
+                .alloc_zeros(cap * k)
+                .map_err(|e| d("allocate weights", e))?,
+            y: stream
+                .alloc_zeros(cap * h)
+                .map_err(|e| d("allocate y", e))?,
+            layer,
+            stream,
+            w1,
+            w2,
+            tokens: 0,
+        })
+    }
+
+    fn set_input(&mut self, cfg: &MoeConfig, inp: &RankInput) -> Result<(), SchedError> {
+        let t = inp.routing.tokens;
+        let (h, k) = (cfg.hidden, cfg.top_k);
+        if t > self.layer.plan().capacity || inp.x.len() != t * h {
+            return Err(SchedError::Input {
+                rank: self.layer.rank(),
+                message: format!(
+                    "{t} tokens with {} x values (capacity {})",
+                    inp.x.len(),
+                    self.layer.plan().capacity
+                ),
+            });
+        }
+        if t > 0 {
+            let x: Vec<bf16> = inp.x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let ids: Vec<i32> = inp.routing.ids.iter().map(|&e| e as i32).collect();
+            let s = Arc::clone(&self.stream);
+            s.memcpy_htod(&x, &mut self.x.slice_mut(0..t * h))
+                .and_then(|_| s.memcpy_htod(&ids, &mut self.ids.slice_mut(0..t * k)))
+                .and_then(|_| {
+                    s.memcpy_htod(&inp.routing.weights, &mut self.weights.slice_mut(0..t * k))
+                })
+                .and_then(|_| s.synchronize())
+                .map_err(|e| self.dev("upload inputs", e))?;
+        }
+        self.tokens = t;
+        Ok(())
+    }
+
+    /// Writes raw ids (e.g. out of range or negative) for the next call.
+    pub fn set_raw_ids(&mut self, ids: &[i32]) -> Result<(), SchedError> {
+        let s = Arc::clone(&self.stream);
+        s.memcpy_htod(ids, &mut self.ids.slice_mut(0..ids.len()))
+            .and_then(|_| s.synchronize())
+            .map_err(|e| self.dev("upload ids", e))
+    }
+
+    /// Sets the token count of the next call without new data.
+    pub fn set_tokens(&mut self, tokens: usize) {
+        self.tokens = tokens;
+    }
+}

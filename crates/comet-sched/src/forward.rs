@@ -1,0 +1,1130 @@
+//! The MoE layer on the device (feature `gpu`; DESIGN.md 6b): tensors in
+//! and out in GPU memory, every phase a kernel enqueued on the caller's
+//! stream, no host synchronisation, capturable in a CUDA graph.
+//!
+//! [`MoeLayer::new`] (collective) sizes every buffer for a capacity once,
+//! loads the kernels and fixes the [`DevicePlan`]; [`MoeLayer::forward`]
+//! then enqueues the phases, the same names as in kernels/moe_forward.cu:
+//!
+//! 1. `route`: per-expert counts and each slot's index in its segment;
+//! 2. `layout`: the count exchange and, on the device, the receive layout,
+//!    send tables and both GEMMs' tile lists;
+//! 3. `dispatch`: x rows into their final rows on their destinations,
+//!    raising `dispatch(le, src)` per segment;
+//! 4. `fc1`: the FC1+SwiGLU grouped GEMM over the device tile list, each
+//!    tile waiting (overlapped mode) on exactly its segments;
+//! 5. `fc2`: FC2 chunk-major, each tile counting into its chunk;
+//! 6. `combine`: finished chunks back to their sources, `combine(from, c)`;
+//! 7. `reduce`: the weighted top-k sum into y (bf16).
+//!
+//! Overlapped (fused mode, when the plan says it pays): dispatch and
+//! combine run on a side stream forked from the caller's with
+//! `plan.comm_blocks` blocks while the GEMMs take the rest of the rank's
+//! share of SMs. Sequential (the non-overlapped baseline, and the fused
+//! mode when there is nothing to overlap): the same kernels one after
+//! another on the caller's stream with the whole share.
+//!
+//! Device errors (a bounded wait that timed out, an expert id out of
+//! range, rows over a receive capacity) land in an error word whose value
+//! the stream copies into pinned host memory at the end of each call: the
+//! next `forward` returns it without enqueueing anything, and
+//! [`MoeLayer::check`] (which synchronises) returns it at once.
+
+use crate::cpu::ExecMode;
+use crate::device_plan::{DevicePlan, KernelTiles};
+use crate::error::SchedError;
+use comet_core::cost::DeviceFigures;
+use comet_core::layout::ring_source;
+use comet_core::schedule::SignalMap;
+use comet_core::MoeConfig;
+use comet_kernels::forward::{
+    fill_u16, layout_smem_bytes, CombineParams, DispatchParams, ForwardKernels, Grid, LayoutParams,
+    ReduceParams, RouteParams, Scalars, StatusWord, WaitParams,
+};
+use comet_kernels::gemm::DeviceWork;
+use comet_kernels::{
+    Epilogue, GemmArgs, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileDesc,
+};
+use comet_transport::gpu::DeviceTransport;
+use comet_transport::BufferId;
+use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Element type of `topk_ids`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdType {
+    I32,
+    I64,
+}
+
+/// Element type of `topk_weights`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    F32,
+    Bf16,
+}
+
+/// One call's tensors, as device pointers (row-major, contiguous).
+///
+/// - `x`: bf16 `[tokens, hidden]`;
+/// - `topk_ids`: `[tokens, top_k]` global expert ids; a negative id drops
+///   the slot (it adds nothing to y); an id >= experts is an error;
+/// - `topk_weights`: `[tokens, top_k]`, used as given (no renormalising);
+/// - `w1`: bf16 `[experts_per_rank, 2 * ffn, hidden]`, this rank's experts:
+///   gate rows `[0, ffn)` then up rows (each row a torch `Linear.weight` row);
+/// - `w2`: bf16 `[experts_per_rank, hidden, ffn]` (torch `Linear.weight`);
+/// - `y`: bf16 `[tokens, hidden]`, fully written:
+///   `y[t] = sum_j w[t, j] * (silu(x W_gate^T) * (x W_up^T)) W_2^T` of
+///   expert `ids[t, j]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardArgs {
+    pub tokens: usize,
+    pub x: CUdeviceptr,
+    pub topk_ids: CUdeviceptr,
+    pub ids: IdType,
+    pub topk_weights: CUdeviceptr,
+    pub weights: WeightType,
+    pub w1: CUdeviceptr,
+    pub w2: CUdeviceptr,
+    pub y: CUdeviceptr,
+}
+
+/// Options of a layer.
+#[derive(Debug, Clone)]
+pub struct LayerOptions {
+    /// Bound of every device wait; past it the call fails with an error
+    /// naming the rank and the signal.
+    pub timeout: Duration,
+    /// Rows this rank can receive per call (None: the worst case).
+    pub recv_capacity: Option<usize>,
+    /// Ranks sharing this rank's GPU (each gets its share of the SMs).
+    pub ranks_per_gpu: usize,
+    /// Device and link figures for the cost model.
+    pub figures: DeviceFigures,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        LayerOptions {
+            timeout: Duration::from_secs(30),
+            recv_capacity: None,
+            ranks_per_gpu: 1,
+            figures: DeviceFigures::h200_nvlink(),
+        }
+    }
+}
+
+/// The kernels of one CUDA context, shared by the layers on it.
+#[derive(Clone)]
+pub struct LayerKernels {
+    pub gemm: Arc<GemmRuntime>,
+    pub forward: Arc<ForwardKernels>,
+}
+
+impl LayerKernels {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<LayerKernels, KernelError> {
+        ctx.bind_to_thread()?;
+        Ok(LayerKernels {
+            gemm: Arc::new(GemmRuntime::new(Arc::clone(ctx))?),
+            forward: Arc::new(ForwardKernels::load(ctx)?),
+        })
+    }
+
+    /// The GEMM variants a layer launches: FC1 (SwiGLU) waiting on its
+    /// segments or not, FC2 counting into chunks or not.
+    fn variants(&self) -> Variants {
+        let mut family = self.gemm.default_family();
+        if family.cluster() != 1 {
+            // Device tile counts need one CTA per tile.
+            family = comet_kernels::Family::SM90_TMA;
+        }
+        let wait = Hooks {
+            wait: true,
+            raise: false,
+        };
+        let raise = Hooks {
+            wait: false,
+            raise: true,
+        };
+        Variants {
+            fc1_wait: GemmVariant::new(family, Epilogue::SwiGlu, wait),
+            fc1: GemmVariant::new(family, Epilogue::SwiGlu, Hooks::NONE),
+            fc2_raise: GemmVariant::new(family, Epilogue::Store, raise),
+            fc2: GemmVariant::new(family, Epilogue::Store, Hooks::NONE),
+        }
+    }
+
+    /// Tile sizes of the variants (for the plan).
+    pub fn tiles(&self) -> KernelTiles {
+        self.variants().tiles()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Variants {
+    fc1_wait: GemmVariant,
+    fc1: GemmVariant,
+    fc2_raise: GemmVariant,
+    fc2: GemmVariant,
+}
+
+impl Variants {
+    fn tiles(&self) -> KernelTiles {
+        KernelTiles {
+            bm: self.fc1.tile_rows(),
+            fc1_cols: self.fc1.tile_out_cols(),
+            fc2_cols: self.fc2.tile_out_cols(),
+        }
+    }
+}
+
+/// Tile sizes of the kernels the default GEMM family of `target` launches
+/// (what `comet plan` shows without a GPU).
+pub fn kernel_tiles_for(family: comet_kernels::Family) -> KernelTiles {
+    let family = if family.cluster() != 1 {
+        comet_kernels::Family::SM90_TMA
+    } else {
+        family
+    };
+    let v = |e| GemmVariant::new(family, e, Hooks::NONE);
+    KernelTiles {
+        bm: v(Epilogue::SwiGlu).tile_rows(),
+        fc1_cols: v(Epilogue::SwiGlu).tile_out_cols(),
+        fc2_cols: v(Epilogue::Store).tile_out_cols(),
+    }
+}
+
+/// What one finished call did (read by [`MoeLayer::check`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallInfo {
+    pub recv_rows: usize,
+    pub sent_rows: usize,
+    pub fc1_tiles: usize,
+    pub fc2_tiles: usize,
+}
+
+/// The symmetric buffers (peers write into them) and every rank's address
+/// of them.
+struct Symmetric {
+    counts: BufferId,
+    recv: BufferId,
+    comb: BufferId,
+}
+
+/// Device memory a layer owns, sized once for its plan. Zeroed per call:
+/// `counters` (segment, chunk and combine counts).
+struct Scratch {
+    _mem: Vec<CudaSlice<u8>>,
+    counters: CUdeviceptr,
+    counters_words: usize,
+    chunk_done: CUdeviceptr,
+    cnt: CUdeviceptr,
+    seg_done: CUdeviceptr,
+    comb_done: CUdeviceptr,
+    epoch: CUdeviceptr,
+    err: CUdeviceptr,
+    sc: CUdeviceptr,
+    local_idx: CUdeviceptr,
+    send_slots: CUdeviceptr,
+    send_off: CUdeviceptr,
+    dest_row: CUdeviceptr,
+    segs: CUdeviceptr,
+    rows_from: CUdeviceptr,
+    fc1_tiles: CUdeviceptr,
+    fc2_tiles: CUdeviceptr,
+    deps: CUdeviceptr,
+    peer_counts: CUdeviceptr,
+    peer_signals: CUdeviceptr,
+    peer_recv: CUdeviceptr,
+    peer_comb: CUdeviceptr,
+    act: CUdeviceptr,
+    out: CUdeviceptr,
+}
+
+/// Byte offsets inside the state block: epoch, error word, scalars.
+const STATE_EPOCH: u64 = 0;
+const STATE_ERR: u64 = 8;
+const STATE_SCALARS: u64 = 16;
+const STATE_BYTES: usize = 16 + std::mem::size_of::<Scalars>();
+
+/// One rank's MoE layer on the device (see the module docs).
+pub struct MoeLayer<T: DeviceTransport> {
+    plan: DevicePlan,
+    t: T,
+    k: LayerKernels,
+    v: Variants,
+    sym: Symmetric,
+    s: Scratch,
+    map: SignalMap,
+    side: Arc<CudaStream>,
+    fork: CudaEvent,
+    join: CudaEvent,
+    status: StatusWord,
+    mode: ExecMode,
+    timeout_ns: u64,
+}
+
+fn dev(rank: usize, what: &str, e: impl std::fmt::Display) -> SchedError {
+    SchedError::Device {
+        rank,
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn kerr(rank: usize) -> impl Fn(KernelError) -> SchedError {
+    move |source| SchedError::Kernel { rank, source }
+}
+
+impl<T: DeviceTransport> MoeLayer<T> {
+    /// Collective: every rank of the transport's world calls it together.
+    /// `capacity` is the most tokens one call of this rank may carry.
+    pub fn new(
+        cfg: &MoeConfig,
+        capacity: usize,
+        t: T,
+        kernels: &LayerKernels,
+        opts: &LayerOptions,
+    ) -> Result<Self, SchedError> {
+        let rank = t.rank();
+        if t.world() != cfg.ranks {
+            return Err(SchedError::Input {
+                rank,
+                message: format!(
+                    "transport world {} but config has {} ranks",
+                    t.world(),
+                    cfg.ranks
+                ),
+            });
+        }
+        let ctx = Arc::clone(t.comm_stream().context());
+        ctx.bind_to_thread()
+            .map_err(|e| dev(rank, "bind context", e))?;
+        let v = kernels.variants();
+        let plan = DevicePlan::new(
+            cfg,
+            capacity,
+            opts.recv_capacity,
+            kernels.gemm.sm_count() as usize,
+            opts.ranks_per_gpu,
+            v.tiles(),
+            &opts.figures,
+        )?;
+        if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
+            return Err(SchedError::Input {
+                rank,
+                message: format!(
+                    "{} ranks x {} experts exceed the device layout's shared memory",
+                    cfg.ranks, cfg.experts
+                ),
+            });
+        }
+        for var in [v.fc1_wait, v.fc1, v.fc2_raise, v.fc2] {
+            kernels.gemm.prepare(&var).map_err(kerr(rank))?;
+        }
+        let map = SignalMap::new(cfg, plan.chunks);
+        let (w, h) = (cfg.ranks, cfg.hidden);
+        let sym = Symmetric {
+            counts: t.alloc_buffer(2 * w * cfg.experts * 4)?,
+            recv: t.alloc_buffer(plan.recv_capacity * h * 2)?,
+            comb: t.alloc_buffer(plan.send_capacity() * h * 2)?,
+        };
+        t.alloc_signals(w + map.len())?;
+        let side = ctx
+            .new_stream()
+            .map_err(|e| dev(rank, "create side stream", e))?;
+        let no_timing = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let fork = ctx
+            .new_event(no_timing)
+            .map_err(|e| dev(rank, "create event", e))?;
+        let join = ctx
+            .new_event(no_timing)
+            .map_err(|e| dev(rank, "create event", e))?;
+        let s = Scratch::new(&plan, &t, &side, &sym)?;
+        let status = StatusWord::new(&ctx).map_err(kerr(rank))?;
+        side.synchronize()
+            .map_err(|e| dev(rank, "synchronize setup", e))?;
+        t.barrier(opts.timeout)?;
+        Ok(MoeLayer {
+            plan,
+            t,
+            k: kernels.clone(),
+            v,
+            sym,
+            s,
+            map,
+            side,
+            fork,
+            join,
+            status,
+            mode: ExecMode::Fused,
+            timeout_ns: opts.timeout.as_nanos().min(u64::MAX as u128) as u64,
+        })
+    }
+
+    pub fn plan(&self) -> &DevicePlan {
+        &self.plan
+    }
+
+    pub fn rank(&self) -> usize {
+        self.t.rank()
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.t
+    }
+
+    /// Fused (overlapped where the plan says so) or the non-overlapped
+    /// baseline; every rank must use the same mode for a call.
+    pub fn set_mode(&mut self, mode: ExecMode) {
+        self.mode = mode;
+    }
+
+    pub fn mode(&self) -> ExecMode {
+        self.mode
+    }
+
+    /// Enqueues one call on `stream` and returns at once.
+    ///
+    /// # Safety
+    /// Every pointer in `a` is device memory of this layer's context with
+    /// the shape [`ForwardArgs`] documents, and stays valid (and unwritten
+    /// by others) until `stream` has run the call. `stream` belongs to the
+    /// same context.
+    pub unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        self.check_args(a)?;
+        self.take_status()?;
+        let rank = self.rank();
+        self.t
+            .comm_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| dev(rank, "bind context", e))?;
+        // SAFETY: the caller's contract covers `a` and `stream`; everything
+        // else is this layer's own memory, sized by its plan.
+        unsafe {
+            self.begin(stream)?;
+            self.route(stream, a)?;
+            self.layout(stream, a)?;
+            if self.mode == ExecMode::Fused && self.plan.overlap {
+                self.overlapped(stream, a)?;
+            } else {
+                self.sequential(stream, a)?;
+            }
+            self.finish(stream)
+        }
+    }
+
+    /// Waits for `stream` (and this layer's side stream), then returns the
+    /// first device error of the calls so far, or what the last call did.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this layer's context.
+    pub unsafe fn check(&mut self, stream: CUstream) -> Result<CallInfo, SchedError> {
+        let rank = self.rank();
+        // SAFETY: synchronising a live stream handle of this context.
+        unsafe { sys::cuStreamSynchronize(stream) }
+            .result()
+            .map_err(|e| dev(rank, "synchronize", e))?;
+        self.side
+            .synchronize()
+            .map_err(|e| dev(rank, "synchronize side stream", e))?;
+        let mut state = [0u8; STATE_BYTES];
+        self.side
+            .memcpy_dtoh(&self.state_view(), &mut state)
+            .map_err(|e| dev(rank, "read state", e))?;
+        self.side
+            .synchronize()
+            .map_err(|e| dev(rank, "read state", e))?;
+        let word = u64::from_le_bytes(state[8..16].try_into().expect("8 bytes"));
+        if word != 0 {
+            self.status.clear();
+            self.clear_error()?;
+            return Err(self.device_error(word));
+        }
+        let sc = |i: usize| {
+            i32::from_le_bytes(state[16 + 4 * i..20 + 4 * i].try_into().expect("4 bytes")).max(0)
+                as usize
+        };
+        Ok(CallInfo {
+            recv_rows: sc(1),
+            sent_rows: sc(2),
+            fc1_tiles: sc(4),
+            fc2_tiles: sc(5),
+        })
+    }
+
+    fn state_view(&self) -> cudarc::driver::CudaView<'_, u8> {
+        self.s._mem[0].slice(0..STATE_BYTES)
+    }
+
+    /// Host-side checks, before anything is enqueued.
+    fn check_args(&self, a: &ForwardArgs) -> Result<(), SchedError> {
+        let rank = self.rank();
+        let bad = |m: String| Err(SchedError::Input { rank, message: m });
+        if a.tokens > self.plan.capacity {
+            return bad(format!(
+                "{} tokens exceed the layer's capacity of {}",
+                a.tokens, self.plan.capacity
+            ));
+        }
+        for (p, what) in [
+            (a.x, "x"),
+            (a.topk_ids, "topk_ids"),
+            (a.topk_weights, "topk_weights"),
+            (a.y, "y"),
+        ] {
+            if a.tokens > 0 && p == 0 {
+                return bad(format!("{what} is a null pointer"));
+            }
+        }
+        for (p, what) in [(a.w1, "w1"), (a.w2, "w2")] {
+            if p == 0 {
+                return bad(format!("{what} is a null pointer"));
+            }
+        }
+        for (p, what) in [(a.x, "x"), (a.y, "y"), (a.w1, "w1"), (a.w2, "w2")] {
+            if p % 16 != 0 {
+                return bad(format!("{what} must be 16-byte aligned (got {p:#x})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// An earlier call's device error (from the status copy), if any.
+    fn take_status(&mut self) -> Result<(), SchedError> {
+        let word = self.status.read();
+        if word == 0 {
+            return Ok(());
+        }
+        self.status.clear();
+        self.clear_error()?;
+        Err(self.device_error(word))
+    }
+
+    fn clear_error(&self) -> Result<(), SchedError> {
+        let rank = self.rank();
+        // SAFETY: the error word of this layer's state block, on its side
+        // stream, synchronised next.
+        unsafe { sys::cuMemsetD32Async(self.s.err, 0, 2, self.side.cu_stream()) }
+            .result()
+            .map_err(|e| dev(rank, "clear error word", e))?;
+        self.side
+            .synchronize()
+            .map_err(|e| dev(rank, "clear error word", e))
+    }
+
+    /// Names what a device error word means for this layer.
+    fn device_error(&self, word: u64) -> SchedError {
+        let rank = self.rank();
+        match KernelError::from_error_word(word) {
+            Some(KernelError::SignalTimeout { signal, .. }) => SchedError::Device {
+                rank,
+                message: format!(
+                    "device wait timed out on {}",
+                    signal_name(&self.map, signal as usize)
+                ),
+            },
+            Some(source) => SchedError::Kernel { rank, source },
+            None => dev(rank, "error word", "empty"),
+        }
+    }
+
+    /// Zeroes this call's counters.
+    unsafe fn begin(&self, stream: CUstream) -> Result<(), SchedError> {
+        // SAFETY: the counters block of the scratch, on the call's stream.
+        unsafe { sys::cuMemsetD32Async(self.s.counters, 0, self.s.counters_words, stream) }
+            .result()
+            .map_err(|e| dev(self.rank(), "zero counters", e))
+    }
+
+    fn route_params(&self, a: &ForwardArgs) -> RouteParams {
+        RouteParams {
+            ids: a.topk_ids,
+            cnt: self.s.cnt,
+            local_idx: self.s.local_idx,
+            epoch: self.s.epoch,
+            err: self.s.err,
+            slots: (a.tokens * self.plan.cfg.top_k) as i32,
+            experts: self.plan.cfg.experts as i32,
+            ids_i64: i32::from(a.ids == IdType::I64),
+            pad: 0,
+        }
+    }
+
+    unsafe fn route(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        let g = Grid {
+            blocks: self.plan.route_blocks(a.tokens) as u32,
+            smem: (4 * self.plan.cfg.experts) as u32,
+        };
+        // SAFETY: ids has tokens*k entries (caller); the rest is scratch.
+        unsafe { self.k.forward.route(&self.route_params(a), g, stream) }.map_err(kerr(self.rank()))
+    }
+
+    fn layout_params(&self, a: &ForwardArgs) -> Result<LayoutParams, SchedError> {
+        let (cfg, p) = (&self.plan.cfg, &self.plan);
+        Ok(LayoutParams {
+            cnt: self.s.cnt,
+            ids: a.topk_ids,
+            local_idx: self.s.local_idx,
+            counts: self.t.buffer_ptr(self.sym.counts)?,
+            peer_counts: self.s.peer_counts,
+            peer_signals: self.s.peer_signals,
+            signals: self.t.signals_ptr()?,
+            epoch: self.s.epoch,
+            err: self.s.err,
+            sc: self.s.sc,
+            send_off: self.s.send_off,
+            dest_row: self.s.dest_row,
+            segs: self.s.segs,
+            rows_from: self.s.rows_from,
+            send_slots: self.s.send_slots,
+            fc1: self.s.fc1_tiles,
+            fc2: self.s.fc2_tiles,
+            timeout_ns: self.timeout_ns,
+            slots: (a.tokens * cfg.top_k) as i32,
+            experts: cfg.experts as i32,
+            ranks: cfg.ranks as i32,
+            me: self.rank() as i32,
+            epr: cfg.experts_per_rank() as i32,
+            ids_i64: i32::from(a.ids == IdType::I64),
+            recv_cap: p.recv_capacity as i32,
+            bm: p.tiles.bm as i32,
+            ncol1: (cfg.ffn / p.tiles.fc1_cols) as i32,
+            bn1: p.tiles.fc1_cols as i32,
+            nc2: (p.chunk_cols / p.tiles.fc2_cols) as i32,
+            bn2: p.tiles.fc2_cols as i32,
+            cols: p.chunk_cols as i32,
+            chunks: p.chunks as i32,
+            pad: [0; 2],
+        })
+    }
+
+    unsafe fn layout(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        let cfg = &self.plan.cfg;
+        let g = Grid {
+            blocks: self.plan.aux_blocks.min(32) as u32,
+            smem: layout_smem_bytes(cfg.ranks, cfg.experts) as u32,
+        };
+        let p = self.layout_params(a)?;
+        // SAFETY: as in route; peer tables hold live symmetric addresses.
+        unsafe { self.k.forward.layout(&p, g, stream) }.map_err(kerr(self.rank()))
+    }
+
+    unsafe fn dispatch(
+        &self,
+        stream: CUstream,
+        a: &ForwardArgs,
+        blocks: usize,
+    ) -> Result<(), SchedError> {
+        let cfg = &self.plan.cfg;
+        let p = DispatchParams {
+            x: a.x,
+            ids: a.topk_ids,
+            local_idx: self.s.local_idx,
+            send_slots: self.s.send_slots,
+            send_off: self.s.send_off,
+            dest_row: self.s.dest_row,
+            cnt: self.s.cnt,
+            seg_done: self.s.seg_done,
+            peer_recv: self.s.peer_recv,
+            peer_signals: self.s.peer_signals,
+            sc: self.s.sc,
+            epoch: self.s.epoch,
+            hidden: cfg.hidden as i32,
+            k: cfg.top_k as i32,
+            experts: cfg.experts as i32,
+            epr: cfg.experts_per_rank() as i32,
+            ranks: cfg.ranks as i32,
+            me: self.rank() as i32,
+            ids_i64: i32::from(a.ids == IdType::I64),
+            pad: 0,
+        };
+        // SAFETY: x has tokens rows of hidden (caller); the rest is scratch
+        // and the peers' receive buffers of the plan's capacity.
+        unsafe {
+            self.k
+                .forward
+                .dispatch(&p, Grid::blocks(blocks as u32), stream)
+        }
+        .map_err(kerr(self.rank()))
+    }
+
+    /// Sequential mode: every segment of this rank has landed.
+    unsafe fn wait_dispatch(&self, stream: CUstream) -> Result<(), SchedError> {
+        let w = self.plan.cfg.ranks;
+        let p = WaitParams {
+            signals: self.t.signals_ptr()?,
+            sc: self.s.sc,
+            epoch: self.s.epoch,
+            err: self.s.err,
+            timeout_ns: self.timeout_ns,
+            first: w as i32,
+            count: (self.plan.cfg.experts_per_rank() * w) as i32,
+        };
+        // SAFETY: indices inside this rank's signal array.
+        unsafe { self.k.forward.wait(&p, stream) }.map_err(kerr(self.rank()))
+    }
+
+    fn work(&self, count_field: usize, grid: usize) -> DeviceWork {
+        DeviceWork {
+            num_tiles: self.s.sc + 4 * count_field as u64,
+            epoch: self.s.epoch,
+            grid: grid as u32,
+        }
+    }
+
+    unsafe fn fc1(
+        &self,
+        stream: CUstream,
+        a: &ForwardArgs,
+        hooked: bool,
+        grid: usize,
+    ) -> Result<(), SchedError> {
+        let (cfg, p) = (&self.plan.cfg, &self.plan);
+        let v = if hooked { self.v.fc1_wait } else { self.v.fc1 };
+        let args = GemmArgs {
+            a: self.t.buffer_ptr(self.sym.recv)?,
+            b: a.w1,
+            c: self.s.act,
+            tiles: self.s.fc1_tiles,
+            num_tiles: p.fc1_tiles_cap(),
+            total_rows: p.recv_capacity,
+            k: cfg.hidden,
+            n: 2 * cfg.ffn,
+            ldc: cfg.ffn,
+            experts: cfg.experts_per_rank(),
+            scatter_idx: 0,
+            scatter_w: 0,
+            err: self.s.err,
+            hooks: hooked.then_some(HookArgs {
+                signals: self.t.signals_ptr()?,
+                deps: self.s.deps,
+                wait_target: 0,
+                raise_value: 0,
+                timeout_ns: self.timeout_ns,
+            }),
+            split: None,
+            device: Some(self.work(4, grid)),
+        };
+        self.launch_gemm(&v, &args, stream)
+    }
+
+    unsafe fn fc2(
+        &self,
+        stream: CUstream,
+        a: &ForwardArgs,
+        hooked: bool,
+        grid: usize,
+    ) -> Result<(), SchedError> {
+        let (cfg, p) = (&self.plan.cfg, &self.plan);
+        let v = if hooked { self.v.fc2_raise } else { self.v.fc2 };
+        let args = GemmArgs {
+            a: self.s.act,
+            b: a.w2,
+            c: self.s.out,
+            tiles: self.s.fc2_tiles,
+            num_tiles: p.fc2_tiles_cap(),
+            total_rows: p.recv_capacity,
+            k: cfg.ffn,
+            n: cfg.hidden,
+            ldc: cfg.hidden,
+            experts: cfg.experts_per_rank(),
+            scatter_idx: 0,
+            scatter_w: 0,
+            err: self.s.err,
+            hooks: hooked.then_some(HookArgs {
+                signals: self.s.chunk_done,
+                deps: 0,
+                wait_target: 0,
+                raise_value: 0,
+                timeout_ns: self.timeout_ns,
+            }),
+            split: None,
+            device: Some(self.work(5, grid)),
+        };
+        self.launch_gemm(&v, &args, stream)
+    }
+
+    fn launch_gemm(
+        &self,
+        v: &GemmVariant,
+        args: &GemmArgs,
+        stream: CUstream,
+    ) -> Result<(), SchedError> {
+        // SAFETY: A, C and the tile list are this layer's buffers sized for
+        // the plan's capacity (tile lists hold fc*_tiles_cap entries, rows
+        // stay below recv_capacity); B is the caller's weights of the shape
+        // ForwardArgs documents; all live until the stream has run.
+        unsafe { self.k.gemm.launch_raw(v, args, stream) }.map_err(kerr(self.rank()))
+    }
+
+    unsafe fn combine(
+        &self,
+        stream: CUstream,
+        overlapped: bool,
+        blocks: usize,
+    ) -> Result<(), SchedError> {
+        let cfg = &self.plan.cfg;
+        if cfg.ranks == 1 {
+            return Ok(());
+        }
+        let p = CombineParams {
+            out: self.s.out,
+            segs: self.s.segs,
+            rows_from: self.s.rows_from,
+            chunk_done: self.s.chunk_done,
+            comb_done: self.s.comb_done,
+            peer_comb: self.s.peer_comb,
+            peer_signals: self.s.peer_signals,
+            sc: self.s.sc,
+            epoch: self.s.epoch,
+            err: self.s.err,
+            timeout_ns: self.timeout_ns,
+            hidden: cfg.hidden as i32,
+            cols: self.plan.chunk_cols as i32,
+            chunks: self.plan.chunks as i32,
+            epr: cfg.experts_per_rank() as i32,
+            ranks: cfg.ranks as i32,
+            me: self.rank() as i32,
+            wait_chunks: i32::from(overlapped),
+            chunk_sig0: (cfg.ranks + self.map.chunk_done(0) as usize) as i32,
+        };
+        // SAFETY: scratch and the peers' combine buffers of the plan's
+        // send capacity.
+        unsafe {
+            self.k
+                .forward
+                .combine(&p, Grid::blocks(blocks as u32), stream)
+        }
+        .map_err(kerr(self.rank()))
+    }
+
+    unsafe fn reduce(
+        &self,
+        stream: CUstream,
+        a: &ForwardArgs,
+        blocks: usize,
+    ) -> Result<(), SchedError> {
+        let cfg = &self.plan.cfg;
+        if a.tokens == 0 {
+            return Ok(());
+        }
+        let p = ReduceParams {
+            out: self.s.out,
+            comb: self.t.buffer_ptr(self.sym.comb)?,
+            ids: a.topk_ids,
+            w: a.topk_weights,
+            local_idx: self.s.local_idx,
+            send_off: self.s.send_off,
+            segs: self.s.segs,
+            y: a.y,
+            signals: self.t.signals_ptr()?,
+            sc: self.s.sc,
+            epoch: self.s.epoch,
+            err: self.s.err,
+            timeout_ns: self.timeout_ns,
+            tokens: a.tokens as i32,
+            k: cfg.top_k as i32,
+            hidden: cfg.hidden as i32,
+            cols: self.plan.chunk_cols as i32,
+            chunks: self.plan.chunks as i32,
+            epr: cfg.experts_per_rank() as i32,
+            ranks: cfg.ranks as i32,
+            me: self.rank() as i32,
+            ids_i64: i32::from(a.ids == IdType::I64),
+            w_bf16: i32::from(a.weights == WeightType::Bf16),
+            pad: [0; 2],
+        };
+        // SAFETY: ids/weights have tokens*k entries and y tokens rows
+        // (caller); the rest is this layer's memory.
+        unsafe {
+            self.k
+                .forward
+                .reduce(&p, Grid::blocks(blocks as u32), stream)
+        }
+        .map_err(kerr(self.rank()))
+    }
+
+    /// Dispatch and combine on the side stream beside the GEMMs.
+    unsafe fn overlapped(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        let (comm, grid) = (self.plan.comm_blocks, self.plan.gemm_grid_overlap);
+        let side = self.side.cu_stream();
+        // SAFETY: the phases' contracts as in forward; the side stream is
+        // forked from and joined back into the caller's stream.
+        unsafe {
+            self.fork_side(stream)?;
+            self.dispatch(side, a, comm)?;
+            self.fc1(stream, a, true, grid)?;
+            self.fc2(stream, a, true, grid)?;
+            self.combine(side, true, comm)?;
+            self.reduce(stream, a, grid)?;
+            self.join_side(stream)
+        }
+    }
+
+    /// Every phase in sequence on the caller's stream.
+    unsafe fn sequential(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        let (aux, grid) = (self.plan.aux_blocks, self.plan.gemm_grid);
+        // SAFETY: as in forward.
+        unsafe {
+            self.dispatch(stream, a, aux)?;
+            self.wait_dispatch(stream)?;
+            self.fc1(stream, a, false, grid)?;
+            self.fc2(stream, a, false, grid)?;
+            self.combine(stream, false, aux)?;
+            self.reduce(stream, a, aux)
+        }
+    }
+
+    unsafe fn fork_side(&self, stream: CUstream) -> Result<(), SchedError> {
+        let rank = self.rank();
+        // SAFETY: live event and streams of this context.
+        unsafe {
+            sys::cuEventRecord(self.fork.cu_event(), stream)
+                .result()
+                .and_then(|_| {
+                    sys::cuStreamWaitEvent(self.side.cu_stream(), self.fork.cu_event(), 0).result()
+                })
+        }
+        .map_err(|e| dev(rank, "fork side stream", e))
+    }
+
+    unsafe fn join_side(&self, stream: CUstream) -> Result<(), SchedError> {
+        let rank = self.rank();
+        // SAFETY: live event and streams of this context.
+        unsafe {
+            sys::cuEventRecord(self.join.cu_event(), self.side.cu_stream())
+                .result()
+                .and_then(|_| sys::cuStreamWaitEvent(stream, self.join.cu_event(), 0).result())
+        }
+        .map_err(|e| dev(rank, "join side stream", e))
+    }
+
+    /// The call's status into pinned host memory (read by the next call).
+    unsafe fn finish(&self, stream: CUstream) -> Result<(), SchedError> {
+        // SAFETY: the error word of this layer's state block.
+        unsafe { self.status.copy_from(self.s.err, stream) }.map_err(kerr(self.rank()))
+    }
+
+    /// Enqueues only the two grouped GEMMs (no hooks, whole share) over the
+    /// rows and tile lists of the last call: the bench's GEMM-only figure.
+    ///
+    /// # Safety
+    /// As [`MoeLayer::forward`]; a call must have run before.
+    pub unsafe fn gemms_only(
+        &mut self,
+        stream: CUstream,
+        a: &ForwardArgs,
+    ) -> Result<(), SchedError> {
+        self.check_args(a)?;
+        // SAFETY: as in forward.
+        unsafe {
+            self.fc1(stream, a, false, self.plan.gemm_grid)?;
+            self.fc2(stream, a, false, self.plan.gemm_grid)
+        }
+    }
+
+    /// Fills the receive, activation and FC2 output buffers with NaN (tests:
+    /// rows read before they are written show up).
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this layer's context.
+    pub unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
+        let p = &self.plan;
+        let (h, f) = (p.cfg.hidden, p.cfg.ffn);
+        let recv = self.t.buffer_ptr(self.sym.recv)?;
+        let comb = self.t.buffer_ptr(self.sym.comb)?;
+        // SAFETY: each range lies inside its allocation (plan capacities).
+        unsafe {
+            fill_u16(stream, recv, 0xFFFF, p.recv_capacity * h)
+                .and_then(|_| fill_u16(stream, comb, 0xFFFF, p.send_capacity() * h))
+                .and_then(|_| fill_u16(stream, self.s.act, 0xFFFF, p.recv_capacity * f))
+                .and_then(|_| fill_u16(stream, self.s.out, 0xFFFF, p.recv_capacity * h))
+        }
+        .map_err(kerr(self.rank()))
+    }
+}
+
+/// Names a signal by its absolute index in a rank's signal array.
+pub fn signal_name(map: &SignalMap, index: usize) -> String {
+    let (w, epr, chunks) = (map.ranks, map.experts_per_rank, map.chunks);
+    if index < w {
+        return format!("count(src {index})");
+    }
+    let i = index - w;
+    if i < epr * w {
+        format!("dispatch(expert {}, src {})", i / w, i % w)
+    } else if i < epr * w + w * chunks {
+        let j = i - epr * w;
+        format!("combine(from {}, chunk {})", j / chunks, j % chunks)
+    } else if i < map.len() {
+        format!("chunk_done({})", i - epr * w - w * chunks)
+    } else {
+        format!("signal {index} (outside the map)")
+    }
+}
+
+impl Scratch {
+    fn new<T: DeviceTransport>(
+        plan: &DevicePlan,
+        t: &T,
+        stream: &Arc<CudaStream>,
+        sym: &Symmetric,
+    ) -> Result<Scratch, SchedError> {
+        let rank = t.rank();
+        let cfg = &plan.cfg;
+        let (w, e, epr) = (cfg.ranks, cfg.experts, cfg.experts_per_rank());
+        let mut mem: Vec<CudaSlice<u8>> = Vec::new();
+        let mut alloc = |bytes: usize, what: &str| -> Result<CUdeviceptr, SchedError> {
+            let s = stream
+                .alloc_zeros::<u8>(bytes.max(16))
+                .map_err(|err| dev(rank, what, err))?;
+            let p = s.device_ptr(stream).0;
+            mem.push(s);
+            Ok(p)
+        };
+        let state = alloc(STATE_BYTES, "allocate state")?;
+        let chunks = plan.chunks;
+        // u64 chunk counters first, then u32 counts.
+        let counters_words = 2 * chunks + e + e + chunks * w;
+        let counters = alloc(4 * counters_words, "allocate counters")?;
+        let slots = plan.send_capacity();
+        let tile = std::mem::size_of::<TileDesc>();
+        let mut s = Scratch {
+            _mem: Vec::new(),
+            counters,
+            counters_words,
+            chunk_done: counters,
+            cnt: counters + 8 * chunks as u64,
+            seg_done: counters + 8 * chunks as u64 + 4 * e as u64,
+            comb_done: counters + 8 * chunks as u64 + 8 * e as u64,
+            epoch: state + STATE_EPOCH,
+            err: state + STATE_ERR,
+            sc: state + STATE_SCALARS,
+            local_idx: alloc(4 * slots, "allocate slot indices")?,
+            send_slots: alloc(4 * slots, "allocate send order")?,
+            send_off: alloc(4 * (e + 1), "allocate send offsets")?,
+            dest_row: alloc(4 * e, "allocate destination rows")?,
+            segs: alloc(16 * e, "allocate segments")?,
+            rows_from: alloc(4 * w, "allocate source rows")?,
+            fc1_tiles: alloc(tile * plan.fc1_tiles_cap(), "allocate FC1 tiles")?,
+            fc2_tiles: alloc(tile * plan.fc2_tiles_cap(), "allocate FC2 tiles")?,
+            deps: alloc(4 * e, "allocate dependencies")?,
+            peer_counts: alloc(8 * w, "allocate peer tables")?,
+            peer_signals: alloc(8 * w, "allocate peer tables")?,
+            peer_recv: alloc(8 * w, "allocate peer tables")?,
+            peer_comb: alloc(8 * w, "allocate peer tables")?,
+            act: alloc(2 * plan.recv_capacity * cfg.ffn, "allocate activations")?,
+            out: alloc(2 * plan.recv_capacity * cfg.hidden, "allocate FC2 output")?,
+        };
+        // Static tables: FC1 tile i of local expert le waits on the
+        // dispatch signals of its segments, in arrival order.
+        let deps: Vec<u32> = (0..epr)
+            .flat_map(|le| (0..w).map(move |i| (w + le * w + ring_source(rank, i, w)) as u32))
+            .collect();
+        let peers = |f: &dyn Fn(usize) -> Result<Option<u64>, comet_transport::TransportError>,
+                     what: &str|
+         -> Result<Vec<u64>, SchedError> {
+            (0..w)
+                .map(|r| {
+                    f(r)?.ok_or_else(|| SchedError::Input {
+                        rank,
+                        message: format!(
+                            "the transport cannot map rank {r}'s {what}: the device forward \
+                             needs a device-initiated transport (nvlink)"
+                        ),
+                    })
+                })
+                .collect()
+        };
+        let own_or_peer = |buf: BufferId| {
+            move |r: usize| {
+                if r == rank {
+                    t.buffer_ptr(buf).map(Some)
+                } else {
+                    t.peer_buffer_ptr(r, buf)
+                }
+            }
+        };
+        let sig = |r: usize| {
+            if r == rank {
+                t.signals_ptr().map(Some)
+            } else {
+                t.peer_signals_ptr(r)
+            }
+        };
+        let tables: [(CUdeviceptr, Vec<u64>); 4] = [
+            (s.peer_counts, peers(&own_or_peer(sym.counts), "counts")?),
+            (s.peer_signals, peers(&sig, "signals")?),
+            (
+                s.peer_recv,
+                peers(&own_or_peer(sym.recv), "receive buffer")?,
+            ),
+            (
+                s.peer_comb,
+                peers(&own_or_peer(sym.comb), "combine buffer")?,
+            ),
+        ];
+        // The zero fills of the allocations above run on `stream`; the
+        // synchronous uploads below must come after them.
+        stream
+            .synchronize()
+            .map_err(|e| dev(rank, "allocate scratch", e))?;
+        let upload = |dst: CUdeviceptr, bytes: &[u8]| -> Result<(), SchedError> {
+            // SAFETY: dst is a scratch allocation of at least bytes.len()
+            // bytes; the copy is synchronous.
+            unsafe { cudarc::driver::result::memcpy_htod_sync(dst, bytes) }
+                .map_err(|e| dev(rank, "upload tables", e))
+        };
+        upload(s.deps, &words(&deps))?;
+        for (dst, ptrs) in &tables {
+            upload(*dst, &words(ptrs))?;
+        }
+        s._mem = mem;
+        Ok(s)
+    }
+}
+
+/// Little-endian bytes of plain integers (the device's byte order).
+fn words<W: Copy + Into<u64>>(v: &[W]) -> Vec<u8> {
+    let size = std::mem::size_of::<W>();
+    v.iter()
+        .flat_map(|&x| x.into().to_le_bytes().into_iter().take(size))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_are_named() {
+        let map = SignalMap {
+            ranks: 2,
+            experts_per_rank: 3,
+            chunks: 4,
+        };
+        assert_eq!(signal_name(&map, 1), "count(src 1)");
+        assert_eq!(
+            signal_name(&map, 2 + map.dispatch(2, 1) as usize),
+            "dispatch(expert 2, src 1)"
+        );
+        assert_eq!(
+            signal_name(&map, 2 + map.combine(1, 3) as usize),
+            "combine(from 1, chunk 3)"
+        );
+        assert_eq!(
+            signal_name(&map, 2 + map.chunk_done(2) as usize),
+            "chunk_done(2)"
+        );
+        assert!(signal_name(&map, 1000).contains("outside"));
+    }
+
+    #[test]
+    fn words_are_little_endian() {
+        assert_eq!(words(&[1u32, 0x0102_0304]), vec![1, 0, 0, 0, 4, 3, 2, 1]);
+        assert_eq!(words(&[2u64]).len(), 8);
+    }
+}

@@ -53,10 +53,38 @@ __device__ __forceinline__ u64* peer_word(const u64* table, int rank, long long 
   return reinterpret_cast<u64*>(table[rank]) + index;
 }
 
-// 16-byte vectors of one row, copied by the lanes of a warp.
-__device__ __forceinline__ void warp_copy(uint4* dst, const uint4* src, int vecs, int lane) {
-#pragma unroll 4
-  for (int v = lane; v < vecs; v += 32) dst[v] = src[v];
+// Rows a warp moves at once, and the most top-k slots of a token.
+constexpr int ROWS = 4;
+constexpr int MAX_TOPK = 16;
+
+// One lane's row of a warp's batch: 16-byte vectors from src to dst (none
+// when dst is null).
+struct RowCopy {
+  const uint4* src = nullptr;
+  uint4* dst = nullptr;
+};
+
+// Lane r < ROWS holds row r of the batch; all lanes copy all rows, the
+// loads of every row in flight before the stores.
+__device__ __forceinline__ void copy_rows(const RowCopy& mine, int vecs, int lane) {
+  const uint4* src[ROWS];
+  uint4* dst[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    src[r] = reinterpret_cast<const uint4*>(
+        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine.src), r));
+    dst[r] = reinterpret_cast<uint4*>(
+        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine.dst), r));
+  }
+  for (int v = lane; v < vecs; v += 32) {
+    uint4 a[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+      if (dst[r]) a[r] = src[r][v];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+      if (dst[r]) dst[r][v] = a[r];
+  }
 }
 
 struct RouteParams {
@@ -463,8 +491,10 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
 }
 
 // Warps take send positions from this rank's own rows on (own segments land
-// first, then the next ranks in ring order), one row each; the warp that
-// stores a segment's last row raises dispatch(le, me) on its destination.
+// first, then the next ranks in ring order), ROWS at a time: one lane
+// resolves each row's source and destination, then all lanes copy the rows
+// with their loads in flight together; the lane whose row completes a
+// segment raises dispatch(le, me) on its destination.
 extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_constant__ DispatchParams p) {
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
@@ -481,23 +511,29 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_co
   const int lane = threadIdx.x & 31;
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-  const int vecs = p.hidden / 8;
-  for (long long w = warp; w < total; w += nwarps) {
-    long long pos = start + w;
-    if (pos >= total) pos -= total;
-    const int slot = p.send_slots[pos];
-    const int e = (int)load_id(p.ids, p.ids_i64, slot);
-    const int dst = e / p.epr;
-    const long long row = (long long)p.dest_row[e] + p.local_idx[slot];
-    const uint4* src = reinterpret_cast<const uint4*>(p.x + (size_t)(slot / p.k) * p.hidden);
-    uint4* dstp = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_recv[dst]) + row * p.hidden);
-    warp_copy(dstp, src, vecs, lane);
+  for (long long w0 = warp * ROWS; w0 < total; w0 += nwarps * ROWS) {
+    RowCopy rc;
+    int e = -1;
+    if (lane < ROWS && w0 + lane < total) {
+      long long pos = start + w0 + lane;
+      if (pos >= total) pos -= total;
+      const int slot = p.send_slots[pos];
+      e = (int)load_id(p.ids, p.ids_i64, slot);
+      const int dst = e / p.epr;
+      const long long row = (long long)p.dest_row[e] + p.local_idx[slot];
+      rc.src = reinterpret_cast<const uint4*>(p.x + (size_t)(slot / p.k) * p.hidden);
+      rc.dst = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_recv[dst]) + row * p.hidden);
+    }
+    copy_rows(rc, p.hidden / 8, lane);
     signal_fence();
     __syncwarp();
-    if (lane == 0 && atomicAdd(&p.seg_done[e], 1u) + 1u == p.cnt[e])
+    if (e >= 0 && atomicAdd(&p.seg_done[e], 1u) + 1u == p.cnt[e]) {
+      const int dst = e / p.epr;
       signal_raise(peer_word(p.peer_signals, dst, 0), dispatch_sig(W, e - dst * p.epr, p.me), epoch);
+    }
   }
 }
+
 
 extern "C" __global__ void __launch_bounds__(256) comet_wait_signals(const __grid_constant__ WaitParams p) {
   if (!p.sc->ok) return;
@@ -506,16 +542,20 @@ extern "C" __global__ void __launch_bounds__(256) comet_wait_signals(const __gri
     if (!signal_wait(p.signals, (unsigned)(p.first + i), epoch, p.timeout_ns, p.err)) return;
 }
 
-// Rows of other sources only: the reduce reads this rank's own rows in place.
+// Rows of other sources only: the reduce reads this rank's own rows in
+// place. The segment table sits in shared memory (each row looks up its
+// segment); rows move ROWS per warp as in the dispatch.
 extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_constant__ CombineParams p) {
+  extern __shared__ int segs[];
   __shared__ int ok;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
   const int W = p.ranks, nseg = p.epr * W, recv = p.sc->recv_rows;
+  for (int i = threadIdx.x; i < 4 * nseg; i += blockDim.x) segs[i] = p.segs[i];
+  __syncthreads();
   const int lane = threadIdx.x & 31;
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-  const int vecs = p.cols / 8;
   for (int c = 0; c < p.chunks; ++c) {
     if (blockIdx.x == 0)
       for (int s = threadIdx.x; s < W; s += blockDim.x)
@@ -531,36 +571,45 @@ extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_con
       __syncthreads();  // thread 0 rewrites `ok` for the next chunk
       if (!good) return;
     }
-    for (long long w = warp; w < recv; w += nwarps) {
-      const int r = (int)w;
-      int lo = 0, hi = nseg - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (p.segs[4 * mid] <= r) lo = mid; else hi = mid - 1;
+    for (long long w0 = warp * ROWS; w0 < recv; w0 += nwarps * ROWS) {
+      RowCopy rc;
+      int src = -1;
+      if (lane < ROWS && w0 + lane < recv) {
+        const int r = (int)(w0 + lane);
+        int lo = 0, hi = nseg - 1;
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (segs[4 * mid] <= r) lo = mid; else hi = mid - 1;
+        }
+        const int* sg = segs + 4 * lo;
+        if (sg[2] != p.me) {
+          src = sg[2];
+          const long long pos = (long long)sg[3] + (r - sg[0]);
+          rc.src = reinterpret_cast<const uint4*>(p.out + (size_t)r * p.hidden + (size_t)c * p.cols);
+          rc.dst = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_comb[src]) +
+                                            pos * p.hidden + (long long)c * p.cols);
+        }
       }
-      const int* sg = p.segs + 4 * lo;
-      const int src = sg[2];
-      if (src == p.me) continue;
-      const long long pos = (long long)sg[3] + (r - sg[0]);
-      const uint4* from = reinterpret_cast<const uint4*>(p.out + (size_t)r * p.hidden + (size_t)c * p.cols);
-      uint4* to = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_comb[src]) +
-                                           pos * p.hidden + (long long)c * p.cols);
-      warp_copy(to, from, vecs, lane);
+      copy_rows(rc, p.cols / 8, lane);
       signal_fence();
       __syncwarp();
-      if (lane == 0 && atomicAdd(&p.comb_done[c * W + src], 1u) + 1u == (unsigned)p.rows_from[src])
+      if (src >= 0 && atomicAdd(&p.comb_done[c * W + src], 1u) + 1u == (unsigned)p.rows_from[src])
         signal_raise(peer_word(p.peer_signals, src, 0), combine_sig(W, p.epr, p.chunks, p.me, c), epoch);
     }
   }
 }
 
+// A warp per token: lanes 0..k-1 resolve the token's k rows (its own FC2
+// output for this rank's experts, the combine buffer for the others) and
+// weights once; every lane then sums its 16-byte column vectors over them.
 extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_constant__ ReduceParams p) {
   __shared__ int ok;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
   const int W = p.ranks, vecs = p.cols / 8;
-  const long long per_chunk = (long long)p.tokens * vecs;
-  const long long stride = (long long)gridDim.x * blockDim.x;
+  const int lane = threadIdx.x & 31;
+  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
   for (int c = 0; c < p.chunks; ++c) {
     if (threadIdx.x == 0) {
       int good = 1;
@@ -573,36 +622,51 @@ extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_cons
     const bool landed = ok != 0;
     __syncthreads();  // thread 0 rewrites `ok` for the next chunk
     if (!landed) return;
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < per_chunk; idx += stride) {
-      const int t = (int)(idx / vecs);
-      const int v = (int)(idx - (long long)t * vecs);
-      const long long col = (long long)c * p.cols + v * 8;
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int j = 0; j < p.k; ++j) {
-        const long long slot = (long long)t * p.k + j;
+    for (long long t = warp; t < p.tokens; t += nwarps) {
+      unsigned long long mine = 0ull;
+      float wmine = 0.f;
+      if (lane < p.k) {
+        const long long slot = t * p.k + lane;
         const int li = p.local_idx[slot];
-        if (li < 0) continue;
-        const int e = (int)load_id(p.ids, p.ids_i64, slot);
-        const int dst = e / p.epr;
-        const float wt = p.w_bf16 ? bf16_to_f32(reinterpret_cast<const unsigned short*>(p.w)[slot])
-                                  : reinterpret_cast<const float*>(p.w)[slot];
-        const bf16_t* row = dst == p.me
-                                ? p.out + (long long)(p.segs[4 * ((e - dst * p.epr) * W)] + li) * p.hidden
-                                : p.comb + (long long)(p.send_off[e] + li) * p.hidden;
-        const uint4 q = *reinterpret_cast<const uint4*>(row + col);
-        const unsigned u[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          acc[2 * h] += wt * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
-          acc[2 * h + 1] += wt * bf16_to_f32((unsigned short)(u[h] >> 16));
+        if (li >= 0) {
+          const int e = (int)load_id(p.ids, p.ids_i64, slot);
+          const int dst = e / p.epr;
+          wmine = p.w_bf16 ? bf16_to_f32(reinterpret_cast<const unsigned short*>(p.w)[slot])
+                           : reinterpret_cast<const float*>(p.w)[slot];
+          const bf16_t* row = dst == p.me
+                                  ? p.out + (long long)(p.segs[4 * ((e - dst * p.epr) * W)] + li) * p.hidden
+                                  : p.comb + (long long)(p.send_off[e] + li) * p.hidden;
+          mine = reinterpret_cast<unsigned long long>(row + (long long)c * p.cols);
         }
       }
-      uint4 o;
-      o.x = pack_bf16x2(acc[0], acc[1]);
-      o.y = pack_bf16x2(acc[2], acc[3]);
-      o.z = pack_bf16x2(acc[4], acc[5]);
-      o.w = pack_bf16x2(acc[6], acc[7]);
-      *reinterpret_cast<uint4*>(p.y + (long long)t * p.hidden + col) = o;
+      const uint4* rows[MAX_TOPK];
+      float wts[MAX_TOPK];
+#pragma unroll
+      for (int j = 0; j < MAX_TOPK; ++j) {
+        rows[j] = j < p.k ? reinterpret_cast<const uint4*>(__shfl_sync(0xffffffffu, mine, j)) : nullptr;
+        wts[j] = j < p.k ? __shfl_sync(0xffffffffu, wmine, j) : 0.f;
+      }
+      bf16_t* yrow = p.y + t * p.hidden + (long long)c * p.cols;
+      for (int v = lane; v < vecs; v += 32) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < MAX_TOPK; ++j) {
+          if (rows[j] == nullptr) continue;
+          const uint4 q = rows[j][v];
+          const unsigned u[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            acc[2 * h] += wts[j] * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
+            acc[2 * h + 1] += wts[j] * bf16_to_f32((unsigned short)(u[h] >> 16));
+          }
+        }
+        uint4 o;
+        o.x = pack_bf16x2(acc[0], acc[1]);
+        o.y = pack_bf16x2(acc[2], acc[3]);
+        o.z = pack_bf16x2(acc[4], acc[5]);
+        o.w = pack_bf16x2(acc[6], acc[7]);
+        reinterpret_cast<uint4*>(yrow)[v] = o;
+      }
     }
   }
 }

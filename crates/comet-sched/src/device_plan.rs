@@ -29,6 +29,8 @@ pub struct KernelTiles {
 pub const MAX_EXPERTS: usize = 1024;
 /// The most ranks the device layout handles.
 pub const MAX_RANKS: usize = 512;
+/// The most top-k slots per token the device reduce handles.
+pub const MAX_TOP_K: usize = 16;
 
 /// The layer's plan (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +92,12 @@ impl DevicePlan {
                      {MAX_EXPERTS} experts and {MAX_RANKS} ranks",
                     cfg.experts
                 ),
+            ));
+        }
+        if cfg.top_k > MAX_TOP_K {
+            return Err(bad(
+                "top_k",
+                format!("{} exceeds the device reduce's {MAX_TOP_K}", cfg.top_k),
             ));
         }
         if !h.is_multiple_of(64) || !h.is_multiple_of(tiles.fc2_cols) {

@@ -791,14 +791,13 @@ impl<T: DeviceTransport> MoeLayer<T> {
             wait_chunks: i32::from(overlapped),
             chunk_sig0: (cfg.ranks + self.map.chunk_done(0) as usize) as i32,
         };
+        let g = Grid {
+            blocks: blocks.max(1) as u32,
+            smem: (16 * cfg.experts) as u32,
+        };
         // SAFETY: scratch and the peers' combine buffers of the plan's
-        // send capacity.
-        unsafe {
-            self.k
-                .forward
-                .combine(&p, Grid::blocks(blocks as u32), stream)
-        }
-        .map_err(kerr(self.rank()))
+        // send capacity; the segment table (4 ints per segment) fits smem.
+        unsafe { self.k.forward.combine(&p, g, stream) }.map_err(kerr(self.rank()))
     }
 
     unsafe fn reduce(

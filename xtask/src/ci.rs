@@ -98,14 +98,15 @@ fn cargo_test(args: &[&str]) -> Result<(bool, Totals)> {
 }
 
 /// Format, lints with warnings denied, each transport feature alone, every
-/// test, and the kernel compile gate for sm_90a and sm_80. The last line
-/// printed is the test total over every test binary (`N passed, N failed,
-/// N ignored`), also when a step after the tests failed.
+/// test (the Python module's pytest ones too), and the kernel compile gate
+/// for sm_90a and sm_80. The last line printed is the test total over every
+/// test binary and pytest (`N passed, N failed, N ignored`), also when a
+/// step after the tests failed.
 pub fn ci() -> Result<()> {
     let t0 = Instant::now();
-    eprintln!("xtask ci [1/5]: format check");
+    eprintln!("xtask ci [1/6]: format check");
     cargo(&["fmt", "--all", "--", "--check"])?;
-    eprintln!("xtask ci [2/5]: clippy, warnings denied, every target and feature");
+    eprintln!("xtask ci [2/6]: clippy, warnings denied, every target and feature");
     cargo(&[
         "clippy",
         "--workspace",
@@ -115,7 +116,7 @@ pub fn ci() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    eprintln!("xtask ci [3/5]: comet-transport with each transport feature alone");
+    eprintln!("xtask ci [3/6]: comet-transport with each transport feature alone");
     for feature in ["local", "nvlink", "nccl", "ucx"] {
         cargo(&[
             "check",
@@ -126,11 +127,24 @@ pub fn ci() -> Result<()> {
             feature,
         ])?;
     }
-    eprintln!("xtask ci [4/5]: every test (GPU-only tests are ignored here)");
-    let (tests_ok, totals) =
+    eprintln!("xtask ci [4/6]: every test (GPU-only tests are ignored here)");
+    let (tests_ok, mut totals) =
         cargo_test(&["test", "--workspace", "--all-features", "--no-fail-fast"])?;
-    let gate = if tests_ok {
-        eprintln!("xtask ci [5/5]: kernel compile gate, sm_90a and sm_80");
+    eprintln!(
+        "xtask ci [5/6]: the Python module: pip install ./crates/comet-py into .venv-py, pytest"
+    );
+    let py_ok = match crate::python::python_tests() {
+        Ok((ok, t)) => {
+            totals.absorb(t);
+            ok
+        }
+        Err(e) => {
+            eprintln!("xtask: python tests FAILED: {e:#}");
+            false
+        }
+    };
+    let gate = if tests_ok && py_ok {
+        eprintln!("xtask ci [6/6]: kernel compile gate, sm_90a and sm_80");
         crate::kernels::compile_gate(false)
     } else {
         Err(anyhow::anyhow!("tests failed"))

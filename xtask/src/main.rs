@@ -3,6 +3,7 @@
 mod bundle;
 mod ci;
 mod kernels;
+mod python;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -11,8 +12,11 @@ fn main() -> anyhow::Result<()> {
         Some("bench") => ci::bench(),
         Some("compile-kernels") => kernels::compile_gate(args.iter().any(|a| a == "--verbose")),
         Some("bundle") => bundle::bundle().map(|_| ()),
+        Some("wheel") => python::wheel(),
         _ => {
-            anyhow::bail!("usage: cargo xtask <ci | bench | compile-kernels [--verbose] | bundle>")
+            anyhow::bail!(
+                "usage: cargo xtask <ci | bench | compile-kernels [--verbose] | bundle | wheel>"
+            )
         }
     }
 }

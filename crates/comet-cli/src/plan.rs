@@ -28,7 +28,8 @@ pub struct PlanArgs {
     /// Routing: uniform, zipf, all-to-one, some-empty, silent-rank.
     #[arg(long, default_value = "uniform")]
     pub routing: String,
-    /// Device figures for the cost model: h200-nvlink or h200-socket.
+    /// Device figures for the cost model: h200-nvlink, h200-socket, or
+    /// h200-same-gpu (ranks sharing one GPU, as `comet bench --gpu` runs them).
     #[arg(long, default_value = "h200-nvlink")]
     pub device: String,
     /// Ranks sharing one GPU (each gets its share of the SMs) for the
@@ -46,7 +47,10 @@ pub fn device_figures(name: &str) -> Result<DeviceFigures> {
     match name {
         "h200-nvlink" => Ok(DeviceFigures::h200_nvlink()),
         "h200-socket" => Ok(DeviceFigures::h200_slow_link()),
-        other => anyhow::bail!("unknown --device '{other}' (known: h200-nvlink, h200-socket)"),
+        "h200-same-gpu" => Ok(DeviceFigures::h200_same_gpu()),
+        other => anyhow::bail!(
+            "unknown --device '{other}' (known: h200-nvlink, h200-socket, h200-same-gpu)"
+        ),
     }
 }
 

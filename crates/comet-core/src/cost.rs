@@ -56,6 +56,21 @@ impl DeviceFigures {
         }
     }
 
+    /// Ranks sharing one H200 (the tests' and `comet bench --gpu`'s W > 1):
+    /// the "link" is the GPU's own memory, which a put reads and writes
+    /// (about half of the 4.3 TB/s device copy rate KINDS.md measured), and
+    /// the communication blocks move every row, local ones too. The per
+    /// block rate is a lead, not a measurement.
+    pub fn h200_same_gpu() -> DeviceFigures {
+        DeviceFigures {
+            name: "h200-same-gpu".into(),
+            link_gbps: 2000.0,
+            link_latency_us: 2.0,
+            block_gbps: 50.0,
+            ..DeviceFigures::h200_nvlink()
+        }
+    }
+
     /// A CPU running the CPU executor: `threads` compute workers at
     /// `gflops_per_thread`, local copies at `copy_gbps`.
     pub fn cpu(gflops_per_thread: f64, copy_gbps: f64, threads: usize) -> DeviceFigures {

@@ -155,7 +155,7 @@ struct DispatchParams {
   int ranks;
   int me;
   int ids_i64;
-  int pad;
+  int tokens;
 };
 
 struct WaitParams {
@@ -490,6 +490,26 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
   }
 }
 
+// Segments with no rows are complete from the start (block 0 raises them).
+__device__ __forceinline__ void raise_empty_segments(const DispatchParams& p, u64 epoch) {
+  if (blockIdx.x != 0) return;
+  for (int e = threadIdx.x; e < p.experts; e += blockDim.x)
+    if (p.cnt[e] == 0u) {
+      const int dst = e / p.epr;
+      signal_store_release(peer_word(p.peer_signals, dst, dispatch_sig(p.ranks, e - dst * p.epr, p.me)),
+                           epoch);
+    }
+}
+
+// The segment of global expert e from this rank has one more row stored;
+// the lane that stores its last raises dispatch(le, me) on its owner.
+__device__ __forceinline__ void count_dispatched(const DispatchParams& p, int e, u64 epoch) {
+  if (e >= 0 && atomicAdd(&p.seg_done[e], 1u) + 1u == p.cnt[e]) {
+    const int dst = e / p.epr;
+    signal_raise(peer_word(p.peer_signals, dst, 0), dispatch_sig(p.ranks, e - dst * p.epr, p.me), epoch);
+  }
+}
+
 // Warps take send positions from this rank's own rows on (own segments land
 // first, then the next ranks in ring order), ROWS at a time: one lane
 // resolves each row's source and destination, then all lanes copy the rows
@@ -499,13 +519,7 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_co
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
   const int W = p.ranks;
-  if (blockIdx.x == 0)
-    for (int e = threadIdx.x; e < p.experts; e += blockDim.x)
-      if (p.cnt[e] == 0u) {
-        const int dst = e / p.epr;
-        signal_store_release(peer_word(p.peer_signals, dst, dispatch_sig(W, e - dst * p.epr, p.me)),
-                             epoch);
-      }
+  raise_empty_segments(p, epoch);
   const int total = p.sc->sent_rows;
   const int start = p.send_off[p.me * p.epr];
   const int lane = threadIdx.x & 31;
@@ -527,10 +541,47 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_co
     copy_rows(rc, p.hidden / 8, lane);
     signal_fence();
     __syncwarp();
-    if (e >= 0 && atomicAdd(&p.seg_done[e], 1u) + 1u == p.cnt[e]) {
-      const int dst = e / p.epr;
-      signal_raise(peer_word(p.peer_signals, dst, 0), dispatch_sig(W, e - dst * p.epr, p.me), epoch);
+    count_dispatched(p, e, epoch);
+  }
+}
+
+// The sequential dispatch: a warp per token reads its x row once and stores
+// it into every one of its k destination rows (x is read once, not k
+// times); segments complete as in comet_dispatch.
+extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __grid_constant__ DispatchParams p) {
+  if (!p.sc->ok) return;
+  const u64 epoch = *p.epoch;
+  raise_empty_segments(p, epoch);
+  const int lane = threadIdx.x & 31, vecs = p.hidden / 8;
+  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  for (long long t = warp; t < p.tokens; t += nwarps) {
+    unsigned long long mine = 0ull;
+    int e = -1;
+    if (lane < p.k) {
+      const long long slot = t * p.k + lane;
+      const int li = p.local_idx[slot];
+      if (li >= 0) {
+        e = (int)load_id(p.ids, p.ids_i64, slot);
+        const long long row = (long long)p.dest_row[e] + li;
+        mine = reinterpret_cast<unsigned long long>(
+            reinterpret_cast<bf16_t*>(p.peer_recv[e / p.epr]) + row * p.hidden);
+      }
     }
+    uint4* dst[MAX_TOPK];
+#pragma unroll
+    for (int j = 0; j < MAX_TOPK; ++j)
+      dst[j] = j < p.k ? reinterpret_cast<uint4*>(__shfl_sync(0xffffffffu, mine, j)) : nullptr;
+    const uint4* src = reinterpret_cast<const uint4*>(p.x + t * p.hidden);
+    for (int v = lane; v < vecs; v += 32) {
+      const uint4 a = src[v];
+#pragma unroll
+      for (int j = 0; j < MAX_TOPK; ++j)
+        if (dst[j]) dst[j][v] = a;
+    }
+    signal_fence();
+    __syncwarp();
+    count_dispatched(p, e, epoch);
   }
 }
 

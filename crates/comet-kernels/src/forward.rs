@@ -137,7 +137,7 @@ pub struct DispatchParams {
     pub ranks: i32,
     pub me: i32,
     pub ids_i64: i32,
-    pub pad: i32,
+    pub tokens: i32,
 }
 
 /// `comet::WaitParams`.
@@ -250,6 +250,7 @@ pub struct ForwardKernels {
     route: CudaFunction,
     layout: CudaFunction,
     dispatch: CudaFunction,
+    dispatch_tokens: CudaFunction,
     wait: CudaFunction,
     combine: CudaFunction,
     reduce: CudaFunction,
@@ -278,6 +279,7 @@ impl ForwardKernels {
             route: module.load_function("comet_route")?,
             layout,
             dispatch: module.load_function("comet_dispatch")?,
+            dispatch_tokens: module.load_function("comet_dispatch_tokens")?,
             wait: module.load_function("comet_wait_signals")?,
             combine: module.load_function("comet_combine")?,
             reduce: module.load_function("comet_reduce")?,
@@ -317,6 +319,20 @@ impl ForwardKernels {
     ) -> Result<(), KernelError> {
         // SAFETY: forwarded contract.
         unsafe { launch(&self.dispatch, g, BLOCK_THREADS, s, p) }
+    }
+
+    /// The sequential dispatch (a warp per token, x read once).
+    ///
+    /// # Safety
+    /// As [`ForwardKernels::route`].
+    pub unsafe fn dispatch_tokens(
+        &self,
+        p: &DispatchParams,
+        g: Grid,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.dispatch_tokens, g, BLOCK_THREADS, s, p) }
     }
 
     /// # Safety

@@ -357,6 +357,26 @@ mod tests {
     }
 
     #[test]
+    fn ranks_sharing_one_gpu_run_in_sequence() {
+        // Their "link" is the GPU's own memory: nothing worth an SM to hide
+        // (measured: overlapped slower than sequential, docs/PERF.md).
+        for p in [Preset::Mixtral8x7b, Preset::Qwen2Moe, Preset::Phi35Moe] {
+            let cfg = p.config(2).unwrap();
+            let d = DevicePlan::new(
+                &cfg,
+                8192,
+                None,
+                132,
+                2,
+                TILES,
+                &DeviceFigures::h200_same_gpu(),
+            )
+            .unwrap();
+            assert!(!d.overlap, "{d:?}");
+        }
+    }
+
+    #[test]
     fn chunk_width_is_a_dividing_multiple() {
         assert_eq!(chunk_width(4096, 256, 1024), 1024);
         assert_eq!(chunk_width(3584, 256, 900), 512);

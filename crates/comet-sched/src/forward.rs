@@ -612,11 +612,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe { self.k.forward.layout(&p, g, stream) }.map_err(kerr(self.rank()))
     }
 
+    /// Overlapped: send positions in ring order (own rows first), a few
+    /// blocks. Sequential: a warp per token, x read once, the whole share.
     unsafe fn dispatch(
         &self,
         stream: CUstream,
         a: &ForwardArgs,
         blocks: usize,
+        overlapped: bool,
     ) -> Result<(), SchedError> {
         let cfg = &self.plan.cfg;
         let p = DispatchParams {
@@ -639,14 +642,17 @@ impl<T: DeviceTransport> MoeLayer<T> {
             ranks: cfg.ranks as i32,
             me: self.rank() as i32,
             ids_i64: i32::from(a.ids == IdType::I64),
-            pad: 0,
+            tokens: a.tokens as i32,
         };
+        let (f, g) = (&self.k.forward, Grid::blocks(blocks as u32));
         // SAFETY: x has tokens rows of hidden (caller); the rest is scratch
         // and the peers' receive buffers of the plan's capacity.
         unsafe {
-            self.k
-                .forward
-                .dispatch(&p, Grid::blocks(blocks as u32), stream)
+            if overlapped {
+                f.dispatch(&p, g, stream)
+            } else {
+                f.dispatch_tokens(&p, g, stream)
+            }
         }
         .map_err(kerr(self.rank()))
     }
@@ -854,7 +860,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         // forked from and joined back into the caller's stream.
         unsafe {
             self.fork_side(stream)?;
-            self.dispatch(side, a, comm)?;
+            self.dispatch(side, a, comm, true)?;
             self.fc1(stream, a, true, grid)?;
             self.fc2(stream, a, true, grid)?;
             self.combine(side, true, comm)?;
@@ -868,7 +874,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         let (aux, grid) = (self.plan.aux_blocks, self.plan.gemm_grid);
         // SAFETY: as in forward.
         unsafe {
-            self.dispatch(stream, a, aux)?;
+            self.dispatch(stream, a, aux, false)?;
             self.wait_dispatch(stream)?;
             self.fc1(stream, a, false, grid)?;
             self.fc2(stream, a, false, grid)?;

@@ -196,6 +196,20 @@ pub fn kernel_tiles_for(family: comet_kernels::Family) -> KernelTiles {
     }
 }
 
+/// The layout tables of one call as the device derived them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLayout {
+    /// This rank's send offset of each global expert, and the total.
+    pub send_off: Vec<i32>,
+    /// First row of (expert e, this rank) on e's owner.
+    pub dest_row: Vec<i32>,
+    /// This rank's receive segments, expert-major then arrival order:
+    /// [first row, rows, source, the source's send position].
+    pub segments: Vec<[i32; 4]>,
+    /// Rows received from each source.
+    pub rows_from: Vec<i32>,
+}
+
 /// What one finished call did (read by [`MoeLayer::check`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CallInfo {
@@ -452,6 +466,39 @@ impl<T: DeviceTransport> MoeLayer<T> {
             sent_rows: sc(2),
             fc1_tiles: sc(4),
             fc2_tiles: sc(5),
+        })
+    }
+
+    /// The layout tables the last call derived on the device (waits for
+    /// `stream`): what tests compare with comet-core's `LayoutPlan`.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this layer's context.
+    pub unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.check(stream) }?;
+        let (e, w) = (self.plan.cfg.experts, self.plan.cfg.ranks);
+        let rank = self.rank();
+        let read = |src: CUdeviceptr, n: usize| -> Result<Vec<i32>, SchedError> {
+            let mut bytes = vec![0u8; 4 * n];
+            // SAFETY: src is a scratch table of at least n i32 (Scratch::new);
+            // the copy is synchronous.
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bytes, src) }
+                .map_err(|err| dev(rank, "read layout tables", err))?;
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect())
+        };
+        let segs = read(self.s.segs, 4 * e)?;
+        Ok(DeviceLayout {
+            send_off: read(self.s.send_off, e + 1)?,
+            dest_row: read(self.s.dest_row, e)?,
+            segments: segs
+                .chunks_exact(4)
+                .map(|c| [c[0], c[1], c[2], c[3]])
+                .collect(),
+            rows_from: read(self.s.rows_from, w)?,
         })
     }
 

@@ -18,6 +18,7 @@
 #![cfg(feature = "gpu")]
 
 use comet_core::cost::{CostModel, DeviceFigures};
+use comet_core::layout::{ring_source, LayoutPlan};
 use comet_core::reference::{max_error, moe_layer};
 use comet_core::weights::random_tokens;
 use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
@@ -340,4 +341,103 @@ fn small_layer_one_rank() {
 #[ignore = "needs a GPU"]
 fn small_layer_two_ranks() {
     small_layer(2);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn the_device_layout_equals_comet_core_s() {
+    // comet-core's LayoutPlan is the reference of what comet_layout derives.
+    for (w, experts, kind) in [
+        (2, 8, RoutingKind::Zipf(1.2)),
+        (4, 8, RoutingKind::SomeEmpty),
+        (4, 8, RoutingKind::SilentRank),
+    ] {
+        let c = cfg(w, 256, experts, 2);
+        let mut h = Harness::new(&c, 96, &opts(&c, 96));
+        let inputs = h.inputs(&vec![96; w], kind, 77);
+        h.call(&inputs, ExecMode::Fused, &format!("layout W={w} {kind:?}"));
+        let routings: Vec<Routing> = inputs.iter().map(|i| i.routing.clone()).collect();
+        let plan = LayoutPlan::from_routings(&c, &routings).unwrap();
+        let epr = c.experts_per_rank();
+        for (me, r) in h.world.ranks_mut().iter_mut().enumerate() {
+            // SAFETY: the rank's own stream.
+            let d = unsafe { r.layer.layout_tables(r.stream.cu_stream()) }.unwrap();
+            for e in 0..c.experts {
+                assert_eq!(
+                    d.send_off[e] as usize,
+                    plan.send_offset(me, e),
+                    "send_off[{e}] rank {me}"
+                );
+                let (dst, le) = (e / epr, e % epr);
+                assert_eq!(
+                    d.dest_row[e] as usize,
+                    plan.recv[dst].segment(le, me, w).row,
+                    "dest_row[{e}] rank {me}"
+                );
+            }
+            assert_eq!(d.send_off[c.experts] as usize, plan.rows_sent(me));
+            for le in 0..epr {
+                for i in 0..w {
+                    let src = ring_source(me, i, w);
+                    let want = plan.recv[me].segment(le, src, w);
+                    let got = d.segments[le * w + i];
+                    assert_eq!(
+                        (
+                            got[0] as usize,
+                            got[1] as usize,
+                            got[2] as usize,
+                            got[3] as usize
+                        ),
+                        (
+                            want.row,
+                            want.rows,
+                            src,
+                            plan.send_offset(src, c.global_expert(me, le))
+                        ),
+                        "segment (expert {le}, src {src}) of rank {me}"
+                    );
+                }
+            }
+            for src in 0..w {
+                let rows: usize = (0..epr)
+                    .map(|le| plan.recv[me].segment(le, src, w).rows)
+                    .sum();
+                assert_eq!(
+                    d.rows_from[src] as usize, rows,
+                    "rows from {src} at rank {me}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn a_rank_that_never_calls_is_a_timeout_naming_its_count_signal() {
+    let c = cfg(2, 256, 4, 2);
+    let o = LayerOptions {
+        timeout: Duration::from_millis(500),
+        ..opts(&c, 32)
+    };
+    let mut h = Harness::new(&c, 32, &o);
+    let inputs = h.inputs(&[32, 32], RoutingKind::Uniform, 5);
+    h.world.set_inputs(&inputs).unwrap();
+    // Only rank 0 calls: its layout waits for rank 1's counts, bounded.
+    let r0 = &mut h.world.ranks_mut()[0];
+    let a = r0.args();
+    // SAFETY: the rank's own tensors and stream.
+    unsafe { r0.layer.forward(r0.stream.cu_stream(), &a) }.unwrap();
+    let t0 = std::time::Instant::now();
+    // SAFETY: as above.
+    let e = unsafe { r0.layer.check(r0.stream.cu_stream()) }.unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("rank 0") && text.contains("count(src 1)"),
+        "{text}"
+    );
 }

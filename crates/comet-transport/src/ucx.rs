@@ -806,6 +806,119 @@ impl UcxTransport {
     }
 }
 
+/// The steps of raising a signal word on a peer: what keeps the word
+/// behind the data it guards is the order [`raise_after_puts`] takes them in.
+trait SignalSteps {
+    /// `ucp_worker_fence`: earlier operations complete before later ones.
+    fn fence(&mut self) -> Result<(), TransportError>;
+    /// `ucp_ep_flush_nbx` to the peer: earlier operations have completed
+    /// at the target when it returns.
+    fn flush(&mut self) -> Result<(), TransportError>;
+    /// Posts the 64-bit atomic on the peer's signal word.
+    fn atomic(&mut self) -> Result<(), TransportError>;
+}
+
+/// Raises a signal on a peer after every earlier put to it: a fence or a
+/// flush (per `ordering`), then the atomic. Without the first step UCX
+/// may complete the atomic before the puts (the tests model that).
+fn raise_after_puts(
+    steps: &mut impl SignalSteps,
+    ordering: SignalOrdering,
+) -> Result<(), TransportError> {
+    match ordering {
+        SignalOrdering::Fence => steps.fence()?,
+        SignalOrdering::Flush => steps.flush()?,
+    }
+    steps.atomic()
+}
+
+/// [`SignalSteps`] over UCX, for one signal towards a live peer.
+struct UcxRaise<'a, 'g> {
+    t: &'a UcxTransport,
+    g: &'a mut MutexGuard<'g, Inner>,
+    ep: *mut c_void,
+    dst: usize,
+    sig: SignalId,
+    raddr: u64,
+    rkey: *mut c_void,
+    op: SignalOp,
+}
+
+impl SignalSteps for UcxRaise<'_, '_> {
+    fn fence(&mut self) -> Result<(), TransportError> {
+        // SAFETY: valid worker, used under the lock.
+        let st = unsafe { ffi::cx_worker_fence(self.g.worker) };
+        if st != UCS_OK {
+            return Err(self.t.be(format!(
+                "fence before signal {} on rank {}: {}",
+                self.sig,
+                self.dst,
+                status_string(st)
+            )));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        let mut req = std::ptr::null_mut();
+        // SAFETY: live endpoint (peer_ok passed).
+        let st = unsafe { ffi::cx_ep_flush(self.ep, &mut req) };
+        self.t.complete(
+            self.g,
+            st,
+            req,
+            Some(self.dst),
+            &format!("flush before signal {} on rank {}", self.sig, self.dst),
+        )
+    }
+
+    fn atomic(&mut self) -> Result<(), TransportError> {
+        let (dst, sig) = (self.dst, self.sig);
+        let mut operands = Box::new([
+            match self.op {
+                SignalOp::Set(v) | SignalOp::Add(v) => v,
+            },
+            0u64,
+        ]);
+        let opcode = if matches!(self.op, SignalOp::Set(_)) {
+            1
+        } else {
+            0
+        };
+        let (value, reply) = {
+            let [v, r] = &mut *operands;
+            (v as *mut u64, r as *mut u64)
+        };
+        let mut req = std::ptr::null_mut();
+        // SAFETY: live endpoint and key; the operands are boxed and kept in
+        // `in_flight` until the request completes (or leaked with the worker).
+        let st = unsafe {
+            ffi::cx_atomic64(
+                self.ep, opcode, value, reply, self.raddr, self.rkey, &mut req,
+            )
+        };
+        match st {
+            UCS_OK => Ok(()),
+            UCS_INPROGRESS => {
+                self.g.in_flight.push(InFlight {
+                    req,
+                    peer: dst,
+                    _operands: operands,
+                });
+                Ok(())
+            }
+            err => {
+                let e = self.t.be(format!(
+                    "signal {sig} on rank {dst}: {}",
+                    status_string(err)
+                ));
+                self.t.break_peer(self.g, dst, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Transport for UcxTransport {
     fn rank(&self) -> usize {
         self.rank
@@ -927,60 +1040,17 @@ impl Transport for UcxTransport {
         }
         self.peer_ok(&g, dst)?;
         let ep = g.peers[dst].as_ref().map_or(std::ptr::null_mut(), |p| p.ep);
-        let mut req = std::ptr::null_mut();
-        match self.cfg.ordering {
-            SignalOrdering::Flush => {
-                // SAFETY: live endpoint (peer_ok passed).
-                let st = unsafe { ffi::cx_ep_flush(ep, &mut req) };
-                self.complete(
-                    &mut g,
-                    st,
-                    req,
-                    Some(dst),
-                    &format!("flush before signal {sig} on rank {dst}"),
-                )?;
-            }
-            SignalOrdering::Fence => {
-                // SAFETY: valid worker.
-                let st = unsafe { ffi::cx_worker_fence(g.worker) };
-                if st != UCS_OK {
-                    return Err(self.be(format!(
-                        "fence before signal {sig} on rank {dst}: {}",
-                        status_string(st)
-                    )));
-                }
-            }
-        }
-        let mut operands = Box::new([
-            match op {
-                SignalOp::Set(v) | SignalOp::Add(v) => v,
-            },
-            0u64,
-        ]);
-        let opcode = if matches!(op, SignalOp::Set(_)) { 1 } else { 0 };
-        let (value, reply) = {
-            let [v, r] = &mut *operands;
-            (v as *mut u64, r as *mut u64)
+        let mut raise = UcxRaise {
+            t: self,
+            g: &mut g,
+            ep,
+            dst,
+            sig,
+            raddr,
+            rkey,
+            op,
         };
-        // SAFETY: live endpoint and key; the operands are boxed and kept in
-        // `in_flight` until the request completes (or leaked with the worker).
-        let st = unsafe { ffi::cx_atomic64(ep, opcode, value, reply, raddr, rkey, &mut req) };
-        match st {
-            UCS_OK => {}
-            UCS_INPROGRESS => g.in_flight.push(InFlight {
-                req,
-                peer: dst,
-                _operands: operands,
-            }),
-            err => {
-                let e = self.be(format!(
-                    "signal {sig} on rank {dst}: {}",
-                    status_string(err)
-                ));
-                self.break_peer(&mut g, dst, &e.to_string());
-                return Err(e);
-            }
-        }
+        raise_after_puts(&mut raise, self.cfg.ordering)?;
         // Keep the list short; completed atomics are common after a progress.
         if g.in_flight.len() >= 64 {
             g.progress();
@@ -1171,5 +1241,87 @@ impl Drop for UcxTransport {
         unsafe { ffi::cx_fini(g.ctx, g.worker) };
         g.ctx = std::ptr::null_mut();
         g.worker = std::ptr::null_mut();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer's memory behind a link that holds puts back: they land only
+    /// when a fence or a flush orders them, while an atomic lands at once,
+    /// which UCX allows when nothing orders them (separate lanes, RDMA
+    /// completing out of order).
+    struct DelayingLink {
+        memory: Vec<u8>,
+        held: Vec<(usize, Vec<u8>)>,
+        word: u64,
+        op: SignalOp,
+    }
+
+    impl DelayingLink {
+        fn put(&mut self, offset: usize, data: &[u8]) {
+            self.held.push((offset, data.to_vec()));
+        }
+
+        fn land(&mut self) {
+            for (offset, data) in self.held.drain(..) {
+                self.memory[offset..offset + data.len()].copy_from_slice(&data);
+            }
+        }
+    }
+
+    impl SignalSteps for DelayingLink {
+        fn fence(&mut self) -> Result<(), TransportError> {
+            self.land();
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), TransportError> {
+            self.land();
+            Ok(())
+        }
+
+        fn atomic(&mut self) -> Result<(), TransportError> {
+            match self.op {
+                SignalOp::Set(v) => self.word = v,
+                SignalOp::Add(v) => self.word += v,
+            }
+            Ok(())
+        }
+    }
+
+    /// A signal never overtakes its data: the receiver that sees the word
+    /// raised finds every byte of the puts before it. Removing the fence
+    /// (or the flush) in `raise_after_puts` fails this test.
+    #[test]
+    fn a_signal_never_overtakes_the_puts_before_it() {
+        for ordering in [SignalOrdering::Fence, SignalOrdering::Flush] {
+            let mut link = DelayingLink {
+                memory: vec![0; 4096],
+                held: Vec::new(),
+                word: 0,
+                op: SignalOp::Set(0),
+            };
+            for epoch in 1..=20u64 {
+                let fill = epoch as u8;
+                link.put(0, &[fill; 1024]);
+                link.put(3072, &[fill; 1024]);
+                link.op = if epoch % 2 == 0 {
+                    SignalOp::Set(epoch)
+                } else {
+                    SignalOp::Add(epoch - link.word)
+                };
+                raise_after_puts(&mut link, ordering).unwrap();
+                // The receiver: its wait returns once the word reaches the epoch.
+                assert_eq!(link.word, epoch, "{ordering:?}");
+                for range in [0..1024, 3072..4096] {
+                    assert!(
+                        link.memory[range.clone()].iter().all(|&b| b == fill),
+                        "{ordering:?}, epoch {epoch}: signal seen before the data at {range:?}"
+                    );
+                }
+            }
+        }
     }
 }

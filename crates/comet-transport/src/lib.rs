@@ -19,6 +19,7 @@ pub mod local;
 pub mod nccl;
 #[cfg(feature = "nvlink")]
 pub mod nvlink;
+pub mod signal_core;
 pub mod transport;
 #[cfg(feature = "ucx")]
 pub mod ucx;

@@ -8,6 +8,7 @@
 //! (release ordering). Without one, operations apply at once.
 
 use crate::error::TransportError;
+use crate::signal_core::{wait_signal, Owner, Round, SignalSlots};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
@@ -438,12 +439,7 @@ impl Transport for LocalTransport {
         check_rank(self, dst)?;
         self.check_alive(dst)?;
         let n = lock(&self.shared.ranks[dst].signals).len();
-        if sig as usize >= n {
-            return Err(TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("signal {sig} on rank {dst} (it has {n})"),
-            });
-        }
+        SignalSlots::new(n).index(self.rank, sig, Owner::Peer(dst))?;
         self.submit(
             self.rank,
             Op::Signal {
@@ -458,15 +454,10 @@ impl Transport for LocalTransport {
 
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
         let mem = &self.shared.ranks[self.rank];
-        let start = Instant::now();
-        let mut s = lock(&mem.signals);
-        loop {
-            let Some(&v) = s.get(sig as usize) else {
-                return Err(TransportError::NotAllocated {
-                    rank: self.rank,
-                    what: format!("signal {sig}"),
-                });
-            };
+        let look = |_: Round| {
+            let s = lock(&mem.signals);
+            let i = SignalSlots::new(s.len()).index(self.rank, sig, Owner::Local)?;
+            let v = s[i];
             if v >= target {
                 return Ok(v);
             }
@@ -485,22 +476,21 @@ impl Transport for LocalTransport {
                     reason: format!("while waiting for signal {sig} to reach {target}"),
                 });
             }
-            let waited = start.elapsed();
-            if waited >= timeout {
-                return Err(TransportError::WaitTimeout {
-                    rank: self.rank,
-                    signal: sig,
-                    expected: target,
-                    observed: v,
-                    waited,
-                });
+            Ok(v)
+        };
+        // Idles on the condition variable that every landing signal, loss
+        // and kill notifies, checking under its lock first so no wake-up
+        // between the look and the idle is missed.
+        let idle = |d: Duration| {
+            let s = lock(&mem.signals);
+            let settled = s.get(sig as usize).is_none_or(|&v| v >= target)
+                || lock(&mem.lost).is_some()
+                || self.shared.first_dead().is_some();
+            if !settled {
+                let _ = mem.cv.wait_timeout(s, d);
             }
-            s = mem
-                .cv
-                .wait_timeout(s, timeout - waited)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        };
+        wait_signal(self.rank, sig, target, timeout, look, idle)
     }
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {

@@ -32,13 +32,14 @@ pub mod plan;
 use crate::cuda::{self, DeviceAlloc, ErrorWord, SignalAdd};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport};
+use crate::signal_core::{locate, poll_bounded, wait_signal, Owner, Polled, Round, SignalSlots};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use plan::{LocalOp, Transfer, RAW_DEVICE, STAGING};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BACKEND: &str = "nccl";
 
@@ -65,7 +66,7 @@ struct Staged {
 struct Inner {
     comm: ffi::RawComm,
     buffers: Vec<DeviceAlloc>,
-    signals: Option<(DeviceAlloc, usize)>,
+    signals: Option<(DeviceAlloc, SignalSlots)>,
     staging: Option<DeviceAlloc>,
     staged: Staged,
 }
@@ -241,18 +242,17 @@ impl NcclTransport {
         Ok(ptr + offset as u64)
     }
 
+    /// The address of this rank's signal `sig`, checked. Raises towards
+    /// a peer check the same index here: signal arrays are symmetric.
     fn signal_addr(&self, inner: &Inner, sig: SignalId) -> Result<u64, TransportError> {
-        match &inner.signals {
-            Some((s, n)) if (sig as usize) < *n => Ok(s.ptr() + 8 * u64::from(sig)),
-            Some((_, n)) => Err(TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("signal {sig} (it has {n})"),
-            }),
-            None => Err(TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("signal {sig} (no signal array)"),
-            }),
-        }
+        let ((s, _), off) = locate(
+            self.rank,
+            inner.signals.as_ref(),
+            |(_, n)| *n,
+            sig,
+            Owner::Local,
+        )?;
+        Ok(s.ptr() + off as u64)
     }
 
     fn add_kernel(&self) -> Result<&SignalAdd, TransportError> {
@@ -346,24 +346,24 @@ impl NcclTransport {
     /// posts aborts the communicator and returns an error.
     pub fn synchronize(&self, timeout: Duration) -> Result<(), TransportError> {
         self.bind()?;
-        let start = Instant::now();
-        loop {
+        let look = |_: Round| {
             // SAFETY: querying a live stream of this context.
             match unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) } {
-                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
-                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.err("communication stream", DriverError(other))),
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(Some(())),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => Ok(None),
+                other => Err(self.err("communication stream", DriverError(other))),
             }
-            let waited = start.elapsed();
-            if waited >= timeout {
+        };
+        match poll_bounded(timeout, look, std::thread::sleep)? {
+            Polled::Ready(()) => Ok(()),
+            Polled::TimedOut(waited) => {
                 self.inner().comm.abort();
-                return Err(TransportError::Backend {
+                Err(TransportError::Backend {
                     backend: BACKEND,
                     rank: self.rank,
                     message: format!("a step did not complete within {waited:?} (a peer never posted its side?); communicator aborted"),
-                });
+                })
             }
-            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
@@ -477,11 +477,12 @@ impl Transport for NcclTransport {
 
     fn alloc_signals(&self, count: usize) -> Result<(), TransportError> {
         self.synchronize(self.opts.collective_timeout)?;
-        self.check_sizes("alloc_signals", count * 8)?;
+        let slots = SignalSlots::new(count);
+        let bytes = slots.bytes(self.rank)?;
+        self.check_sizes("alloc_signals", bytes)?;
         self.bind()?;
-        let s =
-            DeviceAlloc::zeroed(&self.ctx, count * 8).map_err(|e| self.err("alloc_signals", e))?;
-        self.inner().signals = Some((s, count));
+        let s = DeviceAlloc::zeroed(&self.ctx, bytes).map_err(|e| self.err("alloc_signals", e))?;
+        self.inner().signals = Some((s, slots));
         Ok(())
     }
 
@@ -531,24 +532,9 @@ impl Transport for NcclTransport {
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
         self.bind()?;
         let addr = self.signal_addr(&self.inner(), sig)?;
-        let start = Instant::now();
-        loop {
-            let v = cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e))?;
-            if v >= target {
-                return Ok(v);
-            }
-            let waited = start.elapsed();
-            if waited >= timeout {
-                return Err(TransportError::WaitTimeout {
-                    rank: self.rank,
-                    signal: sig,
-                    expected: target,
-                    observed: v,
-                    waited,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(20).min(timeout - waited));
-        }
+        let read =
+            |_: Round| cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e));
+        wait_signal(self.rank, sig, target, timeout, read, std::thread::sleep)
     }
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {

@@ -26,12 +26,13 @@ pub mod bench;
 use crate::cuda::{self, DeviceAlloc, ErrorWord, IpcMapping, SignalAdd, IPC_HANDLE_BYTES};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport, ThreadExchange};
+use crate::signal_core::{locate, wait_signal, Owner, Round, SignalSlots};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BACKEND: &str = "nvlink";
 const MAGIC: u32 = 0x434f_4e56; // "CONV"
@@ -65,7 +66,7 @@ struct SymAlloc {
 
 struct State {
     buffers: Vec<SymAlloc>,
-    signals: Option<(SymAlloc, usize)>,
+    signals: Option<(SymAlloc, SignalSlots)>,
 }
 
 /// One rank of an nvlink world.
@@ -356,17 +357,13 @@ impl NvlinkTransport {
     }
 
     fn signal_addr(&self, st: &State, rank: usize, sig: SignalId) -> Result<u64, TransportError> {
-        match &st.signals {
-            Some((s, n)) if (sig as usize) < *n => Ok(s.addrs[rank] + 8 * u64::from(sig)),
-            Some((_, n)) => Err(TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("signal {sig} on rank {rank} (it has {n})"),
-            }),
-            None => Err(TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("signal {sig} (no signal array)"),
-            }),
-        }
+        let on = if rank == self.rank {
+            Owner::Local
+        } else {
+            Owner::Peer(rank)
+        };
+        let ((s, _), off) = locate(self.rank, st.signals.as_ref(), |(_, n)| *n, sig, on)?;
+        Ok(s.addrs[rank] + off as u64)
     }
 
     /// Reads signal `sig` of this rank once.
@@ -466,10 +463,10 @@ impl Transport for NvlinkTransport {
     fn alloc_signals(&self, count: usize) -> Result<(), TransportError> {
         // Our pending signal writes target the old arrays: finish them first.
         self.synchronize()?;
-        let sym = self.symmetric(KIND_SIGNALS, count * 8)?;
+        let sym = self.symmetric(KIND_SIGNALS, SignalSlots::new(count).bytes(self.rank)?)?;
         let old = {
             let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-            st.signals.replace((sym, count))
+            st.signals.replace((sym, SignalSlots::new(count)))
         };
         if let Some((mut old, _)) = old {
             old.maps.clear();
@@ -531,31 +528,9 @@ impl Transport for NvlinkTransport {
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
         self.bind()?;
         let addr = self.signal_addr(&self.state(), self.rank, sig)?;
-        let start = Instant::now();
-        let mut polls = 0u32;
-        loop {
-            let v = cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e))?;
-            if v >= target {
-                return Ok(v);
-            }
-            let waited = start.elapsed();
-            if waited >= timeout {
-                return Err(TransportError::WaitTimeout {
-                    rank: self.rank,
-                    signal: sig,
-                    expected: target,
-                    observed: v,
-                    waited,
-                });
-            }
-            polls += 1;
-            // Spin briefly for latency, then back off to spare the CPU.
-            if polls > 64 {
-                std::thread::sleep(
-                    Duration::from_micros(u64::from(polls.min(1000) / 10)).min(timeout - waited),
-                );
-            }
-        }
+        let read =
+            |_: Round| cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e));
+        wait_signal(self.rank, sig, target, timeout, read, std::thread::sleep)
     }
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {

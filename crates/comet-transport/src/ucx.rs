@@ -53,6 +53,7 @@
 
 use crate::bootstrap::{Bootstrap, BootstrapError};
 use crate::error::TransportError;
+use crate::signal_core::{locate, wait_signal, Owner, Round, SignalSlots, SIGNAL_BYTES};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
@@ -299,6 +300,13 @@ impl std::fmt::Debug for UcxTransport {
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Region {
+    /// The words of a region holding a signal array.
+    fn signal_slots(&self) -> SignalSlots {
+        SignalSlots::new(self.len / SIGNAL_BYTES)
+    }
 }
 
 impl Inner {
@@ -947,9 +955,7 @@ impl Transport for UcxTransport {
         // Everyone's operations into the old array complete before anyone
         // gets past the key exchange, so the old array can then be freed.
         self.flush_all()?;
-        let bytes = count
-            .checked_mul(8)
-            .ok_or_else(|| self.be(format!("{count} signals overflow")))?;
+        let bytes = SignalSlots::new(count).bytes(self.rank)?;
         let new = self.map_region(bytes, Collective::Signals)?;
         let old = lock(&self.inner).signals.replace(new);
         if let Some(old) = old {
@@ -1010,26 +1016,19 @@ impl Transport for UcxTransport {
     fn signal(&self, dst: usize, sig: SignalId, op: SignalOp) -> Result<(), TransportError> {
         check_rank(self, dst)?;
         let mut g = lock(&self.inner);
-        let region = g
-            .signals
-            .as_ref()
-            .ok_or_else(|| TransportError::NotAllocated {
-                rank: self.rank,
-                what: "signals".into(),
-            })?;
-        let n = region.len / 8;
-        if sig as usize >= n {
-            return Err(TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("signal {sig} on rank {dst} (it has {n})"),
-            });
-        }
+        let (region, off) = locate(
+            self.rank,
+            g.signals.as_ref(),
+            Region::signal_slots,
+            sig,
+            Owner::Peer(dst),
+        )?;
         let (raddr, rkey) = region.remote[dst];
-        let raddr = raddr + 8 * sig as u64;
+        let raddr = raddr + off as u64;
         if dst == self.rank {
             // SAFETY: in bounds (checked), 8-aligned (page-aligned base), and
             // only ever accessed atomically, here and by UCX's atomics.
-            let w = unsafe { AtomicU64::from_ptr(region.ptr.add(8 * sig as usize) as *mut u64) };
+            let w = unsafe { AtomicU64::from_ptr(region.ptr.add(off) as *mut u64) };
             match op {
                 SignalOp::Set(v) => w.store(v, Ordering::Release),
                 SignalOp::Add(v) => {
@@ -1060,32 +1059,20 @@ impl Transport for UcxTransport {
     }
 
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
+        let look = |round: Round| {
             let mut g = lock(&self.inner);
             g.progress();
-            let region = g
-                .signals
-                .as_ref()
-                .ok_or_else(|| TransportError::NotAllocated {
-                    rank: self.rank,
-                    what: format!("signal {sig}"),
-                })?;
-            if sig as usize >= region.len / 8 {
-                return Err(TransportError::NotAllocated {
-                    rank: self.rank,
-                    what: format!("signal {sig} (there are {})", region.len / 8),
-                });
-            }
+            let (region, off) = locate(
+                self.rank,
+                g.signals.as_ref(),
+                Region::signal_slots,
+                sig,
+                Owner::Local,
+            )?;
             // SAFETY: in bounds, aligned, and only accessed atomically (see signal).
-            let v = unsafe { AtomicU64::from_ptr(region.ptr.add(8 * sig as usize) as *mut u64) }
+            let v = unsafe { AtomicU64::from_ptr(region.ptr.add(off) as *mut u64) }
                 .load(Ordering::Acquire);
-            if v >= target {
-                return Ok(v);
-            }
-            spins += 1;
-            if spins & 63 == 0 {
+            if v < target && round.checkpoint() {
                 self.reap(&mut g)?;
                 if let Err(BootstrapError::PeerGone { peer, reason, .. }) = self.boot.check_peers()
                 {
@@ -1110,24 +1097,10 @@ impl Transport for UcxTransport {
                         });
                     }
                 }
-                let waited = start.elapsed();
-                if waited >= timeout {
-                    return Err(TransportError::WaitTimeout {
-                        rank: self.rank,
-                        signal: sig,
-                        expected: target,
-                        observed: v,
-                        waited,
-                    });
-                }
-                drop(g);
-                if spins & 1023 == 0 {
-                    std::thread::sleep(Duration::from_micros(20));
-                } else {
-                    std::thread::yield_now();
-                }
             }
-        }
+            Ok(v)
+        };
+        wait_signal(self.rank, sig, target, timeout, look, std::thread::sleep)
     }
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {

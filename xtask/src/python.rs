@@ -7,7 +7,7 @@
 //! CUDA and torch and are counted as ignored.
 //!
 //! `cargo xtask wheel`: the release abi3 wheel (one file for every Python
-//! >= 3.9) for a GPU machine, built by maturin into `<target>/wheels`.
+//! >= 3.9) for a GPU machine, built by maturin into `target/wheels`.
 
 use crate::ci::Totals;
 use anyhow::{bail, Context, Result};
@@ -24,12 +24,6 @@ fn root() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
@@ -204,7 +198,9 @@ pub fn python_tests() -> Result<(bool, Totals)> {
 pub fn wheel() -> Result<()> {
     let root = root();
     ensure_venv(&root)?;
-    let out = target_dir(&root).join("wheels");
+    // Always the workspace's target/wheels (whatever CARGO_TARGET_DIR says
+    // about the build), so the wheel is found at one place to carry.
+    let out = root.join("target").join("wheels");
     eprintln!("xtask: maturin build --release -> {}", out.display());
     run(
         Command::new(root.join(VENV).join("bin").join("maturin"))

@@ -266,6 +266,7 @@ def clean_env(monkeypatch):
         (dict(hidden=1000), ValueError, "hidden 1000 must be a multiple of 64"),
         (dict(top_k=0), ValueError, "top_k must be positive"),
         (dict(max_tokens=0), ValueError, "max_tokens must be positive"),
+        (dict(dtype=Dtype("float16")), ValueError, "torch.bfloat16 only (got torch.float16)"),
     ],
 )
 def test_layer_arguments_are_checked_before_anything_else(clean_env, args, error, message):

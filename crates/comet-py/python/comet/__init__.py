@@ -172,12 +172,14 @@ class MoeLayer:
     ``timeout_s`` bounds every device wait and every bootstrap step: past
     it the call fails naming the rank and the signal instead of hanging.
     ``device`` is a CUDA ordinal or torch.device (default: torch's current
-    device).
+    device); ``dtype`` may only be torch.bfloat16 (x, y and the weights).
     """
 
     def __init__(self, hidden, ffn, experts, top_k, max_tokens, group=None,
                  transport="nvlink", mode="fused", timeout_s=30.0, ranks_per_gpu=None,
-                 device=None):
+                 device=None, dtype=None):
+        if dtype is not None and str(dtype) != "torch.bfloat16":
+            raise ValueError(f"comet: the layer computes in torch.bfloat16 only (got {dtype})")
         _ensure_nvrtc()
         self._layer = _comet.Layer(
             hidden, ffn, experts, top_k, max_tokens,

@@ -13,6 +13,7 @@
 //! whether a driver and a device are present before anything else runs.
 
 use crate::error::TransportError;
+use crate::transport::SignalOp;
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
 };
@@ -382,6 +383,61 @@ impl SignalAdd {
         let mut b = stream.launch_builder(&self.f);
         b.arg(&addr).arg(&delta);
         b.launch(cfg).map(|_| ())
+    }
+}
+
+/// The host half of the signal ABI, the one way every GPU transport raises
+/// a signal word from the host: enqueued on a stream after the data it
+/// guards. `Set` is `cuStreamWriteValue64` with default flags (a
+/// system-wide barrier first); `Add` is the one-thread release-add kernel
+/// ([`SignalAdd`], loaded on first use), since stream memory operations
+/// cannot add.
+///
+/// Why `cuStreamWriteValue64` and not an 8-byte host-to-device copy:
+/// comet-kernels' `device::raise_signal_async` says the call answered
+/// `CUDA_ERROR_INVALID_VALUE` on a 13.0 driver and copies instead, but the
+/// nvlink transport has raised every `Set` this way on GPUs (H100, driver
+/// 580: docs/PERF.md's nvlink put+signal rows, tests/nvlink_gpu.rs), and a
+/// stream write orders after the stream's earlier copies without staging a
+/// pageable host word. This is the path kept.
+pub struct HostSignal {
+    ctx: Arc<CudaContext>,
+    add: OnceLock<SignalAdd>,
+}
+
+impl HostSignal {
+    pub fn new(ctx: &Arc<CudaContext>) -> Self {
+        Self {
+            ctx: Arc::clone(ctx),
+            add: OnceLock::new(),
+        }
+    }
+
+    fn add_kernel(&self) -> Result<&SignalAdd, DriverError> {
+        if let Some(k) = self.add.get() {
+            return Ok(k);
+        }
+        let k = SignalAdd::load(&self.ctx)?;
+        Ok(self.add.get_or_init(|| k))
+    }
+
+    /// Enqueues the raise of the word at `addr` by `op` on `stream`, after
+    /// all earlier work of the stream.
+    ///
+    /// # Safety
+    /// As [`write_value64`].
+    pub unsafe fn raise(
+        &self,
+        stream: &Arc<CudaStream>,
+        addr: u64,
+        op: SignalOp,
+    ) -> Result<(), DriverError> {
+        match op {
+            // SAFETY: the caller's contract is write_value64's.
+            SignalOp::Set(v) => unsafe { write_value64(stream, addr, v) },
+            // SAFETY: as above.
+            SignalOp::Add(d) => unsafe { self.add_kernel()?.launch(stream, addr, d) },
+        }
     }
 }
 

@@ -29,7 +29,7 @@ pub mod bench;
 pub mod ffi;
 pub mod plan;
 
-use crate::cuda::{self, DeviceAlloc, ErrorWord, SignalAdd};
+use crate::cuda::{self, DeviceAlloc, ErrorWord, HostSignal};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport};
 use crate::signal_core::{locate, poll_bounded, wait_signal, Owner, Polled, Round, SignalSlots};
@@ -38,7 +38,7 @@ use crate::transport::{
 };
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use plan::{LocalOp, Transfer, RAW_DEVICE, STAGING};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 const BACKEND: &str = "nccl";
@@ -83,7 +83,7 @@ pub struct NcclTransport {
     opts: NcclOptions,
     inner: Mutex<Inner>,
     error_word: ErrorWord,
-    add: OnceLock<SignalAdd>,
+    raise: HostSignal,
 }
 
 fn nccl_err(rank: usize, what: &str, e: cudarc::nccl::result::NcclError) -> TransportError {
@@ -161,6 +161,7 @@ impl NcclTransport {
             rank,
             world,
             ordinal,
+            raise: HostSignal::new(&ctx),
             ctx,
             stream,
             poll,
@@ -177,7 +178,6 @@ impl NcclTransport {
                 },
             }),
             error_word,
-            add: OnceLock::new(),
         })
     }
 
@@ -255,14 +255,6 @@ impl NcclTransport {
         Ok(s.ptr() + off as u64)
     }
 
-    fn add_kernel(&self) -> Result<&SignalAdd, TransportError> {
-        if let Some(k) = self.add.get() {
-            return Ok(k);
-        }
-        let k = SignalAdd::load(&self.ctx).map_err(|e| self.err("load signal-add kernel", e))?;
-        Ok(self.add.get_or_init(|| k))
-    }
-
     /// Collective over the ranks named in `step`: enqueues this rank's part
     /// of it on the communication stream (copies, one NCCL group of sends
     /// and recvs, then the signals this rank receives). Every rank must
@@ -324,16 +316,8 @@ impl NcclTransport {
                     unsafe { inner.comm.recv(a, len, peer, &self.stream) }
                         .map_err(|e| nccl_err(self.rank, "ncclRecv", e))?
                 }
-                LocalOp::Signal {
-                    op: SignalOp::Set(v),
-                    ..
-                } => unsafe { cuda::write_value64(&self.stream, a, v) }
+                LocalOp::Signal { op, .. } => unsafe { self.raise.raise(&self.stream, a, op) }
                     .map_err(|e| self.err("signal", e))?,
-                LocalOp::Signal {
-                    op: SignalOp::Add(d),
-                    ..
-                } => unsafe { self.add_kernel()?.launch(&self.stream, a, d) }
-                    .map_err(|e| self.err("signal add", e))?,
             }
         }
         if in_group {

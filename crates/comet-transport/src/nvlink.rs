@@ -23,7 +23,7 @@
 
 pub mod bench;
 
-use crate::cuda::{self, DeviceAlloc, ErrorWord, IpcMapping, SignalAdd, IPC_HANDLE_BYTES};
+use crate::cuda::{self, DeviceAlloc, ErrorWord, HostSignal, IpcMapping, IPC_HANDLE_BYTES};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport, ThreadExchange};
 use crate::signal_core::{locate, wait_signal, Owner, Round, SignalSlots};
@@ -31,7 +31,7 @@ use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 const BACKEND: &str = "nvlink";
@@ -83,7 +83,7 @@ pub struct NvlinkTransport {
     same_process: Vec<bool>,
     state: RwLock<State>,
     error_word: ErrorWord,
-    add: OnceLock<SignalAdd>,
+    raise: HostSignal,
 }
 
 struct Blob {
@@ -204,6 +204,7 @@ impl NvlinkTransport {
             rank,
             world,
             ordinal,
+            raise: HostSignal::new(&ctx),
             ctx,
             stream,
             poll,
@@ -215,7 +216,6 @@ impl NvlinkTransport {
                 signals: None,
             }),
             error_word,
-            add: OnceLock::new(),
         })
     }
 
@@ -506,23 +506,8 @@ impl Transport for NvlinkTransport {
         check_rank(self, dst)?;
         let addr = self.signal_addr(&self.state(), dst, sig)?;
         self.bind()?;
-        match op {
-            // SAFETY: `addr` is a live signal word of `dst`, mapped here.
-            SignalOp::Set(v) => unsafe { cuda::write_value64(&self.stream, addr, v) }
-                .map_err(|e| self.err("signal", e)),
-            SignalOp::Add(d) => {
-                let k = match self.add.get() {
-                    Some(k) => k,
-                    None => {
-                        let k = SignalAdd::load(&self.ctx)
-                            .map_err(|e| self.err("load signal-add kernel", e))?;
-                        self.add.get_or_init(|| k)
-                    }
-                };
-                // SAFETY: as above.
-                unsafe { k.launch(&self.stream, addr, d) }.map_err(|e| self.err("signal add", e))
-            }
-        }
+        // SAFETY: `addr` is a live signal word of `dst`, mapped here.
+        unsafe { self.raise.raise(&self.stream, addr, op) }.map_err(|e| self.err("signal", e))
     }
 
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {

@@ -58,96 +58,20 @@ use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
 use std::alloc::Layout;
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-mod ffi {
-    use std::ffi::{c_char, c_int, c_uint, c_void};
-    extern "C" {
-        pub fn cx_version(major: *mut c_uint, minor: *mut c_uint, release: *mut c_uint);
-        pub fn cx_status_string(status: c_int) -> *const c_char;
-        pub fn cx_init(ctx: *mut *mut c_void, worker: *mut *mut c_void) -> c_int;
-        pub fn cx_fini(ctx: *mut c_void, worker: *mut c_void);
-        pub fn cx_worker_address(
-            worker: *mut c_void,
-            addr: *mut *mut c_void,
-            len: *mut usize,
-        ) -> c_int;
-        pub fn cx_worker_release_address(worker: *mut c_void, addr: *mut c_void);
-        pub fn cx_progress(worker: *mut c_void) -> c_uint;
-        pub fn cx_ep_create(
-            worker: *mut c_void,
-            addr: *const c_void,
-            peer_errors: c_int,
-            err_flag: *mut i32,
-            ep: *mut *mut c_void,
-        ) -> c_int;
-        pub fn cx_ep_close(ep: *mut c_void, force: c_int, req: *mut *mut c_void) -> c_int;
-        pub fn cx_mem_map(
-            ctx: *mut c_void,
-            addr: *mut c_void,
-            len: usize,
-            memh: *mut *mut c_void,
-        ) -> c_int;
-        pub fn cx_mem_unmap(ctx: *mut c_void, memh: *mut c_void) -> c_int;
-        pub fn cx_rkey_pack(
-            ctx: *mut c_void,
-            memh: *mut c_void,
-            buf: *mut *mut c_void,
-            len: *mut usize,
-        ) -> c_int;
-        pub fn cx_rkey_buffer_release(buf: *mut c_void);
-        pub fn cx_rkey_unpack(ep: *mut c_void, buf: *const c_void, rkey: *mut *mut c_void)
-            -> c_int;
-        pub fn cx_rkey_destroy(rkey: *mut c_void);
-        pub fn cx_put(
-            ep: *mut c_void,
-            buf: *const c_void,
-            len: usize,
-            raddr: u64,
-            rkey: *mut c_void,
-            req: *mut *mut c_void,
-        ) -> c_int;
-        pub fn cx_atomic64(
-            ep: *mut c_void,
-            op: c_int,
-            value: *mut u64,
-            reply: *mut u64,
-            raddr: u64,
-            rkey: *mut c_void,
-            req: *mut *mut c_void,
-        ) -> c_int;
-        pub fn cx_ep_flush(ep: *mut c_void, req: *mut *mut c_void) -> c_int;
-        pub fn cx_worker_flush(worker: *mut c_void, req: *mut *mut c_void) -> c_int;
-        pub fn cx_worker_fence(worker: *mut c_void) -> c_int;
-        pub fn cx_req_check(req: *mut c_void) -> c_int;
-        pub fn cx_req_free(req: *mut c_void);
-    }
-}
+mod result;
+mod sys;
 
-const UCS_OK: c_int = 0;
-const UCS_INPROGRESS: c_int = 1;
-const UCS_ERR_UNREACHABLE: c_int = -6;
-
-fn status_string(st: c_int) -> String {
-    // SAFETY: ucs_status_string returns a pointer to a static NUL-terminated
-    // string for every status value, known or not.
-    let p: *const c_char = unsafe { ffi::cx_status_string(st) };
-    if p.is_null() {
-        return format!("status {st}");
-    }
-    // SAFETY: non-null, static and NUL-terminated (see above).
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-}
+use result::status_string;
+use sys::{UCS_ERR_UNREACHABLE, UCS_INPROGRESS, UCS_OK};
 
 /// The UCX library version this process runs with (major, minor, release).
 pub fn ucx_version() -> (u32, u32, u32) {
-    let (mut a, mut b, mut c): (c_uint, c_uint, c_uint) = (0, 0, 0);
-    // SAFETY: writes three unsigned ints through valid pointers.
-    unsafe { ffi::cx_version(&mut a, &mut b, &mut c) };
-    (a, b, c)
+    result::version()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -312,7 +236,7 @@ impl Region {
 impl Inner {
     fn progress(&mut self) -> u32 {
         // SAFETY: the worker is valid until drop and we hold the lock.
-        unsafe { ffi::cx_progress(self.worker) }
+        unsafe { sys::cx_progress(self.worker) }
     }
 }
 
@@ -336,7 +260,7 @@ impl UcxTransport {
         let (mut ctx, mut worker) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: out-pointers are valid; on failure the shim has released
         // whatever it created and leaves both null.
-        let st = unsafe { ffi::cx_init(&mut ctx, &mut worker) };
+        let st = unsafe { sys::cx_init(&mut ctx, &mut worker) };
         if st != UCS_OK {
             return Err(be(format!(
                 "cannot create a UCP context and worker: {}",
@@ -361,14 +285,14 @@ impl UcxTransport {
             let g = lock(&t.inner);
             let (mut a, mut len) = (std::ptr::null_mut(), 0usize);
             // SAFETY: valid worker; UCX allocates the address and reports its length.
-            let st = unsafe { ffi::cx_worker_address(g.worker, &mut a, &mut len) };
+            let st = unsafe { sys::cx_worker_address(g.worker, &mut a, &mut len) };
             if st != UCS_OK {
                 return Err(be(format!("ucp_worker_get_address: {}", status_string(st))));
             }
             // SAFETY: UCX returned `len` readable bytes at `a`; copied, then released once.
             let v = unsafe { std::slice::from_raw_parts(a as *const u8, len) }.to_vec();
             // SAFETY: `a` came from cx_worker_address on this worker.
-            unsafe { ffi::cx_worker_release_address(g.worker, a) };
+            unsafe { sys::cx_worker_release_address(g.worker, a) };
             v
         };
         let addrs = t.gather(&my_addr)?;
@@ -390,7 +314,7 @@ impl UcxTransport {
                     // error flag outlives the endpoint (both live in `Peer`, and
                     // the endpoint is closed before the Box is dropped).
                     st = unsafe {
-                        ffi::cx_ep_create(
+                        sys::cx_ep_create(
                             g.worker,
                             a.as_ptr() as *const c_void,
                             peer_errors as c_int,
@@ -514,10 +438,10 @@ impl UcxTransport {
         loop {
             g.progress();
             // SAFETY: `req` is a live request handle returned by UCX and not yet freed.
-            let s = unsafe { ffi::cx_req_check(req) };
+            let s = unsafe { sys::cx_req_check(req) };
             if s != UCS_INPROGRESS {
                 // SAFETY: completed request, released exactly once.
-                unsafe { ffi::cx_req_free(req) };
+                unsafe { sys::cx_req_free(req) };
                 if s == UCS_OK {
                     return Ok(());
                 }
@@ -553,7 +477,7 @@ impl UcxTransport {
                 });
                 if let Some(e) = fail {
                     // SAFETY: gives the pending request back to UCX, which frees it when it completes.
-                    unsafe { ffi::cx_req_free(req) };
+                    unsafe { sys::cx_req_free(req) };
                     match peer {
                         Some(p) => self.break_peer(g, p, &e.to_string()),
                         None => {
@@ -593,17 +517,17 @@ impl UcxTransport {
         }
         let mut req = std::ptr::null_mut();
         // SAFETY: live endpoint; a forced close completes its outstanding requests with an error.
-        let st = unsafe { ffi::cx_ep_close(p.ep, 1, &mut req) };
+        let st = unsafe { sys::cx_ep_close(p.ep, 1, &mut req) };
         if st == UCS_INPROGRESS {
             for _ in 0..10_000 {
                 // SAFETY: live request handle.
-                if unsafe { ffi::cx_req_check(req) } != UCS_INPROGRESS {
+                if unsafe { sys::cx_req_check(req) } != UCS_INPROGRESS {
                     break;
                 }
                 g.progress();
             }
             // SAFETY: releases the close request (freed by UCX on completion if still pending).
-            unsafe { ffi::cx_req_free(req) };
+            unsafe { sys::cx_req_free(req) };
         }
         // The endpoint is gone: its keys must not be used (or destroyed) through it again.
         if let Some(p) = g.peers.get_mut(peer).and_then(Option::as_mut) {
@@ -613,7 +537,7 @@ impl UcxTransport {
             if let Some(k) = r.remote.get_mut(peer) {
                 if !k.1.is_null() {
                     // SAFETY: key unpacked on the endpoint just closed, destroyed once.
-                    unsafe { ffi::cx_rkey_destroy(k.1) };
+                    unsafe { sys::cx_rkey_destroy(k.1) };
                     k.1 = std::ptr::null_mut();
                 }
             }
@@ -647,7 +571,7 @@ impl UcxTransport {
             let g = lock(&self.inner);
             let mut memh = std::ptr::null_mut();
             // SAFETY: maps memory we own for the region's lifetime (unmapped in drop_region).
-            let st = unsafe { ffi::cx_mem_map(g.ctx, ptr as *mut c_void, size, &mut memh) };
+            let st = unsafe { sys::cx_mem_map(g.ctx, ptr as *mut c_void, size, &mut memh) };
             if st != UCS_OK {
                 drop(g);
                 self.drop_region(region);
@@ -659,7 +583,7 @@ impl UcxTransport {
             region.memh = memh;
             let (mut kb, mut klen) = (std::ptr::null_mut(), 0usize);
             // SAFETY: memh was just mapped on this context.
-            let st = unsafe { ffi::cx_rkey_pack(g.ctx, memh, &mut kb, &mut klen) };
+            let st = unsafe { sys::cx_rkey_pack(g.ctx, memh, &mut kb, &mut klen) };
             if st != UCS_OK {
                 drop(g);
                 self.drop_region(region);
@@ -671,7 +595,7 @@ impl UcxTransport {
             // SAFETY: UCX returned `klen` bytes at `kb`; copied, then released once.
             blob.extend_from_slice(unsafe { std::slice::from_raw_parts(kb as *const u8, klen) });
             // SAFETY: buffer from ucp_rkey_pack.
-            unsafe { ffi::cx_rkey_buffer_release(kb) };
+            unsafe { sys::cx_rkey_buffer_release(kb) };
             blob
         };
         let all = match self.gather(&blob) {
@@ -717,7 +641,7 @@ impl UcxTransport {
             if let Some(p) = g.peers[r].as_ref().filter(|p| !p.ep.is_null()) {
                 // SAFETY: a key packed by rank r's UCX, unpacked on our endpoint to r.
                 let st = unsafe {
-                    ffi::cx_rkey_unpack(p.ep, b[17..].as_ptr() as *const c_void, &mut rkey)
+                    sys::cx_rkey_unpack(p.ep, b[17..].as_ptr() as *const c_void, &mut rkey)
                 };
                 if st != UCS_OK {
                     region.remote.push((addr, std::ptr::null_mut()));
@@ -739,12 +663,12 @@ impl UcxTransport {
         for &(_, k) in &r.remote {
             if !k.is_null() {
                 // SAFETY: unpacked key, destroyed once.
-                unsafe { ffi::cx_rkey_destroy(k) };
+                unsafe { sys::cx_rkey_destroy(k) };
             }
         }
         if !r.memh.is_null() {
             // SAFETY: mapped on this context, unmapped once.
-            unsafe { ffi::cx_mem_unmap(g.ctx, r.memh) };
+            unsafe { sys::cx_mem_unmap(g.ctx, r.memh) };
         }
         // SAFETY: allocated with this layout in map_region, freed once.
         unsafe { std::alloc::dealloc(r.ptr, r.layout) };
@@ -759,7 +683,7 @@ impl UcxTransport {
         let mut g = lock(&self.inner);
         let mut req = std::ptr::null_mut();
         // SAFETY: valid worker.
-        let st = unsafe { ffi::cx_worker_flush(g.worker, &mut req) };
+        let st = unsafe { sys::cx_worker_flush(g.worker, &mut req) };
         self.complete(&mut g, st, req, None, "worker flush")?;
         self.reap(&mut g)
     }
@@ -771,14 +695,14 @@ impl UcxTransport {
         let mut i = 0;
         while i < g.in_flight.len() {
             // SAFETY: a live request handle of an atomic not yet released.
-            let st = unsafe { ffi::cx_req_check(g.in_flight[i].req) };
+            let st = unsafe { sys::cx_req_check(g.in_flight[i].req) };
             if st == UCS_INPROGRESS {
                 i += 1;
                 continue;
             }
             let f = g.in_flight.swap_remove(i);
             // SAFETY: completed, released once; its operands are dropped after.
-            unsafe { ffi::cx_req_free(f.req) };
+            unsafe { sys::cx_req_free(f.req) };
             if st != UCS_OK && first.is_none() {
                 let e = TransportError::PeerGone {
                     rank: self.rank,
@@ -855,7 +779,7 @@ struct UcxRaise<'a, 'g> {
 impl SignalSteps for UcxRaise<'_, '_> {
     fn fence(&mut self) -> Result<(), TransportError> {
         // SAFETY: valid worker, used under the lock.
-        let st = unsafe { ffi::cx_worker_fence(self.g.worker) };
+        let st = unsafe { sys::cx_worker_fence(self.g.worker) };
         if st != UCS_OK {
             return Err(self.t.be(format!(
                 "fence before signal {} on rank {}: {}",
@@ -870,7 +794,7 @@ impl SignalSteps for UcxRaise<'_, '_> {
     fn flush(&mut self) -> Result<(), TransportError> {
         let mut req = std::ptr::null_mut();
         // SAFETY: live endpoint (peer_ok passed).
-        let st = unsafe { ffi::cx_ep_flush(self.ep, &mut req) };
+        let st = unsafe { sys::cx_ep_flush(self.ep, &mut req) };
         self.t.complete(
             self.g,
             st,
@@ -901,7 +825,7 @@ impl SignalSteps for UcxRaise<'_, '_> {
         // SAFETY: live endpoint and key; the operands are boxed and kept in
         // `in_flight` until the request completes (or leaked with the worker).
         let st = unsafe {
-            ffi::cx_atomic64(
+            sys::cx_atomic64(
                 self.ep, opcode, value, reply, self.raddr, self.rkey, &mut req,
             )
         };
@@ -1001,7 +925,7 @@ impl Transport for UcxTransport {
         // was closed); the data stays borrowed until `complete` returns, and
         // on failure the endpoint is force-closed, ending the request.
         let st = unsafe {
-            ffi::cx_put(
+            sys::cx_put(
                 ep,
                 data.as_ptr() as *const c_void,
                 data.len(),
@@ -1196,22 +1120,22 @@ impl Drop for UcxTransport {
             };
             let mut req = std::ptr::null_mut();
             // SAFETY: live endpoint, closed once; forced so a departed peer cannot stall us.
-            let st = unsafe { ffi::cx_ep_close(ep, 1, &mut req) };
+            let st = unsafe { sys::cx_ep_close(ep, 1, &mut req) };
             if st == UCS_INPROGRESS {
                 for _ in 0..100_000 {
                     // SAFETY: live request handle.
-                    if unsafe { ffi::cx_req_check(req) } != UCS_INPROGRESS {
+                    if unsafe { sys::cx_req_check(req) } != UCS_INPROGRESS {
                         break;
                     }
                     g.progress();
                 }
                 // SAFETY: released once.
-                unsafe { ffi::cx_req_free(req) };
+                unsafe { sys::cx_req_free(req) };
             }
         }
         g.peers.clear();
         // SAFETY: every endpoint, key and mapping of this context is gone.
-        unsafe { ffi::cx_fini(g.ctx, g.worker) };
+        unsafe { sys::cx_fini(g.ctx, g.worker) };
         g.ctx = std::ptr::null_mut();
         g.worker = std::ptr::null_mut();
     }

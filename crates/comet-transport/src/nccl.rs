@@ -37,7 +37,7 @@ use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
-use plan::{LocalOp, Transfer, RAW_DEVICE, STAGING};
+use plan::{LocalOp, Source, Transfer};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -200,6 +200,8 @@ impl NcclTransport {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The device address of `len` bytes at `offset` in this rank's
+    /// `buf`, bounds-checked.
     fn local_range(
         &self,
         inner: &Inner,
@@ -208,11 +210,29 @@ impl NcclTransport {
         len: usize,
         what: &str,
     ) -> Result<u64, TransportError> {
-        if buf == RAW_DEVICE {
-            return Ok(offset as u64);
-        }
-        let (ptr, size) =
-            if buf == STAGING {
+        let b = inner
+            .buffers
+            .get(buf.0 as usize)
+            .ok_or_else(|| TransportError::NotAllocated {
+                rank: self.rank,
+                what: format!("buffer {}", buf.0),
+            })?;
+        self.in_bounds(b, offset, len, &format!("{what} buffer {}", buf.0))
+    }
+
+    /// As [`Self::local_range`], for any source of a transfer.
+    fn source_range(
+        &self,
+        inner: &Inner,
+        src: Source,
+        offset: usize,
+        len: usize,
+        what: &str,
+    ) -> Result<u64, TransportError> {
+        match src {
+            Source::Buffer(b) => self.local_range(inner, b, offset, len, what),
+            Source::RawDevice => Ok(offset as u64),
+            Source::Staging => {
                 let s = inner
                     .staging
                     .as_ref()
@@ -220,26 +240,28 @@ impl NcclTransport {
                         rank: self.rank,
                         what: "staging".into(),
                     })?;
-                (s.ptr(), s.bytes())
-            } else {
-                let b = inner.buffers.get(buf.0 as usize).ok_or_else(|| {
-                    TransportError::NotAllocated {
-                        rank: self.rank,
-                        what: format!("buffer {}", buf.0),
-                    }
-                })?;
-                (b.ptr(), b.bytes())
-            };
-        if offset.checked_add(len).is_none_or(|end| end > size) {
+                self.in_bounds(s, offset, len, &format!("{what} staging"))
+            }
+        }
+    }
+
+    fn in_bounds(
+        &self,
+        a: &DeviceAlloc,
+        offset: usize,
+        len: usize,
+        what: &str,
+    ) -> Result<u64, TransportError> {
+        if offset.checked_add(len).is_none_or(|end| end > a.bytes()) {
             return Err(TransportError::OutOfBounds {
                 rank: self.rank,
-                what: format!("{what} buffer {}", buf.0),
+                what: what.into(),
                 offset,
                 len,
-                size,
+                size: a.bytes(),
             });
         }
-        Ok(ptr + offset as u64)
+        Ok(a.ptr() + offset as u64)
     }
 
     /// The address of this rank's signal `sig`, checked. Raises towards
@@ -278,12 +300,12 @@ impl NcclTransport {
                     dst_offset,
                     len,
                 } => (
-                    self.local_range(inner, src_buf, src_offset, len, "copy from")?,
+                    self.source_range(inner, src_buf, src_offset, len, "copy from")?,
                     self.local_range(inner, dst_buf, dst_offset, len, "copy to")?,
                 ),
                 LocalOp::Send {
                     buf, offset, len, ..
-                } => (self.local_range(inner, buf, offset, len, "send from")?, 0),
+                } => (self.source_range(inner, buf, offset, len, "send from")?, 0),
                 LocalOp::Recv {
                     buf, offset, len, ..
                 } => (self.local_range(inner, buf, offset, len, "recv into")?, 0),
@@ -486,7 +508,7 @@ impl Transport for NcclTransport {
         inner.staged.transfers.push(Transfer {
             src: self.rank,
             dst,
-            src_buf: STAGING,
+            src_buf: Source::Staging,
             src_offset: at,
             dst_buf: buf,
             dst_offset: offset,
@@ -503,7 +525,7 @@ impl Transport for NcclTransport {
         inner.staged.transfers.push(Transfer {
             src: self.rank,
             dst,
-            src_buf: STAGING,
+            src_buf: Source::Staging,
             src_offset: 0,
             dst_buf: BufferId(0),
             dst_offset: 0,
@@ -598,7 +620,7 @@ impl DeviceTransport for NcclTransport {
         inner.staged.transfers.push(Transfer {
             src: self.rank,
             dst,
-            src_buf: RAW_DEVICE,
+            src_buf: Source::RawDevice,
             src_offset: src as usize,
             dst_buf: buf,
             dst_offset: offset,

@@ -94,7 +94,7 @@ fn workload(t: &NcclTransport, epochs: u64, seg: usize) -> Result<(), String> {
                     step.push(Transfer {
                         src: a,
                         dst: b,
-                        src_buf: src,
+                        src_buf: src.into(),
                         src_offset: b * seg + off,
                         dst_buf: buf,
                         dst_offset: a * seg + off,

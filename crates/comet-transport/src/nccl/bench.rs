@@ -24,7 +24,7 @@ fn step(n: usize, src: BufferId, dst: BufferId, epoch: u64) -> [Transfer; 1] {
     [Transfer {
         src: 0,
         dst: 1,
-        src_buf: src,
+        src_buf: src.into(),
         src_offset: 0,
         dst_buf: dst,
         dst_offset: 0,

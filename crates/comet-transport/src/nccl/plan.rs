@@ -13,12 +13,46 @@
 use crate::error::TransportError;
 use crate::transport::{BufferId, SignalId, SignalOp};
 
-/// Source "buffer" meaning the sender's host-put staging area.
-pub const STAGING: BufferId = BufferId(u32::MAX);
-/// Source "buffer" meaning `src_offset` is an absolute device address on
-/// the sender (device-to-device puts of memory the transport did not
-/// allocate).
-pub const RAW_DEVICE: BufferId = BufferId(u32::MAX - 1);
+/// Where a transfer's bytes come from on the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The sender's copy of a symmetric buffer.
+    Buffer(BufferId),
+    /// The sender's host-put staging area.
+    Staging,
+    /// `src_offset` is an absolute device address on the sender
+    /// (device-to-device puts of memory the transport did not allocate).
+    RawDevice,
+}
+
+impl From<BufferId> for Source {
+    fn from(b: BufferId) -> Self {
+        Source::Buffer(b)
+    }
+}
+
+// The wire form writes a source as a buffer id, the two others as ids no
+// buffer has; a destination with one of them is refused when decoded.
+const WIRE_STAGING: u32 = u32::MAX;
+const WIRE_RAW_DEVICE: u32 = u32::MAX - 1;
+
+impl Source {
+    fn wire(self) -> u32 {
+        match self {
+            Source::Buffer(b) => b.0,
+            Source::Staging => WIRE_STAGING,
+            Source::RawDevice => WIRE_RAW_DEVICE,
+        }
+    }
+
+    fn from_wire(id: u32) -> Self {
+        match id {
+            WIRE_STAGING => Source::Staging,
+            WIRE_RAW_DEVICE => Source::RawDevice,
+            b => Source::Buffer(BufferId(b)),
+        }
+    }
+}
 
 /// One chunk moving from `src`'s memory into `dst`'s copy of `dst_buf`,
 /// optionally raising `dst`'s signal once it has landed. `len == 0` with a
@@ -27,7 +61,7 @@ pub const RAW_DEVICE: BufferId = BufferId(u32::MAX - 1);
 pub struct Transfer {
     pub src: usize,
     pub dst: usize,
-    pub src_buf: BufferId,
+    pub src_buf: Source,
     pub src_offset: usize,
     pub dst_buf: BufferId,
     pub dst_offset: usize,
@@ -40,7 +74,7 @@ pub struct Transfer {
 pub enum LocalOp {
     /// Before the NCCL group: a transfer to itself.
     Copy {
-        src_buf: BufferId,
+        src_buf: Source,
         src_offset: usize,
         dst_buf: BufferId,
         dst_offset: usize,
@@ -49,7 +83,7 @@ pub enum LocalOp {
     /// Inside the group.
     Send {
         peer: usize,
-        buf: BufferId,
+        buf: Source,
         offset: usize,
         len: usize,
     },
@@ -70,22 +104,12 @@ pub fn lower(rank: usize, world: usize, step: &[Transfer]) -> Result<Vec<LocalOp
     let mut copies = Vec::new();
     let mut group = Vec::new();
     let mut signals = Vec::new();
-    for (i, t) in step.iter().enumerate() {
+    for t in step {
         if t.src >= world || t.dst >= world {
             return Err(TransportError::BadRank {
                 rank,
                 peer: t.src.max(t.dst),
                 world,
-            });
-        }
-        if t.dst_buf == STAGING || t.dst_buf == RAW_DEVICE {
-            return Err(TransportError::Mismatch {
-                rank,
-                what: "nccl step",
-                detail: format!(
-                    "transfer {i} targets a source-only buffer id {}",
-                    t.dst_buf.0
-                ),
             });
         }
         if t.len > 0 {
@@ -138,7 +162,7 @@ pub fn encode(ts: &[Transfer]) -> Vec<u8> {
         for x in [t.src, t.dst, t.src_offset, t.dst_offset, t.len] {
             v.extend_from_slice(&(x as u64).to_le_bytes());
         }
-        v.extend_from_slice(&u64::from(t.src_buf.0).to_le_bytes());
+        v.extend_from_slice(&u64::from(t.src_buf.wire()).to_le_bytes());
         v.extend_from_slice(&u64::from(t.dst_buf.0).to_le_bytes());
         let (code, sig, val) = op_code(t.signal);
         v.push(code);
@@ -165,10 +189,17 @@ pub fn decode(rank: usize, from: usize, b: &[u8]) -> Result<Vec<Transfer>, Trans
     b.chunks_exact(REC)
         .map(|r| {
             let u = |i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().expect("8 bytes"));
-            let buf = |i: usize| {
+            let id = |i: usize| {
                 u32::try_from(u(i))
-                    .map(BufferId)
                     .map_err(|_| bad(format!("rank {from}: buffer id {} too large", u(i))))
+            };
+            let dst_buf = match Source::from_wire(id(6)?) {
+                Source::Buffer(b) => b,
+                other => {
+                    return Err(bad(format!(
+                        "rank {from}: a transfer targets {other:?}, which is only a source"
+                    )))
+                }
             };
             let sig = u32::from_le_bytes(r[57..61].try_into().expect("4 bytes"));
             let val = u64::from_le_bytes(r[62..70].try_into().expect("8 bytes"));
@@ -184,8 +215,8 @@ pub fn decode(rank: usize, from: usize, b: &[u8]) -> Result<Vec<Transfer>, Trans
                 src_offset: u(2) as usize,
                 dst_offset: u(3) as usize,
                 len: u(4) as usize,
-                src_buf: buf(5)?,
-                dst_buf: buf(6)?,
+                src_buf: Source::from_wire(id(5)?),
+                dst_buf,
                 signal,
             })
         })
@@ -208,7 +239,7 @@ mod tests {
                 let at = |off: usize, len: usize, signal| Transfer {
                     src,
                     dst,
-                    src_buf: BufferId(0),
+                    src_buf: BufferId(0).into(),
                     src_offset: dst * seg + off,
                     dst_buf: BufferId(1),
                     dst_offset: src * seg + off,
@@ -349,7 +380,7 @@ mod tests {
         step.push(Transfer {
             src: 1,
             dst: 2,
-            src_buf: RAW_DEVICE,
+            src_buf: Source::RawDevice,
             src_offset: 0x7f00_0000_1000,
             dst_buf: BufferId(4),
             dst_offset: 9,
@@ -372,7 +403,7 @@ mod tests {
         let t = Transfer {
             src: 0,
             dst: 3,
-            src_buf: BufferId(0),
+            src_buf: BufferId(0).into(),
             src_offset: 0,
             dst_buf: BufferId(0),
             dst_offset: 0,
@@ -383,14 +414,14 @@ mod tests {
             lower(0, 2, &[t]),
             Err(TransportError::BadRank { peer: 3, .. })
         ));
-        let t = Transfer {
-            dst: 1,
-            dst_buf: STAGING,
-            ..t
-        };
+        // A staging area or raw address is only ever a source: a peer's
+        // record that names one as a destination is refused.
+        let t = Transfer { dst: 1, ..t };
+        let mut raw = encode(&[t]);
+        raw[48..56].copy_from_slice(&u64::from(WIRE_STAGING).to_le_bytes());
         assert!(matches!(
-            lower(0, 2, &[t]),
-            Err(TransportError::Mismatch { .. })
+            decode(0, 1, &raw),
+            Err(TransportError::Mismatch { detail, .. }) if detail.contains("Staging")
         ));
     }
 }

@@ -33,10 +33,10 @@ pub struct GemmBenchArgs {
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
     /// Kernel families, comma separated: auto (the default on this GPU),
-    /// sm80, sm90 (consumers store), sm90ws (storer warps), sm90tma (TMA
-    /// bulk stores; what auto picks on sm_90a) or sm90c2 (sm90tma in
-    /// clusters of two sharing B by multicast). Each gets
-    /// its own table with cuBLAS and torch beside it.
+    /// sm80, sm90 (plain 16-byte stores), sm90tma (TMA bulk stores; what
+    /// auto picks on sm_90a) or sm90c2 (sm90tma in clusters of two sharing
+    /// B by multicast). Each gets its own table with cuBLAS and torch beside
+    /// it.
     #[arg(long, default_value = "auto")]
     pub family: String,
     /// torch._grouped_mm baseline: auto (when python3 + torch exist) or off.

@@ -2,6 +2,10 @@
 //! explicit `extern "C"` kernel name, compiled as its own NVRTC unit so a
 //! process compiles only what it launches. [`all_gemm_variants`] lists
 //! every variant the planner can choose; the CI gate compiles them all.
+//!
+//! The storer-warp Hopper family (`sm90ws`) was removed: 10-20% slower than
+//! the default and never chosen (docs/PERF.md), and its mbarrier hand-over
+//! of staging buffers was the one source of racecheck reports (issue 14).
 
 use std::collections::BTreeMap;
 
@@ -95,19 +99,15 @@ pub enum Family {
     /// 128x128x64 tiles, 4 warps, cp.async ring; any CC >= 8.0.
     Sm80,
     /// 128 x `bn` x 64 tiles, TMA + mbarrier ring of `stages`, 1 producer
-    /// warp + 2 consumer warpgroups with wgmma; sm_90a only. With `storer`,
-    /// warps 1-3 of the producer warpgroup write finished tiles from a
-    /// full-tile staging buffer while the consumers start the next tile.
-    /// With `tma_store` (consumers storing only), full tiles of the store
-    /// epilogue without the raise hook leave through asynchronous TMA bulk
-    /// stores; every other case is the same code as without it. With
-    /// `cluster` = 2 (consumers storing only), CTAs run as clusters of two
-    /// along M sharing each k-block of B through TMA multicast; the tile
+    /// warp + 2 consumer warpgroups with wgmma; sm_90a only. With
+    /// `tma_store`, full tiles of the store epilogue without the raise hook
+    /// leave through asynchronous TMA bulk stores; every other case is the
+    /// same code as without it. With `cluster` = 2, CTAs run as clusters of
+    /// two along M sharing each k-block of B through TMA multicast; the tile
     /// list then holds pairs ([`TileList`](crate::TileList) builds them).
     Sm90 {
         bn: u32,
         stages: u32,
-        storer: bool,
         tma_store: bool,
         cluster: u32,
     },
@@ -119,7 +119,6 @@ impl Family {
     pub const SM90_DEFAULT: Family = Family::Sm90 {
         bn: 256,
         stages: 4,
-        storer: false,
         tma_store: false,
         cluster: 1,
     };
@@ -129,7 +128,6 @@ impl Family {
     pub const SM90_TMA: Family = Family::Sm90 {
         bn: 256,
         stages: 4,
-        storer: false,
         tma_store: true,
         cluster: 1,
     };
@@ -138,24 +136,14 @@ impl Family {
     pub const SM90_CLUSTER: Family = Family::Sm90 {
         bn: 256,
         stages: 4,
-        storer: false,
         tma_store: true,
         cluster: 2,
     };
-    /// Storer warps write finished passes while the consumers go on; 4-stage ring.
-    pub const SM90_WS: Family = Family::Sm90 {
-        bn: 256,
-        stages: 4,
-        storer: true,
-        tma_store: false,
-        cluster: 1,
-    };
 
     /// The names `comet bench gemm --family` and `COMET_GEMM_FAMILY` take.
-    pub const NAMES: [(&'static str, Family); 5] = [
+    pub const NAMES: [(&'static str, Family); 4] = [
         ("sm80", Family::Sm80),
         ("sm90", Family::SM90_DEFAULT),
-        ("sm90ws", Family::SM90_WS),
         ("sm90tma", Family::SM90_TMA),
         ("sm90c2", Family::SM90_CLUSTER),
     ];
@@ -169,41 +157,20 @@ impl Family {
     }
 
     /// Whether launches may split the last wave of tiles along K
-    /// ([`TailSplit`](crate::tiles::TailSplit)): the Hopper kernels whose
-    /// consumers store their own tiles, without clusters.
+    /// ([`TailSplit`](crate::tiles::TailSplit)): the Hopper kernels
+    /// without clusters.
     pub fn splits_tail(self) -> bool {
-        matches!(
-            self,
-            Family::Sm90 {
-                storer: false,
-                cluster: 1,
-                ..
-            }
-        )
+        matches!(self, Family::Sm90 { cluster: 1, .. })
     }
 
     /// CTAs per cluster (1: no cluster). Tile lists of a clustered family
     /// hold one tile per CTA of each cluster, consecutively.
     pub fn cluster(self) -> usize {
         match self {
-            Family::Sm90 {
-                cluster,
-                storer: false,
-                ..
-            } => cluster.max(1) as usize,
+            Family::Sm90 { cluster, .. } => cluster.max(1) as usize,
             _ => 1,
         }
     }
-}
-
-/// Shared memory an sm_90a block may use (H100/H200 opt-in limit).
-const SM90_SMEM: u32 = 232_448;
-
-/// Staging buffers (64 x 128 bf16 per consumer each) the storer variant
-/// gets from what the ring leaves: at least 1, at most 2.
-fn storer_bufs(bn: u32, stages: u32) -> u32 {
-    let ring = stages * (128 * 64 * 2 + bn * 64 * 2);
-    (SM90_SMEM.saturating_sub(ring + 1152) / (2 * 64 * 128 * 2)).clamp(1, 2)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -238,17 +205,15 @@ impl GemmVariant {
             Family::Sm90 {
                 bn,
                 stages,
-                storer,
                 tma_store,
                 ..
             } => {
                 let cm = self.family.cluster();
                 format!(
-                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}{}{}",
+                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}{}",
                     self.epilogue.tag(),
                     self.hooks.tag(),
-                    if storer { "_ws" } else { "" },
-                    if tma_store && !storer { "_tma" } else { "" },
+                    if tma_store { "_tma" } else { "" },
                     if cm > 1 {
                         format!("_c{cm}")
                     } else {
@@ -291,18 +256,9 @@ impl GemmVariant {
                 threads: 128,
                 smem_bytes: 3 * (128 + 128) * 64 * 2,
             },
-            Family::Sm90 {
-                bn, stages, storer, ..
-            } => LaunchShape {
+            Family::Sm90 { bn, stages, .. } => LaunchShape {
                 threads: 384,
-                smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2)
-                    + if storer {
-                        storer_bufs(bn, stages) * 2 * 64 * 128 * 2
-                    } else {
-                        2 * 64 * 128 * 2
-                    }
-                    + 128
-                    + 1024,
+                smem_bytes: stages * (128 * 64 * 2 + bn * 64 * 2) + 2 * 64 * 128 * 2 + 128 + 1024,
             },
         }
     }
@@ -330,14 +286,11 @@ impl GemmVariant {
             Family::Sm90 {
                 bn,
                 stages,
-                storer,
                 tma_store,
                 ..
             } => {
                 let cm = self.family.cluster();
-                let (cluster_attr, tail) = if storer {
-                    (String::new(), format!(", {}", storer_bufs(bn, stages)))
-                } else if cm > 1 {
+                let (cluster_attr, tail) = if cm > 1 {
                     (
                         format!("__cluster_dims__({cm}, 1, 1) "),
                         format!(", {tma_store}, {cm}"),
@@ -352,8 +305,7 @@ impl GemmVariant {
                     format!(
                         "extern \"C\" __global__ void {cluster_attr}__launch_bounds__(384, 1) {name}(const \
                          __grid_constant__ comet::sm90::HopperParams hp) {{ \
-                         comet::sm90::{}<{epi}, {w}, {r}, {bn}, {stages}{tail}>(hp); }}\n",
-                        if storer { "gemm_ws" } else { "gemm" },
+                         comet::sm90::gemm<{epi}, {w}, {r}, {bn}, {stages}{tail}>(hp); }}\n"
                     ),
                 )
             }
@@ -383,7 +335,6 @@ pub fn all_gemm_variants() -> Vec<(GemmVariant, Target)> {
                 GemmVariant::new(Family::SM90_DEFAULT, epi, hooks),
                 Target::SM90A,
             ));
-            v.push((GemmVariant::new(Family::SM90_WS, epi, hooks), Target::SM90A));
             v.push((
                 GemmVariant::new(Family::SM90_TMA, epi, hooks),
                 Target::SM90A,
@@ -428,17 +379,22 @@ mod tests {
     }
 
     #[test]
+    fn family_names_round_trip() {
+        for (n, f) in Family::NAMES {
+            assert_eq!(Family::from_name(n), Some(f));
+        }
+        // A removed family's name is unknown, so an old COMET_GEMM_FAMILY
+        // gets the runtime's warning and the default, not a panic.
+        assert_eq!(Family::from_name("sm90ws"), None);
+    }
+
+    #[test]
     fn hopper_needs_sm90a_and_fits_shared_memory() {
         let v = GemmVariant::new(Family::SM90_DEFAULT, Epilogue::Store, Hooks::NONE);
         assert!(v.supports(Target::SM90A));
         assert!(!v.supports(Target::SM80));
         assert!(v.launch_shape().smem_bytes <= 227 * 1024);
-        for f in [
-            Family::SM90_DEFAULT,
-            Family::SM90_WS,
-            Family::SM90_TMA,
-            Family::SM90_CLUSTER,
-        ] {
+        for f in [Family::SM90_DEFAULT, Family::SM90_TMA, Family::SM90_CLUSTER] {
             let v = GemmVariant::new(f, Epilogue::Scatter, Hooks::ALL[3]);
             assert!(
                 v.launch_shape().smem_bytes <= 227 * 1024,

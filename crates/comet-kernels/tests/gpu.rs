@@ -30,7 +30,6 @@ fn families(rt: &GemmRuntime) -> Vec<Family> {
     let mut f = vec![Family::Sm80];
     if rt.target().has_wgmma() {
         f.push(Family::SM90_DEFAULT);
-        f.push(Family::SM90_WS);
         f.push(Family::SM90_TMA);
         f.push(Family::SM90_CLUSTER);
     }

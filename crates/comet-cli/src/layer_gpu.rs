@@ -14,7 +14,6 @@
 use crate::layer::LayerArgs;
 use crate::torch_baseline::{find_script, TorchBaseline};
 use anyhow::{Context, Result};
-use comet_core::cost::DeviceFigures;
 use comet_core::weights::random_tokens;
 use comet_core::{MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
@@ -93,15 +92,8 @@ fn bench_one(
     kind: RoutingKind,
     torch: &mut Option<TorchBaseline>,
 ) -> Result<Row> {
-    // All ranks share GPU 0: their "link" is its own memory.
-    let figures = if cfg.ranks > 1 {
-        DeviceFigures::h200_same_gpu()
-    } else {
-        DeviceFigures::h200_nvlink()
-    };
     let opts = LayerOptions {
         timeout: Duration::from_secs(a.timeout_s),
-        figures,
         ..LayerOptions::default()
     };
     eprintln!(

@@ -11,7 +11,6 @@
 mod exchange;
 mod tensor;
 
-use comet_core::cost::DeviceFigures;
 use comet_core::{Dtype, MoeConfig};
 use comet_kernels::Family;
 use comet_sched::device_plan::DevicePlan;
@@ -148,7 +147,11 @@ fn nominal_plan(
         sms,
         ranks_per_gpu,
         kernel_tiles_for(Family::SM90_TMA),
-        &DeviceFigures::h200_nvlink(),
+        &LayerOptions {
+            ranks_per_gpu,
+            ..LayerOptions::default()
+        }
+        .figures_for(cfg.ranks),
     )
     .map_err(sched_err)
 }

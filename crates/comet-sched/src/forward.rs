@@ -101,8 +101,9 @@ pub struct LayerOptions {
     pub recv_capacity: Option<usize>,
     /// Ranks sharing this rank's GPU (each gets its share of the SMs).
     pub ranks_per_gpu: usize,
-    /// Device and link figures for the cost model.
-    pub figures: DeviceFigures,
+    /// Device and link figures for the cost model; None: by topology
+    /// ([`LayerOptions::figures_for`]).
+    pub figures: Option<DeviceFigures>,
 }
 
 impl Default for LayerOptions {
@@ -111,7 +112,21 @@ impl Default for LayerOptions {
             timeout: Duration::from_secs(30),
             recv_capacity: None,
             ranks_per_gpu: 1,
-            figures: DeviceFigures::h200_nvlink(),
+            figures: None,
+        }
+    }
+}
+
+impl LayerOptions {
+    /// The cost model's figures for `ranks` ranks, `ranks_per_gpu` of them
+    /// on each GPU: the given ones, else an H200 whose link is NVLink, or
+    /// its own memory when every rank shares the one GPU (where the cost
+    /// model then runs the phases in sequence: docs/PERF.md, run 3).
+    pub fn figures_for(&self, ranks: usize) -> DeviceFigures {
+        match &self.figures {
+            Some(f) => f.clone(),
+            None if ranks > 1 && self.ranks_per_gpu >= ranks => DeviceFigures::h200_same_gpu(),
+            None => DeviceFigures::h200_nvlink(),
         }
     }
 }
@@ -323,7 +338,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             kernels.gemm.sm_count() as usize,
             opts.ranks_per_gpu,
             v.tiles(),
-            &opts.figures,
+            &opts.figures_for(cfg.ranks),
         )?;
         if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
             return Err(SchedError::Input {

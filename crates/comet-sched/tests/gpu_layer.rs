@@ -70,7 +70,7 @@ fn opts(cfg: &MoeConfig, capacity: usize) -> LayerOptions {
     dev.link_gbps *= probe.dispatch_ms.max(1e-9) / (probe.gemm_ms / 2.0);
     LayerOptions {
         timeout: Duration::from_secs(10),
-        figures: dev,
+        figures: Some(dev),
         ..LayerOptions::default()
     }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bundle`: release binaries for a GPU machine that has only
 //! the driver and CUDA libraries (cudarc loads libcuda, libnvrtc and
-//! libcublas at run time): the `comet` CLI, the GPU test binaries of
+//! libcublas at run time): the `comet` CLI (with the nvlink and nccl
+//! transports), the GPU test binaries of
 //! comet-kernels and comet-sched (`gpu_layer`), the torch baseline script and an env/run script, in .bundle/ (< 64 MiB).
 
 use std::path::{Path, PathBuf};
@@ -78,14 +79,28 @@ exec "$HERE/$exe" "$@"
 /// Builds the bundle; returns its folder.
 pub fn bundle() -> Result<PathBuf> {
     let root = root();
+    // The GPU transports' rows of `comet bench transport` come with the CLI
+    // (cudarc loads CUDA and NCCL at run time); UCX would need libucx on the
+    // GPU machine, so it stays out.
+    eprintln!("bundle: building comet (release, features nvlink,nccl)");
     let status = cargo()
         .current_dir(&root)
-        .args(["build", "--release", "-p", "comet-cli", "--bin", "comet"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "comet-cli",
+            "--bin",
+            "comet",
+            "--features",
+            "nvlink,nccl",
+        ])
         .status()
         .context("cargo build --release -p comet-cli")?;
     if !status.success() {
         bail!("building the comet CLI failed");
     }
+    eprintln!("bundle: building the GPU test binaries (comet-kernels gpu, comet-sched gpu_layer)");
     let gpu_tests = test_executables(&["-p", "comet-kernels", "--test", "gpu"])?;
     let gpu_test = gpu_tests
         .first()

@@ -53,6 +53,30 @@ __device__ __forceinline__ u64* peer_word(const u64* table, int rank, long long 
   return reinterpret_cast<u64*>(table[rank]) + index;
 }
 
+// Thread 0's verdict for the whole block. `flag` is reused (once per
+// chunk), so the second barrier keeps thread 0 from rewriting it before
+// every thread has read it.
+__device__ __forceinline__ bool block_verdict(int* flag, bool mine) {
+  if (threadIdx.x == 0) *flag = mine ? 1 : 0;
+  __syncthreads();
+  const bool v = *flag != 0;
+  __syncthreads();
+  return v;
+}
+
+// A warp's place in the grid: warps take rows or tokens grid-stride.
+struct WarpGrid {
+  int lane;
+  long long warp, warps;
+};
+__device__ __forceinline__ WarpGrid warp_grid() {
+  WarpGrid g;
+  g.lane = threadIdx.x & 31;
+  g.warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  g.warps = ((long long)gridDim.x * blockDim.x) >> 5;
+  return g;
+}
+
 // Rows a warp moves at once, and the most top-k slots of a token.
 constexpr int ROWS = 4;
 constexpr int MAX_TOPK = 16;
@@ -518,14 +542,12 @@ __device__ __forceinline__ void count_dispatched(const DispatchParams& p, int e,
 extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_constant__ DispatchParams p) {
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
-  const int W = p.ranks;
   raise_empty_segments(p, epoch);
   const int total = p.sc->sent_rows;
   const int start = p.send_off[p.me * p.epr];
-  const int lane = threadIdx.x & 31;
-  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-  for (long long w0 = warp * ROWS; w0 < total; w0 += nwarps * ROWS) {
+  const WarpGrid wg = warp_grid();
+  const int lane = wg.lane;
+  for (long long w0 = wg.warp * ROWS; w0 < total; w0 += wg.warps * ROWS) {
     RowCopy rc;
     int e = -1;
     if (lane < ROWS && w0 + lane < total) {
@@ -552,10 +574,9 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
   raise_empty_segments(p, epoch);
-  const int lane = threadIdx.x & 31, vecs = p.hidden / 8;
-  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-  for (long long t = warp; t < p.tokens; t += nwarps) {
+  const WarpGrid wg = warp_grid();
+  const int lane = wg.lane, vecs = p.hidden / 8;
+  for (long long t = wg.warp; t < p.tokens; t += wg.warps) {
     unsigned long long mine = 0ull;
     int e = -1;
     if (lane < p.k) {
@@ -598,15 +619,14 @@ extern "C" __global__ void __launch_bounds__(256) comet_wait_signals(const __gri
 // segment); rows move ROWS per warp as in the dispatch.
 extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_constant__ CombineParams p) {
   extern __shared__ int segs[];
-  __shared__ int ok;
+  __shared__ int verdict;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
   const int W = p.ranks, nseg = p.epr * W, recv = p.sc->recv_rows;
   for (int i = threadIdx.x; i < 4 * nseg; i += blockDim.x) segs[i] = p.segs[i];
   __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  const WarpGrid wg = warp_grid();
+  const int lane = wg.lane;
   for (int c = 0; c < p.chunks; ++c) {
     if (blockIdx.x == 0)
       for (int s = threadIdx.x; s < W; s += blockDim.x)
@@ -614,15 +634,12 @@ extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_con
           signal_store_release(peer_word(p.peer_signals, s, combine_sig(W, p.epr, p.chunks, p.me, c)),
                                epoch);
     if (p.wait_chunks) {
-      if (threadIdx.x == 0)
-        ok = wait_at_least(p.chunk_done + c, p.sc->chunk_tiles, p.timeout_ns, p.err,
-                           COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + c));
-      __syncthreads();
-      const bool good = ok != 0;
-      __syncthreads();  // thread 0 rewrites `ok` for the next chunk
-      if (!good) return;
+      const bool done = threadIdx.x != 0 ||
+                        wait_at_least(p.chunk_done + c, p.sc->chunk_tiles, p.timeout_ns, p.err,
+                                      COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + c));
+      if (!block_verdict(&verdict, done)) return;
     }
-    for (long long w0 = warp * ROWS; w0 < recv; w0 += nwarps * ROWS) {
+    for (long long w0 = wg.warp * ROWS; w0 < recv; w0 += wg.warps * ROWS) {
       RowCopy rc;
       int src = -1;
       if (lane < ROWS && w0 + lane < recv) {
@@ -654,26 +671,20 @@ extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_con
 // output for this rank's experts, the combine buffer for the others) and
 // weights once; every lane then sums its 16-byte column vectors over them.
 extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_constant__ ReduceParams p) {
-  __shared__ int ok;
+  __shared__ int verdict;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
   const int W = p.ranks, vecs = p.cols / 8;
-  const int lane = threadIdx.x & 31;
-  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+  const WarpGrid wg = warp_grid();
+  const int lane = wg.lane;
   for (int c = 0; c < p.chunks; ++c) {
-    if (threadIdx.x == 0) {
-      int good = 1;
-      for (int s = 0; s < W && good; ++s)
+    bool landed = true;
+    if (threadIdx.x == 0)
+      for (int s = 0; s < W && landed; ++s)
         if (s != p.me)
-          good = signal_wait(p.signals, combine_sig(W, p.epr, p.chunks, s, c), epoch, p.timeout_ns, p.err);
-      ok = good;
-    }
-    __syncthreads();
-    const bool landed = ok != 0;
-    __syncthreads();  // thread 0 rewrites `ok` for the next chunk
-    if (!landed) return;
-    for (long long t = warp; t < p.tokens; t += nwarps) {
+          landed = signal_wait(p.signals, combine_sig(W, p.epr, p.chunks, s, c), epoch, p.timeout_ns, p.err);
+    if (!block_verdict(&verdict, landed)) return;
+    for (long long t = wg.warp; t < p.tokens; t += wg.warps) {
       unsigned long long mine = 0ull;
       float wmine = 0.f;
       if (lane < p.k) {

@@ -22,5 +22,5 @@ pub use cost::{CostEstimate, CostModel, DeviceFigures};
 pub use error::CoreError;
 pub use layout::LayoutPlan;
 pub use routing::{Routing, RoutingKind};
-pub use schedule::{Layer0Schedule, Layer1Schedule, SignalMap};
+pub use schedule::{Layer0Schedule, Layer1Schedule, SignalMap, WireSignal};
 pub use weights::ExpertWeights;

@@ -16,8 +16,29 @@ use crate::config::MoeConfig;
 use crate::error::CoreError;
 use crate::layout::LayoutPlan;
 
-/// Index of a 64-bit signal word in a rank's signal array.
+/// A signal of the map, numbered from 0 (`SignalMap::dispatch`, `combine`,
+/// `chunk_done`). Not the index the transports take: see [`WireSignal`].
 pub type SignalId = u32;
+
+/// Index of a 64-bit word in a rank's signal array as the transports see it.
+///
+/// The array holds the count exchange's `ranks` words first (word `src` is
+/// raised by rank `src`), then the map's signals; so a map id and a wire
+/// index are two integer spaces, and [`SignalMap::wire`] is the one place
+/// that turns the first into the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WireSignal(u32);
+
+impl WireSignal {
+    /// The count-exchange word that rank `src` raises on every rank.
+    pub fn exchange(src: usize) -> WireSignal {
+        WireSignal(src as u32)
+    }
+    /// The word's index in the signal array, as the transports take it.
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
 
 /// How the signal array of every rank is laid out; identical on all ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +70,15 @@ impl SignalMap {
     }
     pub fn len(&self) -> usize {
         self.experts_per_rank * self.ranks + self.ranks * self.chunks + self.chunks
+    }
+    /// Where map signal `id` lies in the signal array: after the `ranks`
+    /// count-exchange words.
+    pub fn wire(&self, id: SignalId) -> WireSignal {
+        WireSignal(self.ranks as u32 + id)
+    }
+    /// Words of the whole signal array: the count exchange's, then the map's.
+    pub fn wire_len(&self) -> usize {
+        self.ranks + self.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -284,6 +314,19 @@ mod tests {
             .map(|r| Routing::generate(&cfg, r, 61, kind, 5))
             .collect();
         LayoutPlan::from_routings(&cfg, &routings).unwrap()
+    }
+
+    #[test]
+    fn wire_words_are_the_exchange_then_the_map_without_overlap() {
+        let cfg = Preset::Small.config(4).unwrap();
+        let map = SignalMap::new(&cfg, 3);
+        let mut words: Vec<u32> = (0..cfg.ranks)
+            .map(|src| WireSignal::exchange(src).index())
+            .collect();
+        words.extend((0..map.len() as SignalId).map(|id| map.wire(id).index()));
+        let want: Vec<u32> = (0..map.wire_len() as u32).collect();
+        assert_eq!(words, want);
+        assert_eq!(map.wire(map.dispatch(0, 0)).index(), cfg.ranks as u32);
     }
 
     #[test]

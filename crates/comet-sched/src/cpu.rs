@@ -23,10 +23,12 @@ use crate::protocol::{
 use crate::tile_math::{as_bytes, fc1_swiglu, fc2_cols, from_bytes};
 use crate::trace::{Trace, Track};
 use comet_core::layout::{ring_dest, LayoutPlan};
-use comet_core::schedule::{combine_waits, Layer0Schedule, Layer1Schedule, SignalMap, TileShape};
+use comet_core::schedule::{
+    combine_waits, Layer0Schedule, Layer1Schedule, SignalId, SignalMap, TileShape,
+};
 use comet_core::{ExpertWeights, MoeConfig, Routing};
 use comet_transport::local::{local_world_with_link, DelayModel, LinkModel, LocalTransport};
-use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
+use comet_transport::{BufferId, SignalOp, Transport, TransportError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -114,7 +116,6 @@ struct Call<'a, T: Transport> {
     t: &'a T,
     bufs: &'a Buffers,
     map: &'a SignalMap,
-    base: SignalId,
     epoch: u64,
     /// When the call started and when its waits give up: the timeout
     /// bounds the whole call, not each wait in turn.
@@ -172,7 +173,7 @@ impl<T: Transport> CpuRank<T> {
         let recv = t.alloc_buffer(recv_cap_rows * cfg.hidden * 4)?;
         let combine = t.alloc_buffer(max_tokens * cfg.top_k * cfg.hidden * 4)?;
         let map = SignalMap::new(cfg, shape.chunks(cfg));
-        t.alloc_signals(w + map.len())?;
+        t.alloc_signals(map.wire_len())?;
         // Poisoned, so a tile that reads rows before they land computes NaN
         // instead of plausible zeros.
         let nan = as_bytes(&[f32::NAN]);
@@ -221,7 +222,6 @@ impl<T: Transport> CpuRank<T> {
         check_input(cfg, rank, x, routing, self.max_tokens)?;
         self.epoch += 1;
         let epoch = self.epoch;
-        let base = cfg.ranks as SignalId;
         let mut trace = Trace::new(origin);
         let deadline = start + opts.timeout;
 
@@ -255,7 +255,6 @@ impl<T: Transport> CpuRank<T> {
             t: &self.t,
             bufs: &self.bufs,
             map: &self.map,
-            base,
             epoch,
             start,
             deadline,
@@ -323,8 +322,9 @@ impl<T: Transport> CpuRank<T> {
 }
 
 impl<T: Transport> Call<'_, T> {
-    fn sig(&self, id: SignalId) -> SignalId {
-        self.base + id
+    /// The transports' index of map signal `id`.
+    fn sig(&self, id: SignalId) -> comet_transport::SignalId {
+        self.map.wire(id).index()
     }
 
     /// Waits until the call's deadline at most; a timeout reports how long

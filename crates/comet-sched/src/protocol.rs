@@ -5,8 +5,8 @@
 use crate::cpu::RankInput;
 use crate::error::SchedError;
 use comet_core::layout::{ring_dest, LayoutPlan};
-use comet_core::{MoeConfig, Routing};
-use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
+use comet_core::{MoeConfig, Routing, WireSignal};
+use comet_transport::{BufferId, SignalOp, Transport, TransportError};
 use std::time::Duration;
 
 pub(crate) fn rank_err(rank: usize, message: impl Into<String>) -> SchedError {
@@ -49,14 +49,18 @@ pub(crate) fn exchange_counts<T: Transport + ?Sized>(
     for i in 0..w {
         let dst = ring_dest(rank, i, w);
         t.put(dst, counts_buf, (slot * w + rank) * e * 8, &row)?;
-        t.signal(dst, rank as SignalId, SignalOp::Set(epoch))?;
+        t.signal(
+            dst,
+            WireSignal::exchange(rank).index(),
+            SignalOp::Set(epoch),
+        )?;
     }
     // One deadline for all W rows: the timeout bounds the exchange, not
     // each wait in turn.
     let deadline = std::time::Instant::now() + timeout;
     for src in 0..w {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        t.wait(src as SignalId, epoch, left)?;
+        t.wait(WireSignal::exchange(src).index(), epoch, left)?;
     }
     let mut raw = vec![0u8; w * e * 8];
     t.read(counts_buf, slot * w * e * 8, &mut raw)?;

@@ -200,7 +200,7 @@ fn signals_follow_the_schedule() {
     let plan = LayoutPlan::from_routings(&cfg, std::slice::from_ref(&routing)).unwrap();
     let map = SignalMap::new(&cfg, shape.chunks(&cfg));
     let l1 = Layer1Schedule::new(&plan, 0, shape, &map);
-    let base = cfg.ranks as u32;
+    let wire = |id| map.wire(id).index();
     let log = mem.0.lock().unwrap().log.clone();
     // Chunk counters are raised tile by tile in the schedule's chunk-major order.
     let adds: Vec<u32> = log
@@ -211,14 +211,14 @@ fn signals_follow_the_schedule() {
     let want_adds: Vec<u32> = l1
         .tiles
         .iter()
-        .map(|t| base + map.chunk_done(t.chunk))
+        .map(|t| wire(map.chunk_done(t.chunk)))
         .collect();
     assert_eq!(adds, want_adds);
     // Combine signals go out chunk by chunk, each after its chunk's last tile.
     let combine_pos: Vec<usize> = (0..map.chunks)
         .map(|c| {
             log.iter()
-                .position(|&(s, _)| s == base + map.combine(0, c))
+                .position(|&(s, _)| s == wire(map.combine(0, c)))
                 .expect("combine raised")
         })
         .collect();
@@ -229,7 +229,7 @@ fn signals_follow_the_schedule() {
     for (c, &p) in combine_pos.iter().enumerate() {
         let last_tile = log
             .iter()
-            .rposition(|&(s, _)| s == base + map.chunk_done(c))
+            .rposition(|&(s, _)| s == wire(map.chunk_done(c)))
             .unwrap();
         assert!(last_tile < p, "chunk {c} left before its tiles were done");
     }
@@ -237,7 +237,7 @@ fn signals_follow_the_schedule() {
     for seg in plan.recv[0].segments.iter().filter(|s| s.rows > 0) {
         let p = log
             .iter()
-            .position(|&(s, _)| s == base + map.dispatch(seg.expert, seg.src))
+            .position(|&(s, _)| s == wire(map.dispatch(seg.expert, seg.src)))
             .expect("dispatch raised");
         assert!(p < combine_pos[0]);
     }

@@ -15,7 +15,10 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BufferId(pub u32);
 
-/// Index of a 64-bit signal word in every rank's signal array.
+/// Index of a 64-bit signal word in every rank's signal array: the wire
+/// index. comet-core's `SignalMap` numbers its signals from 0 after the
+/// count exchange's words; its `SignalMap::wire` (a `WireSignal`) gives the
+/// index to pass here.
 pub type SignalId = u32;
 
 /// How a signal word changes when raised.

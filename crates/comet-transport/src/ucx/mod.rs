@@ -19,8 +19,12 @@
 //! ## Binding choice
 //! UCX is reached through a few dozen lines of C (`src/ucx/shim.c`) compiled
 //! by the `cc` crate against the system's UCX headers (Debian's
-//! `libucx-dev`, 1.13 on bookworm; `UCX_HOME` for another install), with
-//! plain `extern "C"` declarations of that layer here. Why not the crates:
+//! `libucx-dev`, 1.13 on bookworm; `UCX_HOME` for another install), in
+//! three levels as cudarc does: `sys` declares that layer, `result` turns
+//! statuses into text, `safe` holds the handles (worker, endpoints, mapped
+//! memory, keys, requests) that release themselves on drop; the transport
+//! below uses only those, with one deliberately unsafe call (a put's
+//! request borrows the caller's slice). Why not the crates:
 //! `ucx1-sys` builds UCX from vendored sources and runs bindgen, which needs
 //! libclang and autotools and costs minutes of a 2-core CI budget on every
 //! clean build, and its library must then be found at run time;
@@ -57,16 +61,16 @@ use crate::signal_core::{locate, wait_signal, Owner, Round, SignalSlots, SIGNAL_
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
-use std::alloc::Layout;
-use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 mod result;
+mod safe;
 mod sys;
 
 use result::status_string;
+use safe::{AtomicOp, Endpoint, InFlightAtomic, MapFailure, Mapped, Posted, RemoteKey, Worker};
 use sys::{UCS_ERR_UNREACHABLE, UCS_INPROGRESS, UCS_OK};
 
 /// The UCX library version this process runs with (major, minor, release).
@@ -156,19 +160,20 @@ impl UcxConfig {
 
 /// Host memory mapped with UCP, and every peer's key for its copy.
 struct Region {
-    ptr: *mut u8,
-    layout: Layout,
+    /// Per rank: (remote address, unpacked key); no key for this rank.
+    /// Declared before `mem`: the keys are destroyed before it is unmapped.
+    remote: Vec<(u64, Option<RemoteKey>)>,
+    mem: Mapped,
     /// Bytes the user asked for (the mapping may be larger).
     len: usize,
-    memh: *mut c_void,
-    /// Per rank: (remote address, unpacked key); null key for this rank.
-    remote: Vec<(u64, *mut c_void)>,
 }
 
 struct Peer {
-    ep: *mut c_void,
-    /// Set by UCX's error callback (during progress) to the failure status.
-    err: Box<AtomicI32>,
+    /// None once force-closed.
+    ep: Option<Endpoint>,
+    /// Set by UCX's error callback (during progress) to the failure status;
+    /// outlives the endpoint.
+    err: Arc<AtomicI32>,
     /// Set by us after an operation towards the peer failed.
     broken: Option<String>,
     /// Whether the endpoint was created with peer failure reporting, which
@@ -176,28 +181,23 @@ struct Peer {
     peer_errors: bool,
 }
 
-/// A signal's atomic still in flight, with the operands UCX reads and
-/// writes until it completes.
+/// A signal's atomic still in flight towards `peer`.
 struct InFlight {
-    req: *mut c_void,
+    atomic: InFlightAtomic,
     peer: usize,
-    _operands: Box<[u64; 2]>,
 }
 
+/// Every UCX handle of the transport; only touched while holding the
+/// `Mutex<Inner>` (the worker runs in UCS_THREAD_MODE_SERIALIZED mode,
+/// which allows calls from any thread as long as they never overlap).
+/// Fields drop in order: atomics, memory, endpoints, then the worker.
 struct Inner {
-    ctx: *mut c_void,
-    worker: *mut c_void,
-    peers: Vec<Option<Peer>>,
+    in_flight: Vec<InFlight>,
     buffers: Vec<Region>,
     signals: Option<Region>,
-    in_flight: Vec<InFlight>,
+    peers: Vec<Option<Peer>>,
+    worker: Worker,
 }
-
-// SAFETY: the UCP context, worker, endpoints, keys and mapped memory are only
-// touched while holding the `Mutex<Inner>` (the worker is created in
-// UCS_THREAD_MODE_SERIALIZED mode, which allows calls from any thread as
-// long as they never overlap), so moving `Inner` between threads is sound.
-unsafe impl Send for Inner {}
 
 enum Collective {
     Buffer = 1,
@@ -235,8 +235,12 @@ impl Region {
 
 impl Inner {
     fn progress(&mut self) -> u32 {
-        // SAFETY: the worker is valid until drop and we hold the lock.
-        unsafe { sys::cx_progress(self.worker) }
+        self.worker.progress()
+    }
+
+    /// The live endpoint to `peer`, if any.
+    fn endpoint(&self, peer: usize) -> Option<&Endpoint> {
+        self.peers.get(peer)?.as_ref()?.ep.as_ref()
     }
 }
 
@@ -257,44 +261,29 @@ impl UcxTransport {
             rank,
             message,
         };
-        let (mut ctx, mut worker) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: out-pointers are valid; on failure the shim has released
-        // whatever it created and leaves both null.
-        let st = unsafe { sys::cx_init(&mut ctx, &mut worker) };
-        if st != UCS_OK {
-            return Err(be(format!(
+        let worker = Worker::new().map_err(|st| {
+            be(format!(
                 "cannot create a UCP context and worker: {}",
                 status_string(st)
-            )));
-        }
+            ))
+        })?;
         let t = UcxTransport {
             rank,
             world,
             cfg,
             inner: Mutex::new(Inner {
-                ctx,
-                worker,
-                peers: (0..world).map(|_| None).collect(),
+                in_flight: Vec::new(),
                 buffers: Vec::new(),
                 signals: None,
-                in_flight: Vec::new(),
+                peers: (0..world).map(|_| None).collect(),
+                worker,
             }),
             boot,
         };
-        let my_addr = {
-            let g = lock(&t.inner);
-            let (mut a, mut len) = (std::ptr::null_mut(), 0usize);
-            // SAFETY: valid worker; UCX allocates the address and reports its length.
-            let st = unsafe { sys::cx_worker_address(g.worker, &mut a, &mut len) };
-            if st != UCS_OK {
-                return Err(be(format!("ucp_worker_get_address: {}", status_string(st))));
-            }
-            // SAFETY: UCX returned `len` readable bytes at `a`; copied, then released once.
-            let v = unsafe { std::slice::from_raw_parts(a as *const u8, len) }.to_vec();
-            // SAFETY: `a` came from cx_worker_address on this worker.
-            unsafe { sys::cx_worker_release_address(g.worker, a) };
-            v
-        };
+        let my_addr = lock(&t.inner)
+            .worker
+            .address()
+            .map_err(|st| be(format!("ucp_worker_get_address: {}", status_string(st))))?;
         let addrs = t.gather(&my_addr)?;
         {
             let mut g = lock(&t.inner);
@@ -302,28 +291,13 @@ impl UcxTransport {
                 if r == rank {
                     continue;
                 }
-                let err = Box::new(AtomicI32::new(UCS_OK));
-                let mut ep = std::ptr::null_mut();
-                let mut st = UCS_ERR_UNREACHABLE;
-                let mut with_errors = false;
+                let mut made = Err(UCS_ERR_UNREACHABLE);
                 for peer_errors in [true, false] {
                     if t.cfg.peer_errors.is_some_and(|want| want != peer_errors) {
                         continue;
                     }
-                    // SAFETY: `a` is a worker address packed by UCX on rank r; the
-                    // error flag outlives the endpoint (both live in `Peer`, and
-                    // the endpoint is closed before the Box is dropped).
-                    st = unsafe {
-                        sys::cx_ep_create(
-                            g.worker,
-                            a.as_ptr() as *const c_void,
-                            peer_errors as c_int,
-                            err.as_ptr(),
-                            &mut ep,
-                        )
-                    };
-                    if st != UCS_ERR_UNREACHABLE {
-                        with_errors = peer_errors;
+                    made = g.worker.connect(a, peer_errors).map(|ep| (ep, peer_errors));
+                    if made.as_ref().err() != Some(&UCS_ERR_UNREACHABLE) {
                         if !peer_errors {
                             tracing::debug!(
                                 rank,
@@ -334,15 +308,15 @@ impl UcxTransport {
                         break;
                     }
                 }
-                if st != UCS_OK {
-                    return Err(be(format!(
+                let (ep, with_errors) = made.map_err(|st| {
+                    be(format!(
                         "cannot create an endpoint to rank {r}: {}",
                         status_string(st)
-                    )));
-                }
+                    ))
+                })?;
                 g.peers[r] = Some(Peer {
-                    ep,
-                    err,
+                    err: ep.failure_flag(),
+                    ep: Some(ep),
                     broken: None,
                     peer_errors: with_errors,
                 });
@@ -418,30 +392,29 @@ impl UcxTransport {
     fn complete(
         &self,
         g: &mut MutexGuard<'_, Inner>,
-        st: c_int,
-        req: *mut c_void,
+        posted: Posted,
         peer: Option<usize>,
         what: &str,
     ) -> Result<(), TransportError> {
-        if st == UCS_OK {
-            return Ok(());
-        }
-        if st != UCS_INPROGRESS {
-            let e = self.be(format!("{what}: {}", status_string(st)));
-            if let Some(p) = peer {
-                self.break_peer(g, p, &e.to_string());
+        let req = match posted {
+            Posted::Done => return Ok(()),
+            Posted::Pending(req) => req,
+            Posted::Failed(st) => {
+                let e = self.be(format!("{what}: {}", status_string(st)));
+                if let Some(p) = peer {
+                    self.break_peer(g, p, &e.to_string());
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
             g.progress();
-            // SAFETY: `req` is a live request handle returned by UCX and not yet freed.
-            let s = unsafe { sys::cx_req_check(req) };
+            let s = req.check();
             if s != UCS_INPROGRESS {
-                // SAFETY: completed request, released exactly once.
-                unsafe { sys::cx_req_free(req) };
+                // Completed: released exactly once.
+                drop(req);
                 if s == UCS_OK {
                     return Ok(());
                 }
@@ -476,8 +449,8 @@ impl UcxTransport {
                         .then(|| self.be(format!("{what} did not complete within {waited:?}")))
                 });
                 if let Some(e) = fail {
-                    // SAFETY: gives the pending request back to UCX, which frees it when it completes.
-                    unsafe { sys::cx_req_free(req) };
+                    // Gives the pending request back to UCX, which frees it when it completes.
+                    drop(req);
                     match peer {
                         Some(p) => self.break_peer(g, p, &e.to_string()),
                         None => {
@@ -515,31 +488,14 @@ impl UcxTransport {
             );
             return;
         }
-        let mut req = std::ptr::null_mut();
-        // SAFETY: live endpoint; a forced close completes its outstanding requests with an error.
-        let st = unsafe { sys::cx_ep_close(p.ep, 1, &mut req) };
-        if st == UCS_INPROGRESS {
-            for _ in 0..10_000 {
-                // SAFETY: live request handle.
-                if unsafe { sys::cx_req_check(req) } != UCS_INPROGRESS {
-                    break;
-                }
-                g.progress();
-            }
-            // SAFETY: releases the close request (freed by UCX on completion if still pending).
-            unsafe { sys::cx_req_free(req) };
+        // A forced close completes the endpoint's outstanding requests with an error.
+        if let Some(ep) = p.ep.take() {
+            ep.close(10_000);
         }
-        // The endpoint is gone: its keys must not be used (or destroyed) through it again.
-        if let Some(p) = g.peers.get_mut(peer).and_then(Option::as_mut) {
-            p.ep = std::ptr::null_mut();
-        }
+        // The endpoint is gone: its keys must not be used through it again.
         for r in g.buffers.iter_mut().chain(g.signals.iter_mut()) {
             if let Some(k) = r.remote.get_mut(peer) {
-                if !k.1.is_null() {
-                    // SAFETY: key unpacked on the endpoint just closed, destroyed once.
-                    unsafe { sys::cx_rkey_destroy(k.1) };
-                    k.1 = std::ptr::null_mut();
-                }
+                k.1 = None;
             }
         }
         tracing::warn!(
@@ -553,50 +509,37 @@ impl UcxTransport {
     /// Allocates and maps `len` zeroed bytes, and swaps keys with everyone.
     fn map_region(&self, len: usize, kind: Collective) -> Result<Region, TransportError> {
         let size = len.max(8).next_multiple_of(64);
-        let layout = Layout::from_size_align(size, 4096)
-            .map_err(|e| self.be(format!("cannot lay out {len} bytes: {e}")))?;
-        // SAFETY: non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(self.be(format!("out of host memory allocating {len} bytes")));
-        }
-        let mut region = Region {
-            ptr,
-            layout,
-            len,
-            memh: std::ptr::null_mut(),
-            remote: Vec::new(),
-        };
-        let blob = {
+        let (mut region, blob) = {
             let g = lock(&self.inner);
-            let mut memh = std::ptr::null_mut();
-            // SAFETY: maps memory we own for the region's lifetime (unmapped in drop_region).
-            let st = unsafe { sys::cx_mem_map(g.ctx, ptr as *mut c_void, size, &mut memh) };
-            if st != UCS_OK {
-                drop(g);
-                self.drop_region(region);
-                return Err(self.be(format!(
+            let mem = g.worker.map_zeroed(size).map_err(|f| match f {
+                MapFailure::Layout(e) => self.be(format!("cannot lay out {len} bytes: {e}")),
+                MapFailure::OutOfMemory => {
+                    self.be(format!("out of host memory allocating {len} bytes"))
+                }
+                MapFailure::Map(st) => self.be(format!(
                     "ucp_mem_map of {size} bytes: {}",
                     status_string(st)
-                )));
-            }
-            region.memh = memh;
-            let (mut kb, mut klen) = (std::ptr::null_mut(), 0usize);
-            // SAFETY: memh was just mapped on this context.
-            let st = unsafe { sys::cx_rkey_pack(g.ctx, memh, &mut kb, &mut klen) };
-            if st != UCS_OK {
-                drop(g);
-                self.drop_region(region);
-                return Err(self.be(format!("ucp_rkey_pack: {}", status_string(st))));
-            }
+                )),
+            });
+            // A failed mapping is released under the lock.
+            let mem = mem?;
+            let key = match mem.pack_key() {
+                Ok(k) => k,
+                Err(st) => {
+                    drop(mem);
+                    return Err(self.be(format!("ucp_rkey_pack: {}", status_string(st))));
+                }
+            };
             let mut blob = vec![kind as u8];
             blob.extend_from_slice(&(len as u64).to_le_bytes());
-            blob.extend_from_slice(&(ptr as u64).to_le_bytes());
-            // SAFETY: UCX returned `klen` bytes at `kb`; copied, then released once.
-            blob.extend_from_slice(unsafe { std::slice::from_raw_parts(kb as *const u8, klen) });
-            // SAFETY: buffer from ucp_rkey_pack.
-            unsafe { sys::cx_rkey_buffer_release(kb) };
-            blob
+            blob.extend_from_slice(&mem.addr().to_le_bytes());
+            blob.extend_from_slice(&key);
+            let region = Region {
+                remote: Vec::new(),
+                mem,
+                len,
+            };
+            (region, blob)
         };
         let all = match self.gather(&blob) {
             Ok(a) => a,
@@ -637,20 +580,20 @@ impl UcxTransport {
         let g = lock(&self.inner);
         for (r, b) in all.iter().enumerate() {
             let addr = u64::from_le_bytes(b[9..17].try_into().unwrap_or_default());
-            let mut rkey = std::ptr::null_mut();
-            if let Some(p) = g.peers[r].as_ref().filter(|p| !p.ep.is_null()) {
-                // SAFETY: a key packed by rank r's UCX, unpacked on our endpoint to r.
-                let st = unsafe {
-                    sys::cx_rkey_unpack(p.ep, b[17..].as_ptr() as *const c_void, &mut rkey)
-                };
-                if st != UCS_OK {
-                    region.remote.push((addr, std::ptr::null_mut()));
-                    drop(g);
-                    self.drop_region(region);
-                    return Err(self.be(format!(
-                        "{what}: cannot unpack rank {r}'s key: {}",
-                        status_string(st)
-                    )));
+            let mut rkey = None;
+            if let Some(ep) = g.endpoint(r) {
+                // A key packed by rank r's UCX, unpacked on our endpoint to r.
+                match ep.unpack_key(&b[17..]) {
+                    Ok(k) => rkey = Some(k),
+                    Err(st) => {
+                        region.remote.push((addr, None));
+                        drop(g);
+                        self.drop_region(region);
+                        return Err(self.be(format!(
+                            "{what}: cannot unpack rank {r}'s key: {}",
+                            status_string(st)
+                        )));
+                    }
                 }
             }
             region.remote.push((addr, rkey));
@@ -658,20 +601,10 @@ impl UcxTransport {
         Ok(region)
     }
 
+    /// Destroys the region's keys, unmaps and frees it, under the lock.
     fn drop_region(&self, r: Region) {
-        let g = lock(&self.inner);
-        for &(_, k) in &r.remote {
-            if !k.is_null() {
-                // SAFETY: unpacked key, destroyed once.
-                unsafe { sys::cx_rkey_destroy(k) };
-            }
-        }
-        if !r.memh.is_null() {
-            // SAFETY: mapped on this context, unmapped once.
-            unsafe { sys::cx_mem_unmap(g.ctx, r.memh) };
-        }
-        // SAFETY: allocated with this layout in map_region, freed once.
-        unsafe { std::alloc::dealloc(r.ptr, r.layout) };
+        let _g = lock(&self.inner);
+        drop(r);
     }
 
     /// Completes every operation this rank has issued, at their targets.
@@ -681,10 +614,8 @@ impl UcxTransport {
 
     fn flush_all(&self) -> Result<(), TransportError> {
         let mut g = lock(&self.inner);
-        let mut req = std::ptr::null_mut();
-        // SAFETY: valid worker.
-        let st = unsafe { sys::cx_worker_flush(g.worker, &mut req) };
-        self.complete(&mut g, st, req, None, "worker flush")?;
+        let posted = g.worker.flush();
+        self.complete(&mut g, posted, None, "worker flush")?;
         self.reap(&mut g)
     }
 
@@ -694,15 +625,14 @@ impl UcxTransport {
         let mut first = None;
         let mut i = 0;
         while i < g.in_flight.len() {
-            // SAFETY: a live request handle of an atomic not yet released.
-            let st = unsafe { sys::cx_req_check(g.in_flight[i].req) };
+            let st = g.in_flight[i].atomic.check();
             if st == UCS_INPROGRESS {
                 i += 1;
                 continue;
             }
+            // Completed: its request is released, then its operands dropped.
             let f = g.in_flight.swap_remove(i);
-            // SAFETY: completed, released once; its operands are dropped after.
-            unsafe { sys::cx_req_free(f.req) };
+            drop(f.atomic);
             if st != UCS_OK && first.is_none() {
                 let e = TransportError::PeerGone {
                     rank: self.rank,
@@ -716,6 +646,7 @@ impl UcxTransport {
         first.map_or(Ok(()), Err)
     }
 
+    /// The address of `offset` in `dst`'s copy of `region`, bounds checked.
     fn remote(
         &self,
         region: &Region,
@@ -723,7 +654,7 @@ impl UcxTransport {
         offset: usize,
         len: usize,
         what: &str,
-    ) -> Result<(u64, *mut c_void), TransportError> {
+    ) -> Result<u64, TransportError> {
         if offset.checked_add(len).is_none_or(|end| end > region.len) {
             return Err(TransportError::OutOfBounds {
                 rank: self.rank,
@@ -733,8 +664,31 @@ impl UcxTransport {
                 size: region.len,
             });
         }
-        let (addr, key) = region.remote[dst];
-        Ok((addr + offset as u64, key))
+        Ok(region.remote[dst].0 + offset as u64)
+    }
+
+    /// The live endpoint to `dst` and its key for `region`; an error if
+    /// either is missing (a closed endpoint takes its keys with it).
+    fn reach<'g>(
+        &self,
+        g: &'g Inner,
+        region: &'g Region,
+        dst: usize,
+        what: &dyn Fn() -> String,
+    ) -> Result<(&'g Endpoint, &'g RemoteKey), TransportError> {
+        match (g.endpoint(dst), region.remote[dst].1.as_ref()) {
+            (Some(ep), Some(key)) => Ok((ep, key)),
+            _ => Err(self.reach_lost(dst, &what())),
+        }
+    }
+
+    /// `dst` has no live endpoint (or key) although it was not marked broken.
+    fn reach_lost(&self, dst: usize, what: &str) -> TransportError {
+        TransportError::PeerGone {
+            rank: self.rank,
+            peer: dst,
+            reason: format!("{what}: no endpoint or key to it"),
+        }
     }
 }
 
@@ -768,19 +722,21 @@ fn raise_after_puts(
 struct UcxRaise<'a, 'g> {
     t: &'a UcxTransport,
     g: &'a mut MutexGuard<'g, Inner>,
-    ep: *mut c_void,
     dst: usize,
     sig: SignalId,
     raddr: u64,
-    rkey: *mut c_void,
     op: SignalOp,
+}
+
+impl UcxRaise<'_, '_> {
+    fn what(&self) -> String {
+        format!("signal {} on rank {}", self.sig, self.dst)
+    }
 }
 
 impl SignalSteps for UcxRaise<'_, '_> {
     fn fence(&mut self) -> Result<(), TransportError> {
-        // SAFETY: valid worker, used under the lock.
-        let st = unsafe { sys::cx_worker_fence(self.g.worker) };
-        if st != UCS_OK {
+        if let Err(st) = self.g.worker.fence() {
             return Err(self.t.be(format!(
                 "fence before signal {} on rank {}: {}",
                 self.sig,
@@ -792,13 +748,13 @@ impl SignalSteps for UcxRaise<'_, '_> {
     }
 
     fn flush(&mut self) -> Result<(), TransportError> {
-        let mut req = std::ptr::null_mut();
-        // SAFETY: live endpoint (peer_ok passed).
-        let st = unsafe { sys::cx_ep_flush(self.ep, &mut req) };
+        let posted = match self.g.endpoint(self.dst) {
+            Some(ep) => ep.flush(),
+            None => return Err(self.t.reach_lost(self.dst, &self.what())),
+        };
         self.t.complete(
             self.g,
-            st,
-            req,
+            posted,
             Some(self.dst),
             &format!("flush before signal {} on rank {}", self.sig, self.dst),
         )
@@ -806,40 +762,29 @@ impl SignalSteps for UcxRaise<'_, '_> {
 
     fn atomic(&mut self) -> Result<(), TransportError> {
         let (dst, sig) = (self.dst, self.sig);
-        let mut operands = Box::new([
-            match self.op {
-                SignalOp::Set(v) | SignalOp::Add(v) => v,
-            },
-            0u64,
-        ]);
-        let opcode = if matches!(self.op, SignalOp::Set(_)) {
-            1
-        } else {
-            0
+        let (op, value) = match self.op {
+            SignalOp::Set(v) => (AtomicOp::Swap, v),
+            SignalOp::Add(v) => (AtomicOp::Add, v),
         };
-        let (value, reply) = {
-            let [v, r] = &mut *operands;
-            (v as *mut u64, r as *mut u64)
+        let posted = {
+            let g: &Inner = self.g;
+            let region = g
+                .signals
+                .as_ref()
+                .ok_or_else(|| TransportError::NotAllocated {
+                    rank: self.t.rank,
+                    what: "signals".into(),
+                })?;
+            let (ep, key) = self.t.reach(g, region, dst, &|| self.what())?;
+            ep.atomic64(op, value, self.raddr, key)
         };
-        let mut req = std::ptr::null_mut();
-        // SAFETY: live endpoint and key; the operands are boxed and kept in
-        // `in_flight` until the request completes (or leaked with the worker).
-        let st = unsafe {
-            sys::cx_atomic64(
-                self.ep, opcode, value, reply, self.raddr, self.rkey, &mut req,
-            )
-        };
-        match st {
-            UCS_OK => Ok(()),
-            UCS_INPROGRESS => {
-                self.g.in_flight.push(InFlight {
-                    req,
-                    peer: dst,
-                    _operands: operands,
-                });
+        match posted {
+            Ok(None) => Ok(()),
+            Ok(Some(atomic)) => {
+                self.g.in_flight.push(InFlight { atomic, peer: dst });
                 Ok(())
             }
-            err => {
+            Err(err) => {
                 let e = self.t.be(format!(
                     "signal {sig} on rank {dst}: {}",
                     status_string(err)
@@ -905,36 +850,23 @@ impl Transport for UcxTransport {
                 rank: self.rank,
                 what: format!("buffer {}", buf.0),
             })?;
-        let (raddr, rkey) = self.remote(region, dst, offset, data.len(), &what())?;
+        let raddr = self.remote(region, dst, offset, data.len(), &what())?;
         if data.is_empty() {
             return Ok(());
         }
         if dst == self.rank {
-            // SAFETY: bounds checked above; the region is ours and stays mapped
-            // while we hold the lock; `data` cannot alias it (it is borrowed
-            // shared while this rank's buffer is only written here).
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), region.ptr.add(offset), data.len())
-            };
+            // Bounds checked above (the mapping is at least `region.len`);
+            // the region stays mapped while we hold the lock.
+            region.mem.write(offset, data);
             return Ok(());
         }
         self.peer_ok(&g, dst)?;
-        let ep = g.peers[dst].as_ref().map_or(std::ptr::null_mut(), |p| p.ep);
-        let mut req = std::ptr::null_mut();
-        // SAFETY: live endpoint and key for dst (peer_ok passed, so neither
-        // was closed); the data stays borrowed until `complete` returns, and
-        // on failure the endpoint is force-closed, ending the request.
-        let st = unsafe {
-            sys::cx_put(
-                ep,
-                data.as_ptr() as *const c_void,
-                data.len(),
-                raddr,
-                rkey,
-                &mut req,
-            )
-        };
-        self.complete(&mut g, st, req, Some(dst), &what())
+        let (ep, key) = self.reach(&g, region, dst, &what)?;
+        // SAFETY: `data` stays borrowed until `complete` returns, which is
+        // when the request has completed or, on failure, the endpoint was
+        // force-closed, ending the request.
+        let posted = unsafe { ep.put(data, raddr, key) };
+        self.complete(&mut g, posted, Some(dst), &what())
     }
 
     fn signal(&self, dst: usize, sig: SignalId, op: SignalOp) -> Result<(), TransportError> {
@@ -947,12 +879,13 @@ impl Transport for UcxTransport {
             sig,
             Owner::Peer(dst),
         )?;
-        let (raddr, rkey) = region.remote[dst];
-        let raddr = raddr + off as u64;
+        let raddr = region.remote[dst].0 + off as u64;
         if dst == self.rank {
-            // SAFETY: in bounds (checked), 8-aligned (page-aligned base), and
-            // only ever accessed atomically, here and by UCX's atomics.
-            let w = unsafe { AtomicU64::from_ptr(region.ptr.add(off) as *mut u64) };
+            // In bounds (checked by locate), 8-aligned, and only ever
+            // accessed atomically, here and by UCX's atomics.
+            let Some(w) = region.mem.word(off) else {
+                return Err(self.be(format!("signal {sig}: word {off} is not addressable")));
+            };
             match op {
                 SignalOp::Set(v) => w.store(v, Ordering::Release),
                 SignalOp::Add(v) => {
@@ -962,15 +895,12 @@ impl Transport for UcxTransport {
             return Ok(());
         }
         self.peer_ok(&g, dst)?;
-        let ep = g.peers[dst].as_ref().map_or(std::ptr::null_mut(), |p| p.ep);
         let mut raise = UcxRaise {
             t: self,
             g: &mut g,
-            ep,
             dst,
             sig,
             raddr,
-            rkey,
             op,
         };
         raise_after_puts(&mut raise, self.cfg.ordering)?;
@@ -993,8 +923,11 @@ impl Transport for UcxTransport {
                 sig,
                 Owner::Local,
             )?;
-            // SAFETY: in bounds, aligned, and only accessed atomically (see signal).
-            let v = unsafe { AtomicU64::from_ptr(region.ptr.add(off) as *mut u64) }
+            // In bounds, aligned, and only accessed atomically (see signal).
+            let v = region
+                .mem
+                .word(off)
+                .ok_or_else(|| self.be(format!("signal {sig}: word {off} is not addressable")))?
                 .load(Ordering::Acquire);
             if v < target && round.checkpoint() {
                 self.reap(&mut g)?;
@@ -1048,13 +981,8 @@ impl Transport for UcxTransport {
                 size: region.len,
             });
         }
-        // SAFETY: bounds checked; the region stays mapped while we hold the
-        // lock. Peers may be writing other parts of it (their puts land
-        // without us); the protocol (wait on a signal first) keeps them off
-        // the part read here.
-        unsafe {
-            std::ptr::copy_nonoverlapping(region.ptr.add(offset), out.as_mut_ptr(), out.len())
-        };
+        // Bounds checked; the region stays mapped while we hold the lock.
+        region.mem.read(offset, out);
         Ok(())
     }
 
@@ -1087,6 +1015,7 @@ impl Drop for UcxTransport {
             std::mem::forget(g.signals.take());
             std::mem::forget(std::mem::take(&mut g.peers));
             std::mem::forget(std::mem::take(&mut g.in_flight));
+            std::mem::forget(g.worker.clone());
             return;
         }
         {
@@ -1109,35 +1038,9 @@ impl Drop for UcxTransport {
         for r in regions {
             self.drop_region(r);
         }
-        let mut g = lock(&self.inner);
-        for peer in 0..self.world {
-            let Some(ep) = g.peers[peer]
-                .as_ref()
-                .map(|p| p.ep)
-                .filter(|e| !e.is_null())
-            else {
-                continue;
-            };
-            let mut req = std::ptr::null_mut();
-            // SAFETY: live endpoint, closed once; forced so a departed peer cannot stall us.
-            let st = unsafe { sys::cx_ep_close(ep, 1, &mut req) };
-            if st == UCS_INPROGRESS {
-                for _ in 0..100_000 {
-                    // SAFETY: live request handle.
-                    if unsafe { sys::cx_req_check(req) } != UCS_INPROGRESS {
-                        break;
-                    }
-                    g.progress();
-                }
-                // SAFETY: released once.
-                unsafe { sys::cx_req_free(req) };
-            }
-        }
-        g.peers.clear();
-        // SAFETY: every endpoint, key and mapping of this context is gone.
-        unsafe { sys::cx_fini(g.ctx, g.worker) };
-        g.ctx = std::ptr::null_mut();
-        g.worker = std::ptr::null_mut();
+        // Endpoints are force-closed (on drop), then the context and worker
+        // finalized once the last handle is gone (when `inner` drops).
+        lock(&self.inner).peers.clear();
     }
 }
 

@@ -1,6 +1,7 @@
 //! The C layer over UCP (src/ucx/shim.c, built by build.rs): its
 //! declarations and the UCS status values the Rust side tests for. Nothing
-//! else; `result` turns statuses into values, the transport calls those.
+//! else; `result` turns statuses into text, `safe` wraps these calls in
+//! handles, and the transport calls those.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 

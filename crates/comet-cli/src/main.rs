@@ -56,7 +56,19 @@ enum BenchWhat {
     Gemm(gemm::GemmBenchArgs),
 }
 
+/// A closed pipe (`comet plan | head`) ends the process quietly, as for
+/// other Unix tools, instead of making the next `println!` panic.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal at start-up,
+    // before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
+    default_sigpipe();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -342,3 +342,19 @@ fn launch_passes_the_rank_exit_code_through_without_colour() {
     let out = comet(&["launch", "-n", "2", "--", "true"]);
     assert!(out.status.success());
 }
+
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    // `comet plan | head`: the reader is gone before comet writes a line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["plan", "--preset", "qwen2-moe", "--ranks", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -2,6 +2,7 @@
 
 use comet_core::CoreError;
 use comet_transport::TransportError;
+use std::time::Duration;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -30,6 +31,18 @@ pub enum SchedError {
         rank: usize,
         #[source]
         source: comet_kernels::KernelError,
+    },
+    /// The host proxy's deadline passed with pieces whose ready words
+    /// never reached their target (the kernel that raises them stalled).
+    #[error("rank {rank}: proxy timed out after {waited:?}: piece {piece} waits for ready word {word} to reach {target} (it is {observed}); {pending} piece(s) pending")]
+    ProxyTimeout {
+        rank: usize,
+        piece: usize,
+        word: usize,
+        target: u64,
+        observed: u64,
+        pending: usize,
+        waited: Duration,
     },
     #[error("rank {rank} worker panicked: {message}")]
     Panicked { rank: usize, message: String },

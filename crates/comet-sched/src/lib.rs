@@ -10,7 +10,9 @@
 //! the plan of the device forward ([`device_plan`], pure Rust), and
 //! (feature `gpu`) the device forward itself ([`forward::MoeLayer`]: tensors
 //! in and out on the GPU, no host in the loop) with an in-process world of
-//! W ranks for tests and benchmarks ([`device_world`]).
+//! W ranks for tests and benchmarks ([`device_world`]). The [`proxy`] is the
+//! host half of host-driven transports: it posts each piece's transfer and
+//! raises the receiver's signal as the piece's local ready word comes up.
 
 pub mod cpu;
 pub mod device_plan;
@@ -20,6 +22,7 @@ pub mod error;
 #[cfg(feature = "gpu")]
 pub mod forward;
 mod protocol;
+pub mod proxy;
 pub mod tile_math;
 pub mod trace;
 

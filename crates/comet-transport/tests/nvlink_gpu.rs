@@ -1,7 +1,8 @@
 //! GPU tests of the `nvlink` transport: put + signal under load, in both
 //! modes (several processes through CUDA IPC, several threads of one
 //! process), on however many GPUs there are (all ranks share one GPU on a
-//! single-GPU machine: that proves the protocol, not the link).
+//! single-GPU machine: that proves the protocol, not the link), then the
+//! shared scenarios of `common` (chunked puts, epochs, misuse, timeouts).
 //!
 //! Every test needs a CUDA device, so all are ignored by default (CI counts
 //! them as ignored, not passed); run them on a GPU machine with
@@ -13,20 +14,21 @@
 //! every rank's marker, not only its exit status.
 #![cfg(feature = "nvlink")]
 
-use comet_transport::bootstrap::Bootstrap;
+mod common;
+
 use comet_transport::cuda;
 use comet_transport::gpu::{BlobExchange, DeviceTransport};
-use comet_transport::launch::{launch, LaunchConfig};
+use comet_transport::launch::OnFailure;
 use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
-use comet_transport::{BufferId, SignalOp, Transport, TransportError};
+use comet_transport::{SignalOp, Transport, TransportError};
+use common::*;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::time::Duration;
 
 const CHILD_ENV: &str = "COMET_NVLINK_CHILD";
-const T: Duration = Duration::from_secs(60);
 const POISON: u8 = 0xA5;
 
 /// These tests run only when asked for (`--ignored`): without a device
@@ -39,81 +41,23 @@ fn require_gpu() {
 }
 
 /// Launches `w` ranks of this binary's ignored test `entry` with `env` set
-/// and checks that each rank printed `marker(rank)`: a child that did not
-/// run its part (filter mismatch, variable missing) fails the test too.
+/// and checks that each rank printed `marker(rank)`.
 fn launch_children(
     w: usize,
     entry: &str,
     env: &str,
     timeout: Duration,
-    wait_for_all: bool,
+    on_failure: OnFailure,
     marker: impl Fn(usize) -> String,
 ) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut cfg = LaunchConfig {
-        timeout: Some(timeout),
-        ..LaunchConfig::new(w, exe)
-    }
-    .args([
-        "--exact",
+    let rep = expect_ok(launch_self_for(
         entry,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(env, "1");
-    cfg.capture = true;
-    if wait_for_all {
-        cfg.on_failure = comet_transport::launch::OnFailure::Wait;
-    }
-    let rep = launch(&cfg).unwrap_or_else(|e| panic!("{e}"));
-    for r in &rep.ranks {
-        assert!(
-            r.success(),
-            "rank {}: {}\n{}",
-            r.rank,
-            r.describe(),
-            r.text()
-        );
-        let want = marker(r.rank);
-        assert!(
-            r.output.iter().any(|l| l.contains(&want)),
-            "rank {} never printed {want:?}: did it run its part?\n{}",
-            r.rank,
-            r.text()
-        );
-    }
-}
-
-/// The bytes rank `src` sends in `epoch` (every rank can regenerate them).
-fn payload(seed: u64, epoch: u64, src: usize, len: usize) -> Vec<u8> {
-    let mut r = ChaCha8Rng::seed_from_u64(seed ^ (epoch << 20) ^ (src as u64) << 8);
-    let mut v = vec![0u8; len];
-    r.fill(&mut v[..]);
-    v
-}
-
-/// How `src` cuts its segment for `dst` in `epoch`: random sizes (odd ones
-/// too), random order; both sides derive the same list.
-fn chunks(seed: u64, epoch: u64, src: usize, dst: usize, seg: usize) -> Vec<(usize, usize)> {
-    let mut r = ChaCha8Rng::seed_from_u64(
-        seed.wrapping_mul(31) ^ (epoch << 24) ^ ((src as u64) << 12) ^ dst as u64,
-    );
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off < seg {
-        let len = r.gen_range(1..=(seg / 3).max(1)).min(seg - off);
-        out.push((off, len));
-        off += len;
-    }
-    out.shuffle(&mut r);
-    out
-}
-
-fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
-    })
+        w,
+        &[(env, "1")],
+        on_failure,
+        timeout,
+    ));
+    assert_markers(&rep, marker);
 }
 
 /// Every rank sends a random segment to every rank (itself included) per
@@ -126,8 +70,8 @@ fn stress(t: &NvlinkTransport, seed: u64, epochs: u64, seg: usize) -> Result<u64
     let me = t.rank();
     let buf = t.alloc_buffer(w * seg).map_err(|e| e.to_string())?;
     let stage = t.alloc_buffer(seg).map_err(|e| e.to_string())?;
-    // [0, w): epoch per source; [w, 2w): chunk counters; 2w: never raised.
-    t.alloc_signals(2 * w + 1).map_err(|e| e.to_string())?;
+    // [0, w): epoch per source; [w, 2w): chunk counters.
+    t.alloc_signals(2 * w).map_err(|e| e.to_string())?;
     let stage_ptr = t.buffer_ptr(stage).map_err(|e| e.to_string())?;
     let mut expect_count = vec![0u64; w];
     let mut sent = 0u64;
@@ -136,13 +80,15 @@ fn stress(t: &NvlinkTransport, seed: u64, epochs: u64, seg: usize) -> Result<u64
     for epoch in 1..=epochs {
         t.put(me, buf, 0, &poison).map_err(|e| e.to_string())?;
         t.barrier(T).map_err(|e| e.to_string())?;
-        let data = payload(seed, epoch, me, seg);
+        let data = payload(seed, me, 0, epoch, seg);
         t.put(me, stage, 0, &data).map_err(|e| e.to_string())?;
         let mut dsts: Vec<usize> = (0..w).collect();
         dsts.shuffle(&mut rng);
         for dst in dsts {
             let host_path = (epoch + dst as u64).is_multiple_of(3);
-            for (off, len) in chunks(seed, epoch, me, dst, seg) {
+            let mut cs = chunks(seed ^ epoch, me, dst, seg, seg / 3 + 1);
+            cs.shuffle(&mut rng);
+            for (off, len) in cs {
                 if host_path {
                     t.put(dst, buf, me * seg + off, &data[off..off + len])
                         .map_err(|e| e.to_string())?;
@@ -159,7 +105,7 @@ fn stress(t: &NvlinkTransport, seed: u64, epochs: u64, seg: usize) -> Result<u64
         }
         let mut out = vec![0u8; seg];
         for (src, count) in expect_count.iter_mut().enumerate() {
-            *count += chunks(seed, epoch, src, me, seg).len() as u64;
+            *count += chunks(seed ^ epoch, src, me, seg, seg / 3 + 1).len() as u64;
             let v = t.wait(src as u32, epoch, T).map_err(|e| e.to_string())?;
             if v != epoch {
                 return Err(format!(
@@ -170,8 +116,8 @@ fn stress(t: &NvlinkTransport, seed: u64, epochs: u64, seg: usize) -> Result<u64
                 .map_err(|e| e.to_string())?;
             t.read(buf, src * seg, &mut out)
                 .map_err(|e| e.to_string())?;
-            let want = payload(seed, epoch, src, seg);
-            if fnv(&out) != fnv(&want) || out != want {
+            let want = payload(seed, src, 0, epoch, seg);
+            if checksum(&out) != checksum(&want) || out != want {
                 let bad = out.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
                 return Err(format!(
                     "rank {me}, epoch {epoch}: segment from {src} differs at byte {bad} ({:#x} != {:#x}; poison is {POISON:#x})",
@@ -180,44 +126,6 @@ fn stress(t: &NvlinkTransport, seed: u64, epochs: u64, seg: usize) -> Result<u64
             }
         }
         t.barrier(T).map_err(|e| e.to_string())?;
-    }
-    // A signal nobody raises: a bounded error naming rank and signal.
-    let never = (2 * w) as u32;
-    match t.wait(never, 1, Duration::from_millis(50)) {
-        Err(TransportError::WaitTimeout {
-            rank,
-            signal,
-            expected: 1,
-            observed: 0,
-            ..
-        }) if rank == me && signal == never => {}
-        other => {
-            return Err(format!(
-                "rank {me}: wait on a never-raised signal gave {other:?}"
-            ))
-        }
-    }
-    // Misuse is an error, not a crash.
-    if !matches!(
-        t.put(0, buf, w * seg, &[1]),
-        Err(TransportError::OutOfBounds { .. })
-    ) {
-        return Err("put past the end was accepted".into());
-    }
-    if !matches!(
-        t.signal(0, never + 1, SignalOp::Set(1)),
-        Err(TransportError::NotAllocated { .. })
-    ) {
-        return Err("signal past the array was accepted".into());
-    }
-    if !matches!(t.put(w, buf, 0, &[1]), Err(TransportError::BadRank { .. })) {
-        return Err("put to a rank outside the world was accepted".into());
-    }
-    if !matches!(
-        t.put(0, BufferId(99), 0, &[1]),
-        Err(TransportError::NotAllocated { .. })
-    ) {
-        return Err("put to an unknown buffer was accepted".into());
     }
     t.barrier(T).map_err(|e| e.to_string())?;
     Ok(sent)
@@ -239,12 +147,10 @@ fn params() -> (u64, u64, usize) {
 #[test]
 #[ignore = "a rank of a multi-process test, started by the launcher"]
 fn child_rank() {
-    if std::env::var_os(CHILD_ENV).is_none() {
+    let Some((boot, ordinal)) = child_bootstrap(CHILD_ENV, cuda::device_count()) else {
         return;
-    }
-    let boot = Arc::new(Bootstrap::from_env().expect("bootstrap"));
+    };
     let rank = boot.rank();
-    let ordinal = rank % cuda::device_count().max(1);
     let t = NvlinkTransport::new(
         ordinal,
         boot.clone() as Arc<dyn BlobExchange>,
@@ -254,9 +160,11 @@ fn child_rank() {
     assert!(!t.peer_in_process((rank + 1) % t.world()) || t.world() == 1);
     let (seed, epochs, seg) = params();
     match stress(&t, seed, epochs, seg) {
-        Ok(sent) => println!("rank {rank}: ok, sent {sent} bytes over {epochs} epochs"),
+        Ok(sent) => println!("rank {rank}: stress sent {sent} bytes over {epochs} epochs"),
         Err(e) => panic!("{e}"),
     }
+    all(&t, seed, Delivery::Eager).expect("shared scenarios");
+    println!("rank {rank}: ok, shared scenarios done");
     t.shutdown(T).expect("shutdown");
 }
 
@@ -267,8 +175,8 @@ fn run_processes(w: usize) {
         "child_rank",
         CHILD_ENV,
         Duration::from_secs(300),
-        false,
-        |r| format!("rank {r}: ok, sent"),
+        OnFailure::KillAll,
+        |r| format!("rank {r}: ok, shared scenarios done"),
     );
 }
 
@@ -302,11 +210,14 @@ fn run_threads(w: usize) {
             .iter()
             .map(|t| {
                 assert!(w == 1 || t.peer_in_process((t.rank() + 1) % w));
-                s.spawn(move || stress(t, seed + 1, epochs / 2, seg))
+                s.spawn(move || {
+                    stress(t, seed + 1, epochs / 2, seg).expect("stress");
+                    all(t, seed + 1, Delivery::Eager).expect("shared scenarios");
+                })
             })
             .collect();
         for h in hs {
-            h.join().expect("rank thread").expect("stress");
+            h.join().expect("rank thread");
         }
     });
 }
@@ -356,11 +267,9 @@ const KILL_ENV: &str = "COMET_NVLINK_KILL_CHILD";
 #[test]
 #[ignore = "a rank of a multi-process test, started by the launcher"]
 fn child_killed_peer() {
-    if std::env::var_os(KILL_ENV).is_none() {
+    let Some((boot, ordinal)) = child_bootstrap(KILL_ENV, cuda::device_count()) else {
         return;
-    }
-    let boot = Arc::new(Bootstrap::from_env().expect("bootstrap"));
-    let ordinal = boot.rank() % cuda::device_count().max(1);
+    };
     let t = NvlinkTransport::new(
         ordinal,
         boot as Arc<dyn BlobExchange>,
@@ -371,7 +280,8 @@ fn child_killed_peer() {
     t.alloc_signals(1).expect("signals");
     t.barrier(T).expect("barrier");
     if t.rank() == 1 {
-        t.put(0, buf, 0, &payload(1, 1, 0, 1 << 20)).expect("put");
+        t.put(0, buf, 0, &payload(1, 1, 0, 1, 1 << 20))
+            .expect("put");
         t.signal(0, 0, SignalOp::Set(1)).expect("signal");
         t.synchronize().expect("sync");
         println!("rank 1: signalled once, vanishing");
@@ -404,7 +314,7 @@ fn a_vanished_peer_is_an_error_not_a_hang() {
         "child_killed_peer",
         KILL_ENV,
         Duration::from_secs(120),
-        true,
+        OnFailure::Wait,
         |r| {
             if r == 0 {
                 "rank 0: peer loss reported as".to_string()

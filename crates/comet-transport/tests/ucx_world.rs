@@ -9,7 +9,7 @@ use comet_transport::launch::{LaunchReport, OnFailure};
 use comet_transport::ucx::{UcxConfig, UcxTransport};
 use comet_transport::{SignalOp, Transport, TransportError};
 use common::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const ENTRY: &str = "ucx_rank";
 
@@ -35,10 +35,14 @@ fn ucx_rank() {
     let t = UcxTransport::from_env().expect("ucx transport");
     match scenario.as_str() {
         "bulk" => {
-            let sum = bulk(&t, seed, 64 * MIB).expect("bulk exchange");
+            let sum = bulk(&t, seed, 64 * MIB, Delivery::Eager).expect("bulk exchange");
             println!("rank {} received checksum {sum:016x}", t.rank());
         }
-        "epochs" => epochs(&t, seed, 100, 8 * 1024 + 40).expect("100 epochs"),
+        "epochs" => epochs(&t, seed, 100, 8 * 1024 + 40, Delivery::Eager).expect("100 epochs"),
+        "errors" => {
+            misuse(&t).expect("misuse");
+            wait_times_out(&t, Duration::from_millis(300)).expect("wait timeout");
+        }
         "kill" => kill_scenario(&t),
         other => panic!("unknown scenario {other}"),
     }
@@ -46,67 +50,24 @@ fn ucx_rank() {
 }
 
 /// Every rank of `rep` ran `scenario` to its end.
-fn assert_ran(rep: &comet_transport::launch::LaunchReport, scenario: &str) {
-    for r in &rep.ranks {
-        let want = done_marker(r.rank, scenario);
-        assert!(
-            r.success() && r.output.iter().any(|l| l.contains(&want)),
-            "rank {} ({}) never printed {want:?}:\n{}",
-            r.rank,
-            r.describe(),
-            r.text()
-        );
-    }
+fn assert_ran(rep: &LaunchReport, scenario: &str) {
+    assert_markers(rep, |r| done_marker(r, scenario));
 }
 
-/// The last rank dies (SIGKILL) in the middle of sending; every other rank
-/// must come out of its waits with an error, not hang.
+/// The last rank dies (SIGKILL) in the middle of sending, its puts
+/// acknowledged first (see the module docs of `ucx` on ranks that die with
+/// emulated puts in flight); every other rank must come out with an error.
 fn kill_scenario(t: &UcxTransport) {
-    let (me, w) = (t.rank(), t.world());
-    let victim = w - 1;
-    let buf = t.alloc_buffer(w * 4 * MIB).unwrap();
-    t.alloc_signals(w).unwrap();
-    t.barrier(T).unwrap();
-    if me == victim {
-        for dst in (0..w).filter(|&d| d != me) {
-            t.put(dst, buf, me * 4 * MIB, &vec![1u8; MIB]).unwrap();
-        }
-        // Mid-transfer: its data sent but never signalled, the others
-        // still sending to it. Its puts are acknowledged first: see the
-        // module docs of `ucx` on ranks that die with emulated puts in flight.
+    let die = || {
         t.flush().unwrap();
         let _ = std::process::Command::new("sh")
             .args(["-c", "kill -KILL $PPID"])
             .status();
         std::thread::sleep(Duration::from_secs(60));
         panic!("still alive after SIGKILL");
-    }
-    let start = Instant::now();
-    let timeout = Duration::from_secs(30);
-    let mut err: Option<TransportError> = None;
-    'outer: for round in 0..1_000_000u64 {
-        for dst in (0..w).filter(|&d| d != me) {
-            let r = t
-                .put(dst, buf, me * 4 * MIB, &vec![round as u8; 256 * 1024])
-                .and_then(|_| t.signal(dst, me as u32, SignalOp::Add(1)));
-            if let Err(e) = r {
-                err = Some(e);
-                break 'outer;
-            }
-        }
-        if let Err(e) = t.wait(victim as u32, 1, Duration::from_millis(50)) {
-            if !matches!(e, TransportError::WaitTimeout { .. }) || start.elapsed() > timeout {
-                err = Some(e);
-                break;
-            }
-        }
-    }
-    let e = err.expect("the dead rank's signal cannot arrive");
-    println!("rank {me}: error as expected: {e}");
-    assert!(
-        matches!(e, TransportError::PeerGone { .. }),
-        "rank {me}: wanted PeerGone, got {e:?}"
-    );
+    };
+    let e = vanished_peer(t, Duration::from_secs(30), die).expect("the traffic before the loss");
+    println!("rank {}: error as expected: {e:?}", t.rank());
     // Stay (without progressing UCX) until the other survivors have seen the
     // failure too, so none of them acknowledges a put from an exited rank.
     std::thread::sleep(Duration::from_millis(300));
@@ -164,6 +125,12 @@ fn ucx_100_epochs_without_reset_tcp() {
 fn ucx_100_epochs_without_reset_shm() {
     run("epochs", 2, "sm,self", "flush");
     run("epochs", 4, "sm,self", "fence");
+}
+
+#[test]
+fn ucx_misuse_and_wait_timeout_are_errors() {
+    run("errors", 2, "tcp", "fence");
+    run("errors", 3, "sm,self", "flush");
 }
 
 #[test]
@@ -264,21 +231,7 @@ fn ucx_world_of_one_puts_and_signals_itself() {
     let mut out = vec![0u8; 200];
     t.read(b, 800, &mut out).unwrap();
     assert_eq!(out, data);
-    assert!(matches!(
-        t.put(0, b, 801, &data),
-        Err(TransportError::OutOfBounds { .. })
-    ));
-    assert!(matches!(
-        t.signal(0, 3, SignalOp::Add(1)),
-        Err(TransportError::NotAllocated { .. })
-    ));
-    assert!(matches!(
-        t.put(1, b, 0, &data),
-        Err(TransportError::BadRank { .. })
-    ));
-    assert!(matches!(
-        t.wait(1, 1, Duration::from_millis(30)),
-        Err(TransportError::WaitTimeout { signal: 1, .. })
-    ));
+    misuse(&t).unwrap();
+    wait_times_out(&t, Duration::from_millis(100)).unwrap();
     t.barrier(T).unwrap();
 }

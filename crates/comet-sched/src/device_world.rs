@@ -232,8 +232,10 @@ impl DeviceWorld {
             match res {
                 Ok(i) => infos.push(i),
                 Err(e) => {
-                    let timeout = matches!(e, SchedError::Device { .. });
-                    if first.as_ref().is_none_or(|f| timeout_rank(f) && !timeout) {
+                    if first
+                        .as_ref()
+                        .is_none_or(|f| may_be_consequence(f) && !may_be_consequence(&e))
+                    {
                         first = Some(e);
                     }
                 }
@@ -283,7 +285,9 @@ impl DeviceWorld {
     }
 }
 
-fn timeout_rank(e: &SchedError) -> bool {
+/// A device wait that timed out (or a driver failure): possibly only the
+/// consequence of another rank's error.
+fn may_be_consequence(e: &SchedError) -> bool {
     matches!(e, SchedError::Device { .. })
 }
 

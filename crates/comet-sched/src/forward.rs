@@ -38,8 +38,8 @@ use comet_core::layout::ring_source;
 use comet_core::schedule::SignalMap;
 use comet_core::MoeConfig;
 use comet_kernels::forward::{
-    fill_u16, layout_smem_bytes, CombineParams, DispatchParams, ForwardKernels, Grid, LayoutParams,
-    ReduceParams, RouteParams, Scalars, StatusWord, WaitParams,
+    fill_u16, fill_u32, layout_smem_bytes, CombineParams, DispatchParams, ForwardKernels, Grid,
+    LayoutParams, ReduceParams, RouteParams, Scalars, StatusWord, WaitParams,
 };
 use comet_kernels::gemm::DeviceWork;
 use comet_kernels::{
@@ -240,6 +240,11 @@ struct Symmetric {
     counts: BufferId,
     recv: BufferId,
     comb: BufferId,
+    /// This rank's copies, resolved once (they never move).
+    counts_at: CUdeviceptr,
+    recv_at: CUdeviceptr,
+    comb_at: CUdeviceptr,
+    signals_at: CUdeviceptr,
 }
 
 /// Device memory a layer owns, sized once for its plan. Zeroed per call:
@@ -354,12 +359,21 @@ impl<T: DeviceTransport> MoeLayer<T> {
         }
         let map = SignalMap::new(cfg, plan.chunks);
         let (w, h) = (cfg.ranks, cfg.hidden);
+        let (counts, recv, comb) = (
+            t.alloc_buffer(2 * w * cfg.experts * 4)?,
+            t.alloc_buffer(plan.recv_capacity * h * 2)?,
+            t.alloc_buffer(plan.send_capacity() * h * 2)?,
+        );
+        t.alloc_signals(map.wire_len())?;
         let sym = Symmetric {
-            counts: t.alloc_buffer(2 * w * cfg.experts * 4)?,
-            recv: t.alloc_buffer(plan.recv_capacity * h * 2)?,
-            comb: t.alloc_buffer(plan.send_capacity() * h * 2)?,
+            counts,
+            recv,
+            comb,
+            counts_at: t.buffer_ptr(counts)?,
+            recv_at: t.buffer_ptr(recv)?,
+            comb_at: t.buffer_ptr(comb)?,
+            signals_at: t.signals_ptr()?,
         };
-        t.alloc_signals(w + map.len())?;
         let side = ctx
             .new_stream()
             .map_err(|e| dev(rank, "create side stream", e))?;
@@ -370,7 +384,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         let join = ctx
             .new_event(no_timing)
             .map_err(|e| dev(rank, "create event", e))?;
-        let s = Scratch::new(&plan, &t, &side, &sym)?;
+        let s = Scratch::new(&plan, &map, &t, &side, &sym)?;
         let status = StatusWord::new(&ctx).map_err(kerr(rank))?;
         side.synchronize()
             .map_err(|e| dev(rank, "synchronize setup", e))?;
@@ -567,11 +581,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
 
     fn clear_error(&self) -> Result<(), SchedError> {
         let rank = self.rank();
-        // SAFETY: the error word of this layer's state block, on its side
-        // stream, synchronised next.
-        unsafe { sys::cuMemsetD32Async(self.s.err, 0, 2, self.side.cu_stream()) }
-            .result()
-            .map_err(|e| dev(rank, "clear error word", e))?;
+        // SAFETY: the error word (two u32) of this layer's state block, on
+        // its side stream, synchronised next.
+        unsafe { fill_u32(self.side.cu_stream(), self.s.err, 0, 2) }.map_err(kerr(rank))?;
         self.side
             .synchronize()
             .map_err(|e| dev(rank, "clear error word", e))
@@ -596,9 +608,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// Zeroes this call's counters.
     unsafe fn begin(&self, stream: CUstream) -> Result<(), SchedError> {
         // SAFETY: the counters block of the scratch, on the call's stream.
-        unsafe { sys::cuMemsetD32Async(self.s.counters, 0, self.s.counters_words, stream) }
-            .result()
-            .map_err(|e| dev(self.rank(), "zero counters", e))
+        unsafe { fill_u32(stream, self.s.counters, 0, self.s.counters_words) }
+            .map_err(kerr(self.rank()))
     }
 
     fn route_params(&self, a: &ForwardArgs) -> RouteParams {
@@ -630,10 +641,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
             cnt: self.s.cnt,
             ids: a.topk_ids,
             local_idx: self.s.local_idx,
-            counts: self.t.buffer_ptr(self.sym.counts)?,
+            counts: self.sym.counts_at,
             peer_counts: self.s.peer_counts,
             peer_signals: self.s.peer_signals,
-            signals: self.t.signals_ptr()?,
+            signals: self.sym.signals_at,
             epoch: self.s.epoch,
             err: self.s.err,
             sc: self.s.sc,
@@ -722,13 +733,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// Sequential mode: every segment of this rank has landed.
     unsafe fn wait_dispatch(&self, stream: CUstream) -> Result<(), SchedError> {
         let w = self.plan.cfg.ranks;
+        let first = self.map.wire(self.map.dispatch(0, 0)).index();
         let p = WaitParams {
-            signals: self.t.signals_ptr()?,
+            signals: self.sym.signals_at,
             sc: self.s.sc,
             epoch: self.s.epoch,
             err: self.s.err,
             timeout_ns: self.timeout_ns,
-            first: w as i32,
+            first: first as i32,
             count: (self.plan.cfg.experts_per_rank() * w) as i32,
         };
         // SAFETY: indices inside this rank's signal array.
@@ -753,7 +765,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
         let v = if hooked { self.v.fc1_wait } else { self.v.fc1 };
         let args = GemmArgs {
-            a: self.t.buffer_ptr(self.sym.recv)?,
+            a: self.sym.recv_at,
             b: a.w1,
             c: self.s.act,
             tiles: self.s.fc1_tiles,
@@ -767,7 +779,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             scatter_w: 0,
             err: self.s.err,
             hooks: hooked.then_some(HookArgs {
-                signals: self.t.signals_ptr()?,
+                signals: self.sym.signals_at,
                 deps: self.s.deps,
                 wait_target: 0,
                 raise_value: 0,
@@ -857,7 +869,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             ranks: cfg.ranks as i32,
             me: self.rank() as i32,
             wait_chunks: i32::from(overlapped),
-            chunk_sig0: (cfg.ranks + self.map.chunk_done(0) as usize) as i32,
+            chunk_sig0: self.map.wire(self.map.chunk_done(0)).index() as i32,
         };
         let g = Grid {
             blocks: blocks.max(1) as u32,
@@ -880,14 +892,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
         }
         let p = ReduceParams {
             out: self.s.out,
-            comb: self.t.buffer_ptr(self.sym.comb)?,
+            comb: self.sym.comb_at,
             ids: a.topk_ids,
             w: a.topk_weights,
             local_idx: self.s.local_idx,
             send_off: self.s.send_off,
             segs: self.s.segs,
             y: a.y,
-            signals: self.t.signals_ptr()?,
+            signals: self.sym.signals_at,
             sc: self.s.sc,
             epoch: self.s.epoch,
             err: self.s.err,
@@ -1001,8 +1013,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     pub unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
         let p = &self.plan;
         let (h, f) = (p.cfg.hidden, p.cfg.ffn);
-        let recv = self.t.buffer_ptr(self.sym.recv)?;
-        let comb = self.t.buffer_ptr(self.sym.comb)?;
+        let (recv, comb) = (self.sym.recv_at, self.sym.comb_at);
         // SAFETY: each range lies inside its allocation (plan capacities).
         unsafe {
             fill_u16(stream, recv, 0xFFFF, p.recv_capacity * h)
@@ -1036,6 +1047,7 @@ pub fn signal_name(map: &SignalMap, index: usize) -> String {
 impl Scratch {
     fn new<T: DeviceTransport>(
         plan: &DevicePlan,
+        map: &SignalMap,
         t: &T,
         stream: &Arc<CudaStream>,
         sym: &Symmetric,
@@ -1089,7 +1101,9 @@ impl Scratch {
         // Static tables: FC1 tile i of local expert le waits on the
         // dispatch signals of its segments, in arrival order.
         let deps: Vec<u32> = (0..epr)
-            .flat_map(|le| (0..w).map(move |i| (w + le * w + ring_source(rank, i, w)) as u32))
+            .flat_map(|le| {
+                (0..w).map(move |i| map.wire(map.dispatch(le, ring_source(rank, i, w))).index())
+            })
             .collect();
         let peers = |f: &dyn Fn(usize) -> Result<Option<u64>, comet_transport::TransportError>,
                      what: &str|

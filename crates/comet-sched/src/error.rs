@@ -44,6 +44,14 @@ pub enum SchedError {
         pending: usize,
         waited: Duration,
     },
+    /// A staged proxy's call ran past its timeout, waiting for `what`.
+    #[error("rank {rank}: staged proxy timed out after {waited:?} waiting for {what}; {pending} piece(s) pending")]
+    StagedTimeout {
+        rank: usize,
+        what: String,
+        pending: usize,
+        waited: Duration,
+    },
     #[error("rank {rank} worker panicked: {message}")]
     Panicked { rank: usize, message: String },
 }

@@ -23,6 +23,8 @@ pub mod error;
 pub mod forward;
 mod protocol;
 pub mod proxy;
+pub mod proxy_plan;
+pub mod staged;
 pub mod tile_math;
 pub mod trace;
 

@@ -1,0 +1,435 @@
+//! Every transfer of one device-forward call between two ranks, derived
+//! from the call's W x E count matrix in the layout the kernels use
+//! (`moe_forward.cu`), for host-driven transports.
+//!
+//! Under a proxy the kernels run unchanged: what they take for a peer's
+//! buffer is a local mirror of it, and what they take for the peer's signal
+//! array is a local array of ready words. So a ready word says "these bytes
+//! of my mirror of `to`'s buffer are final" without saying which bytes; the
+//! proxy knows them only through this plan, which both ends derive from the
+//! same counts: the sender to stage and send a piece, the receiver to land
+//! it where its kernels read. The count exchange itself needs no counts
+//! (fixed offsets), which is how the counts get there first.
+//!
+//! Buffers, as `forward.rs` allocates them on every rank:
+//! - counts `[2][W][E]` u32, the slot of a call chosen by its epoch's parity;
+//! - recv `[recv rows][hidden]` bf16, expert-major, sources in arrival
+//!   order (the destination itself first, then destination-1, ...);
+//! - comb `[send rows][hidden]` bf16, rows in the source's send order.
+//!
+//! Combine pieces are column chunks of whole rows, so on the device they
+//! are 2-D (rows of `chunk_bytes`, `row_bytes` apart); on the wire each is
+//! packed chunk-major ([`Piece::wire`]) and landed by a 2-D copy.
+
+use crate::device_plan::DevicePlan;
+use crate::error::SchedError;
+
+/// The layer's symmetric device buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Buf {
+    Counts,
+    Recv,
+    Comb,
+}
+
+impl Buf {
+    pub const ALL: [Buf; 3] = [Buf::Counts, Buf::Recv, Buf::Comb];
+}
+
+/// `rows` runs of `width` bytes, `pitch` apart, from byte `offset` of a
+/// buffer (one run for a contiguous range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub buf: Buf,
+    pub offset: usize,
+    pub rows: usize,
+    pub width: usize,
+    pub pitch: usize,
+}
+
+impl Region {
+    fn flat(buf: Buf, offset: usize, len: usize) -> Region {
+        Region {
+            buf,
+            offset,
+            rows: 1,
+            width: len,
+            pitch: len,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows * self.width
+    }
+
+    /// One past the last byte it touches (its offset when empty).
+    pub fn end(&self) -> usize {
+        if self.bytes() == 0 {
+            self.offset
+        } else {
+            self.offset + (self.rows - 1) * self.pitch + self.width
+        }
+    }
+}
+
+/// What a piece carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The sender's row of the count matrix.
+    Counts,
+    /// The sender's rows for local expert `le` of the receiver.
+    Dispatch { le: usize },
+    /// Column chunk `chunk` of the rows the sender computed for the receiver.
+    Combine { chunk: usize },
+}
+
+/// One transfer of a call: `region` of the sender's mirror of `to`'s buffer
+/// becomes the same region of `to`'s buffer, then `to`'s signal `signal`
+/// (absolute index, as the kernels number them) is raised to the call's
+/// epoch. The sender's ready word for it has the same index in its ready
+/// array for `to`. A piece of zero bytes still raises its signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub from: usize,
+    pub to: usize,
+    pub kind: Kind,
+    pub signal: usize,
+    pub region: Region,
+    /// Where the packed bytes sit in a host image of `region.buf` (sender's
+    /// staging, receiver's inbox): the region's own offset when it is one
+    /// run; chunk-major for combine chunks, so every piece's wire range is
+    /// disjoint from every other's of the same call and receiver.
+    pub wire: usize,
+}
+
+/// The sizes the kernels lay the buffers out with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub ranks: usize,
+    pub experts: usize,
+    pub row_bytes: usize,
+    pub chunks: usize,
+    pub chunk_bytes: usize,
+    pub recv_rows: usize,
+    pub send_rows: usize,
+}
+
+impl Geometry {
+    pub fn of(plan: &DevicePlan) -> Geometry {
+        Geometry {
+            ranks: plan.cfg.ranks,
+            experts: plan.cfg.experts,
+            row_bytes: plan.cfg.hidden * 2,
+            chunks: plan.chunks,
+            chunk_bytes: plan.chunk_cols * 2,
+            recv_rows: plan.recv_capacity,
+            send_rows: plan.send_capacity(),
+        }
+    }
+
+    fn epr(&self) -> usize {
+        self.experts / self.ranks
+    }
+
+    /// Bytes of `buf` on one rank.
+    pub fn bytes(&self, buf: Buf) -> usize {
+        match buf {
+            Buf::Counts => 2 * self.ranks * self.experts * 4,
+            Buf::Recv => self.recv_rows * self.row_bytes,
+            Buf::Comb => self.send_rows * self.row_bytes,
+        }
+    }
+
+    pub fn count_signal(&self, from: usize) -> usize {
+        from
+    }
+
+    pub fn dispatch_signal(&self, le: usize, from: usize) -> usize {
+        self.ranks + le * self.ranks + from
+    }
+
+    pub fn combine_signal(&self, from: usize, chunk: usize) -> usize {
+        self.ranks + self.epr() * self.ranks + from * self.chunks + chunk
+    }
+
+    /// The count-exchange piece `from` -> `to` of a call with `epoch`.
+    pub fn counts_piece(&self, from: usize, to: usize, epoch: u64) -> Piece {
+        let (w, e) = (self.ranks, self.experts);
+        let slot = (epoch & 1) as usize;
+        let offset = (slot * w + from) * e * 4;
+        Piece {
+            from,
+            to,
+            kind: Kind::Counts,
+            signal: self.count_signal(from),
+            region: Region::flat(Buf::Counts, offset, e * 4),
+            wire: offset,
+        }
+    }
+
+    /// Checks `counts` (`counts[src][e]`) against the geometry and the
+    /// buffers' capacities, naming what does not fit. The kernels refuse
+    /// such a call on every rank alike (nothing moves), so a proxy must
+    /// too instead of computing ranges outside its buffers.
+    /// `rank` is the rank that reports it.
+    pub fn check_counts(&self, rank: usize, counts: &[Vec<u32>]) -> Result<(), SchedError> {
+        let (w, e) = (self.ranks, self.experts);
+        let bad = |m: String| Err(SchedError::Input { rank, message: m });
+        if w == 0 || e == 0 || !e.is_multiple_of(w) {
+            return bad(format!("{e} experts over {w} ranks"));
+        }
+        if counts.len() != w || counts.iter().any(|r| r.len() != e) {
+            return bad(format!("the count matrix must be {w} x {e}"));
+        }
+        for (s, row) in counts.iter().enumerate() {
+            let sent: u64 = row.iter().map(|&c| u64::from(c)).sum();
+            if sent > self.send_rows as u64 {
+                return bad(format!(
+                    "rank {s} sends {sent} rows, over the {} its combine buffer holds",
+                    self.send_rows
+                ));
+            }
+        }
+        for d in 0..w {
+            let got: u64 = counts
+                .iter()
+                .flat_map(|row| &row[d * self.epr()..(d + 1) * self.epr()])
+                .map(|&c| u64::from(c))
+                .sum();
+            if got > self.recv_rows as u64 {
+                return bad(format!(
+                    "rank {d} receives {got} rows, over its receive capacity of {}",
+                    self.recv_rows
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every dispatch and combine piece of a call between any two different
+    /// ranks, for a checked count matrix (the count exchange is
+    /// [`Geometry::counts_piece`]); `rank` reports errors. Sources to a receiver, in arrival
+    /// order; pieces of one pair in the order the kernels finish them.
+    pub fn data_pieces(&self, rank: usize, counts: &[Vec<u32>]) -> Result<Vec<Piece>, SchedError> {
+        self.check_counts(rank, counts)?;
+        let (w, epr, rb) = (self.ranks, self.epr(), self.row_bytes);
+        let cnt = |s: usize, e: usize| counts[s][e] as usize;
+        let mut out = Vec::new();
+        for to in 0..w {
+            // Dispatch: `to`'s receive layout, expert-major, sources in
+            // arrival order (itself first, then to-1, to-2, ...).
+            let mut row = 0;
+            for le in 0..epr {
+                let e = to * epr + le;
+                for i in 0..w {
+                    let from = (to + w - i) % w;
+                    let rows = cnt(from, e);
+                    if from != to {
+                        out.push(Piece {
+                            from,
+                            to,
+                            kind: Kind::Dispatch { le },
+                            signal: self.dispatch_signal(le, from),
+                            region: Region::flat(Buf::Recv, row * rb, rows * rb),
+                            wire: row * rb,
+                        });
+                    }
+                    row += rows;
+                }
+            }
+        }
+        for to in 0..w {
+            // Combine: the rows `from` computed for `to` sit at `to`'s send
+            // positions of `from`'s experts, which are consecutive.
+            for from in (0..w).filter(|&f| f != to) {
+                let first: usize = (0..from * epr).map(|x| cnt(to, x)).sum();
+                let rows: usize = (from * epr..(from + 1) * epr).map(|x| cnt(to, x)).sum();
+                for chunk in 0..self.chunks {
+                    let cb = self.chunk_bytes;
+                    out.push(Piece {
+                        from,
+                        to,
+                        kind: Kind::Combine { chunk },
+                        signal: self.combine_signal(from, chunk),
+                        region: Region {
+                            buf: Buf::Comb,
+                            offset: first * rb + chunk * cb,
+                            rows,
+                            width: cb,
+                            pitch: rb,
+                        },
+                        wire: (chunk * self.send_rows + first) * cb,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comet_core::layout::LayoutPlan;
+    use comet_core::MoeConfig;
+    use rand::{Rng, SeedableRng};
+
+    fn geometry(w: usize, e: usize, chunks: usize, recv_rows: usize, send_rows: usize) -> Geometry {
+        Geometry {
+            ranks: w,
+            experts: e,
+            row_bytes: 64 * 2,
+            chunks,
+            chunk_bytes: 64 * 2 / chunks,
+            recv_rows,
+            send_rows,
+        }
+    }
+
+    fn random_counts(rng: &mut impl Rng, w: usize, e: usize, tokens: usize) -> Vec<Vec<u32>> {
+        (0..w)
+            .map(|_| {
+                let mut row = vec![0u32; e];
+                for _ in 0..tokens {
+                    // Skewed: a third of the experts get nothing.
+                    let x = rng.gen_range(0..e);
+                    if x % 3 != 1 {
+                        row[x] += 1;
+                    }
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// Dispatch pieces land exactly where comet-core's layout plan (which
+    /// the device layout kernel is tested equal to) puts each segment.
+    #[test]
+    fn dispatch_pieces_are_the_layout_plans_segments() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (w, e) in [(2, 2), (2, 8), (3, 6), (4, 8), (4, 16)] {
+            let counts = random_counts(&mut rng, w, e, 40);
+            let g = geometry(w, e, 2, w * 40, 40);
+            let pieces = g.data_pieces(0, &counts).unwrap();
+            let cfg = MoeConfig {
+                hidden: 64,
+                ffn: 64,
+                experts: e,
+                top_k: 1,
+                ranks: w,
+                dtype: comet_core::config::Dtype::Bf16,
+            };
+            let usize_counts: Vec<Vec<usize>> = counts
+                .iter()
+                .map(|r| r.iter().map(|&c| c as usize).collect())
+                .collect();
+            let plan = LayoutPlan::new(&cfg, usize_counts).unwrap();
+            for to in 0..w {
+                for le in 0..e / w {
+                    for from in (0..w).filter(|&f| f != to) {
+                        let seg = plan.recv[to].segment(le, from, w);
+                        let p: Vec<_> = pieces
+                            .iter()
+                            .filter(|p| {
+                                p.to == to && p.from == from && p.kind == Kind::Dispatch { le }
+                            })
+                            .collect();
+                        assert_eq!(p.len(), 1);
+                        assert_eq!(
+                            p[0].region.offset,
+                            seg.row * g.row_bytes,
+                            "{w} {e} {to} {le} {from}"
+                        );
+                        assert_eq!(p[0].region.bytes(), seg.rows * g.row_bytes);
+                        assert_eq!(p[0].signal, g.dispatch_signal(le, from));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A receiver's pieces of one buffer never overlap, on the device or on
+    /// the wire, and stay inside the buffer; combine pieces cover exactly
+    /// the rows each source sent to each owner, every chunk once.
+    #[test]
+    fn pieces_are_disjoint_and_inside_their_buffers() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..50 {
+            let w = rng.gen_range(2..=4);
+            let e = w * rng.gen_range(1..=4);
+            let chunks = [1, 2, 4][rng.gen_range(0..3)];
+            let tokens = rng.gen_range(0..30);
+            let counts = random_counts(&mut rng, w, e, tokens);
+            let g = geometry(w, e, chunks, w * 30, 30);
+            let pieces = g.data_pieces(0, &counts).unwrap();
+            for (to, to_counts) in counts.iter().enumerate() {
+                for buf in [Buf::Recv, Buf::Comb] {
+                    let mut wire: Vec<(usize, usize)> = Vec::new();
+                    let mut bytes_on = vec![false; g.bytes(buf)];
+                    for p in pieces.iter().filter(|p| p.to == to && p.region.buf == buf) {
+                        let r = p.region;
+                        assert!(r.end() <= g.bytes(buf), "{p:?}");
+                        assert!(p.wire + r.bytes() <= g.bytes(buf), "{p:?}");
+                        wire.push((p.wire, p.wire + r.bytes()));
+                        for row in 0..r.rows {
+                            for b in 0..r.width {
+                                let at = r.offset + row * r.pitch + b;
+                                assert!(!bytes_on[at], "byte {at} of {buf:?} twice: {p:?}");
+                                bytes_on[at] = true;
+                            }
+                        }
+                    }
+                    wire.sort();
+                    assert!(wire.windows(2).all(|x| x[0].1 <= x[1].0), "{wire:?}");
+                }
+                for from in (0..w).filter(|&f| f != to) {
+                    let sent: usize = (from * e / w..(from + 1) * e / w)
+                        .map(|x| to_counts[x] as usize)
+                        .sum();
+                    let comb: Vec<_> = pieces
+                        .iter()
+                        .filter(|p| p.to == to && p.from == from && p.region.buf == Buf::Comb)
+                        .collect();
+                    assert_eq!(comb.len(), chunks);
+                    assert!(comb.iter().all(|p| p.region.rows == sent));
+                    assert_eq!(
+                        comb.iter().map(|p| p.region.bytes()).sum::<usize>(),
+                        sent * g.row_bytes
+                    );
+                }
+            }
+            // Signals: one piece per (receiver, signal), as the kernels wait.
+            let mut seen: Vec<(usize, usize)> = pieces.iter().map(|p| (p.to, p.signal)).collect();
+            seen.sort();
+            let n = seen.len();
+            seen.dedup();
+            assert_eq!(seen.len(), n);
+        }
+    }
+
+    #[test]
+    fn counts_pieces_alternate_slots_by_epoch() {
+        let g = geometry(3, 6, 1, 10, 10);
+        let a = g.counts_piece(1, 2, 4);
+        let b = g.counts_piece(1, 2, 5);
+        assert_eq!(a.region.offset, 6 * 4);
+        assert_eq!(b.region.offset, (3 + 1) * 6 * 4);
+        assert_eq!(a.signal, 1);
+        assert!(b.region.end() <= g.bytes(Buf::Counts));
+    }
+
+    #[test]
+    fn counts_over_a_capacity_are_refused_by_name() {
+        let g = geometry(2, 4, 1, 5, 4);
+        let err = g
+            .data_pieces(0, &[vec![3, 3, 0, 0], vec![0, 0, 0, 0]])
+            .unwrap_err();
+        assert!(err.to_string().contains("rank 0 sends 6 rows"), "{err}");
+        let err = g
+            .data_pieces(0, &[vec![2, 2, 0, 0], vec![1, 1, 0, 0]])
+            .unwrap_err();
+        assert!(err.to_string().contains("rank 0 receives 6 rows"), "{err}");
+        let err = g.data_pieces(0, &[vec![0; 4]]).unwrap_err();
+        assert!(err.to_string().contains("2 x 4"), "{err}");
+    }
+}

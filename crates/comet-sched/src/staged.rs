@@ -1,0 +1,306 @@
+//! The proxy of one rank whose transport moves host memory only (UCX over
+//! TCP or shared memory): the device forward's kernels run unchanged over
+//! local mirrors of the peers' buffers and local ready words, and this
+//! proxy carries each piece across as its ready word comes up, staged
+//! through host memory on both ends.
+//!
+//! Per call (epoch `n`), for every peer:
+//! - send: once the kernels have raised a piece's ready word to `n`, copy
+//!   the piece's bytes out of the device mirror into host staging, put
+//!   them into the peer's inbox (a transport buffer, same layout), then
+//!   raise the piece's signal there: the transport orders the signal
+//!   behind the puts, so an arrival never overtakes its bytes;
+//! - land: once a peer's signal has arrived in this rank's inbox, copy the
+//!   bytes into the device buffer and raise the signal the kernels wait on,
+//!   in that order.
+//!
+//! The count exchange goes first at fixed offsets; with every rank's row of
+//! counts known, [`Geometry::data_pieces`] names every other piece of the
+//! call, on both ends alike. Pieces go out and land in the order they
+//! become ready, many in flight.
+//!
+//! Reusing staging across calls is safe for the reason the kernels' own
+//! buffers are: a peer raises call n+1's count only after it has received
+//! everything of call n from this rank, and this rank stages call n+1's
+//! data only after its kernels saw every peer's count of n+1.
+//!
+//! [`StagedDevice`] is the device side (CUDA copies and mapped ready words
+//! on a GPU; host memory in tests), so all of this runs on a laptop.
+
+use crate::error::SchedError;
+use crate::proxy_plan::{Buf, Geometry, Kind, Piece, Region};
+use comet_transport::signal_core::Backoff;
+use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
+use std::time::{Duration, Instant};
+
+/// The device side of a staged rank, as its proxy sees it.
+pub trait StagedDevice {
+    /// This rank's ready word `signal` for peer `to` (acquire: the mirror
+    /// bytes it covers are final once it is seen).
+    fn ready(&self, to: usize, signal: usize) -> u64;
+
+    /// Copies `region` of this rank's mirror of `to`'s buffer into `out`,
+    /// packed (`region.bytes()` long); complete when it returns.
+    fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError>;
+
+    /// Copies the packed `bytes` into `region` of this rank's own buffer and
+    /// then raises this rank's signal `signal` to `value`: the kernels
+    /// never see the signal before the bytes. May complete after it
+    /// returns; in order with earlier calls.
+    fn land(
+        &mut self,
+        region: Region,
+        bytes: &[u8],
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError>;
+}
+
+/// What one [`StagedProxy::call`] moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StagedStats {
+    pub sent: usize,
+    pub landed: usize,
+    pub bytes_sent: usize,
+    pub bytes_landed: usize,
+}
+
+/// One rank's staged proxy: its inboxes on the transport and its staging.
+pub struct StagedProxy<'t> {
+    t: &'t dyn Transport,
+    geo: Geometry,
+    inbox: [BufferId; 3],
+    /// Host images of each peer's buffers, in wire layout: `staging[to][buf]`.
+    staging: Vec<[Vec<u8>; 3]>,
+    /// Bytes of one landing, reused.
+    landing: Vec<u8>,
+    timeout: Duration,
+}
+
+fn slot(buf: Buf) -> usize {
+    match buf {
+        Buf::Counts => 0,
+        Buf::Recv => 1,
+        Buf::Comb => 2,
+    }
+}
+
+/// A piece named for errors and logs.
+fn describe(p: &Piece) -> String {
+    match p.kind {
+        Kind::Counts => format!("count({}) {} -> {}", p.from, p.from, p.to),
+        Kind::Dispatch { le } => {
+            format!(
+                "dispatch(expert {le}, src {}) {} -> {}",
+                p.from, p.from, p.to
+            )
+        }
+        Kind::Combine { chunk } => {
+            format!(
+                "combine(from {}, chunk {chunk}) {} -> {}",
+                p.from, p.from, p.to
+            )
+        }
+    }
+}
+
+impl<'t> StagedProxy<'t> {
+    /// Collective: allocates this rank's inboxes and signals on `t`, then
+    /// meets every rank.
+    pub fn new(t: &'t dyn Transport, geo: Geometry, timeout: Duration) -> Result<Self, SchedError> {
+        let (w, rank) = (geo.ranks, t.rank());
+        if t.world() != w {
+            return Err(SchedError::Input {
+                rank,
+                message: format!("a layer of {w} ranks over a transport of {}", t.world()),
+            });
+        }
+        let inbox = [
+            t.alloc_buffer(geo.bytes(Buf::Counts))?,
+            t.alloc_buffer(geo.bytes(Buf::Recv))?,
+            t.alloc_buffer(geo.bytes(Buf::Comb))?,
+        ];
+        t.alloc_signals(geo.combine_signal(w - 1, geo.chunks - 1) + 1)?;
+        // No peer puts into an inbox before its owner has allocated it.
+        t.barrier(timeout)?;
+        let staging = (0..w)
+            .map(|to| {
+                Buf::ALL.map(|b| {
+                    if to == rank {
+                        Vec::new()
+                    } else {
+                        vec![0u8; geo.bytes(b)]
+                    }
+                })
+            })
+            .collect();
+        Ok(StagedProxy {
+            t,
+            geo,
+            inbox,
+            staging,
+            landing: Vec::new(),
+            timeout,
+        })
+    }
+
+    /// Runs call `epoch` to its end: every piece this rank sends and every
+    /// piece it receives. Errors: a transport error at once (a peer gone
+    /// is named by it); counts no buffer can hold, as the kernels refuse
+    /// them; past the timeout, the first piece still waiting, named.
+    pub fn call(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        epoch: u64,
+    ) -> Result<StagedStats, SchedError> {
+        let (w, me) = (self.geo.ranks, self.t.rank());
+        let mut stats = StagedStats::default();
+        let peers = || (0..w).filter(move |&p| p != me);
+        let mut sends: Vec<Piece> = peers()
+            .map(|p| self.geo.counts_piece(me, p, epoch))
+            .collect();
+        let mut lands: Vec<Piece> = peers()
+            .map(|p| self.geo.counts_piece(p, me, epoch))
+            .collect();
+        let mut rows: Vec<Option<Vec<u32>>> = vec![None; w];
+        let mut planned = w == 1;
+        let start = Instant::now();
+        let mut idle = 0u32;
+        while !(planned && sends.is_empty() && lands.is_empty()) {
+            let before = sends.len() + lands.len();
+            self.send_ready(dev, epoch, &mut sends, &mut rows, &mut stats)?;
+            self.land_arrived(dev, epoch, &mut lands, &mut rows, &mut stats)?;
+            if !planned && rows.iter().all(Option::is_some) {
+                let counts: Vec<Vec<u32>> = rows.iter().flatten().cloned().collect();
+                let all = self.geo.data_pieces(me, &counts)?;
+                sends.extend(all.iter().filter(|p| p.from == me).copied());
+                lands.extend(all.iter().filter(|p| p.to == me).copied());
+                planned = true;
+                continue;
+            }
+            if sends.len() + lands.len() < before {
+                idle = 0;
+                continue;
+            }
+            if start.elapsed() >= self.timeout {
+                return Err(self.timed_out(dev, epoch, &sends, &lands, start.elapsed()));
+            }
+            idle = idle.saturating_add(1);
+            match Backoff::idle(idle) {
+                Some(d) => std::thread::sleep(d),
+                None => std::thread::yield_now(),
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Sends every pending piece whose ready word has reached `epoch`.
+    fn send_ready(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        epoch: u64,
+        sends: &mut Vec<Piece>,
+        rows: &mut [Option<Vec<u32>>],
+        stats: &mut StagedStats,
+    ) -> Result<(), SchedError> {
+        let mut i = 0;
+        while i < sends.len() {
+            let p = sends[i];
+            if dev.ready(p.to, p.signal) < epoch {
+                i += 1;
+                continue;
+            }
+            sends.swap_remove(i);
+            let n = p.region.bytes();
+            let out = &mut self.staging[p.to][slot(p.region.buf)][p.wire..p.wire + n];
+            dev.download(p.to, p.region, out)?;
+            if p.kind == Kind::Counts && rows[p.from].is_none() {
+                rows[p.from] = Some(words(out));
+            }
+            if n > 0 {
+                self.t
+                    .put(p.to, self.inbox[slot(p.region.buf)], p.wire, out)?;
+            }
+            self.t
+                .signal(p.to, p.signal as SignalId, SignalOp::Set(epoch))?;
+            stats.sent += 1;
+            stats.bytes_sent += n;
+        }
+        Ok(())
+    }
+
+    /// Lands every pending piece whose signal has arrived.
+    fn land_arrived(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        epoch: u64,
+        lands: &mut Vec<Piece>,
+        rows: &mut [Option<Vec<u32>>],
+        stats: &mut StagedStats,
+    ) -> Result<(), SchedError> {
+        let mut i = 0;
+        while i < lands.len() {
+            let p = lands[i];
+            if !self.arrived(p.signal, epoch)? {
+                i += 1;
+                continue;
+            }
+            lands.swap_remove(i);
+            let n = p.region.bytes();
+            self.landing.resize(n, 0);
+            self.t
+                .read(self.inbox[slot(p.region.buf)], p.wire, &mut self.landing)?;
+            if p.kind == Kind::Counts {
+                rows[p.from] = Some(words(&self.landing));
+            }
+            dev.land(p.region, &self.landing, p.signal, epoch)?;
+            stats.landed += 1;
+            stats.bytes_landed += n;
+        }
+        Ok(())
+    }
+
+    /// Whether this rank's inbox signal `signal` has reached `epoch` (a
+    /// look, not a wait; a peer found gone is an error).
+    fn arrived(&self, signal: usize, epoch: u64) -> Result<bool, SchedError> {
+        match self.t.wait(signal as SignalId, epoch, Duration::ZERO) {
+            Ok(_) => Ok(true),
+            Err(TransportError::WaitTimeout { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn timed_out(
+        &self,
+        dev: &dyn StagedDevice,
+        epoch: u64,
+        sends: &[Piece],
+        lands: &[Piece],
+        waited: Duration,
+    ) -> SchedError {
+        let rank = self.t.rank();
+        let pending = sends.len() + lands.len();
+        let what = match (sends.first(), lands.first()) {
+            (Some(p), _) => format!(
+                "the kernels' ready word of {} (it is {}, the call is {epoch})",
+                describe(p),
+                dev.ready(p.to, p.signal)
+            ),
+            (None, Some(p)) => format!("the arrival of {} from rank {}", describe(p), p.from),
+            (None, None) => "the count rows of every rank".into(),
+        };
+        SchedError::StagedTimeout {
+            rank,
+            what,
+            pending,
+            waited,
+        }
+    }
+}
+
+/// Little-endian u32 words of `b`.
+fn words(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}

@@ -1,0 +1,418 @@
+//! The staged proxy with host memory standing in for the device, over the
+//! local transport with seeded delays: per rank a "kernel" thread does what
+//! the device forward's kernels do to the buffers (count row into every
+//! peer's mirror, rows into their final places in the mirrors of the
+//! destinations' receive buffers, combine chunks into the mirrors of the
+//! sources' combine buffers, ready words raised in random order) with
+//! placement from comet-core's LayoutPlan, while a proxy thread carries the
+//! pieces across. Each kernel checks every byte it waits for right after
+//! its signal, over calls with changing routing, so a signal that overtakes
+//! its bytes, a piece landed in the wrong place or a stale row of an
+//! earlier call fails. Also: a kernel that never raises, a killed peer.
+
+use comet_core::layout::LayoutPlan;
+use comet_core::{Dtype, MoeConfig};
+use comet_sched::proxy_plan::{Buf, Geometry, Region};
+use comet_sched::staged::{StagedDevice, StagedProxy};
+use comet_sched::SchedError;
+use comet_transport::local::{local_world, DelayModel, LocalTransport};
+use comet_transport::Transport;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(20);
+const H: usize = 32; // bf16 columns: 64-byte rows
+
+fn idx(b: Buf) -> usize {
+    Buf::ALL.iter().position(|&x| x == b).unwrap()
+}
+
+/// One rank's "device": its own buffers and signals, its mirrors of every
+/// peer's buffers and its ready words for every peer.
+struct Device {
+    own: [Mutex<Vec<u8>>; 3],
+    signals: Vec<AtomicU64>,
+    mirrors: Vec<[Mutex<Vec<u8>>; 3]>,
+    ready: Vec<Vec<AtomicU64>>,
+}
+
+impl Device {
+    fn new(g: &Geometry) -> Device {
+        let bufs = || Buf::ALL.map(|b| Mutex::new(vec![0u8; g.bytes(b)]));
+        let nsig = g.combine_signal(g.ranks - 1, g.chunks - 1) + 1;
+        let words = || (0..nsig).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        Device {
+            own: bufs(),
+            signals: words(),
+            mirrors: (0..g.ranks).map(|_| bufs()).collect(),
+            ready: (0..g.ranks).map(|_| words()).collect(),
+        }
+    }
+}
+
+fn copy_2d(r: Region, from: &[u8], packed: bool, to: &mut [u8]) {
+    for row in 0..r.rows {
+        let dev = r.offset + row * r.pitch;
+        let wire = row * r.width;
+        if packed {
+            to[wire..wire + r.width].copy_from_slice(&from[dev..dev + r.width]);
+        } else {
+            to[dev..dev + r.width].copy_from_slice(&from[wire..wire + r.width]);
+        }
+    }
+}
+
+/// What the proxy sees of a [`Device`].
+struct HostSide(Arc<Device>);
+
+impl StagedDevice for HostSide {
+    fn ready(&self, to: usize, signal: usize) -> u64 {
+        self.0.ready[to][signal].load(Ordering::Acquire)
+    }
+
+    fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError> {
+        let m = self.0.mirrors[to][idx(region.buf)].lock().unwrap();
+        copy_2d(region, &m, true, out);
+        Ok(())
+    }
+
+    fn land(
+        &mut self,
+        region: Region,
+        bytes: &[u8],
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let mut b = self.0.own[idx(region.buf)].lock().unwrap();
+        copy_2d(region, bytes, false, &mut b);
+        drop(b);
+        self.0.signals[signal].store(value, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Row `i` of expert `e` sent by `src` in call `epoch`, and what the
+/// expert's owner sends back for it: distinct per call and row.
+fn row_bytes(epoch: u64, src: usize, e: usize, i: usize, back: bool) -> Vec<u8> {
+    let seed = epoch * 1_000_003 + (src as u64) * 10_007 + (e as u64) * 101 + i as u64;
+    (0..2 * H)
+        .map(|b| {
+            (seed.wrapping_mul(31).wrapping_add(b as u64 * 7) as u8) ^ if back { 0x5A } else { 0 }
+        })
+        .collect()
+}
+
+struct Kernel<'a> {
+    me: usize,
+    g: Geometry,
+    cfg: MoeConfig,
+    dev: &'a Device,
+    rng: ChaCha8Rng,
+}
+
+impl Kernel<'_> {
+    fn wait(&self, signal: usize, epoch: u64) -> Result<(), String> {
+        let start = Instant::now();
+        while self.dev.signals[signal].load(Ordering::Acquire) < epoch {
+            if start.elapsed() > T {
+                return Err(format!(
+                    "rank {}: signal {signal} never reached {epoch}",
+                    self.me
+                ));
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `offset` of `to`'s buffer as the kernels would:
+    /// into the own buffer for itself, else into the mirror.
+    fn store(&self, to: usize, buf: Buf, offset: usize, bytes: &[u8]) {
+        let m = if to == self.me {
+            &self.dev.own[idx(buf)]
+        } else {
+            &self.dev.mirrors[to][idx(buf)]
+        };
+        m.lock().unwrap()[offset..offset + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn raise(&self, to: usize, signal: usize, epoch: u64) {
+        let w = if to == self.me {
+            &self.dev.signals[signal]
+        } else {
+            &self.dev.ready[to][signal]
+        };
+        w.store(epoch, Ordering::Release);
+    }
+
+    fn jitter(&mut self) {
+        if self.rng.gen_bool(0.3) {
+            std::thread::sleep(Duration::from_micros(self.rng.gen_range(0..300)));
+        }
+    }
+
+    /// One call: `counts` is this rank's row of the count matrix.
+    fn call(&mut self, epoch: u64, mine: &[u32]) -> Result<(), String> {
+        let (w, e, me) = (self.g.ranks, self.g.experts, self.me);
+        let epr = e / w;
+        let row: Vec<u8> = mine.iter().flat_map(|c| c.to_le_bytes()).collect();
+        for to in 0..w {
+            let p = self.g.counts_piece(me, to, epoch);
+            self.store(to, Buf::Counts, p.region.offset, &row);
+            self.raise(to, self.g.count_signal(me), epoch);
+        }
+        for s in 0..w {
+            self.wait(self.g.count_signal(s), epoch)?;
+        }
+        let counts: Vec<Vec<usize>> = {
+            let c = self.dev.own[0].lock().unwrap();
+            (0..w)
+                .map(|s| {
+                    let off = self.g.counts_piece(s, me, epoch).region.offset;
+                    c[off..off + 4 * e]
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+                        .collect()
+                })
+                .collect()
+        };
+        let plan = LayoutPlan::new(&self.cfg, counts.clone()).map_err(|x| x.to_string())?;
+        // Dispatch, segments in random order.
+        let mut segs: Vec<usize> = (0..e).collect();
+        segs.shuffle(&mut self.rng);
+        for ge in segs {
+            let (dst, le) = (ge / epr, ge % epr);
+            let seg = *plan.recv[dst].segment(le, me, w);
+            for i in 0..seg.rows {
+                let b = row_bytes(epoch, me, ge, i, false);
+                self.store(dst, Buf::Recv, (seg.row + i) * 2 * H, &b);
+            }
+            self.jitter();
+            self.raise(dst, self.g.dispatch_signal(le, me), epoch);
+        }
+        // Every segment of this rank's experts, checked right after its
+        // signal; then "FC": each row's answer into its source's combine
+        // buffer at the source's send position, chunk by chunk.
+        for le in 0..epr {
+            for s in 0..w {
+                self.wait(self.g.dispatch_signal(le, s), epoch)?;
+                let seg = plan.recv[me].segment(le, s, w);
+                let recv = self.dev.own[1].lock().unwrap();
+                for i in 0..seg.rows {
+                    let at = (seg.row + i) * 2 * H;
+                    if recv[at..at + 2 * H] != row_bytes(epoch, s, me * epr + le, i, false)[..] {
+                        return Err(format!(
+                            "rank {me} call {epoch}: row {i} of (expert {le}, src {s}) wrong"
+                        ));
+                    }
+                }
+            }
+        }
+        let cb = self.g.chunk_bytes;
+        let mut order: Vec<usize> = (0..self.g.chunks).collect();
+        order.shuffle(&mut self.rng);
+        for c in order {
+            for (s, from_s) in counts.iter().enumerate() {
+                for le in 0..epr {
+                    let ge = me * epr + le;
+                    for i in 0..from_s[ge] {
+                        let pos = plan.send_offset(s, ge) + i;
+                        let b = row_bytes(epoch, s, ge, i, true);
+                        self.store(s, Buf::Comb, pos * 2 * H + c * cb, &b[c * cb..(c + 1) * cb]);
+                    }
+                }
+                self.jitter();
+                if s != me {
+                    self.raise(s, self.g.combine_signal(me, c), epoch);
+                }
+            }
+        }
+        // This rank's answers from every other owner, each chunk checked
+        // after its signal.
+        for o in (0..w).filter(|&o| o != me) {
+            for c in 0..self.g.chunks {
+                self.wait(self.g.combine_signal(o, c), epoch)?;
+                let comb = self.dev.own[2].lock().unwrap();
+                for le in 0..epr {
+                    let ge = o * epr + le;
+                    for i in 0..counts[me][ge] {
+                        let at = (plan.send_offset(me, ge) + i) * 2 * H + c * cb;
+                        let want = row_bytes(epoch, me, ge, i, true);
+                        if comb[at..at + cb] != want[c * cb..(c + 1) * cb] {
+                            return Err(format!(
+                                "rank {me} call {epoch}: answer {i} of expert {ge}, chunk {c} wrong"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn config(w: usize, epr: usize) -> (MoeConfig, Geometry) {
+    let cfg = MoeConfig {
+        hidden: H,
+        ffn: 64,
+        experts: w * epr,
+        top_k: 2,
+        ranks: w,
+        dtype: Dtype::Bf16,
+    };
+    let chunks = 2;
+    let tokens = 24;
+    let g = Geometry {
+        ranks: w,
+        experts: w * epr,
+        row_bytes: 2 * H,
+        chunks,
+        chunk_bytes: 2 * H / chunks,
+        recv_rows: w * tokens * 2,
+        send_rows: tokens * 2,
+    };
+    (cfg, g)
+}
+
+/// Counts of one call: `kind` 0 random with empty experts, 1 all to expert
+/// 0, 2 this rank silent (rank 1 sends nothing).
+fn counts_for(rng: &mut ChaCha8Rng, me: usize, e: usize, kind: usize) -> Vec<u32> {
+    let mut row = vec![0u32; e];
+    match kind {
+        0 => {
+            for _ in 0..rng.gen_range(0..=48) {
+                let x = rng.gen_range(0..e);
+                if x % 3 != 2 {
+                    row[x] += 1;
+                }
+            }
+        }
+        1 => row[0] = 40,
+        _ => {
+            if me != 1 {
+                row[e - 1] = 17;
+            }
+        }
+    }
+    row
+}
+
+fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
+    let (cfg, g) = config(w, epr);
+    let world = local_world(
+        w,
+        Some(DelayModel {
+            seed,
+            max: Duration::from_micros(200),
+        }),
+    );
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = world
+            .iter()
+            .map(|t| {
+                let cfg = cfg.clone();
+                sc.spawn(move || -> Result<(), String> {
+                    let me = t.rank();
+                    let dev = Arc::new(Device::new(&g));
+                    let mut proxy = StagedProxy::new(t, g, T).map_err(|e| e.to_string())?;
+                    let mut host = HostSide(Arc::clone(&dev));
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
+                    for epoch in 1..=calls {
+                        let mine = counts_for(&mut rng, me, g.experts, (epoch % 3) as usize);
+                        let mut k = Kernel {
+                            me,
+                            g,
+                            cfg: cfg.clone(),
+                            dev: &dev,
+                            rng: ChaCha8Rng::seed_from_u64(seed ^ (epoch << 8) ^ me as u64),
+                        };
+                        std::thread::scope(|inner| {
+                            let kernel = inner.spawn(move || k.call(epoch, &mine));
+                            let proxied = proxy.call(&mut host, epoch).map_err(|e| e.to_string());
+                            let kernel =
+                                kernel.join().map_err(|_| "kernel panicked".to_string())?;
+                            match (kernel, proxied) {
+                                (Ok(()), Ok(_)) => Ok(()),
+                                (k, p) => Err(format!("kernel: {k:?}; proxy: {p:?}")),
+                            }
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for (r, h) in handles.into_iter().enumerate() {
+            h.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        }
+    });
+}
+
+#[test]
+fn two_ranks_thirty_calls() {
+    run_world(2, 2, 30, 1);
+}
+
+#[test]
+fn three_and_four_ranks() {
+    run_world(3, 1, 12, 2);
+    run_world(4, 3, 12, 3);
+}
+
+/// Proxies of a world of two (built together: `new` is collective), rank
+/// 0's with `timeout`.
+fn both(
+    world: &[LocalTransport],
+    g: Geometry,
+    timeout: Duration,
+) -> (StagedProxy<'_>, StagedProxy<'_>) {
+    std::thread::scope(|sc| {
+        let peer = sc.spawn(|| StagedProxy::new(&world[1], g, T).unwrap());
+        let p0 = StagedProxy::new(&world[0], g, timeout).unwrap();
+        (p0, peer.join().unwrap())
+    })
+}
+
+#[test]
+fn a_kernel_that_never_raises_is_named() {
+    let (_, g) = config(2, 1);
+    let world = local_world(2, None);
+    let dev = Arc::new(Device::new(&g));
+    let (mut proxy, _peer) = both(&world, g, Duration::from_millis(300));
+    let start = Instant::now();
+    let err = proxy.call(&mut HostSide(dev), 1).unwrap_err();
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("rank 0") && msg.contains("count(0) 0 -> 1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_killed_peer_is_named_not_waited_out() {
+    let (_, g) = config(2, 1);
+    let world: Vec<LocalTransport> = local_world(2, None);
+    let dev = Arc::new(Device::new(&g));
+    // The count row is "raised" by the kernels; the peer dies before sending.
+    dev.ready[1][g.count_signal(0)].store(1, Ordering::Release);
+    let (mut proxy, _peer) = both(&world, g, T);
+    world[1].kill();
+    let start = Instant::now();
+    let err = proxy.call(&mut HostSide(dev), 1).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(err.to_string().contains('1'), "{err}");
+}

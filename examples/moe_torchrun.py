@@ -15,8 +15,10 @@ sequential (no overlap) and the plain torch layer (a per-expert loop of bf16
 GEMMs, as HF's eager block runs). Ranks talk through a gloo group (NCCL
 refuses two ranks on one GPU; --backend nccl when each rank has its own).
 Rank 0 prints each rank's times, the max difference between comet and the
-torch layer, and the host time of one comet call (the Python and Rust
-overhead: the call only enqueues).
+torch layer, the host time of one comet call (the call only enqueues; in
+brackets the part the Rust forward takes, the rest is comet-py's Python
+side), and the sync overhead: the wall time of a call followed by a
+synchronize, minus the GPU's own time for one call.
 """
 
 import argparse
@@ -56,6 +58,41 @@ def timed(fn, iters):
         e.synchronize()
         times.append(s.elapsed_time(e))
     return statistics.median(times)
+
+
+def host_times(fn, layer, iters):
+    """Host us of one call while the GPU stays busy (each call returns as
+    soon as its work is queued), and of that the Rust forward's own
+    enqueueing (`layer.enqueue_us`); the rest is comet-py's Python side."""
+    torch.cuda.synchronize()
+    host, rust = [], []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        rust.append(layer.enqueue_us)
+    return statistics.median(host), statistics.median(rust)
+
+
+def sync_overhead_us(fn, iters):
+    """What a synchronous caller pays beyond the GPU's own time: the median
+    wall time of (call; synchronize) minus the device time of a call, the
+    latter from `iters` calls queued back to back (no host gaps in it)."""
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    s.record()
+    for _ in range(iters):
+        fn()
+    e.record()
+    e.synchronize()
+    device_us = s.elapsed_time(e) * 1e3 / iters
+    wall = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(wall) - device_us
 
 
 def main():
@@ -113,15 +150,9 @@ def main():
             res["torch"].append(timed(torch_call, a.iters))
             if group is not None:
                 dist.barrier(group)
-        # Host time of a call: enqueue many, the GPU stays busy, each call
-        # returns as soon as its work is queued.
         layer.mode = "fused"
-        torch.cuda.synchronize()
-        host = []
-        for _ in range(a.iters):
-            t0 = time.perf_counter()
-            comet_call()
-            host.append((time.perf_counter() - t0) * 1e6)
+        host, enqueue = host_times(comet_call, layer, a.iters)
+        overhead = sync_overhead_us(comet_call, a.iters)
         layer.check()
 
     mine_row = {
@@ -132,7 +163,9 @@ def main():
         "torch_ms": min(res["torch"]),
         "max_diff": diff,
         "scale": scale,
-        "host_us": statistics.median(host),
+        "host_us": host,
+        "enqueue_us": enqueue,
+        "overhead_us": overhead,
     }
     rows = [mine_row]
     if group is not None:
@@ -144,12 +177,13 @@ def main():
               f"{world} rank(s); plan: overlap={p['overlap']} chunks={p['chunks']} "
               f"comm_blocks={p['comm_blocks']} share={p['share']} SMs")
         print("rank gpu  comet fused ms  comet seq ms  torch ms  torch/fused  "
-              "max|comet-torch| (of max|y|)  host us/call")
+              "max|comet-torch| (of max|y|)  host us/call (rust)  sync overhead us")
         for r in rows:
             print(f"{r['rank']:>4} {r['device']:>3}  {r['fused_ms']:>14.3f}  "
                   f"{r['sequential_ms']:>12.3f}  {r['torch_ms']:>8.3f}  "
                   f"{r['torch_ms'] / r['fused_ms']:>11.2f}  "
-                  f"{r['max_diff']:>10.4f} ({r['scale']:.3f})        {r['host_us']:>8.1f}")
+                  f"{r['max_diff']:>10.4f} ({r['scale']:.3f})        "
+                  f"{r['host_us']:>8.1f} ({r['enqueue_us']:.1f})  {r['overhead_us']:>8.1f}")
     layer.close()
     if group is not None:
         dist.destroy_process_group()

@@ -25,8 +25,9 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tensor::Expect;
 
 create_exception!(
@@ -346,6 +347,8 @@ struct Layer {
     rank: usize,
     world: usize,
     timeout: Duration,
+    /// Nanoseconds the Rust forward took to enqueue the last call.
+    enqueue_ns: AtomicU64,
 }
 
 impl Layer {
@@ -462,6 +465,7 @@ impl Layer {
                 rank,
                 world,
                 timeout,
+                enqueue_ns: AtomicU64::new(0),
             })
         })
     }
@@ -489,6 +493,13 @@ impl Layer {
     #[getter]
     fn max_tokens(&self) -> usize {
         self.expect.max_tokens
+    }
+
+    /// Microseconds the Rust forward took to enqueue the last call: the
+    /// host time of a call beyond comet-py's Python-side checks.
+    #[getter]
+    fn enqueue_us(&self) -> f64 {
+        self.enqueue_ns.load(Ordering::Relaxed) as f64 / 1e3
     }
 
     #[getter]
@@ -556,7 +567,11 @@ impl Layer {
                 // device; torch's caching allocator does not hand the
                 // memory to another stream's work before this stream has
                 // run the call, as for any torch kernel on it.
-                unsafe { l.forward(stream_of(stream), &a) }.map_err(sched_err)
+                let t0 = Instant::now();
+                let r = unsafe { l.forward(stream_of(stream), &a) }.map_err(sched_err);
+                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.enqueue_ns.store(ns, Ordering::Relaxed);
+                r
             })
         })
     }

@@ -210,6 +210,12 @@ class MoeLayer:
         return range(self.rank * e, (self.rank + 1) * e)
 
     @property
+    def enqueue_us(self):
+        """Microseconds the Rust forward took to enqueue the last call (the
+        host time of a call beyond the Python-side argument checks)."""
+        return self._layer.enqueue_us
+
+    @property
     def mode(self):
         """``"fused"`` (overlapped where the plan says it pays) or
         ``"sequential"`` (the non-overlapped baseline); every rank must use

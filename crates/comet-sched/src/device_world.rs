@@ -1,21 +1,30 @@
-//! W ranks of the device layer ([`crate::forward::MoeLayer`]) as threads of
-//! one process over the nvlink transport, all on one GPU when the ordinals
-//! repeat: what the GPU tests and `comet bench --gpu` drive. Each rank owns
+//! W ranks of the device layer as threads of one process, all on one GPU
+//! when the ordinals repeat: over the nvlink transport
+//! ([`crate::forward::MoeLayer`], kernels store into the peers), or staged
+//! through host memory over the local transport
+//! ([`crate::staged_device::StagedLayer`], a proxy thread per rank carries
+//! the bytes): what the GPU tests and `comet bench --gpu` drive. Each rank owns
 //! its stream and capacity-sized device tensors (x, ids, weights, y and
 //! its experts); [`DeviceWorld::forward`] enqueues every rank's call and
 //! returns, [`DeviceWorld::check`] waits and reports the root cause of any
 //! failure.
 
 use crate::cpu::{ExecMode, RankInput};
+use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
 use crate::forward::{
-    CallInfo, ForwardArgs, IdType, LayerKernels, LayerOptions, MoeLayer, WeightType,
+    CallInfo, DeviceLayout, ForwardArgs, IdType, LayerKernels, LayerOptions, MoeLayer, WeightType,
 };
 use crate::protocol::build_ranks;
+use crate::staged_device::StagedLayer;
 use comet_core::{ExpertWeights, MoeConfig};
+use comet_transport::cuda;
 use comet_transport::gpu::DeviceTransport;
+use comet_transport::local::local_world;
 use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use comet_transport::Transport;
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use std::sync::Arc;
 
@@ -27,9 +36,100 @@ pub enum WorldWeights<'a> {
     Random { seed: u64, scale: f32 },
 }
 
+/// What a world rank drives: the device layer over nvlink, or staged.
+/// The methods are the layer's own (see [`MoeLayer`]).
+pub trait WorldLayer: Send {
+    fn rank(&self) -> usize;
+    fn plan(&self) -> &DevicePlan;
+    fn set_mode(&mut self, mode: ExecMode);
+    /// # Safety
+    /// As [`MoeLayer::forward`].
+    unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError>;
+    /// # Safety
+    /// As [`MoeLayer::check`].
+    unsafe fn check(&mut self, stream: CUstream) -> Result<CallInfo, SchedError>;
+    /// # Safety
+    /// As [`MoeLayer::gemms_only`].
+    unsafe fn gemms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError>;
+    /// # Safety
+    /// As [`MoeLayer::poison`].
+    unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError>;
+    /// # Safety
+    /// As [`MoeLayer::layout_tables`].
+    unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError>;
+}
+
+impl<T: DeviceTransport + 'static> WorldLayer for MoeLayer<T> {
+    fn rank(&self) -> usize {
+        MoeLayer::rank(self)
+    }
+    fn plan(&self) -> &DevicePlan {
+        MoeLayer::plan(self)
+    }
+    fn set_mode(&mut self, mode: ExecMode) {
+        MoeLayer::set_mode(self, mode)
+    }
+    unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { MoeLayer::forward(self, stream, a) }
+    }
+    unsafe fn check(&mut self, stream: CUstream) -> Result<CallInfo, SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { MoeLayer::check(self, stream) }
+    }
+    unsafe fn gemms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { MoeLayer::gemms_only(self, stream, a) }
+    }
+    unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { MoeLayer::poison(self, stream) }
+    }
+    unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { MoeLayer::layout_tables(self, stream) }
+    }
+}
+
+impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
+    fn rank(&self) -> usize {
+        StagedLayer::rank(self)
+    }
+    fn plan(&self) -> &DevicePlan {
+        StagedLayer::plan(self)
+    }
+    fn set_mode(&mut self, mode: ExecMode) {
+        StagedLayer::set_mode(self, mode)
+    }
+    unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { StagedLayer::forward(self, stream, a) }
+    }
+    unsafe fn check(&mut self, stream: CUstream) -> Result<CallInfo, SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { StagedLayer::check(self, stream) }
+    }
+    unsafe fn gemms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.layer_mut().gemms_only(stream, a) }
+    }
+    unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.layer().poison(stream) }
+    }
+    unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
+        // SAFETY: forwarded contract (it waits for the stream, as check).
+        let t = unsafe { self.layer_mut().layout_tables(stream) };
+        // A proxy failure is the cause of whatever the tables show.
+        // SAFETY: as above.
+        unsafe { StagedLayer::check(self, stream) }?;
+        t
+    }
+}
+
 /// One rank: its layer, stream and device tensors.
 pub struct WorldRank {
-    pub layer: MoeLayer<NvlinkTransport>,
+    pub layer: Box<dyn WorldLayer>,
     pub stream: Arc<CudaStream>,
     w1: CudaSlice<bf16>,
     w2: CudaSlice<bf16>,
@@ -106,26 +206,88 @@ impl DeviceWorld {
         opts: &LayerOptions,
     ) -> Result<DeviceWorld, SchedError> {
         cfg.validate()?;
-        if ordinals.len() != cfg.ranks {
-            return Err(SchedError::Input {
-                rank: 0,
-                message: format!("{} device ordinals for {} ranks", ordinals.len(), cfg.ranks),
-            });
-        }
+        check_ordinals(cfg, ordinals)?;
         let transports = NvlinkTransport::in_process(
             ordinals,
             NvlinkOptions {
                 collective_timeout: opts.timeout,
             },
         )?;
-        // One set of kernels per CUDA context (ranks sharing a GPU share it).
+        let contexts: Vec<Arc<CudaContext>> =
+            transports.iter().map(|t| Arc::clone(t.context())).collect();
+        Self::build(
+            cfg,
+            ordinals,
+            &contexts,
+            transports,
+            weights,
+            opts,
+            |t, k, o| Ok(Box::new(MoeLayer::new(cfg, capacity, t, k, o)?)),
+            capacity,
+        )
+    }
+
+    /// As [`DeviceWorld::new`], but every rank's layer is staged through
+    /// host memory over the local transport, a proxy thread per rank
+    /// carrying the bytes: the host-proxy path of UCX and NCCL on kernels
+    /// that never store into a peer.
+    pub fn staged(
+        cfg: &MoeConfig,
+        ordinals: &[usize],
+        capacity: usize,
+        weights: WorldWeights<'_>,
+        opts: &LayerOptions,
+    ) -> Result<DeviceWorld, SchedError> {
+        cfg.validate()?;
+        check_ordinals(cfg, ordinals)?;
+        let contexts = ordinals
+            .iter()
+            .enumerate()
+            .map(|(r, &o)| {
+                cuda::open_context(o).map_err(|e| SchedError::Device {
+                    rank: r,
+                    message: format!("open device {o}: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let transports: Vec<(usize, _)> = ordinals
+            .iter()
+            .copied()
+            .zip(local_world(cfg.ranks, None))
+            .collect();
+        Self::build(
+            cfg,
+            ordinals,
+            &contexts,
+            transports,
+            weights,
+            opts,
+            |(o, t), k, lo| Ok(Box::new(StagedLayer::new(cfg, capacity, t, o, k, lo)?)),
+            capacity,
+        )
+    }
+
+    /// Loads the kernels once per device, then builds every rank's layer
+    /// (collectively, a thread each) and its tensors.
+    #[allow(clippy::too_many_arguments)]
+    fn build<X: Send>(
+        cfg: &MoeConfig,
+        ordinals: &[usize],
+        contexts: &[Arc<CudaContext>],
+        transports: Vec<X>,
+        weights: WorldWeights<'_>,
+        opts: &LayerOptions,
+        layer: impl Fn(X, &LayerKernels, &LayerOptions) -> Result<Box<dyn WorldLayer>, SchedError>
+            + Sync,
+        capacity: usize,
+    ) -> Result<DeviceWorld, SchedError> {
+        // One set of kernels per device (ranks sharing a GPU share it).
         let mut loaded: Vec<(usize, LayerKernels)> = Vec::new();
-        for t in &transports {
-            let ctx = t.context();
-            if !loaded.iter().any(|(o, _)| *o == t.device_ordinal()) {
+        for (r, ctx) in contexts.iter().enumerate() {
+            if !loaded.iter().any(|(o, _)| *o == ordinals[r]) {
                 let k = LayerKernels::load(ctx)
-                    .map_err(|source| SchedError::Kernel { rank: 0, source })?;
-                loaded.push((t.device_ordinal(), k));
+                    .map_err(|source| SchedError::Kernel { rank: r, source })?;
+                loaded.push((ordinals[r], k));
             }
         }
         let ranks = build_ranks(transports, |r, t| {
@@ -137,11 +299,11 @@ impl DeviceWorld {
             let per_gpu = ordinals.iter().filter(|&&o| o == ordinals[r]).count();
             let mut lopts = opts.clone();
             lopts.ranks_per_gpu = per_gpu;
-            let stream = t.context().new_stream().map_err(|e| SchedError::Device {
+            let stream = contexts[r].new_stream().map_err(|e| SchedError::Device {
                 rank: r,
                 message: format!("create stream: {e}"),
             })?;
-            let layer = MoeLayer::new(cfg, capacity, t, &kernels, &lopts)?;
+            let layer = layer(t, &kernels, &lopts)?;
             WorldRank::new(layer, stream, cfg, capacity, &weights, &kernels)
         })?;
         Ok(DeviceWorld {
@@ -287,13 +449,23 @@ impl DeviceWorld {
 
 /// A device wait that timed out (or a driver failure): possibly only the
 /// consequence of another rank's error.
+fn check_ordinals(cfg: &MoeConfig, ordinals: &[usize]) -> Result<(), SchedError> {
+    if ordinals.len() != cfg.ranks {
+        return Err(SchedError::Input {
+            rank: 0,
+            message: format!("{} device ordinals for {} ranks", ordinals.len(), cfg.ranks),
+        });
+    }
+    Ok(())
+}
+
 fn may_be_consequence(e: &SchedError) -> bool {
     matches!(e, SchedError::Device { .. })
 }
 
 impl WorldRank {
     fn new(
-        layer: MoeLayer<NvlinkTransport>,
+        layer: Box<dyn WorldLayer>,
         stream: Arc<CudaStream>,
         cfg: &MoeConfig,
         capacity: usize,

@@ -410,6 +410,12 @@ impl<T: DeviceTransport> MoeLayer<T> {
         &self.plan
     }
 
+    /// The symmetric buffers on the transport: counts, recv, comb (what a
+    /// proxy that carries them needs to know them by).
+    pub fn symmetric_buffers(&self) -> [BufferId; 3] {
+        [self.sym.counts, self.sym.recv, self.sym.comb]
+    }
+
     pub fn rank(&self) -> usize {
         self.t.rank()
     }

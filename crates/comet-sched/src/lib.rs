@@ -25,6 +25,8 @@ mod protocol;
 pub mod proxy;
 pub mod proxy_plan;
 pub mod staged;
+#[cfg(feature = "gpu")]
+pub mod staged_device;
 pub mod tile_math;
 pub mod trace;
 

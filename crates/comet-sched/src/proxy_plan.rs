@@ -140,6 +140,11 @@ impl Geometry {
         }
     }
 
+    /// Signal words a rank needs: count, dispatch and combine signals.
+    pub fn signal_count(&self) -> usize {
+        self.ranks + self.epr() * self.ranks + self.ranks * self.chunks
+    }
+
     pub fn count_signal(&self, from: usize) -> usize {
         from
     }

@@ -105,24 +105,41 @@ fn describe(p: &Piece) -> String {
 }
 
 impl<'t> StagedProxy<'t> {
-    /// Collective: allocates this rank's inboxes and signals on `t`, then
-    /// meets every rank.
-    pub fn new(t: &'t dyn Transport, geo: Geometry, timeout: Duration) -> Result<Self, SchedError> {
-        let (w, rank) = (geo.ranks, t.rank());
-        if t.world() != w {
-            return Err(SchedError::Input {
-                rank,
-                message: format!("a layer of {w} ranks over a transport of {}", t.world()),
-            });
-        }
+    /// Collective: allocates the inboxes of `geo`'s buffers and the signal
+    /// words on `t`, then meets every rank (no peer puts into an inbox
+    /// before its owner has it). A layer that allocates its buffers itself
+    /// (a [`crate::staged_device::StagedTransport`] under the device
+    /// forward) skips this and names its inboxes to [`StagedProxy::new`].
+    pub fn allocate(
+        t: &dyn Transport,
+        geo: Geometry,
+        timeout: Duration,
+    ) -> Result<[BufferId; 3], SchedError> {
         let inbox = [
             t.alloc_buffer(geo.bytes(Buf::Counts))?,
             t.alloc_buffer(geo.bytes(Buf::Recv))?,
             t.alloc_buffer(geo.bytes(Buf::Comb))?,
         ];
-        t.alloc_signals(geo.combine_signal(w - 1, geo.chunks - 1) + 1)?;
-        // No peer puts into an inbox before its owner has allocated it.
+        t.alloc_signals(geo.signal_count())?;
         t.barrier(timeout)?;
+        Ok(inbox)
+    }
+
+    /// This rank's proxy over `t`, whose buffers `inbox` (counts, recv,
+    /// comb, each of `geo`'s size) receive the peers' pieces.
+    pub fn new(
+        t: &'t dyn Transport,
+        geo: Geometry,
+        inbox: [BufferId; 3],
+        timeout: Duration,
+    ) -> Result<Self, SchedError> {
+        let (w, rank) = (geo.ranks, t.rank());
+        if t.world() != w || rank >= w {
+            return Err(SchedError::Input {
+                rank,
+                message: format!("a layer of {w} ranks over a transport of {}", t.world()),
+            });
+        }
         let staging = (0..w)
             .map(|to| {
                 Buf::ALL.map(|b| {

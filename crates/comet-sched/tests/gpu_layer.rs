@@ -13,6 +13,11 @@
 //! FC2 outputs and y to bf16 (f32 accumulation), so the tolerance is
 //! `max |y - ref| / (1 + |ref|) <= 2e-2`.
 //!
+//! The same checks run over the staged path (`DeviceWorld::staged`: the
+//! kernels over local mirrors and ready words, a proxy thread per rank
+//! carrying the bytes through host memory over the local transport, which
+//! is how UCX and NCCL put the layer across nodes).
+//!
 //! `#[ignore]`: run on a GPU machine with
 //! `cargo test -p comet-sched --features gpu --test gpu_layer -- --ignored --test-threads=1`.
 #![cfg(feature = "gpu")]
@@ -83,16 +88,24 @@ struct Harness {
 
 impl Harness {
     fn new(cfg: &MoeConfig, capacity: usize, o: &LayerOptions) -> Harness {
+        Self::build(cfg, capacity, o, false)
+    }
+
+    /// Every rank staged through host memory by its proxy.
+    fn staged(cfg: &MoeConfig, capacity: usize, o: &LayerOptions) -> Harness {
+        Self::build(cfg, capacity, o, true)
+    }
+
+    fn build(cfg: &MoeConfig, capacity: usize, o: &LayerOptions, staged: bool) -> Harness {
         let seed = 0xC0FE + cfg.ranks as u64;
         let weights = |r: usize| ExpertWeights::for_rank(cfg, r, seed);
-        let world = DeviceWorld::new(
-            cfg,
-            &vec![0; cfg.ranks],
-            capacity,
-            WorldWeights::Host(&weights),
-            o,
-        )
-        .unwrap_or_else(|e| panic!("setup {cfg}: {e}"));
+        let (ordinals, w) = (vec![0; cfg.ranks], WorldWeights::Host(&weights));
+        let world = if staged {
+            DeviceWorld::staged(cfg, &ordinals, capacity, w, o)
+        } else {
+            DeviceWorld::new(cfg, &ordinals, capacity, w, o)
+        }
+        .unwrap_or_else(|e| panic!("setup {cfg} (staged: {staged}): {e}"));
         let plan = world.ranks()[0].layer.plan();
         eprintln!("{cfg}: {}", plan.describe());
         if cfg.ranks > 1 && o.recv_capacity.is_none() {
@@ -438,6 +451,89 @@ fn a_rank_that_never_calls_is_a_timeout_naming_its_count_signal() {
     let text = e.to_string();
     assert!(
         text.contains("rank 0") && text.contains("count(src 1)"),
+        "{text}"
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn staged_every_routing_matches_the_reference() {
+    for (w, ffn, experts, k, cap) in [(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)] {
+        let c = cfg(w, ffn, experts, k);
+        let mut h = Harness::staged(&c, cap, &opts(&c, cap));
+        for (i, kind) in routings().into_iter().enumerate() {
+            for tokens in [0, 1, cap] {
+                let toks: Vec<usize> = (0..w).map(|r| tokens.saturating_sub(r * 3)).collect();
+                let inputs = h.inputs(&toks, kind, (i * 10 + tokens) as u64);
+                for mode in modes() {
+                    h.call(
+                        &inputs,
+                        mode,
+                        &format!("staged W={w} {kind:?} T={tokens} {mode:?}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn staged_thirty_calls_on_the_same_buffers() {
+    let c = cfg(3, 256, 6, 2);
+    let mut h = Harness::staged(&c, 200, &opts(&c, 200));
+    for call in 0..30u64 {
+        let toks: Vec<usize> = (0..3)
+            .map(|r| 1 + ((call as usize * 53 + r * 97) % 200))
+            .collect();
+        let kind = routings()[call as usize % 5];
+        let inputs = h.inputs(&toks, kind, 3000 + call);
+        let mode = modes()[call as usize % 2];
+        h.call(
+            &inputs,
+            mode,
+            &format!("staged call {call} {kind:?} {mode:?}"),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn staged_calls_cannot_be_captured() {
+    let c = cfg(2, 256, 4, 2);
+    let mut h = Harness::staged(&c, 64, &opts(&c, 64));
+    let inputs = h.inputs(&[64, 64], RoutingKind::Uniform, 9);
+    h.world.set_inputs(&inputs).unwrap();
+    let e = h.world.capture().map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("cannot be captured"), "{e}");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn staged_rank_that_never_calls_is_an_error_not_a_hang() {
+    let c = cfg(2, 256, 4, 2);
+    let o = LayerOptions {
+        timeout: Duration::from_millis(500),
+        ..opts(&c, 32)
+    };
+    let mut h = Harness::staged(&c, 32, &o);
+    let inputs = h.inputs(&[32, 32], RoutingKind::Uniform, 5);
+    h.world.set_inputs(&inputs).unwrap();
+    let r0 = &mut h.world.ranks_mut()[0];
+    let a = r0.args();
+    // SAFETY: the rank's own tensors and stream.
+    unsafe { r0.layer.forward(r0.stream.cu_stream(), &a) }.unwrap();
+    let t0 = std::time::Instant::now();
+    // SAFETY: as above.
+    let e = unsafe { r0.layer.check(r0.stream.cu_stream()) }.unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("rank 0") && (text.contains("count(src 1)") || text.contains("count(1)")),
         "{text}"
     );
 }

@@ -43,7 +43,7 @@ struct Device {
 impl Device {
     fn new(g: &Geometry) -> Device {
         let bufs = || Buf::ALL.map(|b| Mutex::new(vec![0u8; g.bytes(b)]));
-        let nsig = g.combine_signal(g.ranks - 1, g.chunks - 1) + 1;
+        let nsig = g.signal_count();
         let words = || (0..nsig).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
         Device {
             own: bufs(),
@@ -318,7 +318,8 @@ fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
                 sc.spawn(move || -> Result<(), String> {
                     let me = t.rank();
                     let dev = Arc::new(Device::new(&g));
-                    let mut proxy = StagedProxy::new(t, g, T).map_err(|e| e.to_string())?;
+                    let inbox = StagedProxy::allocate(t, g, T).map_err(|e| e.to_string())?;
+                    let mut proxy = StagedProxy::new(t, g, inbox, T).map_err(|e| e.to_string())?;
                     let mut host = HostSide(Arc::clone(&dev));
                     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
                     for epoch in 1..=calls {
@@ -364,16 +365,21 @@ fn three_and_four_ranks() {
     run_world(4, 3, 12, 3);
 }
 
-/// Proxies of a world of two (built together: `new` is collective), rank
-/// 0's with `timeout`.
+/// Rank `t`'s proxy, its inboxes allocated (collective).
+fn proxy(t: &LocalTransport, g: Geometry, timeout: Duration) -> StagedProxy<'_> {
+    let inbox = StagedProxy::allocate(t, g, T).unwrap();
+    StagedProxy::new(t, g, inbox, timeout).unwrap()
+}
+
+/// Proxies of a world of two, built together; rank 0's with `timeout`.
 fn both(
     world: &[LocalTransport],
     g: Geometry,
     timeout: Duration,
 ) -> (StagedProxy<'_>, StagedProxy<'_>) {
     std::thread::scope(|sc| {
-        let peer = sc.spawn(|| StagedProxy::new(&world[1], g, T).unwrap());
-        let p0 = StagedProxy::new(&world[0], g, timeout).unwrap();
+        let peer = sc.spawn(|| proxy(&world[1], g, T));
+        let p0 = proxy(&world[0], g, timeout);
         (p0, peer.join().unwrap())
     })
 }

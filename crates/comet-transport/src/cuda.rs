@@ -6,7 +6,9 @@
 //! IPC export/import, peer access, asynchronous copies, stream memory
 //! operations (`cuStreamWriteValue64` raises a signal after the data on the
 //! same stream) and a one-thread PTX kernel for counter signals
-//! (`SignalOp::Add`), which stream memory operations cannot express.
+//! (`SignalOp::Add`), which stream memory operations cannot express; and
+//! for staged (host-proxied) transports, mapped pinned ready words and the
+//! 2-D copies between device mirrors and host staging.
 //!
 //! The driver is loaded at run time (cudarc `dynamic-loading`), so this
 //! builds and links on a machine with no CUDA; [`gpu_available`] says
@@ -447,4 +449,179 @@ pub fn process_token() -> u64 {
     static TOKEN: OnceLock<u64> = OnceLock::new();
     // Random from the OS-seeded generator, mixed with the pid.
     *TOKEN.get_or_init(|| rand::random::<u64>() ^ (u64::from(std::process::id()) << 32))
+}
+
+/// 64-bit words of pinned host memory mapped into the device's address
+/// space: kernels raise them with system-scope stores and a host thread
+/// polls them with plain atomic loads, no driver call per look (the ready
+/// words of a staged proxy). Freed on drop.
+pub struct MappedWords {
+    host: *mut u64,
+    dev: u64,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the memory is pinned, owned by this value until drop, and only
+// ever accessed through atomic loads on the host.
+unsafe impl Send for MappedWords {}
+// SAFETY: as above; shared access is atomic loads only.
+unsafe impl Sync for MappedWords {}
+
+impl std::fmt::Debug for MappedWords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedWords({:#x}, {} words)", self.dev, self.len)
+    }
+}
+
+impl MappedWords {
+    /// `len` zeroed words (at least one is allocated).
+    pub fn zeroed(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, DriverError> {
+        ctx.bind_to_thread()?;
+        let bytes = 8 * len.max(1);
+        let mut host: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: a plain pinned allocation of `bytes`, written below before use.
+        unsafe { sys::cuMemHostAlloc(&mut host, bytes, flags).result()? };
+        let mut me = Self {
+            host: host.cast(),
+            dev: 0,
+            len,
+            ctx: Arc::clone(ctx),
+        };
+        // SAFETY: `host` is a live allocation of `bytes` bytes, not yet shared.
+        unsafe { std::ptr::write_bytes(host.cast::<u8>(), 0, bytes) };
+        // SAFETY: `host` was allocated with DEVICEMAP in this context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut me.dev, host, 0).result()? };
+        Ok(me)
+    }
+
+    /// The words' address for kernels of this context.
+    pub fn device_ptr(&self) -> u64 {
+        self.dev
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Word `i` with acquire ordering (what the device wrote before its
+    /// release store of the word is visible after); 0 outside the words.
+    pub fn load(&self, i: usize) -> u64 {
+        if i >= self.len {
+            return 0;
+        }
+        // SAFETY: `i` is in bounds, the memory is live and 8-byte aligned
+        // (pinned allocations are page aligned), and every host access is
+        // atomic.
+        let w = unsafe { &*self.host.add(i).cast::<std::sync::atomic::AtomicU64>() };
+        w.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc in `zeroed`, freed once.
+            // A failure here leaves the memory to the context's teardown.
+            let _ = unsafe { sys::cuMemFreeHost(self.host.cast()) };
+        }
+    }
+}
+
+/// The runs of a 2-D copy: `rows` runs of `width` bytes, `pitch` apart on
+/// the device side, packed on the host side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runs {
+    pub rows: usize,
+    pub width: usize,
+    pub pitch: usize,
+}
+
+impl Runs {
+    fn copy(&self) -> sys::CUDA_MEMCPY2D {
+        // SAFETY: a plain C struct of integers and pointers, all-zero valid
+        // (null pointers, offset 0); the fields used are set by the callers.
+        let mut c: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+        c.WidthInBytes = self.width;
+        c.Height = self.rows;
+        c
+    }
+}
+
+/// Copies `runs` from device `src` into the packed host `dst` on `stream`;
+/// `dst` (pageable) is written when this returns.
+///
+/// # Safety
+/// `src .. src + (rows-1)*pitch + width` is live device memory of the
+/// stream's context, not written by anyone until the copy has run.
+pub unsafe fn copy_runs_to_host(
+    stream: &CudaStream,
+    src: u64,
+    runs: Runs,
+    dst: &mut [u8],
+) -> Result<(), DriverError> {
+    if runs.rows == 0 || runs.width == 0 {
+        return Ok(());
+    }
+    if dst.len() < runs.rows * runs.width {
+        return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE));
+    }
+    let mut c = runs.copy();
+    c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+    c.srcDevice = src;
+    c.srcPitch = runs.pitch;
+    c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+    c.dstHost = dst.as_mut_ptr().cast();
+    c.dstPitch = runs.width;
+    // SAFETY: both sides are in bounds (caller; checked above); the stream is
+    // synchronised before the host buffer is released to the caller.
+    unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()).result()? };
+    stream.synchronize()
+}
+
+/// Enqueues a copy of the packed host `src` into `runs` at device `dst` on
+/// `stream`. `src` may be reused when this returns (pageable memory is
+/// staged by the driver before the call returns).
+///
+/// # Safety
+/// `dst .. dst + (rows-1)*pitch + width` is live device memory of the
+/// stream's context until the stream has run the copy; `src` is pageable
+/// (a pinned `src` must instead stay untouched until the stream has run).
+pub unsafe fn copy_runs_to_device(
+    stream: &CudaStream,
+    src: &[u8],
+    dst: u64,
+    runs: Runs,
+) -> Result<(), DriverError> {
+    if runs.rows == 0 || runs.width == 0 {
+        return Ok(());
+    }
+    if src.len() < runs.rows * runs.width {
+        return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE));
+    }
+    let mut c = runs.copy();
+    c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+    c.srcHost = src.as_ptr().cast();
+    c.srcPitch = runs.width;
+    c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+    c.dstDevice = dst;
+    c.dstPitch = runs.pitch;
+    // SAFETY: both sides are in bounds (caller; checked above).
+    unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()).result() }
+}
+
+/// Whether `stream` is being captured into a CUDA graph.
+///
+/// # Safety
+/// `stream` is a live stream handle (or null, the legacy default stream).
+pub unsafe fn is_capturing(stream: sys::CUstream) -> Result<bool, DriverError> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: a query on a live stream (caller) into a local.
+    unsafe { sys::cuStreamIsCapturing(stream, &mut status).result()? };
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }

@@ -1,0 +1,584 @@
+//! The device forward over a transport that moves host memory only (UCX
+//! over TCP or shared memory, the local transport): the kernels run
+//! unchanged, a proxy thread beside them carries the bytes (issue 16).
+//!
+//! [`StagedTransport`] is the [`DeviceTransport`] the layer is built on.
+//! What the kernels take for a peer's buffer is a local device mirror of
+//! it, and for the peer's signal array a local array of ready words in
+//! mapped pinned memory; every buffer also gets an inbox on the inner
+//! transport, in the same layout. [`StagedLayer`] is the layer plus its
+//! proxy thread: each `forward` hands the call's epoch to the thread,
+//! which runs [`StagedProxy::call`] over [`CudaStaging`] (downloads from
+//! the mirrors, landings into the own buffers followed by a stream write
+//! of the signal the kernels wait on). The kernels' waits are bounded, so
+//! a proxy that fails leaves them to time out with an error, not a hang;
+//! its own error is returned by the next `forward` or `check`.
+
+use crate::cpu::ExecMode;
+use crate::device_plan::DevicePlan;
+use crate::error::SchedError;
+use crate::forward::{CallInfo, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
+use crate::proxy_plan::{Buf, Geometry, Region};
+use crate::staged::{StagedDevice, StagedProxy};
+use comet_core::MoeConfig;
+use comet_transport::cuda::{self, DeviceAlloc, ErrorWord, HostSignal, MappedWords, Runs};
+use comet_transport::gpu::DeviceTransport;
+use comet_transport::{
+    BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport, TransportError,
+};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{CudaContext, CudaStream};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const NAME: &str = "staged";
+
+/// One symmetric buffer: this rank's copy, its mirrors of the peers'
+/// copies (none for itself) and its inbox on the inner transport.
+struct Staged {
+    own: DeviceAlloc,
+    mirrors: Vec<Option<DeviceAlloc>>,
+    inbox: BufferId,
+}
+
+/// This rank's signal words and its ready words for each peer.
+struct Signals {
+    own: DeviceAlloc,
+    ready: Vec<Option<Arc<MappedWords>>>,
+}
+
+#[derive(Default)]
+struct State {
+    bufs: Vec<Staged>,
+    signals: Option<Signals>,
+}
+
+struct Shared<T> {
+    inner: T,
+    ctx: Arc<CudaContext>,
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    poll: Arc<CudaStream>,
+    error_word: ErrorWord,
+    state: Mutex<State>,
+}
+
+/// A [`DeviceTransport`] over a host-memory transport `T`: kernels see
+/// mirrors and ready words for the peers; only a [`StagedLayer`]'s proxy
+/// moves bytes between ranks, so the plain put/signal/wait of this
+/// transport are refused with an error saying so. Cheap to clone (the
+/// layer and its proxy share one).
+pub struct StagedTransport<T> {
+    s: Arc<Shared<T>>,
+}
+
+impl<T> Clone for StagedTransport<T> {
+    fn clone(&self) -> Self {
+        Self {
+            s: Arc::clone(&self.s),
+        }
+    }
+}
+
+impl<T: Transport> StagedTransport<T> {
+    /// Runs this rank's kernels on device `ordinal` over `inner`.
+    pub fn new(inner: T, ordinal: usize) -> Result<Self, TransportError> {
+        let rank = inner.rank();
+        let err = |what: &str, e| cuda::driver_err(NAME, rank, what, e);
+        let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
+        let stream = ctx.new_stream().map_err(|e| err("create stream", e))?;
+        let poll = ctx.new_stream().map_err(|e| err("create stream", e))?;
+        let error_word = ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
+        Ok(StagedTransport {
+            s: Arc::new(Shared {
+                inner,
+                ctx,
+                ordinal,
+                stream,
+                poll,
+                error_word,
+                state: Mutex::new(State::default()),
+            }),
+        })
+    }
+
+    /// The transport that carries the bytes.
+    pub fn inner(&self) -> &T {
+        &self.s.inner
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.s.ctx
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.s.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refused(&self, what: &str) -> TransportError {
+        TransportError::Backend {
+            backend: NAME,
+            rank: self.rank(),
+            message: format!(
+                "{what}: a staged transport moves bytes only through its layer's proxy"
+            ),
+        }
+    }
+
+    fn not_allocated(&self, what: String) -> TransportError {
+        TransportError::NotAllocated {
+            rank: self.rank(),
+            what,
+        }
+    }
+
+    fn with_buf<R>(
+        &self,
+        buf: BufferId,
+        f: impl FnOnce(&Staged) -> R,
+    ) -> Result<R, TransportError> {
+        let st = self.state();
+        st.bufs
+            .get(buf.0 as usize)
+            .map(f)
+            .ok_or_else(|| self.not_allocated(format!("buffer {}", buf.0)))
+    }
+
+    /// Where the proxy finds `buf`: this rank's copy, its mirror of every
+    /// rank's copy (this rank's own for itself) and the inbox.
+    fn places(&self, buf: BufferId) -> Result<(u64, Vec<u64>, BufferId), TransportError> {
+        let me = self.rank();
+        self.with_buf(buf, |b| {
+            let mirrors = b
+                .mirrors
+                .iter()
+                .enumerate()
+                .map(|(r, m)| {
+                    if r == me {
+                        b.own.ptr()
+                    } else {
+                        m.as_ref().map_or(0, |m| m.ptr())
+                    }
+                })
+                .collect();
+            (b.own.ptr(), mirrors, b.inbox)
+        })
+    }
+}
+
+impl<T: Transport> Transport for StagedTransport<T> {
+    fn rank(&self) -> usize {
+        self.s.inner.rank()
+    }
+
+    fn world(&self) -> usize {
+        self.s.inner.world()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: NAME,
+            initiation: Initiation::Host,
+            device_memory: true,
+        }
+    }
+
+    fn alloc_buffer(&self, bytes: usize) -> Result<BufferId, TransportError> {
+        let (rank, w) = (self.rank(), self.world());
+        let inbox = self.s.inner.alloc_buffer(bytes)?;
+        let err = |e| cuda::driver_err(NAME, rank, "allocate device buffer", e);
+        let own = DeviceAlloc::zeroed(&self.s.ctx, bytes).map_err(err)?;
+        let mirrors = (0..w)
+            .map(|r| {
+                (r != rank)
+                    .then(|| DeviceAlloc::zeroed(&self.s.ctx, bytes))
+                    .transpose()
+                    .map_err(err)
+            })
+            .collect::<Result<_, _>>()?;
+        let mut st = self.state();
+        st.bufs.push(Staged {
+            own,
+            mirrors,
+            inbox,
+        });
+        Ok(BufferId((st.bufs.len() - 1) as u32))
+    }
+
+    fn alloc_signals(&self, count: usize) -> Result<(), TransportError> {
+        let (rank, w) = (self.rank(), self.world());
+        self.s.inner.alloc_signals(count)?;
+        let err = |what: &str, e| cuda::driver_err(NAME, rank, what, e);
+        let own =
+            DeviceAlloc::zeroed(&self.s.ctx, 8 * count).map_err(|e| err("allocate signals", e))?;
+        let ready = (0..w)
+            .map(|r| {
+                (r != rank)
+                    .then(|| MappedWords::zeroed(&self.s.ctx, count).map(Arc::new))
+                    .transpose()
+                    .map_err(|e| err("allocate ready words", e))
+            })
+            .collect::<Result<_, _>>()?;
+        self.state().signals = Some(Signals { own, ready });
+        Ok(())
+    }
+
+    fn put(&self, _: usize, _: BufferId, _: usize, _: &[u8]) -> Result<(), TransportError> {
+        Err(self.refused("put"))
+    }
+
+    fn signal(&self, _: usize, _: SignalId, _: SignalOp) -> Result<(), TransportError> {
+        Err(self.refused("signal"))
+    }
+
+    fn wait(&self, _: SignalId, _: u64, _: Duration) -> Result<u64, TransportError> {
+        Err(self.refused("wait"))
+    }
+
+    fn read(&self, _: BufferId, _: usize, _: &mut [u8]) -> Result<(), TransportError> {
+        Err(self.refused("read"))
+    }
+
+    fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
+        self.s.inner.barrier(timeout)
+    }
+}
+
+impl<T: Transport> DeviceTransport for StagedTransport<T> {
+    fn device_ordinal(&self) -> usize {
+        self.s.ordinal
+    }
+
+    fn buffer_ptr(&self, buf: BufferId) -> Result<u64, TransportError> {
+        self.with_buf(buf, |b| b.own.ptr())
+    }
+
+    fn peer_buffer_ptr(&self, peer: usize, buf: BufferId) -> Result<Option<u64>, TransportError> {
+        comet_transport::transport::check_rank(self, peer)?;
+        Ok(Some(self.places(buf)?.1[peer]))
+    }
+
+    fn signals_ptr(&self) -> Result<u64, TransportError> {
+        let st = self.state();
+        st.signals
+            .as_ref()
+            .map(|s| s.own.ptr())
+            .ok_or_else(|| self.not_allocated("signals".into()))
+    }
+
+    fn peer_signals_ptr(&self, peer: usize) -> Result<Option<u64>, TransportError> {
+        comet_transport::transport::check_rank(self, peer)?;
+        if peer == self.rank() {
+            return self.signals_ptr().map(Some);
+        }
+        let st = self.state();
+        let s = st
+            .signals
+            .as_ref()
+            .ok_or_else(|| self.not_allocated("signals".into()))?;
+        Ok(s.ready[peer].as_ref().map(|w| w.device_ptr()))
+    }
+
+    fn error_word_ptr(&self) -> u64 {
+        self.s.error_word.ptr()
+    }
+
+    fn read_error_word(&self) -> Result<u64, TransportError> {
+        let rank = self.rank();
+        self.s
+            .error_word
+            .read(&self.s.poll)
+            .map_err(|e| cuda::driver_err(NAME, rank, "read error word", e))
+    }
+
+    fn clear_error_word(&self) -> Result<(), TransportError> {
+        let rank = self.rank();
+        self.s
+            .error_word
+            .clear(&self.s.poll)
+            .map_err(|e| cuda::driver_err(NAME, rank, "clear error word", e))
+    }
+
+    fn comm_stream(&self) -> Arc<CudaStream> {
+        Arc::clone(&self.s.stream)
+    }
+
+    fn put_device(
+        &self,
+        _: usize,
+        _: BufferId,
+        _: usize,
+        _: u64,
+        _: usize,
+    ) -> Result<(), TransportError> {
+        Err(self.refused("put_device"))
+    }
+}
+
+/// The proxy's view of one rank's device: the mirrors it downloads from,
+/// the own buffers it lands into, the ready words it polls, and its own
+/// stream for the copies and the signal writes that follow them.
+pub struct CudaStaging {
+    rank: usize,
+    stream: Arc<CudaStream>,
+    raise: HostSignal,
+    /// Per [`Buf`] (in `Buf::ALL` order): own copy, mirrors by rank.
+    own: [u64; 3],
+    mirrors: [Vec<u64>; 3],
+    ready: Vec<Option<Arc<MappedWords>>>,
+    signals: u64,
+}
+
+fn slot(buf: Buf) -> usize {
+    Buf::ALL.iter().position(|&b| b == buf).unwrap_or(0)
+}
+
+fn runs(r: Region) -> Runs {
+    Runs {
+        rows: r.rows,
+        width: r.width,
+        pitch: r.pitch,
+    }
+}
+
+impl CudaStaging {
+    /// `bufs`: the layer's counts, recv and comb buffers on `t`. Returns
+    /// the staging and the three inboxes.
+    pub fn new<T: Transport>(
+        t: &StagedTransport<T>,
+        bufs: [BufferId; 3],
+    ) -> Result<(CudaStaging, [BufferId; 3]), SchedError> {
+        let rank = t.rank();
+        let stream = t.context().new_stream().map_err(|e| SchedError::Device {
+            rank,
+            message: format!("create proxy stream: {e}"),
+        })?;
+        let [c, r, m] = [t.places(bufs[0])?, t.places(bufs[1])?, t.places(bufs[2])?];
+        let st = t.state();
+        let sig = st
+            .signals
+            .as_ref()
+            .ok_or_else(|| t.not_allocated("signals".into()))?;
+        Ok((
+            CudaStaging {
+                rank,
+                raise: HostSignal::new(t.context()),
+                stream,
+                own: [c.0, r.0, m.0],
+                mirrors: [c.1, r.1, m.1],
+                ready: sig.ready.clone(),
+                signals: sig.own.ptr(),
+            },
+            [c.2, r.2, m.2],
+        ))
+    }
+
+    fn failed(&self, what: &str, e: impl std::fmt::Debug) -> SchedError {
+        SchedError::Device {
+            rank: self.rank,
+            message: format!("proxy {what}: {e:?}"),
+        }
+    }
+}
+
+impl StagedDevice for CudaStaging {
+    fn ready(&self, to: usize, signal: usize) -> u64 {
+        self.ready
+            .get(to)
+            .and_then(Option::as_ref)
+            .map_or(0, |w| w.load(signal))
+    }
+
+    fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError> {
+        let base = self.mirrors[slot(region.buf)][to];
+        // SAFETY: the mirror is a live allocation of the buffer's size and
+        // `region` lies inside it (proxy_plan checks counts against the
+        // capacities); the kernels finished writing it (its ready word).
+        unsafe {
+            cuda::copy_runs_to_host(&self.stream, base + region.offset as u64, runs(region), out)
+        }
+        .map_err(|e| self.failed("download", e))
+    }
+
+    fn land(
+        &mut self,
+        region: Region,
+        bytes: &[u8],
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let dst = self.own[slot(region.buf)] + region.offset as u64;
+        // SAFETY: as in download for this rank's own buffer; `bytes` is
+        // pageable (the proxy's landing buffer), staged before the return.
+        unsafe { cuda::copy_runs_to_device(&self.stream, bytes, dst, runs(region)) }
+            .map_err(|e| self.failed("land", e))?;
+        // SAFETY: `signal` indexes this rank's signal array (the plan's
+        // signals are below the count the layer allocated).
+        unsafe {
+            self.raise.raise(
+                &self.stream,
+                self.signals + 8 * signal as u64,
+                SignalOp::Set(value),
+            )
+        }
+        .map_err(|e| self.failed("raise signal", e))
+    }
+}
+
+/// The device layer over a [`StagedTransport`], with its proxy thread.
+pub struct StagedLayer<T: Transport + 'static> {
+    layer: MoeLayer<StagedTransport<T>>,
+    calls: Option<mpsc::Sender<u64>>,
+    proxy: Option<JoinHandle<()>>,
+    failure: Arc<Mutex<Option<SchedError>>>,
+    epoch: u64,
+}
+
+impl<T: Transport + 'static> StagedLayer<T> {
+    /// Collective, as [`MoeLayer::new`]; rank `inner.rank()` runs on
+    /// device `ordinal`.
+    pub fn new(
+        cfg: &MoeConfig,
+        capacity: usize,
+        inner: T,
+        ordinal: usize,
+        kernels: &LayerKernels,
+        opts: &LayerOptions,
+    ) -> Result<Self, SchedError> {
+        let t = StagedTransport::new(inner, ordinal)?;
+        let layer = MoeLayer::new(cfg, capacity, t.clone(), kernels, opts)?;
+        let geo = Geometry::of(layer.plan());
+        let (mut dev, inbox) = CudaStaging::new(&t, layer.symmetric_buffers())?;
+        let (calls, epochs) = mpsc::channel::<u64>();
+        let failure = Arc::new(Mutex::new(None));
+        let failed = Arc::clone(&failure);
+        let timeout = opts.timeout;
+        let rank = t.rank();
+        let proxy = std::thread::Builder::new()
+            .name(format!("comet-proxy-{rank}"))
+            .spawn(move || {
+                let run = || -> Result<(), SchedError> {
+                    t.context()
+                        .bind_to_thread()
+                        .map_err(|e| SchedError::Device {
+                            rank,
+                            message: format!("bind context: {e}"),
+                        })?;
+                    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout)?;
+                    for epoch in epochs {
+                        let stats = proxy.call(&mut dev, epoch)?;
+                        tracing::trace!(rank, epoch, ?stats, "proxy call done");
+                    }
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    tracing::debug!(rank, error = %e, "proxy stopped");
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            })
+            .map_err(|e| SchedError::Device {
+                rank,
+                message: format!("start proxy thread: {e}"),
+            })?;
+        Ok(StagedLayer {
+            layer,
+            calls: Some(calls),
+            proxy: Some(proxy),
+            failure,
+            epoch: 0,
+        })
+    }
+
+    pub fn layer(&self) -> &MoeLayer<StagedTransport<T>> {
+        &self.layer
+    }
+
+    /// The layer, for what involves no call of the protocol (the GEMMs
+    /// alone, poisoning, the last call's tables).
+    pub fn layer_mut(&mut self) -> &mut MoeLayer<StagedTransport<T>> {
+        &mut self.layer
+    }
+
+    pub fn plan(&self) -> &DevicePlan {
+        self.layer.plan()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.layer.rank()
+    }
+
+    pub fn set_mode(&mut self, mode: ExecMode) {
+        self.layer.set_mode(mode);
+    }
+
+    /// The proxy's error, once it has stopped on one (it stays stopped).
+    fn proxy_failure(&self) -> Result<(), SchedError> {
+        let f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        match f.as_ref() {
+            None => Ok(()),
+            Some(e) => Err(SchedError::Device {
+                rank: self.rank(),
+                message: format!("the staged proxy stopped: {e}"),
+            }),
+        }
+    }
+
+    /// As [`MoeLayer::forward`], and hands the call to the proxy.
+    ///
+    /// # Safety
+    /// As [`MoeLayer::forward`].
+    pub unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        self.proxy_failure()?;
+        // A replayed graph would run the kernels without the proxy.
+        // SAFETY: `stream` is live (the caller's contract).
+        let capturing = unsafe { cuda::is_capturing(stream) };
+        if capturing.map_err(|e| SchedError::Device {
+            rank: self.rank(),
+            message: format!("query stream capture: {e}"),
+        })? {
+            return Err(SchedError::Input {
+                rank: self.rank(),
+                message: "a staged layer's calls cannot be captured in a CUDA graph: its proxy \
+                          must see every call"
+                    .into(),
+            });
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.layer.forward(stream, a) }?;
+        self.epoch += 1;
+        let sent = self.calls.as_ref().map(|c| c.send(self.epoch));
+        if sent.is_none_or(|s| s.is_err()) {
+            self.proxy_failure()?;
+            return Err(SchedError::Device {
+                rank: self.rank(),
+                message: "the staged proxy thread is gone".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// As [`MoeLayer::check`]; a proxy error comes first (it is the cause
+    /// of the kernels' timeouts that follow it).
+    ///
+    /// # Safety
+    /// As [`MoeLayer::check`].
+    pub unsafe fn check(&mut self, stream: CUstream) -> Result<CallInfo, SchedError> {
+        // SAFETY: forwarded contract.
+        let r = unsafe { self.layer.check(stream) };
+        self.proxy_failure()?;
+        r
+    }
+}
+
+impl<T: Transport + 'static> Drop for StagedLayer<T> {
+    fn drop(&mut self) {
+        // Closing the channel ends the proxy's loop after its current call
+        // (bounded by the layer's timeout).
+        self.calls = None;
+        if let Some(h) = self.proxy.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -70,6 +70,12 @@ pub struct LayerArgs {
     /// runs mixtral-8x7b, qwen2-moe and phi3.5-moe.
     #[arg(long)]
     pub gpu: bool,
+    /// With --gpu: stage every rank through host memory, a proxy thread
+    /// per rank carrying the bytes over the local transport (the host path
+    /// UCX and NCCL take across nodes); the cost model gets socket-speed
+    /// link figures.
+    #[arg(long)]
+    pub staged: bool,
 }
 
 /// Fails fast, before any weight is generated, when this machine has no
@@ -172,6 +178,9 @@ impl LayerArgs {
                     bail!("{flag} shapes the CPU executor's emulated link; --gpu has none");
                 }
             }
+        }
+        if self.staged && !self.gpu {
+            bail!("--staged stages the GPU ranks through host memory; it needs --gpu");
         }
         if let Some(p) = &self.trace {
             check_trace_path(p)?;

@@ -8,12 +8,15 @@
 //!
 //! W ranks are threads sharing GPU 0 (each gets its share of the SMs), so
 //! for W > 1 the "link" is device memory: the protocol on the real kernels,
-//! not link speed. Correctness is the GPU tests' job (tests/gpu_layer.rs);
+//! not link speed. With `--staged` every rank is staged through host memory
+//! instead, a proxy thread per rank carrying the bytes over the local
+//! transport: the host path of UCX and NCCL, with its copies. Correctness is the GPU tests' job (tests/gpu_layer.rs);
 //! here fused and non-overlapped outputs must agree and be finite.
 
 use crate::layer::LayerArgs;
 use crate::torch_baseline::{find_script, TorchBaseline};
 use anyhow::{Context, Result};
+use comet_core::cost::DeviceFigures;
 use comet_core::weights::random_tokens;
 use comet_core::{MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
@@ -94,22 +97,30 @@ fn bench_one(
 ) -> Result<Row> {
     let opts = LayerOptions {
         timeout: Duration::from_secs(a.timeout_s),
+        // Staged ranks talk through host memory: a slow link, not the GPU's.
+        figures: a.staged.then(DeviceFigures::h200_slow_link),
         ..LayerOptions::default()
     };
     eprintln!(
-        "comet bench --gpu: {label} ({cfg}), {} rank(s) on GPU 0, {} tokens/rank: building",
-        cfg.ranks, a.tokens
-    );
-    let mut world = DeviceWorld::new(
-        cfg,
-        &vec![0; cfg.ranks],
-        a.tokens,
-        WorldWeights::Random {
-            seed: a.seed,
-            scale: 1.0 / (cfg.hidden as f32).sqrt(),
+        "comet bench --gpu: {label} ({cfg}), {} rank(s) on GPU 0{}, {} tokens/rank: building",
+        cfg.ranks,
+        if a.staged {
+            " staged through host memory"
+        } else {
+            ""
         },
-        &opts,
-    )?;
+        a.tokens
+    );
+    let weights = WorldWeights::Random {
+        seed: a.seed,
+        scale: 1.0 / (cfg.hidden as f32).sqrt(),
+    };
+    let ordinals = vec![0; cfg.ranks];
+    let mut world = if a.staged {
+        DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts)?
+    } else {
+        DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?
+    };
     let overlap = world.ranks()[0].layer.plan().overlap;
     world.set_inputs(&inputs(cfg, a.tokens, kind, a.seed))?;
     // Warm-up, then fused vs sequential outputs must agree.

@@ -9,6 +9,9 @@
 //! its signal, over calls with changing routing, so a signal that overtakes
 //! its bytes, a piece landed in the wrong place or a stale row of an
 //! earlier call fails. Also: a kernel that never raises, a killed peer.
+//! With feature `ucx` the same ranks run as processes over UCX (TCP and
+//! shared memory), and a rank SIGKILLed while its peers are in a call must
+//! leave every other rank with an error naming it, not a hang or an abort.
 
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
@@ -20,7 +23,7 @@ use comet_transport::Transport;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +37,9 @@ fn idx(b: Buf) -> usize {
 /// One rank's "device": its own buffers and signals, its mirrors of every
 /// peer's buffers and its ready words for every peer.
 struct Device {
+    /// Set when the proxy failed: the "kernel" stops waiting (on a GPU its
+    /// bounded waits end in an error word instead).
+    abort: AtomicBool,
     own: [Mutex<Vec<u8>>; 3],
     signals: Vec<AtomicU64>,
     mirrors: Vec<[Mutex<Vec<u8>>; 3]>,
@@ -46,6 +52,7 @@ impl Device {
         let nsig = g.signal_count();
         let words = || (0..nsig).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
         Device {
+            abort: AtomicBool::new(false),
             own: bufs(),
             signals: words(),
             mirrors: (0..g.ranks).map(|_| bufs()).collect(),
@@ -112,12 +119,18 @@ struct Kernel<'a> {
     cfg: MoeConfig,
     dev: &'a Device,
     rng: ChaCha8Rng,
+    /// Called before this call touches anything (a rank that dies while its
+    /// peers are in the call; all its earlier puts were complete).
+    die: Option<&'a (dyn Fn() + Sync)>,
 }
 
 impl Kernel<'_> {
     fn wait(&self, signal: usize, epoch: u64) -> Result<(), String> {
         let start = Instant::now();
         while self.dev.signals[signal].load(Ordering::Acquire) < epoch {
+            if self.dev.abort.load(Ordering::Acquire) {
+                return Err(format!("rank {}: aborted (the proxy failed)", self.me));
+            }
             if start.elapsed() > T {
                 return Err(format!(
                     "rank {}: signal {signal} never reached {epoch}",
@@ -157,6 +170,9 @@ impl Kernel<'_> {
 
     /// One call: `counts` is this rank's row of the count matrix.
     fn call(&mut self, epoch: u64, mine: &[u32]) -> Result<(), String> {
+        if let Some(die) = self.die {
+            die();
+        }
         let (w, e, me) = (self.g.ranks, self.g.experts, self.me);
         let epr = e / w;
         let row: Vec<u8> = mine.iter().flat_map(|c| c.to_le_bytes()).collect();
@@ -168,6 +184,7 @@ impl Kernel<'_> {
         for s in 0..w {
             self.wait(self.g.count_signal(s), epoch)?;
         }
+
         let counts: Vec<Vec<usize>> = {
             let c = self.dev.own[0].lock().unwrap();
             (0..w)
@@ -301,6 +318,52 @@ fn counts_for(rng: &mut ChaCha8Rng, me: usize, e: usize, kind: usize) -> Vec<u32
     row
 }
 
+/// One rank's calls 1..=`calls`: a "kernel" thread per call beside the
+/// proxy; `die` (rank, epoch, action) ends a rank mid-layer.
+fn run_rank(
+    t: &dyn Transport,
+    cfg: &MoeConfig,
+    g: Geometry,
+    calls: u64,
+    seed: u64,
+    die: Option<(u64, &(dyn Fn() + Sync))>,
+) -> Result<(), String> {
+    let me = t.rank();
+    let dev = Arc::new(Device::new(&g));
+    let inbox = StagedProxy::allocate(t, g, T).map_err(|e| e.to_string())?;
+    let mut proxy = StagedProxy::new(t, g, inbox, T).map_err(|e| e.to_string())?;
+    let mut host = HostSide(Arc::clone(&dev));
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
+    for epoch in 1..=calls {
+        let mine = counts_for(&mut rng, me, g.experts, (epoch % 3) as usize);
+        let mut k = Kernel {
+            me,
+            g,
+            cfg: cfg.clone(),
+            dev: &dev,
+            rng: ChaCha8Rng::seed_from_u64(seed ^ (epoch << 8) ^ me as u64),
+            die: die.and_then(|(at, f)| (at == epoch).then_some(f)),
+        };
+        std::thread::scope(|inner| {
+            let kernel = inner.spawn(move || k.call(epoch, &mine));
+            let proxied = proxy.call(&mut host, epoch).map_err(|e| e.to_string());
+            if proxied.is_err() {
+                dev.abort.store(true, Ordering::Release);
+            }
+            let kernel = kernel.join().map_err(|_| "kernel panicked".to_string())?;
+            match (kernel, proxied) {
+                (Ok(()), Ok(_)) => Ok(()),
+                (Err(k), Ok(_)) => Err(format!("kernel: {k}")),
+                (Err(k), Err(p)) if !k.contains("aborted") => {
+                    Err(format!("kernel: {k}; proxy: {p}"))
+                }
+                (_, Err(p)) => Err(format!("proxy: {p}")),
+            }
+        })?;
+    }
+    Ok(())
+}
+
 fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
     let (cfg, g) = config(w, epr);
     let world = local_world(
@@ -314,36 +377,8 @@ fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
         let handles: Vec<_> = world
             .iter()
             .map(|t| {
-                let cfg = cfg.clone();
-                sc.spawn(move || -> Result<(), String> {
-                    let me = t.rank();
-                    let dev = Arc::new(Device::new(&g));
-                    let inbox = StagedProxy::allocate(t, g, T).map_err(|e| e.to_string())?;
-                    let mut proxy = StagedProxy::new(t, g, inbox, T).map_err(|e| e.to_string())?;
-                    let mut host = HostSide(Arc::clone(&dev));
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
-                    for epoch in 1..=calls {
-                        let mine = counts_for(&mut rng, me, g.experts, (epoch % 3) as usize);
-                        let mut k = Kernel {
-                            me,
-                            g,
-                            cfg: cfg.clone(),
-                            dev: &dev,
-                            rng: ChaCha8Rng::seed_from_u64(seed ^ (epoch << 8) ^ me as u64),
-                        };
-                        std::thread::scope(|inner| {
-                            let kernel = inner.spawn(move || k.call(epoch, &mine));
-                            let proxied = proxy.call(&mut host, epoch).map_err(|e| e.to_string());
-                            let kernel =
-                                kernel.join().map_err(|_| "kernel panicked".to_string())?;
-                            match (kernel, proxied) {
-                                (Ok(()), Ok(_)) => Ok(()),
-                                (k, p) => Err(format!("kernel: {k:?}; proxy: {p:?}")),
-                            }
-                        })?;
-                    }
-                    Ok(())
-                })
+                let cfg = &cfg;
+                sc.spawn(move || run_rank(t, cfg, g, calls, seed, None))
             })
             .collect();
         for (r, h) in handles.into_iter().enumerate() {
@@ -421,4 +456,151 @@ fn a_killed_peer_is_named_not_waited_out() {
         start.elapsed()
     );
     assert!(err.to_string().contains('1'), "{err}");
+}
+
+#[cfg(feature = "ucx")]
+mod over_ucx {
+    use super::*;
+    use comet_transport::launch::{launch, LaunchConfig, LaunchError, LaunchReport, OnFailure};
+    use comet_transport::ucx::UcxTransport;
+
+    const ENTRY: &str = "over_ucx::staged_rank";
+    const CALLS: u64 = 30;
+    const KILLED_AT: u64 = 3;
+
+    fn marker(rank: usize, scenario: &str) -> String {
+        format!("staged_rank {rank}: {scenario} done")
+    }
+
+    /// One rank (inert unless the launcher set `COMET_TEST_SCENARIO`).
+    #[test]
+    #[ignore = "a rank of a multi-process test, started by the launcher"]
+    fn staged_rank() {
+        let Ok(scenario) = std::env::var("COMET_TEST_SCENARIO") else {
+            return;
+        };
+        let t = UcxTransport::from_env().expect("ucx transport");
+        let (cfg, g) = config(t.world(), 2);
+        let (me, victim) = (t.rank(), t.world() - 1);
+        match scenario.as_str() {
+            "calls" => {
+                run_rank(&t, &cfg, g, CALLS, 7, None).unwrap_or_else(|e| panic!("rank {me}: {e}"));
+                t.barrier(T).expect("final barrier");
+            }
+            "kill" => {
+                let die = || {
+                    t.flush().expect("flush before dying");
+                    let _ = std::process::Command::new("sh")
+                        .args(["-c", "kill -KILL $PPID"])
+                        .status();
+                    std::thread::sleep(Duration::from_secs(60));
+                    panic!("still alive after SIGKILL");
+                };
+                let die: &(dyn Fn() + Sync) = &die;
+                let at = (me == victim).then_some((KILLED_AT, die));
+                let start = Instant::now();
+                let e = run_rank(&t, &cfg, g, CALLS, 7, at).expect_err("the peer died");
+                println!(
+                    "rank {me}: error as expected after {:?}: {e}",
+                    start.elapsed()
+                );
+                // Stay (without progressing UCX) until every survivor has seen
+                // the loss, so none acknowledges a put of an exited rank.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            other => panic!("unknown scenario {other}"),
+        }
+        println!("{}", marker(me, &scenario));
+    }
+
+    fn launch_world(
+        scenario: &str,
+        world: usize,
+        tls: &str,
+        on_failure: OnFailure,
+    ) -> Result<LaunchReport, LaunchError> {
+        let exe = std::env::current_exe().expect("test binary path");
+        let args = [
+            ENTRY,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ];
+        let mut cfg = LaunchConfig::new(world, exe).args(args.map(String::from).to_vec());
+        // UCX 1.13's shared-memory transports cannot report peer failures.
+        let peer_errors = if tls.starts_with("tcp") { "1" } else { "0" };
+        for (k, v) in [
+            ("COMET_TEST_SCENARIO", scenario),
+            ("UCX_TLS", tls),
+            ("COMET_UCX_PEER_ERRORS", peer_errors),
+            ("COMET_UCX_TIMEOUT_S", "60"),
+        ] {
+            cfg = cfg.env(k, v);
+        }
+        cfg.timeout = Some(Duration::from_secs(120));
+        cfg.on_failure = on_failure;
+        cfg.capture = true;
+        cfg.forward = std::env::var_os("COMET_TEST_VERBOSE").is_some();
+        launch(&cfg)
+    }
+
+    fn text(rep: &LaunchReport) -> String {
+        rep.ranks
+            .iter()
+            .map(|r| format!("--- rank {} ({}):\n{}", r.rank, r.describe(), r.text()))
+            .collect()
+    }
+
+    #[test]
+    fn staged_ranks_over_ucx_tcp_and_shared_memory() {
+        for (world, tls) in [(2, "tcp"), (3, "sm,self"), (4, "tcp")] {
+            let rep = match launch_world("calls", world, tls, OnFailure::KillAll) {
+                Ok(r) => r,
+                Err(e) => panic!(
+                    "{world} ranks over {tls}: {e}\n{}",
+                    e.report().map(text).unwrap_or_default()
+                ),
+            };
+            for r in &rep.ranks {
+                assert!(
+                    r.output
+                        .iter()
+                        .any(|l| l.contains(&marker(r.rank, "calls"))),
+                    "{world} ranks over {tls}:\n{}",
+                    text(&rep)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn staged_rank_killed_mid_layer_is_named_by_every_other_rank() {
+        for (world, tls) in [(2, "tcp"), (3, "tcp"), (3, "sm,self")] {
+            let rep = match launch_world("kill", world, tls, OnFailure::Wait) {
+                Err(LaunchError::Failed { failed, report }) => {
+                    assert_eq!(
+                        failed,
+                        vec![world - 1],
+                        "only the victim may fail:\n{}",
+                        text(&report)
+                    );
+                    report
+                }
+                other => panic!("{world} over {tls}: the victim should have died: {other:?}"),
+            };
+            assert_eq!(rep.ranks[world - 1].signal, Some(9), "{}", text(&rep));
+            for r in &rep.ranks[..world - 1] {
+                let said = r.text();
+                assert!(
+                    r.success()
+                        && said.contains("error as expected")
+                        && said.contains(&format!("peer {}", world - 1))
+                        && said.contains(&marker(r.rank, "kill")),
+                    "{world} over {tls}, rank {}:\n{said}",
+                    r.rank
+                );
+            }
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! `cargo xtask bundle`: release binaries for a GPU machine that has only
 //! the driver and CUDA libraries (cudarc loads libcuda, libnvrtc and
 //! libcublas at run time): the `comet` CLI (with the nvlink and nccl
-//! transports), the GPU test binaries of
-//! comet-kernels and comet-sched (`gpu_layer`), the torch baseline script and an env/run script, in .bundle/ (< 64 MiB).
+//! transports), the GPU test binaries of comet-kernels and comet-sched
+//! (`gpu_layer`, and `gpu_staged_ucx` with the UCX libraries it links,
+//! which GPU machines lack, in lib/), the torch baseline scripts and an
+//! env/run script, in .bundle/ (< 64 MiB).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,10 +70,17 @@ if [[ -n "$PYNV" ]]; then
     [[ -d $d ]] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH}:$d"
   done
 fi
+# UCX (for gpu_staged_ucx) from the bundle; its transports built into
+# libuct (tcp, shared memory) need no modules.
+if [[ -d $HERE/lib ]]; then
+  LD_LIBRARY_PATH="$HERE/lib:${LD_LIBRARY_PATH}"
+  export UCX_MODULE_DIR="$HERE/lib/ucx"
+fi
 export LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0
 export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
 # usage: .bundle/run.sh comet bench gemm | .bundle/run.sh comet-kernels-gpu --ignored --test-threads=1
 #        .bundle/run.sh gpu_layer --ignored --test-threads=1
+#        .bundle/run.sh gpu_staged_ucx --ignored --test-threads=1
 exe="$1"; shift
 exec "$HERE/$exe" "$@"
 "#;
@@ -116,6 +125,17 @@ pub fn bundle() -> Result<PathBuf> {
     let layer_test = layer_tests
         .first()
         .context("no comet-sched gpu_layer test executable reported")?;
+    let ucx_tests = test_executables(&[
+        "-p",
+        "comet-sched",
+        "--features",
+        "gpu,ucx",
+        "--test",
+        "gpu_staged_ucx",
+    ])?;
+    let ucx_test = ucx_tests
+        .first()
+        .context("no comet-sched gpu_staged_ucx test executable reported")?;
 
     let dir = root.join(".bundle");
     let _ = std::fs::remove_dir_all(&dir);
@@ -124,6 +144,7 @@ pub fn bundle() -> Result<PathBuf> {
         (target_dir().join("release/comet"), "comet"),
         (gpu_test.clone(), "comet-kernels-gpu"),
         (layer_test.clone(), "gpu_layer"),
+        (ucx_test.clone(), "gpu_staged_ucx"),
         (
             root.join("scripts/bench_torch_gemm.py"),
             "bench_torch_gemm.py",
@@ -140,16 +161,14 @@ pub fn bundle() -> Result<PathBuf> {
             let _ = Command::new("strip").arg(dir.join(name)).status();
         }
     }
+    copy_ucx_libs(ucx_test, &dir.join("lib"))?;
     std::fs::write(dir.join("run.sh"), RUN_SH)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
     }
-    let mut total = 0;
-    for e in std::fs::read_dir(&dir)? {
-        total += e?.metadata()?.len();
-    }
+    let total = bytes_under(&dir)?;
     println!(
         "bundle: {} ({:.1} MiB)",
         dir.display(),
@@ -159,4 +178,44 @@ pub fn bundle() -> Result<PathBuf> {
         bail!("bundle is {total} bytes, over the 64 MiB limit");
     }
     Ok(dir)
+}
+
+/// Copies the UCX libraries `exe` links (and libnuma, which they need),
+/// as `ldd` resolves them here, into `lib` under their sonames.
+fn copy_ucx_libs(exe: &Path, lib: &Path) -> Result<()> {
+    let out = Command::new("ldd")
+        .arg(exe)
+        .output()
+        .context("running ldd")?;
+    std::fs::create_dir_all(lib.join("ucx"))?;
+    let mut n = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libucp.so.0 => /lib/x86_64-linux-gnu/libucp.so.0 (0x...)"
+        let mut w = line.split_whitespace();
+        let (Some(name), Some("=>"), Some(path)) = (w.next(), w.next(), w.next()) else {
+            continue;
+        };
+        if name.starts_with("libuc") || name.starts_with("libnuma") {
+            std::fs::copy(path, lib.join(name)).with_context(|| format!("copying {path}"))?;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        bail!("ldd found no UCX library in {}", exe.display());
+    }
+    Ok(())
+}
+
+fn bytes_under(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        total += if m.is_dir() {
+            bytes_under(&e.path())?
+        } else {
+            m.len()
+        };
+    }
+    Ok(total)
 }

@@ -27,6 +27,7 @@ use cudarc::driver::sys::CUstream;
 use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where the ranks' expert weights come from.
 pub enum WorldWeights<'a> {
@@ -57,6 +58,9 @@ pub trait WorldLayer: Send {
     /// # Safety
     /// As [`MoeLayer::layout_tables`].
     unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError>;
+    /// Collective: meets every rank of the transport (before dropping a
+    /// layer, so no peer still writes into this rank's memory).
+    fn barrier(&self, timeout: Duration) -> Result<(), SchedError>;
 }
 
 impl<T: DeviceTransport + 'static> WorldLayer for MoeLayer<T> {
@@ -88,6 +92,9 @@ impl<T: DeviceTransport + 'static> WorldLayer for MoeLayer<T> {
     unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
         // SAFETY: forwarded contract.
         unsafe { MoeLayer::layout_tables(self, stream) }
+    }
+    fn barrier(&self, timeout: Duration) -> Result<(), SchedError> {
+        Ok(self.transport().barrier(timeout)?)
     }
 }
 
@@ -124,6 +131,9 @@ impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
         // SAFETY: as above.
         unsafe { StagedLayer::check(self, stream) }?;
         t
+    }
+    fn barrier(&self, timeout: Duration) -> Result<(), SchedError> {
+        Ok(self.layer().transport().barrier(timeout)?)
     }
 }
 
@@ -267,6 +277,40 @@ impl DeviceWorld {
         )
     }
 
+    /// The one rank of this process in a world of processes: staged over
+    /// `inner` (UCX across processes or nodes) on device `ordinal`, with
+    /// `opts.ranks_per_gpu` processes sharing that device. Collective over
+    /// `inner`'s world.
+    pub fn staged_over<T: Transport + 'static>(
+        cfg: &MoeConfig,
+        inner: T,
+        ordinal: usize,
+        capacity: usize,
+        weights: WorldWeights<'_>,
+        opts: &LayerOptions,
+    ) -> Result<DeviceWorld, SchedError> {
+        cfg.validate()?;
+        let rank = inner.rank();
+        let ctx = cuda::open_context(ordinal).map_err(|e| SchedError::Device {
+            rank,
+            message: format!("open device {ordinal}: {e}"),
+        })?;
+        Self::build(
+            cfg,
+            &[ordinal],
+            &[ctx],
+            vec![inner],
+            weights,
+            opts,
+            |t, k, lo| {
+                Ok(Box::new(StagedLayer::new(
+                    cfg, capacity, t, ordinal, k, lo,
+                )?))
+            },
+            capacity,
+        )
+    }
+
     /// Loads the kernels once per device, then builds every rank's layer
     /// (collectively, a thread each) and its tensors.
     #[allow(clippy::too_many_arguments)]
@@ -296,9 +340,11 @@ impl DeviceWorld {
                 .find(|(o, _)| *o == ordinals[r])
                 .map(|(_, k)| k.clone())
                 .expect("loaded above");
+            // Ranks of this process on the device, or more if the caller
+            // says other processes share it.
             let per_gpu = ordinals.iter().filter(|&&o| o == ordinals[r]).count();
             let mut lopts = opts.clone();
-            lopts.ranks_per_gpu = per_gpu;
+            lopts.ranks_per_gpu = per_gpu.max(opts.ranks_per_gpu);
             let stream = contexts[r].new_stream().map_err(|e| SchedError::Device {
                 rank: r,
                 message: format!("create stream: {e}"),
@@ -407,6 +453,26 @@ impl DeviceWorld {
     }
 
     /// Each rank's y as f32 (`tokens x hidden`).
+    /// Collective: every rank meets every other (a thread each), so none is
+    /// dropped while a peer may still write into its memory.
+    pub fn barrier(&mut self, timeout: Duration) -> Result<(), SchedError> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .map(|r| s.spawn(move || r.layer.barrier(timeout)))
+                .collect();
+            hs.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SchedError::Panicked {
+                        rank: 0,
+                        message: "barrier thread".into(),
+                    })
+                })
+            })
+        })
+    }
+
     pub fn outputs(&self) -> Result<Vec<Vec<f32>>, SchedError> {
         let h = self.cfg.hidden;
         self.ranks

@@ -1,0 +1,235 @@
+//! The device forward across processes over UCX (issue 16): 2-4 processes
+//! of this test binary share GPU 0, each one rank of a staged layer
+//! (`DeviceWorld::staged_over`: unchanged kernels over mirrors and ready
+//! words, a proxy thread carrying the bytes through host memory over UCX
+//! with TCP or shared memory). 30 calls with changing routing and T, both
+//! modes, every y checked against the f64 reference with the outputs
+//! poisoned first; and a rank SIGKILLed while its peers are in a call
+//! leaves each of them with an error naming it, within the timeout.
+//!
+//! `#[ignore]`: needs a GPU and libucx. Run on a GPU machine with
+//! `cargo test -p comet-sched --features gpu,ucx --test gpu_staged_ucx -- --ignored --test-threads=1`
+//! (the bundle ships it with the UCX libraries: `.bundle/run.sh gpu_staged_ucx`).
+#![cfg(all(feature = "gpu", feature = "ucx"))]
+
+use comet_core::cost::DeviceFigures;
+use comet_core::reference::{max_error, moe_layer};
+use comet_core::weights::random_tokens;
+use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
+use comet_sched::device_world::{DeviceWorld, WorldWeights};
+use comet_sched::forward::LayerOptions;
+use comet_sched::{ExecMode, RankInput};
+use comet_transport::launch::{launch, LaunchConfig, LaunchError, LaunchReport, OnFailure};
+use comet_transport::ucx::UcxTransport;
+use comet_transport::Transport;
+use half::bf16;
+use std::time::{Duration, Instant};
+
+const ENTRY: &str = "gpu_staged_rank";
+const TOL: f64 = 2e-2;
+const CAP: usize = 160;
+const CALLS: u64 = 30;
+const KILLED_AT: u64 = 3;
+
+fn round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+fn marker(rank: usize, scenario: &str) -> String {
+    format!("gpu_staged_rank {rank}: {scenario} done")
+}
+
+/// One rank (inert unless the launcher set `COMET_TEST_SCENARIO`).
+#[test]
+#[ignore = "a rank of a multi-process GPU test, started by the launcher"]
+fn gpu_staged_rank() {
+    let Ok(scenario) = std::env::var("COMET_TEST_SCENARIO") else {
+        return;
+    };
+    let t = UcxTransport::from_env().expect("ucx transport");
+    let (w, me) = (t.world(), t.rank());
+    let cfg = MoeConfig {
+        hidden: 512,
+        ffn: 256,
+        experts: 2 * w,
+        top_k: 2,
+        ranks: w,
+        dtype: Dtype::Bf16,
+    };
+    let seed = 0xC0FE;
+    let kill = scenario == "kill";
+    let opts = LayerOptions {
+        timeout: Duration::from_secs(if kill { 3 } else { 20 }),
+        ranks_per_gpu: w,
+        figures: Some(DeviceFigures::h200_slow_link()),
+        ..LayerOptions::default()
+    };
+    let weights = |r: usize| ExpertWeights::for_rank(&cfg, r, seed);
+    let mut world = DeviceWorld::staged_over(&cfg, t, 0, CAP, WorldWeights::Host(&weights), &opts)
+        .unwrap_or_else(|e| panic!("rank {me}: setup: {e}"));
+    let all = ExpertWeights::all(&cfg, seed);
+    let all = ExpertWeights {
+        fc1: all.fc1.iter().map(|m| round(m)).collect(),
+        fc2: all.fc2.iter().map(|m| round(m)).collect(),
+        ..all
+    };
+    let kinds = [
+        RoutingKind::Uniform,
+        RoutingKind::Zipf(1.2),
+        RoutingKind::AllToOne,
+        RoutingKind::SomeEmpty,
+        RoutingKind::SilentRank,
+    ];
+    let start = Instant::now();
+    let mut outcome = Ok(());
+    for call in 1..=CALLS {
+        if kill && call == KILLED_AT && me == w - 1 {
+            // Every earlier call is complete on every rank (each checked
+            // its y), so no put of this rank is unacknowledged.
+            let _ = std::process::Command::new("sh")
+                .args(["-c", "kill -KILL $PPID"])
+                .status();
+            std::thread::sleep(Duration::from_secs(60));
+            panic!("still alive after SIGKILL");
+        }
+        let tokens = 1 + (call as usize * 53 + me * 97) % CAP;
+        let kind = kinds[call as usize % kinds.len()];
+        let routing = Routing::generate(&cfg, me, tokens, kind, seed ^ (call << 8) ^ me as u64);
+        let x = round(&random_tokens(
+            routing.tokens,
+            cfg.hidden,
+            seed + 100 * call + me as u64,
+        ));
+        let input = RankInput { x, routing };
+        let mode = [ExecMode::Fused, ExecMode::Baseline][call as usize % 2];
+        world.set_mode(mode);
+        world
+            .set_inputs(std::slice::from_ref(&input))
+            .expect("inputs");
+        world.poison().expect("poison");
+        let ran = world.forward().and_then(|_| world.check());
+        if let Err(e) = ran {
+            outcome = Err(format!("call {call} {kind:?} {mode:?}: {e}"));
+            break;
+        }
+        let y = &world.outputs().expect("download y")[0];
+        let want = moe_layer(&cfg, &input.x, &input.routing, &all).expect("reference");
+        let err = max_error(y, &want);
+        assert!(
+            err <= TOL,
+            "rank {me} call {call} {kind:?} {mode:?} T={tokens}: max error {err}"
+        );
+    }
+    match (kill, outcome) {
+        (false, Ok(())) => world
+            .barrier(Duration::from_secs(30))
+            .expect("final barrier"),
+        (false, Err(e)) => panic!("rank {me}: {e}"),
+        (true, Ok(())) => panic!("rank {me}: every call succeeded though rank {} died", w - 1),
+        (true, Err(e)) => {
+            println!(
+                "rank {me}: error as expected after {:?}: {e}",
+                start.elapsed()
+            );
+            // Stay (without progressing UCX) until every survivor has seen
+            // the loss, then leave without tearing the broken world down.
+            std::thread::sleep(Duration::from_millis(300));
+            std::mem::forget(world);
+        }
+    }
+    println!("{}", marker(me, &scenario));
+}
+
+fn launch_world(
+    scenario: &str,
+    world: usize,
+    tls: &str,
+    on_failure: OnFailure,
+) -> Result<LaunchReport, LaunchError> {
+    let exe = std::env::current_exe().expect("test binary path");
+    let args = [
+        ENTRY,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ];
+    let mut cfg = LaunchConfig::new(world, exe).args(args.map(String::from).to_vec());
+    // UCX 1.13's shared-memory transports cannot report peer failures.
+    let peer_errors = if tls.starts_with("tcp") { "1" } else { "0" };
+    for (k, v) in [
+        ("COMET_TEST_SCENARIO", scenario),
+        ("UCX_TLS", tls),
+        ("COMET_UCX_PEER_ERRORS", peer_errors),
+        ("COMET_UCX_TIMEOUT_S", "60"),
+        ("NCCL_NVLS_ENABLE", "0"),
+    ] {
+        cfg = cfg.env(k, v);
+    }
+    cfg.timeout = Some(Duration::from_secs(300));
+    cfg.on_failure = on_failure;
+    cfg.capture = true;
+    cfg.forward = std::env::var_os("COMET_TEST_VERBOSE").is_some();
+    launch(&cfg)
+}
+
+fn text(rep: &LaunchReport) -> String {
+    rep.ranks
+        .iter()
+        .map(|r| format!("--- rank {} ({}):\n{}", r.rank, r.describe(), r.text()))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a GPU and libucx"]
+fn staged_layer_over_ucx_processes_matches_the_reference() {
+    for (world, tls) in [(2, "tcp"), (3, "sm,self"), (4, "tcp")] {
+        let rep = match launch_world("calls", world, tls, OnFailure::KillAll) {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "{world} ranks over {tls}: {e}\n{}",
+                e.report().map(text).unwrap_or_default()
+            ),
+        };
+        for r in &rep.ranks {
+            assert!(
+                r.output
+                    .iter()
+                    .any(|l| l.contains(&marker(r.rank, "calls"))),
+                "{world} ranks over {tls}:\n{}",
+                text(&rep)
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU and libucx"]
+fn staged_layer_rank_killed_mid_layer_is_named_by_the_others() {
+    for (world, tls) in [(2, "tcp"), (3, "tcp")] {
+        let rep = match launch_world("kill", world, tls, OnFailure::Wait) {
+            Err(LaunchError::Failed { failed, report }) => {
+                assert_eq!(
+                    failed,
+                    vec![world - 1],
+                    "only the victim may fail:\n{}",
+                    text(&report)
+                );
+                report
+            }
+            other => panic!("{world} over {tls}: the victim should have died: {other:?}"),
+        };
+        assert_eq!(rep.ranks[world - 1].signal, Some(9), "{}", text(&rep));
+        for r in &rep.ranks[..world - 1] {
+            let said = r.text();
+            assert!(
+                r.success()
+                    && said.contains("error as expected")
+                    && said.contains(&format!("peer {}", world - 1))
+                    && said.contains(&marker(r.rank, "kill")),
+                "{world} over {tls}, rank {}:\n{said}",
+                r.rank
+            );
+        }
+    }
+}

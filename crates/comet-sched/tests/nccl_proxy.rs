@@ -508,6 +508,12 @@ fn malformed_counts_and_shapes_are_named_errors() {
         ..cfg.clone()
     };
     assert!(shape(NcclCall::new(&odd, 8, 1, 1, 1)).contains("experts"));
+    let vast = MoeConfig {
+        experts: usize::MAX / 2 - 1,
+        ranks: 1,
+        ..cfg.clone()
+    };
+    assert!(shape(NcclCall::new(&vast, 8, 1, 1, 1)).contains("count region"));
     assert!(decode_counts(&[0; 15], 2, 2)
         .unwrap_err()
         .to_string()

@@ -146,6 +146,17 @@ impl NcclCall {
                 )));
             }
         }
+        if cfg
+            .ranks
+            .checked_mul(cfg.experts)
+            .and_then(|n| n.checked_mul(8))
+            .is_none()
+        {
+            return Err(plan_err(format!(
+                "{} ranks x {} experts overflow the count region's bytes",
+                cfg.ranks, cfg.experts
+            )));
+        }
         let chunks = cfg.hidden / chunk_cols;
         Ok(NcclCall {
             map: SignalMap::new(cfg, chunks),

@@ -13,8 +13,10 @@
 //! W ranks for tests and benchmarks ([`device_world`]). The [`proxy`] is the
 //! host half of host-driven transports: it posts each piece's transfer and
 //! raises the receiver's signal as the piece's local ready word comes up;
-//! [`nccl_proxy`] is its two-sided counterpart for NCCL (pieces posted per
-//! pair in one order on both sides).
+//! [`proxy_plan`] derives every piece of a device-forward call in the
+//! kernels' own buffer layout, which [`staged`] carries over host-memory
+//! transports (in readiness order) and [`nccl_proxy`] schedules over NCCL's
+//! two-sided send/recv (per pair in one order on both sides).
 
 pub mod cpu;
 pub mod device_plan;

@@ -1,197 +1,206 @@
-//! When one rank posts its NCCL calls: the state machine of its proxy.
+//! When one rank posts its NCCL calls over one layer call: the state
+//! machine of its proxy, over [`crate::proxy_plan`]'s pieces.
 //!
-//! The driver feeds it two kinds of events, in whatever order they happen:
-//! a ready word reached the call's epoch ([`PairScheduler::ready`]), and an
-//! op it posted has completed ([`PairScheduler::completed`]). Each returns
-//! the [`Action`]s to take now. The rules:
+//! The driver starts the count exchange ([`PairScheduler::start_counts`]),
+//! then the layer once the exchange is done here
+//! ([`PairScheduler::start_layer`], with the delivered counts), and feeds
+//! it two kinds of events in whatever order they happen: a ready word
+//! reached the call's epoch ([`PairScheduler::ready`]), and an op it
+//! posted completed ([`PairScheduler::completed`]). Each returns the
+//! [`Action`]s to take now. The rules:
 //! - sends of one ordered pair go out in the pair's list order (NCCL
 //!   matches the k-th send with the k-th recv), each as soon as it and all
 //!   earlier pieces of that pair are ready; pairs never wait for each other;
 //! - recvs are posted at the start of a phase, per pair in the same order:
 //!   the sizes are known by then, and a recv waiting in its own lane
 //!   blocks nothing else;
-//! - a signal is raised only after its recv (or local copy) completed; a
-//!   piece of zero bytes has no NCCL call and its receiver raises its
-//!   signal at once, as the kernels wait for every segment's signal;
-//! - a phase (the count exchange, then the layer) starts only once the
-//!   previous one is complete on this rank; nothing else is ever held.
+//! - a signal is raised only after its recv completed; a piece of zero
+//!   bytes has no NCCL call and its receiver raises its signal at once;
+//! - the layer starts only once the count exchange is complete on this
+//!   rank (its sends too); nothing else is ever held.
 
-use super::{NcclPiece, NcclProxyError};
+use super::{check_geometry, count_pieces};
+use crate::error::SchedError;
+use crate::proxy_plan::{Geometry, Piece};
 use std::collections::{HashSet, VecDeque};
 
 /// An operation a driver posts and later reports completed; the index is
 /// the piece's position in the current phase's list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// `ncclSend` of the piece's bytes to its receiver.
+    /// `ncclSend` of the piece's packed bytes to `piece.to`.
     Send(usize),
-    /// `ncclRecv` of the piece's bytes from its sender.
+    /// `ncclRecv` of the piece's packed bytes from `piece.from`, into
+    /// receive staging at `piece.wire`.
     Recv(usize),
-    /// A device-to-device copy: a piece whose sender is its receiver.
-    Copy(usize),
 }
 
 /// What the driver does now, in the order given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    Post(Op),
-    /// Raise this rank's signal `signal` to `value` (the call's epoch): the
-    /// piece's bytes have landed here.
-    Raise {
-        piece: usize,
-        signal: u32,
-        value: u64,
-    },
+    /// Post `op` on the lane of `(piece.from, piece.to)`. A send carries
+    /// `piece.region` of the mirror of `piece.to`'s buffer, packed first
+    /// when it is 2-D.
+    Post { op: Op, piece: Piece },
+    /// A recv completed: copy its packed bytes from staging at `piece.wire`
+    /// into `piece.region` of this rank's buffer, then raise this rank's
+    /// signal `piece.signal` to `value`.
+    Land { piece: Piece, value: u64 },
+    /// A piece of zero bytes: raise this rank's signal `piece.signal` to
+    /// `value`; nothing moves.
+    Raise { piece: Piece, value: u64 },
+}
+
+/// Which phase of the call a scheduler is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Nothing started yet.
+    Idle,
+    Counts,
+    Layer,
 }
 
 /// One rank's proxy over one call, phase by phase.
 #[derive(Debug)]
 pub struct PairScheduler {
     rank: usize,
-    world: usize,
+    geo: Geometry,
     epoch: u64,
-    /// Ready words seen at the epoch; they stay up for the whole call.
+    /// Signals per rank, which is also ready words per peer.
+    signals: usize,
+    /// Ready words seen at the epoch, `[to * signals + signal]`; they stay
+    /// up for the whole call, so words of the layer seen during the count
+    /// exchange are kept.
     ready: Vec<bool>,
-    pieces: Vec<NcclPiece>,
+    phase: Phase,
+    pieces: Vec<Piece>,
     /// Per receiver: this rank's sends not posted yet, in list order.
     sends: Vec<VecDeque<usize>>,
-    /// Pieces to itself whose ready word has not come up yet.
-    local: Vec<usize>,
     in_flight: HashSet<Op>,
-    /// Completions and raises this phase still needs on this rank.
+    /// Completions this phase still needs on this rank.
     left: usize,
 }
 
 impl PairScheduler {
-    /// A scheduler for `rank` of `world` ranks, `words` ready words, raising
-    /// signals to `epoch`; no phase started yet.
-    pub fn new(
-        rank: usize,
-        world: usize,
-        words: usize,
-        epoch: u64,
-    ) -> Result<Self, NcclProxyError> {
-        if rank >= world {
-            return Err(NcclProxyError::Protocol {
+    /// A scheduler for `rank` of a layer laid out as `geo`, raising signals
+    /// to `epoch`; no phase started yet.
+    pub fn new(rank: usize, geo: Geometry, epoch: u64) -> Result<Self, SchedError> {
+        let signals = check_geometry(&geo, rank)?;
+        if rank >= geo.ranks {
+            return Err(SchedError::Input {
                 rank,
-                message: format!("rank {rank} is not in a world of {world}"),
+                message: format!("rank {rank} is not in a world of {}", geo.ranks),
             });
         }
         Ok(PairScheduler {
             rank,
-            world,
+            geo,
             epoch,
-            ready: vec![false; words],
+            signals,
+            ready: vec![false; signals * geo.ranks],
+            phase: Phase::Idle,
             pieces: Vec::new(),
-            sends: vec![VecDeque::new(); world],
-            local: Vec::new(),
+            sends: vec![VecDeque::new(); geo.ranks],
             in_flight: HashSet::new(),
             left: 0,
         })
     }
 
-    fn misuse(&self, message: String) -> NcclProxyError {
-        NcclProxyError::Protocol {
+    fn misuse(&self, message: String) -> SchedError {
+        SchedError::NcclProtocol {
             rank: self.rank,
             message,
         }
     }
 
-    /// True once every op of the current phase completed and every signal
-    /// it owes this rank was raised (or before the first phase).
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// True once every op of the current phase completed (and before the
+    /// first phase). Every signal a phase owes this rank is raised by then.
     pub fn phase_done(&self) -> bool {
         self.left == 0
     }
 
-    /// Starts a phase over `pieces` (the same list on every rank); refused
-    /// while the previous phase is still running here. Returns the recvs,
-    /// the raises of empty pieces, and whatever is ready already.
-    pub fn start_phase(&mut self, pieces: Vec<NcclPiece>) -> Result<Vec<Action>, NcclProxyError> {
+    /// True once the layer phase is done: the call is over on this rank.
+    pub fn done(&self) -> bool {
+        self.phase == Phase::Layer && self.phase_done()
+    }
+
+    /// Starts the count exchange: every recv, and the sends whose ready
+    /// word is up already.
+    pub fn start_counts(&mut self) -> Result<Vec<Action>, SchedError> {
+        if self.phase != Phase::Idle {
+            return Err(self.misuse(format!(
+                "the count exchange started again, in phase {:?}",
+                self.phase
+            )));
+        }
+        self.phase = Phase::Counts;
+        Ok(self.start_phase(count_pieces(&self.geo, self.epoch)))
+    }
+
+    /// Starts the layer from the count matrix the exchange delivered
+    /// (`counts[src][expert]`): refused until the exchange is done here,
+    /// and for counts no buffer can hold (named, as the kernels refuse
+    /// them on every rank alike).
+    pub fn start_layer(&mut self, counts: &[Vec<u32>]) -> Result<Vec<Action>, SchedError> {
+        if self.phase != Phase::Counts {
+            return Err(self.misuse(format!(
+                "the layer started in phase {:?}, not after the count exchange",
+                self.phase
+            )));
+        }
         if !self.phase_done() {
             return Err(self.misuse(format!(
-                "a phase started while {} completion(s) of the previous one are outstanding",
+                "the layer started while {} op(s) of the count exchange are outstanding",
                 self.left
             )));
         }
-        for (i, p) in pieces.iter().enumerate() {
-            if p.sender >= self.world || p.receiver >= self.world {
-                return Err(self.misuse(format!(
-                    "piece {i} ({:?}) goes from rank {} to rank {} in a world of {}",
-                    p.kind, p.sender, p.receiver, self.world
-                )));
-            }
-            if p.sender == self.rank && p.ready >= self.ready.len() {
-                return Err(self.misuse(format!(
-                    "piece {i} ({:?}) waits for ready word {} of {}",
-                    p.kind,
-                    p.ready,
-                    self.ready.len()
-                )));
-            }
-        }
-        self.pieces = pieces;
-        let mut out = Vec::new();
-        for (i, p) in self.pieces.iter().enumerate() {
-            let (to_me, from_me) = (p.receiver == self.rank, p.sender == self.rank);
-            match (p.len, from_me, to_me) {
-                (0, _, true) => out.push(self.raise(i)),
-                (0, _, false) | (_, false, false) => {}
-                (_, true, true) => {
-                    self.local.push(i);
-                    self.left += 1;
-                }
-                (_, true, false) => {
-                    self.sends[p.receiver].push_back(i);
-                    self.left += 1;
-                }
-                (_, false, true) => {
-                    self.in_flight.insert(Op::Recv(i));
-                    out.push(Action::Post(Op::Recv(i)));
-                    self.left += 1;
-                }
-            }
-        }
-        self.pump(&mut out);
-        Ok(out)
+        let pieces = self.geo.data_pieces(self.rank, counts)?;
+        self.phase = Phase::Layer;
+        Ok(self.start_phase(pieces))
     }
 
-    /// Ready word `word` reached the epoch (repeats are harmless: the
-    /// driver may see a word more than once).
-    pub fn ready(&mut self, word: usize) -> Result<Vec<Action>, NcclProxyError> {
-        let words = self.ready.len();
-        let flag = self
-            .ready
-            .get_mut(word)
-            .ok_or_else(|| NcclProxyError::Protocol {
-                rank: self.rank,
-                message: format!("ready word {word} of {words}"),
-            })?;
-        *flag = true;
+    /// Ready word `signal` for peer `to` reached the epoch (repeats are
+    /// harmless: the driver may see a word more than once).
+    pub fn ready(&mut self, to: usize, signal: usize) -> Result<Vec<Action>, SchedError> {
+        if to >= self.geo.ranks || signal >= self.signals {
+            return Err(self.misuse(format!(
+                "ready word {signal} for rank {to}: there are {} words for each of {} ranks",
+                self.signals, self.geo.ranks
+            )));
+        }
+        self.ready[to * self.signals + signal] = true;
         let mut out = Vec::new();
         self.pump(&mut out);
         Ok(out)
     }
 
-    /// The posted `op` completed (for a recv or copy: its bytes landed).
-    pub fn completed(&mut self, op: Op) -> Result<Vec<Action>, NcclProxyError> {
+    /// The posted `op` completed (for a recv: its bytes are in staging).
+    pub fn completed(&mut self, op: Op) -> Result<Vec<Action>, SchedError> {
         if !self.in_flight.remove(&op) {
             return Err(self.misuse(format!("{op:?} completed but it is not in flight")));
         }
         self.left -= 1;
         Ok(match op {
             Op::Send(_) => Vec::new(),
-            Op::Recv(i) | Op::Copy(i) => vec![self.raise(i)],
+            Op::Recv(i) => vec![Action::Land {
+                piece: self.pieces[i],
+                value: self.epoch,
+            }],
         })
     }
 
-    /// The head of each pair (and each own piece) whose ready word has not
-    /// come up: what a timeout's message names.
-    pub fn blocked(&self) -> Vec<NcclPiece> {
-        let heads = self.sends.iter().filter_map(|q| q.front());
-        heads
-            .chain(&self.local)
+    /// The head of each pair whose ready word has not come up: what a
+    /// timeout's message names.
+    pub fn blocked(&self) -> Vec<Piece> {
+        self.sends
+            .iter()
+            .filter_map(|q| q.front())
             .map(|&i| self.pieces[i])
-            .filter(|p| !self.ready[p.ready])
+            .filter(|p| !self.is_ready(p))
             .collect()
     }
 
@@ -200,42 +209,62 @@ impl PairScheduler {
         self.in_flight.iter().copied().collect()
     }
 
-    fn raise(&self, i: usize) -> Action {
-        Action::Raise {
-            piece: i,
-            signal: self.pieces[i].signal,
-            value: self.epoch,
-        }
+    fn is_ready(&self, p: &Piece) -> bool {
+        self.ready[p.to * self.signals + p.signal]
     }
 
-    /// Posts every send whose pair is unblocked up to a piece not ready
-    /// yet, and every ready local piece.
+    /// Takes the pieces of this rank out of the phase's list (the same on
+    /// every rank): recvs and zero-byte raises now, sends queued per pair.
+    fn start_phase(&mut self, pieces: Vec<Piece>) -> Vec<Action> {
+        self.pieces = pieces;
+        let mut out = Vec::new();
+        let (mut sends, mut recvs) = (0, 0);
+        for (i, p) in self.pieces.iter().enumerate() {
+            let (from_me, to_me) = (p.from == self.rank, p.to == self.rank);
+            if p.region.bytes() == 0 {
+                // Nothing to move, and the size is known here: no NCCL
+                // call on either side, the receiver raises at once.
+                if to_me {
+                    out.push(Action::Raise {
+                        piece: *p,
+                        value: self.epoch,
+                    });
+                }
+            } else if from_me {
+                self.sends[p.to].push_back(i);
+                sends += 1;
+            } else if to_me {
+                self.in_flight.insert(Op::Recv(i));
+                out.push(Action::Post {
+                    op: Op::Recv(i),
+                    piece: *p,
+                });
+                recvs += 1;
+            }
+        }
+        self.left = sends + recvs;
+        tracing::debug!(rank = self.rank, phase = ?self.phase, sends, recvs, "nccl proxy phase");
+        self.pump(&mut out);
+        out
+    }
+
+    /// Posts, pair by pair, every queued send up to the first whose ready
+    /// word has not come up.
     fn pump(&mut self, out: &mut Vec<Action>) {
-        for q in &mut self.sends {
-            while let Some(&i) = q.front() {
-                if !self.ready[self.pieces[i].ready] {
+        for to in 0..self.sends.len() {
+            while let Some(&i) = self.sends[to].front() {
+                let p = self.pieces[i];
+                if !self.is_ready(&p) {
                     break;
                 }
-                q.pop_front();
+                self.sends[to].pop_front();
                 self.in_flight.insert(Op::Send(i));
-                out.push(Action::Post(Op::Send(i)));
-                tracing::trace!(rank = self.rank, piece = i, kind = ?self.pieces[i].kind, "nccl proxy send");
+                out.push(Action::Post {
+                    op: Op::Send(i),
+                    piece: p,
+                });
+                tracing::trace!(rank = self.rank, to, piece = i, kind = ?p.kind, "nccl proxy send");
             }
         }
-        let mut still = Vec::new();
-        for i in std::mem::take(&mut self.local) {
-            let p = self.pieces[i];
-            if !self.ready[p.ready] {
-                still.push(i);
-            } else if p.from == p.to {
-                // Already in place (a rank's own count row): nothing moves.
-                self.left -= 1;
-                out.push(self.raise(i));
-            } else {
-                self.in_flight.insert(Op::Copy(i));
-                out.push(Action::Post(Op::Copy(i)));
-            }
-        }
-        self.local = still;
     }
 }

@@ -34,16 +34,23 @@
 //!   go straight from the mirror;
 //! - the receiver receives into a packed staging image of `region.buf` at
 //!   `piece.wire` (disjoint for all pieces of a call to one receiver, so
-//!   every recv of a phase can be posted at once), then lands it: a copy
-//!   (2-D for combine chunks) into `region` of its own buffer, then the
-//!   raise of `signal` to the call's epoch, in that order.
+//!   every recv of a phase can be posted at once), then, once the recv
+//!   completed, lands it ([`Op::Land`]): a copy (2-D for combine chunks)
+//!   into `region` of its own buffer, then the raise of `signal` to the
+//!   call's epoch, in that order, on a stream other than the lane's (which
+//!   holds the pair's later recvs already). Other recvs may fill staging
+//!   meanwhile, which is why wire ranges must not overlap.
+//!
+//! The count exchange is done on a rank once its landings are too, so the
+//! driver then reads the count matrix from its own counts buffer
+//! ([`read_counts`]).
 //!
 //! Reuse across calls: a landing of call n+1 writes the device buffers only
 //! once the count exchange of n+1 is done here, which includes sending this
 //! rank's own count row of n+1, raised by kernels that start after those
 //! of call n have finished with the buffers. Staging is overwritten by the
-//! recvs of n+1 only, so a driver takes a call as done once its landing
-//! copies have completed, not merely been queued.
+//! recvs of n+1 only, posted after every landing of call n completed
+//! ([`PairScheduler::done`] counts them).
 //!
 //! Assumption about NCCL: ops of different ordered pairs must not block
 //! each other, so each ordered pair `(a, b)` is a lane of its own (a

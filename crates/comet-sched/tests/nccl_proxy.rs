@@ -10,7 +10,8 @@
 //! The driver side of the simulator does what the module docs of
 //! `nccl_proxy` say with `proxy_plan`'s pieces: a send packs `region` of
 //! the mirror, a recv fills receive staging at `wire`, a landing copies it
-//! into `region` of the own buffer. Whether the bytes are right is checked
+//! into `region` of the own buffer (an event of its own, so other recvs
+//! fill staging in between, as they would on the GPU). Whether the bytes are right is checked
 //! apart from `proxy_plan`, at the places LayoutPlan gives, right when each
 //! signal is raised and again by the kernels that wait for it, over calls
 //! with changing routing on the same buffers. Also checked: every signal
@@ -157,6 +158,10 @@ enum Event {
         op: Op,
         bytes: Option<Vec<u8>>,
     },
+    /// A landing `rank` posted runs and completes: the copy from staging,
+    /// then the raise. It runs apart from the recv (on the GPU, on a stream
+    /// other than the lane's), so other recvs may fill staging in between.
+    Landing { rank: usize, op: Op },
 }
 
 struct Rank {
@@ -283,6 +288,11 @@ impl Sim {
                     }
                     (rank, self.ranks[rank].sched.completed(op).unwrap())
                 }
+                Event::Landing { rank, op } => {
+                    let (_, p) = self.ranks[rank].open.remove(&op).unwrap();
+                    self.land(rank, p);
+                    (rank, self.ranks[rank].sched.completed(op).unwrap())
+                }
             };
             self.apply(rank, acts);
         }
@@ -306,18 +316,6 @@ impl Sim {
             }
             match act {
                 Action::Post { op, piece } => self.post(rank, phase, op, piece),
-                Action::Land { piece, value } => {
-                    let r = &mut self.ranks[rank];
-                    let mut region = piece.region;
-                    let packed = r.staging[idx(region.buf)]
-                        [piece.wire..piece.wire + region.bytes()]
-                        .to_vec();
-                    if region.buf == Buf::Recv {
-                        region.offset += self.land_shift;
-                    }
-                    unpack(region, &packed, &mut r.own[idx(region.buf)]);
-                    self.raise(rank, piece, value);
-                }
                 Action::Raise { piece, value } => {
                     assert_eq!(piece.region.bytes(), 0, "{piece:?} raised without bytes");
                     self.raise(rank, piece, value);
@@ -327,21 +325,39 @@ impl Sim {
         self.advance(rank);
     }
 
+    /// Copies `piece` from `rank`'s receive staging into its buffer, then
+    /// raises its signal.
+    fn land(&mut self, rank: usize, piece: Piece) {
+        let r = &mut self.ranks[rank];
+        let mut region = piece.region;
+        let packed = r.staging[idx(region.buf)][piece.wire..piece.wire + region.bytes()].to_vec();
+        if region.buf == Buf::Recv {
+            region.offset += self.land_shift;
+        }
+        unpack(region, &packed, &mut r.own[idx(region.buf)]);
+        self.raise(rank, piece, self.epoch);
+    }
+
     fn post(&mut self, rank: usize, phase: Phase, op: Op, p: Piece) {
         assert!(
             p.region.bytes() > 0,
             "rank {rank} posted {op:?} of an empty {p:?}"
         );
+        assert!(self.ranks[rank].open.insert(op, (phase, p)).is_none());
+        if let Op::Land(_) = op {
+            assert_eq!(p.to, rank, "{op:?} of {p:?}");
+            self.events.push(Event::Landing { rank, op });
+            return;
+        }
         let send = matches!(op, Op::Send(_));
         assert_eq!(if send { p.from } else { p.to }, rank, "{op:?} of {p:?}");
         let i = match op {
-            Op::Send(i) | Op::Recv(i) => i,
+            Op::Send(i) | Op::Recv(i) | Op::Land(i) => i,
         };
         self.posted
             .entry((p.from, p.to, send))
             .or_default()
             .push((phase, i));
-        assert!(self.ranks[rank].open.insert(op, (phase, p)).is_none());
         let lane = self.lanes.entry((p.from, p.to)).or_default();
         if send {
             // What the send carries is what the mirror holds when it is
@@ -732,6 +748,13 @@ fn nothing_routed_and_a_world_of_one() {
     run(&mut rng, shape, 4, vec![vec![vec![4, 0, 2]]], 9);
 }
 
+/// Completes every op in flight, and the landings that follow.
+fn finish(s: &mut PairScheduler) {
+    while let Some(&op) = s.in_flight().first() {
+        s.completed(op).unwrap();
+    }
+}
+
 fn sends(acts: &[Action]) -> Vec<(usize, Kind)> {
     acts.iter()
         .filter_map(|a| match a {
@@ -772,9 +795,7 @@ fn one_pair_keeps_its_order_while_others_go() {
         sends(&s.ready(2, g.count_signal(0)).unwrap()),
         vec![(2, Kind::Counts)]
     );
-    for op in s.in_flight() {
-        s.completed(op).unwrap();
-    }
+    finish(&mut s);
     let acts = s.start_layer(&counts).unwrap();
     // Expert (rank 2, 0) receives nothing from rank 0: no send, and the
     // next segment of the pair goes at once.
@@ -819,9 +840,7 @@ fn malformed_counts_and_shapes_are_named_errors() {
         let mut s = PairScheduler::new(1, g, 1).unwrap();
         s.start_counts().unwrap();
         s.ready(0, g.count_signal(1)).unwrap();
-        for op in s.in_flight() {
-            s.completed(op).unwrap();
-        }
+        finish(&mut s);
         match s.start_layer(&c) {
             Err(SchedError::Input { rank: 1, message }) => message,
             other => panic!("{other:?}"),
@@ -893,7 +912,7 @@ fn driver_mistakes_are_errors_naming_the_rank() {
     assert!(err(s.ready(2, 0)).contains("for rank 2"));
     let words = check_geometry(&g, 1).unwrap();
     assert!(err(s.ready(0, words)).contains(&format!("ready word {words}")));
-    assert!(err(s.start_layer(&[vec![1, 1], vec![1, 1]])).contains("2 op(s)"));
+    assert!(err(s.start_layer(&[vec![1, 1], vec![1, 1]])).contains("3 op(s)"));
     let acts = s.ready(0, g.count_signal(1)).unwrap();
     assert_eq!(
         acts,
@@ -905,12 +924,15 @@ fn driver_mistakes_are_errors_naming_the_rank() {
     assert!(s.completed(Op::Send(1)).unwrap().is_empty());
     assert_eq!(
         s.completed(Op::Recv(0)).unwrap(),
-        vec![Action::Land {
-            piece: recv,
-            value: 1
+        vec![Action::Post {
+            op: Op::Land(0),
+            piece: recv
         }]
     );
     assert!(err(s.completed(Op::Recv(0))).contains("not in flight"));
+    // The counts are read from the own buffer: not before they landed.
+    assert!(err(s.start_layer(&[vec![1, 1], vec![1, 1]])).contains("1 op(s)"));
+    assert!(s.completed(Op::Land(0)).unwrap().is_empty());
     assert!(s.phase_done() && !s.done());
     s.start_layer(&[vec![1, 1], vec![1, 1]]).unwrap();
     assert!(err(s.start_layer(&[vec![1, 1], vec![1, 1]])).contains("phase Layer"));

@@ -14,10 +14,12 @@
 //! - recvs are posted at the start of a phase, per pair in the same order:
 //!   the sizes are known by then, and a recv waiting in its own lane
 //!   blocks nothing else;
-//! - a signal is raised only after its recv completed; a piece of zero
-//!   bytes has no NCCL call and its receiver raises its signal at once;
+//! - a piece is landed (copied into place, then its signal raised) only
+//!   after its recv completed; a piece of zero bytes has no NCCL call and
+//!   its receiver raises its signal at once;
 //! - the layer starts only once the count exchange is complete on this
-//!   rank (its sends too); nothing else is ever held.
+//!   rank, its sends and landings too (the counts are read from the own
+//!   buffer); nothing else is ever held.
 
 use super::{check_geometry, count_pieces};
 use crate::error::SchedError;
@@ -28,24 +30,26 @@ use std::collections::{HashSet, VecDeque};
 /// the piece's position in the current phase's list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// `ncclSend` of the piece's packed bytes to `piece.to`.
+    /// `ncclSend` of `piece.region` of the mirror of `piece.to`'s buffer,
+    /// packed first when it is 2-D, on the lane of the pair.
     Send(usize),
     /// `ncclRecv` of the piece's packed bytes from `piece.from`, into
-    /// receive staging at `piece.wire`.
+    /// receive staging at `piece.wire`, on the lane of the pair.
     Recv(usize),
+    /// Posted once the recv completed: copy the packed bytes from staging
+    /// at `piece.wire` into `piece.region` of this rank's buffer, then
+    /// raise this rank's signal `piece.signal` to the call's epoch.
+    /// Complete once the raise is done. Not on the lane's stream: that one
+    /// already holds the pair's later recvs, and a landing queued behind
+    /// them would wait for pieces that may need this very signal.
+    Land(usize),
 }
 
 /// What the driver does now, in the order given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Post `op` on the lane of `(piece.from, piece.to)`. A send carries
-    /// `piece.region` of the mirror of `piece.to`'s buffer, packed first
-    /// when it is 2-D.
+    /// Post `op` of `piece`; report it to [`PairScheduler::completed`].
     Post { op: Op, piece: Piece },
-    /// A recv completed: copy its packed bytes from staging at `piece.wire`
-    /// into `piece.region` of this rank's buffer, then raise this rank's
-    /// signal `piece.signal` to `value`.
-    Land { piece: Piece, value: u64 },
     /// A piece of zero bytes: raise this rank's signal `piece.signal` to
     /// `value`; nothing moves.
     Raise { piece: Piece, value: u64 },
@@ -77,7 +81,8 @@ pub struct PairScheduler {
     /// Per receiver: this rank's sends not posted yet, in list order.
     sends: Vec<VecDeque<usize>>,
     in_flight: HashSet<Op>,
-    /// Completions this phase still needs on this rank.
+    /// Completions this phase still needs on this rank (a recv needs two:
+    /// its own and its landing's).
     left: usize,
 }
 
@@ -113,12 +118,18 @@ impl PairScheduler {
         }
     }
 
+    /// The value every signal of the call is raised to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
 
-    /// True once every op of the current phase completed (and before the
-    /// first phase). Every signal a phase owes this rank is raised by then.
+    /// True once every op of the current phase completed, landings included
+    /// (and before the first phase): every signal the phase owes this rank
+    /// is raised by then.
     pub fn phase_done(&self) -> bool {
         self.left == 0
     }
@@ -178,18 +189,22 @@ impl PairScheduler {
         Ok(out)
     }
 
-    /// The posted `op` completed (for a recv: its bytes are in staging).
+    /// The posted `op` completed (a recv: its bytes are in staging; a
+    /// landing: its signal is raised).
     pub fn completed(&mut self, op: Op) -> Result<Vec<Action>, SchedError> {
         if !self.in_flight.remove(&op) {
             return Err(self.misuse(format!("{op:?} completed but it is not in flight")));
         }
         self.left -= 1;
         Ok(match op {
-            Op::Send(_) => Vec::new(),
-            Op::Recv(i) => vec![Action::Land {
-                piece: self.pieces[i],
-                value: self.epoch,
-            }],
+            Op::Send(_) | Op::Land(_) => Vec::new(),
+            Op::Recv(i) => {
+                self.in_flight.insert(Op::Land(i));
+                vec![Action::Post {
+                    op: Op::Land(i),
+                    piece: self.pieces[i],
+                }]
+            }
         })
     }
 
@@ -242,7 +257,7 @@ impl PairScheduler {
                 recvs += 1;
             }
         }
-        self.left = sends + recvs;
+        self.left = sends + 2 * recvs;
         tracing::debug!(rank = self.rank, phase = ?self.phase, sends, recvs, "nccl proxy phase");
         self.pump(&mut out);
         out

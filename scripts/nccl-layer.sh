@@ -4,14 +4,18 @@
 # root with a Rust toolchain; results go to OUTDIR:
 #   scripts/nccl-layer.sh [OUTDIR]
 # What runs today:
-#   1. the NCCL proxy's logic on CPU (comet-sched's nccl_proxy tests);
+#   1. the NCCL proxy's logic on CPU (comet-sched's nccl_proxy tests, and
+#      proxy_plan's, which derives the pieces it schedules);
 #   2. the nccl transport with G ranks (threads and processes) on the GPUs;
 #   3. the nccl rows of `comet bench transport` (GPUs 0 and 1).
 # What does not exist yet, and so is not run: the whole layer over NCCL.
 # MoeLayer needs a transport that maps peers (nvlink); its NCCL path needs
-# the proxy thread beside MoeLayer::forward, ready words in mapped pinned
-# memory, one lane per ordered pair and the NCCL staging layouts of
-# comet_sched::nccl_proxy. Once they exist, step 4 becomes e.g.
+# the proxy thread beside MoeLayer::forward driving comet_sched::nccl_proxy,
+# ready words in mapped pinned memory, one lane (communicator and stream)
+# per ordered pair, packing of combine chunks before their sends, receive
+# staging and the landing copies with their signal raises. The kernels and
+# their buffer layout stay as they are (comet_sched::proxy_plan). Once
+# these exist, step 4 becomes e.g.
 #   comet bench layer --gpu --transport nccl --preset qwen2-moe
 # (a flag that `comet bench layer` does not have today).
 set -o pipefail
@@ -39,6 +43,7 @@ step() {
   echo "=== rc=$r"; [ $r -eq 0 ] || rc=$r
 }
 step "1. proxy logic (CPU)" proxy_logic cargo test -p comet-sched --test nccl_proxy
+step "1b. piece plan (CPU)" proxy_plan cargo test -p comet-sched --lib proxy_plan
 step "2. nccl transport, $G ranks" nccl_gpu timeout 600 cargo test --release -p comet-transport --features nccl --test nccl_gpu -- --include-ignored --test-threads=1
 step "3. nccl transport bench" bench timeout 300 cargo run --release -p comet-cli --features nccl -- bench transport --transports nccl --markdown
 echo "=== 4. whole layer over NCCL: pending (see the header), not run"

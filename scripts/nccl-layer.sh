@@ -14,7 +14,8 @@
 # ready words in mapped pinned memory, one lane (communicator and stream)
 # per ordered pair, packing of combine chunks before their sends, receive
 # staging and the landing copies with their signal raises. The kernels and
-# their buffer layout stay as they are (comet_sched::proxy_plan). Once
+# their buffer layout stay as they are (comet_sched::proxy_plan), as under
+# comet_sched::staged_device::StagedLayer over host-memory transports. Once
 # these exist, step 4 becomes e.g.
 #   comet bench layer --gpu --transport nccl --preset qwen2-moe
 # (a flag that `comet bench layer` does not have today).

@@ -57,9 +57,10 @@
 //! communicator per ordered pair, on its own stream); within a lane ops run
 //! in posting order. The simulator of the tests plays exactly this model.
 //!
-//! Host logic only, free of CUDA: the GPU wiring (ready words in mapped
-//! pinned memory, the lanes, staging, the landing copies and stream
-//! write-values after recvs) is not built yet.
+//! Host logic only, free of CUDA: the GPU wiring (the lanes, packing,
+//! staging, the landing copies and stream write-values after recvs) is not
+//! built yet; the mirrors and the ready words in mapped pinned memory are
+//! those `staged_device` already gives the staged proxy.
 
 mod schedule;
 
@@ -142,12 +143,13 @@ pub fn check_geometry(geo: &Geometry, rank: usize) -> Result<usize, SchedError> 
         ));
     }
     // count(src), dispatch(le, src) and combine(from, chunk): W each per
-    // local expert and per chunk, plus W; the ready words are W times that.
+    // local expert and per chunk, plus W (Geometry::signal_count, checked
+    // here); the ready words are W times that.
     let signals = (1 + e / w)
         .checked_add(geo.chunks)
         .and_then(|n| n.checked_mul(w));
     match signals.filter(|s| s.checked_mul(w).is_some()) {
-        Some(s) => Ok(s),
+        Some(_) => Ok(geo.signal_count()),
         None => bad(format!(
             "{w} ranks x {} chunks overflow the signal count",
             geo.chunks

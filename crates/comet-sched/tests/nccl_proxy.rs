@@ -210,7 +210,8 @@ struct Sim {
 impl Sim {
     fn new(shape: Shape, geo: Geometry, seed: u64) -> Sim {
         let w = shape.w;
-        let nsig = check_geometry(&geo, 0).unwrap();
+        check_geometry(&geo, 0).unwrap();
+        let nsig = geo.signal_count();
         let bufs = || Buf::ALL.map(|b| vec![POISON; geo.bytes(b)]);
         let ranks = (0..w)
             .map(|r| Rank {

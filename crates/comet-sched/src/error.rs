@@ -52,6 +52,11 @@ pub enum SchedError {
         pending: usize,
         waited: Duration,
     },
+    /// The driver of an NCCL proxy's scheduler broke its protocol: an op
+    /// completed that is not in flight, a phase out of turn, a ready word
+    /// that does not exist.
+    #[error("rank {rank}: nccl proxy: {message}")]
+    NcclProtocol { rank: usize, message: String },
     #[error("rank {rank} worker panicked: {message}")]
     Panicked { rank: usize, message: String },
 }

@@ -272,6 +272,14 @@ impl Geometry {
     }
 }
 
+/// Little-endian u32 words of `b` (a count row as it travels); a trailing
+/// partial word is dropped.
+pub(crate) fn words(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

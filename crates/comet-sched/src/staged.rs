@@ -28,7 +28,7 @@
 //! on a GPU; host memory in tests), so all of this runs on a laptop.
 
 use crate::error::SchedError;
-use crate::proxy_plan::{Buf, Geometry, Kind, Piece, Region};
+use crate::proxy_plan::{words, Buf, Geometry, Kind, Piece, Region};
 use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::time::{Duration, Instant};
@@ -313,11 +313,4 @@ impl<'t> StagedProxy<'t> {
             waited,
         }
     }
-}
-
-/// Little-endian u32 words of `b`.
-fn words(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }

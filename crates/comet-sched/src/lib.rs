@@ -10,13 +10,13 @@
 //! the plan of the device forward ([`device_plan`], pure Rust), and
 //! (feature `gpu`) the device forward itself ([`forward::MoeLayer`]: tensors
 //! in and out on the GPU, no host in the loop) with an in-process world of
-//! W ranks for tests and benchmarks ([`device_world`]). The [`proxy`] is the
-//! host half of host-driven transports: it posts each piece's transfer and
-//! raises the receiver's signal as the piece's local ready word comes up;
-//! [`proxy_plan`] derives every piece of a device-forward call in the
-//! kernels' own buffer layout, which [`staged`] carries over host-memory
-//! transports (in readiness order) and [`nccl_proxy`] schedules over NCCL's
-//! two-sided send/recv (per pair in one order on both sides).
+//! W ranks for tests and benchmarks ([`device_world`]). Host-driven
+//! transports run the same kernels through a proxy: [`proxy_plan`] derives
+//! every piece of a device-forward call in the kernels' own buffer layout,
+//! which [`staged`] carries over host-memory transports in readiness order
+//! (on the GPU: `staged_device`, feature `gpu`) and [`nccl_proxy`]
+//! schedules over NCCL's two-sided send/recv (per pair in one order on both
+//! sides).
 
 pub mod cpu;
 pub mod device_plan;
@@ -27,7 +27,6 @@ pub mod error;
 pub mod forward;
 pub mod nccl_proxy;
 mod protocol;
-pub mod proxy;
 pub mod proxy_plan;
 pub mod staged;
 #[cfg(feature = "gpu")]

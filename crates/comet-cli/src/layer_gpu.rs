@@ -4,7 +4,8 @@
 //! total tokens on the same GPU, what a PyTorch user runs today (the plain
 //! torch layer and Hugging Face's MixtralSparseMoeBlock in each experts
 //! implementation) through the scripts/bench_torch_layer.py helper. Plus
-//! the host time of one `forward` call.
+//! communication-only (route, count exchange, dispatch, combine: no GEMMs)
+//! and the host time of one `forward` call.
 //!
 //! W ranks are threads sharing GPU 0 (each gets its share of the SMs), so
 //! for W > 1 the "link" is device memory: the protocol on the real kernels,
@@ -37,6 +38,8 @@ struct Row {
     fused: f64,
     seq: f64,
     gemm: f64,
+    /// Route, count exchange, dispatch and combine alone.
+    comm: f64,
     host_us: f64,
     /// (implementation, its ms, ours fused ms timed in turns with it).
     torch: Vec<(String, f64, f64)>,
@@ -158,13 +161,15 @@ fn bench_one(
             }
         }
     }
-    let (mut f, mut s, mut g, mut host) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut f, mut s, mut g, mut c, mut host) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.iters {
         world.set_mode(ExecMode::Fused);
         f.push(timed(&mut world, |w| Ok(w.forward()?))?);
         world.set_mode(ExecMode::Baseline);
         s.push(timed(&mut world, |w| Ok(w.forward()?))?);
         g.push(timed(&mut world, |w| Ok(w.gemms_only()?))?);
+        c.push(timed(&mut world, |w| Ok(w.comms_only()?))?);
         world.set_mode(ExecMode::Fused);
         let t0 = Instant::now();
         world.forward()?;
@@ -178,6 +183,7 @@ fn bench_one(
         fused: median(&mut f),
         seq: median(&mut s),
         gemm: median(&mut g),
+        comm: median(&mut c),
         host_us: median(&mut host),
         torch: torch_ok,
         diff,
@@ -209,8 +215,8 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         a.routing, a.iters
     );
     println!();
-    println!("| shape | W | tokens/rank | overlap | fused ms | sequential ms | GEMM-only ms | fused/GEMM-only | best torch | torch ms | fused ms in turns with it | torch/fused | host us/call | max abs fused-seq |");
-    println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| shape | W | tokens/rank | overlap | fused ms | sequential ms | GEMM-only ms | comm-only ms | fused/GEMM-only | fused/max(comm, GEMM) | best torch | torch ms | fused ms in turns with it | torch/fused | host us/call | max abs fused-seq |");
+    println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let best = r
             .torch
@@ -219,7 +225,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             .cloned()
             .unwrap_or(("-".into(), f64::NAN, f64::NAN));
         println!(
-            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1e} |",
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1e} |",
             r.label,
             r.ranks,
             r.tokens,
@@ -227,7 +233,9 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             r.fused,
             r.seq,
             r.gemm,
+            r.comm,
             r.fused / r.gemm,
+            r.fused / r.comm.max(r.gemm),
             best.0,
             best.1,
             best.2,

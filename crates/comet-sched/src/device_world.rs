@@ -53,6 +53,9 @@ pub trait WorldLayer: Send {
     /// As [`MoeLayer::gemms_only`].
     unsafe fn gemms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError>;
     /// # Safety
+    /// As [`MoeLayer::comms_only`].
+    unsafe fn comms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError>;
+    /// # Safety
     /// As [`MoeLayer::poison`].
     unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError>;
     /// # Safety
@@ -84,6 +87,10 @@ impl<T: DeviceTransport + 'static> WorldLayer for MoeLayer<T> {
     unsafe fn gemms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
         unsafe { MoeLayer::gemms_only(self, stream, a) }
+    }
+    unsafe fn comms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { MoeLayer::comms_only(self, stream, a) }
     }
     unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
@@ -119,6 +126,10 @@ impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
     unsafe fn gemms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
         unsafe { self.layer_mut().gemms_only(stream, a) }
+    }
+    unsafe fn comms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { StagedLayer::comms_only(self, stream, a) }
     }
     unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
@@ -421,6 +432,18 @@ impl DeviceWorld {
             let a = r.args();
             // SAFETY: as in forward.
             unsafe { r.layer.gemms_only(r.stream.cu_stream(), &a) }?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues the communication of a call on every rank (route, count
+    /// exchange, dispatch, combine; no GEMMs, no reduce): the bench's
+    /// communication-only figure.
+    pub fn comms_only(&mut self) -> Result<(), SchedError> {
+        for r in &mut self.ranks {
+            let a = r.args();
+            // SAFETY: as in forward.
+            unsafe { r.layer.comms_only(r.stream.cu_stream(), &a) }?;
         }
         Ok(())
     }

@@ -444,12 +444,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     pub unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         self.check_args(a)?;
         self.take_status()?;
-        let rank = self.rank();
-        self.t
-            .comm_stream()
-            .context()
-            .bind_to_thread()
-            .map_err(|e| dev(rank, "bind context", e))?;
+        self.bind()?;
         // SAFETY: the caller's contract covers `a` and `stream`; everything
         // else is this layer's own memory, sized by its plan.
         unsafe {
@@ -463,6 +458,16 @@ impl<T: DeviceTransport> MoeLayer<T> {
             }
             self.finish(stream)
         }
+    }
+
+    /// Makes this layer's context current on the calling thread.
+    fn bind(&self) -> Result<(), SchedError> {
+        let rank = self.rank();
+        self.t
+            .comm_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| dev(rank, "bind context", e))
     }
 
     /// Waits for `stream` (and this layer's side stream), then returns the
@@ -739,7 +744,33 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// Sequential mode: every segment of this rank has landed.
     unsafe fn wait_dispatch(&self, stream: CUstream) -> Result<(), SchedError> {
         let w = self.plan.cfg.ranks;
-        let first = self.map.wire(self.map.dispatch(0, 0)).index();
+        let first = self.map.wire(self.map.dispatch(0, 0)).index() as usize;
+        // SAFETY: indices inside this rank's signal array.
+        unsafe { self.wait_signals(stream, first, self.plan.cfg.experts_per_rank() * w) }
+    }
+
+    /// Every other rank's combine chunks have landed here (this rank's own
+    /// rows are never sent, so its own combine signals are skipped).
+    unsafe fn wait_combine(&self, stream: CUstream) -> Result<(), SchedError> {
+        let (w, me, chunks) = (self.plan.cfg.ranks, self.rank(), self.plan.chunks);
+        let at = |from: usize| self.map.wire(self.map.combine(from, 0)).index() as usize;
+        // SAFETY: both ranges lie inside this rank's signal array.
+        unsafe {
+            self.wait_signals(stream, at(0), me * chunks)?;
+            self.wait_signals(stream, at(0) + (me + 1) * chunks, (w - me - 1) * chunks)
+        }
+    }
+
+    /// Waits on signals `first .. first + count` of this rank for the call.
+    unsafe fn wait_signals(
+        &self,
+        stream: CUstream,
+        first: usize,
+        count: usize,
+    ) -> Result<(), SchedError> {
+        if count == 0 {
+            return Ok(());
+        }
         let p = WaitParams {
             signals: self.sym.signals_at,
             sc: self.s.sc,
@@ -747,9 +778,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
             err: self.s.err,
             timeout_ns: self.timeout_ns,
             first: first as i32,
-            count: (self.plan.cfg.experts_per_rank() * w) as i32,
+            count: count as i32,
         };
-        // SAFETY: indices inside this rank's signal array.
+        // SAFETY: the caller's indices are inside this rank's signal array.
         unsafe { self.k.forward.wait(&p, stream) }.map_err(kerr(self.rank()))
     }
 
@@ -1008,6 +1039,36 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe {
             self.fc1(stream, a, false, self.plan.gemm_grid)?;
             self.fc2(stream, a, false, self.plan.gemm_grid)
+        }
+    }
+
+    /// Enqueues only the communication of a call, in sequence: route, the
+    /// count exchange and layout, dispatch, and combine (of whatever the
+    /// FC2 output holds), waiting for every segment and chunk to land: the
+    /// bench's communication-only figure. A call of the protocol like
+    /// `forward` (every rank makes it together; it counts as a call).
+    ///
+    /// # Safety
+    /// As [`MoeLayer::forward`].
+    pub unsafe fn comms_only(
+        &mut self,
+        stream: CUstream,
+        a: &ForwardArgs,
+    ) -> Result<(), SchedError> {
+        self.check_args(a)?;
+        self.take_status()?;
+        self.bind()?;
+        let aux = self.plan.aux_blocks;
+        // SAFETY: as in forward.
+        unsafe {
+            self.begin(stream)?;
+            self.route(stream, a)?;
+            self.layout(stream, a)?;
+            self.dispatch(stream, a, aux, false)?;
+            self.wait_dispatch(stream)?;
+            self.combine(stream, false, aux)?;
+            self.wait_combine(stream)?;
+            self.finish(stream)
         }
     }
 

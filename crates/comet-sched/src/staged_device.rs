@@ -530,6 +530,31 @@ impl<T: Transport + 'static> StagedLayer<T> {
     /// # Safety
     /// As [`MoeLayer::forward`].
     pub unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.call(stream, a, false) }
+    }
+
+    /// As [`MoeLayer::comms_only`], and hands the call to the proxy.
+    ///
+    /// # Safety
+    /// As [`MoeLayer::forward`].
+    pub unsafe fn comms_only(
+        &mut self,
+        stream: CUstream,
+        a: &ForwardArgs,
+    ) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.call(stream, a, true) }
+    }
+
+    /// One call of the protocol (the whole layer, or its communication
+    /// only), enqueued and then handed to the proxy.
+    unsafe fn call(
+        &mut self,
+        stream: CUstream,
+        a: &ForwardArgs,
+        comms: bool,
+    ) -> Result<(), SchedError> {
         self.proxy_failure()?;
         // A replayed graph would run the kernels without the proxy.
         // SAFETY: `stream` is live (the caller's contract).
@@ -546,7 +571,13 @@ impl<T: Transport + 'static> StagedLayer<T> {
             });
         }
         // SAFETY: forwarded contract.
-        unsafe { self.layer.forward(stream, a) }?;
+        unsafe {
+            if comms {
+                self.layer.comms_only(stream, a)
+            } else {
+                self.layer.forward(stream, a)
+            }
+        }?;
         self.epoch += 1;
         let sent = self.calls.as_ref().map(|c| c.send(self.epoch));
         if sent.is_none_or(|s| s.is_err()) {

@@ -537,3 +537,38 @@ fn staged_rank_that_never_calls_is_an_error_not_a_hang() {
         "{text}"
     );
 }
+
+#[test]
+#[ignore = "needs a GPU"]
+fn communication_only_calls_keep_every_rank_in_step() {
+    for staged in [false, true] {
+        let c = cfg(2, 256, 4, 2);
+        let mut h = Harness::build(&c, 128, &opts(&c, 128), staged);
+        for call in 0..6u64 {
+            let inputs = h.inputs(&[128, 100], RoutingKind::Zipf(1.2), 4000 + call);
+            if call % 2 == 1 {
+                h.call(
+                    &inputs,
+                    ExecMode::Fused,
+                    &format!("staged {staged} call {call}"),
+                );
+                continue;
+            }
+            h.world.set_inputs(&inputs).unwrap();
+            h.world
+                .comms_only()
+                .unwrap_or_else(|e| panic!("staged {staged} comms {call}: {e}"));
+            let infos = h
+                .world
+                .check()
+                .unwrap_or_else(|e| panic!("staged {staged} comms {call}: {e}"));
+            for (r, (info, inp)) in infos.iter().zip(&inputs).enumerate() {
+                let slots = inp.routing.ids.len();
+                assert_eq!(
+                    info.sent_rows, slots,
+                    "staged {staged} call {call} rank {r}"
+                );
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! `cargo xtask bundle`: release binaries for a GPU machine that has only
 //! the driver and CUDA libraries (cudarc loads libcuda, libnvrtc and
-//! libcublas at run time): the `comet` CLI (with the nvlink and nccl
+//! libcublas at run time): the `comet` CLI (with the nvlink, nccl and ucx
 //! transports), the GPU test binaries of comet-kernels and comet-sched
 //! (`gpu_layer`, and `gpu_staged_ucx` with the UCX libraries it links,
 //! which GPU machines lack, in lib/), the torch baseline scripts and an
@@ -88,10 +88,10 @@ exec "$HERE/$exe" "$@"
 /// Builds the bundle; returns its folder.
 pub fn bundle() -> Result<PathBuf> {
     let root = root();
-    // The GPU transports' rows of `comet bench transport` come with the CLI
-    // (cudarc loads CUDA and NCCL at run time); UCX would need libucx on the
-    // GPU machine, so it stays out.
-    eprintln!("bundle: building comet (release, features nvlink,nccl)");
+    // Every transport comes with the CLI: cudarc loads CUDA and NCCL at run
+    // time, and the UCX libraries it links travel in lib/ (GPU machines
+    // have none), for `comet bench --gpu --transport ucx`.
+    eprintln!("bundle: building comet (release, features nvlink,nccl,ucx)");
     let status = cargo()
         .current_dir(&root)
         .args([
@@ -102,7 +102,7 @@ pub fn bundle() -> Result<PathBuf> {
             "--bin",
             "comet",
             "--features",
-            "nvlink,nccl",
+            "nvlink,nccl,ucx",
         ])
         .status()
         .context("cargo build --release -p comet-cli")?;

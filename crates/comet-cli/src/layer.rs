@@ -70,12 +70,14 @@ pub struct LayerArgs {
     /// runs mixtral-8x7b, qwen2-moe and phi3.5-moe.
     #[arg(long)]
     pub gpu: bool,
-    /// With --gpu: stage every rank through host memory, a proxy thread
-    /// per rank carrying the bytes over the local transport (the host path
-    /// UCX and NCCL take across nodes); the cost model gets socket-speed
-    /// link figures.
-    #[arg(long)]
-    pub staged: bool,
+    /// With --gpu, what carries the ranks' bytes: `nvlink` (ranks as
+    /// threads, kernels store into the peers), `local` (ranks as threads,
+    /// each staged through host memory by its proxy: the host path UCX and
+    /// NCCL take across nodes), `ucx` (this process is one rank of a world
+    /// started by `comet launch -n W`, staged over UCX). Staged ranks get
+    /// socket-speed link figures for the cost model.
+    #[arg(long, default_value = "nvlink")]
+    pub transport: String,
 }
 
 /// Fails fast, before any weight is generated, when this machine has no
@@ -179,8 +181,14 @@ impl LayerArgs {
                 }
             }
         }
-        if self.staged && !self.gpu {
-            bail!("--staged stages the GPU ranks through host memory; it needs --gpu");
+        match (self.transport.as_str(), self.gpu) {
+            ("nvlink", _) => {}
+            ("local" | "ucx", true) => {}
+            ("local" | "ucx", false) => bail!(
+                "--transport {} carries the GPU ranks' bytes; it needs --gpu",
+                self.transport
+            ),
+            (other, _) => bail!("--transport {other}: expected nvlink, local or ucx"),
         }
         if let Some(p) = &self.trace {
             check_trace_path(p)?;

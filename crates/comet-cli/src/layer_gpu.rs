@@ -9,9 +9,12 @@
 //!
 //! W ranks are threads sharing GPU 0 (each gets its share of the SMs), so
 //! for W > 1 the "link" is device memory: the protocol on the real kernels,
-//! not link speed. With `--staged` every rank is staged through host memory
-//! instead, a proxy thread per rank carrying the bytes over the local
-//! transport: the host path of UCX and NCCL, with its copies. Correctness is the GPU tests' job (tests/gpu_layer.rs);
+//! not link speed. With `--transport local` every rank is staged through
+//! host memory instead, a proxy thread per rank carrying the bytes over the
+//! local transport: the host path of UCX and NCCL, with its copies. With
+//! `--transport ucx` each process of `comet launch -n W` is one rank,
+//! staged over UCX (TCP or shared memory, per `UCX_TLS`), and prints its
+//! own row; the torch layers are not timed there. Correctness is the GPU tests' job (tests/gpu_layer.rs);
 //! here fused and non-overlapped outputs must agree and be finite.
 
 use crate::layer::LayerArgs;
@@ -98,34 +101,36 @@ fn bench_one(
     kind: RoutingKind,
     torch: &mut Option<TorchBaseline>,
 ) -> Result<Row> {
-    let opts = LayerOptions {
+    let staged = a.transport != "nvlink";
+    let mut opts = LayerOptions {
         timeout: Duration::from_secs(a.timeout_s),
         // Staged ranks talk through host memory: a slow link, not the GPU's.
-        figures: a.staged.then(DeviceFigures::h200_slow_link),
+        figures: staged.then(DeviceFigures::h200_slow_link),
         ..LayerOptions::default()
     };
     eprintln!(
-        "comet bench --gpu: {label} ({cfg}), {} rank(s) on GPU 0{}, {} tokens/rank: building",
-        cfg.ranks,
-        if a.staged {
-            " staged through host memory"
-        } else {
-            ""
-        },
-        a.tokens
+        "comet bench --gpu: {label} ({cfg}), {} rank(s) over {}, {} tokens/rank: building",
+        cfg.ranks, a.transport, a.tokens
     );
     let weights = WorldWeights::Random {
         seed: a.seed,
         scale: 1.0 / (cfg.hidden as f32).sqrt(),
     };
     let ordinals = vec![0; cfg.ranks];
-    let mut world = if a.staged {
-        DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts)?
-    } else {
-        DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?
+    let mut world = match a.transport.as_str() {
+        "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts)?,
+        "ucx" => ucx_rank(cfg, a.tokens, weights, &mut opts)?,
+        _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?,
     };
     let overlap = world.ranks()[0].layer.plan().overlap;
-    world.set_inputs(&inputs(cfg, a.tokens, kind, a.seed))?;
+    // Every rank's inputs, of which this process holds the ranks it runs.
+    let all = inputs(cfg, a.tokens, kind, a.seed);
+    let mine: Vec<RankInput> = world
+        .ranks()
+        .iter()
+        .map(|r| all[r.layer.rank()].clone())
+        .collect();
+    world.set_inputs(&mine)?;
     // Warm-up, then fused vs sequential outputs must agree.
     let mut outs = Vec::new();
     for mode in [ExecMode::Fused, ExecMode::Baseline] {
@@ -141,7 +146,9 @@ fn bench_one(
     }
     let total_tokens = a.tokens * cfg.ranks;
     let mut torch_ok = Vec::new();
-    if let Some(t) = torch.as_mut() {
+    // One process of a launched world holds one rank: no whole-layer torch
+    // figure to set beside it.
+    if let Some(t) = torch.as_mut().filter(|_| a.transport != "ucx") {
         for imp in TORCH_IMPLS {
             let req = json!({"op": "prepare", "impl": imp, "hidden": cfg.hidden, "ffn": cfg.ffn,
                 "experts": cfg.experts, "top_k": cfg.top_k, "tokens": total_tokens, "seed": a.seed});
@@ -176,6 +183,7 @@ fn bench_one(
         host.push(t0.elapsed().as_secs_f64() * 1e6 / cfg.ranks as f64);
         world.check()?;
     }
+    world.barrier(Duration::from_secs(a.timeout_s))?;
     Ok(Row {
         label: label.to_string(),
         ranks: cfg.ranks,
@@ -257,4 +265,47 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         println!("torch layers: {}", all.join("; "));
     }
     Ok(())
+}
+
+/// This process's rank of a world launched by `comet launch -n W`, staged
+/// over UCX on the GPU its local rank picks (processes on one GPU share
+/// its SMs).
+#[cfg(feature = "ucx")]
+fn ucx_rank(
+    cfg: &MoeConfig,
+    tokens: usize,
+    weights: WorldWeights<'_>,
+    opts: &mut LayerOptions,
+) -> Result<DeviceWorld> {
+    let t = comet_transport::ucx::UcxTransport::from_env()
+        .context("--transport ucx: UCX bootstrap (run under `comet launch -n W`)")?;
+    anyhow::ensure!(
+        comet_transport::Transport::world(&t) == cfg.ranks,
+        "--ranks {} but the launched world has {} ranks",
+        cfg.ranks,
+        comet_transport::Transport::world(&t)
+    );
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let devices = comet_transport::cuda::device_count().max(1);
+    let local = env("LOCAL_RANK").unwrap_or(comet_transport::Transport::rank(&t));
+    let local_world = env("LOCAL_WORLD_SIZE").unwrap_or(cfg.ranks);
+    opts.ranks_per_gpu = local_world.div_ceil(devices);
+    Ok(DeviceWorld::staged_over(
+        cfg,
+        t,
+        local % devices,
+        tokens,
+        weights,
+        opts,
+    )?)
+}
+
+#[cfg(not(feature = "ucx"))]
+fn ucx_rank(
+    _: &MoeConfig,
+    _: usize,
+    _: WorldWeights<'_>,
+    _: &mut LayerOptions,
+) -> Result<DeviceWorld> {
+    anyhow::bail!("--transport ucx: this comet was built without UCX (cargo build -p comet-cli --features ucx)")
 }

@@ -150,7 +150,14 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
             "--trace /nonexistent/comet-dir/t.json: folder /nonexistent/comet-dir does not exist",
         ),
         (vec!["bench", "--gpu", "--delay-us", "5"], "--delay-us"),
-        (vec!["bench", "--staged"], "--staged stages the GPU ranks"),
+        (
+            vec!["bench", "--transport", "local"],
+            "--transport local carries the GPU ranks' bytes; it needs --gpu",
+        ),
+        (
+            vec!["bench", "--gpu", "--transport", "rdma"],
+            "--transport rdma: expected nvlink, local or ucx",
+        ),
         (
             vec!["bench", "--hidden", "0"],
             "--hidden must be at least 1",

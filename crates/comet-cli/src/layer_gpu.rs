@@ -146,9 +146,7 @@ fn bench_one(
     }
     let total_tokens = a.tokens * cfg.ranks;
     let mut torch_ok = Vec::new();
-    // One process of a launched world holds one rank: no whole-layer torch
-    // figure to set beside it.
-    if let Some(t) = torch.as_mut().filter(|_| a.transport != "ucx") {
+    if let Some(t) = torch.as_mut() {
         for imp in TORCH_IMPLS {
             let req = json!({"op": "prepare", "impl": imp, "hidden": cfg.hidden, "ffn": cfg.ffn,
                 "experts": cfg.experts, "top_k": cfg.top_k, "tokens": total_tokens, "seed": a.seed});
@@ -206,6 +204,9 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let shapes: Vec<(String, MoeConfig)> =
         a.shapes()?.into_iter().map(|s| (s.label, s.cfg)).collect();
     let mut torch = match find_script("bench_torch_layer.py") {
+        // One process of a launched world holds one rank: no whole-layer
+        // torch figure to set beside it.
+        _ if a.transport == "ucx" => None,
         Some(script) => TorchBaseline::start(&script).context("starting the torch helper")?,
         None => {
             eprintln!("comet bench --gpu: scripts/bench_torch_layer.py not found; torch skipped");

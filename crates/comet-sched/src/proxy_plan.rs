@@ -34,6 +34,11 @@ pub enum Buf {
 
 impl Buf {
     pub const ALL: [Buf; 3] = [Buf::Counts, Buf::Recv, Buf::Comb];
+
+    /// Its place in [`Buf::ALL`] (tables of per-buffer things use it).
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// `rows` runs of `width` bytes, `pitch` apart, from byte `offset` of a
@@ -417,6 +422,13 @@ mod tests {
             let n = seen.len();
             seen.dedup();
             assert_eq!(seen.len(), n);
+        }
+    }
+
+    #[test]
+    fn buffers_index_their_table() {
+        for (i, b) in Buf::ALL.into_iter().enumerate() {
+            assert_eq!(b.index(), i);
         }
     }
 

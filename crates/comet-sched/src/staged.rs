@@ -77,14 +77,6 @@ pub struct StagedProxy<'t> {
     timeout: Duration,
 }
 
-fn slot(buf: Buf) -> usize {
-    match buf {
-        Buf::Counts => 0,
-        Buf::Recv => 1,
-        Buf::Comb => 2,
-    }
-}
-
 /// A piece named for errors and logs.
 fn describe(p: &Piece) -> String {
     match p.kind {
@@ -229,14 +221,14 @@ impl<'t> StagedProxy<'t> {
             }
             sends.swap_remove(i);
             let n = p.region.bytes();
-            let out = &mut self.staging[p.to][slot(p.region.buf)][p.wire..p.wire + n];
+            let out = &mut self.staging[p.to][p.region.buf.index()][p.wire..p.wire + n];
             dev.download(p.to, p.region, out)?;
             if p.kind == Kind::Counts && rows[p.from].is_none() {
                 rows[p.from] = Some(words(out));
             }
             if n > 0 {
                 self.t
-                    .put(p.to, self.inbox[slot(p.region.buf)], p.wire, out)?;
+                    .put(p.to, self.inbox[p.region.buf.index()], p.wire, out)?;
             }
             self.t
                 .signal(p.to, p.signal as SignalId, SignalOp::Set(epoch))?;
@@ -266,7 +258,7 @@ impl<'t> StagedProxy<'t> {
             let n = p.region.bytes();
             self.landing.resize(n, 0);
             self.t
-                .read(self.inbox[slot(p.region.buf)], p.wire, &mut self.landing)?;
+                .read(self.inbox[p.region.buf.index()], p.wire, &mut self.landing)?;
             if p.kind == Kind::Counts {
                 rows[p.from] = Some(words(&self.landing));
             }

@@ -18,7 +18,7 @@ use crate::cpu::ExecMode;
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
 use crate::forward::{CallInfo, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
-use crate::proxy_plan::{Buf, Geometry, Region};
+use crate::proxy_plan::{Geometry, Region};
 use crate::staged::{StagedDevice, StagedProxy};
 use comet_core::MoeConfig;
 use comet_transport::cuda::{self, DeviceAlloc, ErrorWord, HostSignal, MappedWords, Runs};
@@ -324,15 +324,11 @@ pub struct CudaStaging {
     rank: usize,
     stream: Arc<CudaStream>,
     raise: HostSignal,
-    /// Per [`Buf`] (in `Buf::ALL` order): own copy, mirrors by rank.
+    /// Per buffer (by `Buf::index`): own copy, mirrors by rank.
     own: [u64; 3],
     mirrors: [Vec<u64>; 3],
     ready: Vec<Option<Arc<MappedWords>>>,
     signals: u64,
-}
-
-fn slot(buf: Buf) -> usize {
-    Buf::ALL.iter().position(|&b| b == buf).unwrap_or(0)
 }
 
 fn runs(r: Region) -> Runs {
@@ -392,7 +388,7 @@ impl StagedDevice for CudaStaging {
     }
 
     fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError> {
-        let base = self.mirrors[slot(region.buf)][to];
+        let base = self.mirrors[region.buf.index()][to];
         // SAFETY: the mirror is a live allocation of the buffer's size and
         // `region` lies inside it (proxy_plan checks counts against the
         // capacities); the kernels finished writing it (its ready word).
@@ -409,7 +405,7 @@ impl StagedDevice for CudaStaging {
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
-        let dst = self.own[slot(region.buf)] + region.offset as u64;
+        let dst = self.own[region.buf.index()] + region.offset as u64;
         // SAFETY: as in download for this rank's own buffer; `bytes` is
         // pageable (the proxy's landing buffer), staged before the return.
         unsafe { cuda::copy_runs_to_device(&self.stream, bytes, dst, runs(region)) }

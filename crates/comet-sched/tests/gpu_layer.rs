@@ -184,47 +184,62 @@ fn routings() -> [RoutingKind; 5] {
     ]
 }
 
-#[test]
-#[ignore = "needs a GPU"]
-fn every_routing_and_size_matches_the_reference() {
-    for (w, ffn, experts, k, cap) in [
-        (1, 256, 4, 2, 200),
-        (2, 512, 4, 2, 256),
-        (4, 256, 8, 3, 160),
-    ] {
+/// Every routing kind at T = 0, 1, the capacity and below it, both modes,
+/// on each (ranks, ffn, experts, top-k, capacity) of `shapes`.
+fn every_routing(staged: bool, shapes: &[(usize, usize, usize, usize, usize)]) {
+    for &(w, ffn, experts, k, cap) in shapes {
         let c = cfg(w, ffn, experts, k);
-        let mut h = Harness::new(&c, cap, &opts(&c, cap));
+        let mut h = Harness::build(&c, cap, &opts(&c, cap), staged);
         for (i, kind) in routings().into_iter().enumerate() {
             for tokens in [0, 1, cap, cap - 37] {
                 let toks: Vec<usize> = (0..w).map(|r| tokens.saturating_sub(r * 3)).collect();
                 let inputs = h.inputs(&toks, kind, (i * 10 + tokens) as u64);
                 for mode in modes() {
-                    h.call(
-                        &inputs,
-                        mode,
-                        &format!("W={w} {kind:?} T={tokens} {mode:?}"),
-                    );
+                    let label = format!("staged {staged} W={w} {kind:?} T={tokens} {mode:?}");
+                    h.call(&inputs, mode, &label);
                 }
             }
         }
     }
 }
 
-#[test]
-#[ignore = "needs a GPU"]
-fn thirty_calls_on_the_same_buffers() {
-    // Chunks > 1 and overlap on: a wide hidden over several ranks.
-    let c = cfg(2, 256, 8, 2);
-    let mut h = Harness::new(&c, 256, &opts(&c, 256));
+/// 30 calls on the same buffers with changing routing, T and mode.
+fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize) {
+    let c = cfg(w, 256, experts, 2);
+    let mut h = Harness::build(&c, cap, &opts(&c, cap), staged);
     for call in 0..30u64 {
-        let toks: Vec<usize> = (0..2)
-            .map(|r| 1 + ((call as usize * 53 + r * 97) % 256))
+        let toks: Vec<usize> = (0..w)
+            .map(|r| 1 + ((call as usize * 53 + r * 97) % cap))
             .collect();
         let kind = routings()[call as usize % 5];
         let inputs = h.inputs(&toks, kind, 1000 + call);
         let mode = modes()[call as usize % 2];
-        h.call(&inputs, mode, &format!("call {call} {kind:?} {mode:?}"));
+        h.call(
+            &inputs,
+            mode,
+            &format!("staged {staged} call {call} {kind:?} {mode:?}"),
+        );
     }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn every_routing_and_size_matches_the_reference() {
+    every_routing(
+        false,
+        &[
+            (1, 256, 4, 2, 200),
+            (2, 512, 4, 2, 256),
+            (4, 256, 8, 3, 160),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn thirty_calls_on_the_same_buffers() {
+    // Chunks > 1 and overlap on: a wide hidden over several ranks.
+    thirty_calls(false, 2, 8, 256);
 }
 
 #[test]
@@ -427,74 +442,45 @@ fn the_device_layout_equals_comet_core_s() {
 #[test]
 #[ignore = "needs a GPU"]
 fn a_rank_that_never_calls_is_a_timeout_naming_its_count_signal() {
-    let c = cfg(2, 256, 4, 2);
-    let o = LayerOptions {
-        timeout: Duration::from_millis(500),
-        ..opts(&c, 32)
-    };
-    let mut h = Harness::new(&c, 32, &o);
-    let inputs = h.inputs(&[32, 32], RoutingKind::Uniform, 5);
-    h.world.set_inputs(&inputs).unwrap();
-    // Only rank 0 calls: its layout waits for rank 1's counts, bounded.
-    let r0 = &mut h.world.ranks_mut()[0];
-    let a = r0.args();
-    // SAFETY: the rank's own tensors and stream.
-    unsafe { r0.layer.forward(r0.stream.cu_stream(), &a) }.unwrap();
-    let t0 = std::time::Instant::now();
-    // SAFETY: as above.
-    let e = unsafe { r0.layer.check(r0.stream.cu_stream()) }.unwrap_err();
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t0.elapsed()
-    );
-    let text = e.to_string();
-    assert!(
-        text.contains("rank 0") && text.contains("count(src 1)"),
-        "{text}"
-    );
+    for staged in [false, true] {
+        let c = cfg(2, 256, 4, 2);
+        let o = LayerOptions {
+            timeout: Duration::from_millis(500),
+            ..opts(&c, 32)
+        };
+        let mut h = Harness::build(&c, 32, &o, staged);
+        let inputs = h.inputs(&[32, 32], RoutingKind::Uniform, 5);
+        h.world.set_inputs(&inputs).unwrap();
+        // Only rank 0 calls: its layout waits for rank 1's counts, bounded
+        // (staged: its proxy waits for rank 1's count row, bounded too).
+        let r0 = &mut h.world.ranks_mut()[0];
+        let a = r0.args();
+        // SAFETY: the rank's own tensors and stream.
+        unsafe { r0.layer.forward(r0.stream.cu_stream(), &a) }.unwrap();
+        let t0 = std::time::Instant::now();
+        // SAFETY: as above.
+        let e = unsafe { r0.layer.check(r0.stream.cu_stream()) }.unwrap_err();
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "staged {staged}: took {:?}",
+            t0.elapsed()
+        );
+        let text = e.to_string();
+        let named = text.contains("count(src 1)") || (staged && text.contains("count(1)"));
+        assert!(text.contains("rank 0") && named, "staged {staged}: {text}");
+    }
 }
 
 #[test]
 #[ignore = "needs a GPU"]
 fn staged_every_routing_matches_the_reference() {
-    for (w, ffn, experts, k, cap) in [(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)] {
-        let c = cfg(w, ffn, experts, k);
-        let mut h = Harness::staged(&c, cap, &opts(&c, cap));
-        for (i, kind) in routings().into_iter().enumerate() {
-            for tokens in [0, 1, cap] {
-                let toks: Vec<usize> = (0..w).map(|r| tokens.saturating_sub(r * 3)).collect();
-                let inputs = h.inputs(&toks, kind, (i * 10 + tokens) as u64);
-                for mode in modes() {
-                    h.call(
-                        &inputs,
-                        mode,
-                        &format!("staged W={w} {kind:?} T={tokens} {mode:?}"),
-                    );
-                }
-            }
-        }
-    }
+    every_routing(true, &[(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)]);
 }
 
 #[test]
 #[ignore = "needs a GPU"]
 fn staged_thirty_calls_on_the_same_buffers() {
-    let c = cfg(3, 256, 6, 2);
-    let mut h = Harness::staged(&c, 200, &opts(&c, 200));
-    for call in 0..30u64 {
-        let toks: Vec<usize> = (0..3)
-            .map(|r| 1 + ((call as usize * 53 + r * 97) % 200))
-            .collect();
-        let kind = routings()[call as usize % 5];
-        let inputs = h.inputs(&toks, kind, 3000 + call);
-        let mode = modes()[call as usize % 2];
-        h.call(
-            &inputs,
-            mode,
-            &format!("staged call {call} {kind:?} {mode:?}"),
-        );
-    }
+    thirty_calls(true, 3, 6, 200);
 }
 
 #[test]
@@ -506,36 +492,6 @@ fn staged_calls_cannot_be_captured() {
     h.world.set_inputs(&inputs).unwrap();
     let e = h.world.capture().map(|_| ()).unwrap_err();
     assert!(e.to_string().contains("cannot be captured"), "{e}");
-}
-
-#[test]
-#[ignore = "needs a GPU"]
-fn staged_rank_that_never_calls_is_an_error_not_a_hang() {
-    let c = cfg(2, 256, 4, 2);
-    let o = LayerOptions {
-        timeout: Duration::from_millis(500),
-        ..opts(&c, 32)
-    };
-    let mut h = Harness::staged(&c, 32, &o);
-    let inputs = h.inputs(&[32, 32], RoutingKind::Uniform, 5);
-    h.world.set_inputs(&inputs).unwrap();
-    let r0 = &mut h.world.ranks_mut()[0];
-    let a = r0.args();
-    // SAFETY: the rank's own tensors and stream.
-    unsafe { r0.layer.forward(r0.stream.cu_stream(), &a) }.unwrap();
-    let t0 = std::time::Instant::now();
-    // SAFETY: as above.
-    let e = unsafe { r0.layer.check(r0.stream.cu_stream()) }.unwrap_err();
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t0.elapsed()
-    );
-    let text = e.to_string();
-    assert!(
-        text.contains("rank 0") && (text.contains("count(src 1)") || text.contains("count(1)")),
-        "{text}"
-    );
 }
 
 #[test]

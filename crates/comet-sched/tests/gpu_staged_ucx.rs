@@ -12,6 +12,8 @@
 //! (the bundle ships it with the UCX libraries: `.bundle/run.sh gpu_staged_ucx`).
 #![cfg(all(feature = "gpu", feature = "ucx"))]
 
+mod common;
+
 use comet_core::cost::DeviceFigures;
 use comet_core::reference::{max_error, moe_layer};
 use comet_core::weights::random_tokens;
@@ -19,9 +21,10 @@ use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
 use comet_sched::{ExecMode, RankInput};
-use comet_transport::launch::{launch, LaunchConfig, LaunchError, LaunchReport, OnFailure};
+use comet_transport::launch::OnFailure;
 use comet_transport::ucx::UcxTransport;
 use comet_transport::Transport;
+use common::{assert_all_done, assert_victim_named, die, launch_world, marker};
 use half::bf16;
 use std::time::{Duration, Instant};
 
@@ -30,13 +33,10 @@ const TOL: f64 = 2e-2;
 const CAP: usize = 160;
 const CALLS: u64 = 30;
 const KILLED_AT: u64 = 3;
+const LIMIT: Duration = Duration::from_secs(300);
 
 fn round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
-}
-
-fn marker(rank: usize, scenario: &str) -> String {
-    format!("gpu_staged_rank {rank}: {scenario} done")
 }
 
 /// One rank (inert unless the launcher set `COMET_TEST_SCENARIO`).
@@ -86,11 +86,7 @@ fn gpu_staged_rank() {
         if kill && call == KILLED_AT && me == w - 1 {
             // Every earlier call is complete on every rank (each checked
             // its y), so no put of this rank is unacknowledged.
-            let _ = std::process::Command::new("sh")
-                .args(["-c", "kill -KILL $PPID"])
-                .status();
-            std::thread::sleep(Duration::from_secs(60));
-            panic!("still alive after SIGKILL");
+            die();
         }
         let tokens = 1 + (call as usize * 53 + me * 97) % CAP;
         let kind = kinds[call as usize % kinds.len()];
@@ -140,66 +136,12 @@ fn gpu_staged_rank() {
     println!("{}", marker(me, &scenario));
 }
 
-fn launch_world(
-    scenario: &str,
-    world: usize,
-    tls: &str,
-    on_failure: OnFailure,
-) -> Result<LaunchReport, LaunchError> {
-    let exe = std::env::current_exe().expect("test binary path");
-    let args = [
-        ENTRY,
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ];
-    let mut cfg = LaunchConfig::new(world, exe).args(args.map(String::from).to_vec());
-    // UCX 1.13's shared-memory transports cannot report peer failures.
-    let peer_errors = if tls.starts_with("tcp") { "1" } else { "0" };
-    for (k, v) in [
-        ("COMET_TEST_SCENARIO", scenario),
-        ("UCX_TLS", tls),
-        ("COMET_UCX_PEER_ERRORS", peer_errors),
-        ("COMET_UCX_TIMEOUT_S", "60"),
-        ("NCCL_NVLS_ENABLE", "0"),
-    ] {
-        cfg = cfg.env(k, v);
-    }
-    cfg.timeout = Some(Duration::from_secs(300));
-    cfg.on_failure = on_failure;
-    cfg.capture = true;
-    cfg.forward = std::env::var_os("COMET_TEST_VERBOSE").is_some();
-    launch(&cfg)
-}
-
-fn text(rep: &LaunchReport) -> String {
-    rep.ranks
-        .iter()
-        .map(|r| format!("--- rank {} ({}):\n{}", r.rank, r.describe(), r.text()))
-        .collect()
-}
-
 #[test]
 #[ignore = "needs a GPU and libucx"]
 fn staged_layer_over_ucx_processes_matches_the_reference() {
     for (world, tls) in [(2, "tcp"), (3, "sm,self"), (4, "tcp")] {
-        let rep = match launch_world("calls", world, tls, OnFailure::KillAll) {
-            Ok(r) => r,
-            Err(e) => panic!(
-                "{world} ranks over {tls}: {e}\n{}",
-                e.report().map(text).unwrap_or_default()
-            ),
-        };
-        for r in &rep.ranks {
-            assert!(
-                r.output
-                    .iter()
-                    .any(|l| l.contains(&marker(r.rank, "calls"))),
-                "{world} ranks over {tls}:\n{}",
-                text(&rep)
-            );
-        }
+        let r = launch_world(ENTRY, "calls", world, tls, OnFailure::KillAll, LIMIT);
+        assert_all_done(r, "calls", world, tls);
     }
 }
 
@@ -207,29 +149,7 @@ fn staged_layer_over_ucx_processes_matches_the_reference() {
 #[ignore = "needs a GPU and libucx"]
 fn staged_layer_rank_killed_mid_layer_is_named_by_the_others() {
     for (world, tls) in [(2, "tcp"), (3, "tcp")] {
-        let rep = match launch_world("kill", world, tls, OnFailure::Wait) {
-            Err(LaunchError::Failed { failed, report }) => {
-                assert_eq!(
-                    failed,
-                    vec![world - 1],
-                    "only the victim may fail:\n{}",
-                    text(&report)
-                );
-                report
-            }
-            other => panic!("{world} over {tls}: the victim should have died: {other:?}"),
-        };
-        assert_eq!(rep.ranks[world - 1].signal, Some(9), "{}", text(&rep));
-        for r in &rep.ranks[..world - 1] {
-            let said = r.text();
-            assert!(
-                r.success()
-                    && said.contains("error as expected")
-                    && said.contains(&format!("peer {}", world - 1))
-                    && said.contains(&marker(r.rank, "kill")),
-                "{world} over {tls}, rank {}:\n{said}",
-                r.rank
-            );
-        }
+        let r = launch_world(ENTRY, "kill", world, tls, OnFailure::Wait, LIMIT);
+        assert_victim_named(r, "kill", world, tls);
     }
 }

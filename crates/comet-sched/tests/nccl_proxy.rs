@@ -29,10 +29,6 @@ use std::collections::{HashMap, VecDeque};
 
 const POISON: u8 = 0xA5;
 
-fn idx(b: Buf) -> usize {
-    Buf::ALL.iter().position(|&x| x == b).unwrap()
-}
-
 /// A layer's shape: ranks, experts per rank, hidden columns (bf16) and
 /// columns per combine chunk.
 #[derive(Debug, Clone, Copy)]
@@ -284,7 +280,7 @@ impl Sim {
                 Event::Complete { rank, op, bytes } => {
                     let (_, p) = self.ranks[rank].open.remove(&op).unwrap();
                     if let Some(b) = bytes {
-                        let s = &mut self.ranks[rank].staging[idx(p.region.buf)];
+                        let s = &mut self.ranks[rank].staging[p.region.buf.index()];
                         s[p.wire..p.wire + b.len()].copy_from_slice(&b);
                     }
                     (rank, self.ranks[rank].sched.completed(op).unwrap())
@@ -331,11 +327,12 @@ impl Sim {
     fn land(&mut self, rank: usize, piece: Piece) {
         let r = &mut self.ranks[rank];
         let mut region = piece.region;
-        let packed = r.staging[idx(region.buf)][piece.wire..piece.wire + region.bytes()].to_vec();
+        let packed =
+            r.staging[region.buf.index()][piece.wire..piece.wire + region.bytes()].to_vec();
         if region.buf == Buf::Recv {
             region.offset += self.land_shift;
         }
-        unpack(region, &packed, &mut r.own[idx(region.buf)]);
+        unpack(region, &packed, &mut r.own[region.buf.index()]);
         self.raise(rank, piece, self.epoch);
     }
 
@@ -363,7 +360,7 @@ impl Sim {
         if send {
             // What the send carries is what the mirror holds when it is
             // posted: a send ahead of its ready word carries stale bytes.
-            let mirror = &self.ranks[rank].mirrors[p.to][idx(p.region.buf)];
+            let mirror = &self.ranks[rank].mirrors[p.to][p.region.buf.index()];
             lane.sends.push_back((op, p, pack(p.region, mirror)));
         } else {
             lane.recvs.push_back((op, p));
@@ -430,7 +427,7 @@ impl Sim {
                     .iter()
                     .flat_map(|c| c.to_le_bytes())
                     .collect();
-                if own[idx(Buf::Counts)][at..at + 4 * e] != want[..] {
+                if own[Buf::Counts.index()][at..at + 4 * e] != want[..] {
                     return Err(format!("count row of {from} at byte {at}"));
                 }
             }
@@ -439,7 +436,7 @@ impl Sim {
                 let seg = self.plan.recv[rank].segment(le, from, w);
                 for i in 0..seg.rows {
                     let at = (seg.row + i) * rb;
-                    if own[idx(Buf::Recv)][at..at + rb]
+                    if own[Buf::Recv.index()][at..at + rb]
                         != row_bytes(rb, self.epoch, from, ge, i, false)[..]
                     {
                         return Err(format!(
@@ -455,7 +452,8 @@ impl Sim {
                     for i in 0..self.truth[rank][ge] as usize {
                         let at = (self.plan.send_offset(rank, ge) + i) * rb + chunk * cb;
                         let want = row_bytes(rb, self.epoch, rank, ge, i, true);
-                        if own[idx(Buf::Comb)][at..at + cb] != want[chunk * cb..(chunk + 1) * cb] {
+                        if own[Buf::Comb.index()][at..at + cb] != want[chunk * cb..(chunk + 1) * cb]
+                        {
                             return Err(format!("answer {i} of expert {ge}, chunk {chunk}"));
                         }
                     }
@@ -475,10 +473,10 @@ impl Sim {
             .flat_map(|c| c.to_le_bytes())
             .collect();
         let r = &mut self.ranks[me];
-        r.own[idx(Buf::Counts)][at..at + row.len()].copy_from_slice(&row);
+        r.own[Buf::Counts.index()][at..at + row.len()].copy_from_slice(&row);
         r.signals[self.geo.count_signal(me)] = epoch;
         for to in (0..w).filter(|&t| t != me) {
-            r.mirrors[to][idx(Buf::Counts)][at..at + row.len()].copy_from_slice(&row);
+            r.mirrors[to][Buf::Counts.index()][at..at + row.len()].copy_from_slice(&row);
             self.events.push(Event::Ready {
                 rank: me,
                 to,
@@ -493,9 +491,9 @@ impl Sim {
     fn store(&mut self, me: usize, to: usize, buf: Buf, at: usize, bytes: &[u8]) {
         let r = &mut self.ranks[me];
         let b = if to == me {
-            &mut r.own[idx(buf)]
+            &mut r.own[buf.index()]
         } else {
-            &mut r.mirrors[to][idx(buf)]
+            &mut r.mirrors[to][buf.index()]
         };
         b[at..at + bytes.len()].copy_from_slice(bytes);
     }
@@ -528,7 +526,7 @@ impl Sim {
         let r = &self.ranks[me];
         let stage = r.stage;
         if r.sched.phase() == Phase::Counts && r.sched.phase_done() {
-            let counts = read_counts(&g, me, epoch, &r.own[idx(Buf::Counts)]).unwrap();
+            let counts = read_counts(&g, me, epoch, &r.own[Buf::Counts.index()]).unwrap();
             assert_eq!(counts, self.truth, "rank {me}: counts after the exchange");
             let acts = self.ranks[me].sched.start_layer(&counts).unwrap();
             self.apply(me, acts);

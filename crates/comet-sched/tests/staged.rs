@@ -13,6 +13,9 @@
 //! shared memory), and a rank SIGKILLed while its peers are in a call must
 //! leave every other rank with an error naming it, not a hang or an abort.
 
+#[cfg(feature = "ucx")]
+mod common;
+
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
 use comet_sched::proxy_plan::{Buf, Geometry, Region};
@@ -29,10 +32,6 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
 const H: usize = 32; // bf16 columns: 64-byte rows
-
-fn idx(b: Buf) -> usize {
-    Buf::ALL.iter().position(|&x| x == b).unwrap()
-}
 
 /// One rank's "device": its own buffers and signals, its mirrors of every
 /// peer's buffers and its ready words for every peer.
@@ -82,7 +81,7 @@ impl StagedDevice for HostSide {
     }
 
     fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError> {
-        let m = self.0.mirrors[to][idx(region.buf)].lock().unwrap();
+        let m = self.0.mirrors[to][region.buf.index()].lock().unwrap();
         copy_2d(region, &m, true, out);
         Ok(())
     }
@@ -94,7 +93,7 @@ impl StagedDevice for HostSide {
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
-        let mut b = self.0.own[idx(region.buf)].lock().unwrap();
+        let mut b = self.0.own[region.buf.index()].lock().unwrap();
         copy_2d(region, bytes, false, &mut b);
         drop(b);
         self.0.signals[signal].store(value, Ordering::Release);
@@ -146,9 +145,9 @@ impl Kernel<'_> {
     /// into the own buffer for itself, else into the mirror.
     fn store(&self, to: usize, buf: Buf, offset: usize, bytes: &[u8]) {
         let m = if to == self.me {
-            &self.dev.own[idx(buf)]
+            &self.dev.own[buf.index()]
         } else {
-            &self.dev.mirrors[to][idx(buf)]
+            &self.dev.mirrors[to][buf.index()]
         };
         m.lock().unwrap()[offset..offset + bytes.len()].copy_from_slice(bytes);
     }
@@ -461,16 +460,14 @@ fn a_killed_peer_is_named_not_waited_out() {
 #[cfg(feature = "ucx")]
 mod over_ucx {
     use super::*;
-    use comet_transport::launch::{launch, LaunchConfig, LaunchError, LaunchReport, OnFailure};
+    use crate::common::{assert_all_done, assert_victim_named, die, launch_world, marker};
+    use comet_transport::launch::OnFailure;
     use comet_transport::ucx::UcxTransport;
 
     const ENTRY: &str = "over_ucx::staged_rank";
     const CALLS: u64 = 30;
     const KILLED_AT: u64 = 3;
-
-    fn marker(rank: usize, scenario: &str) -> String {
-        format!("staged_rank {rank}: {scenario} done")
-    }
+    const LIMIT: Duration = Duration::from_secs(120);
 
     /// One rank (inert unless the launcher set `COMET_TEST_SCENARIO`).
     #[test]
@@ -490,11 +487,7 @@ mod over_ucx {
             "kill" => {
                 let die = || {
                     t.flush().expect("flush before dying");
-                    let _ = std::process::Command::new("sh")
-                        .args(["-c", "kill -KILL $PPID"])
-                        .status();
-                    std::thread::sleep(Duration::from_secs(60));
-                    panic!("still alive after SIGKILL");
+                    die()
                 };
                 let die: &(dyn Fn() + Sync) = &die;
                 let at = (me == victim).then_some((KILLED_AT, die));
@@ -513,94 +506,19 @@ mod over_ucx {
         println!("{}", marker(me, &scenario));
     }
 
-    fn launch_world(
-        scenario: &str,
-        world: usize,
-        tls: &str,
-        on_failure: OnFailure,
-    ) -> Result<LaunchReport, LaunchError> {
-        let exe = std::env::current_exe().expect("test binary path");
-        let args = [
-            ENTRY,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ];
-        let mut cfg = LaunchConfig::new(world, exe).args(args.map(String::from).to_vec());
-        // UCX 1.13's shared-memory transports cannot report peer failures.
-        let peer_errors = if tls.starts_with("tcp") { "1" } else { "0" };
-        for (k, v) in [
-            ("COMET_TEST_SCENARIO", scenario),
-            ("UCX_TLS", tls),
-            ("COMET_UCX_PEER_ERRORS", peer_errors),
-            ("COMET_UCX_TIMEOUT_S", "60"),
-        ] {
-            cfg = cfg.env(k, v);
-        }
-        cfg.timeout = Some(Duration::from_secs(120));
-        cfg.on_failure = on_failure;
-        cfg.capture = true;
-        cfg.forward = std::env::var_os("COMET_TEST_VERBOSE").is_some();
-        launch(&cfg)
-    }
-
-    fn text(rep: &LaunchReport) -> String {
-        rep.ranks
-            .iter()
-            .map(|r| format!("--- rank {} ({}):\n{}", r.rank, r.describe(), r.text()))
-            .collect()
-    }
-
     #[test]
     fn staged_ranks_over_ucx_tcp_and_shared_memory() {
         for (world, tls) in [(2, "tcp"), (3, "sm,self"), (4, "tcp")] {
-            let rep = match launch_world("calls", world, tls, OnFailure::KillAll) {
-                Ok(r) => r,
-                Err(e) => panic!(
-                    "{world} ranks over {tls}: {e}\n{}",
-                    e.report().map(text).unwrap_or_default()
-                ),
-            };
-            for r in &rep.ranks {
-                assert!(
-                    r.output
-                        .iter()
-                        .any(|l| l.contains(&marker(r.rank, "calls"))),
-                    "{world} ranks over {tls}:\n{}",
-                    text(&rep)
-                );
-            }
+            let r = launch_world(ENTRY, "calls", world, tls, OnFailure::KillAll, LIMIT);
+            assert_all_done(r, "calls", world, tls);
         }
     }
 
     #[test]
     fn staged_rank_killed_mid_layer_is_named_by_every_other_rank() {
         for (world, tls) in [(2, "tcp"), (3, "tcp"), (3, "sm,self")] {
-            let rep = match launch_world("kill", world, tls, OnFailure::Wait) {
-                Err(LaunchError::Failed { failed, report }) => {
-                    assert_eq!(
-                        failed,
-                        vec![world - 1],
-                        "only the victim may fail:\n{}",
-                        text(&report)
-                    );
-                    report
-                }
-                other => panic!("{world} over {tls}: the victim should have died: {other:?}"),
-            };
-            assert_eq!(rep.ranks[world - 1].signal, Some(9), "{}", text(&rep));
-            for r in &rep.ranks[..world - 1] {
-                let said = r.text();
-                assert!(
-                    r.success()
-                        && said.contains("error as expected")
-                        && said.contains(&format!("peer {}", world - 1))
-                        && said.contains(&marker(r.rank, "kill")),
-                    "{world} over {tls}, rank {}:\n{said}",
-                    r.rank
-                );
-            }
+            let r = launch_world(ENTRY, "kill", world, tls, OnFailure::Wait, LIMIT);
+            assert_victim_named(r, "kill", world, tls);
         }
     }
 }

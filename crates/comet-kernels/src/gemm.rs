@@ -214,6 +214,7 @@ pub struct GemmRuntime {
     sms: u32,
     compiler: Compiler,
     funcs: Mutex<HashMap<GemmVariant, (CudaFunction, u32)>>,
+    maps: MapCache,
 }
 
 fn drv(r: sys::CUresult) -> Result<(), KernelError> {
@@ -253,6 +254,7 @@ impl GemmRuntime {
             sms,
             compiler: Compiler::with_default_cache(driver_version()),
             funcs: Mutex::new(HashMap::new()),
+            maps: MapCache::default(),
         })
     }
 
@@ -512,13 +514,13 @@ impl GemmRuntime {
                 }?;
             }
             Family::Sm90 { bn, tma_store, .. } => {
-                let tma_a = tensor_map(
+                let tma_a = self.maps.get(
                     args.a,
                     &[args.k as u64, args.total_rows as u64],
                     &[args.k as u64 * 2],
                     &[64, 128],
                 )?;
-                let tma_b = tensor_map(
+                let tma_b = self.maps.get(
                     args.b,
                     &[args.k as u64, args.n as u64, args.experts as u64],
                     &[args.k as u64 * 2, (args.n * args.k * 2) as u64],
@@ -527,13 +529,14 @@ impl GemmRuntime {
                 // C as bulk stores see it; a C the driver will not map (e.g. a
                 // misaligned base) just keeps every tile on plain stores.
                 let tma_c = if tma_store && v.epilogue == Epilogue::Store {
-                    tensor_map(
-                        args.c,
-                        &[args.n as u64, args.total_rows as u64],
-                        &[args.ldc as u64 * 2],
-                        &[64, 64],
-                    )
-                    .ok()
+                    self.maps
+                        .get(
+                            args.c,
+                            &[args.n as u64, args.total_rows as u64],
+                            &[args.ldc as u64 * 2],
+                            &[64, 64],
+                        )
+                        .ok()
                 } else {
                     None
                 };
@@ -559,6 +562,61 @@ impl GemmRuntime {
             }
         }
         Ok(())
+    }
+}
+
+/// What a tensor map is encoded from: equal keys, equal maps.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MapKey {
+    base: CUdeviceptr,
+    dims: Vec<u64>,
+    strides: Vec<u64>,
+    boxes: Vec<u32>,
+}
+
+/// Encoded tensor maps by what they were encoded from. A layer launches its
+/// GEMMs over the same buffers and weights call after call, and encoding
+/// is a driver call per map per launch on the host's critical path; a map
+/// depends on nothing but its key, so a cached one is the same bytes.
+#[derive(Default)]
+struct MapCache(Mutex<HashMap<MapKey, [u64; 16]>>);
+
+/// Maps kept at most (then the cache starts over): far more than the
+/// buffers and weights of a model's layers.
+const MAP_CACHE_MAX: usize = 4096;
+
+impl MapCache {
+    fn get(
+        &self,
+        base: CUdeviceptr,
+        dims: &[u64],
+        strides: &[u64],
+        boxes: &[u32],
+    ) -> Result<[u64; 16], KernelError> {
+        let key = MapKey {
+            base,
+            dims: dims.to_vec(),
+            strides: strides.to_vec(),
+            boxes: boxes.to_vec(),
+        };
+        self.get_or(key, || tensor_map(base, dims, strides, boxes))
+    }
+
+    fn get_or(
+        &self,
+        key: MapKey,
+        encode: impl FnOnce() -> Result<[u64; 16], KernelError>,
+    ) -> Result<[u64; 16], KernelError> {
+        let mut maps = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = maps.get(&key) {
+            return Ok(*m);
+        }
+        let m = encode()?;
+        if maps.len() >= MAP_CACHE_MAX {
+            maps.clear();
+        }
+        maps.insert(key, m);
+        Ok(m)
     }
 }
 
@@ -606,6 +664,48 @@ pub fn check_error_word(word: u64) -> Result<(), KernelError> {
 mod tests {
     use super::*;
     use crate::variants::Hooks;
+
+    fn key(base: u64, k: u64) -> MapKey {
+        MapKey {
+            base,
+            dims: vec![k, 128],
+            strides: vec![2 * k],
+            boxes: vec![64, 128],
+        }
+    }
+
+    #[test]
+    fn tensor_maps_are_encoded_once_per_key() {
+        let cache = MapCache::default();
+        let encodes = std::cell::Cell::new(0u64);
+        let enc = |tag: u64| {
+            encodes.set(encodes.get() + 1);
+            Ok([tag; 16])
+        };
+        assert_eq!(cache.get_or(key(0x1000, 64), || enc(1)).unwrap()[0], 1);
+        assert_eq!(cache.get_or(key(0x1000, 64), || enc(2)).unwrap()[0], 1);
+        assert_eq!(encodes.get(), 1);
+        // Another base or shape is another map.
+        assert_eq!(cache.get_or(key(0x2000, 64), || enc(3)).unwrap()[0], 3);
+        assert_eq!(cache.get_or(key(0x1000, 128), || enc(4)).unwrap()[0], 4);
+        assert_eq!(encodes.get(), 3);
+        // A failed encode is not kept.
+        let failed = cache.get_or(key(0x3000, 64), || {
+            Err(KernelError::Unsupported("x".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(cache.get_or(key(0x3000, 64), || enc(5)).unwrap()[0], 5);
+    }
+
+    #[test]
+    fn the_map_cache_stays_bounded() {
+        let cache = MapCache::default();
+        for i in 0..(MAP_CACHE_MAX as u64 + 10) {
+            cache.get_or(key(i * 256, 64), || Ok([i; 16])).unwrap();
+        }
+        let n = cache.0.lock().unwrap().len();
+        assert!((10..=MAP_CACHE_MAX).contains(&n), "{n}");
+    }
 
     fn args() -> GemmArgs {
         GemmArgs {

@@ -741,9 +741,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
         .map_err(kerr(self.rank()))
     }
 
-    /// Sequential mode: every segment of this rank has landed.
+    /// Sequential mode: every segment of this rank has landed. Alone, the
+    /// rank's own dispatch ran before on the same stream: nothing to wait
+    /// for, and a launch less on the host.
     unsafe fn wait_dispatch(&self, stream: CUstream) -> Result<(), SchedError> {
         let w = self.plan.cfg.ranks;
+        if w == 1 {
+            return Ok(());
+        }
         let first = self.map.wire(self.map.dispatch(0, 0)).index() as usize;
         // SAFETY: indices inside this rank's signal array.
         unsafe { self.wait_signals(stream, first, self.plan.cfg.experts_per_rank() * w) }

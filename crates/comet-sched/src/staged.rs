@@ -196,7 +196,11 @@ impl<'t> StagedProxy<'t> {
             }
             idle = idle.saturating_add(1);
             match Backoff::idle(idle) {
-                Some(d) => std::thread::sleep(d),
+                // Idle long enough to sleep: worth a look at the peers.
+                Some(d) => {
+                    self.check_peers(&lands, epoch)?;
+                    std::thread::sleep(d)
+                }
                 None => std::thread::yield_now(),
             }
         }
@@ -269,12 +273,21 @@ impl<'t> StagedProxy<'t> {
         Ok(())
     }
 
-    /// Whether this rank's inbox signal `signal` has reached `epoch` (a
-    /// look, not a wait; a peer found gone is an error).
+    /// Whether this rank's inbox signal `signal` has reached `epoch`: a
+    /// look (a wait for 0 returns the word at once and progresses the
+    /// transport, without the liveness checks of a wait that runs out).
     fn arrived(&self, signal: usize, epoch: u64) -> Result<bool, SchedError> {
-        match self.t.wait(signal as SignalId, epoch, Duration::ZERO) {
-            Ok(_) => Ok(true),
-            Err(TransportError::WaitTimeout { .. }) => Ok(false),
+        Ok(self.t.wait(signal as SignalId, 0, Duration::ZERO)? >= epoch)
+    }
+
+    /// When nothing moved: a peer found gone is an error now, not at the
+    /// call's timeout (a wait that runs out checks the peers).
+    fn check_peers(&self, lands: &[Piece], epoch: u64) -> Result<(), SchedError> {
+        let Some(p) = lands.first() else {
+            return Ok(());
+        };
+        match self.t.wait(p.signal as SignalId, epoch, Duration::ZERO) {
+            Ok(_) | Err(TransportError::WaitTimeout { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

@@ -1,8 +1,9 @@
 """CPU tests of the `comet` module (run by `cargo xtask ci`): import, the
 argument checks and their messages, plans, and bootstrap errors. They need
 neither a GPU nor torch: tensors are small fakes answering the attributes
-the module reads (data_ptr(), dtype, shape, device, is_contiguous(),
-requires_grad) the way torch.Tensor does."""
+the module reads (dtype, shape, is_cuda, get_device(), is_contiguous(),
+data_ptr(), requires_grad, and device for error messages) the way
+torch.Tensor does."""
 
 import os
 import socket
@@ -45,6 +46,14 @@ class Fake:
             ptr = Fake._next
         self._ptr = ptr
         self.requires_grad = requires_grad
+
+    @property
+    def is_cuda(self):
+        return self.device.type == "cuda"
+
+    def get_device(self):
+        # torch: the CUDA ordinal, -1 for a CPU tensor.
+        return self.device.index if self.device.type == "cuda" else -1
 
     def data_ptr(self):
         return self._ptr
@@ -194,6 +203,20 @@ def test_grad_under_autograd_is_not_supported_yet(name):
     assert name in str(e.value)
     # Without autograd (torch.no_grad / inference_mode) the same call is fine.
     assert check(grad_enabled=False, **inputs(**{name: needs}))["tokens"] == 10
+
+
+def test_shapes_other_than_tuples_are_read_or_refused():
+    as_list = Fake((10, H), "bfloat16")
+    as_list.shape = [10, H]
+    assert check(**inputs(x=as_list))["tokens"] == 10
+    for shape, message in [("ab", "shape is not a sequence of integers"),
+                           ((10, -H), "negative dimension"),
+                           ((10, 1.5), "shape is not a sequence of integers")]:
+        bad = Fake((10, H), "bfloat16")
+        bad.shape = shape
+        with pytest.raises(TypeError) as e:
+            check(**inputs(x=bad))
+        assert "x must be a torch.Tensor" in str(e.value) and message in str(e.value)
 
 
 @pytest.mark.parametrize("bad", [None, 3, "x", [1, 2], object()])

@@ -1,6 +1,7 @@
 """The torch-side helpers on the CPU: comet.moe_reference / moe_torch and
 comet.from_hf_mixtral (both Hugging Face layouts, state dicts, one rank's
-slice). Skipped where torch is not installed (CI installs no torch; the GPU
+slice), and forward's argument checks on torch's own dtypes and tensors.
+Skipped where torch is not installed (CI installs no torch; the GPU
 machine runs these)."""
 
 import pytest
@@ -156,3 +157,74 @@ def test_hf_conversion_errors_are_named():
         comet.from_hf_mixtral({"foo": torch.zeros(1)})
     with pytest.raises(TypeError, match="experts module"):
         comet.from_hf_mixtral(42)
+
+
+class CudaLike:
+    """A CPU tensor answering as a CUDA tensor on device 0 would (no GPU
+    here), so that the checks meet torch's own dtype objects and shapes."""
+
+    _next = 0x7F00_0000_0000
+
+    def __init__(self, t):
+        self._t = t
+        CudaLike._next += 1 << 20
+        self._ptr = CudaLike._next
+        self.is_cuda = True
+
+    dtype = property(lambda self: self._t.dtype)
+    shape = property(lambda self: self._t.shape)
+    requires_grad = property(lambda self: self._t.requires_grad)
+
+    def get_device(self):
+        return 0
+
+    def is_contiguous(self):
+        return self._t.is_contiguous()
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def forward_args(t=6, ids=torch.int64, w=torch.float32, x=torch.bfloat16, real=()):
+    """A call's tensors as CudaLike, or real CPU tensors for the names in `real`."""
+    d = dict(
+        x=torch.zeros(t, H, dtype=x),
+        topk_ids=torch.zeros(t, K, dtype=ids),
+        topk_weights=torch.zeros(t, K, dtype=w),
+        w1=torch.zeros(E, 2 * F, H, dtype=torch.bfloat16),
+        w2=torch.zeros(E, H, F, dtype=torch.bfloat16),
+        y=torch.zeros(t, H, dtype=torch.bfloat16),
+    )
+    return {k: v if k in real else CudaLike(v) for k, v in d.items()}
+
+
+def check(**tensors):
+    return comet.check_inputs(hidden=H, ffn=F, experts_per_rank=E, top_k=K, max_tokens=64,
+                              **tensors)
+
+
+def test_torch_dtypes_are_recognised_on_every_call():
+    # The first sight of each dtype object is remembered; later calls must
+    # give the same answers, and a remembered dtype in the wrong place must
+    # still be named.
+    for _ in range(3):
+        assert check(**forward_args()) == {"tokens": 6, "ids": "int64", "weights": "float32"}
+        got = check(**forward_args(ids=torch.int32, w=torch.bfloat16))
+        assert got == {"tokens": 6, "ids": "int32", "weights": "bfloat16"}
+        with pytest.raises(ValueError, match=r"x must be torch.bfloat16 \(got torch.float16\)"):
+            check(**forward_args(x=torch.float16))
+        with pytest.raises(ValueError, match=r"x must be torch.bfloat16 \(got torch.float32\)"):
+            check(**forward_args(x=torch.float32))
+        with pytest.raises(ValueError, match=r"topk_weights must be torch.float32 or "
+                                             r"torch.bfloat16 \(got torch.int64\)"):
+            check(**forward_args(w=torch.int64))
+        with pytest.raises(ValueError, match=r"topk_ids must be torch.int32 or torch.int64 "
+                                             r"\(got torch.bfloat16\)"):
+            check(**forward_args(ids=torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", ["x", "topk_ids", "topk_weights", "w1", "w2", "y"])
+def test_real_cpu_tensors_are_refused_naming_their_device(name):
+    with pytest.raises(ValueError) as e:
+        check(**forward_args(real=(name,)))
+    assert f"{name} must be a CUDA tensor on cuda:0 (got device cpu)" in str(e.value)

@@ -11,8 +11,10 @@ device check, so:
 - ``one tensor read`` is the difference between six tensors and five (y
   left out): the same call and the same exception, one tensor fewer.
 
-The torch calls of the Python wrapper are timed one by one; the current
-stream cannot be read without CUDA, so its share is left to a GPU run.
+The wrapper ``MoeLayer.forward`` is timed around a native layer that does
+nothing and a stream getter that returns 0 (the current stream cannot be
+read without CUDA, so its share is left to a GPU run); torch's calls in it
+are also timed one by one.
 
     python crates/comet-py/bench/argument_path.py   # torch and comet installed
 """
@@ -78,6 +80,17 @@ def main():
         print(f"grad_enabled={grad}: check_inputs, 6 tensors {six:.2f} us "
               f"(median {r['six'][1]:.2f}); one tensor read {six - five:.2f} us, "
               f"x6 = {6 * (six - five):.2f} us")
+
+    class Native:
+        def forward(self, *args):
+            pass
+
+    layer = comet.MoeLayer.__new__(comet.MoeLayer)
+    layer._layer, layer.device, layer._current_stream = Native(), 0, lambda device: 0
+    r = timed({"wrapper": lambda: layer.forward(x, ids, w, w1, w2),
+               "native stub": lambda: layer._layer.forward(x, ids, w, w1, w2, y, 0, False)})
+    print(f"MoeLayer.forward without the stream and the native call: "
+          f"{r['wrapper'][0] - r['native stub'][0]:.2f} us")
 
     contiguous = torch.contiguous_format
     pieces = timed({

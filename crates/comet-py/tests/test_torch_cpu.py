@@ -228,3 +228,57 @@ def test_real_cpu_tensors_are_refused_naming_their_device(name):
     with pytest.raises(ValueError) as e:
         check(**forward_args(real=(name,)))
     assert f"{name} must be a CUDA tensor on cuda:0 (got device cpu)" in str(e.value)
+
+
+class NativeLayer:
+    """Stands for comet._comet.Layer (which needs a GPU): records forward."""
+
+    device = 3
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, *args):
+        self.calls.append(args)
+
+
+def wrapper():
+    layer = comet.MoeLayer.__new__(comet.MoeLayer)
+    layer._layer = NativeLayer()
+    layer.device = NativeLayer.device
+    layer._current_stream = None
+    return layer
+
+
+def test_forward_passes_the_current_stream_of_its_device(monkeypatch):
+    # No CUDA here: torch's stream getters and CUDA initialisation are
+    # replaced; what is checked is which one forward asks, for which device.
+    asked, inits = [], []
+    monkeypatch.setattr(torch.cuda, "init", lambda: inits.append(1))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream",
+                        lambda d: asked.append(d) or 0x5000 + d, raising=False)
+    layer = wrapper()
+    x = torch.zeros(4, H, dtype=torch.bfloat16)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = layer(x, None, None, None, None)
+        args = layer._layer.calls[-1]
+        assert args[5] is y and y.shape == x.shape and y.dtype == x.dtype
+        assert args[6:] == (0x5003, grad)
+    out = torch.empty_like(x)
+    assert layer.forward(x, None, None, None, None, out=out) is out
+    assert asked == [3, 3, 3] and inits == [1], "CUDA initialised once, raw stream each call"
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer(x.tolist(), None, None, None, None)
+
+
+def test_forward_without_the_raw_getter_uses_current_stream(monkeypatch):
+    class Stream:
+        cuda_stream = 0x7000
+
+    asked = []
+    monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream", raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d: asked.append(d) or Stream())
+    layer = wrapper()
+    layer(torch.zeros(2, H, dtype=torch.bfloat16), None, None, None, None)
+    assert layer._layer.calls[-1][6] == 0x7000 and asked == [3]

@@ -137,6 +137,20 @@ def _exchange_for(group):
     return _GroupExchange(group)
 
 
+def _stream_reader(torch):
+    """A function from a CUDA ordinal to the handle of torch's current
+    stream there, for ``forward``. ``torch.cuda.current_stream`` checks
+    torch's CUDA initialisation and builds a Stream object on every call;
+    the raw getter (the one torch's own compiler uses) returns the handle
+    alone, so it is taken where this torch has it, after initialising
+    torch's CUDA once, which the raw getter does not do."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return lambda device: torch.cuda.current_stream(device).cuda_stream
+    torch.cuda.init()
+    return raw
+
+
 def _device_index(device):
     if device is None:
         torch = sys.modules.get("torch")
@@ -190,6 +204,8 @@ class MoeLayer:
         self.hidden, self.ffn, self.experts, self.top_k = hidden, ffn, experts, top_k
         self.max_tokens = max_tokens
         self.device = self._layer.device
+        # Chosen by the first forward, where torch is known to be wanted.
+        self._current_stream = None
 
     @property
     def rank(self):
@@ -238,8 +254,10 @@ class MoeLayer:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"comet: x must be a torch.Tensor (got {type(x).__name__})")
         y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        self._layer.forward(x, topk_ids, topk_weights, w1, w2, y, stream,
+        current_stream = self._current_stream
+        if current_stream is None:
+            current_stream = self._current_stream = _stream_reader(torch)
+        self._layer.forward(x, topk_ids, topk_weights, w1, w2, y, current_stream(self.device),
                             torch.is_grad_enabled())
         return y
 

@@ -54,11 +54,19 @@ pub trait StagedDevice {
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError>;
+
+    /// Whether the owner asked the proxy to give up the call in flight
+    /// (the layer is being dropped).
+    fn stopped(&self) -> bool {
+        false
+    }
 }
 
 /// What one [`StagedProxy::call`] moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StagedStats {
+    /// The call's counts exceed a capacity: every rank refused it.
+    pub refused: bool,
     pub sent: usize,
     pub landed: usize,
     pub bytes_sent: usize,
@@ -154,9 +162,12 @@ impl<'t> StagedProxy<'t> {
     }
 
     /// Runs call `epoch` to its end: every piece this rank sends and every
-    /// piece it receives. Errors: a transport error at once (a peer gone
-    /// is named by it); counts no buffer can hold, as the kernels refuse
-    /// them; past the timeout, the first piece still waiting, named.
+    /// piece it receives. A call whose counts some buffer cannot hold is
+    /// refused by every rank's kernels alike and moves nothing: its count
+    /// pieces still finish and it returns with `refused` set, so the next
+    /// call starts whole. Errors: a transport error at once (a peer gone is
+    /// named by it); nothing moving for the timeout, the first piece still
+    /// waiting, named; the device side asking to stop.
     pub fn call(
         &mut self,
         dev: &mut dyn StagedDevice,
@@ -173,7 +184,10 @@ impl<'t> StagedProxy<'t> {
             .collect();
         let mut rows: Vec<Option<Vec<u32>>> = vec![None; w];
         let mut planned = w == 1;
-        let start = Instant::now();
+        // The bound is on standing still, not on the whole call: a call
+        // may wait behind earlier work on the GPU, and each of the
+        // kernels' own waits is bounded by the same timeout.
+        let mut moved_at = Instant::now();
         let mut idle = 0u32;
         while !(planned && sends.is_empty() && lands.is_empty()) {
             let before = sends.len() + lands.len();
@@ -181,18 +195,32 @@ impl<'t> StagedProxy<'t> {
             self.land_arrived(dev, epoch, &mut lands, &mut rows, &mut stats)?;
             if !planned && rows.iter().all(Option::is_some) {
                 let counts: Vec<Vec<u32>> = rows.iter().flatten().cloned().collect();
-                let all = self.geo.data_pieces(me, &counts)?;
-                sends.extend(all.iter().filter(|p| p.from == me).copied());
-                lands.extend(all.iter().filter(|p| p.to == me).copied());
                 planned = true;
+                match self.geo.data_pieces(me, &counts) {
+                    Ok(all) => {
+                        sends.extend(all.iter().filter(|p| p.from == me).copied());
+                        lands.extend(all.iter().filter(|p| p.to == me).copied());
+                    }
+                    Err(e) => {
+                        tracing::debug!(rank = me, epoch, error = %e, "call refused");
+                        stats.refused = true;
+                    }
+                }
                 continue;
             }
             if sends.len() + lands.len() < before {
                 idle = 0;
+                moved_at = Instant::now();
                 continue;
             }
-            if start.elapsed() >= self.timeout {
-                return Err(self.timed_out(dev, epoch, &sends, &lands, start.elapsed()));
+            if dev.stopped() {
+                return Err(SchedError::Device {
+                    rank: me,
+                    message: format!("staged proxy stopped with call {epoch} in flight"),
+                });
+            }
+            if moved_at.elapsed() >= self.timeout {
+                return Err(self.timed_out(dev, epoch, &sends, &lands, moved_at.elapsed()));
             }
             idle = idle.saturating_add(1);
             match Backoff::idle(idle) {

@@ -168,7 +168,9 @@ impl Kernel<'_> {
     }
 
     /// One call: `counts` is this rank's row of the count matrix.
-    fn call(&mut self, epoch: u64, mine: &[u32]) -> Result<(), String> {
+    /// One call; `Ok(true)` when its counts exceed a capacity and it was
+    /// refused (nothing moves, as the device's layout kernel does).
+    fn call(&mut self, epoch: u64, mine: &[u32]) -> Result<bool, String> {
         if let Some(die) = self.die {
             die();
         }
@@ -196,6 +198,13 @@ impl Kernel<'_> {
                 })
                 .collect()
         };
+        let over = (0..w).any(|d| {
+            let got: usize = counts.iter().flat_map(|r| &r[d * epr..(d + 1) * epr]).sum();
+            got > self.g.recv_rows
+        });
+        if over {
+            return Ok(true);
+        }
         let plan = LayoutPlan::new(&self.cfg, counts.clone()).map_err(|x| x.to_string())?;
         // Dispatch, segments in random order.
         let mut segs: Vec<usize> = (0..e).collect();
@@ -267,7 +276,7 @@ impl Kernel<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -308,6 +317,12 @@ fn counts_for(rng: &mut ChaCha8Rng, me: usize, e: usize, kind: usize) -> Vec<u32
             }
         }
         1 => row[0] = 40,
+        // A few rows anywhere.
+        3 => {
+            for _ in 0..rng.gen_range(0..=8) {
+                row[rng.gen_range(0..e)] += 1;
+            }
+        }
         _ => {
             if me != 1 {
                 row[e - 1] = 17;
@@ -317,13 +332,22 @@ fn counts_for(rng: &mut ChaCha8Rng, me: usize, e: usize, kind: usize) -> Vec<u32
     row
 }
 
+/// The kind of counts of call `epoch` (see `counts_for`).
+type Kinds = fn(u64) -> usize;
+
+/// Random, all to one expert, a silent rank, in turn.
+fn mixed(epoch: u64) -> usize {
+    (epoch % 3) as usize
+}
+
 /// One rank's calls 1..=`calls`: a "kernel" thread per call beside the
-/// proxy; `die` (rank, epoch, action) ends a rank mid-layer.
+/// proxy; `die` (rank, epoch, action) ends a rank mid-layer. The proxy
+/// must refuse exactly the calls the kernels refuse.
 fn run_rank(
     t: &dyn Transport,
     cfg: &MoeConfig,
     g: Geometry,
-    calls: u64,
+    (calls, kinds): (u64, Kinds),
     seed: u64,
     die: Option<(u64, &(dyn Fn() + Sync))>,
 ) -> Result<(), String> {
@@ -334,7 +358,7 @@ fn run_rank(
     let mut host = HostSide(Arc::clone(&dev));
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
     for epoch in 1..=calls {
-        let mine = counts_for(&mut rng, me, g.experts, (epoch % 3) as usize);
+        let mine = counts_for(&mut rng, me, g.experts, kinds(epoch));
         let mut k = Kernel {
             me,
             g,
@@ -351,7 +375,8 @@ fn run_rank(
             }
             let kernel = kernel.join().map_err(|_| "kernel panicked".to_string())?;
             match (kernel, proxied) {
-                (Ok(()), Ok(_)) => Ok(()),
+                (Ok(k), Ok(p)) if k == p.refused => Ok(()),
+                (Ok(k), Ok(_)) => Err(format!("call {epoch}: kernels refused {k}, proxy not")),
                 (Err(k), Ok(_)) => Err(format!("kernel: {k}")),
                 (Err(k), Err(p)) if !k.contains("aborted") => {
                     Err(format!("kernel: {k}; proxy: {p}"))
@@ -377,7 +402,7 @@ fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
             .iter()
             .map(|t| {
                 let cfg = &cfg;
-                sc.spawn(move || run_rank(t, cfg, g, calls, seed, None))
+                sc.spawn(move || run_rank(t, cfg, g, (calls, mixed), seed, None))
             })
             .collect();
         for (r, h) in handles.into_iter().enumerate() {
@@ -397,6 +422,29 @@ fn two_ranks_thirty_calls() {
 fn three_and_four_ranks() {
     run_world(3, 1, 12, 2);
     run_world(4, 3, 12, 3);
+}
+
+#[test]
+fn refused_calls_move_nothing_and_the_next_is_whole() {
+    let (cfg, mut g) = config(2, 2);
+    // 40 rows of each rank to expert 0 exceed rank 0's 50; a few fit.
+    g.recv_rows = 50;
+    let world = local_world(2, None);
+    let kinds: Kinds = |epoch| if epoch % 2 == 1 { 1 } else { 3 };
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = world
+            .iter()
+            .map(|t| {
+                let cfg = &cfg;
+                sc.spawn(move || run_rank(t, cfg, g, (8, kinds), 5, None))
+            })
+            .collect();
+        for (r, h) in hs.into_iter().enumerate() {
+            h.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        }
+    });
 }
 
 /// Rank `t`'s proxy, its inboxes allocated (collective).
@@ -481,7 +529,8 @@ mod over_ucx {
         let (me, victim) = (t.rank(), t.world() - 1);
         match scenario.as_str() {
             "calls" => {
-                run_rank(&t, &cfg, g, CALLS, 7, None).unwrap_or_else(|e| panic!("rank {me}: {e}"));
+                run_rank(&t, &cfg, g, (CALLS, mixed), 7, None)
+                    .unwrap_or_else(|e| panic!("rank {me}: {e}"));
                 t.barrier(T).expect("final barrier");
             }
             "kill" => {
@@ -492,7 +541,7 @@ mod over_ucx {
                 let die: &(dyn Fn() + Sync) = &die;
                 let at = (me == victim).then_some((KILLED_AT, die));
                 let start = Instant::now();
-                let e = run_rank(&t, &cfg, g, CALLS, 7, at).expect_err("the peer died");
+                let e = run_rank(&t, &cfg, g, (CALLS, mixed), 7, at).expect_err("the peer died");
                 println!(
                     "rank {me}: error as expected after {:?}: {e}",
                     start.elapsed()

@@ -24,6 +24,9 @@ given() {
 }
 # One progress line on stderr: the words, space-separated.
 say() { local IFS=' '; echo "$*" >&2; }
+# Every stream its own hardware queue (a staged rank's proxy stream must
+# not queue behind kernels that wait for it).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 echo "bench.sh: building comet in release mode (cargo; a few minutes on a fresh clone)" >&2
 cargo build --release -p comet-cli
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then

@@ -76,6 +76,10 @@ if [[ -d $HERE/lib ]]; then
   LD_LIBRARY_PATH="$HERE/lib:${LD_LIBRARY_PATH}"
   export UCX_MODULE_DIR="$HERE/lib/ucx"
 fi
+# Every stream its own hardware queue (the default 8 are shared beyond 8
+# streams, and a staged rank's proxy stream must not queue behind kernels
+# that wait for it).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 export LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0
 export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
 # usage: .bundle/run.sh comet bench gemm | .bundle/run.sh comet-kernels-gpu --ignored --test-threads=1

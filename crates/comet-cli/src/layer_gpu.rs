@@ -118,7 +118,7 @@ fn bench_one(
     };
     let ordinals = vec![0; cfg.ranks];
     let mut world = match a.transport.as_str() {
-        "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts)?,
+        "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts, None)?,
         "ucx" => ucx_rank(cfg, a.tokens, weights, &mut opts)?,
         _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?,
     };

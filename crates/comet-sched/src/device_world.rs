@@ -20,7 +20,7 @@ use crate::staged_device::StagedLayer;
 use comet_core::{ExpertWeights, MoeConfig};
 use comet_transport::cuda;
 use comet_transport::gpu::DeviceTransport;
-use comet_transport::local::local_world;
+use comet_transport::local::{local_world, DelayModel};
 use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
 use comet_transport::Transport;
 use cudarc::driver::sys::CUstream;
@@ -125,7 +125,7 @@ impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
     }
     unsafe fn gemms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
-        unsafe { self.layer_mut().gemms_only(stream, a) }
+        unsafe { StagedLayer::gemms_only(self, stream, a) }
     }
     unsafe fn comms_only(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
@@ -133,15 +133,11 @@ impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
     }
     unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
-        unsafe { self.layer().poison(stream) }
+        unsafe { StagedLayer::poison(self, stream) }
     }
     unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
-        // SAFETY: forwarded contract (it waits for the stream, as check).
-        let t = unsafe { self.layer_mut().layout_tables(stream) };
-        // A proxy failure is the cause of whatever the tables show.
-        // SAFETY: as above.
-        unsafe { StagedLayer::check(self, stream) }?;
-        t
+        // SAFETY: forwarded contract.
+        unsafe { StagedLayer::layout_tables(self, stream) }
     }
     fn barrier(&self, timeout: Duration) -> Result<(), SchedError> {
         Ok(self.layer().transport().barrier(timeout)?)
@@ -251,13 +247,15 @@ impl DeviceWorld {
     /// As [`DeviceWorld::new`], but every rank's layer is staged through
     /// host memory over the local transport, a proxy thread per rank
     /// carrying the bytes: the host-proxy path of UCX and NCCL on kernels
-    /// that never store into a peer.
+    /// that never store into a peer. `delay` holds each of the transport's
+    /// puts and signals back by a random time (tests).
     pub fn staged(
         cfg: &MoeConfig,
         ordinals: &[usize],
         capacity: usize,
         weights: WorldWeights<'_>,
         opts: &LayerOptions,
+        delay: Option<DelayModel>,
     ) -> Result<DeviceWorld, SchedError> {
         cfg.validate()?;
         check_ordinals(cfg, ordinals)?;
@@ -274,7 +272,7 @@ impl DeviceWorld {
         let transports: Vec<(usize, _)> = ordinals
             .iter()
             .copied()
-            .zip(local_world(cfg.ranks, None))
+            .zip(local_world(cfg.ranks, delay))
             .collect();
         Self::build(
             cfg,
@@ -356,11 +354,14 @@ impl DeviceWorld {
             let per_gpu = ordinals.iter().filter(|&&o| o == ordinals[r]).count();
             let mut lopts = opts.clone();
             lopts.ranks_per_gpu = per_gpu.max(opts.ranks_per_gpu);
+            // The layer's own streams first (a staged layer's proxy stream
+            // must not share a hardware queue with this one, behind kernels
+            // that wait for the proxy).
+            let layer = layer(t, &kernels, &lopts)?;
             let stream = contexts[r].new_stream().map_err(|e| SchedError::Device {
                 rank: r,
                 message: format!("create stream: {e}"),
             })?;
-            let layer = layer(t, &kernels, &lopts)?;
             WorldRank::new(layer, stream, cfg, capacity, &weights, &kernels)
         })?;
         Ok(DeviceWorld {

@@ -298,6 +298,9 @@ pub struct MoeLayer<T: DeviceTransport> {
     status: StatusWord,
     mode: ExecMode,
     timeout_ns: u64,
+    /// Calls whose route was enqueued: the device's epoch counter after
+    /// them (route bumps it), whatever failed later in the call.
+    routed: u64,
 }
 
 fn dev(rank: usize, what: &str, e: impl std::fmt::Display) -> SchedError {
@@ -403,6 +406,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             status,
             mode: ExecMode::Fused,
             timeout_ns: opts.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            routed: 0,
         })
     }
 
@@ -637,13 +641,23 @@ impl<T: DeviceTransport> MoeLayer<T> {
         }
     }
 
-    unsafe fn route(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+    unsafe fn route(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         let g = Grid {
             blocks: self.plan.route_blocks(a.tokens) as u32,
             smem: (4 * self.plan.cfg.experts) as u32,
         };
         // SAFETY: ids has tokens*k entries (caller); the rest is scratch.
-        unsafe { self.k.forward.route(&self.route_params(a), g, stream) }.map_err(kerr(self.rank()))
+        unsafe { self.k.forward.route(&self.route_params(a), g, stream) }
+            .map_err(kerr(self.rank()))?;
+        self.routed += 1;
+        Ok(())
+    }
+
+    /// Calls of the protocol enqueued so far (each bumped the device's
+    /// epoch), counting those that failed after their route: what a proxy
+    /// must follow call by call.
+    pub fn calls(&self) -> u64 {
+        self.routed
     }
 
     fn layout_params(&self, a: &ForwardArgs) -> Result<LayoutParams, SchedError> {

@@ -17,7 +17,7 @@
 use crate::cpu::ExecMode;
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
-use crate::forward::{CallInfo, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
+use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
 use crate::proxy_plan::{Geometry, Region};
 use crate::staged::{StagedDevice, StagedProxy};
 use comet_core::MoeConfig;
@@ -27,7 +27,8 @@ use comet_transport::{
     BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport, TransportError,
 };
 use cudarc::driver::sys::CUstream;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -59,8 +60,11 @@ struct Shared<T> {
     inner: T,
     ctx: Arc<CudaContext>,
     ordinal: usize,
+    /// The proxy's stream (landings, signal writes), created before any
+    /// other stream of this rank: streams beyond the device's hardware
+    /// queues share them, and a landing queued behind a kernel that spins
+    /// waiting for it would deadlock until the timeout.
     stream: Arc<CudaStream>,
-    poll: Arc<CudaStream>,
     error_word: ErrorWord,
     state: Mutex<State>,
 }
@@ -89,7 +93,6 @@ impl<T: Transport> StagedTransport<T> {
         let err = |what: &str, e| cuda::driver_err(NAME, rank, what, e);
         let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
         let stream = ctx.new_stream().map_err(|e| err("create stream", e))?;
-        let poll = ctx.new_stream().map_err(|e| err("create stream", e))?;
         let error_word = ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
         Ok(StagedTransport {
             s: Arc::new(Shared {
@@ -97,7 +100,6 @@ impl<T: Transport> StagedTransport<T> {
                 ctx,
                 ordinal,
                 stream,
-                poll,
                 error_word,
                 state: Mutex::new(State::default()),
             }),
@@ -165,6 +167,34 @@ impl<T: Transport> StagedTransport<T> {
                 .collect();
             (b.own.ptr(), mirrors, b.inbox)
         })
+    }
+}
+
+impl<T: Transport> StagedTransport<T> {
+    /// Fills this rank's mirrors of `bufs`' receive and combine buffers
+    /// (the second and third) with bf16 NaN on `stream`.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of this transport's context.
+    pub unsafe fn poison_mirrors(
+        &self,
+        stream: CUstream,
+        bufs: [BufferId; 3],
+    ) -> Result<(), SchedError> {
+        let rank = self.rank();
+        let st = self.state();
+        for buf in &bufs[1..] {
+            let b = st
+                .bufs
+                .get(buf.0 as usize)
+                .ok_or_else(|| self.not_allocated(format!("buffer {}", buf.0)))?;
+            for m in b.mirrors.iter().flatten() {
+                // SAFETY: the whole of a live allocation of this context.
+                unsafe { comet_kernels::forward::fill_u16(stream, m.ptr(), 0xFFFF, m.bytes() / 2) }
+                    .map_err(|source| SchedError::Kernel { rank, source })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -289,7 +319,7 @@ impl<T: Transport> DeviceTransport for StagedTransport<T> {
         let rank = self.rank();
         self.s
             .error_word
-            .read(&self.s.poll)
+            .read(&self.s.stream)
             .map_err(|e| cuda::driver_err(NAME, rank, "read error word", e))
     }
 
@@ -297,7 +327,7 @@ impl<T: Transport> DeviceTransport for StagedTransport<T> {
         let rank = self.rank();
         self.s
             .error_word
-            .clear(&self.s.poll)
+            .clear(&self.s.stream)
             .map_err(|e| cuda::driver_err(NAME, rank, "clear error word", e))
     }
 
@@ -322,6 +352,7 @@ impl<T: Transport> DeviceTransport for StagedTransport<T> {
 /// stream for the copies and the signal writes that follow them.
 pub struct CudaStaging {
     rank: usize,
+    stop: Arc<AtomicBool>,
     stream: Arc<CudaStream>,
     raise: HostSignal,
     /// Per buffer (by `Buf::index`): own copy, mirrors by rank.
@@ -340,17 +371,14 @@ fn runs(r: Region) -> Runs {
 }
 
 impl CudaStaging {
-    /// `bufs`: the layer's counts, recv and comb buffers on `t`. Returns
-    /// the staging and the three inboxes.
+    /// `bufs`: the layer's counts, recv and comb buffers on `t`; `stop`
+    /// ends a call in flight once set. Returns the staging and the three
+    /// inboxes.
     pub fn new<T: Transport>(
         t: &StagedTransport<T>,
         bufs: [BufferId; 3],
+        stop: Arc<AtomicBool>,
     ) -> Result<(CudaStaging, [BufferId; 3]), SchedError> {
-        let rank = t.rank();
-        let stream = t.context().new_stream().map_err(|e| SchedError::Device {
-            rank,
-            message: format!("create proxy stream: {e}"),
-        })?;
         let [c, r, m] = [t.places(bufs[0])?, t.places(bufs[1])?, t.places(bufs[2])?];
         let st = t.state();
         let sig = st
@@ -359,9 +387,10 @@ impl CudaStaging {
             .ok_or_else(|| t.not_allocated("signals".into()))?;
         Ok((
             CudaStaging {
-                rank,
+                rank: t.rank(),
+                stop,
                 raise: HostSignal::new(t.context()),
-                stream,
+                stream: t.comm_stream(),
                 own: [c.0, r.0, m.0],
                 mirrors: [c.1, r.1, m.1],
                 ready: sig.ready.clone(),
@@ -369,6 +398,13 @@ impl CudaStaging {
             },
             [c.2, r.2, m.2],
         ))
+    }
+
+    /// Waits for the landings and signal writes enqueued so far.
+    fn drain(&self) -> Result<(), SchedError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| self.failed("synchronize", e))
     }
 
     fn failed(&self, what: &str, e: impl std::fmt::Debug) -> SchedError {
@@ -421,6 +457,42 @@ impl StagedDevice for CudaStaging {
         }
         .map_err(|e| self.failed("raise signal", e))
     }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// The proxy thread's life: every call handed over, in order, until the
+/// channel closes; its stream drained before it ends, so the layer's
+/// memory is not freed under a landing.
+fn run_proxy<T: Transport>(
+    t: &StagedTransport<T>,
+    geo: Geometry,
+    inbox: [BufferId; 3],
+    timeout: Duration,
+    mut dev: CudaStaging,
+    epochs: &mpsc::Receiver<u64>,
+) -> Result<(), SchedError> {
+    let rank = t.rank();
+    let device = |what: &str, e: DriverError| SchedError::Device {
+        rank,
+        message: format!("proxy {what}: {e}"),
+    };
+    t.context()
+        .bind_to_thread()
+        .map_err(|e| device("bind context", e))?;
+    cuda::relax_capture_mode().map_err(|e| device("relax capture mode", e))?;
+    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout)?;
+    let mut run = || -> Result<(), SchedError> {
+        for epoch in epochs.iter() {
+            let stats = proxy.call(&mut dev, epoch)?;
+            tracing::trace!(rank, epoch, ?stats, "proxy call done");
+        }
+        Ok(())
+    };
+    let ran = run();
+    dev.drain().and(ran)
 }
 
 /// The device layer over a [`StagedTransport`], with its proxy thread.
@@ -429,6 +501,8 @@ pub struct StagedLayer<T: Transport + 'static> {
     calls: Option<mpsc::Sender<u64>>,
     proxy: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<SchedError>>>,
+    stop: Arc<AtomicBool>,
+    /// Calls handed to the proxy (it follows `MoeLayer::calls`).
     epoch: u64,
 }
 
@@ -446,7 +520,8 @@ impl<T: Transport + 'static> StagedLayer<T> {
         let t = StagedTransport::new(inner, ordinal)?;
         let layer = MoeLayer::new(cfg, capacity, t.clone(), kernels, opts)?;
         let geo = Geometry::of(layer.plan());
-        let (mut dev, inbox) = CudaStaging::new(&t, layer.symmetric_buffers())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (dev, inbox) = CudaStaging::new(&t, layer.symmetric_buffers(), Arc::clone(&stop))?;
         let (calls, epochs) = mpsc::channel::<u64>();
         let failure = Arc::new(Mutex::new(None));
         let failed = Arc::clone(&failure);
@@ -455,24 +530,13 @@ impl<T: Transport + 'static> StagedLayer<T> {
         let proxy = std::thread::Builder::new()
             .name(format!("comet-proxy-{rank}"))
             .spawn(move || {
-                let run = || -> Result<(), SchedError> {
-                    t.context()
-                        .bind_to_thread()
-                        .map_err(|e| SchedError::Device {
-                            rank,
-                            message: format!("bind context: {e}"),
-                        })?;
-                    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout)?;
-                    for epoch in epochs {
-                        let stats = proxy.call(&mut dev, epoch)?;
-                        tracing::trace!(rank, epoch, ?stats, "proxy call done");
-                    }
-                    Ok(())
-                };
-                if let Err(e) = run() {
+                // The error is stored before `epochs` goes, so a forward
+                // that finds the channel closed finds the cause too.
+                if let Err(e) = run_proxy(&t, geo, inbox, timeout, dev, &epochs) {
                     tracing::debug!(rank, error = %e, "proxy stopped");
                     *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }
+                drop(epochs);
             })
             .map_err(|e| SchedError::Device {
                 rank,
@@ -483,6 +547,7 @@ impl<T: Transport + 'static> StagedLayer<T> {
             calls: Some(calls),
             proxy: Some(proxy),
             failure,
+            stop,
             epoch: 0,
         })
     }
@@ -491,10 +556,45 @@ impl<T: Transport + 'static> StagedLayer<T> {
         &self.layer
     }
 
-    /// The layer, for what involves no call of the protocol (the GEMMs
-    /// alone, poisoning, the last call's tables).
-    pub fn layer_mut(&mut self) -> &mut MoeLayer<StagedTransport<T>> {
-        &mut self.layer
+    /// As [`MoeLayer::gemms_only`] (no call of the protocol).
+    ///
+    /// # Safety
+    /// As [`MoeLayer::gemms_only`].
+    pub unsafe fn gemms_only(
+        &mut self,
+        stream: CUstream,
+        a: &ForwardArgs,
+    ) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.layer.gemms_only(stream, a) }
+    }
+
+    /// As [`MoeLayer::poison`], and this rank's mirrors of the peers'
+    /// receive and combine buffers too (a piece sent before the kernels
+    /// wrote it shows up).
+    ///
+    /// # Safety
+    /// As [`MoeLayer::poison`].
+    pub unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
+        // SAFETY: forwarded contract; the mirrors are this transport's.
+        unsafe {
+            self.layer.poison(stream)?;
+            self.layer
+                .transport()
+                .poison_mirrors(stream, self.layer.symmetric_buffers())
+        }
+    }
+
+    /// As [`MoeLayer::layout_tables`].
+    ///
+    /// # Safety
+    /// As [`MoeLayer::layout_tables`].
+    pub unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
+        // SAFETY: forwarded contract.
+        let t = unsafe { self.layer.layout_tables(stream) };
+        // A proxy failure is the cause of whatever the tables show.
+        self.proxy_failure()?;
+        t
     }
 
     pub fn plan(&self) -> &DevicePlan {
@@ -552,38 +652,48 @@ impl<T: Transport + 'static> StagedLayer<T> {
         comms: bool,
     ) -> Result<(), SchedError> {
         self.proxy_failure()?;
+        let rank = self.rank();
+        let device = |what: &str, e: DriverError| SchedError::Device {
+            rank,
+            message: format!("{what}: {e}"),
+        };
+        self.layer
+            .transport()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| device("bind context", e))?;
         // A replayed graph would run the kernels without the proxy.
         // SAFETY: `stream` is live (the caller's contract).
-        let capturing = unsafe { cuda::is_capturing(stream) };
-        if capturing.map_err(|e| SchedError::Device {
-            rank: self.rank(),
-            message: format!("query stream capture: {e}"),
-        })? {
+        if unsafe { cuda::is_capturing(stream) }.map_err(|e| device("query stream capture", e))? {
             return Err(SchedError::Input {
-                rank: self.rank(),
+                rank,
                 message: "a staged layer's calls cannot be captured in a CUDA graph: its proxy \
                           must see every call"
                     .into(),
             });
         }
         // SAFETY: forwarded contract.
-        unsafe {
+        let enqueued = unsafe {
             if comms {
                 self.layer.comms_only(stream, a)
             } else {
                 self.layer.forward(stream, a)
             }
-        }?;
-        self.epoch += 1;
-        let sent = self.calls.as_ref().map(|c| c.send(self.epoch));
-        if sent.is_none_or(|s| s.is_err()) {
-            self.proxy_failure()?;
-            return Err(SchedError::Device {
-                rank: self.rank(),
-                message: "the staged proxy thread is gone".into(),
-            });
+        };
+        // Every call whose route went out bumped the device's epoch, even
+        // if a later phase failed: the proxy follows each of them.
+        while self.epoch < self.layer.calls() {
+            self.epoch += 1;
+            let sent = self.calls.as_ref().map(|c| c.send(self.epoch));
+            if sent.is_none_or(|s| s.is_err()) {
+                self.proxy_failure()?;
+                return Err(SchedError::Device {
+                    rank,
+                    message: "the staged proxy thread is gone".into(),
+                });
+            }
         }
-        Ok(())
+        enqueued
     }
 
     /// As [`MoeLayer::check`]; a proxy error comes first (it is the cause
@@ -601,8 +711,9 @@ impl<T: Transport + 'static> StagedLayer<T> {
 
 impl<T: Transport + 'static> Drop for StagedLayer<T> {
     fn drop(&mut self) {
-        // Closing the channel ends the proxy's loop after its current call
-        // (bounded by the layer's timeout).
+        // Closing the channel ends the proxy's loop; the stop flag ends the
+        // call in flight, if any, at once.
+        self.stop.store(true, Ordering::Release);
         self.calls = None;
         if let Some(h) = self.proxy.take() {
             let _ = h.join();

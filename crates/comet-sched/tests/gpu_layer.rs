@@ -31,6 +31,7 @@ use comet_kernels::KernelError;
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
 use comet_sched::{ExecMode, RankInput, SchedError};
+use comet_transport::local::DelayModel;
 use half::bf16;
 use std::time::Duration;
 
@@ -97,15 +98,25 @@ impl Harness {
     }
 
     fn build(cfg: &MoeConfig, capacity: usize, o: &LayerOptions, staged: bool) -> Harness {
+        Self::world(cfg, capacity, o, staged.then_some(None))
+    }
+
+    /// `staged`: `None` over nvlink, else staged with the transport's puts
+    /// and signals delayed by this model (or not at all).
+    fn world(
+        cfg: &MoeConfig,
+        capacity: usize,
+        o: &LayerOptions,
+        staged: Option<Option<DelayModel>>,
+    ) -> Harness {
         let seed = 0xC0FE + cfg.ranks as u64;
         let weights = |r: usize| ExpertWeights::for_rank(cfg, r, seed);
         let (ordinals, w) = (vec![0; cfg.ranks], WorldWeights::Host(&weights));
-        let world = if staged {
-            DeviceWorld::staged(cfg, &ordinals, capacity, w, o)
-        } else {
-            DeviceWorld::new(cfg, &ordinals, capacity, w, o)
+        let world = match staged {
+            Some(delay) => DeviceWorld::staged(cfg, &ordinals, capacity, w, o, delay),
+            None => DeviceWorld::new(cfg, &ordinals, capacity, w, o),
         }
-        .unwrap_or_else(|e| panic!("setup {cfg} (staged: {staged}): {e}"));
+        .unwrap_or_else(|e| panic!("setup {cfg} (staged: {staged:?}): {e}"));
         let plan = world.ranks()[0].layer.plan();
         eprintln!("{cfg}: {}", plan.describe());
         if cfg.ranks > 1 && o.recv_capacity.is_none() {
@@ -203,10 +214,15 @@ fn every_routing(staged: bool, shapes: &[(usize, usize, usize, usize, usize)]) {
     }
 }
 
-/// 30 calls on the same buffers with changing routing, T and mode.
+/// 30 calls on the same buffers with changing routing, T and mode; staged
+/// ranks' transport delays every put and signal by up to 300 us.
 fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize) {
     let c = cfg(w, 256, experts, 2);
-    let mut h = Harness::build(&c, cap, &opts(&c, cap), staged);
+    let delay = DelayModel {
+        seed: 11,
+        max: Duration::from_micros(300),
+    };
+    let mut h = Harness::world(&c, cap, &opts(&c, cap), staged.then_some(Some(delay)));
     for call in 0..30u64 {
         let toks: Vec<usize> = (0..w)
             .map(|r| 1 + ((call as usize * 53 + r * 97) % cap))
@@ -275,8 +291,14 @@ fn a_captured_graph_replays_with_new_routing() {
 #[test]
 #[ignore = "needs a GPU"]
 fn bad_inputs_are_clear_errors() {
+    for staged in [false, true] {
+        bad_inputs(staged);
+    }
+}
+
+fn bad_inputs(staged: bool) {
     let c = cfg(2, 256, 4, 2);
-    let mut h = Harness::new(&c, 64, &opts(&c, 64));
+    let mut h = Harness::build(&c, 64, &opts(&c, 64), staged);
     // T above the capacity: refused on the host, nothing enqueued.
     h.world.ranks_mut()[0].set_tokens(65);
     let e = h.world.forward().unwrap_err();
@@ -320,12 +342,18 @@ fn bad_inputs_are_clear_errors() {
 #[test]
 #[ignore = "needs a GPU"]
 fn rows_over_the_receive_capacity_are_refused_by_every_rank() {
+    for staged in [false, true] {
+        refused_over_capacity(staged);
+    }
+}
+
+fn refused_over_capacity(staged: bool) {
     let c = cfg(2, 256, 4, 2);
     let o = LayerOptions {
         recv_capacity: Some(100),
         ..opts(&c, 64)
     };
-    let mut h = Harness::new(&c, 64, &o);
+    let mut h = Harness::build(&c, 64, &o, staged);
     // Everything to rank 0's experts: 128 rows > 100.
     let inputs = h.inputs(&[64, 64], RoutingKind::AllToOne, 3);
     h.world.set_inputs(&inputs).unwrap();
@@ -339,7 +367,7 @@ fn rows_over_the_receive_capacity_are_refused_by_every_rank() {
                 ..
             }
         ),
-        "{e}"
+        "staged {staged}: {e}"
     );
     // A call that fits still works afterwards.
     let inputs = h.inputs(&[20, 20], RoutingKind::Uniform, 4);

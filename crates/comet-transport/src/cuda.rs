@@ -571,6 +571,16 @@ pub unsafe fn copy_runs_to_host(
     if dst.len() < runs.rows * runs.width {
         return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE));
     }
+    if runs.rows == 1 {
+        // One run: a plain copy (2-D copies refuse pitches over the device's
+        // limit, and a single run of a large piece can exceed it).
+        // SAFETY: as below.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), src, runs.width, stream.cu_stream())
+                .result()?
+        };
+        return stream.synchronize();
+    }
     let mut c = runs.copy();
     c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
     c.srcDevice = src;
@@ -604,6 +614,14 @@ pub unsafe fn copy_runs_to_device(
     if src.len() < runs.rows * runs.width {
         return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE));
     }
+    if runs.rows == 1 {
+        // One run: a plain copy, as in copy_runs_to_host.
+        // SAFETY: as below.
+        return unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), runs.width, stream.cu_stream())
+                .result()
+        };
+    }
     let mut c = runs.copy();
     c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
     c.srcHost = src.as_ptr().cast();
@@ -624,4 +642,14 @@ pub unsafe fn is_capturing(stream: sys::CUstream) -> Result<bool, DriverError> {
     // SAFETY: a query on a live stream (caller) into a local.
     unsafe { sys::cuStreamIsCapturing(stream, &mut status).result()? };
     Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// Lets this thread make calls that are unsafe while a stream is captured
+/// (synchronous copies, synchronisations) without failing or invalidating
+/// a capture that another thread of the process runs in global mode (a
+/// proxy thread beside a model that captures CUDA graphs).
+pub fn relax_capture_mode() -> Result<(), DriverError> {
+    let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+    // SAFETY: exchanges this thread's mode with a valid enum value.
+    unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) }.result()
 }

@@ -83,10 +83,16 @@ fn gpu_staged_rank() {
     let start = Instant::now();
     let mut outcome = Ok(());
     for call in 1..=CALLS {
-        if kill && call == KILLED_AT && me == w - 1 {
-            // Every earlier call is complete on every rank (each checked
-            // its y), so no put of this rank is unacknowledged.
-            die();
+        if kill && call == KILLED_AT {
+            // Every rank has finished the earlier calls (each checked its
+            // y), so every piece of them landed and no put of the victim
+            // is unacknowledged when it dies; the others go into the call.
+            world
+                .barrier(Duration::from_secs(30))
+                .expect("barrier before the loss");
+            if me == w - 1 {
+                die();
+            }
         }
         let tokens = 1 + (call as usize * 53 + me * 97) % CAP;
         let kind = kinds[call as usize % kinds.len()];

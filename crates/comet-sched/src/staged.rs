@@ -33,8 +33,18 @@ use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::time::{Duration, Instant};
 
+/// Host memory the proxy stages through, from the device side: pinned on a
+/// GPU (copies at the link's speed, no extra copy by the driver), plain in
+/// tests.
+pub type HostBytes = Box<dyn std::ops::DerefMut<Target = [u8]> + Send>;
+
 /// The device side of a staged rank, as its proxy sees it.
 pub trait StagedDevice {
+    /// `len` zeroed bytes of host memory for staging.
+    fn host_bytes(&self, len: usize) -> Result<HostBytes, SchedError> {
+        Ok(Box::new(vec![0u8; len]))
+    }
+
     /// This rank's ready word `signal` for peer `to` (acquire: the mirror
     /// bytes it covers are final once it is seen).
     fn ready(&self, to: usize, signal: usize) -> u64;
@@ -45,8 +55,8 @@ pub trait StagedDevice {
 
     /// Copies the packed `bytes` into `region` of this rank's own buffer and
     /// then raises this rank's signal `signal` to `value`: the kernels
-    /// never see the signal before the bytes. May complete after it
-    /// returns; in order with earlier calls.
+    /// never see the signal before the bytes. `bytes` may be reused once it
+    /// returns; the raise may complete later, in order with earlier ones.
     fn land(
         &mut self,
         region: Region,
@@ -78,10 +88,11 @@ pub struct StagedProxy<'t> {
     t: &'t dyn Transport,
     geo: Geometry,
     inbox: [BufferId; 3],
-    /// Host images of each peer's buffers, in wire layout: `staging[to][buf]`.
-    staging: Vec<[Vec<u8>; 3]>,
-    /// Bytes of one landing, reused.
-    landing: Vec<u8>,
+    /// Host images of each peer's buffers, in wire layout: `staging[to][buf]`
+    /// (none for this rank itself).
+    staging: Vec<Option<[HostBytes; 3]>>,
+    /// Bytes of one landing, as large as the largest buffer, reused.
+    landing: HostBytes,
     timeout: Duration,
 }
 
@@ -126,12 +137,14 @@ impl<'t> StagedProxy<'t> {
     }
 
     /// This rank's proxy over `t`, whose buffers `inbox` (counts, recv,
-    /// comb, each of `geo`'s size) receive the peers' pieces.
+    /// comb, each of `geo`'s size) receive the peers' pieces; its staging
+    /// comes from `dev`.
     pub fn new(
         t: &'t dyn Transport,
         geo: Geometry,
         inbox: [BufferId; 3],
         timeout: Duration,
+        dev: &dyn StagedDevice,
     ) -> Result<Self, SchedError> {
         let (w, rank) = (geo.ranks, t.rank());
         if t.world() != w || rank >= w {
@@ -140,23 +153,27 @@ impl<'t> StagedProxy<'t> {
                 message: format!("a layer of {w} ranks over a transport of {}", t.world()),
             });
         }
+        let image = || -> Result<[HostBytes; 3], SchedError> {
+            Ok([
+                dev.host_bytes(geo.bytes(Buf::Counts))?,
+                dev.host_bytes(geo.bytes(Buf::Recv))?,
+                dev.host_bytes(geo.bytes(Buf::Comb))?,
+            ])
+        };
         let staging = (0..w)
-            .map(|to| {
-                Buf::ALL.map(|b| {
-                    if to == rank {
-                        Vec::new()
-                    } else {
-                        vec![0u8; geo.bytes(b)]
-                    }
-                })
-            })
-            .collect();
+            .map(|to| (to != rank).then(image).transpose())
+            .collect::<Result<_, _>>()?;
+        let largest = Buf::ALL
+            .map(|b| geo.bytes(b))
+            .into_iter()
+            .max()
+            .unwrap_or(0);
         Ok(StagedProxy {
             t,
             geo,
             inbox,
             staging,
-            landing: Vec::new(),
+            landing: dev.host_bytes(largest)?,
             timeout,
         })
     }
@@ -253,7 +270,13 @@ impl<'t> StagedProxy<'t> {
             }
             sends.swap_remove(i);
             let n = p.region.bytes();
-            let out = &mut self.staging[p.to][p.region.buf.index()][p.wire..p.wire + n];
+            let image = self.staging[p.to]
+                .as_mut()
+                .ok_or_else(|| SchedError::Input {
+                    rank: p.from,
+                    message: format!("{} goes to the rank itself", describe(&p)),
+                })?;
+            let out = &mut image[p.region.buf.index()][p.wire..p.wire + n];
             dev.download(p.to, p.region, out)?;
             if p.kind == Kind::Counts && rows[p.from].is_none() {
                 rows[p.from] = Some(words(out));
@@ -288,13 +311,13 @@ impl<'t> StagedProxy<'t> {
             }
             lands.swap_remove(i);
             let n = p.region.bytes();
-            self.landing.resize(n, 0);
+            let bytes = &mut self.landing[..n];
             self.t
-                .read(self.inbox[p.region.buf.index()], p.wire, &mut self.landing)?;
+                .read(self.inbox[p.region.buf.index()], p.wire, bytes)?;
             if p.kind == Kind::Counts {
-                rows[p.from] = Some(words(&self.landing));
+                rows[p.from] = Some(words(bytes));
             }
-            dev.land(p.region, &self.landing, p.signal, epoch)?;
+            dev.land(p.region, bytes, p.signal, epoch)?;
             stats.landed += 1;
             stats.bytes_landed += n;
         }

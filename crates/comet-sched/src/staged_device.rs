@@ -19,9 +19,11 @@ use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
 use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
 use crate::proxy_plan::{Geometry, Region};
-use crate::staged::{StagedDevice, StagedProxy};
+use crate::staged::{HostBytes, StagedDevice, StagedProxy};
 use comet_core::MoeConfig;
-use comet_transport::cuda::{self, DeviceAlloc, ErrorWord, HostSignal, MappedWords, Runs};
+use comet_transport::cuda::{
+    self, DeviceAlloc, ErrorWord, HostSignal, MappedWords, PinnedBytes, Runs,
+};
 use comet_transport::gpu::DeviceTransport;
 use comet_transport::{
     BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport, TransportError,
@@ -416,6 +418,13 @@ impl CudaStaging {
 }
 
 impl StagedDevice for CudaStaging {
+    fn host_bytes(&self, len: usize) -> Result<HostBytes, SchedError> {
+        let ctx = self.stream.context();
+        PinnedBytes::zeroed(ctx, len)
+            .map(|b| Box::new(b) as HostBytes)
+            .map_err(|e| self.failed("allocate pinned staging", e))
+    }
+
     fn ready(&self, to: usize, signal: usize) -> u64 {
         self.ready
             .get(to)
@@ -442,8 +451,9 @@ impl StagedDevice for CudaStaging {
         value: u64,
     ) -> Result<(), SchedError> {
         let dst = self.own[region.buf.index()] + region.offset as u64;
-        // SAFETY: as in download for this rank's own buffer; `bytes` is
-        // pageable (the proxy's landing buffer), staged before the return.
+        // SAFETY: as in download for this rank's own buffer; `bytes` (the
+        // proxy's pinned landing buffer) is read by the stream, which is
+        // synchronised below before it is handed back.
         unsafe { cuda::copy_runs_to_device(&self.stream, bytes, dst, runs(region)) }
             .map_err(|e| self.failed("land", e))?;
         // SAFETY: `signal` indexes this rank's signal array (the plan's
@@ -455,7 +465,9 @@ impl StagedDevice for CudaStaging {
                 SignalOp::Set(value),
             )
         }
-        .map_err(|e| self.failed("raise signal", e))
+        .map_err(|e| self.failed("raise signal", e))?;
+        // The landing buffer is the proxy's again once this returns.
+        self.drain()
     }
 
     fn stopped(&self) -> bool {
@@ -483,7 +495,7 @@ fn run_proxy<T: Transport>(
         .bind_to_thread()
         .map_err(|e| device("bind context", e))?;
     cuda::relax_capture_mode().map_err(|e| device("relax capture mode", e))?;
-    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout)?;
+    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout, &dev)?;
     let mut run = || -> Result<(), SchedError> {
         for epoch in epochs.iter() {
             let stats = proxy.call(&mut dev, epoch)?;

@@ -354,8 +354,8 @@ fn run_rank(
     let me = t.rank();
     let dev = Arc::new(Device::new(&g));
     let inbox = StagedProxy::allocate(t, g, T).map_err(|e| e.to_string())?;
-    let mut proxy = StagedProxy::new(t, g, inbox, T).map_err(|e| e.to_string())?;
     let mut host = HostSide(Arc::clone(&dev));
+    let mut proxy = StagedProxy::new(t, g, inbox, T, &host).map_err(|e| e.to_string())?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
     for epoch in 1..=calls {
         let mine = counts_for(&mut rng, me, g.experts, kinds(epoch));
@@ -450,7 +450,7 @@ fn refused_calls_move_nothing_and_the_next_is_whole() {
 /// Rank `t`'s proxy, its inboxes allocated (collective).
 fn proxy(t: &LocalTransport, g: Geometry, timeout: Duration) -> StagedProxy<'_> {
     let inbox = StagedProxy::allocate(t, g, T).unwrap();
-    StagedProxy::new(t, g, inbox, timeout).unwrap()
+    StagedProxy::new(t, g, inbox, timeout, &HostSide(Arc::new(Device::new(&g)))).unwrap()
 }
 
 /// Proxies of a world of two, built together; rank 0's with `timeout`.

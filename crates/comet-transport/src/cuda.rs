@@ -595,13 +595,14 @@ pub unsafe fn copy_runs_to_host(
 }
 
 /// Enqueues a copy of the packed host `src` into `runs` at device `dst` on
-/// `stream`. `src` may be reused when this returns (pageable memory is
-/// staged by the driver before the call returns).
+/// `stream`. A pinned `src` is read when the stream runs the copy: it must
+/// stay untouched until then (pageable memory the driver stages before
+/// the call returns).
 ///
 /// # Safety
 /// `dst .. dst + (rows-1)*pitch + width` is live device memory of the
-/// stream's context until the stream has run the copy; `src` is pageable
-/// (a pinned `src` must instead stay untouched until the stream has run).
+/// stream's context until the stream has run the copy, and so is a pinned
+/// `src`.
 pub unsafe fn copy_runs_to_device(
     stream: &CudaStream,
     src: &[u8],
@@ -652,4 +653,61 @@ pub fn relax_capture_mode() -> Result<(), DriverError> {
     let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
     // SAFETY: exchanges this thread's mode with a valid enum value.
     unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) }.result()
+}
+
+/// Bytes of pinned (page-locked) host memory: copies to and from the
+/// device run at the link's speed without the driver staging them. Freed
+/// on drop.
+pub struct PinnedBytes {
+    ptr: *mut u8,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: plain host memory owned by this value; shared only through `&`
+// and `&mut` like a Vec.
+unsafe impl Send for PinnedBytes {}
+// SAFETY: as above.
+unsafe impl Sync for PinnedBytes {}
+
+impl PinnedBytes {
+    /// `len` zeroed bytes (at least one is allocated).
+    pub fn zeroed(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, DriverError> {
+        ctx.bind_to_thread()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: a plain pinned allocation, zeroed below before use.
+        unsafe { sys::cuMemHostAlloc(&mut p, len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE).result()? };
+        // SAFETY: `p` is a live allocation of at least `len` bytes.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, len.max(1)) };
+        Ok(Self {
+            ptr: p.cast(),
+            len,
+            ctx: Arc::clone(ctx),
+        })
+    }
+}
+
+impl std::ops::Deref for PinnedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: live, initialised (zeroed) memory of `len` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PinnedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, borrowed mutably through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedBytes {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc in `zeroed`, freed once; a
+            // failure leaves the memory to the context's teardown.
+            let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! (release ordering). Without one, operations apply at once.
 
 use crate::error::TransportError;
-use crate::signal_core::{wait_signal, Owner, Round, SignalSlots};
+use crate::signal_core::{check_range, wait_signal, Owner, Round, SignalSlots};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
@@ -411,15 +411,13 @@ impl Transport for LocalTransport {
         self.check_alive(dst)?;
         let b = self.buffer(dst, buf)?;
         let size = lock(&b).len();
-        if offset.checked_add(data.len()).is_none_or(|end| end > size) {
-            return Err(TransportError::OutOfBounds {
-                rank: self.rank,
-                what: format!("put to buffer {} on rank {dst}", buf.0),
-                offset,
-                len: data.len(),
-                size,
-            });
-        }
+        check_range(
+            self.rank,
+            format_args!("put to buffer {} on rank {dst}", buf.0),
+            offset,
+            data.len(),
+            size,
+        )?;
         self.submit(
             self.rank,
             Op::Put {
@@ -496,18 +494,13 @@ impl Transport for LocalTransport {
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
         let b = self.buffer(self.rank, buf)?;
         let g = lock(&b);
-        if offset
-            .checked_add(out.len())
-            .is_none_or(|end| end > g.len())
-        {
-            return Err(TransportError::OutOfBounds {
-                rank: self.rank,
-                what: format!("read of buffer {}", buf.0),
-                offset,
-                len: out.len(),
-                size: g.len(),
-            });
-        }
+        check_range(
+            self.rank,
+            format_args!("read of buffer {}", buf.0),
+            offset,
+            out.len(),
+            g.len(),
+        )?;
         out.copy_from_slice(&g[offset..offset + out.len()]);
         Ok(())
     }

@@ -32,12 +32,15 @@ pub mod plan;
 use crate::cuda::{self, DeviceAlloc, ErrorWord, HostSignal};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport};
-use crate::signal_core::{locate, poll_bounded, wait_signal, Owner, Polled, Round, SignalSlots};
+use crate::signal_core::{
+    buffer, check_range, locate, poll_bounded, wait_signal, Owner, Polled, Round, SignalSlots,
+};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use plan::{LocalOp, Source, Transfer};
+use std::fmt::Display;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -210,14 +213,8 @@ impl NcclTransport {
         len: usize,
         what: &str,
     ) -> Result<u64, TransportError> {
-        let b = inner
-            .buffers
-            .get(buf.0 as usize)
-            .ok_or_else(|| TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("buffer {}", buf.0),
-            })?;
-        self.in_bounds(b, offset, len, &format!("{what} buffer {}", buf.0))
+        let b = buffer(self.rank, &inner.buffers, buf)?;
+        self.in_bounds(b, offset, len, format_args!("{what} buffer {}", buf.0))
     }
 
     /// As [`Self::local_range`], for any source of a transfer.
@@ -240,7 +237,7 @@ impl NcclTransport {
                         rank: self.rank,
                         what: "staging".into(),
                     })?;
-                self.in_bounds(s, offset, len, &format!("{what} staging"))
+                self.in_bounds(s, offset, len, format_args!("{what} staging"))
             }
         }
     }
@@ -250,17 +247,9 @@ impl NcclTransport {
         a: &DeviceAlloc,
         offset: usize,
         len: usize,
-        what: &str,
+        what: impl Display,
     ) -> Result<u64, TransportError> {
-        if offset.checked_add(len).is_none_or(|end| end > a.bytes()) {
-            return Err(TransportError::OutOfBounds {
-                rank: self.rank,
-                what: what.into(),
-                offset,
-                len,
-                size: a.bytes(),
-            });
-        }
+        check_range(self.rank, what, offset, len, a.bytes())?;
         Ok(a.ptr() + offset as u64)
     }
 

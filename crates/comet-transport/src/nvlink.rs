@@ -26,7 +26,7 @@ pub mod bench;
 use crate::cuda::{self, DeviceAlloc, ErrorWord, HostSignal, IpcMapping, IPC_HANDLE_BYTES};
 use crate::error::TransportError;
 use crate::gpu::{BlobExchange, DeviceTransport, ThreadExchange};
-use crate::signal_core::{locate, wait_signal, Owner, Round, SignalSlots};
+use crate::signal_core::{buffer, check_range, locate, wait_signal, Owner, Round, SignalSlots};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
@@ -336,23 +336,14 @@ impl NvlinkTransport {
         len: usize,
         what: &str,
     ) -> Result<u64, TransportError> {
-        let b = st
-            .buffers
-            .get(buf.0 as usize)
-            .ok_or_else(|| TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("buffer {}", buf.0),
-            })?;
-        let size = b.local.bytes();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(TransportError::OutOfBounds {
-                rank: self.rank,
-                what: format!("{what} buffer {} on rank {rank}", buf.0),
-                offset,
-                len,
-                size,
-            });
-        }
+        let b = buffer(self.rank, &st.buffers, buf)?;
+        check_range(
+            self.rank,
+            format_args!("{what} buffer {} on rank {rank}", buf.0),
+            offset,
+            len,
+            b.local.bytes(),
+        )?;
         Ok(b.addrs[rank] + offset as u64)
     }
 

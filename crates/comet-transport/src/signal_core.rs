@@ -1,10 +1,12 @@
 //! What every transport shares: the bookkeeping of a rank's signal array
 //! (how many words, where word `sig` lives, the range check that names the
-//! signal) and the one bounded poll loop, with its one back-off, that every
-//! wait goes through.
+//! signal), the checks of a buffer argument (the buffer exists, the bytes
+//! fit in it), and the one bounded poll loop, with its one back-off, that
+//! every wait goes through.
 
 use crate::error::TransportError;
-use crate::transport::SignalId;
+use crate::transport::{BufferId, SignalId};
+use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 /// Bytes of one signal word.
@@ -110,6 +112,39 @@ pub fn locate<A>(
         Some(a) => Ok((a, slots(a).offset(rank, sig, on)?)),
         None => Err(no_array(rank, sig, on)),
     }
+}
+
+/// Buffer `buf` of a transport's list `buffers` (indexed by id), or the
+/// error, raised on `rank`, that names it.
+pub fn buffer<T>(rank: usize, buffers: &[T], buf: BufferId) -> Result<&T, TransportError> {
+    buffers
+        .get(buf.0 as usize)
+        .ok_or_else(|| TransportError::NotAllocated {
+            rank,
+            what: format!("buffer {}", buf.0),
+        })
+}
+
+/// Checks that `len` bytes at `offset` fit in `size` bytes (an offset
+/// whose end overflows does not); the error, raised on `rank`, names the
+/// access as `what` (built only on failure).
+pub fn check_range(
+    rank: usize,
+    what: impl Display,
+    offset: usize,
+    len: usize,
+    size: usize,
+) -> Result<(), TransportError> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(TransportError::OutOfBounds {
+            rank,
+            what: what.to_string(),
+            offset,
+            len,
+            size,
+        });
+    }
+    Ok(())
 }
 
 /// The one back-off of every bounded poll: the first [`Backoff::SPIN`]
@@ -246,6 +281,29 @@ mod tests {
         }
         assert!(SignalSlots::new(usize::MAX).bytes(0).is_err());
         assert_eq!(SignalSlots::new(5).bytes(0).unwrap(), 40);
+    }
+
+    #[test]
+    fn buffer_checks_name_the_buffer_and_the_access() {
+        let list = [10u8, 20];
+        assert_eq!(buffer(0, &list, BufferId(1)).unwrap(), &20);
+        match buffer(3, &list, BufferId(2)) {
+            Err(TransportError::NotAllocated { rank: 3, what }) => assert_eq!(what, "buffer 2"),
+            other => panic!("{other:?}"),
+        }
+        assert!(check_range(0, "x", 4, 4, 8).is_ok());
+        assert!(check_range(0, "x", 8, 0, 8).is_ok());
+        match check_range(1, format_args!("put to buffer {}", 5), 6, 4, 8) {
+            Err(TransportError::OutOfBounds {
+                rank: 1,
+                what,
+                offset: 6,
+                len: 4,
+                size: 8,
+            }) => assert_eq!(what, "put to buffer 5"),
+            other => panic!("{other:?}"),
+        }
+        assert!(check_range(0, "x", usize::MAX, 1, usize::MAX).is_err());
     }
 
     #[test]

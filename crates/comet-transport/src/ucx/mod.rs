@@ -57,7 +57,9 @@
 
 use crate::bootstrap::{Bootstrap, BootstrapError};
 use crate::error::TransportError;
-use crate::signal_core::{locate, wait_signal, Owner, Round, SignalSlots, SIGNAL_BYTES};
+use crate::signal_core::{
+    buffer, check_range, locate, wait_signal, Owner, Round, SignalSlots, SIGNAL_BYTES,
+};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
@@ -655,15 +657,7 @@ impl UcxTransport {
         len: usize,
         what: &str,
     ) -> Result<u64, TransportError> {
-        if offset.checked_add(len).is_none_or(|end| end > region.len) {
-            return Err(TransportError::OutOfBounds {
-                rank: self.rank,
-                what: what.into(),
-                offset,
-                len,
-                size: region.len,
-            });
-        }
+        check_range(self.rank, what, offset, len, region.len)?;
         Ok(region.remote[dst].0 + offset as u64)
     }
 
@@ -843,13 +837,7 @@ impl Transport for UcxTransport {
         check_rank(self, dst)?;
         let mut g = lock(&self.inner);
         let what = || format!("put to buffer {} on rank {dst}", buf.0);
-        let region = g
-            .buffers
-            .get(buf.0 as usize)
-            .ok_or_else(|| TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("buffer {}", buf.0),
-            })?;
+        let region = buffer(self.rank, &g.buffers, buf)?;
         let raddr = self.remote(region, dst, offset, data.len(), &what())?;
         if data.is_empty() {
             return Ok(());
@@ -962,25 +950,14 @@ impl Transport for UcxTransport {
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
         let g = lock(&self.inner);
-        let region = g
-            .buffers
-            .get(buf.0 as usize)
-            .ok_or_else(|| TransportError::NotAllocated {
-                rank: self.rank,
-                what: format!("buffer {}", buf.0),
-            })?;
-        if offset
-            .checked_add(out.len())
-            .is_none_or(|end| end > region.len)
-        {
-            return Err(TransportError::OutOfBounds {
-                rank: self.rank,
-                what: format!("read of buffer {}", buf.0),
-                offset,
-                len: out.len(),
-                size: region.len,
-            });
-        }
+        let region = buffer(self.rank, &g.buffers, buf)?;
+        check_range(
+            self.rank,
+            format_args!("read of buffer {}", buf.0),
+            offset,
+            out.len(),
+            region.len,
+        )?;
         // Bounds checked; the region stays mapped while we hold the lock.
         region.mem.read(offset, out);
         Ok(())

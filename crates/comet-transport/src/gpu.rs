@@ -69,6 +69,94 @@ pub trait DeviceTransport: Transport {
     ) -> Result<(), TransportError>;
 }
 
+/// What every rank of a GPU transport (`nvlink`, `nccl`) holds on its
+/// device, and the calls on it that both make alike: its context, the
+/// communication stream (puts, signals, NCCL steps), the poll stream (host
+/// reads of signal and error words, which must not queue behind the
+/// communication stream), the kernels' error word and the host-side
+/// signal raiser. Driver errors name `backend` and `rank`.
+#[cfg(any(feature = "nvlink", feature = "nccl"))]
+pub(crate) struct RankDevice {
+    pub backend: &'static str,
+    pub rank: usize,
+    pub ordinal: usize,
+    pub ctx: Arc<cudarc::driver::CudaContext>,
+    pub stream: Arc<cudarc::driver::CudaStream>,
+    pub poll: Arc<cudarc::driver::CudaStream>,
+    pub error_word: crate::cuda::ErrorWord,
+    pub raise: crate::cuda::HostSignal,
+}
+
+#[cfg(any(feature = "nvlink", feature = "nccl"))]
+impl RankDevice {
+    /// Opens device `ordinal`'s context, the two streams and the error word.
+    pub fn open(
+        backend: &'static str,
+        rank: usize,
+        ordinal: usize,
+    ) -> Result<Self, TransportError> {
+        use crate::cuda;
+        let err = |what: &str, e| cuda::driver_err(backend, rank, what, e);
+        let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| err("create communication stream", e))?;
+        let poll = ctx.new_stream().map_err(|e| err("create poll stream", e))?;
+        let error_word =
+            cuda::ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
+        Ok(Self {
+            backend,
+            rank,
+            ordinal,
+            raise: cuda::HostSignal::new(&ctx),
+            ctx,
+            stream,
+            poll,
+            error_word,
+        })
+    }
+
+    pub fn err(&self, what: &str, e: cudarc::driver::DriverError) -> TransportError {
+        crate::cuda::driver_err(self.backend, self.rank, what, e)
+    }
+
+    pub fn bind(&self) -> Result<(), TransportError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| self.err("bind context", e))
+    }
+
+    pub fn read_error_word(&self) -> Result<u64, TransportError> {
+        self.bind()?;
+        self.error_word
+            .read(&self.poll)
+            .map_err(|e| self.err("read error word", e))
+    }
+
+    pub fn clear_error_word(&self) -> Result<(), TransportError> {
+        self.bind()?;
+        self.error_word
+            .clear(&self.poll)
+            .map_err(|e| self.err("clear error word", e))
+    }
+
+    /// A host `wait` on this rank's signal `sig`, whose word is at device
+    /// address `addr`: polled through the poll stream. The caller binds
+    /// the context first.
+    pub fn wait_word(
+        &self,
+        addr: u64,
+        sig: crate::transport::SignalId,
+        target: u64,
+        timeout: Duration,
+    ) -> Result<u64, TransportError> {
+        let read = |_: crate::signal_core::Round| {
+            crate::cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e))
+        };
+        crate::signal_core::wait_signal(self.rank, sig, target, timeout, read, std::thread::sleep)
+    }
+}
+
 /// One measured (method, size) point of a GPU transport bench.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuBenchRow {

@@ -29,11 +29,11 @@ pub mod bench;
 pub mod ffi;
 pub mod plan;
 
-use crate::cuda::{self, DeviceAlloc, ErrorWord, HostSignal};
+use crate::cuda::{self, DeviceAlloc};
 use crate::error::TransportError;
-use crate::gpu::{BlobExchange, DeviceTransport};
+use crate::gpu::{BlobExchange, DeviceTransport, RankDevice};
 use crate::signal_core::{
-    buffer, check_range, locate, poll_bounded, wait_signal, Owner, Polled, Round, SignalSlots,
+    buffer, check_range, locate, poll_bounded, Owner, Polled, Round, SignalSlots,
 };
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
@@ -78,15 +78,10 @@ struct Inner {
 pub struct NcclTransport {
     rank: usize,
     world: usize,
-    ordinal: usize,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    poll: Arc<CudaStream>,
+    dev: RankDevice,
     exchange: Arc<dyn BlobExchange>,
     opts: NcclOptions,
     inner: Mutex<Inner>,
-    error_word: ErrorWord,
-    raise: HostSignal,
 }
 
 fn nccl_err(rank: usize, what: &str, e: cudarc::nccl::result::NcclError) -> TransportError {
@@ -106,7 +101,6 @@ impl NcclTransport {
     ) -> Result<Self, TransportError> {
         let rank = exchange.rank();
         let world = exchange.world();
-        let err = |what: &str, e: DriverError| cuda::driver_err(BACKEND, rank, what, e);
         if !cuda::gpu_available() {
             return Err(TransportError::Backend {
                 backend: BACKEND,
@@ -131,12 +125,7 @@ impl NcclTransport {
                 ),
             });
         }
-        let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| err("create communication stream", e))?;
-        let poll = ctx.new_stream().map_err(|e| err("create poll stream", e))?;
-        let error_word = ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
+        let dev = RankDevice::open(BACKEND, rank, ordinal)?;
         let mine = if rank == 0 {
             ffi::unique_id()
                 .map_err(|e| nccl_err(rank, "ncclGetUniqueId", e))?
@@ -156,18 +145,14 @@ impl NcclTransport {
                     all.first().map_or(0, Vec::len)
                 ),
             })?;
-        ctx.bind_to_thread().map_err(|e| err("bind context", e))?;
+        dev.bind()?;
         let comm = ffi::RawComm::init(&id, rank, world)
             .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
         tracing::debug!(rank, world, ordinal, "nccl transport up");
         Ok(Self {
             rank,
             world,
-            ordinal,
-            raise: HostSignal::new(&ctx),
-            ctx,
-            stream,
-            poll,
+            dev,
             exchange,
             opts,
             inner: Mutex::new(Inner {
@@ -180,23 +165,12 @@ impl NcclTransport {
                     host: Vec::new(),
                 },
             }),
-            error_word,
         })
     }
 
     /// The CUDA context of this rank's device.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
-    fn err(&self, what: &str, e: DriverError) -> TransportError {
-        cuda::driver_err(BACKEND, self.rank, what, e)
-    }
-
-    fn bind(&self) -> Result<(), TransportError> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| self.err("bind context", e))
+        &self.dev.ctx
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -277,7 +251,7 @@ impl NcclTransport {
     }
 
     fn enqueue(&self, inner: &mut Inner, ops: &[LocalOp]) -> Result<(), TransportError> {
-        self.bind()?;
+        self.dev.bind()?;
         // Resolve and bounds-check every address before enqueuing anything.
         let mut addrs = Vec::with_capacity(ops.len());
         for op in ops {
@@ -316,19 +290,21 @@ impl NcclTransport {
                 // SAFETY (all arms): addresses were resolved against live
                 // allocations of this rank and bounds-checked above.
                 LocalOp::Copy { len, .. } => {
-                    unsafe { cuda::copy_dtod_async(&self.stream, b, a, len) }
-                        .map_err(|e| self.err("local copy", e))?
+                    unsafe { cuda::copy_dtod_async(&self.dev.stream, b, a, len) }
+                        .map_err(|e| self.dev.err("local copy", e))?
                 }
                 LocalOp::Send { peer, len, .. } => {
-                    unsafe { inner.comm.send(a, len, peer, &self.stream) }
+                    unsafe { inner.comm.send(a, len, peer, &self.dev.stream) }
                         .map_err(|e| nccl_err(self.rank, "ncclSend", e))?
                 }
                 LocalOp::Recv { peer, len, .. } => {
-                    unsafe { inner.comm.recv(a, len, peer, &self.stream) }
+                    unsafe { inner.comm.recv(a, len, peer, &self.dev.stream) }
                         .map_err(|e| nccl_err(self.rank, "ncclRecv", e))?
                 }
-                LocalOp::Signal { op, .. } => unsafe { self.raise.raise(&self.stream, a, op) }
-                    .map_err(|e| self.err("signal", e))?,
+                LocalOp::Signal { op, .. } => {
+                    unsafe { self.dev.raise.raise(&self.dev.stream, a, op) }
+                        .map_err(|e| self.dev.err("signal", e))?
+                }
             }
         }
         if in_group {
@@ -340,13 +316,13 @@ impl NcclTransport {
     /// Waits for the communication stream, bounded: a step whose peer never
     /// posts aborts the communicator and returns an error.
     pub fn synchronize(&self, timeout: Duration) -> Result<(), TransportError> {
-        self.bind()?;
+        self.dev.bind()?;
         let look = |_: Round| {
             // SAFETY: querying a live stream of this context.
-            match unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) } {
+            match unsafe { cudarc::driver::sys::cuStreamQuery(self.dev.stream.cu_stream()) } {
                 cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(Some(())),
                 cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => Ok(None),
-                other => Err(self.err("communication stream", DriverError(other))),
+                other => Err(self.dev.err("communication stream", DriverError(other))),
             }
         };
         match poll_bounded(timeout, look, std::thread::sleep)? {
@@ -387,7 +363,7 @@ impl NcclTransport {
         {
             let mut inner = self.inner();
             if !host.is_empty() {
-                self.bind()?;
+                self.dev.bind()?;
                 if inner
                     .staging
                     .as_ref()
@@ -395,16 +371,16 @@ impl NcclTransport {
                 {
                     inner.staging = None;
                     inner.staging = Some(
-                        DeviceAlloc::zeroed(&self.ctx, host.len())
-                            .map_err(|e| self.err("staging", e))?,
+                        DeviceAlloc::zeroed(&self.dev.ctx, host.len())
+                            .map_err(|e| self.dev.err("staging", e))?,
                     );
                 }
                 let dst = inner.staging.as_ref().map_or(0, DeviceAlloc::ptr);
                 // SAFETY: staging holds at least `host.len()` bytes; `host`
                 // is pageable, so the driver consumed it before returning,
                 // and it lives until the stream is synchronised below anyway.
-                unsafe { cuda::copy_htod_async(&self.stream, dst, &host) }
-                    .map_err(|e| self.err("stage puts", e))?;
+                unsafe { cuda::copy_htod_async(&self.dev.stream, dst, &host) }
+                    .map_err(|e| self.dev.err("stage puts", e))?;
             }
             self.enqueue(&mut inner, &ops)?;
         }
@@ -435,7 +411,9 @@ impl NcclTransport {
 
 impl Drop for NcclTransport {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() && self.synchronize(Duration::from_secs(10)).is_err() {
+        if self.dev.ctx.bind_to_thread().is_ok()
+            && self.synchronize(Duration::from_secs(10)).is_err()
+        {
             tracing::warn!(
                 rank = self.rank,
                 "nccl transport dropped with unfinished steps; communicator aborted"
@@ -463,8 +441,9 @@ impl Transport for NcclTransport {
 
     fn alloc_buffer(&self, bytes: usize) -> Result<BufferId, TransportError> {
         self.check_sizes("alloc_buffer", bytes)?;
-        self.bind()?;
-        let b = DeviceAlloc::zeroed(&self.ctx, bytes).map_err(|e| self.err("alloc_buffer", e))?;
+        self.dev.bind()?;
+        let b = DeviceAlloc::zeroed(&self.dev.ctx, bytes)
+            .map_err(|e| self.dev.err("alloc_buffer", e))?;
         let mut inner = self.inner();
         inner.buffers.push(b);
         Ok(BufferId((inner.buffers.len() - 1) as u32))
@@ -475,8 +454,9 @@ impl Transport for NcclTransport {
         let slots = SignalSlots::new(count);
         let bytes = slots.bytes(self.rank)?;
         self.check_sizes("alloc_signals", bytes)?;
-        self.bind()?;
-        let s = DeviceAlloc::zeroed(&self.ctx, bytes).map_err(|e| self.err("alloc_signals", e))?;
+        self.dev.bind()?;
+        let s = DeviceAlloc::zeroed(&self.dev.ctx, bytes)
+            .map_err(|e| self.dev.err("alloc_signals", e))?;
         self.inner().signals = Some((s, slots));
         Ok(())
     }
@@ -525,11 +505,9 @@ impl Transport for NcclTransport {
     }
 
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
-        self.bind()?;
+        self.dev.bind()?;
         let addr = self.signal_addr(&self.inner(), sig)?;
-        let read =
-            |_: Round| cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e));
-        wait_signal(self.rank, sig, target, timeout, read, std::thread::sleep)
+        self.dev.wait_word(addr, sig, target, timeout)
     }
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
@@ -539,7 +517,8 @@ impl Transport for NcclTransport {
         }
         self.synchronize(self.opts.collective_timeout)?;
         // SAFETY: bounds-checked above; `out` is exclusively borrowed.
-        unsafe { cuda::copy_dtoh_sync(&self.poll, out, addr) }.map_err(|e| self.err("read", e))
+        unsafe { cuda::copy_dtoh_sync(&self.dev.poll, out, addr) }
+            .map_err(|e| self.dev.err("read", e))
     }
 
     fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
@@ -550,7 +529,7 @@ impl Transport for NcclTransport {
 
 impl DeviceTransport for NcclTransport {
     fn device_ordinal(&self) -> usize {
-        self.ordinal
+        self.dev.ordinal
     }
 
     fn buffer_ptr(&self, buf: BufferId) -> Result<u64, TransportError> {
@@ -572,25 +551,19 @@ impl DeviceTransport for NcclTransport {
     }
 
     fn error_word_ptr(&self) -> u64 {
-        self.error_word.ptr()
+        self.dev.error_word.ptr()
     }
 
     fn read_error_word(&self) -> Result<u64, TransportError> {
-        self.bind()?;
-        self.error_word
-            .read(&self.poll)
-            .map_err(|e| self.err("read error word", e))
+        self.dev.read_error_word()
     }
 
     fn clear_error_word(&self) -> Result<(), TransportError> {
-        self.bind()?;
-        self.error_word
-            .clear(&self.poll)
-            .map_err(|e| self.err("clear error word", e))
+        self.dev.clear_error_word()
     }
 
     fn comm_stream(&self) -> Arc<CudaStream> {
-        Arc::clone(&self.stream)
+        Arc::clone(&self.dev.stream)
     }
 
     /// Staged like `put` (moves at the next flush): the source address is

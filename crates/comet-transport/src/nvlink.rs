@@ -23,14 +23,14 @@
 
 pub mod bench;
 
-use crate::cuda::{self, DeviceAlloc, ErrorWord, HostSignal, IpcMapping, IPC_HANDLE_BYTES};
+use crate::cuda::{self, DeviceAlloc, IpcMapping, IPC_HANDLE_BYTES};
 use crate::error::TransportError;
-use crate::gpu::{BlobExchange, DeviceTransport, ThreadExchange};
-use crate::signal_core::{buffer, check_range, locate, wait_signal, Owner, Round, SignalSlots};
+use crate::gpu::{BlobExchange, DeviceTransport, RankDevice, ThreadExchange};
+use crate::signal_core::{buffer, check_range, locate, Owner, SignalSlots};
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
-use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaStream};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -73,17 +73,12 @@ struct State {
 pub struct NvlinkTransport {
     rank: usize,
     world: usize,
-    ordinal: usize,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    poll: Arc<CudaStream>,
+    dev: RankDevice,
     exchange: Arc<dyn BlobExchange>,
     opts: NvlinkOptions,
     /// Whether each rank shares our process (direct pointers) or not (IPC).
     same_process: Vec<bool>,
     state: RwLock<State>,
-    error_word: ErrorWord,
-    raise: HostSignal,
 }
 
 struct Blob {
@@ -146,7 +141,6 @@ impl NvlinkTransport {
     ) -> Result<Self, TransportError> {
         let rank = exchange.rank();
         let world = exchange.world();
-        let err = |what: &str, e: DriverError| cuda::driver_err(BACKEND, rank, what, e);
         if !cuda::gpu_available() {
             return Err(TransportError::Backend {
                 backend: BACKEND,
@@ -164,12 +158,7 @@ impl NvlinkTransport {
                 ),
             });
         }
-        let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| err("create communication stream", e))?;
-        let poll = ctx.new_stream().map_err(|e| err("create poll stream", e))?;
-        let error_word = ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
+        let dev = RankDevice::open(BACKEND, rank, ordinal)?;
         let hello = Blob {
             kind: KIND_HELLO,
             token: cuda::process_token(),
@@ -185,9 +174,11 @@ impl NvlinkTransport {
             if peer == rank || !same_process[peer] || b.ordinal as usize == ordinal {
                 continue;
             }
-            let pctx =
-                cuda::open_context(b.ordinal as usize).map_err(|e| err("open peer context", e))?;
-            if !cuda::can_access_peer(&ctx, &pctx).map_err(|e| err("query peer access", e))? {
+            let pctx = cuda::open_context(b.ordinal as usize)
+                .map_err(|e| dev.err("open peer context", e))?;
+            if !cuda::can_access_peer(&dev.ctx, &pctx)
+                .map_err(|e| dev.err("query peer access", e))?
+            {
                 return Err(TransportError::Backend {
                     backend: BACKEND,
                     rank,
@@ -197,17 +188,14 @@ impl NvlinkTransport {
                     ),
                 });
             }
-            cuda::enable_peer_access(&ctx, &pctx).map_err(|e| err("enable peer access", e))?;
+            cuda::enable_peer_access(&dev.ctx, &pctx)
+                .map_err(|e| dev.err("enable peer access", e))?;
         }
         tracing::debug!(rank, world, ordinal, ?same_process, "nvlink transport up");
         Ok(Self {
             rank,
             world,
-            ordinal,
-            raise: HostSignal::new(&ctx),
-            ctx,
-            stream,
-            poll,
+            dev,
             exchange,
             opts,
             same_process,
@@ -215,7 +203,6 @@ impl NvlinkTransport {
                 buffers: Vec::new(),
                 signals: None,
             }),
-            error_word,
         })
     }
 
@@ -250,22 +237,12 @@ impl NvlinkTransport {
 
     /// The CUDA context of this rank's device.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.dev.ctx
     }
 
     /// Whether `peer` runs in this process (direct pointers, not IPC).
     pub fn peer_in_process(&self, peer: usize) -> bool {
         self.same_process.get(peer).copied().unwrap_or(false)
-    }
-
-    fn err(&self, what: &str, e: DriverError) -> TransportError {
-        cuda::driver_err(BACKEND, self.rank, what, e)
-    }
-
-    fn bind(&self) -> Result<(), TransportError> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| self.err("bind context", e))
     }
 
     fn state(&self) -> RwLockReadGuard<'_, State> {
@@ -274,21 +251,21 @@ impl NvlinkTransport {
 
     /// Allocates locally, exchanges, and maps every peer's copy.
     fn symmetric(&self, kind: u8, bytes: usize) -> Result<SymAlloc, TransportError> {
-        self.bind()?;
-        let local =
-            DeviceAlloc::zeroed(&self.ctx, bytes).map_err(|e| self.err(kind_name(kind), e))?;
+        self.dev.bind()?;
+        let local = DeviceAlloc::zeroed(&self.dev.ctx, bytes)
+            .map_err(|e| self.dev.err(kind_name(kind), e))?;
         let needs_ipc = self.same_process.iter().any(|s| !s);
         let handle = if needs_ipc {
             local
                 .ipc_handle()
-                .map_err(|e| self.err("export IPC handle", e))?
+                .map_err(|e| self.dev.err("export IPC handle", e))?
         } else {
             [0; IPC_HANDLE_BYTES]
         };
         let mine = Blob {
             kind,
             token: cuda::process_token(),
-            ordinal: self.ordinal as u32,
+            ordinal: self.dev.ordinal as u32,
             bytes: bytes as u64,
             ptr: local.ptr(),
             handle,
@@ -318,8 +295,8 @@ impl NvlinkTransport {
             if peer == self.rank || self.same_process[peer] {
                 addrs.push(b.ptr);
             } else {
-                let m = IpcMapping::open(&self.ctx, &b.handle)
-                    .map_err(|e| self.err(&format!("open IPC handle of rank {peer}"), e))?;
+                let m = IpcMapping::open(&self.dev.ctx, &b.handle)
+                    .map_err(|e| self.dev.err(&format!("open IPC handle of rank {peer}"), e))?;
                 addrs.push(m.ptr());
                 maps.push(m);
             }
@@ -359,17 +336,18 @@ impl NvlinkTransport {
 
     /// Reads signal `sig` of this rank once.
     pub fn read_signal(&self, sig: SignalId) -> Result<u64, TransportError> {
-        self.bind()?;
+        self.dev.bind()?;
         let addr = self.signal_addr(&self.state(), self.rank, sig)?;
-        cuda::read_word(&self.poll, addr).map_err(|e| self.err("read signal", e))
+        cuda::read_word(&self.dev.poll, addr).map_err(|e| self.dev.err("read signal", e))
     }
 
     /// Waits until every put and signal this rank enqueued has executed.
     pub fn synchronize(&self) -> Result<(), TransportError> {
-        self.bind()?;
-        self.stream
+        self.dev.bind()?;
+        self.dev
+            .stream
             .synchronize()
-            .map_err(|e| self.err("synchronize communication stream", e))
+            .map_err(|e| self.dev.err("synchronize communication stream", e))
     }
 
     /// Collective teardown: finish our work, unmap peers, and free our
@@ -421,8 +399,8 @@ fn decode_all(rank: usize, kind: u8, all: &[Vec<u8>]) -> Result<Vec<Blob>, Trans
 impl Drop for NvlinkTransport {
     fn drop(&mut self) {
         // Best effort: what we enqueued must not run on freed memory.
-        if self.ctx.bind_to_thread().is_ok() {
-            let _ = self.stream.synchronize();
+        if self.dev.ctx.bind_to_thread().is_ok() {
+            let _ = self.dev.stream.synchronize();
         }
     }
 }
@@ -480,11 +458,11 @@ impl Transport for NvlinkTransport {
         if data.is_empty() {
             return Ok(());
         }
-        self.bind()?;
+        self.dev.bind()?;
         // SAFETY: `addr .. addr + len` was bounds-checked against the
         // symmetric buffer, which lives as long as `self`.
-        unsafe { cuda::copy_htod_async(&self.stream, addr, data) }
-            .map_err(|e| self.err("put", e))?;
+        unsafe { cuda::copy_htod_async(&self.dev.stream, addr, data) }
+            .map_err(|e| self.dev.err("put", e))?;
         if cuda::is_pinned_host(data.as_ptr()) {
             // The copy engine reads pinned memory later; the caller's slice
             // is only borrowed for this call.
@@ -496,17 +474,16 @@ impl Transport for NvlinkTransport {
     fn signal(&self, dst: usize, sig: SignalId, op: SignalOp) -> Result<(), TransportError> {
         check_rank(self, dst)?;
         let addr = self.signal_addr(&self.state(), dst, sig)?;
-        self.bind()?;
+        self.dev.bind()?;
         // SAFETY: `addr` is a live signal word of `dst`, mapped here.
-        unsafe { self.raise.raise(&self.stream, addr, op) }.map_err(|e| self.err("signal", e))
+        unsafe { self.dev.raise.raise(&self.dev.stream, addr, op) }
+            .map_err(|e| self.dev.err("signal", e))
     }
 
     fn wait(&self, sig: SignalId, target: u64, timeout: Duration) -> Result<u64, TransportError> {
-        self.bind()?;
+        self.dev.bind()?;
         let addr = self.signal_addr(&self.state(), self.rank, sig)?;
-        let read =
-            |_: Round| cuda::read_word(&self.poll, addr).map_err(|e| self.err("poll signal", e));
-        wait_signal(self.rank, sig, target, timeout, read, std::thread::sleep)
+        self.dev.wait_word(addr, sig, target, timeout)
     }
 
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
@@ -517,7 +494,8 @@ impl Transport for NvlinkTransport {
         // Our own puts to ourselves must have landed.
         self.synchronize()?;
         // SAFETY: bounds-checked above; `out` is exclusively borrowed.
-        unsafe { cuda::copy_dtoh_sync(&self.poll, out, addr) }.map_err(|e| self.err("read", e))
+        unsafe { cuda::copy_dtoh_sync(&self.dev.poll, out, addr) }
+            .map_err(|e| self.dev.err("read", e))
     }
 
     fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
@@ -528,7 +506,7 @@ impl Transport for NvlinkTransport {
 
 impl DeviceTransport for NvlinkTransport {
     fn device_ordinal(&self) -> usize {
-        self.ordinal
+        self.dev.ordinal
     }
 
     fn buffer_ptr(&self, buf: BufferId) -> Result<u64, TransportError> {
@@ -551,25 +529,19 @@ impl DeviceTransport for NvlinkTransport {
     }
 
     fn error_word_ptr(&self) -> u64 {
-        self.error_word.ptr()
+        self.dev.error_word.ptr()
     }
 
     fn read_error_word(&self) -> Result<u64, TransportError> {
-        self.bind()?;
-        self.error_word
-            .read(&self.poll)
-            .map_err(|e| self.err("read error word", e))
+        self.dev.read_error_word()
     }
 
     fn clear_error_word(&self) -> Result<(), TransportError> {
-        self.bind()?;
-        self.error_word
-            .clear(&self.poll)
-            .map_err(|e| self.err("clear error word", e))
+        self.dev.clear_error_word()
     }
 
     fn comm_stream(&self) -> Arc<CudaStream> {
-        Arc::clone(&self.stream)
+        Arc::clone(&self.dev.stream)
     }
 
     fn put_device(
@@ -585,11 +557,11 @@ impl DeviceTransport for NvlinkTransport {
         if len == 0 {
             return Ok(());
         }
-        self.bind()?;
+        self.dev.bind()?;
         // SAFETY: the destination was bounds-checked; the caller guarantees
         // `src .. src + len` is live device memory until the stream runs.
-        unsafe { cuda::copy_dtod_async(&self.stream, addr, src, len) }
-            .map_err(|e| self.err("put_device", e))
+        unsafe { cuda::copy_dtod_async(&self.dev.stream, addr, src, len) }
+            .map_err(|e| self.dev.err("put_device", e))
     }
 }
 

@@ -140,11 +140,7 @@ impl Routing {
             RoutingKind::Zipf(s) => {
                 // Popularity 1/(i+1)^s over a seeded permutation of experts,
                 // the same permutation on every rank (seeded without rank).
-                let mut perm_rng = ChaCha8Rng::seed_from_u64(seed);
-                let mut perm: Vec<usize> = (0..e).collect();
-                for i in (1..e).rev() {
-                    perm.swap(i, perm_rng.gen_range(0..=i));
-                }
+                let perm = shuffled(e, &mut ChaCha8Rng::seed_from_u64(seed));
                 let pop: Vec<f64> = (0..e).map(|i| 1.0 / ((i + 1) as f64).powf(s)).collect();
                 let mut ids = Vec::with_capacity(tokens * k);
                 let mut weights = Vec::with_capacity(tokens * k);
@@ -156,14 +152,10 @@ impl Routing {
                             .expect("positive weights")
                             .sample(&mut rng);
                         w[idx] = 0.0;
-                        chosen.push(perm[idx]);
+                        chosen.push(perm[idx] as u32);
                     }
-                    let raw: Vec<f32> = (0..k).map(|_| rng.gen_range(0.05f32..1.0)).collect();
-                    let sum: f32 = raw.iter().sum();
-                    for (c, r) in chosen.into_iter().zip(raw) {
-                        ids.push(c as u32);
-                        weights.push(r / sum);
-                    }
+                    ids.extend(chosen);
+                    weights.extend(token_weights(&mut rng, k));
                 }
                 Routing {
                     tokens,
@@ -177,12 +169,8 @@ impl Routing {
                 let mut ids = Vec::with_capacity(tokens * k);
                 let mut weights = Vec::with_capacity(tokens * k);
                 for _ in 0..tokens {
-                    let raw: Vec<f32> = (0..k).map(|_| rng.gen_range(0.05f32..1.0)).collect();
-                    let sum: f32 = raw.iter().sum();
-                    for (j, r) in raw.into_iter().enumerate() {
-                        ids.push(((hot + j) % e) as u32);
-                        weights.push(r / sum);
-                    }
+                    ids.extend((0..k).map(|j| ((hot + j) % e) as u32));
+                    weights.extend(token_weights(&mut rng, k));
                 }
                 Routing {
                     tokens,
@@ -194,12 +182,8 @@ impl Routing {
             RoutingKind::SomeEmpty => {
                 // The live subset is seeded without rank so that it is the
                 // same everywhere and the other experts are truly empty.
-                let mut sub_rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
                 let live = k.max(e / 2);
-                let mut perm: Vec<usize> = (0..e).collect();
-                for i in (1..e).rev() {
-                    perm.swap(i, sub_rng.gen_range(0..=i));
-                }
+                let perm = shuffled(e, &mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(1)));
                 let live_set = &perm[..live];
                 let logits = normal_logits(&mut rng, tokens * live);
                 let sub = Routing::softmax_topk(&logits, live, k).expect("k <= live");
@@ -272,6 +256,24 @@ impl Routing {
         }
         c
     }
+}
+
+/// A permutation of `0..n` drawn from `rng` (Fisher-Yates): the generators
+/// draw their expert orders this way, from rank-independent seeds.
+fn shuffled(n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        perm.swap(i, rng.gen_range(0..=i));
+    }
+    perm
+}
+
+/// One token's `k` weights for the generators that choose experts without
+/// logits: uniform in [0.05, 1), renormalised to sum to one.
+fn token_weights(rng: &mut ChaCha8Rng, k: usize) -> Vec<f32> {
+    let raw: Vec<f32> = (0..k).map(|_| rng.gen_range(0.05f32..1.0)).collect();
+    let sum: f32 = raw.iter().sum();
+    raw.into_iter().map(|r| r / sum).collect()
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 """What a PyTorch user runs today, for `comet bench --gpu`, timed in turns with it.
 
 A helper process speaking one JSON object per line (the protocol of
-bench_torch_gemm.py). On start it prints {"ready": true, ...} or
-{"ready": false, "why": ...}. Then, per request on stdin:
+bench_torch_gemm.py, in bench_torch_helper.py next to this script). On
+start it prints {"ready": true, ...} or {"ready": false, "why": ...}.
+Then, per request on stdin:
   {"op": "prepare", "impl": IMPL, "hidden": H, "ffn": F, "experts": E,
    "top_k": K, "tokens": T, "seed": S}
       -> {"ok": true} (built and run twice) or {"ok": false, "why": ...}
@@ -19,13 +20,9 @@ IMPL is one of
                     to the shape, with that experts implementation.
 Weights are random bf16 (uniform / sqrt(fan-in)), x uniform in [-1, 1).
 """
-import json
 import sys
 
-
-def reply(obj) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+from bench_torch_helper import cuda_torch, reply, serve
 
 
 def plain_layer(torch, h, f, e, k, t, dev, gen):
@@ -80,13 +77,8 @@ def hf_block(torch, impl, h, f, e, k, t, dev, gen):
 
 
 def main() -> int:
-    try:
-        import torch
-    except ImportError:
-        reply({"ready": False, "why": "torch not installed"})
-        return 0
-    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
-        reply({"ready": False, "why": "no CUDA device or no torch._grouped_mm"})
+    torch = cuda_torch()
+    if torch is None:
         return 0
     dev = torch.device("cuda")
     try:
@@ -96,48 +88,21 @@ def main() -> int:
     except ImportError:
         tf = None
     reply({"ready": True, "torch": torch.__version__, "transformers": tf})
-    call = None
-    for line in sys.stdin:
-        req = json.loads(line)
-        op = req.get("op")
-        if op == "prepare":
-            call = None
-            torch.cuda.empty_cache()
-            try:
-                gen = torch.Generator(device=dev)
-                gen.manual_seed(int(req.get("seed", 1)))
-                shape = (req["hidden"], req["ffn"], req["experts"], req["top_k"], req["tokens"])
-                impl = req["impl"]
-                if impl == "torch":
-                    call = plain_layer(torch, *shape, dev, gen)
-                elif impl.startswith("hf-"):
-                    if tf is None:
-                        raise RuntimeError("transformers not installed")
-                    call = hf_block(torch, impl[3:], *shape, dev, gen)
-                else:
-                    raise ValueError(f"unknown impl {impl!r}")
-                for _ in range(2):
-                    call()
-                torch.cuda.synchronize()
-                reply({"ok": True})
-            except Exception as ex:  # the caller reports it and goes on
-                call = None
-                torch.cuda.empty_cache()
-                reply({"ok": False, "why": f"{type(ex).__name__}: {ex}"})
-        elif op == "run":
-            if call is None:
-                reply({"error": "run before a successful prepare"})
-                continue
-            s = torch.cuda.Event(enable_timing=True)
-            e = torch.cuda.Event(enable_timing=True)
-            s.record()
-            call()
-            e.record()
-            e.synchronize()
-            reply({"ms": s.elapsed_time(e)})
-        else:
-            reply({"error": f"unknown op {op!r}"})
-    return 0
+
+    def build(req):
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(req.get("seed", 1)))
+        shape = (req["hidden"], req["ffn"], req["experts"], req["top_k"], req["tokens"])
+        impl = req["impl"]
+        if impl == "torch":
+            return plain_layer(torch, *shape, dev, gen)
+        if impl.startswith("hf-"):
+            if tf is None:
+                raise RuntimeError("transformers not installed")
+            return hf_block(torch, impl[3:], *shape, dev, gen)
+        raise ValueError(f"unknown impl {impl!r}")
+
+    return serve(torch, build, why=lambda ex: f"{type(ex).__name__}: {ex}")
 
 
 if __name__ == "__main__":

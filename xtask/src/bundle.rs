@@ -157,6 +157,11 @@ pub fn bundle() -> Result<PathBuf> {
             root.join("scripts/bench_torch_layer.py"),
             "bench_torch_layer.py",
         ),
+        // Imported by both scripts above from the folder they run in.
+        (
+            root.join("scripts/bench_torch_helper.py"),
+            "bench_torch_helper.py",
+        ),
     ];
     for (src, name) in &files {
         std::fs::copy(src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;

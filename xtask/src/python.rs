@@ -43,6 +43,22 @@ fn venv_path(root: &Path) -> std::ffi::OsString {
     std::env::join_paths(paths).unwrap_or_default()
 }
 
+/// `py -m pip install` of `args`, run in `root`: quiet and without pip's
+/// upgrade notice, so that CI output shows only what went wrong.
+fn pip_install(py: &Path, root: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(py);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(args)
+    .current_dir(root);
+    cmd
+}
+
 /// The venv's python, with maturin and pytest installed (pip only when one
 /// is missing).
 fn ensure_venv(root: &Path) -> Result<PathBuf> {
@@ -68,17 +84,7 @@ fn ensure_venv(root: &Path) -> Result<PathBuf> {
     if !have_pytest || !bin.join("maturin").exists() {
         eprintln!("xtask: pip install maturin pytest into {VENV}");
         run(
-            Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "maturin>=1.9,<2",
-                    "pytest",
-                ])
-                .current_dir(root),
+            &mut pip_install(&py, root, &["maturin>=1.9,<2", "pytest"]),
             "pip install maturin pytest",
         )?;
     }
@@ -133,21 +139,18 @@ pub fn python_tests() -> Result<(bool, Totals)> {
     let py = ensure_venv(&root)?;
     eprintln!("xtask: pip install ./{CRATE} (maturin, dev profile)");
     run(
-        Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
+        pip_install(
+            &py,
+            &root,
+            &[
                 "--no-build-isolation",
                 "--no-deps",
                 "--force-reinstall",
                 &format!("./{CRATE}"),
-            ])
-            .env("PATH", venv_path(&root))
-            .env("MATURIN_PEP517_ARGS", "--profile dev")
-            .current_dir(&root),
+            ],
+        )
+        .env("PATH", venv_path(&root))
+        .env("MATURIN_PEP517_ARGS", "--profile dev"),
         "pip install ./crates/comet-py",
     )?;
     eprintln!("xtask: pytest {CRATE}/tests");

@@ -11,6 +11,29 @@ fn comet(args: &[&str]) -> std::process::Output {
         .expect("run comet")
 }
 
+/// Runs comet expecting success; returns stdout.
+fn succeeds(args: &[&str]) -> String {
+    let out = comet(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Checks that `out` of comet `args` is a failure whose stderr has exactly
+/// one line mentioning "error", containing `needle`. Returns stderr.
+fn one_error_line(args: &[&str], out: &std::process::Output, needle: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+    assert!(lines[0].contains(needle), "{args:?}: {stderr}");
+    stderr
+}
+
 /// Runs comet expecting a failure: exactly one line mentioning "error",
 /// containing `needle`, within `within`. Returns stderr.
 fn fails_with(args: &[&str], env: &[(&str, &str)], needle: &str, within: Duration) -> String {
@@ -21,11 +44,7 @@ fn fails_with(args: &[&str], env: &[(&str, &str)], needle: &str, within: Duratio
         .output()
         .expect("run comet");
     let took = start.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
-    assert!(lines[0].contains(needle), "{args:?}: {stderr}");
+    let stderr = one_error_line(args, &out, needle);
     assert!(took < within, "{args:?} took {took:?}: {stderr}");
     stderr
 }
@@ -35,7 +54,7 @@ fn bench_prints_a_verified_result_and_a_valid_trace() {
     let dir = std::env::temp_dir().join(format!("comet-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let trace = dir.join("t.json");
-    let out = comet(&[
+    let stdout = succeeds(&[
         "bench",
         "--ranks",
         "2",
@@ -50,12 +69,6 @@ fn bench_prints_a_verified_result_and_a_valid_trace() {
         "--trace",
         trace.to_str().unwrap(),
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(stdout.contains("| total |"), "{stdout}");
     assert!(
         stdout.contains("fused") && stdout.contains(" ok, baseline"),
@@ -86,7 +99,7 @@ fn bench_prints_a_verified_result_and_a_valid_trace() {
 
 #[test]
 fn plan_prints_layout_and_choice() {
-    let out = comet(&[
+    let stdout = succeeds(&[
         "plan",
         "--preset",
         "qwen2-moe",
@@ -95,8 +108,6 @@ fn plan_prints_layout_and_choice() {
         "--tokens",
         "1024",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
     assert!(
         stdout.contains("receive layout") && stdout.contains("communication blocks"),
         "{stdout}"
@@ -114,12 +125,7 @@ fn bad_input_is_one_clear_line_and_a_failure() {
         ),
         (vec!["plan", "--device", "tpu"], "unknown --device 'tpu'"),
     ] {
-        let out = comet(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
-        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
-        assert!(lines[0].contains(needle), "{args:?}: {stderr}");
+        one_error_line(&args, &comet(&args), needle);
     }
     let out = comet(&["bench", "--no-such-flag"]);
     assert!(!out.status.success());
@@ -246,7 +252,7 @@ fn a_timeout_ends_the_run_within_about_its_length() {
 #[test]
 fn any_model_shape_from_the_command_line() {
     // The shape users bring: H 2048, F 1408, 60 experts, top-4.
-    let out = comet(&[
+    let stdout = succeeds(&[
         "plan",
         "--hidden",
         "2048",
@@ -261,8 +267,6 @@ fn any_model_shape_from_the_command_line() {
         "--tokens",
         "512",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("H=2048 F=1408 E=60 k=4 W=4"), "{stdout}");
     // Rows received over the 4 ranks: 512 tokens x top-4 x 4 ranks.
     let line = stdout
@@ -277,7 +281,7 @@ fn any_model_shape_from_the_command_line() {
 
     // The same flags on the CPU bench (scaled down to run in a second),
     // checked against the reference; overriding only some fields.
-    let out = comet(&[
+    let stdout = succeeds(&[
         "bench",
         "--hidden",
         "2048",
@@ -298,22 +302,14 @@ fn any_model_shape_from_the_command_line() {
         "--bm",
         "8",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         stdout.contains("config: H=64 F=44 E=60 k=4 W=2"),
         "{stdout}"
     );
     assert!(stdout.contains(" ok, baseline"), "{stdout}");
-    let out = comet(&[
+    let stdout = succeeds(&[
         "plan", "--preset", "small", "--top-k", "3", "--tokens", "64",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
     assert!(
         stdout.contains("H=256 F=512 E=8 k=3 W=2") && stdout.contains("small+overrides"),
         "{stdout}"

@@ -171,35 +171,20 @@ fn split_tail_parts_add_up() {
         dp.enable_split(&rt, &[v]).unwrap();
         for (epoch, missing) in [(1u64, None), (2, Some(segs.len() - 1))] {
             dp.poison().unwrap();
-            let nan = vec![half::bf16::NAN; dp.a.len()];
-            copy_rows_async(&stream, &dp.a, 0, &nan).unwrap();
-            let signals = stream.clone_htod(&vec![epoch - 1; segs.len()]).unwrap();
-            stream.synchronize().unwrap();
-            let (sig_ptr, _g) = signals.device_ptr(&stream);
-            let hooks = HookArgs {
-                signals: sig_ptr,
-                deps: 0,
-                wait_target: epoch,
-                raise_value: 0,
+            let late = LateSegments {
+                rt: &rt,
+                stream: &stream,
+                copier: &copier,
+                segs: &segs,
+                epoch,
+                missing,
                 timeout_ns: if missing.is_some() {
                     100_000_000
                 } else {
                     20_000_000_000
                 },
             };
-            dp.launch(&rt, &v, Some(hooks)).unwrap();
-            let mut order: Vec<usize> = (0..segs.len()).collect();
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(epoch));
-            for &i in &order {
-                std::thread::sleep(Duration::from_millis(2));
-                let (r, n) = segs[i];
-                copy_rows_async(&copier, &dp.a, r * p.k, &p.a[r * p.k..(r + n) * p.k]).unwrap();
-                if Some(i) != missing {
-                    raise_signal_async(&copier, &signals, i, epoch).unwrap();
-                }
-            }
-            copier.synchronize().unwrap();
-            match (missing, dp.finish()) {
+            match (missing, late.run(&dp, &v, &p, |_| Duration::from_millis(2))) {
                 (None, Ok(())) => {
                     p.check(&dp.download_c().unwrap(), dp.ldc, 64)
                         .unwrap_or_else(|e| panic!("{}: {e}", v.kernel_name()));
@@ -363,6 +348,64 @@ fn tiles_with_deps(p: &GroupedProblem, v: &GemmVariant, segs: &[(usize, usize)])
     list
 }
 
+/// A wait-hook launch whose A lands after it, segment by segment.
+struct LateSegments<'a> {
+    rt: &'a GemmRuntime,
+    stream: &'a Arc<CudaStream>,
+    /// The stream the rows and signals land from.
+    copier: &'a Arc<CudaStream>,
+    /// Each segment's (first row, rows); segment `i` has signal `i`.
+    segs: &'a [(usize, usize)],
+    epoch: u64,
+    /// A segment whose rows land but whose signal is never raised.
+    missing: Option<usize>,
+    timeout_ns: u64,
+}
+
+impl LateSegments<'_> {
+    /// Launches `v` over `dp` with A all NaN (a tile that reads before its
+    /// signal is wrong) and the signals already at the previous epoch, as
+    /// after an earlier call; then lands `p`'s A segment by segment in an
+    /// order shuffled by the epoch, sleeping `pause` before each, and
+    /// raises each segment's signal to the epoch after its rows. Returns
+    /// how the launch finished (the signal words live until then).
+    fn run(
+        &self,
+        dp: &DeviceProblem,
+        v: &GemmVariant,
+        p: &GroupedProblem,
+        mut pause: impl FnMut(&mut ChaCha8Rng) -> Duration,
+    ) -> Result<(), KernelError> {
+        let (stream, copier, segs, epoch) = (self.stream, self.copier, self.segs, self.epoch);
+        let nan = vec![half::bf16::NAN; dp.a.len()];
+        copy_rows_async(stream, &dp.a, 0, &nan).unwrap();
+        let signals = stream.clone_htod(&vec![epoch - 1; segs.len()]).unwrap();
+        stream.synchronize().unwrap();
+        let (sig_ptr, _g) = signals.device_ptr(stream);
+        let hooks = HookArgs {
+            signals: sig_ptr,
+            deps: 0,
+            wait_target: epoch,
+            raise_value: 0,
+            timeout_ns: self.timeout_ns,
+        };
+        dp.launch(self.rt, v, Some(hooks)).unwrap();
+        let mut order: Vec<usize> = (0..segs.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(epoch);
+        order.shuffle(&mut rng);
+        for &i in &order {
+            std::thread::sleep(pause(&mut rng));
+            let (r, n) = segs[i];
+            copy_rows_async(copier, &dp.a, r * p.k, &p.a[r * p.k..(r + n) * p.k]).unwrap();
+            if Some(i) != self.missing {
+                raise_signal_async(copier, &signals, i, epoch).unwrap();
+            }
+        }
+        copier.synchronize().unwrap();
+        dp.finish()
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn wait_hook_waits_for_late_signals_in_random_order() {
@@ -389,32 +432,19 @@ fn wait_hook_waits_for_late_signals_in_random_order() {
             let tiles = tiles_with_deps(&p, &v, &segs);
             let mut dp = DeviceProblem::upload(stream.clone(), &p, &v, &tiles).unwrap();
             dp.poison().unwrap();
-            // A starts as NaN: a tile that reads before its signal is wrong.
-            let nan = vec![half::bf16::NAN; dp.a.len()];
-            copy_rows_async(&stream, &dp.a, 0, &nan).unwrap();
-            // Signals already at the previous epoch, as after an earlier call.
-            let signals = stream.clone_htod(&vec![epoch - 1; segs.len()]).unwrap();
-            stream.synchronize().unwrap();
-            let (sig_ptr, _g) = signals.device_ptr(&stream);
-            let hooks = HookArgs {
-                signals: sig_ptr,
-                deps: 0,
-                wait_target: epoch,
-                raise_value: 0,
+            let late = LateSegments {
+                rt: &rt,
+                stream: &stream,
+                copier: &copier,
+                segs: &segs,
+                epoch,
+                missing: None,
                 timeout_ns: 20_000_000_000,
             };
-            dp.launch(&rt, &v, Some(hooks)).unwrap();
-            let mut order: Vec<usize> = (0..segs.len()).collect();
-            let mut rng = ChaCha8Rng::seed_from_u64(epoch);
-            order.shuffle(&mut rng);
-            for &i in &order {
-                std::thread::sleep(Duration::from_millis(rng.gen_range(1..15)));
-                let (r, n) = segs[i];
-                copy_rows_async(&copier, &dp.a, r * p.k, &p.a[r * p.k..(r + n) * p.k]).unwrap();
-                raise_signal_async(&copier, &signals, i, epoch).unwrap();
-            }
-            copier.synchronize().unwrap();
-            dp.finish().unwrap();
+            late.run(&dp, &v, &p, |rng| {
+                Duration::from_millis(rng.gen_range(1..15))
+            })
+            .unwrap();
             let out = dp.download_c().unwrap();
             let rep = p
                 .check(&out, dp.ldc, 64)

@@ -248,6 +248,18 @@ fn outcome(rank: usize, r: Running) -> RankOutcome {
     }
 }
 
+/// The report of every rank, each exited or stopped already.
+fn collect_report(master_port: u16, ranks: Vec<Running>) -> LaunchReport {
+    LaunchReport {
+        master_port,
+        ranks: ranks
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| outcome(i, r))
+            .collect(),
+    }
+}
+
 fn kill_all(ranks: &mut [Running]) {
     for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
         let _ = r.child.kill();
@@ -347,14 +359,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchReport, LaunchError> {
         }
         if let (Some(rank), OnFailure::KillAll) = (first_failure, cfg.on_failure) {
             kill_all(&mut ranks);
-            let report = LaunchReport {
-                master_port: port,
-                ranks: ranks
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, r)| outcome(i, r))
-                    .collect(),
-            };
+            let report = collect_report(port, ranks);
             let status = report.ranks[rank].describe();
             let stopped = report
                 .ranks
@@ -379,14 +384,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchReport, LaunchError> {
             let waited = start.elapsed();
             if waited >= t {
                 kill_all(&mut ranks);
-                let report = LaunchReport {
-                    master_port: port,
-                    ranks: ranks
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, r)| outcome(i, r))
-                        .collect(),
-                };
+                let report = collect_report(port, ranks);
                 return Err(LaunchError::Timeout {
                     running,
                     waited,
@@ -396,14 +394,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchReport, LaunchError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let report = LaunchReport {
-        master_port: port,
-        ranks: ranks
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| outcome(i, r))
-            .collect(),
-    };
+    let report = collect_report(port, ranks);
     let failed: Vec<usize> = report
         .ranks
         .iter()

@@ -11,6 +11,7 @@ use comet_core::{LayoutPlan, MoeConfig, Preset, Routing, RoutingKind};
 use comet_kernels::Family;
 use comet_sched::device_plan::DevicePlan;
 use comet_sched::forward::kernel_tiles_for;
+use comet_sched::proxy_plan::Geometry;
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -173,5 +174,16 @@ pub fn run(a: PlanArgs) -> Result<()> {
 {}",
         device.describe()
     );
+    if cfg.ranks > 1 {
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        let s = Geometry::of(&device).staged_bytes();
+        println!(
+            "staged over a host-memory transport (--transport ucx|local): per rank {:.1} MiB of \
+             device mirrors, {:.1} MiB of pinned host staging, {:.1} MiB of inbox",
+            mib(s.device_mirrors),
+            mib(s.host_staging),
+            mib(s.inbox)
+        );
+    }
     Ok(())
 }

@@ -107,6 +107,16 @@ pub struct Piece {
     pub wire: usize,
 }
 
+/// Memory one staged rank holds beyond the layer itself, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedBytes {
+    pub device_mirrors: usize,
+    /// Pinned on a GPU.
+    pub host_staging: usize,
+    /// On the transport (host memory for UCX).
+    pub inbox: usize,
+}
+
 /// The sizes the kernels lay the buffers out with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
@@ -142,6 +152,20 @@ impl Geometry {
             Buf::Counts => 2 * self.ranks * self.experts * 4,
             Buf::Recv => self.recv_rows * self.row_bytes,
             Buf::Comb => self.send_rows * self.row_bytes,
+        }
+    }
+
+    /// What one rank holds to run staged (the proxy path of host-memory
+    /// transports): device mirrors of every peer's buffers, host staging
+    /// images of them plus one landing buffer, and its inbox, in bytes.
+    pub fn staged_bytes(&self) -> StagedBytes {
+        let one: usize = Buf::ALL.iter().map(|&b| self.bytes(b)).sum();
+        let peers = self.ranks.saturating_sub(1);
+        let largest = Buf::ALL.iter().map(|&b| self.bytes(b)).max().unwrap_or(0);
+        StagedBytes {
+            device_mirrors: peers * one,
+            host_staging: peers * one + largest,
+            inbox: one,
         }
     }
 
@@ -423,6 +447,17 @@ mod tests {
             seen.dedup();
             assert_eq!(seen.len(), n);
         }
+    }
+
+    #[test]
+    fn staged_memory_is_a_mirror_and_an_image_per_peer() {
+        let g = geometry(4, 8, 2, 100, 30);
+        let one = 2 * 4 * 8 * 4 + 100 * 128 + 30 * 128;
+        let b = g.staged_bytes();
+        assert_eq!(b.device_mirrors, 3 * one);
+        assert_eq!(b.host_staging, 3 * one + 100 * 128);
+        assert_eq!(b.inbox, one);
+        assert_eq!(geometry(1, 8, 1, 10, 10).staged_bytes().device_mirrors, 0);
     }
 
     #[test]

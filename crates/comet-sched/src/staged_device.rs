@@ -25,6 +25,7 @@ use comet_transport::cuda::{
     self, DeviceAlloc, ErrorWord, HostSignal, MappedWords, PinnedBytes, Runs,
 };
 use comet_transport::gpu::DeviceTransport;
+use comet_transport::signal_core::buffer;
 use comet_transport::{
     BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport, TransportError,
 };
@@ -144,10 +145,7 @@ impl<T: Transport> StagedTransport<T> {
         f: impl FnOnce(&Staged) -> R,
     ) -> Result<R, TransportError> {
         let st = self.state();
-        st.bufs
-            .get(buf.0 as usize)
-            .map(f)
-            .ok_or_else(|| self.not_allocated(format!("buffer {}", buf.0)))
+        buffer(self.rank(), &st.bufs, buf).map(f)
     }
 
     /// Where the proxy finds `buf`: this rank's copy, its mirror of every
@@ -186,10 +184,7 @@ impl<T: Transport> StagedTransport<T> {
         let rank = self.rank();
         let st = self.state();
         for buf in &bufs[1..] {
-            let b = st
-                .bufs
-                .get(buf.0 as usize)
-                .ok_or_else(|| self.not_allocated(format!("buffer {}", buf.0)))?;
+            let b = buffer(rank, &st.bufs, *buf)?;
             for m in b.mirrors.iter().flatten() {
                 // SAFETY: the whole of a live allocation of this context.
                 unsafe { comet_kernels::forward::fill_u16(stream, m.ptr(), 0xFFFF, m.bytes() / 2) }

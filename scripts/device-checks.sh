@@ -7,12 +7,13 @@
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink / local / ucx
+#   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 # Each step prints its summary lines and `=== rc=N`; full logs go to $OUT
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh tests|ucx|bench|py}
+part=${1:?usage: device-checks.sh tests|ucx|bench|qwen|py}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -22,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 rc=0
 step() { echo "=== $1"; shift; "$@"; local r=$?; echo "=== rc=$r"; [ $r -eq 0 ] || rc=$r; }
 tests() { timeout "$2" $R "$1" --ignored --test-threads=1 2>&1 | tee "$O/$1.log" | grep -E '^test |test result|panicked'; }
-B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2"
+B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 tests)
@@ -33,10 +34,16 @@ ucx)
   step gpu_staged_ucx tests gpu_staged_ucx 540
   ;;
 bench)
-  # Fused, sequential, GEMM-only and communication-only in turns.
-  step bench-nvlink bash -c "timeout 170 $R comet bench $B --transport nvlink 2>&1 | tee $O/bench_nvlink.md | grep '^|'"
+  # Fused, sequential, GEMM-only and communication-only in turns, and the
+  # phases of one sequential call.
+  step bench-nvlink bash -c "timeout 170 $R comet bench $B --transport nvlink 2>&1 | tee $O/bench_nvlink.md | grep -E '^[|]|^phases'"
   step bench-local bash -c "timeout 170 $R comet bench $B --transport local 2>&1 | tee $O/bench_local.md | grep '^|'"
   step bench-ucx bash -c "UCX_TLS=sm,self timeout 200 $R comet launch -n 2 -- .bundle/comet bench $B --transport ucx 2>&1 | tee $O/bench_ucx.md | grep '|'"
+  ;;
+qwen)
+  # Issue 13's open ratio (qwen2-moe, one rank, 16384 tokens: fused /
+  # GEMM-only 1.08 against 1.05), with where a sequential call's time goes.
+  step qwen-w1-phases bash -c "timeout 400 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 5 --phases 2>&1 | tee $O/qwen_w1.md | grep -E '^[|]|^phases'"
   ;;
 py)
   # The example's host split (Python side vs the Rust forward) and the
@@ -48,7 +55,7 @@ py)
   done
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (tests, ucx, bench or py)" >&2
+  echo "device-checks.sh: unknown part $part (tests, ucx, bench, qwen or py)" >&2
   exit 2
   ;;
 esac

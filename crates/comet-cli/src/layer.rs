@@ -78,6 +78,10 @@ pub struct LayerArgs {
     /// socket-speed link figures for the cost model.
     #[arg(long, default_value = "nvlink")]
     pub transport: String,
+    /// With --gpu: also time each phase of one sequential call (route,
+    /// layout, dispatch, fc1, fc2, combine, reduce) with CUDA events.
+    #[arg(long)]
+    pub phases: bool,
 }
 
 /// Fails fast, before any weight is generated, when this machine has no
@@ -180,6 +184,9 @@ impl LayerArgs {
                     bail!("{flag} shapes the CPU executor's emulated link; --gpu has none");
                 }
             }
+        }
+        if self.phases && !self.gpu {
+            bail!("--phases times the GPU forward's phases; it needs --gpu");
         }
         match (self.transport.as_str(), self.gpu) {
             ("nvlink", _) => {}

@@ -24,7 +24,7 @@ use comet_core::cost::DeviceFigures;
 use comet_core::weights::random_tokens;
 use comet_core::{MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
-use comet_sched::forward::LayerOptions;
+use comet_sched::forward::{LayerOptions, PHASES};
 use comet_sched::{ExecMode, RankInput};
 use cudarc::driver::{CudaEvent, CudaStream};
 use serde_json::json;
@@ -48,6 +48,8 @@ struct Row {
     torch: Vec<(String, f64, f64)>,
     diff: f64,
     overlap: bool,
+    /// Milliseconds of each phase of one sequential call (`--phases`).
+    phases: Option<Vec<f32>>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -181,8 +183,20 @@ fn bench_one(
         host.push(t0.elapsed().as_secs_f64() * 1e6 / cfg.ranks as f64);
         world.check()?;
     }
+    let phases = if a.phases {
+        world.set_mode(ExecMode::Baseline);
+        world.time_phases(true)?;
+        world.forward()?;
+        world.check()?;
+        let t = world.phase_times()?;
+        world.time_phases(false)?;
+        t
+    } else {
+        None
+    };
     world.barrier(Duration::from_secs(a.timeout_s))?;
     Ok(Row {
+        phases,
         label: label.to_string(),
         ranks: cfg.ranks,
         tokens: a.tokens,
@@ -251,6 +265,20 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             best.1 / best.2,
             r.host_us,
             r.diff
+        );
+    }
+    for r in rows.iter().filter(|r| r.phases.is_some()) {
+        let t = r.phases.as_deref().unwrap_or_default();
+        let parts: Vec<String> = PHASES
+            .iter()
+            .zip(t)
+            .map(|(name, ms)| format!("{name} {ms:.3}"))
+            .collect();
+        println!(
+            "\nphases of one sequential call, {} (slowest rank, ms): {}; sum {:.3}",
+            r.label,
+            parts.join(", "),
+            t.iter().sum::<f32>()
         );
     }
     let all: Vec<String> = rows

@@ -157,6 +157,10 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
         ),
         (vec!["bench", "--gpu", "--delay-us", "5"], "--delay-us"),
         (
+            vec!["bench", "--phases"],
+            "--phases times the GPU forward's phases; it needs --gpu",
+        ),
+        (
             vec!["bench", "--transport", "local"],
             "--transport local carries the GPU ranks' bytes; it needs --gpu",
         ),

@@ -64,6 +64,10 @@ pub trait WorldLayer: Send {
     /// Collective: meets every rank of the transport (before dropping a
     /// layer, so no peer still writes into this rank's memory).
     fn barrier(&self, timeout: Duration) -> Result<(), SchedError>;
+    /// As [`MoeLayer::time_phases`].
+    fn time_phases(&mut self, on: bool) -> Result<(), SchedError>;
+    /// As [`MoeLayer::phase_times`].
+    fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError>;
 }
 
 impl<T: DeviceTransport + 'static> WorldLayer for MoeLayer<T> {
@@ -103,6 +107,12 @@ impl<T: DeviceTransport + 'static> WorldLayer for MoeLayer<T> {
     fn barrier(&self, timeout: Duration) -> Result<(), SchedError> {
         Ok(self.transport().barrier(timeout)?)
     }
+    fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
+        MoeLayer::time_phases(self, on)
+    }
+    fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError> {
+        MoeLayer::phase_times(self)
+    }
 }
 
 impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
@@ -141,6 +151,12 @@ impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
     }
     fn barrier(&self, timeout: Duration) -> Result<(), SchedError> {
         Ok(self.layer().transport().barrier(timeout)?)
+    }
+    fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
+        StagedLayer::time_phases(self, on)
+    }
+    fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError> {
+        self.layer().phase_times()
     }
 }
 
@@ -477,6 +493,31 @@ impl DeviceWorld {
     }
 
     /// Each rank's y as f32 (`tokens x hidden`).
+    /// Times the phases of every rank's sequential calls from now on (or
+    /// stops): see [`MoeLayer::time_phases`].
+    pub fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
+        self.ranks
+            .iter_mut()
+            .try_for_each(|r| r.layer.time_phases(on))
+    }
+
+    /// Each phase's milliseconds in the last call, the slowest rank's, once
+    /// `check` has returned; `None` unless every rank timed its phases and
+    /// ran the call in sequence.
+    pub fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError> {
+        let mut worst: Option<Vec<f32>> = None;
+        for r in &self.ranks {
+            let Some(t) = r.layer.phase_times()? else {
+                return Ok(None);
+            };
+            worst = Some(match worst {
+                None => t,
+                Some(w) => w.iter().zip(&t).map(|(a, b)| a.max(*b)).collect(),
+            });
+        }
+        Ok(worst)
+    }
+
     /// Collective: every rank meets every other (a thread each), so none is
     /// dropped while a peer may still write into its memory.
     pub fn barrier(&mut self, timeout: Duration) -> Result<(), SchedError> {

@@ -301,6 +301,20 @@ pub struct MoeLayer<T: DeviceTransport> {
     /// Calls whose route was enqueued: the device's epoch counter after
     /// them (route bumps it), whatever failed later in the call.
     routed: u64,
+    /// Timing events around the phases of sequential calls, when asked.
+    marks: Option<PhaseMarks>,
+}
+
+/// The phases of a sequential call, in order (dispatch includes its wait).
+pub const PHASES: [&str; 7] = [
+    "route", "layout", "dispatch", "fc1", "fc2", "combine", "reduce",
+];
+
+/// One timing event before the first phase and one after each.
+struct PhaseMarks {
+    events: Vec<CudaEvent>,
+    /// Whether the last call recorded all of them (it ran in sequence).
+    complete: bool,
 }
 
 fn dev(rank: usize, what: &str, e: impl std::fmt::Display) -> SchedError {
@@ -407,6 +421,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             mode: ExecMode::Fused,
             timeout_ns: opts.timeout.as_nanos().min(u64::MAX as u128) as u64,
             routed: 0,
+            marks: None,
         })
     }
 
@@ -453,15 +468,75 @@ impl<T: DeviceTransport> MoeLayer<T> {
         // else is this layer's own memory, sized by its plan.
         unsafe {
             self.begin(stream)?;
+            let sequential = !(self.mode == ExecMode::Fused && self.plan.overlap);
+            if let Some(m) = self.marks.as_mut() {
+                m.complete = sequential;
+            }
+            self.mark(0, stream)?;
             self.route(stream, a)?;
+            self.mark(1, stream)?;
             self.layout(stream, a)?;
-            if self.mode == ExecMode::Fused && self.plan.overlap {
-                self.overlapped(stream, a)?;
-            } else {
+            self.mark(2, stream)?;
+            if sequential {
                 self.sequential(stream, a)?;
+            } else {
+                self.overlapped(stream, a)?;
             }
             self.finish(stream)
         }
+    }
+
+    /// Records a timing event around every phase of the sequential calls
+    /// that follow (a diagnosis of where a call's time goes: a record per
+    /// phase on the host), or stops.
+    pub fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
+        if !on {
+            self.marks = None;
+            return Ok(());
+        }
+        let rank = self.rank();
+        let ctx = self.t.comm_stream().context().clone();
+        let events = (0..=PHASES.len())
+            .map(|_| {
+                ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| dev(rank, "create timing event", e))
+            })
+            .collect::<Result<_, _>>()?;
+        self.marks = Some(PhaseMarks {
+            events,
+            complete: false,
+        });
+        Ok(())
+    }
+
+    /// Milliseconds of each of [`PHASES`] in the last call, once its stream
+    /// has run it (`check`); `None` unless phases are timed and the call
+    /// ran in sequence.
+    pub fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError> {
+        let Some(m) = self.marks.as_ref().filter(|m| m.complete) else {
+            return Ok(None);
+        };
+        let rank = self.rank();
+        m.events
+            .windows(2)
+            .map(|w| {
+                w[0].elapsed_ms(&w[1])
+                    .map_err(|e| dev(rank, "read timing event", e))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// Records timing event `i` on `stream` when phases are timed.
+    unsafe fn mark(&self, i: usize, stream: CUstream) -> Result<(), SchedError> {
+        let Some(m) = self.marks.as_ref() else {
+            return Ok(());
+        };
+        // SAFETY: a live event of this layer's context, on the caller's
+        // live stream of the same context.
+        unsafe { sys::cuEventRecord(m.events[i].cu_event(), stream) }
+            .result()
+            .map_err(|e| dev(self.rank(), "record timing event", e))
     }
 
     /// Makes this layer's context current on the calling thread.
@@ -1006,10 +1081,15 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe {
             self.dispatch(stream, a, aux, false)?;
             self.wait_dispatch(stream)?;
+            self.mark(3, stream)?;
             self.fc1(stream, a, false, grid)?;
+            self.mark(4, stream)?;
             self.fc2(stream, a, false, grid)?;
+            self.mark(5, stream)?;
             self.combine(stream, false, aux)?;
-            self.reduce(stream, a, aux)
+            self.mark(6, stream)?;
+            self.reduce(stream, a, aux)?;
+            self.mark(7, stream)
         }
     }
 
@@ -1077,6 +1157,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.check_args(a)?;
         self.take_status()?;
         self.bind()?;
+        if let Some(m) = self.marks.as_mut() {
+            m.complete = false;
+        }
         let aux = self.plan.aux_blocks;
         // SAFETY: as in forward.
         unsafe {

@@ -563,6 +563,11 @@ impl<T: Transport + 'static> StagedLayer<T> {
         &self.layer
     }
 
+    /// As [`MoeLayer::time_phases`].
+    pub fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
+        self.layer.time_phases(on)
+    }
+
     /// As [`MoeLayer::gemms_only`] (no call of the protocol).
     ///
     /// # Safety

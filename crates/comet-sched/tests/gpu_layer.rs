@@ -556,3 +556,21 @@ fn communication_only_calls_keep_every_rank_in_step() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs a GPU"]
+fn phases_of_sequential_calls_are_timed() {
+    let c = cfg(2, 256, 4, 2);
+    let mut h = Harness::new(&c, 128, &opts(&c, 128));
+    let inputs = h.inputs(&[128, 128], RoutingKind::Uniform, 21);
+    h.world.time_phases(true).unwrap();
+    h.call(&inputs, ExecMode::Baseline, "timed phases");
+    let t = h.world.phase_times().unwrap().expect("a sequential call was timed");
+    assert_eq!(t.len(), comet_sched::forward::PHASES.len());
+    assert!(t.iter().all(|ms| ms.is_finite() && *ms >= 0.0), "{t:?}");
+    assert!(t[3] > 0.0 && t[4] > 0.0, "the GEMMs take time: {t:?}");
+    // An overlapped call has no phases in sequence to time.
+    h.call(&inputs, ExecMode::Fused, "overlapped");
+    assert!(h.world.phase_times().unwrap().is_none());
+    h.world.time_phases(false).unwrap();
+}

@@ -565,7 +565,11 @@ fn phases_of_sequential_calls_are_timed() {
     let inputs = h.inputs(&[128, 128], RoutingKind::Uniform, 21);
     h.world.time_phases(true).unwrap();
     h.call(&inputs, ExecMode::Baseline, "timed phases");
-    let t = h.world.phase_times().unwrap().expect("a sequential call was timed");
+    let t = h
+        .world
+        .phase_times()
+        .unwrap()
+        .expect("a sequential call was timed");
     assert_eq!(t.len(), comet_sched::forward::PHASES.len());
     assert!(t.iter().all(|ms| ms.is_finite() && *ms >= 0.0), "{t:?}");
     assert!(t[3] > 0.0 && t[4] > 0.0, "the GEMMs take time: {t:?}");

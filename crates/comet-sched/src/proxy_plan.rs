@@ -107,6 +107,21 @@ pub struct Piece {
     pub wire: usize,
 }
 
+/// A piece named for errors and logs as the kernels name its signal, with
+/// its ends: `dispatch(expert 1, src 0) 0 -> 2`.
+impl std::fmt::Display for Piece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (from, to) = (self.from, self.to);
+        match self.kind {
+            Kind::Counts => write!(f, "count({from}) {from} -> {to}"),
+            Kind::Dispatch { le } => write!(f, "dispatch(expert {le}, src {from}) {from} -> {to}"),
+            Kind::Combine { chunk } => {
+                write!(f, "combine(from {from}, chunk {chunk}) {from} -> {to}")
+            }
+        }
+    }
+}
+
 /// Memory one staged rank holds beyond the layer itself, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StagedBytes {

@@ -96,25 +96,6 @@ pub struct StagedProxy<'t> {
     timeout: Duration,
 }
 
-/// A piece named for errors and logs.
-fn describe(p: &Piece) -> String {
-    match p.kind {
-        Kind::Counts => format!("count({}) {} -> {}", p.from, p.from, p.to),
-        Kind::Dispatch { le } => {
-            format!(
-                "dispatch(expert {le}, src {}) {} -> {}",
-                p.from, p.from, p.to
-            )
-        }
-        Kind::Combine { chunk } => {
-            format!(
-                "combine(from {}, chunk {chunk}) {} -> {}",
-                p.from, p.from, p.to
-            )
-        }
-    }
-}
-
 impl<'t> StagedProxy<'t> {
     /// Collective: allocates the inboxes of `geo`'s buffers and the signal
     /// words on `t`, then meets every rank (no peer puts into an inbox
@@ -274,7 +255,7 @@ impl<'t> StagedProxy<'t> {
                 .as_mut()
                 .ok_or_else(|| SchedError::Input {
                     rank: p.from,
-                    message: format!("{} goes to the rank itself", describe(&p)),
+                    message: format!("{p} goes to the rank itself"),
                 })?;
             let out = &mut image[p.region.buf.index()][p.wire..p.wire + n];
             dev.download(p.to, p.region, out)?;
@@ -356,10 +337,10 @@ impl<'t> StagedProxy<'t> {
         let what = match (sends.first(), lands.first()) {
             (Some(p), _) => format!(
                 "the kernels' ready word of {} (it is {}, the call is {epoch})",
-                describe(p),
+                p,
                 dev.ready(p.to, p.signal)
             ),
-            (None, Some(p)) => format!("the arrival of {} from rank {}", describe(p), p.from),
+            (None, Some(p)) => format!("the arrival of {p} from rank {}", p.from),
             (None, None) => "the count rows of every rank".into(),
         };
         SchedError::StagedTimeout {

@@ -52,6 +52,16 @@ pub enum SchedError {
         pending: usize,
         waited: Duration,
     },
+    /// An NCCL proxy's call stood still for its timeout, waiting for
+    /// `what` (the first piece still waiting, named).
+    #[error("rank {rank}: nccl proxy timed out after {waited:?} in call {epoch} waiting for {what}; {in_flight} op(s) in flight")]
+    NcclTimeout {
+        rank: usize,
+        epoch: u64,
+        what: String,
+        in_flight: usize,
+        waited: Duration,
+    },
     /// The driver of an NCCL proxy's scheduler broke its protocol: an op
     /// completed that is not in flight, a phase out of turn, a ready word
     /// that does not exist.

@@ -57,13 +57,20 @@
 //! communicator per ordered pair, on its own stream); within a lane ops run
 //! in posting order. The simulator of the tests plays exactly this model.
 //!
-//! Host logic only, free of CUDA: the GPU wiring (the lanes, packing,
-//! staging, the landing copies and stream write-values after recvs) is not
-//! built yet; the mirrors and the ready words in mapped pinned memory are
-//! those `staged_device` already gives the staged proxy.
+//! [`NcclProxy::call`] runs one call on one rank: it drives the scheduler
+//! over [`NcclLanes`], the device side (ready words, posting sends, recvs
+//! and landings, polling completions), the way `staged` drives its
+//! `StagedDevice`. Host logic only, free of CUDA, tested on CPU against a
+//! simulator of NCCL's matching: the GPU implementation of [`NcclLanes`]
+//! (communicators, lane streams, packing, staging, landings) is not built
+//! yet; [`NcclLanes`]'s docs say what it must do. The mirrors and the ready words
+//! in mapped pinned memory are those `staged_device` already gives the
+//! staged proxy.
 
+mod driver;
 mod schedule;
 
+pub use driver::{NcclLanes, NcclProxy, NcclStats};
 pub use schedule::{Action, Op, PairScheduler, Phase};
 
 use crate::error::SchedError;

@@ -224,6 +224,12 @@ impl PairScheduler {
         self.in_flight.iter().copied().collect()
     }
 
+    /// The piece `op` moves in the current phase (what errors name).
+    pub fn piece(&self, op: Op) -> Option<Piece> {
+        let (Op::Send(i) | Op::Recv(i) | Op::Land(i)) = op;
+        self.pieces.get(i).copied()
+    }
+
     fn is_ready(&self, p: &Piece) -> bool {
         self.ready[p.to * self.signals + p.signal]
     }

@@ -32,18 +32,6 @@ pub enum SchedError {
         #[source]
         source: comet_kernels::KernelError,
     },
-    /// The host proxy's deadline passed with pieces whose ready words
-    /// never reached their target (the kernel that raises them stalled).
-    #[error("rank {rank}: proxy timed out after {waited:?}: piece {piece} waits for ready word {word} to reach {target} (it is {observed}); {pending} piece(s) pending")]
-    ProxyTimeout {
-        rank: usize,
-        piece: usize,
-        word: usize,
-        target: u64,
-        observed: u64,
-        pending: usize,
-        waited: Duration,
-    },
     /// A staged proxy's call ran past its timeout, waiting for `what`.
     #[error("rank {rank}: staged proxy timed out after {waited:?} waiting for {what}; {pending} piece(s) pending")]
     StagedTimeout {

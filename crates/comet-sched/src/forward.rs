@@ -284,6 +284,11 @@ const STATE_SCALARS: u64 = 16;
 const STATE_BYTES: usize = 16 + std::mem::size_of::<Scalars>();
 
 /// One rank's MoE layer on the device (see the module docs).
+///
+/// Its memory goes with it: drop it only once the streams it enqueued on
+/// have run its calls (`check` waits for that) and every rank has met
+/// (the transport's barrier), or a kernel still running, here or on a
+/// peer, may touch freed memory.
 pub struct MoeLayer<T: DeviceTransport> {
     plan: DevicePlan,
     t: T,

@@ -502,7 +502,9 @@ fn run_proxy<T: Transport>(
     dev.drain().and(ran)
 }
 
-/// The device layer over a [`StagedTransport`], with its proxy thread.
+/// The device layer over a [`StagedTransport`], with its proxy thread. As
+/// for [`MoeLayer`], drop it only after `check` and a barrier; dropping it
+/// stops the proxy's call in flight at once and waits for its thread.
 pub struct StagedLayer<T: Transport + 'static> {
     layer: MoeLayer<StagedTransport<T>>,
     calls: Option<mpsc::Sender<u64>>,

@@ -24,6 +24,11 @@
 //! everything of call n from this rank, and this rank stages call n+1's
 //! data only after its kernels saw every peer's count of n+1.
 //!
+//! Downloads are pipelined: the proxy starts each ready piece's copy into
+//! host staging at once and puts pieces out as their copies finish, so the
+//! copies run beside the wire. Landings of one call are not waited for one
+//! by one (their wire bytes never overlap), only at the call's end.
+//!
 //! [`StagedDevice`] is the device side (CUDA copies and mapped ready words
 //! on a GPU; host memory in tests), so all of this runs on a laptop.
 
@@ -33,37 +38,51 @@ use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::time::{Duration, Instant};
 
-/// Host memory the proxy stages through, from the device side: pinned on a
-/// GPU (copies at the link's speed, no extra copy by the driver), plain in
-/// tests.
-pub type HostBytes = Box<dyn std::ops::DerefMut<Target = [u8]> + Send>;
+/// A download in flight: downloads finish in the order they were started.
+pub type Ticket = u64;
 
-/// The device side of a staged rank, as its proxy sees it.
+/// The device side of a staged rank, as its proxy sees it. It owns the
+/// host staging (pinned on a GPU, so copies run at the link's speed): an
+/// image per peer of each buffer in wire layout for sending, and one of
+/// each buffer for landing.
 pub trait StagedDevice {
-    /// `len` zeroed bytes of host memory for staging.
-    fn host_bytes(&self, len: usize) -> Result<HostBytes, SchedError> {
-        Ok(Box::new(vec![0u8; len]))
-    }
-
     /// This rank's ready word `signal` for peer `to` (acquire: the mirror
     /// bytes it covers are final once it is seen).
     fn ready(&self, to: usize, signal: usize) -> u64;
 
-    /// Copies `region` of this rank's mirror of `to`'s buffer into `out`,
-    /// packed (`region.bytes()` long); complete when it returns.
-    fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError>;
+    /// Starts copying `region` of this rank's mirror of `to`'s buffer,
+    /// packed, into the send image of `to`'s `region.buf` at `wire`. It
+    /// runs beside the proxy's puts of earlier pieces; those bytes are
+    /// not to be read before [`StagedDevice::downloaded`] says so.
+    fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError>;
 
-    /// Copies the packed `bytes` into `region` of this rank's own buffer and
-    /// then raises this rank's signal `signal` to `value`: the kernels
-    /// never see the signal before the bytes. `bytes` may be reused once it
-    /// returns; the raise may complete later, in order with earlier ones.
+    /// Whether download `ticket` (and every earlier one) has finished.
+    fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError>;
+
+    /// `len` bytes of the send image of `to`'s `buf` at `wire`: what a
+    /// finished download put there.
+    fn sent_bytes(&self, to: usize, buf: Buf, wire: usize, len: usize) -> &[u8];
+
+    /// `len` bytes of the landing image of `buf` at `wire`, for the proxy
+    /// to fill with a piece that arrived (pieces of one call never share
+    /// wire bytes, so no landing of the call is waited for).
+    fn landing_bytes(&mut self, buf: Buf, wire: usize, len: usize) -> &mut [u8];
+
+    /// Copies the piece at `wire` of the landing image into `region` of
+    /// this rank's own buffer and then raises this rank's signal `signal`
+    /// to `value`: the kernels never see the signal before the bytes. The
+    /// raise may complete later, in order with earlier ones.
     fn land(
         &mut self,
         region: Region,
-        bytes: &[u8],
+        wire: usize,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError>;
+
+    /// The call's landings have finished (its landing bytes may be
+    /// reused by the next call).
+    fn end_call(&mut self) -> Result<(), SchedError>;
 
     /// Whether the owner asked the proxy to give up the call in flight
     /// (the layer is being dropped).
@@ -83,16 +102,11 @@ pub struct StagedStats {
     pub bytes_landed: usize,
 }
 
-/// One rank's staged proxy: its inboxes on the transport and its staging.
+/// One rank's staged proxy: its inboxes on the transport.
 pub struct StagedProxy<'t> {
     t: &'t dyn Transport,
     geo: Geometry,
     inbox: [BufferId; 3],
-    /// Host images of each peer's buffers, in wire layout: `staging[to][buf]`
-    /// (none for this rank itself).
-    staging: Vec<Option<[HostBytes; 3]>>,
-    /// Bytes of one landing, as large as the largest buffer, reused.
-    landing: HostBytes,
     timeout: Duration,
 }
 
@@ -118,14 +132,12 @@ impl<'t> StagedProxy<'t> {
     }
 
     /// This rank's proxy over `t`, whose buffers `inbox` (counts, recv,
-    /// comb, each of `geo`'s size) receive the peers' pieces; its staging
-    /// comes from `dev`.
+    /// comb, each of `geo`'s size) receive the peers' pieces.
     pub fn new(
         t: &'t dyn Transport,
         geo: Geometry,
         inbox: [BufferId; 3],
         timeout: Duration,
-        dev: &dyn StagedDevice,
     ) -> Result<Self, SchedError> {
         let (w, rank) = (geo.ranks, t.rank());
         if t.world() != w || rank >= w {
@@ -134,27 +146,10 @@ impl<'t> StagedProxy<'t> {
                 message: format!("a layer of {w} ranks over a transport of {}", t.world()),
             });
         }
-        let image = || -> Result<[HostBytes; 3], SchedError> {
-            Ok([
-                dev.host_bytes(geo.bytes(Buf::Counts))?,
-                dev.host_bytes(geo.bytes(Buf::Recv))?,
-                dev.host_bytes(geo.bytes(Buf::Comb))?,
-            ])
-        };
-        let staging = (0..w)
-            .map(|to| (to != rank).then(image).transpose())
-            .collect::<Result<_, _>>()?;
-        let largest = Buf::ALL
-            .map(|b| geo.bytes(b))
-            .into_iter()
-            .max()
-            .unwrap_or(0);
         Ok(StagedProxy {
             t,
             geo,
             inbox,
-            staging,
-            landing: dev.host_bytes(largest)?,
             timeout,
         })
     }
@@ -181,15 +176,18 @@ impl<'t> StagedProxy<'t> {
             .map(|p| self.geo.counts_piece(p, me, epoch))
             .collect();
         let mut rows: Vec<Option<Vec<u32>>> = vec![None; w];
+        // Downloads started, oldest first: put out as they finish.
+        let mut staging: std::collections::VecDeque<(Piece, Ticket)> = Default::default();
         let mut planned = w == 1;
         // The bound is on standing still, not on the whole call: a call
         // may wait behind earlier work on the GPU, and each of the
         // kernels' own waits is bounded by the same timeout.
         let mut moved_at = Instant::now();
         let mut idle = 0u32;
-        while !(planned && sends.is_empty() && lands.is_empty()) {
-            let before = sends.len() + lands.len();
-            self.send_ready(dev, epoch, &mut sends, &mut rows, &mut stats)?;
+        while !(planned && sends.is_empty() && staging.is_empty() && lands.is_empty()) {
+            let before = sends.len() + staging.len() + lands.len();
+            self.stage_ready(dev, epoch, &mut sends, &mut staging)?;
+            self.send_staged(dev, epoch, &mut staging, &mut rows, &mut stats)?;
             self.land_arrived(dev, epoch, &mut lands, &mut rows, &mut stats)?;
             if !planned && rows.iter().all(Option::is_some) {
                 let counts: Vec<Vec<u32>> = rows.iter().flatten().cloned().collect();
@@ -206,7 +204,7 @@ impl<'t> StagedProxy<'t> {
                 }
                 continue;
             }
-            if sends.len() + lands.len() < before {
+            if sends.len() + staging.len() + lands.len() != before {
                 idle = 0;
                 moved_at = Instant::now();
                 continue;
@@ -218,6 +216,8 @@ impl<'t> StagedProxy<'t> {
                 });
             }
             if moved_at.elapsed() >= self.timeout {
+                let waiting: Vec<Piece> = staging.iter().map(|(p, _)| *p).collect();
+                let sends = [waiting, sends].concat();
                 return Err(self.timed_out(dev, epoch, &sends, &lands, moved_at.elapsed()));
             }
             idle = idle.saturating_add(1);
@@ -230,17 +230,18 @@ impl<'t> StagedProxy<'t> {
                 None => std::thread::yield_now(),
             }
         }
+        dev.end_call()?;
         Ok(stats)
     }
 
-    /// Sends every pending piece whose ready word has reached `epoch`.
-    fn send_ready(
+    /// Starts the download of every pending piece whose ready word has
+    /// reached `epoch`.
+    fn stage_ready(
         &mut self,
         dev: &mut dyn StagedDevice,
         epoch: u64,
         sends: &mut Vec<Piece>,
-        rows: &mut [Option<Vec<u32>>],
-        stats: &mut StagedStats,
+        staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
     ) -> Result<(), SchedError> {
         let mut i = 0;
         while i < sends.len() {
@@ -250,15 +251,29 @@ impl<'t> StagedProxy<'t> {
                 continue;
             }
             sends.swap_remove(i);
+            let ticket = dev.download(p.to, p.region, p.wire)?;
+            staging.push_back((p, ticket));
+        }
+        Ok(())
+    }
+
+    /// Puts out, oldest first, every piece whose download has finished,
+    /// each followed by its signal.
+    fn send_staged(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        epoch: u64,
+        staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
+        rows: &mut [Option<Vec<u32>>],
+        stats: &mut StagedStats,
+    ) -> Result<(), SchedError> {
+        while let Some(&(p, ticket)) = staging.front() {
+            if !dev.downloaded(ticket)? {
+                break;
+            }
+            staging.pop_front();
             let n = p.region.bytes();
-            let image = self.staging[p.to]
-                .as_mut()
-                .ok_or_else(|| SchedError::Input {
-                    rank: p.from,
-                    message: format!("{p} goes to the rank itself"),
-                })?;
-            let out = &mut image[p.region.buf.index()][p.wire..p.wire + n];
-            dev.download(p.to, p.region, out)?;
+            let out = dev.sent_bytes(p.to, p.region.buf, p.wire, n);
             if p.kind == Kind::Counts && rows[p.from].is_none() {
                 rows[p.from] = Some(words(out));
             }
@@ -292,13 +307,13 @@ impl<'t> StagedProxy<'t> {
             }
             lands.swap_remove(i);
             let n = p.region.bytes();
-            let bytes = &mut self.landing[..n];
+            let bytes = dev.landing_bytes(p.region.buf, p.wire, n);
             self.t
                 .read(self.inbox[p.region.buf.index()], p.wire, bytes)?;
             if p.kind == Kind::Counts {
                 rows[p.from] = Some(words(bytes));
             }
-            dev.land(p.region, bytes, p.signal, epoch)?;
+            dev.land(p.region, p.wire, p.signal, epoch)?;
             stats.landed += 1;
             stats.bytes_landed += n;
         }

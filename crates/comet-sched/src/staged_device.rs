@@ -18,8 +18,8 @@ use crate::cpu::ExecMode;
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
 use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
-use crate::proxy_plan::{Geometry, Region};
-use crate::staged::{HostBytes, StagedDevice, StagedProxy};
+use crate::proxy_plan::{Buf, Geometry, Region};
+use crate::staged::{StagedDevice, StagedProxy, Ticket};
 use comet_core::MoeConfig;
 use comet_transport::cuda::{
     self, DeviceAlloc, ErrorWord, HostSignal, MappedWords, PinnedBytes, Runs,
@@ -30,7 +30,8 @@ use comet_transport::{
     BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport, TransportError,
 };
 use cudarc::driver::sys::CUstream;
-use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, DriverError};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,6 +69,8 @@ struct Shared<T> {
     /// queues share them, and a landing queued behind a kernel that spins
     /// waiting for it would deadlock until the timeout.
     stream: Arc<CudaStream>,
+    /// The proxy's downloads, created right after it for the same reason.
+    downloads: Arc<CudaStream>,
     error_word: ErrorWord,
     state: Mutex<State>,
 }
@@ -96,6 +99,7 @@ impl<T: Transport> StagedTransport<T> {
         let err = |what: &str, e| cuda::driver_err(NAME, rank, what, e);
         let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
         let stream = ctx.new_stream().map_err(|e| err("create stream", e))?;
+        let downloads = ctx.new_stream().map_err(|e| err("create stream", e))?;
         let error_word = ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
         Ok(StagedTransport {
             s: Arc::new(Shared {
@@ -103,6 +107,7 @@ impl<T: Transport> StagedTransport<T> {
                 ctx,
                 ordinal,
                 stream,
+                downloads,
                 error_word,
                 state: Mutex::new(State::default()),
             }),
@@ -345,18 +350,30 @@ impl<T: Transport> DeviceTransport for StagedTransport<T> {
 }
 
 /// The proxy's view of one rank's device: the mirrors it downloads from,
-/// the own buffers it lands into, the ready words it polls, and its own
-/// stream for the copies and the signal writes that follow them.
+/// the own buffers it lands into, the ready words it polls, its pinned
+/// host staging, and two streams: downloads on one (each followed by an
+/// event the proxy polls), landings and the signal writes that follow
+/// them on the other, so a landing never waits behind a download.
 pub struct CudaStaging {
     rank: usize,
     stop: Arc<AtomicBool>,
-    stream: Arc<CudaStream>,
+    downloads: Arc<CudaStream>,
+    landings: Arc<CudaStream>,
     raise: HostSignal,
     /// Per buffer (by `Buf::index`): own copy, mirrors by rank.
     own: [u64; 3],
     mirrors: [Vec<u64>; 3],
     ready: Vec<Option<Arc<MappedWords>>>,
     signals: u64,
+    /// Send images per peer (none for this rank) and landing images, per
+    /// buffer in wire layout.
+    send: Vec<Option<[PinnedBytes; 3]>>,
+    landing: [PinnedBytes; 3],
+    /// Downloads in flight with their events, oldest first; spare events.
+    pending: VecDeque<(Ticket, CudaEvent)>,
+    spare: Vec<CudaEvent>,
+    next: Ticket,
+    finished: Ticket,
 }
 
 fn runs(r: Region) -> Runs {
@@ -368,15 +385,32 @@ fn runs(r: Region) -> Runs {
 }
 
 impl CudaStaging {
-    /// `bufs`: the layer's counts, recv and comb buffers on `t`; `stop`
-    /// ends a call in flight once set. Returns the staging and the three
-    /// inboxes.
+    /// `bufs`: the layer's counts, recv and comb buffers on `t`, laid out
+    /// as `geo` says; `stop` ends a call in flight once set. Returns the
+    /// staging and the three inboxes.
     pub fn new<T: Transport>(
         t: &StagedTransport<T>,
+        geo: &Geometry,
         bufs: [BufferId; 3],
         stop: Arc<AtomicBool>,
     ) -> Result<(CudaStaging, [BufferId; 3]), SchedError> {
+        let rank = t.rank();
+        let failed = |what: &str, e: DriverError| SchedError::Device {
+            rank,
+            message: format!("proxy {what}: {e}"),
+        };
         let [c, r, m] = [t.places(bufs[0])?, t.places(bufs[1])?, t.places(bufs[2])?];
+        let image = || -> Result<[PinnedBytes; 3], SchedError> {
+            let one = |b: Buf| {
+                PinnedBytes::zeroed(t.context(), geo.bytes(b))
+                    .map_err(|e| failed("allocate pinned staging", e))
+            };
+            Ok([one(Buf::Counts)?, one(Buf::Recv)?, one(Buf::Comb)?])
+        };
+        let send = (0..geo.ranks)
+            .map(|to| (to != rank).then(image).transpose())
+            .collect::<Result<_, _>>()?;
+        let landing = image()?;
         let st = t.state();
         let sig = st
             .signals
@@ -384,23 +418,31 @@ impl CudaStaging {
             .ok_or_else(|| t.not_allocated("signals".into()))?;
         Ok((
             CudaStaging {
-                rank: t.rank(),
+                rank,
                 stop,
+                downloads: Arc::clone(&t.s.downloads),
+                landings: t.comm_stream(),
                 raise: HostSignal::new(t.context()),
-                stream: t.comm_stream(),
                 own: [c.0, r.0, m.0],
                 mirrors: [c.1, r.1, m.1],
                 ready: sig.ready.clone(),
                 signals: sig.own.ptr(),
+                send,
+                landing,
+                pending: VecDeque::new(),
+                spare: Vec::new(),
+                next: 0,
+                finished: 0,
             },
             [c.2, r.2, m.2],
         ))
     }
 
-    /// Waits for the landings and signal writes enqueued so far.
+    /// Waits for everything enqueued on both streams.
     fn drain(&self) -> Result<(), SchedError> {
-        self.stream
+        self.downloads
             .synchronize()
+            .and_then(|_| self.landings.synchronize())
             .map_err(|e| self.failed("synchronize", e))
     }
 
@@ -410,16 +452,17 @@ impl CudaStaging {
             message: format!("proxy {what}: {e:?}"),
         }
     }
+
+    fn send_image(&self, to: usize, buf: Buf) -> Result<&PinnedBytes, SchedError> {
+        self.send
+            .get(to)
+            .and_then(Option::as_ref)
+            .map(|i| &i[buf.index()])
+            .ok_or_else(|| self.failed("send image", format!("none for rank {to}")))
+    }
 }
 
 impl StagedDevice for CudaStaging {
-    fn host_bytes(&self, len: usize) -> Result<HostBytes, SchedError> {
-        let ctx = self.stream.context();
-        PinnedBytes::zeroed(ctx, len)
-            .map(|b| Box::new(b) as HostBytes)
-            .map_err(|e| self.failed("allocate pinned staging", e))
-    }
-
     fn ready(&self, to: usize, signal: usize) -> u64 {
         self.ready
             .get(to)
@@ -427,41 +470,108 @@ impl StagedDevice for CudaStaging {
             .map_or(0, |w| w.load(signal))
     }
 
-    fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError> {
+    fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError> {
         let base = self.mirrors[region.buf.index()][to];
+        let dst = self.send_image(to, region.buf)?;
+        if wire + region.bytes() > dst.len() {
+            return Err(self.failed(
+                "download",
+                format!("{} bytes at {wire} past the image", region.bytes()),
+            ));
+        }
+        let dst = dst.ptr_at(wire);
         // SAFETY: the mirror is a live allocation of the buffer's size and
         // `region` lies inside it (proxy_plan checks counts against the
-        // capacities); the kernels finished writing it (its ready word).
+        // capacities); the kernels finished writing it (its ready word). The
+        // destination is inside this rank's pinned send image (checked), and
+        // the proxy reads it only once `downloaded` says the copy ran.
         unsafe {
-            cuda::copy_runs_to_host(&self.stream, base + region.offset as u64, runs(region), out)
+            cuda::copy_runs_to_host(
+                &self.downloads,
+                base + region.offset as u64,
+                runs(region),
+                dst,
+            )
         }
-        .map_err(|e| self.failed("download", e))
+        .map_err(|e| self.failed("download", e))?;
+        let event = match self.spare.pop() {
+            Some(e) => e,
+            None => self
+                .downloads
+                .context()
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(|e| self.failed("create event", e))?,
+        };
+        event
+            .record(&self.downloads)
+            .map_err(|e| self.failed("record download", e))?;
+        self.next += 1;
+        self.pending.push_back((self.next, event));
+        Ok(self.next)
+    }
+
+    fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError> {
+        while let Some((t, e)) = self.pending.front() {
+            if !e
+                .try_is_complete()
+                .map_err(|e| self.failed("download", e))?
+            {
+                break;
+            }
+            self.finished = *t;
+            if let Some((_, e)) = self.pending.pop_front() {
+                self.spare.push(e);
+            }
+        }
+        Ok(ticket <= self.finished)
+    }
+
+    fn sent_bytes(&self, to: usize, buf: Buf, wire: usize, len: usize) -> &[u8] {
+        match self.send.get(to).and_then(Option::as_ref) {
+            Some(i) => &i[buf.index()][wire..wire + len],
+            None => &[],
+        }
+    }
+
+    fn landing_bytes(&mut self, buf: Buf, wire: usize, len: usize) -> &mut [u8] {
+        &mut self.landing[buf.index()][wire..wire + len]
     }
 
     fn land(
         &mut self,
         region: Region,
-        bytes: &[u8],
+        wire: usize,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
+        let src = &self.landing[region.buf.index()];
+        if wire + region.bytes() > src.len() {
+            return Err(self.failed(
+                "land",
+                format!("{} bytes at {wire} past the image", region.bytes()),
+            ));
+        }
+        let src = src.ptr_at(wire).cast_const();
         let dst = self.own[region.buf.index()] + region.offset as u64;
-        // SAFETY: as in download for this rank's own buffer; `bytes` (the
-        // proxy's pinned landing buffer) is read by the stream, which is
-        // synchronised below before it is handed back.
-        unsafe { cuda::copy_runs_to_device(&self.stream, bytes, dst, runs(region)) }
+        // SAFETY: `region` lies inside this rank's own buffer (as in
+        // download); the source is inside the pinned landing image
+        // (checked), whose bytes at `wire` no other piece of this call
+        // uses, and which the next call reuses only after end_call.
+        unsafe { cuda::copy_runs_to_device(&self.landings, src, dst, runs(region)) }
             .map_err(|e| self.failed("land", e))?;
         // SAFETY: `signal` indexes this rank's signal array (the plan's
         // signals are below the count the layer allocated).
         unsafe {
             self.raise.raise(
-                &self.stream,
+                &self.landings,
                 self.signals + 8 * signal as u64,
                 SignalOp::Set(value),
             )
         }
-        .map_err(|e| self.failed("raise signal", e))?;
-        // The landing buffer is the proxy's again once this returns.
+        .map_err(|e| self.failed("raise signal", e))
+    }
+
+    fn end_call(&mut self) -> Result<(), SchedError> {
         self.drain()
     }
 
@@ -490,7 +600,7 @@ fn run_proxy<T: Transport>(
         .bind_to_thread()
         .map_err(|e| device("bind context", e))?;
     cuda::relax_capture_mode().map_err(|e| device("relax capture mode", e))?;
-    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout, &dev)?;
+    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout)?;
     let mut run = || -> Result<(), SchedError> {
         for epoch in epochs.iter() {
             let stats = proxy.call(&mut dev, epoch)?;
@@ -530,7 +640,8 @@ impl<T: Transport + 'static> StagedLayer<T> {
         let layer = MoeLayer::new(cfg, capacity, t.clone(), kernels, opts)?;
         let geo = Geometry::of(layer.plan());
         let stop = Arc::new(AtomicBool::new(false));
-        let (dev, inbox) = CudaStaging::new(&t, layer.symmetric_buffers(), Arc::clone(&stop))?;
+        let (dev, inbox) =
+            CudaStaging::new(&t, &geo, layer.symmetric_buffers(), Arc::clone(&stop))?;
         let (calls, epochs) = mpsc::channel::<u64>();
         let failure = Arc::new(Mutex::new(None));
         let failed = Arc::clone(&failure);

@@ -19,7 +19,7 @@ mod common;
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
 use comet_sched::proxy_plan::{Buf, Geometry, Region};
-use comet_sched::staged::{StagedDevice, StagedProxy};
+use comet_sched::staged::{StagedDevice, StagedProxy, Ticket};
 use comet_sched::SchedError;
 use comet_transport::local::{local_world, DelayModel, LocalTransport};
 use comet_transport::Transport;
@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
 const H: usize = 32; // bf16 columns: 64-byte rows
+const POISON: u8 = 0xEE;
 
 /// One rank's "device": its own buffers and signals, its mirrors of every
 /// peer's buffers and its ready words for every peer.
@@ -72,31 +73,91 @@ fn copy_2d(r: Region, from: &[u8], packed: bool, to: &mut [u8]) {
     }
 }
 
-/// What the proxy sees of a [`Device`].
-struct HostSide(Arc<Device>);
+/// What the proxy sees of a [`Device`], with the host staging a GPU's
+/// device side owns. A download finishes only after a random number of
+/// looks, its bytes poisoned until then, as a copy engine would leave
+/// them: a piece put out before its download finished arrives poisoned.
+struct HostSide {
+    dev: Arc<Device>,
+    send: Vec<[Vec<u8>; 3]>,
+    landing: [Vec<u8>; 3],
+    /// Started, not finished: ticket, peer, region, wire, looks left.
+    pending: std::collections::VecDeque<(Ticket, usize, Region, usize, u32)>,
+    next: Ticket,
+    finished: Ticket,
+    rng: ChaCha8Rng,
+}
+
+impl HostSide {
+    fn new(dev: Arc<Device>, g: &Geometry, seed: u64) -> HostSide {
+        let image = || Buf::ALL.map(|b| vec![0u8; g.bytes(b)]);
+        HostSide {
+            dev,
+            send: (0..g.ranks).map(|_| image()).collect(),
+            landing: image(),
+            pending: Default::default(),
+            next: 0,
+            finished: 0,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+}
 
 impl StagedDevice for HostSide {
     fn ready(&self, to: usize, signal: usize) -> u64 {
-        self.0.ready[to][signal].load(Ordering::Acquire)
+        self.dev.ready[to][signal].load(Ordering::Acquire)
     }
 
-    fn download(&mut self, to: usize, region: Region, out: &mut [u8]) -> Result<(), SchedError> {
-        let m = self.0.mirrors[to][region.buf.index()].lock().unwrap();
-        copy_2d(region, &m, true, out);
-        Ok(())
+    fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError> {
+        let n = region.bytes();
+        self.send[to][region.buf.index()][wire..wire + n].fill(POISON);
+        self.next += 1;
+        let looks = self.rng.gen_range(0..4);
+        self.pending.push_back((self.next, to, region, wire, looks));
+        Ok(self.next)
+    }
+
+    fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError> {
+        // In order, like copies on one stream: the oldest finishes first.
+        while let Some((t, to, region, wire, looks)) = self.pending.front_mut() {
+            if *looks > 0 {
+                *looks -= 1;
+                break;
+            }
+            let (t, to, region, wire) = (*t, *to, *region, *wire);
+            let m = self.dev.mirrors[to][region.buf.index()].lock().unwrap();
+            let out = &mut self.send[to][region.buf.index()][wire..wire + region.bytes()];
+            copy_2d(region, &m, true, out);
+            self.finished = t;
+            self.pending.pop_front();
+        }
+        Ok(ticket <= self.finished)
+    }
+
+    fn sent_bytes(&self, to: usize, buf: Buf, wire: usize, len: usize) -> &[u8] {
+        &self.send[to][buf.index()][wire..wire + len]
+    }
+
+    fn landing_bytes(&mut self, buf: Buf, wire: usize, len: usize) -> &mut [u8] {
+        &mut self.landing[buf.index()][wire..wire + len]
     }
 
     fn land(
         &mut self,
         region: Region,
-        bytes: &[u8],
+        wire: usize,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
-        let mut b = self.0.own[region.buf.index()].lock().unwrap();
+        let bytes = &self.landing[region.buf.index()][wire..wire + region.bytes()];
+        let mut b = self.dev.own[region.buf.index()].lock().unwrap();
         copy_2d(region, bytes, false, &mut b);
         drop(b);
-        self.0.signals[signal].store(value, Ordering::Release);
+        self.dev.signals[signal].store(value, Ordering::Release);
+        Ok(())
+    }
+
+    fn end_call(&mut self) -> Result<(), SchedError> {
         Ok(())
     }
 }
@@ -354,8 +415,8 @@ fn run_rank(
     let me = t.rank();
     let dev = Arc::new(Device::new(&g));
     let inbox = StagedProxy::allocate(t, g, T).map_err(|e| e.to_string())?;
-    let mut host = HostSide(Arc::clone(&dev));
-    let mut proxy = StagedProxy::new(t, g, inbox, T, &host).map_err(|e| e.to_string())?;
+    let mut host = HostSide::new(Arc::clone(&dev), &g, seed ^ 0xD0 ^ me as u64);
+    let mut proxy = StagedProxy::new(t, g, inbox, T).map_err(|e| e.to_string())?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
     for epoch in 1..=calls {
         let mine = counts_for(&mut rng, me, g.experts, kinds(epoch));
@@ -450,7 +511,7 @@ fn refused_calls_move_nothing_and_the_next_is_whole() {
 /// Rank `t`'s proxy, its inboxes allocated (collective).
 fn proxy(t: &LocalTransport, g: Geometry, timeout: Duration) -> StagedProxy<'_> {
     let inbox = StagedProxy::allocate(t, g, T).unwrap();
-    StagedProxy::new(t, g, inbox, timeout, &HostSide(Arc::new(Device::new(&g)))).unwrap()
+    StagedProxy::new(t, g, inbox, timeout).unwrap()
 }
 
 /// Proxies of a world of two, built together; rank 0's with `timeout`.
@@ -473,7 +534,7 @@ fn a_kernel_that_never_raises_is_named() {
     let dev = Arc::new(Device::new(&g));
     let (mut proxy, _peer) = both(&world, g, Duration::from_millis(300));
     let start = Instant::now();
-    let err = proxy.call(&mut HostSide(dev), 1).unwrap_err();
+    let err = proxy.call(&mut HostSide::new(dev, &g, 1), 1).unwrap_err();
     let waited = start.elapsed();
     assert!(
         waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
@@ -496,7 +557,7 @@ fn a_killed_peer_is_named_not_waited_out() {
     let (mut proxy, _peer) = both(&world, g, T);
     world[1].kill();
     let start = Instant::now();
-    let err = proxy.call(&mut HostSide(dev), 1).unwrap_err();
+    let err = proxy.call(&mut HostSide::new(dev, &g, 1), 1).unwrap_err();
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "{:?}",

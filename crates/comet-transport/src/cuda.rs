@@ -553,84 +553,73 @@ impl Runs {
     }
 }
 
-/// Copies `runs` from device `src` into the packed host `dst` on `stream`;
-/// `dst` (pageable) is written when this returns.
+/// Enqueues a copy of `runs` from device `src` into host memory at `dst`,
+/// packed (`rows * width` bytes), on `stream`.
 ///
 /// # Safety
 /// `src .. src + (rows-1)*pitch + width` is live device memory of the
-/// stream's context, not written by anyone until the copy has run.
+/// stream's context, not written until the copy has run; `dst` is
+/// `rows * width` bytes of pinned host memory, neither read nor written by
+/// anyone else until the stream has run the copy.
 pub unsafe fn copy_runs_to_host(
     stream: &CudaStream,
     src: u64,
     runs: Runs,
-    dst: &mut [u8],
+    dst: *mut u8,
 ) -> Result<(), DriverError> {
     if runs.rows == 0 || runs.width == 0 {
         return Ok(());
     }
-    if dst.len() < runs.rows * runs.width {
-        return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE));
-    }
     if runs.rows == 1 {
         // One run: a plain copy (2-D copies refuse pitches over the device's
         // limit, and a single run of a large piece can exceed it).
-        // SAFETY: as below.
-        unsafe {
-            sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), src, runs.width, stream.cu_stream())
-                .result()?
+        // SAFETY: both sides as the caller promises.
+        return unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, runs.width, stream.cu_stream()).result()
         };
-        return stream.synchronize();
     }
     let mut c = runs.copy();
     c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
     c.srcDevice = src;
     c.srcPitch = runs.pitch;
     c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-    c.dstHost = dst.as_mut_ptr().cast();
+    c.dstHost = dst.cast();
     c.dstPitch = runs.width;
-    // SAFETY: both sides are in bounds (caller; checked above); the stream is
-    // synchronised before the host buffer is released to the caller.
-    unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()).result()? };
-    stream.synchronize()
+    // SAFETY: both sides as the caller promises.
+    unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()).result() }
 }
 
-/// Enqueues a copy of the packed host `src` into `runs` at device `dst` on
-/// `stream`. A pinned `src` is read when the stream runs the copy: it must
-/// stay untouched until then (pageable memory the driver stages before
-/// the call returns).
+/// Enqueues a copy of packed host memory at `src` (`rows * width` bytes)
+/// into `runs` at device `dst`, on `stream`.
 ///
 /// # Safety
 /// `dst .. dst + (rows-1)*pitch + width` is live device memory of the
-/// stream's context until the stream has run the copy, and so is a pinned
-/// `src`.
+/// stream's context until the stream has run the copy; `src` is pinned
+/// host memory left unwritten until then.
 pub unsafe fn copy_runs_to_device(
     stream: &CudaStream,
-    src: &[u8],
+    src: *const u8,
     dst: u64,
     runs: Runs,
 ) -> Result<(), DriverError> {
     if runs.rows == 0 || runs.width == 0 {
         return Ok(());
     }
-    if src.len() < runs.rows * runs.width {
-        return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE));
-    }
     if runs.rows == 1 {
         // One run: a plain copy, as in copy_runs_to_host.
-        // SAFETY: as below.
+        // SAFETY: both sides as the caller promises.
         return unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), runs.width, stream.cu_stream())
-                .result()
+            sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), runs.width, stream.cu_stream()).result()
         };
     }
     let mut c = runs.copy();
     c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-    c.srcHost = src.as_ptr().cast();
+    c.srcHost = src.cast();
     c.srcPitch = runs.width;
     c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
     c.dstDevice = dst;
     c.dstPitch = runs.pitch;
-    // SAFETY: both sides are in bounds (caller; checked above).
+    // SAFETY: both sides as the caller promises.
     unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()).result() }
 }
 
@@ -684,6 +673,13 @@ impl PinnedBytes {
             len,
             ctx: Arc::clone(ctx),
         })
+    }
+}
+
+impl PinnedBytes {
+    /// Where byte `at` lies, for copies the device makes (`at` within).
+    pub fn ptr_at(&self, at: usize) -> *mut u8 {
+        self.ptr.wrapping_add(at.min(self.len))
     }
 }
 

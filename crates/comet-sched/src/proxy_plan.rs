@@ -23,6 +23,7 @@
 
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
+use comet_core::schedule::{SignalMap, WireSignal};
 
 /// The layer's symmetric device buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -184,21 +185,34 @@ impl Geometry {
         }
     }
 
-    /// Signal words a rank needs: count, dispatch and combine signals.
+    /// The layer's signal numbering (comet-core's, as the kernels use it).
+    fn map(&self) -> SignalMap {
+        SignalMap {
+            ranks: self.ranks,
+            experts_per_rank: self.epr(),
+            chunks: self.chunks,
+        }
+    }
+
+    /// Signal words a rank needs: count, dispatch and combine signals (the
+    /// signal array without the local chunk counters, which are no
+    /// transport's).
     pub fn signal_count(&self) -> usize {
-        self.ranks + self.epr() * self.ranks + self.ranks * self.chunks
+        self.map().wire_len() - self.chunks
     }
 
     pub fn count_signal(&self, from: usize) -> usize {
-        from
+        WireSignal::exchange(from).index() as usize
     }
 
     pub fn dispatch_signal(&self, le: usize, from: usize) -> usize {
-        self.ranks + le * self.ranks + from
+        let m = self.map();
+        m.wire(m.dispatch(le, from)).index() as usize
     }
 
     pub fn combine_signal(&self, from: usize, chunk: usize) -> usize {
-        self.ranks + self.epr() * self.ranks + from * self.chunks + chunk
+        let m = self.map();
+        m.wire(m.combine(from, chunk)).index() as usize
     }
 
     /// The count-exchange piece `from` -> `to` of a call with `epoch`.

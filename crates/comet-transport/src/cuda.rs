@@ -653,11 +653,8 @@ pub struct PinnedBytes {
     ctx: Arc<CudaContext>,
 }
 
-// SAFETY: plain host memory owned by this value; shared only through `&`
-// and `&mut` like a Vec.
+// SAFETY: plain host memory owned by this value, moved with it like a Vec.
 unsafe impl Send for PinnedBytes {}
-// SAFETY: as above.
-unsafe impl Sync for PinnedBytes {}
 
 impl PinnedBytes {
     /// `len` zeroed bytes (at least one is allocated).

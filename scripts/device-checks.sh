@@ -8,13 +8,14 @@
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
 #   bash scripts/device-checks.sh ucxbench # qwen2-moe, mixtral over UCX processes
+#   bash scripts/device-checks.sh wire    # token-once vs per-row dispatch over UCX
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 # Each step prints its summary lines and `=== rc=N`; full logs go to $OUT
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh tests|ucx|bench|ucxbench|qwen|py}
+part=${1:?usage: device-checks.sh tests|ucx|bench|ucxbench|wire|qwen|py}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -49,6 +50,18 @@ ucxbench)
     step "bench-ucx $p" bash -c "UCX_TLS=sm,self timeout 280 $R comet launch -n 2 -- .bundle/comet bench --gpu --preset $p --tokens 4096 --iters 3 --ranks 2 --phases --transport ucx 2>&1 | tee $O/bench_ucx_$p.md | grep -E '[|]|phases'"
   done
   ;;
+wire)
+  # Issue 16's experiment: dispatch rows sent token-once (expanded on
+  # arrival) against one row per (token, expert), where duplicates are
+  # many: a Qwen2-57B-A14B-shaped layer (64 experts, top-8) over 2 ranks,
+  # over TCP and shared memory.
+  Q="--hidden 3584 --ffn 2560 --experts 64 --top-k 8 --tokens 2048 --iters 3 --ranks 2"
+  for tls in tcp sm,self; do
+    for d in tokens rows; do
+      step "wire $tls $d" bash -c "UCX_TLS=$tls timeout 140 $R comet launch -n 2 -- .bundle/comet bench --gpu $Q --transport ucx --dispatch $d 2>&1 | tee $O/wire_${tls%%,*}_$d.md | grep -E '[|]'"
+    done
+  done
+  ;;
 qwen)
   # Issue 13's open ratio (qwen2-moe, one rank, 16384 tokens: fused /
   # GEMM-only 1.08 against 1.05), with where a sequential call's time goes.
@@ -64,7 +77,7 @@ py)
   done
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (tests, ucx, bench, ucxbench, qwen or py)" >&2
+  echo "device-checks.sh: unknown part $part (tests, ucx, bench, ucxbench, wire, qwen or py)" >&2
   exit 2
   ;;
 esac

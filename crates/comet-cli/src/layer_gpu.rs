@@ -25,6 +25,7 @@ use comet_core::weights::random_tokens;
 use comet_core::{MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::{LayerOptions, PHASES};
+use comet_sched::proxy_plan::DispatchWire;
 use comet_sched::{ExecMode, RankInput};
 use cudarc::driver::{CudaEvent, CudaStream};
 use serde_json::json;
@@ -108,10 +109,19 @@ fn bench_one(
         timeout: Duration::from_secs(a.timeout_s),
         // Staged ranks talk through host memory: a slow link, not the GPU's.
         figures: staged.then(DeviceFigures::h200_slow_link),
+        dispatch_wire: match a.dispatch.as_str() {
+            "rows" => DispatchWire::Rows,
+            _ => DispatchWire::Tokens,
+        },
         ..LayerOptions::default()
     };
+    let wire = if staged {
+        format!(" (dispatch by {})", a.dispatch)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "comet bench --gpu: {label} ({cfg}), {} rank(s) over {}, {} tokens/rank: building",
+        "comet bench --gpu: {label} ({cfg}), {} rank(s) over {}{wire}, {} tokens/rank: building",
         cfg.ranks, a.transport, a.tokens
     );
     let weights = WorldWeights::Random {

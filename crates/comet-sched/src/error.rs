@@ -55,6 +55,11 @@ pub enum SchedError {
     /// that does not exist.
     #[error("rank {rank}: nccl proxy: {message}")]
     NcclProtocol { rank: usize, message: String },
+    /// A staged proxy found a peer's bytes breaking the protocol (a
+    /// token-once index past its pair's rows) or its device side's send
+    /// order naming slots that do not exist.
+    #[error("rank {rank}: staged proxy: {message}")]
+    StagedProtocol { rank: usize, message: String },
     #[error("rank {rank} worker panicked: {message}")]
     Panicked { rank: usize, message: String },
 }

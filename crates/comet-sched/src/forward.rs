@@ -33,6 +33,7 @@
 use crate::cpu::ExecMode;
 use crate::device_plan::{DevicePlan, KernelTiles};
 use crate::error::SchedError;
+use crate::proxy_plan::DispatchWire;
 use comet_core::cost::DeviceFigures;
 use comet_core::layout::ring_source;
 use comet_core::schedule::SignalMap;
@@ -104,6 +105,9 @@ pub struct LayerOptions {
     /// Device and link figures for the cost model; None: by topology
     /// ([`LayerOptions::figures_for`]).
     pub figures: Option<DeviceFigures>,
+    /// How a staged layer's proxy sends dispatch rows between hosts
+    /// (kernels that store into peers always store rows).
+    pub dispatch_wire: DispatchWire,
 }
 
 impl Default for LayerOptions {
@@ -113,6 +117,7 @@ impl Default for LayerOptions {
             recv_capacity: None,
             ranks_per_gpu: 1,
             figures: None,
+            dispatch_wire: DispatchWire::Tokens,
         }
     }
 }
@@ -438,6 +443,13 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// proxy that carries them needs to know them by).
     pub fn symmetric_buffers(&self) -> [BufferId; 3] {
         [self.sym.counts, self.sym.recv, self.sym.comb]
+    }
+
+    /// Device address of the call's send order (the slot at each send
+    /// position, i32, written by the layout phase): what a token-once proxy
+    /// reads to know which token each dispatch row is.
+    pub(crate) fn send_order_ptr(&self) -> u64 {
+        self.s.send_slots
     }
 
     pub fn rank(&self) -> usize {

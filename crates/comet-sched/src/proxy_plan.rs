@@ -20,6 +20,13 @@
 //! Combine pieces are column chunks of whole rows, so on the device they
 //! are 2-D (rows of `chunk_bytes`, `row_bytes` apart); on the wire each is
 //! packed chunk-major ([`Piece::wire`]) and landed by a 2-D copy.
+//!
+//! Dispatch rows can also travel token-once ([`DispatchWire::Tokens`]): a
+//! token routed to several experts of one rank is one row per (token,
+//! expert) in the kernels' layout, but the same bytes, so the staged proxy
+//! sends it once per destination rank with an index per row, and the
+//! receiver expands it on arrival. [`Geometry::token_place`] says where a
+//! pair's index arrays and token rows sit in the receiver's inbox.
 
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
@@ -123,6 +130,32 @@ impl std::fmt::Display for Piece {
     }
 }
 
+/// How dispatch rows travel between hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchWire {
+    /// One row per (token, expert), as the kernels lay them out.
+    Rows,
+    /// Each token once per destination rank, plus a u32 per row naming
+    /// its token's slot there.
+    Tokens,
+}
+
+/// Where a dispatch piece's token-once bytes sit in the receiver's recv
+/// inbox (byte offsets). Each ordered pair has an area, sources in
+/// arrival order: its index array (a u32 per row, segments in expert
+/// order), padded to 16 bytes, then its token rows, slot `s` at
+/// `tokens + s * row_bytes`. A pair never has more distinct tokens than
+/// rows, so the areas fit [`Geometry::inbox_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenPlace {
+    /// This piece's index array (`4 * rows` bytes).
+    pub index: usize,
+    /// Slot 0 of the pair's token rows.
+    pub tokens: usize,
+    /// Rows the pair sends in the call: the most slots it can use.
+    pub pair_rows: usize,
+}
+
 /// Memory one staged rank holds beyond the layer itself, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StagedBytes {
@@ -143,6 +176,9 @@ pub struct Geometry {
     pub chunk_bytes: usize,
     pub recv_rows: usize,
     pub send_rows: usize,
+    /// Slots per token: the kernels number slot `j` of token `t` as
+    /// `t * top_k + j`.
+    pub top_k: usize,
 }
 
 impl Geometry {
@@ -155,6 +191,7 @@ impl Geometry {
             chunk_bytes: plan.chunk_cols * 2,
             recv_rows: plan.recv_capacity,
             send_rows: plan.send_capacity(),
+            top_k: plan.cfg.top_k,
         }
     }
 
@@ -171,6 +208,12 @@ impl Geometry {
         }
     }
 
+    /// Bytes of `buf`'s inbox on a host-memory transport: the buffer and
+    /// room for token-once index arrays ([`inbox_bytes`]).
+    pub fn inbox_bytes(&self, buf: Buf) -> usize {
+        inbox_bytes(self.bytes(buf), self.row_bytes, self.ranks)
+    }
+
     /// What one rank holds to run staged (the proxy path of host-memory
     /// transports): device mirrors of every peer's buffers, host staging
     /// images of them plus one landing buffer, and its inbox, in bytes.
@@ -181,7 +224,39 @@ impl Geometry {
         StagedBytes {
             device_mirrors: peers * one,
             host_staging: peers * one + largest,
-            inbox: one,
+            inbox: Buf::ALL.iter().map(|&b| self.inbox_bytes(b)).sum(),
+        }
+    }
+
+    /// Where dispatch piece `p` (of a checked count matrix `counts`)
+    /// travels token-once in its receiver's inbox.
+    pub fn token_place(&self, counts: &[Vec<u32>], p: &Piece) -> TokenPlace {
+        let (w, epr, to) = (self.ranks, self.epr(), p.to);
+        let le = match p.kind {
+            Kind::Dispatch { le } => le,
+            _ => 0,
+        };
+        let rows = |from: usize, les: std::ops::Range<usize>| -> usize {
+            les.map(|l| counts[from][to * epr + l] as usize).sum()
+        };
+        let mut area = 0;
+        for i in 1..w {
+            let from = (to + w - i) % w;
+            let pair_rows = rows(from, 0..epr);
+            let index_bytes = (4 * pair_rows).next_multiple_of(16);
+            if from == p.from {
+                return TokenPlace {
+                    index: area + 4 * rows(from, 0..le),
+                    tokens: area + index_bytes,
+                    pair_rows,
+                };
+            }
+            area += index_bytes + pair_rows * self.row_bytes;
+        }
+        TokenPlace {
+            index: area,
+            tokens: area,
+            pair_rows: 0,
         }
     }
 
@@ -330,6 +405,14 @@ impl Geometry {
     }
 }
 
+/// Bytes of the inbox of a device buffer of `bytes` whose rows are
+/// `row_bytes` long, in a world of `ranks`: room for a u32 per row and 16
+/// bytes of padding per source beyond the buffer, so token-once areas fit
+/// ([`TokenPlace`]). The same rule for every buffer keeps it one rule.
+pub fn inbox_bytes(bytes: usize, row_bytes: usize, ranks: usize) -> usize {
+    bytes + 4 * bytes.div_ceil(row_bytes.max(1)) + 16 * ranks
+}
+
 /// Little-endian u32 words of `b` (a count row as it travels); a trailing
 /// partial word is dropped.
 pub(crate) fn words(b: &[u8]) -> Vec<u32> {
@@ -354,6 +437,7 @@ mod tests {
             chunk_bytes: 64 * 2 / chunks,
             recv_rows,
             send_rows,
+            top_k: 2,
         }
     }
 
@@ -485,8 +569,58 @@ mod tests {
         let b = g.staged_bytes();
         assert_eq!(b.device_mirrors, 3 * one);
         assert_eq!(b.host_staging, 3 * one + 100 * 128);
-        assert_eq!(b.inbox, one);
+        // Room for a u32 per row and 16 bytes per rank, per buffer.
+        let rows = 2 + 100 + 30; // the 256-byte count buffer is two 128-byte rows
+        assert_eq!(b.inbox, one + 4 * rows + 3 * 16 * 4);
         assert_eq!(geometry(1, 8, 1, 10, 10).staged_bytes().device_mirrors, 0);
+    }
+
+    /// Token-once areas: every piece's index array and its pair's token
+    /// rows (as many slots as the pair has rows) lie inside the recv inbox,
+    /// disjoint from every other pair's and piece's, for any counts.
+    #[test]
+    fn token_places_are_disjoint_and_inside_the_inbox() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for _ in 0..200 {
+            let w = rng.gen_range(2..=5);
+            let e = w * rng.gen_range(1..=4);
+            let tokens = rng.gen_range(0..40);
+            let counts = random_counts(&mut rng, w, e, tokens);
+            let recv: usize = (0..w)
+                .map(|d| {
+                    counts
+                        .iter()
+                        .flat_map(|r| &r[d * e / w..(d + 1) * e / w])
+                        .sum::<u32>()
+                })
+                .max()
+                .unwrap() as usize;
+            let g = geometry(w, e, 2, recv + rng.gen_range(0..3), 40);
+            let pieces = g.data_pieces(0, &counts).unwrap();
+            for to in 0..w {
+                let mut used: Vec<(usize, usize)> = Vec::new();
+                let mut areas = std::collections::BTreeSet::new();
+                for p in pieces
+                    .iter()
+                    .filter(|p| p.to == to && matches!(p.kind, Kind::Dispatch { .. }))
+                {
+                    let place = g.token_place(&counts, p);
+                    let rows = p.region.bytes() / g.row_bytes;
+                    used.push((place.index, place.index + 4 * rows));
+                    if areas.insert(place.tokens) {
+                        let end = place.tokens + place.pair_rows * g.row_bytes;
+                        used.push((place.tokens, end));
+                    }
+                    assert_eq!(place.tokens % 16, 0, "{p}");
+                }
+                used.retain(|r| r.1 > r.0);
+                used.sort();
+                assert!(used.windows(2).all(|x| x[0].1 <= x[1].0), "{used:?}");
+                if let Some(last) = used.last() {
+                    assert!(last.1 <= g.inbox_bytes(Buf::Recv), "{last:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -24,6 +24,18 @@
 //! everything of call n from this rank, and this rank stages call n+1's
 //! data only after its kernels saw every peer's count of n+1.
 //!
+//! Token-once dispatch ([`DispatchWire::Tokens`]): a token routed to
+//! several experts of one peer is the same row several times in the
+//! kernels' layout. The sender reads the kernels' send order (which slot,
+//! hence which token, each row is) and puts only rows of tokens it has not
+//! sent to that peer in this call, at the pair's next token slots, then the
+//! piece's index array (a slot per row); the receiver expands the rows from
+//! its inbox into the landing image, so the device sees the kernels' layout
+//! unchanged. Slots a piece names were put before its signal (by it or an
+//! earlier piece to the same peer), so they have arrived with it. Off
+//! NVLink bytes are what cost: with top-k 8 over 2 ranks this sends about a
+//! quarter of the rows, for one host copy of the rows sent.
+//!
 //! Downloads are pipelined: the proxy starts each ready piece's copy into
 //! host staging at once and puts pieces out as their copies finish, so the
 //! copies run beside the wire. Landings of one call are not waited for one
@@ -33,7 +45,7 @@
 //! on a GPU; host memory in tests), so all of this runs on a laptop.
 
 use crate::error::SchedError;
-use crate::proxy_plan::{words, Buf, Geometry, Kind, Piece, Region};
+use crate::proxy_plan::{words, Buf, DispatchWire, Geometry, Kind, Piece, Region};
 use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::time::{Duration, Instant};
@@ -80,6 +92,13 @@ pub trait StagedDevice {
         value: u64,
     ) -> Result<(), SchedError>;
 
+    /// The slot (`token * top_k + j`) at each of this rank's first `rows`
+    /// send positions of the call in flight, as its kernels ordered them:
+    /// experts in global order, each expert's rows in their segment's row
+    /// order. Asked for (token-once dispatch only) once a dispatch piece
+    /// with rows is downloaded, when the kernels have written it.
+    fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError>;
+
     /// The call's landings have finished (its landing bytes may be
     /// reused by the next call).
     fn end_call(&mut self) -> Result<(), SchedError>;
@@ -98,8 +117,32 @@ pub struct StagedStats {
     pub refused: bool,
     pub sent: usize,
     pub landed: usize,
+    /// Bytes this rank put on the wire (token-once: token rows and index
+    /// arrays), and bytes it landed in its device buffers.
     pub bytes_sent: usize,
     pub bytes_landed: usize,
+}
+
+/// One call in flight: its epoch, the count rows as they arrive, the whole
+/// matrix once every row is in (empty before), and what moved.
+struct Call {
+    epoch: u64,
+    rows: Vec<Option<Vec<u32>>>,
+    counts: Vec<Vec<u32>>,
+    stats: StagedStats,
+}
+
+/// Token-once state of the sender: the kernels' send order of the call
+/// (fetched with the first dispatch piece that has rows), and per peer the
+/// slot each token got there this call, stamped with the call's epoch so
+/// no call clears it.
+#[derive(Default)]
+struct Tokens {
+    order: Option<Vec<u32>>,
+    slot: Vec<Vec<(u64, u32)>>,
+    used: Vec<usize>,
+    pack: Vec<u8>,
+    index: Vec<u8>,
 }
 
 /// One rank's staged proxy: its inboxes on the transport.
@@ -108,6 +151,8 @@ pub struct StagedProxy<'t> {
     geo: Geometry,
     inbox: [BufferId; 3],
     timeout: Duration,
+    /// Token-once when set ([`DispatchWire::Tokens`]).
+    tokens: Option<Tokens>,
 }
 
 impl<'t> StagedProxy<'t> {
@@ -122,9 +167,9 @@ impl<'t> StagedProxy<'t> {
         timeout: Duration,
     ) -> Result<[BufferId; 3], SchedError> {
         let inbox = [
-            t.alloc_buffer(geo.bytes(Buf::Counts))?,
-            t.alloc_buffer(geo.bytes(Buf::Recv))?,
-            t.alloc_buffer(geo.bytes(Buf::Comb))?,
+            t.alloc_buffer(geo.inbox_bytes(Buf::Counts))?,
+            t.alloc_buffer(geo.inbox_bytes(Buf::Recv))?,
+            t.alloc_buffer(geo.inbox_bytes(Buf::Comb))?,
         ];
         t.alloc_signals(geo.signal_count())?;
         t.barrier(timeout)?;
@@ -132,12 +177,14 @@ impl<'t> StagedProxy<'t> {
     }
 
     /// This rank's proxy over `t`, whose buffers `inbox` (counts, recv,
-    /// comb, each of `geo`'s size) receive the peers' pieces.
+    /// comb, each of `geo.inbox_bytes`) receive the peers' pieces, with
+    /// dispatch rows travelling as `wire` says (every rank alike).
     pub fn new(
         t: &'t dyn Transport,
         geo: Geometry,
         inbox: [BufferId; 3],
         timeout: Duration,
+        wire: DispatchWire,
     ) -> Result<Self, SchedError> {
         let (w, rank) = (geo.ranks, t.rank());
         if t.world() != w || rank >= w {
@@ -146,11 +193,26 @@ impl<'t> StagedProxy<'t> {
                 message: format!("a layer of {w} ranks over a transport of {}", t.world()),
             });
         }
+        let tokens = match wire {
+            DispatchWire::Rows => None,
+            DispatchWire::Tokens if geo.top_k == 0 => {
+                return Err(SchedError::Input {
+                    rank,
+                    message: "token-once dispatch with top_k 0".into(),
+                })
+            }
+            DispatchWire::Tokens => Some(Tokens {
+                slot: vec![Vec::new(); w],
+                used: vec![0; w],
+                ..Tokens::default()
+            }),
+        };
         Ok(StagedProxy {
             t,
             geo,
             inbox,
             timeout,
+            tokens,
         })
     }
 
@@ -167,7 +229,6 @@ impl<'t> StagedProxy<'t> {
         epoch: u64,
     ) -> Result<StagedStats, SchedError> {
         let (w, me) = (self.geo.ranks, self.t.rank());
-        let mut stats = StagedStats::default();
         let peers = || (0..w).filter(move |&p| p != me);
         let mut sends: Vec<Piece> = peers()
             .map(|p| self.geo.counts_piece(me, p, epoch))
@@ -175,7 +236,16 @@ impl<'t> StagedProxy<'t> {
         let mut lands: Vec<Piece> = peers()
             .map(|p| self.geo.counts_piece(p, me, epoch))
             .collect();
-        let mut rows: Vec<Option<Vec<u32>>> = vec![None; w];
+        let mut call = Call {
+            epoch,
+            rows: vec![None; w],
+            counts: Vec::new(),
+            stats: StagedStats::default(),
+        };
+        if let Some(tok) = &mut self.tokens {
+            tok.order = None;
+            tok.used.fill(0);
+        }
         // Downloads started, oldest first: put out as they finish.
         let mut staging: std::collections::VecDeque<(Piece, Ticket)> = Default::default();
         let mut planned = w == 1;
@@ -187,19 +257,19 @@ impl<'t> StagedProxy<'t> {
         while !(planned && sends.is_empty() && staging.is_empty() && lands.is_empty()) {
             let before = sends.len() + staging.len() + lands.len();
             self.stage_ready(dev, epoch, &mut sends, &mut staging)?;
-            self.send_staged(dev, epoch, &mut staging, &mut rows, &mut stats)?;
-            self.land_arrived(dev, epoch, &mut lands, &mut rows, &mut stats)?;
-            if !planned && rows.iter().all(Option::is_some) {
-                let counts: Vec<Vec<u32>> = rows.iter().flatten().cloned().collect();
+            self.send_staged(dev, &mut staging, &mut call)?;
+            self.land_arrived(dev, &mut lands, &mut call)?;
+            if !planned && call.rows.iter().all(Option::is_some) {
+                call.counts = call.rows.iter().flatten().cloned().collect();
                 planned = true;
-                match self.geo.data_pieces(me, &counts) {
+                match self.geo.data_pieces(me, &call.counts) {
                     Ok(all) => {
                         sends.extend(all.iter().filter(|p| p.from == me).copied());
                         lands.extend(all.iter().filter(|p| p.to == me).copied());
                     }
                     Err(e) => {
                         tracing::debug!(rank = me, epoch, error = %e, "call refused");
-                        stats.refused = true;
+                        call.stats.refused = true;
                     }
                 }
                 continue;
@@ -231,7 +301,7 @@ impl<'t> StagedProxy<'t> {
             }
         }
         dev.end_call()?;
-        Ok(stats)
+        Ok(call.stats)
     }
 
     /// Starts the download of every pending piece whose ready word has
@@ -262,60 +332,187 @@ impl<'t> StagedProxy<'t> {
     fn send_staged(
         &mut self,
         dev: &mut dyn StagedDevice,
-        epoch: u64,
         staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
-        rows: &mut [Option<Vec<u32>>],
-        stats: &mut StagedStats,
+        call: &mut Call,
     ) -> Result<(), SchedError> {
         while let Some(&(p, ticket)) = staging.front() {
             if !dev.downloaded(ticket)? {
                 break;
             }
             staging.pop_front();
-            let n = p.region.bytes();
-            let out = dev.sent_bytes(p.to, p.region.buf, p.wire, n);
-            if p.kind == Kind::Counts && rows[p.from].is_none() {
-                rows[p.from] = Some(words(out));
-            }
-            if n > 0 {
-                self.t
-                    .put(p.to, self.inbox[p.region.buf.index()], p.wire, out)?;
-            }
+            let sent = match p.kind {
+                Kind::Dispatch { le } if self.tokens.is_some() => {
+                    self.send_tokens(dev, &p, le, call)?
+                }
+                _ => {
+                    let n = p.region.bytes();
+                    let out = dev.sent_bytes(p.to, p.region.buf, p.wire, n);
+                    if p.kind == Kind::Counts && call.rows[p.from].is_none() {
+                        call.rows[p.from] = Some(words(out));
+                    }
+                    if n > 0 {
+                        self.t
+                            .put(p.to, self.inbox[p.region.buf.index()], p.wire, out)?;
+                    }
+                    n
+                }
+            };
             self.t
-                .signal(p.to, p.signal as SignalId, SignalOp::Set(epoch))?;
-            stats.sent += 1;
-            stats.bytes_sent += n;
+                .signal(p.to, p.signal as SignalId, SignalOp::Set(call.epoch))?;
+            call.stats.sent += 1;
+            call.stats.bytes_sent += sent;
         }
         Ok(())
+    }
+
+    /// Puts out dispatch piece `p` (local expert `le` of `p.to`, rows
+    /// downloaded) token-once: the rows of tokens this call has not sent
+    /// to `p.to` yet, packed at the pair's next slots, then the piece's
+    /// index array (its signal follows both). Returns the wire bytes.
+    fn send_tokens(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        p: &Piece,
+        le: usize,
+        call: &Call,
+    ) -> Result<usize, SchedError> {
+        let (rb, me, to) = (self.geo.row_bytes, self.t.rank(), p.to);
+        let n = p.region.bytes() / rb;
+        let place = self.geo.token_place(&call.counts, p);
+        let Some(tok) = self.tokens.as_mut() else {
+            return Ok(0);
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        let mine = &call.counts[me];
+        if tok.order.is_none() {
+            let sent: usize = mine.iter().map(|&c| c as usize).sum();
+            tok.order = Some(dev.send_order(sent)?);
+        }
+        let order = tok.order.as_deref().unwrap_or(&[]);
+        let e = to * (self.geo.experts / self.geo.ranks) + le;
+        let first: usize = mine[..e].iter().map(|&c| c as usize).sum();
+        let bad = |message: String| SchedError::StagedProtocol { rank: me, message };
+        let slots = order.get(first..first + n).ok_or_else(|| {
+            bad(format!(
+                "the send order has {} positions; expert {e}'s rows need {}",
+                order.len(),
+                first + n
+            ))
+        })?;
+        let rows = dev.sent_bytes(to, Buf::Recv, p.wire, n * rb);
+        let (start, seen) = (tok.used[to], &mut tok.slot[to]);
+        tok.pack.clear();
+        tok.index.clear();
+        for (r, &slot) in slots.iter().enumerate() {
+            if slot as usize >= self.geo.send_rows {
+                return Err(bad(format!(
+                    "the send order names slot {slot}, past the {} slots",
+                    self.geo.send_rows
+                )));
+            }
+            let token = slot as usize / self.geo.top_k;
+            if seen.len() <= token {
+                seen.resize(token + 1, (0, 0));
+            }
+            if seen[token].0 != call.epoch {
+                seen[token] = (call.epoch, tok.used[to] as u32);
+                tok.used[to] += 1;
+                tok.pack.extend_from_slice(&rows[r * rb..(r + 1) * rb]);
+            }
+            tok.index.extend_from_slice(&seen[token].1.to_le_bytes());
+        }
+        let inbox = self.inbox[Buf::Recv.index()];
+        if !tok.pack.is_empty() {
+            self.t
+                .put(to, inbox, place.tokens + start * rb, &tok.pack)?;
+        }
+        self.t.put(to, inbox, place.index, &tok.index)?;
+        Ok(tok.pack.len() + tok.index.len())
     }
 
     /// Lands every pending piece whose signal has arrived.
     fn land_arrived(
         &mut self,
         dev: &mut dyn StagedDevice,
-        epoch: u64,
         lands: &mut Vec<Piece>,
-        rows: &mut [Option<Vec<u32>>],
-        stats: &mut StagedStats,
+        call: &mut Call,
     ) -> Result<(), SchedError> {
         let mut i = 0;
         while i < lands.len() {
             let p = lands[i];
-            if !self.arrived(p.signal, epoch)? {
+            if !self.arrived(p.signal, call.epoch)? {
                 i += 1;
                 continue;
             }
             lands.swap_remove(i);
             let n = p.region.bytes();
-            let bytes = dev.landing_bytes(p.region.buf, p.wire, n);
-            self.t
-                .read(self.inbox[p.region.buf.index()], p.wire, bytes)?;
-            if p.kind == Kind::Counts {
-                rows[p.from] = Some(words(bytes));
+            match p.kind {
+                Kind::Dispatch { .. } if self.tokens.is_some() => {
+                    self.expand_tokens(dev, &p, &call.counts)?
+                }
+                _ => {
+                    let bytes = dev.landing_bytes(p.region.buf, p.wire, n);
+                    self.t
+                        .read(self.inbox[p.region.buf.index()], p.wire, bytes)?;
+                    if p.kind == Kind::Counts {
+                        call.rows[p.from] = Some(words(bytes));
+                    }
+                }
             }
-            dev.land(p.region, p.wire, p.signal, epoch)?;
-            stats.landed += 1;
-            stats.bytes_landed += n;
+            dev.land(p.region, p.wire, p.signal, call.epoch)?;
+            call.stats.landed += 1;
+            call.stats.bytes_landed += n;
+        }
+        Ok(())
+    }
+
+    /// Fills the landing image of dispatch piece `p` (arrived token-once)
+    /// with its rows: row `r` is the pair's token slot its index names,
+    /// from this piece or an earlier one (those arrived before its signal).
+    fn expand_tokens(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        p: &Piece,
+        counts: &[Vec<u32>],
+    ) -> Result<(), SchedError> {
+        let rb = self.geo.row_bytes;
+        let n = p.region.bytes() / rb;
+        let place = self.geo.token_place(counts, p);
+        let inbox = self.inbox[Buf::Recv.index()];
+        let Some(tok) = self.tokens.as_mut() else {
+            return Ok(());
+        };
+        tok.index.resize(4 * n, 0);
+        self.t.read(inbox, place.index, &mut tok.index)?;
+        let index = words(&tok.index);
+        let rows = dev.landing_bytes(Buf::Recv, p.wire, n * rb);
+        let mut r = 0;
+        while r < n {
+            // Consecutive slots are one read (a pair's first piece is all
+            // new tokens, packed in row order).
+            let s = index[r] as usize;
+            let mut len = 1;
+            while r + len < n && index[r + len] as usize == s + len {
+                len += 1;
+            }
+            if s + len > place.pair_rows {
+                return Err(SchedError::StagedProtocol {
+                    rank: self.t.rank(),
+                    message: format!(
+                        "{p} names token slot {} of {} the pair can use",
+                        s + len - 1,
+                        place.pair_rows
+                    ),
+                });
+            }
+            self.t.read(
+                inbox,
+                place.tokens + s * rb,
+                &mut rows[r * rb..(r + len) * rb],
+            )?;
+            r += len;
         }
         Ok(())
     }

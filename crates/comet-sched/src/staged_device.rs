@@ -18,7 +18,7 @@ use crate::cpu::ExecMode;
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
 use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
-use crate::proxy_plan::{Buf, Geometry, Region};
+use crate::proxy_plan::{inbox_bytes, Buf, DispatchWire, Geometry, Region};
 use crate::staged::{StagedDevice, StagedProxy, Ticket};
 use comet_core::MoeConfig;
 use comet_transport::cuda::{
@@ -64,6 +64,8 @@ struct Shared<T> {
     inner: T,
     ctx: Arc<CudaContext>,
     ordinal: usize,
+    /// Bytes of a row of the layer's buffers (sizes the inboxes).
+    row_bytes: usize,
     /// The proxy's stream (landings, signal writes), created before any
     /// other stream of this rank: streams beyond the device's hardware
     /// queues share them, and a landing queued behind a kernel that spins
@@ -93,8 +95,9 @@ impl<T> Clone for StagedTransport<T> {
 }
 
 impl<T: Transport> StagedTransport<T> {
-    /// Runs this rank's kernels on device `ordinal` over `inner`.
-    pub fn new(inner: T, ordinal: usize) -> Result<Self, TransportError> {
+    /// Runs this rank's kernels on device `ordinal` over `inner`, for a
+    /// layer whose rows are `row_bytes` long.
+    pub fn new(inner: T, ordinal: usize, row_bytes: usize) -> Result<Self, TransportError> {
         let rank = inner.rank();
         let err = |what: &str, e| cuda::driver_err(NAME, rank, what, e);
         let ctx = cuda::open_context(ordinal).map_err(|e| err("open context", e))?;
@@ -106,6 +109,7 @@ impl<T: Transport> StagedTransport<T> {
                 inner,
                 ctx,
                 ordinal,
+                row_bytes,
                 stream,
                 downloads,
                 error_word,
@@ -219,7 +223,10 @@ impl<T: Transport> Transport for StagedTransport<T> {
 
     fn alloc_buffer(&self, bytes: usize) -> Result<BufferId, TransportError> {
         let (rank, w) = (self.rank(), self.world());
-        let inbox = self.s.inner.alloc_buffer(bytes)?;
+        let inbox = self
+            .s
+            .inner
+            .alloc_buffer(inbox_bytes(bytes, self.s.row_bytes, w))?;
         let err = |e| cuda::driver_err(NAME, rank, "allocate device buffer", e);
         let own = DeviceAlloc::zeroed(&self.s.ctx, bytes).map_err(err)?;
         let mirrors = (0..w)
@@ -369,6 +376,9 @@ pub struct CudaStaging {
     /// buffer in wire layout.
     send: Vec<Option<[PinnedBytes; 3]>>,
     landing: [PinnedBytes; 3],
+    /// The layer's send order on the device and a pinned copy of it.
+    order_dev: u64,
+    order: PinnedBytes,
     /// Downloads in flight with their events, oldest first; spare events.
     pending: VecDeque<(Ticket, CudaEvent)>,
     spare: Vec<CudaEvent>,
@@ -390,10 +400,11 @@ impl CudaStaging {
     /// staging and the three inboxes.
     pub fn new<T: Transport>(
         t: &StagedTransport<T>,
+        layer: &MoeLayer<StagedTransport<T>>,
         geo: &Geometry,
-        bufs: [BufferId; 3],
         stop: Arc<AtomicBool>,
     ) -> Result<(CudaStaging, [BufferId; 3]), SchedError> {
+        let bufs = layer.symmetric_buffers();
         let rank = t.rank();
         let failed = |what: &str, e: DriverError| SchedError::Device {
             rank,
@@ -411,6 +422,8 @@ impl CudaStaging {
             .map(|to| (to != rank).then(image).transpose())
             .collect::<Result<_, _>>()?;
         let landing = image()?;
+        let order = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
+            .map_err(|e| failed("allocate pinned send order", e))?;
         let st = t.state();
         let sig = st
             .signals
@@ -429,6 +442,8 @@ impl CudaStaging {
                 signals: sig.own.ptr(),
                 send,
                 landing,
+                order_dev: layer.send_order_ptr(),
+                order,
                 pending: VecDeque::new(),
                 spare: Vec::new(),
                 next: 0,
@@ -571,6 +586,34 @@ impl StagedDevice for CudaStaging {
         .map_err(|e| self.failed("raise signal", e))
     }
 
+    fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError> {
+        if 4 * rows > self.order.len() {
+            return Err(self.failed(
+                "send order",
+                format!("{rows} positions, past the {} slots", self.order.len() / 4),
+            ));
+        }
+        let runs = Runs {
+            rows: 1,
+            width: 4 * rows,
+            pitch: 4 * rows,
+        };
+        // SAFETY: the layer's send order holds a position per slot (the
+        // send capacity, checked above); the layout phase wrote it before
+        // any dispatch ready word came up, and the next call rewrites it
+        // only after this call's count exchange, which this proxy has not
+        // finished. The destination is this staging's pinned copy, read
+        // below only after the stream ran the copy.
+        unsafe {
+            cuda::copy_runs_to_host(&self.downloads, self.order_dev, runs, self.order.ptr_at(0))
+        }
+        .map_err(|e| self.failed("send order", e))?;
+        self.downloads
+            .synchronize()
+            .map_err(|e| self.failed("send order", e))?;
+        Ok(crate::proxy_plan::words(&self.order[..4 * rows]))
+    }
+
     fn end_call(&mut self) -> Result<(), SchedError> {
         self.drain()
     }
@@ -588,6 +631,7 @@ fn run_proxy<T: Transport>(
     geo: Geometry,
     inbox: [BufferId; 3],
     timeout: Duration,
+    wire: DispatchWire,
     mut dev: CudaStaging,
     epochs: &mpsc::Receiver<u64>,
 ) -> Result<(), SchedError> {
@@ -600,7 +644,7 @@ fn run_proxy<T: Transport>(
         .bind_to_thread()
         .map_err(|e| device("bind context", e))?;
     cuda::relax_capture_mode().map_err(|e| device("relax capture mode", e))?;
-    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout)?;
+    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout, wire)?;
     let mut run = || -> Result<(), SchedError> {
         for epoch in epochs.iter() {
             let stats = proxy.call(&mut dev, epoch)?;
@@ -636,23 +680,22 @@ impl<T: Transport + 'static> StagedLayer<T> {
         kernels: &LayerKernels,
         opts: &LayerOptions,
     ) -> Result<Self, SchedError> {
-        let t = StagedTransport::new(inner, ordinal)?;
+        let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let layer = MoeLayer::new(cfg, capacity, t.clone(), kernels, opts)?;
         let geo = Geometry::of(layer.plan());
         let stop = Arc::new(AtomicBool::new(false));
-        let (dev, inbox) =
-            CudaStaging::new(&t, &geo, layer.symmetric_buffers(), Arc::clone(&stop))?;
+        let (dev, inbox) = CudaStaging::new(&t, &layer, &geo, Arc::clone(&stop))?;
         let (calls, epochs) = mpsc::channel::<u64>();
         let failure = Arc::new(Mutex::new(None));
         let failed = Arc::clone(&failure);
-        let timeout = opts.timeout;
+        let (timeout, wire) = (opts.timeout, opts.dispatch_wire);
         let rank = t.rank();
         let proxy = std::thread::Builder::new()
             .name(format!("comet-proxy-{rank}"))
             .spawn(move || {
                 // The error is stored before `epochs` goes, so a forward
                 // that finds the channel closed finds the cause too.
-                if let Err(e) = run_proxy(&t, geo, inbox, timeout, dev, &epochs) {
+                if let Err(e) = run_proxy(&t, geo, inbox, timeout, wire, dev, &epochs) {
                     tracing::debug!(rank, error = %e, "proxy stopped");
                     *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }

@@ -30,6 +30,7 @@ use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
 use comet_kernels::KernelError;
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
+use comet_sched::proxy_plan::DispatchWire;
 use comet_sched::{ExecMode, RankInput, SchedError};
 use comet_transport::local::DelayModel;
 use half::bf16;
@@ -215,14 +216,19 @@ fn every_routing(staged: bool, shapes: &[(usize, usize, usize, usize, usize)]) {
 }
 
 /// 30 calls on the same buffers with changing routing, T and mode; staged
-/// ranks' transport delays every put and signal by up to 300 us.
-fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize) {
+/// ranks' transport delays every put and signal by up to 300 us, and their
+/// proxies send dispatch rows as `wire` says.
+fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize, wire: DispatchWire) {
     let c = cfg(w, 256, experts, 2);
     let delay = DelayModel {
         seed: 11,
         max: Duration::from_micros(300),
     };
-    let mut h = Harness::world(&c, cap, &opts(&c, cap), staged.then_some(Some(delay)));
+    let o = LayerOptions {
+        dispatch_wire: wire,
+        ..opts(&c, cap)
+    };
+    let mut h = Harness::world(&c, cap, &o, staged.then_some(Some(delay)));
     for call in 0..30u64 {
         let toks: Vec<usize> = (0..w)
             .map(|r| 1 + ((call as usize * 53 + r * 97) % cap))
@@ -233,7 +239,7 @@ fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize) {
         h.call(
             &inputs,
             mode,
-            &format!("staged {staged} call {call} {kind:?} {mode:?}"),
+            &format!("staged {staged} {wire:?} call {call} {kind:?} {mode:?}"),
         );
     }
 }
@@ -255,7 +261,7 @@ fn every_routing_and_size_matches_the_reference() {
 #[ignore = "needs a GPU"]
 fn thirty_calls_on_the_same_buffers() {
     // Chunks > 1 and overlap on: a wide hidden over several ranks.
-    thirty_calls(false, 2, 8, 256);
+    thirty_calls(false, 2, 8, 256, DispatchWire::Rows);
 }
 
 #[test]
@@ -508,7 +514,10 @@ fn staged_every_routing_matches_the_reference() {
 #[test]
 #[ignore = "needs a GPU"]
 fn staged_thirty_calls_on_the_same_buffers() {
-    thirty_calls(true, 3, 6, 200);
+    // Token-once (3 ranks of 2 experts, top-2: about a fifth of uniform
+    // tokens have both experts on one rank), then a row per (token, expert).
+    thirty_calls(true, 3, 6, 200, DispatchWire::Tokens);
+    thirty_calls(true, 3, 6, 200, DispatchWire::Rows);
 }
 
 #[test]

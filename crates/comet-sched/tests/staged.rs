@@ -8,7 +8,9 @@
 //! pieces across. Each kernel checks every byte it waits for right after
 //! its signal, over calls with changing routing, so a signal that overtakes
 //! its bytes, a piece landed in the wrong place or a stale row of an
-//! earlier call fails. Also: a kernel that never raises, a killed peer.
+//! earlier call fails. Rows are their tokens' bytes (a token routed to
+//! several experts of a rank is the same row there), so token-once
+//! dispatch is checked too, and its wire bytes against the exact count. Also: a kernel that never raises, a killed peer.
 //! With feature `ucx` the same ranks run as processes over UCX (TCP and
 //! shared memory), and a rank SIGKILLed while its peers are in a call must
 //! leave every other rank with an error naming it, not a hang or an abort.
@@ -18,8 +20,8 @@ mod common;
 
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
-use comet_sched::proxy_plan::{Buf, Geometry, Region};
-use comet_sched::staged::{StagedDevice, StagedProxy, Ticket};
+use comet_sched::proxy_plan::{Buf, DispatchWire, Geometry, Region};
+use comet_sched::staged::{StagedDevice, StagedProxy, StagedStats, Ticket};
 use comet_sched::SchedError;
 use comet_transport::local::{local_world, DelayModel, LocalTransport};
 use comet_transport::Transport;
@@ -44,6 +46,9 @@ struct Device {
     signals: Vec<AtomicU64>,
     mirrors: Vec<[Mutex<Vec<u8>>; 3]>,
     ready: Vec<Vec<AtomicU64>>,
+    /// The call's send order (slot per send position), published by the
+    /// "kernels" before any dispatch ready word, as the layout phase does.
+    order: Mutex<Vec<u32>>,
 }
 
 impl Device {
@@ -57,6 +62,7 @@ impl Device {
             signals: words(),
             mirrors: (0..g.ranks).map(|_| bufs()).collect(),
             ready: (0..g.ranks).map(|_| words()).collect(),
+            order: Mutex::new(Vec::new()),
         }
     }
 }
@@ -157,9 +163,51 @@ impl StagedDevice for HostSide {
         Ok(())
     }
 
+    fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError> {
+        let o = self.dev.order.lock().unwrap();
+        Ok(o[..rows.min(o.len())].to_vec())
+    }
+
     fn end_call(&mut self) -> Result<(), SchedError> {
         Ok(())
     }
+}
+
+/// Token `t` of `src` in call `epoch`: the bytes of every row it has.
+fn token_bytes(epoch: u64, src: usize, t: usize) -> Vec<u8> {
+    row_bytes(epoch, src, 0, t, false)
+}
+
+/// A rank's routing of one call made from its count row: for each expert,
+/// the slot (`token * top_k + j`) of each row in segment order. Rows are
+/// dealt to tokens round-robin, so a token has at most `top_k` rows, at
+/// most one per expert, and often several on one rank; the order inside a
+/// segment is shuffled, as the device's atomics leave it. Every rank
+/// derives any rank's routing from the count matrix and the seed.
+fn routing(row: &[u32], top_k: usize, seed: u64) -> Vec<Vec<u32>> {
+    let total: usize = row.iter().map(|&c| c as usize).sum();
+    let widest = row.iter().map(|&c| c as usize).max().unwrap_or(0);
+    let tokens = total.div_ceil(top_k).max(widest).max(1);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut next, mut used) = (0, vec![0usize; tokens]);
+    row.iter()
+        .map(|&c| {
+            let mut seg: Vec<u32> = (0..c as usize)
+                .map(|_| {
+                    let t = next % tokens;
+                    next += 1;
+                    used[t] += 1;
+                    (t * top_k + used[t] - 1) as u32
+                })
+                .collect();
+            seg.shuffle(&mut rng);
+            seg
+        })
+        .collect()
+}
+
+fn routing_seed(epoch: u64, src: usize) -> u64 {
+    epoch * 7919 + src as u64
 }
 
 /// Row `i` of expert `e` sent by `src` in call `epoch`, and what the
@@ -182,6 +230,15 @@ struct Kernel<'a> {
     /// Called before this call touches anything (a rank that dies while its
     /// peers are in the call; all its earlier puts were complete).
     die: Option<&'a (dyn Fn() + Sync)>,
+    wire: DispatchWire,
+}
+
+/// What a call should have been on a rank: refused (nothing but counts
+/// moved), and the exact bytes its proxy puts on the wire.
+#[derive(Debug, PartialEq, Eq)]
+struct Expect {
+    refused: bool,
+    wire_bytes: usize,
 }
 
 impl Kernel<'_> {
@@ -228,10 +285,33 @@ impl Kernel<'_> {
         }
     }
 
-    /// One call: `counts` is this rank's row of the count matrix.
-    /// One call; `Ok(true)` when its counts exceed a capacity and it was
-    /// refused (nothing moves, as the device's layout kernel does).
-    fn call(&mut self, epoch: u64, mine: &[u32]) -> Result<bool, String> {
+    /// Bytes this rank's proxy puts on the wire in a call it does not
+    /// refuse: count rows, dispatch rows (token-once: each token once per
+    /// peer plus a u32 per row), and the combine rows of its experts.
+    fn wire_bytes(&self, counts: &[Vec<usize>], routes: &[Vec<Vec<u32>>]) -> usize {
+        let (w, e, me, rb) = (self.g.ranks, self.g.experts, self.me, 2 * H);
+        let epr = e / w;
+        let mut n = (w - 1) * 4 * e;
+        for d in (0..w).filter(|&d| d != me) {
+            let slots: Vec<u32> = routes[me][d * epr..(d + 1) * epr].concat();
+            n += match self.wire {
+                DispatchWire::Rows => slots.len() * rb,
+                DispatchWire::Tokens => {
+                    let mut t: Vec<u32> = slots.iter().map(|s| s / self.g.top_k as u32).collect();
+                    t.sort_unstable();
+                    t.dedup();
+                    t.len() * rb + 4 * slots.len()
+                }
+            };
+            n += counts[d][me * epr..(me + 1) * epr].iter().sum::<usize>() * rb;
+        }
+        n
+    }
+
+    /// One call: `mine` is this rank's row of the count matrix. A call
+    /// whose counts exceed a capacity is refused (nothing moves, as the
+    /// device's layout kernel does).
+    fn call(&mut self, epoch: u64, mine: &[u32]) -> Result<Expect, String> {
         if let Some(die) = self.die {
             die();
         }
@@ -264,17 +344,30 @@ impl Kernel<'_> {
             got > self.g.recv_rows
         });
         if over {
-            return Ok(true);
+            return Ok(Expect {
+                refused: true,
+                wire_bytes: (w - 1) * 4 * e,
+            });
         }
         let plan = LayoutPlan::new(&self.cfg, counts.clone()).map_err(|x| x.to_string())?;
+        let k = self.g.top_k;
+        let routes: Vec<Vec<Vec<u32>>> = counts
+            .iter()
+            .enumerate()
+            .map(|(s, r)| {
+                let r: Vec<u32> = r.iter().map(|&c| c as u32).collect();
+                routing(&r, k, routing_seed(epoch, s))
+            })
+            .collect();
+        *self.dev.order.lock().unwrap() = routes[me].concat();
         // Dispatch, segments in random order.
         let mut segs: Vec<usize> = (0..e).collect();
         segs.shuffle(&mut self.rng);
         for ge in segs {
             let (dst, le) = (ge / epr, ge % epr);
             let seg = *plan.recv[dst].segment(le, me, w);
-            for i in 0..seg.rows {
-                let b = row_bytes(epoch, me, ge, i, false);
+            for (i, &slot) in routes[me][ge].iter().enumerate() {
+                let b = token_bytes(epoch, me, slot as usize / k);
                 self.store(dst, Buf::Recv, (seg.row + i) * 2 * H, &b);
             }
             self.jitter();
@@ -284,13 +377,13 @@ impl Kernel<'_> {
         // signal; then "FC": each row's answer into its source's combine
         // buffer at the source's send position, chunk by chunk.
         for le in 0..epr {
-            for s in 0..w {
+            for (s, route) in routes.iter().enumerate() {
                 self.wait(self.g.dispatch_signal(le, s), epoch)?;
                 let seg = plan.recv[me].segment(le, s, w);
                 let recv = self.dev.own[1].lock().unwrap();
-                for i in 0..seg.rows {
+                for (i, &slot) in route[me * epr + le].iter().enumerate() {
                     let at = (seg.row + i) * 2 * H;
-                    if recv[at..at + 2 * H] != row_bytes(epoch, s, me * epr + le, i, false)[..] {
+                    if recv[at..at + 2 * H] != token_bytes(epoch, s, slot as usize / k)[..] {
                         return Err(format!(
                             "rank {me} call {epoch}: row {i} of (expert {le}, src {s}) wrong"
                         ));
@@ -337,7 +430,10 @@ impl Kernel<'_> {
                 }
             }
         }
-        Ok(false)
+        Ok(Expect {
+            refused: false,
+            wire_bytes: self.wire_bytes(&counts, &routes),
+        })
     }
 }
 
@@ -346,7 +442,7 @@ fn config(w: usize, epr: usize) -> (MoeConfig, Geometry) {
         hidden: H,
         ffn: 64,
         experts: w * epr,
-        top_k: 2,
+        top_k: (w * epr).min(4),
         ranks: w,
         dtype: Dtype::Bf16,
     };
@@ -359,7 +455,9 @@ fn config(w: usize, epr: usize) -> (MoeConfig, Geometry) {
         chunks,
         chunk_bytes: 2 * H / chunks,
         recv_rows: w * tokens * 2,
-        send_rows: tokens * 2,
+        // Slots (`token * top_k + j`), a bound on the rows sent too.
+        send_rows: tokens * 2 * cfg.top_k,
+        top_k: cfg.top_k,
     };
     (cfg, g)
 }
@@ -407,7 +505,7 @@ fn mixed(epoch: u64) -> usize {
 fn run_rank(
     t: &dyn Transport,
     cfg: &MoeConfig,
-    g: Geometry,
+    (g, wire): (Geometry, DispatchWire),
     (calls, kinds): (u64, Kinds),
     seed: u64,
     die: Option<(u64, &(dyn Fn() + Sync))>,
@@ -416,7 +514,7 @@ fn run_rank(
     let dev = Arc::new(Device::new(&g));
     let inbox = StagedProxy::allocate(t, g, T).map_err(|e| e.to_string())?;
     let mut host = HostSide::new(Arc::clone(&dev), &g, seed ^ 0xD0 ^ me as u64);
-    let mut proxy = StagedProxy::new(t, g, inbox, T).map_err(|e| e.to_string())?;
+    let mut proxy = StagedProxy::new(t, g, inbox, T, wire).map_err(|e| e.to_string())?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);
     for epoch in 1..=calls {
         let mine = counts_for(&mut rng, me, g.experts, kinds(epoch));
@@ -427,6 +525,7 @@ fn run_rank(
             dev: &dev,
             rng: ChaCha8Rng::seed_from_u64(seed ^ (epoch << 8) ^ me as u64),
             die: die.and_then(|(at, f)| (at == epoch).then_some(f)),
+            wire,
         };
         std::thread::scope(|inner| {
             let kernel = inner.spawn(move || k.call(epoch, &mine));
@@ -436,8 +535,7 @@ fn run_rank(
             }
             let kernel = kernel.join().map_err(|_| "kernel panicked".to_string())?;
             match (kernel, proxied) {
-                (Ok(k), Ok(p)) if k == p.refused => Ok(()),
-                (Ok(k), Ok(_)) => Err(format!("call {epoch}: kernels refused {k}, proxy not")),
+                (Ok(k), Ok(p)) => check_stats(epoch, &k, &p),
                 (Err(k), Ok(_)) => Err(format!("kernel: {k}")),
                 (Err(k), Err(p)) if !k.contains("aborted") => {
                     Err(format!("kernel: {k}; proxy: {p}"))
@@ -449,7 +547,23 @@ fn run_rank(
     Ok(())
 }
 
-fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
+/// The proxy refused exactly what the kernels refused, and put exactly
+/// the bytes the call's routing needs on the wire.
+fn check_stats(epoch: u64, want: &Expect, got: &StagedStats) -> Result<(), String> {
+    let got = Expect {
+        refused: got.refused,
+        wire_bytes: got.bytes_sent,
+    };
+    if got == *want {
+        Ok(())
+    } else {
+        Err(format!(
+            "call {epoch}: the kernels say {want:?}, the proxy {got:?}"
+        ))
+    }
+}
+
+fn run_world(w: usize, epr: usize, calls: u64, seed: u64, wire: DispatchWire) {
     let (cfg, g) = config(w, epr);
     let world = local_world(
         w,
@@ -463,7 +577,7 @@ fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
             .iter()
             .map(|t| {
                 let cfg = &cfg;
-                sc.spawn(move || run_rank(t, cfg, g, (calls, mixed), seed, None))
+                sc.spawn(move || run_rank(t, cfg, (g, wire), (calls, mixed), seed, None))
             })
             .collect();
         for (r, h) in handles.into_iter().enumerate() {
@@ -476,13 +590,16 @@ fn run_world(w: usize, epr: usize, calls: u64, seed: u64) {
 
 #[test]
 fn two_ranks_thirty_calls() {
-    run_world(2, 2, 30, 1);
+    run_world(2, 2, 30, 1, DispatchWire::Tokens);
+    run_world(2, 2, 30, 1, DispatchWire::Rows);
 }
 
 #[test]
 fn three_and_four_ranks() {
-    run_world(3, 1, 12, 2);
-    run_world(4, 3, 12, 3);
+    for wire in [DispatchWire::Tokens, DispatchWire::Rows] {
+        run_world(3, 1, 12, 2, wire);
+        run_world(4, 3, 12, 3, wire);
+    }
 }
 
 #[test]
@@ -497,7 +614,7 @@ fn refused_calls_move_nothing_and_the_next_is_whole() {
             .iter()
             .map(|t| {
                 let cfg = &cfg;
-                sc.spawn(move || run_rank(t, cfg, g, (8, kinds), 5, None))
+                sc.spawn(move || run_rank(t, cfg, (g, DispatchWire::Tokens), (8, kinds), 5, None))
             })
             .collect();
         for (r, h) in hs.into_iter().enumerate() {
@@ -511,7 +628,7 @@ fn refused_calls_move_nothing_and_the_next_is_whole() {
 /// Rank `t`'s proxy, its inboxes allocated (collective).
 fn proxy(t: &LocalTransport, g: Geometry, timeout: Duration) -> StagedProxy<'_> {
     let inbox = StagedProxy::allocate(t, g, T).unwrap();
-    StagedProxy::new(t, g, inbox, timeout).unwrap()
+    StagedProxy::new(t, g, inbox, timeout, DispatchWire::Tokens).unwrap()
 }
 
 /// Proxies of a world of two, built together; rank 0's with `timeout`.
@@ -590,7 +707,7 @@ mod over_ucx {
         let (me, victim) = (t.rank(), t.world() - 1);
         match scenario.as_str() {
             "calls" => {
-                run_rank(&t, &cfg, g, (CALLS, mixed), 7, None)
+                run_rank(&t, &cfg, (g, DispatchWire::Tokens), (CALLS, mixed), 7, None)
                     .unwrap_or_else(|e| panic!("rank {me}: {e}"));
                 t.barrier(T).expect("final barrier");
             }
@@ -602,7 +719,8 @@ mod over_ucx {
                 let die: &(dyn Fn() + Sync) = &die;
                 let at = (me == victim).then_some((KILLED_AT, die));
                 let start = Instant::now();
-                let e = run_rank(&t, &cfg, g, (CALLS, mixed), 7, at).expect_err("the peer died");
+                let e = run_rank(&t, &cfg, (g, DispatchWire::Tokens), (CALLS, mixed), 7, at)
+                    .expect_err("the peer died");
                 println!(
                     "rank {me}: error as expected after {:?}: {e}",
                     start.elapsed()

@@ -70,6 +70,7 @@ impl Shape {
             chunk_bytes: 2 * self.chunk_cols,
             recv_rows: recv as usize + slack,
             send_rows: send as usize + slack,
+            top_k: 1,
         }
     }
 }

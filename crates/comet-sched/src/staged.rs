@@ -39,7 +39,9 @@
 //! Downloads are pipelined: the proxy starts each ready piece's copy into
 //! host staging at once and puts pieces out as their copies finish, so the
 //! copies run beside the wire. Landings of one call are not waited for one
-//! by one (their wire bytes never overlap), only at the call's end.
+//! by one (their wire bytes never overlap), only at the call's end. Where
+//! the device side can read the inbox itself (host memory registered with
+//! the driver), a piece lands straight from it, with no host copy.
 //!
 //! [`StagedDevice`] is the device side (CUDA copies and mapped ready words
 //! on a GPU; host memory in tests), so all of this runs on a laptop.
@@ -52,6 +54,15 @@ use std::time::{Duration, Instant};
 
 /// A download in flight: downloads finish in the order they were started.
 pub type Ticket = u64;
+
+/// Where a landing finds a piece's packed bytes (at its wire offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The landing image the proxy filled ([`StagedDevice::landing_bytes`]).
+    Image,
+    /// This rank's inbox on the transport, as the piece arrived.
+    Inbox,
+}
 
 /// The device side of a staged rank, as its proxy sees it. It owns the
 /// host staging (pinned on a GPU, so copies run at the link's speed): an
@@ -80,14 +91,24 @@ pub trait StagedDevice {
     /// wire bytes, so no landing of the call is waited for).
     fn landing_bytes(&mut self, buf: Buf, wire: usize, len: usize) -> &mut [u8];
 
-    /// Copies the piece at `wire` of the landing image into `region` of
-    /// this rank's own buffer and then raises this rank's signal `signal`
-    /// to `value`: the kernels never see the signal before the bytes. The
-    /// raise may complete later, in order with earlier ones.
+    /// Whether [`StagedDevice::land`] can read pieces of `buf` straight
+    /// from this rank's inbox (host memory the GPU copies from), so the
+    /// proxy does not copy them into the landing image first.
+    fn lands_from_inbox(&self, buf: Buf) -> bool {
+        let _ = buf;
+        false
+    }
+
+    /// Copies the piece at `wire` of `from` into `region` of this rank's
+    /// own buffer and then raises this rank's signal `signal` to `value`:
+    /// the kernels never see the signal before the bytes. The raise may
+    /// complete later, in order with earlier ones; the bytes at `wire` are
+    /// not reused before [`StagedDevice::end_call`].
     fn land(
         &mut self,
         region: Region,
         wire: usize,
+        from: Source,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError>;
@@ -448,9 +469,16 @@ impl<'t> StagedProxy<'t> {
             }
             lands.swap_remove(i);
             let n = p.region.bytes();
-            match p.kind {
+            let from = match p.kind {
                 Kind::Dispatch { .. } if self.tokens.is_some() => {
-                    self.expand_tokens(dev, &p, &call.counts)?
+                    self.expand_tokens(dev, &p, &call.counts)?;
+                    Source::Image
+                }
+                // Count rows are read here anyway (the proxy plans with them).
+                Kind::Dispatch { .. } | Kind::Combine { .. }
+                    if dev.lands_from_inbox(p.region.buf) =>
+                {
+                    Source::Inbox
                 }
                 _ => {
                     let bytes = dev.landing_bytes(p.region.buf, p.wire, n);
@@ -459,9 +487,10 @@ impl<'t> StagedProxy<'t> {
                     if p.kind == Kind::Counts {
                         call.rows[p.from] = Some(words(bytes));
                     }
+                    Source::Image
                 }
-            }
-            dev.land(p.region, p.wire, p.signal, call.epoch)?;
+            };
+            dev.land(p.region, p.wire, from, p.signal, call.epoch)?;
             call.stats.landed += 1;
             call.stats.bytes_landed += n;
         }

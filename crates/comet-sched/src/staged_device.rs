@@ -19,10 +19,10 @@ use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
 use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
 use crate::proxy_plan::{inbox_bytes, Buf, DispatchWire, Geometry, Region};
-use crate::staged::{StagedDevice, StagedProxy, Ticket};
+use crate::staged::{Source, StagedDevice, StagedProxy, Ticket};
 use comet_core::MoeConfig;
 use comet_transport::cuda::{
-    self, DeviceAlloc, ErrorWord, HostSignal, MappedWords, PinnedBytes, Runs,
+    self, DeviceAlloc, ErrorWord, HostRegistration, HostSignal, MappedWords, PinnedBytes, Runs,
 };
 use comet_transport::gpu::DeviceTransport;
 use comet_transport::signal_core::buffer;
@@ -376,6 +376,10 @@ pub struct CudaStaging {
     /// buffer in wire layout.
     send: Vec<Option<[PinnedBytes; 3]>>,
     landing: [PinnedBytes; 3],
+    /// The inboxes registered with the driver, where the inner transport's
+    /// buffers are host memory: pieces land straight from them. Dropped
+    /// after the streams are drained (see `run_proxy`).
+    inbox: [Option<HostRegistration>; 3],
     /// The layer's send order on the device and a pinned copy of it.
     order_dev: u64,
     order: PinnedBytes,
@@ -424,6 +428,7 @@ impl CudaStaging {
         let landing = image()?;
         let order = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
             .map_err(|e| failed("allocate pinned send order", e))?;
+        let inbox = [c.2, r.2, m.2].map(|id| register_inbox(t, id));
         let st = t.state();
         let sig = st
             .signals
@@ -442,6 +447,7 @@ impl CudaStaging {
                 signals: sig.own.ptr(),
                 send,
                 landing,
+                inbox,
                 order_dev: layer.send_order_ptr(),
                 order,
                 pending: VecDeque::new(),
@@ -552,26 +558,41 @@ impl StagedDevice for CudaStaging {
         &mut self.landing[buf.index()][wire..wire + len]
     }
 
+    fn lands_from_inbox(&self, buf: Buf) -> bool {
+        self.inbox[buf.index()].is_some()
+    }
+
     fn land(
         &mut self,
         region: Region,
         wire: usize,
+        from: Source,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
-        let src = &self.landing[region.buf.index()];
-        if wire + region.bytes() > src.len() {
+        let b = region.buf.index();
+        let (src, len) = match (from, &self.inbox[b]) {
+            (Source::Inbox, Some(r)) => (r.ptr_at(wire), r.len()),
+            (Source::Inbox, None) => {
+                return Err(self.failed("land", format!("no registered inbox of {:?}", region.buf)))
+            }
+            (Source::Image, _) => (
+                self.landing[b].ptr_at(wire).cast_const(),
+                self.landing[b].len(),
+            ),
+        };
+        if wire + region.bytes() > len {
             return Err(self.failed(
                 "land",
-                format!("{} bytes at {wire} past the image", region.bytes()),
+                format!("{} bytes at {wire} past the {from:?}", region.bytes()),
             ));
         }
-        let src = src.ptr_at(wire).cast_const();
-        let dst = self.own[region.buf.index()] + region.offset as u64;
+        let dst = self.own[b] + region.offset as u64;
         // SAFETY: `region` lies inside this rank's own buffer (as in
-        // download); the source is inside the pinned landing image
-        // (checked), whose bytes at `wire` no other piece of this call
-        // uses, and which the next call reuses only after end_call.
+        // download); the source is inside the pinned landing image or the
+        // registered inbox (checked), whose bytes at `wire` no other piece
+        // of this call uses and nobody writes before the next call, which
+        // starts only after end_call drained this copy.
         unsafe { cuda::copy_runs_to_device(&self.landings, src, dst, runs(region)) }
             .map_err(|e| self.failed("land", e))?;
         // SAFETY: `signal` indexes this rank's signal array (the plan's
@@ -620,6 +641,26 @@ impl StagedDevice for CudaStaging {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// The inner transport's memory of `inbox`, registered with the driver,
+/// when it is host memory and registration works (else pieces of it land
+/// through the pinned landing image).
+fn register_inbox<T: Transport>(
+    t: &StagedTransport<T>,
+    inbox: BufferId,
+) -> Option<HostRegistration> {
+    let (addr, len) = t.inner().host_memory(inbox).ok().flatten()?;
+    // SAFETY: the inner transport keeps its buffers in place until it
+    // drops, after the proxy thread has drained its streams and dropped
+    // this staging (the thread holds the transport).
+    match unsafe { HostRegistration::new(t.context(), addr, len) } {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::debug!(rank = t.rank(), error = %e, "inbox not registered; landing through staging");
+            None
+        }
     }
 }
 

@@ -704,3 +704,63 @@ impl Drop for PinnedBytes {
         }
     }
 }
+
+/// Host memory someone else owns, page-locked and registered with the
+/// driver until drop, so the GPU copies straight from it (a staged proxy
+/// lands pieces out of the transport's inbox this way, without a host copy
+/// into its own pinned staging first).
+pub struct HostRegistration {
+    ptr: *mut u8,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the registration names memory by address only; who reads or
+// writes it is governed by the owner's protocol, not by this value.
+unsafe impl Send for HostRegistration {}
+
+impl HostRegistration {
+    /// Registers `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// `addr .. addr + len` is host memory that stays allocated until this
+    /// value is dropped, and no copy the driver makes from it is still
+    /// running then.
+    pub unsafe fn new(ctx: &Arc<CudaContext>, addr: u64, len: usize) -> Result<Self, DriverError> {
+        ctx.bind_to_thread()?;
+        let ptr = addr as *mut u8;
+        // SAFETY: live host memory of `len` bytes (the caller's contract).
+        unsafe {
+            sys::cuMemHostRegister_v2(ptr.cast(), len.max(1), sys::CU_MEMHOSTREGISTER_PORTABLE)
+                .result()?
+        };
+        Ok(Self {
+            ptr,
+            len,
+            ctx: Arc::clone(ctx),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where byte `at` lies, for copies the device makes (`at` within).
+    pub fn ptr_at(&self, at: usize) -> *const u8 {
+        self.ptr.wrapping_add(at.min(self.len)).cast_const()
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: registered in `new`, unregistered once; a failure
+            // leaves it to the context's teardown.
+            let _ = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
+        }
+    }
+}

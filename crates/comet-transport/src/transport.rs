@@ -79,6 +79,15 @@ pub trait Transport: Send + Sync {
 
     /// All ranks reach this point, or an error within `timeout`.
     fn barrier(&self, timeout: Duration) -> Result<(), TransportError>;
+
+    /// Where this rank's copy of `buf` lies in host memory (address,
+    /// bytes), when it is plain host memory that stays in place while the
+    /// transport lives, so a staged proxy can have the GPU copy straight
+    /// from it; None for device memory.
+    fn host_memory(&self, buf: BufferId) -> Result<Option<(u64, usize)>, TransportError> {
+        let _ = buf;
+        Ok(None)
+    }
 }
 
 /// Checks that `peer` is a rank of `t`'s world.

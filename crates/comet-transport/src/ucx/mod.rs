@@ -948,6 +948,13 @@ impl Transport for UcxTransport {
         wait_signal(self.rank, sig, target, timeout, look, std::thread::sleep)
     }
 
+    fn host_memory(&self, buf: BufferId) -> Result<Option<(u64, usize)>, TransportError> {
+        // The mapping stays in place until the transport drops.
+        let g = lock(&self.inner);
+        let region = buffer(self.rank, &g.buffers, buf)?;
+        Ok(Some((region.mem.addr(), region.len)))
+    }
+
     fn read(&self, buf: BufferId, offset: usize, out: &mut [u8]) -> Result<(), TransportError> {
         let g = lock(&self.inner);
         let region = buffer(self.rank, &g.buffers, buf)?;

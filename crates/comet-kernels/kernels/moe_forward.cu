@@ -741,6 +741,16 @@ struct FillParams {
   float scale;
   int pad;
 };
+
+// Mirrored by comet_kernels::forward::ExpandParams.
+struct ExpandParams {
+  const uint4* tokens;     // a pair's token rows
+  const unsigned* index;   // a token slot per row of the piece
+  uint4* dst;              // the piece's first row
+  long long rows;
+  int vecs;                // 16-byte vectors per row
+  int pad;
+};
 }  // namespace comet
 
 // Uniform bf16 values in [-scale, scale) from a hash of (seed, index)
@@ -755,5 +765,18 @@ extern "C" __global__ void __launch_bounds__(512) comet_fill_random(const __grid
     z ^= z >> 31;
     const float u = (float)(z >> 40) * (1.0f / 16777216.0f);
     p.dst[i] = (bf16_t)(pack_bf16x2((2.f * u - 1.f) * p.scale, 0.f) & 0xFFFFu);
+  }
+}
+
+// A staged proxy's token-once landing: row r of the piece becomes token
+// slot index[r] of its pair. Tokens and index may be host memory the GPU
+// maps (the proxy's registered inbox), read once per row over the bus.
+extern "C" __global__ void __launch_bounds__(512) comet_expand_rows(const __grid_constant__ ExpandParams p) {
+  const long long n = p.rows * p.vecs;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const long long r = i / p.vecs;
+    const long long v = i - r * p.vecs;
+    p.dst[i] = p.tokens[(long long)p.index[r] * p.vecs + v];
   }
 }

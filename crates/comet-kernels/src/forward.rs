@@ -229,6 +229,19 @@ pub struct FillParams {
 
 const _: () = assert!(std::mem::size_of::<FillParams>() == 32);
 
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ExpandParams {
+    pub tokens: CUdeviceptr,
+    pub index: CUdeviceptr,
+    pub dst: CUdeviceptr,
+    pub rows: i64,
+    pub vecs: i32,
+    pub pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<ExpandParams>() == 40);
+
 /// Grid and dynamic shared memory of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grid {
@@ -255,6 +268,7 @@ pub struct ForwardKernels {
     combine: CudaFunction,
     reduce: CudaFunction,
     fill: CudaFunction,
+    expand: CudaFunction,
 }
 
 impl ForwardKernels {
@@ -284,6 +298,7 @@ impl ForwardKernels {
             combine: module.load_function("comet_combine")?,
             reduce: module.load_function("comet_reduce")?,
             fill: module.load_function("comet_fill_random")?,
+            expand: module.load_function("comet_expand_rows")?,
         })
     }
 
@@ -389,6 +404,49 @@ impl ForwardKernels {
         let blocks = n.div_ceil(BLOCK_THREADS as usize).min(4096) as u32;
         // SAFETY: forwarded contract.
         unsafe { launch(&self.fill, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
+    }
+
+    /// Row `r` of the `rows` rows at `dst` becomes row `index[r]` of
+    /// `tokens` (rows of `row_bytes`, a multiple of 16; every address
+    /// 16-byte aligned): a staged proxy's token-once landing, expanding a
+    /// pair's tokens into the kernels' row layout on the device.
+    ///
+    /// # Safety
+    /// `dst` holds `rows` rows of this context's device memory; `index`
+    /// holds `rows` u32 and `tokens` every row they name, in memory the
+    /// device can read (device memory, or host memory it maps), none of it
+    /// written until the stream has run the copy.
+    pub unsafe fn expand_rows(
+        &self,
+        tokens: CUdeviceptr,
+        index: CUdeviceptr,
+        dst: CUdeviceptr,
+        rows: usize,
+        row_bytes: usize,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        let aligned = [tokens, index, dst].iter().all(|a| a % 16 == 0) || rows == 0;
+        if !row_bytes.is_multiple_of(16) || !aligned {
+            return Err(KernelError::InvalidShape(format!(
+                "expand_rows needs 16-byte rows and addresses (rows of {row_bytes} bytes)"
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let p = ExpandParams {
+            tokens,
+            index,
+            dst,
+            rows: rows as i64,
+            vecs: (row_bytes / 16) as i32,
+            pad: 0,
+        };
+        let blocks = (rows * row_bytes / 16)
+            .div_ceil(BLOCK_THREADS as usize)
+            .min(1024) as u32;
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.expand, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
     }
 }
 

@@ -452,6 +452,11 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.s.send_slots
     }
 
+    /// The layer's kernels (a proxy launches its landing kernels from them).
+    pub(crate) fn kernels(&self) -> &LayerKernels {
+        &self.k
+    }
+
     pub fn rank(&self) -> usize {
         self.t.rank()
     }

@@ -47,7 +47,7 @@
 //! on a GPU; host memory in tests), so all of this runs on a laptop.
 
 use crate::error::SchedError;
-use crate::proxy_plan::{words, Buf, DispatchWire, Geometry, Kind, Piece, Region};
+use crate::proxy_plan::{words, Buf, DispatchWire, Geometry, Kind, Piece, Region, TokenPlace};
 use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::time::{Duration, Instant};
@@ -97,6 +97,33 @@ pub trait StagedDevice {
     fn lands_from_inbox(&self, buf: Buf) -> bool {
         let _ = buf;
         false
+    }
+
+    /// Whether [`StagedDevice::land_tokens`] expands token-once dispatch
+    /// pieces on the device straight from the inbox (else the proxy
+    /// expands them on the host into the landing image).
+    fn expands_tokens(&self) -> bool {
+        false
+    }
+
+    /// Lands token-once dispatch piece `region` (whole rows of the recv
+    /// buffer) from this rank's recv inbox: row `r` becomes the pair's
+    /// token slot `index[r]`, the index being the piece's u32 array at
+    /// `place.index` and slot `s` the row at `place.tokens + s * row
+    /// bytes` (checked by the proxy against the pair's rows); then raises
+    /// `signal` to `value`, as [`StagedDevice::land`] does.
+    fn land_tokens(
+        &mut self,
+        region: Region,
+        place: TokenPlace,
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let _ = (region, place, signal, value);
+        Err(SchedError::StagedProtocol {
+            rank: usize::MAX,
+            message: "this device side does not expand token-once pieces".into(),
+        })
     }
 
     /// Copies the piece at `wire` of `from` into `region` of this rank's
@@ -471,7 +498,14 @@ impl<'t> StagedProxy<'t> {
             let n = p.region.bytes();
             let from = match p.kind {
                 Kind::Dispatch { .. } if self.tokens.is_some() => {
-                    self.expand_tokens(dev, &p, &call.counts)?;
+                    let (place, index) = self.token_index(&p, &call.counts)?;
+                    if dev.expands_tokens() {
+                        dev.land_tokens(p.region, place, p.signal, call.epoch)?;
+                        call.stats.landed += 1;
+                        call.stats.bytes_landed += n;
+                        continue;
+                    }
+                    self.expand_tokens(dev, &p, place, &index)?;
                     Source::Image
                 }
                 // Count rows are read here anyway (the proxy plans with them).
@@ -497,25 +531,46 @@ impl<'t> StagedProxy<'t> {
         Ok(())
     }
 
-    /// Fills the landing image of dispatch piece `p` (arrived token-once)
-    /// with its rows: row `r` is the pair's token slot its index names,
-    /// from this piece or an earlier one (those arrived before its signal).
+    /// Where token-once dispatch piece `p` sits in this rank's inbox and
+    /// its index array, checked: every slot it names is one of the pair's
+    /// (slots a piece names arrived before its signal, by it or an earlier
+    /// piece of the pair).
+    fn token_index(
+        &mut self,
+        p: &Piece,
+        counts: &[Vec<u32>],
+    ) -> Result<(TokenPlace, Vec<u32>), SchedError> {
+        let n = p.region.bytes() / self.geo.row_bytes;
+        let place = self.geo.token_place(counts, p);
+        let mut raw = vec![0u8; 4 * n];
+        self.t
+            .read(self.inbox[Buf::Recv.index()], place.index, &mut raw)?;
+        let index = words(&raw);
+        if let Some(&bad) = index.iter().find(|&&s| s as usize >= place.pair_rows) {
+            return Err(SchedError::StagedProtocol {
+                rank: self.t.rank(),
+                message: format!(
+                    "{p} names token slot {bad} of the {} its pair can use",
+                    place.pair_rows
+                ),
+            });
+        }
+        Ok((place, index))
+    }
+
+    /// Fills the landing image of dispatch piece `p` (arrived token-once,
+    /// `index` checked) with its rows: row `r` is the pair's token slot
+    /// `index[r]`.
     fn expand_tokens(
         &mut self,
         dev: &mut dyn StagedDevice,
         p: &Piece,
-        counts: &[Vec<u32>],
+        place: TokenPlace,
+        index: &[u32],
     ) -> Result<(), SchedError> {
         let rb = self.geo.row_bytes;
-        let n = p.region.bytes() / rb;
-        let place = self.geo.token_place(counts, p);
+        let n = index.len();
         let inbox = self.inbox[Buf::Recv.index()];
-        let Some(tok) = self.tokens.as_mut() else {
-            return Ok(());
-        };
-        tok.index.resize(4 * n, 0);
-        self.t.read(inbox, place.index, &mut tok.index)?;
-        let index = words(&tok.index);
         let rows = dev.landing_bytes(Buf::Recv, p.wire, n * rb);
         let mut r = 0;
         while r < n {
@@ -525,16 +580,6 @@ impl<'t> StagedProxy<'t> {
             let mut len = 1;
             while r + len < n && index[r + len] as usize == s + len {
                 len += 1;
-            }
-            if s + len > place.pair_rows {
-                return Err(SchedError::StagedProtocol {
-                    rank: self.t.rank(),
-                    message: format!(
-                        "{p} names token slot {} of {} the pair can use",
-                        s + len - 1,
-                        place.pair_rows
-                    ),
-                });
             }
             self.t.read(
                 inbox,

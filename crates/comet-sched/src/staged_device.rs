@@ -18,9 +18,10 @@ use crate::cpu::ExecMode;
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
 use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
-use crate::proxy_plan::{inbox_bytes, Buf, DispatchWire, Geometry, Region};
+use crate::proxy_plan::{inbox_bytes, Buf, DispatchWire, Geometry, Region, TokenPlace};
 use crate::staged::{Source, StagedDevice, StagedProxy, Ticket};
 use comet_core::MoeConfig;
+use comet_kernels::forward::ForwardKernels;
 use comet_transport::cuda::{
     self, DeviceAlloc, ErrorWord, HostRegistration, HostSignal, MappedWords, PinnedBytes, Runs,
 };
@@ -383,6 +384,9 @@ pub struct CudaStaging {
     /// The layer's send order on the device and a pinned copy of it.
     order_dev: u64,
     order: PinnedBytes,
+    /// The layer's kernels (token-once landings expand on the device).
+    kernels: Arc<ForwardKernels>,
+    row_bytes: usize,
     /// Downloads in flight with their events, oldest first; spare events.
     pending: VecDeque<(Ticket, CudaEvent)>,
     spare: Vec<CudaEvent>,
@@ -450,6 +454,8 @@ impl CudaStaging {
                 inbox,
                 order_dev: layer.send_order_ptr(),
                 order,
+                kernels: Arc::clone(&layer.kernels().forward),
+                row_bytes: geo.row_bytes,
                 pending: VecDeque::new(),
                 spare: Vec::new(),
                 next: 0,
@@ -560,6 +566,59 @@ impl StagedDevice for CudaStaging {
 
     fn lands_from_inbox(&self, buf: Buf) -> bool {
         self.inbox[buf.index()].is_some()
+    }
+
+    fn expands_tokens(&self) -> bool {
+        // The expansion kernel moves 16-byte vectors; token areas are
+        // 16-byte aligned inside the inbox, so its base must be too.
+        self.inbox[Buf::Recv.index()]
+            .as_ref()
+            .is_some_and(|r| r.device_ptr_at(0) % 16 == 0)
+    }
+
+    fn land_tokens(
+        &mut self,
+        region: Region,
+        place: TokenPlace,
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let b = Buf::Recv.index();
+        let rows = region.bytes() / self.row_bytes.max(1);
+        let inbox = self.inbox[b]
+            .as_ref()
+            .ok_or_else(|| self.failed("land tokens", "no registered inbox"))?;
+        let tokens_end = place.tokens + place.pair_rows * self.row_bytes;
+        if place.index + 4 * rows > inbox.len() || tokens_end > inbox.len() {
+            return Err(self.failed("land tokens", format!("{place:?} past the inbox")));
+        }
+        let dst = self.own[b] + region.offset as u64;
+        // SAFETY: the destination is `rows` whole rows inside this rank's
+        // own recv buffer (region, as in download); the index array and
+        // every slot it names (checked by the proxy against the pair's
+        // rows) lie in the registered, device-mapped inbox (checked above),
+        // which nobody writes before the next call, which starts only after
+        // end_call drained this stream.
+        unsafe {
+            self.kernels.expand_rows(
+                inbox.device_ptr_at(place.tokens),
+                inbox.device_ptr_at(place.index),
+                dst,
+                rows,
+                self.row_bytes,
+                self.landings.cu_stream(),
+            )
+        }
+        .map_err(|e| self.failed("land tokens", e))?;
+        // SAFETY: `signal` indexes this rank's signal array (as in land).
+        unsafe {
+            self.raise.raise(
+                &self.landings,
+                self.signals + 8 * signal as u64,
+                SignalOp::Set(value),
+            )
+        }
+        .map_err(|e| self.failed("raise signal", e))
     }
 
     fn land(

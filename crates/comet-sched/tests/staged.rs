@@ -20,7 +20,7 @@ mod common;
 
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
-use comet_sched::proxy_plan::{Buf, DispatchWire, Geometry, Region};
+use comet_sched::proxy_plan::{Buf, DispatchWire, Geometry, Region, TokenPlace};
 use comet_sched::staged::{Source, StagedDevice, StagedProxy, StagedStats, Ticket};
 use comet_sched::SchedError;
 use comet_transport::local::{local_world, DelayModel, LocalTransport};
@@ -84,12 +84,15 @@ fn copy_2d(r: Region, from: &[u8], packed: bool, to: &mut [u8]) {
 /// looks, its bytes poisoned until then, as a copy engine would leave
 /// them: a piece put out before its download finished arrives poisoned.
 /// With `inbox` set it lands dispatch and combine pieces straight from the
-/// transport's inbox, as a GPU does from a registered inbox.
+/// transport's inbox, as a GPU does from a registered inbox, and with
+/// `expand` too it expands token-once pieces from there itself.
 struct HostSide<'t> {
     dev: Arc<Device>,
     send: Vec<[Vec<u8>; 3]>,
     landing: [Vec<u8>; 3],
     inbox: Option<(&'t dyn Transport, [BufferId; 3])>,
+    expand: bool,
+    row_bytes: usize,
     /// Started, not finished: ticket, peer, region, wire, looks left.
     pending: std::collections::VecDeque<(Ticket, usize, Region, usize, u32)>,
     next: Ticket,
@@ -105,6 +108,8 @@ impl<'t> HostSide<'t> {
             send: (0..g.ranks).map(|_| image()).collect(),
             landing: image(),
             inbox: None,
+            expand: false,
+            row_bytes: g.row_bytes,
             pending: Default::default(),
             next: 0,
             finished: 0,
@@ -154,6 +159,34 @@ impl StagedDevice for HostSide<'_> {
 
     fn lands_from_inbox(&self, _: Buf) -> bool {
         self.inbox.is_some()
+    }
+
+    fn expands_tokens(&self) -> bool {
+        self.inbox.is_some() && self.expand
+    }
+
+    fn land_tokens(
+        &mut self,
+        region: Region,
+        place: TokenPlace,
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let Some((t, ids)) = self.inbox else {
+            panic!("asked to expand tokens without an inbox");
+        };
+        let (rb, n) = (self.row_bytes, region.bytes() / self.row_bytes);
+        let mut index = vec![0u8; 4 * n];
+        t.read(ids[1], place.index, &mut index)?;
+        let mut own = self.dev.own[1].lock().unwrap();
+        for (r, slot) in index.chunks_exact(4).enumerate() {
+            let s = u32::from_le_bytes(slot.try_into().unwrap()) as usize;
+            let at = region.offset + r * rb;
+            t.read(ids[1], place.tokens + s * rb, &mut own[at..at + rb])?;
+        }
+        drop(own);
+        self.dev.signals[signal].store(value, Ordering::Release);
+        Ok(())
     }
 
     fn land(
@@ -531,10 +564,12 @@ fn run_rank(
     let dev = Arc::new(Device::new(&g));
     let inbox = StagedProxy::allocate(t, g, T).map_err(|e| e.to_string())?;
     let mut host = HostSide::new(Arc::clone(&dev), &g, seed ^ 0xD0 ^ me as u64);
-    // Half the worlds land straight from the inbox (every rank alike or
-    // not: it is each rank's own business).
+    // Half the worlds land straight from the inbox, half of those
+    // expanding token-once pieces on the "device" (each rank's own
+    // business: its peers cannot tell).
     if seed % 2 == 1 {
         host.inbox = Some((t, inbox));
+        host.expand = seed % 4 == 3;
     }
     let mut proxy = StagedProxy::new(t, g, inbox, T, wire).map_err(|e| e.to_string())?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ me as u64);

@@ -15,7 +15,7 @@ mod common;
 
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
-use comet_sched::proxy_plan::{Buf, DispatchWire, Geometry, Region};
+use comet_sched::proxy_plan::{Buf, DispatchWire, Geometry, Region, TokenPlace};
 use comet_sched::staged::{Source, StagedDevice, StagedProxy, Ticket};
 use comet_sched::SchedError;
 use comet_transport::launch::OnFailure;
@@ -36,7 +36,9 @@ const CALLS: usize = 8;
 const T: Duration = Duration::from_secs(60);
 
 /// One rank whose kernels finished everything before the call: mirrors
-/// written, every ready word up.
+/// written, every ready word up. It lands as a GPU with a registered inbox
+/// does: every landed byte read once from the inbox, token-once pieces
+/// expanded straight from it.
 struct Prefilled<'t> {
     t: &'t dyn Transport,
     inbox: [BufferId; 3],
@@ -114,6 +116,33 @@ impl StagedDevice for Prefilled<'_> {
             Source::Image => packed.copy_from_slice(&self.landing[b][wire..wire + n]),
         }
         copy_2d(region, &packed, false, &mut self.own[b]);
+        Ok(())
+    }
+
+    fn expands_tokens(&self) -> bool {
+        true
+    }
+
+    fn land_tokens(
+        &mut self,
+        region: Region,
+        place: TokenPlace,
+        _: usize,
+        _: u64,
+    ) -> Result<(), SchedError> {
+        let rb = 2 * HIDDEN;
+        let n = region.bytes() / rb;
+        let mut index = vec![0u8; 4 * n];
+        self.t.read(self.inbox[1], place.index, &mut index)?;
+        for (r, slot) in index.chunks_exact(4).enumerate() {
+            let s = u32::from_le_bytes([slot[0], slot[1], slot[2], slot[3]]) as usize;
+            let at = region.offset + r * rb;
+            self.t.read(
+                self.inbox[1],
+                place.tokens + s * rb,
+                &mut self.own[1][at..at + rb],
+            )?;
+        }
         Ok(())
     }
 

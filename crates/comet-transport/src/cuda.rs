@@ -705,12 +705,14 @@ impl Drop for PinnedBytes {
     }
 }
 
-/// Host memory someone else owns, page-locked and registered with the
-/// driver until drop, so the GPU copies straight from it (a staged proxy
-/// lands pieces out of the transport's inbox this way, without a host copy
-/// into its own pinned staging first).
+/// Host memory someone else owns, page-locked, registered with the driver
+/// and mapped into the device's address space until drop, so the GPU
+/// copies straight from it and kernels read it (a staged proxy lands
+/// pieces out of the transport's inbox this way, without a host copy into
+/// its own pinned staging first).
 pub struct HostRegistration {
     ptr: *mut u8,
+    dev: u64,
     len: usize,
     ctx: Arc<CudaContext>,
 }
@@ -729,16 +731,24 @@ impl HostRegistration {
     pub unsafe fn new(ctx: &Arc<CudaContext>, addr: u64, len: usize) -> Result<Self, DriverError> {
         ctx.bind_to_thread()?;
         let ptr = addr as *mut u8;
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         // SAFETY: live host memory of `len` bytes (the caller's contract).
-        unsafe {
-            sys::cuMemHostRegister_v2(ptr.cast(), len.max(1), sys::CU_MEMHOSTREGISTER_PORTABLE)
-                .result()?
-        };
-        Ok(Self {
+        unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len.max(1), flags).result()? };
+        let mut me = Self {
             ptr,
+            dev: 0,
             len,
             ctx: Arc::clone(ctx),
-        })
+        };
+        // SAFETY: `ptr` was registered with DEVICEMAP just above; on error
+        // `me` unregisters it.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut me.dev, ptr.cast(), 0).result()? };
+        Ok(me)
+    }
+
+    /// The device's address of byte `at` (`at` within).
+    pub fn device_ptr_at(&self, at: usize) -> u64 {
+        self.dev + at.min(self.len) as u64
     }
 
     pub fn len(&self) -> usize {

@@ -480,6 +480,21 @@ impl CudaStaging {
         }
     }
 
+    /// Raises this rank's signal `signal` to `value` on the landing stream,
+    /// behind the landing just enqueued there.
+    fn raise_after_landing(&self, signal: usize, value: u64) -> Result<(), SchedError> {
+        // SAFETY: `signal` indexes this rank's signal array (the plan's
+        // signals are below the count the layer allocated).
+        unsafe {
+            self.raise.raise(
+                &self.landings,
+                self.signals + 8 * signal as u64,
+                SignalOp::Set(value),
+            )
+        }
+        .map_err(|e| self.failed("raise signal", e))
+    }
+
     fn send_image(&self, to: usize, buf: Buf) -> Result<&PinnedBytes, SchedError> {
         self.send
             .get(to)
@@ -610,15 +625,7 @@ impl StagedDevice for CudaStaging {
             )
         }
         .map_err(|e| self.failed("land tokens", e))?;
-        // SAFETY: `signal` indexes this rank's signal array (as in land).
-        unsafe {
-            self.raise.raise(
-                &self.landings,
-                self.signals + 8 * signal as u64,
-                SignalOp::Set(value),
-            )
-        }
-        .map_err(|e| self.failed("raise signal", e))
+        self.raise_after_landing(signal, value)
     }
 
     fn land(
@@ -654,16 +661,7 @@ impl StagedDevice for CudaStaging {
         // starts only after end_call drained this copy.
         unsafe { cuda::copy_runs_to_device(&self.landings, src, dst, runs(region)) }
             .map_err(|e| self.failed("land", e))?;
-        // SAFETY: `signal` indexes this rank's signal array (the plan's
-        // signals are below the count the layer allocated).
-        unsafe {
-            self.raise.raise(
-                &self.landings,
-                self.signals + 8 * signal as u64,
-                SignalOp::Set(value),
-            )
-        }
-        .map_err(|e| self.failed("raise signal", e))
+        self.raise_after_landing(signal, value)
     }
 
     fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError> {

@@ -8,7 +8,8 @@
 //! same stream) and a one-thread PTX kernel for counter signals
 //! (`SignalOp::Add`), which stream memory operations cannot express; and
 //! for staged (host-proxied) transports, mapped pinned ready words and the
-//! 2-D copies between device mirrors and host staging.
+//! 2-D copies between device mirrors and staging (host staging for UCX,
+//! device staging packed for NCCL's sends and landed from its recvs).
 //!
 //! The driver is loaded at run time (cudarc `dynamic-loading`), so this
 //! builds and links on a machine with no CUDA; [`gpu_available`] says
@@ -534,7 +535,7 @@ impl Drop for MappedWords {
 }
 
 /// The runs of a 2-D copy: `rows` runs of `width` bytes, `pitch` apart on
-/// the device side, packed on the host side.
+/// the strided side, packed (one after another) on the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Runs {
     pub rows: usize,
@@ -542,15 +543,85 @@ pub struct Runs {
     pub pitch: usize,
 }
 
-impl Runs {
-    fn copy(&self) -> sys::CUDA_MEMCPY2D {
-        // SAFETY: a plain C struct of integers and pointers, all-zero valid
-        // (null pointers, offset 0); the fields used are set by the callers.
-        let mut c: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
-        c.WidthInBytes = self.width;
-        c.Height = self.rows;
-        c
+/// One side of a copy of runs.
+#[derive(Clone, Copy)]
+enum Side {
+    Host(*mut u8),
+    Device(u64),
+}
+
+/// Enqueues a copy of `runs` between `src` and `dst` on `stream`: the
+/// strided side has them `pitch` apart, the other packed. One run is a
+/// plain copy (2-D copies refuse pitches over the device's limit, and a
+/// single run of a large piece can exceed it).
+///
+/// # Safety
+/// Both sides are live memory of the stream's context (host sides
+/// pinned) for the extent of `runs` on them, neither written by anyone
+/// else (nor the destination read) until the stream has run the copy.
+unsafe fn copy_runs(
+    stream: &CudaStream,
+    src: Side,
+    dst: Side,
+    runs: Runs,
+    strided_src: bool,
+) -> Result<(), DriverError> {
+    if runs.rows == 0 || runs.width == 0 {
+        return Ok(());
     }
+    let s = stream.cu_stream();
+    if runs.rows == 1 {
+        // SAFETY (every arm): both sides as the caller promises.
+        return unsafe {
+            match (src, dst) {
+                (Side::Device(a), Side::Host(b)) => {
+                    sys::cuMemcpyDtoHAsync_v2(b.cast(), a, runs.width, s)
+                }
+                (Side::Host(a), Side::Device(b)) => {
+                    sys::cuMemcpyHtoDAsync_v2(b, a.cast_const().cast(), runs.width, s)
+                }
+                (Side::Device(a), Side::Device(b)) => {
+                    sys::cuMemcpyDtoDAsync_v2(b, a, runs.width, s)
+                }
+                (Side::Host(_), Side::Host(_)) => sys::CUresult::CUDA_ERROR_INVALID_VALUE,
+            }
+            .result()
+        };
+    }
+    let (src_pitch, dst_pitch) = if strided_src {
+        (runs.pitch, runs.width)
+    } else {
+        (runs.width, runs.pitch)
+    };
+    // SAFETY: a plain C struct of integers and pointers, all-zero valid
+    // (null pointers, offset 0); the fields used are set below.
+    let mut c: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+    c.WidthInBytes = runs.width;
+    c.Height = runs.rows;
+    c.srcPitch = src_pitch;
+    c.dstPitch = dst_pitch;
+    match src {
+        Side::Host(p) => {
+            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.srcHost = p.cast_const().cast();
+        }
+        Side::Device(p) => {
+            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            c.srcDevice = p;
+        }
+    }
+    match dst {
+        Side::Host(p) => {
+            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.dstHost = p.cast();
+        }
+        Side::Device(p) => {
+            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            c.dstDevice = p;
+        }
+    }
+    // SAFETY: both sides as the caller promises.
+    unsafe { sys::cuMemcpy2DAsync_v2(&c, s).result() }
 }
 
 /// Enqueues a copy of `runs` from device `src` into host memory at `dst`,
@@ -567,26 +638,8 @@ pub unsafe fn copy_runs_to_host(
     runs: Runs,
     dst: *mut u8,
 ) -> Result<(), DriverError> {
-    if runs.rows == 0 || runs.width == 0 {
-        return Ok(());
-    }
-    if runs.rows == 1 {
-        // One run: a plain copy (2-D copies refuse pitches over the device's
-        // limit, and a single run of a large piece can exceed it).
-        // SAFETY: both sides as the caller promises.
-        return unsafe {
-            sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, runs.width, stream.cu_stream()).result()
-        };
-    }
-    let mut c = runs.copy();
-    c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-    c.srcDevice = src;
-    c.srcPitch = runs.pitch;
-    c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-    c.dstHost = dst.cast();
-    c.dstPitch = runs.width;
-    // SAFETY: both sides as the caller promises.
-    unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()).result() }
+    // SAFETY: the caller's contract is copy_runs'.
+    unsafe { copy_runs(stream, Side::Device(src), Side::Host(dst), runs, true) }
 }
 
 /// Enqueues a copy of packed host memory at `src` (`rows * width` bytes)
@@ -602,25 +655,61 @@ pub unsafe fn copy_runs_to_device(
     dst: u64,
     runs: Runs,
 ) -> Result<(), DriverError> {
-    if runs.rows == 0 || runs.width == 0 {
-        return Ok(());
+    // SAFETY: the caller's contract is copy_runs'.
+    unsafe {
+        copy_runs(
+            stream,
+            Side::Host(src.cast_mut()),
+            Side::Device(dst),
+            runs,
+            false,
+        )
     }
-    if runs.rows == 1 {
-        // One run: a plain copy, as in copy_runs_to_host.
-        // SAFETY: both sides as the caller promises.
-        return unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), runs.width, stream.cu_stream()).result()
-        };
+}
+
+/// Enqueues a device-to-device copy of `runs` at `src` into `dst`, packed
+/// (`rows * width` bytes), on `stream` (a 2-D piece gathered for a
+/// transport that sends one contiguous range).
+///
+/// # Safety
+/// `src .. src + (rows-1)*pitch + width` and `dst .. dst + rows*width` are
+/// live device memory of the stream's context, the first not written and
+/// the second not touched by anyone else until the stream has run the copy.
+pub unsafe fn pack_runs(
+    stream: &CudaStream,
+    src: u64,
+    runs: Runs,
+    dst: u64,
+) -> Result<(), DriverError> {
+    // SAFETY: the caller's contract is copy_runs'.
+    unsafe { copy_runs(stream, Side::Device(src), Side::Device(dst), runs, true) }
+}
+
+/// Enqueues a device-to-device copy of packed bytes at `src` (`rows *
+/// width`) into `runs` at `dst`, on `stream` (the inverse of
+/// [`pack_runs`]).
+///
+/// # Safety
+/// As [`pack_runs`], the two sides swapped.
+pub unsafe fn unpack_runs(
+    stream: &CudaStream,
+    src: u64,
+    dst: u64,
+    runs: Runs,
+) -> Result<(), DriverError> {
+    // SAFETY: the caller's contract is copy_runs'.
+    unsafe { copy_runs(stream, Side::Device(src), Side::Device(dst), runs, false) }
+}
+
+/// Whether `stream` has run everything enqueued on it so far
+/// (`cuStreamQuery`: never waits).
+pub fn stream_idle(stream: &CudaStream) -> Result<bool, DriverError> {
+    // SAFETY: a query on a live stream of the current context.
+    match unsafe { sys::cuStreamQuery(stream.cu_stream()) } {
+        sys::CUresult::CUDA_SUCCESS => Ok(true),
+        sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        other => Err(DriverError(other)),
     }
-    let mut c = runs.copy();
-    c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-    c.srcHost = src.cast();
-    c.srcPitch = runs.width;
-    c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-    c.dstDevice = dst;
-    c.dstPitch = runs.pitch;
-    // SAFETY: both sides as the caller promises.
-    unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()).result() }
 }
 
 /// Whether `stream` is being captured into a CUDA graph.

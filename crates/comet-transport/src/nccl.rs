@@ -38,7 +38,7 @@ use crate::signal_core::{
 use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
-use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaStream};
 use plan::{LocalOp, Source, Transfer};
 use std::fmt::Display;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -88,7 +88,7 @@ fn nccl_err(rank: usize, what: &str, e: cudarc::nccl::result::NcclError) -> Tran
     TransportError::Backend {
         backend: BACKEND,
         rank,
-        message: format!("{what}: {e:?}"),
+        message: format!("{what}: {}", ffi::describe(&e)),
     }
 }
 
@@ -313,17 +313,42 @@ impl NcclTransport {
         Ok(())
     }
 
+    /// Collective over the world: the ranks that pass the same `color`
+    /// get a new communicator of their own, ordered by `key` (`None`
+    /// joins none), whose NCCL kernels use at most `max_ctas` CTAs. Every
+    /// rank makes the same splits in the same order; a proxy builds its
+    /// lanes this way (one communicator per ordered pair of ranks).
+    pub fn split(
+        &self,
+        color: Option<u32>,
+        key: usize,
+        max_ctas: Option<u32>,
+    ) -> Result<Option<ffi::RawComm>, TransportError> {
+        let have = ffi::version().map_err(|e| nccl_err(self.rank, "ncclGetVersion", e))?;
+        if have < ffi::SPLIT_SINCE {
+            return Err(TransportError::Backend {
+                backend: BACKEND,
+                rank: self.rank,
+                message: format!(
+                    "libnccl {have} has no ncclCommSplit (needs {} or later)",
+                    ffi::SPLIT_SINCE
+                ),
+            });
+        }
+        self.dev.bind()?;
+        self.inner()
+            .comm
+            .split(color, key, max_ctas)
+            .map_err(|e| nccl_err(self.rank, "ncclCommSplit", e))
+    }
+
     /// Waits for the communication stream, bounded: a step whose peer never
     /// posts aborts the communicator and returns an error.
     pub fn synchronize(&self, timeout: Duration) -> Result<(), TransportError> {
         self.dev.bind()?;
-        let look = |_: Round| {
-            // SAFETY: querying a live stream of this context.
-            match unsafe { cudarc::driver::sys::cuStreamQuery(self.dev.stream.cu_stream()) } {
-                cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(Some(())),
-                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => Ok(None),
-                other => Err(self.dev.err("communication stream", DriverError(other))),
-            }
+        let look = |_: Round| match cuda::stream_idle(&self.dev.stream) {
+            Ok(idle) => Ok(idle.then_some(())),
+            Err(e) => Err(self.dev.err("communication stream", e)),
         };
         match poll_bounded(timeout, look, std::thread::sleep)? {
             Polled::Ready(()) => Ok(()),

@@ -4,8 +4,72 @@
 
 use cudarc::driver::CudaStream;
 use cudarc::nccl::{result, sys};
+use std::ffi::{c_char, c_int, c_uint};
 
 pub type NcclResult<T> = Result<T, result::NcclError>;
+
+/// The NCCL result code of `e` with NCCL's own words for it (cudarc's
+/// `Debug` of an error says only "NcclError").
+pub fn describe(e: &result::NcclError) -> String {
+    // SAFETY: NCCL returns a static string for every result code.
+    let words = unsafe { sys::ncclGetErrorString(e.0) };
+    let words = if words.is_null() {
+        String::new()
+    } else {
+        // SAFETY: non-null, NUL-terminated and static (above).
+        unsafe { std::ffi::CStr::from_ptr(words) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    format!("{:?} ({words})", e.0)
+}
+
+/// The version of the libnccl loaded (`major * 10000 + minor * 100 +
+/// patch`), as NCCL_VERSION_CODE counts it from 2.9 on.
+pub fn version() -> NcclResult<u32> {
+    result::get_nccl_version().map(|v| v.max(0) as u32)
+}
+
+/// The first NCCL with `ncclCommSplit`.
+pub const SPLIT_SINCE: u32 = 21800;
+
+/// The part of `ncclConfig_t` that NCCL 2.17 defined, which is all a
+/// split asks for; NCCL reads `size` bytes of it and takes its defaults
+/// (`NCCL_CONFIG_INITIALIZER`) for every later field, whatever version of
+/// the library is loaded.
+#[repr(C)]
+struct ConfigV217 {
+    size: usize,
+    magic: c_uint,
+    version: c_uint,
+    blocking: c_int,
+    cga_cluster_size: c_int,
+    min_ctas: c_int,
+    max_ctas: c_int,
+    net_name: *const c_char,
+    split_share: c_int,
+}
+
+/// NCCL's `NCCL_CONFIG_UNDEF_INT`: "NCCL chooses".
+const UNDEF: c_int = c_int::MIN;
+
+impl ConfigV217 {
+    /// Defaults, but at most `max_ctas` CTAs per NCCL kernel, and resources
+    /// never shared with the parent (a lane must not wait behind another).
+    fn new(max_ctas: Option<u32>) -> Self {
+        ConfigV217 {
+            size: std::mem::size_of::<ConfigV217>(),
+            magic: 0xcafe_beef,
+            version: 21700,
+            blocking: UNDEF,
+            cga_cluster_size: UNDEF,
+            min_ctas: UNDEF,
+            max_ctas: max_ctas.map_or(UNDEF, |n| n.clamp(1, 64) as c_int),
+            net_name: std::ptr::null(),
+            split_share: 0,
+        }
+    }
+}
 
 /// Whether libnccl can be loaded (cudarc panics when it must load a
 /// missing library, so ask first).
@@ -96,6 +160,54 @@ impl RawComm {
             stream.cu_stream() as _,
         )
         .map(|_| ())
+    }
+
+    /// Collective over every rank of this communicator (each calls it, in
+    /// the same order of splits): the ranks that pass the same `color` form
+    /// a new communicator, ordered by `key`; `None` joins none and gets
+    /// `None`. Its NCCL kernels use at most `max_ctas` CTAs, and it shares
+    /// no resources with this one. Needs NCCL 2.18 ([`SPLIT_SINCE`]).
+    pub fn split(
+        &self,
+        color: Option<u32>,
+        key: usize,
+        max_ctas: Option<u32>,
+    ) -> NcclResult<Option<RawComm>> {
+        // NCCL_SPLIT_NOCOLOR; a colour must be a non-negative int.
+        let color = color.map_or(-1, |c| c.min(i32::MAX as u32) as c_int);
+        let key = key.min(i32::MAX as usize) as c_int;
+        let mut cfg = ConfigV217::new(max_ctas);
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `self.comm` is live and not used concurrently (callers
+        // hold the transport's lock); NCCL reads `cfg.size` bytes of `cfg`
+        // (a prefix of ncclConfig_t, see ConfigV217) and writes `comm`,
+        // null for NCCL_SPLIT_NOCOLOR.
+        unsafe {
+            sys::ncclCommSplit(
+                self.comm,
+                color,
+                key,
+                &mut comm,
+                (&mut cfg as *mut ConfigV217).cast(),
+            )
+            .result()?
+        };
+        Ok((!comm.is_null()).then_some(RawComm {
+            comm,
+            aborted: false,
+        }))
+    }
+
+    /// The error NCCL recorded for this communicator while it ran its
+    /// operations (a peer that failed or left, a network error), if any.
+    pub fn async_error(&self) -> NcclResult<()> {
+        if self.aborted {
+            return Ok(());
+        }
+        let mut found = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: a query on a live communicator into a local.
+        unsafe { sys::ncclCommGetAsyncError(self.comm, &mut found).result()? };
+        found.result().map(|_| ())
     }
 
     /// Abandons in-flight operations (a peer died or a wait timed out), so

@@ -40,6 +40,8 @@ pub struct DevicePlan {
     pub capacity: usize,
     /// Rows this rank can receive in one call.
     pub recv_capacity: usize,
+    /// SMs the layers on this GPU may fill (the device's, less those
+    /// left to a transport's own kernels: `LayerOptions::reserved_sms`).
     pub sms: usize,
     pub ranks_per_gpu: usize,
     /// SMs this rank may fill at once.

@@ -108,6 +108,10 @@ pub struct LayerOptions {
     /// How a staged layer's proxy sends dispatch rows between hosts
     /// (kernels that store into peers always store rows).
     pub dispatch_wire: DispatchWire,
+    /// SMs of the GPU left to the transport's own kernels (NCCL's, which
+    /// must run while the layer's kernels spin waiting for what they
+    /// bring): the ranks on the GPU share the others.
+    pub reserved_sms: usize,
 }
 
 impl Default for LayerOptions {
@@ -118,6 +122,7 @@ impl Default for LayerOptions {
             ranks_per_gpu: 1,
             figures: None,
             dispatch_wire: DispatchWire::Tokens,
+            reserved_sms: 0,
         }
     }
 }
@@ -367,7 +372,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
             cfg,
             capacity,
             opts.recv_capacity,
-            kernels.gemm.sm_count() as usize,
+            (kernels.gemm.sm_count() as usize)
+                .saturating_sub(opts.reserved_sms)
+                .max(1),
             opts.ranks_per_gpu,
             v.tiles(),
             &opts.figures_for(cfg.ranks),

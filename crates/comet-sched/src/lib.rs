@@ -27,10 +27,13 @@ pub mod error;
 pub mod forward;
 pub mod nccl_proxy;
 mod protocol;
+#[cfg(feature = "gpu")]
+pub mod proxy_layer;
 pub mod proxy_plan;
 pub mod staged;
 #[cfg(feature = "gpu")]
 pub mod staged_device;
+pub mod stream_queue;
 pub mod tile_math;
 pub mod trace;
 

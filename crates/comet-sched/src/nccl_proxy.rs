@@ -68,6 +68,7 @@
 //! staged proxy.
 
 mod driver;
+pub mod lanes;
 mod schedule;
 
 pub use driver::{NcclLanes, NcclProxy, NcclStats};

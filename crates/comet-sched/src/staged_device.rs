@@ -2,24 +2,25 @@
 //! over TCP or shared memory, the local transport): the kernels run
 //! unchanged, a proxy thread beside them carries the bytes (issue 16).
 //!
-//! [`StagedTransport`] is the [`DeviceTransport`] the layer is built on.
-//! What the kernels take for a peer's buffer is a local device mirror of
-//! it, and for the peer's signal array a local array of ready words in
-//! mapped pinned memory; every buffer also gets an inbox on the inner
-//! transport, in the same layout. [`StagedLayer`] is the layer plus its
-//! proxy thread: each `forward` hands the call's epoch to the thread,
-//! which runs [`StagedProxy::call`] over [`CudaStaging`] (downloads from
-//! the mirrors, landings into the own buffers followed by a stream write
-//! of the signal the kernels wait on). The kernels' waits are bounded, so
-//! a proxy that fails leaves them to time out with an error, not a hang;
-//! its own error is returned by the next `forward` or `check`.
+//! [`StagedTransport`] is the [`DeviceTransport`] the layer is built on,
+//! here and over NCCL (`crate::nccl_device`). What the kernels take for a
+//! peer's buffer is a local device mirror of it, and for the peer's signal
+//! array a local array of ready words in mapped pinned memory; every
+//! buffer also gets an inbox on the inner transport, in the same layout
+//! (host memory for UCX; for NCCL, the device receive staging). A proxy
+//! finds all of it through one `ProxyView`. [`StagedLayer::new`] is the
+//! layer plus its proxy thread ([`crate::proxy_layer`]) running
+//! [`StagedProxy::call`] over [`CudaStaging`] for each call (downloads
+//! from the mirrors, landings into the own buffers followed by a stream
+//! write of the signal the kernels wait on).
 
-use crate::cpu::ExecMode;
-use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
-use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, LayerKernels, LayerOptions, MoeLayer};
+use crate::forward::{LayerKernels, LayerOptions, MoeLayer};
+use crate::proxy_layer::ProxyRun;
+pub use crate::proxy_layer::StagedLayer;
 use crate::proxy_plan::{inbox_bytes, Buf, DispatchWire, Geometry, Region, TokenPlace};
 use crate::staged::{Source, StagedDevice, StagedProxy, Ticket};
+use crate::stream_queue::{Marker, StreamQueue};
 use comet_core::MoeConfig;
 use comet_kernels::forward::ForwardKernels;
 use comet_transport::cuda::{
@@ -32,11 +33,9 @@ use comet_transport::{
 };
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, DriverError};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 const NAME: &str = "staged";
@@ -158,25 +157,84 @@ impl<T: Transport> StagedTransport<T> {
         buffer(self.rank(), &st.bufs, buf).map(f)
     }
 
-    /// Where the proxy finds `buf`: this rank's copy, its mirror of every
-    /// rank's copy (this rank's own for itself) and the inbox.
-    fn places(&self, buf: BufferId) -> Result<(u64, Vec<u64>, BufferId), TransportError> {
+    /// Where a proxy finds `bufs` (the layer's counts, recv and comb
+    /// buffers, in that order) and this rank's signals.
+    pub(crate) fn proxy_view(&self, bufs: [BufferId; 3]) -> Result<ProxyView, SchedError> {
         let me = self.rank();
-        self.with_buf(buf, |b| {
-            let mirrors = b
+        let st = self.state();
+        let mut view = ProxyView {
+            own: [0; 3],
+            bytes: [0; 3],
+            mirrors: Default::default(),
+            inbox: bufs,
+            ready: Vec::new(),
+            signals: 0,
+            signal_count: 0,
+        };
+        for (i, &buf) in bufs.iter().enumerate() {
+            let b = buffer(me, &st.bufs, buf)?;
+            view.own[i] = b.own.ptr();
+            view.bytes[i] = b.own.bytes();
+            view.inbox[i] = b.inbox;
+            // This rank's own copy stands for itself (no piece is sent there).
+            view.mirrors[i] = b
                 .mirrors
                 .iter()
                 .enumerate()
-                .map(|(r, m)| {
-                    if r == me {
-                        b.own.ptr()
-                    } else {
-                        m.as_ref().map_or(0, |m| m.ptr())
-                    }
+                .map(|(r, m)| match m {
+                    _ if r == me => b.own.ptr(),
+                    Some(m) => m.ptr(),
+                    None => 0,
                 })
                 .collect();
-            (b.own.ptr(), mirrors, b.inbox)
-        })
+        }
+        let sig = st
+            .signals
+            .as_ref()
+            .ok_or_else(|| self.not_allocated("signals".into()))?;
+        view.ready = sig.ready.clone();
+        view.signals = sig.own.ptr();
+        view.signal_count = sig.own.bytes() / 8;
+        Ok(view)
+    }
+}
+
+/// What a proxy needs of one rank of a [`StagedTransport`]: per buffer (by
+/// [`Buf::index`]) its own copy, size, mirrors by rank and inbox on the
+/// inner transport; the ready words the kernels raise for each peer, and
+/// the signal array they wait on.
+pub(crate) struct ProxyView {
+    pub own: [u64; 3],
+    pub bytes: [usize; 3],
+    pub mirrors: [Vec<u64>; 3],
+    pub inbox: [BufferId; 3],
+    pub ready: Vec<Option<Arc<MappedWords>>>,
+    pub signals: u64,
+    pub signal_count: usize,
+}
+
+impl ProxyView {
+    /// This rank's ready word `signal` for peer `to` (acquire); 0 for a
+    /// word that does not exist.
+    pub fn ready(&self, to: usize, signal: usize) -> u64 {
+        self.ready
+            .get(to)
+            .and_then(Option::as_ref)
+            .map_or(0, |w| w.load(signal))
+    }
+
+    /// The device address of this rank's signal `signal`, checked.
+    pub fn signal_at(&self, rank: usize, signal: usize) -> Result<u64, SchedError> {
+        if signal >= self.signal_count {
+            return Err(SchedError::Input {
+                rank,
+                message: format!(
+                    "signal {signal} outside the {} this rank has",
+                    self.signal_count
+                ),
+            });
+        }
+        Ok(self.signals + 8 * signal as u64)
     }
 }
 
@@ -297,7 +355,10 @@ impl<T: Transport> DeviceTransport for StagedTransport<T> {
 
     fn peer_buffer_ptr(&self, peer: usize, buf: BufferId) -> Result<Option<u64>, TransportError> {
         comet_transport::transport::check_rank(self, peer)?;
-        Ok(Some(self.places(buf)?.1[peer]))
+        if peer == self.rank() {
+            return self.buffer_ptr(buf).map(Some);
+        }
+        self.with_buf(buf, |b| b.mirrors[peer].as_ref().map(DeviceAlloc::ptr))
     }
 
     fn signals_ptr(&self) -> Result<u64, TransportError> {
@@ -364,22 +425,21 @@ impl<T: Transport> DeviceTransport for StagedTransport<T> {
 /// them on the other, so a landing never waits behind a download.
 pub struct CudaStaging {
     rank: usize,
+    geo: Geometry,
+    timeout: Duration,
+    wire: DispatchWire,
     stop: Arc<AtomicBool>,
     downloads: Arc<CudaStream>,
     landings: Arc<CudaStream>,
     raise: HostSignal,
-    /// Per buffer (by `Buf::index`): own copy, mirrors by rank.
-    own: [u64; 3],
-    mirrors: [Vec<u64>; 3],
-    ready: Vec<Option<Arc<MappedWords>>>,
-    signals: u64,
+    view: ProxyView,
     /// Send images per peer (none for this rank) and landing images, per
     /// buffer in wire layout.
     send: Vec<Option<[PinnedBytes; 3]>>,
     landing: [PinnedBytes; 3],
     /// The inboxes registered with the driver, where the inner transport's
     /// buffers are host memory: pieces land straight from them. Dropped
-    /// after the streams are drained (see `run_proxy`).
+    /// after the streams are drained (at the end of `run`).
     inbox: [Option<HostRegistration>; 3],
     /// The layer's send order on the device and a pinned copy of it.
     order_dev: u64,
@@ -387,14 +447,15 @@ pub struct CudaStaging {
     /// The layer's kernels (token-once landings expand on the device).
     kernels: Arc<ForwardKernels>,
     row_bytes: usize,
-    /// Downloads in flight with their events, oldest first; spare events.
-    pending: VecDeque<(Ticket, CudaEvent)>,
+    /// Downloads in flight with their events; spare events.
+    pending: StreamQueue<Ticket, CudaEvent>,
     spare: Vec<CudaEvent>,
     next: Ticket,
     finished: Ticket,
 }
 
-fn runs(r: Region) -> Runs {
+/// The copy of `r`'s runs.
+pub(crate) fn runs(r: Region) -> Runs {
     Runs {
         rows: r.rows,
         width: r.width,
@@ -402,23 +463,42 @@ fn runs(r: Region) -> Runs {
     }
 }
 
+impl Marker for CudaEvent {
+    type Error = DriverError;
+    fn reached(&self) -> Result<bool, DriverError> {
+        self.try_is_complete()
+    }
+}
+
+/// An event of `ctx` for a proxy's completions: a spare one, else a new one.
+pub(crate) fn proxy_event(
+    ctx: &Arc<CudaContext>,
+    spare: &mut Vec<CudaEvent>,
+) -> Result<CudaEvent, DriverError> {
+    match spare.pop() {
+        Some(e) => Ok(e),
+        None => ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)),
+    }
+}
+
 impl CudaStaging {
-    /// `bufs`: the layer's counts, recv and comb buffers on `t`, laid out
-    /// as `geo` says; `stop` ends a call in flight once set. Returns the
-    /// staging and the three inboxes.
+    /// The staging of `layer` (on `t`), laid out as `geo` says; `stop`
+    /// ends a call in flight once set, `timeout` bounds how long a call
+    /// may stand still, `wire` is how dispatch rows travel.
     pub fn new<T: Transport>(
         t: &StagedTransport<T>,
         layer: &MoeLayer<StagedTransport<T>>,
         geo: &Geometry,
         stop: Arc<AtomicBool>,
-    ) -> Result<(CudaStaging, [BufferId; 3]), SchedError> {
-        let bufs = layer.symmetric_buffers();
+        timeout: Duration,
+        wire: DispatchWire,
+    ) -> Result<CudaStaging, SchedError> {
+        let view = t.proxy_view(layer.symmetric_buffers())?;
         let rank = t.rank();
         let failed = |what: &str, e: DriverError| SchedError::Device {
             rank,
             message: format!("proxy {what}: {e}"),
         };
-        let [c, r, m] = [t.places(bufs[0])?, t.places(bufs[1])?, t.places(bufs[2])?];
         let image = || -> Result<[PinnedBytes; 3], SchedError> {
             let one = |b: Buf| {
                 PinnedBytes::zeroed(t.context(), geo.bytes(b))
@@ -432,37 +512,29 @@ impl CudaStaging {
         let landing = image()?;
         let order = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
             .map_err(|e| failed("allocate pinned send order", e))?;
-        let inbox = [c.2, r.2, m.2].map(|id| register_inbox(t, id));
-        let st = t.state();
-        let sig = st
-            .signals
-            .as_ref()
-            .ok_or_else(|| t.not_allocated("signals".into()))?;
-        Ok((
-            CudaStaging {
-                rank,
-                stop,
-                downloads: Arc::clone(&t.s.downloads),
-                landings: t.comm_stream(),
-                raise: HostSignal::new(t.context()),
-                own: [c.0, r.0, m.0],
-                mirrors: [c.1, r.1, m.1],
-                ready: sig.ready.clone(),
-                signals: sig.own.ptr(),
-                send,
-                landing,
-                inbox,
-                order_dev: layer.send_order_ptr(),
-                order,
-                kernels: Arc::clone(&layer.kernels().forward),
-                row_bytes: geo.row_bytes,
-                pending: VecDeque::new(),
-                spare: Vec::new(),
-                next: 0,
-                finished: 0,
-            },
-            [c.2, r.2, m.2],
-        ))
+        let inbox = view.inbox.map(|id| register_inbox(t, id));
+        Ok(CudaStaging {
+            rank,
+            geo: *geo,
+            timeout,
+            wire,
+            stop,
+            downloads: Arc::clone(&t.s.downloads),
+            landings: t.comm_stream(),
+            raise: HostSignal::new(t.context()),
+            view,
+            send,
+            landing,
+            inbox,
+            order_dev: layer.send_order_ptr(),
+            order,
+            kernels: Arc::clone(&layer.kernels().forward),
+            row_bytes: geo.row_bytes,
+            pending: StreamQueue::default(),
+            spare: Vec::new(),
+            next: 0,
+            finished: 0,
+        })
     }
 
     /// Waits for everything enqueued on both streams.
@@ -483,16 +555,10 @@ impl CudaStaging {
     /// Raises this rank's signal `signal` to `value` on the landing stream,
     /// behind the landing just enqueued there.
     fn raise_after_landing(&self, signal: usize, value: u64) -> Result<(), SchedError> {
-        // SAFETY: `signal` indexes this rank's signal array (the plan's
-        // signals are below the count the layer allocated).
-        unsafe {
-            self.raise.raise(
-                &self.landings,
-                self.signals + 8 * signal as u64,
-                SignalOp::Set(value),
-            )
-        }
-        .map_err(|e| self.failed("raise signal", e))
+        let at = self.view.signal_at(self.rank, signal)?;
+        // SAFETY: `at` is a word of this rank's signal array (checked).
+        unsafe { self.raise.raise(&self.landings, at, SignalOp::Set(value)) }
+            .map_err(|e| self.failed("raise signal", e))
     }
 
     fn send_image(&self, to: usize, buf: Buf) -> Result<&PinnedBytes, SchedError> {
@@ -506,14 +572,11 @@ impl CudaStaging {
 
 impl StagedDevice for CudaStaging {
     fn ready(&self, to: usize, signal: usize) -> u64 {
-        self.ready
-            .get(to)
-            .and_then(Option::as_ref)
-            .map_or(0, |w| w.load(signal))
+        self.view.ready(to, signal)
     }
 
     fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError> {
-        let base = self.mirrors[region.buf.index()][to];
+        let base = self.view.mirrors[region.buf.index()][to];
         let dst = self.send_image(to, region.buf)?;
         if wire + region.bytes() > dst.len() {
             return Err(self.failed(
@@ -536,35 +599,21 @@ impl StagedDevice for CudaStaging {
             )
         }
         .map_err(|e| self.failed("download", e))?;
-        let event = match self.spare.pop() {
-            Some(e) => e,
-            None => self
-                .downloads
-                .context()
-                .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
-                .map_err(|e| self.failed("create event", e))?,
-        };
+        let event = proxy_event(self.downloads.context(), &mut self.spare)
+            .map_err(|e| self.failed("create event", e))?;
         event
             .record(&self.downloads)
             .map_err(|e| self.failed("record download", e))?;
         self.next += 1;
-        self.pending.push_back((self.next, event));
+        self.pending.push(self.next, event);
         Ok(self.next)
     }
 
     fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError> {
-        while let Some((t, e)) = self.pending.front() {
-            if !e
-                .try_is_complete()
-                .map_err(|e| self.failed("download", e))?
-            {
-                break;
-            }
-            self.finished = *t;
-            if let Some((_, e)) = self.pending.pop_front() {
-                self.spare.push(e);
-            }
-        }
+        let mut finished = self.finished;
+        let looked = self.pending.pop_reached(&mut self.spare, |t| finished = t);
+        self.finished = finished;
+        looked.map_err(|e| self.failed("download", e))?;
         Ok(ticket <= self.finished)
     }
 
@@ -607,7 +656,7 @@ impl StagedDevice for CudaStaging {
         if place.index + 4 * rows > inbox.len() || tokens_end > inbox.len() {
             return Err(self.failed("land tokens", format!("{place:?} past the inbox")));
         }
-        let dst = self.own[b] + region.offset as u64;
+        let dst = self.view.own[b] + region.offset as u64;
         // SAFETY: the destination is `rows` whole rows inside this rank's
         // own recv buffer (region, as in download); the index array and
         // every slot it names (checked by the proxy against the pair's
@@ -653,7 +702,7 @@ impl StagedDevice for CudaStaging {
                 format!("{} bytes at {wire} past the {from:?}", region.bytes()),
             ));
         }
-        let dst = self.own[b] + region.offset as u64;
+        let dst = self.view.own[b] + region.offset as u64;
         // SAFETY: `region` lies inside this rank's own buffer (as in
         // download); the source is inside the pinned landing image or the
         // registered inbox (checked), whose bytes at `wire` no other piece
@@ -721,55 +770,38 @@ fn register_inbox<T: Transport>(
     }
 }
 
-/// The proxy thread's life: every call handed over, in order, until the
-/// channel closes; its stream drained before it ends, so the layer's
-/// memory is not freed under a landing.
-fn run_proxy<T: Transport>(
-    t: &StagedTransport<T>,
-    geo: Geometry,
-    inbox: [BufferId; 3],
-    timeout: Duration,
-    wire: DispatchWire,
-    mut dev: CudaStaging,
-    epochs: &mpsc::Receiver<u64>,
-) -> Result<(), SchedError> {
-    let rank = t.rank();
-    let device = |what: &str, e: DriverError| SchedError::Device {
-        rank,
-        message: format!("proxy {what}: {e}"),
-    };
-    t.context()
-        .bind_to_thread()
-        .map_err(|e| device("bind context", e))?;
-    cuda::relax_capture_mode().map_err(|e| device("relax capture mode", e))?;
-    let mut proxy = StagedProxy::new(t.inner(), geo, inbox, timeout, wire)?;
-    let mut run = || -> Result<(), SchedError> {
-        for epoch in epochs.iter() {
-            let stats = proxy.call(&mut dev, epoch)?;
+/// The staged proxy's life on its thread: every call handed over, in
+/// order, until the channel closes; its streams drained before it ends,
+/// so the layer's memory is not freed under a landing (and the inboxes'
+/// registrations, dropped with the staging, outlive every copy).
+impl<T: Transport + 'static> ProxyRun<T> for CudaStaging {
+    fn run(
+        mut self,
+        t: &StagedTransport<T>,
+        epochs: &mpsc::Receiver<u64>,
+    ) -> Result<(), SchedError> {
+        let rank = self.rank;
+        let mut proxy = StagedProxy::new(
+            t.inner(),
+            self.geo,
+            self.view.inbox,
+            self.timeout,
+            self.wire,
+        )?;
+        let ran = epochs.iter().try_for_each(|epoch| {
+            let stats = proxy.call(&mut self, epoch)?;
             tracing::trace!(rank, epoch, ?stats, "proxy call done");
-        }
-        Ok(())
-    };
-    let ran = run();
-    dev.drain().and(ran)
-}
-
-/// The device layer over a [`StagedTransport`], with its proxy thread. As
-/// for [`MoeLayer`], drop it only after `check` and a barrier; dropping it
-/// stops the proxy's call in flight at once and waits for its thread.
-pub struct StagedLayer<T: Transport + 'static> {
-    layer: MoeLayer<StagedTransport<T>>,
-    calls: Option<mpsc::Sender<u64>>,
-    proxy: Option<JoinHandle<()>>,
-    failure: Arc<Mutex<Option<SchedError>>>,
-    stop: Arc<AtomicBool>,
-    /// Calls handed to the proxy (it follows `MoeLayer::calls`).
-    epoch: u64,
+            Ok(())
+        });
+        self.drain().and(ran)
+    }
 }
 
 impl<T: Transport + 'static> StagedLayer<T> {
     /// Collective, as [`MoeLayer::new`]; rank `inner.rank()` runs on
-    /// device `ordinal`.
+    /// device `ordinal`, its pieces staged through host memory over
+    /// `inner` (UCX, the local transport). Over NCCL: `over_nccl`
+    /// (`crate::nccl_device`, feature `nccl`).
     pub fn new(
         cfg: &MoeConfig,
         capacity: usize,
@@ -778,211 +810,21 @@ impl<T: Transport + 'static> StagedLayer<T> {
         kernels: &LayerKernels,
         opts: &LayerOptions,
     ) -> Result<Self, SchedError> {
-        let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
-        let layer = MoeLayer::new(cfg, capacity, t.clone(), kernels, opts)?;
-        let geo = Geometry::of(layer.plan());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (dev, inbox) = CudaStaging::new(&t, &layer, &geo, Arc::clone(&stop))?;
-        let (calls, epochs) = mpsc::channel::<u64>();
-        let failure = Arc::new(Mutex::new(None));
-        let failed = Arc::clone(&failure);
-        let (timeout, wire) = (opts.timeout, opts.dispatch_wire);
-        let rank = t.rank();
-        let proxy = std::thread::Builder::new()
-            .name(format!("comet-proxy-{rank}"))
-            .spawn(move || {
-                // The error is stored before `epochs` goes, so a forward
-                // that finds the channel closed finds the cause too.
-                if let Err(e) = run_proxy(&t, geo, inbox, timeout, wire, dev, &epochs) {
-                    tracing::debug!(rank, error = %e, "proxy stopped");
-                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                }
-                drop(epochs);
-            })
-            .map_err(|e| SchedError::Device {
-                rank,
-                message: format!("start proxy thread: {e}"),
-            })?;
-        Ok(StagedLayer {
-            layer,
-            calls: Some(calls),
-            proxy: Some(proxy),
-            failure,
-            stop,
-            epoch: 0,
-        })
-    }
-
-    pub fn layer(&self) -> &MoeLayer<StagedTransport<T>> {
-        &self.layer
-    }
-
-    /// As [`MoeLayer::time_phases`].
-    pub fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
-        self.layer.time_phases(on)
-    }
-
-    /// As [`MoeLayer::gemms_only`] (no call of the protocol).
-    ///
-    /// # Safety
-    /// As [`MoeLayer::gemms_only`].
-    pub unsafe fn gemms_only(
-        &mut self,
-        stream: CUstream,
-        a: &ForwardArgs,
-    ) -> Result<(), SchedError> {
-        // SAFETY: forwarded contract.
-        unsafe { self.layer.gemms_only(stream, a) }
-    }
-
-    /// As [`MoeLayer::poison`], and this rank's mirrors of the peers'
-    /// receive and combine buffers too (a piece sent before the kernels
-    /// wrote it shows up).
-    ///
-    /// # Safety
-    /// As [`MoeLayer::poison`].
-    pub unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
-        // SAFETY: forwarded contract; the mirrors are this transport's.
-        unsafe {
-            self.layer.poison(stream)?;
-            self.layer
-                .transport()
-                .poison_mirrors(stream, self.layer.symmetric_buffers())
-        }
-    }
-
-    /// As [`MoeLayer::layout_tables`].
-    ///
-    /// # Safety
-    /// As [`MoeLayer::layout_tables`].
-    pub unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
-        // SAFETY: forwarded contract.
-        let t = unsafe { self.layer.layout_tables(stream) };
-        // A proxy failure is the cause of whatever the tables show.
-        self.proxy_failure()?;
-        t
-    }
-
-    pub fn plan(&self) -> &DevicePlan {
-        self.layer.plan()
-    }
-
-    pub fn rank(&self) -> usize {
-        self.layer.rank()
-    }
-
-    pub fn set_mode(&mut self, mode: ExecMode) {
-        self.layer.set_mode(mode);
-    }
-
-    /// The proxy's error, once it has stopped on one (it stays stopped).
-    fn proxy_failure(&self) -> Result<(), SchedError> {
-        let f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        match f.as_ref() {
-            None => Ok(()),
-            Some(e) => Err(SchedError::Device {
-                rank: self.rank(),
-                message: format!("the staged proxy stopped: {e}"),
-            }),
-        }
-    }
-
-    /// As [`MoeLayer::forward`], and hands the call to the proxy.
-    ///
-    /// # Safety
-    /// As [`MoeLayer::forward`].
-    pub unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
-        // SAFETY: forwarded contract.
-        unsafe { self.call(stream, a, false) }
-    }
-
-    /// As [`MoeLayer::comms_only`], and hands the call to the proxy.
-    ///
-    /// # Safety
-    /// As [`MoeLayer::forward`].
-    pub unsafe fn comms_only(
-        &mut self,
-        stream: CUstream,
-        a: &ForwardArgs,
-    ) -> Result<(), SchedError> {
-        // SAFETY: forwarded contract.
-        unsafe { self.call(stream, a, true) }
-    }
-
-    /// One call of the protocol (the whole layer, or its communication
-    /// only), enqueued and then handed to the proxy.
-    unsafe fn call(
-        &mut self,
-        stream: CUstream,
-        a: &ForwardArgs,
-        comms: bool,
-    ) -> Result<(), SchedError> {
-        self.proxy_failure()?;
-        let rank = self.rank();
-        let device = |what: &str, e: DriverError| SchedError::Device {
-            rank,
-            message: format!("{what}: {e}"),
-        };
-        self.layer
-            .transport()
-            .context()
-            .bind_to_thread()
-            .map_err(|e| device("bind context", e))?;
-        // A replayed graph would run the kernels without the proxy.
-        // SAFETY: `stream` is live (the caller's contract).
-        if unsafe { cuda::is_capturing(stream) }.map_err(|e| device("query stream capture", e))? {
+        let rank = inner.rank();
+        if inner.capabilities().name == "nccl" {
             return Err(SchedError::Input {
                 rank,
-                message: "a staged layer's calls cannot be captured in a CUDA graph: its proxy \
-                          must see every call"
+                message: "NCCL moves nothing at a put: its layer is built by \
+                          StagedLayer::over_nccl (nccl_device)"
                     .into(),
             });
         }
-        // SAFETY: forwarded contract.
-        let enqueued = unsafe {
-            if comms {
-                self.layer.comms_only(stream, a)
-            } else {
-                self.layer.forward(stream, a)
-            }
-        };
-        // Every call whose route went out bumped the device's epoch, even
-        // if a later phase failed: the proxy follows each of them.
-        while self.epoch < self.layer.calls() {
-            self.epoch += 1;
-            let sent = self.calls.as_ref().map(|c| c.send(self.epoch));
-            if sent.is_none_or(|s| s.is_err()) {
-                self.proxy_failure()?;
-                return Err(SchedError::Device {
-                    rank,
-                    message: "the staged proxy thread is gone".into(),
-                });
-            }
-        }
-        enqueued
-    }
-
-    /// As [`MoeLayer::check`]; a proxy error comes first (it is the cause
-    /// of the kernels' timeouts that follow it).
-    ///
-    /// # Safety
-    /// As [`MoeLayer::check`].
-    pub unsafe fn check(&mut self, stream: CUstream) -> Result<CallInfo, SchedError> {
-        // SAFETY: forwarded contract.
-        let r = unsafe { self.layer.check(stream) };
-        self.proxy_failure()?;
-        r
-    }
-}
-
-impl<T: Transport + 'static> Drop for StagedLayer<T> {
-    fn drop(&mut self) {
-        // Closing the channel ends the proxy's loop; the stop flag ends the
-        // call in flight, if any, at once.
-        self.stop.store(true, Ordering::Release);
-        self.calls = None;
-        if let Some(h) = self.proxy.take() {
-            let _ = h.join();
-        }
+        let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
+        let layer = MoeLayer::new(cfg, capacity, t, kernels, opts)?;
+        let (timeout, wire) = (opts.timeout, opts.dispatch_wire);
+        StagedLayer::with_proxy(layer, |layer, stop| {
+            let geo = Geometry::of(layer.plan());
+            CudaStaging::new(layer.transport(), layer, &geo, stop, timeout, wire)
+        })
     }
 }

@@ -3,7 +3,9 @@
 //! ([`crate::forward::MoeLayer`], kernels store into the peers), or staged
 //! through host memory over the local transport
 //! ([`crate::staged_device::StagedLayer`], a proxy thread per rank carries
-//! the bytes): what the GPU tests and `comet bench --gpu` drive. Each rank owns
+//! the bytes); or this process's one rank of a world of processes, staged
+//! over UCX or carried by NCCL (feature `nccl`): what the GPU tests and
+//! `comet bench --gpu` drive. Each rank owns
 //! its stream and capacity-sized device tensors (x, ids, weights, y and
 //! its experts); [`DeviceWorld::forward`] enqueues every rank's call and
 //! returns, [`DeviceWorld::check`] waits and reports the root cause of any
@@ -332,6 +334,34 @@ impl DeviceWorld {
                     cfg, capacity, t, ordinal, k, lo,
                 )?))
             },
+            capacity,
+        )
+    }
+
+    /// The one rank of this process in a world of processes over NCCL, one
+    /// GPU each (`inner`'s device): the kernels over mirrors and ready
+    /// words, its pieces carried by NCCL through a proxy thread
+    /// ([`crate::nccl_device::NcclLayer`]). Collective over `inner`'s
+    /// world.
+    #[cfg(feature = "nccl")]
+    pub fn nccl_over(
+        cfg: &MoeConfig,
+        inner: comet_transport::nccl::NcclTransport,
+        capacity: usize,
+        weights: WorldWeights<'_>,
+        opts: &LayerOptions,
+    ) -> Result<DeviceWorld, SchedError> {
+        cfg.validate()?;
+        let ordinal = inner.device_ordinal();
+        let ctx = Arc::clone(inner.context());
+        Self::build(
+            cfg,
+            &[ordinal],
+            &[ctx],
+            vec![inner],
+            weights,
+            opts,
+            |t, k, lo| Ok(Box::new(StagedLayer::over_nccl(cfg, capacity, t, k, lo)?)),
             capacity,
         )
     }

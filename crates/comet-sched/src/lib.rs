@@ -25,6 +25,8 @@ pub mod device_world;
 pub mod error;
 #[cfg(feature = "gpu")]
 pub mod forward;
+#[cfg(feature = "nccl")]
+pub mod nccl_device;
 pub mod nccl_proxy;
 mod protocol;
 #[cfg(feature = "gpu")]

@@ -1,5 +1,6 @@
-//! Worlds of processes of a test binary over UCX, shared by the staged
-//! proxy's CPU tests and the staged layer's GPU tests: each rank is one
+//! Worlds of processes of a test binary (over UCX, or any transport that
+//! bootstraps from the launcher's environment), shared by the staged
+//! proxy's CPU tests and the proxied layer's GPU tests (UCX, NCCL): each rank is one
 //! `#[ignore]`d entry test of the binary, inert unless the launcher set
 //! `COMET_TEST_SCENARIO`, which prints `marker(rank, scenario)` once it ran
 //! to its end; a rank that kills itself mid-layer must leave every other
@@ -23,6 +24,27 @@ pub fn launch_world(
     on_failure: OnFailure,
     timeout: Duration,
 ) -> Result<LaunchReport, LaunchError> {
+    // UCX 1.13's shared-memory transports cannot report peer failures.
+    let peer_errors = if tls.starts_with("tcp") { "1" } else { "0" };
+    let env = [
+        ("UCX_TLS", tls),
+        ("COMET_UCX_PEER_ERRORS", peer_errors),
+        ("COMET_UCX_TIMEOUT_S", "60"),
+    ];
+    launch_ranks(entry, scenario, world, &env, on_failure, timeout)
+}
+
+/// Runs `world` ranks of this binary's `entry` test with `env` (and
+/// `COMET_TEST_SCENARIO`, `NCCL_NVLS_ENABLE=0`), each through the
+/// torchrun-style bootstrap of the launcher.
+pub fn launch_ranks(
+    entry: &str,
+    scenario: &str,
+    world: usize,
+    env: &[(&str, &str)],
+    on_failure: OnFailure,
+    timeout: Duration,
+) -> Result<LaunchReport, LaunchError> {
     let exe = std::env::current_exe().expect("test binary path");
     let args = [
         entry,
@@ -32,15 +54,8 @@ pub fn launch_world(
         "--test-threads=1",
     ];
     let mut cfg = LaunchConfig::new(world, exe).args(args.map(String::from).to_vec());
-    // UCX 1.13's shared-memory transports cannot report peer failures.
-    let peer_errors = if tls.starts_with("tcp") { "1" } else { "0" };
-    for (k, v) in [
-        ("COMET_TEST_SCENARIO", scenario),
-        ("UCX_TLS", tls),
-        ("COMET_UCX_PEER_ERRORS", peer_errors),
-        ("COMET_UCX_TIMEOUT_S", "60"),
-        ("NCCL_NVLS_ENABLE", "0"),
-    ] {
+    let fixed = [("COMET_TEST_SCENARIO", scenario), ("NCCL_NVLS_ENABLE", "0")];
+    for (k, v) in fixed.iter().chain(env) {
         cfg = cfg.env(k, v);
     }
     cfg.timeout = Some(timeout);

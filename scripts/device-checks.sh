@@ -9,13 +9,14 @@
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
 #   bash scripts/device-checks.sh ucxbench # qwen2-moe, mixtral over UCX processes
 #   bash scripts/device-checks.sh wire    # token-once vs per-row dispatch over UCX
+#   bash scripts/device-checks.sh nccl    # the layer over NCCL, 2+ GPUs (test, bench)
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 # Each step prints its summary lines and `=== rc=N`; full logs go to $OUT
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh tests|ucx|bench|ucxbench|wire|qwen|py}
+part=${1:?usage: device-checks.sh tests|ucx|bench|ucxbench|wire|nccl|qwen|py}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -62,6 +63,12 @@ wire)
     done
   done
   ;;
+nccl)
+  # One GPU per rank (a machine of 2 or more): the layer over NCCL against
+  # the reference (it says "skipped" on fewer GPUs), then qwen2-moe timed.
+  step gpu_nccl_layer tests gpu_nccl_layer 420
+  step bench-nccl bash -c "timeout 170 $R comet launch -n 2 -- .bundle/comet bench $B --transport nccl 2>&1 | tee $O/bench_nccl.md | grep -E '^[|]|^phases'"
+  ;;
 qwen)
   # Issue 13's open ratio (qwen2-moe, one rank, 16384 tokens: fused /
   # GEMM-only 1.08 against 1.05), with where a sequential call's time goes.
@@ -77,7 +84,7 @@ py)
   done
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (tests, ucx, bench, ucxbench, wire, qwen or py)" >&2
+  echo "device-checks.sh: unknown part $part (tests, ucx, bench, ucxbench, wire, nccl, qwen or py)" >&2
   exit 2
   ;;
 esac

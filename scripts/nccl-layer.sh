@@ -3,27 +3,26 @@
 # ranks on one GPU, so this cannot run on one). Run from the repository
 # root with a Rust toolchain; results go to OUTDIR:
 #   scripts/nccl-layer.sh [OUTDIR]
-# What runs today:
+# Steps:
 #   1. the NCCL proxy's logic on CPU (comet-sched's nccl_proxy tests, and
-#      proxy_plan's, which derives the pieces it schedules);
+#      proxy_plan's, which derives the pieces it schedules; the lanes'
+#      splits and addresses);
 #   2. the nccl transport with G ranks (threads and processes) on the GPUs;
-#   3. the nccl rows of `comet bench transport` (GPUs 0 and 1).
-# What does not exist yet, and so is not run: the whole layer over NCCL.
-# MoeLayer needs a transport that maps peers (nvlink); its NCCL path needs
-# the proxy thread beside MoeLayer::forward driving comet_sched::nccl_proxy,
-# ready words in mapped pinned memory, one lane (communicator and stream)
-# per ordered pair, packing of combine chunks before their sends, receive
-# staging and the landing copies with their signal raises. The kernels and
-# their buffer layout stay as they are (comet_sched::proxy_plan), as under
-# comet_sched::staged_device::StagedLayer over host-memory transports. Once
-# these exist, step 4 becomes e.g.
-#   comet bench layer --gpu --transport nccl --preset qwen2-moe
-# (a flag that `comet bench layer` does not have today).
+#   3. the nccl rows of `comet bench transport` (GPUs 0 and 1);
+#   4. the whole layer over NCCL (comet_sched::nccl_device::NcclLayer: the
+#      kernels over mirrors and ready words, a proxy thread per rank driving
+#      comet_sched::nccl_proxy over a communicator and stream per ordered
+#      pair): 4a. its GPU test, 2 processes on 2 GPUs (and min(G, 4))
+#      against the f64 reference; 4b. `comet bench --gpu --transport nccl`
+#      under `comet launch -n 2`, qwen2-moe.
 set -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 O=${1:-${OUT:-/tmp/comet-nccl-out}}
 mkdir -p "$O"
 export NCCL_NVLS_ENABLE=0
+# Every stream its own hardware queue: a landing queued behind a kernel
+# that spins waiting for it would stall until the timeout.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 G=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$G" -lt 2 ]; then
   echo "nccl-layer: $G GPU(s) here; NCCL needs one GPU per rank, so this needs 2 or more" >&2
@@ -40,12 +39,15 @@ step() {
   local name=$1 log=$2; shift 2
   echo "=== $name"
   "$@" >"$O/$log.log" 2>&1; local r=$?
-  grep -E '^test |test result|panicked|nccl|GB/s' "$O/$log.log"
+  grep -E '^test |test result|panicked|nccl|GB/s|^[|]|^phases|skipped' "$O/$log.log"
   echo "=== rc=$r"; [ $r -eq 0 ] || rc=$r
 }
-step "1. proxy logic (CPU)" proxy_logic cargo test -p comet-sched --test nccl_proxy
-step "1b. piece plan (CPU)" proxy_plan cargo test -p comet-sched --lib proxy_plan
+step "1. proxy logic (CPU)" proxy_logic cargo test -p comet-sched --test nccl_proxy --test nccl_driver
+step "1b. piece plan and lanes (CPU)" proxy_plan cargo test -p comet-sched --lib -- proxy_plan nccl_proxy stream_queue
 step "2. nccl transport, $G ranks" nccl_gpu timeout 600 cargo test --release -p comet-transport --features nccl --test nccl_gpu -- --include-ignored --test-threads=1
 step "3. nccl transport bench" bench timeout 300 cargo run --release -p comet-cli --features nccl -- bench transport --transports nccl --markdown
-echo "=== 4. whole layer over NCCL: pending (see the header), not run"
+step "4a. whole layer over NCCL, 2 processes on 2 GPUs" nccl_layer timeout 600 cargo test --release -p comet-sched --features gpu,nccl --test gpu_nccl_layer -- --include-ignored --test-threads=1
+cargo build --release -p comet-cli --features nccl >"$O/build_cli.log" 2>&1 || rc=1
+C=${CARGO_TARGET_DIR:-target}/release/comet
+step "4b. comet bench --gpu --transport nccl, 2 ranks" layer_bench timeout 400 "$C" launch -n 2 -- "$C" bench --gpu --transport nccl --ranks 2 --preset qwen2-moe --tokens 4096 --iters 3 --phases
 exit $rc

@@ -2,9 +2,9 @@
 //! the driver and CUDA libraries (cudarc loads libcuda, libnvrtc and
 //! libcublas at run time): the `comet` CLI (with the nvlink, nccl and ucx
 //! transports), the GPU test binaries of comet-kernels and comet-sched
-//! (`gpu_layer`, and `gpu_staged_ucx` with the UCX libraries it links,
-//! which GPU machines lack, in lib/), the torch baseline scripts and an
-//! env/run script, in .bundle/ (< 64 MiB).
+//! (`gpu_layer`, `gpu_nccl_layer`, and `gpu_staged_ucx` with the UCX
+//! libraries it links, which GPU machines lack, in lib/), the torch
+//! baseline scripts and an env/run script, in .bundle/ (< 64 MiB).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,6 +76,16 @@ if [[ -d $HERE/lib ]]; then
   LD_LIBRARY_PATH="$HERE/lib:${LD_LIBRARY_PATH}"
   export UCX_MODULE_DIR="$HERE/lib/ucx"
 fi
+# cudarc opens libnccl.so, which NCCL wheels and many installs ship only as
+# libnccl.so.2: link one under that name where none is on the path.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+  NCCL_SO=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so/{print $NF; exit}')
+  [[ -z "$NCCL_SO" && -n "$PYNV" ]] && NCCL_SO=$(ls "$PYNV"/nvidia/nccl/lib/libnccl.so* 2>/dev/null | head -1)
+  if [[ -n "$NCCL_SO" ]]; then
+    mkdir -p /tmp/comet-nccl-lib && ln -sf "$NCCL_SO" /tmp/comet-nccl-lib/libnccl.so
+    LD_LIBRARY_PATH="/tmp/comet-nccl-lib:${LD_LIBRARY_PATH}"
+  fi
+fi
 # Every stream its own hardware queue (the default 8 are shared beyond 8
 # streams, and a staged rank's proxy stream must not queue behind kernels
 # that wait for it).
@@ -85,6 +95,7 @@ export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
 # usage: .bundle/run.sh comet bench gemm | .bundle/run.sh comet-kernels-gpu --ignored --test-threads=1
 #        .bundle/run.sh gpu_layer --ignored --test-threads=1
 #        .bundle/run.sh gpu_staged_ucx --ignored --test-threads=1
+#        .bundle/run.sh gpu_nccl_layer --ignored --test-threads=1   (2+ GPUs)
 exe="$1"; shift
 exec "$HERE/$exe" "$@"
 "#;
@@ -113,7 +124,10 @@ pub fn bundle() -> Result<PathBuf> {
     if !status.success() {
         bail!("building the comet CLI failed");
     }
-    eprintln!("bundle: building the GPU test binaries (comet-kernels gpu, comet-sched gpu_layer)");
+    eprintln!(
+        "bundle: building the GPU test binaries (comet-kernels gpu, comet-sched gpu_layer, \
+         gpu_staged_ucx, gpu_nccl_layer)"
+    );
     let gpu_tests = test_executables(&["-p", "comet-kernels", "--test", "gpu"])?;
     let gpu_test = gpu_tests
         .first()
@@ -140,6 +154,17 @@ pub fn bundle() -> Result<PathBuf> {
     let ucx_test = ucx_tests
         .first()
         .context("no comet-sched gpu_staged_ucx test executable reported")?;
+    let nccl_tests = test_executables(&[
+        "-p",
+        "comet-sched",
+        "--features",
+        "gpu,nccl",
+        "--test",
+        "gpu_nccl_layer",
+    ])?;
+    let nccl_test = nccl_tests
+        .first()
+        .context("no comet-sched gpu_nccl_layer test executable reported")?;
 
     let dir = root.join(".bundle");
     let _ = std::fs::remove_dir_all(&dir);
@@ -149,6 +174,7 @@ pub fn bundle() -> Result<PathBuf> {
         (gpu_test.clone(), "comet-kernels-gpu"),
         (layer_test.clone(), "gpu_layer"),
         (ucx_test.clone(), "gpu_staged_ucx"),
+        (nccl_test.clone(), "gpu_nccl_layer"),
         (
             root.join("scripts/bench_torch_gemm.py"),
             "bench_torch_gemm.py",

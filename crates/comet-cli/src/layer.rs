@@ -74,8 +74,9 @@ pub struct LayerArgs {
     /// threads, kernels store into the peers), `local` (ranks as threads,
     /// each staged through host memory by its proxy: the host path UCX and
     /// NCCL take across nodes), `ucx` (this process is one rank of a world
-    /// started by `comet launch -n W`, staged over UCX). Staged ranks get
-    /// socket-speed link figures for the cost model.
+    /// started by `comet launch -n W`, staged over UCX), `nccl` (likewise,
+    /// one GPU per rank, its pieces carried by NCCL). Ranks staged through
+    /// host memory get socket-speed link figures for the cost model.
     #[arg(long, default_value = "nvlink")]
     pub transport: String,
     /// With a staged --transport (local, ucx), how each proxy sends
@@ -196,12 +197,12 @@ impl LayerArgs {
         }
         match (self.transport.as_str(), self.gpu) {
             ("nvlink", _) => {}
-            ("local" | "ucx", true) => {}
-            ("local" | "ucx", false) => bail!(
+            ("local" | "ucx" | "nccl", true) => {}
+            ("local" | "ucx" | "nccl", false) => bail!(
                 "--transport {} carries the GPU ranks' bytes; it needs --gpu",
                 self.transport
             ),
-            (other, _) => bail!("--transport {other}: expected nvlink, local or ucx"),
+            (other, _) => bail!("--transport {other}: expected nvlink, local, ucx or nccl"),
         }
         if let Some(p) = &self.trace {
             check_trace_path(p)?;

@@ -14,7 +14,9 @@
 //! local transport: the host path of UCX and NCCL, with its copies. With
 //! `--transport ucx` each process of `comet launch -n W` is one rank,
 //! staged over UCX (TCP or shared memory, per `UCX_TLS`), and prints its
-//! own row; the torch layers are not timed there. Correctness is the GPU tests' job (tests/gpu_layer.rs);
+//! own row; the torch layers are not timed there. `--transport nccl` is
+//! the same with one GPU per process, the pieces carried by NCCL
+//! (comet-sched's `NcclLayer`). Correctness is the GPU tests' job (tests/gpu_layer.rs);
 //! here fused and non-overlapped outputs must agree and be finite.
 
 use crate::layer::LayerArgs;
@@ -104,10 +106,11 @@ fn bench_one(
     kind: RoutingKind,
     torch: &mut Option<TorchBaseline>,
 ) -> Result<Row> {
-    let staged = a.transport != "nvlink";
+    let staged = matches!(a.transport.as_str(), "local" | "ucx");
     let mut opts = LayerOptions {
         timeout: Duration::from_secs(a.timeout_s),
-        // Staged ranks talk through host memory: a slow link, not the GPU's.
+        // Staged ranks talk through host memory: a slow link, not the GPU's
+        // (NCCL between GPUs of one node takes NVLink).
         figures: staged.then(DeviceFigures::h200_slow_link),
         dispatch_wire: match a.dispatch.as_str() {
             "rows" => DispatchWire::Rows,
@@ -132,6 +135,7 @@ fn bench_one(
     let mut world = match a.transport.as_str() {
         "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts, None)?,
         "ucx" => ucx_rank(cfg, a.tokens, weights, &mut opts)?,
+        "nccl" => nccl_rank(cfg, a.tokens, weights, &opts)?,
         _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?,
     };
     let overlap = world.ranks()[0].layer.plan().overlap;
@@ -230,7 +234,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let mut torch = match find_script("bench_torch_layer.py") {
         // One process of a launched world holds one rank: no whole-layer
         // torch figure to set beside it.
-        _ if a.transport == "ucx" => None,
+        _ if matches!(a.transport.as_str(), "ucx" | "nccl") => None,
         Some(script) => TorchBaseline::start(&script).context("starting the torch helper")?,
         None => {
             eprintln!("comet bench --gpu: scripts/bench_torch_layer.py not found; torch skipped");
@@ -347,4 +351,51 @@ fn ucx_rank(
     _: &mut LayerOptions,
 ) -> Result<DeviceWorld> {
     anyhow::bail!("--transport ucx: this comet was built without UCX (cargo build -p comet-cli --features ucx)")
+}
+
+/// This process's rank of a world launched by `comet launch -n W` over
+/// NCCL, on the GPU its local rank picks (one GPU per rank: NCCL refuses
+/// two ranks on one).
+#[cfg(feature = "nccl")]
+fn nccl_rank(
+    cfg: &MoeConfig,
+    tokens: usize,
+    weights: WorldWeights<'_>,
+    opts: &LayerOptions,
+) -> Result<DeviceWorld> {
+    use comet_transport::bootstrap::Bootstrap;
+    use comet_transport::nccl::{NcclOptions, NcclTransport};
+    let boot = Bootstrap::from_env()
+        .context("--transport nccl: bootstrap (run under `comet launch -n W`)")?;
+    anyhow::ensure!(
+        boot.world() == cfg.ranks,
+        "--ranks {} but the launched world has {} ranks",
+        cfg.ranks,
+        boot.world()
+    );
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let devices = comet_transport::cuda::device_count();
+    let local = env("LOCAL_RANK").unwrap_or(boot.rank());
+    let local_world = env("LOCAL_WORLD_SIZE").unwrap_or(cfg.ranks);
+    anyhow::ensure!(
+        local_world <= devices && local < devices,
+        "--transport nccl needs one GPU per rank: {local_world} ranks on this node, {devices} GPU(s)"
+    );
+    let t = NcclTransport::new(
+        local,
+        std::sync::Arc::new(boot) as std::sync::Arc<dyn comet_transport::gpu::BlobExchange>,
+        NcclOptions::default(),
+    )
+    .context("--transport nccl: NCCL world")?;
+    Ok(DeviceWorld::nccl_over(cfg, t, tokens, weights, opts)?)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_rank(
+    _: &MoeConfig,
+    _: usize,
+    _: WorldWeights<'_>,
+    _: &LayerOptions,
+) -> Result<DeviceWorld> {
+    anyhow::bail!("--transport nccl: this comet was built without NCCL (cargo build -p comet-cli --features nccl)")
 }

@@ -166,7 +166,7 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
         ),
         (
             vec!["bench", "--gpu", "--transport", "rdma"],
-            "--transport rdma: expected nvlink, local or ucx",
+            "--transport rdma: expected nvlink, local, ucx or nccl",
         ),
         (
             vec!["bench", "--hidden", "0"],

@@ -16,7 +16,8 @@
 //! which [`staged`] carries over host-memory transports in readiness order
 //! (on the GPU: `staged_device`, feature `gpu`) and [`nccl_proxy`]
 //! schedules over NCCL's two-sided send/recv (per pair in one order on both
-//! sides).
+//! sides; on the GPU: `nccl_device`, feature `nccl`); `proxy_layer` runs
+//! either beside the device layer on a thread of its own.
 
 pub mod cpu;
 pub mod device_plan;

@@ -103,12 +103,15 @@ struct LaneOf {
     ops: StreamQueue<Op, CudaEvent>,
 }
 
-/// A rank's lanes: to each peer (by the receiver) and from each peer (by
-/// the sender); none for itself.
+/// A rank's lanes in the order of [`lanes::lane_splits`] (so every rank
+/// connects, and on drop destroys, the lanes it shares with a peer in the
+/// same order), with where to find the lane to each peer and from each
+/// peer; none for itself.
 struct LaneSet {
     rank: usize,
-    sends: Vec<Option<LaneOf>>,
-    recvs: Vec<Option<LaneOf>>,
+    lanes: Vec<LaneOf>,
+    to: Vec<Option<usize>>,
+    from: Vec<Option<usize>>,
 }
 
 impl LaneSet {
@@ -128,8 +131,9 @@ impl LaneSet {
         let scratch = DeviceAlloc::zeroed(&ctx, 16).map_err(|e| device("allocate scratch", e))?;
         let mut set = LaneSet {
             rank: me,
-            sends: (0..w).map(|_| None).collect(),
-            recvs: (0..w).map(|_| None).collect(),
+            lanes: Vec::with_capacity(2 * w.saturating_sub(1)),
+            to: vec![None; w],
+            from: vec![None; w],
         };
         for split in lanes::lane_splits(w) {
             let mine = split.colour_of(me);
@@ -149,13 +153,29 @@ impl LaneSet {
             };
             set.connect(&mut l, &ctx, &scratch, timeout)?;
             tracing::debug!(rank = me, from = lane.from, to = lane.to, "nccl lane up");
+            let at = set.lanes.len();
             if lane.from == me {
-                set.sends[lane.to] = Some(l);
+                set.to[lane.to] = Some(at);
             } else {
-                set.recvs[lane.from] = Some(l);
+                set.from[lane.from] = Some(at);
             }
+            set.lanes.push(l);
         }
         Ok(set)
+    }
+
+    /// The lane this rank sends to `to` on.
+    fn to(&self, to: usize) -> Option<&LaneOf> {
+        self.to.get(to).copied().flatten().map(|i| &self.lanes[i])
+    }
+
+    /// The lane this rank receives from `from` on.
+    fn from(&self, from: usize) -> Option<&LaneOf> {
+        self.from
+            .get(from)
+            .copied()
+            .flatten()
+            .map(|i| &self.lanes[i])
     }
 
     /// Moves 8 bytes over `l` and waits for them (bounded), so NCCL makes
@@ -208,10 +228,6 @@ impl LaneSet {
                 })
             }
         }
-    }
-
-    fn all_mut(&mut self) -> impl Iterator<Item = &mut LaneOf> {
-        self.sends.iter_mut().chain(self.recvs.iter_mut()).flatten()
     }
 }
 
@@ -344,7 +360,7 @@ impl CudaLanes {
     /// Abandons every lane's ops in flight (`ncclCommAbort`): a lane that
     /// waits for a peer that will not come would hold its stream for good.
     fn abort(&mut self) {
-        for l in self.set.all_mut() {
+        for l in &mut self.set.lanes {
             l.comm.abort();
             l.ops.clear(&mut self.spare);
         }
@@ -356,10 +372,8 @@ impl CudaLanes {
     fn idle_within(&self, timeout: Duration) -> Result<bool, SchedError> {
         let streams: Vec<&Arc<CudaStream>> = self
             .set
-            .sends
+            .lanes
             .iter()
-            .chain(&self.set.recvs)
-            .flatten()
             .map(|l| &l.stream)
             .chain([&self.landings])
             .collect();
@@ -431,8 +445,9 @@ impl NcclLanes for CudaLanes {
             _ => None,
         };
         let plan = lanes::send_plan(me, piece, self.span(buf, mirror), staging)?;
-        let l = self.set.sends[to]
-            .as_ref()
+        let l = self
+            .set
+            .to(to)
             .ok_or_else(|| self.misuse(format!("{piece}: no lane to rank {to}")))?;
         let name = format!("lane {me} -> {to}");
         if let Some(src) = plan.pack {
@@ -451,10 +466,10 @@ impl NcclLanes for CudaLanes {
         // after the packing.
         unsafe { l.comm.send(plan.from, plan.len, l.peer, &l.stream) }
             .map_err(|e| lane_err(me, &name, "ncclSend", e))?;
-        let stream = Arc::clone(&l.stream);
+        let (stream, at) = (Arc::clone(&l.stream), self.set.to[to]);
         let e = self.mark(&stream, "record send")?;
-        if let Some(l) = self.set.sends[to].as_mut() {
-            l.ops.push(op, e);
+        if let Some(i) = at {
+            self.set.lanes[i].ops.push(op, e);
         }
         Ok(())
     }
@@ -465,8 +480,9 @@ impl NcclLanes for CudaLanes {
             return Err(self.misuse(format!("rank {me} asked to receive {piece}")));
         }
         let at = lanes::recv_at(me, piece, self.recv_staging[buf.index()])?;
-        let l = self.set.recvs[from]
-            .as_ref()
+        let l = self
+            .set
+            .from(from)
             .ok_or_else(|| self.misuse(format!("{piece}: no lane from rank {from}")))?;
         let name = format!("lane {from} -> {me}");
         // SAFETY: `recv_at` checked the range inside this rank's receive
@@ -475,10 +491,10 @@ impl NcclLanes for CudaLanes {
         // after this call's landings completed.
         unsafe { l.comm.recv(at, piece.region.bytes(), l.peer, &l.stream) }
             .map_err(|e| lane_err(me, &name, "ncclRecv", e))?;
-        let stream = Arc::clone(&l.stream);
+        let (stream, at) = (Arc::clone(&l.stream), self.set.from[from]);
         let e = self.mark(&stream, "record recv")?;
-        if let Some(l) = self.set.recvs[from].as_mut() {
-            l.ops.push(op, e);
+        if let Some(i) = at {
+            self.set.lanes[i].ops.push(op, e);
         }
         Ok(())
     }
@@ -515,13 +531,7 @@ impl NcclLanes for CudaLanes {
         let before = done.len();
         let me = self.rank;
         let spare = &mut self.spare;
-        for l in self
-            .set
-            .sends
-            .iter_mut()
-            .chain(self.set.recvs.iter_mut())
-            .flatten()
-        {
+        for l in &mut self.set.lanes {
             l.ops
                 .pop_reached(spare, |op| done.push(op))
                 .map_err(|e| SchedError::Device {
@@ -537,7 +547,7 @@ impl NcclLanes for CudaLanes {
             })?;
         if done.len() == before {
             // Nothing moved: has a lane failed (a peer gone, a network error)?
-            for l in self.set.all_mut() {
+            for l in &self.set.lanes {
                 let name = format!("lane {} -> {}", l.lane.from, l.lane.to);
                 l.comm
                     .async_error()

@@ -1,6 +1,7 @@
 //! The NCCL side of the host proxy (issue 16, item 3): when one rank posts
 //! which two-sided transfer of a layer call, for the device forward's
-//! kernels running unchanged over local mirrors and ready words.
+//! kernels running unchanged over local mirrors and ready words (on the
+//! GPU: `nccl_device`).
 //!
 //! The pieces are [`crate::proxy_plan`]'s, the ones [`crate::staged`]
 //! carries too, in the kernels' own buffer layout: the count exchange
@@ -61,11 +62,12 @@
 //! over [`NcclLanes`], the device side (ready words, posting sends, recvs
 //! and landings, polling completions), the way `staged` drives its
 //! `StagedDevice`. Host logic only, free of CUDA, tested on CPU against a
-//! simulator of NCCL's matching: the GPU implementation of [`NcclLanes`]
-//! (communicators, lane streams, packing, staging, landings) is not built
-//! yet; [`NcclLanes`]'s docs say what it must do. The mirrors and the ready words
-//! in mapped pinned memory are those `staged_device` already gives the
-//! staged proxy.
+//! simulator of NCCL's matching; [`lanes`] (also CUDA-free, tested on CPU)
+//! lays out a GPU implementation's lanes and the addresses of its ops.
+//! That implementation is `nccl_device::CudaLanes` (features `gpu` and
+//! `nccl`), with the mirrors and the ready words in mapped pinned memory
+//! that `staged_device` gives the staged proxy too; `nccl_device::NcclLayer`
+//! runs the layer with it. [`NcclLanes`]'s docs say what it does.
 
 mod driver;
 pub mod lanes;

@@ -5,9 +5,10 @@
 //!
 //! [`NcclLanes`] is everything the loop needs from the device side, small
 //! enough to implement over a CPU simulator (the tests) and over CUDA and
-//! NCCL (not written yet). The loop never blocks in it: every
-//! method posts or looks and returns, so one thread keeps every lane of the
-//! rank moving. What a GPU implementation must do is on [`NcclLanes`].
+//! NCCL (`crate::nccl_device::CudaLanes`, features `gpu` and `nccl`). The
+//! loop never blocks in it: every method posts or looks and returns, so
+//! one thread keeps every lane of the rank moving. What a GPU
+//! implementation must do is on [`NcclLanes`].
 
 use super::schedule::{Action, Op, PairScheduler, Phase};
 use super::{check_geometry, read_counts};
@@ -23,6 +24,9 @@ use std::time::{Duration, Instant};
 /// should name what failed (the lane, the peer).
 ///
 /// # What a GPU implementation of [`NcclLanes`] must do
+///
+/// (`crate::nccl_device::CudaLanes` does it, with
+/// [`super::lanes`] for the splits and the addresses.)
 ///
 /// - **Lanes.** One NCCL communicator per *ordered* pair `(a, b)` holding
 ///   just `a` and `b`, split from a world communicator with
@@ -67,10 +71,13 @@ use std::time::{Duration, Instant};
 ///
 /// Staging is device memory (NCCL moves device memory; no host copy on
 /// either end). The loop runs on a proxy thread fed each call's epoch, as
-/// `staged_device::StagedLayer` runs its proxy (context bound, capture mode
-/// relaxed). To measure on a GPU: every lane holds an NCCL kernel while its
-/// op waits, taking SMs from the fused kernels; bound that with
-/// `NCCL_MAX_NCHANNELS` (one or two channels suffice per lane).
+/// `proxy_layer::StagedLayer` runs every proxy (context bound, capture
+/// mode relaxed). Every lane holds an NCCL kernel while its op waits, and
+/// the fused kernels spin while they wait for what it brings, so its CTAs
+/// must find SMs the layer leaves free: bound them per lane (the lane
+/// communicators' `maxCTAs`; `NCCL_MAX_NCHANNELS` in the environment
+/// works too) and leave that many SMs to NCCL
+/// (`LayerOptions::reserved_sms`).
 pub trait NcclLanes {
     /// This rank's ready word `signal` for peer `to` (acquire: the bytes of
     /// the mirror it covers are final once its value is seen).

@@ -54,14 +54,15 @@ struct ConfigV217 {
 const UNDEF: c_int = c_int::MIN;
 
 impl ConfigV217 {
-    /// Defaults, but at most `max_ctas` CTAs per NCCL kernel, and resources
-    /// never shared with the parent (a lane must not wait behind another).
+    /// Defaults, but blocking (every call returns with its work enqueued),
+    /// at most `max_ctas` CTAs per NCCL kernel, and resources never shared
+    /// with the parent (a lane must not wait behind another).
     fn new(max_ctas: Option<u32>) -> Self {
         ConfigV217 {
             size: std::mem::size_of::<ConfigV217>(),
             magic: 0xcafe_beef,
             version: 21700,
-            blocking: UNDEF,
+            blocking: 1,
             cga_cluster_size: UNDEF,
             min_ctas: UNDEF,
             max_ctas: max_ctas.map_or(UNDEF, |n| n.clamp(1, 64) as c_int),

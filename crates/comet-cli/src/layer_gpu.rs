@@ -310,6 +310,33 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where this process's rank of a launched world runs: its local rank
+/// and the ranks on its node (torchrun's environment), and the GPUs here.
+#[cfg(any(feature = "ucx", feature = "nccl"))]
+struct Placement {
+    local: usize,
+    local_world: usize,
+    devices: usize,
+}
+
+#[cfg(any(feature = "ucx", feature = "nccl"))]
+impl Placement {
+    /// Rank `rank` of a launched world of `world`, which must be `cfg`'s.
+    fn of(rank: usize, world: usize, cfg: &MoeConfig) -> Result<Placement> {
+        anyhow::ensure!(
+            world == cfg.ranks,
+            "--ranks {} but the launched world has {world} ranks",
+            cfg.ranks
+        );
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        Ok(Placement {
+            local: env("LOCAL_RANK").unwrap_or(rank),
+            local_world: env("LOCAL_WORLD_SIZE").unwrap_or(cfg.ranks),
+            devices: comet_transport::cuda::device_count(),
+        })
+    }
+}
+
 /// This process's rank of a world launched by `comet launch -n W`, staged
 /// over UCX on the GPU its local rank picks (processes on one GPU share
 /// its SMs).
@@ -320,19 +347,13 @@ fn ucx_rank(
     weights: WorldWeights<'_>,
     opts: &mut LayerOptions,
 ) -> Result<DeviceWorld> {
+    use comet_transport::Transport;
     let t = comet_transport::ucx::UcxTransport::from_env()
         .context("--transport ucx: UCX bootstrap (run under `comet launch -n W`)")?;
-    anyhow::ensure!(
-        comet_transport::Transport::world(&t) == cfg.ranks,
-        "--ranks {} but the launched world has {} ranks",
-        cfg.ranks,
-        comet_transport::Transport::world(&t)
-    );
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-    let devices = comet_transport::cuda::device_count().max(1);
-    let local = env("LOCAL_RANK").unwrap_or(comet_transport::Transport::rank(&t));
-    let local_world = env("LOCAL_WORLD_SIZE").unwrap_or(cfg.ranks);
-    opts.ranks_per_gpu = local_world.div_ceil(devices);
+    let p = Placement::of(t.rank(), t.world(), cfg)?;
+    let devices = p.devices.max(1);
+    let local = p.local;
+    opts.ranks_per_gpu = p.local_world.div_ceil(devices);
     Ok(DeviceWorld::staged_over(
         cfg,
         t,
@@ -367,22 +388,15 @@ fn nccl_rank(
     use comet_transport::nccl::{NcclOptions, NcclTransport};
     let boot = Bootstrap::from_env()
         .context("--transport nccl: bootstrap (run under `comet launch -n W`)")?;
+    let p = Placement::of(boot.rank(), boot.world(), cfg)?;
     anyhow::ensure!(
-        boot.world() == cfg.ranks,
-        "--ranks {} but the launched world has {} ranks",
-        cfg.ranks,
-        boot.world()
-    );
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-    let devices = comet_transport::cuda::device_count();
-    let local = env("LOCAL_RANK").unwrap_or(boot.rank());
-    let local_world = env("LOCAL_WORLD_SIZE").unwrap_or(cfg.ranks);
-    anyhow::ensure!(
-        local_world <= devices && local < devices,
-        "--transport nccl needs one GPU per rank: {local_world} ranks on this node, {devices} GPU(s)"
+        p.local_world <= p.devices && p.local < p.devices,
+        "--transport nccl needs one GPU per rank: {} ranks on this node, {} GPU(s)",
+        p.local_world,
+        p.devices
     );
     let t = NcclTransport::new(
-        local,
+        p.local,
         std::sync::Arc::new(boot) as std::sync::Arc<dyn comet_transport::gpu::BlobExchange>,
         NcclOptions::default(),
     )

@@ -316,17 +316,16 @@ impl DeviceWorld {
         weights: WorldWeights<'_>,
         opts: &LayerOptions,
     ) -> Result<DeviceWorld, SchedError> {
-        cfg.validate()?;
         let rank = inner.rank();
         let ctx = cuda::open_context(ordinal).map_err(|e| SchedError::Device {
             rank,
             message: format!("open device {ordinal}: {e}"),
         })?;
-        Self::build(
+        Self::process_rank(
             cfg,
-            &[ordinal],
-            &[ctx],
-            vec![inner],
+            (ordinal, ctx),
+            inner,
+            capacity,
             weights,
             opts,
             |t, k, lo| {
@@ -334,7 +333,6 @@ impl DeviceWorld {
                     cfg, capacity, t, ordinal, k, lo,
                 )?))
             },
-            capacity,
         )
     }
 
@@ -351,9 +349,26 @@ impl DeviceWorld {
         weights: WorldWeights<'_>,
         opts: &LayerOptions,
     ) -> Result<DeviceWorld, SchedError> {
+        let device = (inner.device_ordinal(), Arc::clone(inner.context()));
+        Self::process_rank(cfg, device, inner, capacity, weights, opts, |t, k, lo| {
+            Ok(Box::new(StagedLayer::over_nccl(cfg, capacity, t, k, lo)?))
+        })
+    }
+
+    /// A world of this process's one rank, on `device` (ordinal, context),
+    /// its layer made by `layer` over `inner`.
+    fn process_rank<X: Send>(
+        cfg: &MoeConfig,
+        device: (usize, Arc<CudaContext>),
+        inner: X,
+        capacity: usize,
+        weights: WorldWeights<'_>,
+        opts: &LayerOptions,
+        layer: impl Fn(X, &LayerKernels, &LayerOptions) -> Result<Box<dyn WorldLayer>, SchedError>
+            + Sync,
+    ) -> Result<DeviceWorld, SchedError> {
         cfg.validate()?;
-        let ordinal = inner.device_ordinal();
-        let ctx = Arc::clone(inner.context());
+        let (ordinal, ctx) = device;
         Self::build(
             cfg,
             &[ordinal],
@@ -361,7 +376,7 @@ impl DeviceWorld {
             vec![inner],
             weights,
             opts,
-            |t, k, lo| Ok(Box::new(StagedLayer::over_nccl(cfg, capacity, t, k, lo)?)),
+            layer,
             capacity,
         )
     }

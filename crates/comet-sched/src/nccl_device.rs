@@ -110,6 +110,8 @@ struct LaneOf {
 struct LaneSet {
     rank: usize,
     lanes: Vec<LaneOf>,
+    /// The index of the lane this rank sends to each peer on, and of the
+    /// one it receives from each peer on.
     to: Vec<Option<usize>>,
     from: Vec<Option<usize>>,
 }
@@ -164,20 +166,6 @@ impl LaneSet {
         Ok(set)
     }
 
-    /// The lane this rank sends to `to` on.
-    fn to(&self, to: usize) -> Option<&LaneOf> {
-        self.to.get(to).copied().flatten().map(|i| &self.lanes[i])
-    }
-
-    /// The lane this rank receives from `from` on.
-    fn from(&self, from: usize) -> Option<&LaneOf> {
-        self.from
-            .get(from)
-            .copied()
-            .flatten()
-            .map(|i| &self.lanes[i])
-    }
-
     /// Moves 8 bytes over `l` and waits for them (bounded), so NCCL makes
     /// the pair's connection now; aborts the lane if it does not come up.
     fn connect(
@@ -229,6 +217,11 @@ impl LaneSet {
             }
         }
     }
+}
+
+/// The lane index `by[peer]`, none for a peer outside the world.
+fn lane_at(by: &[Option<usize>], peer: usize) -> Option<usize> {
+    by.get(peer).copied().flatten()
 }
 
 fn nccl_transport_err(
@@ -357,6 +350,14 @@ impl CudaLanes {
         Ok(e)
     }
 
+    /// Records the event of `op`, just posted on lane `i`'s stream.
+    fn posted(&mut self, i: usize, op: Op, what: &str) -> Result<(), SchedError> {
+        let stream = Arc::clone(&self.set.lanes[i].stream);
+        let e = self.mark(&stream, what)?;
+        self.set.lanes[i].ops.push(op, e);
+        Ok(())
+    }
+
     /// Abandons every lane's ops in flight (`ncclCommAbort`): a lane that
     /// waits for a peer that will not come would hold its stream for good.
     fn abort(&mut self) {
@@ -445,10 +446,9 @@ impl NcclLanes for CudaLanes {
             _ => None,
         };
         let plan = lanes::send_plan(me, piece, self.span(buf, mirror), staging)?;
-        let l = self
-            .set
-            .to(to)
+        let i = lane_at(&self.set.to, to)
             .ok_or_else(|| self.misuse(format!("{piece}: no lane to rank {to}")))?;
+        let l = &self.set.lanes[i];
         let name = format!("lane {me} -> {to}");
         if let Some(src) = plan.pack {
             // SAFETY: `send_plan` checked the region inside this rank's
@@ -466,12 +466,7 @@ impl NcclLanes for CudaLanes {
         // after the packing.
         unsafe { l.comm.send(plan.from, plan.len, l.peer, &l.stream) }
             .map_err(|e| lane_err(me, &name, "ncclSend", e))?;
-        let (stream, at) = (Arc::clone(&l.stream), self.set.to[to]);
-        let e = self.mark(&stream, "record send")?;
-        if let Some(i) = at {
-            self.set.lanes[i].ops.push(op, e);
-        }
-        Ok(())
+        self.posted(i, op, "record send")
     }
 
     fn recv(&mut self, op: Op, piece: &Piece) -> Result<(), SchedError> {
@@ -480,10 +475,9 @@ impl NcclLanes for CudaLanes {
             return Err(self.misuse(format!("rank {me} asked to receive {piece}")));
         }
         let at = lanes::recv_at(me, piece, self.recv_staging[buf.index()])?;
-        let l = self
-            .set
-            .from(from)
+        let i = lane_at(&self.set.from, from)
             .ok_or_else(|| self.misuse(format!("{piece}: no lane from rank {from}")))?;
+        let l = &self.set.lanes[i];
         let name = format!("lane {from} -> {me}");
         // SAFETY: `recv_at` checked the range inside this rank's receive
         // staging of the buffer, which no other piece of the call uses
@@ -491,12 +485,7 @@ impl NcclLanes for CudaLanes {
         // after this call's landings completed.
         unsafe { l.comm.recv(at, piece.region.bytes(), l.peer, &l.stream) }
             .map_err(|e| lane_err(me, &name, "ncclRecv", e))?;
-        let (stream, at) = (Arc::clone(&l.stream), self.set.from[from]);
-        let e = self.mark(&stream, "record recv")?;
-        if let Some(i) = at {
-            self.set.lanes[i].ops.push(op, e);
-        }
-        Ok(())
+        self.posted(i, op, "record recv")
     }
 
     fn land(&mut self, op: Op, piece: &Piece, value: u64) -> Result<(), SchedError> {
@@ -619,14 +608,11 @@ impl ProxyRun<NcclTransport> for CudaLanes {
     ) -> Result<(), SchedError> {
         let rank = self.rank;
         let mut proxy = NcclProxy::new(rank, self.geo, self.timeout)?;
-        let mut run = || -> Result<(), SchedError> {
-            for epoch in epochs.iter() {
-                let stats = proxy.call(&mut self, epoch)?;
-                tracing::trace!(rank, epoch, ?stats, "nccl proxy call done");
-            }
-            Ok(())
-        };
-        let ran = run();
+        let ran = epochs.iter().try_for_each(|epoch| {
+            let stats = proxy.call(&mut self, epoch)?;
+            tracing::trace!(rank, epoch, ?stats, "nccl proxy call done");
+            Ok::<_, SchedError>(())
+        });
         if ran.is_err() {
             self.abort();
         }

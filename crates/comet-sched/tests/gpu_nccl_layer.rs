@@ -20,36 +20,28 @@
 mod common;
 
 use comet_core::cost::{CostModel, DeviceFigures};
-use comet_core::reference::{max_error, moe_layer};
-use comet_core::weights::random_tokens;
-use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
+use comet_core::{Dtype, ExpertWeights, MoeConfig};
 use comet_sched::device_plan::DevicePlan;
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::{kernel_tiles_for, LayerOptions};
 use comet_sched::nccl_device::lane_sms;
-use comet_sched::{ExecMode, RankInput};
 use comet_transport::bootstrap::Bootstrap;
 use comet_transport::cuda;
 use comet_transport::gpu::BlobExchange;
 use comet_transport::launch::OnFailure;
 use comet_transport::nccl::ffi::nccl_available;
 use comet_transport::nccl::{NcclOptions, NcclTransport};
+use common::layer::{checked_call, rounded_weights};
 use common::{assert_all_done, launch_ranks, marker};
-use half::bf16;
 use std::sync::Arc;
 use std::time::Duration;
 
 const ENTRY: &str = "gpu_nccl_rank";
-const TOL: f64 = 2e-2;
 const CAP: usize = 160;
 const CALLS: u64 = 24;
 const LIMIT: Duration = Duration::from_secs(300);
 /// SMs of the H200 the figures describe.
 const SMS: usize = 132;
-
-fn round(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
-}
 
 fn cfg(w: usize) -> MoeConfig {
     MoeConfig {
@@ -122,49 +114,16 @@ fn gpu_nccl_rank() {
         "rank {me}: GPU {ordinal}, {} of its SMs to the layer, overlap {}, {} chunk(s)",
         plan.sms, plan.overlap, plan.chunks
     );
-    let all = ExpertWeights::all(&cfg, seed);
-    let all = ExpertWeights {
-        fc1: all.fc1.iter().map(|m| round(m)).collect(),
-        fc2: all.fc2.iter().map(|m| round(m)).collect(),
-        ..all
-    };
-    let kinds = [
-        RoutingKind::Uniform,
-        RoutingKind::Zipf(1.2),
-        RoutingKind::AllToOne,
-        RoutingKind::SomeEmpty,
-        RoutingKind::SilentRank,
-    ];
+    let all = rounded_weights(&cfg, seed);
     for call in 1..=CALLS {
         let tokens = match call % 9 {
             4 => 0,
             8 => CAP,
             _ => 1 + (call as usize * 53 + me * 97) % CAP,
         };
-        let kind = kinds[call as usize % kinds.len()];
-        let routing = Routing::generate(&cfg, me, tokens, kind, seed ^ (call << 8) ^ me as u64);
-        let x = round(&random_tokens(
-            routing.tokens,
-            cfg.hidden,
-            seed + 100 * call + me as u64,
-        ));
-        let input = RankInput { x, routing };
-        let mode = [ExecMode::Fused, ExecMode::Baseline][call as usize % 2];
-        world.set_mode(mode);
-        world
-            .set_inputs(std::slice::from_ref(&input))
-            .expect("inputs");
-        world.poison().expect("poison");
-        if let Err(e) = world.forward().and_then(|_| world.check()) {
-            panic!("rank {me} call {call} {kind:?} {mode:?} T={tokens}: {e}");
+        if let Err(e) = checked_call(&mut world, &all, me, seed, call, tokens) {
+            panic!("rank {me} {e}");
         }
-        let y = &world.outputs().expect("download y")[0];
-        let want = moe_layer(&cfg, &input.x, &input.routing, &all).expect("reference");
-        let err = max_error(y, &want);
-        assert!(
-            err <= TOL,
-            "rank {me} call {call} {kind:?} {mode:?} T={tokens}: max error {err}"
-        );
     }
     world
         .barrier(Duration::from_secs(30))

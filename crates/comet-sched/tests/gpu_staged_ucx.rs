@@ -15,29 +15,21 @@
 mod common;
 
 use comet_core::cost::DeviceFigures;
-use comet_core::reference::{max_error, moe_layer};
-use comet_core::weights::random_tokens;
-use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
+use comet_core::{Dtype, ExpertWeights, MoeConfig};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
-use comet_sched::{ExecMode, RankInput};
 use comet_transport::launch::OnFailure;
 use comet_transport::ucx::UcxTransport;
 use comet_transport::Transport;
+use common::layer::{checked_call, rounded_weights};
 use common::{assert_all_done, assert_victim_named, die, launch_world, marker};
-use half::bf16;
 use std::time::{Duration, Instant};
 
 const ENTRY: &str = "gpu_staged_rank";
-const TOL: f64 = 2e-2;
 const CAP: usize = 160;
 const CALLS: u64 = 30;
 const KILLED_AT: u64 = 3;
 const LIMIT: Duration = Duration::from_secs(300);
-
-fn round(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
-}
 
 /// One rank (inert unless the launcher set `COMET_TEST_SCENARIO`).
 #[test]
@@ -67,19 +59,7 @@ fn gpu_staged_rank() {
     let weights = |r: usize| ExpertWeights::for_rank(&cfg, r, seed);
     let mut world = DeviceWorld::staged_over(&cfg, t, 0, CAP, WorldWeights::Host(&weights), &opts)
         .unwrap_or_else(|e| panic!("rank {me}: setup: {e}"));
-    let all = ExpertWeights::all(&cfg, seed);
-    let all = ExpertWeights {
-        fc1: all.fc1.iter().map(|m| round(m)).collect(),
-        fc2: all.fc2.iter().map(|m| round(m)).collect(),
-        ..all
-    };
-    let kinds = [
-        RoutingKind::Uniform,
-        RoutingKind::Zipf(1.2),
-        RoutingKind::AllToOne,
-        RoutingKind::SomeEmpty,
-        RoutingKind::SilentRank,
-    ];
+    let all = rounded_weights(&cfg, seed);
     let start = Instant::now();
     let mut outcome = Ok(());
     for call in 1..=CALLS {
@@ -95,32 +75,10 @@ fn gpu_staged_rank() {
             }
         }
         let tokens = 1 + (call as usize * 53 + me * 97) % CAP;
-        let kind = kinds[call as usize % kinds.len()];
-        let routing = Routing::generate(&cfg, me, tokens, kind, seed ^ (call << 8) ^ me as u64);
-        let x = round(&random_tokens(
-            routing.tokens,
-            cfg.hidden,
-            seed + 100 * call + me as u64,
-        ));
-        let input = RankInput { x, routing };
-        let mode = [ExecMode::Fused, ExecMode::Baseline][call as usize % 2];
-        world.set_mode(mode);
-        world
-            .set_inputs(std::slice::from_ref(&input))
-            .expect("inputs");
-        world.poison().expect("poison");
-        let ran = world.forward().and_then(|_| world.check());
-        if let Err(e) = ran {
-            outcome = Err(format!("call {call} {kind:?} {mode:?}: {e}"));
+        if let Err(e) = checked_call(&mut world, &all, me, seed, call, tokens) {
+            outcome = Err(e);
             break;
         }
-        let y = &world.outputs().expect("download y")[0];
-        let want = moe_layer(&cfg, &input.x, &input.routing, &all).expect("reference");
-        let err = max_error(y, &want);
-        assert!(
-            err <= TOL,
-            "rank {me} call {call} {kind:?} {mode:?} T={tokens}: max error {err}"
-        );
     }
     match (kill, outcome) {
         (false, Ok(())) => world

@@ -1,11 +1,15 @@
 //! Worlds of processes of a test binary (over UCX, or any transport that
 //! bootstraps from the launcher's environment), shared by the staged
-//! proxy's CPU tests and the proxied layer's GPU tests (UCX, NCCL): each rank is one
-//! `#[ignore]`d entry test of the binary, inert unless the launcher set
+//! proxy's CPU tests and the proxied layer's GPU tests (UCX, NCCL; their
+//! checked calls: [`layer`]): each rank is one `#[ignore]`d entry test of
+//! the binary, inert unless the launcher set
 //! `COMET_TEST_SCENARIO`, which prints `marker(rank, scenario)` once it ran
 //! to its end; a rank that kills itself mid-layer must leave every other
 //! rank with an error naming it.
 #![allow(dead_code)]
+
+#[cfg(feature = "gpu")]
+pub mod layer;
 
 use comet_transport::launch::{launch, LaunchConfig, LaunchError, LaunchReport, OnFailure};
 use std::time::Duration;

@@ -1,0 +1,73 @@
+//! One checked call of a multi-process GPU test's rank (the staged layer
+//! over UCX, the layer over NCCL): this rank's input for the call (the
+//! routing kind and the mode change with it), outputs poisoned, the call
+//! run and waited for, y against the f64 reference on the bf16-rounded
+//! weights.
+
+use comet_core::reference::{max_error, moe_layer};
+use comet_core::weights::random_tokens;
+use comet_core::{ExpertWeights, MoeConfig, Routing, RoutingKind};
+use comet_sched::device_world::DeviceWorld;
+use comet_sched::{ExecMode, RankInput};
+use half::bf16;
+
+/// `max |y - ref| / (1 + |ref|)` allowed (bf16 activations and outputs).
+pub const TOL: f64 = 2e-2;
+
+fn round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+/// Every rank's experts of `seed`, rounded to bf16 as the GPU gets them.
+pub fn rounded_weights(cfg: &MoeConfig, seed: u64) -> ExpertWeights {
+    let all = ExpertWeights::all(cfg, seed);
+    ExpertWeights {
+        fc1: all.fc1.iter().map(|m| round(m)).collect(),
+        fc2: all.fc2.iter().map(|m| round(m)).collect(),
+        ..all
+    }
+}
+
+/// Call `call` of rank `me` with `tokens` tokens, checked. An error of the
+/// layer comes back (naming the call); a wrong y panics.
+pub fn checked_call(
+    world: &mut DeviceWorld,
+    all: &ExpertWeights,
+    me: usize,
+    seed: u64,
+    call: u64,
+    tokens: usize,
+) -> Result<(), String> {
+    let cfg = world.cfg.clone();
+    let kinds = [
+        RoutingKind::Uniform,
+        RoutingKind::Zipf(1.2),
+        RoutingKind::AllToOne,
+        RoutingKind::SomeEmpty,
+        RoutingKind::SilentRank,
+    ];
+    let kind = kinds[call as usize % kinds.len()];
+    let routing = Routing::generate(&cfg, me, tokens, kind, seed ^ (call << 8) ^ me as u64);
+    let x = round(&random_tokens(
+        routing.tokens,
+        cfg.hidden,
+        seed + 100 * call + me as u64,
+    ));
+    let input = RankInput { x, routing };
+    let mode = [ExecMode::Fused, ExecMode::Baseline][call as usize % 2];
+    world.set_mode(mode);
+    world
+        .set_inputs(std::slice::from_ref(&input))
+        .expect("inputs");
+    world.poison().expect("poison");
+    let what = format!("call {call} {kind:?} {mode:?} T={tokens}");
+    world
+        .forward()
+        .and_then(|_| world.check())
+        .map_err(|e| format!("{what}: {e}"))?;
+    let y = &world.outputs().expect("download y")[0];
+    let want = moe_layer(&cfg, &input.x, &input.routing, all).expect("reference");
+    let err = max_error(y, &want);
+    assert!(err <= TOL, "rank {me} {what}: max error {err}");
+    Ok(())
+}

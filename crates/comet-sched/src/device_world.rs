@@ -537,7 +537,6 @@ impl DeviceWorld {
         first.map_or(Ok(infos), Err)
     }
 
-    /// Each rank's y as f32 (`tokens x hidden`).
     /// Times the phases of every rank's sequential calls from now on (or
     /// stops): see [`MoeLayer::time_phases`].
     pub fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
@@ -583,6 +582,7 @@ impl DeviceWorld {
         })
     }
 
+    /// Each rank's y as f32 (`tokens x hidden`).
     pub fn outputs(&self) -> Result<Vec<Vec<f32>>, SchedError> {
         let h = self.cfg.hidden;
         self.ranks
@@ -623,8 +623,7 @@ impl DeviceWorld {
     }
 }
 
-/// A device wait that timed out (or a driver failure): possibly only the
-/// consequence of another rank's error.
+/// One device ordinal per rank.
 fn check_ordinals(cfg: &MoeConfig, ordinals: &[usize]) -> Result<(), SchedError> {
     if ordinals.len() != cfg.ranks {
         return Err(SchedError::Input {
@@ -635,6 +634,8 @@ fn check_ordinals(cfg: &MoeConfig, ordinals: &[usize]) -> Result<(), SchedError>
     Ok(())
 }
 
+/// A device wait that timed out (or a driver failure): possibly only the
+/// consequence of another rank's error.
 fn may_be_consequence(e: &SchedError) -> bool {
     matches!(e, SchedError::Device { .. })
 }

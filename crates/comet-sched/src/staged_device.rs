@@ -454,6 +454,11 @@ pub struct CudaStaging {
     finished: Ticket,
 }
 
+/// Whether `len` bytes at `at` lie inside `cap` bytes (no overflow).
+fn fits(at: usize, len: usize, cap: usize) -> bool {
+    at.checked_add(len).is_some_and(|end| end <= cap)
+}
+
 /// The copy of `r`'s runs.
 pub(crate) fn runs(r: Region) -> Runs {
     Runs {
@@ -576,9 +581,13 @@ impl StagedDevice for CudaStaging {
     }
 
     fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError> {
-        let base = self.view.mirrors[region.buf.index()][to];
+        let base = self.view.mirrors[region.buf.index()]
+            .get(to)
+            .copied()
+            .filter(|&m| m != 0)
+            .ok_or_else(|| self.failed("download", format!("no mirror of rank {to}")))?;
         let dst = self.send_image(to, region.buf)?;
-        if wire + region.bytes() > dst.len() {
+        if !fits(wire, region.bytes(), dst.len()) {
             return Err(self.failed(
                 "download",
                 format!("{} bytes at {wire} past the image", region.bytes()),
@@ -652,8 +661,10 @@ impl StagedDevice for CudaStaging {
         let inbox = self.inbox[b]
             .as_ref()
             .ok_or_else(|| self.failed("land tokens", "no registered inbox"))?;
-        let tokens_end = place.tokens + place.pair_rows * self.row_bytes;
-        if place.index + 4 * rows > inbox.len() || tokens_end > inbox.len() {
+        let token_bytes = place.pair_rows.saturating_mul(self.row_bytes);
+        if !fits(place.index, 4 * rows, inbox.len())
+            || !fits(place.tokens, token_bytes, inbox.len())
+        {
             return Err(self.failed("land tokens", format!("{place:?} past the inbox")));
         }
         let dst = self.view.own[b] + region.offset as u64;
@@ -696,7 +707,7 @@ impl StagedDevice for CudaStaging {
                 self.landing[b].len(),
             ),
         };
-        if wire + region.bytes() > len {
+        if !fits(wire, region.bytes(), len) {
             return Err(self.failed(
                 "land",
                 format!("{} bytes at {wire} past the {from:?}", region.bytes()),

@@ -11,6 +11,19 @@
 use crate::config::MoeConfig;
 use crate::schedule::TileShape;
 
+/// How dispatch rows cross the link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DispatchWire {
+    /// One row per (token, expert), as the kernels lay them out (what
+    /// kernels storing into peers move).
+    #[default]
+    Rows,
+    /// Each token once per destination rank plus a u32 per row (a host
+    /// proxy's way, expanded on arrival): a token with several experts on
+    /// one rank crosses once.
+    Tokens,
+}
+
 /// What the model needs to know about a device and its link.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceFigures {
@@ -29,6 +42,9 @@ pub struct DeviceFigures {
     pub chunk_overhead_us: f64,
     /// Rows per GEMM tile on this device.
     pub bm: usize,
+    /// How dispatch crosses the link (combine is always a row per token
+    /// and expert).
+    pub dispatch: DispatchWire,
 }
 
 impl DeviceFigures {
@@ -43,15 +59,18 @@ impl DeviceFigures {
             block_gbps: 25.0,
             chunk_overhead_us: 2.0,
             bm: 128,
+            dispatch: DispatchWire::Rows,
         }
     }
 
-    /// H200s linked by something like the socket path of DESIGN.md (3 GB/s).
+    /// H200s linked by something like the socket path of DESIGN.md (3 GB/s),
+    /// which a host proxy drives, sending dispatch token-once.
     pub fn h200_slow_link() -> DeviceFigures {
         DeviceFigures {
             name: "h200-socket".into(),
             link_gbps: 3.0,
             link_latency_us: 30.0,
+            dispatch: DispatchWire::Tokens,
             ..DeviceFigures::h200_nvlink()
         }
     }
@@ -83,6 +102,7 @@ impl DeviceFigures {
             block_gbps: copy_gbps,
             chunk_overhead_us: 30.0,
             bm: 32,
+            dispatch: DispatchWire::Rows,
         }
     }
 }
@@ -125,25 +145,51 @@ impl CostModel {
         v
     }
 
+    /// Probability that a token routed uniformly to `top_k` distinct
+    /// experts has at least one on a given rank (of `experts_per_rank`).
+    pub fn rank_hit(cfg: &MoeConfig) -> f64 {
+        let (e, epr) = (cfg.experts as f64, cfg.experts_per_rank() as f64);
+        // 1 - C(E - epr, k) / C(E, k), as a product that reaches 0 once
+        // every choice must land on the rank.
+        let miss: f64 = (0..cfg.top_k)
+            .map(|i| ((e - epr - i as f64) / (e - i as f64)).max(0.0))
+            .product();
+        1.0 - miss
+    }
+
+    /// Bytes one rank sends to the others in a call's dispatch and in its
+    /// combine, for `tokens` tokens routed uniformly.
+    pub fn wire_bytes(cfg: &MoeConfig, tokens: usize, dispatch: DispatchWire) -> (f64, f64) {
+        let w = cfg.ranks as f64;
+        let remote_rows = (tokens * cfg.top_k) as f64 * (w - 1.0) / w;
+        let row = (cfg.hidden * cfg.dtype.bytes()) as f64;
+        let combine = remote_rows * row;
+        let dispatch = match dispatch {
+            DispatchWire::Rows => combine,
+            DispatchWire::Tokens => {
+                tokens as f64 * (w - 1.0) * Self::rank_hit(cfg) * row + remote_rows * 4.0
+            }
+        };
+        (dispatch, combine)
+    }
+
     /// Prediction for `tokens` tokens per rank, routed uniformly.
     pub fn estimate(cfg: &MoeConfig, tokens: usize, dev: &DeviceFigures) -> CostEstimate {
-        let rows = (tokens * cfg.top_k) as f64;
-        let w = cfg.ranks as f64;
-        let remote = (w - 1.0) / w;
         let flops = cfg.expert_flops(tokens * cfg.top_k);
         let gemm_s = flops / (dev.gemm_tflops * 1e12);
         let (l0_s, l1_s) = (gemm_s * 2.0 / 3.0, gemm_s / 3.0);
-        let bytes = rows * remote * (cfg.hidden * cfg.dtype.bytes()) as f64;
+        let (dispatch_bytes, combine_bytes) = Self::wire_bytes(cfg, tokens, dev.dispatch);
         let lat = dev.link_latency_us * 1e-6;
-        let link = |gbps: f64| {
+        let link = |bytes: f64, gbps: f64| {
             if bytes == 0.0 {
                 0.0
             } else {
                 bytes / (gbps * 1e9) + lat
             }
         };
-        let dispatch_s = link(dev.link_gbps);
-        let baseline_s = 2.0 * dispatch_s + gemm_s;
+        let dispatch_s = link(dispatch_bytes, dev.link_gbps);
+        let combine_s = link(combine_bytes, dev.link_gbps);
+        let baseline_s = dispatch_s + combine_s + gemm_s;
 
         let mut best: Option<(f64, usize, usize)> = None;
         let max_blocks = (dev.sms / 2).max(1);
@@ -156,18 +202,19 @@ impl CostModel {
             } else {
                 1.0
             };
-            let comm_s = link(dev.link_gbps.min(blocks as f64 * dev.block_gbps));
+            let gbps = dev.link_gbps.min(blocks as f64 * dev.block_gbps);
+            let (comm0, comm1) = (link(dispatch_bytes, gbps), link(combine_bytes, gbps));
             let (c0, c1) = (l0_s / compute_share, l1_s / compute_share);
             // Layer0: tiles wait for whole segments; after the last segment
             // lands, only its own share of the work (one expert from one
             // source) is left to compute.
             let pieces = (cfg.ranks * cfg.experts_per_rank()) as f64;
-            let layer0 = c0.max(comm_s + c0 / pieces);
+            let layer0 = c0.max(comm0 + c0 / pieces);
             for &n in &CostModel::chunk_candidates(cfg.hidden) {
                 let n_f = n as f64;
                 // Layer1: chunk 0 must compute before anything leaves, and
                 // every chunk pays a fixed signalling cost.
-                let layer1 = c1.max(c1 / n_f + comm_s) + n_f * dev.chunk_overhead_us * 1e-6;
+                let layer1 = c1.max(c1 / n_f + comm1) + n_f * dev.chunk_overhead_us * 1e-6;
                 let total = layer0 + layer1;
                 if best.is_none_or(|(t, _, _)| total < t) {
                     best = Some((total, blocks, n));
@@ -178,7 +225,7 @@ impl CostModel {
         CostEstimate {
             gemm_ms: gemm_s * 1e3,
             dispatch_ms: dispatch_s * 1e3,
-            combine_ms: dispatch_s * 1e3,
+            combine_ms: combine_s * 1e3,
             baseline_ms: baseline_s * 1e3,
             overlapped_ms: overlapped_s * 1e3,
             comm_blocks,
@@ -214,9 +261,12 @@ mod tests {
     fn communication_bound_is_limited_by_the_link() {
         let cfg = Preset::Qwen2Moe.config(2).unwrap();
         let e = CostModel::estimate(&cfg, 8192, &DeviceFigures::h200_slow_link());
-        assert!(e.dispatch_ms > 5.0 * e.gemm_ms, "{e:?}");
-        // Nothing beats sending the bytes twice over the link.
-        assert!(e.overlapped_ms >= 2.0 * e.dispatch_ms * 0.99, "{e:?}");
+        assert!(e.combine_ms > 5.0 * e.gemm_ms, "{e:?}");
+        // Nothing beats sending the bytes both ways over the link.
+        assert!(
+            e.overlapped_ms >= (e.dispatch_ms + e.combine_ms) * 0.99,
+            "{e:?}"
+        );
         assert!(e.speedup() < 1.3, "{e:?}");
         // A slow link is saturated by one block; taking more only slows GEMMs.
         assert_eq!(e.comm_blocks, 1);
@@ -232,6 +282,60 @@ mod tests {
         let e = CostModel::estimate(&cfg, 8192, &dev);
         assert!(e.speedup() > 1.4, "{e:?}");
         assert!(e.chunks > 1, "layer1 should pipeline in chunks: {e:?}");
+    }
+
+    /// Token-once dispatch sends each token once per rank it has experts
+    /// on: exactly as many bytes as rows when top-1, fewer for top-8
+    /// (Qwen2-57B's 64 experts over 2 ranks: about 4 rows per token and
+    /// rank), and the model's dispatch time follows the bytes.
+    #[test]
+    fn token_once_dispatch_counts_each_token_once_per_rank() {
+        let mut cfg = MoeConfig {
+            hidden: 3584,
+            ffn: 2560,
+            experts: 64,
+            top_k: 8,
+            ranks: 2,
+            dtype: crate::config::Dtype::Bf16,
+        };
+        let hit = CostModel::rank_hit(&cfg);
+        // 1 - C(32, 8) / C(64, 8)
+        assert!(
+            (hit - (1.0 - 10_518_300.0 / 4_426_165_368.0)).abs() < 1e-12,
+            "{hit}"
+        );
+        let (rows, comb) = CostModel::wire_bytes(&cfg, 2048, DispatchWire::Rows);
+        let (once, _) = CostModel::wire_bytes(&cfg, 2048, DispatchWire::Tokens);
+        assert_eq!(rows, comb);
+        let ratio = once / rows;
+        assert!(ratio > 0.24 && ratio < 0.26, "{ratio}");
+        let mut dev = DeviceFigures::h200_slow_link();
+        dev.dispatch = DispatchWire::Rows;
+        let by_rows = CostModel::estimate(&cfg, 2048, &dev);
+        dev.dispatch = DispatchWire::Tokens;
+        let by_tokens = CostModel::estimate(&cfg, 2048, &dev);
+        assert!(
+            by_tokens.dispatch_ms < 0.3 * by_rows.dispatch_ms,
+            "{by_tokens:?}"
+        );
+        assert_eq!(by_tokens.combine_ms, by_rows.combine_ms);
+        assert!(by_tokens.baseline_ms < by_rows.baseline_ms);
+        // Top-1: every row is its own token.
+        cfg.top_k = 1;
+        let (rows, _) = CostModel::wire_bytes(&cfg, 2048, DispatchWire::Rows);
+        let (once, _) = CostModel::wire_bytes(&cfg, 2048, DispatchWire::Tokens);
+        assert!(
+            (once - rows - 2048.0 * 0.5 * 4.0).abs() < 1e-6,
+            "{once} {rows}"
+        );
+        // 32 ranks of 2 experts: 1 - C(62, 8) / C(64, 8) = 1 - 56 * 55 / (64 * 63).
+        cfg.top_k = 8;
+        cfg.ranks = 32;
+        let hit = CostModel::rank_hit(&cfg);
+        assert!(
+            (hit - (1.0 - 56.0 * 55.0 / (64.0 * 63.0))).abs() < 1e-12,
+            "{hit}"
+        );
     }
 
     #[test]

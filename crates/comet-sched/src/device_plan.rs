@@ -11,7 +11,7 @@
 //! every rank's blocks are resident together.
 
 use crate::error::SchedError;
-use comet_core::cost::{CostEstimate, CostModel, DeviceFigures};
+use comet_core::cost::{CostEstimate, CostModel, DeviceFigures, DispatchWire};
 use comet_core::MoeConfig;
 
 /// Tile sizes of the GEMM kernels the layer will launch.
@@ -62,6 +62,8 @@ pub struct DevicePlan {
     pub tiles: KernelTiles,
     /// Row tiles the receive capacity can need (tile list capacity).
     pub max_row_tiles: usize,
+    /// How dispatch crosses the link, as the cost model counted it.
+    pub dispatch: DispatchWire,
     pub estimate: CostEstimate,
 }
 
@@ -170,6 +172,7 @@ impl DevicePlan {
             chunks,
             tiles,
             max_row_tiles: recv_capacity.div_ceil(tiles.bm) + epr,
+            dispatch: figures.dispatch,
             estimate,
         })
     }
@@ -201,6 +204,7 @@ impl DevicePlan {
         format!(
             "device forward: {} SMs, {} rank(s) per GPU -> {} SMs per rank\n\
              overlap: {} (cost model: overlapped {:.3} ms vs sequential {:.3} ms)\n\
+             link (cost model): dispatch {} {:.3} ms, combine {:.3} ms\n\
              GEMM grid: {} CTAs overlapping, {} in sequence; communication blocks: {}\n\
              tiles: {} rows, FC1 {} cols, FC2 {} cols; layer1 chunks: {} x {} cols\n\
              capacity: {} tokens, {} receive rows, {} row tiles",
@@ -210,6 +214,12 @@ impl DevicePlan {
             self.overlap,
             self.estimate.overlapped_ms,
             self.estimate.baseline_ms,
+            match self.dispatch {
+                DispatchWire::Rows => "a row per (token, expert)",
+                DispatchWire::Tokens => "token-once",
+            },
+            self.estimate.dispatch_ms,
+            self.estimate.combine_ms,
             self.gemm_grid_overlap,
             self.gemm_grid,
             self.comm_blocks,

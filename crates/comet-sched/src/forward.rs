@@ -47,7 +47,7 @@ use comet_kernels::{
     Epilogue, GemmArgs, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileDesc,
 };
 use comet_transport::gpu::DeviceTransport;
-use comet_transport::BufferId;
+use comet_transport::{BufferId, Initiation};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use std::sync::Arc;
@@ -106,7 +106,8 @@ pub struct LayerOptions {
     /// ([`LayerOptions::figures_for`]).
     pub figures: Option<DeviceFigures>,
     /// How a staged layer's proxy sends dispatch rows between hosts
-    /// (kernels that store into peers always store rows).
+    /// (kernels that store into peers always store rows, and NCCL's proxy
+    /// sends rows); the cost model counts the bytes the same way.
     pub dispatch_wire: DispatchWire,
     /// SMs of the GPU left to the transport's own kernels (NCCL's, which
     /// must run while the layer's kernels spin waiting for what they
@@ -368,6 +369,11 @@ impl<T: DeviceTransport> MoeLayer<T> {
         ctx.bind_to_thread()
             .map_err(|e| dev(rank, "bind context", e))?;
         let v = kernels.variants();
+        let mut figures = opts.figures_for(cfg.ranks);
+        if t.capabilities().initiation == Initiation::Host {
+            // A proxy carries the bytes, in its dispatch wire format.
+            figures.dispatch = opts.dispatch_wire;
+        }
         let plan = DevicePlan::new(
             cfg,
             capacity,
@@ -377,7 +383,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
                 .max(1),
             opts.ranks_per_gpu,
             v.tiles(),
-            &opts.figures_for(cfg.ranks),
+            &figures,
         )?;
         if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
             return Err(SchedError::Input {

@@ -38,7 +38,7 @@ use crate::forward::{LayerKernels, LayerOptions, MoeLayer};
 use crate::nccl_proxy::lanes::{self, Lane, Span};
 use crate::nccl_proxy::{NcclLanes, NcclProxy, Op};
 use crate::proxy_layer::{ProxyRun, StagedLayer};
-use crate::proxy_plan::{Buf, Geometry, Piece};
+use crate::proxy_plan::{Buf, DispatchWire, Geometry, Piece};
 use crate::staged_device::{proxy_event, runs, ProxyView, StagedTransport};
 use crate::stream_queue::StreamQueue;
 use comet_core::MoeConfig;
@@ -83,6 +83,8 @@ impl StagedLayer<NcclTransport> {
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
         o.reserved_sms = o.reserved_sms.max(lane_sms(cfg.ranks));
+        // Two-sided sends need sizes both ends know: NCCL's proxy sends rows.
+        o.dispatch_wire = DispatchWire::Rows;
         let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;
         let timeout = opts.timeout;
         StagedLayer::with_proxy(layer, |layer, stop| {

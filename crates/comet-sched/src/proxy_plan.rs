@@ -130,15 +130,9 @@ impl std::fmt::Display for Piece {
     }
 }
 
-/// How dispatch rows travel between hosts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DispatchWire {
-    /// One row per (token, expert), as the kernels lay them out.
-    Rows,
-    /// Each token once per destination rank, plus a u32 per row naming
-    /// its token's slot there.
-    Tokens,
-}
+/// How dispatch rows travel between hosts (the cost model's notion too:
+/// it counts the bytes the same way).
+pub use comet_core::cost::DispatchWire;
 
 /// Where a dispatch piece's token-once bytes sit in the receiver's recv
 /// inbox (byte offsets). Each ordered pair has an area, sources in

@@ -12,6 +12,9 @@
 #   bash scripts/device-checks.sh nccl    # the layer over NCCL, 2+ GPUs (test, bench)
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
+# More than 30 minutes in all: in one session take tests first (nothing
+# else means much if they fail), then py and qwen (issues 15 and 13), then
+# ucx, wire and ucxbench (issue 16); nccl needs a 2-GPU kind.
 # Each step prints its summary lines and `=== rc=N`; full logs go to $OUT
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.

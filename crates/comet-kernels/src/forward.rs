@@ -407,9 +407,9 @@ impl ForwardKernels {
     }
 
     /// Row `r` of the `rows` rows at `dst` becomes row `index[r]` of
-    /// `tokens` (rows of `row_bytes`, a multiple of 16; every address
-    /// 16-byte aligned): a staged proxy's token-once landing, expanding a
-    /// pair's tokens into the kernels' row layout on the device.
+    /// `tokens` (rows of `row_bytes`, a multiple of 16, 16-byte aligned;
+    /// the index 4-byte aligned): a staged proxy's token-once landing,
+    /// expanding a pair's tokens into the kernels' row layout on the device.
     ///
     /// # Safety
     /// `dst` holds `rows` rows of this context's device memory; `index`
@@ -425,12 +425,7 @@ impl ForwardKernels {
         row_bytes: usize,
         s: CUstream,
     ) -> Result<(), KernelError> {
-        let aligned = [tokens, index, dst].iter().all(|a| a % 16 == 0) || rows == 0;
-        if !row_bytes.is_multiple_of(16) || !aligned {
-            return Err(KernelError::InvalidShape(format!(
-                "expand_rows needs 16-byte rows and addresses (rows of {row_bytes} bytes)"
-            )));
-        }
+        check_expand(tokens, index, dst, rows, row_bytes)?;
         if rows == 0 {
             return Ok(());
         }
@@ -448,6 +443,26 @@ impl ForwardKernels {
         // SAFETY: forwarded contract.
         unsafe { launch(&self.expand, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
     }
+}
+
+/// What `comet_expand_rows` needs of its operands: rows move as 16-byte
+/// vectors, the index is read as u32 (a piece's index array starts at any
+/// multiple of 4 inside its pair's area).
+fn check_expand(
+    tokens: CUdeviceptr,
+    index: CUdeviceptr,
+    dst: CUdeviceptr,
+    rows: usize,
+    row_bytes: usize,
+) -> Result<(), KernelError> {
+    let aligned = tokens % 16 == 0 && dst % 16 == 0 && index % 4 == 0;
+    if rows == 0 || (row_bytes.is_multiple_of(16) && aligned) {
+        return Ok(());
+    }
+    Err(KernelError::InvalidShape(format!(
+        "expand_rows needs 16-byte rows, 16-byte aligned rows and a 4-byte aligned index \
+         (rows of {row_bytes} bytes at {tokens:#x} -> {dst:#x}, index at {index:#x})"
+    )))
 }
 
 /// One launch whose only parameter is `p` (a `__grid_constant__` struct).
@@ -577,6 +592,19 @@ impl Drop for StatusWord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A piece's index array may start at any multiple of 4 (its pair's
+    /// earlier pieces have any number of rows); token rows and the rows
+    /// landed into must be 16-byte aligned, whole vectors.
+    #[test]
+    fn expand_takes_any_u32_aligned_index_and_16_byte_rows() {
+        assert!(check_expand(0x1000, 0x2004, 0x3000, 5, 7168).is_ok());
+        assert!(check_expand(0x1000, 0x2002, 0x3000, 5, 7168).is_err());
+        assert!(check_expand(0x1008, 0x2000, 0x3000, 5, 7168).is_err());
+        assert!(check_expand(0x1000, 0x2000, 0x3008, 5, 7168).is_err());
+        assert!(check_expand(0x1000, 0x2000, 0x3000, 5, 7160).is_err());
+        assert!(check_expand(0x1001, 0x2001, 0x3001, 0, 7).is_ok());
+    }
 
     #[test]
     fn forward_kernels_compile() {

@@ -455,7 +455,7 @@ fn check_expand(
     rows: usize,
     row_bytes: usize,
 ) -> Result<(), KernelError> {
-    let aligned = tokens % 16 == 0 && dst % 16 == 0 && index % 4 == 0;
+    let aligned = tokens.is_multiple_of(16) && dst.is_multiple_of(16) && index.is_multiple_of(4);
     if rows == 0 || (row_bytes.is_multiple_of(16) && aligned) {
         return Ok(());
     }

@@ -447,8 +447,9 @@ impl ForwardKernels {
 
 /// What `comet_expand_rows` needs of its operands: rows move as 16-byte
 /// vectors, the index is read as u32 (a piece's index array starts at any
-/// multiple of 4 inside its pair's area).
-fn check_expand(
+/// multiple of 4 inside its pair's area). Public so a proxy's tests can
+/// hold the addresses it computes against it.
+pub fn check_expand(
     tokens: CUdeviceptr,
     index: CUdeviceptr,
     dst: CUdeviceptr,

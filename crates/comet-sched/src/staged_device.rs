@@ -459,6 +459,42 @@ fn fits(at: usize, len: usize, cap: usize) -> bool {
     at.checked_add(len).is_some_and(|end| end <= cap)
 }
 
+/// What a token-once landing's expand kernel reads and writes (device
+/// addresses) and how many rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ExpandArgs {
+    tokens: u64,
+    index: u64,
+    dst: u64,
+    rows: usize,
+}
+
+/// The expand of token-once piece `region` (whole rows of the recv buffer
+/// at `own`) from its pair's area `place` in the inbox mapped at `inbox`
+/// (`len` bytes); `None` when the piece's index array or the pair's token
+/// rows lie past the inbox.
+fn expand_args(
+    inbox: u64,
+    len: usize,
+    own: u64,
+    region: Region,
+    place: TokenPlace,
+    row_bytes: usize,
+) -> Option<ExpandArgs> {
+    let rows = region.bytes() / row_bytes.max(1);
+    let token_bytes = place.pair_rows.checked_mul(row_bytes)?;
+    let index_bytes = rows.checked_mul(4)?;
+    if !fits(place.index, index_bytes, len) || !fits(place.tokens, token_bytes, len) {
+        return None;
+    }
+    Some(ExpandArgs {
+        tokens: inbox + place.tokens as u64,
+        index: inbox + place.index as u64,
+        dst: own + region.offset as u64,
+        rows,
+    })
+}
+
 /// The copy of `r`'s runs.
 pub(crate) fn runs(r: Region) -> Runs {
     Runs {
@@ -643,7 +679,8 @@ impl StagedDevice for CudaStaging {
 
     fn expands_tokens(&self) -> bool {
         // The expansion kernel moves 16-byte vectors; token areas are
-        // 16-byte aligned inside the inbox, so its base must be too.
+        // 16-byte aligned inside the inbox (index arrays only 4-byte:
+        // check_expand), so its base must be 16-byte aligned too.
         self.inbox[Buf::Recv.index()]
             .as_ref()
             .is_some_and(|r| r.device_ptr_at(0) % 16 == 0)
@@ -657,17 +694,12 @@ impl StagedDevice for CudaStaging {
         value: u64,
     ) -> Result<(), SchedError> {
         let b = Buf::Recv.index();
-        let rows = region.bytes() / self.row_bytes.max(1);
         let inbox = self.inbox[b]
             .as_ref()
             .ok_or_else(|| self.failed("land tokens", "no registered inbox"))?;
-        let token_bytes = place.pair_rows.saturating_mul(self.row_bytes);
-        if !fits(place.index, 4 * rows, inbox.len())
-            || !fits(place.tokens, token_bytes, inbox.len())
-        {
-            return Err(self.failed("land tokens", format!("{place:?} past the inbox")));
-        }
-        let dst = self.view.own[b] + region.offset as u64;
+        let (base, len) = (inbox.device_ptr_at(0), inbox.len());
+        let args = expand_args(base, len, self.view.own[b], region, place, self.row_bytes)
+            .ok_or_else(|| self.failed("land tokens", format!("{place:?} past the inbox")))?;
         // SAFETY: the destination is `rows` whole rows inside this rank's
         // own recv buffer (region, as in download); the index array and
         // every slot it names (checked by the proxy against the pair's
@@ -676,10 +708,10 @@ impl StagedDevice for CudaStaging {
         // end_call drained this stream.
         unsafe {
             self.kernels.expand_rows(
-                inbox.device_ptr_at(place.tokens),
-                inbox.device_ptr_at(place.index),
-                dst,
-                rows,
+                args.tokens,
+                args.index,
+                args.dst,
+                args.rows,
                 self.row_bytes,
                 self.landings.cu_stream(),
             )
@@ -837,5 +869,94 @@ impl<T: Transport + 'static> StagedLayer<T> {
             let geo = Geometry::of(layer.plan());
             CudaStaging::new(layer.transport(), layer, &geo, stop, timeout, wire)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy_plan::Kind;
+    use rand::{Rng, SeedableRng};
+
+    /// Every token-once piece's expand takes arguments the kernel accepts
+    /// (comet_kernels' check_expand), whatever the counts: the index array
+    /// of a pair's later experts starts 4 bytes per earlier row into the
+    /// pair's area, so it is only word aligned, which the kernel allows.
+    #[test]
+    fn every_token_piece_expands_on_the_device() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let (inbox, own) = (0x7f00_0000_0010u64, 0x7e00_0000_0000u64);
+        for _ in 0..200 {
+            let w = rng.gen_range(2..=4);
+            let e = w * rng.gen_range(1..=4);
+            let counts: Vec<Vec<u32>> = (0..w)
+                .map(|_| (0..e).map(|_| rng.gen_range(0..7)).collect())
+                .collect();
+            let recv = (0..w)
+                .map(|d| {
+                    let epr = e / w;
+                    counts
+                        .iter()
+                        .flat_map(|r| &r[d * epr..(d + 1) * epr])
+                        .sum::<u32>() as usize
+                })
+                .max()
+                .unwrap_or(0);
+            let geo = Geometry {
+                ranks: w,
+                experts: e,
+                row_bytes: 2 * 64 * rng.gen_range(1..=4),
+                chunks: 1,
+                chunk_bytes: 0,
+                recv_rows: recv,
+                send_rows: 7 * e,
+                top_k: 2,
+            };
+            let geo = Geometry {
+                chunk_bytes: geo.row_bytes,
+                ..geo
+            };
+            let len = geo.inbox_bytes(Buf::Recv);
+            for p in geo.data_pieces(0, &counts).unwrap() {
+                if !matches!(p.kind, Kind::Dispatch { .. }) {
+                    continue;
+                }
+                let place = geo.token_place(&counts, &p);
+                let a = expand_args(inbox, len, own, p.region, place, geo.row_bytes)
+                    .unwrap_or_else(|| panic!("{p}: {place:?} past {len} bytes"));
+                assert_eq!(a.rows, p.region.bytes() / geo.row_bytes);
+                comet_kernels::forward::check_expand(
+                    a.tokens,
+                    a.index,
+                    a.dst,
+                    a.rows,
+                    geo.row_bytes,
+                )
+                .unwrap_or_else(|err| panic!("{p}: {place:?}: {err}"));
+            }
+        }
+    }
+
+    #[test]
+    fn an_area_past_the_inbox_is_refused() {
+        let region = Region {
+            buf: Buf::Recv,
+            offset: 0,
+            rows: 1,
+            width: 2 * 128,
+            pitch: 2 * 128,
+        };
+        let place = TokenPlace {
+            index: 0,
+            tokens: 16,
+            pair_rows: 2,
+        };
+        assert!(expand_args(0, 16 + 2 * 128, 0, region, place, 128).is_some());
+        assert!(expand_args(0, 16 + 2 * 128 - 1, 0, region, place, 128).is_none());
+        let far = TokenPlace {
+            pair_rows: usize::MAX,
+            ..place
+        };
+        assert!(expand_args(0, usize::MAX, 0, region, far, 128).is_none());
     }
 }

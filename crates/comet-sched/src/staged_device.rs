@@ -437,9 +437,10 @@ pub struct CudaStaging {
     /// buffer in wire layout.
     send: Vec<Option<[PinnedBytes; 3]>>,
     landing: [PinnedBytes; 3],
-    /// The inboxes registered with the driver, where the inner transport's
-    /// buffers are host memory: pieces land straight from them. Dropped
-    /// after the streams are drained (at the end of `run`).
+    /// The recv and comb inboxes registered with the driver, where the
+    /// inner transport's buffers are host memory: pieces land straight
+    /// from them. Dropped after the streams are drained (at the end of
+    /// `run`).
     inbox: [Option<HostRegistration>; 3],
     /// The layer's send order on the device and a pinned copy of it.
     order_dev: u64,
@@ -553,7 +554,16 @@ impl CudaStaging {
         let landing = image()?;
         let order = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
             .map_err(|e| failed("allocate pinned send order", e))?;
-        let inbox = view.inbox.map(|id| register_inbox(t, id));
+        // Count rows always land through the landing image (the proxy reads
+        // them to plan), so their inbox is not registered: the driver pins
+        // whole pages and refuses a page registered already, and the small
+        // counts inbox can share a page with the recv or comb inbox (heap
+        // memory of the local transport), whose registration would then
+        // fail and silently send every piece through the image.
+        let inbox = Buf::ALL.map(|b| match b {
+            Buf::Counts => None,
+            Buf::Recv | Buf::Comb => register_inbox(t, view.inbox[b.index()]),
+        });
         Ok(CudaStaging {
             rank,
             geo: *geo,

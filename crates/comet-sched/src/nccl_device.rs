@@ -169,8 +169,24 @@ impl LaneSet {
     }
 
     /// Moves 8 bytes over `l` and waits for them (bounded), so NCCL makes
-    /// the pair's connection now; aborts the lane if it does not come up.
+    /// the pair's connection now; aborts the lane if it does not come up
+    /// (for any reason: destroying a communicator whose op never completes
+    /// would wait for it for good).
     fn connect(
+        &self,
+        l: &mut LaneOf,
+        ctx: &Arc<CudaContext>,
+        scratch: &DeviceAlloc,
+        timeout: Duration,
+    ) -> Result<(), SchedError> {
+        let up = self.connect_once(l, ctx, scratch, timeout);
+        if up.is_err() {
+            l.comm.abort();
+        }
+        up
+    }
+
+    fn connect_once(
         &self,
         l: &mut LaneOf,
         ctx: &Arc<CudaContext>,
@@ -207,16 +223,13 @@ impl LaneSet {
         };
         match poll_bounded(timeout, look, std::thread::sleep)? {
             Polled::Ready(()) => Ok(()),
-            Polled::TimedOut(waited) => {
-                l.comm.abort();
-                Err(SchedError::Device {
-                    rank: me,
-                    message: format!(
-                        "nccl {name} did not connect within {waited:?} (its peer never \
-                         reached the same split?); aborted"
-                    ),
-                })
-            }
+            Polled::TimedOut(waited) => Err(SchedError::Device {
+                rank: me,
+                message: format!(
+                    "nccl {name} did not connect within {waited:?} (its peer never \
+                     reached the same split?); aborted"
+                ),
+            }),
         }
     }
 }

@@ -846,7 +846,9 @@ impl<T: Transport + 'static> ProxyRun<T> for CudaStaging {
             tracing::trace!(rank, epoch, ?stats, "proxy call done");
             Ok(())
         });
-        self.drain().and(ran)
+        // The call's error, if any, is the cause of a failed drain.
+        let drained = self.drain();
+        ran.and(drained)
     }
 }
 
@@ -873,7 +875,14 @@ impl<T: Transport + 'static> StagedLayer<T> {
             });
         }
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
-        let layer = MoeLayer::new(cfg, capacity, t, kernels, opts)?;
+        let mut o = opts.clone();
+        if o.dispatch_wire == DispatchWire::Tokens {
+            // A token-once landing is a kernel (comet_expand_rows), which
+            // needs an SM that the persistent GEMMs waiting for it do not
+            // hold; a row landing is a copy and needs none.
+            o.reserved_sms = o.reserved_sms.max(1);
+        }
+        let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;
         let (timeout, wire) = (opts.timeout, opts.dispatch_wire);
         StagedLayer::with_proxy(layer, |layer, stop| {
             let geo = Geometry::of(layer.plan());

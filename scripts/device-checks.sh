@@ -80,7 +80,7 @@ qwen)
 py)
   # The example's host split (Python side vs the Rust forward) and the
   # sync overhead are issue 15's figures.
-  step wheel bash -c "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --no-index --no-deps --force-reinstall target/wheels/comet_rs-*.whl"
+  step wheel bash -c "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --no-index --no-deps --force-reinstall \$(ls -t target/wheels/comet_rs-*manylinux*.whl | head -1)"
   step comet-py-gpu bash -c "timeout 240 python3 crates/comet-py/tests/test_gpu.py 2>&1 | tee $O/comet_py_gpu.log | tail -5"
   for t in 4096 128; do
     step "example T=$t" bash -c "timeout 150 python3 examples/moe_torchrun.py --tokens $t --iters 50 --turns 2 2>&1 | tee $O/example_$t.log | tail -3"

@@ -204,6 +204,16 @@ pub fn wheel() -> Result<()> {
     // Always the workspace's target/wheels (whatever CARGO_TARGET_DIR says
     // about the build), so the wheel is found at one place to carry.
     let out = root.join("target").join("wheels");
+    // One wheel to carry and install: an older one (a debug build the
+    // python tests left, an earlier version) would match the same glob.
+    if let Ok(dir) = std::fs::read_dir(&out) {
+        for old in dir.flatten().map(|e| e.path()) {
+            if old.extension().is_some_and(|x| x == "whl") {
+                std::fs::remove_file(&old)
+                    .with_context(|| format!("removing stale wheel {}", old.display()))?;
+            }
+        }
+    }
     eprintln!("xtask: maturin build --release -> {}", out.display());
     run(
         Command::new(root.join(VENV).join("bin").join("maturin"))

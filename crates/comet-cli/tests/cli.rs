@@ -114,6 +114,28 @@ fn plan_prints_layout_and_choice() {
     );
 }
 
+/// The plan says how dispatch crosses the link: kernels store rows over
+/// NVLink; the socket path is a host proxy's, token-once.
+#[test]
+fn plan_names_the_dispatch_format_of_the_link() {
+    let args = [
+        "plan",
+        "--preset",
+        "qwen2-moe",
+        "--ranks",
+        "2",
+        "--tokens",
+        "1024",
+    ];
+    let nvlink = succeeds(&args);
+    assert!(
+        nvlink.contains("dispatch a row per (token, expert)"),
+        "{nvlink}"
+    );
+    let socket = succeeds(&[&args[..], &["--device", "h200-socket"]].concat());
+    assert!(socket.contains("dispatch token-once"), "{socket}");
+}
+
 #[test]
 fn bad_input_is_one_clear_line_and_a_failure() {
     for (args, needle) in [

@@ -182,6 +182,15 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
     d.set_item("fc1_tile_cols", p.tiles.fc1_cols)?;
     d.set_item("fc2_tile_cols", p.tiles.fc2_cols)?;
     d.set_item("max_row_tiles", p.max_row_tiles)?;
+    // How dispatch crosses the link: "rows" from kernels storing into
+    // peers, "tokens" (once per rank) from a host proxy.
+    d.set_item(
+        "dispatch",
+        match p.dispatch {
+            comet_core::cost::DispatchWire::Rows => "rows",
+            comet_core::cost::DispatchWire::Tokens => "tokens",
+        },
+    )?;
     let est = PyDict::new(py);
     let e = &p.estimate;
     est.set_item("gemm_ms", e.gemm_ms)?;

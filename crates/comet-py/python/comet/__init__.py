@@ -59,8 +59,9 @@ __version__ = _comet.__version__
 def plan(hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1, sms=132):
     """What a layer of this shape would run on an H200-like GPU of ``sms``
     SMs (no GPU needed): the cost model's choice as a dict (comm_blocks,
-    chunks, chunk_cols, overlap, share, gemm grids, recv_capacity, the
-    estimate in ms, and ``text``, the summary ``comet plan`` prints)."""
+    chunks, chunk_cols, overlap, share, gemm grids, recv_capacity,
+    ``dispatch`` (how dispatch crosses the link: "rows"), the estimate in
+    ms, and ``text``, the summary ``comet plan`` prints)."""
     return _comet.plan(hidden, ffn, experts, top_k, max_tokens, ranks, ranks_per_gpu, sms)
 
 

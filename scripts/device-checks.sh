@@ -81,6 +81,11 @@ py)
   # The example's host split (Python side vs the Rust forward) and the
   # sync overhead are issue 15's figures.
   step wheel bash -c "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --no-index --no-deps --force-reinstall \$(ls -t target/wheels/comet_rs-*manylinux*.whl | head -1)"
+  # transport="nccl" loads libnccl.so; torch's wheel ships libnccl.so.2.
+  NCCL_SO=$(python3 -c 'import nvidia.nccl,os,glob;print(glob.glob(os.path.join(list(nvidia.nccl.__path__)[0],"lib","libnccl.so*"))[0])' 2>/dev/null)
+  [ -z "$NCCL_SO" ] && NCCL_SO=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so/{print $NF; exit}')
+  if [ -n "$NCCL_SO" ]; then mkdir -p /tmp/comet-nccl-lib && ln -sf "$NCCL_SO" /tmp/comet-nccl-lib/libnccl.so; fi
+  export LD_LIBRARY_PATH=/tmp/comet-nccl-lib:${LD_LIBRARY_PATH}
   step comet-py-gpu bash -c "timeout 240 python3 crates/comet-py/tests/test_gpu.py 2>&1 | tee $O/comet_py_gpu.log | tail -5"
   for t in 4096 128; do
     step "example T=$t" bash -c "timeout 150 python3 examples/moe_torchrun.py --tokens $t --iters 50 --turns 2 2>&1 | tee $O/example_$t.log | tail -3"

@@ -14,8 +14,12 @@ mod tensor;
 use comet_core::{Dtype, MoeConfig};
 use comet_kernels::Family;
 use comet_sched::device_plan::DevicePlan;
+use comet_sched::device_world::WorldLayer;
 use comet_sched::forward::{kernel_tiles_for, LayerKernels, LayerOptions, MoeLayer};
+use comet_sched::nccl_device::NcclLayer;
 use comet_sched::{ExecMode, SchedError};
+use comet_transport::gpu::{BlobExchange, DeviceTransport};
+use comet_transport::nccl::{NcclOptions, NcclTransport};
 use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
 use comet_transport::TransportError;
 use cudarc::driver::sys::CUstream;
@@ -26,7 +30,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tensor::Expect;
 
@@ -297,22 +301,18 @@ fn cuda_available() -> bool {
 }
 
 /// Kernels loaded once per device for the whole process.
-fn kernels_for(ordinal: usize, t: &NvlinkTransport) -> Result<LayerKernels, SchedError> {
+fn kernels_for(ordinal: usize, t: &dyn DeviceTransport) -> Result<LayerKernels, SchedError> {
     static LOADED: Mutex<Vec<(usize, LayerKernels)>> = Mutex::new(Vec::new());
     let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, k)) = loaded.iter().find(|(o, _)| *o == ordinal) {
         return Ok(k.clone());
     }
-    let k = LayerKernels::load(t.context()).map_err(|source| SchedError::Kernel {
-        rank: t_rank(t),
+    let k = LayerKernels::load(t.comm_stream().context()).map_err(|source| SchedError::Kernel {
+        rank: t.rank(),
         source,
     })?;
     loaded.push((ordinal, k.clone()));
     Ok(k)
-}
-
-fn t_rank(t: &NvlinkTransport) -> usize {
-    comet_transport::Transport::rank(t)
 }
 
 /// How many ranks of the world run on this rank's GPU (same device UUID).
@@ -346,7 +346,66 @@ fn ranks_on_my_gpu(
     Ok(all.iter().filter(|b| **b == mine).count().max(1))
 }
 
-type Inner = MoeLayer<NvlinkTransport>;
+/// The layer over nvlink (kernels store into peers) or over NCCL (a
+/// proxy thread sends per ordered pair).
+type Inner = Box<dyn WorldLayer>;
+
+/// The transports a Python layer runs over.
+const TRANSPORTS: &str = "\"nvlink\" (CUDA peer memory and IPC, ranks on one host) or \"nccl\" \
+     (one GPU per rank, on one host or across hosts)";
+
+/// Builds this rank's layer over `transport` (collective).
+#[allow(clippy::too_many_arguments)]
+fn build_layer(
+    transport: &str,
+    cfg: &MoeConfig,
+    max_tokens: usize,
+    device: usize,
+    ex: Arc<dyn BlobExchange>,
+    per_gpu: usize,
+    timeout: Duration,
+) -> PyResult<Inner> {
+    let opts = LayerOptions {
+        timeout,
+        ranks_per_gpu: per_gpu,
+        ..LayerOptions::default()
+    };
+    match transport {
+        "nccl" => {
+            if per_gpu > 1 {
+                return Err(value_err(format!(
+                    "transport \"nccl\" needs a GPU per rank (NCCL refuses two ranks on one \
+                     GPU), but {per_gpu} ranks share cuda:{device}; use \"nvlink\" there"
+                )));
+            }
+            let t = NcclTransport::new(
+                device,
+                ex,
+                NcclOptions {
+                    collective_timeout: timeout,
+                },
+            )
+            .map_err(transport_err)?;
+            let kernels = kernels_for(device, &t).map_err(sched_err)?;
+            let layer =
+                NcclLayer::over_nccl(cfg, max_tokens, t, &kernels, &opts).map_err(sched_err)?;
+            Ok(Box::new(layer))
+        }
+        _ => {
+            let t = NvlinkTransport::new(
+                device,
+                ex,
+                NvlinkOptions {
+                    collective_timeout: timeout,
+                },
+            )
+            .map_err(transport_err)?;
+            let kernels = kernels_for(device, &t).map_err(sched_err)?;
+            let layer = MoeLayer::new(cfg, max_tokens, t, &kernels, &opts).map_err(sched_err)?;
+            Ok(Box::new(layer))
+        }
+    }
+}
 
 /// One rank's layer (see the module docs); `comet.MoeLayer` wraps it.
 #[pyclass(module = "comet._comet")]
@@ -404,10 +463,9 @@ impl Layer {
         device: usize,
     ) -> PyResult<Layer> {
         guard("MoeLayer()", || {
-            if transport != "nvlink" {
+            if transport != "nvlink" && transport != "nccl" {
                 return Err(value_err(format!(
-                    "transport {transport:?} is not available from Python; \"nvlink\" is \
-                     (CUDA peer memory and IPC, ranks on one host)"
+                    "transport {transport:?} is not available from Python; {TRANSPORTS} are"
                 )));
             }
             let mode = parse_mode(mode)?;
@@ -441,22 +499,8 @@ impl Layer {
                     None => ranks_on_my_gpu(ex.as_ref(), device, timeout).map_err(transport_err)?,
                 };
                 let rank = ex.rank();
-                let t = NvlinkTransport::new(
-                    device,
-                    ex,
-                    NvlinkOptions {
-                        collective_timeout: timeout,
-                    },
-                )
-                .map_err(transport_err)?;
-                let kernels = kernels_for(device, &t).map_err(sched_err)?;
-                let opts = LayerOptions {
-                    timeout,
-                    ranks_per_gpu: per_gpu,
-                    ..LayerOptions::default()
-                };
                 let mut layer =
-                    MoeLayer::new(&cfg, max_tokens, t, &kernels, &opts).map_err(sched_err)?;
+                    build_layer(transport, &cfg, max_tokens, device, ex, per_gpu, timeout)?;
                 layer.set_mode(mode);
                 Ok((layer, rank))
             })?;
@@ -618,11 +662,15 @@ impl Layer {
             // SAFETY: as in check.
             let synced = unsafe { l.check(stream_of(stream)) };
             let timeout = self.timeout;
-            let t = l.transport();
-            let met = py.detach(|| comet_transport::Transport::barrier(t, timeout));
-            drop(l);
+            // The layer is freed once every rank met (without the GIL: a
+            // group's barrier may need another thread).
+            let met = py.detach(move || {
+                let met = l.barrier(timeout);
+                drop(l);
+                met
+            });
             synced.map_err(sched_err)?;
-            met.map_err(transport_err)
+            met.map_err(sched_err)
         })
     }
 

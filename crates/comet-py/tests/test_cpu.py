@@ -282,7 +282,7 @@ def clean_env(monkeypatch):
 @pytest.mark.parametrize(
     "args,error,message",
     [
-        (dict(transport="nccl"), ValueError, 'transport "nccl" is not available from Python'),
+        (dict(transport="ucx"), ValueError, 'transport "ucx" is not available from Python'),
         (dict(mode="overlapped"), ValueError, 'mode must be "fused" or "sequential"'),
         (dict(timeout_s=0), ValueError, "timeout_s must be a positive number"),
         (dict(timeout_s=float("nan")), ValueError, "timeout_s must be a positive number"),
@@ -302,9 +302,10 @@ def test_layer_arguments_are_checked_before_anything_else(clean_env, args, error
 
 
 @pytest.mark.skipif(comet.cuda_available(), reason="a CUDA device is present")
-def test_no_cuda_is_a_clear_error(clean_env):
+@pytest.mark.parametrize("transport", ["nvlink", "nccl"])
+def test_no_cuda_is_a_clear_error(clean_env, transport):
     with pytest.raises(comet.CometError) as e:
-        comet.MoeLayer(1024, 512, 8, 2, 128)
+        comet.MoeLayer(1024, 512, 8, 2, 128, transport=transport)
     assert "no CUDA driver or device" in str(e.value)
 
 

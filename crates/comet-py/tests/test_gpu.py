@@ -244,6 +244,32 @@ def test_bad_calls_raise_and_the_layer_recovers():
     assert c.max_rel_err(y, comet.moe_reference(x, ids, w, w1, w2)) <= c.TOL
 
 
+def test_one_rank_over_nccl_matches_the_reference():
+    """The layer over NCCL (proxy thread, lanes, landings) on one rank; two
+    ranks need a GPU each (NCCL refuses two on one), so they wait for a
+    multi-GPU machine (scripts/nccl-layer.sh). Needs libnccl.so on the
+    library path (device-checks.sh links torch's libnccl.so.2)."""
+    c = gpu()
+    try:
+        layer = layer_w1(transport="nccl")
+    except comet.CometError as e:
+        if "libnccl cannot be loaded" in str(e):
+            skip(str(e))
+        raise
+    assert layer.plan()["dispatch"] == "rows"
+    w1, w2, router = c.weights(3)
+    with torch.no_grad():
+        for it, t in enumerate([300, 1, c.MAX_T, 77]):
+            for mode in ("fused", "sequential"):
+                layer.mode = mode
+                x, ids, w = c.routed_tokens(40 + 2 * it + (mode == "fused"), t, router)
+                out = torch.full_like(x, float("nan"))
+                y = layer(x, ids, w, w1, w2, out=out)
+                layer.check()
+                err = c.max_rel_err(y, comet.moe_reference(x, ids, w, w1, w2))
+                assert err <= c.TOL, f"nccl call {it} ({mode}, T={t}): max rel err {err:.3g}"
+
+
 def test_plan_mode_and_repr_on_the_device():
     c = gpu()
     layer = layer_w1()

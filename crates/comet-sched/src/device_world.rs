@@ -45,6 +45,7 @@ pub trait WorldLayer: Send {
     fn rank(&self) -> usize;
     fn plan(&self) -> &DevicePlan;
     fn set_mode(&mut self, mode: ExecMode);
+    fn mode(&self) -> ExecMode;
     /// # Safety
     /// As [`MoeLayer::forward`].
     unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError>;
@@ -81,6 +82,9 @@ impl<T: DeviceTransport + 'static> WorldLayer for MoeLayer<T> {
     }
     fn set_mode(&mut self, mode: ExecMode) {
         MoeLayer::set_mode(self, mode)
+    }
+    fn mode(&self) -> ExecMode {
+        MoeLayer::mode(self)
     }
     unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.
@@ -126,6 +130,9 @@ impl<T: Transport + 'static> WorldLayer for StagedLayer<T> {
     }
     fn set_mode(&mut self, mode: ExecMode) {
         StagedLayer::set_mode(self, mode)
+    }
+    fn mode(&self) -> ExecMode {
+        self.layer().mode()
     }
     unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         // SAFETY: forwarded contract.

@@ -112,7 +112,10 @@ impl NcclTransport {
             return Err(TransportError::Backend {
                 backend: BACKEND,
                 rank,
-                message: "libnccl cannot be loaded".into(),
+                message: "libnccl cannot be loaded: comet loads it (through cudarc) as libnccl.so, which \
+                          NCCL's packages and pip wheels ship only as libnccl.so.2; put a \
+                          libnccl.so link to it on LD_LIBRARY_PATH (scripts/nccl-layer.sh shows how)"
+                    .into(),
             });
         }
         if ordinal >= cuda::device_count() || i32::try_from(world).is_err() {

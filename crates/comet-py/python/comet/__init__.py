@@ -188,6 +188,11 @@ class MoeLayer:
     it the call fails naming the rank and the signal instead of hanging.
     ``device`` is a CUDA ordinal or torch.device (default: torch's current
     device); ``dtype`` may only be torch.bfloat16 (x, y and the weights).
+    ``transport`` is "nvlink" (the kernels store into the peers' memory:
+    ranks on one host, which may share GPUs) or "nccl" (a proxy thread
+    sends each piece as the kernels finish it, per ordered pair of ranks:
+    one GPU per rank, on one host or across hosts; its calls cannot be
+    captured in a CUDA graph, since the proxy must see every call).
     """
 
     def __init__(self, hidden, ffn, experts, top_k, max_tokens, group=None,

@@ -447,7 +447,6 @@ pub struct CudaStaging {
     order: PinnedBytes,
     /// The layer's kernels (token-once landings expand on the device).
     kernels: Arc<ForwardKernels>,
-    row_bytes: usize,
     /// Downloads in flight with their events; spare events.
     pending: StreamQueue<Ticket, CudaEvent>,
     spare: Vec<CudaEvent>,
@@ -580,7 +579,6 @@ impl CudaStaging {
             order_dev: layer.send_order_ptr(),
             order,
             kernels: Arc::clone(&layer.kernels().forward),
-            row_bytes: geo.row_bytes,
             pending: StreamQueue::default(),
             spare: Vec::new(),
             next: 0,
@@ -708,8 +706,15 @@ impl StagedDevice for CudaStaging {
             .as_ref()
             .ok_or_else(|| self.failed("land tokens", "no registered inbox"))?;
         let (base, len) = (inbox.device_ptr_at(0), inbox.len());
-        let args = expand_args(base, len, self.view.own[b], region, place, self.row_bytes)
-            .ok_or_else(|| self.failed("land tokens", format!("{place:?} past the inbox")))?;
+        let args = expand_args(
+            base,
+            len,
+            self.view.own[b],
+            region,
+            place,
+            self.geo.row_bytes,
+        )
+        .ok_or_else(|| self.failed("land tokens", format!("{place:?} past the inbox")))?;
         // SAFETY: the destination is `rows` whole rows inside this rank's
         // own recv buffer (region, as in download); the index array and
         // every slot it names (checked by the proxy against the pair's
@@ -722,7 +727,7 @@ impl StagedDevice for CudaStaging {
                 args.index,
                 args.dst,
                 args.rows,
-                self.row_bytes,
+                self.geo.row_bytes,
                 self.landings.cu_stream(),
             )
         }

@@ -73,7 +73,10 @@ mod sys;
 
 use result::status_string;
 use safe::{AtomicOp, Endpoint, InFlightAtomic, MapFailure, Mapped, Posted, RemoteKey, Worker};
-use sys::{UCS_ERR_UNREACHABLE, UCS_INPROGRESS, UCS_OK};
+use sys::{
+    UCS_ERR_CONNECTION_RESET, UCS_ERR_ENDPOINT_TIMEOUT, UCS_ERR_NOT_CONNECTED, UCS_ERR_UNREACHABLE,
+    UCS_INPROGRESS, UCS_OK,
+};
 
 /// The UCX library version this process runs with (major, minor, release).
 pub fn ucx_version() -> (u32, u32, u32) {
@@ -387,6 +390,27 @@ impl UcxTransport {
         Ok(())
     }
 
+    /// The error of an operation towards `peer` that UCX failed with
+    /// `status`: the peer is gone when its endpoint reported an error or
+    /// the status says the endpoint failed (a post can fail so before the
+    /// error callback ran); any other failure is the backend's.
+    fn op_error(&self, g: &Inner, peer: Option<usize>, what: &str, status: i32) -> TransportError {
+        let lost = |p: usize| {
+            endpoint_failed(status)
+                || g.peers[p]
+                    .as_ref()
+                    .is_some_and(|x| x.err.load(Ordering::Acquire) != UCS_OK)
+        };
+        match peer {
+            Some(p) if lost(p) => TransportError::PeerGone {
+                rank: self.rank,
+                peer: p,
+                reason: format!("{what} failed: {}", status_string(status)),
+            },
+            _ => self.be(format!("{what}: {}", status_string(status))),
+        }
+    }
+
     /// Drives `req` (from an operation towards `peer`, or the whole worker
     /// when `peer` is None) to completion within the operation deadline.
     /// On failure, the endpoint to `peer` is force-closed, which completes
@@ -402,7 +426,7 @@ impl UcxTransport {
             Posted::Done => return Ok(()),
             Posted::Pending(req) => req,
             Posted::Failed(st) => {
-                let e = self.be(format!("{what}: {}", status_string(st)));
+                let e = self.op_error(g, peer, what, st);
                 if let Some(p) = peer {
                     self.break_peer(g, p, &e.to_string());
                 }
@@ -420,20 +444,7 @@ impl UcxTransport {
                 if s == UCS_OK {
                     return Ok(());
                 }
-                let e = match peer {
-                    Some(p)
-                        if g.peers[p]
-                            .as_ref()
-                            .is_some_and(|x| x.err.load(Ordering::Acquire) != UCS_OK) =>
-                    {
-                        TransportError::PeerGone {
-                            rank: self.rank,
-                            peer: p,
-                            reason: format!("{what} failed: {}", status_string(s)),
-                        }
-                    }
-                    _ => self.be(format!("{what}: {}", status_string(s))),
-                };
+                let e = self.op_error(g, peer, what, s);
                 if let Some(p) = peer {
                     self.break_peer(g, p, &e.to_string());
                 }
@@ -686,6 +697,18 @@ impl UcxTransport {
     }
 }
 
+/// Whether a UCX status says the peer's endpoint failed (the peer is
+/// gone or unreachable), as opposed to a local or usage error.
+fn endpoint_failed(status: i32) -> bool {
+    matches!(
+        status,
+        UCS_ERR_UNREACHABLE
+            | UCS_ERR_NOT_CONNECTED
+            | UCS_ERR_CONNECTION_RESET
+            | UCS_ERR_ENDPOINT_TIMEOUT
+    )
+}
+
 /// The steps of raising a signal word on a peer: what keeps the word
 /// behind the data it guards is the order [`raise_after_puts`] takes them in.
 trait SignalSteps {
@@ -779,10 +802,12 @@ impl SignalSteps for UcxRaise<'_, '_> {
                 Ok(())
             }
             Err(err) => {
-                let e = self.t.be(format!(
-                    "signal {sig} on rank {dst}: {}",
-                    status_string(err)
-                ));
+                let e = self.t.op_error(
+                    self.g,
+                    Some(dst),
+                    &format!("signal {sig} on rank {dst}"),
+                    err,
+                );
                 self.t.break_peer(self.g, dst, &e.to_string());
                 Err(e)
             }
@@ -1031,6 +1056,18 @@ impl Drop for UcxTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A post can fail with an endpoint status before the peer's error
+    /// callback ran: those name the peer as gone; other failures do not.
+    #[test]
+    fn endpoint_failures_are_a_lost_peer() {
+        for st in [-6, -24, -25, -80] {
+            assert!(endpoint_failed(st), "{st}");
+        }
+        for st in [0, 1, -2, -3, -16] {
+            assert!(!endpoint_failed(st), "{st}");
+        }
+    }
 
     /// A peer's memory behind a link that holds puts back: they land only
     /// when a fence or a flush orders them, while an atomic lands at once,

@@ -12,6 +12,11 @@ pub const UCS_INPROGRESS: c_int = 1;
 /// `UCS_ERR_UNREACHABLE`: no transport reaches the peer (with the asked
 /// error handling).
 pub const UCS_ERR_UNREACHABLE: c_int = -6;
+/// `UCS_ERR_NOT_CONNECTED`, `UCS_ERR_CONNECTION_RESET`,
+/// `UCS_ERR_ENDPOINT_TIMEOUT`: the peer's endpoint failed.
+pub const UCS_ERR_NOT_CONNECTED: c_int = -24;
+pub const UCS_ERR_CONNECTION_RESET: c_int = -25;
+pub const UCS_ERR_ENDPOINT_TIMEOUT: c_int = -80;
 
 // Each function is the UCP call its name says, in src/ucx/shim.c; the
 // parameter structs are filled there against the installed headers.

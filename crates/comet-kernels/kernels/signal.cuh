@@ -72,13 +72,23 @@ __device__ __forceinline__ void signal_fence() {
   asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
 
-// Records the first error only; later ones keep the original cause.
-__device__ __forceinline__ void signal_record_error(u64* err, unsigned code, unsigned index) {
-  atomicCAS(err, 0ull, ((u64)code << 32) | (u64)index);
+// A bad expert id is reported but breaks nothing (its slot is dropped and
+// the protocol goes on); every other code means some wait will not be met.
+__device__ __forceinline__ bool signal_error_fatal(u64 word) {
+  return word != 0ull && (unsigned)(word >> 32) != COMET_ERR_BAD_EXPERT;
 }
 
+// Records the first error only, so later ones keep the original cause;
+// except that a fatal error replaces a bad-id report, which is not one.
+__device__ __forceinline__ void signal_record_error(u64* err, unsigned code, unsigned index) {
+  const u64 word = ((u64)code << 32) | (u64)index;
+  const u64 old = atomicCAS(err, 0ull, word);
+  if (old != 0ull && !signal_error_fatal(old) && signal_error_fatal(word)) atomicCAS(err, old, word);
+}
+
+// Whether a waiter should give up: another thread recorded a fatal error.
 __device__ __forceinline__ bool signal_error_set(const u64* err) {
-  return signal_load_relaxed(err) != 0ull;
+  return signal_error_fatal(signal_load_relaxed(err));
 }
 
 // Bounded wait for *word >= target, called by ONE thread. Returns true once

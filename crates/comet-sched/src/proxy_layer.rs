@@ -236,8 +236,9 @@ impl<T: Transport + 'static> StagedLayer<T> {
         enqueued
     }
 
-    /// As [`MoeLayer::check`]; a proxy error comes first (it is the cause
-    /// of the kernels' timeouts that follow it).
+    /// As [`MoeLayer::check`]; a proxy error, then a peer the transport
+    /// knows to be lost, come first: either is the cause of the kernels'
+    /// timeouts that follow it.
     ///
     /// # Safety
     /// As [`MoeLayer::check`].
@@ -245,6 +246,9 @@ impl<T: Transport + 'static> StagedLayer<T> {
         // SAFETY: forwarded contract.
         let r = unsafe { self.layer.check(stream) };
         self.proxy_failure()?;
+        if r.is_err() {
+            self.layer.transport().inner().peers_alive()?;
+        }
         r
     }
 }

@@ -593,33 +593,42 @@ unsafe fn copy_runs(
     } else {
         (runs.width, runs.pitch)
     };
-    // SAFETY: a plain C struct of integers and pointers, all-zero valid
-    // (null pointers, offset 0); the fields used are set below.
-    let mut c: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
-    c.WidthInBytes = runs.width;
-    c.Height = runs.rows;
-    c.srcPitch = src_pitch;
-    c.dstPitch = dst_pitch;
-    match src {
-        Side::Host(p) => {
-            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-            c.srcHost = p.cast_const().cast();
-        }
-        Side::Device(p) => {
-            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-            c.srcDevice = p;
-        }
-    }
-    match dst {
-        Side::Host(p) => {
-            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-            c.dstHost = p.cast();
-        }
-        Side::Device(p) => {
-            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-            c.dstDevice = p;
-        }
-    }
+    // Every field named: the memory-type enums have no zero value, so an
+    // all-zero struct (mem::zeroed) is not a valid value of this type.
+    let (src_type, src_host, src_device) = match src {
+        Side::Host(p) => (
+            sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+            p.cast_const().cast(),
+            0,
+        ),
+        Side::Device(p) => (sys::CUmemorytype::CU_MEMORYTYPE_DEVICE, std::ptr::null(), p),
+    };
+    let (dst_type, dst_host, dst_device) = match dst {
+        Side::Host(p) => (sys::CUmemorytype::CU_MEMORYTYPE_HOST, p.cast(), 0),
+        Side::Device(p) => (
+            sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            std::ptr::null_mut(),
+            p,
+        ),
+    };
+    let c = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: src_type,
+        srcHost: src_host,
+        srcDevice: src_device,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: dst_type,
+        dstHost: dst_host,
+        dstDevice: dst_device,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: runs.width,
+        Height: runs.rows,
+    };
     // SAFETY: both sides as the caller promises.
     unsafe { sys::cuMemcpy2DAsync_v2(&c, s).result() }
 }

@@ -512,6 +512,17 @@ impl Transport for LocalTransport {
         Ok(())
     }
 
+    fn peers_alive(&self) -> Result<(), TransportError> {
+        match self.shared.first_dead() {
+            Some(peer) => Err(TransportError::PeerGone {
+                rank: self.rank,
+                peer,
+                reason: "rank was killed".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn barrier(&self, timeout: Duration) -> Result<(), TransportError> {
         let start = Instant::now();
         let mut g = lock(&self.shared.barrier);
@@ -673,6 +684,19 @@ mod tests {
         });
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(w[0].barrier(Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn peers_alive_names_a_killed_peer() {
+        let w = local_world(3, None);
+        assert!(w[0].peers_alive().is_ok());
+        w[2].kill();
+        for r in [0, 1] {
+            match w[r].peers_alive() {
+                Err(TransportError::PeerGone { rank, peer: 2, .. }) => assert_eq!(rank, r),
+                other => panic!("rank {r}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -88,6 +88,14 @@ pub trait Transport: Send + Sync {
         let _ = buf;
         Ok(None)
     }
+
+    /// Fails with [`TransportError::PeerGone`] naming a peer this rank
+    /// knows to be lost (its process or endpoint failed); Ok means nothing
+    /// is known wrong. A layer whose kernels timed out waiting asks this to
+    /// name the cause rather than the symptom.
+    fn peers_alive(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
 }
 
 /// Checks that `peer` is a rank of `t`'s world.

@@ -688,6 +688,31 @@ impl UcxTransport {
     }
 
     /// `dst` has no live endpoint (or key) although it was not marked broken.
+    /// Fails naming a peer known to be lost: a completion that failed
+    /// towards it, its bootstrap connection closed, or its endpoint failed.
+    /// `context` says what this rank was doing.
+    fn lost_peer(&self, g: &mut Inner, context: &str) -> Result<(), TransportError> {
+        self.reap(g)?;
+        if let Err(BootstrapError::PeerGone { peer, reason, .. }) = self.boot.check_peers() {
+            return Err(TransportError::PeerGone {
+                rank: self.rank,
+                peer,
+                reason: format!("{reason}, {context}"),
+            });
+        }
+        for (peer, p) in g.peers.iter().enumerate() {
+            let st = p.as_ref().map_or(UCS_OK, |p| p.err.load(Ordering::Acquire));
+            if st != UCS_OK {
+                return Err(TransportError::PeerGone {
+                    rank: self.rank,
+                    peer,
+                    reason: format!("UCX endpoint failed ({}), {context}", status_string(st)),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn reach_lost(&self, dst: usize, what: &str) -> TransportError {
         TransportError::PeerGone {
             rank: self.rank,
@@ -943,34 +968,20 @@ impl Transport for UcxTransport {
                 .ok_or_else(|| self.be(format!("signal {sig}: word {off} is not addressable")))?
                 .load(Ordering::Acquire);
             if v < target && round.checkpoint() {
-                self.reap(&mut g)?;
-                if let Err(BootstrapError::PeerGone { peer, reason, .. }) = self.boot.check_peers()
-                {
-                    return Err(TransportError::PeerGone {
-                        rank: self.rank,
-                        peer,
-                        reason: format!(
-                            "{reason}, while waiting for signal {sig} to reach {target}"
-                        ),
-                    });
-                }
-                for (peer, p) in g.peers.iter().enumerate() {
-                    let st = p.as_ref().map_or(UCS_OK, |p| p.err.load(Ordering::Acquire));
-                    if st != UCS_OK {
-                        return Err(TransportError::PeerGone {
-                            rank: self.rank,
-                            peer,
-                            reason: format!(
-                                "UCX endpoint failed ({}), while waiting for signal {sig}",
-                                status_string(st)
-                            ),
-                        });
-                    }
-                }
+                self.lost_peer(
+                    &mut g,
+                    &format!("while waiting for signal {sig} to reach {target}"),
+                )?;
             }
             Ok(v)
         };
         wait_signal(self.rank, sig, target, timeout, look, std::thread::sleep)
+    }
+
+    fn peers_alive(&self) -> Result<(), TransportError> {
+        let mut g = lock(&self.inner);
+        g.progress();
+        self.lost_peer(&mut g, "found after this rank's kernels timed out")
     }
 
     fn host_memory(&self, buf: BufferId) -> Result<Option<(u64, usize)>, TransportError> {

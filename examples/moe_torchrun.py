@@ -18,7 +18,8 @@ Rank 0 prints each rank's times, the max difference between comet and the
 torch layer, the host time of one comet call (the call only enqueues; in
 brackets the part the Rust forward takes, the rest is comet-py's Python
 side), and the sync overhead: the wall time of a call followed by a
-synchronize, minus the GPU's own time for one call.
+synchronize, minus the GPU's own time for one call (in brackets the same
+for the torch layer: what a GPU started from idle costs either).
 """
 
 import argparse
@@ -153,6 +154,9 @@ def main():
         layer.mode = "fused"
         host, enqueue = host_times(comet_call, layer, a.iters)
         overhead = sync_overhead_us(comet_call, a.iters)
+        if group is not None:
+            dist.barrier(group)
+        overhead_torch = sync_overhead_us(torch_call, a.iters)
         layer.check()
 
     mine_row = {
@@ -166,6 +170,7 @@ def main():
         "host_us": host,
         "enqueue_us": enqueue,
         "overhead_us": overhead,
+        "overhead_torch_us": overhead_torch,
     }
     rows = [mine_row]
     if group is not None:
@@ -177,13 +182,13 @@ def main():
               f"{world} rank(s); plan: overlap={p['overlap']} chunks={p['chunks']} "
               f"comm_blocks={p['comm_blocks']} share={p['share']} SMs")
         print("rank gpu  comet fused ms  comet seq ms  torch ms  torch/fused  "
-              "max|comet-torch| (of max|y|)  host us/call (rust)  sync overhead us")
+              "max|comet-torch| (of max|y|)  host us/call (rust)  sync overhead us (torch's)")
         for r in rows:
             print(f"{r['rank']:>4} {r['device']:>3}  {r['fused_ms']:>14.3f}  "
                   f"{r['sequential_ms']:>12.3f}  {r['torch_ms']:>8.3f}  "
                   f"{r['torch_ms'] / r['fused_ms']:>11.2f}  "
                   f"{r['max_diff']:>10.4f} ({r['scale']:.3f})        "
-                  f"{r['host_us']:>8.1f} ({r['enqueue_us']:.1f})  {r['overhead_us']:>8.1f}")
+                  f"{r['host_us']:>8.1f} ({r['enqueue_us']:.1f})  {r['overhead_us']:>8.1f} ({r['overhead_torch_us']:.1f})")
     layer.close()
     if group is not None:
         dist.destroy_process_group()

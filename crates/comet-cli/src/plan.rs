@@ -179,8 +179,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         let s = Geometry::of(&device).staged_bytes();
         println!(
             "staged over a host-memory transport (--transport ucx|local): per rank {:.1} MiB of \
-             device mirrors, {:.1} MiB of pinned host staging, {:.1} MiB of inbox",
-            mib(s.device_mirrors),
+             device mirrors and token copy, {:.1} MiB of pinned host staging, {:.1} MiB of inbox",
+            mib(s.device_mirrors + s.device_tokens),
             mib(s.host_staging),
             mib(s.inbox)
         );

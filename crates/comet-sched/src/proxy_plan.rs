@@ -154,6 +154,9 @@ pub struct TokenPlace {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StagedBytes {
     pub device_mirrors: usize,
+    /// A device copy of the recv inbox, which token-once landings expand
+    /// from (the default dispatch wire).
+    pub device_tokens: usize,
     /// Pinned on a GPU.
     pub host_staging: usize,
     /// On the transport (host memory for UCX).
@@ -217,6 +220,11 @@ impl Geometry {
         let largest = Buf::ALL.iter().map(|&b| self.bytes(b)).max().unwrap_or(0);
         StagedBytes {
             device_mirrors: peers * one,
+            device_tokens: if peers > 0 {
+                self.inbox_bytes(Buf::Recv)
+            } else {
+                0
+            },
             host_staging: peers * one + largest,
             inbox: Buf::ALL.iter().map(|&b| self.inbox_bytes(b)).sum(),
         }
@@ -566,7 +574,9 @@ mod tests {
         // Room for a u32 per row and 16 bytes per rank, per buffer.
         let rows = 2 + 100 + 30; // the 256-byte count buffer is two 128-byte rows
         assert_eq!(b.inbox, one + 4 * rows + 3 * 16 * 4);
-        assert_eq!(geometry(1, 8, 1, 10, 10).staged_bytes().device_mirrors, 0);
+        assert_eq!(b.device_tokens, 100 * 128 + 4 * 100 + 16 * 4);
+        let alone = geometry(1, 8, 1, 10, 10).staged_bytes();
+        assert_eq!((alone.device_mirrors, alone.device_tokens), (0, 0));
     }
 
     /// Token-once areas: every piece's index array and its pair's token

@@ -50,6 +50,7 @@ use crate::error::SchedError;
 use crate::proxy_plan::{words, Buf, DispatchWire, Geometry, Kind, Piece, Region, TokenPlace};
 use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 /// A download in flight: downloads finish in the order they were started.
@@ -111,15 +112,18 @@ pub trait StagedDevice {
     /// token slot `index[r]`, the index being the piece's u32 array at
     /// `place.index` and slot `s` the row at `place.tokens + s * row
     /// bytes` (checked by the proxy against the pair's rows); then raises
-    /// `signal` to `value`, as [`StagedDevice::land`] does.
+    /// `signal` to `value`, as [`StagedDevice::land`] does. `fresh` are
+    /// the pair's slots no earlier landing of the call named: the device
+    /// side moves those rows, the index may name earlier ones too.
     fn land_tokens(
         &mut self,
         region: Region,
         place: TokenPlace,
+        fresh: Range<usize>,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
-        let _ = (region, place, signal, value);
+        let _ = (region, place, fresh, signal, value);
         Err(SchedError::StagedProtocol {
             rank: usize::MAX,
             message: "this device side does not expand token-once pieces".into(),
@@ -183,12 +187,15 @@ struct Call {
 /// Token-once state of the sender: the kernels' send order of the call
 /// (fetched with the first dispatch piece that has rows), and per peer the
 /// slot each token got there this call, stamped with the call's epoch so
-/// no call clears it.
+/// no call clears it. Of the receiver: per peer the token slots a landed
+/// piece named so far this call (`landed`), so each token row is handed to
+/// the device once.
 #[derive(Default)]
 struct Tokens {
     order: Option<Vec<u32>>,
     slot: Vec<Vec<(u64, u32)>>,
     used: Vec<usize>,
+    landed: Vec<usize>,
     pack: Vec<u8>,
     index: Vec<u8>,
 }
@@ -252,6 +259,7 @@ impl<'t> StagedProxy<'t> {
             DispatchWire::Tokens => Some(Tokens {
                 slot: vec![Vec::new(); w],
                 used: vec![0; w],
+                landed: vec![0; w],
                 ..Tokens::default()
             }),
         };
@@ -293,6 +301,7 @@ impl<'t> StagedProxy<'t> {
         if let Some(tok) = &mut self.tokens {
             tok.order = None;
             tok.used.fill(0);
+            tok.landed.fill(0);
         }
         // Downloads started, oldest first: put out as they finish.
         let mut staging: std::collections::VecDeque<(Piece, Ticket)> = Default::default();
@@ -500,7 +509,8 @@ impl<'t> StagedProxy<'t> {
                 Kind::Dispatch { .. } if self.tokens.is_some() => {
                     let (place, index) = self.token_index(&p, &call.counts)?;
                     if dev.expands_tokens() {
-                        dev.land_tokens(p.region, place, p.signal, call.epoch)?;
+                        let fresh = self.fresh_tokens(p.from, &index);
+                        dev.land_tokens(p.region, place, fresh, p.signal, call.epoch)?;
                         call.stats.landed += 1;
                         call.stats.bytes_landed += n;
                         continue;
@@ -556,6 +566,26 @@ impl<'t> StagedProxy<'t> {
             });
         }
         Ok((place, index))
+    }
+
+    /// The token slots of `from`'s pair that `index` is the first landed
+    /// piece to name: from the end of those named before up to its highest
+    /// slot. All of them are in the inbox once its signal is (a pair's
+    /// token rows go out before the signal of the piece that first names
+    /// them, and signals from one peer arrive in order).
+    fn fresh_tokens(&mut self, from: usize, index: &[u32]) -> Range<usize> {
+        let Some(tok) = self.tokens.as_mut() else {
+            return 0..0;
+        };
+        let start = tok.landed[from];
+        let end = index
+            .iter()
+            .map(|&s| s as usize + 1)
+            .max()
+            .unwrap_or(0)
+            .max(start);
+        tok.landed[from] = end;
+        start..end
     }
 
     /// Fills the landing image of dispatch piece `p` (arrived token-once,

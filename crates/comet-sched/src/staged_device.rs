@@ -33,6 +33,7 @@ use comet_transport::{
 };
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, DriverError};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -442,6 +443,11 @@ pub struct CudaStaging {
     /// from them. Dropped after the streams are drained (at the end of
     /// `run`).
     inbox: [Option<HostRegistration>; 3],
+    /// A device copy of the recv inbox (token-once only): each landing
+    /// copies its fresh token rows and its index in by the copy engine, and
+    /// the expand kernel reads them from there, not across PCIe once per
+    /// row.
+    tokens_dev: Option<DeviceAlloc>,
     /// The layer's send order on the device and a pinned copy of it.
     order_dev: u64,
     order: PinnedBytes,
@@ -470,7 +476,7 @@ struct ExpandArgs {
 }
 
 /// The expand of token-once piece `region` (whole rows of the recv buffer
-/// at `own`) from its pair's area `place` in the inbox mapped at `inbox`
+/// at `own`) from its pair's area `place` in the inbox image at `inbox`
 /// (`len` bytes); `None` when the piece's index array or the pair's token
 /// rows lie past the inbox.
 fn expand_args(
@@ -563,6 +569,13 @@ impl CudaStaging {
             Buf::Counts => None,
             Buf::Recv | Buf::Comb => register_inbox(t, view.inbox[b.index()]),
         });
+        let tokens_dev = match (&inbox[Buf::Recv.index()], wire) {
+            (Some(r), DispatchWire::Tokens) if geo.ranks > 1 => Some(
+                DeviceAlloc::zeroed(t.context(), r.len())
+                    .map_err(|e| failed("allocate the device token copy", e))?,
+            ),
+            _ => None,
+        };
         Ok(CudaStaging {
             rank,
             geo: *geo,
@@ -576,6 +589,7 @@ impl CudaStaging {
             send,
             landing,
             inbox,
+            tokens_dev,
             order_dev: layer.send_order_ptr(),
             order,
             kernels: Arc::clone(&layer.kernels().forward),
@@ -686,48 +700,74 @@ impl StagedDevice for CudaStaging {
     }
 
     fn expands_tokens(&self) -> bool {
-        // The expansion kernel moves 16-byte vectors; token areas are
-        // 16-byte aligned inside the inbox (index arrays only 4-byte:
-        // check_expand), so its base must be 16-byte aligned too.
-        self.inbox[Buf::Recv.index()]
-            .as_ref()
-            .is_some_and(|r| r.device_ptr_at(0) % 16 == 0)
+        self.inbox[Buf::Recv.index()].is_some() && self.tokens_dev.is_some()
     }
 
     fn land_tokens(
         &mut self,
         region: Region,
         place: TokenPlace,
+        fresh: Range<usize>,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
-        let b = Buf::Recv.index();
-        let inbox = self.inbox[b]
-            .as_ref()
-            .ok_or_else(|| self.failed("land tokens", "no registered inbox"))?;
-        let (base, len) = (inbox.device_ptr_at(0), inbox.len());
+        let (inbox, copy) = match (&self.inbox[Buf::Recv.index()], &self.tokens_dev) {
+            (Some(i), Some(c)) => (i, c),
+            _ => return Err(self.failed("land tokens", "no registered inbox or token copy")),
+        };
+        let (base, len, rb) = (copy.ptr(), inbox.len(), self.geo.row_bytes);
         let args = expand_args(
             base,
             len,
-            self.view.own[b],
+            self.view.own[Buf::Recv.index()],
             region,
             place,
-            self.geo.row_bytes,
+            rb,
         )
         .ok_or_else(|| self.failed("land tokens", format!("{place:?} past the inbox")))?;
-        // SAFETY: the destination is `rows` whole rows inside this rank's
-        // own recv buffer (region, as in download); the index array and
-        // every slot it names (checked by the proxy against the pair's
-        // rows) lie in the registered, device-mapped inbox (checked above),
-        // which nobody writes before the next call, which starts only after
-        // end_call drained this stream.
+        let fresh_at = place.tokens + fresh.start * rb;
+        let fresh_bytes = fresh.len() * rb;
+        if fresh.end > place.pair_rows || !fits(fresh_at, fresh_bytes, len) {
+            return Err(self.failed(
+                "land tokens",
+                format!("token slots {fresh:?} past the pair's {}", place.pair_rows),
+            ));
+        }
+        let packed = |bytes: usize| Runs {
+            rows: 1,
+            width: bytes,
+            pitch: bytes,
+        };
+        // SAFETY: the fresh token rows and the piece's index lie inside the
+        // registered inbox and, at the same offsets, inside its device copy
+        // (both `len` bytes; checked above and by expand_args); the inbox
+        // bytes arrived before this piece's signal and nobody writes them
+        // before the next call, which starts only after end_call drained
+        // this stream. The expand then reads the copy behind both copies on
+        // the same stream and writes `rows` whole rows of this rank's own
+        // recv buffer (region, as in download).
         unsafe {
+            cuda::copy_runs_to_device(
+                &self.landings,
+                inbox.ptr_at(fresh_at),
+                base + fresh_at as u64,
+                packed(fresh_bytes),
+            )
+            .and_then(|_| {
+                cuda::copy_runs_to_device(
+                    &self.landings,
+                    inbox.ptr_at(place.index),
+                    base + place.index as u64,
+                    packed(4 * args.rows),
+                )
+            })
+            .map_err(|e| self.failed("land tokens", e))?;
             self.kernels.expand_rows(
                 args.tokens,
                 args.index,
                 args.dst,
                 args.rows,
-                self.geo.row_bytes,
+                rb,
                 self.landings.cu_stream(),
             )
         }

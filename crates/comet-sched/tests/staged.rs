@@ -28,6 +28,7 @@ use comet_transport::{BufferId, Transport};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,13 +86,17 @@ fn copy_2d(r: Region, from: &[u8], packed: bool, to: &mut [u8]) {
 /// them: a piece put out before its download finished arrives poisoned.
 /// With `inbox` set it lands dispatch and combine pieces straight from the
 /// transport's inbox, as a GPU does from a registered inbox, and with
-/// `expand` too it expands token-once pieces from there itself.
+/// `expand` too it expands token-once pieces itself, as a GPU does: only
+/// the fresh token rows the proxy names are copied into a device-side copy
+/// of the inbox (poisoned at each call's end), and rows are expanded from
+/// that copy, so a token the proxy failed to name arrives poisoned.
 struct HostSide<'t> {
     dev: Arc<Device>,
     send: Vec<[Vec<u8>; 3]>,
     landing: [Vec<u8>; 3],
     inbox: Option<(&'t dyn Transport, [BufferId; 3])>,
     expand: bool,
+    tokens_copy: Vec<u8>,
     row_bytes: usize,
     /// Started, not finished: ticket, peer, region, wire, looks left.
     pending: std::collections::VecDeque<(Ticket, usize, Region, usize, u32)>,
@@ -109,6 +114,7 @@ impl<'t> HostSide<'t> {
             landing: image(),
             inbox: None,
             expand: false,
+            tokens_copy: vec![POISON; g.inbox_bytes(Buf::Recv)],
             row_bytes: g.row_bytes,
             pending: Default::default(),
             next: 0,
@@ -169,6 +175,7 @@ impl StagedDevice for HostSide<'_> {
         &mut self,
         region: Region,
         place: TokenPlace,
+        fresh: Range<usize>,
         signal: usize,
         value: u64,
     ) -> Result<(), SchedError> {
@@ -178,11 +185,17 @@ impl StagedDevice for HostSide<'_> {
         let (rb, n) = (self.row_bytes, region.bytes() / self.row_bytes);
         let mut index = vec![0u8; 4 * n];
         t.read(ids[1], place.index, &mut index)?;
+        let at = place.tokens + fresh.start * rb;
+        t.read(
+            ids[1],
+            at,
+            &mut self.tokens_copy[at..place.tokens + fresh.end * rb],
+        )?;
         let mut own = self.dev.own[1].lock().unwrap();
         for (r, slot) in index.chunks_exact(4).enumerate() {
             let s = u32::from_le_bytes(slot.try_into().unwrap()) as usize;
-            let at = region.offset + r * rb;
-            t.read(ids[1], place.tokens + s * rb, &mut own[at..at + rb])?;
+            let (at, from) = (region.offset + r * rb, place.tokens + s * rb);
+            own[at..at + rb].copy_from_slice(&self.tokens_copy[from..from + rb]);
         }
         drop(own);
         self.dev.signals[signal].store(value, Ordering::Release);
@@ -219,6 +232,7 @@ impl StagedDevice for HostSide<'_> {
     }
 
     fn end_call(&mut self) -> Result<(), SchedError> {
+        self.tokens_copy.fill(POISON);
         Ok(())
     }
 }

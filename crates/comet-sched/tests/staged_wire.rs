@@ -127,6 +127,7 @@ impl StagedDevice for Prefilled<'_> {
         &mut self,
         region: Region,
         place: TokenPlace,
+        _: std::ops::Range<usize>,
         _: usize,
         _: u64,
     ) -> Result<(), SchedError> {

@@ -163,7 +163,7 @@ pub trait StagedDevice {
 }
 
 /// What one [`StagedProxy::call`] moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StagedStats {
     /// The call's counts exceed a capacity: every rank refused it.
     pub refused: bool,
@@ -173,6 +173,12 @@ pub struct StagedStats {
     /// arrays), and bytes it landed in its device buffers.
     pub bytes_sent: usize,
     pub bytes_landed: usize,
+    /// Where the proxy thread's time went: the whole call, inside the
+    /// transport's puts and signals, and handing arrived pieces to the
+    /// device (reads, copies and launches enqueued); the rest is polling.
+    pub elapsed: Duration,
+    pub on_wire: Duration,
+    pub landing: Duration,
 }
 
 /// One call in flight: its epoch, the count rows as they arrive, the whole
@@ -309,7 +315,8 @@ impl<'t> StagedProxy<'t> {
         // The bound is on standing still, not on the whole call: a call
         // may wait behind earlier work on the GPU, and each of the
         // kernels' own waits is bounded by the same timeout.
-        let mut moved_at = Instant::now();
+        let started = Instant::now();
+        let mut moved_at = started;
         let mut idle = 0u32;
         while !(planned && sends.is_empty() && staging.is_empty() && lands.is_empty()) {
             let before = sends.len() + staging.len() + lands.len();
@@ -358,6 +365,7 @@ impl<'t> StagedProxy<'t> {
             }
         }
         dev.end_call()?;
+        call.stats.elapsed = started.elapsed();
         Ok(call.stats)
     }
 
@@ -397,6 +405,7 @@ impl<'t> StagedProxy<'t> {
                 break;
             }
             staging.pop_front();
+            let t0 = Instant::now();
             let sent = match p.kind {
                 Kind::Dispatch { le } if self.tokens.is_some() => {
                     self.send_tokens(dev, &p, le, call)?
@@ -416,6 +425,7 @@ impl<'t> StagedProxy<'t> {
             };
             self.t
                 .signal(p.to, p.signal as SignalId, SignalOp::Set(call.epoch))?;
+            call.stats.on_wire += t0.elapsed();
             call.stats.sent += 1;
             call.stats.bytes_sent += sent;
         }
@@ -504,6 +514,7 @@ impl<'t> StagedProxy<'t> {
                 continue;
             }
             lands.swap_remove(i);
+            let t0 = Instant::now();
             let n = p.region.bytes();
             let from = match p.kind {
                 Kind::Dispatch { .. } if self.tokens.is_some() => {
@@ -511,6 +522,7 @@ impl<'t> StagedProxy<'t> {
                     if dev.expands_tokens() {
                         let fresh = self.fresh_tokens(p.from, &index);
                         dev.land_tokens(p.region, place, fresh, p.signal, call.epoch)?;
+                        call.stats.landing += t0.elapsed();
                         call.stats.landed += 1;
                         call.stats.bytes_landed += n;
                         continue;
@@ -535,6 +547,7 @@ impl<'t> StagedProxy<'t> {
                 }
             };
             dev.land(p.region, p.wire, from, p.signal, call.epoch)?;
+            call.stats.landing += t0.elapsed();
             call.stats.landed += 1;
             call.stats.bytes_landed += n;
         }

@@ -888,7 +888,17 @@ impl<T: Transport + 'static> ProxyRun<T> for CudaStaging {
         )?;
         let ran = epochs.iter().try_for_each(|epoch| {
             let stats = proxy.call(&mut self, epoch)?;
-            tracing::trace!(rank, epoch, ?stats, "proxy call done");
+            tracing::debug!(
+                rank,
+                epoch,
+                sent = stats.sent,
+                landed = stats.landed,
+                mb_sent = stats.bytes_sent as f64 / 1e6,
+                ms = stats.elapsed.as_secs_f64() * 1e3,
+                wire_ms = stats.on_wire.as_secs_f64() * 1e3,
+                landing_ms = stats.landing.as_secs_f64() * 1e3,
+                "proxy call done"
+            );
             Ok(())
         });
         // The call's error, if any, is the cause of a failed drain.

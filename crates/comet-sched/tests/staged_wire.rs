@@ -228,12 +228,13 @@ fn bench_rank(t: &UcxTransport, label: &str) -> Result<(), SchedError> {
             dev.mirror[0][off..off + counts.len()].copy_from_slice(&counts);
         }
     }
-    let mut proxies = [DispatchWire::Tokens, DispatchWire::Rows]
-        .map(|w| StagedProxy::new(t, g, inbox, T, w).map(|p| (w, p, Vec::new(), 0usize)));
+    let mut proxies = [DispatchWire::Tokens, DispatchWire::Rows].map(|w| {
+        StagedProxy::new(t, g, inbox, T, w).map(|p| (w, p, Vec::new(), 0usize, Vec::new()))
+    });
     let mut epoch = 0;
     for _ in 0..2 {
         for p in proxies.iter_mut() {
-            let (_, proxy, times, bytes) = p.as_mut().map_err(|e| SchedError::Input {
+            let (_, proxy, times, bytes, split) = p.as_mut().map_err(|e| SchedError::Input {
                 rank: me,
                 message: e.to_string(),
             })?;
@@ -244,6 +245,8 @@ fn bench_rank(t: &UcxTransport, label: &str) -> Result<(), SchedError> {
                 if i > 0 {
                     times.push(start.elapsed().as_secs_f64() * 1e3);
                     *bytes = stats.bytes_sent;
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    split.push((ms(stats.on_wire), ms(stats.landing)));
                 }
             }
         }
@@ -252,16 +255,25 @@ fn bench_rank(t: &UcxTransport, label: &str) -> Result<(), SchedError> {
     if me == 0 {
         let mut med = Vec::new();
         for p in proxies.iter_mut().flatten() {
-            let (wire, _, times, bytes) = p;
+            let (wire, _, times, bytes, split) = p;
             times.sort_by(f64::total_cmp);
             let m = times[times.len() / 2];
             med.push(m);
+            let mut on_wire: Vec<f64> = split.iter().map(|s| s.0).collect();
+            let mut landing: Vec<f64> = split.iter().map(|s| s.1).collect();
+            on_wire.sort_by(f64::total_cmp);
+            landing.sort_by(f64::total_cmp);
             println!(
-                "| {label} | {wire:?} | {m:.1} | {:.1} |",
+                "| {label} | {wire:?} | {m:.1} | {:.1} | {:.1} | {:.1} |",
+                on_wire[on_wire.len() / 2],
+                landing[landing.len() / 2],
                 *bytes as f64 / (1 << 20) as f64
             );
         }
-        println!("| {label} | rows / tokens | {:.2}x | |", med[1] / med[0]);
+        println!(
+            "| {label} | rows / tokens | {:.2}x | | | |",
+            med[1] / med[0]
+        );
     }
     Ok(())
 }
@@ -281,8 +293,10 @@ fn wire_rank() {
 #[test]
 #[ignore = "a benchmark: run it by name, in release"]
 fn wire_bench() {
-    println!("| link | dispatch | median call ms | MiB sent per call |");
-    println!("| --- | --- | ---: | ---: |");
+    println!(
+        "| link | dispatch | median call ms | of it in puts and signals | in landings | MiB sent per call |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
     for tls in ["tcp", "sm,self"] {
         let rep = launch_world(
             "wire_rank",

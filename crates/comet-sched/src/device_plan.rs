@@ -54,9 +54,9 @@ pub struct DevicePlan {
     /// CTAs of the persistent GEMMs when overlapping / in sequence.
     pub gemm_grid_overlap: usize,
     pub gemm_grid: usize,
-    /// Blocks of the route, layout, reduce and sequential copy kernels:
-    /// [`AUX_BLOCKS_PER_SM`] per SM where the rank has its GPU alone, one
-    /// per SM of its share where ranks share one (see `aux_blocks`).
+    /// Blocks of the route, layout, reduce and sequential copy kernels.
+    /// One per SM of the share: four per SM on a GPU of its own moved
+    /// neither qwen's reduce nor its dispatch (docs/PERF.md, 2026-12-05).
     pub aux_blocks: usize,
     /// Output columns per layer1 chunk, and the number of chunks.
     pub chunk_cols: usize,
@@ -67,25 +67,6 @@ pub struct DevicePlan {
     /// How dispatch crosses the link, as the cost model counted it.
     pub dispatch: DispatchWire,
     pub estimate: CostEstimate,
-}
-
-/// Blocks of the memory-bound kernels (512 threads each) per SM that a rank
-/// alone on its GPU launches: an H100/H200 SM holds 2048 threads, and one
-/// block per SM leaves the copies and the top-k sum a quarter of the loads
-/// in flight they need to reach HBM bandwidth.
-pub const AUX_BLOCKS_PER_SM: usize = 4;
-
-/// The aux grid. Alone on a GPU a rank's spinning kernels wait only for
-/// other GPUs, so they may fill it. Ranks sharing a GPU keep to one block per
-/// SM of their share: a peer's persistent GEMM needs whole SMs, and a rank
-/// whose reduce spun on all of them would wait for a combine that the
-/// peer's GEMM, never scheduled, cannot send.
-fn aux_blocks(share: usize, ranks_per_gpu: usize) -> usize {
-    if ranks_per_gpu == 1 {
-        share * AUX_BLOCKS_PER_SM
-    } else {
-        share
-    }
 }
 
 fn bad(field: &'static str, problem: String) -> SchedError {
@@ -188,7 +169,7 @@ impl DevicePlan {
             comm_blocks,
             gemm_grid_overlap: if overlap { share - comm_blocks } else { share },
             gemm_grid: share,
-            aux_blocks: aux_blocks(share, ranks_per_gpu),
+            aux_blocks: share,
             chunk_cols,
             chunks,
             tiles,
@@ -300,12 +281,7 @@ mod tests {
                     !d.overlap || d.gemm_grid_overlap + d.comm_blocks <= d.share,
                     "{d:?}"
                 );
-                assert!(d.gemm_grid <= d.share);
-                if per_gpu == 1 {
-                    assert_eq!(d.aux_blocks, AUX_BLOCKS_PER_SM * d.share);
-                } else {
-                    assert!(d.aux_blocks <= d.share);
-                }
+                assert!(d.gemm_grid <= d.share && d.aux_blocks <= d.share);
                 assert!(d.share * per_gpu <= 132);
                 assert_eq!(d.chunk_cols * d.chunks, d.cfg.hidden);
                 assert!(d.chunk_cols.is_multiple_of(TILES.fc2_cols));

@@ -374,7 +374,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             // A proxy carries the bytes, in its dispatch wire format.
             figures.dispatch = opts.dispatch_wire;
         }
-        let mut plan = DevicePlan::new(
+        let plan = DevicePlan::new(
             cfg,
             capacity,
             opts.recv_capacity,
@@ -385,11 +385,6 @@ impl<T: DeviceTransport> MoeLayer<T> {
             v.tiles(),
             &figures,
         )?;
-        if opts.reserved_sms > 0 {
-            // A transport's kernels share the GPU, and this rank's spinning
-            // kernels may wait for them: keep to the share (DevicePlan).
-            plan.aux_blocks = plan.share;
-        }
         if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
             return Err(SchedError::Input {
                 rank,

@@ -316,7 +316,7 @@ impl<'t> StagedProxy<'t> {
         // may wait behind earlier work on the GPU, and each of the
         // kernels' own waits is bounded by the same timeout.
         let started = Instant::now();
-        let mut moved_at = started;
+        let (mut moved_at, mut reported) = (started, started);
         let mut idle = 0u32;
         while !(planned && sends.is_empty() && staging.is_empty() && lands.is_empty()) {
             let before = sends.len() + staging.len() + lands.len();
@@ -359,6 +359,26 @@ impl<'t> StagedProxy<'t> {
                 // Idle long enough to sleep: worth a look at the peers.
                 Some(d) => {
                     self.check_peers(&lands, epoch)?;
+                    if reported.elapsed() >= Duration::from_secs(1) {
+                        reported = Instant::now();
+                        let waiting: Vec<Piece> = staging.iter().map(|(p, _)| *p).collect();
+                        let sends = [waiting, sends.clone()].concat();
+                        if let SchedError::StagedTimeout {
+                            what,
+                            pending,
+                            waited,
+                            ..
+                        } = self.timed_out(dev, epoch, &sends, &lands, moved_at.elapsed())
+                        {
+                            tracing::debug!(
+                                rank = me,
+                                epoch,
+                                ?waited,
+                                pending,
+                                "proxy waiting for {what}"
+                            );
+                        }
+                    }
                     std::thread::sleep(d)
                 }
                 None => std::thread::yield_now(),

@@ -110,6 +110,11 @@ impl Harness {
         o: &LayerOptions,
         staged: Option<Option<DelayModel>>,
     ) -> Harness {
+        // RUST_LOG=comet_sched=debug shows what the proxies move.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let seed = 0xC0FE + cfg.ranks as u64;
         let weights = |r: usize| ExpertWeights::for_rank(cfg, r, seed);
         let (ordinals, w) = (vec![0; cfg.ranks], WorldWeights::Host(&weights));

@@ -71,6 +71,15 @@ fn kill_scenario(t: &UcxTransport) {
     // Stay (without progressing UCX) until the other survivors have seen the
     // failure too, so none of them acknowledges a put from an exited rank.
     std::thread::sleep(Duration::from_millis(300));
+    // What a layer whose kernels timed out asks: the lost peer, by name.
+    let victim = t.world() - 1;
+    match t.peers_alive() {
+        Err(TransportError::PeerGone { peer, .. }) if peer == victim => {}
+        other => panic!(
+            "rank {}: peers_alive after rank {victim} died: {other:?}",
+            t.rank()
+        ),
+    }
 }
 
 /// UCX 1.13's shared-memory transports cannot report peer failures: say

@@ -94,9 +94,10 @@ py)
   done
   ;;
 profile)
-  # Why qwen2-moe's reduce (0.5 ms) and sequential dispatch (0.33 ms) run
-  # at about 1 TB/s of HBM's 4.8 (docs/PERF.md, 2026-12-05): hardware
-  # counters of two calls' kernels, clocks left alone (METHOD.md).
+  # qwen2-moe's reduce (1.06 GB in 0.5 ms, 2.1 TB/s) against its
+  # sequential dispatch (the same bytes at 3.2 TB/s; docs/PERF.md,
+  # 2026-12-05): hardware counters of two calls' kernels, clocks left
+  # alone (METHOD.md).
   step ncu-reduce-dispatch bash -c "timeout 400 ncu --clock-control none --target-processes all -k regex:'comet_reduce|comet_dispatch_tokens' -c 4 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats bash $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 1 2>&1 | tee $O/ncu_qwen.txt | grep -E 'comet_|Throughput|Achieved Occupancy|Registers|Stall|Duration' | head -60"
   ;;
 badid)

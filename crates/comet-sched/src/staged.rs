@@ -350,9 +350,7 @@ impl<'t> StagedProxy<'t> {
                 });
             }
             if moved_at.elapsed() >= self.timeout {
-                let waiting: Vec<Piece> = staging.iter().map(|(p, _)| *p).collect();
-                let sends = [waiting, sends].concat();
-                return Err(self.timed_out(dev, epoch, &sends, &lands, moved_at.elapsed()));
+                return Err(self.timed_out(dev, epoch, &staging, &sends, &lands, moved_at));
             }
             idle = idle.saturating_add(1);
             match Backoff::idle(idle) {
@@ -361,23 +359,12 @@ impl<'t> StagedProxy<'t> {
                     self.check_peers(&lands, epoch)?;
                     if reported.elapsed() >= Duration::from_secs(1) {
                         reported = Instant::now();
-                        let waiting: Vec<Piece> = staging.iter().map(|(p, _)| *p).collect();
-                        let sends = [waiting, sends.clone()].concat();
-                        if let SchedError::StagedTimeout {
-                            what,
-                            pending,
-                            waited,
-                            ..
-                        } = self.timed_out(dev, epoch, &sends, &lands, moved_at.elapsed())
-                        {
-                            tracing::debug!(
-                                rank = me,
-                                epoch,
-                                ?waited,
-                                pending,
-                                "proxy waiting for {what}"
-                            );
-                        }
+                        let still = self.timed_out(dev, epoch, &staging, &sends, &lands, moved_at);
+                        tracing::debug!(
+                            rank = me,
+                            epoch,
+                            "proxy standing still; at its timeout it would say: {still}"
+                        );
                     }
                     std::thread::sleep(d)
                 }
@@ -673,15 +660,26 @@ impl<'t> StagedProxy<'t> {
         }
     }
 
+    /// What a call standing still since `moved_at` waits for: its first
+    /// piece still waiting, named (the error at its timeout, and the debug
+    /// line before it).
     fn timed_out(
         &self,
         dev: &dyn StagedDevice,
         epoch: u64,
+        staging: &std::collections::VecDeque<(Piece, Ticket)>,
         sends: &[Piece],
         lands: &[Piece],
-        waited: Duration,
+        moved_at: Instant,
     ) -> SchedError {
         let rank = self.t.rank();
+        let waited = moved_at.elapsed();
+        // Downloads started go first: they were ready before the rest.
+        let sends: Vec<Piece> = staging
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(sends.iter().copied())
+            .collect();
         let pending = sends.len() + lands.len();
         let what = match (sends.first(), lands.first()) {
             (Some(p), _) => format!(

@@ -147,6 +147,10 @@ impl UcxConfig {
                 }
             };
         }
+        if std::env::var("UCX_TLS").is_ok_and(|tls| shared_memory_only(&tls)) {
+            // Nothing to ask: UCX would log an error refusing it first.
+            c.peer_errors = Some(false);
+        }
         if let Ok(s) = std::env::var("COMET_UCX_PEER_ERRORS") {
             c.peer_errors = match s.trim() {
                 "1" | "on" | "true" => Some(true),
@@ -161,6 +165,19 @@ impl UcxConfig {
         }
         Ok(c)
     }
+}
+
+/// Whether a `UCX_TLS` list names only shared-memory transports, none of
+/// which can report a failed peer in UCX 1.13 (so asking for peer errors
+/// only has UCX log a refused endpoint before the fallback).
+fn shared_memory_only(tls: &str) -> bool {
+    const SHM: [&str; 9] = [
+        "sm", "shm", "self", "posix", "sysv", "cma", "knem", "xpmem", "mm",
+    ];
+    let names: Vec<&str> = tls.split(',').map(str::trim).collect();
+    !tls.trim_start().starts_with('^')
+        && names.iter().any(|n| !n.is_empty())
+        && names.iter().all(|n| n.is_empty() || SHM.contains(n))
 }
 
 /// Host memory mapped with UCP, and every peer's key for its copy.
@@ -1070,6 +1087,24 @@ mod tests {
 
     /// A post can fail with an endpoint status before the peer's error
     /// callback ran: those name the peer as gone; other failures do not.
+    #[test]
+    fn shared_memory_transport_lists_ask_for_no_peer_errors() {
+        for tls in ["sm,self", "sm", "posix,sysv,cma,self", " shm , self "] {
+            assert!(shared_memory_only(tls), "{tls}");
+        }
+        for tls in [
+            "tcp",
+            "sm,self,tcp",
+            "^tcp",
+            "all",
+            "",
+            "rc,sm",
+            "cuda_copy,sm",
+        ] {
+            assert!(!shared_memory_only(tls), "{tls}");
+        }
+    }
+
     #[test]
     fn endpoint_failures_are_a_lost_peer() {
         for st in [-6, -24, -25, -80] {

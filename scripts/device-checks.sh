@@ -64,7 +64,7 @@ wire)
   Q="--hidden 3584 --ffn 2560 --experts 64 --top-k 8 --tokens 2048 --iters 3 --ranks 2"
   for tls in tcp sm,self; do
     for d in tokens rows; do
-      step "wire $tls $d" bash -c "UCX_TLS=$tls timeout 140 $R comet launch -n 2 -- .bundle/comet bench --gpu $Q --transport ucx --dispatch $d 2>&1 | tee $O/wire_${tls%%,*}_$d.md | grep -E '[|]'"
+      step "wire $tls $d" bash -c "UCX_TLS=$tls timeout 140 $R comet launch -n 2 -- .bundle/comet bench --gpu $Q --transport ucx --wire $d 2>&1 | tee $O/wire_${tls%%,*}_$d.md | grep -E '[|]'"
     done
   done
   ;;

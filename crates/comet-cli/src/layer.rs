@@ -79,12 +79,13 @@ pub struct LayerArgs {
     /// host memory get socket-speed link figures for the cost model.
     #[arg(long, default_value = "nvlink")]
     pub transport: String,
-    /// With a staged --transport (local, ucx), how each proxy sends
-    /// dispatch rows to another host: `tokens` (each token once per
-    /// destination rank, expanded there) or `rows` (one row per token and
+    /// With a staged --transport (local, ucx), how each proxy moves token
+    /// rows to and from another host: `tokens` (each token once per
+    /// destination rank both ways: expanded there on dispatch, its expert
+    /// rows summed there before combine) or `rows` (one row per token and
     /// expert, as the kernels lay them out).
     #[arg(long, default_value = "tokens", value_parser = ["tokens", "rows"])]
-    pub dispatch: String,
+    pub wire: String,
     /// With --gpu: also time each phase of one sequential call (route,
     /// layout, dispatch, fc1, fc2, combine, reduce) with CUDA events.
     #[arg(long)]

@@ -27,7 +27,7 @@ use comet_core::weights::random_tokens;
 use comet_core::{MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::{LayerOptions, PHASES};
-use comet_sched::proxy_plan::DispatchWire;
+use comet_sched::proxy_plan::WireFormat;
 use comet_sched::{ExecMode, RankInput};
 use cudarc::driver::{CudaEvent, CudaStream};
 use serde_json::json;
@@ -112,14 +112,14 @@ fn bench_one(
         // Staged ranks talk through host memory: a slow link, not the GPU's
         // (NCCL between GPUs of one node takes NVLink).
         figures: staged.then(DeviceFigures::h200_slow_link),
-        dispatch_wire: match a.dispatch.as_str() {
-            "rows" => DispatchWire::Rows,
-            _ => DispatchWire::Tokens,
+        wire_format: match a.wire.as_str() {
+            "rows" => WireFormat::Rows,
+            _ => WireFormat::Tokens,
         },
         ..LayerOptions::default()
     };
     let wire = if staged {
-        format!(" (dispatch by {})", a.dispatch)
+        format!(" ({} on the wire)", a.wire)
     } else {
         String::new()
     };

@@ -18,7 +18,7 @@ pub mod schedule;
 pub mod weights;
 
 pub use config::{Dtype, MoeConfig, Preset};
-pub use cost::{CostEstimate, CostModel, DeviceFigures, DispatchWire};
+pub use cost::{CostEstimate, CostModel, DeviceFigures, WireFormat};
 pub use error::CoreError;
 pub use layout::LayoutPlan;
 pub use routing::{Routing, RoutingKind};

@@ -186,13 +186,13 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
     d.set_item("fc1_tile_cols", p.tiles.fc1_cols)?;
     d.set_item("fc2_tile_cols", p.tiles.fc2_cols)?;
     d.set_item("max_row_tiles", p.max_row_tiles)?;
-    // How dispatch crosses the link: "rows" from kernels storing into
-    // peers, "tokens" (once per rank) from a host proxy.
+    // How token rows cross the link: "rows" from kernels storing into
+    // peers, "tokens" (once per rank, both ways) from a host proxy.
     d.set_item(
-        "dispatch",
-        match p.dispatch {
-            comet_core::cost::DispatchWire::Rows => "rows",
-            comet_core::cost::DispatchWire::Tokens => "tokens",
+        "wire",
+        match p.wire {
+            comet_core::cost::WireFormat::Rows => "rows",
+            comet_core::cost::WireFormat::Tokens => "tokens",
         },
     )?;
     let est = PyDict::new(py);

@@ -234,7 +234,7 @@ def test_plan_of_a_mixtral_layer():
     assert p["share"] == 132 and p["gemm_grid"] == 132
     assert p["capacity"] == 8192 and p["recv_capacity"] == 8192 * 2
     assert "device forward" in p["text"]
-    assert p["dispatch"] == "rows", "kernels store a row per (token, expert) over nvlink"
+    assert p["wire"] == "rows", "kernels store a row per (token, expert) over nvlink"
     est = p["estimate"]
     assert est["gemm_ms"] > 0 and est["baseline_ms"] >= est["gemm_ms"]
 

@@ -256,7 +256,7 @@ def test_one_rank_over_nccl_matches_the_reference():
         if "libnccl cannot be loaded" in str(e):
             skip(str(e))
         raise
-    assert layer.plan()["dispatch"] == "rows"
+    assert layer.plan()["wire"] == "rows"
     w1, w2, router = c.weights(3)
     with torch.no_grad():
         for it, t in enumerate([300, 1, c.MAX_T, 77]):

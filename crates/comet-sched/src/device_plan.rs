@@ -11,7 +11,7 @@
 //! every rank's blocks are resident together.
 
 use crate::error::SchedError;
-use comet_core::cost::{CostEstimate, CostModel, DeviceFigures, DispatchWire};
+use comet_core::cost::{CostEstimate, CostModel, DeviceFigures, WireFormat};
 use comet_core::MoeConfig;
 
 /// Tile sizes of the GEMM kernels the layer will launch.
@@ -65,7 +65,7 @@ pub struct DevicePlan {
     /// Row tiles the receive capacity can need (tile list capacity).
     pub max_row_tiles: usize,
     /// How dispatch crosses the link, as the cost model counted it.
-    pub dispatch: DispatchWire,
+    pub wire: WireFormat,
     pub estimate: CostEstimate,
 }
 
@@ -174,7 +174,7 @@ impl DevicePlan {
             chunks,
             tiles,
             max_row_tiles: recv_capacity.div_ceil(tiles.bm) + epr,
-            dispatch: figures.dispatch,
+            wire: figures.wire,
             estimate,
         })
     }
@@ -216,9 +216,9 @@ impl DevicePlan {
             self.overlap,
             self.estimate.overlapped_ms,
             self.estimate.baseline_ms,
-            match self.dispatch {
-                DispatchWire::Rows => "a row per (token, expert)",
-                DispatchWire::Tokens => "token-once",
+            match self.wire {
+                WireFormat::Rows => "a row per (token, expert)",
+                WireFormat::Tokens => "token-once",
             },
             self.estimate.dispatch_ms,
             self.estimate.combine_ms,

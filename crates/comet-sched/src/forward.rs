@@ -33,7 +33,7 @@
 use crate::cpu::ExecMode;
 use crate::device_plan::{DevicePlan, KernelTiles};
 use crate::error::SchedError;
-use crate::proxy_plan::DispatchWire;
+use crate::proxy_plan::WireFormat;
 use comet_core::cost::DeviceFigures;
 use comet_core::layout::ring_source;
 use comet_core::schedule::SignalMap;
@@ -108,7 +108,7 @@ pub struct LayerOptions {
     /// How a staged layer's proxy sends dispatch rows between hosts
     /// (kernels that store into peers always store rows, and NCCL's proxy
     /// sends rows); the cost model counts the bytes the same way.
-    pub dispatch_wire: DispatchWire,
+    pub wire_format: WireFormat,
     /// SMs of the GPU left to the transport's own kernels (NCCL's, which
     /// must run while the layer's kernels spin waiting for what they
     /// bring): the ranks on the GPU share the others.
@@ -122,7 +122,7 @@ impl Default for LayerOptions {
             recv_capacity: None,
             ranks_per_gpu: 1,
             figures: None,
-            dispatch_wire: DispatchWire::Tokens,
+            wire_format: WireFormat::Tokens,
             reserved_sms: 0,
         }
     }
@@ -372,7 +372,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         let mut figures = opts.figures_for(cfg.ranks);
         if t.capabilities().initiation == Initiation::Host {
             // A proxy carries the bytes, in its dispatch wire format.
-            figures.dispatch = opts.dispatch_wire;
+            figures.wire = opts.wire_format;
         }
         let plan = DevicePlan::new(
             cfg,

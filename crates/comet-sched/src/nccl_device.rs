@@ -37,8 +37,8 @@ use crate::error::SchedError;
 use crate::forward::{LayerKernels, LayerOptions, MoeLayer};
 use crate::nccl_proxy::lanes::{self, Lane, Span};
 use crate::nccl_proxy::{NcclLanes, NcclProxy, Op};
-use crate::proxy_layer::{ProxyRun, StagedLayer};
-use crate::proxy_plan::{Buf, DispatchWire, Geometry, Piece};
+use crate::proxy_layer::{ProxyCall, ProxyRun, StagedLayer};
+use crate::proxy_plan::{Buf, Geometry, Piece, WireFormat};
 use crate::staged_device::{proxy_event, runs, ProxyView, StagedTransport};
 use crate::stream_queue::StreamQueue;
 use comet_core::MoeConfig;
@@ -84,7 +84,7 @@ impl StagedLayer<NcclTransport> {
         let mut o = opts.clone();
         o.reserved_sms = o.reserved_sms.max(lane_sms(cfg.ranks));
         // Two-sided sends need sizes both ends know: NCCL's proxy sends rows.
-        o.dispatch_wire = DispatchWire::Rows;
+        o.wire_format = WireFormat::Rows;
         let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;
         let timeout = opts.timeout;
         StagedLayer::with_proxy(layer, |layer, stop| {
@@ -619,11 +619,12 @@ impl ProxyRun<NcclTransport> for CudaLanes {
     fn run(
         mut self,
         _: &StagedTransport<NcclTransport>,
-        epochs: &mpsc::Receiver<u64>,
+        calls: &mpsc::Receiver<ProxyCall>,
     ) -> Result<(), SchedError> {
         let rank = self.rank;
         let mut proxy = NcclProxy::new(rank, self.geo, self.timeout)?;
-        let ran = epochs.iter().try_for_each(|epoch| {
+        let ran = calls.iter().try_for_each(|call| {
+            let epoch = call.epoch;
             let stats = proxy.call(&mut self, epoch)?;
             tracing::trace!(rank, epoch, ?stats, "nccl proxy call done");
             Ok::<_, SchedError>(())

@@ -11,26 +11,44 @@
 use crate::cpu::ExecMode;
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
-use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, MoeLayer};
+use crate::forward::{CallInfo, DeviceLayout, ForwardArgs, MoeLayer, WeightType};
 use crate::staged_device::StagedTransport;
 use comet_transport::cuda;
 use comet_transport::Transport;
-use cudarc::driver::sys::CUstream;
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::DriverError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+/// One call handed to the proxy: its epoch and where its routing weights
+/// are (a token-once proxy sums a token's rows with them before combine).
+/// The weights stay in place until the call's reduce has run on the
+/// caller's stream, which waits for everything the proxy moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyCall {
+    pub epoch: u64,
+    /// `topk_weights` of the call: a device address, its element type and
+    /// its slots (`tokens * top_k`).
+    pub weights: CUdeviceptr,
+    pub weight_type: WeightType,
+    pub slots: usize,
+}
+
 /// What a layer's proxy thread runs: the device side of one rank's proxy,
 /// moved onto the thread once the layer is built.
 pub trait ProxyRun<T: Transport>: Send + 'static {
-    /// Runs every call of `epochs`, in order, until the channel closes or
+    /// Runs every call of `calls`, in order, until the channel closes or
     /// a call fails (or the layer's stop flag ends the call in flight);
     /// returns only once nothing it enqueued can still touch the layer's
     /// memory, within a bound. Called on a thread with the device's
     /// context bound and its stream-capture mode relaxed.
-    fn run(self, t: &StagedTransport<T>, epochs: &mpsc::Receiver<u64>) -> Result<(), SchedError>;
+    fn run(
+        self,
+        t: &StagedTransport<T>,
+        calls: &mpsc::Receiver<ProxyCall>,
+    ) -> Result<(), SchedError>;
 }
 
 /// The device layer over a [`StagedTransport`], with its proxy thread. As
@@ -40,7 +58,7 @@ pub trait ProxyRun<T: Transport>: Send + 'static {
 /// `nccl_device::NcclLayer::new` (over NCCL).
 pub struct StagedLayer<T: Transport + 'static> {
     layer: MoeLayer<StagedTransport<T>>,
-    calls: Option<mpsc::Sender<u64>>,
+    calls: Option<mpsc::Sender<ProxyCall>>,
     proxy: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<SchedError>>>,
     stop: Arc<AtomicBool>,
@@ -58,7 +76,7 @@ impl<T: Transport + 'static> StagedLayer<T> {
         let stop = Arc::new(AtomicBool::new(false));
         let dev = proxy(&layer, Arc::clone(&stop))?;
         let t = layer.transport().clone();
-        let (calls, epochs) = mpsc::channel::<u64>();
+        let (calls, epochs) = mpsc::channel::<ProxyCall>();
         let failure = Arc::new(Mutex::new(None));
         let failed = Arc::clone(&failure);
         let rank = layer.rank();
@@ -224,7 +242,13 @@ impl<T: Transport + 'static> StagedLayer<T> {
         // if a later phase failed: the proxy follows each of them.
         while self.epoch < self.layer.calls() {
             self.epoch += 1;
-            let sent = self.calls.as_ref().map(|c| c.send(self.epoch));
+            let call = ProxyCall {
+                epoch: self.epoch,
+                weights: a.topk_weights,
+                weight_type: a.weights,
+                slots: a.tokens * self.plan().cfg.top_k,
+            };
+            let sent = self.calls.as_ref().map(|c| c.send(call));
             if sent.is_none_or(|s| s.is_err()) {
                 self.proxy_failure()?;
                 return Err(SchedError::Device {
@@ -271,7 +295,7 @@ impl<T: Transport + 'static> Drop for StagedLayer<T> {
 fn run_proxy<T: Transport, D: ProxyRun<T>>(
     t: &StagedTransport<T>,
     dev: D,
-    epochs: &mpsc::Receiver<u64>,
+    epochs: &mpsc::Receiver<ProxyCall>,
 ) -> Result<(), SchedError> {
     let rank = t.rank();
     let device = |what: &str, e: DriverError| SchedError::Device {

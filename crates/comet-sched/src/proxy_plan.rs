@@ -21,12 +21,16 @@
 //! are 2-D (rows of `chunk_bytes`, `row_bytes` apart); on the wire each is
 //! packed chunk-major ([`Piece::wire`]) and landed by a 2-D copy.
 //!
-//! Dispatch rows can also travel token-once ([`DispatchWire::Tokens`]): a
+//! Rows can also travel token-once ([`WireFormat::Tokens`]), both ways. A
 //! token routed to several experts of one rank is one row per (token,
 //! expert) in the kernels' layout, but the same bytes, so the staged proxy
-//! sends it once per destination rank with an index per row, and the
-//! receiver expands it on arrival. [`Geometry::token_place`] says where a
-//! pair's index arrays and token rows sit in the receiver's inbox.
+//! sends it once per destination rank with a slot and a weight ratio per
+//! row, and the receiver expands it on arrival. Back, the expert side sums
+//! a token's rows (scaled by those ratios) into one row per token slot,
+//! which the token's owner lands as its representative row (the others
+//! zero), so the kernels' weighted sum comes out the same.
+//! [`Geometry::token_place`] says where a pair's index and ratio arrays
+//! and token rows sit in the receiver's inbox.
 
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
@@ -132,18 +136,22 @@ impl std::fmt::Display for Piece {
 
 /// How dispatch rows travel between hosts (the cost model's notion too:
 /// it counts the bytes the same way).
-pub use comet_core::cost::DispatchWire;
+pub use comet_core::cost::WireFormat;
 
 /// Where a dispatch piece's token-once bytes sit in the receiver's recv
 /// inbox (byte offsets). Each ordered pair has an area, sources in
-/// arrival order: its index array (a u32 per row, segments in expert
-/// order), padded to 16 bytes, then its token rows, slot `s` at
+/// arrival order: its index array (a u32 token slot per row, segments in
+/// expert order), then its ratio array (an f32 per row, same order: the
+/// row's weight over its token's representative weight on this rank, see
+/// `staged`), each padded to 16 bytes, then its token rows, slot `s` at
 /// `tokens + s * row_bytes`. A pair never has more distinct tokens than
 /// rows, so the areas fit [`Geometry::inbox_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenPlace {
     /// This piece's index array (`4 * rows` bytes).
     pub index: usize,
+    /// This piece's ratio array (`4 * rows` bytes).
+    pub ratio: usize,
     /// Slot 0 of the pair's token rows.
     pub tokens: usize,
     /// Rows the pair sends in the call: the most slots it can use.
@@ -233,30 +241,40 @@ impl Geometry {
     /// Where dispatch piece `p` (of a checked count matrix `counts`)
     /// travels token-once in its receiver's inbox.
     pub fn token_place(&self, counts: &[Vec<u32>], p: &Piece) -> TokenPlace {
-        let (w, epr, to) = (self.ranks, self.epr(), p.to);
         let le = match p.kind {
             Kind::Dispatch { le } => le,
             _ => 0,
         };
+        self.pair_place(counts, p.from, p.to, le)
+    }
+
+    /// Where the token-once bytes of pair `from` -> `to` sit in `to`'s
+    /// recv inbox, the arrays from local expert `le`'s rows on (`le` 0:
+    /// the pair's whole index and ratio arrays).
+    pub fn pair_place(&self, counts: &[Vec<u32>], from: usize, to: usize, le: usize) -> TokenPlace {
+        let (w, epr) = (self.ranks, self.epr());
         let rows = |from: usize, les: std::ops::Range<usize>| -> usize {
             les.map(|l| counts[from][to * epr + l] as usize).sum()
         };
         let mut area = 0;
         for i in 1..w {
-            let from = (to + w - i) % w;
-            let pair_rows = rows(from, 0..epr);
-            let index_bytes = (4 * pair_rows).next_multiple_of(16);
-            if from == p.from {
+            let src = (to + w - i) % w;
+            let pair_rows = rows(src, 0..epr);
+            let array = (4 * pair_rows).next_multiple_of(16);
+            if src == from {
+                let before = 4 * rows(src, 0..le);
                 return TokenPlace {
-                    index: area + 4 * rows(from, 0..le),
-                    tokens: area + index_bytes,
+                    index: area + before,
+                    ratio: area + array + before,
+                    tokens: area + 2 * array,
                     pair_rows,
                 };
             }
-            area += index_bytes + pair_rows * self.row_bytes;
+            area += 2 * array + pair_rows * self.row_bytes;
         }
         TokenPlace {
             index: area,
+            ratio: area,
             tokens: area,
             pair_rows: 0,
         }
@@ -408,11 +426,12 @@ impl Geometry {
 }
 
 /// Bytes of the inbox of a device buffer of `bytes` whose rows are
-/// `row_bytes` long, in a world of `ranks`: room for a u32 per row and 16
-/// bytes of padding per source beyond the buffer, so token-once areas fit
-/// ([`TokenPlace`]). The same rule for every buffer keeps it one rule.
+/// `row_bytes` long, in a world of `ranks`: room for two 4-byte words per
+/// row and 32 bytes of padding per source beyond the buffer, so token-once
+/// areas fit ([`TokenPlace`]). The same rule for every buffer keeps it one
+/// rule.
 pub fn inbox_bytes(bytes: usize, row_bytes: usize, ranks: usize) -> usize {
-    bytes + 4 * bytes.div_ceil(row_bytes.max(1)) + 16 * ranks
+    bytes + 8 * bytes.div_ceil(row_bytes.max(1)) + 32 * ranks
 }
 
 /// Little-endian u32 words of `b` (a count row as it travels); a trailing
@@ -571,16 +590,16 @@ mod tests {
         let b = g.staged_bytes();
         assert_eq!(b.device_mirrors, 3 * one);
         assert_eq!(b.host_staging, 3 * one + 100 * 128);
-        // Room for a u32 per row and 16 bytes per rank, per buffer.
+        // Room for two words per row and 32 bytes per rank, per buffer.
         let rows = 2 + 100 + 30; // the 256-byte count buffer is two 128-byte rows
-        assert_eq!(b.inbox, one + 4 * rows + 3 * 16 * 4);
-        assert_eq!(b.device_tokens, 100 * 128 + 4 * 100 + 16 * 4);
+        assert_eq!(b.inbox, one + 8 * rows + 3 * 32 * 4);
+        assert_eq!(b.device_tokens, 100 * 128 + 8 * 100 + 32 * 4);
         let alone = geometry(1, 8, 1, 10, 10).staged_bytes();
         assert_eq!((alone.device_mirrors, alone.device_tokens), (0, 0));
     }
 
-    /// Token-once areas: every piece's index array and its pair's token
-    /// rows (as many slots as the pair has rows) lie inside the recv inbox,
+    /// Token-once areas: every piece's index and ratio arrays and its
+    /// pair's token rows (as many slots as the pair has rows) lie inside the recv inbox,
     /// disjoint from every other pair's and piece's, for any counts.
     #[test]
     fn token_places_are_disjoint_and_inside_the_inbox() {
@@ -611,6 +630,7 @@ mod tests {
                     let place = g.token_place(&counts, p);
                     let rows = p.region.bytes() / g.row_bytes;
                     used.push((place.index, place.index + 4 * rows));
+                    used.push((place.ratio, place.ratio + 4 * rows));
                     if areas.insert(place.tokens) {
                         let end = place.tokens + place.pair_rows * g.row_bytes;
                         used.push((place.tokens, end));

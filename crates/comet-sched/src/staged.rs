@@ -24,17 +24,27 @@
 //! everything of call n from this rank, and this rank stages call n+1's
 //! data only after its kernels saw every peer's count of n+1.
 //!
-//! Token-once dispatch ([`DispatchWire::Tokens`]): a token routed to
+//! Token-once ([`WireFormat::Tokens`]), both ways. A token routed to
 //! several experts of one peer is the same row several times in the
 //! kernels' layout. The sender reads the kernels' send order (which slot,
-//! hence which token, each row is) and puts only rows of tokens it has not
-//! sent to that peer in this call, at the pair's next token slots, then the
-//! piece's index array (a slot per row); the receiver expands the rows from
-//! its inbox into the landing image, so the device sees the kernels' layout
-//! unchanged. Slots a piece names were put before its signal (by it or an
-//! earlier piece to the same peer), so they have arrived with it. Off
-//! NVLink bytes are what cost: with top-k 8 over 2 ranks this sends about a
-//! quarter of the rows, for one host copy of the rows sent.
+//! hence which token and weight, each row is) and puts only rows of tokens
+//! it has not sent to that peer in this call, at the pair's next token
+//! slots, then the piece's index array (a slot per row) and ratio array;
+//! the receiver expands the rows from its inbox into the landing image, so
+//! the device sees the kernels' layout unchanged. Slots a piece names were
+//! put before its signal (by it or an earlier piece to the same peer), so
+//! they have arrived with it.
+//!
+//! Back, the expert side sums each combine chunk's rows per token slot,
+//! row `r` scaled by its ratio `w_r / w_rep` (`w_rep` the weight of largest
+//! magnitude among the token's rows on that rank, the first such in send
+//! order; ratios 0 when it is 0), and puts one row per slot. The owner
+//! lands a slot's sum as the token's representative row and zeros as its
+//! other rows there, so the kernels' weighted sum `sum_j w_j row_j` over
+//! them is `w_rep * sum` = the same sum, rounded once more to bf16 (a token
+//! with one row on the rank crosses exact: its ratio is 1). Off NVLink
+//! bytes are what cost: with top-k 8 over 2 ranks this sends about a
+//! quarter of the rows each way, for a host pass over the rows sent.
 //!
 //! Downloads are pipelined: the proxy starts each ready piece's copy into
 //! host staging at once and puts pieces out as their copies finish, so the
@@ -47,9 +57,10 @@
 //! on a GPU; host memory in tests), so all of this runs on a laptop.
 
 use crate::error::SchedError;
-use crate::proxy_plan::{words, Buf, DispatchWire, Geometry, Kind, Piece, Region, TokenPlace};
+use crate::proxy_plan::{words, Buf, Geometry, Kind, Piece, Region, TokenPlace, WireFormat};
 use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
+use half::bf16;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -63,6 +74,14 @@ pub enum Source {
     Image,
     /// This rank's inbox on the transport, as the piece arrived.
     Inbox,
+}
+
+/// The kernels' send order of a call: the slot (`token * top_k + j`) at
+/// each send position and that slot's routing weight.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SendOrder {
+    pub slots: Vec<u32>,
+    pub weights: Vec<f32>,
 }
 
 /// The device side of a staged rank, as its proxy sees it. It owns the
@@ -144,12 +163,13 @@ pub trait StagedDevice {
         value: u64,
     ) -> Result<(), SchedError>;
 
-    /// The slot (`token * top_k + j`) at each of this rank's first `rows`
-    /// send positions of the call in flight, as its kernels ordered them:
-    /// experts in global order, each expert's rows in their segment's row
-    /// order. Asked for (token-once dispatch only) once a dispatch piece
-    /// with rows is downloaded, when the kernels have written it.
-    fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError>;
+    /// The slot (`token * top_k + j`) and its weight at each of this
+    /// rank's first `rows` send positions of the call in flight, as its
+    /// kernels ordered them: experts in global order, each expert's rows in
+    /// their segment's row order. Asked for (token-once only) once a
+    /// dispatch piece with rows is downloaded, when the kernels have
+    /// written it.
+    fn send_order(&mut self, rows: usize) -> Result<SendOrder, SchedError>;
 
     /// The call's landings have finished (its landing bytes may be
     /// reused by the next call).
@@ -190,20 +210,36 @@ struct Call {
     stats: StagedStats,
 }
 
-/// Token-once state of the sender: the kernels' send order of the call
-/// (fetched with the first dispatch piece that has rows), and per peer the
-/// slot each token got there this call, stamped with the call's epoch so
-/// no call clears it. Of the receiver: per peer the token slots a landed
-/// piece named so far this call (`landed`), so each token row is handed to
-/// the device once.
+/// Token-once state of a token's owner: the kernels' send order of the
+/// call (fetched with the first dispatch piece that has rows) with each
+/// position's ratio and whether it is its token's representative on its
+/// rank, and per peer the slot each token got there this call, stamped
+/// with the call's epoch so no call clears it. Of an expert side: per peer
+/// the token slots a landed piece named so far this call (`landed`), so
+/// each token row is handed to the device once, and the pair's index and
+/// ratio arrays once its first combine chunk goes back.
 #[derive(Default)]
 struct Tokens {
-    order: Option<Vec<u32>>,
+    order: Option<SendOrder>,
+    ratio: Vec<f32>,
+    rep: Vec<bool>,
     slot: Vec<Vec<(u64, u32)>>,
     used: Vec<usize>,
     landed: Vec<usize>,
+    back: Vec<Option<PairRows>>,
     pack: Vec<u8>,
     index: Vec<u8>,
+    ratios: Vec<u8>,
+    sums: Vec<f32>,
+}
+
+/// What an expert side knows of the rows a peer sent it in this call: the
+/// token slot and ratio of each row (in the pair's row order, which is
+/// the order of its combine rows too) and how many slots they name.
+struct PairRows {
+    index: Vec<u32>,
+    ratio: Vec<f32>,
+    slots: usize,
 }
 
 /// One rank's staged proxy: its inboxes on the transport.
@@ -212,7 +248,7 @@ pub struct StagedProxy<'t> {
     geo: Geometry,
     inbox: [BufferId; 3],
     timeout: Duration,
-    /// Token-once when set ([`DispatchWire::Tokens`]).
+    /// Token-once when set ([`WireFormat::Tokens`]).
     tokens: Option<Tokens>,
 }
 
@@ -245,7 +281,7 @@ impl<'t> StagedProxy<'t> {
         geo: Geometry,
         inbox: [BufferId; 3],
         timeout: Duration,
-        wire: DispatchWire,
+        wire: WireFormat,
     ) -> Result<Self, SchedError> {
         let (w, rank) = (geo.ranks, t.rank());
         if t.world() != w || rank >= w {
@@ -255,17 +291,18 @@ impl<'t> StagedProxy<'t> {
             });
         }
         let tokens = match wire {
-            DispatchWire::Rows => None,
-            DispatchWire::Tokens if geo.top_k == 0 => {
+            WireFormat::Rows => None,
+            WireFormat::Tokens if geo.top_k == 0 => {
                 return Err(SchedError::Input {
                     rank,
                     message: "token-once dispatch with top_k 0".into(),
                 })
             }
-            DispatchWire::Tokens => Some(Tokens {
+            WireFormat::Tokens => Some(Tokens {
                 slot: vec![Vec::new(); w],
                 used: vec![0; w],
                 landed: vec![0; w],
+                back: (0..w).map(|_| None).collect(),
                 ..Tokens::default()
             }),
         };
@@ -308,6 +345,7 @@ impl<'t> StagedProxy<'t> {
             tok.order = None;
             tok.used.fill(0);
             tok.landed.fill(0);
+            tok.back.iter_mut().for_each(|b| *b = None);
         }
         // Downloads started, oldest first: put out as they finish.
         let mut staging: std::collections::VecDeque<(Piece, Ticket)> = Default::default();
@@ -417,6 +455,9 @@ impl<'t> StagedProxy<'t> {
                 Kind::Dispatch { le } if self.tokens.is_some() => {
                     self.send_tokens(dev, &p, le, call)?
                 }
+                Kind::Combine { .. } if self.tokens.is_some() => {
+                    self.send_summed(dev, &p, &call.counts)?
+                }
                 _ => {
                     let n = p.region.bytes();
                     let out = dev.sent_bytes(p.to, p.region.buf, p.wire, n);
@@ -460,32 +501,23 @@ impl<'t> StagedProxy<'t> {
             return Ok(0);
         }
         let mine = &call.counts[me];
+        let epr = self.geo.experts / self.geo.ranks;
         if tok.order.is_none() {
             let sent: usize = mine.iter().map(|&c| c as usize).sum();
-            tok.order = Some(dev.send_order(sent)?);
+            let order = dev.send_order(sent)?;
+            check_order(&self.geo, me, &order, sent)?;
+            (tok.ratio, tok.rep) = representatives(&order, mine, epr, self.geo.top_k);
+            tok.order = Some(order);
         }
-        let order = tok.order.as_deref().unwrap_or(&[]);
-        let e = to * (self.geo.experts / self.geo.ranks) + le;
+        let slots = tok.order.as_ref().map_or(&[][..], |o| &o.slots[..]);
+        let e = to * epr + le;
         let first: usize = mine[..e].iter().map(|&c| c as usize).sum();
-        let bad = |message: String| SchedError::StagedProtocol { rank: me, message };
-        let slots = order.get(first..first + n).ok_or_else(|| {
-            bad(format!(
-                "the send order has {} positions; expert {e}'s rows need {}",
-                order.len(),
-                first + n
-            ))
-        })?;
         let rows = dev.sent_bytes(to, Buf::Recv, p.wire, n * rb);
         let (start, seen) = (tok.used[to], &mut tok.slot[to]);
         tok.pack.clear();
         tok.index.clear();
-        for (r, &slot) in slots.iter().enumerate() {
-            if slot as usize >= self.geo.send_rows {
-                return Err(bad(format!(
-                    "the send order names slot {slot}, past the {} slots",
-                    self.geo.send_rows
-                )));
-            }
+        tok.ratios.clear();
+        for (r, &slot) in slots[first..first + n].iter().enumerate() {
             let token = slot as usize / self.geo.top_k;
             if seen.len() <= token {
                 seen.resize(token + 1, (0, 0));
@@ -496,6 +528,8 @@ impl<'t> StagedProxy<'t> {
                 tok.pack.extend_from_slice(&rows[r * rb..(r + 1) * rb]);
             }
             tok.index.extend_from_slice(&seen[token].1.to_le_bytes());
+            tok.ratios
+                .extend_from_slice(&tok.ratio[first + r].to_le_bytes());
         }
         let inbox = self.inbox[Buf::Recv.index()];
         if !tok.pack.is_empty() {
@@ -503,7 +537,81 @@ impl<'t> StagedProxy<'t> {
                 .put(to, inbox, place.tokens + start * rb, &tok.pack)?;
         }
         self.t.put(to, inbox, place.index, &tok.index)?;
-        Ok(tok.pack.len() + tok.index.len())
+        self.t.put(to, inbox, place.ratio, &tok.ratios)?;
+        Ok(tok.pack.len() + tok.index.len() + tok.ratios.len())
+    }
+
+    /// Puts out combine piece `p` (rows downloaded) token-once: per token
+    /// slot of the pair, the sum of the chunk's rows of that token scaled
+    /// by their ratios, in bf16. Returns the wire bytes.
+    fn send_summed(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        p: &Piece,
+        counts: &[Vec<u32>],
+    ) -> Result<usize, SchedError> {
+        let (me, to, r) = (self.t.rank(), p.to, p.region);
+        self.load_pair(counts, to)?;
+        let Some(tok) = self.tokens.as_mut() else {
+            return Ok(0);
+        };
+        let Some(pair) = tok.back[to].as_ref() else {
+            return Ok(0);
+        };
+        if pair.index.len() != r.rows {
+            return Err(SchedError::StagedProtocol {
+                rank: me,
+                message: format!(
+                    "{p} has {} rows, its pair sent {} this call",
+                    r.rows,
+                    pair.index.len()
+                ),
+            });
+        }
+        let rows = dev.sent_bytes(to, Buf::Comb, p.wire, r.bytes());
+        sum_rows(rows, r.width, pair, &mut tok.sums, &mut tok.pack);
+        if !tok.pack.is_empty() {
+            self.t
+                .put(to, self.inbox[Buf::Comb.index()], p.wire, &tok.pack)?;
+        }
+        Ok(tok.pack.len())
+    }
+
+    /// Reads, once per call, the index and ratio arrays of every row `from`
+    /// sent this rank (all landed: the combine rows they come back as were
+    /// computed from them).
+    fn load_pair(&mut self, counts: &[Vec<u32>], from: usize) -> Result<(), SchedError> {
+        let me = self.t.rank();
+        let place = self.geo.pair_place(counts, from, me, 0);
+        let inbox = self.inbox[Buf::Recv.index()];
+        let Some(tok) = self.tokens.as_mut() else {
+            return Ok(());
+        };
+        if tok.back[from].is_some() {
+            return Ok(());
+        }
+        let mut raw = vec![0u8; 4 * place.pair_rows];
+        self.t.read(inbox, place.index, &mut raw)?;
+        let index = words(&raw);
+        self.t.read(inbox, place.ratio, &mut raw)?;
+        let ratio = words(&raw).into_iter().map(f32::from_bits).collect();
+        let slots = index.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
+        if slots > place.pair_rows {
+            return Err(SchedError::StagedProtocol {
+                rank: me,
+                message: format!(
+                    "rank {from}'s rows name token slot {}, of the {} its pair can use",
+                    slots - 1,
+                    place.pair_rows
+                ),
+            });
+        }
+        tok.back[from] = Some(PairRows {
+            index,
+            ratio,
+            slots,
+        });
+        Ok(())
     }
 
     /// Lands every pending piece whose signal has arrived.
@@ -535,6 +643,10 @@ impl<'t> StagedProxy<'t> {
                         continue;
                     }
                     self.expand_tokens(dev, &p, place, &index)?;
+                    Source::Image
+                }
+                Kind::Combine { .. } if self.tokens.is_some() => {
+                    self.expand_sums(dev, &p, &call.counts, call.epoch)?;
                     Source::Image
                 }
                 // Count rows are read here anyway (the proxy plans with them).
@@ -641,6 +753,54 @@ impl<'t> StagedProxy<'t> {
         Ok(())
     }
 
+    /// Fills the landing image of combine piece `p` (arrived token-once:
+    /// a row per token slot this rank sent `p.from`): each token's
+    /// representative row there gets its slot's sum, every other row zero.
+    fn expand_sums(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        p: &Piece,
+        counts: &[Vec<u32>],
+        epoch: u64,
+    ) -> Result<(), SchedError> {
+        let (me, from, r) = (self.t.rank(), p.from, p.region);
+        let epr = self.geo.experts / self.geo.ranks;
+        let first: usize = counts[me][..from * epr].iter().map(|&c| c as usize).sum();
+        let inbox = self.inbox[Buf::Comb.index()];
+        let Some(tok) = self.tokens.as_mut() else {
+            return Ok(());
+        };
+        let image = dev.landing_bytes(Buf::Comb, p.wire, r.bytes());
+        if r.rows == 0 {
+            return Ok(());
+        }
+        let slots = tok.order.as_ref().map_or(&[][..], |o| &o.slots[..]);
+        let sums = tok.used[from];
+        tok.pack.resize(sums * r.width, 0);
+        self.t.read(inbox, p.wire, &mut tok.pack)?;
+        for (row, out) in image.chunks_exact_mut(r.width).enumerate() {
+            let pos = first + row;
+            let (Some(&slot), Some(true)) = (slots.get(pos), tok.rep.get(pos).copied()) else {
+                out.fill(0);
+                continue;
+            };
+            let token = slot as usize / self.geo.top_k;
+            match tok.slot[from].get(token) {
+                Some(&(e, s)) if e == epoch && (s as usize) < sums => {
+                    let s = s as usize;
+                    out.copy_from_slice(&tok.pack[s * r.width..(s + 1) * r.width]);
+                }
+                _ => {
+                    return Err(SchedError::StagedProtocol {
+                        rank: me,
+                        message: format!("{p}: token {token} was not sent to rank {from}"),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether this rank's inbox signal `signal` has reached `epoch`: a
     /// look (a wait for 0 returns the word at once and progresses the
     /// transport, without the liveness checks of a wait that runs out).
@@ -696,5 +856,118 @@ impl<'t> StagedProxy<'t> {
             pending,
             waited,
         }
+    }
+}
+
+/// Checks a send order the device side gave for `sent` positions: a slot
+/// and a weight each, every slot inside the send capacity.
+fn check_order(geo: &Geometry, rank: usize, o: &SendOrder, sent: usize) -> Result<(), SchedError> {
+    let bad = |message: String| Err(SchedError::StagedProtocol { rank, message });
+    if o.slots.len() != sent || o.weights.len() != sent {
+        return bad(format!(
+            "the send order has {} positions and {} weights; the call sends {sent} rows",
+            o.slots.len(),
+            o.weights.len()
+        ));
+    }
+    match o.slots.iter().find(|&&s| s as usize >= geo.send_rows) {
+        Some(s) => bad(format!(
+            "the send order names slot {s}, past the {} slots",
+            geo.send_rows
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Per send position (of this rank's count row `mine`, `epr` experts per
+/// rank): its ratio `w / w_rep` and whether it is `rep`, the first position
+/// of largest weight magnitude among its token's positions on the same
+/// destination rank. A token whose weights there are all 0 gets ratios 0.
+fn representatives(o: &SendOrder, mine: &[u32], epr: usize, top_k: usize) -> (Vec<f32>, Vec<bool>) {
+    let dest: Vec<usize> = mine
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &c)| std::iter::repeat_n(e / epr, c as usize))
+        .collect();
+    let ranks = mine.len() / epr.max(1);
+    let key = |pos: usize| (o.slots[pos] as usize / top_k) * ranks + dest[pos];
+    let keys = o
+        .slots
+        .iter()
+        .map(|&s| s as usize / top_k + 1)
+        .max()
+        .unwrap_or(0)
+        * ranks;
+    let mut best = vec![usize::MAX; keys];
+    for pos in 0..o.slots.len() {
+        let b = &mut best[key(pos)];
+        if *b == usize::MAX || o.weights[pos].abs() > o.weights[*b].abs() {
+            *b = pos;
+        }
+    }
+    (0..o.slots.len())
+        .map(|pos| {
+            let rep = best[key(pos)];
+            let w = o.weights[rep];
+            let ratio = if w == 0.0 { 0.0 } else { o.weights[pos] / w };
+            (ratio, rep == pos)
+        })
+        .unzip()
+}
+
+/// Into `out` (bf16, `width` bytes per slot): per token slot of `pair`,
+/// the sum of `rows` (packed, `width` bytes each, the pair's row order)
+/// of that slot, each scaled by its ratio, summed in f32 in `sums`.
+fn sum_rows(rows: &[u8], width: usize, pair: &PairRows, sums: &mut Vec<f32>, out: &mut Vec<u8>) {
+    let cols = width / 2;
+    sums.clear();
+    sums.resize(pair.slots * cols, 0.0);
+    for (row, (&s, &a)) in rows
+        .chunks_exact(width)
+        .zip(pair.index.iter().zip(&pair.ratio))
+    {
+        let acc = &mut sums[s as usize * cols..(s as usize + 1) * cols];
+        for (x, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+            *x += a * bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        }
+    }
+    out.clear();
+    out.extend(
+        sums.iter()
+            .flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ranks of one expert each; token 0 has slots 0, 1 on rank 1 and
+    /// slot 2 on rank 0; token 1 has slots 4, 5 (weights 0) on rank 1.
+    #[test]
+    fn a_tokens_representative_is_its_first_largest_weight_on_the_rank() {
+        let o = SendOrder {
+            slots: vec![2, 0, 1, 4, 5],
+            weights: vec![0.3, -0.5, 0.5, 0.0, 0.0],
+        };
+        let (ratio, rep) = representatives(&o, &[1, 4], 1, 4);
+        assert_eq!(rep, [true, true, false, true, false]);
+        assert_eq!(ratio, [1.0, 1.0, -1.0, 0.0, 0.0]);
+    }
+
+    /// Slot sums in f32, rounded once to bf16; a slot's one row with ratio
+    /// 1 crosses bit for bit.
+    #[test]
+    fn rows_sum_per_slot_scaled_by_their_ratios() {
+        let row = |v: [f32; 2]| v.map(|x| bf16::from_f32(x).to_le_bytes()).concat();
+        let rows = [row([1.0, 2.0]), row([0.1, -3.0]), row([4.0, 0.5])].concat();
+        let pair = PairRows {
+            index: vec![1, 0, 1],
+            ratio: vec![1.0, 1.0, 0.25],
+            slots: 2,
+        };
+        let (mut sums, mut out) = (Vec::new(), Vec::new());
+        sum_rows(&rows, 4, &pair, &mut sums, &mut out);
+        assert_eq!(out, [row([0.1, -3.0]), row([2.0, 2.125])].concat());
     }
 }

@@ -15,11 +15,11 @@
 //! write of the signal the kernels wait on).
 
 use crate::error::SchedError;
-use crate::forward::{LayerKernels, LayerOptions, MoeLayer};
-use crate::proxy_layer::ProxyRun;
+use crate::forward::{LayerKernels, LayerOptions, MoeLayer, WeightType};
 pub use crate::proxy_layer::StagedLayer;
-use crate::proxy_plan::{inbox_bytes, Buf, DispatchWire, Geometry, Region, TokenPlace};
-use crate::staged::{Source, StagedDevice, StagedProxy, Ticket};
+use crate::proxy_layer::{ProxyCall, ProxyRun};
+use crate::proxy_plan::{inbox_bytes, Buf, Geometry, Region, TokenPlace, WireFormat};
+use crate::staged::{SendOrder, Source, StagedDevice, StagedProxy, Ticket};
 use crate::stream_queue::{Marker, StreamQueue};
 use comet_core::MoeConfig;
 use comet_kernels::forward::ForwardKernels;
@@ -428,7 +428,7 @@ pub struct CudaStaging {
     rank: usize,
     geo: Geometry,
     timeout: Duration,
-    wire: DispatchWire,
+    wire: WireFormat,
     stop: Arc<AtomicBool>,
     downloads: Arc<CudaStream>,
     landings: Arc<CudaStream>,
@@ -448,9 +448,12 @@ pub struct CudaStaging {
     /// the expand kernel reads them from there, not across PCIe once per
     /// row.
     tokens_dev: Option<DeviceAlloc>,
-    /// The layer's send order on the device and a pinned copy of it.
+    /// The layer's send order on the device and a pinned copy of it; the
+    /// call in flight (where its weights are) and a pinned copy of them.
     order_dev: u64,
     order: PinnedBytes,
+    call: Option<ProxyCall>,
+    weights: PinnedBytes,
     /// The layer's kernels (token-once landings expand on the device).
     kernels: Arc<ForwardKernels>,
     /// Downloads in flight with their events; spare events.
@@ -538,7 +541,7 @@ impl CudaStaging {
         geo: &Geometry,
         stop: Arc<AtomicBool>,
         timeout: Duration,
-        wire: DispatchWire,
+        wire: WireFormat,
     ) -> Result<CudaStaging, SchedError> {
         let view = t.proxy_view(layer.symmetric_buffers())?;
         let rank = t.rank();
@@ -559,6 +562,8 @@ impl CudaStaging {
         let landing = image()?;
         let order = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
             .map_err(|e| failed("allocate pinned send order", e))?;
+        let weights = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
+            .map_err(|e| failed("allocate pinned weights", e))?;
         // Count rows always land through the landing image (the proxy reads
         // them to plan), so their inbox is not registered: the driver pins
         // whole pages and refuses a page registered already, and the small
@@ -570,7 +575,7 @@ impl CudaStaging {
             Buf::Recv | Buf::Comb => register_inbox(t, view.inbox[b.index()]),
         });
         let tokens_dev = match (&inbox[Buf::Recv.index()], wire) {
-            (Some(r), DispatchWire::Tokens) if geo.ranks > 1 => Some(
+            (Some(r), WireFormat::Tokens) if geo.ranks > 1 => Some(
                 DeviceAlloc::zeroed(t.context(), r.len())
                     .map_err(|e| failed("allocate the device token copy", e))?,
             ),
@@ -592,6 +597,8 @@ impl CudaStaging {
             tokens_dev,
             order_dev: layer.send_order_ptr(),
             order,
+            call: None,
+            weights,
             kernels: Arc::clone(&layer.kernels().forward),
             pending: StreamQueue::default(),
             spare: Vec::new(),
@@ -811,32 +818,73 @@ impl StagedDevice for CudaStaging {
         self.raise_after_landing(signal, value)
     }
 
-    fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError> {
-        if 4 * rows > self.order.len() {
+    fn send_order(&mut self, rows: usize) -> Result<SendOrder, SchedError> {
+        let Some(call) = self.call else {
+            return Err(self.failed("send order", "no call in flight"));
+        };
+        let wb = match call.weight_type {
+            WeightType::F32 => 4,
+            WeightType::Bf16 => 2,
+        };
+        if rows > self.geo.send_rows || call.slots > self.geo.send_rows {
             return Err(self.failed(
                 "send order",
-                format!("{rows} positions, past the {} slots", self.order.len() / 4),
+                format!(
+                    "{rows} positions and {} weights, past the {} slots",
+                    call.slots, self.geo.send_rows
+                ),
             ));
         }
-        let runs = Runs {
+        let flat = |bytes: usize| Runs {
             rows: 1,
-            width: 4 * rows,
-            pitch: 4 * rows,
+            width: bytes,
+            pitch: bytes,
         };
         // SAFETY: the layer's send order holds a position per slot (the
         // send capacity, checked above); the layout phase wrote it before
         // any dispatch ready word came up, and the next call rewrites it
         // only after this call's count exchange, which this proxy has not
-        // finished. The destination is this staging's pinned copy, read
-        // below only after the stream ran the copy.
+        // finished. The weights are the call's `[tokens, top_k]` (its
+        // slots, checked), written before its route ran and kept until its
+        // reduce, which waits for this proxy. Both destinations are this
+        // staging's pinned copies (each large enough, as checked), read
+        // below only after the stream ran the copies.
         unsafe {
-            cuda::copy_runs_to_host(&self.downloads, self.order_dev, runs, self.order.ptr_at(0))
+            cuda::copy_runs_to_host(
+                &self.downloads,
+                self.order_dev,
+                flat(4 * rows),
+                self.order.ptr_at(0),
+            )
+            .and_then(|_| {
+                cuda::copy_runs_to_host(
+                    &self.downloads,
+                    call.weights,
+                    flat(wb * call.slots),
+                    self.weights.ptr_at(0),
+                )
+            })
         }
         .map_err(|e| self.failed("send order", e))?;
         self.downloads
             .synchronize()
             .map_err(|e| self.failed("send order", e))?;
-        Ok(crate::proxy_plan::words(&self.order[..4 * rows]))
+        let slots = crate::proxy_plan::words(&self.order[..4 * rows]);
+        let w = &self.weights[..wb * call.slots];
+        let weight = |s: usize| match call.weight_type {
+            WeightType::F32 => {
+                f32::from_le_bytes([w[4 * s], w[4 * s + 1], w[4 * s + 2], w[4 * s + 3]])
+            }
+            WeightType::Bf16 => half::bf16::from_le_bytes([w[2 * s], w[2 * s + 1]]).to_f32(),
+        };
+        if let Some(bad) = slots.iter().find(|&&s| s as usize >= call.slots) {
+            return Err(self.failed(
+                "send order",
+                format!("slot {bad} of a call of {} slots", call.slots),
+            ));
+        }
+        let weights = slots.iter().map(|&s| weight(s as usize)).collect();
+        Ok(SendOrder { slots, weights })
     }
 
     fn end_call(&mut self) -> Result<(), SchedError> {
@@ -876,7 +924,7 @@ impl<T: Transport + 'static> ProxyRun<T> for CudaStaging {
     fn run(
         mut self,
         t: &StagedTransport<T>,
-        epochs: &mpsc::Receiver<u64>,
+        calls: &mpsc::Receiver<ProxyCall>,
     ) -> Result<(), SchedError> {
         let rank = self.rank;
         let mut proxy = StagedProxy::new(
@@ -886,7 +934,9 @@ impl<T: Transport + 'static> ProxyRun<T> for CudaStaging {
             self.timeout,
             self.wire,
         )?;
-        let ran = epochs.iter().try_for_each(|epoch| {
+        let ran = calls.iter().try_for_each(|call| {
+            let epoch = call.epoch;
+            self.call = Some(call);
             let stats = proxy.call(&mut self, epoch)?;
             tracing::debug!(
                 rank,
@@ -931,14 +981,14 @@ impl<T: Transport + 'static> StagedLayer<T> {
         }
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
-        if o.dispatch_wire == DispatchWire::Tokens {
+        if o.wire_format == WireFormat::Tokens {
             // A token-once landing is a kernel (comet_expand_rows), which
             // needs an SM that the persistent GEMMs waiting for it do not
             // hold; a row landing is a copy and needs none.
             o.reserved_sms = o.reserved_sms.max(1);
         }
         let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;
-        let (timeout, wire) = (opts.timeout, opts.dispatch_wire);
+        let (timeout, wire) = (opts.timeout, opts.wire_format);
         StagedLayer::with_proxy(layer, |layer, stop| {
             let geo = Geometry::of(layer.plan());
             CudaStaging::new(layer.transport(), layer, &geo, stop, timeout, wire)
@@ -1022,6 +1072,7 @@ mod tests {
         };
         let place = TokenPlace {
             index: 0,
+            ratio: 8,
             tokens: 16,
             pair_rows: 2,
         };

@@ -30,7 +30,7 @@ use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
 use comet_kernels::KernelError;
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
-use comet_sched::proxy_plan::DispatchWire;
+use comet_sched::proxy_plan::WireFormat;
 use comet_sched::{ExecMode, RankInput, SchedError};
 use comet_transport::local::DelayModel;
 use half::bf16;
@@ -223,14 +223,14 @@ fn every_routing(staged: bool, shapes: &[(usize, usize, usize, usize, usize)]) {
 /// 30 calls on the same buffers with changing routing, T and mode; staged
 /// ranks' transport delays every put and signal by up to 300 us, and their
 /// proxies send dispatch rows as `wire` says.
-fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize, wire: DispatchWire) {
+fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize, wire: WireFormat) {
     let c = cfg(w, 256, experts, 2);
     let delay = DelayModel {
         seed: 11,
         max: Duration::from_micros(300),
     };
     let o = LayerOptions {
-        dispatch_wire: wire,
+        wire_format: wire,
         ..opts(&c, cap)
     };
     let mut h = Harness::world(&c, cap, &o, staged.then_some(Some(delay)));
@@ -266,7 +266,7 @@ fn every_routing_and_size_matches_the_reference() {
 #[ignore = "needs a GPU"]
 fn thirty_calls_on_the_same_buffers() {
     // Chunks > 1 and overlap on: a wide hidden over several ranks.
-    thirty_calls(false, 2, 8, 256, DispatchWire::Rows);
+    thirty_calls(false, 2, 8, 256, WireFormat::Rows);
 }
 
 #[test]
@@ -521,8 +521,8 @@ fn staged_every_routing_matches_the_reference() {
 fn staged_thirty_calls_on_the_same_buffers() {
     // Token-once (3 ranks of 2 experts, top-2: about a fifth of uniform
     // tokens have both experts on one rank), then a row per (token, expert).
-    thirty_calls(true, 3, 6, 200, DispatchWire::Tokens);
-    thirty_calls(true, 3, 6, 200, DispatchWire::Rows);
+    thirty_calls(true, 3, 6, 200, WireFormat::Tokens);
+    thirty_calls(true, 3, 6, 200, WireFormat::Rows);
 }
 
 #[test]

@@ -10,7 +10,13 @@
 //! its bytes, a piece landed in the wrong place or a stale row of an
 //! earlier call fails. Rows are their tokens' bytes (a token routed to
 //! several experts of a rank is the same row there), so token-once
-//! dispatch is checked too, and its wire bytes against the exact count. Also: a kernel that never raises, a killed peer.
+//! dispatch is checked too, and its wire bytes against the exact count.
+//! Answers are bf16 numbers and slots have weights (zeros and ties among
+//! them), so token-once combine (a token's answers summed per rank, landed
+//! as one row) is checked as the kernels use it: each token's weighted sum
+//! over every owner's rows, against f64 at bf16's rounding, the combine
+//! buffer poisoned with NaN at each call's start. Also: a kernel that
+//! never raises, a killed peer.
 //! With feature `ucx` the same ranks run as processes over UCX (TCP and
 //! shared memory), and a rank SIGKILLed while its peers are in a call must
 //! leave every other rank with an error naming it, not a hang or an abort.
@@ -20,11 +26,12 @@ mod common;
 
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
-use comet_sched::proxy_plan::{Buf, DispatchWire, Geometry, Region, TokenPlace};
-use comet_sched::staged::{Source, StagedDevice, StagedProxy, StagedStats, Ticket};
+use comet_sched::proxy_plan::{Buf, Geometry, Region, TokenPlace, WireFormat};
+use comet_sched::staged::{SendOrder, Source, StagedDevice, StagedProxy, StagedStats, Ticket};
 use comet_sched::SchedError;
 use comet_transport::local::{local_world, DelayModel, LocalTransport};
 use comet_transport::{BufferId, Transport};
+use half::bf16;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,6 +43,9 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(20);
 const H: usize = 32; // bf16 columns: 64-byte rows
 const POISON: u8 = 0xEE;
+/// bf16 NaN bytes: a combine row nobody wrote poisons its token's sum,
+/// whatever its weight.
+const NAN: u8 = 0xFF;
 
 /// One rank's "device": its own buffers and signals, its mirrors of every
 /// peer's buffers and its ready words for every peer.
@@ -47,9 +57,10 @@ struct Device {
     signals: Vec<AtomicU64>,
     mirrors: Vec<[Mutex<Vec<u8>>; 3]>,
     ready: Vec<Vec<AtomicU64>>,
-    /// The call's send order (slot per send position), published by the
-    /// "kernels" before any dispatch ready word, as the layout phase does.
-    order: Mutex<Vec<u32>>,
+    /// The call's send order (slot per send position) and its slots'
+    /// weights, published by the "kernels" before any dispatch ready word,
+    /// as the layout phase does.
+    order: Mutex<SendOrder>,
 }
 
 impl Device {
@@ -63,7 +74,7 @@ impl Device {
             signals: words(),
             mirrors: (0..g.ranks).map(|_| bufs()).collect(),
             ready: (0..g.ranks).map(|_| words()).collect(),
-            order: Mutex::new(Vec::new()),
+            order: Mutex::new(SendOrder::default()),
         }
     }
 }
@@ -226,9 +237,13 @@ impl StagedDevice for HostSide<'_> {
         Ok(())
     }
 
-    fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError> {
+    fn send_order(&mut self, rows: usize) -> Result<SendOrder, SchedError> {
         let o = self.dev.order.lock().unwrap();
-        Ok(o[..rows.min(o.len())].to_vec())
+        let n = rows.min(o.slots.len());
+        Ok(SendOrder {
+            slots: o.slots[..n].to_vec(),
+            weights: o.weights[..n].to_vec(),
+        })
     }
 
     fn end_call(&mut self) -> Result<(), SchedError> {
@@ -239,7 +254,22 @@ impl StagedDevice for HostSide<'_> {
 
 /// Token `t` of `src` in call `epoch`: the bytes of every row it has.
 fn token_bytes(epoch: u64, src: usize, t: usize) -> Vec<u8> {
-    row_bytes(epoch, src, 0, t, false)
+    let seed = epoch * 1_000_003 + (src as u64) * 10_007 + t as u64;
+    (0..2 * H)
+        .map(|b| seed.wrapping_mul(31).wrapping_add(b as u64 * 7) as u8)
+        .collect()
+}
+
+fn mix(seed: u64) -> u64 {
+    let z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (z ^ (z >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ (z >> 32)
+}
+
+/// The weight of slot `slot` of `src` in call `epoch`: quarters in
+/// [-1, 1], so zeros and ties between a token's weights are common.
+fn weight(epoch: u64, src: usize, slot: u32) -> f32 {
+    let h = mix(epoch * 7_919 + (src as u64) * 104_729 + u64::from(slot));
+    (h % 9) as f32 / 4.0 - 1.0
 }
 
 /// A rank's routing of one call made from its count row: for each expert,
@@ -274,15 +304,20 @@ fn routing_seed(epoch: u64, src: usize) -> u64 {
     epoch * 7919 + src as u64
 }
 
-/// Row `i` of expert `e` sent by `src` in call `epoch`, and what the
-/// expert's owner sends back for it: distinct per call and row.
-fn row_bytes(epoch: u64, src: usize, e: usize, i: usize, back: bool) -> Vec<u8> {
+/// What the owner of expert `e` sends back for row `i` of `src` in call
+/// `epoch`: bf16 eighths in [-1, 1], distinct per call and row.
+fn answer(epoch: u64, src: usize, e: usize, i: usize) -> Vec<u8> {
     let seed = epoch * 1_000_003 + (src as u64) * 10_007 + (e as u64) * 101 + i as u64;
-    (0..2 * H)
-        .map(|b| {
-            (seed.wrapping_mul(31).wrapping_add(b as u64 * 7) as u8) ^ if back { 0x5A } else { 0 }
+    (0..H)
+        .flat_map(|c| {
+            let v = (mix(seed * 64 + c as u64) % 17) as f32 / 8.0 - 1.0;
+            bf16::from_f32(v).to_le_bytes()
         })
         .collect()
+}
+
+fn bf16_at(bytes: &[u8], col: usize) -> f64 {
+    f64::from(bf16::from_le_bytes([bytes[2 * col], bytes[2 * col + 1]]).to_f32())
 }
 
 struct Kernel<'a> {
@@ -294,7 +329,7 @@ struct Kernel<'a> {
     /// Called before this call touches anything (a rank that dies while its
     /// peers are in the call; all its earlier puts were complete).
     die: Option<&'a (dyn Fn() + Sync)>,
-    wire: DispatchWire,
+    wire: WireFormat,
 }
 
 /// What a call should have been on a rank: refused (nothing but counts
@@ -351,23 +386,25 @@ impl Kernel<'_> {
 
     /// Bytes this rank's proxy puts on the wire in a call it does not
     /// refuse: count rows, dispatch rows (token-once: each token once per
-    /// peer plus a u32 per row), and the combine rows of its experts.
-    fn wire_bytes(&self, counts: &[Vec<usize>], routes: &[Vec<Vec<u32>>]) -> usize {
+    /// peer plus a slot and a ratio per row), and the combine rows of its
+    /// experts (token-once: one per token of the peer).
+    fn wire_bytes(&self, routes: &[Vec<Vec<u32>>]) -> usize {
         let (w, e, me, rb) = (self.g.ranks, self.g.experts, self.me, 2 * H);
         let epr = e / w;
+        let tokens = |slots: &[u32]| {
+            let mut t: Vec<u32> = slots.iter().map(|s| s / self.g.top_k as u32).collect();
+            t.sort_unstable();
+            t.dedup();
+            t.len()
+        };
         let mut n = (w - 1) * 4 * e;
         for d in (0..w).filter(|&d| d != me) {
-            let slots: Vec<u32> = routes[me][d * epr..(d + 1) * epr].concat();
+            let out: Vec<u32> = routes[me][d * epr..(d + 1) * epr].concat();
+            let back: Vec<u32> = routes[d][me * epr..(me + 1) * epr].concat();
             n += match self.wire {
-                DispatchWire::Rows => slots.len() * rb,
-                DispatchWire::Tokens => {
-                    let mut t: Vec<u32> = slots.iter().map(|s| s / self.g.top_k as u32).collect();
-                    t.sort_unstable();
-                    t.dedup();
-                    t.len() * rb + 4 * slots.len()
-                }
+                WireFormat::Rows => (out.len() + back.len()) * rb,
+                WireFormat::Tokens => (tokens(&out) + tokens(&back)) * rb + 8 * out.len(),
             };
-            n += counts[d][me * epr..(me + 1) * epr].iter().sum::<usize>() * rb;
         }
         n
     }
@@ -379,6 +416,8 @@ impl Kernel<'_> {
         if let Some(die) = self.die {
             die();
         }
+        // No piece of this call lands before its count rows are out.
+        self.dev.own[Buf::Comb.index()].lock().unwrap().fill(NAN);
         let (w, e, me) = (self.g.ranks, self.g.experts, self.me);
         let epr = e / w;
         let row: Vec<u8> = mine.iter().flat_map(|c| c.to_le_bytes()).collect();
@@ -423,7 +462,9 @@ impl Kernel<'_> {
                 routing(&r, k, routing_seed(epoch, s))
             })
             .collect();
-        *self.dev.order.lock().unwrap() = routes[me].concat();
+        let slots = routes[me].concat();
+        let weights = slots.iter().map(|&s| weight(epoch, me, s)).collect();
+        *self.dev.order.lock().unwrap() = SendOrder { slots, weights };
         // Dispatch, segments in random order.
         let mut segs: Vec<usize> = (0..e).collect();
         segs.shuffle(&mut self.rng);
@@ -464,7 +505,7 @@ impl Kernel<'_> {
                     let ge = me * epr + le;
                     for i in 0..from_s[ge] {
                         let pos = plan.send_offset(s, ge) + i;
-                        let b = row_bytes(epoch, s, ge, i, true);
+                        let b = answer(epoch, s, ge, i);
                         self.store(s, Buf::Comb, pos * 2 * H + c * cb, &b[c * cb..(c + 1) * cb]);
                     }
                 }
@@ -480,24 +521,91 @@ impl Kernel<'_> {
             for c in 0..self.g.chunks {
                 self.wait(self.g.combine_signal(o, c), epoch)?;
                 let comb = self.dev.own[2].lock().unwrap();
-                for le in 0..epr {
-                    let ge = o * epr + le;
-                    for i in 0..counts[me][ge] {
-                        let at = (plan.send_offset(me, ge) + i) * 2 * H + c * cb;
-                        let want = row_bytes(epoch, me, ge, i, true);
-                        if comb[at..at + cb] != want[c * cb..(c + 1) * cb] {
-                            return Err(format!(
-                                "rank {me} call {epoch}: answer {i} of expert {ge}, chunk {c} wrong"
-                            ));
-                        }
-                    }
-                }
+                let check = match self.wire {
+                    WireFormat::Rows => self.check_rows(&comb, epoch, o, c, &counts, &plan),
+                    WireFormat::Tokens => self.check_sums(&comb, epoch, o, c, &routes[me], &plan),
+                };
+                check.map_err(|m| format!("rank {me} call {epoch}: {m}"))?;
             }
         }
         Ok(Expect {
             refused: false,
-            wire_bytes: self.wire_bytes(&counts, &routes),
+            wire_bytes: self.wire_bytes(&routes),
         })
+    }
+}
+
+impl Kernel<'_> {
+    /// Rows: every answer of owner `o`, chunk `c`, exactly.
+    fn check_rows(
+        &self,
+        comb: &[u8],
+        epoch: u64,
+        o: usize,
+        c: usize,
+        counts: &[Vec<usize>],
+        plan: &LayoutPlan,
+    ) -> Result<(), String> {
+        let (me, cb) = (self.me, self.g.chunk_bytes);
+        let epr = self.g.experts / self.g.ranks;
+        for (ge, &n) in counts[me].iter().enumerate().skip(o * epr).take(epr) {
+            for i in 0..n {
+                let at = (plan.send_offset(me, ge) + i) * 2 * H + c * cb;
+                if comb[at..at + cb] != answer(epoch, me, ge, i)[c * cb..(c + 1) * cb] {
+                    return Err(format!("answer {i} of expert {ge}, chunk {c} wrong"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Token-once: per token, its weighted sum over owner `o`'s rows of
+    /// chunk `c` (`route` is this rank's, per expert) is the sum of its
+    /// answers, within 2^-7 of the sum of magnitudes (the proxy's bf16
+    /// rounding of a sum is 2^-9 of it).
+    fn check_sums(
+        &self,
+        comb: &[u8],
+        epoch: u64,
+        o: usize,
+        c: usize,
+        route: &[Vec<u32>],
+        plan: &LayoutPlan,
+    ) -> Result<(), String> {
+        let (me, k) = (self.me, self.g.top_k);
+        let epr = self.g.experts / self.g.ranks;
+        let cols = self.g.chunk_bytes / 2;
+        // Per token: (got, want, magnitude) per column.
+        let mut sums: std::collections::BTreeMap<u32, Vec<(f64, f64, f64)>> = Default::default();
+        for (ge, slots) in route.iter().enumerate().skip(o * epr).take(epr) {
+            for (i, &slot) in slots.iter().enumerate() {
+                let w = f64::from(weight(epoch, me, slot));
+                let row = (plan.send_offset(me, ge) + i) * 2 * H;
+                let want = answer(epoch, me, ge, i);
+                let acc = sums
+                    .entry(slot / k as u32)
+                    .or_insert_with(|| vec![(0.0, 0.0, 0.0); cols]);
+                for (x, a) in acc.iter_mut().enumerate() {
+                    let col = c * cols + x;
+                    let v = bf16_at(&want, col);
+                    a.0 += w * bf16_at(&comb[row..row + 2 * H], col);
+                    a.1 += w * v;
+                    a.2 += (w * v).abs();
+                }
+            }
+        }
+        for (t, acc) in sums {
+            for (x, (got, want, mag)) in acc.into_iter().enumerate() {
+                // NaN fails too: a row nobody wrote.
+                let close = (got - want).abs() <= mag / 128.0 + 1e-9;
+                if !close {
+                    return Err(format!(
+                        "token {t}, owner {o}, chunk {c}, column {x}: {got} instead of {want}"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -569,7 +677,7 @@ fn mixed(epoch: u64) -> usize {
 fn run_rank(
     t: &dyn Transport,
     cfg: &MoeConfig,
-    (g, wire): (Geometry, DispatchWire),
+    (g, wire): (Geometry, WireFormat),
     (calls, kinds): (u64, Kinds),
     seed: u64,
     die: Option<(u64, &(dyn Fn() + Sync))>,
@@ -634,7 +742,7 @@ fn check_stats(epoch: u64, want: &Expect, got: &StagedStats) -> Result<(), Strin
     }
 }
 
-fn run_world(w: usize, epr: usize, calls: u64, seed: u64, wire: DispatchWire) {
+fn run_world(w: usize, epr: usize, calls: u64, seed: u64, wire: WireFormat) {
     let (cfg, g) = config(w, epr);
     let world = local_world(
         w,
@@ -661,13 +769,13 @@ fn run_world(w: usize, epr: usize, calls: u64, seed: u64, wire: DispatchWire) {
 
 #[test]
 fn two_ranks_thirty_calls() {
-    run_world(2, 2, 30, 1, DispatchWire::Tokens);
-    run_world(2, 2, 30, 1, DispatchWire::Rows);
+    run_world(2, 2, 30, 1, WireFormat::Tokens);
+    run_world(2, 2, 30, 1, WireFormat::Rows);
 }
 
 #[test]
 fn three_and_four_ranks() {
-    for wire in [DispatchWire::Tokens, DispatchWire::Rows] {
+    for wire in [WireFormat::Tokens, WireFormat::Rows] {
         run_world(3, 1, 12, 2, wire);
         run_world(4, 3, 12, 3, wire);
     }
@@ -685,7 +793,7 @@ fn refused_calls_move_nothing_and_the_next_is_whole() {
             .iter()
             .map(|t| {
                 let cfg = &cfg;
-                sc.spawn(move || run_rank(t, cfg, (g, DispatchWire::Tokens), (8, kinds), 5, None))
+                sc.spawn(move || run_rank(t, cfg, (g, WireFormat::Tokens), (8, kinds), 5, None))
             })
             .collect();
         for (r, h) in hs.into_iter().enumerate() {
@@ -699,7 +807,7 @@ fn refused_calls_move_nothing_and_the_next_is_whole() {
 /// Rank `t`'s proxy, its inboxes allocated (collective).
 fn proxy(t: &LocalTransport, g: Geometry, timeout: Duration) -> StagedProxy<'_> {
     let inbox = StagedProxy::allocate(t, g, T).unwrap();
-    StagedProxy::new(t, g, inbox, timeout, DispatchWire::Tokens).unwrap()
+    StagedProxy::new(t, g, inbox, timeout, WireFormat::Tokens).unwrap()
 }
 
 /// Proxies of a world of two, built together; rank 0's with `timeout`.
@@ -778,7 +886,7 @@ mod over_ucx {
         let (me, victim) = (t.rank(), t.world() - 1);
         match scenario.as_str() {
             "calls" => {
-                run_rank(&t, &cfg, (g, DispatchWire::Tokens), (CALLS, mixed), 7, None)
+                run_rank(&t, &cfg, (g, WireFormat::Tokens), (CALLS, mixed), 7, None)
                     .unwrap_or_else(|e| panic!("rank {me}: {e}"));
                 t.barrier(T).expect("final barrier");
             }
@@ -790,7 +898,7 @@ mod over_ucx {
                 let die: &(dyn Fn() + Sync) = &die;
                 let at = (me == victim).then_some((KILLED_AT, die));
                 let start = Instant::now();
-                let e = run_rank(&t, &cfg, (g, DispatchWire::Tokens), (CALLS, mixed), 7, at)
+                let e = run_rank(&t, &cfg, (g, WireFormat::Tokens), (CALLS, mixed), 7, at)
                     .expect_err("the peer died");
                 println!(
                     "rank {me}: error as expected after {:?}: {e}",

@@ -1,5 +1,5 @@
 //! A benchmark, not a test: the staged proxy's two dispatch wire formats
-//! (`DispatchWire::Tokens` against `Rows`) over a real link, two processes
+//! (`WireFormat::Tokens` against `Rows`) over a real link, two processes
 //! over UCX (TCP, then shared memory), on a Qwen2-57B-A14B-shaped layer
 //! (hidden 3584, 64 experts, top-8, 2048 tokens per rank). Everything a
 //! call sends is ready before it starts, so a call's time is the proxy's
@@ -15,8 +15,8 @@ mod common;
 
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
-use comet_sched::proxy_plan::{Buf, DispatchWire, Geometry, Region, TokenPlace};
-use comet_sched::staged::{Source, StagedDevice, StagedProxy, Ticket};
+use comet_sched::proxy_plan::{Buf, Geometry, Region, TokenPlace, WireFormat};
+use comet_sched::staged::{SendOrder, Source, StagedDevice, StagedProxy, Ticket};
 use comet_sched::SchedError;
 use comet_transport::launch::OnFailure;
 use comet_transport::ucx::UcxTransport;
@@ -46,7 +46,7 @@ struct Prefilled<'t> {
     send: [Vec<u8>; 3],
     landing: [Vec<u8>; 3],
     own: [Vec<u8>; 3],
-    order: Vec<u32>,
+    order: SendOrder,
 }
 
 fn copy_2d(r: Region, from: &[u8], packed: bool, to: &mut [u8]) {
@@ -147,8 +147,12 @@ impl StagedDevice for Prefilled<'_> {
         Ok(())
     }
 
-    fn send_order(&mut self, rows: usize) -> Result<Vec<u32>, SchedError> {
-        Ok(self.order[..rows.min(self.order.len())].to_vec())
+    fn send_order(&mut self, rows: usize) -> Result<SendOrder, SchedError> {
+        let n = rows.min(self.order.slots.len());
+        Ok(SendOrder {
+            slots: self.order.slots[..n].to_vec(),
+            weights: self.order.weights[..n].to_vec(),
+        })
     }
 
     fn end_call(&mut self) -> Result<(), SchedError> {
@@ -217,7 +221,10 @@ fn bench_rank(t: &UcxTransport, label: &str) -> Result<(), SchedError> {
         send: image(),
         landing: image(),
         own: image(),
-        order,
+        order: SendOrder {
+            weights: vec![1.0 / TOP_K as f32; order.len()],
+            slots: order,
+        },
     };
     // The count row at both epoch slots of the mirror (one peer's image
     // stands for every peer's: the bench sends the same rows to each).
@@ -228,7 +235,7 @@ fn bench_rank(t: &UcxTransport, label: &str) -> Result<(), SchedError> {
             dev.mirror[0][off..off + counts.len()].copy_from_slice(&counts);
         }
     }
-    let mut proxies = [DispatchWire::Tokens, DispatchWire::Rows].map(|w| {
+    let mut proxies = [WireFormat::Tokens, WireFormat::Rows].map(|w| {
         StagedProxy::new(t, g, inbox, T, w).map(|p| (w, p, Vec::new(), 0usize, Vec::new()))
     });
     let mut epoch = 0;

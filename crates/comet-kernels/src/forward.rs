@@ -13,7 +13,7 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaFunction};
 
 use crate::error::KernelError;
-use crate::gemm::driver_version;
+use crate::gemm::{driver_version, load_function};
 use crate::nvrtc::{CompileUnit, Compiler, Target};
 
 const FORWARD_CU: &str = include_str!("../kernels/moe_forward.cu");
@@ -279,7 +279,7 @@ impl ForwardKernels {
         let cubin =
             Compiler::with_default_cache(driver_version()).compile(&forward_unit(), target)?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))?;
-        let layout = module.load_function("comet_layout")?;
+        let layout = load_function(&module, "comet_layout")?;
         // SAFETY: a plain attribute call on a function handle of this module.
         unsafe {
             sys::cuFuncSetAttribute(
@@ -290,15 +290,15 @@ impl ForwardKernels {
         }
         .result()?;
         Ok(ForwardKernels {
-            route: module.load_function("comet_route")?,
+            route: load_function(&module, "comet_route")?,
             layout,
-            dispatch: module.load_function("comet_dispatch")?,
-            dispatch_tokens: module.load_function("comet_dispatch_tokens")?,
-            wait: module.load_function("comet_wait_signals")?,
-            combine: module.load_function("comet_combine")?,
-            reduce: module.load_function("comet_reduce")?,
-            fill: module.load_function("comet_fill_random")?,
-            expand: module.load_function("comet_expand_rows")?,
+            dispatch: load_function(&module, "comet_dispatch")?,
+            dispatch_tokens: load_function(&module, "comet_dispatch_tokens")?,
+            wait: load_function(&module, "comet_wait_signals")?,
+            combine: load_function(&module, "comet_combine")?,
+            reduce: load_function(&module, "comet_reduce")?,
+            fill: load_function(&module, "comet_fill_random")?,
+            expand: load_function(&module, "comet_expand_rows")?,
         })
     }
 

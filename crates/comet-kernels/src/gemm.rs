@@ -8,7 +8,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdeviceptr};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::KernelError;
 use crate::nvrtc::{Compiler, Target};
@@ -233,6 +233,22 @@ pub fn open_gpu(ordinal: usize) -> Result<Arc<CudaContext>, KernelError> {
     Ok(CudaContext::new(ordinal)?)
 }
 
+/// `name` of `module`, its code loaded onto the device now. Under CUDA's
+/// lazy loading (the default since 12.2) a kernel's code loads at its
+/// first launch, and that load may synchronize the context (CUDA C++
+/// Programming Guide, "Lazy Loading": concurrent execution). Our kernels
+/// spin waiting for each other and for a proxy's launches, so a first
+/// launch under a spinning kernel could wait for it forever: every kernel
+/// is loaded when its module is (`cuFuncLoad`, drivers of CUDA 12.4 on).
+pub fn load_function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, KernelError> {
+    let f = module.load_function(name)?;
+    if driver_version() >= 12040 {
+        // SAFETY: a live function handle of a module that `f` keeps loaded.
+        drv(unsafe { sys::cuFuncLoad(f.cu_function()) })?;
+    }
+    Ok(f)
+}
+
 /// The installed driver's version (e.g. 13000), 0 when none is loaded.
 pub fn driver_version() -> i32 {
     let mut v = 0;
@@ -308,7 +324,7 @@ impl GemmRuntime {
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))?;
-        let f = module.load_function(&v.kernel_name())?;
+        let f = load_function(&module, &v.kernel_name())?;
         let shape = v.launch_shape();
         // SAFETY: f is a live function of this context; the attribute value
         // is within the device's opt-in limit (checked by the driver).

@@ -363,9 +363,19 @@ pub struct SignalAdd {
 impl SignalAdd {
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, DriverError> {
         let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(SIGNAL_ADD_PTX))?;
-        Ok(Self {
-            f: m.load_function("comet_transport_signal_add")?,
-        })
+        let f = m.load_function("comet_transport_signal_add")?;
+        // Loaded now, not at its first launch: under CUDA's lazy loading
+        // that launch (behind kernels spinning for the signal it raises)
+        // could wait on a context synchronization (comet-kernels'
+        // load_function says more). cuFuncLoad came with CUDA 12.4.
+        let mut v = 0;
+        // SAFETY: out-pointer to a live int.
+        unsafe { sys::cuDriverGetVersion(&mut v) }.result()?;
+        if v >= 12040 {
+            // SAFETY: a live function handle of the module `f` keeps loaded.
+            unsafe { sys::cuFuncLoad(f.cu_function()) }.result()?;
+        }
+        Ok(Self { f })
     }
 
     /// Enqueues `*addr += delta` (release, system scope) on `stream`.

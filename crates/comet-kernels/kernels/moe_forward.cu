@@ -13,6 +13,9 @@
 //   comet_combine   FC2 rows, chunk by chunk as a chunk's tiles finish, back to
 //                   their source ranks; combine(from, chunk) there
 //   comet_reduce    y = weighted top-k sum (bf16), chunk by chunk as combines land
+// and two kernels of a staged proxy's token-once wire (comet-sched's staged.rs):
+//   comet_expand_rows  a landed piece's rows from its pair's slots (or zeros)
+//   comet_sum_rows     a combine piece's rows summed per token slot
 //
 // Conventions. ids are int32 or int64 (as torch.topk gives them); a negative
 // id is a dropped slot and adds nothing to y; an id >= experts is recorded in
@@ -744,12 +747,24 @@ struct FillParams {
 
 // Mirrored by comet_kernels::forward::ExpandParams.
 struct ExpandParams {
-  const uint4* tokens;     // a pair's token rows
-  const unsigned* index;   // a token slot per row of the piece
+  const uint4* tokens;     // a pair's token rows (or slot sums)
+  const unsigned* index;   // a slot per row of the piece; ~0u: a zero row
   uint4* dst;              // the piece's first row
   long long rows;
   int vecs;                // 16-byte vectors per row
-  int pad;
+  int pitch;               // 16-byte vectors from one dst row to the next
+};
+
+// Mirrored by comet_kernels::forward::SumParams.
+struct SumParams {
+  const uint4* src;        // the piece's first row
+  const unsigned* starts;  // [slots + 1] each slot's first entry of rows
+  const unsigned* rows;    // the piece's rows of each slot, slot-major
+  const float* ratio;      // [rows] each row's scale
+  uint4* dst;              // [slots][vecs] the sums
+  long long slots;
+  int vecs;                // 16-byte vectors per row
+  int pitch;               // 16-byte vectors from one src row to the next
 };
 }  // namespace comet
 
@@ -768,15 +783,54 @@ extern "C" __global__ void __launch_bounds__(512) comet_fill_random(const __grid
   }
 }
 
-// A staged proxy's token-once landing: row r of the piece becomes token
-// slot index[r] of its pair. Tokens and index may be host memory the GPU
-// maps (the proxy's registered inbox), read once per row over the bus.
+// A staged proxy's token-once landing: row r of the piece becomes slot
+// index[r] of its pair (a token row on dispatch, a token's sum on combine),
+// or zeros. Tokens and index may be host memory the GPU maps (the proxy's
+// registered inbox, its pinned staging), read once per row over the bus.
 extern "C" __global__ void __launch_bounds__(512) comet_expand_rows(const __grid_constant__ ExpandParams p) {
   const long long n = p.rows * p.vecs;
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
     const long long r = i / p.vecs;
     const long long v = i - r * p.vecs;
-    p.dst[i] = p.tokens[(long long)p.index[r] * p.vecs + v];
+    const unsigned s = p.index[r];
+    uint4 q;
+    if (s == ~0u) {
+      q.x = q.y = q.z = q.w = 0u;
+    } else {
+      q = p.tokens[(long long)s * p.vecs + v];
+    }
+    p.dst[r * p.pitch + v] = q;
+  }
+}
+
+// A staged proxy's token-once combine, before it leaves the expert side:
+// per token slot of the pair, the sum of the piece's rows of that token,
+// each scaled by its ratio, in f32, rounded once to bf16. A thread per
+// (slot, 16-byte column vector); dst may be pinned host memory.
+extern "C" __global__ void __launch_bounds__(512) comet_sum_rows(const __grid_constant__ SumParams p) {
+  const long long n = p.slots * p.vecs;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const long long s = i / p.vecs;
+    const long long v = i - s * p.vecs;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (unsigned e = p.starts[s]; e < p.starts[s + 1]; ++e) {
+      const unsigned r = p.rows[e];
+      const float a = p.ratio[r];
+      const uint4 q = p.src[(long long)r * p.pitch + v];
+      const unsigned u[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        acc[2 * h] += a * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
+        acc[2 * h + 1] += a * bf16_to_f32((unsigned short)(u[h] >> 16));
+      }
+    }
+    uint4 o;
+    o.x = pack_bf16x2(acc[0], acc[1]);
+    o.y = pack_bf16x2(acc[2], acc[3]);
+    o.z = pack_bf16x2(acc[4], acc[5]);
+    o.w = pack_bf16x2(acc[6], acc[7]);
+    p.dst[i] = o;
   }
 }

@@ -237,10 +237,52 @@ pub struct ExpandParams {
     pub dst: CUdeviceptr,
     pub rows: i64,
     pub vecs: i32,
-    pub pad: i32,
+    pub pitch: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<ExpandParams>() == 40);
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SumParams {
+    pub src: CUdeviceptr,
+    pub starts: CUdeviceptr,
+    pub rows: CUdeviceptr,
+    pub ratio: CUdeviceptr,
+    pub dst: CUdeviceptr,
+    pub slots: i64,
+    pub vecs: i32,
+    pub pitch: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<SumParams>() == 56);
+
+/// Rows of `width` bytes, `pitch` apart from `at` (device addresses):
+/// the rows of a piece as a staged proxy's kernels read or write them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rows {
+    pub at: CUdeviceptr,
+    pub rows: usize,
+    pub width: usize,
+    pub pitch: usize,
+}
+
+/// What the staged proxy's kernels need of a piece's rows: 16-byte vectors,
+/// 16-byte aligned. Public so a proxy's tests can hold the addresses it
+/// computes against it.
+pub fn check_rows(r: Rows, what: &str) -> Result<(), KernelError> {
+    let sixteen = [r.at as usize, r.width, r.pitch]
+        .iter()
+        .all(|x| x.is_multiple_of(16));
+    if r.rows == 0 || (sixteen && r.width <= r.pitch && r.pitch <= i32::MAX as usize) {
+        return Ok(());
+    }
+    Err(KernelError::InvalidShape(format!(
+        "{what} needs rows of a multiple of 16 bytes, 16-byte aligned and a multiple of 16 apart \
+         ({} rows of {} bytes, {} apart, at {:#x})",
+        r.rows, r.width, r.pitch, r.at
+    )))
+}
 
 /// Grid and dynamic shared memory of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +311,7 @@ pub struct ForwardKernels {
     reduce: CudaFunction,
     fill: CudaFunction,
     expand: CudaFunction,
+    sum: CudaFunction,
 }
 
 impl ForwardKernels {
@@ -299,6 +342,7 @@ impl ForwardKernels {
             reduce: load_function(&module, "comet_reduce")?,
             fill: load_function(&module, "comet_fill_random")?,
             expand: load_function(&module, "comet_expand_rows")?,
+            sum: load_function(&module, "comet_sum_rows")?,
         })
     }
 
@@ -406,63 +450,122 @@ impl ForwardKernels {
         unsafe { launch(&self.fill, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
     }
 
-    /// Row `r` of the `rows` rows at `dst` becomes row `index[r]` of
-    /// `tokens` (rows of `row_bytes`, a multiple of 16, 16-byte aligned;
-    /// the index 4-byte aligned): a staged proxy's token-once landing,
-    /// expanding a pair's tokens into the kernels' row layout on the device.
+    /// Row `r` of `dst` becomes row `index[r]` of `tokens` (packed rows of
+    /// `dst.width` bytes), or zeros where `index[r]` is `u32::MAX`: a
+    /// staged proxy's token-once landing, expanding a pair's token rows (or
+    /// its combine sums) into the kernels' row layout on the device. The
+    /// index is 4-byte aligned, rows as [`check_rows`] says.
     ///
     /// # Safety
-    /// `dst` holds `rows` rows of this context's device memory; `index`
-    /// holds `rows` u32 and `tokens` every row they name, in memory the
-    /// device can read (device memory, or host memory it maps), none of it
-    /// written until the stream has run the copy.
+    /// `dst` is this context's device memory; `index` holds `dst.rows`
+    /// u32 and `tokens` every row they name, in memory the device can read
+    /// (device memory, or host memory it maps), none of it written until
+    /// the stream has run the kernel.
     pub unsafe fn expand_rows(
         &self,
         tokens: CUdeviceptr,
         index: CUdeviceptr,
-        dst: CUdeviceptr,
-        rows: usize,
-        row_bytes: usize,
+        dst: Rows,
         s: CUstream,
     ) -> Result<(), KernelError> {
-        check_expand(tokens, index, dst, rows, row_bytes)?;
-        if rows == 0 {
+        check_expand(tokens, index, dst)?;
+        if dst.rows == 0 {
             return Ok(());
         }
         let p = ExpandParams {
             tokens,
             index,
-            dst,
-            rows: rows as i64,
-            vecs: (row_bytes / 16) as i32,
-            pad: 0,
+            dst: dst.at,
+            rows: dst.rows as i64,
+            vecs: (dst.width / 16) as i32,
+            pitch: (dst.pitch / 16) as i32,
         };
-        let blocks = (rows * row_bytes / 16)
-            .div_ceil(BLOCK_THREADS as usize)
-            .min(1024) as u32;
         // SAFETY: forwarded contract.
-        unsafe { launch(&self.expand, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
+        unsafe {
+            launch(
+                &self.expand,
+                vector_grid(dst.rows * dst.width),
+                BLOCK_THREADS,
+                s,
+                &p,
+            )
+        }
+    }
+
+    /// Into `dst` (`slots` packed rows of `src.width` bytes): per slot `s`,
+    /// the sum over entries `e` in `starts[s]..starts[s + 1]` of row
+    /// `rows[e]` of `src` scaled by `ratio[rows[e]]`, in f32, rounded once
+    /// to bf16: a staged proxy's token-once combine on the expert side.
+    ///
+    /// # Safety
+    /// `src` is this context's device memory; `starts` holds `slots + 1`
+    /// u32, `rows` every entry they name (each a row of `src`), `ratio` an
+    /// f32 per row of `src`, and `dst` `slots` rows, in memory the device
+    /// can read (and write, for `dst`): device memory or mapped host
+    /// memory, untouched by others until the stream has run the kernel.
+    pub unsafe fn sum_rows(
+        &self,
+        src: Rows,
+        sums: SlotSums,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        check_rows(src, "sum_rows")?;
+        let aligned = [sums.starts, sums.rows, sums.ratio]
+            .iter()
+            .all(|a| a.is_multiple_of(4))
+            && sums.dst.is_multiple_of(16);
+        if !aligned {
+            return Err(KernelError::InvalidShape(format!(
+                "sum_rows needs 4-byte aligned tables and a 16-byte aligned output: {sums:?}"
+            )));
+        }
+        if sums.slots == 0 || src.width == 0 {
+            return Ok(());
+        }
+        let p = SumParams {
+            src: src.at,
+            starts: sums.starts,
+            rows: sums.rows,
+            ratio: sums.ratio,
+            dst: sums.dst,
+            slots: sums.slots as i64,
+            vecs: (src.width / 16) as i32,
+            pitch: (src.pitch / 16) as i32,
+        };
+        let g = vector_grid(sums.slots * src.width);
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.sum, g, BLOCK_THREADS, s, &p) }
     }
 }
 
+/// The tables and output of [`ForwardKernels::sum_rows`] (device
+/// addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotSums {
+    pub starts: CUdeviceptr,
+    pub rows: CUdeviceptr,
+    pub ratio: CUdeviceptr,
+    pub dst: CUdeviceptr,
+    pub slots: usize,
+}
+
+/// A grid of a thread per 16-byte vector of `bytes`, at most 1024 blocks.
+fn vector_grid(bytes: usize) -> Grid {
+    Grid::blocks((bytes / 16).div_ceil(BLOCK_THREADS as usize).clamp(1, 1024) as u32)
+}
+
 /// What `comet_expand_rows` needs of its operands: rows move as 16-byte
-/// vectors, the index is read as u32 (a piece's index array starts at any
-/// multiple of 4 inside its pair's area). Public so a proxy's tests can
-/// hold the addresses it computes against it.
-pub fn check_expand(
-    tokens: CUdeviceptr,
-    index: CUdeviceptr,
-    dst: CUdeviceptr,
-    rows: usize,
-    row_bytes: usize,
-) -> Result<(), KernelError> {
-    let aligned = tokens.is_multiple_of(16) && dst.is_multiple_of(16) && index.is_multiple_of(4);
-    if rows == 0 || (row_bytes.is_multiple_of(16) && aligned) {
+/// vectors ([`check_rows`], the source rows packed as wide as `dst`'s),
+/// the index is read as u32 (a piece's index array starts at any multiple
+/// of 4 inside its pair's area).
+pub fn check_expand(tokens: CUdeviceptr, index: CUdeviceptr, dst: Rows) -> Result<(), KernelError> {
+    check_rows(dst, "expand_rows")?;
+    if dst.rows == 0 || (tokens.is_multiple_of(16) && index.is_multiple_of(4)) {
         return Ok(());
     }
     Err(KernelError::InvalidShape(format!(
-        "expand_rows needs 16-byte rows, 16-byte aligned rows and a 4-byte aligned index \
-         (rows of {row_bytes} bytes at {tokens:#x} -> {dst:#x}, index at {index:#x})"
+        "expand_rows needs 16-byte aligned source rows and a 4-byte aligned index \
+         (rows at {tokens:#x}, index at {index:#x})"
     )))
 }
 
@@ -599,12 +702,22 @@ mod tests {
     /// landed into must be 16-byte aligned, whole vectors.
     #[test]
     fn expand_takes_any_u32_aligned_index_and_16_byte_rows() {
-        assert!(check_expand(0x1000, 0x2004, 0x3000, 5, 7168).is_ok());
-        assert!(check_expand(0x1000, 0x2002, 0x3000, 5, 7168).is_err());
-        assert!(check_expand(0x1008, 0x2000, 0x3000, 5, 7168).is_err());
-        assert!(check_expand(0x1000, 0x2000, 0x3008, 5, 7168).is_err());
-        assert!(check_expand(0x1000, 0x2000, 0x3000, 5, 7160).is_err());
-        assert!(check_expand(0x1001, 0x2001, 0x3001, 0, 7).is_ok());
+        let rows = |at: u64, rows: usize, width: usize, pitch: usize| Rows {
+            at,
+            rows,
+            width,
+            pitch,
+        };
+        assert!(check_expand(0x1000, 0x2004, rows(0x3000, 5, 7168, 7168)).is_ok());
+        assert!(check_expand(0x1000, 0x2002, rows(0x3000, 5, 7168, 7168)).is_err());
+        assert!(check_expand(0x1008, 0x2000, rows(0x3000, 5, 7168, 7168)).is_err());
+        assert!(check_expand(0x1000, 0x2000, rows(0x3008, 5, 7168, 7168)).is_err());
+        assert!(check_expand(0x1000, 0x2000, rows(0x3000, 5, 7160, 7160)).is_err());
+        assert!(check_expand(0x1001, 0x2001, rows(0x3001, 0, 7, 7)).is_ok());
+        // Combine chunks: narrower than their pitch, never wider.
+        assert!(check_expand(0x1000, 0x2000, rows(0x3000, 5, 1792, 7168)).is_ok());
+        assert!(check_expand(0x1000, 0x2000, rows(0x3000, 5, 1792, 1800)).is_err());
+        assert!(check_expand(0x1000, 0x2000, rows(0x3000, 5, 7168, 1792)).is_err());
     }
 
     #[test]

@@ -60,7 +60,6 @@ use crate::error::SchedError;
 use crate::proxy_plan::{words, Buf, Geometry, Kind, Piece, Region, TokenPlace, WireFormat};
 use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
-use half::bf16;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -74,6 +73,28 @@ pub enum Source {
     Image,
     /// This rank's inbox on the transport, as the piece arrived.
     Inbox,
+}
+
+/// A token-once combine's tables for [`StagedDevice::download_sums`]: the
+/// piece's rows of each token slot of pair `peer` in call `epoch`, and a
+/// scale per row (the same for every piece of the pair and call).
+#[derive(Debug, Clone, Copy)]
+pub struct SlotRows<'a> {
+    pub peer: usize,
+    pub epoch: u64,
+    pub slots: usize,
+    /// `slots + 1` offsets into `rows`.
+    pub starts: &'a [u32],
+    /// Rows of each slot, slot after slot, ascending.
+    pub rows: &'a [u32],
+    pub ratio: &'a [f32],
+}
+
+fn unsupported(what: &str) -> SchedError {
+    SchedError::StagedProtocol {
+        rank: usize::MAX,
+        message: format!("this device side does not {what}"),
+    }
 }
 
 /// The kernels' send order of a call: the slot (`token * top_k + j`) at
@@ -119,11 +140,49 @@ pub trait StagedDevice {
         false
     }
 
-    /// Whether [`StagedDevice::land_tokens`] expands token-once dispatch
-    /// pieces on the device straight from the inbox (else the proxy
-    /// expands them on the host into the landing image).
-    fn expands_tokens(&self) -> bool {
+    /// Whether the device side does token-once's per-row work itself:
+    /// expanding dispatch pieces ([`StagedDevice::land_tokens`]), summing
+    /// combine rows per token ([`StagedDevice::download_sums`]) and
+    /// expanding those sums ([`StagedDevice::land_sums`]), straight from
+    /// the inbox; else the proxy does it on the host, through the images.
+    fn token_kernels(&self) -> bool {
         false
+    }
+
+    /// As [`StagedDevice::download`] for token-once combine piece `region`
+    /// (of the mirror of `to`'s comb buffer): what lands in the send image
+    /// at `wire` is `sums.slots` packed rows, slot `s` the sum of the
+    /// piece's rows `sums.rows[sums.starts[s]..sums.starts[s + 1]]`, row
+    /// `r` scaled by `sums.ratio[r]`, in f32 rounded once to bf16.
+    fn download_sums(
+        &mut self,
+        to: usize,
+        region: Region,
+        wire: usize,
+        sums: SlotRows<'_>,
+    ) -> Result<Ticket, SchedError> {
+        let _ = (to, region, wire, sums);
+        Err(unsupported("sum combine rows"))
+    }
+
+    /// Lands token-once combine piece `region` of `from`: its sums arrived
+    /// packed at `wire` of this rank's comb inbox; row `r` of the region
+    /// becomes sum `index[r]`, or zeros where it is `u32::MAX`; then
+    /// raises `signal` to `value`, as [`StagedDevice::land`] does. `index`
+    /// is the same for every piece of `from` in call `epoch`.
+    #[allow(clippy::too_many_arguments)]
+    fn land_sums(
+        &mut self,
+        from: usize,
+        epoch: u64,
+        region: Region,
+        wire: usize,
+        index: &[u32],
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let _ = (from, epoch, region, wire, index, signal, value);
+        Err(unsupported("expand combine sums"))
     }
 
     /// Lands token-once dispatch piece `region` (whole rows of the recv
@@ -143,10 +202,7 @@ pub trait StagedDevice {
         value: u64,
     ) -> Result<(), SchedError> {
         let _ = (region, place, fresh, signal, value);
-        Err(SchedError::StagedProtocol {
-            rank: usize::MAX,
-            message: "this device side does not expand token-once pieces".into(),
-        })
+        Err(unsupported("expand token-once pieces"))
     }
 
     /// Copies the piece at `wire` of `from` into `region` of this rank's
@@ -227,6 +283,7 @@ struct Tokens {
     used: Vec<usize>,
     landed: Vec<usize>,
     back: Vec<Option<PairRows>>,
+    reps: Vec<Option<Vec<u32>>>,
     pack: Vec<u8>,
     index: Vec<u8>,
     ratios: Vec<u8>,
@@ -240,6 +297,45 @@ struct PairRows {
     index: Vec<u32>,
     ratio: Vec<f32>,
     slots: usize,
+    /// The same rows grouped by slot ([`SlotRows`]).
+    starts: Vec<u32>,
+    by_slot: Vec<u32>,
+}
+
+impl PairRows {
+    fn new(index: Vec<u32>, ratio: Vec<f32>, slots: usize) -> PairRows {
+        let mut starts = vec![0u32; slots + 1];
+        for &s in &index {
+            starts[s as usize + 1] += 1;
+        }
+        for s in 0..slots {
+            starts[s + 1] += starts[s];
+        }
+        let mut next = starts.clone();
+        let mut by_slot = vec![0u32; index.len()];
+        for (r, &s) in index.iter().enumerate() {
+            by_slot[next[s as usize] as usize] = r as u32;
+            next[s as usize] += 1;
+        }
+        PairRows {
+            index,
+            ratio,
+            slots,
+            starts,
+            by_slot,
+        }
+    }
+
+    fn tables(&self, peer: usize, epoch: u64) -> SlotRows<'_> {
+        SlotRows {
+            peer,
+            epoch,
+            slots: self.slots,
+            starts: &self.starts,
+            rows: &self.by_slot,
+            ratio: &self.ratio,
+        }
+    }
 }
 
 /// One rank's staged proxy: its inboxes on the transport.
@@ -303,6 +399,7 @@ impl<'t> StagedProxy<'t> {
                 used: vec![0; w],
                 landed: vec![0; w],
                 back: (0..w).map(|_| None).collect(),
+                reps: vec![None; w],
                 ..Tokens::default()
             }),
         };
@@ -346,6 +443,7 @@ impl<'t> StagedProxy<'t> {
             tok.used.fill(0);
             tok.landed.fill(0);
             tok.back.iter_mut().for_each(|b| *b = None);
+            tok.reps.fill(None);
         }
         // Downloads started, oldest first: put out as they finish.
         let mut staging: std::collections::VecDeque<(Piece, Ticket)> = Default::default();
@@ -358,7 +456,7 @@ impl<'t> StagedProxy<'t> {
         let mut idle = 0u32;
         while !(planned && sends.is_empty() && staging.is_empty() && lands.is_empty()) {
             let before = sends.len() + staging.len() + lands.len();
-            self.stage_ready(dev, epoch, &mut sends, &mut staging)?;
+            self.stage_ready(dev, &call, &mut sends, &mut staging)?;
             self.send_staged(dev, &mut staging, &mut call)?;
             self.land_arrived(dev, &mut lands, &mut call)?;
             if !planned && call.rows.iter().all(Option::is_some) {
@@ -415,23 +513,30 @@ impl<'t> StagedProxy<'t> {
     }
 
     /// Starts the download of every pending piece whose ready word has
-    /// reached `epoch`.
+    /// reached the call's epoch (token-once combine pieces summed on the
+    /// way, where the device side does that).
     fn stage_ready(
         &mut self,
         dev: &mut dyn StagedDevice,
-        epoch: u64,
+        call: &Call,
         sends: &mut Vec<Piece>,
         staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
     ) -> Result<(), SchedError> {
         let mut i = 0;
         while i < sends.len() {
             let p = sends[i];
-            if dev.ready(p.to, p.signal) < epoch {
+            if dev.ready(p.to, p.signal) < call.epoch {
                 i += 1;
                 continue;
             }
             sends.swap_remove(i);
-            let ticket = dev.download(p.to, p.region, p.wire)?;
+            let summed = matches!(p.kind, Kind::Combine { .. }) && self.tokens.is_some();
+            let ticket = if summed && dev.token_kernels() {
+                let pair = self.load_pair(&call.counts, p.to)?;
+                dev.download_sums(p.to, p.region, p.wire, pair.tables(p.to, call.epoch))?
+            } else {
+                dev.download(p.to, p.region, p.wire)?
+            };
             staging.push_back((p, ticket));
         }
         Ok(())
@@ -551,28 +656,33 @@ impl<'t> StagedProxy<'t> {
         counts: &[Vec<u32>],
     ) -> Result<usize, SchedError> {
         let (me, to, r) = (self.t.rank(), p.to, p.region);
-        self.load_pair(counts, to)?;
+        let pair = self.load_pair(counts, to)?;
+        let (rows, slots) = (pair.index.len(), pair.slots);
+        if rows != r.rows {
+            return Err(SchedError::StagedProtocol {
+                rank: me,
+                message: format!("{p} has {} rows, its pair sent {rows} this call", r.rows),
+            });
+        }
+        let inbox = self.inbox[Buf::Comb.index()];
+        if dev.token_kernels() {
+            // Summed by the device side on the way down.
+            let sums = dev.sent_bytes(to, Buf::Comb, p.wire, slots * r.width);
+            if !sums.is_empty() {
+                self.t.put(to, inbox, p.wire, sums)?;
+            }
+            return Ok(sums.len());
+        }
         let Some(tok) = self.tokens.as_mut() else {
             return Ok(0);
         };
         let Some(pair) = tok.back[to].as_ref() else {
             return Ok(0);
         };
-        if pair.index.len() != r.rows {
-            return Err(SchedError::StagedProtocol {
-                rank: me,
-                message: format!(
-                    "{p} has {} rows, its pair sent {} this call",
-                    r.rows,
-                    pair.index.len()
-                ),
-            });
-        }
         let rows = dev.sent_bytes(to, Buf::Comb, p.wire, r.bytes());
         sum_rows(rows, r.width, pair, &mut tok.sums, &mut tok.pack);
         if !tok.pack.is_empty() {
-            self.t
-                .put(to, self.inbox[Buf::Comb.index()], p.wire, &tok.pack)?;
+            self.t.put(to, inbox, p.wire, &tok.pack)?;
         }
         Ok(tok.pack.len())
     }
@@ -580,15 +690,18 @@ impl<'t> StagedProxy<'t> {
     /// Reads, once per call, the index and ratio arrays of every row `from`
     /// sent this rank (all landed: the combine rows they come back as were
     /// computed from them).
-    fn load_pair(&mut self, counts: &[Vec<u32>], from: usize) -> Result<(), SchedError> {
+    fn load_pair(&mut self, counts: &[Vec<u32>], from: usize) -> Result<&PairRows, SchedError> {
         let me = self.t.rank();
         let place = self.geo.pair_place(counts, from, me, 0);
         let inbox = self.inbox[Buf::Recv.index()];
-        let Some(tok) = self.tokens.as_mut() else {
-            return Ok(());
-        };
+        let tok = self
+            .tokens
+            .as_mut()
+            .ok_or_else(|| unsupported("sum rows without token-once"))?;
         if tok.back[from].is_some() {
-            return Ok(());
+            return tok.back[from]
+                .as_ref()
+                .ok_or_else(|| unsupported("lose a pair"));
         }
         let mut raw = vec![0u8; 4 * place.pair_rows];
         self.t.read(inbox, place.index, &mut raw)?;
@@ -606,12 +719,7 @@ impl<'t> StagedProxy<'t> {
                 ),
             });
         }
-        tok.back[from] = Some(PairRows {
-            index,
-            ratio,
-            slots,
-        });
-        Ok(())
+        Ok(tok.back[from].insert(PairRows::new(index, ratio, slots)))
     }
 
     /// Lands every pending piece whose signal has arrived.
@@ -634,7 +742,7 @@ impl<'t> StagedProxy<'t> {
             let from = match p.kind {
                 Kind::Dispatch { .. } if self.tokens.is_some() => {
                     let (place, index) = self.token_index(&p, &call.counts)?;
-                    if dev.expands_tokens() {
+                    if dev.token_kernels() {
                         let fresh = self.fresh_tokens(p.from, &index);
                         dev.land_tokens(p.region, place, fresh, p.signal, call.epoch)?;
                         call.stats.landing += t0.elapsed();
@@ -646,7 +754,17 @@ impl<'t> StagedProxy<'t> {
                     Source::Image
                 }
                 Kind::Combine { .. } if self.tokens.is_some() => {
-                    self.expand_sums(dev, &p, &call.counts, call.epoch)?;
+                    let index = self.sum_index(p.from, &call.counts, call.epoch)?;
+                    if dev.token_kernels() {
+                        dev.land_sums(
+                            p.from, call.epoch, p.region, p.wire, index, p.signal, call.epoch,
+                        )?;
+                        call.stats.landing += t0.elapsed();
+                        call.stats.landed += 1;
+                        call.stats.bytes_landed += n;
+                        continue;
+                    }
+                    self.expand_sums(dev, &p)?;
                     Source::Image
                 }
                 // Count rows are read here anyway (the proxy plans with them).
@@ -753,49 +871,75 @@ impl<'t> StagedProxy<'t> {
         Ok(())
     }
 
-    /// Fills the landing image of combine piece `p` (arrived token-once:
-    /// a row per token slot this rank sent `p.from`): each token's
-    /// representative row there gets its slot's sum, every other row zero.
-    fn expand_sums(
+    /// Per row this rank sent `from` this call (its send order on
+    /// `from`'s experts, the rows of every combine piece from `from`): the
+    /// slot of its token's sum if it is the token's representative there,
+    /// else `u32::MAX` (a zero row). Made once per pair and call.
+    fn sum_index(
         &mut self,
-        dev: &mut dyn StagedDevice,
-        p: &Piece,
+        from: usize,
         counts: &[Vec<u32>],
         epoch: u64,
-    ) -> Result<(), SchedError> {
-        let (me, from, r) = (self.t.rank(), p.from, p.region);
+    ) -> Result<&[u32], SchedError> {
+        let me = self.t.rank();
         let epr = self.geo.experts / self.geo.ranks;
-        let first: usize = counts[me][..from * epr].iter().map(|&c| c as usize).sum();
+        let k = self.geo.top_k;
+        let tok = self
+            .tokens
+            .as_mut()
+            .ok_or_else(|| unsupported("expand sums without token-once"))?;
+        if tok.reps[from].is_none() {
+            let first: usize = counts[me][..from * epr].iter().map(|&c| c as usize).sum();
+            let rows: usize = counts[me][from * epr..(from + 1) * epr]
+                .iter()
+                .map(|&c| c as usize)
+                .sum();
+            let slots = tok.order.as_ref().map_or(&[][..], |o| &o.slots[..]);
+            let mut index = Vec::with_capacity(rows);
+            for pos in first..first + rows {
+                let (Some(&slot), Some(true)) = (slots.get(pos), tok.rep.get(pos).copied()) else {
+                    index.push(u32::MAX);
+                    continue;
+                };
+                let token = slot as usize / k;
+                match tok.slot[from].get(token) {
+                    Some(&(e, s)) if e == epoch && (s as usize) < tok.used[from] => index.push(s),
+                    _ => {
+                        return Err(SchedError::StagedProtocol {
+                            rank: me,
+                            message: format!(
+                                "token {token} was not sent to rank {from} in call {epoch}"
+                            ),
+                        })
+                    }
+                }
+            }
+            tok.reps[from] = Some(index);
+        }
+        Ok(tok.reps[from].as_deref().unwrap_or(&[]))
+    }
+
+    /// Fills the landing image of combine piece `p` (arrived token-once:
+    /// a row per token slot this rank sent `p.from`, its index made):
+    /// each token's representative row there gets its slot's sum, every
+    /// other row zero.
+    fn expand_sums(&mut self, dev: &mut dyn StagedDevice, p: &Piece) -> Result<(), SchedError> {
+        let r = p.region;
         let inbox = self.inbox[Buf::Comb.index()];
         let Some(tok) = self.tokens.as_mut() else {
             return Ok(());
         };
+        let index = tok.reps[p.from].as_deref().unwrap_or(&[]);
         let image = dev.landing_bytes(Buf::Comb, p.wire, r.bytes());
-        if r.rows == 0 {
-            return Ok(());
-        }
-        let slots = tok.order.as_ref().map_or(&[][..], |o| &o.slots[..]);
-        let sums = tok.used[from];
-        tok.pack.resize(sums * r.width, 0);
+        tok.pack.resize(tok.used[p.from] * r.width, 0);
         self.t.read(inbox, p.wire, &mut tok.pack)?;
-        for (row, out) in image.chunks_exact_mut(r.width).enumerate() {
-            let pos = first + row;
-            let (Some(&slot), Some(true)) = (slots.get(pos), tok.rep.get(pos).copied()) else {
-                out.fill(0);
-                continue;
-            };
-            let token = slot as usize / self.geo.top_k;
-            match tok.slot[from].get(token) {
-                Some(&(e, s)) if e == epoch && (s as usize) < sums => {
-                    let s = s as usize;
-                    out.copy_from_slice(&tok.pack[s * r.width..(s + 1) * r.width]);
-                }
-                _ => {
-                    return Err(SchedError::StagedProtocol {
-                        rank: me,
-                        message: format!("{p}: token {token} was not sent to rank {from}"),
-                    })
-                }
+        for (out, &s) in image.chunks_exact_mut(r.width).zip(index) {
+            match tok
+                .pack
+                .get(s as usize * r.width..(s as usize + 1) * r.width)
+            {
+                Some(sum) => out.copy_from_slice(sum),
+                None => out.fill(0),
             }
         }
         Ok(())
@@ -918,6 +1062,8 @@ fn representatives(o: &SendOrder, mine: &[u32], epr: usize, top_k: usize) -> (Ve
 /// Into `out` (bf16, `width` bytes per slot): per token slot of `pair`,
 /// the sum of `rows` (packed, `width` bytes each, the pair's row order)
 /// of that slot, each scaled by its ratio, summed in f32 in `sums`.
+/// Written for the compiler to vectorize: it is the proxy's one pass over
+/// every combine byte.
 fn sum_rows(rows: &[u8], width: usize, pair: &PairRows, sums: &mut Vec<f32>, out: &mut Vec<u8>) {
     let cols = width / 2;
     sums.clear();
@@ -927,20 +1073,71 @@ fn sum_rows(rows: &[u8], width: usize, pair: &PairRows, sums: &mut Vec<f32>, out
         .zip(pair.index.iter().zip(&pair.ratio))
     {
         let acc = &mut sums[s as usize * cols..(s as usize + 1) * cols];
-        for (x, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
-            *x += a * bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        let mut acc8 = acc.chunks_exact_mut(8);
+        let mut row8 = row.chunks_exact(16);
+        for (x, b) in (&mut acc8).zip(&mut row8) {
+            let (Ok(x), Ok(b)) = (<&mut [f32; 8]>::try_from(x), <&[u8; 16]>::try_from(b)) else {
+                continue;
+            };
+            for i in 0..8 {
+                x[i] += a * bf16_value(b[2 * i], b[2 * i + 1]);
+            }
+        }
+        for (x, b) in acc8
+            .into_remainder()
+            .iter_mut()
+            .zip(row8.remainder().chunks_exact(2))
+        {
+            *x += a * bf16_value(b[0], b[1]);
         }
     }
     out.clear();
-    out.extend(
-        sums.iter()
-            .flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()),
-    );
+    out.resize(sums.len() * 2, 0);
+    for (o, &x) in out.chunks_exact_mut(2).zip(sums.iter()) {
+        o.copy_from_slice(&bf16_bits(x).to_le_bytes());
+    }
+}
+
+/// The bf16 of little-endian bytes `lo`, `hi`, as f32 (exact).
+#[inline(always)]
+fn bf16_value(lo: u8, hi: u8) -> f32 {
+    f32::from_bits((u32::from(hi) << 24) | (u32::from(lo) << 16))
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), NaN kept a NaN.
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
+
+    /// The proxy's rounding is IEEE's (as `half` does it), NaN included.
+    #[test]
+    fn f32_rounds_to_bf16_to_nearest_even() {
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let f = f32::from_bits(x);
+            let want = bf16::from_f32(f);
+            if f.is_nan() {
+                assert!(f32::from_bits(u32::from(bf16_bits(f)) << 16).is_nan());
+            } else {
+                assert_eq!(bf16_bits(f), want.to_bits(), "{f:e}");
+            }
+        }
+        // Ties: 1 + 2^-8 rounds down to even, 1 + 3 * 2^-8 up.
+        let ties = [0x3F80_8000, 0x3F81_8000].map(f32::from_bits);
+        for f in [0.0, -0.0, 1.0, f32::INFINITY, f32::MAX, ties[0], ties[1]] {
+            assert_eq!(bf16_bits(f), bf16::from_f32(f).to_bits(), "{f:e}");
+        }
+    }
 
     /// Two ranks of one expert each; token 0 has slots 0, 1 on rank 1 and
     /// slot 2 on rank 0; token 1 has slots 4, 5 (weights 0) on rank 1.
@@ -961,11 +1158,11 @@ mod tests {
     fn rows_sum_per_slot_scaled_by_their_ratios() {
         let row = |v: [f32; 2]| v.map(|x| bf16::from_f32(x).to_le_bytes()).concat();
         let rows = [row([1.0, 2.0]), row([0.1, -3.0]), row([4.0, 0.5])].concat();
-        let pair = PairRows {
-            index: vec![1, 0, 1],
-            ratio: vec![1.0, 1.0, 0.25],
-            slots: 2,
-        };
+        let pair = PairRows::new(vec![1, 0, 1], vec![1.0, 1.0, 0.25], 2);
+        assert_eq!(
+            (pair.starts.as_slice(), pair.by_slot.as_slice()),
+            (&[0, 1, 3][..], &[1, 0, 2][..])
+        );
         let (mut sums, mut out) = (Vec::new(), Vec::new());
         sum_rows(&rows, 4, &pair, &mut sums, &mut out);
         assert_eq!(out, [row([0.1, -3.0]), row([2.0, 2.125])].concat());

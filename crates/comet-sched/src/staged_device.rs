@@ -19,10 +19,10 @@ use crate::forward::{LayerKernels, LayerOptions, MoeLayer, WeightType};
 pub use crate::proxy_layer::StagedLayer;
 use crate::proxy_layer::{ProxyCall, ProxyRun};
 use crate::proxy_plan::{inbox_bytes, Buf, Geometry, Region, TokenPlace, WireFormat};
-use crate::staged::{SendOrder, Source, StagedDevice, StagedProxy, Ticket};
+use crate::staged::{SendOrder, SlotRows, Source, StagedDevice, StagedProxy, Ticket};
 use crate::stream_queue::{Marker, StreamQueue};
 use comet_core::MoeConfig;
-use comet_kernels::forward::ForwardKernels;
+use comet_kernels::forward::{ForwardKernels, Rows, SlotSums};
 use comet_transport::cuda::{
     self, DeviceAlloc, ErrorWord, HostRegistration, HostSignal, MappedWords, PinnedBytes, Runs,
 };
@@ -454,6 +454,11 @@ pub struct CudaStaging {
     order: PinnedBytes,
     call: Option<ProxyCall>,
     weights: PinnedBytes,
+    /// Token-once combine, per peer: the sum kernel's tables (slot starts,
+    /// rows by slot, ratios) and the landing's row index, pinned and read
+    /// by the kernels over the bus, each with the call that wrote it.
+    sum_tables: Vec<Option<(u64, PinnedBytes)>>,
+    sum_index: Vec<Option<(u64, PinnedBytes)>>,
     /// The layer's kernels (token-once landings expand on the device).
     kernels: Arc<ForwardKernels>,
     /// Downloads in flight with their events; spare events.
@@ -474,8 +479,7 @@ fn fits(at: usize, len: usize, cap: usize) -> bool {
 struct ExpandArgs {
     tokens: u64,
     index: u64,
-    dst: u64,
-    rows: usize,
+    dst: Rows,
 }
 
 /// The expand of token-once piece `region` (whole rows of the recv buffer
@@ -499,8 +503,12 @@ fn expand_args(
     Some(ExpandArgs {
         tokens: inbox + place.tokens as u64,
         index: inbox + place.index as u64,
-        dst: own + region.offset as u64,
-        rows,
+        dst: Rows {
+            at: own + region.offset as u64,
+            rows,
+            width: row_bytes,
+            pitch: row_bytes,
+        },
     })
 }
 
@@ -599,12 +607,117 @@ impl CudaStaging {
             order,
             call: None,
             weights,
+            sum_tables: (0..geo.ranks).map(|_| None).collect(),
+            sum_index: (0..geo.ranks).map(|_| None).collect(),
             kernels: Arc::clone(&layer.kernels().forward),
             pending: StreamQueue::default(),
             spare: Vec::new(),
             next: 0,
             finished: 0,
         })
+    }
+
+    /// The device address of this rank's mirror of `to`'s `buf`.
+    fn mirror(&self, to: usize, buf: Buf) -> Result<u64, SchedError> {
+        self.view.mirrors[buf.index()]
+            .get(to)
+            .copied()
+            .filter(|&m| m != 0)
+            .ok_or_else(|| self.failed("download", format!("no mirror of rank {to}")))
+    }
+
+    /// A ticket for everything enqueued on the download stream so far.
+    fn ticket(&mut self) -> Result<Ticket, SchedError> {
+        let event = proxy_event(self.downloads.context(), &mut self.spare)
+            .map_err(|e| self.failed("create event", e))?;
+        event
+            .record(&self.downloads)
+            .map_err(|e| self.failed("record download", e))?;
+        self.next += 1;
+        self.pending.push(self.next, event);
+        Ok(self.next)
+    }
+
+    /// `sums`' tables in this staging's pinned copy for its peer, written
+    /// once per call (the sum kernels of the call before have run: its
+    /// downloads all finished before it ended); `rows` is the piece's.
+    fn sum_tables(&mut self, sums: SlotRows<'_>, rows: usize) -> Result<SlotSums, SchedError> {
+        let ok = sums.starts.len() == sums.slots + 1
+            && sums.rows.len() == rows
+            && sums.ratio.len() == rows
+            && sums.starts.last().is_some_and(|&n| n as usize == rows)
+            && sums.rows.iter().all(|&r| (r as usize) < rows);
+        if !ok {
+            return Err(self.failed(
+                "sum rows",
+                format!("tables of {} slots over {rows} rows", sums.slots),
+            ));
+        }
+        let (a, b) = (4 * (sums.slots + 1), 4 * rows);
+        let at = |x: usize| x.next_multiple_of(16);
+        let bytes = at(a) + at(b) + b;
+        let fresh = !matches!(&self.sum_tables[sums.peer], Some((e, p)) if *e == sums.epoch && p.len() >= bytes);
+        if fresh {
+            let ctx = Arc::clone(self.downloads.context());
+            let mut pinned = match self.sum_tables[sums.peer].take() {
+                Some((_, p)) if p.len() >= bytes => p,
+                _ => PinnedBytes::zeroed(&ctx, bytes)
+                    .map_err(|e| self.failed("allocate sum tables", e))?,
+            };
+            let words = |dst: &mut [u8], src: &mut dyn Iterator<Item = [u8; 4]>| {
+                for (d, w) in dst.chunks_exact_mut(4).zip(src) {
+                    d.copy_from_slice(&w);
+                }
+            };
+            words(
+                &mut pinned[..a],
+                &mut sums.starts.iter().map(|x| x.to_le_bytes()),
+            );
+            words(
+                &mut pinned[at(a)..at(a) + b],
+                &mut sums.rows.iter().map(|x| x.to_le_bytes()),
+            );
+            words(
+                &mut pinned[at(a) + at(b)..bytes],
+                &mut sums.ratio.iter().map(|x| x.to_le_bytes()),
+            );
+            self.sum_tables[sums.peer] = Some((sums.epoch, pinned));
+        }
+        let p = match &self.sum_tables[sums.peer] {
+            Some((_, p)) => p,
+            None => return Err(self.failed("sum rows", "no tables")),
+        };
+        Ok(SlotSums {
+            starts: p.device_ptr_at(0),
+            rows: p.device_ptr_at(at(a)),
+            ratio: p.device_ptr_at(at(a) + at(b)),
+            dst: 0,
+            slots: sums.slots,
+        })
+    }
+
+    /// `index` in this staging's pinned copy for peer `from`, written once
+    /// per call (the landings of the call before were drained at its end).
+    fn sum_index(&mut self, from: usize, epoch: u64, index: &[u32]) -> Result<u64, SchedError> {
+        let bytes = 4 * index.len();
+        let fresh =
+            !matches!(&self.sum_index[from], Some((e, p)) if *e == epoch && p.len() >= bytes);
+        if fresh {
+            let ctx = Arc::clone(self.landings.context());
+            let mut pinned = match self.sum_index[from].take() {
+                Some((_, p)) if p.len() >= bytes => p,
+                _ => PinnedBytes::zeroed(&ctx, bytes)
+                    .map_err(|e| self.failed("allocate sum index", e))?,
+            };
+            for (d, s) in pinned.chunks_exact_mut(4).zip(index) {
+                d.copy_from_slice(&s.to_le_bytes());
+            }
+            self.sum_index[from] = Some((epoch, pinned));
+        }
+        match &self.sum_index[from] {
+            Some((_, p)) => Ok(p.device_ptr_at(0)),
+            None => Err(self.failed("land sums", "no index")),
+        }
     }
 
     /// Waits for everything enqueued on both streams.
@@ -646,11 +759,7 @@ impl StagedDevice for CudaStaging {
     }
 
     fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError> {
-        let base = self.view.mirrors[region.buf.index()]
-            .get(to)
-            .copied()
-            .filter(|&m| m != 0)
-            .ok_or_else(|| self.failed("download", format!("no mirror of rank {to}")))?;
+        let base = self.mirror(to, region.buf)?;
         let dst = self.send_image(to, region.buf)?;
         if !fits(wire, region.bytes(), dst.len()) {
             return Err(self.failed(
@@ -673,14 +782,46 @@ impl StagedDevice for CudaStaging {
             )
         }
         .map_err(|e| self.failed("download", e))?;
-        let event = proxy_event(self.downloads.context(), &mut self.spare)
-            .map_err(|e| self.failed("create event", e))?;
-        event
-            .record(&self.downloads)
-            .map_err(|e| self.failed("record download", e))?;
-        self.next += 1;
-        self.pending.push(self.next, event);
-        Ok(self.next)
+        self.ticket()
+    }
+
+    fn download_sums(
+        &mut self,
+        to: usize,
+        region: Region,
+        wire: usize,
+        sums: SlotRows<'_>,
+    ) -> Result<Ticket, SchedError> {
+        let base = self.mirror(to, Buf::Comb)?;
+        let out_bytes = sums.slots * region.width;
+        let dst = self.send_image(to, Buf::Comb)?;
+        if !fits(wire, out_bytes, dst.len()) {
+            return Err(self.failed(
+                "sum rows",
+                format!("{out_bytes} bytes at {wire} past the image"),
+            ));
+        }
+        let dst = dst.device_ptr_at(wire);
+        let tables = self.sum_tables(sums, region.rows)?;
+        let src = Rows {
+            at: base + region.offset as u64,
+            rows: region.rows,
+            width: region.width,
+            pitch: region.pitch,
+        };
+        // SAFETY: the mirror region is final (its ready word) and inside
+        // the mirror (as in download); the tables are this staging's pinned
+        // copies of this call (checked against the piece's rows, every row
+        // they name is one of the region's), unchanged until the call's
+        // downloads have finished; the sums go to this rank's pinned send
+        // image (checked), read by the proxy only once the ticket says the
+        // kernel ran.
+        unsafe {
+            self.kernels
+                .sum_rows(src, SlotSums { dst, ..tables }, self.downloads.cu_stream())
+        }
+        .map_err(|e| self.failed("sum rows", e))?;
+        self.ticket()
     }
 
     fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError> {
@@ -706,8 +847,10 @@ impl StagedDevice for CudaStaging {
         self.inbox[buf.index()].is_some()
     }
 
-    fn expands_tokens(&self) -> bool {
-        self.inbox[Buf::Recv.index()].is_some() && self.tokens_dev.is_some()
+    fn token_kernels(&self) -> bool {
+        self.inbox[Buf::Recv.index()].is_some()
+            && self.inbox[Buf::Comb.index()].is_some()
+            && self.tokens_dev.is_some()
     }
 
     fn land_tokens(
@@ -765,20 +908,66 @@ impl StagedDevice for CudaStaging {
                     &self.landings,
                     inbox.ptr_at(place.index),
                     base + place.index as u64,
-                    packed(4 * args.rows),
+                    packed(4 * args.dst.rows),
                 )
             })
             .map_err(|e| self.failed("land tokens", e))?;
-            self.kernels.expand_rows(
-                args.tokens,
-                args.index,
-                args.dst,
-                args.rows,
-                rb,
-                self.landings.cu_stream(),
-            )
+            self.kernels
+                .expand_rows(args.tokens, args.index, args.dst, self.landings.cu_stream())
         }
         .map_err(|e| self.failed("land tokens", e))?;
+        self.raise_after_landing(signal, value)
+    }
+
+    fn land_sums(
+        &mut self,
+        from: usize,
+        epoch: u64,
+        region: Region,
+        wire: usize,
+        index: &[u32],
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let slots = index
+            .iter()
+            .filter(|&&s| s != u32::MAX)
+            .map(|&s| s as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let (tokens, len) = match &self.inbox[Buf::Comb.index()] {
+            Some(r) => (r.device_ptr_at(wire), r.len()),
+            None => return Err(self.failed("land sums", "no registered comb inbox")),
+        };
+        if index.len() != region.rows || !fits(wire, slots * region.width, len) {
+            return Err(self.failed(
+                "land sums",
+                format!(
+                    "{} rows of {} sums at {wire} ({} rows landing)",
+                    index.len(),
+                    slots,
+                    region.rows
+                ),
+            ));
+        }
+        let index = self.sum_index(from, epoch, index)?;
+        let dst = Rows {
+            at: self.view.own[Buf::Comb.index()] + region.offset as u64,
+            rows: region.rows,
+            width: region.width,
+            pitch: region.pitch,
+        };
+        // SAFETY: the sums arrived in the registered comb inbox before this
+        // piece's signal, inside it (checked), and nobody writes them before
+        // the next call, which starts after end_call drained this stream;
+        // the index is this call's pinned copy (one entry per row, naming
+        // only arrived sums); `dst` is `region` of this rank's own comb
+        // buffer (as in land).
+        unsafe {
+            self.kernels
+                .expand_rows(tokens, index, dst, self.landings.cu_stream())
+        }
+        .map_err(|e| self.failed("land sums", e))?;
         self.raise_after_landing(signal, value)
     }
 
@@ -1048,15 +1237,9 @@ mod tests {
                 let place = geo.token_place(&counts, &p);
                 let a = expand_args(inbox, len, own, p.region, place, geo.row_bytes)
                     .unwrap_or_else(|| panic!("{p}: {place:?} past {len} bytes"));
-                assert_eq!(a.rows, p.region.bytes() / geo.row_bytes);
-                comet_kernels::forward::check_expand(
-                    a.tokens,
-                    a.index,
-                    a.dst,
-                    a.rows,
-                    geo.row_bytes,
-                )
-                .unwrap_or_else(|err| panic!("{p}: {place:?}: {err}"));
+                assert_eq!(a.dst.rows, p.region.bytes() / geo.row_bytes);
+                comet_kernels::forward::check_expand(a.tokens, a.index, a.dst)
+                    .unwrap_or_else(|err| panic!("{p}: {place:?}: {err}"));
             }
         }
     }

@@ -27,7 +27,9 @@ mod common;
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
 use comet_sched::proxy_plan::{Buf, Geometry, Region, TokenPlace, WireFormat};
-use comet_sched::staged::{SendOrder, Source, StagedDevice, StagedProxy, StagedStats, Ticket};
+use comet_sched::staged::{
+    SendOrder, SlotRows, Source, StagedDevice, StagedProxy, StagedStats, Ticket,
+};
 use comet_sched::SchedError;
 use comet_transport::local::{local_world, DelayModel, LocalTransport};
 use comet_transport::{BufferId, Transport};
@@ -97,10 +99,12 @@ fn copy_2d(r: Region, from: &[u8], packed: bool, to: &mut [u8]) {
 /// them: a piece put out before its download finished arrives poisoned.
 /// With `inbox` set it lands dispatch and combine pieces straight from the
 /// transport's inbox, as a GPU does from a registered inbox, and with
-/// `expand` too it expands token-once pieces itself, as a GPU does: only
+/// `expand` too it does token-once's row work itself, as a GPU does: only
 /// the fresh token rows the proxy names are copied into a device-side copy
 /// of the inbox (poisoned at each call's end), and rows are expanded from
-/// that copy, so a token the proxy failed to name arrives poisoned.
+/// that copy, so a token the proxy failed to name arrives poisoned; it
+/// sums combine rows per slot as it downloads them, and expands arrived
+/// sums into the combine buffer (code of its own, not the proxy's).
 struct HostSide<'t> {
     dev: Arc<Device>,
     send: Vec<[Vec<u8>; 3]>,
@@ -109,11 +113,21 @@ struct HostSide<'t> {
     expand: bool,
     tokens_copy: Vec<u8>,
     row_bytes: usize,
-    /// Started, not finished: ticket, peer, region, wire, looks left.
-    pending: std::collections::VecDeque<(Ticket, usize, Region, usize, u32)>,
+    /// Started, not finished: ticket, peer, region, wire, looks left, and
+    /// the bytes it leaves (else the region's, packed).
+    pending: std::collections::VecDeque<Download>,
     next: Ticket,
     finished: Ticket,
     rng: ChaCha8Rng,
+}
+
+struct Download {
+    ticket: Ticket,
+    to: usize,
+    region: Region,
+    wire: usize,
+    looks: u32,
+    bytes: Option<Vec<u8>>,
 }
 
 impl<'t> HostSide<'t> {
@@ -135,33 +149,81 @@ impl<'t> HostSide<'t> {
     }
 }
 
+impl HostSide<'_> {
+    /// A download of `region` (or of `bytes`) into the send image at
+    /// `wire`, poisoned there until it finishes.
+    fn start(&mut self, to: usize, region: Region, wire: usize, bytes: Option<Vec<u8>>) -> Ticket {
+        let n = bytes.as_ref().map_or(region.bytes(), Vec::len);
+        self.send[to][region.buf.index()][wire..wire + n].fill(POISON);
+        self.next += 1;
+        let looks = self.rng.gen_range(0..4);
+        self.pending.push_back(Download {
+            ticket: self.next,
+            to,
+            region,
+            wire,
+            looks,
+            bytes,
+        });
+        self.next
+    }
+}
+
 impl StagedDevice for HostSide<'_> {
     fn ready(&self, to: usize, signal: usize) -> u64 {
         self.dev.ready[to][signal].load(Ordering::Acquire)
     }
 
     fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError> {
-        let n = region.bytes();
-        self.send[to][region.buf.index()][wire..wire + n].fill(POISON);
-        self.next += 1;
-        let looks = self.rng.gen_range(0..4);
-        self.pending.push_back((self.next, to, region, wire, looks));
-        Ok(self.next)
+        Ok(self.start(to, region, wire, None))
+    }
+
+    fn download_sums(
+        &mut self,
+        to: usize,
+        region: Region,
+        wire: usize,
+        sums: SlotRows<'_>,
+    ) -> Result<Ticket, SchedError> {
+        let m = self.dev.mirrors[to][2].lock().unwrap();
+        let mut out = Vec::with_capacity(sums.slots * region.width);
+        for s in 0..sums.slots {
+            let mut acc = vec![0f32; region.width / 2];
+            for &r in &sums.rows[sums.starts[s] as usize..sums.starts[s + 1] as usize] {
+                let at = region.offset + r as usize * region.pitch;
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a += sums.ratio[r as usize] * bf16_at(&m[at..], c) as f32;
+                }
+            }
+            out.extend(acc.iter().flat_map(|&a| bf16::from_f32(a).to_le_bytes()));
+        }
+        drop(m);
+        Ok(self.start(to, region, wire, Some(out)))
     }
 
     fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError> {
         // In order, like copies on one stream: the oldest finishes first.
-        while let Some((t, to, region, wire, looks)) = self.pending.front_mut() {
-            if *looks > 0 {
-                *looks -= 1;
+        while let Some(d) = self.pending.front_mut() {
+            if d.looks > 0 {
+                d.looks -= 1;
                 break;
             }
-            let (t, to, region, wire) = (*t, *to, *region, *wire);
-            let m = self.dev.mirrors[to][region.buf.index()].lock().unwrap();
-            let out = &mut self.send[to][region.buf.index()][wire..wire + region.bytes()];
-            copy_2d(region, &m, true, out);
-            self.finished = t;
-            self.pending.pop_front();
+            let Some(d) = self.pending.pop_front() else {
+                break;
+            };
+            let b = d.region.buf.index();
+            let n = d.bytes.as_ref().map_or(d.region.bytes(), Vec::len);
+            let out = &mut self.send[d.to][b][d.wire..d.wire + n];
+            match &d.bytes {
+                Some(bytes) => out.copy_from_slice(bytes),
+                None => copy_2d(
+                    d.region,
+                    &self.dev.mirrors[d.to][b].lock().unwrap(),
+                    true,
+                    out,
+                ),
+            }
+            self.finished = d.ticket;
         }
         Ok(ticket <= self.finished)
     }
@@ -178,8 +240,36 @@ impl StagedDevice for HostSide<'_> {
         self.inbox.is_some()
     }
 
-    fn expands_tokens(&self) -> bool {
+    fn token_kernels(&self) -> bool {
         self.inbox.is_some() && self.expand
+    }
+
+    fn land_sums(
+        &mut self,
+        _: usize,
+        _: u64,
+        region: Region,
+        wire: usize,
+        index: &[u32],
+        signal: usize,
+        value: u64,
+    ) -> Result<(), SchedError> {
+        let Some((t, ids)) = self.inbox else {
+            panic!("asked to expand sums without an inbox");
+        };
+        assert_eq!(index.len(), region.rows, "an index per row");
+        let mut own = self.dev.own[2].lock().unwrap();
+        for (r, &s) in index.iter().enumerate() {
+            let at = region.offset + r * region.pitch;
+            let row = &mut own[at..at + region.width];
+            match s {
+                u32::MAX => row.fill(0),
+                s => t.read(ids[2], wire + s as usize * region.width, row)?,
+            }
+        }
+        drop(own);
+        self.dev.signals[signal].store(value, Ordering::Release);
+        Ok(())
     }
 
     fn land_tokens(
@@ -769,7 +859,9 @@ fn run_world(w: usize, epr: usize, calls: u64, seed: u64, wire: WireFormat) {
 
 #[test]
 fn two_ranks_thirty_calls() {
+    // Seeds 1 and 3: token-once's row work by the proxy, then by the device side.
     run_world(2, 2, 30, 1, WireFormat::Tokens);
+    run_world(2, 2, 30, 3, WireFormat::Tokens);
     run_world(2, 2, 30, 1, WireFormat::Rows);
 }
 

@@ -1,5 +1,5 @@
-//! A benchmark, not a test: the staged proxy's two dispatch wire formats
-//! (`WireFormat::Tokens` against `Rows`) over a real link, two processes
+//! A benchmark, not a test: the staged proxy's two wire formats
+//! (`WireFormat::Tokens`, token-once both ways, against `Rows`) over a real link, two processes
 //! over UCX (TCP, then shared memory), on a Qwen2-57B-A14B-shaped layer
 //! (hidden 3584, 64 experts, top-8, 2048 tokens per rank). Everything a
 //! call sends is ready before it starts, so a call's time is the proxy's
@@ -16,7 +16,7 @@ mod common;
 use comet_core::layout::LayoutPlan;
 use comet_core::{Dtype, MoeConfig};
 use comet_sched::proxy_plan::{Buf, Geometry, Region, TokenPlace, WireFormat};
-use comet_sched::staged::{SendOrder, Source, StagedDevice, StagedProxy, Ticket};
+use comet_sched::staged::{SendOrder, SlotRows, Source, StagedDevice, StagedProxy, Ticket};
 use comet_sched::SchedError;
 use comet_transport::launch::OnFailure;
 use comet_transport::ucx::UcxTransport;
@@ -119,7 +119,7 @@ impl StagedDevice for Prefilled<'_> {
         Ok(())
     }
 
-    fn expands_tokens(&self) -> bool {
+    fn token_kernels(&self) -> bool {
         true
     }
 
@@ -143,6 +143,59 @@ impl StagedDevice for Prefilled<'_> {
                 place.tokens + s * rb,
                 &mut self.own[1][at..at + rb],
             )?;
+        }
+        Ok(())
+    }
+
+    /// What the GPU's sum kernel does, here on the proxy's thread.
+    fn download_sums(
+        &mut self,
+        _: usize,
+        region: Region,
+        wire: usize,
+        sums: SlotRows<'_>,
+    ) -> Result<Ticket, SchedError> {
+        let (w, cols) = (region.width, region.width / 2);
+        let mut acc = vec![0f32; cols];
+        for s in 0..sums.slots {
+            acc.fill(0.0);
+            for &r in &sums.rows[sums.starts[s] as usize..sums.starts[s + 1] as usize] {
+                let at = region.offset + r as usize * region.pitch;
+                let row = &self.mirror[2][at..at + w];
+                let a = sums.ratio[r as usize];
+                for (x, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                    *x += a * f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+                }
+            }
+            let out = &mut self.send[2][wire + s * w..wire + (s + 1) * w];
+            for (o, &x) in out.chunks_exact_mut(2).zip(&acc) {
+                o.copy_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
+            }
+        }
+        Ok(0)
+    }
+
+    /// What the GPU's expand kernel does with arrived sums: one copy of
+    /// each, zeros elsewhere.
+    fn land_sums(
+        &mut self,
+        _: usize,
+        _: u64,
+        region: Region,
+        wire: usize,
+        index: &[u32],
+        _: usize,
+        _: u64,
+    ) -> Result<(), SchedError> {
+        for (r, &s) in index.iter().enumerate() {
+            let at = region.offset + r * region.pitch;
+            let row = &mut self.own[2][at..at + region.width];
+            match s {
+                u32::MAX => row.fill(0),
+                s => self
+                    .t
+                    .read(self.inbox[2], wire + s as usize * region.width, row)?,
+            }
         }
         Ok(())
     }
@@ -301,7 +354,7 @@ fn wire_rank() {
 #[ignore = "a benchmark: run it by name, in release"]
 fn wire_bench() {
     println!(
-        "| link | dispatch | median call ms | of it in puts and signals | in landings | MiB sent per call |"
+        "| link | wire | median call ms | of it in sends (sums, puts, signals) | in landings | MiB sent per call |"
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: |");
     for tls in ["tcp", "sm,self"] {

@@ -752,11 +752,13 @@ pub fn relax_capture_mode() -> Result<(), DriverError> {
     unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) }.result()
 }
 
-/// Bytes of pinned (page-locked) host memory: copies to and from the
-/// device run at the link's speed without the driver staging them. Freed
-/// on drop.
+/// Bytes of pinned (page-locked) host memory, mapped for the device:
+/// copies to and from the device run at the link's speed without the
+/// driver staging them, and kernels read and write it over the bus (a
+/// staged proxy's sums and tables). Freed on drop.
 pub struct PinnedBytes {
     ptr: *mut u8,
+    dev: u64,
     len: usize,
     ctx: Arc<CudaContext>,
 }
@@ -769,15 +771,25 @@ impl PinnedBytes {
     pub fn zeroed(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, DriverError> {
         ctx.bind_to_thread()?;
         let mut p: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: a plain pinned allocation, zeroed below before use.
-        unsafe { sys::cuMemHostAlloc(&mut p, len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE).result()? };
+        unsafe { sys::cuMemHostAlloc(&mut p, len.max(1), flags).result()? };
         // SAFETY: `p` is a live allocation of at least `len` bytes.
         unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, len.max(1)) };
-        Ok(Self {
+        let mut me = Self {
             ptr: p.cast(),
+            dev: 0,
             len,
             ctx: Arc::clone(ctx),
-        })
+        };
+        // SAFETY: allocated with DEVICEMAP just above; on error `me` frees it.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut me.dev, p, 0).result()? };
+        Ok(me)
+    }
+
+    /// The device's address of byte `at` (`at` within), for kernels.
+    pub fn device_ptr_at(&self, at: usize) -> u64 {
+        self.dev + at.min(self.len) as u64
     }
 }
 

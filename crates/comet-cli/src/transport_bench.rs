@@ -308,13 +308,6 @@ pub fn bench_ucx(tls: &str, sizes: &[usize], volume: usize) -> Result<Vec<Measur
     // UCX reads its configuration from the environment when a context is
     // created; no other thread runs at this point.
     std::env::set_var("UCX_TLS", tls);
-    // UCX's 8 KiB TCP segments cost 2-3x on puts of 64 KiB and up; a user's
-    // own choice wins.
-    for k in ["UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE"] {
-        if tls.contains("tcp") && std::env::var_os(k).is_none() {
-            std::env::set_var(k, "256k");
-        }
-    }
     let l = listen("127.0.0.1", 0)?;
     let port = l.local_addr()?.port();
     let cfg = UcxConfig {
@@ -421,13 +414,6 @@ pub fn bench_ucx_processes(tls: &str, sizes: &[usize], volume: usize) -> Result<
         ])
         .args(["--volume", &volume.to_string()])
         .env("UCX_TLS", tls);
-    if tls.contains("tcp") {
-        for k in ["UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE"] {
-            if std::env::var_os(k).is_none() {
-                cfg = cfg.env(k, "256k");
-            }
-        }
-    }
     cfg.capture = true;
     cfg.forward = false;
     cfg.timeout = Some(Duration::from_secs(600));

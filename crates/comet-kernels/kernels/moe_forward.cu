@@ -807,7 +807,9 @@ extern "C" __global__ void __launch_bounds__(512) comet_expand_rows(const __grid
 // A staged proxy's token-once combine, before it leaves the expert side:
 // per token slot of the pair, the sum of the piece's rows of that token,
 // each scaled by its ratio, in f32, rounded once to bf16. A thread per
-// (slot, 16-byte column vector); dst may be pinned host memory.
+// (slot, 16-byte column vector); dst may be pinned host memory. Products
+// and sums are rounded apart (no fused multiply-add), in row order, so the
+// sums equal the proxy's host version (staged.rs: sum_rows) bit for bit.
 extern "C" __global__ void __launch_bounds__(512) comet_sum_rows(const __grid_constant__ SumParams p) {
   const long long n = p.slots * p.vecs;
   const long long stride = (long long)gridDim.x * blockDim.x;
@@ -822,8 +824,8 @@ extern "C" __global__ void __launch_bounds__(512) comet_sum_rows(const __grid_co
       const unsigned u[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
-        acc[2 * h] += a * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
-        acc[2 * h + 1] += a * bf16_to_f32((unsigned short)(u[h] >> 16));
+        acc[2 * h] = __fadd_rn(acc[2 * h], __fmul_rn(a, bf16_to_f32((unsigned short)(u[h] & 0xFFFFu))));
+        acc[2 * h + 1] = __fadd_rn(acc[2 * h + 1], __fmul_rn(a, bf16_to_f32((unsigned short)(u[h] >> 16))));
       }
     }
     uint4 o;

@@ -454,11 +454,9 @@ pub struct CudaStaging {
     order: PinnedBytes,
     call: Option<ProxyCall>,
     weights: PinnedBytes,
-    /// Token-once combine, per peer: the sum kernel's tables (slot starts,
-    /// rows by slot, ratios) and the landing's row index, pinned and read
-    /// by the kernels over the bus, each with the call that wrote it.
-    sum_tables: Vec<Option<(u64, PinnedBytes)>>,
-    sum_index: Vec<Option<(u64, PinnedBytes)>>,
+    /// Token-once combine, per peer (allocated with the staging: pinning
+    /// memory during a call could wait for the kernels spinning on it).
+    sums: Vec<Option<SumTables>>,
     /// The layer's kernels (token-once landings expand on the device).
     kernels: Arc<ForwardKernels>,
     /// Downloads in flight with their events; spare events.
@@ -466,6 +464,75 @@ pub struct CudaStaging {
     spare: Vec<CudaEvent>,
     next: Ticket,
     finished: Ticket,
+}
+
+/// Where a peer's token-once combine tables sit (byte offsets), laid out
+/// for the receive capacity: slot starts, rows by slot, ratios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TableLayout {
+    starts: usize,
+    rows: usize,
+    ratio: usize,
+    bytes: usize,
+}
+
+impl TableLayout {
+    fn new(rows: usize) -> TableLayout {
+        let rows_at = (4 * (rows + 1)).next_multiple_of(16);
+        let ratio = rows_at + (4 * rows).next_multiple_of(16);
+        TableLayout {
+            starts: 0,
+            rows: rows_at,
+            ratio,
+            bytes: ratio + 4 * rows,
+        }
+    }
+}
+
+/// One peer's token-once combine tables: for the sum kernel (expert side)
+/// and the landing's row index (owner side), pinned for the host to fill
+/// and on the device for the kernels to read, with the call that last
+/// filled each.
+struct SumTables {
+    layout: TableLayout,
+    tables: PinnedBytes,
+    tables_dev: DeviceAlloc,
+    tables_at: u64,
+    index: PinnedBytes,
+    index_dev: DeviceAlloc,
+    index_at: u64,
+}
+
+impl SumTables {
+    fn new(ctx: &Arc<CudaContext>, geo: &Geometry) -> Result<SumTables, DriverError> {
+        let layout = TableLayout::new(geo.recv_rows);
+        let index = 4 * geo.send_rows;
+        Ok(SumTables {
+            layout,
+            tables: PinnedBytes::zeroed(ctx, layout.bytes)?,
+            tables_dev: DeviceAlloc::zeroed(ctx, layout.bytes)?,
+            tables_at: 0,
+            index: PinnedBytes::zeroed(ctx, index)?,
+            index_dev: DeviceAlloc::zeroed(ctx, index)?,
+            index_at: 0,
+        })
+    }
+}
+
+/// Little-endian words into `dst`, from its start.
+fn put_words(dst: &mut [u8], words: impl Iterator<Item = [u8; 4]>) {
+    for (d, w) in dst.chunks_exact_mut(4).zip(words) {
+        d.copy_from_slice(&w);
+    }
+}
+
+/// One run of `bytes` bytes.
+fn flat(bytes: usize) -> Runs {
+    Runs {
+        rows: 1,
+        width: bytes,
+        pitch: bytes,
+    }
 }
 
 /// Whether `len` bytes at `at` lie inside `cap` bytes (no overflow).
@@ -582,6 +649,14 @@ impl CudaStaging {
             Buf::Counts => None,
             Buf::Recv | Buf::Comb => register_inbox(t, view.inbox[b.index()]),
         });
+        let sums = (0..geo.ranks)
+            .map(|to| {
+                (to != rank && wire == WireFormat::Tokens)
+                    .then(|| SumTables::new(t.context(), geo))
+                    .transpose()
+                    .map_err(|e| failed("allocate token-once combine tables", e))
+            })
+            .collect::<Result<_, _>>()?;
         let tokens_dev = match (&inbox[Buf::Recv.index()], wire) {
             (Some(r), WireFormat::Tokens) if geo.ranks > 1 => Some(
                 DeviceAlloc::zeroed(t.context(), r.len())
@@ -607,8 +682,7 @@ impl CudaStaging {
             order,
             call: None,
             weights,
-            sum_tables: (0..geo.ranks).map(|_| None).collect(),
-            sum_index: (0..geo.ranks).map(|_| None).collect(),
+            sums,
             kernels: Arc::clone(&layer.kernels().forward),
             pending: StreamQueue::default(),
             spare: Vec::new(),
@@ -638,86 +712,97 @@ impl CudaStaging {
         Ok(self.next)
     }
 
-    /// `sums`' tables in this staging's pinned copy for its peer, written
-    /// once per call (the sum kernels of the call before have run: its
+    /// `sums`' tables on the device, uploaded on the download stream once
+    /// per pair and call (the call before's sum kernels have run: its
     /// downloads all finished before it ended); `rows` is the piece's.
     fn sum_tables(&mut self, sums: SlotRows<'_>, rows: usize) -> Result<SlotSums, SchedError> {
         let ok = sums.starts.len() == sums.slots + 1
             && sums.rows.len() == rows
             && sums.ratio.len() == rows
+            && sums.starts.windows(2).all(|w| w[0] <= w[1])
             && sums.starts.last().is_some_and(|&n| n as usize == rows)
             && sums.rows.iter().all(|&r| (r as usize) < rows);
-        if !ok {
+        let fits = rows <= self.geo.recv_rows;
+        if !ok || !fits {
             return Err(self.failed(
                 "sum rows",
                 format!("tables of {} slots over {rows} rows", sums.slots),
             ));
         }
-        let (a, b) = (4 * (sums.slots + 1), 4 * rows);
-        let at = |x: usize| x.next_multiple_of(16);
-        let bytes = at(a) + at(b) + b;
-        let fresh = !matches!(&self.sum_tables[sums.peer], Some((e, p)) if *e == sums.epoch && p.len() >= bytes);
-        if fresh {
-            let ctx = Arc::clone(self.downloads.context());
-            let mut pinned = match self.sum_tables[sums.peer].take() {
-                Some((_, p)) if p.len() >= bytes => p,
-                _ => PinnedBytes::zeroed(&ctx, bytes)
-                    .map_err(|e| self.failed("allocate sum tables", e))?,
-            };
-            let words = |dst: &mut [u8], src: &mut dyn Iterator<Item = [u8; 4]>| {
-                for (d, w) in dst.chunks_exact_mut(4).zip(src) {
-                    d.copy_from_slice(&w);
-                }
-            };
-            words(
-                &mut pinned[..a],
-                &mut sums.starts.iter().map(|x| x.to_le_bytes()),
-            );
-            words(
-                &mut pinned[at(a)..at(a) + b],
-                &mut sums.rows.iter().map(|x| x.to_le_bytes()),
-            );
-            words(
-                &mut pinned[at(a) + at(b)..bytes],
-                &mut sums.ratio.iter().map(|x| x.to_le_bytes()),
-            );
-            self.sum_tables[sums.peer] = Some((sums.epoch, pinned));
-        }
-        let p = match &self.sum_tables[sums.peer] {
-            Some((_, p)) => p,
-            None => return Err(self.failed("sum rows", "no tables")),
+        let Some(t) = self.sums.get_mut(sums.peer).and_then(Option::as_mut) else {
+            return Err(self.failed("sum rows", format!("no tables for rank {}", sums.peer)));
         };
+        if t.tables_at != sums.epoch {
+            let starts = sums.starts.iter().map(|x| x.to_le_bytes());
+            let by_slot = sums.rows.iter().map(|x| x.to_le_bytes());
+            let ratio = sums.ratio.iter().map(|x| x.to_le_bytes());
+            let bytes = t.layout.ratio + 4 * rows;
+            put_words(&mut t.tables[t.layout.starts..], starts);
+            put_words(&mut t.tables[t.layout.rows..], by_slot);
+            put_words(&mut t.tables[t.layout.ratio..], ratio);
+            // SAFETY: both are this staging's, `bytes` long at least (the
+            // layout is for the receive capacity, checked above); the
+            // device copy is read only by this stream's sum kernels, after
+            // the copy, and the pinned bytes are not written again before
+            // the next call, when this stream has run everything of this one.
+            unsafe {
+                cuda::copy_runs_to_device(
+                    &self.downloads,
+                    t.tables.ptr_at(0),
+                    t.tables_dev.ptr(),
+                    flat(bytes),
+                )
+            }
+            .map_err(|e| SchedError::Device {
+                rank: self.rank,
+                message: format!("proxy upload sum tables: {e}"),
+            })?;
+            t.tables_at = sums.epoch;
+        }
+        let at = |x: usize| t.tables_dev.ptr() + x as u64;
         Ok(SlotSums {
-            starts: p.device_ptr_at(0),
-            rows: p.device_ptr_at(at(a)),
-            ratio: p.device_ptr_at(at(a) + at(b)),
+            starts: at(t.layout.starts),
+            rows: at(t.layout.rows),
+            ratio: at(t.layout.ratio),
             dst: 0,
             slots: sums.slots,
         })
     }
 
-    /// `index` in this staging's pinned copy for peer `from`, written once
-    /// per call (the landings of the call before were drained at its end).
+    /// `index` on the device for landings from `from`, uploaded on the
+    /// landing stream once per call (the call before's landings were
+    /// drained at its end).
     fn sum_index(&mut self, from: usize, epoch: u64, index: &[u32]) -> Result<u64, SchedError> {
+        let rank = self.rank;
+        let Some(t) = self.sums.get_mut(from).and_then(Option::as_mut) else {
+            return Err(self.failed("land sums", format!("no index for rank {from}")));
+        };
         let bytes = 4 * index.len();
-        let fresh =
-            !matches!(&self.sum_index[from], Some((e, p)) if *e == epoch && p.len() >= bytes);
-        if fresh {
-            let ctx = Arc::clone(self.landings.context());
-            let mut pinned = match self.sum_index[from].take() {
-                Some((_, p)) if p.len() >= bytes => p,
-                _ => PinnedBytes::zeroed(&ctx, bytes)
-                    .map_err(|e| self.failed("allocate sum index", e))?,
-            };
-            for (d, s) in pinned.chunks_exact_mut(4).zip(index) {
-                d.copy_from_slice(&s.to_le_bytes());
+        if bytes > t.index.len() {
+            return Err(self.failed(
+                "land sums",
+                format!("{} rows past the send capacity", index.len()),
+            ));
+        }
+        if t.index_at != epoch {
+            put_words(&mut t.index, index.iter().map(|x| x.to_le_bytes()));
+            // SAFETY: as in sum_tables, on the landing stream (drained at
+            // each call's end), `bytes` within both (checked).
+            unsafe {
+                cuda::copy_runs_to_device(
+                    &self.landings,
+                    t.index.ptr_at(0),
+                    t.index_dev.ptr(),
+                    flat(bytes),
+                )
             }
-            self.sum_index[from] = Some((epoch, pinned));
+            .map_err(|e| SchedError::Device {
+                rank,
+                message: format!("proxy upload sum index: {e}"),
+            })?;
+            t.index_at = epoch;
         }
-        match &self.sum_index[from] {
-            Some((_, p)) => Ok(p.device_ptr_at(0)),
-            None => Err(self.failed("land sums", "no index")),
-        }
+        Ok(t.index_dev.ptr())
     }
 
     /// Waits for everything enqueued on both streams.
@@ -848,9 +933,14 @@ impl StagedDevice for CudaStaging {
     }
 
     fn token_kernels(&self) -> bool {
-        self.inbox[Buf::Recv.index()].is_some()
-            && self.inbox[Buf::Comb.index()].is_some()
-            && self.tokens_dev.is_some()
+        // The kernels move 16-byte vectors: rows, chunks and the comb
+        // inbox (read in place) must be aligned to them.
+        let aligned = self.geo.row_bytes.is_multiple_of(16)
+            && self.geo.chunk_bytes.is_multiple_of(16)
+            && self.inbox[Buf::Comb.index()]
+                .as_ref()
+                .is_some_and(|r| r.device_ptr_at(0).is_multiple_of(16));
+        aligned && self.inbox[Buf::Recv.index()].is_some() && self.tokens_dev.is_some()
     }
 
     fn land_tokens(
@@ -883,11 +973,6 @@ impl StagedDevice for CudaStaging {
                 format!("token slots {fresh:?} past the pair's {}", place.pair_rows),
             ));
         }
-        let packed = |bytes: usize| Runs {
-            rows: 1,
-            width: bytes,
-            pitch: bytes,
-        };
         // SAFETY: the fresh token rows and the piece's index lie inside the
         // registered inbox and, at the same offsets, inside its device copy
         // (both `len` bytes; checked above and by expand_args); the inbox
@@ -901,14 +986,14 @@ impl StagedDevice for CudaStaging {
                 &self.landings,
                 inbox.ptr_at(fresh_at),
                 base + fresh_at as u64,
-                packed(fresh_bytes),
+                flat(fresh_bytes),
             )
             .and_then(|_| {
                 cuda::copy_runs_to_device(
                     &self.landings,
                     inbox.ptr_at(place.index),
                     base + place.index as u64,
-                    packed(4 * args.dst.rows),
+                    flat(4 * args.dst.rows),
                 )
             })
             .map_err(|e| self.failed("land tokens", e))?;
@@ -1024,11 +1109,6 @@ impl StagedDevice for CudaStaging {
                 ),
             ));
         }
-        let flat = |bytes: usize| Runs {
-            rows: 1,
-            width: bytes,
-            pitch: bytes,
-        };
         // SAFETY: the layer's send order holds a position per slot (the
         // send capacity, checked above); the layout phase wrote it before
         // any dispatch ready word came up, and the next call rewrites it

@@ -36,9 +36,9 @@
 //! (scripts/install-ucx-deps.sh).
 //!
 //! UCX is configured by its environment as usual (`UCX_TLS`, `UCX_NET_DEVICES`,
-//! ...). Over TCP, `UCX_TCP_TX_SEG_SIZE=256k UCX_TCP_RX_SEG_SIZE=256k` makes
-//! puts of 64 KiB and more 2-3x faster than UCX's 8 KiB default
-//! (docs/PERF.md); `comet bench transport` sets them where unset.
+//! ...), except that TCP segments are 256 KiB unless `UCX_TCP_TX_SEG_SIZE`
+//! / `UCX_TCP_RX_SEG_SIZE` say otherwise: puts of 64 KiB and more are 2-3x
+//! faster than with UCX's 8 KiB default (docs/PERF.md).
 //!
 //! Call [`Transport::barrier`] before dropping a transport, so no peer is
 //! still writing into this rank's memory when it is unmapped.
@@ -167,6 +167,35 @@ impl UcxConfig {
     }
 }
 
+/// UCX settings this transport changes where TCP may carry it (`UCX_TLS`
+/// unset or naming tcp) unless the environment sets them: UCX's 8 KiB TCP
+/// segments cost 2-3x on puts of 64 KiB and up, and 1.8x on a staged
+/// layer's calls (docs/PERF.md). Each is (environment variable, the name
+/// `ucp_config_modify` hands to the TCP interface's table, value): UCX up
+/// to 1.22 matches a cached UCT setting by its field name, without the
+/// table's `TCP_` prefix.
+fn tuned_defaults() -> Vec<(&'static str, &'static str)> {
+    let tls = std::env::var("UCX_TLS").ok();
+    tuned_for(tls.as_deref(), |v| std::env::var_os(v).is_some())
+}
+
+/// [`tuned_defaults`] for a `UCX_TLS` of `tls` and the variables `set`.
+fn tuned_for(tls: Option<&str>, set: impl Fn(&str) -> bool) -> Vec<(&'static str, &'static str)> {
+    // A leading '^' negates the whole list: "^sm" leaves TCP in.
+    let tcp = tls.is_none_or(|t| match t.strip_prefix('^') {
+        Some(out) => !out.split(',').any(|x| x == "tcp"),
+        None => t.split(',').any(|x| matches!(x, "tcp" | "all")),
+    });
+    [
+        ("UCX_TCP_TX_SEG_SIZE", "TX_SEG_SIZE", "256k"),
+        ("UCX_TCP_RX_SEG_SIZE", "RX_SEG_SIZE", "256k"),
+    ]
+    .into_iter()
+    .filter(|(env, _, _)| tcp && !set(env))
+    .map(|(_, name, value)| (name, value))
+    .collect()
+}
+
 /// Whether a `UCX_TLS` list names only shared-memory transports, none of
 /// which can report a failed peer in UCX 1.13 (so asking for peer errors
 /// only has UCX log a refused endpoint before the fallback).
@@ -283,7 +312,7 @@ impl UcxTransport {
             rank,
             message,
         };
-        let worker = Worker::new().map_err(|st| {
+        let worker = Worker::new(&tuned_defaults()).map_err(|st| {
             be(format!(
                 "cannot create a UCP context and worker: {}",
                 status_string(st)
@@ -1087,6 +1116,20 @@ mod tests {
 
     /// A post can fail with an endpoint status before the peer's error
     /// callback ran: those name the peer as gone; other failures do not.
+    #[test]
+    fn tcp_segments_grow_where_tcp_may_carry_and_the_user_chose_nothing() {
+        let none = |_: &str| false;
+        let both = [("TX_SEG_SIZE", "256k"), ("RX_SEG_SIZE", "256k")];
+        for tls in [None, Some("tcp"), Some("sm,tcp"), Some("all"), Some("^sm")] {
+            assert_eq!(tuned_for(tls, none), both, "{tls:?}");
+        }
+        for tls in ["sm,self", "sm", "^tcp", "^sm,tcp", "rc"] {
+            assert!(tuned_for(Some(tls), none).is_empty(), "{tls}");
+        }
+        let tx_set = |v: &str| v == "UCX_TCP_TX_SEG_SIZE";
+        assert_eq!(tuned_for(Some("tcp"), tx_set), [("RX_SEG_SIZE", "256k")]);
+    }
+
     #[test]
     fn shared_memory_transport_lists_ask_for_no_peer_errors() {
         for tls in ["sm,self", "sm", "posix,sysv,cma,self", " shm , self "] {

@@ -11,9 +11,9 @@
 //! The handles are `Send` (not `Sync`) on that ground, and the transport
 //! keeps all of them behind one mutex.
 
-use super::sys::{self, UCS_INPROGRESS, UCS_OK};
+use super::sys::{self, UCS_ERR_INVALID_PARAM, UCS_INPROGRESS, UCS_OK};
 use std::alloc::Layout;
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU64};
 use std::sync::Arc;
@@ -110,12 +110,20 @@ pub enum MapFailure {
 }
 
 impl Worker {
-    /// Creates the UCP context and its worker.
-    pub fn new() -> Result<Worker, Status> {
+    /// Creates the UCP context and its worker, configured by the
+    /// environment and then `mods` (name without `UCX_`, value).
+    pub fn new(mods: &[(&str, &str)]) -> Result<Worker, Status> {
+        let owned: Vec<CString> = mods
+            .iter()
+            .flat_map(|(k, v)| [*k, *v])
+            .map(|x| CString::new(x).map_err(|_| UCS_ERR_INVALID_PARAM))
+            .collect::<Result<_, _>>()?;
+        let ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
         let (mut ctx, mut worker) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: out-pointers are valid; on failure the shim has released
-        // whatever it created and leaves both null.
-        let st = unsafe { sys::cx_init(&mut ctx, &mut worker) };
+        // SAFETY: `ptrs` holds 2 * mods.len() NUL-terminated strings alive
+        // for the call; out-pointers are valid; on failure the shim has
+        // released whatever it created and leaves both null.
+        let st = unsafe { sys::cx_init(ptrs.as_ptr(), mods.len() as c_int, &mut ctx, &mut worker) };
         if st != UCS_OK {
             return Err(st);
         }

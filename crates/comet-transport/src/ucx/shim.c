@@ -26,7 +26,9 @@ void cx_version(unsigned *major, unsigned *minor, unsigned *release) {
 
 const char *cx_status_string(int status) { return ucs_status_string((ucs_status_t)status); }
 
-int cx_init(void **ctx_out, void **worker_out) {
+/* `mods` holds `n` pairs of (name without UCX_, value) applied over the
+   environment's configuration; one UCX does not know fails the init. */
+int cx_init(const char *const *mods, int n, void **ctx_out, void **worker_out) {
     ucp_config_t *config = NULL;
     ucp_params_t params;
     ucp_worker_params_t wparams;
@@ -38,6 +40,13 @@ int cx_init(void **ctx_out, void **worker_out) {
     *worker_out = NULL;
     st = ucp_config_read(NULL, NULL, &config);
     if (st != UCS_OK) return st;
+    for (int i = 0; i < n; ++i) {
+        st = ucp_config_modify(config, mods[2 * i], mods[2 * i + 1]);
+        if (st != UCS_OK) {
+            ucp_config_release(config);
+            return st;
+        }
+    }
     memset(&params, 0, sizeof(params));
     params.field_mask = UCP_PARAM_FIELD_FEATURES;
     params.features = UCP_FEATURE_RMA | UCP_FEATURE_AMO64;

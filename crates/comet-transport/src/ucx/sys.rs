@@ -9,6 +9,8 @@ use std::ffi::{c_char, c_int, c_uint, c_void};
 pub const UCS_OK: c_int = 0;
 /// `UCS_INPROGRESS`: the operation continues as a request.
 pub const UCS_INPROGRESS: c_int = 1;
+/// `UCS_ERR_INVALID_PARAM`.
+pub const UCS_ERR_INVALID_PARAM: c_int = -5;
 /// `UCS_ERR_UNREACHABLE`: no transport reaches the peer (with the asked
 /// error handling).
 pub const UCS_ERR_UNREACHABLE: c_int = -6;
@@ -23,7 +25,12 @@ pub const UCS_ERR_ENDPOINT_TIMEOUT: c_int = -80;
 extern "C" {
     pub fn cx_version(major: *mut c_uint, minor: *mut c_uint, release: *mut c_uint);
     pub fn cx_status_string(status: c_int) -> *const c_char;
-    pub fn cx_init(ctx: *mut *mut c_void, worker: *mut *mut c_void) -> c_int;
+    pub fn cx_init(
+        mods: *const *const c_char,
+        n: c_int,
+        ctx: *mut *mut c_void,
+        worker: *mut *mut c_void,
+    ) -> c_int;
     pub fn cx_fini(ctx: *mut c_void, worker: *mut c_void);
     pub fn cx_worker_address(worker: *mut c_void, addr: *mut *mut c_void, len: *mut usize)
         -> c_int;

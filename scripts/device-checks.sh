@@ -8,7 +8,7 @@
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
 #   bash scripts/device-checks.sh ucxbench # qwen2-moe, mixtral over UCX processes
-#   bash scripts/device-checks.sh wire    # token-once vs per-row dispatch over UCX
+#   bash scripts/device-checks.sh wire    # token-once (both ways) vs per-row over UCX
 #   bash scripts/device-checks.sh nccl    # the layer over NCCL, 2+ GPUs (test, bench)
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
@@ -57,10 +57,12 @@ ucxbench)
   done
   ;;
 wire)
-  # Issue 16's experiment: dispatch rows sent token-once (expanded on
-  # arrival) against one row per (token, expert), where duplicates are
-  # many: a Qwen2-57B-A14B-shaped layer (64 experts, top-8) over 2 ranks,
-  # over TCP and shared memory.
+  # Issue 16's experiment: rows sent token-once both ways (dispatch
+  # expanded on arrival by comet_expand_rows, combine summed per token and
+  # rank by comet_sum_rows before it leaves) against one row per (token,
+  # expert), where duplicates are many: a Qwen2-57B-A14B-shaped layer (64
+  # experts, top-8) over 2 ranks, over TCP and shared memory. The GPU
+  # tests (tests, ucx) check the token kernels' results first.
   Q="--hidden 3584 --ffn 2560 --experts 64 --top-k 8 --tokens 2048 --iters 3 --ranks 2"
   for tls in tcp sm,self; do
     for d in tokens rows; do
@@ -102,8 +104,8 @@ profile)
   ;;
 badid)
   # The staged half of bad_inputs_are_clear_errors timed out on the rank
-  # with the out-of-range id (2026-12-05 re-run): the proxies' log says
-  # which piece never moved.
+  # with the out-of-range id (2026-12-05 re-run; before every kernel was
+  # loaded eagerly, dd9cf9a): the proxies' log says which piece never moved.
   step badid bash -c "timeout 120 env RUST_LOG=comet_sched=debug $R gpu_layer --ignored --exact bad_inputs_are_clear_errors --nocapture 2>&1 | tee $O/badid.log | grep -E 'proxy|panicked|timed out|expected' | tail -40"
   ;;
 *)

@@ -809,7 +809,8 @@ extern "C" __global__ void __launch_bounds__(512) comet_expand_rows(const __grid
 // each scaled by its ratio, in f32, rounded once to bf16. A thread per
 // (slot, 16-byte column vector); dst may be pinned host memory. Products
 // and sums are rounded apart (no fused multiply-add), in row order, so the
-// sums equal the proxy's host version (staged.rs: sum_rows) bit for bit.
+// sums equal the proxy's host version (staged.rs: sum_rows) bit for bit
+// (NaNs aside: each side has its own NaN pattern).
 extern "C" __global__ void __launch_bounds__(512) comet_sum_rows(const __grid_constant__ SumParams p) {
   const long long n = p.slots * p.vecs;
   const long long stride = (long long)gridDim.x * blockDim.x;

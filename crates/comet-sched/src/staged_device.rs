@@ -716,7 +716,8 @@ impl CudaStaging {
     /// per pair and call (the call before's sum kernels have run: its
     /// downloads all finished before it ended); `rows` is the piece's.
     fn sum_tables(&mut self, sums: SlotRows<'_>, rows: usize) -> Result<SlotSums, SchedError> {
-        let ok = sums.starts.len() == sums.slots + 1
+        let ok = sums.slots <= rows
+            && sums.starts.len() == sums.slots + 1
             && sums.rows.len() == rows
             && sums.ratio.len() == rows
             && sums.starts.windows(2).all(|w| w[0] <= w[1])
@@ -737,9 +738,10 @@ impl CudaStaging {
             let by_slot = sums.rows.iter().map(|x| x.to_le_bytes());
             let ratio = sums.ratio.iter().map(|x| x.to_le_bytes());
             let bytes = t.layout.ratio + 4 * rows;
-            put_words(&mut t.tables[t.layout.starts..], starts);
-            put_words(&mut t.tables[t.layout.rows..], by_slot);
-            put_words(&mut t.tables[t.layout.ratio..], ratio);
+            let l = t.layout;
+            put_words(&mut t.tables[l.starts..l.rows], starts);
+            put_words(&mut t.tables[l.rows..l.ratio], by_slot);
+            put_words(&mut t.tables[l.ratio..l.bytes], ratio);
             // SAFETY: both are this staging's, `bytes` long at least (the
             // layout is for the receive capacity, checked above); the
             // device copy is read only by this stream's sum kernels, after
@@ -895,12 +897,12 @@ impl StagedDevice for CudaStaging {
             pitch: region.pitch,
         };
         // SAFETY: the mirror region is final (its ready word) and inside
-        // the mirror (as in download); the tables are this staging's pinned
-        // copies of this call (checked against the piece's rows, every row
-        // they name is one of the region's), unchanged until the call's
-        // downloads have finished; the sums go to this rank's pinned send
-        // image (checked), read by the proxy only once the ticket says the
-        // kernel ran.
+        // the mirror (as in download); the tables are this call's, on the
+        // device, uploaded before on this stream (checked against the
+        // piece's rows: every row they name is one of the region's) and
+        // rewritten only in a later call; the sums go to this rank's pinned
+        // send image (checked), read by the proxy only once the ticket says
+        // the kernel ran.
         unsafe {
             self.kernels
                 .sum_rows(src, SlotSums { dst, ..tables }, self.downloads.cu_stream())
@@ -1045,9 +1047,9 @@ impl StagedDevice for CudaStaging {
         // SAFETY: the sums arrived in the registered comb inbox before this
         // piece's signal, inside it (checked), and nobody writes them before
         // the next call, which starts after end_call drained this stream;
-        // the index is this call's pinned copy (one entry per row, naming
-        // only arrived sums); `dst` is `region` of this rank's own comb
-        // buffer (as in land).
+        // the index is this call's, on the device, uploaded before on this
+        // stream (an entry per row, naming only arrived sums); `dst` is
+        // `region` of this rank's own comb buffer (as in land).
         unsafe {
             self.kernels
                 .expand_rows(tokens, index, dst, self.landings.cu_stream())

@@ -170,29 +170,37 @@ impl UcxConfig {
 /// UCX settings this transport changes where TCP may carry it (`UCX_TLS`
 /// unset or naming tcp) unless the environment sets them: UCX's 8 KiB TCP
 /// segments cost 2-3x on puts of 64 KiB and up, and 1.8x on a staged
-/// layer's calls (docs/PERF.md). Each is (environment variable, the name
-/// `ucp_config_modify` hands to the TCP interface's table, value): UCX up
-/// to 1.22 matches a cached UCT setting by its field name, without the
-/// table's `TCP_` prefix.
+/// layer's calls (docs/PERF.md).
 fn tuned_defaults() -> Vec<(&'static str, &'static str)> {
     let tls = std::env::var("UCX_TLS").ok();
-    tuned_for(tls.as_deref(), |v| std::env::var_os(v).is_some())
+    tuned_for(ucx_version(), tls.as_deref(), |v| {
+        std::env::var_os(v).is_some()
+    })
 }
 
-/// [`tuned_defaults`] for a `UCX_TLS` of `tls` and the variables `set`.
-fn tuned_for(tls: Option<&str>, set: impl Fn(&str) -> bool) -> Vec<(&'static str, &'static str)> {
+/// [`tuned_defaults`] for UCX `version`, a `UCX_TLS` of `tls` and the
+/// variables `set`. `ucp_config_modify` caches a setting no UCP table
+/// has and hands it to each UCT interface it opens, which matches it by
+/// the field's name up to UCX 1.16 (`TX_SEG_SIZE`) and by its full name
+/// from 1.17 on (`TCP_TX_SEG_SIZE`; 1.21 refuses other names).
+fn tuned_for(
+    version: (u32, u32, u32),
+    tls: Option<&str>,
+    set: impl Fn(&str) -> bool,
+) -> Vec<(&'static str, &'static str)> {
     // A leading '^' negates the whole list: "^sm" leaves TCP in.
-    let tcp = tls.is_none_or(|t| match t.strip_prefix('^') {
-        Some(out) => !out.split(',').any(|x| x == "tcp"),
-        None => t.split(',').any(|x| matches!(x, "tcp" | "all")),
+    let tcp = tls.is_none_or(|t| match t.trim().strip_prefix('^') {
+        Some(out) => !out.split(',').any(|x| x.trim() == "tcp"),
+        None => t.split(',').any(|x| matches!(x.trim(), "tcp" | "all")),
     });
+    let full = version >= (1, 17, 0);
     [
         ("UCX_TCP_TX_SEG_SIZE", "TX_SEG_SIZE", "256k"),
         ("UCX_TCP_RX_SEG_SIZE", "RX_SEG_SIZE", "256k"),
     ]
     .into_iter()
     .filter(|(env, _, _)| tcp && !set(env))
-    .map(|(_, name, value)| (name, value))
+    .map(|(env, field, value)| (if full { &env[4..] } else { field }, value))
     .collect()
 }
 
@@ -312,12 +320,19 @@ impl UcxTransport {
             rank,
             message,
         };
-        let worker = Worker::new(&tuned_defaults()).map_err(|st| {
+        let (worker, refused) = Worker::new(&tuned_defaults()).map_err(|st| {
             be(format!(
                 "cannot create a UCP context and worker: {}",
                 status_string(st)
             ))
         })?;
+        if !refused.is_empty() {
+            tracing::warn!(
+                rank,
+                ?refused,
+                "UCX refused these settings; its defaults apply"
+            );
+        }
         let t = UcxTransport {
             rank,
             world,
@@ -1119,15 +1134,23 @@ mod tests {
     #[test]
     fn tcp_segments_grow_where_tcp_may_carry_and_the_user_chose_nothing() {
         let none = |_: &str| false;
+        let v13 = (1, 13, 1);
         let both = [("TX_SEG_SIZE", "256k"), ("RX_SEG_SIZE", "256k")];
         for tls in [None, Some("tcp"), Some("sm,tcp"), Some("all"), Some("^sm")] {
-            assert_eq!(tuned_for(tls, none), both, "{tls:?}");
+            assert_eq!(tuned_for(v13, tls, none), both, "{tls:?}");
         }
         for tls in ["sm,self", "sm", "^tcp", "^sm,tcp", "rc"] {
-            assert!(tuned_for(Some(tls), none).is_empty(), "{tls}");
+            assert!(tuned_for(v13, Some(tls), none).is_empty(), "{tls}");
         }
         let tx_set = |v: &str| v == "UCX_TCP_TX_SEG_SIZE";
-        assert_eq!(tuned_for(Some("tcp"), tx_set), [("RX_SEG_SIZE", "256k")]);
+        assert_eq!(
+            tuned_for(v13, Some("tcp"), tx_set),
+            [("RX_SEG_SIZE", "256k")]
+        );
+        // From UCX 1.17 on, the interface's table matches full names.
+        let full = [("TCP_TX_SEG_SIZE", "256k"), ("TCP_RX_SEG_SIZE", "256k")];
+        assert_eq!(tuned_for((1, 17, 0), None, none), full);
+        assert_eq!(tuned_for((1, 16, 2), None, none), both);
     }
 
     #[test]

@@ -111,23 +111,38 @@ pub enum MapFailure {
 
 impl Worker {
     /// Creates the UCP context and its worker, configured by the
-    /// environment and then `mods` (name without `UCX_`, value).
-    pub fn new(mods: &[(&str, &str)]) -> Result<Worker, Status> {
+    /// environment and then `mods` (name without `UCX_`, value; at most
+    /// 64). Also returns the names of those UCX refused (a tuning that
+    /// does not apply leaves the environment's value).
+    pub fn new(mods: &[(&str, &str)]) -> Result<(Worker, Vec<String>), Status> {
         let owned: Vec<CString> = mods
             .iter()
             .flat_map(|(k, v)| [*k, *v])
             .map(|x| CString::new(x).map_err(|_| UCS_ERR_INVALID_PARAM))
             .collect::<Result<_, _>>()?;
         let ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
-        let (mut ctx, mut worker) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: `ptrs` holds 2 * mods.len() NUL-terminated strings alive
-        // for the call; out-pointers are valid; on failure the shim has
-        // released whatever it created and leaves both null.
-        let st = unsafe { sys::cx_init(ptrs.as_ptr(), mods.len() as c_int, &mut ctx, &mut worker) };
+        let n = mods.len().min(64);
+        let (mut ctx, mut worker, mut refused) = (std::ptr::null_mut(), std::ptr::null_mut(), 0u64);
+        // SAFETY: `ptrs` holds 2 * n NUL-terminated strings alive for the
+        // call; out-pointers are valid; on failure the shim has released
+        // whatever it created and leaves both null.
+        let st = unsafe {
+            sys::cx_init(
+                ptrs.as_ptr(),
+                n as c_int,
+                &mut refused,
+                &mut ctx,
+                &mut worker,
+            )
+        };
         if st != UCS_OK {
             return Err(st);
         }
-        Ok(Worker(Arc::new(Context { ctx, worker })))
+        let refused = (0..n)
+            .filter(|i| refused >> i & 1 == 1)
+            .map(|i| mods[i].0.to_string())
+            .collect();
+        Ok((Worker(Arc::new(Context { ctx, worker })), refused))
     }
 
     /// Progresses the worker once; returns the number of events handled.

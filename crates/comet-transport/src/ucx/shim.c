@@ -27,8 +27,10 @@ void cx_version(unsigned *major, unsigned *minor, unsigned *release) {
 const char *cx_status_string(int status) { return ucs_status_string((ucs_status_t)status); }
 
 /* `mods` holds `n` pairs of (name without UCX_, value) applied over the
-   environment's configuration; one UCX does not know fails the init. */
-int cx_init(const char *const *mods, int n, void **ctx_out, void **worker_out) {
+   environment's configuration; bit i of *refused is set where UCX refused
+   pair i (left as the environment says: a tuning, not a requirement). */
+int cx_init(const char *const *mods, int n, unsigned long long *refused, void **ctx_out,
+            void **worker_out) {
     ucp_config_t *config = NULL;
     ucp_params_t params;
     ucp_worker_params_t wparams;
@@ -40,12 +42,9 @@ int cx_init(const char *const *mods, int n, void **ctx_out, void **worker_out) {
     *worker_out = NULL;
     st = ucp_config_read(NULL, NULL, &config);
     if (st != UCS_OK) return st;
-    for (int i = 0; i < n; ++i) {
-        st = ucp_config_modify(config, mods[2 * i], mods[2 * i + 1]);
-        if (st != UCS_OK) {
-            ucp_config_release(config);
-            return st;
-        }
+    *refused = 0;
+    for (int i = 0; i < n && i < 64; ++i) {
+        if (ucp_config_modify(config, mods[2 * i], mods[2 * i + 1]) != UCS_OK) *refused |= 1ull << i;
     }
     memset(&params, 0, sizeof(params));
     params.field_mask = UCP_PARAM_FIELD_FEATURES;

@@ -28,6 +28,7 @@ extern "C" {
     pub fn cx_init(
         mods: *const *const c_char,
         n: c_int,
+        refused: *mut u64,
         ctx: *mut *mut c_void,
         worker: *mut *mut c_void,
     ) -> c_int;

@@ -631,6 +631,21 @@ mod tests {
                     let rows = p.region.bytes() / g.row_bytes;
                     used.push((place.index, place.index + 4 * rows));
                     used.push((place.ratio, place.ratio + 4 * rows));
+                    // A pair's arrays are its pieces' arrays in expert order:
+                    // what the expert side reads back whole for combine.
+                    let Kind::Dispatch { le } = p.kind else {
+                        unreachable!()
+                    };
+                    let pair = g.pair_place(&counts, p.from, to, 0);
+                    let before: usize = (0..le)
+                        .map(|l| counts[p.from][to * (e / w) + l] as usize)
+                        .sum();
+                    assert_eq!(place.index, pair.index + 4 * before, "{p}");
+                    assert_eq!(place.ratio, pair.ratio + 4 * before, "{p}");
+                    assert_eq!(
+                        (place.tokens, place.pair_rows),
+                        (pair.tokens, pair.pair_rows)
+                    );
                     if areas.insert(place.tokens) {
                         let end = place.tokens + place.pair_rows * g.row_bytes;
                         used.push((place.tokens, end));

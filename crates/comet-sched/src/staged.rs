@@ -44,7 +44,9 @@
 //! them is `w_rep * sum` = the same sum, rounded once more to bf16 (a token
 //! with one row on the rank crosses exact: its ratio is 1). Off NVLink
 //! bytes are what cost: with top-k 8 over 2 ranks this sends about a
-//! quarter of the rows each way, for a host pass over the rows sent.
+//! quarter of the rows each way, for a pass over the rows at each end:
+//! kernels' where the device side has them ([`StagedDevice::token_kernels`]),
+//! else the proxy's on the host.
 //!
 //! Downloads are pipelined: the proxy starts each ready piece's copy into
 //! host staging at once and puts pieces out as their copies finish, so the

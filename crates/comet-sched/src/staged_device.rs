@@ -1326,6 +1326,26 @@ mod tests {
         }
     }
 
+    /// The combine tables' areas are 16-byte aligned, in order, apart, and
+    /// each holds what a pair of the receive capacity can need.
+    #[test]
+    fn sum_tables_hold_a_pair_of_the_receive_capacity() {
+        for rows in [0, 1, 3, 4, 5, 1000, 262_144] {
+            let l = TableLayout::new(rows);
+            assert_eq!(l.starts, 0);
+            assert!(
+                l.rows.is_multiple_of(16) && l.ratio.is_multiple_of(16),
+                "{l:?}"
+            );
+            assert!(l.rows >= 4 * (rows + 1), "{l:?}");
+            assert!(l.ratio >= l.rows + 4 * rows, "{l:?}");
+            assert_eq!(l.bytes, l.ratio + 4 * rows);
+        }
+        let mut b = vec![0u8; 12];
+        put_words(&mut b[..8], [1u32, 2, 3].iter().map(|x| x.to_le_bytes()));
+        assert_eq!(b, [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
     #[test]
     fn an_area_past_the_inbox_is_refused() {
         let region = Region {

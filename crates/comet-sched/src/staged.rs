@@ -265,6 +265,8 @@ struct Call {
     epoch: u64,
     rows: Vec<Option<Vec<u32>>>,
     counts: Vec<Vec<u32>>,
+    /// Per peer, this rank's dispatch pieces to it not put out yet.
+    unsent: Vec<usize>,
     stats: StagedStats,
 }
 
@@ -438,6 +440,7 @@ impl<'t> StagedProxy<'t> {
             epoch,
             rows: vec![None; w],
             counts: Vec::new(),
+            unsent: vec![0; w],
             stats: StagedStats::default(),
         };
         if let Some(tok) = &mut self.tokens {
@@ -458,15 +461,23 @@ impl<'t> StagedProxy<'t> {
         let mut idle = 0u32;
         while !(planned && sends.is_empty() && staging.is_empty() && lands.is_empty()) {
             let before = sends.len() + staging.len() + lands.len();
+            // One put per round, landings looked at between puts: a piece
+            // the kernels wait for lands while this rank's backlog goes out.
             self.stage_ready(dev, &call, &mut sends, &mut staging)?;
-            self.send_staged(dev, &mut staging, &mut call)?;
             self.land_arrived(dev, &mut lands, &mut call)?;
+            self.send_staged(dev, &mut staging, &mut call)?;
             if !planned && call.rows.iter().all(Option::is_some) {
                 call.counts = call.rows.iter().flatten().cloned().collect();
                 planned = true;
                 match self.geo.data_pieces(me, &call.counts) {
                     Ok(all) => {
                         sends.extend(all.iter().filter(|p| p.from == me).copied());
+                        for p in sends
+                            .iter()
+                            .filter(|p| matches!(p.kind, Kind::Dispatch { .. }))
+                        {
+                            call.unsent[p.to] += 1;
+                        }
                         lands.extend(all.iter().filter(|p| p.to == me).copied());
                     }
                     Err(e) => {
@@ -544,17 +555,17 @@ impl<'t> StagedProxy<'t> {
         Ok(())
     }
 
-    /// Puts out, oldest first, every piece whose download has finished,
-    /// each followed by its signal.
+    /// Puts out the oldest piece if its download has finished, followed by
+    /// its signal.
     fn send_staged(
         &mut self,
         dev: &mut dyn StagedDevice,
         staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
         call: &mut Call,
     ) -> Result<(), SchedError> {
-        while let Some(&(p, ticket)) = staging.front() {
+        if let Some(&(p, ticket)) = staging.front() {
             if !dev.downloaded(ticket)? {
-                break;
+                return Ok(());
             }
             staging.pop_front();
             let t0 = Instant::now();
@@ -580,6 +591,9 @@ impl<'t> StagedProxy<'t> {
             };
             self.t
                 .signal(p.to, p.signal as SignalId, SignalOp::Set(call.epoch))?;
+            if matches!(p.kind, Kind::Dispatch { .. }) {
+                call.unsent[p.to] -= 1;
+            }
             call.stats.on_wire += t0.elapsed();
             call.stats.sent += 1;
             call.stats.bytes_sent += sent;
@@ -734,7 +748,13 @@ impl<'t> StagedProxy<'t> {
         let mut i = 0;
         while i < lands.len() {
             let p = lands[i];
-            if !self.arrived(p.signal, call.epoch)? {
+            // A token-once combine piece names this rank's token slots on
+            // its sender, complete once every dispatch piece to it is out
+            // (on a GPU always so: its rows were computed from them).
+            let early = self.tokens.is_some()
+                && matches!(p.kind, Kind::Combine { .. })
+                && call.unsent[p.from] > 0;
+            if early || !self.arrived(p.signal, call.epoch)? {
                 i += 1;
                 continue;
             }

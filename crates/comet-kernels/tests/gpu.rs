@@ -732,3 +732,120 @@ fn second_tile_list_over_one_upload() {
         }
     }
 }
+
+/// The staged proxy's token kernels against the host (comet-sched's
+/// staged.rs does the same on a host without them): `comet_sum_rows` sums a
+/// piece's rows (2-D: narrower than their pitch) per slot, each scaled by
+/// its ratio, equal to f32 products and sums in row order rounded once to
+/// bf16, bit for bit; `comet_expand_rows` lands slot rows, or zeros, into
+/// rows with a pitch and leaves the bytes between them alone. Outputs
+/// poisoned with NaN first.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn token_kernels_sum_and_expand_pieces() {
+    use comet_kernels::forward::{ForwardKernels, Rows, SlotSums};
+    use half::bf16;
+    let ctx = CudaContext::new(0).expect("a CUDA GPU");
+    let stream = ctx.new_stream().expect("stream");
+    let k = ForwardKernels::load(&ctx).expect("forward kernels");
+    let mut rng = ChaCha8Rng::seed_from_u64(0x70CE);
+    let (rows, slots, width, pitch) = (37usize, 11usize, 64usize, 160usize); // bf16 columns
+    let src: Vec<bf16> = (0..rows * pitch)
+        .map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0)))
+        .collect();
+    let index: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..slots as u32)).collect();
+    let ratio: Vec<f32> = (0..rows).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let mut starts = vec![0u32; slots + 1];
+    for &s in &index {
+        starts[s as usize + 1] += 1;
+    }
+    for s in 0..slots {
+        starts[s + 1] += starts[s];
+    }
+    let index = &index;
+    let by_slot: Vec<u32> = (0..slots as u32)
+        .flat_map(|s| (0..rows as u32).filter(move |&r| index[r as usize] == s))
+        .collect();
+    // The host's sums: row order within a slot, products and sums rounded apart.
+    let mut want = vec![0f32; slots * width];
+    for (r, &s) in index.iter().enumerate() {
+        for c in 0..width {
+            let x = ratio[r] * src[r * pitch + c].to_f32();
+            want[s as usize * width + c] += x;
+        }
+    }
+    let nan = bf16::from_bits(0xFFFF);
+    let d_src = stream.clone_htod(&src).unwrap();
+    let d_starts = stream.clone_htod(&starts).unwrap();
+    let d_rows = stream.clone_htod(&by_slot).unwrap();
+    let d_ratio = stream.clone_htod(&ratio).unwrap();
+    let d_sums = stream.clone_htod(&vec![nan; slots * width]).unwrap();
+    let (src_p, _a) = d_src.device_ptr(&stream);
+    let (starts_p, _b) = d_starts.device_ptr(&stream);
+    let (rows_p, _c) = d_rows.device_ptr(&stream);
+    let (ratio_p, _d) = d_ratio.device_ptr(&stream);
+    let (sums_p, _e) = d_sums.device_ptr(&stream);
+    let piece = Rows {
+        at: src_p,
+        rows,
+        width: 2 * width,
+        pitch: 2 * pitch,
+    };
+    let tables = SlotSums {
+        starts: starts_p,
+        rows: rows_p,
+        ratio: ratio_p,
+        dst: sums_p,
+        slots,
+    };
+    // SAFETY: every pointer is a live allocation of this context sized as
+    // the call says (src rows * pitch, slots + 1 starts, rows entries and
+    // ratios, slots sums), untouched until the stream synchronizes.
+    unsafe { k.sum_rows(piece, tables, stream.cu_stream()) }.unwrap();
+    stream.synchronize().unwrap();
+    let got = stream.clone_dtoh(&d_sums).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            bf16::from_f32(*w).to_bits(),
+            "sum {i}: {g} against {w}"
+        );
+    }
+
+    // Expand: 29 rows, each a slot or a zero row, into rows 160 columns apart.
+    let n = 29usize;
+    let land: Vec<u32> = (0..n)
+        .map(|_| {
+            if rng.gen_bool(0.3) {
+                u32::MAX
+            } else {
+                rng.gen_range(0..slots as u32)
+            }
+        })
+        .collect();
+    let d_land = stream.clone_htod(&land).unwrap();
+    let d_out = stream.clone_htod(&vec![nan; n * pitch]).unwrap();
+    let (land_p, _f) = d_land.device_ptr(&stream);
+    let (out_p, _g) = d_out.device_ptr(&stream);
+    let dst = Rows {
+        at: out_p,
+        rows: n,
+        width: 2 * width,
+        pitch: 2 * pitch,
+    };
+    // SAFETY: as above; `land` names only slots the sums hold.
+    unsafe { k.expand_rows(sums_p, land_p, dst, stream.cu_stream()) }.unwrap();
+    stream.synchronize().unwrap();
+    let out = stream.clone_dtoh(&d_out).unwrap();
+    for (r, &s) in land.iter().enumerate() {
+        for c in 0..pitch {
+            let g = out[r * pitch + c].to_bits();
+            let w = match (c < width, s) {
+                (false, _) => 0xFFFF,
+                (true, u32::MAX) => 0,
+                (true, s) => got[s as usize * width + c].to_bits(),
+            };
+            assert_eq!(g, w, "row {r} (slot {s}), column {c}");
+        }
+    }
+}

@@ -251,9 +251,11 @@ pub struct StagedStats {
     /// arrays), and bytes it landed in its device buffers.
     pub bytes_sent: usize,
     pub bytes_landed: usize,
-    /// Where the proxy thread's time went: the whole call, inside the
-    /// transport's puts and signals, and handing arrived pieces to the
-    /// device (reads, copies and launches enqueued); the rest is polling.
+    /// Where the proxy thread's time went: the whole call, sending pieces
+    /// (the transport's puts and signals, and packing token rows or summing
+    /// combine rows where the proxy does that), and handing arrived pieces
+    /// to the device (reads, copies and launches enqueued); the rest is
+    /// polling and starting downloads.
     pub elapsed: Duration,
     pub on_wire: Duration,
     pub landing: Duration,

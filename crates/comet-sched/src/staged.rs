@@ -1176,6 +1176,37 @@ mod tests {
         assert_eq!(ratio, [1.0, 1.0, -1.0, 0.0, 0.0]);
     }
 
+    /// A send order that does not fit the call is a named error, not a
+    /// panic further on: too few positions or weights, a slot past the
+    /// send capacity.
+    #[test]
+    fn a_bad_send_order_is_named() {
+        let geo = Geometry {
+            ranks: 2,
+            experts: 2,
+            row_bytes: 16,
+            chunks: 1,
+            chunk_bytes: 16,
+            recv_rows: 8,
+            send_rows: 8,
+            top_k: 2,
+        };
+        let order = |slots: Vec<u32>, weights: Vec<f32>| SendOrder { slots, weights };
+        assert!(check_order(&geo, 0, &order(vec![0, 3], vec![0.5, 0.5]), 2).is_ok());
+        for (o, sent, what) in [
+            (order(vec![0], vec![0.5]), 2, "1 positions and 1 weights"),
+            (order(vec![0, 1], vec![0.5]), 2, "2 positions and 1 weights"),
+            (
+                order(vec![0, 8], vec![0.5, 0.5]),
+                2,
+                "slot 8, past the 8 slots",
+            ),
+        ] {
+            let e = check_order(&geo, 1, &o, sent).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("rank 1"), "{e}");
+        }
+    }
+
     /// Slot sums in f32, rounded once to bf16; a slot's one row with ratio
     /// 1 crosses bit for bit.
     #[test]

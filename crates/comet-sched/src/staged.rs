@@ -65,6 +65,10 @@ use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+/// How long one round of the proxy puts pieces out before it looks at what
+/// arrived: a few small puts' worth, far under a kernel's wait for a piece.
+const SEND_SLICE: Duration = Duration::from_micros(200);
+
 /// A download in flight: downloads finish in the order they were started.
 pub type Ticket = u64;
 
@@ -463,8 +467,9 @@ impl<'t> StagedProxy<'t> {
         let mut idle = 0u32;
         while !(planned && sends.is_empty() && staging.is_empty() && lands.is_empty()) {
             let before = sends.len() + staging.len() + lands.len();
-            // One put per round, landings looked at between puts: a piece
-            // the kernels wait for lands while this rank's backlog goes out.
+            // Puts for a short while per round, landings looked at between
+            // rounds: a piece the kernels wait for lands while this rank's
+            // backlog goes out.
             self.stage_ready(dev, &call, &mut sends, &mut staging)?;
             self.land_arrived(dev, &mut lands, &mut call)?;
             self.send_staged(dev, &mut staging, &mut call)?;
@@ -487,6 +492,9 @@ impl<'t> StagedProxy<'t> {
                         call.stats.refused = true;
                     }
                 }
+                // Planning is progress: the count rows all came in.
+                idle = 0;
+                moved_at = Instant::now();
                 continue;
             }
             if sends.len() + staging.len() + lands.len() != before {
@@ -557,18 +565,23 @@ impl<'t> StagedProxy<'t> {
         Ok(())
     }
 
-    /// Puts out the oldest piece if its download has finished, followed by
-    /// its signal.
+    /// Puts out, oldest first, pieces whose downloads have finished, each
+    /// followed by its signal, until [`SEND_SLICE`] has passed (one at
+    /// least), so arrived pieces are landed between puts without polling
+    /// every landing after each small put.
     fn send_staged(
         &mut self,
         dev: &mut dyn StagedDevice,
         staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
         call: &mut Call,
     ) -> Result<(), SchedError> {
-        if let Some(&(p, ticket)) = staging.front() {
-            if !dev.downloaded(ticket)? {
-                return Ok(());
+        let slice = Instant::now();
+        let mut put = false;
+        while let Some(&(p, ticket)) = staging.front() {
+            if (put && slice.elapsed() >= SEND_SLICE) || !dev.downloaded(ticket)? {
+                break;
             }
+            put = true;
             staging.pop_front();
             let t0 = Instant::now();
             let sent = match p.kind {
@@ -1050,7 +1063,9 @@ fn check_order(geo: &Geometry, rank: usize, o: &SendOrder, sent: usize) -> Resul
 /// Per send position (of this rank's count row `mine`, `epr` experts per
 /// rank): its ratio `w / w_rep` and whether it is `rep`, the first position
 /// of largest weight magnitude among its token's positions on the same
-/// destination rank. A token whose weights there are all 0 gets ratios 0.
+/// destination rank. A token whose weights there are all 0 gets ratios 0;
+/// an infinite weight makes its token's sum there NaN (inf / inf), where a
+/// row per (token, expert) would give infinities.
 fn representatives(o: &SendOrder, mine: &[u32], epr: usize, top_k: usize) -> (Vec<f32>, Vec<bool>) {
     let dest: Vec<usize> = mine
         .iter()

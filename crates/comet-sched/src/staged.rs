@@ -279,8 +279,10 @@ struct Call {
 /// Token-once state of a token's owner: the kernels' send order of the
 /// call (fetched with the first dispatch piece that has rows) with each
 /// position's ratio and whether it is its token's representative on its
-/// rank, and per peer the slot each token got there this call, stamped
-/// with the call's epoch so no call clears it. Of an expert side: per peer
+/// rank, per peer the slot each token got there this call, stamped
+/// with the call's epoch so no call clears it, and the index its sums from
+/// that peer land by (`landing_index`, [`StagedProxy::sum_index`]). Of an
+/// expert side: per peer
 /// the token slots a landed piece named so far this call (`landed`), so
 /// each token row is handed to the device once, and the pair's index and
 /// ratio arrays once its first combine chunk goes back.
@@ -293,7 +295,7 @@ struct Tokens {
     used: Vec<usize>,
     landed: Vec<usize>,
     back: Vec<Option<PairRows>>,
-    reps: Vec<Option<Vec<u32>>>,
+    landing_index: Vec<Option<Vec<u32>>>,
     pack: Vec<u8>,
     index: Vec<u8>,
     ratios: Vec<u8>,
@@ -409,7 +411,7 @@ impl<'t> StagedProxy<'t> {
                 used: vec![0; w],
                 landed: vec![0; w],
                 back: (0..w).map(|_| None).collect(),
-                reps: vec![None; w],
+                landing_index: vec![None; w],
                 ..Tokens::default()
             }),
         };
@@ -454,7 +456,7 @@ impl<'t> StagedProxy<'t> {
             tok.used.fill(0);
             tok.landed.fill(0);
             tok.back.iter_mut().for_each(|b| *b = None);
-            tok.reps.fill(None);
+            tok.landing_index.fill(None);
         }
         // Downloads started, oldest first: put out as they finish.
         let mut staging: std::collections::VecDeque<(Piece, Ticket)> = Default::default();
@@ -553,12 +555,15 @@ impl<'t> StagedProxy<'t> {
                 continue;
             }
             sends.swap_remove(i);
-            let summed = matches!(p.kind, Kind::Combine { .. }) && self.tokens.is_some();
-            let ticket = if summed && dev.token_kernels() {
-                let pair = self.load_pair(&call.counts, p.to)?;
-                dev.download_sums(p.to, p.region, p.wire, pair.tables(p.to, call.epoch))?
-            } else {
-                dev.download(p.to, p.region, p.wire)?
+            let summed = matches!(p.kind, Kind::Combine { .. }) && dev.token_kernels();
+            let ticket = match self.tokens.as_mut() {
+                Some(tok) if summed => {
+                    let place = self.geo.pair_place(&call.counts, p.to, self.t.rank(), 0);
+                    let inbox = self.inbox[Buf::Recv.index()];
+                    let pair = load_pair(self.t, inbox, place, p.to, &mut tok.back[p.to])?;
+                    dev.download_sums(p.to, p.region, p.wire, pair.tables(p.to, call.epoch))?
+                }
+                _ => dev.download(p.to, p.region, p.wire)?,
             };
             staging.push_back((p, ticket));
         }
@@ -687,70 +692,38 @@ impl<'t> StagedProxy<'t> {
         counts: &[Vec<u32>],
     ) -> Result<usize, SchedError> {
         let (me, to, r) = (self.t.rank(), p.to, p.region);
-        let pair = self.load_pair(counts, to)?;
-        let (rows, slots) = (pair.index.len(), pair.slots);
-        if rows != r.rows {
+        let place = self.geo.pair_place(counts, to, me, 0);
+        let recv = self.inbox[Buf::Recv.index()];
+        let tok = self
+            .tokens
+            .as_mut()
+            .ok_or_else(|| unsupported("sum rows without token-once"))?;
+        let pair = load_pair(self.t, recv, place, to, &mut tok.back[to])?;
+        if pair.index.len() != r.rows {
             return Err(SchedError::StagedProtocol {
                 rank: me,
-                message: format!("{p} has {} rows, its pair sent {rows} this call", r.rows),
+                message: format!(
+                    "{p} has {} rows, its pair sent {} this call",
+                    r.rows,
+                    pair.index.len()
+                ),
             });
         }
         let inbox = self.inbox[Buf::Comb.index()];
         if dev.token_kernels() {
             // Summed by the device side on the way down.
-            let sums = dev.sent_bytes(to, Buf::Comb, p.wire, slots * r.width);
+            let sums = dev.sent_bytes(to, Buf::Comb, p.wire, pair.slots * r.width);
             if !sums.is_empty() {
                 self.t.put(to, inbox, p.wire, sums)?;
             }
             return Ok(sums.len());
         }
-        let Some(tok) = self.tokens.as_mut() else {
-            return Ok(0);
-        };
-        let Some(pair) = tok.back[to].as_ref() else {
-            return Ok(0);
-        };
         let rows = dev.sent_bytes(to, Buf::Comb, p.wire, r.bytes());
         sum_rows(rows, r.width, pair, &mut tok.sums, &mut tok.pack);
         if !tok.pack.is_empty() {
             self.t.put(to, inbox, p.wire, &tok.pack)?;
         }
         Ok(tok.pack.len())
-    }
-
-    /// Reads, once per call, the index and ratio arrays of every row `from`
-    /// sent this rank (all landed: the combine rows they come back as were
-    /// computed from them).
-    fn load_pair(&mut self, counts: &[Vec<u32>], from: usize) -> Result<&PairRows, SchedError> {
-        let me = self.t.rank();
-        let place = self.geo.pair_place(counts, from, me, 0);
-        let inbox = self.inbox[Buf::Recv.index()];
-        let tok = self
-            .tokens
-            .as_mut()
-            .ok_or_else(|| unsupported("sum rows without token-once"))?;
-        if tok.back[from].is_some() {
-            return tok.back[from]
-                .as_ref()
-                .ok_or_else(|| unsupported("lose a pair"));
-        }
-        let mut raw = vec![0u8; 4 * place.pair_rows];
-        self.t.read(inbox, place.index, &mut raw)?;
-        let index = words(&raw);
-        self.t.read(inbox, place.ratio, &mut raw)?;
-        let ratio = words(&raw).into_iter().map(f32::from_bits).collect();
-        let slots = index.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
-        if slots > place.pair_rows {
-            return Err(SchedError::StagedProtocol {
-                rank: me,
-                message: format!(
-                    "rank {from}'s rows name token slot {}, of the {} its pair can use",
-                    slots - 1,
-                    place.pair_rows
-                ),
-            });
-        }
-        Ok(tok.back[from].insert(PairRows::new(index, ratio, slots)))
     }
 
     /// Lands every pending piece whose signal has arrived.
@@ -925,7 +898,7 @@ impl<'t> StagedProxy<'t> {
             .tokens
             .as_mut()
             .ok_or_else(|| unsupported("expand sums without token-once"))?;
-        if tok.reps[from].is_none() {
+        if tok.landing_index[from].is_none() {
             let first: usize = counts[me][..from * epr].iter().map(|&c| c as usize).sum();
             let rows: usize = counts[me][from * epr..(from + 1) * epr]
                 .iter()
@@ -951,9 +924,9 @@ impl<'t> StagedProxy<'t> {
                     }
                 }
             }
-            tok.reps[from] = Some(index);
+            tok.landing_index[from] = Some(index);
         }
-        Ok(tok.reps[from].as_deref().unwrap_or(&[]))
+        Ok(tok.landing_index[from].as_deref().unwrap_or(&[]))
     }
 
     /// Fills the landing image of combine piece `p` (arrived token-once:
@@ -966,7 +939,7 @@ impl<'t> StagedProxy<'t> {
         let Some(tok) = self.tokens.as_mut() else {
             return Ok(());
         };
-        let index = tok.reps[p.from].as_deref().unwrap_or(&[]);
+        let index = tok.landing_index[p.from].as_deref().unwrap_or(&[]);
         let image = dev.landing_bytes(Buf::Comb, p.wire, r.bytes());
         tok.pack.resize(tok.used[p.from] * r.width, 0);
         self.t.read(inbox, p.wire, &mut tok.pack)?;
@@ -1038,6 +1011,38 @@ impl<'t> StagedProxy<'t> {
             waited,
         }
     }
+}
+
+/// `back`, read once per call from `inbox` at `place`: the index and ratio
+/// arrays of every row `from` sent this rank (all landed: the combine rows
+/// they come back as were computed from them).
+fn load_pair<'p>(
+    t: &dyn Transport,
+    inbox: BufferId,
+    place: TokenPlace,
+    from: usize,
+    back: &'p mut Option<PairRows>,
+) -> Result<&'p PairRows, SchedError> {
+    if let Some(pair) = back {
+        return Ok(pair);
+    }
+    let mut raw = vec![0u8; 4 * place.pair_rows];
+    t.read(inbox, place.index, &mut raw)?;
+    let index = words(&raw);
+    t.read(inbox, place.ratio, &mut raw)?;
+    let ratio = words(&raw).into_iter().map(f32::from_bits).collect();
+    let slots = index.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
+    if slots > place.pair_rows {
+        return Err(SchedError::StagedProtocol {
+            rank: t.rank(),
+            message: format!(
+                "rank {from}'s rows name token slot {}, of the {} its pair can use",
+                slots - 1,
+                place.pair_rows
+            ),
+        });
+    }
+    Ok(back.insert(PairRows::new(index, ratio, slots)))
 }
 
 /// Checks a send order the device side gave for `sent` positions: a slot

@@ -489,33 +489,74 @@ impl TableLayout {
     }
 }
 
-/// One peer's token-once combine tables: for the sum kernel (expert side)
-/// and the landing's row index (owner side), pinned for the host to fill
-/// and on the device for the kernels to read, with the call that last
-/// filled each.
+/// Bytes the host fills once per call and the kernels read on the device:
+/// a pinned copy, the device copy, and the call that last filled them.
+struct Upload {
+    host: PinnedBytes,
+    dev: DeviceAlloc,
+    epoch: u64,
+}
+
+impl Upload {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Upload, DriverError> {
+        Ok(Upload {
+            host: PinnedBytes::zeroed(ctx, bytes)?,
+            dev: DeviceAlloc::zeroed(ctx, bytes)?,
+            epoch: 0,
+        })
+    }
+
+    /// Unless call `epoch` filled them already: `fill` writes the host copy
+    /// and its first `bytes` (within both copies) go up on `stream`.
+    /// Returns the device copy's address.
+    fn fill(
+        &mut self,
+        stream: &CudaStream,
+        epoch: u64,
+        bytes: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<u64, DriverError> {
+        if self.epoch != epoch {
+            fill(&mut self.host);
+            // SAFETY: `bytes` lie within both copies (the caller's check);
+            // the device copy is read only by kernels enqueued on `stream`
+            // after this copy, and the host copy is written again only in a
+            // later call, once the stream has run everything of this one.
+            unsafe {
+                cuda::copy_runs_to_device(stream, self.host.ptr_at(0), self.dev.ptr(), flat(bytes))?
+            };
+            self.epoch = epoch;
+        }
+        Ok(self.dev.ptr())
+    }
+}
+
+/// One peer's token-once combine tables: for the sum kernel (expert side,
+/// laid out as `layout` says) and the landing's row index (owner side).
 struct SumTables {
     layout: TableLayout,
-    tables: PinnedBytes,
-    tables_dev: DeviceAlloc,
-    tables_at: u64,
-    index: PinnedBytes,
-    index_dev: DeviceAlloc,
-    index_at: u64,
+    tables: Upload,
+    index: Upload,
 }
 
 impl SumTables {
     fn new(ctx: &Arc<CudaContext>, geo: &Geometry) -> Result<SumTables, DriverError> {
         let layout = TableLayout::new(geo.recv_rows);
-        let index = 4 * geo.send_rows;
         Ok(SumTables {
             layout,
-            tables: PinnedBytes::zeroed(ctx, layout.bytes)?,
-            tables_dev: DeviceAlloc::zeroed(ctx, layout.bytes)?,
-            tables_at: 0,
-            index: PinnedBytes::zeroed(ctx, index)?,
-            index_dev: DeviceAlloc::zeroed(ctx, index)?,
-            index_at: 0,
+            tables: Upload::new(ctx, layout.bytes)?,
+            index: Upload::new(ctx, 4 * geo.send_rows)?,
         })
+    }
+}
+
+/// `r`'s rows in the buffer at device address `base`.
+fn rows_of(base: u64, r: Region) -> Rows {
+    Rows {
+        at: base + r.offset as u64,
+        rows: r.rows,
+        width: r.width,
+        pitch: r.pitch,
     }
 }
 
@@ -714,58 +755,51 @@ impl CudaStaging {
 
     /// `sums`' tables on the device, uploaded on the download stream once
     /// per pair and call (the call before's sum kernels have run: its
-    /// downloads all finished before it ended); `rows` is the piece's.
+    /// downloads all finished before it ended), checked whole then; `rows`
+    /// is the piece's.
     fn sum_tables(&mut self, sums: SlotRows<'_>, rows: usize) -> Result<SlotSums, SchedError> {
-        let ok = sums.slots <= rows
+        let fits = sums.slots <= rows
+            && rows <= self.geo.recv_rows
             && sums.starts.len() == sums.slots + 1
             && sums.rows.len() == rows
-            && sums.ratio.len() == rows
-            && sums.starts.windows(2).all(|w| w[0] <= w[1])
-            && sums.starts.last().is_some_and(|&n| n as usize == rows)
-            && sums.rows.iter().all(|&r| (r as usize) < rows);
-        let fits = rows <= self.geo.recv_rows;
-        if !ok || !fits {
+            && sums.ratio.len() == rows;
+        let Some(t) = self.sums.get_mut(sums.peer).and_then(Option::as_mut) else {
+            return Err(self.failed("sum rows", format!("no tables for rank {}", sums.peer)));
+        };
+        let whole = || {
+            sums.starts.windows(2).all(|w| w[0] <= w[1])
+                && sums.starts.last().is_some_and(|&n| n as usize == rows)
+                && sums.rows.iter().all(|&r| (r as usize) < rows)
+        };
+        if !fits || (t.tables.epoch != sums.epoch && !whole()) {
             return Err(self.failed(
                 "sum rows",
                 format!("tables of {} slots over {rows} rows", sums.slots),
             ));
         }
-        let Some(t) = self.sums.get_mut(sums.peer).and_then(Option::as_mut) else {
-            return Err(self.failed("sum rows", format!("no tables for rank {}", sums.peer)));
-        };
-        if t.tables_at != sums.epoch {
-            let starts = sums.starts.iter().map(|x| x.to_le_bytes());
-            let by_slot = sums.rows.iter().map(|x| x.to_le_bytes());
-            let ratio = sums.ratio.iter().map(|x| x.to_le_bytes());
-            let bytes = t.layout.ratio + 4 * rows;
-            let l = t.layout;
-            put_words(&mut t.tables[l.starts..l.rows], starts);
-            put_words(&mut t.tables[l.rows..l.ratio], by_slot);
-            put_words(&mut t.tables[l.ratio..l.bytes], ratio);
-            // SAFETY: both are this staging's, `bytes` long at least (the
-            // layout is for the receive capacity, checked above); the
-            // device copy is read only by this stream's sum kernels, after
-            // the copy, and the pinned bytes are not written again before
-            // the next call, when this stream has run everything of this one.
-            unsafe {
-                cuda::copy_runs_to_device(
-                    &self.downloads,
-                    t.tables.ptr_at(0),
-                    t.tables_dev.ptr(),
-                    flat(bytes),
-                )
-            }
-            .map_err(|e| SchedError::Device {
-                rank: self.rank,
-                message: format!("proxy upload sum tables: {e}"),
-            })?;
-            t.tables_at = sums.epoch;
-        }
-        let at = |x: usize| t.tables_dev.ptr() + x as u64;
+        let l = t.layout;
+        let dev = t
+            .tables
+            .fill(&self.downloads, sums.epoch, l.ratio + 4 * rows, |b| {
+                put_words(
+                    &mut b[l.starts..l.rows],
+                    sums.starts.iter().map(|x| x.to_le_bytes()),
+                );
+                put_words(
+                    &mut b[l.rows..l.ratio],
+                    sums.rows.iter().map(|x| x.to_le_bytes()),
+                );
+                put_words(
+                    &mut b[l.ratio..l.bytes],
+                    sums.ratio.iter().map(|x| x.to_le_bytes()),
+                );
+            })
+            .map_err(|e| self.failed("upload sum tables", e))?;
+        let at = |x: usize| dev + x as u64;
         Ok(SlotSums {
-            starts: at(t.layout.starts),
-            rows: at(t.layout.rows),
-            ratio: at(t.layout.ratio),
+            starts: at(l.starts),
+            rows: at(l.rows),
+            ratio: at(l.ratio),
             dst: 0,
             slots: sums.slots,
         })
@@ -775,36 +809,21 @@ impl CudaStaging {
     /// landing stream once per call (the call before's landings were
     /// drained at its end).
     fn sum_index(&mut self, from: usize, epoch: u64, index: &[u32]) -> Result<u64, SchedError> {
-        let rank = self.rank;
         let Some(t) = self.sums.get_mut(from).and_then(Option::as_mut) else {
             return Err(self.failed("land sums", format!("no index for rank {from}")));
         };
         let bytes = 4 * index.len();
-        if bytes > t.index.len() {
+        if bytes > t.index.host.len() {
             return Err(self.failed(
                 "land sums",
                 format!("{} rows past the send capacity", index.len()),
             ));
         }
-        if t.index_at != epoch {
-            put_words(&mut t.index, index.iter().map(|x| x.to_le_bytes()));
-            // SAFETY: as in sum_tables, on the landing stream (drained at
-            // each call's end), `bytes` within both (checked).
-            unsafe {
-                cuda::copy_runs_to_device(
-                    &self.landings,
-                    t.index.ptr_at(0),
-                    t.index_dev.ptr(),
-                    flat(bytes),
-                )
-            }
-            .map_err(|e| SchedError::Device {
-                rank,
-                message: format!("proxy upload sum index: {e}"),
-            })?;
-            t.index_at = epoch;
-        }
-        Ok(t.index_dev.ptr())
+        t.index
+            .fill(&self.landings, epoch, bytes, |b| {
+                put_words(b, index.iter().map(|x| x.to_le_bytes()))
+            })
+            .map_err(|e| self.failed("upload sum index", e))
     }
 
     /// Waits for everything enqueued on both streams.
@@ -890,12 +909,7 @@ impl StagedDevice for CudaStaging {
         }
         let dst = dst.device_ptr_at(wire);
         let tables = self.sum_tables(sums, region.rows)?;
-        let src = Rows {
-            at: base + region.offset as u64,
-            rows: region.rows,
-            width: region.width,
-            pitch: region.pitch,
-        };
+        let src = rows_of(base, region);
         // SAFETY: the mirror region is final (its ready word) and inside
         // the mirror (as in download); the tables are this call's, on the
         // device, uploaded before on this stream (checked against the
@@ -1038,12 +1052,7 @@ impl StagedDevice for CudaStaging {
             ));
         }
         let index = self.sum_index(from, epoch, index)?;
-        let dst = Rows {
-            at: self.view.own[Buf::Comb.index()] + region.offset as u64,
-            rows: region.rows,
-            width: region.width,
-            pitch: region.pitch,
-        };
+        let dst = rows_of(self.view.own[Buf::Comb.index()], region);
         // SAFETY: the sums arrived in the registered comb inbox before this
         // piece's signal, inside it (checked), and nobody writes them before
         // the next call, which starts after end_call drained this stream;

@@ -145,7 +145,7 @@ pub fn ci() -> Result<()> {
     };
     let gate = if tests_ok && py_ok {
         eprintln!("xtask ci [6/6]: kernel compile gate, sm_90a and sm_80");
-        crate::kernels::compile_gate(false)
+        crate::kernels::compile_gate(false, None)
     } else {
         Err(anyhow::anyhow!("tests failed"))
     };

@@ -44,8 +44,10 @@ fn provide_nvrtc(root: &Path) -> Result<()> {
 }
 
 /// Compiles every variant for its targets; `verbose` prints ptxas' resource
-/// report (registers, spills, shared memory) of each.
-pub fn compile_gate(verbose: bool) -> Result<()> {
+/// report (registers, spills, shared memory) of each, and `cubins` names a
+/// folder to write each cubin to (`<kernel>@<target>.cubin`, for reading
+/// the SASS with `cuobjdump -sass` on a machine without a GPU).
+pub fn compile_gate(verbose: bool, cubins: Option<&Path>) -> Result<()> {
     let root = workspace_root();
     provide_nvrtc(&root)?;
     // Every GEMM variant for its targets, and the forward kernels for both.
@@ -62,6 +64,9 @@ pub fn compile_gate(verbose: bool) -> Result<()> {
         .unwrap_or(1)
         .clamp(1, 4);
     let chunk = jobs.len().div_ceil(threads);
+    if let Some(dir) = cubins {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let results: Vec<(String, Result<String, String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .chunks(chunk)
@@ -74,12 +79,18 @@ pub fn compile_gate(verbose: bool) -> Result<()> {
                                 unit.extra_options.push("--ptxas-options=-v".into());
                             }
                             let name = format!("{kernel} @ {t}");
-                            (
-                                name,
-                                compile_cubin_with_log(&unit, *t)
-                                    .map(|(_, log)| log)
-                                    .map_err(|e| e.to_string()),
-                            )
+                            let r = compile_cubin_with_log(&unit, *t)
+                                .map_err(|e| e.to_string())
+                                .and_then(|(cubin, log)| match cubins {
+                                    Some(dir) => {
+                                        let p = dir.join(format!("{kernel}@{t}.cubin"));
+                                        std::fs::write(&p, cubin)
+                                            .map(|_| log)
+                                            .map_err(|e| format!("writing {}: {e}", p.display()))
+                                    }
+                                    None => Ok(log),
+                                });
+                            (name, r)
                         })
                         .collect::<Vec<_>>()
                 })

@@ -83,6 +83,8 @@ __device__ __forceinline__ WarpGrid warp_grid() {
 // Rows a warp moves at once, and the most top-k slots of a token.
 constexpr int ROWS = 4;
 constexpr int MAX_TOPK = 16;
+// Top-k rows the reduce loads at once (a divisor of MAX_TOPK).
+constexpr int REDUCE_GROUP = 8;
 
 // One lane's row of a warp's batch: 16-byte vectors from src to dst (none
 // when dst is null).
@@ -597,11 +599,17 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __
     for (int j = 0; j < MAX_TOPK; ++j)
       dst[j] = j < p.k ? reinterpret_cast<uint4*>(__shfl_sync(0xffffffffu, mine, j)) : nullptr;
     const uint4* src = reinterpret_cast<const uint4*>(p.x + t * p.hidden);
-    for (int v = lane; v < vecs; v += 32) {
+    // Two vectors a lane: two loads in flight before the k stores of each.
+    for (int v = lane; v < vecs; v += 64) {
+      const bool two = v + 32 < vecs;
       const uint4 a = src[v];
+      const uint4 b = two ? src[v + 32] : a;
 #pragma unroll
       for (int j = 0; j < MAX_TOPK; ++j)
-        if (dst[j]) dst[j][v] = a;
+        if (dst[j]) {
+          dst[j][v] = a;
+          if (two) dst[j][v + 32] = b;
+        }
     }
     signal_fence();
     __syncwarp();
@@ -714,15 +722,27 @@ extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_cons
       bf16_t* yrow = p.y + t * p.hidden + (long long)c * p.cols;
       for (int v = lane; v < vecs; v += 32) {
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        // A group's loads all issue before its first use: the rows are
+        // scattered, so the reduce runs at the memory's speed only with
+        // several in flight per thread (accumulated one at a time, the
+        // compiler kept two; 2.1 of about 4 TB/s on an H200). ld.global.cg:
+        // peers' combines land while this kernel runs, so no L1 copy.
 #pragma unroll
-        for (int j = 0; j < MAX_TOPK; ++j) {
-          if (rows[j] == nullptr) continue;
-          const uint4 q = rows[j][v];
-          const unsigned u[4] = {q.x, q.y, q.z, q.w};
+        for (int g = 0; g < MAX_TOPK; g += REDUCE_GROUP) {
+          if (g >= p.k) break;
+          uint4 q[REDUCE_GROUP];
 #pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            acc[2 * h] += wts[j] * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
-            acc[2 * h + 1] += wts[j] * bf16_to_f32((unsigned short)(u[h] >> 16));
+          for (int j = 0; j < REDUCE_GROUP; ++j)
+            if (rows[g + j] != nullptr) q[j] = __ldcg(rows[g + j] + v);
+#pragma unroll
+          for (int j = 0; j < REDUCE_GROUP; ++j) {
+            if (rows[g + j] == nullptr) continue;
+            const unsigned u[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+              acc[2 * h] += wts[g + j] * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
+              acc[2 * h + 1] += wts[g + j] * bf16_to_f32((unsigned short)(u[h] >> 16));
+            }
           }
         }
         uint4 o;

@@ -258,6 +258,8 @@ fn every_routing_and_size_matches_the_reference() {
             (1, 256, 4, 2, 200),
             (2, 512, 4, 2, 256),
             (4, 256, 8, 3, 160),
+            // Above the reduce's group of 8 rows loaded at once.
+            (2, 256, 16, 11, 96),
         ],
     );
 }

@@ -80,6 +80,10 @@ struct GemmParams {
   // CUDA graph, serves every call; no tail is split then.
   const int* num_tiles_dev;
   const u64* epoch_dev;
+  // Gather (one rank's FC1, DESIGN.md 6b): row r of the tile list's row
+  // space is row a_rows[r] of A (x itself), so the rows are never copied
+  // into expert order; null: A's rows are the tile rows.
+  const int* a_rows;
 };
 
 // Tiles of this launch: the device count when there is one.

@@ -57,14 +57,14 @@ __device__ __forceinline__ void load_stage(const GemmParams& p, const TileDesc& 
                                            unsigned sA, unsigned sB) {
   const int tid = threadIdx.x;
   const int half_n = p.N / 2;
-  const bf16_t* Ab = p.A + (size_t)t.row0 * p.K + kb * BK;
   const bf16_t* Bb = p.B + (size_t)t.expert * p.N * p.K + kb * BK;
 #pragma unroll
   for (int i = 0; i < BM * BK / 8 / THREADS; ++i) {
     const int idx = tid + i * THREADS, r = idx >> 3, c = idx & 7;
     const bool ok = r < t.rows;
-    const bf16_t* src = Ab + (size_t)(ok ? r : 0) * p.K + c * 8;
-    cp_async16(sA + swz(r, c) * 2, src, ok);
+    const int row = t.row0 + (ok ? r : 0);
+    const size_t a_row = p.a_rows ? (size_t)p.a_rows[row] : (size_t)row;
+    cp_async16(sA + swz(r, c) * 2, p.A + a_row * p.K + kb * BK + c * 8, ok);
   }
 #pragma unroll
   for (int i = 0; i < BN * BK / 8 / THREADS; ++i) {

@@ -177,6 +177,7 @@ struct DispatchParams {
   const u64* peer_signals;
   const Scalars* sc;
   const u64* epoch;
+  int* gather_rows;         // [recv rows] or null: see comet_dispatch_tokens
   int hidden;
   int k;
   int experts;
@@ -574,7 +575,8 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_co
 
 // The sequential dispatch: a warp per token reads its x row once and stores
 // it into every one of its k destination rows (x is read once, not k
-// times); segments complete as in comet_dispatch.
+// times); segments complete as in comet_dispatch. With gather_rows (one
+// rank, whose FC1 reads x in place) only each row's token is stored.
 extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __grid_constant__ DispatchParams p) {
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
@@ -593,6 +595,13 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __
         mine = reinterpret_cast<unsigned long long>(
             reinterpret_cast<bf16_t*>(p.peer_recv[e / p.epr]) + row * p.hidden);
       }
+    }
+    if (p.gather_rows) {
+      if (e >= 0) p.gather_rows[p.dest_row[e] + p.local_idx[t * p.k + lane]] = (int)t;
+      signal_fence();
+      __syncwarp();
+      count_dispatched(p, e, epoch);
+      continue;
     }
     uint4* dst[MAX_TOPK];
 #pragma unroll

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBi
 use half::bf16;
 
 use crate::error::KernelError;
-use crate::gemm::{check_error_word, GemmArgs, GemmRuntime, HookArgs, SplitArgs};
+use crate::gemm::{check_error_word, Gather, GemmArgs, GemmRuntime, HookArgs, SplitArgs};
 use crate::problem::GroupedProblem;
 use crate::tiles::{TileDesc, TileList};
 use crate::variants::GemmVariant;
@@ -41,6 +41,8 @@ pub struct DeviceProblem {
     pub out_rows: usize,
     /// Split-tail workspace ([`DeviceProblem::enable_split`]).
     split: Option<SplitWorkspace>,
+    /// A's source rows and the row map ([`DeviceProblem::enable_gather`]).
+    gather: Option<(CudaSlice<bf16>, CudaSlice<i32>, usize)>,
 }
 
 /// A tile list in device memory.
@@ -160,6 +162,7 @@ impl DeviceProblem {
             experts: p.experts(),
             out_rows: p.out_rows,
             split: None,
+            gather: None,
         };
         dp.poison()?;
         Ok(dp)
@@ -194,6 +197,41 @@ impl DeviceProblem {
         variants: &[GemmVariant],
     ) -> Result<(), KernelError> {
         self.split = SplitWorkspace::new(&self.stream, rt, variants)?;
+        Ok(())
+    }
+
+    /// Launches from here on read A's rows from `src` (`src_rows` rows of
+    /// K), tile row `r` from row `rows[r]`, as one rank's FC1 reads x.
+    pub fn enable_gather(
+        &mut self,
+        src: &[bf16],
+        src_rows: usize,
+        rows: &[i32],
+    ) -> Result<(), KernelError> {
+        if src.len() != src_rows * self.k || rows.len() != self.total_rows {
+            return Err(KernelError::InvalidShape(format!(
+                "a gather of {} rows from {src_rows} x {} needs {} source values and {} row \
+                 indices, got {} and {}",
+                self.total_rows,
+                self.k,
+                src_rows * self.k,
+                self.total_rows,
+                src.len(),
+                rows.len()
+            )));
+        }
+        if let Some(r) = rows.iter().find(|&&r| r < 0 || r as usize >= src_rows) {
+            return Err(KernelError::InvalidShape(format!(
+                "gather row {r} is outside the {src_rows} source rows"
+            )));
+        }
+        let src_buf = self.stream.clone_htod(src)?;
+        let row_buf = if rows.is_empty() {
+            self.stream.alloc_zeros::<i32>(1)?
+        } else {
+            self.stream.clone_htod(rows)?
+        };
+        self.gather = Some((src_buf, row_buf, src_rows));
         Ok(())
     }
 
@@ -251,7 +289,18 @@ impl DeviceProblem {
         split: bool,
     ) -> Result<(), KernelError> {
         let s = &self.stream;
-        let (a, _ga) = self.a.device_ptr(s);
+        let (a, _ga) = match &self.gather {
+            Some((src, _, _)) => src.device_ptr(s),
+            None => self.a.device_ptr(s),
+        };
+        let gather_rows = self
+            .gather
+            .as_ref()
+            .map(|(_, rows, n)| (rows.device_ptr(s), *n));
+        let gather = gather_rows.as_ref().map(|((rows, _), n)| Gather {
+            rows: *rows,
+            src_rows: *n,
+        });
         let (b, _gb) = self.b.device_ptr(s);
         let (c, _gc) = self.c.device_ptr(s);
         let num_tiles = tiles.len;
@@ -283,6 +332,7 @@ impl DeviceProblem {
             hooks,
             split,
             device: None,
+            gather,
         };
         if self.total_rows == 0 && num_tiles > 0 {
             return Err(KernelError::InvalidShape(

@@ -130,6 +130,10 @@ pub struct DispatchParams {
     pub peer_signals: CUdeviceptr,
     pub sc: CUdeviceptr,
     pub epoch: CUdeviceptr,
+    /// i32 per receive row, or 0. Set (one rank, FC1 gathering x): the
+    /// sequential dispatch writes each row's token there instead of
+    /// copying the row.
+    pub gather_rows: CUdeviceptr,
     pub hidden: i32,
     pub k: i32,
     pub experts: i32,
@@ -211,7 +215,7 @@ pub struct ReduceParams {
 const _: () = assert!(std::mem::size_of::<Scalars>() == 40);
 const _: () = assert!(std::mem::size_of::<RouteParams>() == 56);
 const _: () = assert!(std::mem::size_of::<LayoutParams>() == 208);
-const _: () = assert!(std::mem::size_of::<DispatchParams>() == 128);
+const _: () = assert!(std::mem::size_of::<DispatchParams>() == 136);
 const _: () = assert!(std::mem::size_of::<WaitParams>() == 48);
 const _: () = assert!(std::mem::size_of::<CombineParams>() == 120);
 const _: () = assert!(std::mem::size_of::<ReduceParams>() == 152);

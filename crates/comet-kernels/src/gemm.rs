@@ -51,6 +51,16 @@ pub struct SplitArgs {
 /// from the start, so only a failed launch comes near it.
 const SPLIT_TIMEOUT_NS: u64 = 10_000_000_000;
 
+/// A's rows gathered: tile row `r` (of the `total_rows` row space) reads
+/// row `rows[r]` of `a`, which has `src_rows` rows, instead of row `r`.
+/// One rank's FC1 reads x in place this way (no dispatch copy).
+#[derive(Debug, Clone, Copy)]
+pub struct Gather {
+    /// i32 per tile row, each below `src_rows`.
+    pub rows: CUdeviceptr,
+    pub src_rows: usize,
+}
+
 /// One grouped GEMM launch. All pointers are device pointers; see
 /// kernels/gemm_common.cuh for the layouts.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +88,8 @@ pub struct GemmArgs {
     /// The tile count and epoch live in GPU memory (the device forward);
     /// `num_tiles` is then the tile list's capacity.
     pub device: Option<DeviceWork>,
+    /// None: A's rows are the tile rows.
+    pub gather: Option<Gather>,
 }
 
 /// Work a launch reads from GPU memory at run time (DESIGN.md 6b): the
@@ -123,6 +135,7 @@ struct GemmParamsC {
     sk_ctas: i32,
     num_tiles_dev: u64,
     epoch_dev: u64,
+    a_rows: u64,
 }
 
 #[repr(C, align(64))]
@@ -135,9 +148,9 @@ struct HopperParamsC {
     tma_store: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 176);
+const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 184);
 const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 576);
-const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 560);
+const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 568);
 
 /// Checks the shape rules every variant shares; one error naming the problem.
 pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
@@ -194,6 +207,23 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
         && (a.scatter_idx == 0 || a.scatter_w == 0)
     {
         return bad("the scatter epilogue needs scatter_idx and scatter_w".into());
+    }
+    if let Some(g) = a.gather {
+        if a.num_tiles > 0 && g.rows == 0 {
+            return bad("a gather needs its row map".into());
+        }
+        if g.src_rows == 0 || g.src_rows > i32::MAX as usize {
+            return bad(format!(
+                "a gather's A has {} rows (1 to i32::MAX)",
+                g.src_rows
+            ));
+        }
+        if v.cluster() != 1 {
+            return bad(format!(
+                "{} runs in clusters; a gather takes one CTA per tile",
+                v.kernel_name()
+            ));
+        }
     }
     if v.hooks.wait || v.hooks.raise {
         match a.hooks {
@@ -509,6 +539,7 @@ impl GemmRuntime {
             sk_ctas: split.ctas as i32,
             num_tiles_dev: args.device.map_or(0, |d| d.num_tiles),
             epoch_dev: args.device.map_or(0, |d| d.epoch),
+            a_rows: args.gather.map_or(0, |g| g.rows),
         };
         let shape = v.launch_shape();
         let grid = split.grid as u32;
@@ -530,11 +561,16 @@ impl GemmRuntime {
                 }?;
             }
             Family::Sm90 { bn, tma_store, .. } => {
+                // A gather loads one row per box (kernels/grouped_gemm_sm90.cu).
+                let (a_rows, a_box) = match args.gather {
+                    Some(g) => (g.src_rows, 1),
+                    None => (args.total_rows, 128),
+                };
                 let tma_a = self.maps.get(
                     args.a,
-                    &[args.k as u64, args.total_rows as u64],
+                    &[args.k as u64, a_rows as u64],
                     &[args.k as u64 * 2],
-                    &[64, 128],
+                    &[64, a_box],
                 )?;
                 let tma_b = self.maps.get(
                     args.b,
@@ -741,6 +777,7 @@ mod tests {
             hooks: None,
             split: None,
             device: None,
+            gather: None,
         }
     }
 

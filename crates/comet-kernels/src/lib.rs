@@ -25,7 +25,8 @@
 //! let args = GemmArgs { a, b, c, tiles: d_tiles, num_tiles, total_rows, k: cfg.hidden,
 //!     n: 2 * cfg.ffn, ldc: cfg.ffn, experts, scatter_idx: 0, scatter_w: 0, err,
 //!     hooks: Some(HookArgs { signals, deps: d_deps, wait_target: epoch,
-//!                            raise_value: epoch, timeout_ns }), split: None, device: None };
+//!                            raise_value: epoch, timeout_ns }), split: None, device: None,
+//!     gather: None };
 //! unsafe { rt.launch(&v, &args, &stream)? };
 //! // after the stream: gemm::check_error_word(err word) names a timed-out signal
 //! ```

@@ -186,6 +186,7 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
     d.set_item("fc1_tile_cols", p.tiles.fc1_cols)?;
     d.set_item("fc2_tile_cols", p.tiles.fc2_cols)?;
     d.set_item("max_row_tiles", p.max_row_tiles)?;
+    d.set_item("gather_x", p.gather_x)?;
     // How token rows cross the link: "rows" from kernels storing into
     // peers, "tokens" (once per rank, both ways) from a host proxy.
     d.set_item(

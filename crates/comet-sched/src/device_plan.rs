@@ -66,6 +66,10 @@ pub struct DevicePlan {
     pub max_row_tiles: usize,
     /// How dispatch crosses the link, as the cost model counted it.
     pub wire: WireFormat,
+    /// FC1 reads x's rows in place (one rank: no row leaves it, so the
+    /// dispatch only writes each receive row's token; rows of x whose
+    /// address TMA cannot take fall back to the copy, call by call).
+    pub gather_x: bool,
     pub estimate: CostEstimate,
 }
 
@@ -175,6 +179,7 @@ impl DevicePlan {
             tiles,
             max_row_tiles: recv_capacity.div_ceil(tiles.bm) + epr,
             wire: figures.wire,
+            gather_x: w == 1,
             estimate,
         })
     }
@@ -209,6 +214,7 @@ impl DevicePlan {
              link (cost model): dispatch {} {:.3} ms, combine {:.3} ms\n\
              GEMM grid: {} CTAs overlapping, {} in sequence; communication blocks: {}\n\
              tiles: {} rows, FC1 {} cols, FC2 {} cols; layer1 chunks: {} x {} cols\n\
+             FC1 reads: {}\n\
              capacity: {} tokens, {} receive rows, {} row tiles",
             self.sms,
             self.ranks_per_gpu,
@@ -230,6 +236,11 @@ impl DevicePlan {
             self.tiles.fc2_cols,
             self.chunks,
             self.chunk_cols,
+            if self.gather_x {
+                "x in place (rows gathered by token)"
+            } else {
+                "rows dispatched into expert order"
+            },
             self.capacity,
             self.recv_capacity,
             self.max_row_tiles,
@@ -293,6 +304,8 @@ mod tests {
     fn one_rank_runs_in_sequence_on_the_whole_gpu() {
         let d = plan(Preset::Mixtral8x7b, 1, 1);
         assert!(!d.overlap);
+        assert!(d.gather_x, "one rank's FC1 reads x in place");
+        assert!(!plan(Preset::Mixtral8x7b, 2, 1).gather_x);
         assert_eq!(d.gemm_grid_overlap, 132);
         assert_eq!(d.chunks, 1);
     }

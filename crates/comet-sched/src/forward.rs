@@ -42,7 +42,7 @@ use comet_kernels::forward::{
     fill_u16, fill_u32, layout_smem_bytes, CombineParams, DispatchParams, ForwardKernels, Grid,
     LayoutParams, ReduceParams, RouteParams, Scalars, StatusWord, WaitParams,
 };
-use comet_kernels::gemm::DeviceWork;
+use comet_kernels::gemm::{DeviceWork, Gather};
 use comet_kernels::{
     Epilogue, GemmArgs, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileDesc,
 };
@@ -286,6 +286,8 @@ struct Scratch {
     peer_comb: CUdeviceptr,
     act: CUdeviceptr,
     out: CUdeviceptr,
+    /// i32 token per receive row (plan.gather_x), else 0.
+    gather_rows: CUdeviceptr,
 }
 
 /// Byte offsets inside the state block: epoch, error word, scalars.
@@ -843,6 +845,11 @@ impl<T: DeviceTransport> MoeLayer<T> {
             peer_signals: self.s.peer_signals,
             sc: self.s.sc,
             epoch: self.s.epoch,
+            gather_rows: if !overlapped && self.gathers(a) {
+                self.s.gather_rows
+            } else {
+                0
+            },
             hidden: cfg.hidden as i32,
             k: cfg.top_k as i32,
             experts: cfg.experts as i32,
@@ -921,6 +928,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
         }
     }
 
+    /// Whether this call's FC1 reads x in place: one rank (nothing to
+    /// send) and an x TMA can address (16-byte aligned; torch's
+    /// allocations are). The sequential dispatch then only writes each
+    /// receive row's token.
+    fn gathers(&self, a: &ForwardArgs) -> bool {
+        self.plan.gather_x && a.tokens > 0 && a.x.is_multiple_of(16)
+    }
+
     unsafe fn fc1(
         &self,
         stream: CUstream,
@@ -930,8 +945,19 @@ impl<T: DeviceTransport> MoeLayer<T> {
     ) -> Result<(), SchedError> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
         let v = if hooked { self.v.fc1_wait } else { self.v.fc1 };
+        // The map's rows are the capacity, not this call's tokens, so one
+        // map serves every call over the same x (a captured graph's too);
+        // the rows read are tokens, all below this call's count.
+        let gather = (!hooked && self.gathers(a)).then_some(Gather {
+            rows: self.s.gather_rows,
+            src_rows: p.capacity,
+        });
         let args = GemmArgs {
-            a: self.sym.recv_at,
+            a: if gather.is_some() {
+                a.x
+            } else {
+                self.sym.recv_at
+            },
             b: a.w1,
             c: self.s.act,
             tiles: self.s.fc1_tiles,
@@ -953,6 +979,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             }),
             split: None,
             device: Some(self.work(4, grid)),
+            gather,
         };
         self.launch_gemm(&v, &args, stream)
     }
@@ -989,6 +1016,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             }),
             split: None,
             device: Some(self.work(5, grid)),
+            gather: None,
         };
         self.launch_gemm(&v, &args, stream)
     }
@@ -1301,6 +1329,11 @@ impl Scratch {
             peer_comb: alloc(8 * w, "allocate peer tables")?,
             act: alloc(2 * plan.recv_capacity * cfg.ffn, "allocate activations")?,
             out: alloc(2 * plan.recv_capacity * cfg.hidden, "allocate FC2 output")?,
+            gather_rows: if plan.gather_x {
+                alloc(4 * plan.recv_capacity, "allocate gather rows")?
+            } else {
+                0
+            },
         };
         // Static tables: FC1 tile i of local expert le waits on the
         // dispatch signals of its segments, in arrival order.

@@ -365,26 +365,40 @@ __device__ __forceinline__ bool work_item(const GemmParams& p, int kblocks, unsi
   return tail_piece(p, kblocks, step - whole, pc);
 }
 
-// The producer warp: for every tile of this CTA, wait on its dependency
-// signals (prologue hook), then stream its k-blocks into the ring. Lane 0
-// does the waits, the barriers' expected bytes and the B loads (and A's one
-// 128-row box); with a gather (p.a_rows) every lane loads four of A's rows,
-// one 1-row box each: the 128-byte swizzle is a function of the shared
-// address, so 128 one-row boxes 128 bytes apart lay out as the whole box
-// does. On a failed wait lane 0 sets the abort flag and completes the slot
-// without data so the consumers wake and leave. With CM = 2 both CTAs of a
-// cluster agree on the verdict first (each one's B half lands in the
-// other's ring), and each producer ends by waiting until both CTAs'
-// consumers released every slot, so no CTA leaves while its peer may still
-// arrive on its barriers.
+// Named barrier of the producer warpgroup's 128 threads (0 is
+// __syncthreads, 1 the consumers' raise, 2 and 3 each consumer's own).
+constexpr int PRODUCER_BAR = 4;
+
+// Whether a launch gathers A (p.a_rows): never with dependency waits or
+// clusters (the host refuses both), so those variants compile without it.
+template <bool WAIT, int CM>
+__device__ __forceinline__ bool gathers(const GemmParams& p) {
+  return !WAIT && CM == 1 && p.a_rows != nullptr;
+}
+
+// The producer: thread 0, and with a gather the whole producer warpgroup.
+// For every tile of this CTA it waits on the tile's dependency signals
+// (prologue hook), then streams its k-blocks into the ring. Thread 0 sets
+// each slot's expected bytes and loads B, and A as one 128-row box; with a
+// gather, thread r of the warpgroup loads A's tile row r from row
+// a_rows[row0 + r] of x as a 1-row box (the 128-byte swizzle follows the
+// shared-memory address, so 128 one-row boxes 128 bytes apart lay out as
+// one 128-row box). A TMA's coordinates are warp-uniform, so a warp issues
+// its lanes' boxes one after another: 128 rows over four warps keep that
+// under the k-block's math (one warp alone would not). On a failed wait the
+// producer sets the abort flag and completes the slot without data so the
+// consumers wake and leave. With CM = 2 both CTAs of a cluster agree on
+// the verdict first (each one's B half lands in the other's ring), and
+// each producer ends by waiting until both CTAs' consumers released every
+// slot, so no CTA leaves while its peer may still arrive on its barriers.
 template <int EPI, bool WAIT, int BN, int STAGES, int CM>
 __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, unsigned bars,
-                                        volatile int* abort_flag, int lane) {
+                                        volatile int* abort_flag, int tid) {
   using S = Smem<BN, STAGES>;
   const GemmParams& p = hp.p;
   const int kblocks = p.K / BK;
-  const bool lead = lane == 0;
-  const bool gather = p.a_rows != nullptr;
+  const bool lead = tid == 0;
+  const bool gather = gathers<WAIT, CM>(p);
   const unsigned crank = CM > 1 ? cluster_rank() : 0u;
   const unsigned pair_bar = bars + 2 * STAGES * 8;  // [2]: the peer's verdict arrived
   const unsigned pair_ok = pair_bar + 2 * 8;        // [2]: the peer's verdict
@@ -399,33 +413,25 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
     const TileDesc t = p.tiles[pc.tile];
     bool ok = true;
     if (WAIT) {
-      if (lead) {
-        for (int i = 0; i < t.dep_cnt && ok; ++i)
-          ok = signal_wait(p.signals, p.deps[t.dep_off + i], hook_wait_target(p), p.timeout_ns, p.err);
-        if (CM > 1) {
-          // Two slots, so the peer can be one pair ahead but never two.
-          const unsigned slot = (unsigned)q & 1u, peer = crank ^ 1u;
-          st_shared_cluster_u32(mapa(pair_ok + slot * 4, peer), ok ? 1u : 0u);
-          mbar_arrive_remote_release(mapa(pair_bar + slot * 8, peer));
-          mbar_wait_cluster(pair_bar + slot * 8, (unsigned)(q >> 1) & 1u);
-          ok = ok && ld_shared_u32(pair_ok + slot * 4) != 0u;
-        }
-      }
-      ok = __shfl_sync(0xffffffffu, ok ? 1 : 0, 0) != 0;
-      // Lane 0's acquire ordered before every lane's loads, and A and B
-      // are read by the async proxy after it.
-      __syncwarp();
+      for (int i = 0; i < t.dep_cnt && ok; ++i)
+        ok = signal_wait(p.signals, p.deps[t.dep_off + i], hook_wait_target(p), p.timeout_ns, p.err);
+      // A and B are read by the async proxy after the acquire.
       asm volatile("fence.proxy.async.global;\n" ::: "memory");
+      if (CM > 1) {
+        // Two slots, so the peer can be one pair ahead but never two.
+        const unsigned slot = (unsigned)q & 1u, peer = crank ^ 1u;
+        st_shared_cluster_u32(mapa(pair_ok + slot * 4, peer), ok ? 1u : 0u);
+        mbar_arrive_remote_release(mapa(pair_bar + slot * 8, peer));
+        mbar_wait_cluster(pair_bar + slot * 8, (unsigned)(q >> 1) & 1u);
+        ok = ok && ld_shared_u32(pair_ok + slot * 4) != 0u;
+      }
     }
     if (!ok) {
-      if (lead) {
-        // The slot free (with CM > 1 every slot: both CTAs' consumers are
-        // done with earlier tiles, so no peer arrives here after this CTA
-        // leaves).
-        for (int j = 0; j < (CM > 1 ? STAGES : 1); ++j) wait_empty(it + j);
-        *abort_flag = 1;
-        mbar_arrive(bars + (it % STAGES) * 8);  // wakes the consumers without data
-      }
+      // The slot free (with CM > 1 every slot: both CTAs' consumers are done
+      // with earlier tiles, so no peer arrives here after this CTA leaves).
+      for (int j = 0; j < (CM > 1 ? STAGES : 1); ++j) wait_empty(it + j);
+      *abort_flag = 1;
+      mbar_arrive(bars + (it % STAGES) * 8);  // wakes the consumers without data
       return;
     }
     const int bn0 = t.n0;
@@ -433,15 +439,11 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
     // The second CTA of a pair may have no rows: it still takes B for both.
     const bool has_a = CM == 1 || t.rows > 0;
     const unsigned bytes = has_a ? S::STAGE_BYTES : S::B_BYTES;
-    // Gather: this lane's rows lane + 32 i of the tile; rows past the tile
-    // repeat its last row (loaded, never stored).
-    int src[BM / 32];
-    if (gather && has_a) {
-#pragma unroll
-      for (int i = 0; i < BM / 32; ++i) {
-        const int r = lane + 32 * i;
-        src[i] = p.a_rows[t.row0 + (r < t.rows ? r : (t.rows > 0 ? t.rows - 1 : 0))];
-      }
+    // Gather: rows past the tile repeat its last row (loaded, never stored).
+    int src = 0;
+    if (gather) {
+      const int last = t.rows > 0 ? t.rows - 1 : 0;
+      src = p.a_rows[t.row0 + (tid < t.rows ? tid : last)];
     }
     for (int kb = pc.kb0; kb < pc.kb1; ++kb, ++it) {
       const int s = it % STAGES;
@@ -451,13 +453,10 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
       const unsigned sb = sa + S::A_BYTES;
       if (lead) mbar_expect_tx(full, bytes);
       if (gather) {
-        // The expected bytes are on the barrier before any lane's load.
-        __syncwarp();
-        if (has_a)
-#pragma unroll
-          for (int i = 0; i < BM / 32; ++i)
-            tma_load_2d(sa + (unsigned)(lane + 32 * i) * (BK * 2), &hp.tma_a, full, kb * BK, src[i]);
-      } else if (lead && has_a) {
+        // The expected bytes are on the barrier before any row's load.
+        named_barrier(PRODUCER_BAR, 128);
+        tma_load_2d(sa + (unsigned)tid * (BK * 2), &hp.tma_a, full, kb * BK, src);
+      } else if (has_a) {
         tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
       }
       if (!lead) continue;
@@ -470,7 +469,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
       }
     }
   }
-  if (CM > 1 && lead)
+  if (CM > 1)
     for (int j = 0; j < STAGES; ++j) wait_empty(it + j);
 }
 
@@ -533,7 +532,8 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x < 32) produce<EPI, WAIT, BN, STAGES, CM>(hp, ring, bars, abort_flag, threadIdx.x);
+    if (threadIdx.x == 0 || (gathers<WAIT, CM>(p) && threadIdx.x < 128))
+      produce<EPI, WAIT, BN, STAGES, CM>(hp, ring, bars, abort_flag, threadIdx.x);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int cw = wg - 1;  // consumer index: tile rows cw*64 .. +64

@@ -218,9 +218,10 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
                 g.src_rows
             ));
         }
-        if v.cluster() != 1 {
+        if v.cluster() != 1 || v.hooks.wait {
             return bad(format!(
-                "{} runs in clusters; a gather takes one CTA per tile",
+                "{}: a gather takes one CTA per tile and no dependency waits (not clusters, \
+                 not the wait hook)",
                 v.kernel_name()
             ));
         }
@@ -779,6 +780,54 @@ mod tests {
             device: None,
             gather: None,
         }
+    }
+
+    #[test]
+    fn a_gather_needs_its_rows_one_cta_per_tile_and_no_waits() {
+        let g = |rows, src_rows| GemmArgs {
+            gather: Some(Gather { rows, src_rows }),
+            ..args()
+        };
+        for fam in [Family::Sm80, Family::SM90_DEFAULT] {
+            let v = GemmVariant::new(fam, Epilogue::SwiGlu, Hooks::NONE);
+            validate_args(&v, &g(0x100, 7)).unwrap();
+            let e = validate_args(&v, &g(0, 7)).unwrap_err().to_string();
+            assert!(e.contains("row map"), "{e}");
+            let e = validate_args(&v, &g(0x100, 0)).unwrap_err().to_string();
+            assert!(e.contains("0 rows"), "{e}");
+            let waits = GemmVariant::new(
+                fam,
+                Epilogue::SwiGlu,
+                Hooks {
+                    wait: true,
+                    raise: false,
+                },
+            );
+            let hooked = GemmArgs {
+                hooks: Some(HookArgs {
+                    signals: 1,
+                    deps: 1,
+                    wait_target: 1,
+                    raise_value: 1,
+                    timeout_ns: 1,
+                }),
+                err: 1,
+                ..g(0x100, 7)
+            };
+            let e = validate_args(&waits, &hooked).unwrap_err().to_string();
+            assert!(e.contains("no dependency waits"), "{e}");
+        }
+        let c2 = GemmVariant::new(Family::SM90_CLUSTER, Epilogue::Store, Hooks::NONE);
+        let e = validate_args(
+            &c2,
+            &GemmArgs {
+                num_tiles: 2,
+                ..g(0x100, 7)
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("clusters"), "{e}");
     }
 
     #[test]

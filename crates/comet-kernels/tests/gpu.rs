@@ -889,7 +889,7 @@ fn gathered_rows_equal_materialised_rows() {
             let launched = dp.launch(&rt, &v, None);
             if v.cluster() > 1 {
                 match launched {
-                    Err(KernelError::InvalidShape(m)) => assert!(m.contains("cluster"), "{m}"),
+                    Err(KernelError::InvalidShape(m)) => assert!(m.contains("clusters"), "{m}"),
                     other => panic!("{}: a clustered gather ran: {other:?}", v.kernel_name()),
                 }
                 continue;

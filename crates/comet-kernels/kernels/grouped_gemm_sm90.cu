@@ -365,32 +365,47 @@ __device__ __forceinline__ bool work_item(const GemmParams& p, int kblocks, unsi
   return tail_piece(p, kblocks, step - whole, pc);
 }
 
-// Named barrier of the producer warpgroup's 128 threads (0 is
-// __syncthreads, 1 the consumers' raise, 2 and 3 each consumer's own).
-constexpr int PRODUCER_BAR = 4;
-
 // Whether a launch gathers A (p.a_rows): never with dependency waits or
 // clusters (the host refuses both), so those variants compile without it.
 template <bool WAIT, int CM>
 __device__ __forceinline__ bool gathers(const GemmParams& p) {
   return !WAIT && CM == 1 && p.a_rows != nullptr;
 }
+constexpr int GATHER_THREADS = 128;
+constexpr int GATHER_LAG = 2;
+
+__device__ __forceinline__ void cp_async_cg16(unsigned dst, const void* src, unsigned bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // The producer: thread 0, and with a gather the whole producer warpgroup.
 // For every tile of this CTA it waits on the tile's dependency signals
-// (prologue hook), then streams its k-blocks into the ring. Thread 0 sets
-// each slot's expected bytes and loads B, and A as one 128-row box; with a
-// gather, thread r of the warpgroup loads A's tile row r from row
-// a_rows[row0 + r] of x as a 1-row box (the 128-byte swizzle follows the
-// shared-memory address, so 128 one-row boxes 128 bytes apart lay out as
-// one 128-row box). A TMA's coordinates are warp-uniform, so a warp issues
-// its lanes' boxes one after another: 128 rows over four warps keep that
-// under the k-block's math (one warp alone would not). On a failed wait the
-// producer sets the abort flag and completes the slot without data so the
-// consumers wake and leave. With CM = 2 both CTAs of a cluster agree on
-// the verdict first (each one's B half lands in the other's ring), and
+// (prologue hook), then streams its k-blocks into the ring: thread 0 sets
+// each slot's expected bytes and loads B, and A as one 128-row TMA box. On
+// a failed wait it sets the abort flag and completes the slot without data
+// so the consumers wake and leave. With CM = 2 both CTAs of a cluster agree
+// on the verdict first (each one's B half lands in the other's ring), and
 // each producer ends by waiting until both CTAs' consumers released every
 // slot, so no CTA leaves while its peer may still arrive on its barriers.
+//
+// A gather (tile row r reads row a_rows[row0 + r] of x) loads A with
+// cp.async instead, 16 bytes a thread and instruction, 8 threads a row so
+// each instruction reads 4 whole 128-byte rows, written in TMA's 128-byte
+// swizzle (chunk c of row r at c ^ (r & 7)). One TMA box per row was
+// measured first: 128 boxes a k-block made FC1 1.65x slower (docs/PERF.md,
+// 2026-12-06). Each thread's copies of k-block i are known complete when
+// its cp.async group for i is; the thread then makes them visible to the
+// async proxy (wgmma reads through it) and arrives on the slot, whose
+// barrier counts those 128 arrivals besides thread 0's expected bytes for
+// B. Arrivals trail the copies by GATHER_LAG k-blocks, so that many are in
+// flight; the slot the producer waits for is then still one the consumers
+// can release (GATHER_LAG <= STAGES - 2).
 template <int EPI, bool WAIT, int BN, int STAGES, int CM>
 __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, unsigned bars,
                                         volatile int* abort_flag, int tid) {
@@ -406,7 +421,8 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
   auto wait_empty = [&](int i) {
     mbar_wait(bars + (STAGES + i % STAGES) * 8, ((unsigned)(i / STAGES) & 1u) ^ 1u);
   };
-  int it = 0;  // k-block counter across tiles: ring slot and phase
+  int it = 0;       // k-block counter across tiles: ring slot and phase
+  int arrived = 0;  // gather: k-blocks whose A this thread has arrived on
   for (int q = 0;; ++q) {  // q: work items (pairs) taken
     Piece pc;
     if (!work_item<CM>(p, kblocks, crank, q, pc)) break;
@@ -439,11 +455,16 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
     // The second CTA of a pair may have no rows: it still takes B for both.
     const bool has_a = CM == 1 || t.rows > 0;
     const unsigned bytes = has_a ? S::STAGE_BYTES : S::B_BYTES;
-    // Gather: rows past the tile repeat its last row (loaded, never stored).
-    int src = 0;
+    // Gather: this thread's 16-byte chunk c of rows r0 + 16 i; rows past
+    // the tile are zero-filled (read from the tile's first row, 0 bytes).
+    const int c = tid & 7, r0 = tid >> 3;
+    int src[BM / 16];
     if (gather) {
-      const int last = t.rows > 0 ? t.rows - 1 : 0;
-      src = p.a_rows[t.row0 + (tid < t.rows ? tid : last)];
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i) {
+        const int r = r0 + 16 * i;
+        src[i] = r < t.rows ? p.a_rows[t.row0 + r] : -1;
+      }
     }
     for (int kb = pc.kb0; kb < pc.kb1; ++kb, ++it) {
       const int s = it % STAGES;
@@ -451,13 +472,25 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
       const unsigned full = bars + s * 8;
       const unsigned sa = ring + s * S::STAGE_BYTES;
       const unsigned sb = sa + S::A_BYTES;
-      if (lead) mbar_expect_tx(full, bytes);
       if (gather) {
-        // The expected bytes are on the barrier before any row's load.
-        named_barrier(PRODUCER_BAR, 128);
-        tma_load_2d(sa + (unsigned)tid * (BK * 2), &hp.tma_a, full, kb * BK, src);
-      } else if (has_a) {
-        tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
+        if (lead) mbar_expect_tx(full, S::B_BYTES);
+        // Row r's swizzle term r & 7 is r0 & 7 for every row of this thread.
+        const unsigned dst = sa + (unsigned)r0 * (BK * 2) + (unsigned)((c ^ (r0 & 7)) << 4);
+#pragma unroll
+        for (int i = 0; i < BM / 16; ++i) {
+          const bf16_t* row = p.A + (size_t)(src[i] < 0 ? 0 : src[i]) * p.K + kb * BK + c * 8;
+          cp_async_cg16(dst + (unsigned)(16 * i) * (BK * 2), row, src[i] < 0 ? 0u : 16u);
+        }
+        cp_async_commit();
+        if (it - arrived >= GATHER_LAG) {
+          cp_async_wait<GATHER_LAG>();
+          fence_proxy_async_smem();
+          mbar_arrive(bars + (arrived % STAGES) * 8);
+          ++arrived;
+        }
+      } else {
+        mbar_expect_tx(full, bytes);
+        if (has_a) tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
       }
       if (!lead) continue;
       if (CM == 1) {
@@ -468,6 +501,11 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
                        crank ? bn1 : bn0, t.expert, (unsigned short)0x3);
       }
     }
+  }
+  if (gather) {
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    for (; arrived < it; ++arrived) mbar_arrive(bars + (arrived % STAGES) * 8);
   }
   if (CM > 1)
     for (int j = 0; j < STAGES; ++j) wait_empty(it + j);
@@ -515,7 +553,8 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bars + s * 8, 1);                  // producer's expect_tx arrival
+      // thread 0's expect_tx arrival (and each gathering thread's)
+      mbar_init(bars + s * 8, gathers<WAIT, CM>(p) ? 1 + GATHER_THREADS : 1);
       mbar_init(bars + (STAGES + s) * 8, 8 * CM);  // each consumer warp of the cluster
     }
     mbar_init(bars + 2 * STAGES * 8, 1);
@@ -532,7 +571,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x == 0 || (gathers<WAIT, CM>(p) && threadIdx.x < 128))
+    if (threadIdx.x == 0 || (gathers<WAIT, CM>(p) && threadIdx.x < GATHER_THREADS))
       produce<EPI, WAIT, BN, STAGES, CM>(hp, ring, bars, abort_flag, threadIdx.x);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");

@@ -861,12 +861,19 @@ fn token_kernels_sum_and_expand_pieces() {
 #[ignore = "needs a CUDA GPU"]
 fn gathered_rows_equal_materialised_rows() {
     let (_ctx, stream, rt) = setup();
-    let counts = vec![0, 1, 130, 5, 257];
     let mut rng = ChaCha8Rng::seed_from_u64(91);
+    // Small; and more tiles than CTAs with 16 k-blocks a tile, so every
+    // ring slot is reused and producers run on into further tiles.
+    let shapes = [
+        (vec![0, 1, 130, 5, 257], 256, Epilogue::SwiGlu),
+        (vec![0, 1, 130, 5, 257], 256, Epilogue::Store),
+        (vec![20000, 3, 900], 1024, Epilogue::SwiGlu),
+    ];
     for family in families(&rt) {
-        for epi in [Epilogue::SwiGlu, Epilogue::Store] {
+        for (counts, k, epi) in &shapes {
+            let (counts, k, epi) = (counts.clone(), *k, *epi);
             let n = if epi == Epilogue::SwiGlu { 384 } else { 192 };
-            let mut p = GroupedProblem::new(counts.clone(), 256, n, epi, 13);
+            let mut p = GroupedProblem::new(counts, k, n, epi, 13);
             let (k, src_rows) = (p.k, 97);
             let src: Vec<half::bf16> = (0..src_rows * k)
                 .map(|_| half::bf16::from_f32(rng.gen_range(-1.0f32..1.0)))

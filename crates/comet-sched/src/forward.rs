@@ -936,11 +936,13 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.plan.gather_x && a.tokens > 0 && a.x.is_multiple_of(16)
     }
 
+    /// `gather`: A is x, its rows by the dispatch's gather rows.
     unsafe fn fc1(
         &self,
         stream: CUstream,
         a: &ForwardArgs,
         hooked: bool,
+        gather: bool,
         grid: usize,
     ) -> Result<(), SchedError> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
@@ -948,7 +950,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         // The map's rows are the capacity, not this call's tokens, so one
         // map serves every call over the same x (a captured graph's too);
         // the rows read are tokens, all below this call's count.
-        let gather = (!hooked && self.gathers(a)).then_some(Gather {
+        let gather = gather.then_some(Gather {
             rows: self.s.gather_rows,
             src_rows: p.capacity,
         });
@@ -1129,7 +1131,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe {
             self.fork_side(stream)?;
             self.dispatch(side, a, comm, true)?;
-            self.fc1(stream, a, true, grid)?;
+            self.fc1(stream, a, true, false, grid)?;
             self.fc2(stream, a, true, grid)?;
             self.combine(side, true, comm)?;
             self.reduce(stream, a, grid)?;
@@ -1145,7 +1147,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.dispatch(stream, a, aux, false)?;
             self.wait_dispatch(stream)?;
             self.mark(3, stream)?;
-            self.fc1(stream, a, false, grid)?;
+            self.fc1(stream, a, false, self.gathers(a), grid)?;
             self.mark(4, stream)?;
             self.fc2(stream, a, false, grid)?;
             self.mark(5, stream)?;
@@ -1188,6 +1190,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
 
     /// Enqueues only the two grouped GEMMs (no hooks, whole share) over the
     /// rows and tile lists of the last call: the bench's GEMM-only figure.
+    /// FC1 reads the receive rows even where the forward gathers x (one
+    /// rank): the plain grouped GEMM is the baseline the gather is judged
+    /// by (those rows then hold whatever they held; the time does not
+    /// depend on it).
     ///
     /// # Safety
     /// As [`MoeLayer::forward`]; a call must have run before.
@@ -1199,7 +1205,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.check_args(a)?;
         // SAFETY: as in forward.
         unsafe {
-            self.fc1(stream, a, false, self.plan.gemm_grid)?;
+            self.fc1(stream, a, false, false, self.plan.gemm_grid)?;
             self.fc2(stream, a, false, self.plan.gemm_grid)
         }
     }

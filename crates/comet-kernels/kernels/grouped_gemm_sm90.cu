@@ -25,7 +25,7 @@ struct alignas(64) TmaDesc {
 };
 
 struct HopperParams {
-  TmaDesc tma_a;  // A: dims {K, total_rows}, box {64, 128}; gather: {K, A rows}, box {64, 1}
+  TmaDesc tma_a;  // A: dims {K, total_rows}, box {64, 128} (unused by a gather)
   TmaDesc tma_b;  // B: dims {K, N, E}, box {64, BN/2}
   TmaDesc tma_c;  // C: dims {output cols, total_rows}, box {64, 64} (TMA-store variants)
   GemmParams p;

@@ -562,17 +562,17 @@ impl GemmRuntime {
                 }?;
             }
             Family::Sm90 { bn, tma_store, .. } => {
-                // A gather loads one row per box (kernels/grouped_gemm_sm90.cu).
-                let (a_rows, a_box) = match args.gather {
-                    Some(g) => (g.src_rows, 1),
-                    None => (args.total_rows, 128),
+                // A gather loads A with cp.async, not TMA
+                // (kernels/grouped_gemm_sm90.cu): no map for it.
+                let tma_a = match args.gather {
+                    Some(_) => [0; 16],
+                    None => self.maps.get(
+                        args.a,
+                        &[args.k as u64, args.total_rows as u64],
+                        &[args.k as u64 * 2],
+                        &[64, 128],
+                    )?,
                 };
-                let tma_a = self.maps.get(
-                    args.a,
-                    &[args.k as u64, a_rows as u64],
-                    &[args.k as u64 * 2],
-                    &[64, a_box],
-                )?;
                 let tma_b = self.maps.get(
                     args.b,
                     &[args.k as u64, args.n as u64, args.experts as u64],

@@ -67,8 +67,7 @@ pub struct DevicePlan {
     /// How dispatch crosses the link, as the cost model counted it.
     pub wire: WireFormat,
     /// FC1 reads x's rows in place (one rank: no row leaves it, so the
-    /// dispatch only writes each receive row's token; rows of x whose
-    /// address TMA cannot take fall back to the copy, call by call).
+    /// dispatch only writes each receive row's token).
     pub gather_x: bool,
     pub estimate: CostEstimate,
 }

@@ -929,11 +929,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
     }
 
     /// Whether this call's FC1 reads x in place: one rank (nothing to
-    /// send) and an x TMA can address (16-byte aligned; torch's
-    /// allocations are). The sequential dispatch then only writes each
-    /// receive row's token.
+    /// send) and rows to read. The sequential dispatch then only writes
+    /// each receive row's token.
     fn gathers(&self, a: &ForwardArgs) -> bool {
-        self.plan.gather_x && a.tokens > 0 && a.x.is_multiple_of(16)
+        self.plan.gather_x && a.tokens > 0
     }
 
     /// `gather`: A is x, its rows by the dispatch's gather rows.
@@ -947,9 +946,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     ) -> Result<(), SchedError> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
         let v = if hooked { self.v.fc1_wait } else { self.v.fc1 };
-        // The map's rows are the capacity, not this call's tokens, so one
-        // map serves every call over the same x (a captured graph's too);
-        // the rows read are tokens, all below this call's count.
+        // Rows read are tokens, all below this call's count.
         let gather = gather.then_some(Gather {
             rows: self.s.gather_rows,
             src_rows: p.capacity,

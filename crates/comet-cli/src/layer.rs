@@ -86,6 +86,12 @@ pub struct LayerArgs {
     /// expert, as the kernels lay them out).
     #[arg(long, default_value = "tokens", value_parser = ["tokens", "rows"])]
     pub wire: String,
+    /// With --gpu and one rank: FC1 reads x's rows in place instead of
+    /// rows the dispatch copied into expert order (GEMM-only keeps the
+    /// copied rows, so its ratio to fused shows what the gather costs or
+    /// saves). Off by default until measured (docs/PERF.md).
+    #[arg(long)]
+    pub gather_x: bool,
     /// With --gpu: also time each phase of one sequential call (route,
     /// layout, dispatch, fc1, fc2, combine, reduce) with CUDA events.
     #[arg(long)]

@@ -116,6 +116,7 @@ fn bench_one(
             "rows" => WireFormat::Rows,
             _ => WireFormat::Tokens,
         },
+        gather_x: a.gather_x,
         ..LayerOptions::default()
     };
     let wire = if staged {

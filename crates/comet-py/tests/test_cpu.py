@@ -235,8 +235,8 @@ def test_plan_of_a_mixtral_layer():
     assert p["capacity"] == 8192 and p["recv_capacity"] == 8192 * 2
     assert "device forward" in p["text"]
     assert p["wire"] == "rows", "kernels store a row per (token, expert) over nvlink"
-    assert p["gather_x"] is True, "one rank's FC1 reads x in place"
-    assert "x in place" in p["text"]
+    assert p["gather_x"] is False, "FC1 reads dispatched rows unless asked"
+    assert "rows dispatched into expert order" in p["text"]
     est = p["estimate"]
     assert est["gemm_ms"] > 0 and est["baseline_ms"] >= est["gemm_ms"]
 

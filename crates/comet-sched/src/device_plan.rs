@@ -67,7 +67,9 @@ pub struct DevicePlan {
     /// How dispatch crosses the link, as the cost model counted it.
     pub wire: WireFormat,
     /// FC1 reads x's rows in place (one rank: no row leaves it, so the
-    /// dispatch only writes each receive row's token).
+    /// dispatch only writes each receive row's token). `new` leaves it
+    /// off; a layer of one rank sets it where asked
+    /// (`LayerOptions::gather_x`).
     pub gather_x: bool,
     pub estimate: CostEstimate,
 }
@@ -178,7 +180,7 @@ impl DevicePlan {
             tiles,
             max_row_tiles: recv_capacity.div_ceil(tiles.bm) + epr,
             wire: figures.wire,
-            gather_x: w == 1,
+            gather_x: false,
             estimate,
         })
     }
@@ -303,8 +305,7 @@ mod tests {
     fn one_rank_runs_in_sequence_on_the_whole_gpu() {
         let d = plan(Preset::Mixtral8x7b, 1, 1);
         assert!(!d.overlap);
-        assert!(d.gather_x, "one rank's FC1 reads x in place");
-        assert!(!plan(Preset::Mixtral8x7b, 2, 1).gather_x);
+        assert!(!d.gather_x, "FC1 over dispatched rows unless a layer asks");
         assert_eq!(d.gemm_grid_overlap, 132);
         assert_eq!(d.chunks, 1);
     }

@@ -113,6 +113,13 @@ pub struct LayerOptions {
     /// must run while the layer's kernels spin waiting for what they
     /// bring): the ranks on the GPU share the others.
     pub reserved_sms: usize,
+    /// One rank: FC1 reads x's rows in place instead of rows the dispatch
+    /// copied into expert order ([`DevicePlan::gather_x`]). Off by
+    /// default until its FC1 is timed against the plain one on a GPU: the
+    /// GEMM's gather passes its GPU test in its first form (one TMA box per
+    /// row, 1.6x slower), its cp.async form has not run yet (docs/PERF.md,
+    /// 2026-12-06); `comet bench --gather-x` times it.
+    pub gather_x: bool,
 }
 
 impl Default for LayerOptions {
@@ -124,6 +131,7 @@ impl Default for LayerOptions {
             figures: None,
             wire_format: WireFormat::Tokens,
             reserved_sms: 0,
+            gather_x: false,
         }
     }
 }
@@ -376,7 +384,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             // A proxy carries the bytes, in its dispatch wire format.
             figures.wire = opts.wire_format;
         }
-        let plan = DevicePlan::new(
+        let mut plan = DevicePlan::new(
             cfg,
             capacity,
             opts.recv_capacity,
@@ -387,6 +395,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             v.tiles(),
             &figures,
         )?;
+        plan.gather_x = opts.gather_x && cfg.ranks == 1;
         if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
             return Err(SchedError::Input {
                 rank,

@@ -249,6 +249,46 @@ fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize, wire: WireFo
     }
 }
 
+/// One rank whose FC1 reads x in place (`LayerOptions::gather_x`): every
+/// routing kind at T = 0, 1, the capacity and below it, both modes, top-2
+/// and top-11 (dropped slots among them: SomeEmpty, SilentRank), against
+/// the reference; then 30 calls with changing routing and T.
+#[test]
+#[ignore = "needs a GPU"]
+fn one_rank_gathering_x_matches_the_reference() {
+    for (experts, k, cap) in [(4, 2, 200), (16, 11, 96)] {
+        let c = cfg(1, 512, experts, k);
+        let o = LayerOptions {
+            gather_x: true,
+            ..opts(&c, cap)
+        };
+        let mut h = Harness::new(&c, cap, &o);
+        assert!(h.world.ranks()[0].layer.plan().gather_x);
+        for (i, kind) in routings().into_iter().enumerate() {
+            for tokens in [0, 1, cap, cap - 37] {
+                let inputs = h.inputs(&[tokens], kind, (i * 10 + tokens) as u64);
+                for mode in modes() {
+                    h.call(
+                        &inputs,
+                        mode,
+                        &format!("gather {kind:?} T={tokens} {mode:?}"),
+                    );
+                }
+            }
+        }
+        for call in 0..30u64 {
+            let tokens = [cap, 1, cap / 2, 0, cap - 5][call as usize % 5];
+            let kind = routings()[call as usize % 5];
+            let inputs = h.inputs(&[tokens], kind, 1000 + call);
+            h.call(
+                &inputs,
+                modes()[call as usize % 2],
+                &format!("gather call {call}"),
+            );
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn every_routing_and_size_matches_the_reference() {

@@ -4,6 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
+#   bash scripts/device-checks.sh first   # what the last session left open, ~5 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
@@ -21,7 +22,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile|badid}
+part=${1:?usage: device-checks.sh first|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile|badid}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -34,6 +35,22 @@ tests() { timeout "$2" $R "$1" --ignored --test-threads=1 2>&1 | tee "$O/$1.log"
 B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
+first)
+  # The open questions of the last session in one call of about 5 minutes
+  # (device starts are scarce): the GEMM's cp.async gather and the layer
+  # over it, qwen2-moe at one rank with and without it, and issue 16's
+  # UCX figures with the summed combine (mixtral's FFN doubled puts comm
+  # near the GEMMs; token-once against rows over shared memory).
+  step kernels tests comet-kernels-gpu 120
+  step gather-layer bash -c "timeout 120 $R gpu_layer --ignored --test-threads=1 one_rank_gathering_x 2>&1 | tee $O/gather_layer.log | grep -E '^test |test result|panicked'"
+  for g in "" "--gather-x"; do
+    step "qwen-w1 $g" bash -c "timeout 60 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 5 --phases $g 2>&1 | tee $O/qwen_w1${g//-/_}.md | grep -E '^[|]|^phases'"
+  done
+  step "ucx mixtral ffn 28672" bash -c "UCX_TLS=sm,self timeout 90 $R comet launch -n 2 -- .bundle/comet bench --gpu --preset mixtral-8x7b --ffn 28672 --tokens 4096 --iters 3 --ranks 2 --phases --transport ucx 2>&1 | tee $O/ucx_mixtral_eq.md | grep -E '[|]|phases'"
+  for d in tokens rows; do
+    step "wire sm $d" bash -c "UCX_TLS=sm,self timeout 60 $R comet launch -n 2 -- .bundle/comet bench --gpu --hidden 3584 --ffn 2560 --experts 64 --top-k 8 --tokens 2048 --iters 3 --ranks 2 --transport ucx --wire $d 2>&1 | tee $O/wire_sm_$d.md | grep -E '[|]'"
+  done
+  ;;
 tests)
   step gpu_layer tests gpu_layer 420
   step comet-kernels-gpu tests comet-kernels-gpu 150
@@ -116,7 +133,7 @@ badid)
   step badid bash -c "timeout 120 env RUST_LOG=comet_sched=debug $R gpu_layer --ignored --exact bad_inputs_are_clear_errors --nocapture 2>&1 | tee $O/badid.log | grep -E 'proxy|panicked|timed out|expected' | tail -40"
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (tests, ucx, bench, ucxbench, wire, nccl, qwen, py, profile or badid)" >&2
+  echo "device-checks.sh: unknown part $part (first, tests, ucx, bench, ucxbench, wire, nccl, qwen, py, profile or badid)" >&2
   exit 2
   ;;
 esac

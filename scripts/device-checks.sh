@@ -14,7 +14,6 @@
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
-#   bash scripts/device-checks.sh badid   # the staged bad-id test, with the proxy's log
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
 # ucx, wire and ucxbench (issue 16); nccl needs a 2-GPU kind.
@@ -22,7 +21,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile|badid}
+part=${1:?usage: device-checks.sh first|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -126,14 +125,8 @@ profile)
   # alone (METHOD.md).
   step ncu-reduce-dispatch bash -c "timeout 400 ncu --clock-control none --target-processes all -k regex:'comet_reduce|comet_dispatch_tokens' -c 4 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats bash $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 1 2>&1 | tee $O/ncu_qwen.txt | grep -E 'comet_|Throughput|Achieved Occupancy|Registers|Stall|Duration' | head -60"
   ;;
-badid)
-  # The staged half of bad_inputs_are_clear_errors timed out on the rank
-  # with the out-of-range id (2026-12-05 re-run; before every kernel was
-  # loaded eagerly, dd9cf9a): the proxies' log says which piece never moved.
-  step badid bash -c "timeout 120 env RUST_LOG=comet_sched=debug $R gpu_layer --ignored --exact bad_inputs_are_clear_errors --nocapture 2>&1 | tee $O/badid.log | grep -E 'proxy|panicked|timed out|expected' | tail -40"
-  ;;
 *)
-  echo "device-checks.sh: unknown part $part (first, tests, ucx, bench, ucxbench, wire, nccl, qwen, py, profile or badid)" >&2
+  echo "device-checks.sh: unknown part $part (first, tests, ucx, bench, ucxbench, wire, nccl, qwen, py or profile)" >&2
   exit 2
   ;;
 esac

@@ -41,8 +41,16 @@ pub struct DeviceProblem {
     pub out_rows: usize,
     /// Split-tail workspace ([`DeviceProblem::enable_split`]).
     split: Option<SplitWorkspace>,
-    /// A's source rows and the row map ([`DeviceProblem::enable_gather`]).
-    gather: Option<(CudaSlice<bf16>, CudaSlice<i32>, usize)>,
+    /// [`DeviceProblem::enable_gather`].
+    gather: Option<GatherSource>,
+}
+
+/// A gathered A on the GPU: `src_rows` rows of K, and the source row of
+/// each tile row.
+struct GatherSource {
+    src: CudaSlice<bf16>,
+    rows: CudaSlice<i32>,
+    src_rows: usize,
 }
 
 /// A tile list in device memory.
@@ -225,13 +233,15 @@ impl DeviceProblem {
                 "gather row {r} is outside the {src_rows} source rows"
             )));
         }
-        let src_buf = self.stream.clone_htod(src)?;
-        let row_buf = if rows.is_empty() {
-            self.stream.alloc_zeros::<i32>(1)?
-        } else {
-            self.stream.clone_htod(rows)?
-        };
-        self.gather = Some((src_buf, row_buf, src_rows));
+        self.gather = Some(GatherSource {
+            src: self.stream.clone_htod(src)?,
+            rows: if rows.is_empty() {
+                self.stream.alloc_zeros::<i32>(1)?
+            } else {
+                self.stream.clone_htod(rows)?
+            },
+            src_rows,
+        });
         Ok(())
     }
 
@@ -290,17 +300,16 @@ impl DeviceProblem {
     ) -> Result<(), KernelError> {
         let s = &self.stream;
         let (a, _ga) = match &self.gather {
-            Some((src, _, _)) => src.device_ptr(s),
+            Some(g) => g.src.device_ptr(s),
             None => self.a.device_ptr(s),
         };
         let gather_rows = self
             .gather
             .as_ref()
-            .map(|(_, rows, n)| (rows.device_ptr(s), *n));
-        let gather = gather_rows.as_ref().map(|((rows, _), n)| Gather {
-            rows: *rows,
-            src_rows: *n,
-        });
+            .map(|g| (g.rows.device_ptr(s), g.src_rows));
+        let gather = gather_rows
+            .as_ref()
+            .map(|&((rows, _), src_rows)| Gather { rows, src_rows });
         let (b, _gb) = self.b.device_ptr(s);
         let (c, _gc) = self.c.device_ptr(s);
         let num_tiles = tiles.len;

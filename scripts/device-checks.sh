@@ -46,6 +46,8 @@ first)
     step "qwen-w1 $g" bash -c "timeout 60 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 5 --phases $g 2>&1 | tee $O/qwen_w1${g//-/_}.md | grep -E '^[|]|^phases'"
   done
   step "ucx mixtral ffn 28672" bash -c "UCX_TLS=sm,self timeout 90 $R comet launch -n 2 -- .bundle/comet bench --gpu --preset mixtral-8x7b --ffn 28672 --tokens 4096 --iters 3 --ranks 2 --phases --transport ucx 2>&1 | tee $O/ucx_mixtral_eq.md | grep -E '[|]|phases'"
+  # The host's own put rate over shared memory, to read the proxy's against.
+  step "ucx-procs puts" bash -c "timeout 60 $R comet bench transport --transports ucx-procs --ucx-tls 'sm,self' --sizes 256K,1M,4M,16M --volume 256M --markdown 2>&1 | tee $O/ucx_puts.md | grep -E '[|]'"
   for d in tokens rows; do
     step "wire sm $d" bash -c "UCX_TLS=sm,self timeout 60 $R comet launch -n 2 -- .bundle/comet bench --gpu --hidden 3584 --ffn 2560 --experts 64 --top-k 8 --tokens 2048 --iters 3 --ranks 2 --transport ucx --wire $d 2>&1 | tee $O/wire_sm_$d.md | grep -E '[|]'"
   done

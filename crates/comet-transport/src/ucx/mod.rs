@@ -72,7 +72,7 @@ mod safe;
 mod sys;
 
 use result::status_string;
-use safe::{AtomicOp, Endpoint, InFlightAtomic, MapFailure, Mapped, Posted, RemoteKey, Worker};
+use safe::{AtomicOp, Endpoint, InFlightAtomic, Mapped, Posted, RemoteKey, Worker};
 use sys::{
     UCS_ERR_CONNECTION_RESET, UCS_ERR_ENDPOINT_TIMEOUT, UCS_ERR_NOT_CONNECTED, UCS_ERR_UNREACHABLE,
     UCS_INPROGRESS, UCS_OK,
@@ -585,15 +585,11 @@ impl UcxTransport {
         let size = len.max(8).next_multiple_of(64);
         let (mut region, blob) = {
             let g = lock(&self.inner);
-            let mem = g.worker.map_zeroed(size).map_err(|f| match f {
-                MapFailure::Layout(e) => self.be(format!("cannot lay out {len} bytes: {e}")),
-                MapFailure::OutOfMemory => {
-                    self.be(format!("out of host memory allocating {len} bytes"))
-                }
-                MapFailure::Map(st) => self.be(format!(
-                    "ucp_mem_map of {size} bytes: {}",
+            let mem = g.worker.map_zeroed(size).map_err(|st| {
+                self.be(format!(
+                    "ucp_mem_map allocating {size} bytes: {}",
                     status_string(st)
-                )),
+                ))
             });
             // A failed mapping is released under the lock.
             let mem = mem?;

@@ -109,13 +109,33 @@ int cx_ep_close(void *ep, int force, void **req) {
     return cx_from_ptr(ucp_ep_close_nbx((ucp_ep_h)ep, &p), req);
 }
 
-int cx_mem_map(void *ctx, void *addr, size_t len, void **memh) {
+/* UCX allocates `len` bytes and maps them; *addr and *len_out say where and
+   how many. Memory UCX allocates (from a shared-memory segment where its
+   transports offer one) is what peers on the host can reach by a plain
+   copy; memory registered by address is reached only through active
+   messages there (an 8 KiB copy at a time, progressed by the receiver). */
+int cx_mem_alloc(void *ctx, size_t len, void **memh, void **addr, size_t *len_out) {
     ucp_mem_map_params_t p;
+    ucp_mem_attr_t a;
+    int st;
     memset(&p, 0, sizeof(p));
-    p.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
-    p.address = addr;
+    p.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+    p.address = NULL;
     p.length = len;
-    return ucp_mem_map((ucp_context_h)ctx, &p, (ucp_mem_h *)memh);
+    p.flags = UCP_MEM_MAP_ALLOCATE;
+    st = ucp_mem_map((ucp_context_h)ctx, &p, (ucp_mem_h *)memh);
+    if (st != UCS_OK) return st;
+    memset(&a, 0, sizeof(a));
+    a.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+    st = ucp_mem_query((ucp_mem_h)*memh, &a);
+    if (st != UCS_OK) {
+        ucp_mem_unmap((ucp_context_h)ctx, (ucp_mem_h)*memh);
+        *memh = NULL;
+        return st;
+    }
+    *addr = a.address;
+    *len_out = a.length;
+    return UCS_OK;
 }
 
 int cx_mem_unmap(void *ctx, void *memh) { return ucp_mem_unmap((ucp_context_h)ctx, (ucp_mem_h)memh); }

@@ -9,6 +9,8 @@ use std::ffi::{c_char, c_int, c_uint, c_void};
 pub const UCS_OK: c_int = 0;
 /// `UCS_INPROGRESS`: the operation continues as a request.
 pub const UCS_INPROGRESS: c_int = 1;
+/// `UCS_ERR_NO_MEMORY`.
+pub const UCS_ERR_NO_MEMORY: c_int = -4;
 /// `UCS_ERR_INVALID_PARAM`.
 pub const UCS_ERR_INVALID_PARAM: c_int = -5;
 /// `UCS_ERR_UNREACHABLE`: no transport reaches the peer (with the asked
@@ -45,11 +47,12 @@ extern "C" {
         ep: *mut *mut c_void,
     ) -> c_int;
     pub fn cx_ep_close(ep: *mut c_void, force: c_int, req: *mut *mut c_void) -> c_int;
-    pub fn cx_mem_map(
+    pub fn cx_mem_alloc(
         ctx: *mut c_void,
-        addr: *mut c_void,
         len: usize,
         memh: *mut *mut c_void,
+        addr: *mut *mut c_void,
+        len_out: *mut usize,
     ) -> c_int;
     pub fn cx_mem_unmap(ctx: *mut c_void, memh: *mut c_void) -> c_int;
     pub fn cx_rkey_pack(

@@ -14,6 +14,7 @@
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
+#   bash scripts/device-checks.sh mps     # UCX processes on one GPU without and with MPS
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
 # ucx, wire and ucxbench (issue 16); nccl needs a 2-GPU kind.
@@ -21,7 +22,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|mps|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -48,6 +49,24 @@ first)
   done
   step "qwen-w1" bash -c "timeout 60 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 20 2>&1 | tee $O/qwen_w1.md | grep -E '^[|]'"
   step "wire sm tokens" bash -c "UCX_TLS=sm,self timeout 50 $R comet launch -n 2 -- .bundle/comet bench --gpu --hidden 3584 --ffn 2560 --experts 64 --top-k 8 --tokens 2048 --iters 5 --ranks 2 --transport ucx --wire tokens 2>&1 | tee $O/wire_sm_tokens.md | grep -E '[|]'"
+  ;;
+mps)
+  # W processes sharing one GPU without MPS take turns on it (time
+  # slices): a fused kernel spinning for a peer's data holds its slice
+  # while the peer cannot produce it. The same UCX runs without and with
+  # the MPS daemon, which runs both processes' kernels at once, as two
+  # GPUs would.
+  for m in off on; do
+    if [ $m = on ]; then
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/comet-mps CUDA_MPS_LOG_DIRECTORY=/tmp/comet-mps-log
+      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+      step "mps daemon" nvidia-cuda-mps-control -d
+    fi
+    for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
+      step "mps $m ucx sm $p" bash -c "UCX_TLS=sm,self timeout 70 $R comet launch -n 2 -- .bundle/comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx 2>&1 | tee $O/mps_${m}_${p// /_}.md | grep -E '[|]|phases' | grep -v -- '---'"
+    done
+  done
+  echo quit | nvidia-cuda-mps-control
   ;;
 tests)
   step gpu_layer tests gpu_layer 420
@@ -125,7 +144,7 @@ profile)
   step ncu-reduce-dispatch bash -c "timeout 400 ncu --clock-control none --target-processes all -k regex:'comet_reduce|comet_dispatch_tokens' -c 4 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats bash $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 1 2>&1 | tee $O/ncu_qwen.txt | grep -E 'comet_|Throughput|Achieved Occupancy|Registers|Stall|Duration' | head -60"
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (first, tests, ucx, bench, ucxbench, wire, nccl, qwen, py or profile)" >&2
+  echo "device-checks.sh: unknown part $part (first, mps, tests, ucx, bench, ucxbench, wire, nccl, qwen, py or profile)" >&2
   exit 2
   ;;
 esac

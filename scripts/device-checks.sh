@@ -118,7 +118,8 @@ qwen)
   # GEMM-only 1.08 against 1.05), with where a sequential call's time goes.
   # Then FC1 gathering x's rows in place (--gather-x: no row copied by the
   # dispatch; GEMM-only keeps the copied rows, so fused/GEMM-only says
-  # whether the gather pays; LayerOptions::gather_x is off until it does).
+  # whether the gather pays; LayerOptions::gather_x is off: on an H100 it
+  # did not, docs/PERF.md 2026-12-06).
   step qwen-w1-phases bash -c "timeout 200 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 5 --phases 2>&1 | tee $O/qwen_w1.md | grep -E '^[|]|^phases'"
   step qwen-w1-gather bash -c "timeout 200 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 5 --phases --gather-x 2>&1 | tee $O/qwen_w1_gather.md | grep -E '^[|]|^phases'"
   ;;

@@ -89,7 +89,7 @@ pub struct LayerArgs {
     /// With --gpu and one rank: FC1 reads x's rows in place instead of
     /// rows the dispatch copied into expert order (GEMM-only keeps the
     /// copied rows, so its ratio to fused shows what the gather costs or
-    /// saves). Off by default until measured (docs/PERF.md).
+    /// saves). Off by default: slower on an H100 (docs/PERF.md).
     #[arg(long)]
     pub gather_x: bool,
     /// With --gpu: also time each phase of one sequential call (route,

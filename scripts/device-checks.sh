@@ -14,7 +14,7 @@
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
-#   bash scripts/device-checks.sh mps     # UCX processes on one GPU without and with MPS
+#   bash scripts/device-checks.sh mps     # UCX ranks in one process, as processes without and with MPS
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
 # ucx, wire and ucxbench (issue 16); nccl needs a 2-GPU kind.
@@ -53,9 +53,13 @@ first)
 mps)
   # W processes sharing one GPU without MPS take turns on it (time
   # slices): a fused kernel spinning for a peer's data holds its slice
-  # while the peer cannot produce it. The same UCX runs without and with
-  # the MPS daemon, which runs both processes' kernels at once, as two
-  # GPUs would.
+  # while the peer cannot produce it. The same UCX runs with the ranks in
+  # one process (one context: kernels at once), then as processes
+  # without and with the MPS daemon (which runs both processes' kernels
+  # at once, as two GPUs would).
+  for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
+    step "one process ucx sm $p" bash -c "UCX_TLS=sm,self timeout 70 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx 2>&1 | tee $O/inproc_${p// /_}.md | grep -E '^[|]|phases' | grep -v -- '---'"
+  done
   for m in off on; do
     if [ $m = on ]; then
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/comet-mps CUDA_MPS_LOG_DIRECTORY=/tmp/comet-mps-log

@@ -12,9 +12,13 @@
 //! not link speed. With `--transport local` every rank is staged through
 //! host memory instead, a proxy thread per rank carrying the bytes over the
 //! local transport: the host path of UCX and NCCL, with its copies. With
-//! `--transport ucx` each process of `comet launch -n W` is one rank,
+//! `--transport ucx` under `comet launch -n W` each process is one rank,
 //! staged over UCX (TCP or shared memory, per `UCX_TLS`), and prints its
-//! own row; the torch layers are not timed there. `--transport nccl` is
+//! own row; the torch layers are not timed there. Without the launcher
+//! the W ranks are UCX workers of this one process: processes sharing a
+//! GPU take turns on it (a fused kernel spinning for a peer's piece holds
+//! the GPU while the peer cannot make it), the ranks of one process run
+//! at once, as ranks on GPUs of their own would. `--transport nccl` is
 //! the same with one GPU per process, the pieces carried by NCCL
 //! (comet-sched's `NcclLayer`). Correctness is the GPU tests' job (tests/gpu_layer.rs);
 //! here fused and non-overlapped outputs must agree and be finite.
@@ -135,7 +139,8 @@ fn bench_one(
     let ordinals = vec![0; cfg.ranks];
     let mut world = match a.transport.as_str() {
         "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts, None)?,
-        "ucx" => ucx_rank(cfg, a.tokens, weights, &mut opts)?,
+        "ucx" if launched(a) => ucx_rank(cfg, a.tokens, weights, &mut opts)?,
+        "ucx" => ucx_in_process(cfg, &ordinals, a.tokens, weights, &opts)?,
         "nccl" => nccl_rank(cfg, a.tokens, weights, &opts)?,
         _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?,
     };
@@ -235,7 +240,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let mut torch = match find_script("bench_torch_layer.py") {
         // One process of a launched world holds one rank: no whole-layer
         // torch figure to set beside it.
-        _ if matches!(a.transport.as_str(), "ucx" | "nccl") => None,
+        _ if launched(a) => None,
         Some(script) => TorchBaseline::start(&script).context("starting the torch helper")?,
         None => {
             eprintln!("comet bench --gpu: scripts/bench_torch_layer.py not found; torch skipped");
@@ -363,6 +368,40 @@ fn ucx_rank(
         weights,
         opts,
     )?)
+}
+
+/// Whether this process is one rank of a launched world (UCX or NCCL
+/// under `comet launch`, which sets torchrun's environment).
+fn launched(a: &LayerArgs) -> bool {
+    a.transport == "nccl" || (a.transport == "ucx" && std::env::var_os("WORLD_SIZE").is_some())
+}
+
+/// Every rank a UCX worker of this process, all on GPU 0.
+#[cfg(feature = "ucx")]
+fn ucx_in_process(
+    cfg: &MoeConfig,
+    ordinals: &[usize],
+    tokens: usize,
+    weights: WorldWeights<'_>,
+    opts: &LayerOptions,
+) -> Result<DeviceWorld> {
+    use comet_transport::ucx::{UcxConfig, UcxTransport};
+    let ts = UcxTransport::in_process(cfg.ranks, UcxConfig::from_env()?)
+        .context("--transport ucx: UCX ranks in this process")?;
+    Ok(DeviceWorld::staged_on(
+        cfg, ordinals, ts, tokens, weights, opts,
+    )?)
+}
+
+#[cfg(not(feature = "ucx"))]
+fn ucx_in_process(
+    _: &MoeConfig,
+    _: &[usize],
+    _: usize,
+    _: WorldWeights<'_>,
+    _: &LayerOptions,
+) -> Result<DeviceWorld> {
+    anyhow::bail!("--transport ucx: this comet was built without UCX (cargo build -p comet-cli --features ucx)")
 }
 
 #[cfg(not(feature = "ucx"))]

@@ -303,29 +303,15 @@ pub fn bench_local(sizes: &[usize], volume: usize) -> Result<Vec<Measurement>> {
 /// loopback, moving data through whatever that selection allows.
 #[cfg(feature = "ucx")]
 pub fn bench_ucx(tls: &str, sizes: &[usize], volume: usize) -> Result<Vec<Measurement>> {
-    use comet_transport::bootstrap::{listen, Bootstrap, BootstrapConfig};
     use comet_transport::ucx::{UcxConfig, UcxTransport};
     // UCX reads its configuration from the environment when a context is
     // created; no other thread runs at this point.
     std::env::set_var("UCX_TLS", tls);
-    let l = listen("127.0.0.1", 0)?;
-    let port = l.local_addr()?.port();
     let cfg = UcxConfig {
         peer_errors: Some(tls.contains("tcp")),
         ..UcxConfig::default()
     };
-    let c2 = cfg.clone();
-    let r1 = std::thread::spawn(move || {
-        Bootstrap::connect(BootstrapConfig::local(1, 2, port)).map(|b| UcxTransport::new(b, c2))
-    });
-    let t0 = UcxTransport::new(
-        Bootstrap::with_listener(BootstrapConfig::local(0, 2, port), l)?,
-        cfg,
-    )?;
-    let t1 = r1
-        .join()
-        .map_err(|_| anyhow!("ucx: rank 1 thread panicked"))???;
-    let pair = [t0, t1];
+    let pair = UcxTransport::in_process(2, cfg)?;
     measure_pair(&format!("ucx[{tls}]"), &pair, sizes, volume)
 }
 

@@ -282,8 +282,32 @@ impl DeviceWorld {
         opts: &LayerOptions,
         delay: Option<DelayModel>,
     ) -> Result<DeviceWorld, SchedError> {
+        let transports = local_world(cfg.ranks, delay);
+        Self::staged_on(cfg, ordinals, transports, capacity, weights, opts)
+    }
+
+    /// Every rank of the world in this process, rank r staged over
+    /// `transports[r]` (UCX ranks of one process, say) on `ordinals[r]`.
+    pub fn staged_on<T: Transport + 'static>(
+        cfg: &MoeConfig,
+        ordinals: &[usize],
+        transports: Vec<T>,
+        capacity: usize,
+        weights: WorldWeights<'_>,
+        opts: &LayerOptions,
+    ) -> Result<DeviceWorld, SchedError> {
         cfg.validate()?;
         check_ordinals(cfg, ordinals)?;
+        if transports.len() != cfg.ranks {
+            return Err(SchedError::Input {
+                rank: 0,
+                message: format!(
+                    "{} transports for a world of {} ranks",
+                    transports.len(),
+                    cfg.ranks
+                ),
+            });
+        }
         let contexts = ordinals
             .iter()
             .enumerate()
@@ -294,11 +318,7 @@ impl DeviceWorld {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let transports: Vec<(usize, _)> = ordinals
-            .iter()
-            .copied()
-            .zip(local_world(cfg.ranks, delay))
-            .collect();
+        let transports: Vec<(usize, T)> = ordinals.iter().copied().zip(transports).collect();
         Self::build(
             cfg,
             ordinals,

@@ -121,7 +121,7 @@ fn gpu_nccl_rank() {
             8 => CAP,
             _ => 1 + (call as usize * 53 + me * 97) % CAP,
         };
-        if let Err(e) = checked_call(&mut world, &all, me, seed, call, tokens) {
+        if let Err(e) = checked_call(&mut world, &all, seed, call, &[(me, tokens)]) {
             panic!("rank {me} {e}");
         }
     }

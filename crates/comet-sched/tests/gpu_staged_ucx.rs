@@ -19,7 +19,7 @@ use comet_core::{Dtype, ExpertWeights, MoeConfig};
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
 use comet_transport::launch::OnFailure;
-use comet_transport::ucx::UcxTransport;
+use comet_transport::ucx::{UcxConfig, UcxTransport};
 use comet_transport::Transport;
 use common::layer::{checked_call, rounded_weights};
 use common::{assert_all_done, assert_victim_named, die, launch_world, marker};
@@ -75,7 +75,7 @@ fn gpu_staged_rank() {
             }
         }
         let tokens = 1 + (call as usize * 53 + me * 97) % CAP;
-        if let Err(e) = checked_call(&mut world, &all, me, seed, call, tokens) {
+        if let Err(e) = checked_call(&mut world, &all, seed, call, &[(me, tokens)]) {
             outcome = Err(e);
             break;
         }
@@ -106,6 +106,47 @@ fn staged_layer_over_ucx_processes_matches_the_reference() {
     for (world, tls) in [(2, "tcp"), (3, "sm,self"), (4, "tcp")] {
         let r = launch_world(ENTRY, "calls", world, tls, OnFailure::KillAll, LIMIT);
         assert_all_done(r, "calls", world, tls);
+    }
+}
+
+/// Every rank a UCX worker of this process (`UcxTransport::in_process`,
+/// what `comet bench --gpu --transport ucx` runs without the launcher),
+/// all on GPU 0: 30 calls against the reference, T changing per rank.
+#[test]
+#[ignore = "needs a GPU and libucx"]
+fn staged_layer_over_ucx_ranks_of_one_process_matches_the_reference() {
+    let w = 3;
+    let cfg = MoeConfig {
+        hidden: 512,
+        ffn: 256,
+        experts: 2 * w,
+        top_k: 2,
+        ranks: w,
+        dtype: Dtype::Bf16,
+    };
+    let seed = 0xC0FF;
+    let opts = LayerOptions {
+        timeout: Duration::from_secs(20),
+        figures: Some(DeviceFigures::h200_slow_link()),
+        ..LayerOptions::default()
+    };
+    let ts = UcxTransport::in_process(w, UcxConfig::from_env().unwrap()).expect("ucx ranks");
+    let weights = |r: usize| ExpertWeights::for_rank(&cfg, r, seed);
+    let mut world = DeviceWorld::staged_on(
+        &cfg,
+        &vec![0; w],
+        ts,
+        CAP,
+        WorldWeights::Host(&weights),
+        &opts,
+    )
+    .expect("setup");
+    let all = rounded_weights(&cfg, seed);
+    for call in 1..=CALLS {
+        let ranks: Vec<(usize, usize)> = (0..w)
+            .map(|me| (me, (call as usize * 53 + me * 97) % (CAP + 1)))
+            .collect();
+        checked_call(&mut world, &all, seed, call, &ranks).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

@@ -244,3 +244,26 @@ fn ucx_world_of_one_puts_and_signals_itself() {
     wait_times_out(&t, Duration::from_millis(100)).unwrap();
     t.barrier(T).unwrap();
 }
+
+/// The ranks of one process (`UcxTransport::in_process`, what `comet bench
+/// --gpu --transport ucx` runs without the launcher) pass every shared
+/// scenario, each rank on a thread of its own.
+#[test]
+fn ucx_ranks_of_one_process_pass_the_shared_scenarios() {
+    let ts = UcxTransport::in_process(3, UcxConfig::default()).unwrap();
+    assert_eq!(
+        ts.iter().map(|t| (t.rank(), t.world())).collect::<Vec<_>>(),
+        [(0, 3), (1, 3), (2, 3)]
+    );
+    std::thread::scope(|s| {
+        let runs: Vec<_> = ts
+            .iter()
+            .map(|t| s.spawn(move || all(t, 11, Delivery::Eager)))
+            .collect();
+        for (r, h) in runs.into_iter().enumerate() {
+            h.join()
+                .unwrap_or_else(|_| panic!("rank {r} panicked"))
+                .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        }
+    });
+}

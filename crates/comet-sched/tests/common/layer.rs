@@ -1,8 +1,8 @@
-//! One checked call of a multi-process GPU test's rank (the staged layer
-//! over UCX, the layer over NCCL): this rank's input for the call (the
-//! routing kind and the mode change with it), outputs poisoned, the call
-//! run and waited for, y against the f64 reference on the bf16-rounded
-//! weights.
+//! One checked call of the ranks a GPU test's world holds (a process's one
+//! rank of the staged layer over UCX or the layer over NCCL, or every rank
+//! of one process): their inputs for the call (the routing kind and the
+//! mode change with it), outputs poisoned, the call run and waited for,
+//! each y against the f64 reference on the bf16-rounded weights.
 
 use comet_core::reference::{max_error, moe_layer};
 use comet_core::weights::random_tokens;
@@ -28,15 +28,15 @@ pub fn rounded_weights(cfg: &MoeConfig, seed: u64) -> ExpertWeights {
     }
 }
 
-/// Call `call` of rank `me` with `tokens` tokens, checked. An error of the
-/// layer comes back (naming the call); a wrong y panics.
+/// Call `call` of the ranks this world holds, `(rank, tokens)` each in
+/// the world's order, checked. An error of the layer comes back (naming
+/// the call); a wrong y panics.
 pub fn checked_call(
     world: &mut DeviceWorld,
     all: &ExpertWeights,
-    me: usize,
     seed: u64,
     call: u64,
-    tokens: usize,
+    ranks: &[(usize, usize)],
 ) -> Result<(), String> {
     let cfg = world.cfg.clone();
     let kinds = [
@@ -47,27 +47,32 @@ pub fn checked_call(
         RoutingKind::SilentRank,
     ];
     let kind = kinds[call as usize % kinds.len()];
-    let routing = Routing::generate(&cfg, me, tokens, kind, seed ^ (call << 8) ^ me as u64);
-    let x = round(&random_tokens(
-        routing.tokens,
-        cfg.hidden,
-        seed + 100 * call + me as u64,
-    ));
-    let input = RankInput { x, routing };
+    let inputs: Vec<RankInput> = ranks
+        .iter()
+        .map(|&(me, tokens)| {
+            let routing = Routing::generate(&cfg, me, tokens, kind, seed ^ (call << 8) ^ me as u64);
+            let x = round(&random_tokens(
+                routing.tokens,
+                cfg.hidden,
+                seed + 100 * call + me as u64,
+            ));
+            RankInput { x, routing }
+        })
+        .collect();
     let mode = [ExecMode::Fused, ExecMode::Baseline][call as usize % 2];
     world.set_mode(mode);
-    world
-        .set_inputs(std::slice::from_ref(&input))
-        .expect("inputs");
+    world.set_inputs(&inputs).expect("inputs");
     world.poison().expect("poison");
-    let what = format!("call {call} {kind:?} {mode:?} T={tokens}");
+    let what = format!("call {call} {kind:?} {mode:?}");
     world
         .forward()
         .and_then(|_| world.check())
         .map_err(|e| format!("{what}: {e}"))?;
-    let y = &world.outputs().expect("download y")[0];
-    let want = moe_layer(&cfg, &input.x, &input.routing, all).expect("reference");
-    let err = max_error(y, &want);
-    assert!(err <= TOL, "rank {me} {what}: max error {err}");
+    let ys = world.outputs().expect("download y");
+    for ((y, input), &(me, tokens)) in ys.iter().zip(&inputs).zip(ranks) {
+        let want = moe_layer(&cfg, &input.x, &input.routing, all).expect("reference");
+        let err = max_error(y, &want);
+        assert!(err <= TOL, "rank {me} {what} T={tokens}: max error {err}");
+    }
     Ok(())
 }

@@ -55,7 +55,7 @@
 //! next progresses. That is a crash, never a hang, and the launcher then
 //! stops the job; RDMA transports have no such acknowledgement.
 
-use crate::bootstrap::{Bootstrap, BootstrapError};
+use crate::bootstrap::{Bootstrap, BootstrapConfig, BootstrapError};
 use crate::error::TransportError;
 use crate::signal_core::{
     buffer, check_range, locate, wait_signal, Owner, Round, SignalSlots, SIGNAL_BYTES,
@@ -308,6 +308,44 @@ impl UcxTransport {
     pub fn from_env() -> Result<Self, TransportError> {
         let boot = Bootstrap::from_env()?;
         Self::new(boot, UcxConfig::from_env()?)
+    }
+
+    /// `world` ranks in this process, bootstrapped over loopback (a thread
+    /// each while they connect), rank r at index r. One process's ranks on
+    /// one GPU share its CUDA context, so their kernels run at once where
+    /// processes would take turns.
+    pub fn in_process(world: usize, cfg: UcxConfig) -> Result<Vec<Self>, TransportError> {
+        let l = crate::bootstrap::listen("127.0.0.1", 0)?;
+        let port = l
+            .local_addr()
+            .map_err(|e| TransportError::Bootstrap(format!("loopback listener: {e}")))?
+            .port();
+        let cfg = &cfg;
+        std::thread::scope(|s| {
+            let peers: Vec<_> = (1..world)
+                .map(|r| {
+                    s.spawn(move || {
+                        Self::new(
+                            Bootstrap::connect(BootstrapConfig::local(r, world, port))?,
+                            cfg.clone(),
+                        )
+                    })
+                })
+                .collect();
+            let root = Bootstrap::with_listener(BootstrapConfig::local(0, world, port), l)
+                .map_err(TransportError::from)
+                .and_then(|b| Self::new(b, cfg.clone()));
+            let mut all = vec![root];
+            for (r, h) in peers.into_iter().enumerate() {
+                all.push(h.join().unwrap_or_else(|_| {
+                    Err(TransportError::Bootstrap(format!(
+                        "ucx rank {} of {world}: its thread panicked",
+                        r + 1
+                    )))
+                }));
+            }
+            all.into_iter().collect()
+        })
     }
 
     /// Creates the UCP context and worker, swaps worker addresses through

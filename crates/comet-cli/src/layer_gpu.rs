@@ -360,6 +360,15 @@ fn ucx_rank(
     let devices = p.devices.max(1);
     let local = p.local;
     opts.ranks_per_gpu = p.local_world.div_ceil(devices);
+    if opts.ranks_per_gpu > 1 && !mps_running() && t.rank() == 0 {
+        eprintln!(
+            "comet bench --gpu: {} processes share a GPU and no MPS control pipe was found: \
+             without MPS their kernels take turns on it, so a fused kernel waiting for a \
+             peer's piece holds the GPU while the peer cannot make it (run the daemon, \
+             nvidia-cuda-mps-control -d, or leave out `comet launch` for ranks of one process)",
+            opts.ranks_per_gpu
+        );
+    }
     Ok(DeviceWorld::staged_over(
         cfg,
         t,
@@ -402,6 +411,16 @@ fn ucx_in_process(
     _: &LayerOptions,
 ) -> Result<DeviceWorld> {
     anyhow::bail!("--transport ucx: this comet was built without UCX (cargo build -p comet-cli --features ucx)")
+}
+
+/// Whether an MPS daemon's control pipe is where CUDA looks for it
+/// (`CUDA_MPS_PIPE_DIRECTORY`, by default /tmp/nvidia-mps).
+#[cfg(feature = "ucx")]
+fn mps_running() -> bool {
+    let dir = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/tmp/nvidia-mps".into());
+    dir.join("control").exists()
 }
 
 #[cfg(not(feature = "ucx"))]

@@ -139,8 +139,7 @@ fn bench_one(
     let ordinals = vec![0; cfg.ranks];
     let mut world = match a.transport.as_str() {
         "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts, None)?,
-        "ucx" if launched(a) => ucx_rank(cfg, a.tokens, weights, &mut opts)?,
-        "ucx" => ucx_in_process(cfg, &ordinals, a.tokens, weights, &opts)?,
+        "ucx" => ucx_world(cfg, &ordinals, a.tokens, weights, &mut opts, launched(a))?,
         "nccl" => nccl_rank(cfg, a.tokens, weights, &opts)?,
         _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?,
     };
@@ -343,6 +342,24 @@ impl Placement {
     }
 }
 
+/// The ranks of this process over UCX: its one rank of a launched world,
+/// or every rank.
+#[cfg(feature = "ucx")]
+fn ucx_world(
+    cfg: &MoeConfig,
+    ordinals: &[usize],
+    tokens: usize,
+    weights: WorldWeights<'_>,
+    opts: &mut LayerOptions,
+    launched: bool,
+) -> Result<DeviceWorld> {
+    if launched {
+        ucx_rank(cfg, tokens, weights, opts)
+    } else {
+        ucx_in_process(cfg, ordinals, tokens, weights, opts)
+    }
+}
+
 /// This process's rank of a world launched by `comet launch -n W`, staged
 /// over UCX on the GPU its local rank picks (processes on one GPU share
 /// its SMs).
@@ -402,17 +419,6 @@ fn ucx_in_process(
     )?)
 }
 
-#[cfg(not(feature = "ucx"))]
-fn ucx_in_process(
-    _: &MoeConfig,
-    _: &[usize],
-    _: usize,
-    _: WorldWeights<'_>,
-    _: &LayerOptions,
-) -> Result<DeviceWorld> {
-    anyhow::bail!("--transport ucx: this comet was built without UCX (cargo build -p comet-cli --features ucx)")
-}
-
 /// Whether an MPS daemon's control pipe is where CUDA looks for it
 /// (`CUDA_MPS_PIPE_DIRECTORY`, by default /tmp/nvidia-mps).
 #[cfg(feature = "ucx")]
@@ -424,11 +430,13 @@ fn mps_running() -> bool {
 }
 
 #[cfg(not(feature = "ucx"))]
-fn ucx_rank(
+fn ucx_world(
     _: &MoeConfig,
+    _: &[usize],
     _: usize,
     _: WorldWeights<'_>,
     _: &mut LayerOptions,
+    _: bool,
 ) -> Result<DeviceWorld> {
     anyhow::bail!("--transport ucx: this comet was built without UCX (cargo build -p comet-cli --features ucx)")
 }

@@ -20,7 +20,7 @@
 mod common;
 
 use comet_core::cost::{CostModel, DeviceFigures};
-use comet_core::{Dtype, ExpertWeights, MoeConfig};
+use comet_core::{ExpertWeights, MoeConfig};
 use comet_sched::device_plan::DevicePlan;
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::{kernel_tiles_for, LayerOptions};
@@ -31,7 +31,7 @@ use comet_transport::gpu::BlobExchange;
 use comet_transport::launch::OnFailure;
 use comet_transport::nccl::ffi::nccl_available;
 use comet_transport::nccl::{NcclOptions, NcclTransport};
-use common::layer::{checked_call, rounded_weights};
+use common::layer::{checked_call, rounded_weights, small_cfg};
 use common::{assert_all_done, launch_ranks, marker};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,17 +42,6 @@ const CALLS: u64 = 24;
 const LIMIT: Duration = Duration::from_secs(300);
 /// SMs of the H200 the figures describe.
 const SMS: usize = 132;
-
-fn cfg(w: usize) -> MoeConfig {
-    MoeConfig {
-        hidden: 512,
-        ffn: 256,
-        experts: 2 * w,
-        top_k: 2,
-        ranks: w,
-        dtype: Dtype::Bf16,
-    }
-}
 
 /// Figures of a link whose transfers take about half the GEMM time, so
 /// the cost model overlaps this small layer in several chunks.
@@ -74,7 +63,7 @@ fn opts(cfg: &MoeConfig) -> LayerOptions {
 #[test]
 fn the_test_shape_overlaps_in_several_chunks() {
     for w in [2, 4] {
-        let c = cfg(w);
+        let c = small_cfg(w);
         let o = opts(&c);
         let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
         let figures = o.figures.clone().expect("figures");
@@ -104,7 +93,7 @@ fn gpu_nccl_rank() {
         NcclOptions::default(),
     )
     .unwrap_or_else(|e| panic!("rank {me}: nccl: {e}"));
-    let cfg = cfg(w);
+    let cfg = small_cfg(w);
     let seed = 0x9CC1;
     let weights = |r: usize| ExpertWeights::for_rank(&cfg, r, seed);
     let mut world = DeviceWorld::nccl_over(&cfg, t, CAP, WorldWeights::Host(&weights), &opts(&cfg))

@@ -15,13 +15,13 @@
 mod common;
 
 use comet_core::cost::DeviceFigures;
-use comet_core::{Dtype, ExpertWeights, MoeConfig};
+use comet_core::ExpertWeights;
 use comet_sched::device_world::{DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
 use comet_transport::launch::OnFailure;
 use comet_transport::ucx::{UcxConfig, UcxTransport};
 use comet_transport::Transport;
-use common::layer::{checked_call, rounded_weights};
+use common::layer::{checked_call, rounded_weights, small_cfg};
 use common::{assert_all_done, assert_victim_named, die, launch_world, marker};
 use std::time::{Duration, Instant};
 
@@ -40,14 +40,7 @@ fn gpu_staged_rank() {
     };
     let t = UcxTransport::from_env().expect("ucx transport");
     let (w, me) = (t.world(), t.rank());
-    let cfg = MoeConfig {
-        hidden: 512,
-        ffn: 256,
-        experts: 2 * w,
-        top_k: 2,
-        ranks: w,
-        dtype: Dtype::Bf16,
-    };
+    let cfg = small_cfg(w);
     let seed = 0xC0FE;
     let kill = scenario == "kill";
     let opts = LayerOptions {
@@ -116,14 +109,7 @@ fn staged_layer_over_ucx_processes_matches_the_reference() {
 #[ignore = "needs a GPU and libucx"]
 fn staged_layer_over_ucx_ranks_of_one_process_matches_the_reference() {
     let w = 3;
-    let cfg = MoeConfig {
-        hidden: 512,
-        ffn: 256,
-        experts: 2 * w,
-        top_k: 2,
-        ranks: w,
-        dtype: Dtype::Bf16,
-    };
+    let cfg = small_cfg(w);
     let seed = 0xC0FF;
     let opts = LayerOptions {
         timeout: Duration::from_secs(20),

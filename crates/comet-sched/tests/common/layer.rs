@@ -6,7 +6,7 @@
 
 use comet_core::reference::{max_error, moe_layer};
 use comet_core::weights::random_tokens;
-use comet_core::{ExpertWeights, MoeConfig, Routing, RoutingKind};
+use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::DeviceWorld;
 use comet_sched::{ExecMode, RankInput};
 use half::bf16;
@@ -16,6 +16,18 @@ pub const TOL: f64 = 2e-2;
 
 fn round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+/// The small layer these tests run over `w` ranks: two experts each, top-2.
+pub fn small_cfg(w: usize) -> MoeConfig {
+    MoeConfig {
+        hidden: 512,
+        ffn: 256,
+        experts: 2 * w,
+        top_k: 2,
+        ranks: w,
+        dtype: Dtype::Bf16,
+    }
 }
 
 /// Every rank's experts of `seed`, rounded to bf16 as the GPU gets them.

@@ -372,17 +372,18 @@ __device__ __forceinline__ bool gathers(const GemmParams& p) {
   return !WAIT && CM == 1 && p.a_rows != nullptr;
 }
 constexpr int GATHER_THREADS = 128;
-constexpr int GATHER_LAG = 2;
 
 __device__ __forceinline__ void cp_async_cg16(unsigned dst, const void* src, unsigned bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+// The barrier at `bar` receives one arrival once every cp.async this thread
+// issued so far has completed (noinc: the arrival is one of the barrier's
+// expected count), without the thread waiting for them.
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // The producer: thread 0, and with a gather the whole producer warpgroup.
 // For every tile of this CTA it waits on the tile's dependency signals
@@ -399,13 +400,14 @@ __device__ __forceinline__ void cp_async_wait() {
 // each instruction reads 4 whole 128-byte rows, written in TMA's 128-byte
 // swizzle (chunk c of row r at c ^ (r & 7)). One TMA box per row was
 // measured first: 128 boxes a k-block made FC1 1.65x slower (docs/PERF.md,
-// 2026-12-06). Each thread's copies of k-block i are known complete when
-// its cp.async group for i is; the thread then makes them visible to the
-// async proxy (wgmma reads through it) and arrives on the slot, whose
-// barrier counts those 128 arrivals besides thread 0's expected bytes for
-// B. Arrivals trail the copies by GATHER_LAG k-blocks, so that many are in
-// flight; the slot the producer waits for is then still one the consumers
-// can release (GATHER_LAG <= STAGES - 2).
+// 2026-12-06). The slot's barrier counts 128 arrivals besides thread 0's
+// expected bytes for B: each thread's arrival comes from the hardware once
+// its copies of the k-block have landed (cp.async.mbarrier.arrive), so
+// copies stay in flight for every free slot of the ring, as TMA's do. (The
+// form before waited on its own copies two k-blocks behind and arrived
+// itself: FC1 ran 10% slower than over copied rows, 2026-12-06.) The
+// consumers fence their view for the async proxy (wgmma reads through it)
+// after the wait, since the copies were generic-proxy writes.
 template <int EPI, bool WAIT, int BN, int STAGES, int CM>
 __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, unsigned bars,
                                         volatile int* abort_flag, int tid) {
@@ -421,8 +423,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
   auto wait_empty = [&](int i) {
     mbar_wait(bars + (STAGES + i % STAGES) * 8, ((unsigned)(i / STAGES) & 1u) ^ 1u);
   };
-  int it = 0;       // k-block counter across tiles: ring slot and phase
-  int arrived = 0;  // gather: k-blocks whose A this thread has arrived on
+  int it = 0;  // k-block counter across tiles: ring slot and phase
   for (int q = 0;; ++q) {  // q: work items (pairs) taken
     Piece pc;
     if (!work_item<CM>(p, kblocks, crank, q, pc)) break;
@@ -481,13 +482,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
           const bf16_t* row = p.A + (size_t)(src[i] < 0 ? 0 : src[i]) * p.K + kb * BK + c * 8;
           cp_async_cg16(dst + (unsigned)(16 * i) * (BK * 2), row, src[i] < 0 ? 0u : 16u);
         }
-        cp_async_commit();
-        if (it - arrived >= GATHER_LAG) {
-          cp_async_wait<GATHER_LAG>();
-          fence_proxy_async_smem();
-          mbar_arrive(bars + (arrived % STAGES) * 8);
-          ++arrived;
-        }
+        cp_async_mbar_arrive(full);
       } else {
         mbar_expect_tx(full, bytes);
         if (has_a) tma_load_2d(sa, &hp.tma_a, full, kb * BK, t.row0);
@@ -502,11 +497,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
       }
     }
   }
-  if (gather) {
-    cp_async_wait<0>();
-    fence_proxy_async_smem();
-    for (; arrived < it; ++arrived) mbar_arrive(bars + (arrived % STAGES) * 8);
-  }
+  if (gather) cp_async_wait_all();
   if (CM > 1)
     for (int j = 0; j < STAGES; ++j) wait_empty(it + j);
 }
@@ -622,6 +613,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
           mbar_wait(bars + s * 8, ph);
           aborted = WAIT && CM == 1 && *abort_flag;
         }
+        if (gathers<WAIT, CM>(p)) fence_proxy_async_smem();
         const unsigned sa = ring + s * S::STAGE_BYTES + cw * 64 * BK * 2;
         const unsigned sb = ring + s * S::STAGE_BYTES + S::A_BYTES;
         wgmma_fence();

@@ -117,8 +117,9 @@ pub struct LayerOptions {
     /// copied into expert order ([`DevicePlan::gather_x`]). Off by
     /// default: it saves the dispatch's copy (0.34 ms for qwen2-moe at
     /// 16384 tokens on an H100) but its FC1 ran 10% slower (0.8 ms) than
-    /// over copied rows (docs/PERF.md, 2026-12-06); `comet bench
-    /// --gather-x` times it.
+    /// over copied rows (docs/PERF.md, 2026-12-06). Its loads now arrive
+    /// on the ring through the hardware (not yet run on a GPU); `comet
+    /// bench --gather-x` times it.
     pub gather_x: bool,
 }
 

@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open, ~6 min
+#   bash scripts/device-checks.sh first   # what the last session left open, ~7 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
@@ -36,19 +36,20 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # The open questions of the last session in one call of about 6 minutes
-  # (device starts are scarce): the staged layer over UCX now that UCX
-  # allocates the mapped memory (puts by copy over shared memory, inboxes
-  # registered with the driver), the host's put rate, issue 16's figures
-  # over shared memory (mixtral's FFN doubled puts comm near the GEMMs),
-  # and issue 13's one-rank ratio over more calls.
-  step gpu_staged_ucx tests gpu_staged_ucx 200
-  step "ucx-procs puts" bash -c "timeout 40 $R comet bench transport --transports ucx-procs --ucx-tls 'sm,self' --sizes 256K,1M,4M,16M --volume 256M --markdown 2>&1 | tee $O/ucx_puts.md | grep -E '[|]'"
-  for p in "mixtral-8x7b --ffn 28672" "qwen2-moe"; do
-    step "ucx sm $p" bash -c "UCX_TLS=sm,self timeout 70 $R comet launch -n 2 -- .bundle/comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx 2>&1 | tee $O/ucx_sm_${p// /_}.md | grep -E '[|]|phases'"
+  # The open questions of the last session in one call of about 7 minutes
+  # (device starts are scarce): FC1's gather with hardware arrivals (its
+  # GEMM test, then qwen2-moe at one rank with and without it, more calls
+  # than before: this H100 moved 10% between calls), the staged layer over
+  # UCX ranks of one process (its GPU test and issue 16's figures there,
+  # where the ranks' kernels run at once).
+  step kernels tests comet-kernels-gpu 120
+  for g in "" "--gather-x"; do
+    step "qwen-w1 $g" bash -c "timeout 60 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 10 --phases $g 2>&1 | tee $O/qwen_w1${g//-/_}.md | grep -E '^[|]|^phases' | grep -v -- '---'"
   done
-  step "qwen-w1" bash -c "timeout 60 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 20 2>&1 | tee $O/qwen_w1.md | grep -E '^[|]'"
-  step "wire sm tokens" bash -c "UCX_TLS=sm,self timeout 50 $R comet launch -n 2 -- .bundle/comet bench --gpu --hidden 3584 --ffn 2560 --experts 64 --top-k 8 --tokens 2048 --iters 5 --ranks 2 --transport ucx --wire tokens 2>&1 | tee $O/wire_sm_tokens.md | grep -E '[|]'"
+  step gpu_staged_ucx tests gpu_staged_ucx 200
+  for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
+    step "one process ucx sm $p" bash -c "UCX_TLS=sm,self timeout 70 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx 2>&1 | tee $O/inproc_${p// /_}.md | grep -E '^[|]|phases' | grep -v -- '---'"
+  done
   ;;
 mps)
   # W processes sharing one GPU without MPS take turns on it (time

@@ -144,7 +144,7 @@ __device__ __forceinline__ void bulk_wait_read() {
 }
 // This thread's bulk stores are complete.
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-// Generic-proxy shared-memory writes become visible to the async proxy (TMA).
+// Generic-proxy shared-memory writes become visible to the async proxy (TMA, wgmma).
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }

@@ -1,8 +1,11 @@
 //! The `ucx` transport: host-driven RMA through UCX (UCP), over RDMA, TCP
 //! or shared memory, whatever UCX finds (`UCX_TLS` chooses).
 //!
-//! Every rank maps its symmetric buffers and its signal array with UCP,
-//! packs their remote keys, and swaps addresses and keys with the others
+//! Every rank has UCP allocate and map its symmetric buffers and its signal
+//! array (`UCP_MEM_MAP_ALLOCATE`: over shared memory that memory is a
+//! segment peers attach, so a put is a copy into it; memory mapped by
+//! address is reached there only by active messages, 15-30x slower,
+//! docs/PERF.md 2026-12-06), packs their remote keys, and swaps addresses and keys with the others
 //! through the [`Bootstrap`]. A put is `ucp_put_nbx` into the peer's copy
 //! of the buffer (returning once the caller's slice may be reused); a
 //! signal is a 64-bit atomic (swap for `Set`, add for `Add`) on the peer's
@@ -48,8 +51,8 @@
 //! on TCP, through UCX's own endpoint errors; waits, puts and signals then
 //! return [`TransportError::PeerGone`], and a transport whose world broke is
 //! leaked at drop rather than torn down (UCX asserts when purging queued
-//! operations to a dead shared-memory peer). Over TCP and shared memory UCX
-//! emulates RMA with active messages that the target acknowledges; if a
+//! operations to a dead shared-memory peer). Over TCP UCX emulates RMA
+//! with active messages that the target acknowledges; if a
 //! rank dies while its own puts to a peer are unacknowledged, UCX 1.13 may
 //! abort that peer inside `ucp_put_handler` ("Endpoint timeout") when it
 //! next progresses. That is a crash, never a hang, and the launcher then

@@ -73,9 +73,11 @@ pub struct LayerArgs {
     /// With --gpu, what carries the ranks' bytes: `nvlink` (ranks as
     /// threads, kernels store into the peers), `local` (ranks as threads,
     /// each staged through host memory by its proxy: the host path UCX and
-    /// NCCL take across nodes), `ucx` (this process is one rank of a world
-    /// started by `comet launch -n W`, staged over UCX), `nccl` (likewise,
-    /// one GPU per rank, its pieces carried by NCCL). Ranks staged through
+    /// NCCL take across nodes), `ucx` (staged over UCX: under `comet
+    /// launch -n W` this process is one rank, else every rank is a UCX
+    /// worker of this process), `nccl` (this process is one rank of a world
+    /// started by `comet launch -n W`, one GPU per rank, its pieces carried
+    /// by NCCL). Ranks staged through
     /// host memory get socket-speed link figures for the cost model.
     #[arg(long, default_value = "nvlink")]
     pub transport: String,

@@ -310,10 +310,10 @@ impl Mapped {
     /// The 64-bit word at byte `offset`; None if out of bounds or unaligned.
     /// Such words are only ever accessed atomically, here and by UCX's atomics.
     pub fn word(&self, offset: usize) -> Option<&AtomicU64> {
-        if !self.fits(offset, 8) || !offset.is_multiple_of(8) {
+        if !self.fits(offset, 8) || !(self.addr() as usize + offset).is_multiple_of(8) {
             return None;
         }
-        // SAFETY: in bounds and 8-aligned (page-aligned base); the memory
+        // SAFETY: in bounds and 8-aligned (checked above); the memory
         // lives as long as the returned reference, and signal words are only
         // accessed atomically.
         Some(unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(offset) as *mut u64) })

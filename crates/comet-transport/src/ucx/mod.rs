@@ -5,8 +5,8 @@
 //! array (`UCP_MEM_MAP_ALLOCATE`: over shared memory that memory is a
 //! segment peers attach, so a put is a copy into it; memory mapped by
 //! address is reached there only by active messages, 15-30x slower,
-//! docs/PERF.md 2026-12-06), packs their remote keys, and swaps addresses and keys with the others
-//! through the [`Bootstrap`]. A put is `ucp_put_nbx` into the peer's copy
+//! docs/PERF.md 2026-12-06), packs their remote keys, and swaps addresses
+//! and keys with the others through the [`Bootstrap`]. A put is `ucp_put_nbx` into the peer's copy
 //! of the buffer (returning once the caller's slice may be reused); a
 //! signal is a 64-bit atomic (swap for `Set`, add for `Add`) on the peer's
 //! signal word, ordered after every earlier put by `ucp_worker_fence`
@@ -52,8 +52,8 @@
 //! return [`TransportError::PeerGone`], and a transport whose world broke is
 //! leaked at drop rather than torn down (UCX asserts when purging queued
 //! operations to a dead shared-memory peer). Over TCP UCX emulates RMA
-//! with active messages that the target acknowledges; if a
-//! rank dies while its own puts to a peer are unacknowledged, UCX 1.13 may
+//! with active messages that the target acknowledges; if a rank dies
+//! while its own puts to a peer are unacknowledged, UCX 1.13 may
 //! abort that peer inside `ucp_put_handler` ("Endpoint timeout") when it
 //! next progresses. That is a crash, never a hang, and the launcher then
 //! stops the job; RDMA transports have no such acknowledgement.

@@ -94,6 +94,11 @@ pub struct LayerArgs {
     /// saves). Off by default: slower on an H100 (docs/PERF.md).
     #[arg(long)]
     pub gather_x: bool,
+    /// With --gpu: SMs left to communication kernels while the GEMMs run
+    /// (a staged proxy's token kernels, NCCL's); default: the layer's own
+    /// choice.
+    #[arg(long)]
+    pub comm_sms: Option<usize>,
     /// With --gpu: also time each phase of one sequential call (route,
     /// layout, dispatch, fc1, fc2, combine, reduce) with CUDA events.
     #[arg(long)]

@@ -457,14 +457,15 @@ impl ForwardKernels {
     /// Row `r` of `dst` becomes row `index[r]` of `tokens` (packed rows of
     /// `dst.width` bytes), or zeros where `index[r]` is `u32::MAX`: a
     /// staged proxy's token-once landing, expanding a pair's token rows (or
-    /// its combine sums) into the kernels' row layout on the device. The
+    /// its combine sums) into the kernels' row layout on the device, and
+    /// its dispatch, packing a piece's token rows for the wire. The
     /// index is 4-byte aligned, rows as [`check_rows`] says.
     ///
     /// # Safety
-    /// `dst` is this context's device memory; `index` holds `dst.rows`
-    /// u32 and `tokens` every row they name, in memory the device can read
-    /// (device memory, or host memory it maps), none of it written until
-    /// the stream has run the kernel.
+    /// `dst` is memory the device can write (its own, or pinned host
+    /// memory it maps); `index` holds `dst.rows` u32 and `tokens` every
+    /// row they name, in memory the device can read (the same kinds), none
+    /// of it written by others until the stream has run the kernel.
     pub unsafe fn expand_rows(
         &self,
         tokens: CUdeviceptr,

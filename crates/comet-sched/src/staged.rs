@@ -46,7 +46,10 @@
 //! bytes are what cost: with top-k 8 over 2 ranks this sends about a
 //! quarter of the rows each way, for a pass over the rows at each end:
 //! kernels' where the device side has them ([`StagedDevice::token_kernels`]),
-//! else the proxy's on the host.
+//! else the proxy's on the host. With the kernels, a dispatch piece's
+//! token slots are given out as it is staged, and a kernel packs just its
+//! fresh token rows into the pinned send image: only those cross PCIe, and
+//! the proxy puts them from there without touching them.
 //!
 //! Downloads are pipelined: the proxy starts each ready piece's copy into
 //! host staging at once and puts pieces out as their copies finish, so the
@@ -62,6 +65,7 @@ use crate::error::SchedError;
 use crate::proxy_plan::{words, Buf, Geometry, Kind, Piece, Region, TokenPlace, WireFormat};
 use comet_transport::signal_core::Backoff;
 use comet_transport::{BufferId, SignalId, SignalOp, Transport, TransportError};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -147,7 +151,9 @@ pub trait StagedDevice {
     }
 
     /// Whether the device side does token-once's per-row work itself:
-    /// expanding dispatch pieces ([`StagedDevice::land_tokens`]), summing
+    /// packing the token rows of dispatch pieces
+    /// ([`StagedDevice::download_tokens`]), expanding them on arrival
+    /// ([`StagedDevice::land_tokens`]), summing
     /// combine rows per token ([`StagedDevice::download_sums`]) and
     /// expanding those sums ([`StagedDevice::land_sums`]), straight from
     /// the inbox; else the proxy does it on the host, through the images.
@@ -169,6 +175,22 @@ pub trait StagedDevice {
     ) -> Result<Ticket, SchedError> {
         let _ = (to, region, wire, sums);
         Err(unsupported("sum combine rows"))
+    }
+
+    /// As [`StagedDevice::download`] for token-once dispatch piece `region`
+    /// (of the mirror of `to`'s recv buffer): what lands in the send image
+    /// of `to`'s recv buffer at `at` is the region's rows `rows[i]` (each
+    /// less than `region.rows`), packed in that order. Only the token rows
+    /// cross to the host, not every (token, expert) row.
+    fn download_tokens(
+        &mut self,
+        to: usize,
+        region: Region,
+        at: usize,
+        rows: &[u32],
+    ) -> Result<Ticket, SchedError> {
+        let _ = (to, region, at, rows);
+        Err(unsupported("pack token rows"))
     }
 
     /// Lands token-once combine piece `region` of `from`: its sums arrived
@@ -229,8 +251,7 @@ pub trait StagedDevice {
     /// rank's first `rows` send positions of the call in flight, as its
     /// kernels ordered them: experts in global order, each expert's rows in
     /// their segment's row order. Asked for (token-once only) once a
-    /// dispatch piece with rows is downloaded, when the kernels have
-    /// written it.
+    /// dispatch piece with rows is ready, when the kernels have written it.
     fn send_order(&mut self, rows: usize) -> Result<SendOrder, SchedError>;
 
     /// The call's landings have finished (its landing bytes may be
@@ -276,6 +297,25 @@ struct Call {
     stats: StagedStats,
 }
 
+/// A piece whose bytes are on their way into the send image; for a
+/// token-once dispatch piece the device side packs, what else it carries.
+struct Staging {
+    piece: Piece,
+    ticket: Ticket,
+    tokens: Option<TokenPiece>,
+}
+
+/// What a token-once dispatch piece puts: the rows of its tokens new to
+/// the pair in this call (`fresh` of them, at the pair's slots from
+/// `start`; `rows` says which of the piece's rows they are), and its
+/// index and ratio arrays (little-endian, a word per row).
+struct TokenPiece {
+    start: usize,
+    rows: Vec<u32>,
+    index: Vec<u8>,
+    ratios: Vec<u8>,
+}
+
 /// Token-once state of a token's owner: the kernels' send order of the
 /// call (fetched with the first dispatch piece that has rows) with each
 /// position's ratio and whether it is its token's representative on its
@@ -297,8 +337,6 @@ struct Tokens {
     back: Vec<Option<PairRows>>,
     landing_index: Vec<Option<Vec<u32>>>,
     pack: Vec<u8>,
-    index: Vec<u8>,
-    ratios: Vec<u8>,
     sums: Vec<f32>,
 }
 
@@ -459,7 +497,7 @@ impl<'t> StagedProxy<'t> {
             tok.landing_index.fill(None);
         }
         // Downloads started, oldest first: put out as they finish.
-        let mut staging: std::collections::VecDeque<(Piece, Ticket)> = Default::default();
+        let mut staging: VecDeque<Staging> = Default::default();
         let mut planned = w == 1;
         // The bound is on standing still, not on the whole call: a call
         // may wait behind earlier work on the GPU, and each of the
@@ -545,7 +583,7 @@ impl<'t> StagedProxy<'t> {
         dev: &mut dyn StagedDevice,
         call: &Call,
         sends: &mut Vec<Piece>,
-        staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
+        staging: &mut VecDeque<Staging>,
     ) -> Result<(), SchedError> {
         let mut i = 0;
         while i < sends.len() {
@@ -555,17 +593,33 @@ impl<'t> StagedProxy<'t> {
                 continue;
             }
             sends.swap_remove(i);
-            let summed = matches!(p.kind, Kind::Combine { .. }) && dev.token_kernels();
-            let ticket = match self.tokens.as_mut() {
-                Some(tok) if summed => {
+            let kernels = self.tokens.is_some() && dev.token_kernels();
+            let mut tokens = None;
+            let ticket = match p.kind {
+                Kind::Combine { .. } if kernels => {
                     let place = self.geo.pair_place(&call.counts, p.to, self.t.rank(), 0);
                     let inbox = self.inbox[Buf::Recv.index()];
+                    let tok = self
+                        .tokens
+                        .as_mut()
+                        .ok_or_else(|| unsupported("token-once"))?;
                     let pair = load_pair(self.t, inbox, place, p.to, &mut tok.back[p.to])?;
                     dev.download_sums(p.to, p.region, p.wire, pair.tables(p.to, call.epoch))?
                 }
+                Kind::Dispatch { le } if kernels && p.region.rows > 0 => {
+                    let piece = self.token_piece(dev, &p, le, call)?;
+                    let at = piece.start * self.geo.row_bytes;
+                    let ticket = dev.download_tokens(p.to, p.region, at, &piece.rows)?;
+                    tokens = Some(piece);
+                    ticket
+                }
                 _ => dev.download(p.to, p.region, p.wire)?,
             };
-            staging.push_back((p, ticket));
+            staging.push_back(Staging {
+                piece: p,
+                ticket,
+                tokens,
+            });
         }
         Ok(())
     }
@@ -577,23 +631,37 @@ impl<'t> StagedProxy<'t> {
     fn send_staged(
         &mut self,
         dev: &mut dyn StagedDevice,
-        staging: &mut std::collections::VecDeque<(Piece, Ticket)>,
+        staging: &mut VecDeque<Staging>,
         call: &mut Call,
     ) -> Result<(), SchedError> {
         let slice = Instant::now();
         let mut put = false;
-        while let Some(&(p, ticket)) = staging.front() {
-            if (put && slice.elapsed() >= SEND_SLICE) || !dev.downloaded(ticket)? {
+        while let Some(s) = staging.front() {
+            if (put && slice.elapsed() >= SEND_SLICE) || !dev.downloaded(s.ticket)? {
                 break;
             }
             put = true;
-            staging.pop_front();
+            let Some(Staging {
+                piece: p, tokens, ..
+            }) = staging.pop_front()
+            else {
+                break;
+            };
             let t0 = Instant::now();
-            let sent = match p.kind {
-                Kind::Dispatch { le } if self.tokens.is_some() => {
+            let sent = match (p.kind, tokens) {
+                (Kind::Dispatch { .. }, Some(piece)) => {
+                    let rows = dev.sent_bytes(
+                        p.to,
+                        Buf::Recv,
+                        piece.start * self.geo.row_bytes,
+                        piece.rows.len() * self.geo.row_bytes,
+                    );
+                    self.put_tokens(&p, &piece, rows, &call.counts)?
+                }
+                (Kind::Dispatch { le }, None) if self.tokens.is_some() => {
                     self.send_tokens(dev, &p, le, call)?
                 }
-                Kind::Combine { .. } if self.tokens.is_some() => {
+                (Kind::Combine { .. }, _) if self.tokens.is_some() => {
                     self.send_summed(dev, &p, &call.counts)?
                 }
                 _ => {
@@ -622,9 +690,8 @@ impl<'t> StagedProxy<'t> {
     }
 
     /// Puts out dispatch piece `p` (local expert `le` of `p.to`, rows
-    /// downloaded) token-once: the rows of tokens this call has not sent
-    /// to `p.to` yet, packed at the pair's next slots, then the piece's
-    /// index array (its signal follows both). Returns the wire bytes.
+    /// downloaded) token-once, packing its token rows on the host. Returns
+    /// the wire bytes.
     fn send_tokens(
         &mut self,
         dev: &mut dyn StagedDevice,
@@ -632,17 +699,48 @@ impl<'t> StagedProxy<'t> {
         le: usize,
         call: &Call,
     ) -> Result<usize, SchedError> {
-        let (rb, me, to) = (self.geo.row_bytes, self.t.rank(), p.to);
-        let n = p.region.bytes() / rb;
-        let place = self.geo.token_place(&call.counts, p);
+        let rb = self.geo.row_bytes;
+        if p.region.bytes() == 0 {
+            return Ok(0);
+        }
+        let piece = self.token_piece(dev, p, le, call)?;
+        let rows = dev.sent_bytes(p.to, Buf::Recv, p.wire, p.region.bytes());
         let Some(tok) = self.tokens.as_mut() else {
             return Ok(0);
         };
-        if n == 0 {
-            return Ok(0);
+        tok.pack.clear();
+        for &r in &piece.rows {
+            let r = r as usize;
+            tok.pack.extend_from_slice(&rows[r * rb..(r + 1) * rb]);
         }
+        let pack = std::mem::take(&mut tok.pack);
+        let sent = self.put_tokens(p, &piece, &pack, &call.counts);
+        if let Some(tok) = self.tokens.as_mut() {
+            tok.pack = pack;
+        }
+        sent
+    }
+
+    /// Token-once dispatch piece `p` (local expert `le` of `p.to`, its
+    /// rows written by the kernels): the rows of tokens this call has not
+    /// sent to `p.to` yet get the pair's next slots, in row order; every
+    /// row is named by its token's slot and carries its ratio. Pieces to
+    /// one peer take their slots in the order they are put out.
+    fn token_piece(
+        &mut self,
+        dev: &mut dyn StagedDevice,
+        p: &Piece,
+        le: usize,
+        call: &Call,
+    ) -> Result<TokenPiece, SchedError> {
+        let (me, to) = (self.t.rank(), p.to);
+        let n = p.region.bytes() / self.geo.row_bytes;
         let mine = &call.counts[me];
         let epr = self.geo.experts / self.geo.ranks;
+        let tok = self
+            .tokens
+            .as_mut()
+            .ok_or_else(|| unsupported("token rows without token-once"))?;
         if tok.order.is_none() {
             let sent: usize = mine.iter().map(|&c| c as usize).sum();
             let order = dev.send_order(sent)?;
@@ -653,11 +751,13 @@ impl<'t> StagedProxy<'t> {
         let slots = tok.order.as_ref().map_or(&[][..], |o| &o.slots[..]);
         let e = to * epr + le;
         let first: usize = mine[..e].iter().map(|&c| c as usize).sum();
-        let rows = dev.sent_bytes(to, Buf::Recv, p.wire, n * rb);
-        let (start, seen) = (tok.used[to], &mut tok.slot[to]);
-        tok.pack.clear();
-        tok.index.clear();
-        tok.ratios.clear();
+        let seen = &mut tok.slot[to];
+        let mut piece = TokenPiece {
+            start: tok.used[to],
+            rows: Vec::new(),
+            index: Vec::with_capacity(4 * n),
+            ratios: Vec::with_capacity(4 * n),
+        };
         for (r, &slot) in slots[first..first + n].iter().enumerate() {
             let token = slot as usize / self.geo.top_k;
             if seen.len() <= token {
@@ -666,20 +766,35 @@ impl<'t> StagedProxy<'t> {
             if seen[token].0 != call.epoch {
                 seen[token] = (call.epoch, tok.used[to] as u32);
                 tok.used[to] += 1;
-                tok.pack.extend_from_slice(&rows[r * rb..(r + 1) * rb]);
+                piece.rows.push(r as u32);
             }
-            tok.index.extend_from_slice(&seen[token].1.to_le_bytes());
-            tok.ratios
+            piece.index.extend_from_slice(&seen[token].1.to_le_bytes());
+            piece
+                .ratios
                 .extend_from_slice(&tok.ratio[first + r].to_le_bytes());
         }
+        Ok(piece)
+    }
+
+    /// Puts dispatch piece `p`'s fresh token rows (`rows`, packed) at the
+    /// pair's slots from `piece.start`, then its index and ratio arrays
+    /// (its signal follows them). Returns the wire bytes.
+    fn put_tokens(
+        &self,
+        p: &Piece,
+        piece: &TokenPiece,
+        rows: &[u8],
+        counts: &[Vec<u32>],
+    ) -> Result<usize, SchedError> {
+        let place = self.geo.token_place(counts, p);
         let inbox = self.inbox[Buf::Recv.index()];
-        if !tok.pack.is_empty() {
-            self.t
-                .put(to, inbox, place.tokens + start * rb, &tok.pack)?;
+        if !rows.is_empty() {
+            let at = place.tokens + piece.start * self.geo.row_bytes;
+            self.t.put(p.to, inbox, at, rows)?;
         }
-        self.t.put(to, inbox, place.index, &tok.index)?;
-        self.t.put(to, inbox, place.ratio, &tok.ratios)?;
-        Ok(tok.pack.len() + tok.index.len() + tok.ratios.len())
+        self.t.put(p.to, inbox, place.index, &piece.index)?;
+        self.t.put(p.to, inbox, place.ratio, &piece.ratios)?;
+        Ok(rows.len() + piece.index.len() + piece.ratios.len())
     }
 
     /// Puts out combine piece `p` (rows downloaded) token-once: per token
@@ -981,7 +1096,7 @@ impl<'t> StagedProxy<'t> {
         &self,
         dev: &dyn StagedDevice,
         epoch: u64,
-        staging: &std::collections::VecDeque<(Piece, Ticket)>,
+        staging: &VecDeque<Staging>,
         sends: &[Piece],
         lands: &[Piece],
         moved_at: Instant,
@@ -991,7 +1106,7 @@ impl<'t> StagedProxy<'t> {
         // Downloads started go first: they were ready before the rest.
         let sends: Vec<Piece> = staging
             .iter()
-            .map(|(p, _)| *p)
+            .map(|s| s.piece)
             .chain(sends.iter().copied())
             .collect();
         let pending = sends.len() + lands.len();

@@ -454,9 +454,9 @@ pub struct CudaStaging {
     order: PinnedBytes,
     call: Option<ProxyCall>,
     weights: PinnedBytes,
-    /// Token-once combine, per peer (allocated with the staging: pinning
+    /// Token-once tables, per peer (allocated with the staging: pinning
     /// memory during a call could wait for the kernels spinning on it).
-    sums: Vec<Option<SumTables>>,
+    sums: Vec<Option<TokenTables>>,
     /// The layer's kernels (token-once landings expand on the device).
     kernels: Arc<ForwardKernels>,
     /// Downloads in flight with their events; spare events.
@@ -531,22 +531,74 @@ impl Upload {
     }
 }
 
-/// One peer's token-once combine tables: for the sum kernel (expert side,
-/// laid out as `layout` says) and the landing's row index (owner side).
-struct SumTables {
+/// One peer's token-once tables: the row lists of the dispatch's token
+/// packs (owner side), the combine's sum tables (expert side, laid out as
+/// `layout` says) and its landing's row index (owner side).
+struct TokenTables {
+    pack: PackLists,
     layout: TableLayout,
     tables: Upload,
     index: Upload,
 }
 
-impl SumTables {
-    fn new(ctx: &Arc<CudaContext>, geo: &Geometry) -> Result<SumTables, DriverError> {
+impl TokenTables {
+    fn new(ctx: &Arc<CudaContext>, geo: &Geometry) -> Result<TokenTables, DriverError> {
         let layout = TableLayout::new(geo.recv_rows);
-        Ok(SumTables {
+        Ok(TokenTables {
+            pack: PackLists {
+                list: Upload::new(ctx, 4 * geo.send_rows)?,
+                used: 0,
+            },
             layout,
             tables: Upload::new(ctx, layout.bytes)?,
             index: Upload::new(ctx, 4 * geo.send_rows)?,
         })
+    }
+}
+
+/// The row lists of one call's token packs to one peer, each piece's at
+/// the next free words: the pieces name distinct rows of this rank's
+/// sends, so a call's lists fit in a word per send row. `list.epoch` is
+/// the call they belong to.
+struct PackLists {
+    list: Upload,
+    used: usize,
+}
+
+impl PackLists {
+    /// `rows` on the device (4-byte words), uploaded on `stream` behind
+    /// the call's earlier lists. Returns their device address.
+    fn upload(&mut self, stream: &CudaStream, epoch: u64, rows: &[u32]) -> Result<u64, String> {
+        if self.list.epoch != epoch {
+            (self.list.epoch, self.used) = (epoch, 0);
+        }
+        let (at, bytes) = (self.used, 4 * rows.len());
+        if !fits(at, bytes, self.list.host.len()) {
+            return Err(format!(
+                "{} rows past the {} send rows of the call",
+                rows.len(),
+                self.list.host.len() / 4 - at / 4
+            ));
+        }
+        put_words(
+            &mut self.list.host[at..at + bytes],
+            rows.iter().map(|r| r.to_le_bytes()),
+        );
+        // SAFETY: `bytes` at `at` lie inside both copies (checked); no
+        // earlier list of the call uses them, and a later call writes them
+        // again only after end_call drained `stream`, which runs this copy
+        // before the kernel reading it.
+        unsafe {
+            cuda::copy_runs_to_device(
+                stream,
+                self.list.host.ptr_at(at),
+                self.list.dev.ptr() + at as u64,
+                flat(bytes),
+            )
+        }
+        .map_err(|e| format!("upload: {e:?}"))?;
+        self.used += bytes;
+        Ok(self.list.dev.ptr() + at as u64)
     }
 }
 
@@ -693,7 +745,7 @@ impl CudaStaging {
         let sums = (0..geo.ranks)
             .map(|to| {
                 (to != rank && wire == WireFormat::Tokens)
-                    .then(|| SumTables::new(t.context(), geo))
+                    .then(|| TokenTables::new(t.context(), geo))
                     .transpose()
                     .map_err(|e| failed("allocate token-once combine tables", e))
             })
@@ -922,6 +974,62 @@ impl StagedDevice for CudaStaging {
                 .sum_rows(src, SlotSums { dst, ..tables }, self.downloads.cu_stream())
         }
         .map_err(|e| self.failed("sum rows", e))?;
+        self.ticket()
+    }
+
+    fn download_tokens(
+        &mut self,
+        to: usize,
+        region: Region,
+        at: usize,
+        rows: &[u32],
+    ) -> Result<Ticket, SchedError> {
+        let rb = self.geo.row_bytes;
+        let base = self.mirror(to, Buf::Recv)?;
+        let image = self.send_image(to, Buf::Recv)?;
+        let n = region.bytes() / rb.max(1);
+        let whole = region.buf == Buf::Recv && region.end() - region.offset == n * rb;
+        if !whole
+            || rows.iter().any(|&r| r as usize >= n)
+            || !fits(at, rows.len() * rb, image.len())
+        {
+            return Err(self.failed(
+                "pack tokens",
+                format!("{} of {region:?}'s rows to {at} of the image", rows.len()),
+            ));
+        }
+        let dst = Rows {
+            at: image.device_ptr_at(at),
+            rows: rows.len(),
+            width: rb,
+            pitch: rb,
+        };
+        let Some(epoch) = self.call.map(|c| c.epoch) else {
+            return Err(self.failed("pack tokens", "no call in flight"));
+        };
+        let Some(t) = self.sums.get_mut(to).and_then(Option::as_mut) else {
+            return Err(self.failed("pack tokens", format!("no tables for rank {to}")));
+        };
+        let list = t
+            .pack
+            .upload(&self.downloads, epoch, rows)
+            .map_err(|e| self.failed("pack tokens", e))?;
+        // SAFETY: the region's rows are whole rows inside the mirror of
+        // `to`'s recv buffer, final once its ready word came up (as in
+        // download), and the list names only them (checked); the list was
+        // uploaded before on this stream and is kept until the call ends.
+        // The packed rows go to this rank's pinned send image, which the
+        // device maps (checked to fit), read by the proxy only once the
+        // ticket says the kernel ran.
+        unsafe {
+            self.kernels.expand_rows(
+                base + region.offset as u64,
+                list,
+                dst,
+                self.downloads.cu_stream(),
+            )
+        }
+        .map_err(|e| self.failed("pack tokens", e))?;
         self.ticket()
     }
 

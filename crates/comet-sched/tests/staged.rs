@@ -201,6 +201,32 @@ impl StagedDevice for HostSide<'_> {
         Ok(self.start(to, region, wire, Some(out)))
     }
 
+    fn download_tokens(
+        &mut self,
+        to: usize,
+        region: Region,
+        at: usize,
+        rows: &[u32],
+    ) -> Result<Ticket, SchedError> {
+        assert!(
+            self.expand,
+            "asked to pack token rows without token kernels"
+        );
+        let rb = self.row_bytes;
+        let m = self.dev.mirrors[to][1].lock().unwrap();
+        let mut out = Vec::with_capacity(rows.len() * rb);
+        for &r in rows {
+            assert!(
+                (r as usize) < region.bytes() / rb,
+                "row {r} outside {region:?}"
+            );
+            let from = region.offset + r as usize * rb;
+            out.extend_from_slice(&m[from..from + rb]);
+        }
+        drop(m);
+        Ok(self.start(to, region, at, Some(out)))
+    }
+
     fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError> {
         // In order, like copies on one stream: the oldest finishes first.
         while let Some(d) = self.pending.front_mut() {

@@ -77,6 +77,22 @@ impl StagedDevice for Prefilled<'_> {
         Ok(0)
     }
 
+    fn download_tokens(
+        &mut self,
+        _: usize,
+        region: Region,
+        at: usize,
+        rows: &[u32],
+    ) -> Result<Ticket, SchedError> {
+        let rb = 2 * HIDDEN;
+        for (i, &r) in rows.iter().enumerate() {
+            let from = region.offset + r as usize * rb;
+            let to = at + i * rb;
+            self.send[1][to..to + rb].copy_from_slice(&self.mirror[1][from..from + rb]);
+        }
+        Ok(0)
+    }
+
     fn downloaded(&mut self, _: Ticket) -> Result<bool, SchedError> {
         Ok(true)
     }

@@ -116,10 +116,10 @@ pub struct LayerOptions {
     /// One rank: FC1 reads x's rows in place instead of rows the dispatch
     /// copied into expert order ([`DevicePlan::gather_x`]). Off by
     /// default: it saves the dispatch's copy (0.34 ms for qwen2-moe at
-    /// 16384 tokens on an H100) but its FC1 ran 10% slower (0.8 ms) than
-    /// over copied rows (docs/PERF.md, 2026-12-06). Its loads now arrive
-    /// on the ring through the hardware (not yet run on a GPU); `comet
-    /// bench --gather-x` times it.
+    /// 16384 tokens on an H100) but the layer ran 7-9% slower than over
+    /// copied rows on a rested GPU, with its loads arriving on the ring
+    /// through the hardware too (docs/PERF.md, 2026-12-06); `comet bench
+    /// --gather-x` times it.
     pub gather_x: bool,
 }
 

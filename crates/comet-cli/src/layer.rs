@@ -94,9 +94,9 @@ pub struct LayerArgs {
     /// saves). Off by default: slower on an H100 (docs/PERF.md).
     #[arg(long)]
     pub gather_x: bool,
-    /// With --gpu: SMs left to communication kernels while the GEMMs run
-    /// (a staged proxy's token kernels, NCCL's); default: the layer's own
-    /// choice.
+    /// With --gpu: SMs the overlapped GEMMs leave to communication (the
+    /// dispatch and combine kernels, and a staged proxy's token kernels);
+    /// default: the cost model's choice (`comet plan` prints it).
     #[arg(long)]
     pub comm_sms: Option<usize>,
     /// With --gpu: also time each phase of one sequential call (route,

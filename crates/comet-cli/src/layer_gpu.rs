@@ -121,7 +121,7 @@ fn bench_one(
             _ => WireFormat::Tokens,
         },
         gather_x: a.gather_x,
-        reserved_sms: a.comm_sms.unwrap_or(0),
+        comm_blocks: a.comm_sms,
         ..LayerOptions::default()
     };
     let wire = if staged {

@@ -185,6 +185,15 @@ impl DevicePlan {
         })
     }
 
+    /// `n` communication blocks beside the overlapped GEMMs instead of the
+    /// cost model's choice, at least one and leaving the GEMMs one SM.
+    pub fn set_comm_blocks(&mut self, n: usize) {
+        if self.overlap {
+            self.comm_blocks = n.clamp(1, self.share.saturating_sub(1).max(1));
+            self.gemm_grid_overlap = self.share - self.comm_blocks;
+        }
+    }
+
     /// FC1 tile list capacity.
     pub fn fc1_tiles_cap(&self) -> usize {
         self.max_row_tiles * (self.cfg.ffn / self.tiles.fc1_cols)
@@ -299,6 +308,23 @@ mod tests {
                 assert!(d.chunk_cols.is_multiple_of(TILES.fc2_cols));
             }
         }
+    }
+
+    #[test]
+    fn communication_blocks_given_replace_the_cost_models_within_the_share() {
+        let mut d = plan(Preset::Qwen2Moe, 2, 2);
+        assert!(d.overlap, "{d:?}");
+        for (asked, got) in [(16, 16), (0, 1), (500, d.share - 1)] {
+            d.set_comm_blocks(asked);
+            assert_eq!(d.comm_blocks, got, "{asked}");
+            assert_eq!(d.gemm_grid_overlap + d.comm_blocks, d.share);
+            assert_eq!(d.gemm_grid, d.share, "the sequential grid keeps the share");
+        }
+        // Nothing overlaps at one rank: nothing to leave SMs to.
+        let mut one = plan(Preset::Qwen2Moe, 1, 1);
+        let before = (one.comm_blocks, one.gemm_grid_overlap);
+        one.set_comm_blocks(16);
+        assert_eq!((one.comm_blocks, one.gemm_grid_overlap), before);
     }
 
     #[test]

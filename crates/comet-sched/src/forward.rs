@@ -121,6 +121,10 @@ pub struct LayerOptions {
     /// through the hardware too (docs/PERF.md, 2026-12-06); `comet bench
     /// --gather-x` times it.
     pub gather_x: bool,
+    /// Communication blocks beside the overlapped GEMMs (the SMs they
+    /// leave free); None: the cost model's choice
+    /// ([`DevicePlan::comm_blocks`]).
+    pub comm_blocks: Option<usize>,
 }
 
 impl Default for LayerOptions {
@@ -133,6 +137,7 @@ impl Default for LayerOptions {
             wire_format: WireFormat::Tokens,
             reserved_sms: 0,
             gather_x: false,
+            comm_blocks: None,
         }
     }
 }
@@ -397,6 +402,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
             &figures,
         )?;
         plan.gather_x = opts.gather_x && cfg.ranks == 1;
+        if let Some(n) = opts.comm_blocks {
+            plan.set_comm_blocks(n);
+        }
         if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
             return Err(SchedError::Input {
                 rank,

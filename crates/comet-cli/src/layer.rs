@@ -50,7 +50,10 @@ pub struct LayerArgs {
     #[arg(long, default_value_t = 0)]
     pub delay_us: u64,
     /// Emulated link between ranks, GB/s per direction (0: plain memcpy).
-    /// Gives the overlap something to hide on a CPU.
+    /// Gives the overlap something to hide on a CPU. With --gpu and a
+    /// staged --transport (local, ucx): the link's speed the cost model
+    /// plans with (default 3, a socket; `comet bench transport` measures
+    /// it).
     #[arg(long, default_value_t = 0.0)]
     pub link_gbps: f64,
     /// Latency of the emulated link, microseconds (default 10; needs
@@ -197,12 +200,17 @@ impl LayerArgs {
             bail!("--link-latency-us needs --link-gbps: without it there is no emulated link");
         }
         if self.gpu {
+            let staged = matches!(self.transport.as_str(), "local" | "ucx");
             for (given, flag) in [
-                (self.link_gbps > 0.0, "--link-gbps"),
+                (self.link_gbps > 0.0 && !staged, "--link-gbps"),
+                (self.link_latency_us.is_some(), "--link-latency-us"),
                 (self.delay_us > 0, "--delay-us"),
             ] {
                 if given {
-                    bail!("{flag} shapes the CPU executor's emulated link; --gpu has none");
+                    bail!(
+                        "{flag} shapes the CPU executor's emulated link; --gpu has none \
+                         (--link-gbps with a staged --transport is the link the cost model plans with)"
+                    );
                 }
             }
         }

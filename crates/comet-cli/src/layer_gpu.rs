@@ -115,7 +115,10 @@ fn bench_one(
         timeout: Duration::from_secs(a.timeout_s),
         // Staged ranks talk through host memory: a slow link, not the GPU's
         // (NCCL between GPUs of one node takes NVLink).
-        figures: staged.then(DeviceFigures::h200_slow_link),
+        figures: staged.then(|| DeviceFigures {
+            link_gbps: if a.link_gbps > 0.0 { a.link_gbps } else { 3.0 },
+            ..DeviceFigures::h200_slow_link()
+        }),
         wire_format: match a.wire.as_str() {
             "rows" => WireFormat::Rows,
             _ => WireFormat::Tokens,

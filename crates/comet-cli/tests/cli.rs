@@ -179,6 +179,23 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
         ),
         (vec!["bench", "--gpu", "--delay-us", "5"], "--delay-us"),
         (
+            vec!["bench", "--gpu", "--link-gbps", "5"],
+            "--link-gbps shapes the CPU executor's emulated link; --gpu has none",
+        ),
+        (
+            vec![
+                "bench",
+                "--gpu",
+                "--transport",
+                "ucx",
+                "--link-gbps",
+                "5",
+                "--link-latency-us",
+                "3",
+            ],
+            "--link-latency-us shapes",
+        ),
+        (
             vec!["bench", "--phases"],
             "--phases times the GPU forward's phases; it needs --gpu",
         ),

@@ -45,6 +45,11 @@ pub struct DeviceFigures {
     pub bm: usize,
     /// How token rows cross the link.
     pub wire: WireFormat,
+    /// A host proxy carries the link's bytes (UCX, or NCCL across nodes):
+    /// the communication blocks then copy every row of the call, local
+    /// ones too, into device memory (`block_gbps` each) while the proxy
+    /// moves the wire's bytes over the link beside them.
+    pub proxy: bool,
 }
 
 impl DeviceFigures {
@@ -60,6 +65,7 @@ impl DeviceFigures {
             chunk_overhead_us: 2.0,
             bm: 128,
             wire: WireFormat::Rows,
+            proxy: false,
         }
     }
 
@@ -71,6 +77,7 @@ impl DeviceFigures {
             link_gbps: 3.0,
             link_latency_us: 30.0,
             wire: WireFormat::Tokens,
+            proxy: true,
             ..DeviceFigures::h200_nvlink()
         }
     }
@@ -103,6 +110,7 @@ impl DeviceFigures {
             chunk_overhead_us: 30.0,
             bm: 32,
             wire: WireFormat::Rows,
+            proxy: false,
         }
     }
 }
@@ -188,6 +196,8 @@ impl CostModel {
         };
         let dispatch_s = link(dispatch_bytes, dev.link_gbps);
         let combine_s = link(combine_bytes, dev.link_gbps);
+        // Every row of the call, each way (what a proxy's blocks copy).
+        let rows_bytes = (tokens * cfg.top_k * cfg.hidden * cfg.dtype.bytes()) as f64;
         let baseline_s = dispatch_s + combine_s + gemm_s;
 
         let mut best: Option<(f64, usize, usize)> = None;
@@ -201,8 +211,15 @@ impl CostModel {
             } else {
                 1.0
             };
-            let gbps = dev.link_gbps.min(blocks as f64 * dev.block_gbps);
-            let (comm0, comm1) = (link(dispatch_bytes, gbps), link(combine_bytes, gbps));
+            let blocks_gbps = blocks as f64 * dev.block_gbps;
+            let (comm0, comm1) = if dev.proxy {
+                // The blocks fill the mirrors as the proxy empties them.
+                let copy = rows_bytes / (blocks_gbps * 1e9);
+                (dispatch_s.max(copy), combine_s.max(copy))
+            } else {
+                let gbps = dev.link_gbps.min(blocks_gbps);
+                (link(dispatch_bytes, gbps), link(combine_bytes, gbps))
+            };
             let (c0, c1) = (l0_s / compute_share, l1_s / compute_share);
             // Layer0: tiles wait for whole segments; after the last segment
             // lands, only its own share of the work (one expert from one
@@ -269,6 +286,42 @@ mod tests {
         assert!(e.speedup() < 1.3, "{e:?}");
         // A slow link is saturated by one block; taking more only slows GEMMs.
         assert_eq!(e.comm_blocks, 1);
+    }
+
+    /// Behind a host proxy the blocks copy every row of the call into the
+    /// mirrors, not just the wire's bytes: as the link gets faster, or a
+    /// token has more rows (top-8 against top-2), it takes more of them to
+    /// keep up, where blocks storing into peers need no more than the link
+    /// takes.
+    #[test]
+    fn a_proxys_blocks_copy_every_row() {
+        let qwen = Preset::Qwen2Moe.config(2).unwrap();
+        let mixtral = Preset::Mixtral8x7b.config(2).unwrap();
+        let blocks = |cfg: &MoeConfig, gbps: f64, proxy: bool| {
+            let mut dev = DeviceFigures::h200_slow_link();
+            (dev.link_gbps, dev.proxy, dev.sms) = (gbps, proxy, 66);
+            CostModel::estimate(cfg, 4096, &dev).comm_blocks
+        };
+        assert_eq!(
+            blocks(&qwen, 3.0, true),
+            1,
+            "one block keeps up with a socket"
+        );
+        assert_eq!(blocks(&qwen, 10.0, false), 1);
+        let fast = blocks(&qwen, 10.0, true);
+        assert!(fast >= 3, "{fast}");
+        assert!(blocks(&qwen, 30.0, true) > fast);
+        assert!(
+            blocks(&mixtral, 10.0, true) < fast,
+            "top-2 copies fewer rows"
+        );
+        // The copies bound the overlapped call from below.
+        let mut dev = DeviceFigures::h200_slow_link();
+        (dev.link_gbps, dev.sms) = (10.0, 66);
+        let e = CostModel::estimate(&qwen, 4096, &dev);
+        let rows_ms =
+            (4096 * 8 * qwen.hidden * 2) as f64 / (e.comm_blocks as f64 * dev.block_gbps * 1e6);
+        assert!(e.overlapped_ms >= 2.0 * rows_ms, "{e:?}");
     }
 
     #[test]

@@ -387,8 +387,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
         let v = kernels.variants();
         let mut figures = opts.figures_for(cfg.ranks);
         if t.capabilities().initiation == Initiation::Host {
-            // A proxy carries the bytes, in its dispatch wire format.
+            // A proxy carries the bytes, in its dispatch wire format, from
+            // mirrors the communication blocks fill.
             figures.wire = opts.wire_format;
+            figures.proxy = true;
         }
         let mut plan = DevicePlan::new(
             cfg,

@@ -41,11 +41,14 @@ first)
   # one process, a fused call's proxy waits ~27 ms for the kernels (PERF,
   # 2026-12-06 04:10): are the one or two communication blocks the cost
   # model gives a staged layer (which copy every row into the mirrors)
-  # what holds it? --comm-sms sets them. Then issue 13's one-rank ratio
+  # what holds it? --comm-sms sets them, --link-gbps the link the cost
+  # model sizes them for (ea3f97b). Then issue 13's one-rank ratio
   # (qwen2-moe, 16384 tokens; its target is stated for an H200).
   for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
-    for c in "" 8 16 32; do
-      step "one process ucx sm $p comm-sms ${c:-model}" bash -c "UCX_TLS=sm,self timeout 60 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx ${c:+--comm-sms $c} 2>&1 | tee $O/cb_${p// /_}_${c:-model}.md | grep -E '^[|] [a-z]|phases'"
+    # The model's blocks for a 3 GB/s link (the default) and for ~7 GB/s
+    # (what the proxy's puts reach over shared memory), then blocks given.
+    for c in "" "--link-gbps 7" "--comm-sms 8" "--comm-sms 16" "--comm-sms 32"; do
+      step "one process ucx sm $p ${c:-model}" bash -c "UCX_TLS=sm,self timeout 60 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx $c 2>&1 | tee '$O/cb_${p// /_}_${c// /}.md' | grep -E '^[|] [a-z]|phases'"
     done
   done
   step qwen-w1 bash -c "timeout 60 $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 10 --phases 2>&1 | tee $O/qwen_w1.md | grep -E '^[|] [a-z]|^phases'"

@@ -147,7 +147,14 @@ fn bench_one(
         "nccl" => nccl_rank(cfg, a.tokens, weights, &opts)?,
         _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?,
     };
-    let overlap = world.ranks()[0].layer.plan().overlap;
+    let plan = world.ranks()[0].layer.plan();
+    let overlap = plan.overlap;
+    if overlap {
+        eprintln!(
+            "  overlapped: {} communication blocks beside {} GEMM CTAs, {} layer1 chunks",
+            plan.comm_blocks, plan.gemm_grid_overlap, plan.chunks
+        );
+    }
     // Every rank's inputs, of which this process holds the ranks it runs.
     let all = inputs(cfg, a.tokens, kind, a.seed);
     let mine: Vec<RankInput> = world

@@ -306,8 +306,8 @@ struct Staging {
 }
 
 /// What a token-once dispatch piece puts: the rows of its tokens new to
-/// the pair in this call (`fresh` of them, at the pair's slots from
-/// `start`; `rows` says which of the piece's rows they are), and its
+/// the pair in this call (`rows` says which of the piece's rows they are;
+/// they take the pair's slots from `start` on, in that order), and its
 /// index and ratio arrays (little-endian, a word per row).
 struct TokenPiece {
     start: usize,

@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open, ~5 min
+#   bash scripts/device-checks.sh first   # what the last session left open, ~6 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
@@ -43,7 +43,10 @@ first)
   # model gives a staged layer (which copy every row into the mirrors)
   # what holds it? --comm-sms sets them, --link-gbps the link the cost
   # model sizes them for (ea3f97b). Then issue 13's one-rank ratio
-  # (qwen2-moe, 16384 tokens; its target is stated for an H200).
+  # (qwen2-moe, 16384 tokens; its target is stated for an H200). First the
+  # staged layer's GPU test, since the model now gives a proxy's fused
+  # calls more communication blocks.
+  step gpu_staged_ucx tests gpu_staged_ucx 200
   for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
     # The model's blocks for a 3 GB/s link (the default) and for ~7 GB/s
     # (what the proxy's puts reach over shared memory), then blocks given.

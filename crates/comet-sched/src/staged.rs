@@ -713,12 +713,8 @@ impl<'t> StagedProxy<'t> {
             let r = r as usize;
             tok.pack.extend_from_slice(&rows[r * rb..(r + 1) * rb]);
         }
-        let pack = std::mem::take(&mut tok.pack);
-        let sent = self.put_tokens(p, &piece, &pack, &call.counts);
-        if let Some(tok) = self.tokens.as_mut() {
-            tok.pack = pack;
-        }
-        sent
+        let pack = self.tokens.as_ref().map_or(&[][..], |t| &t.pack[..]);
+        self.put_tokens(p, &piece, pack, &call.counts)
     }
 
     /// Token-once dispatch piece `p` (local expert `le` of `p.to`, its

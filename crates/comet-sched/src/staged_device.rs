@@ -1370,9 +1370,9 @@ impl<T: Transport + 'static> StagedLayer<T> {
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
         if o.wire_format == WireFormat::Tokens {
-            // A token-once landing is a kernel (comet_expand_rows), which
-            // needs an SM that the persistent GEMMs waiting for it do not
-            // hold; a row landing is a copy and needs none.
+            // Token-once packs and landings are kernels (comet_expand_rows),
+            // which need an SM that the persistent GEMMs waiting for them do
+            // not hold; row downloads and landings are copies and need none.
             o.reserved_sms = o.reserved_sms.max(1);
         }
         let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;

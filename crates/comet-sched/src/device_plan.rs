@@ -156,7 +156,9 @@ impl DevicePlan {
         dev.bm = tiles.bm;
         let estimate = CostModel::estimate(cfg, capacity, &dev);
         let overlap = w > 1 && share > 1 && estimate.overlapped_ms < estimate.baseline_ms;
-        let comm_blocks = estimate.comm_blocks.clamp(1, (share / 4).max(1));
+        // A third of the share at most: 48 blocks of a 66-SM share measured
+        // 1.6x slower than 24 behind a proxy (docs/PERF.md, 2026-12-06).
+        let comm_blocks = estimate.comm_blocks.clamp(1, (share / 3).max(1));
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
             (cols, h / cols)

@@ -99,7 +99,8 @@ pub struct LayerArgs {
     pub gather_x: bool,
     /// With --gpu: SMs the overlapped GEMMs leave to communication (the
     /// dispatch and combine kernels, and a staged proxy's token kernels);
-    /// default: the cost model's choice (`comet plan` prints it).
+    /// default: the cost model's choice (`comet plan` prints it). At one
+    /// rank they overlap its dispatch with FC1 and its reduce with FC2.
     #[arg(long)]
     pub comm_sms: Option<usize>,
     /// With --gpu: also time each phase of one sequential call (route,

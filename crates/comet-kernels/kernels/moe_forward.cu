@@ -233,6 +233,7 @@ struct ReduceParams {
   const Scalars* sc;
   const u64* epoch;
   u64* err;
+  const u64* chunk_done;    // [chunks] finished FC2 tiles per chunk
   u64 timeout_ns;
   int tokens;
   int k;
@@ -244,7 +245,8 @@ struct ReduceParams {
   int me;
   int ids_i64;
   int w_bf16;
-  int pad0, pad1;
+  int wait_chunks;          // 0: FC2 has finished (it ran before on this stream)
+  int chunk_sig0;           // index naming chunk_done(0) in timeouts
 };
 
 __device__ __forceinline__ unsigned dispatch_sig(int W, int le, int src) {
@@ -690,6 +692,8 @@ extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_con
 // A warp per token: lanes 0..k-1 resolve the token's k rows (its own FC2
 // output for this rank's experts, the combine buffer for the others) and
 // weights once; every lane then sums its 16-byte column vectors over them.
+// With wait_chunks (one rank, overlapped: beside FC2 on the side stream)
+// a chunk's sum waits for its FC2 tiles too.
 extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_constant__ ReduceParams p) {
   __shared__ int verdict;
   if (!p.sc->ok) return;
@@ -699,10 +703,14 @@ extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_cons
   const int lane = wg.lane;
   for (int c = 0; c < p.chunks; ++c) {
     bool landed = true;
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0) {
+      if (p.wait_chunks)
+        landed = wait_at_least(p.chunk_done + c, p.sc->chunk_tiles, p.timeout_ns, p.err,
+                               COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + c));
       for (int s = 0; s < W && landed; ++s)
         if (s != p.me)
           landed = signal_wait(p.signals, combine_sig(W, p.epr, p.chunks, s, c), epoch, p.timeout_ns, p.err);
+    }
     if (!block_verdict(&verdict, landed)) return;
     for (long long t = wg.warp; t < p.tokens; t += wg.warps) {
       unsigned long long mine = 0ull;

@@ -198,6 +198,7 @@ pub struct ReduceParams {
     pub sc: CUdeviceptr,
     pub epoch: CUdeviceptr,
     pub err: CUdeviceptr,
+    pub chunk_done: CUdeviceptr,
     pub timeout_ns: u64,
     pub tokens: i32,
     pub k: i32,
@@ -209,7 +210,8 @@ pub struct ReduceParams {
     pub me: i32,
     pub ids_i64: i32,
     pub w_bf16: i32,
-    pub pad: [i32; 2],
+    pub wait_chunks: i32,
+    pub chunk_sig0: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<Scalars>() == 40);
@@ -218,7 +220,7 @@ const _: () = assert!(std::mem::size_of::<LayoutParams>() == 208);
 const _: () = assert!(std::mem::size_of::<DispatchParams>() == 136);
 const _: () = assert!(std::mem::size_of::<WaitParams>() == 48);
 const _: () = assert!(std::mem::size_of::<CombineParams>() == 120);
-const _: () = assert!(std::mem::size_of::<ReduceParams>() == 152);
+const _: () = assert!(std::mem::size_of::<ReduceParams>() == 160);
 
 /// `comet::FillParams`.
 #[repr(C)]

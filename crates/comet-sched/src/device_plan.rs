@@ -189,7 +189,17 @@ impl DevicePlan {
 
     /// `n` communication blocks beside the overlapped GEMMs instead of the
     /// cost model's choice, at least one and leaving the GEMMs one SM.
+    /// Alone (one rank on its GPU), blocks given overlap the rank's own
+    /// copies: the dispatch's rows beside FC1 and the reduce beside FC2,
+    /// in chunks of about an eighth of the hidden size (the model runs a
+    /// rank alone in sequence: it has no link to hide).
     pub fn set_comm_blocks(&mut self, n: usize) {
+        if !self.overlap && self.cfg.ranks == 1 && self.share > 1 && !self.gather_x {
+            let h = self.cfg.hidden;
+            self.overlap = true;
+            self.chunk_cols = chunk_width(h, self.tiles.fc2_cols, h / ALONE_CHUNKS);
+            self.chunks = h / self.chunk_cols;
+        }
         if self.overlap {
             self.comm_blocks = n.clamp(1, self.share.saturating_sub(1).max(1));
             self.gemm_grid_overlap = self.share - self.comm_blocks;
@@ -261,6 +271,10 @@ impl DevicePlan {
 }
 
 /// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
+/// Chunks of a rank alone whose reduce overlaps FC2: the last chunk's sum
+/// is what is left after FC2.
+const ALONE_CHUNKS: usize = 8;
+
 fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {
     (1..=hidden / tile)
         .map(|m| m * tile)
@@ -322,11 +336,25 @@ mod tests {
             assert_eq!(d.gemm_grid_overlap + d.comm_blocks, d.share);
             assert_eq!(d.gemm_grid, d.share, "the sequential grid keeps the share");
         }
-        // Nothing overlaps at one rank: nothing to leave SMs to.
+    }
+
+    /// A rank alone runs in sequence unless blocks are given: then its
+    /// dispatch and reduce run beside the GEMMs, the reduce in chunks.
+    #[test]
+    fn blocks_given_to_a_rank_alone_overlap_its_copies() {
         let mut one = plan(Preset::Qwen2Moe, 1, 1);
-        let before = (one.comm_blocks, one.gemm_grid_overlap);
+        assert!(!one.overlap);
         one.set_comm_blocks(16);
-        assert_eq!((one.comm_blocks, one.gemm_grid_overlap), before);
+        assert!(one.overlap, "{one:?}");
+        assert_eq!((one.comm_blocks, one.gemm_grid_overlap), (16, 116));
+        assert_eq!(one.gemm_grid, 132, "the sequential grid keeps the GPU");
+        assert_eq!(one.chunk_cols * one.chunks, one.cfg.hidden);
+        assert!(one.chunks > 1 && one.chunk_cols.is_multiple_of(TILES.fc2_cols));
+        // FC1 gathering x in place has no dispatch to overlap.
+        let mut gathering = plan(Preset::Qwen2Moe, 1, 1);
+        gathering.gather_x = true;
+        gathering.set_comm_blocks(16);
+        assert!(!gathering.overlap);
     }
 
     #[test]

@@ -1093,11 +1093,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe { self.k.forward.combine(&p, g, stream) }.map_err(kerr(self.rank()))
     }
 
+    /// `beside_fc2`: on the side stream while FC2 runs (one rank,
+    /// overlapped), each chunk summed once its FC2 tiles are done.
     unsafe fn reduce(
         &self,
         stream: CUstream,
         a: &ForwardArgs,
         blocks: usize,
+        beside_fc2: bool,
     ) -> Result<(), SchedError> {
         let cfg = &self.plan.cfg;
         if a.tokens == 0 {
@@ -1116,6 +1119,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             sc: self.s.sc,
             epoch: self.s.epoch,
             err: self.s.err,
+            chunk_done: self.s.chunk_done,
             timeout_ns: self.timeout_ns,
             tokens: a.tokens as i32,
             k: cfg.top_k as i32,
@@ -1127,7 +1131,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
             me: self.rank() as i32,
             ids_i64: i32::from(a.ids == IdType::I64),
             w_bf16: i32::from(a.weights == WeightType::Bf16),
-            pad: [0; 2],
+            wait_chunks: i32::from(beside_fc2),
+            chunk_sig0: self.map.wire(self.map.chunk_done(0)).index() as i32,
         };
         // SAFETY: ids/weights have tokens*k entries and y tokens rows
         // (caller); the rest is this layer's memory.
@@ -1150,8 +1155,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.dispatch(side, a, comm, true)?;
             self.fc1(stream, a, true, false, grid)?;
             self.fc2(stream, a, true, grid)?;
-            self.combine(side, true, comm)?;
-            self.reduce(stream, a, grid)?;
+            if self.plan.cfg.ranks == 1 {
+                // Alone there is no combine to wait for: the sum follows
+                // FC2's chunks beside it.
+                self.reduce(side, a, comm, true)?;
+            } else {
+                self.combine(side, true, comm)?;
+                self.reduce(stream, a, grid, false)?;
+            }
             self.join_side(stream)
         }
     }
@@ -1170,7 +1181,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.mark(5, stream)?;
             self.combine(stream, false, aux)?;
             self.mark(6, stream)?;
-            self.reduce(stream, a, aux)?;
+            self.reduce(stream, a, aux, false)?;
             self.mark(7, stream)
         }
     }

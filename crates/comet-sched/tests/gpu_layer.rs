@@ -289,6 +289,48 @@ fn one_rank_gathering_x_matches_the_reference() {
     }
 }
 
+/// One rank given communication blocks overlaps its own copies: the
+/// dispatch beside FC1 (tiles waiting on their segments) and the reduce on
+/// the side stream summing each chunk once FC2's tiles of it are done.
+/// Every routing and T = 0, 1, capacity against the reference, then 30
+/// calls with changing routing and T.
+#[test]
+#[ignore = "needs a GPU"]
+fn one_rank_overlapping_its_copies_matches_the_reference() {
+    for (experts, k, cap, blocks) in [(4, 2, 200, 1), (16, 11, 96, 6)] {
+        let c = cfg(1, 512, experts, k);
+        let o = LayerOptions {
+            comm_blocks: Some(blocks),
+            ..opts(&c, cap)
+        };
+        let mut h = Harness::new(&c, cap, &o);
+        let plan = h.world.ranks()[0].layer.plan();
+        assert!(plan.overlap && plan.chunks > 1, "{plan:?}");
+        for (i, kind) in routings().into_iter().enumerate() {
+            for tokens in [0, 1, cap, cap - 37] {
+                let inputs = h.inputs(&[tokens], kind, (i * 10 + tokens) as u64);
+                for mode in modes() {
+                    h.call(
+                        &inputs,
+                        mode,
+                        &format!("alone overlapped {kind:?} T={tokens} {mode:?}"),
+                    );
+                }
+            }
+        }
+        for call in 0..30u64 {
+            let tokens = [cap, 1, cap / 2, 0, cap - 5][call as usize % 5];
+            let kind = routings()[call as usize % 5];
+            let inputs = h.inputs(&[tokens], kind, 2000 + call);
+            h.call(
+                &inputs,
+                modes()[call as usize % 2],
+                &format!("alone overlapped call {call}"),
+            );
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn every_routing_and_size_matches_the_reference() {

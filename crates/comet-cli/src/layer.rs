@@ -103,6 +103,11 @@ pub struct LayerArgs {
     /// rank they overlap its dispatch with FC1 and its reduce with FC2.
     #[arg(long)]
     pub comm_sms: Option<usize>,
+    /// With --gpu: SMs of the GPU no GEMM takes, left to the transport's
+    /// own kernels (a staged proxy's token kernels, NCCL's); default: the
+    /// transport's choice.
+    #[arg(long, default_value_t = 0)]
+    pub reserved_sms: usize,
     /// With --gpu: also time each phase of one sequential call (route,
     /// layout, dispatch, fc1, fc2, combine, reduce) with CUDA events.
     #[arg(long)]
@@ -217,6 +222,15 @@ impl LayerArgs {
         }
         if self.phases && !self.gpu {
             bail!("--phases times the GPU forward's phases; it needs --gpu");
+        }
+        for (given, flag) in [
+            (self.comm_sms.is_some(), "--comm-sms"),
+            (self.reserved_sms > 0, "--reserved-sms"),
+            (self.gather_x, "--gather-x"),
+        ] {
+            if given && !self.gpu {
+                bail!("{flag} sets how the GPU forward runs; it needs --gpu");
+            }
         }
         match (self.transport.as_str(), self.gpu) {
             ("nvlink", _) => {}

@@ -204,6 +204,18 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
             "--transport local carries the GPU ranks' bytes; it needs --gpu",
         ),
         (
+            vec!["bench", "--comm-sms", "8"],
+            "--comm-sms sets how the GPU forward runs; it needs --gpu",
+        ),
+        (
+            vec!["bench", "--reserved-sms", "8"],
+            "--reserved-sms sets how the GPU forward runs; it needs --gpu",
+        ),
+        (
+            vec!["bench", "--gather-x"],
+            "--gather-x sets how the GPU forward runs; it needs --gpu",
+        ),
+        (
             vec!["bench", "--gpu", "--transport", "rdma"],
             "--transport rdma: expected nvlink, local, ucx or nccl",
         ),

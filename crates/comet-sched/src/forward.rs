@@ -109,9 +109,11 @@ pub struct LayerOptions {
     /// (kernels that store into peers always store rows, and NCCL's proxy
     /// sends rows); the cost model counts the bytes the same way.
     pub wire_format: WireFormat,
-    /// SMs of the GPU left to the transport's own kernels (NCCL's, which
-    /// must run while the layer's kernels spin waiting for what they
-    /// bring): the ranks on the GPU share the others.
+    /// SMs of the GPU left to the transport's own kernels (NCCL's, or a
+    /// staged proxy's token kernels, which must run while the layer's
+    /// kernels spin waiting for what they bring): the ranks on the GPU
+    /// share the others. 0: the transport's own choice where it needs
+    /// some (`staged_device::PROXY_KERNEL_SMS` a rank; NCCL's lanes).
     pub reserved_sms: usize,
     /// One rank: FC1 reads x's rows in place instead of rows the dispatch
     /// copied into expert order ([`DevicePlan::gather_x`]). Off by

@@ -249,10 +249,8 @@ fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize, wire: WireFo
     }
 }
 
-/// One rank whose FC1 reads x in place (`LayerOptions::gather_x`): every
-/// routing kind at T = 0, 1, the capacity and below it, both modes, top-2
-/// and top-11 (dropped slots among them: SomeEmpty, SilentRank), against
-/// the reference; then 30 calls with changing routing and T.
+/// One rank whose FC1 reads x in place (`LayerOptions::gather_x`), top-2
+/// and top-11 (dropped slots among them: SomeEmpty, SilentRank).
 #[test]
 #[ignore = "needs a GPU"]
 fn one_rank_gathering_x_matches_the_reference() {
@@ -264,36 +262,13 @@ fn one_rank_gathering_x_matches_the_reference() {
         };
         let mut h = Harness::new(&c, cap, &o);
         assert!(h.world.ranks()[0].layer.plan().gather_x);
-        for (i, kind) in routings().into_iter().enumerate() {
-            for tokens in [0, 1, cap, cap - 37] {
-                let inputs = h.inputs(&[tokens], kind, (i * 10 + tokens) as u64);
-                for mode in modes() {
-                    h.call(
-                        &inputs,
-                        mode,
-                        &format!("gather {kind:?} T={tokens} {mode:?}"),
-                    );
-                }
-            }
-        }
-        for call in 0..30u64 {
-            let tokens = [cap, 1, cap / 2, 0, cap - 5][call as usize % 5];
-            let kind = routings()[call as usize % 5];
-            let inputs = h.inputs(&[tokens], kind, 1000 + call);
-            h.call(
-                &inputs,
-                modes()[call as usize % 2],
-                &format!("gather call {call}"),
-            );
-        }
+        one_rank_calls(&mut h, cap, "gather");
     }
 }
 
 /// One rank given communication blocks overlaps its own copies: the
 /// dispatch beside FC1 (tiles waiting on their segments) and the reduce on
 /// the side stream summing each chunk once FC2's tiles of it are done.
-/// Every routing and T = 0, 1, capacity against the reference, then 30
-/// calls with changing routing and T.
 #[test]
 #[ignore = "needs a GPU"]
 fn one_rank_overlapping_its_copies_matches_the_reference() {
@@ -306,28 +281,34 @@ fn one_rank_overlapping_its_copies_matches_the_reference() {
         let mut h = Harness::new(&c, cap, &o);
         let plan = h.world.ranks()[0].layer.plan();
         assert!(plan.overlap && plan.chunks > 1, "{plan:?}");
-        for (i, kind) in routings().into_iter().enumerate() {
-            for tokens in [0, 1, cap, cap - 37] {
-                let inputs = h.inputs(&[tokens], kind, (i * 10 + tokens) as u64);
-                for mode in modes() {
-                    h.call(
-                        &inputs,
-                        mode,
-                        &format!("alone overlapped {kind:?} T={tokens} {mode:?}"),
-                    );
-                }
+        one_rank_calls(&mut h, cap, "alone overlapped");
+    }
+}
+
+/// Every routing kind at T = 0, 1, the capacity and below it, both modes,
+/// against the reference; then 30 calls with changing routing and T.
+fn one_rank_calls(h: &mut Harness, cap: usize, what: &str) {
+    for (i, kind) in routings().into_iter().enumerate() {
+        for tokens in [0, 1, cap, cap - 37] {
+            let inputs = h.inputs(&[tokens], kind, (i * 10 + tokens) as u64);
+            for mode in modes() {
+                h.call(
+                    &inputs,
+                    mode,
+                    &format!("{what} {kind:?} T={tokens} {mode:?}"),
+                );
             }
         }
-        for call in 0..30u64 {
-            let tokens = [cap, 1, cap / 2, 0, cap - 5][call as usize % 5];
-            let kind = routings()[call as usize % 5];
-            let inputs = h.inputs(&[tokens], kind, 2000 + call);
-            h.call(
-                &inputs,
-                modes()[call as usize % 2],
-                &format!("alone overlapped call {call}"),
-            );
-        }
+    }
+    for call in 0..30u64 {
+        let tokens = [cap, 1, cap / 2, 0, cap - 5][call as usize % 5];
+        let kind = routings()[call as usize % 5];
+        let inputs = h.inputs(&[tokens], kind, 1000 + call);
+        h.call(
+            &inputs,
+            modes()[call as usize % 2],
+            &format!("{what} call {call}"),
+        );
     }
 }
 

@@ -44,6 +44,7 @@ first)
   # side stream, each chunk once FC2's tiles of it are done): first its
   # GPU test, then the ratio with 8 to 32 blocks against the sequence.
   step one-rank-tests tests gpu_layer 150 one_rank
+  step graph-tests tests gpu_layer 60 a_captured_graph
   for p in qwen2-moe phi3.5-moe mixtral-8x7b; do
     for c in "" "--comm-sms 8" "--comm-sms 16" "--comm-sms 24" "--comm-sms 32"; do
       [ "$p" != qwen2-moe ] && [ "$c" != "" ] && [ "$c" != "--comm-sms 16" ] && continue

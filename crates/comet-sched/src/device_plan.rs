@@ -46,8 +46,9 @@ pub struct DevicePlan {
     pub ranks_per_gpu: usize,
     /// SMs this rank may fill at once.
     pub share: usize,
-    /// Whether the fused mode overlaps communication with the GEMMs (the
-    /// cost model's verdict; with one rank there is nothing to overlap).
+    /// Whether the fused mode overlaps communication with the GEMMs: the
+    /// cost model's verdict, or at one rank (where the model has no link
+    /// to hide and runs in sequence) blocks given ([`Self::set_comm_blocks`]).
     pub overlap: bool,
     /// Blocks of the communication kernels while the GEMMs run.
     pub comm_blocks: usize,
@@ -232,7 +233,7 @@ impl DevicePlan {
     pub fn describe(&self) -> String {
         format!(
             "device forward: {} SMs, {} rank(s) per GPU -> {} SMs per rank\n\
-             overlap: {} (cost model: overlapped {:.3} ms vs sequential {:.3} ms)\n\
+             overlap: {} ({}cost model: overlapped {:.3} ms vs sequential {:.3} ms)\n\
              link (cost model): dispatch {} {:.3} ms, combine {:.3} ms\n\
              GEMM grid: {} CTAs overlapping, {} in sequence; communication blocks: {}\n\
              tiles: {} rows, FC1 {} cols, FC2 {} cols; layer1 chunks: {} x {} cols\n\
@@ -242,6 +243,11 @@ impl DevicePlan {
             self.ranks_per_gpu,
             self.share,
             self.overlap,
+            if self.overlap && self.cfg.ranks == 1 {
+                "communication blocks given; "
+            } else {
+                ""
+            },
             self.estimate.overlapped_ms,
             self.estimate.baseline_ms,
             match self.wire {
@@ -270,11 +276,11 @@ impl DevicePlan {
     }
 }
 
-/// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
 /// Chunks of a rank alone whose reduce overlaps FC2: the last chunk's sum
 /// is what is left after FC2.
 const ALONE_CHUNKS: usize = 8;
 
+/// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
 fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {
     (1..=hidden / tile)
         .map(|m| m * tile)
@@ -350,6 +356,9 @@ mod tests {
         assert_eq!(one.gemm_grid, 132, "the sequential grid keeps the GPU");
         assert_eq!(one.chunk_cols * one.chunks, one.cfg.hidden);
         assert!(one.chunks > 1 && one.chunk_cols.is_multiple_of(TILES.fc2_cols));
+        assert!(one
+            .describe()
+            .contains("overlap: true (communication blocks given;"));
         // FC1 gathering x in place has no dispatch to overlap.
         let mut gathering = plan(Preset::Qwen2Moe, 1, 1);
         gathering.gather_x = true;

@@ -337,9 +337,18 @@ fn thirty_calls_on_the_same_buffers() {
 #[test]
 #[ignore = "needs a GPU"]
 fn a_captured_graph_replays_with_new_routing() {
-    for w in [1, 2] {
+    // W = 1 twice: in sequence, and overlapping its copies (blocks given).
+    for (w, blocks) in [(1, None), (1, Some(4)), (2, None)] {
         let c = cfg(w, 256, 8, 2);
-        let mut h = Harness::new(&c, 128, &opts(&c, 128));
+        let o = LayerOptions {
+            comm_blocks: blocks,
+            ..opts(&c, 128)
+        };
+        let mut h = Harness::new(&c, 128, &o);
+        assert_eq!(
+            h.world.ranks()[0].layer.plan().overlap,
+            w > 1 || blocks.is_some()
+        );
         let first = h.inputs(&vec![128; w], RoutingKind::Uniform, 7);
         h.world.set_inputs(&first).unwrap();
         let graphs = h

@@ -4,26 +4,8 @@
 
 use anyhow::{bail, Result};
 
-/// `MemAvailable` of /proc/meminfo in bytes; None where it cannot be read.
-pub fn available_memory() -> Option<u128> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_available(&text)
-}
-
-fn parse_mem_available(meminfo: &str) -> Option<u128> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let mut parts = line.split_whitespace().skip(1);
-    let n: u128 = parts.next()?.parse().ok()?;
-    match parts.next() {
-        Some("kB") | None => Some(n * 1024),
-        Some(_) => None,
-    }
-}
-
-/// `bytes` as GiB with one decimal.
-pub fn gib(bytes: u128) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
+pub use comet_sched::host_memory::available as available_memory;
+use comet_sched::host_memory::gib;
 
 /// Fails when `need` bytes exceed what this machine has available
 /// (`available`, normally [`available_memory`]; None skips the check).
@@ -46,10 +28,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn meminfo_parses_and_sizes_are_checked() {
-        let text = "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   2048 kB\n";
-        assert_eq!(parse_mem_available(text), Some(2048 * 1024));
-        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+    fn sizes_are_checked() {
         assert!(ensure_fits(2048 * 1024, Some(2048 * 1024), "x", "y").is_ok());
         let e = ensure_fits(3 << 30, Some(1 << 30), "the run", "lower --tokens")
             .unwrap_err()

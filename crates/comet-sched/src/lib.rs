@@ -26,6 +26,7 @@ pub mod device_world;
 pub mod error;
 #[cfg(feature = "gpu")]
 pub mod forward;
+pub mod host_memory;
 #[cfg(feature = "nccl")]
 pub mod nccl_device;
 pub mod nccl_proxy;

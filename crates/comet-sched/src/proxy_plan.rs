@@ -34,6 +34,7 @@
 
 use crate::device_plan::DevicePlan;
 use crate::error::SchedError;
+use crate::host_memory::gib;
 use comet_core::schedule::{SignalMap, WireSignal};
 
 /// The layer's symmetric device buffers.
@@ -169,6 +170,41 @@ pub struct StagedBytes {
     pub host_staging: usize,
     /// On the transport (host memory for UCX).
     pub inbox: usize,
+}
+
+impl StagedBytes {
+    /// Refuses staging that would pin more host memory than `available`
+    /// (normally [`crate::host_memory::available`]; None skips the check):
+    /// pinned pages cannot be swapped. The images grow with the peers and
+    /// the receive rows, which by default are sized for the worst case
+    /// (every rank sending all its tokens here), so a wide world wants a
+    /// bound on them.
+    pub fn check_pinned(
+        &self,
+        geo: &Geometry,
+        rank: usize,
+        available: Option<u128>,
+    ) -> Result<(), SchedError> {
+        let need = self.host_staging as u128;
+        match available {
+            Some(avail) if need > avail => Err(SchedError::Input {
+                rank,
+                message: format!(
+                    "staging through host memory would pin {} (images of {} peers' \
+                     buffers: {} receive rows and {} combine rows of {} bytes each) but \
+                     the host has {} available; lower the layer's capacity or bound \
+                     its receive rows (LayerOptions::recv_capacity)",
+                    gib(need),
+                    geo.ranks.saturating_sub(1),
+                    geo.recv_rows,
+                    geo.send_rows,
+                    geo.row_bytes,
+                    gib(avail)
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The sizes the kernels lay the buffers out with.
@@ -596,6 +632,29 @@ mod tests {
         assert_eq!(b.device_tokens, 100 * 128 + 8 * 100 + 32 * 4);
         let alone = geometry(1, 8, 1, 10, 10).staged_bytes();
         assert_eq!((alone.device_mirrors, alone.device_tokens), (0, 0));
+    }
+
+    /// Staging that would pin more than the host has is refused, naming
+    /// the sizes and the way out; exactly enough, or an unknown amount,
+    /// passes.
+    #[test]
+    fn staging_beyond_the_hosts_memory_is_refused() {
+        let g = geometry(4, 8, 2, 100, 30);
+        let b = g.staged_bytes();
+        let need = b.host_staging as u128;
+        assert!(b.check_pinned(&g, 2, Some(need)).is_ok());
+        assert!(b.check_pinned(&g, 2, None).is_ok());
+        let e = b.check_pinned(&g, 2, Some(need - 1)).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, SchedError::Input { rank: 2, .. }), "{e:?}");
+        for part in [
+            "3 peers",
+            "100 receive rows",
+            "30 combine rows",
+            "recv_capacity",
+        ] {
+            assert!(msg.contains(part), "{part}: {msg}");
+        }
     }
 
     /// Token-once areas: every piece's index and ratio arrays and its

@@ -721,6 +721,8 @@ impl CudaStaging {
     ) -> Result<CudaStaging, SchedError> {
         let view = t.proxy_view(layer.symmetric_buffers())?;
         let rank = t.rank();
+        geo.staged_bytes()
+            .check_pinned(geo, rank, crate::host_memory::available())?;
         let failed = |what: &str, e: DriverError| SchedError::Device {
             rank,
             message: format!("proxy {what}: {e}"),

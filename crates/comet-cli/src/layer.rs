@@ -103,6 +103,10 @@ pub struct LayerArgs {
     /// rank they overlap its dispatch with FC1 and its reduce with FC2.
     #[arg(long)]
     pub comm_sms: Option<usize>,
+    /// With --gpu: bound on the rows one rank receives in a call (default:
+    /// the worst case, every rank sending all its rows to one).
+    #[arg(long)]
+    pub recv_rows: Option<usize>,
     /// With --gpu: SMs of the GPU no GEMM takes, left to the transport's
     /// own kernels (a staged proxy's token kernels, NCCL's); default: the
     /// transport's choice.
@@ -220,6 +224,9 @@ impl LayerArgs {
                 }
             }
         }
+        if self.recv_rows == Some(0) {
+            bail!("--recv-rows must be at least 1");
+        }
         if self.phases && !self.gpu {
             bail!("--phases times the GPU forward's phases; it needs --gpu");
         }
@@ -227,6 +234,7 @@ impl LayerArgs {
             (self.comm_sms.is_some(), "--comm-sms"),
             (self.reserved_sms > 0, "--reserved-sms"),
             (self.gather_x, "--gather-x"),
+            (self.recv_rows.is_some(), "--recv-rows"),
         ] {
             if given && !self.gpu {
                 bail!("{flag} sets how the GPU forward runs; it needs --gpu");

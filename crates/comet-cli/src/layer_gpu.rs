@@ -126,6 +126,7 @@ fn bench_one(
         gather_x: a.gather_x,
         comm_blocks: a.comm_sms,
         reserved_sms: a.reserved_sms,
+        recv_capacity: a.recv_rows,
         ..LayerOptions::default()
     };
     let wire = if staged {

@@ -37,6 +37,11 @@ pub struct PlanArgs {
     /// device forward's plan; `comet bench --gpu` puts all W on GPU 0.
     #[arg(long, default_value_t = 1)]
     pub ranks_per_gpu: usize,
+    /// Bound on the rows one rank receives in a call, for the device
+    /// forward's buffers (default: the worst case, every rank sending all
+    /// its rows to one).
+    #[arg(long)]
+    pub recv_rows: Option<usize>,
     /// Rank whose receive layout and schedules are printed.
     #[arg(long, default_value_t = 0)]
     pub rank: usize,
@@ -160,10 +165,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
     println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
     // What MoeLayer::forward will run on an H200 (sm_90a kernels) with
     // `--tokens` as its capacity: the same DevicePlan it builds.
+    anyhow::ensure!(a.recv_rows != Some(0), "--recv-rows must be at least 1");
     let device = DevicePlan::new(
         &cfg,
         a.tokens,
-        None,
+        a.recv_rows,
         dev.sms,
         a.ranks_per_gpu,
         kernel_tiles_for(Family::SM90_TMA),

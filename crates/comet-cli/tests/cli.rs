@@ -114,6 +114,25 @@ fn plan_prints_layout_and_choice() {
     );
 }
 
+/// A bound on the receive rows sizes the device forward's buffers (and a
+/// staged rank's mirrors and images with them).
+#[test]
+fn plan_takes_a_bound_on_the_receive_rows() {
+    let args = [
+        "plan",
+        "--preset",
+        "qwen2-moe",
+        "--ranks",
+        "8",
+        "--tokens",
+        "1024",
+    ];
+    let worst = succeeds(&args);
+    assert!(worst.contains("65536 receive rows"), "{worst}");
+    let bound = succeeds(&[&args[..], &["--recv-rows", "16384"]].concat());
+    assert!(bound.contains("16384 receive rows"), "{bound}");
+}
+
 /// The plan says how dispatch crosses the link: kernels store rows over
 /// NVLink; the socket path is a host proxy's, token-once.
 #[test]
@@ -214,6 +233,14 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
         (
             vec!["bench", "--gather-x"],
             "--gather-x sets how the GPU forward runs; it needs --gpu",
+        ),
+        (
+            vec!["bench", "--gpu", "--recv-rows", "0"],
+            "--recv-rows must be at least 1",
+        ),
+        (
+            vec!["plan", "--recv-rows", "0"],
+            "--recv-rows must be at least 1",
         ),
         (
             vec!["bench", "--gpu", "--transport", "rdma"],

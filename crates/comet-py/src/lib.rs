@@ -139,16 +139,20 @@ fn config(
 fn nominal_plan(
     cfg: &MoeConfig,
     max_tokens: usize,
+    max_recv_rows: Option<usize>,
     sms: usize,
     ranks_per_gpu: usize,
 ) -> PyResult<DevicePlan> {
     if max_tokens == 0 {
         return Err(value_err("max_tokens must be positive".into()));
     }
+    if max_recv_rows == Some(0) {
+        return Err(value_err("max_recv_rows must be positive".into()));
+    }
     DevicePlan::new(
         cfg,
         max_tokens,
-        None,
+        max_recv_rows,
         sms,
         ranks_per_gpu,
         kernel_tiles_for(Family::SM90_TMA),
@@ -211,10 +215,10 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
 }
 
 /// `plan(hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1,
-/// sms=132)`: what a layer of this shape would run on an H200-like GPU, as
-/// a dict (no GPU needed).
+/// sms=132, max_recv_rows=None)`: what a layer of this shape would run on
+/// an H200-like GPU, as a dict (no GPU needed).
 #[pyfunction]
-#[pyo3(signature = (hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1, sms=132))]
+#[pyo3(signature = (hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1, sms=132, max_recv_rows=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan<'py>(
     py: Python<'py>,
@@ -226,6 +230,7 @@ fn plan<'py>(
     ranks: usize,
     ranks_per_gpu: usize,
     sms: usize,
+    max_recv_rows: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
     guard("plan", || {
         if ranks == 0 || ranks_per_gpu == 0 || sms == 0 {
@@ -234,7 +239,7 @@ fn plan<'py>(
             ));
         }
         let cfg = config(hidden, ffn, experts, top_k, ranks)?;
-        let p = nominal_plan(&cfg, max_tokens, sms, ranks_per_gpu)?;
+        let p = nominal_plan(&cfg, max_tokens, max_recv_rows, sms, ranks_per_gpu)?;
         plan_dict(py, &p)
     })
 }
@@ -363,14 +368,9 @@ fn build_layer(
     max_tokens: usize,
     device: usize,
     ex: Arc<dyn BlobExchange>,
-    per_gpu: usize,
-    timeout: Duration,
+    opts: &LayerOptions,
 ) -> PyResult<Inner> {
-    let opts = LayerOptions {
-        timeout,
-        ranks_per_gpu: per_gpu,
-        ..LayerOptions::default()
-    };
+    let per_gpu = opts.ranks_per_gpu;
     match transport {
         "nccl" => {
             if per_gpu > 1 {
@@ -383,13 +383,13 @@ fn build_layer(
                 device,
                 ex,
                 NcclOptions {
-                    collective_timeout: timeout,
+                    collective_timeout: opts.timeout,
                 },
             )
             .map_err(transport_err)?;
             let kernels = kernels_for(device, &t).map_err(sched_err)?;
             let layer =
-                NcclLayer::over_nccl(cfg, max_tokens, t, &kernels, &opts).map_err(sched_err)?;
+                NcclLayer::over_nccl(cfg, max_tokens, t, &kernels, opts).map_err(sched_err)?;
             Ok(Box::new(layer))
         }
         _ => {
@@ -397,12 +397,12 @@ fn build_layer(
                 device,
                 ex,
                 NvlinkOptions {
-                    collective_timeout: timeout,
+                    collective_timeout: opts.timeout,
                 },
             )
             .map_err(transport_err)?;
             let kernels = kernels_for(device, &t).map_err(sched_err)?;
-            let layer = MoeLayer::new(cfg, max_tokens, t, &kernels, &opts).map_err(sched_err)?;
+            let layer = MoeLayer::new(cfg, max_tokens, t, &kernels, opts).map_err(sched_err)?;
             Ok(Box::new(layer))
         }
     }
@@ -447,7 +447,7 @@ impl Layer {
     /// Collective over the world of `exchange` (or of torchrun's
     /// environment, or alone).
     #[new]
-    #[pyo3(signature = (hidden, ffn, experts, top_k, max_tokens, *, exchange=None, transport="nvlink", mode="fused", timeout_s=30.0, ranks_per_gpu=None, device=0))]
+    #[pyo3(signature = (hidden, ffn, experts, top_k, max_tokens, *, exchange=None, transport="nvlink", mode="fused", timeout_s=30.0, ranks_per_gpu=None, device=0, max_recv_rows=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -462,6 +462,7 @@ impl Layer {
         timeout_s: f64,
         ranks_per_gpu: Option<usize>,
         device: usize,
+        max_recv_rows: Option<usize>,
     ) -> PyResult<Layer> {
         guard("MoeLayer()", || {
             if transport != "nvlink" && transport != "nccl" {
@@ -490,7 +491,7 @@ impl Layer {
             let cfg = config(hidden, ffn, experts, top_k, world)?;
             // The shape's rules (tile multiples, capacity) before any peer
             // or GPU is involved.
-            nominal_plan(&cfg, max_tokens, 132, 1)?;
+            nominal_plan(&cfg, max_tokens, max_recv_rows, 132, 1)?;
             // Everything collective runs without the GIL; a group's
             // exchange takes it back for its all_gather.
             let built = py.detach(|| -> Result<(Inner, usize), PyErr> {
@@ -500,8 +501,13 @@ impl Layer {
                     None => ranks_on_my_gpu(ex.as_ref(), device, timeout).map_err(transport_err)?,
                 };
                 let rank = ex.rank();
-                let mut layer =
-                    build_layer(transport, &cfg, max_tokens, device, ex, per_gpu, timeout)?;
+                let opts = LayerOptions {
+                    timeout,
+                    ranks_per_gpu: per_gpu,
+                    recv_capacity: max_recv_rows,
+                    ..LayerOptions::default()
+                };
+                let mut layer = build_layer(transport, &cfg, max_tokens, device, ex, &opts)?;
                 layer.set_mode(mode);
                 Ok((layer, rank))
             })?;

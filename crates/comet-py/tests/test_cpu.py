@@ -252,6 +252,13 @@ def test_plan_of_ranks_sharing_a_gpu_stays_within_the_share():
     assert comet.plan(3584, 2560, 64, 8, 8192, ranks=8)["overlap"] is True
 
 
+def test_plan_takes_a_bound_on_the_receive_rows():
+    worst = comet.plan(7168, 2048, 256, 8, 4096, ranks=8)["recv_capacity"]
+    assert worst == 8 * 4096 * 8, "by default every rank may send all its rows here"
+    p = comet.plan(7168, 2048, 256, 8, 4096, ranks=8, max_recv_rows=2 * 4096 * 8)
+    assert p["recv_capacity"] == 2 * 4096 * 8
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -262,6 +269,7 @@ def test_plan_of_ranks_sharing_a_gpu_stays_within_the_share():
         (dict(max_tokens=0), "max_tokens must be positive"),
         (dict(experts=0), "experts must be positive"),
         (dict(ranks_per_gpu=0), "must be positive"),
+        (dict(max_recv_rows=0), "max_recv_rows must be positive"),
     ],
 )
 def test_plan_refuses_bad_shapes(args, message):
@@ -289,6 +297,7 @@ def clean_env(monkeypatch):
         (dict(timeout_s=0), ValueError, "timeout_s must be a positive number"),
         (dict(timeout_s=float("nan")), ValueError, "timeout_s must be a positive number"),
         (dict(ranks_per_gpu=0), ValueError, "ranks_per_gpu must be positive"),
+        (dict(max_recv_rows=0), ValueError, "max_recv_rows must be positive"),
         (dict(hidden=1000), ValueError, "hidden 1000 must be a multiple of 64"),
         (dict(top_k=0), ValueError, "top_k must be positive"),
         (dict(max_tokens=0), ValueError, "max_tokens must be positive"),

@@ -56,13 +56,16 @@ __all__ = [
 __version__ = _comet.__version__
 
 
-def plan(hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1, sms=132):
+def plan(hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1, sms=132,
+         max_recv_rows=None):
     """What a layer of this shape would run on an H200-like GPU of ``sms``
     SMs (no GPU needed): the cost model's choice as a dict (comm_blocks,
     chunks, chunk_cols, overlap, share, gemm grids, recv_capacity,
     ``dispatch`` (how dispatch crosses the link: "rows"), the estimate in
-    ms, and ``text``, the summary ``comet plan`` prints)."""
-    return _comet.plan(hidden, ffn, experts, top_k, max_tokens, ranks, ranks_per_gpu, sms)
+    ms, and ``text``, the summary ``comet plan`` prints). ``max_recv_rows``
+    as in ``MoeLayer``."""
+    return _comet.plan(hidden, ffn, experts, top_k, max_tokens, ranks, ranks_per_gpu, sms,
+                       max_recv_rows)
 
 
 def check_inputs(x, topk_ids, topk_weights, w1, w2, y=None, *, hidden, ffn,
@@ -193,11 +196,15 @@ class MoeLayer:
     sends each piece as the kernels finish it, per ordered pair of ranks:
     one GPU per rank, on one host or across hosts; its calls cannot be
     captured in a CUDA graph, since the proxy must see every call).
+    ``max_recv_rows`` bounds the rows one rank receives in a call (default:
+    the worst case, every rank sending all its ``max_tokens * top_k`` rows
+    to it, which grows with the world); a call whose routing would send a
+    rank more fails with an error naming that rank, never dropping rows.
     """
 
     def __init__(self, hidden, ffn, experts, top_k, max_tokens, group=None,
                  transport="nvlink", mode="fused", timeout_s=30.0, ranks_per_gpu=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, max_recv_rows=None):
         if dtype is not None and str(dtype) != "torch.bfloat16":
             raise ValueError(f"comet: the layer computes in torch.bfloat16 only (got {dtype})")
         _ensure_nvrtc()
@@ -205,7 +212,7 @@ class MoeLayer:
             hidden, ffn, experts, top_k, max_tokens,
             exchange=_exchange_for(group), transport=transport, mode=mode,
             timeout_s=float(timeout_s), ranks_per_gpu=ranks_per_gpu,
-            device=_device_index(device),
+            device=_device_index(device), max_recv_rows=max_recv_rows,
         )
         self.hidden, self.ffn, self.experts, self.top_k = hidden, ffn, experts, top_k
         self.max_tokens = max_tokens

@@ -166,6 +166,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     // What MoeLayer::forward will run on an H200 (sm_90a kernels) with
     // `--tokens` as its capacity: the same DevicePlan it builds.
     anyhow::ensure!(a.recv_rows != Some(0), "--recv-rows must be at least 1");
+    anyhow::ensure!(a.ranks_per_gpu > 0, "--ranks-per-gpu must be at least 1");
     let device = DevicePlan::new(
         &cfg,
         a.tokens,

@@ -262,8 +262,8 @@ def test_plan_takes_a_bound_on_the_receive_rows():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (dict(hidden=100), "hidden 100 must be a multiple of 64"),
-        (dict(ffn=1000), "ffn 1000 must be a multiple of 64"),
+        (dict(hidden=100), "hidden 100 must be a multiple of 256 (of 64 and of the FC2 tile"),
+        (dict(ffn=1000), "ffn 1000 must be a multiple of 128 (of 64 and of the FC1 tile"),
         (dict(top_k=9), "top_k=9 is more than the 8 experts"),
         (dict(ranks=3), "8 experts cannot be split evenly over 3 ranks"),
         (dict(max_tokens=0), "max_tokens must be positive"),
@@ -298,7 +298,7 @@ def clean_env(monkeypatch):
         (dict(timeout_s=float("nan")), ValueError, "timeout_s must be a positive number"),
         (dict(ranks_per_gpu=0), ValueError, "ranks_per_gpu must be positive"),
         (dict(max_recv_rows=0), ValueError, "max_recv_rows must be positive"),
-        (dict(hidden=1000), ValueError, "hidden 1000 must be a multiple of 64"),
+        (dict(hidden=1000), ValueError, "hidden 1000 must be a multiple of 256"),
         (dict(top_k=0), ValueError, "top_k must be positive"),
         (dict(max_tokens=0), ValueError, "max_tokens must be positive"),
         (dict(dtype=Dtype("float16")), ValueError, "torch.bfloat16 only (got torch.float16)"),

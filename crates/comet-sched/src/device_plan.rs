@@ -112,42 +112,44 @@ impl DevicePlan {
                 format!("{} exceeds the device reduce's {MAX_TOP_K}", cfg.top_k),
             ));
         }
-        if !h.is_multiple_of(64) || !h.is_multiple_of(tiles.fc2_cols) {
-            return Err(bad(
-                "hidden",
-                format!(
-                    "{h} must be a multiple of 64 and of the FC2 tile's {} columns",
-                    tiles.fc2_cols
-                ),
-            ));
+        for (field, n, tile, which) in [
+            ("hidden", h, tiles.fc2_cols, "FC2"),
+            ("ffn", f, tiles.fc1_cols, "FC1"),
+        ] {
+            let step = lcm(64, tile.max(1));
+            if !n.is_multiple_of(step) {
+                return Err(bad(
+                    field,
+                    format!("{n} must be a multiple of {step} (of 64 and of the {which} tile's {tile} columns)"),
+                ));
+            }
         }
-        if !f.is_multiple_of(64) || !f.is_multiple_of(tiles.fc1_cols) {
-            return Err(bad(
-                "ffn",
-                format!(
-                    "{f} must be a multiple of 64 and of the FC1 tile's {} columns",
-                    tiles.fc1_cols
-                ),
-            ));
-        }
-        if sms == 0 || ranks_per_gpu == 0 || tiles.bm == 0 {
-            return Err(bad(
-                "sms",
-                format!(
-                    "{sms} SMs, {ranks_per_gpu} ranks per GPU, {} tile rows",
-                    tiles.bm
-                ),
-            ));
+        for (field, n) in [
+            ("sms", sms),
+            ("ranks_per_gpu", ranks_per_gpu),
+            ("tile rows", tiles.bm),
+        ] {
+            if n == 0 {
+                return Err(bad(field, "must be at least 1".into()));
+            }
         }
         let worst = w * capacity * cfg.top_k.min(epr);
-        let recv_capacity = recv_capacity.unwrap_or(worst).max(1);
-        if capacity * cfg.top_k > i32::MAX as usize || recv_capacity > i32::MAX as usize / 2 {
+        // A bound above the worst case buys nothing: nothing can arrive
+        // beyond it.
+        let recv_capacity = recv_capacity.unwrap_or(worst).min(worst).max(1);
+        if capacity * cfg.top_k > i32::MAX as usize {
             return Err(bad(
                 "capacity",
                 format!(
                     "{capacity} tokens x top-{} rows do not fit 32-bit row indices",
                     cfg.top_k
                 ),
+            ));
+        }
+        if recv_capacity > i32::MAX as usize / 2 {
+            return Err(bad(
+                "recv_capacity",
+                format!("{recv_capacity} receive rows do not fit 32-bit row indices"),
             ));
         }
         let share = (sms / ranks_per_gpu).max(1);
@@ -276,6 +278,16 @@ impl DevicePlan {
     }
 }
 
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut x: usize, mut y: usize| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    a / gcd(a, b) * b
+}
+
 /// Chunks of a rank alone whose reduce overlaps FC2: the last chunk's sum
 /// is what is left after FC2.
 const ALONE_CHUNKS: usize = 8;
@@ -401,6 +413,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.recv_capacity, 8 * 100);
+        let fig = DeviceFigures::h200_nvlink();
+        let loose = DevicePlan::new(&cfg, 100, Some(1 << 20), 132, 1, TILES, &fig).unwrap();
+        assert_eq!(
+            loose.recv_capacity, d.recv_capacity,
+            "a bound above the worst case"
+        );
     }
 
     #[test]
@@ -410,6 +428,38 @@ mod tests {
         let e = DevicePlan::new(&cfg, 16, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
             .unwrap_err();
         assert!(e.to_string().contains("ffn"), "{e}");
+        cfg.ffn = 1024;
+        cfg.hidden = 4096 + 64;
+        let e = DevicePlan::new(&cfg, 16, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "hidden 4160 must be a multiple of 256 (of 64 and of the FC2 tile's 256 columns)"
+            ),
+            "{e}"
+        );
+        cfg.hidden = 4096;
+        let e = DevicePlan::new(&cfg, 16, None, 132, 0, TILES, &DeviceFigures::h200_nvlink())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("ranks_per_gpu must be at least 1"),
+            "{e}"
+        );
+        let e = DevicePlan::new(
+            &cfg,
+            (1 << 29) + 1,
+            None,
+            132,
+            1,
+            TILES,
+            &DeviceFigures::h200_nvlink(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("recv_capacity 1073741826 receive rows"),
+            "{e}"
+        );
         let cfg = Preset::Mixtral8x7b.config(1).unwrap();
         let e = DevicePlan::new(&cfg, 0, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
             .unwrap_err();

@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open, ~7 min
+#   bash scripts/device-checks.sh first   # what the last session left open, ~8 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
@@ -36,28 +36,26 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # The open questions of the last session in one call of about 7 minutes
+  # The open questions of the last session in one call of about 8 minutes
   # (device starts are scarce). Issue 13's one-rank ratio (qwen2-moe at
   # 16384 tokens, fused/GEMM-only 1.068 on an H100, target 1.05) is the
   # dispatch's copy (0.4 ms) and the reduce (0.36 ms) in sequence with the
   # GEMMs. Blocks given to a rank alone overlap both (the reduce on the
   # side stream, each chunk once FC2's tiles of it are done): first its
-  # GPU test, then the ratio with 8 to 32 blocks against the sequence.
-  step one-rank-tests tests gpu_layer 150 one_rank
+  # GPU tests, then the ratio with 8 to 32 blocks against the sequence.
+  # Then a staged rank's proxy kernels, which now get 4 SMs a rank, not 1
+  # a GPU (PROXY_KERNEL_SMS): the staged GPU test, and fused and
+  # sequential calls against 1 over UCX shared memory, both ranks in one
+  # process. Each bench's exit code is its own (pipefail in its shell).
+  step one-rank-tests tests gpu_layer 150 one_rank_overlapping
   step graph-tests tests gpu_layer 60 a_captured_graph
-  for p in qwen2-moe phi3.5-moe mixtral-8x7b; do
-    for c in "" "--comm-sms 8" "--comm-sms 16" "--comm-sms 24" "--comm-sms 32"; do
-      [ "$p" != qwen2-moe ] && [ "$c" != "" ] && [ "$c" != "--comm-sms 16" ] && continue
-      step "alone $p ${c:-sequence}" bash -c "timeout 60 $R comet bench --gpu --preset $p --ranks 1 --tokens 16384 --iters 10 $c 2>&1 | tee '$O/alone_${p}_${c// /}.md' | grep -E '^[|] [a-z]|overlapped'"
-    done
+  for run in "qwen2-moe" "qwen2-moe --comm-sms 8" "qwen2-moe --comm-sms 16" "qwen2-moe --comm-sms 32" \
+      "phi3.5-moe" "phi3.5-moe --comm-sms 16" "mixtral-8x7b" "mixtral-8x7b --comm-sms 16"; do
+    step "alone $run" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $run 2>&1 | tee '$O/alone_${run// /_}.md' | grep -E '^[|] [a-z]|overlapped'"
   done
-  # A staged rank's proxy kernels (packs, combine sums) now get 4 SMs a
-  # rank, not 1 a GPU (PROXY_KERNEL_SMS): fused and sequential against 1
-  # and 16, over UCX shared memory with both ranks in one process.
-  for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
-    for c in "--reserved-sms 1" "" "--reserved-sms 16"; do
-      step "proxy sms ucx sm $p ${c:-default}" bash -c "UCX_TLS=sm,self timeout 60 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx $c 2>&1 | tee '$O/ps_${p// /_}_${c// /}.md' | grep -E '^[|] [a-z]|phases|overlapped'"
-    done
+  step gpu_staged_ucx tests gpu_staged_ucx 200
+  for run in "qwen2-moe --reserved-sms 1" "qwen2-moe" "mixtral-8x7b --ffn 28672 --reserved-sms 1" "mixtral-8x7b --ffn 28672"; do
+    step "proxy sms ucx sm $run" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 60 $R comet bench --gpu --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --preset $run 2>&1 | tee '$O/ps_${run// /_}.md' | grep -E '^[|] [a-z]|phases|overlapped'"
   done
   ;;
 mps)

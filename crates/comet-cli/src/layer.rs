@@ -109,7 +109,8 @@ pub struct LayerArgs {
     pub recv_rows: Option<usize>,
     /// With --gpu: SMs of the GPU no GEMM takes, left to the transport's
     /// own kernels (a staged proxy's token kernels, NCCL's); default: the
-    /// transport's choice.
+    /// transport's choice (4 a rank behind a proxy). NCCL's lanes get at
+    /// least what they need whatever is given.
     #[arg(long, default_value_t = 0)]
     pub reserved_sms: usize,
     /// With --gpu: also time each phase of one sequential call (route,

@@ -11,7 +11,7 @@ use comet_core::{LayoutPlan, MoeConfig, Preset, Routing, RoutingKind};
 use comet_kernels::Family;
 use comet_sched::device_plan::DevicePlan;
 use comet_sched::forward::kernel_tiles_for;
-use comet_sched::proxy_plan::Geometry;
+use comet_sched::proxy_plan::{Geometry, PROXY_KERNEL_SMS};
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -42,6 +42,10 @@ pub struct PlanArgs {
     /// its rows to one).
     #[arg(long)]
     pub recv_rows: Option<usize>,
+    /// SMs of the GPU no GEMM takes, left to a transport's own kernels (a
+    /// staged rank's proxy takes 4 a rank by default).
+    #[arg(long, default_value_t = 0)]
+    pub reserved_sms: usize,
     /// Rank whose receive layout and schedules are printed.
     #[arg(long, default_value_t = 0)]
     pub rank: usize,
@@ -73,6 +77,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
     if a.tokens == 0 {
         bail!("--tokens must be at least 1");
     }
+    anyhow::ensure!(a.recv_rows != Some(0), "--recv-rows must be at least 1");
+    anyhow::ensure!(a.ranks_per_gpu > 0, "--ranks-per-gpu must be at least 1");
     let shape = a
         .shape
         .resolve(a.preset.parse::<Preset>()?, a.ranks, "--ranks", 1)?;
@@ -165,13 +171,17 @@ pub fn run(a: PlanArgs) -> Result<()> {
     println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
     // What MoeLayer::forward will run on an H200 (sm_90a kernels) with
     // `--tokens` as its capacity: the same DevicePlan it builds.
-    anyhow::ensure!(a.recv_rows != Some(0), "--recv-rows must be at least 1");
-    anyhow::ensure!(a.ranks_per_gpu > 0, "--ranks-per-gpu must be at least 1");
+    anyhow::ensure!(
+        a.reserved_sms < dev.sms,
+        "--reserved-sms {} leaves none of the {} SMs to the layer",
+        a.reserved_sms,
+        dev.sms
+    );
     let device = DevicePlan::new(
         &cfg,
         a.tokens,
         a.recv_rows,
-        dev.sms,
+        dev.sms - a.reserved_sms,
         a.ranks_per_gpu,
         kernel_tiles_for(Family::SM90_TMA),
         &dev,
@@ -186,10 +196,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
         let s = Geometry::of(&device).staged_bytes();
         println!(
             "staged over a host-memory transport (--transport ucx|local): per rank {:.1} MiB of \
-             device mirrors and token copy, {:.1} MiB of pinned host staging, {:.1} MiB of inbox",
+             device mirrors and token copy, {:.1} MiB of pinned host staging, {:.1} MiB of inbox; \
+             its proxy's kernels take {} SMs a rank (plan with --reserved-sms {} for its split)",
             mib(s.device_mirrors + s.device_tokens),
             mib(s.host_staging),
-            mib(s.inbox)
+            mib(s.inbox),
+            PROXY_KERNEL_SMS,
+            PROXY_KERNEL_SMS * a.ranks_per_gpu
         );
     }
     Ok(())

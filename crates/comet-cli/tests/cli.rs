@@ -243,6 +243,10 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
             "--recv-rows must be at least 1",
         ),
         (
+            vec!["plan", "--reserved-sms", "132"],
+            "--reserved-sms 132 leaves none of the 132 SMs to the layer",
+        ),
+        (
             vec!["bench", "--gpu", "--transport", "rdma"],
             "--transport rdma: expected nvlink, local, ucx or nccl",
         ),

@@ -112,25 +112,27 @@ impl DevicePlan {
                 format!("{} exceeds the device reduce's {MAX_TOP_K}", cfg.top_k),
             ));
         }
+        for (field, n) in [
+            ("sms", sms),
+            ("ranks_per_gpu", ranks_per_gpu),
+            ("tile rows", tiles.bm),
+            ("FC1 tile columns", tiles.fc1_cols),
+            ("FC2 tile columns", tiles.fc2_cols),
+        ] {
+            if n == 0 {
+                return Err(bad(field, "must be at least 1".into()));
+            }
+        }
         for (field, n, tile, which) in [
             ("hidden", h, tiles.fc2_cols, "FC2"),
             ("ffn", f, tiles.fc1_cols, "FC1"),
         ] {
-            let step = lcm(64, tile.max(1));
+            let step = lcm(64, tile);
             if !n.is_multiple_of(step) {
                 return Err(bad(
                     field,
                     format!("{n} must be a multiple of {step} (of 64 and of the {which} tile's {tile} columns)"),
                 ));
-            }
-        }
-        for (field, n) in [
-            ("sms", sms),
-            ("ranks_per_gpu", ranks_per_gpu),
-            ("tile rows", tiles.bm),
-        ] {
-            if n == 0 {
-                return Err(bad(field, "must be at least 1".into()));
             }
         }
         let worst = w * capacity * cfg.top_k.min(epr);
@@ -159,8 +161,7 @@ impl DevicePlan {
         dev.bm = tiles.bm;
         let estimate = CostModel::estimate(cfg, capacity, &dev);
         let overlap = w > 1 && share > 1 && estimate.overlapped_ms < estimate.baseline_ms;
-        // A third of the share at most: 48 blocks of a 66-SM share measured
-        // 1.6x slower than 24 behind a proxy (docs/PERF.md, 2026-12-06).
+        // The model takes a third of the share at most.
         let comm_blocks = estimate.comm_blocks.clamp(1, (share / 3).max(1));
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
@@ -192,15 +193,15 @@ impl DevicePlan {
 
     /// `n` communication blocks beside the overlapped GEMMs instead of the
     /// cost model's choice, at least one and leaving the GEMMs one SM.
-    /// Alone (one rank on its GPU), blocks given overlap the rank's own
-    /// copies: the dispatch's rows beside FC1 and the reduce beside FC2,
-    /// in chunks of about an eighth of the hidden size (the model runs a
-    /// rank alone in sequence: it has no link to hide).
+    /// Blocks given always overlap: where the model would run in sequence
+    /// (a rank alone, with no link to hide; ranks sharing a GPU over
+    /// NVLink) the dispatch then runs beside FC1 and the combine and
+    /// reduce beside FC2, in chunks of about an eighth of the hidden size.
     pub fn set_comm_blocks(&mut self, n: usize) {
-        if !self.overlap && self.cfg.ranks == 1 && self.share > 1 && !self.gather_x {
+        if !self.overlap && self.share > 1 && !self.gather_x {
             let h = self.cfg.hidden;
             self.overlap = true;
-            self.chunk_cols = chunk_width(h, self.tiles.fc2_cols, h / ALONE_CHUNKS);
+            self.chunk_cols = chunk_width(h, self.tiles.fc2_cols, h / GIVEN_CHUNKS);
             self.chunks = h / self.chunk_cols;
         }
         if self.overlap {
@@ -288,9 +289,9 @@ fn lcm(a: usize, b: usize) -> usize {
     a / gcd(a, b) * b
 }
 
-/// Chunks of a rank alone whose reduce overlaps FC2: the last chunk's sum
-/// is what is left after FC2.
-const ALONE_CHUNKS: usize = 8;
+/// Chunks where blocks are given and the model would not overlap: the last
+/// chunk's combine and sum are what is left after FC2.
+const GIVEN_CHUNKS: usize = 8;
 
 /// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
 fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {
@@ -391,7 +392,7 @@ mod tests {
     fn several_ranks_overlap_over_nvlink() {
         let d = plan(Preset::Qwen2Moe, 8, 1);
         assert!(d.overlap, "{d:?}");
-        assert!(d.comm_blocks >= 1 && d.comm_blocks <= 33);
+        assert!(d.comm_blocks >= 1 && d.comm_blocks <= d.share / 3);
         assert!(d.chunks >= 1);
     }
 
@@ -515,6 +516,11 @@ mod tests {
             )
             .unwrap();
             assert!(!d.overlap, "{d:?}");
+            // Blocks given overlap there too, in chunks.
+            let mut given = d.clone();
+            given.set_comm_blocks(8);
+            assert!(given.overlap && given.chunks > 1, "{given:?}");
+            assert_eq!(given.gemm_grid_overlap + 8, given.share);
         }
     }
 

@@ -113,7 +113,9 @@ pub struct LayerOptions {
     /// staged proxy's token kernels, which must run while the layer's
     /// kernels spin waiting for what they bring): the ranks on the GPU
     /// share the others. 0: the transport's own choice where it needs
-    /// some (`staged_device::PROXY_KERNEL_SMS` a rank; NCCL's lanes).
+    /// some ([`crate::proxy_plan::PROXY_KERNEL_SMS`] a rank behind a
+    /// proxy); else as given, except that NCCL's lanes always get the SMs
+    /// they cannot run without.
     pub reserved_sms: usize,
     /// One rank: FC1 reads x's rows in place instead of rows the dispatch
     /// copied into expert order ([`DevicePlan::gather_x`]). Off by
@@ -394,13 +396,21 @@ impl<T: DeviceTransport> MoeLayer<T> {
             figures.wire = opts.wire_format;
             figures.proxy = true;
         }
+        let sms = kernels.gemm.sm_count() as usize;
+        if opts.reserved_sms >= sms {
+            return Err(SchedError::Input {
+                rank,
+                message: format!(
+                    "{} SMs reserved for the transport leave none of the GPU's {sms} to the layer",
+                    opts.reserved_sms
+                ),
+            });
+        }
         let mut plan = DevicePlan::new(
             cfg,
             capacity,
             opts.recv_capacity,
-            (kernels.gemm.sm_count() as usize)
-                .saturating_sub(opts.reserved_sms)
-                .max(1),
+            sms - opts.reserved_sms,
             opts.ranks_per_gpu,
             v.tiles(),
             &figures,

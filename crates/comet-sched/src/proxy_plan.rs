@@ -159,6 +159,14 @@ pub struct TokenPlace {
     pub pair_rows: usize,
 }
 
+/// SMs per rank left to its proxy's token kernels (packs, combine sums,
+/// landings). They read every remote row of a call: on one SM a sequential
+/// qwen2-moe call's reduce phase (the combine's sums landing) took 11.7 ms
+/// over UCX shared memory, on 4 a rank 6.4 ms, on 8 5.3 ms (H100,
+/// docs/PERF.md 2026-12-06 ~04:04), and past the GEMMs' saturation the
+/// SMs cost them little.
+pub const PROXY_KERNEL_SMS: usize = 4;
+
 /// Memory one staged rank holds beyond the layer itself, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StagedBytes {
@@ -175,26 +183,32 @@ pub struct StagedBytes {
 impl StagedBytes {
     /// Refuses staging that would pin more host memory than `available`
     /// (normally [`crate::host_memory::available`]; None skips the check):
-    /// pinned pages cannot be swapped. The images grow with the peers and
-    /// the receive rows, which by default are sized for the worst case
-    /// (every rank sending all its tokens here), so a wide world wants a
-    /// bound on them.
+    /// pinned pages cannot be swapped. A rank pins its images and
+    /// registers its inbox; `ranks_here` ranks (those sharing its GPU, the
+    /// fewest that pin at once on its host) do the same together. The
+    /// images grow with the peers and the receive rows, which by default
+    /// are sized for the worst case (every rank sending all its tokens
+    /// here), so a wide world wants a bound on them.
     pub fn check_pinned(
         &self,
         geo: &Geometry,
         rank: usize,
+        ranks_here: usize,
         available: Option<u128>,
     ) -> Result<(), SchedError> {
-        let need = self.host_staging as u128;
+        let one = (self.host_staging + self.inbox) as u128;
+        let need = one * ranks_here.max(1) as u128;
         match available {
             Some(avail) if need > avail => Err(SchedError::Input {
                 rank,
                 message: format!(
-                    "staging through host memory would pin {} (images of {} peers' \
-                     buffers: {} receive rows and {} combine rows of {} bytes each) but \
-                     the host has {} available; lower the layer's capacity or bound \
-                     its receive rows (LayerOptions::recv_capacity)",
+                    "staging through host memory would pin {} ({} a rank for {} ranks: images \
+                     of {} peers' buffers, {} receive rows and {} combine rows of {} bytes \
+                     each, and the inbox) but the host has {} available; lower the layer's \
+                     capacity or bound its receive rows (LayerOptions::recv_capacity)",
                     gib(need),
+                    gib(one),
+                    ranks_here.max(1),
                     geo.ranks.saturating_sub(1),
                     geo.recv_rows,
                     geo.send_rows,
@@ -641,13 +655,16 @@ mod tests {
     fn staging_beyond_the_hosts_memory_is_refused() {
         let g = geometry(4, 8, 2, 100, 30);
         let b = g.staged_bytes();
-        let need = b.host_staging as u128;
-        assert!(b.check_pinned(&g, 2, Some(need)).is_ok());
-        assert!(b.check_pinned(&g, 2, None).is_ok());
-        let e = b.check_pinned(&g, 2, Some(need - 1)).unwrap_err();
+        let one = (b.host_staging + b.inbox) as u128;
+        assert!(b.check_pinned(&g, 2, 1, Some(one)).is_ok());
+        assert!(b.check_pinned(&g, 2, 3, None).is_ok());
+        // Three ranks on the GPU pin three times as much.
+        assert!(b.check_pinned(&g, 2, 3, Some(3 * one)).is_ok());
+        let e = b.check_pinned(&g, 2, 3, Some(3 * one - 1)).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, SchedError::Input { rank: 2, .. }), "{e:?}");
         for part in [
+            "for 3 ranks",
             "3 peers",
             "100 receive rows",
             "30 combine rows",

@@ -41,14 +41,6 @@ use std::time::Duration;
 
 const NAME: &str = "staged";
 
-/// SMs per rank left to its proxy's token kernels (packs, combine sums,
-/// landings). They read every remote row of a call: on one SM a sequential
-/// qwen2-moe call's reduce phase (the combine's sums landing) took 11.7 ms
-/// over UCX shared memory, on 4 a rank 6.4 ms, on 8 5.3 ms (H100,
-/// docs/PERF.md 2026-12-06 ~04:04), and past the GEMMs' saturation the
-/// SMs cost them little.
-pub const PROXY_KERNEL_SMS: usize = 4;
-
 /// One symmetric buffer: this rank's copy, its mirrors of the peers'
 /// copies (none for itself) and its inbox on the inner transport.
 struct Staged {
@@ -721,8 +713,12 @@ impl CudaStaging {
     ) -> Result<CudaStaging, SchedError> {
         let view = t.proxy_view(layer.symmetric_buffers())?;
         let rank = t.rank();
-        geo.staged_bytes()
-            .check_pinned(geo, rank, crate::host_memory::available())?;
+        geo.staged_bytes().check_pinned(
+            geo,
+            rank,
+            layer.plan().ranks_per_gpu,
+            crate::host_memory::available(),
+        )?;
         let failed = |what: &str, e: DriverError| SchedError::Device {
             rank,
             message: format!("proxy {what}: {e}"),
@@ -1379,11 +1375,11 @@ impl<T: Transport + 'static> StagedLayer<T> {
         }
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
-        if o.wire_format == WireFormat::Tokens && o.reserved_sms == 0 {
+        if o.wire_format == WireFormat::Tokens && o.reserved_sms == 0 && cfg.ranks > 1 {
             // Token-once packs, sums and landings are kernels, which need
             // SMs that the persistent GEMMs waiting for them do not hold;
             // row downloads and landings are copies and need none.
-            o.reserved_sms = PROXY_KERNEL_SMS * o.ranks_per_gpu.max(1);
+            o.reserved_sms = crate::proxy_plan::PROXY_KERNEL_SMS * o.ranks_per_gpu.max(1);
         }
         let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;
         let (timeout, wire) = (opts.timeout, opts.wire_format);

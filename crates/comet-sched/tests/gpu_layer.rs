@@ -65,11 +65,15 @@ fn cfg(w: usize, ffn: usize, experts: usize, top_k: usize) -> MoeConfig {
 
 /// Figures of a link whose transfers take about half the GEMM time, so the
 /// cost model overlaps these small layers (W > 1) in two chunks: the
-/// overlapped path is what the fused mode must prove here.
+/// overlapped path is what the fused mode must prove here. Behind a proxy
+/// the blocks also copy every row into the mirrors; at a real block's rate
+/// those copies alone would outlast these toy layers' GEMMs, so here they
+/// copy fast enough not to count.
 fn opts(cfg: &MoeConfig, capacity: usize) -> LayerOptions {
     let mut dev = DeviceFigures::h200_nvlink();
     dev.link_latency_us = 0.0;
     dev.chunk_overhead_us = 0.0;
+    dev.block_gbps = 1e4;
     let mut scaled = dev.clone();
     scaled.gemm_tflops *= (132 / cfg.ranks) as f64 / dev.sms as f64;
     scaled.sms = 132 / cfg.ranks;
@@ -79,6 +83,50 @@ fn opts(cfg: &MoeConfig, capacity: usize) -> LayerOptions {
         timeout: Duration::from_secs(10),
         figures: Some(dev),
         ..LayerOptions::default()
+    }
+}
+
+/// The premise of the GPU tests with several ranks, on CPU: with the
+/// figures the harness gives, and behind a proxy the layer's own
+/// adjustments (the proxy's cost form, its wire, the SMs its kernels
+/// keep), every shape the tests build overlaps in more than one chunk.
+#[test]
+fn test_shapes_overlap_in_several_chunks() {
+    use comet_sched::device_plan::DevicePlan;
+    use comet_sched::forward::kernel_tiles_for;
+    use comet_sched::proxy_plan::PROXY_KERNEL_SMS;
+    let (tokens, rows) = (Some(WireFormat::Tokens), Some(WireFormat::Rows));
+    // (W, ffn, experts, top-k, capacity, the wire behind a proxy or None).
+    let shapes = [
+        (2, 512, 4, 2, 256, None),
+        (4, 256, 8, 3, 160, None),
+        (2, 256, 16, 11, 96, None),
+        (2, 256, 8, 2, 256, None),
+        (2, 256, 8, 2, 128, None),
+        (2, 256, 4, 2, 64, None),
+        (2, 256, 4, 2, 32, None),
+        (2, 256, 4, 2, 128, None),
+        (2, 512, 4, 2, 256, tokens),
+        (4, 256, 8, 3, 160, tokens),
+        (3, 256, 6, 2, 200, tokens),
+        (3, 256, 6, 2, 200, rows),
+        (2, 256, 4, 2, 64, tokens),
+        (2, 256, 4, 2, 32, tokens),
+        (2, 256, 4, 2, 128, tokens),
+    ];
+    for (w, ffn, experts, k, cap, staged) in shapes {
+        let c = cfg(w, ffn, experts, k);
+        let mut figures = opts(&c, cap).figures.expect("figures");
+        let mut reserved = 0;
+        if let Some(wire) = staged {
+            (figures.proxy, figures.wire) = (true, wire);
+            if wire == WireFormat::Tokens {
+                reserved = PROXY_KERNEL_SMS * w;
+            }
+        }
+        let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
+        let plan = DevicePlan::new(&c, cap, None, 132 - reserved, w, tiles, &figures).unwrap();
+        assert!(plan.overlap && plan.chunks > 1, "{c} {staged:?}: {plan:?}");
     }
 }
 

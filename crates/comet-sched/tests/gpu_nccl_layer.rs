@@ -44,11 +44,15 @@ const LIMIT: Duration = Duration::from_secs(300);
 const SMS: usize = 132;
 
 /// Figures of a link whose transfers take about half the GEMM time, so
-/// the cost model overlaps this small layer in several chunks.
+/// the cost model overlaps this small layer in several chunks. Behind
+/// NCCL's proxy the communication blocks also copy every row into the
+/// mirrors; at a real block's rate those copies alone would outlast this
+/// toy layer's GEMMs, so its blocks copy fast enough not to count.
 fn opts(cfg: &MoeConfig) -> LayerOptions {
     let mut dev = DeviceFigures::h200_nvlink();
     dev.link_latency_us = 0.0;
     dev.chunk_overhead_us = 0.0;
+    dev.block_gbps = 1e4;
     let probe = CostModel::estimate(cfg, CAP, &dev);
     dev.link_gbps *= probe.dispatch_ms.max(1e-9) / (probe.gemm_ms / 2.0);
     LayerOptions {
@@ -66,7 +70,10 @@ fn the_test_shape_overlaps_in_several_chunks() {
         let c = small_cfg(w);
         let o = opts(&c);
         let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
-        let figures = o.figures.clone().expect("figures");
+        // As the layer sees them behind NCCL's proxy (MoeLayer::new).
+        let mut figures = o.figures.clone().expect("figures");
+        figures.proxy = true;
+        figures.wire = comet_core::cost::WireFormat::Rows;
         let plan =
             DevicePlan::new(&c, CAP, None, SMS - lane_sms(w), 1, tiles, &figures).expect("plan");
         assert!(plan.overlap && plan.chunks > 1, "W={w}: {plan:?}");

@@ -97,17 +97,20 @@ fn bench_prints_a_verified_result_and_a_valid_trace() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// qwen2-moe over 8 ranks, 1024 tokens a rank: what the plan tests print.
+const QWEN_PLAN: [&str; 7] = [
+    "plan",
+    "--preset",
+    "qwen2-moe",
+    "--ranks",
+    "8",
+    "--tokens",
+    "1024",
+];
+
 #[test]
 fn plan_prints_layout_and_choice() {
-    let stdout = succeeds(&[
-        "plan",
-        "--preset",
-        "qwen2-moe",
-        "--ranks",
-        "8",
-        "--tokens",
-        "1024",
-    ]);
+    let stdout = succeeds(&QWEN_PLAN);
     assert!(
         stdout.contains("receive layout") && stdout.contains("communication blocks"),
         "{stdout}"
@@ -118,18 +121,9 @@ fn plan_prints_layout_and_choice() {
 /// staged rank's mirrors and images with them).
 #[test]
 fn plan_takes_a_bound_on_the_receive_rows() {
-    let args = [
-        "plan",
-        "--preset",
-        "qwen2-moe",
-        "--ranks",
-        "8",
-        "--tokens",
-        "1024",
-    ];
-    let worst = succeeds(&args);
+    let worst = succeeds(&QWEN_PLAN);
     assert!(worst.contains("65536 receive rows"), "{worst}");
-    let bound = succeeds(&[&args[..], &["--recv-rows", "16384"]].concat());
+    let bound = succeeds(&[&QWEN_PLAN[..], &["--recv-rows", "16384"]].concat());
     assert!(bound.contains("16384 receive rows"), "{bound}");
 }
 

@@ -1,7 +1,7 @@
 //! comet-py: the native half `comet._comet` of the Python package `comet`
 //! (python/comet holds the other half, which is what users import).
 //!
-//! `Layer` is comet-sched's device [`MoeLayer`] over the nvlink transport
+//! `Layer` is comet-sched's device [`MoeLayer`] over the nvlink or NCCL transport
 //! for one rank: built collectively (through a torch.distributed group, the
 //! TCP bootstrap of torchrun's environment, or alone), then called with
 //! torch tensors and the caller's stream. Every entry point returns a

@@ -65,15 +65,11 @@ fn cfg(w: usize, ffn: usize, experts: usize, top_k: usize) -> MoeConfig {
 
 /// Figures of a link whose transfers take about half the GEMM time, so the
 /// cost model overlaps these small layers (W > 1) in two chunks: the
-/// overlapped path is what the fused mode must prove here. Behind a proxy
-/// the blocks also copy every row into the mirrors; at a real block's rate
-/// those copies alone would outlast these toy layers' GEMMs, so here they
-/// copy fast enough not to count.
+/// overlapped path is what the fused mode must prove here.
 fn opts(cfg: &MoeConfig, capacity: usize) -> LayerOptions {
     let mut dev = DeviceFigures::h200_nvlink();
     dev.link_latency_us = 0.0;
     dev.chunk_overhead_us = 0.0;
-    dev.block_gbps = 1e4;
     let mut scaled = dev.clone();
     scaled.gemm_tflops *= (132 / cfg.ranks) as f64 / dev.sms as f64;
     scaled.sms = 132 / cfg.ranks;
@@ -116,7 +112,11 @@ fn test_shapes_overlap_in_several_chunks() {
     ];
     for (w, ffn, experts, k, cap, staged) in shapes {
         let c = cfg(w, ffn, experts, k);
-        let mut figures = opts(&c, cap).figures.expect("figures");
+        let mut o = opts(&c, cap);
+        if staged.is_some() {
+            o = behind_a_proxy(o);
+        }
+        let mut figures = o.figures.expect("figures");
         let mut reserved = 0;
         if let Some(wire) = staged {
             (figures.proxy, figures.wire) = (true, wire);
@@ -127,7 +127,22 @@ fn test_shapes_overlap_in_several_chunks() {
         let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
         let plan = DevicePlan::new(&c, cap, None, 132 - reserved, w, tiles, &figures).unwrap();
         assert!(plan.overlap && plan.chunks > 1, "{c} {staged:?}: {plan:?}");
+        assert!(
+            plan.comm_blocks > 1,
+            "several blocks share the segments: {plan:?}"
+        );
     }
+}
+
+/// The harness's figures for a staged world: behind a proxy the blocks
+/// also copy every row into the mirrors, and at a real block's rate those
+/// copies alone would outlast these toy layers' GEMMs (the model would run
+/// them in sequence), so here they copy fast enough not to count.
+fn behind_a_proxy(mut o: LayerOptions) -> LayerOptions {
+    if let Some(f) = o.figures.as_mut() {
+        f.block_gbps = 1e4;
+    }
+    o
 }
 
 struct Harness {
@@ -166,8 +181,9 @@ impl Harness {
         let seed = 0xC0FE + cfg.ranks as u64;
         let weights = |r: usize| ExpertWeights::for_rank(cfg, r, seed);
         let (ordinals, w) = (vec![0; cfg.ranks], WorldWeights::Host(&weights));
+        let proxied = behind_a_proxy(o.clone());
         let world = match staged {
-            Some(delay) => DeviceWorld::staged(cfg, &ordinals, capacity, w, o, delay),
+            Some(delay) => DeviceWorld::staged(cfg, &ordinals, capacity, w, &proxied, delay),
             None => DeviceWorld::new(cfg, &ordinals, capacity, w, o),
         }
         .unwrap_or_else(|e| panic!("setup {cfg} (staged: {staged:?}): {e}"));

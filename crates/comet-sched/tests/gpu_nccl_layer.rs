@@ -77,6 +77,10 @@ fn the_test_shape_overlaps_in_several_chunks() {
         let plan =
             DevicePlan::new(&c, CAP, None, SMS - lane_sms(w), 1, tiles, &figures).expect("plan");
         assert!(plan.overlap && plan.chunks > 1, "W={w}: {plan:?}");
+        assert!(
+            plan.comm_blocks > 1,
+            "several blocks share the pieces: {plan:?}"
+        );
     }
 }
 

@@ -202,10 +202,11 @@ impl StagedBytes {
             Some(avail) if need > avail => Err(SchedError::Input {
                 rank,
                 message: format!(
-                    "staging through host memory would pin {} ({} a rank for {} ranks: images \
-                     of {} peers' buffers, {} receive rows and {} combine rows of {} bytes \
-                     each, and the inbox) but the host has {} available; lower the layer's \
-                     capacity or bound its receive rows (LayerOptions::recv_capacity)",
+                    "staging through host memory would pin {} ({} a rank for {} ranks: send \
+                     images for {} peers, a landing image of {} receive rows and {} combine \
+                     rows of {} bytes each, and the inbox) but the host has {} available; \
+                     lower the layer's capacity or bound its receive rows \
+                     (LayerOptions::recv_capacity)",
                     gib(need),
                     gib(one),
                     ranks_here.max(1),
@@ -276,6 +277,7 @@ impl Geometry {
         let one: usize = Buf::ALL.iter().map(|&b| self.bytes(b)).sum();
         let peers = self.ranks.saturating_sub(1);
         let largest = Buf::ALL.iter().map(|&b| self.bytes(b)).max().unwrap_or(0);
+        let outbox = if peers > 0 { self.outbox_bytes() } else { 0 };
         StagedBytes {
             device_mirrors: peers * one,
             device_tokens: if peers > 0 {
@@ -283,9 +285,44 @@ impl Geometry {
             } else {
                 0
             },
-            host_staging: peers * one + largest,
+            host_staging: peers * (one - self.bytes(Buf::Recv)) + outbox + largest,
             inbox: Buf::ALL.iter().map(|&b| self.inbox_bytes(b)).sum(),
         }
+    }
+
+    /// Bytes of the send image of dispatch pieces: one for every peer,
+    /// each piece at this rank's send positions of its expert
+    /// ([`Geometry::image_at`]), so it holds a call's sent rows once.
+    pub fn outbox_bytes(&self) -> usize {
+        self.send_rows * self.row_bytes
+    }
+
+    /// Where piece `p` (sent by `p.from`) stands in its send image: a
+    /// dispatch piece at `p.from`'s send position of its expert (its rows
+    /// are consecutive there, in the kernels' send order; the one image
+    /// serves every peer), any other piece at its wire offset (an image
+    /// per peer). `counts` as checked by [`Geometry::data_pieces`].
+    pub fn image_at(&self, counts: &[Vec<u32>], p: &Piece) -> usize {
+        match p.kind {
+            Kind::Dispatch { le } => {
+                self.pair_image_at(counts, p.from, p.to) + {
+                    let e = p.to * self.epr();
+                    let before: usize = counts[p.from][e..e + le].iter().map(|&c| c as usize).sum();
+                    before * self.row_bytes
+                }
+            }
+            _ => p.wire,
+        }
+    }
+
+    /// Where pair `from` -> `to`'s rows start in the send image of dispatch
+    /// pieces: `from`'s send position of `to`'s first expert. Token-once
+    /// packs the pair's token rows from there, at their slots (a pair never
+    /// has more token slots than rows).
+    pub fn pair_image_at(&self, counts: &[Vec<u32>], from: usize, to: usize) -> usize {
+        let e = to * self.epr();
+        let before: usize = counts[from][..e].iter().map(|&c| c as usize).sum();
+        before * self.row_bytes
     }
 
     /// Where dispatch piece `p` (of a checked count matrix `counts`)
@@ -528,6 +565,45 @@ mod tests {
             .collect()
     }
 
+    /// A rank's dispatch pieces to every peer share one send image without
+    /// touching: each at its send positions, inside the image's rows, and
+    /// each pair's token rows (at most its rows) inside the pair's own.
+    #[test]
+    fn dispatch_pieces_share_one_send_image_apart() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        for (w, e) in [(2, 2), (2, 8), (3, 6), (4, 8), (4, 16)] {
+            for _ in 0..20 {
+                let counts = random_counts(&mut rng, w, e, 40);
+                let g = geometry(w, e, 2, w * 40, 40);
+                let pieces = g.data_pieces(0, &counts).unwrap();
+                for from in 0..w {
+                    let mut used = vec![false; g.outbox_bytes()];
+                    let mine = pieces.iter().filter(|p| p.from == from);
+                    for p in mine.filter(|p| matches!(p.kind, Kind::Dispatch { .. })) {
+                        let at = g.image_at(&counts, p);
+                        for b in &mut used[at..at + p.region.bytes()] {
+                            assert!(!*b, "{p} overlaps another piece in the image");
+                            *b = true;
+                        }
+                        let pair = g.pair_image_at(&counts, from, p.to);
+                        let epr = e / w;
+                        let pair_rows: usize = (0..epr)
+                            .map(|l| counts[from][p.to * epr + l] as usize)
+                            .sum();
+                        assert!(pair <= at && at + p.region.bytes() <= pair + pair_rows * 128);
+                    }
+                    // Everything sent is in the image: the rows of each
+                    // remote expert, at its send position.
+                    let remote: usize = (0..e)
+                        .filter(|&x| x / (e / w) != from)
+                        .map(|x| counts[from][x] as usize)
+                        .sum();
+                    assert_eq!(used.iter().filter(|&&b| b).count(), remote * 128);
+                }
+            }
+        }
+    }
+
     /// Dispatch pieces land exactly where comet-core's layout plan (which
     /// the device layout kernel is tested equal to) puts each segment.
     #[test]
@@ -639,7 +715,8 @@ mod tests {
         let one = 2 * 4 * 8 * 4 + 100 * 128 + 30 * 128;
         let b = g.staged_bytes();
         assert_eq!(b.device_mirrors, 3 * one);
-        assert_eq!(b.host_staging, 3 * one + 100 * 128);
+        // One image of the sent rows for every peer's dispatch pieces.
+        assert_eq!(b.host_staging, 3 * (one - 100 * 128) + 30 * 128 + 100 * 128);
         // Room for two words per row and 32 bytes per rank, per buffer.
         let rows = 2 + 100 + 30; // the 256-byte count buffer is two 128-byte rows
         assert_eq!(b.inbox, one + 8 * rows + 3 * 32 * 4);

@@ -116,26 +116,29 @@ pub struct SendOrder {
 }
 
 /// The device side of a staged rank, as its proxy sees it. It owns the
-/// host staging (pinned on a GPU, so copies run at the link's speed): an
-/// image per peer of each buffer in wire layout for sending, and one of
-/// each buffer for landing.
+/// host staging (pinned on a GPU, so copies run at the link's speed): send
+/// images (one of the rows sent, for every peer's dispatch pieces, at this
+/// rank's send positions: [`Geometry::image_at`]; one per peer of the
+/// count and combine buffers, in wire layout), and one image of each buffer
+/// for landing.
 pub trait StagedDevice {
     /// This rank's ready word `signal` for peer `to` (acquire: the mirror
     /// bytes it covers are final once it is seen).
     fn ready(&self, to: usize, signal: usize) -> u64;
 
     /// Starts copying `region` of this rank's mirror of `to`'s buffer,
-    /// packed, into the send image of `to`'s `region.buf` at `wire`. It
-    /// runs beside the proxy's puts of earlier pieces; those bytes are
-    /// not to be read before [`StagedDevice::downloaded`] says so.
-    fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError>;
+    /// packed, into the send image of `to`'s `region.buf` at `at` (for
+    /// recv pieces the one image every peer's share). It runs beside the
+    /// proxy's puts of earlier pieces; those bytes are not to be read
+    /// before [`StagedDevice::downloaded`] says so.
+    fn download(&mut self, to: usize, region: Region, at: usize) -> Result<Ticket, SchedError>;
 
     /// Whether download `ticket` (and every earlier one) has finished.
     fn downloaded(&mut self, ticket: Ticket) -> Result<bool, SchedError>;
 
-    /// `len` bytes of the send image of `to`'s `buf` at `wire`: what a
+    /// `len` bytes of the send image of `to`'s `buf` at `at`: what a
     /// finished download put there.
-    fn sent_bytes(&self, to: usize, buf: Buf, wire: usize, len: usize) -> &[u8];
+    fn sent_bytes(&self, to: usize, buf: Buf, at: usize, len: usize) -> &[u8];
 
     /// `len` bytes of the landing image of `buf` at `wire`, for the proxy
     /// to fill with a piece that arrived (pieces of one call never share
@@ -608,12 +611,12 @@ impl<'t> StagedProxy<'t> {
                 }
                 Kind::Dispatch { le } if kernels && p.region.rows > 0 => {
                     let piece = self.token_piece(dev, &p, le, call)?;
-                    let at = piece.start * self.geo.row_bytes;
+                    let at = self.token_image_at(&call.counts, &p, &piece);
                     let ticket = dev.download_tokens(p.to, p.region, at, &piece.rows)?;
                     tokens = Some(piece);
                     ticket
                 }
-                _ => dev.download(p.to, p.region, p.wire)?,
+                _ => dev.download(p.to, p.region, self.geo.image_at(&call.counts, &p))?,
             };
             staging.push_back(Staging {
                 piece: p,
@@ -653,7 +656,7 @@ impl<'t> StagedProxy<'t> {
                     let rows = dev.sent_bytes(
                         p.to,
                         Buf::Recv,
-                        piece.start * self.geo.row_bytes,
+                        self.token_image_at(&call.counts, &p, &piece),
                         piece.rows.len() * self.geo.row_bytes,
                     );
                     self.put_tokens(&p, &piece, rows, &call.counts)?
@@ -666,7 +669,8 @@ impl<'t> StagedProxy<'t> {
                 }
                 _ => {
                     let n = p.region.bytes();
-                    let out = dev.sent_bytes(p.to, p.region.buf, p.wire, n);
+                    let at = self.geo.image_at(&call.counts, &p);
+                    let out = dev.sent_bytes(p.to, p.region.buf, at, n);
                     if p.kind == Kind::Counts && call.rows[p.from].is_none() {
                         call.rows[p.from] = Some(words(out));
                     }
@@ -704,7 +708,8 @@ impl<'t> StagedProxy<'t> {
             return Ok(0);
         }
         let piece = self.token_piece(dev, p, le, call)?;
-        let rows = dev.sent_bytes(p.to, Buf::Recv, p.wire, p.region.bytes());
+        let at = self.geo.image_at(&call.counts, p);
+        let rows = dev.sent_bytes(p.to, Buf::Recv, at, p.region.bytes());
         let Some(tok) = self.tokens.as_mut() else {
             return Ok(0);
         };
@@ -770,6 +775,12 @@ impl<'t> StagedProxy<'t> {
                 .extend_from_slice(&tok.ratio[first + r].to_le_bytes());
         }
         Ok(piece)
+    }
+
+    /// Where dispatch piece `p`'s fresh token rows are packed in the send
+    /// image: the pair's rows' place there, at the piece's first slot.
+    fn token_image_at(&self, counts: &[Vec<u32>], p: &Piece, piece: &TokenPiece) -> usize {
+        self.geo.pair_image_at(counts, p.from, p.to) + piece.start * self.geo.row_bytes
     }
 
     /// Puts dispatch piece `p`'s fresh token rows (`rows`, packed) at the

@@ -434,9 +434,12 @@ pub struct CudaStaging {
     landings: Arc<CudaStream>,
     raise: HostSignal,
     view: ProxyView,
-    /// Send images per peer (none for this rank) and landing images, per
-    /// buffer in wire layout.
-    send: Vec<Option<[PinnedBytes; 3]>>,
+    /// Send images of the count and combine buffers per peer (none for
+    /// this rank), in wire layout; the send image of every peer's dispatch
+    /// pieces, at this rank's send positions (`Geometry::image_at`; none
+    /// alone); landing images per buffer in wire layout.
+    send: Vec<Option<[PinnedBytes; 2]>>,
+    outbox: Option<PinnedBytes>,
     landing: [PinnedBytes; 3],
     /// The recv and comb inboxes registered with the driver, where the
     /// inner transport's buffers are host memory: pieces land straight
@@ -723,17 +726,22 @@ impl CudaStaging {
             rank,
             message: format!("proxy {what}: {e}"),
         };
-        let image = || -> Result<[PinnedBytes; 3], SchedError> {
-            let one = |b: Buf| {
-                PinnedBytes::zeroed(t.context(), geo.bytes(b))
-                    .map_err(|e| failed("allocate pinned staging", e))
-            };
-            Ok([one(Buf::Counts)?, one(Buf::Recv)?, one(Buf::Comb)?])
+        let pinned = |bytes: usize| {
+            PinnedBytes::zeroed(t.context(), bytes)
+                .map_err(|e| failed("allocate pinned staging", e))
         };
+        let one = |b: Buf| pinned(geo.bytes(b));
         let send = (0..geo.ranks)
-            .map(|to| (to != rank).then(image).transpose())
+            .map(|to| {
+                (to != rank)
+                    .then(|| Ok::<_, SchedError>([one(Buf::Counts)?, one(Buf::Comb)?]))
+                    .transpose()
+            })
             .collect::<Result<_, _>>()?;
-        let landing = image()?;
+        let outbox = (geo.ranks > 1)
+            .then(|| pinned(geo.outbox_bytes()))
+            .transpose()?;
+        let landing = [one(Buf::Counts)?, one(Buf::Recv)?, one(Buf::Comb)?];
         let order = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
             .map_err(|e| failed("allocate pinned send order", e))?;
         let weights = PinnedBytes::zeroed(t.context(), 4 * geo.send_rows)
@@ -774,6 +782,7 @@ impl CudaStaging {
             raise: HostSignal::new(t.context()),
             view,
             send,
+            outbox,
             landing,
             inbox,
             tokens_dev,
@@ -909,11 +918,19 @@ impl CudaStaging {
     }
 
     fn send_image(&self, to: usize, buf: Buf) -> Result<&PinnedBytes, SchedError> {
-        self.send
-            .get(to)
-            .and_then(Option::as_ref)
-            .map(|i| &i[buf.index()])
+        self.image(to, buf)
             .ok_or_else(|| self.failed("send image", format!("none for rank {to}")))
+    }
+
+    /// The send image of `to`'s `buf`: the one of every peer's dispatch
+    /// pieces, or `to`'s own of the others.
+    fn image(&self, to: usize, buf: Buf) -> Option<&PinnedBytes> {
+        let own = self.send.get(to).and_then(Option::as_ref)?;
+        match buf {
+            Buf::Counts => Some(&own[0]),
+            Buf::Recv => self.outbox.as_ref(),
+            Buf::Comb => Some(&own[1]),
+        }
     }
 }
 
@@ -922,16 +939,16 @@ impl StagedDevice for CudaStaging {
         self.view.ready(to, signal)
     }
 
-    fn download(&mut self, to: usize, region: Region, wire: usize) -> Result<Ticket, SchedError> {
+    fn download(&mut self, to: usize, region: Region, at: usize) -> Result<Ticket, SchedError> {
         let base = self.mirror(to, region.buf)?;
         let dst = self.send_image(to, region.buf)?;
-        if !fits(wire, region.bytes(), dst.len()) {
+        if !fits(at, region.bytes(), dst.len()) {
             return Err(self.failed(
                 "download",
-                format!("{} bytes at {wire} past the image", region.bytes()),
+                format!("{} bytes at {at} past the image", region.bytes()),
             ));
         }
-        let dst = dst.ptr_at(wire);
+        let dst = dst.ptr_at(at);
         // SAFETY: the mirror is a live allocation of the buffer's size and
         // `region` lies inside it (proxy_plan checks counts against the
         // capacities); the kernels finished writing it (its ready word). The
@@ -1047,9 +1064,9 @@ impl StagedDevice for CudaStaging {
         Ok(ticket <= self.finished)
     }
 
-    fn sent_bytes(&self, to: usize, buf: Buf, wire: usize, len: usize) -> &[u8] {
-        match self.send.get(to).and_then(Option::as_ref) {
-            Some(i) => &i[buf.index()][wire..wire + len],
+    fn sent_bytes(&self, to: usize, buf: Buf, at: usize, len: usize) -> &[u8] {
+        match self.image(to, buf) {
+            Some(i) => &i[at..at + len],
             None => &[],
         }
     }

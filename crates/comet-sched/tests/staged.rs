@@ -135,7 +135,20 @@ impl<'t> HostSide<'t> {
         let image = || Buf::ALL.map(|b| vec![0u8; g.bytes(b)]);
         HostSide {
             dev,
-            send: (0..g.ranks).map(|_| image()).collect(),
+            // Per peer its count and combine images (its recv image
+            // empty: a dispatch piece placed there fails), then the one
+            // image of every peer's dispatch pieces, at send positions.
+            send: (0..g.ranks)
+                .map(|_| {
+                    let mut i = image();
+                    i[Buf::Recv.index()] = Vec::new();
+                    i
+                })
+                .chain([Buf::ALL.map(|b| match b {
+                    Buf::Recv => vec![0u8; g.outbox_bytes()],
+                    _ => Vec::new(),
+                })])
+                .collect(),
             landing: image(),
             inbox: None,
             expand: false,
@@ -150,11 +163,20 @@ impl<'t> HostSide<'t> {
 }
 
 impl HostSide<'_> {
+    /// Which of `send`'s entries holds the send image of `to`'s `buf`.
+    fn slot(&self, to: usize, buf: Buf) -> usize {
+        match buf {
+            Buf::Recv => self.send.len() - 1,
+            _ => to,
+        }
+    }
+
     /// A download of `region` (or of `bytes`) into the send image at
     /// `wire`, poisoned there until it finishes.
     fn start(&mut self, to: usize, region: Region, wire: usize, bytes: Option<Vec<u8>>) -> Ticket {
         let n = bytes.as_ref().map_or(region.bytes(), Vec::len);
-        self.send[to][region.buf.index()][wire..wire + n].fill(POISON);
+        let slot = self.slot(to, region.buf);
+        self.send[slot][region.buf.index()][wire..wire + n].fill(POISON);
         self.next += 1;
         let looks = self.rng.gen_range(0..4);
         self.pending.push_back(Download {
@@ -239,7 +261,8 @@ impl StagedDevice for HostSide<'_> {
             };
             let b = d.region.buf.index();
             let n = d.bytes.as_ref().map_or(d.region.bytes(), Vec::len);
-            let out = &mut self.send[d.to][b][d.wire..d.wire + n];
+            let slot = self.slot(d.to, d.region.buf);
+            let out = &mut self.send[slot][b][d.wire..d.wire + n];
             match &d.bytes {
                 Some(bytes) => out.copy_from_slice(bytes),
                 None => copy_2d(
@@ -255,7 +278,7 @@ impl StagedDevice for HostSide<'_> {
     }
 
     fn sent_bytes(&self, to: usize, buf: Buf, wire: usize, len: usize) -> &[u8] {
-        &self.send[to][buf.index()][wire..wire + len]
+        &self.send[self.slot(to, buf)][buf.index()][wire..wire + len]
     }
 
     fn landing_bytes(&mut self, buf: Buf, wire: usize, len: usize) -> &mut [u8] {

@@ -127,7 +127,8 @@ pub struct LayerOptions {
     pub gather_x: bool,
     /// Communication blocks beside the overlapped GEMMs (the SMs they
     /// leave free); None: the cost model's choice
-    /// ([`DevicePlan::comm_blocks`]).
+    /// ([`DevicePlan::comm_blocks`]). Blocks given always overlap, a rank
+    /// alone too ([`DevicePlan::set_comm_blocks`]).
     pub comm_blocks: Option<usize>,
 }
 

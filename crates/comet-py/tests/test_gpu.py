@@ -244,6 +244,25 @@ def test_bad_calls_raise_and_the_layer_recovers():
     assert c.max_rel_err(y, comet.moe_reference(x, ids, w, w1, w2)) <= c.TOL
 
 
+def test_a_receive_bound_refuses_a_call_beyond_it():
+    """max_recv_rows: a call routing more rows to the rank than its bound
+    fails on the device (raised by check()) and moves nothing; a call
+    within it matches the reference."""
+    c = gpu()
+    layer = layer_w1(max_recv_rows=100)
+    assert layer.plan()["recv_capacity"] == 100
+    w1, w2, router = c.weights(7)
+    with torch.no_grad():
+        x, ids, w = c.routed_tokens(70, 64, router)  # 128 rows at one rank
+        layer(x, ids, w, w1, w2)
+        e = raises(comet.CometError, layer.check)
+        assert "rank 0 would receive more rows than its receive capacity" in str(e), str(e)
+        x, ids, w = c.routed_tokens(71, 40, router)  # 80 rows
+        y = layer(x, ids, w, w1, w2)
+    layer.check()
+    assert c.max_rel_err(y, comet.moe_reference(x, ids, w, w1, w2)) <= c.TOL
+
+
 def test_one_rank_over_nccl_matches_the_reference():
     """The layer over NCCL (proxy thread, lanes, landings) on one rank; two
     ranks need a GPU each (NCCL refuses two on one), so they wait for a

@@ -42,6 +42,11 @@ pub struct PlanArgs {
     /// its rows to one).
     #[arg(long)]
     pub recv_rows: Option<usize>,
+    /// Communication blocks beside the overlapped GEMMs instead of the cost
+    /// model's, as `comet bench --gpu --comm-sms` gives them (blocks given
+    /// always overlap, one rank too).
+    #[arg(long)]
+    pub comm_sms: Option<usize>,
     /// SMs of the GPU no GEMM takes, left to a transport's own kernels (a
     /// staged rank's proxy takes 4 a rank by default).
     #[arg(long, default_value_t = 0)]
@@ -177,7 +182,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         a.reserved_sms,
         dev.sms
     );
-    let device = DevicePlan::new(
+    let mut device = DevicePlan::new(
         &cfg,
         a.tokens,
         a.recv_rows,
@@ -186,6 +191,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
         kernel_tiles_for(Family::SM90_TMA),
         &dev,
     )?;
+    if let Some(n) = a.comm_sms {
+        device.set_comm_blocks(n);
+    }
     println!(
         "
 {}",

@@ -127,6 +127,28 @@ fn plan_takes_a_bound_on_the_receive_rows() {
     assert!(bound.contains("16384 receive rows"), "{bound}");
 }
 
+/// Blocks given to a rank alone overlap its copies, as the bench runs it.
+#[test]
+fn plan_shows_blocks_given_to_a_rank_alone() {
+    let args = [
+        "plan",
+        "--preset",
+        "qwen2-moe",
+        "--ranks",
+        "1",
+        "--tokens",
+        "1024",
+    ];
+    let alone = succeeds(&args);
+    assert!(alone.contains("overlap: false"), "{alone}");
+    let given = succeeds(&[&args[..], &["--comm-sms", "16"]].concat());
+    assert!(
+        given.contains("overlap: true (communication blocks given;"),
+        "{given}"
+    );
+    assert!(given.contains("GEMM grid: 116 CTAs overlapping"), "{given}");
+}
+
 /// The plan says how dispatch crosses the link: kernels store rows over
 /// NVLink; the socket path is a host proxy's, token-once.
 #[test]

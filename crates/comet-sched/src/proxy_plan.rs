@@ -271,13 +271,16 @@ impl Geometry {
     }
 
     /// What one rank holds to run staged (the proxy path of host-memory
-    /// transports): device mirrors of every peer's buffers, host staging
-    /// images of them plus one landing buffer, and its inbox, in bytes.
+    /// transports), in bytes: device mirrors of every peer's buffers; as
+    /// pinned host staging, the send images (one of the rows sent, for
+    /// every peer's dispatch pieces; each peer's count and combine
+    /// buffers), a landing image of each buffer, and the send order and
+    /// its weights; its inbox.
     pub fn staged_bytes(&self) -> StagedBytes {
         let one: usize = Buf::ALL.iter().map(|&b| self.bytes(b)).sum();
         let peers = self.ranks.saturating_sub(1);
-        let largest = Buf::ALL.iter().map(|&b| self.bytes(b)).max().unwrap_or(0);
         let outbox = if peers > 0 { self.outbox_bytes() } else { 0 };
+        let order = 2 * 4 * self.send_rows;
         StagedBytes {
             device_mirrors: peers * one,
             device_tokens: if peers > 0 {
@@ -285,7 +288,7 @@ impl Geometry {
             } else {
                 0
             },
-            host_staging: peers * (one - self.bytes(Buf::Recv)) + outbox + largest,
+            host_staging: peers * (one - self.bytes(Buf::Recv)) + outbox + one + order,
             inbox: Buf::ALL.iter().map(|&b| self.inbox_bytes(b)).sum(),
         }
     }
@@ -715,8 +718,12 @@ mod tests {
         let one = 2 * 4 * 8 * 4 + 100 * 128 + 30 * 128;
         let b = g.staged_bytes();
         assert_eq!(b.device_mirrors, 3 * one);
-        // One image of the sent rows for every peer's dispatch pieces.
-        assert_eq!(b.host_staging, 3 * (one - 100 * 128) + 30 * 128 + 100 * 128);
+        // One image of the sent rows for every peer's dispatch pieces, a
+        // landing image of each buffer, the send order and its weights.
+        assert_eq!(
+            b.host_staging,
+            3 * (one - 100 * 128) + 30 * 128 + one + 2 * 4 * 30
+        );
         // Room for two words per row and 32 bytes per rank, per buffer.
         let rows = 2 + 100 + 30; // the 256-byte count buffer is two 128-byte rows
         assert_eq!(b.inbox, one + 8 * rows + 3 * 32 * 4);

@@ -5,6 +5,7 @@
 
 use crate::limits::{available_memory, ensure_fits};
 use crate::shape::{Shape, ShapeArgs};
+use crate::split_args::SplitArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use comet_core::cost::{CostModel, DeviceFigures};
@@ -97,22 +98,10 @@ pub struct LayerArgs {
     /// saves). Off by default: slower on an H100 (docs/PERF.md).
     #[arg(long)]
     pub gather_x: bool,
-    /// With --gpu: SMs the overlapped GEMMs leave to communication (the
-    /// dispatch and combine kernels, and a staged proxy's token kernels);
-    /// default: the cost model's choice (`comet plan` prints it). At one
-    /// rank they overlap its dispatch with FC1 and its reduce with FC2.
-    #[arg(long)]
-    pub comm_sms: Option<usize>,
-    /// With --gpu: bound on the rows one rank receives in a call (default:
-    /// the worst case, every rank sending all its rows to one).
-    #[arg(long)]
-    pub recv_rows: Option<usize>,
-    /// With --gpu: SMs of the GPU no GEMM takes, left to the transport's
-    /// own kernels (a staged proxy's token kernels, NCCL's); default: the
-    /// transport's choice (4 a rank behind a proxy). NCCL's lanes get at
-    /// least what they need whatever is given.
-    #[arg(long, default_value_t = 0)]
-    pub reserved_sms: usize,
+    /// With --gpu: how the device forward splits the GPU and sizes its
+    /// buffers.
+    #[command(flatten)]
+    pub split: SplitArgs,
     /// With --gpu: also time each phase of one sequential call (route,
     /// layout, dispatch, fc1, fc2, combine, reduce) with CUDA events.
     #[arg(long)]
@@ -225,21 +214,16 @@ impl LayerArgs {
                 }
             }
         }
-        if self.recv_rows == Some(0) {
-            bail!("--recv-rows must be at least 1");
-        }
+        self.split.check()?;
         if self.phases && !self.gpu {
             bail!("--phases times the GPU forward's phases; it needs --gpu");
         }
-        for (given, flag) in [
-            (self.comm_sms.is_some(), "--comm-sms"),
-            (self.reserved_sms > 0, "--reserved-sms"),
-            (self.gather_x, "--gather-x"),
-            (self.recv_rows.is_some(), "--recv-rows"),
-        ] {
-            if given && !self.gpu {
-                bail!("{flag} sets how the GPU forward runs; it needs --gpu");
-            }
+        let mut gpu_only = self.split.given();
+        if self.gather_x {
+            gpu_only.push("--gather-x");
+        }
+        if let (Some(flag), false) = (gpu_only.first(), self.gpu) {
+            bail!("{flag} sets how the GPU forward runs; it needs --gpu");
         }
         match (self.transport.as_str(), self.gpu) {
             ("nvlink", _) => {}

@@ -124,9 +124,9 @@ fn bench_one(
             _ => WireFormat::Tokens,
         },
         gather_x: a.gather_x,
-        comm_blocks: a.comm_sms,
-        reserved_sms: a.reserved_sms,
-        recv_capacity: a.recv_rows,
+        comm_blocks: a.split.comm_sms,
+        reserved_sms: a.split.reserved_sms,
+        recv_capacity: a.split.recv_rows,
         ..LayerOptions::default()
     };
     let wire = if staged {

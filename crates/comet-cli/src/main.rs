@@ -10,6 +10,7 @@ mod layer_gpu;
 mod limits;
 mod plan;
 mod shape;
+mod split_args;
 mod torch_baseline;
 mod transport_bench;
 

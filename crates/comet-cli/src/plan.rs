@@ -3,6 +3,7 @@
 
 use crate::limits::{available_memory, ensure_fits};
 use crate::shape::ShapeArgs;
+use crate::split_args::SplitArgs;
 use anyhow::{bail, Result};
 use clap::Args;
 use comet_core::cost::{CostModel, DeviceFigures};
@@ -37,20 +38,8 @@ pub struct PlanArgs {
     /// device forward's plan; `comet bench --gpu` puts all W on GPU 0.
     #[arg(long, default_value_t = 1)]
     pub ranks_per_gpu: usize,
-    /// Bound on the rows one rank receives in a call, for the device
-    /// forward's buffers (default: the worst case, every rank sending all
-    /// its rows to one).
-    #[arg(long)]
-    pub recv_rows: Option<usize>,
-    /// Communication blocks beside the overlapped GEMMs instead of the cost
-    /// model's, as `comet bench --gpu --comm-sms` gives them (blocks given
-    /// always overlap, one rank too).
-    #[arg(long)]
-    pub comm_sms: Option<usize>,
-    /// SMs of the GPU no GEMM takes, left to a transport's own kernels (a
-    /// staged rank's proxy takes 4 a rank by default).
-    #[arg(long, default_value_t = 0)]
-    pub reserved_sms: usize,
+    #[command(flatten)]
+    pub split: SplitArgs,
     /// Rank whose receive layout and schedules are printed.
     #[arg(long, default_value_t = 0)]
     pub rank: usize,
@@ -82,7 +71,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     if a.tokens == 0 {
         bail!("--tokens must be at least 1");
     }
-    anyhow::ensure!(a.recv_rows != Some(0), "--recv-rows must be at least 1");
+    a.split.check()?;
     anyhow::ensure!(a.ranks_per_gpu > 0, "--ranks-per-gpu must be at least 1");
     let shape = a
         .shape
@@ -177,21 +166,21 @@ pub fn run(a: PlanArgs) -> Result<()> {
     // What MoeLayer::forward will run on an H200 (sm_90a kernels) with
     // `--tokens` as its capacity: the same DevicePlan it builds.
     anyhow::ensure!(
-        a.reserved_sms < dev.sms,
+        a.split.reserved_sms < dev.sms,
         "--reserved-sms {} leaves none of the {} SMs to the layer",
-        a.reserved_sms,
+        a.split.reserved_sms,
         dev.sms
     );
     let mut device = DevicePlan::new(
         &cfg,
         a.tokens,
-        a.recv_rows,
-        dev.sms - a.reserved_sms,
+        a.split.recv_rows,
+        dev.sms - a.split.reserved_sms,
         a.ranks_per_gpu,
         kernel_tiles_for(Family::SM90_TMA),
         &dev,
     )?;
-    if let Some(n) = a.comm_sms {
+    if let Some(n) = a.split.comm_sms {
         device.set_comm_blocks(n);
     }
     println!(

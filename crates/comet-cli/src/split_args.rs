@@ -1,0 +1,50 @@
+//! How the device forward splits a GPU and sizes its buffers: the flags
+//! `comet plan` and `comet bench --gpu` share, so a plan can show exactly
+//! the split a bench runs.
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+/// Device-forward flags, flattened into each command's arguments.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SplitArgs {
+    /// Communication blocks beside the overlapped GEMMs instead of the cost
+    /// model's (the dispatch and combine kernels, and a staged proxy's
+    /// token kernels); blocks given always overlap, a rank alone too (its
+    /// dispatch beside FC1, its reduce beside FC2).
+    #[arg(long)]
+    pub comm_sms: Option<usize>,
+    /// Bound on the rows one rank receives in a call (default: the worst
+    /// case, every rank sending all its rows to one, which grows with the
+    /// world).
+    #[arg(long)]
+    pub recv_rows: Option<usize>,
+    /// SMs of the GPU no GEMM takes, left to the transport's own kernels (a
+    /// staged proxy's token kernels, NCCL's); default: the transport's
+    /// choice (4 a rank behind a proxy). NCCL's lanes get at least what
+    /// they need whatever is given.
+    #[arg(long, default_value_t = 0)]
+    pub reserved_sms: usize,
+}
+
+impl SplitArgs {
+    /// Refuses values no layer can take.
+    pub fn check(&self) -> Result<()> {
+        if self.recv_rows == Some(0) {
+            bail!("--recv-rows must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The flags given, by name (they set how a GPU forward runs).
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            (self.comm_sms.is_some(), "--comm-sms"),
+            (self.recv_rows.is_some(), "--recv-rows"),
+            (self.reserved_sms > 0, "--reserved-sms"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
+    }
+}

@@ -1,6 +1,8 @@
 //! How the device forward splits a GPU and sizes its buffers: the flags
-//! `comet plan` and `comet bench --gpu` share, so a plan can show exactly
-//! the split a bench runs.
+//! `comet plan` and `comet bench --gpu` share. A plan shows a bench's split
+//! when given what the bench's world implies too: `--ranks-per-gpu` (the
+//! bench puts every rank on GPU 0), `--device h200-socket` and the proxy's
+//! `--reserved-sms` for a staged transport.
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -20,9 +22,9 @@ pub struct SplitArgs {
     #[arg(long)]
     pub recv_rows: Option<usize>,
     /// SMs of the GPU no GEMM takes, left to the transport's own kernels (a
-    /// staged proxy's token kernels, NCCL's); default: the transport's
-    /// choice (4 a rank behind a proxy). NCCL's lanes get at least what
-    /// they need whatever is given.
+    /// staged proxy's token kernels, NCCL's). `comet bench`'s default: the
+    /// transport's choice (4 a rank behind a proxy; NCCL's lanes get at
+    /// least what they need whatever is given); `comet plan`'s: none.
     #[arg(long, default_value_t = 0)]
     pub reserved_sms: usize,
 }

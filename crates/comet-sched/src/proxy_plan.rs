@@ -202,14 +202,16 @@ impl StagedBytes {
             Some(avail) if need > avail => Err(SchedError::Input {
                 rank,
                 message: format!(
-                    "staging through host memory would pin {} ({} a rank for {} ranks: send \
-                     images for {} peers, a landing image of {} receive rows and {} combine \
-                     rows of {} bytes each, and the inbox) but the host has {} available; \
-                     lower the layer's capacity or bound its receive rows \
-                     (LayerOptions::recv_capacity)",
+                    "staging through host memory would pin {} ({} a rank for {} ranks: the \
+                     {} rows it sends, the {} combine rows of each of its {} peers, a \
+                     landing image of {} receive rows and {} combine rows, rows of {} bytes, \
+                     and the inbox) but the host has {} available; lower the layer's \
+                     capacity or bound its receive rows (LayerOptions::recv_capacity)",
                     gib(need),
                     gib(one),
                     ranks_here.max(1),
+                    geo.send_rows,
+                    geo.send_rows,
                     geo.ranks.saturating_sub(1),
                     geo.recv_rows,
                     geo.send_rows,
@@ -275,7 +277,8 @@ impl Geometry {
     /// pinned host staging, the send images (one of the rows sent, for
     /// every peer's dispatch pieces; each peer's count and combine
     /// buffers), a landing image of each buffer, and the send order and
-    /// its weights; its inbox.
+    /// its weights (token-once's per-peer tables, a few bytes a row, are
+    /// left out); its inbox.
     pub fn staged_bytes(&self) -> StagedBytes {
         let one: usize = Buf::ALL.iter().map(|&b| self.bytes(b)).sum();
         let peers = self.ranks.saturating_sub(1);

@@ -102,6 +102,8 @@ fn test_shapes_overlap_in_several_chunks() {
         (2, 256, 4, 2, 64, None),
         (2, 256, 4, 2, 32, None),
         (2, 256, 4, 2, 128, None),
+        (2, 256, 8, 2, 96, None),
+        (4, 256, 8, 2, 96, None),
         (2, 512, 4, 2, 256, tokens),
         (4, 256, 8, 3, 160, tokens),
         (3, 256, 6, 2, 200, tokens),

@@ -47,11 +47,13 @@ pub struct DevicePlan {
     /// SMs this rank may fill at once.
     pub share: usize,
     /// Whether the fused mode overlaps communication with the GEMMs: the
-    /// cost model's verdict, or at one rank (where the model has no link
-    /// to hide and runs in sequence) blocks given ([`Self::set_comm_blocks`]).
+    /// cost model's verdict, or blocks given ([`Self::set_comm_blocks`]).
     pub overlap: bool,
-    /// Blocks of the communication kernels while the GEMMs run.
+    /// Blocks of the communication kernels while the GEMMs run: the cost
+    /// model's (a third of the share at most), or given.
     pub comm_blocks: usize,
+    /// Whether `comm_blocks` was given rather than the model's.
+    pub comm_blocks_given: bool,
     /// CTAs of the persistent GEMMs when overlapping / in sequence.
     pub gemm_grid_overlap: usize,
     pub gemm_grid: usize,
@@ -161,8 +163,7 @@ impl DevicePlan {
         dev.bm = tiles.bm;
         let estimate = CostModel::estimate(cfg, capacity, &dev);
         let overlap = w > 1 && share > 1 && estimate.overlapped_ms < estimate.baseline_ms;
-        // The model takes a third of the share at most.
-        let comm_blocks = estimate.comm_blocks.clamp(1, (share / 3).max(1));
+        let comm_blocks = estimate.comm_blocks;
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
             (cols, h / cols)
@@ -178,6 +179,7 @@ impl DevicePlan {
             share,
             overlap,
             comm_blocks,
+            comm_blocks_given: false,
             gemm_grid_overlap: if overlap { share - comm_blocks } else { share },
             gemm_grid: share,
             aux_blocks: share,
@@ -206,6 +208,7 @@ impl DevicePlan {
         }
         if self.overlap {
             self.comm_blocks = n.clamp(1, self.share.saturating_sub(1).max(1));
+            self.comm_blocks_given = true;
             self.gemm_grid_overlap = self.share - self.comm_blocks;
         }
     }
@@ -246,7 +249,7 @@ impl DevicePlan {
             self.ranks_per_gpu,
             self.share,
             self.overlap,
-            if self.overlap && self.cfg.ranks == 1 {
+            if self.comm_blocks_given {
                 "communication blocks given; "
             } else {
                 ""

@@ -303,19 +303,21 @@ impl Geometry {
         self.send_rows * self.row_bytes
     }
 
+    /// `from`'s send position of global expert `e`: the rows it sends to
+    /// experts before `e` (the kernels' send order is expert-major).
+    pub fn send_position(&self, counts: &[Vec<u32>], from: usize, e: usize) -> usize {
+        counts[from][..e].iter().map(|&c| c as usize).sum()
+    }
+
     /// Where piece `p` (sent by `p.from`) stands in its send image: a
     /// dispatch piece at `p.from`'s send position of its expert (its rows
-    /// are consecutive there, in the kernels' send order; the one image
-    /// serves every peer), any other piece at its wire offset (an image
-    /// per peer). `counts` as checked by [`Geometry::data_pieces`].
+    /// are consecutive there; the one image serves every peer), any other
+    /// piece at its wire offset (an image per peer). `counts` as checked
+    /// by [`Geometry::data_pieces`].
     pub fn image_at(&self, counts: &[Vec<u32>], p: &Piece) -> usize {
         match p.kind {
             Kind::Dispatch { le } => {
-                self.pair_image_at(counts, p.from, p.to) + {
-                    let e = p.to * self.epr();
-                    let before: usize = counts[p.from][e..e + le].iter().map(|&c| c as usize).sum();
-                    before * self.row_bytes
-                }
+                self.send_position(counts, p.from, p.to * self.epr() + le) * self.row_bytes
             }
             _ => p.wire,
         }
@@ -326,9 +328,7 @@ impl Geometry {
     /// packs the pair's token rows from there, at their slots (a pair never
     /// has more token slots than rows).
     pub fn pair_image_at(&self, counts: &[Vec<u32>], from: usize, to: usize) -> usize {
-        let e = to * self.epr();
-        let before: usize = counts[from][..e].iter().map(|&c| c as usize).sum();
-        before * self.row_bytes
+        self.send_position(counts, from, to * self.epr()) * self.row_bytes
     }
 
     /// Where dispatch piece `p` (of a checked count matrix `counts`)

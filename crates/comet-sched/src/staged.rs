@@ -751,7 +751,7 @@ impl<'t> StagedProxy<'t> {
         }
         let slots = tok.order.as_ref().map_or(&[][..], |o| &o.slots[..]);
         let e = to * epr + le;
-        let first: usize = mine[..e].iter().map(|&c| c as usize).sum();
+        let first = self.geo.send_position(&call.counts, me, e);
         let seen = &mut tok.slot[to];
         let mut piece = TokenPiece {
             start: tok.used[to],

@@ -161,7 +161,8 @@ struct LayoutParams {
   int bn2;                  // FC2 output columns per tile
   int cols;                 // chunk width
   int chunks;
-  int pad0, pad1;
+  int group1;               // FC1 column tiles per raster group
+  int group2;               // FC2 column tiles per raster group
 };
 
 struct DispatchParams {
@@ -297,14 +298,41 @@ struct RowTile {
   int le, row0, rows, i_first, i_last;
 };
 
-__device__ __forceinline__ RowTile row_tile(int q, const int* gstart, const int* gfirst,
-                                            const int* erow, const int* erows, const int* srows,
-                                            int E, int epr, int W, int bm) {
+// The group of row tile q: the last of the E groups starting at or before it.
+__device__ __forceinline__ int group_of(int q, const int* gstart, int E) {
   int lo = 0, hi = E - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
     if (gstart[mid] <= q) lo = mid; else hi = mid - 1;
   }
+  return lo;
+}
+
+// Tile g of a list that holds every row tile by `ncols` column tiles, its
+// row tiles in the groups of `gstart` (a group's tiles become ready at one
+// arrival step): inside a group, column tiles go in raster groups of
+// `group`, each over all the group's row tiles, columns inside rows. So the
+// CTAs resident at one time read a few column panels of B (a weight panel
+// from HBM once per raster group) instead of all of them once per row tile,
+// which made mixtral's FC1 stream the whole expert for every 128 rows.
+__device__ __forceinline__ void raster(long long g, const int* gstart, int E, int ncols, int group,
+                                       int* q, int* n) {
+  const int q0 = (int)(g / ncols);
+  const int lo = group_of(q0, gstart, E);
+  const int first = gstart[lo], rows = gstart[lo + 1] - first;
+  const long long l = g - (long long)first * ncols;
+  const long long span = (long long)rows * group;
+  const int cg = (int)(l / span);
+  const int width = min(group, ncols - cg * group);
+  const long long in = l - (long long)cg * span;
+  *q = first + (int)(in / width);
+  *n = cg * group + (int)(in - (in / width) * width);
+}
+
+__device__ __forceinline__ RowTile row_tile(int q, const int* gstart, const int* gfirst,
+                                            const int* erow, const int* erows, const int* srows,
+                                            int E, int epr, int W, int bm) {
+  const int lo = group_of(q, gstart, E);
   RowTile t;
   t.i_last = lo / epr;
   t.le = lo - t.i_last * epr;
@@ -480,12 +508,14 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
     }
   }
 
-  // 6. Tile lists (all blocks). FC1: row tiles in arrival order, columns
-  // inside; each waits on the dispatch signals of the segments it spans.
-  // FC2: chunk-major, each tile adding 1 to its chunk's counter.
+  // 6. Tile lists (all blocks). FC1: row tiles in arrival order, rastered
+  // inside each group (see `raster`); each waits on the dispatch signals of
+  // the segments it spans. FC2: chunk-major, rastered the same inside a
+  // chunk, each tile adding 1 to its chunk's counter.
   const long long gt = (long long)blockIdx.x * nt + tid, gs = (long long)gridDim.x * nt;
   for (long long g = gt; g < n1; g += gs) {
-    const int q = (int)(g / p.ncol1), n = (int)(g - (long long)q * p.ncol1);
+    int q, n;
+    raster(g, gstart, E, p.ncol1, p.group1, &q, &n);
     const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm);
     TileDesc d;
     d.expert = t.le;
@@ -500,8 +530,8 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
   }
   for (long long g = gt; g < n2; g += gs) {
     const int c = (int)(g / per2);
-    const long long rem = g - (long long)c * per2;
-    const int q = (int)(rem / p.nc2), n = (int)(rem - (long long)q * p.nc2);
+    int q, n;
+    raster(g - (long long)c * per2, gstart, E, p.nc2, p.group2, &q, &n);
     const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm);
     TileDesc d;
     d.expert = t.le;

@@ -111,7 +111,10 @@ pub struct LayoutParams {
     pub bn2: i32,
     pub cols: i32,
     pub chunks: i32,
-    pub pad: [i32; 2],
+    /// FC1 column tiles per raster group ([`crate::tiles::raster_group`]).
+    pub group1: i32,
+    /// FC2 column tiles per raster group.
+    pub group2: i32,
 }
 
 /// `comet::DispatchParams`.

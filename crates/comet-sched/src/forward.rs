@@ -840,7 +840,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
             bn2: p.tiles.fc2_cols as i32,
             cols: p.chunk_cols as i32,
             chunks: p.chunks as i32,
-            pad: [0; 2],
+            group1: comet_kernels::tiles::raster_group(&self.v.fc1) as i32,
+            group2: comet_kernels::tiles::raster_group(&self.v.fc2) as i32,
         })
     }
 

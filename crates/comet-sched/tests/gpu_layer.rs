@@ -55,6 +55,16 @@ fn rounded(w: &ExpertWeights) -> ExpertWeights {
 fn cfg(w: usize, ffn: usize, experts: usize, top_k: usize) -> MoeConfig {
     MoeConfig {
         hidden: 512,
+        ..cfg_wide(w, ffn, experts, top_k)
+    }
+}
+
+/// Hidden 2304 (nine FC2 column tiles of 256) and, with `ffn` 1152, nine
+/// FC1 column tiles of 128: more than one raster group of 8 (the device
+/// tile lists' column groups), the last one partial.
+fn cfg_wide(w: usize, ffn: usize, experts: usize, top_k: usize) -> MoeConfig {
+    MoeConfig {
+        hidden: 2304,
         ffn,
         experts,
         top_k,
@@ -391,6 +401,31 @@ fn every_routing_and_size_matches_the_reference() {
             (2, 256, 16, 11, 96),
         ],
     );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn layers_wider_than_a_raster_group_match_the_reference() {
+    for w in [1, 2] {
+        let c = cfg_wide(w, 1152, 4, 2);
+        let mut h = Harness::build(&c, 96, &opts(&c, 96), false);
+        for (i, kind) in [RoutingKind::Uniform, RoutingKind::Zipf(1.2)]
+            .into_iter()
+            .enumerate()
+        {
+            for tokens in [96, 41] {
+                let toks: Vec<usize> = (0..w).map(|r| tokens - r * 5).collect();
+                let inputs = h.inputs(&toks, kind, (i * 100 + tokens) as u64);
+                for mode in modes() {
+                    h.call(
+                        &inputs,
+                        mode,
+                        &format!("wide W={w} {kind:?} T={tokens} {mode:?}"),
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

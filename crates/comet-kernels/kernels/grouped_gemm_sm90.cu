@@ -4,7 +4,10 @@
 // consumer warpgroups each own 64 rows of the 128 x BN tile and issue wgmma
 // (m64n128k16, both operands from 128B-swizzled shared memory). The grid is
 // persistent over the tile list; the producer runs ahead into the next tile
-// while the consumers store the previous one. Hooks are template parameters.
+// while the consumers store the previous one, and a SwiGLU tile's staging
+// and stores wait for the next tile's first wgmma groups to be in flight
+// (its accumulators are free once packed), so the tensor cores do not wait
+// on them. Hooks are template parameters.
 // With CM = 2 the CTAs run as clusters of two along M: the tile list holds
 // pairs (entries 2i, 2i+1: same expert and columns, the second possibly
 // empty), each CTA loads its own A and one half of the shared B tile, which
@@ -275,37 +278,94 @@ __device__ __forceinline__ void row_weights(const GemmParams& p, const TileDesc&
   }
 }
 
-// Epilogue pass `pass` of one consumer: its accumulators as bf16 into the
-// swizzled 64 x 128 staging buffer at `dst` (SwiGLU: silu(gate) * up, one
-// pass of BN/2 columns; otherwise n128 block `pass`, scaled by the row
-// weights). Accumulator i of n128 block b holds row
-// warp*16 + lane/4 + 8*((i/2)&1), column b*128 + (i/4)*8 + (lane%4)*2 + (i&1).
-template <int EPI, int BN>
-__device__ __forceinline__ void stage_pass(const float (&acc)[BN / 128][64], int pass,
-                                           const float (&wrow)[2], unsigned dst, int warp,
-                                           int lane) {
-  constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
+// SwiGLU outputs of one consumer's accumulators, packed as bf16 pairs in
+// the order `stage_packed` writes them: silu(gate) * up in f32 (gate =
+// tile columns [0, BN/2), up = [BN/2, BN)), rounded once.
+template <int BN>
+__device__ __forceinline__ void swiglu_pack(const float (&acc)[BN / 128][64],
+                                            unsigned (&out)[BN / 8]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) {
+      const int gc = j * 8, uc = BN / 2 + j * 8;
+      const int gb = gc / 128, gi = (gc % 128) / 8 * 4 + h * 2;
+      const int ub = uc / 128, ui = (uc % 128) / 8 * 4 + h * 2;
+      out[h * (BN / 16) + j] = pack_bf16x2(silu_f(acc[gb][gi]) * acc[ub][ui],
+                                           silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1]);
+    }
+  }
+}
+
+// The packed SwiGLU outputs of `swiglu_pack` into the swizzled staging
+// buffer at `dst` (BN/2 columns).
+template <int BN>
+__device__ __forceinline__ void stage_packed(const unsigned (&v)[BN / 8], unsigned dst, int warp,
+                                             int lane) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int sr = warp * 16 + (lane >> 2) + h * 8;
 #pragma unroll
-    for (int j = 0; j < PASS_COLS / 8; ++j) {
-      const int col = j * 8 + (lane & 3) * 2;
-      float o0, o1;
-      if (EPI == EPI_SWIGLU) {
-        // gate = tile columns [0, BN/2), up = [BN/2, BN)
-        const int gc = j * 8, uc = BN / 2 + j * 8;
-        const int gb = gc / 128, gi = (gc % 128) / 8 * 4 + h * 2;
-        const int ub = uc / 128, ui = (uc % 128) / 8 * 4 + h * 2;
-        o0 = silu_f(acc[gb][gi]) * acc[ub][ui];
-        o1 = silu_f(acc[gb][gi + 1]) * acc[ub][ui + 1];
-      } else {
-        o0 = wrow[h] * acc[pass][j * 4 + h * 2];
-        o1 = wrow[h] * acc[pass][j * 4 + h * 2 + 1];
-      }
-      st_shared_u32(dst + stg_off(sr, col), pack_bf16x2(o0, o1));
+    for (int j = 0; j < BN / 16; ++j)
+      st_shared_u32(dst + stg_off(sr, j * 8 + (lane & 3) * 2), v[h * (BN / 16) + j]);
+  }
+}
+
+// Epilogue pass `pass` of one store or scatter consumer: n128 block `pass`
+// of its accumulators, scaled by the row weights, as bf16 into the swizzled
+// 64 x 128 staging buffer at `dst`. Accumulator i of n128 block b holds row
+// warp*16 + lane/4 + 8*((i/2)&1), column b*128 + (i/4)*8 + (lane%4)*2 + (i&1).
+template <int BN>
+__device__ __forceinline__ void stage_pass(const float (&acc)[BN / 128][64], int pass,
+                                           const float (&wrow)[2], unsigned dst, int warp,
+                                           int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int sr = warp * 16 + (lane >> 2) + h * 8;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float o0 = wrow[h] * acc[pass][j * 4 + h * 2];
+      const float o1 = wrow[h] * acc[pass][j * 4 + h * 2 + 1];
+      st_shared_u32(dst + stg_off(sr, j * 8 + (lane & 3) * 2), pack_bf16x2(o0, o1));
     }
   }
+}
+
+// One consumer's rows of staged pass `pass` of tile t to C with 16-byte
+// row stores (`cols` columns a pass; scatter: rows to their scatter_idx).
+template <int EPI>
+__device__ __forceinline__ void store_pass(const GemmParams& p, const TileDesc& t, int pass, int cols,
+                                           int out_cols, unsigned stg, int cw, int lt) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int idx = lt + i * 128;
+    const int sr = idx >> 4, ch = idx & 15;
+    const int r = cw * 64 + sr;
+    const int col = t.n0 + pass * 128 + ch * 8;
+    if (ch * 8 < cols && r < t.rows && col < out_cols) {
+      size_t orow = (size_t)(t.row0 + r);
+      if (EPI == EPI_SCATTER) {
+        const int d = p.scatter_idx[orow];
+        if (d < 0) continue;
+        orow = (size_t)d;
+      }
+      const uint4 v = ld_shared_v4(stg + stg_off(sr, ch * 8));
+      *reinterpret_cast<uint4*>(p.C + orow * p.ldc + col) = v;
+    }
+  }
+}
+
+// A SwiGLU tile's outputs (packed by swiglu_pack) through one consumer's
+// staging to C. Runs inside the next tile's k-loop, while its first
+// wgmma groups are in flight, so the tensor cores do not wait on it.
+template <int BN>
+__device__ __forceinline__ void store_swiglu(const GemmParams& p, const TileDesc& t,
+                                             const unsigned (&v)[BN / 8], unsigned stg, int cw,
+                                             int warp, int lane, int lt) {
+  named_barrier(2 + cw, 128);  // earlier readers of the staging are done
+  stage_packed<BN>(v, stg, warp, lane);
+  named_barrier(2 + cw, 128);
+  store_pass<EPI_SWIGLU>(p, t, 0, BN / 2, p.N / 2, stg, cw, lt);
 }
 
 // One unit of a CTA's work: k-blocks [kb0, kb1) of tile `tile`. A whole
@@ -571,6 +631,14 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
     const int warp = lt / 32, lane = lt % 32;
     const unsigned stg = staging + cw * (64 * 128 * 2);
     const unsigned crank = CM > 1 ? cluster_rank() : 0u;
+    // A SwiGLU tile's epilogue math runs once its accumulators are final;
+    // its staging and stores wait for the next tile's k-loop (DEFER), so
+    // they overlap that tile's first wgmma groups. With the raise hook a
+    // tile's signal must follow its stores, so those variants store at once.
+    constexpr bool DEFER = EPI == EPI_SWIGLU && !RAISE;
+    unsigned pend_v[BN / 8];
+    TileDesc pend_t = {};
+    bool pend = false;
     int it = 0;
     for (int step = 0;; ++step) {
       Piece pc;
@@ -629,6 +697,10 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
           }
         }
         wgmma_commit();
+        if (DEFER && pend && kb == min(pc.kb0 + 1, pc.kb1 - 1)) {
+          store_swiglu<BN>(p, pend_t, pend_v, stg, cw, warp, lane, lt);
+          pend = false;
+        }
         wgmma_wait<1>();
         if (prev_s >= 0 && lane == 0) release_slot<STAGES, CM>(bars, prev_s);
         prev_s = s;
@@ -684,20 +756,31 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
         }
       }
 
+      if (DEFER) {
+        // (A k-loop of no k-blocks would have left the last one pending.)
+        if (pend) store_swiglu<BN>(p, pend_t, pend_v, stg, cw, warp, lane, lt);
+        swiglu_pack<BN>(acc, pend_v);
+        pend_t = t;
+        pend = true;
+        continue;
+      }
       // Epilogue: fragments -> swizzled staging (bf16) -> 16-byte coalesced
       // row stores (or bulk stores), one 64 x 128 pass at a time.
       constexpr int PASSES = (EPI == EPI_SWIGLU) ? 1 : NB;
-      // Output columns one pass covers (SwiGLU: BN/2 <= 128).
-      constexpr int PASS_COLS = (EPI == EPI_SWIGLU) ? BN / 2 : 128;
       const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
       const bool bulk = TS && hp.tma_store != 0 && t.rows == BM;
+      if (EPI == EPI_SWIGLU) {
+        unsigned v[BN / 8];
+        swiglu_pack<BN>(acc, v);
+        store_swiglu<BN>(p, t, v, stg, cw, warp, lane, lt);
+      }
       float wrow[2];
       row_weights<EPI>(p, t, cw, warp, lane, wrow);
 #pragma unroll
-      for (int pass = 0; pass < PASSES; ++pass) {
+      for (int pass = 0; pass < PASSES && EPI != EPI_SWIGLU; ++pass) {
         if (TS && lt == 0) bulk_wait_read();
         named_barrier(2 + cw, 128);  // earlier readers of the staging are done
-        stage_pass<EPI, BN>(acc, pass, wrow, stg, warp, lane);
+        stage_pass<BN>(acc, pass, wrow, stg, warp, lane);
         if (TS && bulk) fence_proxy_async_smem();
         named_barrier(2 + cw, 128);
         if (TS && bulk) {
@@ -710,23 +793,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
           }
           continue;
         }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int idx = lt + i * 128;
-          const int sr = idx >> 4, ch = idx & 15;
-          const int r = cw * 64 + sr;
-          const int col = t.n0 + pass * 128 + ch * 8;
-          if (ch * 8 < PASS_COLS && r < t.rows && col < out_cols) {
-            size_t orow = (size_t)(t.row0 + r);
-            if (EPI == EPI_SCATTER) {
-              const int d = p.scatter_idx[orow];
-              if (d < 0) continue;
-              orow = (size_t)d;
-            }
-            const uint4 v = ld_shared_v4(stg + stg_off(sr, ch * 8));
-            *reinterpret_cast<uint4*>(p.C + orow * p.ldc + col) = v;
-          }
-        }
+        store_pass<EPI>(p, t, pass, 128, out_cols, stg, cw, lt);
       }
       if (RAISE) {
         if (t.sig >= 0) {
@@ -741,6 +808,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
         }
       }
     }
+    if (DEFER && pend) store_swiglu<BN>(p, pend_t, pend_v, stg, cw, warp, lane, lt);
     // Shared memory must outlive the last bulk stores' reads.
     if (TS && lt == 0) bulk_wait_all();
   }

@@ -4,8 +4,8 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open (one rank), ~4 min
-#   bash scripts/device-checks.sh second  # ... and the staged path, ~4 min
+#   bash scripts/device-checks.sh first   # what the last session left open (tests, sanitizers), ~8 min
+#   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2), ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
@@ -37,33 +37,30 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # The open questions of the last session, in two calls of about 4
-  # minutes (device starts are scarce; run `second` right after). Issue
-  # 13's one-rank ratio (qwen2-moe at 16384 tokens, fused/GEMM-only 1.068
-  # on an H100, target 1.05) is the dispatch's copy (0.4 ms) and the
-  # reduce (0.36 ms) in sequence with the GEMMs. Blocks given to a rank alone overlap both (the reduce on the
-  # side stream, each chunk once FC2's tiles of it are done): first its
-  # GPU tests, then the ratio with 8 to 32 blocks against the sequence.
-  # Each bench's exit code is its own (pipefail in its shell).
-  step one-rank-tests tests gpu_layer 150 one_rank_overlapping
-  step graph-tests tests gpu_layer 60 a_captured_graph
-  for run in "qwen2-moe" "qwen2-moe --comm-sms 8" "qwen2-moe --comm-sms 16" "qwen2-moe --comm-sms 32" \
-      "phi3.5-moe" "phi3.5-moe --comm-sms 16" "mixtral-8x7b" "mixtral-8x7b --comm-sms 16"; do
-    step "alone $run" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $run 2>&1 | tee '$O/alone_${run// /_}.md' | grep -E '^[|] [a-z]|overlapped'"
-  done
+  # What the session of 2026-12-06 (fourth) landed without a whole check,
+  # in a call of about 8 minutes. A SwiGLU tile's staging and stores run
+  # inside the next tile's k-loop (91a969a: comet-kernels-gpu passed,
+  # gpu_layer did not finish in its time), and the wait-hook kernels take
+  # one abort verdict per consumer warpgroup (a barrier reduction after
+  # each tile; not yet run, the kernel tests' timeout case goes through
+  # it). The kernel tests, the whole gpu_layer suite, and the GEMM kernels
+  # under compute-sanitizer (racecheck: the deferred stores share the
+  # staging buffer across tiles).
+  step comet-kernels-gpu tests comet-kernels-gpu 150
+  step gpu_layer tests gpu_layer 420
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+      step "sanitizer $tool" bash -c "set -o pipefail; timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 $R comet-kernels-gpu --ignored --exact small_all_epilogues 2>&1 | tee $O/sanitizer_$tool.log | tail -3"
+    done
+  fi
   ;;
 second)
-  # The staged path as this session left it, in a call of about 4 minutes
-  # right after `first` (the machine stays warm 30 s): the dispatch pieces
-  # of every peer in one pinned send image at send positions, and a staged
-  # rank's proxy kernels on 4 SMs a rank (PROXY_KERNEL_SMS), both built
-  # without a GPU. The staged tests, then fused and sequential calls with
-  # the proxy's SMs at 1 and by default over UCX shared memory, both ranks
-  # in one process.
-  step gpu_staged_ucx tests gpu_staged_ucx 200
-  step staged-layer-tests tests gpu_layer 200 staged_
-  for run in "qwen2-moe --reserved-sms 1" "qwen2-moe" "mixtral-8x7b --ffn 28672 --reserved-sms 1" "mixtral-8x7b --ffn 28672"; do
-    step "proxy sms ucx sm $run" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 60 $R comet bench --gpu --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --preset $run 2>&1 | tee '$O/ps_${run// /_}.md' | grep -E '^[|] [a-z]|phases|overlapped'"
+  # The figures: the GEMMs (SwiGLU against the plain store, ours against
+  # torch._grouped_mm) and issue 13's layer at one rank and two.
+  step gemm bash -c "set -o pipefail; timeout 150 $R comet bench gemm --preset mixtral-8x7b,phi3.5-moe,qwen2-moe --tokens 16384 --iters 5 --family sm90tma,sm90c2 2>&1 | tee $O/gemm.md | grep -E '^[|] [a-z]'"
+  for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
+    step "alone $p" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_$p.md' | grep -E '^[|] [a-z]'"
+    step "two $p" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset $p 2>&1 | tee '$O/two_$p.md' | grep -E '^[|] [a-z]'"
   done
   ;;
 mps)

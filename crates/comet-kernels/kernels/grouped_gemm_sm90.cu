@@ -175,6 +175,17 @@ __device__ __forceinline__ void fence_acc(float& r) { asm volatile("" : "+f"(r):
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// named_barrier that also returns whether any of the threads passed true.
+__device__ __forceinline__ bool named_barrier_or(int id, int threads, bool v) {
+  unsigned r;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n"
+      " barrier.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"((unsigned)v), "r"(id), "r"(threads)
+      : "memory");
+  return r != 0;
+}
 
 #define COMET_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
   "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
@@ -711,6 +722,11 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
 #pragma unroll
         for (int i = 0; i < 64; ++i) fence_acc(acc[b][i]);
       if (prev_s >= 0 && lane == 0) release_slot<STAGES, CM>(bars, prev_s);
+      // Each warp reads the abort flag after its own slot waits, so warps
+      // of one consumer can disagree about the tile the producer aborted
+      // behind; one verdict for all of them, or some would leave while the
+      // rest block at the epilogue's barriers.
+      if (WAIT && CM == 1) aborted = named_barrier_or(2 + cw, 128, aborted);
       if (WAIT && aborted) {
         if (TS && lt == 0) bulk_wait_all();
         return;

@@ -23,6 +23,11 @@ pub struct KernelTiles {
     pub fc1_cols: usize,
     /// Output columns per FC2 tile.
     pub fc2_cols: usize,
+    /// FC1 column tiles per raster group: the device tile lists take a
+    /// group's row tiles (or a chunk's, FC2) column group by column group.
+    pub fc1_group: usize,
+    /// FC2 column tiles per raster group.
+    pub fc2_group: usize,
 }
 
 /// The most experts the device route and layout handle.
@@ -120,6 +125,8 @@ impl DevicePlan {
             ("tile rows", tiles.bm),
             ("FC1 tile columns", tiles.fc1_cols),
             ("FC2 tile columns", tiles.fc2_cols),
+            ("FC1 raster group", tiles.fc1_group),
+            ("FC2 raster group", tiles.fc2_group),
         ] {
             if n == 0 {
                 return Err(bad(field, "must be at least 1".into()));
@@ -242,7 +249,7 @@ impl DevicePlan {
              overlap: {} ({}cost model: overlapped {:.3} ms vs sequential {:.3} ms)\n\
              link (cost model): dispatch {} {:.3} ms, combine {:.3} ms\n\
              GEMM grid: {} CTAs overlapping, {} in sequence; communication blocks: {}\n\
-             tiles: {} rows, FC1 {} cols, FC2 {} cols; layer1 chunks: {} x {} cols\n\
+             tiles: {} rows, FC1 {} cols, FC2 {} cols, in column groups of {} (FC1) and {} (FC2); layer1 chunks: {} x {} cols\n\
              FC1 reads: {}\n\
              capacity: {} tokens, {} receive rows, {} row tiles",
             self.sms,
@@ -268,6 +275,8 @@ impl DevicePlan {
             self.tiles.bm,
             self.tiles.fc1_cols,
             self.tiles.fc2_cols,
+            self.tiles.fc1_group,
+            self.tiles.fc2_group,
             self.chunks,
             self.chunk_cols,
             if self.gather_x {
@@ -314,6 +323,8 @@ mod tests {
         bm: 128,
         fc1_cols: 128,
         fc2_cols: 256,
+        fc1_group: 8,
+        fc2_group: 8,
     };
 
     fn plan(p: Preset, w: usize, per_gpu: usize) -> DevicePlan {
@@ -447,6 +458,25 @@ mod tests {
             .unwrap_err();
         assert!(
             e.to_string().contains("ranks_per_gpu must be at least 1"),
+            "{e}"
+        );
+        let no_group = KernelTiles {
+            fc2_group: 0,
+            ..TILES
+        };
+        let e = DevicePlan::new(
+            &cfg,
+            16,
+            None,
+            132,
+            1,
+            no_group,
+            &DeviceFigures::h200_nvlink(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("FC2 raster group must be at least 1"),
             "{e}"
         );
         let e = DevicePlan::new(

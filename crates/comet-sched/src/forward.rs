@@ -217,11 +217,18 @@ struct Variants {
 
 impl Variants {
     fn tiles(&self) -> KernelTiles {
-        KernelTiles {
-            bm: self.fc1.tile_rows(),
-            fc1_cols: self.fc1.tile_out_cols(),
-            fc2_cols: self.fc2.tile_out_cols(),
-        }
+        tiles_of(&self.fc1, &self.fc2)
+    }
+}
+
+/// The tile shape and raster groups of an FC1 and an FC2 variant.
+fn tiles_of(fc1: &GemmVariant, fc2: &GemmVariant) -> KernelTiles {
+    KernelTiles {
+        bm: fc1.tile_rows(),
+        fc1_cols: fc1.tile_out_cols(),
+        fc2_cols: fc2.tile_out_cols(),
+        fc1_group: comet_kernels::tiles::raster_group(fc1),
+        fc2_group: comet_kernels::tiles::raster_group(fc2),
     }
 }
 
@@ -234,11 +241,7 @@ pub fn kernel_tiles_for(family: comet_kernels::Family) -> KernelTiles {
         family
     };
     let v = |e| GemmVariant::new(family, e, Hooks::NONE);
-    KernelTiles {
-        bm: v(Epilogue::SwiGlu).tile_rows(),
-        fc1_cols: v(Epilogue::SwiGlu).tile_out_cols(),
-        fc2_cols: v(Epilogue::Store).tile_out_cols(),
-    }
+    tiles_of(&v(Epilogue::SwiGlu), &v(Epilogue::Store))
 }
 
 /// The layout tables of one call as the device derived them.
@@ -840,8 +843,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
             bn2: p.tiles.fc2_cols as i32,
             cols: p.chunk_cols as i32,
             chunks: p.chunks as i32,
-            group1: comet_kernels::tiles::raster_group(&self.v.fc1) as i32,
-            group2: comet_kernels::tiles::raster_group(&self.v.fc2) as i32,
+            group1: p.tiles.fc1_group as i32,
+            group2: p.tiles.fc2_group as i32,
         })
     }
 

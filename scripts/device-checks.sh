@@ -5,7 +5,7 @@
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
 #   bash scripts/device-checks.sh first   # what the last session left open (tests, sanitizers), ~8 min
-#   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2), ~4 min
+#   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, ping-pong, the layer at W = 1, 2), ~7 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
@@ -43,7 +43,8 @@ first)
   # gpu_layer did not finish in its time), and the wait-hook kernels take
   # one abort verdict per consumer warpgroup (a barrier reduction after
   # each tile; not yet run, the kernel tests' timeout case goes through
-  # it). The kernel tests, the whole gpu_layer suite, and the GEMM kernels
+  # it), and a new family sm90pp (ping-pong consumers; every kernel test
+  # runs it). The kernel tests, the whole gpu_layer suite, and the GEMM kernels
   # under compute-sanitizer (racecheck: the deferred stores share the
   # staging buffer across tiles).
   step comet-kernels-gpu tests comet-kernels-gpu 150
@@ -55,9 +56,16 @@ first)
   fi
   ;;
 second)
-  # The figures: the GEMMs (SwiGLU against the plain store, ours against
-  # torch._grouped_mm) and issue 13's layer at one rank and two.
-  step gemm bash -c "set -o pipefail; timeout 150 $R comet bench gemm --preset mixtral-8x7b,phi3.5-moe,qwen2-moe --tokens 16384 --iters 5 --family sm90tma,sm90c2 2>&1 | tee $O/gemm.md | grep -E '^[|] [a-z]'"
+  # The figures, in about 7 minutes: the GEMMs (SwiGLU against the plain
+  # store, ours against torch._grouped_mm) and issue 13's layer at one rank
+  # and two.
+  # sm90pp (ping-pong consumers on 128 x 128 tiles, built without a GPU)
+  # against the default: if its SwiGLU column wins, the layer with it
+  # (COMET_GEMM_FAMILY=sm90pp) says whether to make it the default.
+  step gemm bash -c "set -o pipefail; timeout 200 $R comet bench gemm --preset mixtral-8x7b,phi3.5-moe,qwen2-moe --tokens 16384 --iters 5 --family sm90tma,sm90c2,sm90pp 2>&1 | tee $O/gemm.md | grep -E '^[|] [a-z]|family'"
+  for p in mixtral-8x7b qwen2-moe; do
+    step "alone $p sm90pp" bash -c "set -o pipefail; COMET_GEMM_FAMILY=sm90pp timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_pp_$p.md' | grep -E '^[|] [a-z]'"
+  done
   for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
     step "alone $p" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_$p.md' | grep -E '^[|] [a-z]'"
     step "two $p" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset $p 2>&1 | tee '$O/two_$p.md' | grep -E '^[|] [a-z]'"

@@ -830,5 +830,156 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
   }
 }
 
+// Ping-pong (Family::Sm90 { pingpong: true }): each consumer warpgroup
+// owns whole 128 x 128 tiles (two m64n128 wgmma per k16, one per 64-row
+// half), the two taking this CTA's work items in turn (warpgroup c the
+// items c, c + 2, ...). A warpgroup starts waiting on its item's k-blocks
+// only once the other has waited on all of the previous item's (a turn
+// barrier each), so each ring position has one reader, waits stay within
+// one phase of the producer, and one warpgroup's epilogue runs while the
+// other's wgmma loop keeps the tensor cores busy. No split tail and no
+// clusters (the host enables neither), plain stores only; the producer is
+// the cooperative kernel's.
+template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES, int CM>
+__device__ __forceinline__ void gemm_pp(const HopperParams& hp) {
+  // The family's fields, checked: the host builds B's TMA box from BN.
+  static_assert(BN == 128 && CM == 1, "ping-pong tiles are 128 x 128, without clusters");
+  using S = Smem<BN, STAGES>;
+  extern __shared__ unsigned char smem_raw[];
+  const unsigned raw = smem_u32(smem_raw);
+  const unsigned ring = (raw + 1023u) & ~1023u;
+  const unsigned staging = ring + STAGES * S::STAGE_BYTES;
+  // full[STAGES], empty[STAGES], turn[2] (the cooperative kernel's pair
+  // barriers), then its words: the abort flag at the same place.
+  const unsigned bars = staging + S::STAGING_BYTES;
+  const unsigned turn = bars + 2 * STAGES * 8;
+  volatile int* abort_flag =
+      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 2) * 8 + 8);
+  const GemmParams& p = hp.p;
+  const int wg = threadIdx.x / 128;
+  const int kblocks = p.K / BK;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bars + s * 8, gathers<WAIT, 1>(p) ? 1 + GATHER_THREADS : 1);
+      mbar_init(bars + (STAGES + s) * 8, 4);  // the reading warpgroup's warps
+    }
+    mbar_init(turn, 4);
+    mbar_init(turn + 8, 4);
+    *abort_flag = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0 || (gathers<WAIT, 1>(p) && threadIdx.x < GATHER_THREADS))
+      produce<EPI, WAIT, BN, STAGES, 1>(hp, ring, bars, abort_flag, threadIdx.x);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int cw = wg - 1;
+  const int lt = threadIdx.x % 128;
+  const int warp = lt / 32, lane = lt % 32;
+  const unsigned stg = staging + cw * (64 * 128 * 2);
+  for (int step = cw;; step += 2) {
+    Piece pc;
+    if (!work_item<1>(p, kblocks, 0u, step, pc)) break;
+    const TileDesc t = p.tiles[pc.tile];
+    if (step > 0) mbar_wait(turn + cw * 8, (unsigned)((step - 1) / 2) & 1u);
+    // An abort the other warpgroup saw came before its turn arrival.
+    bool aborted = WAIT && *abort_flag;
+    float acc[2][1][64];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[h][0][i] = 0.f;
+    int it = step * kblocks;  // whole items only: each is kblocks positions
+    int prev_s = -1;
+    for (int kb = pc.kb0; kb < pc.kb1; ++kb, ++it) {
+      const int s = it % STAGES;
+      if (!aborted) {
+        mbar_wait(bars + s * 8, (unsigned)(it / STAGES) & 1u);
+        aborted = WAIT && *abort_flag;
+      }
+      if (gathers<WAIT, 1>(p)) fence_proxy_async_smem();
+      const unsigned sa = ring + s * S::STAGE_BYTES;
+      const unsigned sb = sa + S::A_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        const unsigned long long db = smem_desc(sb + kk * 32);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wgmma_n128(acc[h][0], smem_desc(sa + h * 64 * BK * 2 + kk * 32), db);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+      if (prev_s >= 0 && lane == 0) release_slot<STAGES, 1>(bars, prev_s);
+      prev_s = s;
+    }
+    // Every wait of this item is done: the other warpgroup's turn.
+    if (lane == 0) mbar_arrive(turn + (cw ^ 1) * 8);
+    wgmma_wait<0>();
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) fence_acc(acc[h][0][i]);
+    if (prev_s >= 0 && lane == 0) release_slot<STAGES, 1>(bars, prev_s);
+    if (WAIT && named_barrier_or(2 + cw, 128, aborted)) return;
+
+    if (EPI == EPI_SWIGLU) {
+      // gate = tile columns [0, 64), up = [64, 128): 64 output columns of
+      // all 128 rows in the staging buffer (rows at 128-byte pitch).
+      named_barrier(2 + cw, 128);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const int r = h * 64 + warp * 16 + (lane >> 2) + h2 * 8;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int gi = j * 4 + h2 * 2, ui = 32 + j * 4 + h2 * 2;
+            const float* a = acc[h][0];
+            st_shared_u32(stg + stg_off(r, j * 8 + (lane & 3) * 2),
+                          pack_bf16x2(silu_f(a[gi]) * a[ui], silu_f(a[gi + 1]) * a[ui + 1]));
+          }
+        }
+      named_barrier(2 + cw, 128);
+      const int out_cols = p.N / 2;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int idx = lt + i * 128;
+        const int r = idx >> 3, ch = idx & 7;
+        const int col = t.n0 + ch * 8;
+        if (r < t.rows && col < out_cols) {
+          const uint4 v = ld_shared_v4(stg + stg_off(r, ch * 8));
+          *reinterpret_cast<uint4*>(p.C + (size_t)(t.row0 + r) * p.ldc + col) = v;
+        }
+      }
+    } else {
+      // One 64-row half at a time through the 64 x 128 staging buffer.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float wrow[2];
+        row_weights<EPI>(p, t, h, warp, lane, wrow);
+        named_barrier(2 + cw, 128);
+        stage_pass<BN>(acc[h], 0, wrow, stg, warp, lane);
+        named_barrier(2 + cw, 128);
+        store_pass<EPI>(p, t, 0, 128, p.N, stg, h, lt);
+      }
+    }
+    if (RAISE && t.sig >= 0) {
+      signal_fence();
+      named_barrier(2 + cw, 128);
+      if (lt == 0) {
+        if (t.sig_mode == 1)
+          signal_raise_add(p.signals, (unsigned)t.sig, 1ull);
+        else
+          signal_raise(p.signals, (unsigned)t.sig, hook_raise_value(p));
+      }
+    }
+  }
+}
+
 }  // namespace sm90
 }  // namespace comet

@@ -163,8 +163,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
         est.speedup()
     );
     println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
-    // What MoeLayer::forward will run on an H200 (sm_90a kernels) with
-    // `--tokens` as its capacity: the same DevicePlan it builds.
+    // What MoeLayer::forward will run on an H200 (sm_90a kernels, of the
+    // family COMET_GEMM_FAMILY names, as there) with `--tokens` as its
+    // capacity: the same DevicePlan it builds.
     anyhow::ensure!(
         a.split.reserved_sms < dev.sms,
         "--reserved-sms {} leaves none of the {} SMs to the layer",
@@ -177,7 +178,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         a.split.recv_rows,
         dev.sms - a.split.reserved_sms,
         a.ranks_per_gpu,
-        kernel_tiles_for(Family::SM90_TMA),
+        kernel_tiles_for(Family::chosen(true)),
         &dev,
     )?;
     if let Some(n) = a.split.comm_sms {

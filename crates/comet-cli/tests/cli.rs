@@ -464,3 +464,41 @@ fn a_closed_pipe_ends_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The plan shows the tiles of the GEMM family a GPU would run:
+/// `COMET_GEMM_FAMILY` picks it there, so it picks it here too; a name
+/// no GPU runs keeps the default.
+#[test]
+fn plan_shows_the_tiles_of_the_family_chosen() {
+    let plan = |family: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_comet"));
+        cmd.args([
+            "plan",
+            "--preset",
+            "mixtral-8x7b",
+            "--ranks",
+            "1",
+            "--tokens",
+            "512",
+        ]);
+        cmd.env_remove("COMET_GEMM_FAMILY");
+        if let Some(f) = family {
+            cmd.env("COMET_GEMM_FAMILY", f);
+        }
+        let out = cmd.output().expect("run comet");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let default = "FC1 128 cols, FC2 256 cols, in column groups of 8 (FC1) and 8 (FC2)";
+    assert!(plan(None).contains(default), "{}", plan(None));
+    let pp = plan(Some("sm90pp"));
+    assert!(
+        pp.contains("FC1 64 cols, FC2 128 cols, in column groups of 16 (FC1) and 16 (FC2)"),
+        "{pp}"
+    );
+    assert!(plan(Some("sm90ws")).contains(default));
+}

@@ -313,25 +313,9 @@ impl GemmRuntime {
         self.sms
     }
 
-    /// The fastest correct family here: Hopper's with TMA bulk stores
-    /// ([`Family::SM90_TMA`]) on sm_90a, the portable one elsewhere, unless
-    /// `COMET_GEMM_FAMILY` names another ([`Family::NAMES`]) this GPU runs.
+    /// The fastest correct family here ([`Family::chosen`]).
     pub fn default_family(&self) -> Family {
-        let fallback = if self.target.has_wgmma() {
-            Family::SM90_TMA
-        } else {
-            Family::Sm80
-        };
-        match std::env::var("COMET_GEMM_FAMILY") {
-            Ok(name) => match Family::from_name(name.trim()) {
-                Some(f) if self.target.has_wgmma() || f == Family::Sm80 => f,
-                _ => {
-                    tracing::warn!(%name, "COMET_GEMM_FAMILY not usable here; using the default");
-                    fallback
-                }
-            },
-            Err(_) => fallback,
-        }
+        Family::chosen(self.target.has_wgmma())
     }
 
     /// Compiles (or loads from the cache) and loads `v`; returns the

@@ -167,6 +167,28 @@ impl Family {
         ("sm90pp", Family::SM90_PINGPONG),
     ];
 
+    /// The family a GPU runs: Hopper's with TMA bulk stores
+    /// ([`Family::SM90_TMA`]) where wgmma exists (sm_90a), the portable one
+    /// elsewhere, unless `COMET_GEMM_FAMILY` names another ([`Family::NAMES`])
+    /// that such a GPU runs. `comet plan` asks it for sm_90a without a GPU.
+    pub fn chosen(has_wgmma: bool) -> Family {
+        let fallback = if has_wgmma {
+            Family::SM90_TMA
+        } else {
+            Family::Sm80
+        };
+        match std::env::var("COMET_GEMM_FAMILY") {
+            Ok(name) => match Family::from_name(name.trim()) {
+                Some(f) if has_wgmma || f == Family::Sm80 => f,
+                _ => {
+                    tracing::warn!(%name, "COMET_GEMM_FAMILY not usable here; using the default");
+                    fallback
+                }
+            },
+            Err(_) => fallback,
+        }
+    }
+
     /// The family called `name` in [`Family::NAMES`].
     pub fn from_name(name: &str) -> Option<Family> {
         Family::NAMES

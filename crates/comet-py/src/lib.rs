@@ -155,7 +155,7 @@ fn nominal_plan(
         max_recv_rows,
         sms,
         ranks_per_gpu,
-        kernel_tiles_for(Family::SM90_TMA),
+        kernel_tiles_for(Family::chosen(true)),
         &LayerOptions {
             ranks_per_gpu,
             ..LayerOptions::default()

@@ -236,6 +236,24 @@ struct Smem {
   static constexpr int BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 128 + 1024;
 };
 
+// Where Smem's parts lie in a launch's dynamic shared memory: the ring
+// (aligned to 1024), the staging, then the barriers - full[STAGES],
+// empty[STAGES], pair[2] (8 bytes each) - then the pair verdicts [2], the
+// abort flag and the split verdicts [2] (4 bytes each).
+template <int BN, int STAGES>
+struct Places {
+  unsigned ring, staging, bars;
+  volatile int* abort_flag;
+  __device__ __forceinline__ explicit Places(unsigned char* base) {
+    using S = Smem<BN, STAGES>;
+    const unsigned raw = smem_u32(base);
+    ring = (raw + 1023u) & ~1023u;
+    staging = ring + STAGES * S::STAGE_BYTES;
+    bars = staging + S::STAGING_BYTES;
+    abort_flag = reinterpret_cast<volatile int*>(base + (bars - raw) + (2 * STAGES + 2) * 8 + 8);
+  }
+};
+
 // Staging tile [64 rows][128 cols] bf16 as two [64][64] halves of 8 KiB, each
 // in TMA's 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r & 7)),
 // so a half is one bulk-store box; the fragment writes (8 rows per
@@ -600,14 +618,9 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
   constexpr bool TS = TMA_ST && EPI == EPI_STORE && !RAISE;
   using S = Smem<BN, STAGES>;
   extern __shared__ unsigned char smem_raw[];
-  const unsigned raw = smem_u32(smem_raw);
-  const unsigned ring = (raw + 1023u) & ~1023u;
-  const unsigned staging = ring + STAGES * S::STAGE_BYTES;
-  // full[STAGES], empty[STAGES], pair[2] (8 bytes each), pair verdicts [2],
-  // the abort flag and the split verdicts [2] (4 bytes each)
-  const unsigned bars = staging + S::STAGING_BYTES;
-  volatile int* abort_flag =
-      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 2) * 8 + 8);
+  const Places<BN, STAGES> at(smem_raw);
+  const unsigned ring = at.ring, staging = at.staging, bars = at.bars;
+  volatile int* abort_flag = at.abort_flag;
   volatile int* sk_ok = abort_flag + 1;  // [2]: a last part's partials all arrived
   const GemmParams& p = hp.p;
   const int wg = threadIdx.x / 128;
@@ -846,15 +859,10 @@ __device__ __forceinline__ void gemm_pp(const HopperParams& hp) {
   static_assert(BN == 128 && CM == 1, "ping-pong tiles are 128 x 128, without clusters");
   using S = Smem<BN, STAGES>;
   extern __shared__ unsigned char smem_raw[];
-  const unsigned raw = smem_u32(smem_raw);
-  const unsigned ring = (raw + 1023u) & ~1023u;
-  const unsigned staging = ring + STAGES * S::STAGE_BYTES;
-  // full[STAGES], empty[STAGES], turn[2] (the cooperative kernel's pair
-  // barriers), then its words: the abort flag at the same place.
-  const unsigned bars = staging + S::STAGING_BYTES;
-  const unsigned turn = bars + 2 * STAGES * 8;
-  volatile int* abort_flag =
-      reinterpret_cast<volatile int*>(smem_raw + (bars - raw) + (2 * STAGES + 2) * 8 + 8);
+  const Places<BN, STAGES> at(smem_raw);
+  const unsigned ring = at.ring, staging = at.staging, bars = at.bars;
+  const unsigned turn = bars + 2 * STAGES * 8;  // the cooperative kernel's pair barriers
+  volatile int* abort_flag = at.abort_flag;
   const GemmParams& p = hp.p;
   const int wg = threadIdx.x / 128;
   const int kblocks = p.K / BK;

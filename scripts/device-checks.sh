@@ -64,7 +64,7 @@ second)
   # (COMET_GEMM_FAMILY=sm90pp) says whether to make it the default.
   step gemm bash -c "set -o pipefail; timeout 200 $R comet bench gemm --preset mixtral-8x7b,phi3.5-moe,qwen2-moe --tokens 16384 --iters 5 --family sm90tma,sm90c2,sm90pp 2>&1 | tee $O/gemm.md | grep -E '^[|] [a-z]|family'"
   for p in mixtral-8x7b qwen2-moe; do
-    step "alone $p sm90pp" bash -c "set -o pipefail; COMET_GEMM_FAMILY=sm90pp timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_pp_$p.md' | grep -E '^[|] [a-z]'"
+    step "alone $p sm90pp" bash -c "set -o pipefail; COMET_GEMM_FAMILY=sm90pp timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_pp_$p.md' | grep -E '^[|] [a-z]|GEMM tiles'"
   done
   for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
     step "alone $p" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_$p.md' | grep -E '^[|] [a-z]'"

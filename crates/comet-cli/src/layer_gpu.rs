@@ -151,6 +151,11 @@ fn bench_one(
     };
     let plan = world.ranks()[0].layer.plan();
     let overlap = plan.overlap;
+    // Which GEMM tiles ran (COMET_GEMM_FAMILY can change them).
+    eprintln!(
+        "  GEMM tiles: {} rows, FC1 {} and FC2 {} output columns",
+        plan.tiles.bm, plan.tiles.fc1_cols, plan.tiles.fc2_cols
+    );
     if overlap {
         eprintln!(
             "  overlapped: {} communication blocks beside {} GEMM CTAs, {} layer1 chunks",

@@ -4,8 +4,9 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open (tests, sanitizers), ~8 min
+#   bash scripts/device-checks.sh first   # what the last session left open (kernel and layer tests), ~8 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, ping-pong, the layer at W = 1, 2), ~7 min
+#   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
@@ -23,7 +24,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|second|mps|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -44,16 +45,18 @@ first)
   # one abort verdict per consumer warpgroup (a barrier reduction after
   # each tile; not yet run, the kernel tests' timeout case goes through
   # it), and a new family sm90pp (ping-pong consumers; every kernel test
-  # runs it). The kernel tests, the whole gpu_layer suite, and the GEMM kernels
-  # under compute-sanitizer (racecheck: the deferred stores share the
-  # staging buffer across tiles).
+  # runs it): the kernel tests and the whole gpu_layer suite. `sanitize`
+  # (about 4 minutes) puts them under compute-sanitizer.
   step comet-kernels-gpu tests comet-kernels-gpu 150
   step gpu_layer tests gpu_layer 420
-  if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck; do
-      step "sanitizer $tool" bash -c "set -o pipefail; timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 $R comet-kernels-gpu --ignored --exact small_all_epilogues 2>&1 | tee $O/sanitizer_$tool.log | tail -3"
-    done
-  fi
+  ;;
+sanitize)
+  # The kernels this session changed under compute-sanitizer (racecheck:
+  # the deferred SwiGLU stores share the staging buffer across tiles).
+  for tool in memcheck racecheck; do
+    step "sanitizer $tool" bash -c "set -o pipefail; timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 $R comet-kernels-gpu --ignored --exact small_all_epilogues 2>&1 | tee $O/sanitizer_$tool.log | tail -3"
+  done
+  step "sanitizer racecheck layer" bash -c "set -o pipefail; timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $R gpu_layer --ignored --exact small_layer_one_rank 2>&1 | tee $O/sanitizer_layer.log | tail -3"
   ;;
 second)
   # The figures, in about 7 minutes: the GEMMs (SwiGLU against the plain
@@ -170,7 +173,7 @@ profile)
   step ncu-reduce-dispatch bash -c "timeout 400 ncu --clock-control none --target-processes all -k regex:'comet_reduce|comet_dispatch_tokens' -c 4 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats bash $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 1 2>&1 | tee $O/ncu_qwen.txt | grep -E 'comet_|Throughput|Achieved Occupancy|Registers|Stall|Duration' | head -60"
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (first, mps, tests, ucx, bench, ucxbench, wire, nccl, qwen, py or profile)" >&2
+  echo "device-checks.sh: unknown part $part (first, second, sanitize, mps, tests, ucx, bench, ucxbench, wire, nccl, qwen, py or profile)" >&2
   exit 2
   ;;
 esac

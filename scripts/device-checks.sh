@@ -47,8 +47,8 @@ first)
   # it), and a new family sm90pp (ping-pong consumers; every kernel test
   # runs it): the kernel tests and the whole gpu_layer suite. `sanitize`
   # (about 4 minutes) puts them under compute-sanitizer.
-  step comet-kernels-gpu tests comet-kernels-gpu 150
-  step gpu_layer tests gpu_layer 420
+  step comet-kernels-gpu tests comet-kernels-gpu 120
+  step gpu_layer tests gpu_layer 460
   ;;
 sanitize)
   # The kernels this session changed under compute-sanitizer (racecheck:

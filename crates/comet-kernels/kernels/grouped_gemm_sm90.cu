@@ -793,20 +793,21 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
         pend = true;
         continue;
       }
-      // Epilogue: fragments -> swizzled staging (bf16) -> 16-byte coalesced
-      // row stores (or bulk stores), one 64 x 128 pass at a time.
-      constexpr int PASSES = (EPI == EPI_SWIGLU) ? 1 : NB;
-      const int out_cols = (EPI == EPI_SWIGLU) ? p.N / 2 : p.N;
-      const bool bulk = TS && hp.tma_store != 0 && t.rows == BM;
       if (EPI == EPI_SWIGLU) {
+        // With the raise hook: stored now, before the signal.
         unsigned v[BN / 8];
         swiglu_pack<BN>(acc, v);
         store_swiglu<BN>(p, t, v, stg, cw, warp, lane, lt);
       }
+      // Store and scatter: fragments -> swizzled staging (bf16) -> 16-byte
+      // coalesced row stores (or bulk stores), one 64 x 128 pass at a time.
+      constexpr int PASSES = (EPI == EPI_SWIGLU) ? 0 : NB;
+      const int out_cols = p.N;
+      const bool bulk = TS && hp.tma_store != 0 && t.rows == BM;
       float wrow[2];
       row_weights<EPI>(p, t, cw, warp, lane, wrow);
 #pragma unroll
-      for (int pass = 0; pass < PASSES && EPI != EPI_SWIGLU; ++pass) {
+      for (int pass = 0; pass < PASSES; ++pass) {
         if (TS && lt == 0) bulk_wait_read();
         named_barrier(2 + cw, 128);  // earlier readers of the staging are done
         stage_pass<BN>(acc, pass, wrow, stg, warp, lane);
@@ -936,22 +937,15 @@ __device__ __forceinline__ void gemm_pp(const HopperParams& hp) {
     if (WAIT && named_barrier_or(2 + cw, 128, aborted)) return;
 
     if (EPI == EPI_SWIGLU) {
-      // gate = tile columns [0, 64), up = [64, 128): 64 output columns of
-      // all 128 rows in the staging buffer (rows at 128-byte pitch).
+      // 64 output columns of all 128 rows in the staging buffer (rows at
+      // 128-byte pitch, so rows 64.. of the second half start 8 KiB on).
       named_barrier(2 + cw, 128);
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) {
-          const int r = h * 64 + warp * 16 + (lane >> 2) + h2 * 8;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int gi = j * 4 + h2 * 2, ui = 32 + j * 4 + h2 * 2;
-            const float* a = acc[h][0];
-            st_shared_u32(stg + stg_off(r, j * 8 + (lane & 3) * 2),
-                          pack_bf16x2(silu_f(a[gi]) * a[ui], silu_f(a[gi + 1]) * a[ui + 1]));
-          }
-        }
+      for (int h = 0; h < 2; ++h) {
+        unsigned v[BN / 8];
+        swiglu_pack<BN>(acc[h], v);
+        stage_packed<BN>(v, stg + h * 64 * 128, warp, lane);
+      }
       named_barrier(2 + cw, 128);
       const int out_cols = p.N / 2;
 #pragma unroll

@@ -180,11 +180,7 @@ impl LayerKernels {
     /// The GEMM variants a layer launches: FC1 (SwiGLU) waiting on its
     /// segments or not, FC2 counting into chunks or not.
     fn variants(&self) -> Variants {
-        let mut family = self.gemm.default_family();
-        if family.cluster() != 1 {
-            // Device tile counts need one CTA per tile.
-            family = comet_kernels::Family::SM90_TMA;
-        }
+        let family = layer_family(self.gemm.default_family());
         let wait = Hooks {
             wait: true,
             raise: false,
@@ -232,14 +228,20 @@ fn tiles_of(fc1: &GemmVariant, fc2: &GemmVariant) -> KernelTiles {
     }
 }
 
-/// Tile sizes of the kernels the default GEMM family of `target` launches
-/// (what `comet plan` shows without a GPU).
-pub fn kernel_tiles_for(family: comet_kernels::Family) -> KernelTiles {
-    let family = if family.cluster() != 1 {
+/// The family a layer launches for `family`: device tile counts need one
+/// CTA per tile, so a clustered family's unclustered form.
+fn layer_family(family: comet_kernels::Family) -> comet_kernels::Family {
+    if family.cluster() != 1 {
         comet_kernels::Family::SM90_TMA
     } else {
         family
-    };
+    }
+}
+
+/// Tile sizes of the kernels the default GEMM family of `target` launches
+/// (what `comet plan` shows without a GPU).
+pub fn kernel_tiles_for(family: comet_kernels::Family) -> KernelTiles {
+    let family = layer_family(family);
     let v = |e| GemmVariant::new(family, e, Hooks::NONE);
     tiles_of(&v(Epilogue::SwiGlu), &v(Epilogue::Store))
 }

@@ -4,8 +4,8 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open (kernel and layer tests), ~8 min
-#   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, ping-pong, the layer at W = 1, 2), ~7 min
+#   bash scripts/device-checks.sh first   # what the last session left open (kernel and small layer tests), ~2 min
+#   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
@@ -38,17 +38,12 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the session of 2026-12-06 (fourth) landed without a whole check,
-  # in a call of about 8 minutes. A SwiGLU tile's staging and stores run
-  # inside the next tile's k-loop (91a969a: comet-kernels-gpu passed,
-  # gpu_layer did not finish in its time), and the wait-hook kernels take
-  # one abort verdict per consumer warpgroup (a barrier reduction after
-  # each tile; not yet run, the kernel tests' timeout case goes through
-  # it), and a new family sm90pp (ping-pong consumers; every kernel test
-  # runs it): the kernel tests and the whole gpu_layer suite. `sanitize`
-  # (about 4 minutes) puts them under compute-sanitizer.
+  # What the session of 2026-12-06 (fifth) changed without a GPU, in about
+  # 2 minutes: silu through tanh.approx in the SwiGLU epilogues (the kernel
+  # tests' SwiGLU cases and the small layers check it against f64), and
+  # the ping-pong family removed.
   step comet-kernels-gpu tests comet-kernels-gpu 120
-  step gpu_layer tests gpu_layer 460
+  step gpu_layer tests gpu_layer 120 small_layer
   ;;
 sanitize)
   # The kernels this session changed under compute-sanitizer (racecheck:
@@ -59,19 +54,17 @@ sanitize)
   step "sanitizer racecheck layer" bash -c "set -o pipefail; timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $R gpu_layer --ignored --exact small_layer_one_rank 2>&1 | tee $O/sanitizer_layer.log | tail -3"
   ;;
 second)
-  # The figures, in about 7 minutes: the GEMMs (SwiGLU against the plain
-  # store, ours against torch._grouped_mm) and issue 13's layer at one rank
-  # and two.
-  # sm90pp (ping-pong consumers on 128 x 128 tiles, built without a GPU)
-  # against the default: if its SwiGLU column wins, the layer with it
-  # (COMET_GEMM_FAMILY=sm90pp) says whether to make it the default.
-  step gemm bash -c "set -o pipefail; timeout 200 $R comet bench gemm --preset mixtral-8x7b,phi3.5-moe,qwen2-moe --tokens 16384 --iters 5 --family sm90tma,sm90c2,sm90pp 2>&1 | tee $O/gemm.md | grep -E '^[|] [a-z]|family'"
-  for p in mixtral-8x7b qwen2-moe; do
-    step "alone $p sm90pp" bash -c "set -o pipefail; COMET_GEMM_FAMILY=sm90pp timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_pp_$p.md' | grep -E '^[|] [a-z]|GEMM tiles'"
-  done
+  # The figures, in about 6 minutes: the GEMMs (SwiGLU against the plain
+  # store, ours against torch._grouped_mm), issue 13's layer at one rank
+  # and two, and issue 16's over UCX shared memory with both ranks in one
+  # process (`mps` has the same as processes).
+  step gemm bash -c "set -o pipefail; timeout 150 $R comet bench gemm --preset mixtral-8x7b,phi3.5-moe,qwen2-moe --tokens 16384 --iters 5 --family sm90tma 2>&1 | tee $O/gemm.md | grep -E '^[|] [a-z]|family'"
   for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
     step "alone $p" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_$p.md' | grep -E '^[|] [a-z]'"
     step "two $p" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset $p 2>&1 | tee '$O/two_$p.md' | grep -E '^[|] [a-z]'"
+  done
+  for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
+    step "one process ucx sm $p" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 70 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx 2>&1 | tee $O/inproc_${p// /_}.md | grep -E '^[|]|phases' | grep -v -- '---'"
   done
   ;;
 mps)

@@ -34,8 +34,8 @@ pub struct GemmBenchArgs {
     pub iters: usize,
     /// Kernel families, comma separated: auto (the default on this GPU),
     /// sm80, sm90 (plain 16-byte stores), sm90tma (TMA bulk stores; what
-    /// auto picks on sm_90a), sm90c2 (sm90tma in clusters of two sharing
-    /// B by multicast) or sm90pp (ping-pong consumers on 128 x 128 tiles).
+    /// auto picks on sm_90a) or sm90c2 (sm90tma in clusters of two sharing
+    /// B by multicast).
     /// Each gets its own table with cuBLAS and torch beside it.
     #[arg(long, default_value = "auto")]
     pub family: String,

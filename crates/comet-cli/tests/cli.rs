@@ -495,10 +495,10 @@ fn plan_shows_the_tiles_of_the_family_chosen() {
     };
     let default = "FC1 128 cols, FC2 256 cols, in column groups of 8 (FC1) and 8 (FC2)";
     assert!(plan(None).contains(default), "{}", plan(None));
-    let pp = plan(Some("sm90pp"));
+    let sm80 = plan(Some("sm80"));
     assert!(
-        pp.contains("FC1 64 cols, FC2 128 cols, in column groups of 16 (FC1) and 16 (FC2)"),
-        "{pp}"
+        sm80.contains("FC1 64 cols, FC2 128 cols, in column groups of 16 (FC1) and 16 (FC2)"),
+        "{sm80}"
     );
     assert!(plan(Some("sm90ws")).contains(default));
 }

@@ -101,7 +101,20 @@ __device__ __forceinline__ u64 hook_raise_value(const GemmParams& p) {
   return p.epoch_dev ? *p.epoch_dev : p.raise_value;
 }
 
-__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + __expf(-x)); }
+// silu(x) = x * sigmoid(x) = h + h * tanh(h) with h = x / 2: one MUFU op
+// (tanh.approx, absolute error about 2^-11) and two FP ops. The IEEE
+// division of x / (1 + exp(-x)) took a second MUFU op and about ten more,
+// which made the SwiGLU epilogue math cost 5-8% of FC1 on an H100
+// (docs/PERF.md, 2026-12-06); the outputs are bf16 (8 bits of mantissa).
+__device__ __forceinline__ float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float silu_f(float x) {
+  const float h = 0.5f * x;
+  return fmaf(h, tanh_approx(h), h);
+}
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));

@@ -110,11 +110,6 @@ pub enum Family {
         stages: u32,
         tma_store: bool,
         cluster: u32,
-        /// Each consumer warpgroup owns whole 128 x `bn` tiles and the two
-        /// take turns, so one's epilogue runs under the other's wgmma loop
-        /// (`gemm_pp` in kernels/grouped_gemm_sm90.cu; `bn` 128, no
-        /// clusters, no split tail, plain stores).
-        pingpong: bool,
     },
 }
 
@@ -126,7 +121,6 @@ impl Family {
         stages: 4,
         tma_store: false,
         cluster: 1,
-        pingpong: false,
     };
     /// As [`Family::SM90_DEFAULT`], with TMA bulk stores for full tiles of
     /// the store epilogue: the default on sm_90a (about 1% faster there,
@@ -136,7 +130,6 @@ impl Family {
         stages: 4,
         tma_store: true,
         cluster: 1,
-        pingpong: false,
     };
     /// As [`Family::SM90_TMA`], in clusters of two CTAs along M that
     /// multicast B (each SM loads 32 instead of 48 KiB per k-block).
@@ -145,26 +138,13 @@ impl Family {
         stages: 4,
         tma_store: true,
         cluster: 2,
-        pingpong: false,
     };
-    /// Ping-pong consumers on 128 x 128 tiles, a 6-stage ring (32 KiB a
-    /// stage). Measured against [`Family::SM90_TMA`] by `comet bench gemm
-    /// --family sm90tma,sm90pp`; not a default.
-    pub const SM90_PINGPONG: Family = Family::Sm90 {
-        bn: 128,
-        stages: 6,
-        tma_store: false,
-        cluster: 1,
-        pingpong: true,
-    };
-
     /// The names `comet bench gemm --family` and `COMET_GEMM_FAMILY` take.
-    pub const NAMES: [(&'static str, Family); 5] = [
+    pub const NAMES: [(&'static str, Family); 4] = [
         ("sm80", Family::Sm80),
         ("sm90", Family::SM90_DEFAULT),
         ("sm90tma", Family::SM90_TMA),
         ("sm90c2", Family::SM90_CLUSTER),
-        ("sm90pp", Family::SM90_PINGPONG),
     ];
 
     /// The family a GPU runs: Hopper's with TMA bulk stores
@@ -201,14 +181,7 @@ impl Family {
     /// ([`TailSplit`](crate::tiles::TailSplit)): the Hopper kernels
     /// without clusters.
     pub fn splits_tail(self) -> bool {
-        matches!(
-            self,
-            Family::Sm90 {
-                cluster: 1,
-                pingpong: false,
-                ..
-            }
-        )
+        matches!(self, Family::Sm90 { cluster: 1, .. })
     }
 
     /// CTAs per cluster (1: no cluster). Tile lists of a clustered family
@@ -254,12 +227,11 @@ impl GemmVariant {
                 bn,
                 stages,
                 tma_store,
-                pingpong,
                 ..
             } => {
                 let cm = self.family.cluster();
                 format!(
-                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}{}{}",
+                    "comet_gemm_sm90_{}_{}_n{bn}_s{stages}{}{}",
                     self.epilogue.tag(),
                     self.hooks.tag(),
                     if tma_store { "_tma" } else { "" },
@@ -267,8 +239,7 @@ impl GemmVariant {
                         format!("_c{cm}")
                     } else {
                         String::new()
-                    },
-                    if pingpong { "_pp" } else { "" }
+                    }
                 )
             }
         }
@@ -336,20 +307,6 @@ impl GemmVariant {
             Family::Sm90 {
                 bn,
                 stages,
-                cluster,
-                pingpong: true,
-                ..
-            } => (
-                SM90_CU,
-                format!(
-                    "extern \"C\" __global__ void __launch_bounds__(384, 1) {name}(const \
-                     __grid_constant__ comet::sm90::HopperParams hp) {{ \
-                     comet::sm90::gemm_pp<{epi}, {w}, {r}, {bn}, {stages}, {cluster}>(hp); }}\n"
-                ),
-            ),
-            Family::Sm90 {
-                bn,
-                stages,
                 tma_store,
                 ..
             } => {
@@ -407,10 +364,6 @@ pub fn all_gemm_variants() -> Vec<(GemmVariant, Target)> {
                 GemmVariant::new(Family::SM90_CLUSTER, epi, hooks),
                 Target::SM90A,
             ));
-            v.push((
-                GemmVariant::new(Family::SM90_PINGPONG, epi, hooks),
-                Target::SM90A,
-            ));
         }
     }
     v
@@ -462,12 +415,7 @@ mod tests {
         assert!(v.supports(Target::SM90A));
         assert!(!v.supports(Target::SM80));
         assert!(v.launch_shape().smem_bytes <= 227 * 1024);
-        for f in [
-            Family::SM90_DEFAULT,
-            Family::SM90_TMA,
-            Family::SM90_CLUSTER,
-            Family::SM90_PINGPONG,
-        ] {
+        for f in [Family::SM90_DEFAULT, Family::SM90_TMA, Family::SM90_CLUSTER] {
             let v = GemmVariant::new(f, Epilogue::Scatter, Hooks::ALL[3]);
             assert!(
                 v.launch_shape().smem_bytes <= 227 * 1024,

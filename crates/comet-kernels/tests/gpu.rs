@@ -32,7 +32,6 @@ fn families(rt: &GemmRuntime) -> Vec<Family> {
         f.push(Family::SM90_DEFAULT);
         f.push(Family::SM90_TMA);
         f.push(Family::SM90_CLUSTER);
-        f.push(Family::SM90_PINGPONG);
     }
     f
 }

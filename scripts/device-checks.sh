@@ -13,18 +13,19 @@
 #   bash scripts/device-checks.sh ucxbench # qwen2-moe, mixtral over UCX processes
 #   bash scripts/device-checks.sh wire    # token-once (both ways) vs per-row over UCX
 #   bash scripts/device-checks.sh nccl    # the layer over NCCL, 2+ GPUs (test, bench)
+#   bash scripts/device-checks.sh multi   # every rank on its own GPU over NVLink, 2+ GPUs (tests, bench)
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
 #   bash scripts/device-checks.sh mps     # UCX ranks in one process, as processes without and with MPS
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
-# ucx, wire and ucxbench (issue 16); nccl needs a 2-GPU kind.
+# ucx, wire and ucxbench (issue 16); nccl and multi need a 2-GPU kind.
 # Each step prints its summary lines and `=== rc=N`; full logs go to $OUT
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -134,6 +135,19 @@ nccl)
   step gpu_nccl_layer tests gpu_nccl_layer 420
   step bench-nccl bash -c "timeout 170 $R comet launch -n 2 -- .bundle/comet bench $B --transport nccl 2>&1 | tee $O/bench_nccl.md | grep -E '^[|]|^phases'"
   ;;
+multi)
+  # A multi-GPU kind: the ranks of one process each on a GPU of its own
+  # (rank r on GPU r mod the GPUs), storing into each other's over NVLink,
+  # which is COMET's setting. The layer tests (W = 2 and 4 spread over the
+  # GPUs), then the layer at W = the GPUs, 8192 tokens a rank, against the
+  # torch layers on one GPU with one GPU's tokens (every expert on it).
+  n=$(nvidia-smi -L | wc -l)
+  [ "$n" -ge 2 ] || { echo "multi: needs 2+ GPUs, this machine has $n"; exit 2; }
+  step gpu_layer tests gpu_layer 420
+  for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
+    step "nvlink W=$n $p" bash -c "set -o pipefail; timeout 120 $R comet bench --gpu --ranks $n --tokens 8192 --iters 10 --phases --preset $p 2>&1 | tee '$O/multi_$p.md' | grep -E '^[|] [a-z]|phases|GPU'"
+  done
+  ;;
 qwen)
   # Issue 13's open ratio (qwen2-moe, one rank, 16384 tokens: fused /
   # GEMM-only 1.08 against 1.05), with where a sequential call's time goes.
@@ -166,7 +180,7 @@ profile)
   step ncu-reduce-dispatch bash -c "timeout 400 ncu --clock-control none --target-processes all -k regex:'comet_reduce|comet_dispatch_tokens' -c 4 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats bash $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 1 2>&1 | tee $O/ncu_qwen.txt | grep -E 'comet_|Throughput|Achieved Occupancy|Registers|Stall|Duration' | head -60"
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (first, second, sanitize, mps, tests, ucx, bench, ucxbench, wire, nccl, qwen, py or profile)" >&2
+  echo "device-checks.sh: unknown part $part (first, second, sanitize, mps, tests, ucx, bench, ucxbench, wire, nccl, multi, qwen, py or profile)" >&2
   exit 2
   ;;
 esac

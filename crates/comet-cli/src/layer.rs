@@ -70,7 +70,8 @@ pub struct LayerArgs {
     pub trace: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Run on the GPU executor (all ranks share GPU 0); `--preset all`
+    /// Run on the GPU executor (rank r on visible GPU r mod their count,
+    /// so one GPU is shared by every rank); `--preset all`
     /// runs mixtral-8x7b, qwen2-moe and phi3.5-moe.
     #[arg(long)]
     pub gpu: bool,

@@ -1,15 +1,18 @@
 //! `comet bench --gpu`: the device forward (comet-sched's `MoeLayer`) timed
 //! on the GPU with CUDA events, in turns in one run: fused, non-overlapped,
-//! GEMM-only (the two grouped GEMMs over the same rows), and, for the same
-//! total tokens on the same GPU, what a PyTorch user runs today (the plain
-//! torch layer and Hugging Face's MixtralSparseMoeBlock in each experts
-//! implementation) through the scripts/bench_torch_layer.py helper. Plus
+//! GEMM-only (the two grouped GEMMs over the same rows), and, for the
+//! tokens one GPU holds (every rank's, over the GPUs they run on), what a
+//! PyTorch user runs today on one GPU (the plain torch layer and Hugging
+//! Face's MixtralSparseMoeBlock in each experts implementation, every
+//! expert on it) through the scripts/bench_torch_layer.py helper. Plus
 //! communication-only (route, count exchange, dispatch, combine: no GEMMs)
 //! and the host time of one `forward` call.
 //!
-//! W ranks are threads sharing GPU 0 (each gets its share of the SMs), so
-//! for W > 1 the "link" is device memory: the protocol on the real kernels,
-//! not link speed. With `--transport local` every rank is staged through
+//! W ranks are threads of this process, rank r on visible GPU r mod their
+//! count ([`visible_placement`]): with one GPU they share it (each gets its
+//! share of the SMs) and for W > 1 the "link" is device memory, the
+//! protocol on the real kernels, not link speed; with several, ranks store
+//! into each other's GPUs over NVLink. With `--transport local` every rank is staged through
 //! host memory instead, a proxy thread per rank carrying the bytes over the
 //! local transport: the host path of UCX and NCCL, with its copies. With
 //! `--transport ucx` under `comet launch -n W` each process is one rank,
@@ -29,7 +32,7 @@ use anyhow::{Context, Result};
 use comet_core::cost::DeviceFigures;
 use comet_core::weights::random_tokens;
 use comet_core::{MoeConfig, Routing, RoutingKind};
-use comet_sched::device_world::{DeviceWorld, WorldWeights};
+use comet_sched::device_world::{visible_placement, DeviceWorld, WorldWeights};
 use comet_sched::forward::{LayerOptions, PHASES};
 use comet_sched::proxy_plan::WireFormat;
 use comet_sched::{ExecMode, RankInput};
@@ -64,7 +67,10 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Device time of one call of every rank: first start to last end.
+/// Device time of one call of every rank: first start to last end over
+/// the ranks of a GPU, the slowest GPU's (events of different GPUs have
+/// no common clock; the ranks of a call wait for each other, so each
+/// GPU's span covers the call).
 fn timed(world: &mut DeviceWorld, what: impl Fn(&mut DeviceWorld) -> Result<()>) -> Result<f64> {
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let streams: Vec<Arc<CudaStream>> = world
@@ -83,9 +89,11 @@ fn timed(world: &mut DeviceWorld, what: impl Fn(&mut DeviceWorld) -> Result<()>)
         .collect::<Result<_, _>>()?;
     world.check()?;
     let mut worst = 0f64;
-    for s in &starts {
-        for e in &ends {
-            worst = worst.max(s.elapsed_ms(e)? as f64);
+    for (s, sst) in starts.iter().zip(&streams) {
+        for (e, est) in ends.iter().zip(&streams) {
+            if sst.context().ordinal() == est.context().ordinal() {
+                worst = worst.max(s.elapsed_ms(e)? as f64);
+            }
         }
     }
     Ok(worst)
@@ -134,15 +142,26 @@ fn bench_one(
     } else {
         String::new()
     };
+    let ordinals = visible_placement(cfg.ranks);
+    let gpus = {
+        let mut g = ordinals.clone();
+        g.sort_unstable();
+        g.dedup();
+        g.len()
+    };
+    let placed = if launched(a) {
+        String::new()
+    } else {
+        format!(" on {gpus} GPU(s)")
+    };
     eprintln!(
-        "comet bench --gpu: {label} ({cfg}), {} rank(s) over {}{wire}, {} tokens/rank: building",
+        "comet bench --gpu: {label} ({cfg}), {} rank(s){placed} over {}{wire}, {} tokens/rank: building",
         cfg.ranks, a.transport, a.tokens
     );
     let weights = WorldWeights::Random {
         seed: a.seed,
         scale: 1.0 / (cfg.hidden as f32).sqrt(),
     };
-    let ordinals = vec![0; cfg.ranks];
     let mut world = match a.transport.as_str() {
         "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts, None)?,
         "ucx" => ucx_world(cfg, &ordinals, a.tokens, weights, &mut opts, launched(a))?,
@@ -183,7 +202,9 @@ fn bench_one(
         anyhow::ensure!(f.is_finite() && b.is_finite(), "{label}: non-finite output");
         diff = diff.max((f - b).abs() as f64);
     }
-    let total_tokens = a.tokens * cfg.ranks;
+    // One GPU's tokens: every rank's over the GPUs they run on (a launched
+    // rank runs the torch layers nowhere).
+    let total_tokens = a.tokens * cfg.ranks / gpus;
     let mut torch_ok = Vec::new();
     if let Some(t) = torch.as_mut() {
         for imp in TORCH_IMPLS {
@@ -270,8 +291,9 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     }
     println!(
         "comet bench --gpu: device forward, {} routing, median of {} calls timed with CUDA events \
-         (first start to last end over the ranks), modes in turns; torch layers for the same total \
-         tokens on the same GPU, in turns with ours; host: time of one forward call per rank",
+         (first start to last end over the ranks of a GPU, the slowest GPU), modes in turns; torch \
+         layers on one GPU for the tokens one GPU holds, every expert on it, in turns with ours; \
+         host: time of one forward call per rank",
         a.routing, a.iters
     );
     println!();
@@ -420,7 +442,7 @@ fn launched(a: &LayerArgs) -> bool {
     a.transport == "nccl" || (a.transport == "ucx" && std::env::var_os("WORLD_SIZE").is_some())
 }
 
-/// Every rank a UCX worker of this process, all on GPU 0.
+/// Every rank a UCX worker of this process, on the GPUs `ordinals` names.
 #[cfg(feature = "ucx")]
 fn ucx_in_process(
     cfg: &MoeConfig,

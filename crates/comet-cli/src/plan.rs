@@ -35,7 +35,8 @@ pub struct PlanArgs {
     #[arg(long, default_value = "h200-nvlink")]
     pub device: String,
     /// Ranks sharing one GPU (each gets its share of the SMs) for the
-    /// device forward's plan; `comet bench --gpu` puts all W on GPU 0.
+    /// device forward's plan; `comet bench --gpu` puts rank r on visible
+    /// GPU r mod their count (all W on one GPU where there is one).
     #[arg(long, default_value_t = 1)]
     pub ranks_per_gpu: usize,
     #[command(flatten)]

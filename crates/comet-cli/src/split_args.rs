@@ -1,7 +1,8 @@
 //! How the device forward splits a GPU and sizes its buffers: the flags
 //! `comet plan` and `comet bench --gpu` share. A plan shows a bench's split
 //! when given what the bench's world implies too: `--ranks-per-gpu` (the
-//! bench puts every rank on GPU 0), `--device h200-socket` and the proxy's
+//! bench spreads ranks over the visible GPUs, all on one where there is
+//! one), `--device h200-socket` and the proxy's
 //! `--reserved-sms` for a staged transport.
 
 use anyhow::{bail, Result};

@@ -238,6 +238,20 @@ pub fn kernel_weights(w: &ExpertWeights) -> (Vec<bf16>, Vec<bf16>) {
     (w1, w2)
 }
 
+/// Where a world of `ranks` ranks in one process runs: rank r on visible
+/// GPU r mod `gpus`, so each rank has a GPU of its own while there are
+/// GPUs enough, and ranks share them evenly after that (a GPU's SMs are
+/// then split among its ranks). `CUDA_VISIBLE_DEVICES` picks the GPUs.
+pub fn spread_over_gpus(ranks: usize, gpus: usize) -> Vec<usize> {
+    (0..ranks).map(|r| r % gpus.max(1)).collect()
+}
+
+/// [`spread_over_gpus`] over the GPUs this process sees (GPU 0 only where
+/// the driver reports none: opening it then names the problem).
+pub fn visible_placement(ranks: usize) -> Vec<usize> {
+    spread_over_gpus(ranks, cuda::device_count())
+}
+
 impl DeviceWorld {
     /// Rank r runs on `ordinals[r]`; `capacity` tokens per rank and call.
     pub fn new(
@@ -780,5 +794,23 @@ impl WorldRank {
     /// Sets the token count of the next call without new data.
     pub fn set_tokens(&mut self, tokens: usize) {
         self.tokens = tokens;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread_over_gpus;
+
+    #[test]
+    fn ranks_take_a_gpu_each_then_share_them_round_robin() {
+        assert_eq!(spread_over_gpus(4, 8), [0, 1, 2, 3]);
+        assert_eq!(spread_over_gpus(8, 8), [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(spread_over_gpus(4, 2), [0, 1, 0, 1]);
+        assert_eq!(spread_over_gpus(3, 1), [0, 0, 0]);
+        assert_eq!(
+            spread_over_gpus(2, 0),
+            [0, 0],
+            "no GPU seen: GPU 0, whose opening fails"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The device forward (`MoeLayer`) against the f64 reference: W = 1, 2, 4
-//! ranks as threads sharing one GPU (the protocol on the real kernels, not
-//! link speed), fused and non-overlapped, every routing kind, T = 0, 1 and
+//! ranks as threads on the visible GPUs, rank r on GPU r mod their count
+//! (with one GPU, all sharing it: the protocol on the real kernels, not
+//! link speed; with several, each rank storing into its peers' GPUs), fused and non-overlapped, every routing kind, T = 0, 1 and
 //! the capacity, 30 calls on the same buffers with changing routing and T,
 //! a CUDA graph captured once and replayed with new routing written into
 //! the same input buffers, and the bad inputs (T over capacity, expert ids
@@ -28,7 +29,7 @@ use comet_core::reference::{max_error, moe_layer};
 use comet_core::weights::random_tokens;
 use comet_core::{Dtype, ExpertWeights, MoeConfig, Routing, RoutingKind};
 use comet_kernels::KernelError;
-use comet_sched::device_world::{DeviceWorld, WorldWeights};
+use comet_sched::device_world::{visible_placement, DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
 use comet_sched::proxy_plan::WireFormat;
 use comet_sched::{ExecMode, RankInput, SchedError};
@@ -192,7 +193,9 @@ impl Harness {
             .try_init();
         let seed = 0xC0FE + cfg.ranks as u64;
         let weights = |r: usize| ExpertWeights::for_rank(cfg, r, seed);
-        let (ordinals, w) = (vec![0; cfg.ranks], WorldWeights::Host(&weights));
+        // One GPU: every rank on it; several: ranks on their own GPUs,
+        // storing into each other's over NVLink.
+        let (ordinals, w) = (visible_placement(cfg.ranks), WorldWeights::Host(&weights));
         let proxied = behind_a_proxy(o.clone());
         let world = match staged {
             Some(delay) => DeviceWorld::staged(cfg, &ordinals, capacity, w, &proxied, delay),

@@ -16,7 +16,7 @@ mod common;
 
 use comet_core::cost::DeviceFigures;
 use comet_core::ExpertWeights;
-use comet_sched::device_world::{DeviceWorld, WorldWeights};
+use comet_sched::device_world::{visible_placement, DeviceWorld, WorldWeights};
 use comet_sched::forward::LayerOptions;
 use comet_transport::launch::OnFailure;
 use comet_transport::ucx::{UcxConfig, UcxTransport};
@@ -120,7 +120,7 @@ fn staged_layer_over_ucx_ranks_of_one_process_matches_the_reference() {
     let weights = |r: usize| ExpertWeights::for_rank(&cfg, r, seed);
     let mut world = DeviceWorld::staged_on(
         &cfg,
-        &vec![0; w],
+        &visible_placement(w),
         ts,
         CAP,
         WorldWeights::Host(&weights),

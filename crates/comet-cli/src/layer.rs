@@ -8,7 +8,7 @@ use crate::shape::{Shape, ShapeArgs};
 use crate::split_args::SplitArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use comet_core::cost::{CostModel, DeviceFigures};
+use comet_core::cost::{CostEstimate, CostModel, DeviceFigures};
 use comet_core::reference::{max_error, moe_layer};
 use comet_core::schedule::TileShape;
 use comet_core::weights::random_tokens;
@@ -331,29 +331,15 @@ pub fn run(a: LayerArgs) -> Result<()> {
     run_cpu(&a, &label, &cfg, kind)
 }
 
+/// The CPU executor's bench: the cost model's plan for this machine, both
+/// modes timed against the f64 reference, then the report.
 fn run_cpu(a: &LayerArgs, label: &str, cfg: &MoeConfig, kind: RoutingKind) -> Result<()> {
-    let cfg = cfg.clone();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (gflops, gbps) = calibrate(&cfg);
-    // Per rank: its share of the cores computes; copies run beside it.
-    let per_rank_gflops = gflops * cores.min(cfg.ranks) as f64 / cfg.ranks as f64;
     let link = (a.link_gbps > 0.0).then(|| LinkModel {
         gbps: a.link_gbps,
         latency: Duration::from_micros(a.link_latency_us.unwrap_or(10)),
     });
-    let mut dev = DeviceFigures::cpu(per_rank_gflops, gbps, 1);
-    dev.bm = a.bm;
-    if let Some(l) = link {
-        dev.link_gbps = l.gbps;
-        dev.block_gbps = l.gbps;
-        dev.link_latency_us = l.latency.as_secs_f64() * 1e6;
-    }
-    let est = CostModel::estimate(&cfg, a.tokens, &dev);
-    let shape = TileShape {
-        bm: a.bm,
-        chunk_cols: est.shape.chunk_cols,
-    };
-
+    let plan = CpuPlan::new(a, cfg, cores, link);
     if let Some(l) = link {
         eprintln!(
             "comet bench: emulated link {} GB/s, {:?} latency between ranks",
@@ -369,76 +355,138 @@ fn run_cpu(a: &LayerArgs, label: &str, cfg: &MoeConfig, kind: RoutingKind) -> Re
         max: Duration::from_micros(a.delay_us),
     });
     let timeout = Duration::from_secs(a.timeout_s);
-    let mut world = CpuWorld::with_link(&cfg, a.tokens, shape, delay, link, a.seed, timeout)?;
+    let mut world = CpuWorld::with_link(cfg, a.tokens, plan.shape, delay, link, a.seed, timeout)?;
     let inputs: Vec<RankInput> = (0..cfg.ranks)
         .map(|r| {
-            let routing = Routing::generate(&cfg, r, a.tokens, kind, a.seed);
+            let routing = Routing::generate(cfg, r, a.tokens, kind, a.seed);
             RankInput {
                 x: random_tokens(routing.tokens, cfg.hidden, a.seed * 7919 + r as u64),
                 routing,
             }
         })
         .collect();
-    let all = ExpertWeights::all(&cfg, a.seed);
+    let all = ExpertWeights::all(cfg, a.seed);
     let reference: Vec<Vec<f64>> = inputs
         .iter()
-        .map(|i| moe_layer(&cfg, &i.x, &i.routing, &all))
+        .map(|i| moe_layer(cfg, &i.x, &i.routing, &all))
         .collect::<Result<_, _>>()?;
+    let fused = time_mode(a, &mut world, &inputs, &reference, ExecMode::Fused)?;
+    let base = time_mode(a, &mut world, &inputs, &reference, ExecMode::Baseline)?;
+    print_cpu_report(a, label, cfg, &plan, &fused, &base)?;
+    anyhow::ensure!(
+        fused.max_err < TOLERANCE && base.max_err < TOLERANCE,
+        "result does not match the reference"
+    );
+    Ok(())
+}
 
-    let mut results = Vec::new();
-    for mode in [ExecMode::Fused, ExecMode::Baseline] {
-        let mut stats = Vec::new();
-        let mut max_err = 0f64;
-        let mut trace = None;
-        for it in 0..=a.iters {
-            let opts = ExecOptions {
-                timeout,
-                trace: a.trace.is_some() && mode == ExecMode::Fused && it == a.iters,
-                fault: None,
-            };
-            let outs = world.run(&inputs, mode, &opts)?;
-            for (o, want) in outs.iter().zip(&reference) {
-                max_err = max_err.max(max_error(&o.y, want));
-            }
-            // A call ends when its slowest rank does.
-            let slowest = outs
-                .iter()
-                .map(|o| o.stats.clone())
-                .max_by_key(|s| s.total)
-                .expect("ranks >= 1");
-            if it > 0 {
-                eprintln!(
-                    "  {:?} iteration {}/{}: {:.2} ms",
-                    mode,
-                    it,
-                    a.iters,
-                    ms(slowest.total)
-                );
-                stats.push(slowest);
-            }
-            if opts.trace {
-                let mut t = Trace::new(outs[0].trace.origin);
-                for o in outs {
-                    t.extend(o.trace);
-                }
-                trace = Some(t);
-            }
+/// What the cost model plans for this machine: its measured rates, the
+/// link if one is emulated, and the tiles and chunks it picks.
+struct CpuPlan {
+    /// f32 tile rate of one thread, GFLOP/s (calibrated).
+    gflops: f64,
+    dev: DeviceFigures,
+    est: CostEstimate,
+    shape: TileShape,
+}
+
+impl CpuPlan {
+    fn new(a: &LayerArgs, cfg: &MoeConfig, cores: usize, link: Option<LinkModel>) -> CpuPlan {
+        let (gflops, gbps) = calibrate(cfg);
+        // Per rank: its share of the cores computes; copies run beside it.
+        let per_rank_gflops = gflops * cores.min(cfg.ranks) as f64 / cfg.ranks as f64;
+        let mut dev = DeviceFigures::cpu(per_rank_gflops, gbps, 1);
+        dev.bm = a.bm;
+        if let Some(l) = link {
+            dev.link_gbps = l.gbps;
+            dev.block_gbps = l.gbps;
+            dev.link_latency_us = l.latency.as_secs_f64() * 1e6;
         }
-        results.push(ModeResult {
-            median: median_stats(stats),
-            max_err,
-            trace,
-        });
+        let est = CostModel::estimate(cfg, a.tokens, &dev);
+        let shape = TileShape {
+            bm: a.bm,
+            chunk_cols: est.shape.chunk_cols,
+        };
+        CpuPlan {
+            gflops,
+            dev,
+            est,
+            shape,
+        }
     }
-    let (fused, base) = (&results[0], &results[1]);
+}
 
+/// A warm-up call and `a.iters` timed calls in `mode`: the slowest rank's
+/// median, the largest error against the reference, and the last fused
+/// call's trace when one is asked for.
+fn time_mode(
+    a: &LayerArgs,
+    world: &mut CpuWorld,
+    inputs: &[RankInput],
+    reference: &[Vec<f64>],
+    mode: ExecMode,
+) -> Result<ModeResult> {
+    let mut stats = Vec::new();
+    let mut max_err = 0f64;
+    let mut trace = None;
+    for it in 0..=a.iters {
+        let opts = ExecOptions {
+            timeout: Duration::from_secs(a.timeout_s),
+            trace: a.trace.is_some() && mode == ExecMode::Fused && it == a.iters,
+            fault: None,
+        };
+        let outs = world.run(inputs, mode, &opts)?;
+        for (o, want) in outs.iter().zip(reference) {
+            max_err = max_err.max(max_error(&o.y, want));
+        }
+        // A call ends when its slowest rank does.
+        let slowest = outs
+            .iter()
+            .map(|o| o.stats.clone())
+            .max_by_key(|s| s.total)
+            .expect("ranks >= 1");
+        if it > 0 {
+            eprintln!(
+                "  {:?} iteration {}/{}: {:.2} ms",
+                mode,
+                it,
+                a.iters,
+                ms(slowest.total)
+            );
+            stats.push(slowest);
+        }
+        if opts.trace {
+            let mut t = Trace::new(outs[0].trace.origin);
+            for o in outs {
+                t.extend(o.trace);
+            }
+            trace = Some(t);
+        }
+    }
+    Ok(ModeResult {
+        median: median_stats(stats),
+        max_err,
+        trace,
+    })
+}
+
+/// The phases of both modes, their ratio, the errors, the cost model's
+/// prediction beside the measurement, and the trace file if asked for.
+fn print_cpu_report(
+    a: &LayerArgs,
+    label: &str,
+    cfg: &MoeConfig,
+    plan: &CpuPlan,
+    fused: &ModeResult,
+    base: &ModeResult,
+) -> Result<()> {
     println!(
         "comet bench — CPU executor, {} {} tokens/rank, {} routing",
         label, a.tokens, a.routing
     );
     println!(
         "config: {cfg}; tiles BM {}, {} layer1 chunks of {} columns (cost model)",
-        shape.bm, est.chunks, shape.chunk_cols
+        plan.shape.bm, plan.est.chunks, plan.shape.chunk_cols
     );
     println!();
     println!(
@@ -446,36 +494,18 @@ fn run_cpu(a: &LayerArgs, label: &str, cfg: &MoeConfig, kind: RoutingKind) -> Re
         a.iters
     );
     println!("| --- | ---: | ---: |");
-    println!(
-        "| count exchange | {:.3} | {:.3} |",
-        ms(fused.median.exchange),
-        ms(base.median.exchange)
-    );
-    println!(
-        "| layer0: dispatch + FC1/SwiGLU | {:.3} | {:.3} |",
-        ms(fused.median.layer0),
-        ms(base.median.layer0)
-    );
-    println!(
-        "| layer1: FC2 + combine + reduce | {:.3} | {:.3} |",
-        ms(fused.median.layer1),
-        ms(base.median.layer1)
-    );
-    println!(
-        "| compute worker blocked on signals | {:.3} | {:.3} |",
-        ms(fused.median.waiting),
-        ms(base.median.waiting)
-    );
-    println!(
-        "| total | {:.3} | {:.3} |",
-        ms(fused.median.total),
-        ms(base.median.total)
-    );
+    let (f, b) = (&fused.median, &base.median);
+    for (phase, fd, bd) in [
+        ("count exchange", f.exchange, b.exchange),
+        ("layer0: dispatch + FC1/SwiGLU", f.layer0, b.layer0),
+        ("layer1: FC2 + combine + reduce", f.layer1, b.layer1),
+        ("compute worker blocked on signals", f.waiting, b.waiting),
+        ("total", f.total, b.total),
+    ] {
+        println!("| {phase} | {:.3} | {:.3} |", ms(fd), ms(bd));
+    }
     println!();
-    println!(
-        "fused vs baseline: {:.2}x",
-        ms(base.median.total) / ms(fused.median.total)
-    );
+    println!("fused vs baseline: {:.2}x", ms(b.total) / ms(f.total));
     let verdict = |e: f64| if e < TOLERANCE { "ok" } else { "FAILED" };
     println!(
         "max error vs f64 reference (tolerance {TOLERANCE:e}): fused {:.2e} {}, baseline {:.2e} {}",
@@ -486,7 +516,7 @@ fn run_cpu(a: &LayerArgs, label: &str, cfg: &MoeConfig, kind: RoutingKind) -> Re
     );
     println!(
         "cost model (calibrated: {:.1} GFLOP/s per core, link {:.1} GB/s): predicted baseline {:.3} ms, overlapped {:.3} ms; measured {:.3} / {:.3} ms",
-        gflops, dev.link_gbps, est.baseline_ms, est.overlapped_ms, ms(base.median.total), ms(fused.median.total)
+        plan.gflops, plan.dev.link_gbps, plan.est.baseline_ms, plan.est.overlapped_ms, ms(b.total), ms(f.total)
     );
     if let (Some(path), Some(t)) = (&a.trace, &fused.trace) {
         let text = serde_json::to_string(&t.to_json())?;
@@ -497,9 +527,5 @@ fn run_cpu(a: &LayerArgs, label: &str, cfg: &MoeConfig, kind: RoutingKind) -> Re
             t.slices.len()
         );
     }
-    anyhow::ensure!(
-        fused.max_err < TOLERANCE && base.max_err < TOLERANCE,
-        "result does not match the reference"
-    );
     Ok(())
 }

@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open (kernel and small layer tests), ~2 min
+#   bash scripts/device-checks.sh first   # what the last session left open (layer tests, a bench row), ~7 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
@@ -39,12 +39,15 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the session of 2026-12-06 (fifth) changed without a GPU, in about
-  # 2 minutes: silu through tanh.approx in the SwiGLU epilogues (the kernel
-  # tests' SwiGLU cases and the small layers check it against f64), and
-  # the ping-pong family removed.
-  step comet-kernels-gpu tests comet-kernels-gpu 120
-  step gpu_layer tests gpu_layer 120 small_layer
+  # What the session of 2026-12-06 (fifth) changed after its last GPU
+  # call, in about 7 minutes: ranks of one process placed over the visible
+  # GPUs (one GPU: all on it, as before), each rank's context made current
+  # before the raw memsets of poison and a failed call's status and the
+  # GEMM-only launches, and the bench's events paired per GPU. The whole
+  # layer suite (it poisons before every call) and one bench row. On a
+  # multi-GPU kind run `multi` too.
+  step gpu_layer tests gpu_layer 420
+  step "two qwen2-moe" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 5 --preset qwen2-moe 2>&1 | tee $O/two_qwen.md | grep -E '^[|] [a-z]|GPU'"
   ;;
 sanitize)
   # The kernels this session changed under compute-sanitizer (racecheck:

@@ -1,7 +1,7 @@
 //! `comet bench --gpu`: the device forward (comet-sched's `MoeLayer`) timed
 //! on the GPU with CUDA events, in turns in one run: fused, non-overlapped,
 //! GEMM-only (the two grouped GEMMs over the same rows), and, for the
-//! tokens one GPU holds (every rank's, over the GPUs they run on), what a
+//! tokens the busiest GPU holds (those of all its ranks), what a
 //! PyTorch user runs today on one GPU (the plain torch layer and Hugging
 //! Face's MixtralSparseMoeBlock in each experts implementation, every
 //! expert on it) through the scripts/bench_torch_layer.py helper. Plus
@@ -166,7 +166,13 @@ fn bench_one(
         "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts, None)?,
         "ucx" => ucx_world(cfg, &ordinals, a.tokens, weights, &mut opts, launched(a))?,
         "nccl" => nccl_rank(cfg, a.tokens, weights, &opts)?,
-        _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts)?,
+        _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts).with_context(|| {
+            format!(
+                "{} ranks over nvlink on GPUs {ordinals:?} (where GPUs cannot reach each \
+                 other, CUDA_VISIBLE_DEVICES can name ones that can, or one for all to share)",
+                cfg.ranks
+            )
+        })?,
     };
     let plan = world.ranks()[0].layer.plan();
     let overlap = plan.overlap;
@@ -202,9 +208,9 @@ fn bench_one(
         anyhow::ensure!(f.is_finite() && b.is_finite(), "{label}: non-finite output");
         diff = diff.max((f - b).abs() as f64);
     }
-    // One GPU's tokens: every rank's over the GPUs they run on (a launched
-    // rank runs the torch layers nowhere).
-    let total_tokens = a.tokens * cfg.ranks / gpus;
+    // The busiest GPU's tokens: those of its ranks (a launched rank runs
+    // the torch layers nowhere).
+    let total_tokens = a.tokens * cfg.ranks.div_ceil(gpus);
     let mut torch_ok = Vec::new();
     if let Some(t) = torch.as_mut() {
         for imp in TORCH_IMPLS {
@@ -292,7 +298,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     println!(
         "comet bench --gpu: device forward, {} routing, median of {} calls timed with CUDA events \
          (first start to last end over the ranks of a GPU, the slowest GPU), modes in turns; torch \
-         layers on one GPU for the tokens one GPU holds, every expert on it, in turns with ours; \
+         layers on one GPU for the tokens the busiest GPU holds, every expert on it, in turns with ours; \
          host: time of one forward call per rank",
         a.routing, a.iters
     );

@@ -503,6 +503,12 @@ impl DeviceWorld {
     /// NaN in every rank's receive, activation, FC2 output and y buffers.
     pub fn poison(&mut self) -> Result<(), SchedError> {
         for r in &mut self.ranks {
+            // The memsets are raw driver calls on this rank's stream: its
+            // context current (ranks may be on different GPUs).
+            r.stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| r.dev("bind context", e))?;
             // SAFETY: the rank's own stream, of its layer's context.
             unsafe { r.layer.poison(r.stream.cu_stream()) }?;
             let n = r.y.len();

@@ -537,8 +537,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// same context.
     pub unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         self.check_args(a)?;
-        self.take_status()?;
+        // First: a failed last call's status is cleared by a memset on
+        // this rank's stream, which needs this rank's context current.
         self.bind()?;
+        self.take_status()?;
         // SAFETY: the caller's contract covers `a` and `stream`; everything
         // else is this layer's own memory, sized by its plan.
         unsafe {
@@ -1250,6 +1252,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
         a: &ForwardArgs,
     ) -> Result<(), SchedError> {
         self.check_args(a)?;
+        // The launches are raw driver calls: this rank's context current
+        // (ranks of one thread may be on different GPUs).
+        self.bind()?;
         // SAFETY: as in forward.
         unsafe {
             self.fc1(stream, a, false, false, self.plan.gemm_grid)?;
@@ -1271,8 +1276,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
         a: &ForwardArgs,
     ) -> Result<(), SchedError> {
         self.check_args(a)?;
-        self.take_status()?;
+        // First: a failed last call's status is cleared by a memset on
+        // this rank's stream, which needs this rank's context current.
         self.bind()?;
+        self.take_status()?;
         if let Some(m) = self.marks.as_mut() {
             m.complete = false;
         }
@@ -1296,6 +1303,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// # Safety
     /// `stream` is a live stream of this layer's context.
     pub unsafe fn poison(&self, stream: CUstream) -> Result<(), SchedError> {
+        self.bind()?;
         let p = &self.plan;
         let (h, f) = (p.cfg.hidden, p.cfg.ffn);
         let (recv, comb) = (self.sym.recv_at, self.sym.comb_at);

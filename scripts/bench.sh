@@ -2,7 +2,8 @@
 # The main job: builds the `comet` command in release mode and runs
 # `comet bench`. With an NVIDIA GPU present: the device forward, fused vs
 # non-overlapped vs GEMM-only vs the PyTorch layers users run today, on the
-# three large presets, W=1 and W=2 (ranks share GPU 0). Without
+# three large presets, W=1 and W=2 on one GPU, and with several GPUs also
+# W = their count, a GPU a rank over NVLink. Without
 # one: the CPU executor on the small default, with a Perfetto trace.
 # Extra arguments go to `comet bench`, e.g. `--ranks 2 --tokens 512`; a
 # flag given here replaces the script's own default for it (--trace,
@@ -36,14 +37,23 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
         say "bench.sh: GPU found; running: comet bench" "${defaults[@]}" "$@"
         exec ./target/release/comet bench "${defaults[@]}" "$@"
     fi
-    # The two regimes of the targets: one rank on the whole GPU
-    # (16384 tokens), and two ranks sharing it (8192 tokens each).
+    # The two regimes of the targets on the first GPU: one rank on
+    # the whole GPU (16384 tokens), and two ranks sharing it (8192 tokens
+    # each); then, with several GPUs, one rank on each (8192 tokens each).
+    # The GPUs CUDA will show (CUDA_VISIBLE_DEVICES where set).
+    visible=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)}
+    first=${visible%%,*}
     for run in "--ranks 1 --tokens 16384" "--ranks 2 --tokens 8192"; do
         # shellcheck disable=SC2086
-        say "bench.sh: GPU found; running: comet bench" "${defaults[@]}" $run "$@"
+        say "bench.sh: GPU found; running on GPU $first: comet bench" "${defaults[@]}" $run "$@"
         # shellcheck disable=SC2086
-        ./target/release/comet bench "${defaults[@]}" $run "$@"
+        CUDA_VISIBLE_DEVICES=$first ./target/release/comet bench "${defaults[@]}" $run "$@"
     done
+    gpus=$(echo "$visible" | tr ',' '\n' | grep -c .)
+    if [ "$gpus" -ge 2 ]; then
+        say "bench.sh: $gpus GPUs; running: comet bench" "${defaults[@]}" --ranks "$gpus" --tokens 8192 "$@"
+        ./target/release/comet bench "${defaults[@]}" --ranks "$gpus" --tokens 8192 "$@"
+    fi
     exit 0
 fi
 defaults=()

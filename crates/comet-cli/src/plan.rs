@@ -6,7 +6,7 @@ use crate::shape::ShapeArgs;
 use crate::split_args::SplitArgs;
 use anyhow::{bail, Result};
 use clap::Args;
-use comet_core::cost::{CostModel, DeviceFigures};
+use comet_core::cost::{CostEstimate, CostModel, DeviceFigures};
 use comet_core::schedule::{Layer0Schedule, Layer1Schedule, SignalMap};
 use comet_core::{LayoutPlan, MoeConfig, Preset, Routing, RoutingKind};
 use comet_kernels::Family;
@@ -100,14 +100,18 @@ pub fn run(a: PlanArgs) -> Result<()> {
         .map(|r| Routing::generate(&cfg, r, a.tokens, kind, a.seed))
         .collect();
     let plan = LayoutPlan::from_routings(&cfg, &routings)?;
-    let sig = SignalMap::new(&cfg, est.chunks);
-    let l0 = Layer0Schedule::new(&plan, a.rank, est.shape, &sig);
-    let l1 = Layer1Schedule::new(&plan, a.rank, est.shape, &sig);
-
     println!(
         "config   {} ({}), {} tokens/rank, {} routing",
         cfg, shape.label, a.tokens, a.routing
     );
+    print_layout(&a, &cfg, &plan);
+    print_schedules(&a, &cfg, &plan, &est);
+    print_cost(&dev, &est);
+    print_device_plan(&a, &cfg, &dev)
+}
+
+/// Rows each rank receives, and rank `a.rank`'s receive segments.
+fn print_layout(a: &PlanArgs, cfg: &MoeConfig, plan: &LayoutPlan) {
     println!(
         "rows received per rank: {:?}",
         plan.recv.iter().map(|l| l.total_rows).collect::<Vec<_>>()
@@ -130,6 +134,14 @@ pub fn run(a: PlanArgs) -> Result<()> {
             s.rows
         );
     }
+}
+
+/// Rank `a.rank`'s layer0 tiles (when each is ready, what it waits on)
+/// and layer1 chunks, at the cost model's tile shape.
+fn print_schedules(a: &PlanArgs, cfg: &MoeConfig, plan: &LayoutPlan, est: &CostEstimate) {
+    let sig = SignalMap::new(cfg, est.chunks);
+    let l0 = Layer0Schedule::new(plan, a.rank, est.shape, &sig);
+    let l1 = Layer1Schedule::new(plan, a.rank, est.shape, &sig);
     let steps = l0.tiles.iter().map(|t| t.ready_step).max().unwrap_or(0);
     println!(
         "\nlayer0: {} tiles of <= {} rows, ready over {} arrival steps; first tiles:",
@@ -154,6 +166,10 @@ pub fn run(a: PlanArgs) -> Result<()> {
         l1.chunks.first().map_or(0, |c| c.tiles),
         l1.chunks.first().map_or(0, |c| c.sends.len())
     );
+}
+
+/// The cost model's times and choice on `dev`.
+fn print_cost(dev: &DeviceFigures, est: &CostEstimate) {
     println!("\ncost model ({}):", dev.name);
     println!("  expert GEMMs      {:8.3} ms", est.gemm_ms);
     println!("  dispatch/combine  {:8.3} ms each", est.dispatch_ms);
@@ -164,9 +180,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
         est.speedup()
     );
     println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
-    // What MoeLayer::forward will run on an H200 (sm_90a kernels, of the
-    // family COMET_GEMM_FAMILY names, as there) with `--tokens` as its
-    // capacity: the same DevicePlan it builds.
+}
+
+/// What MoeLayer::forward will run on an H200 (sm_90a kernels, of the
+/// family COMET_GEMM_FAMILY names, as there) with `--tokens` as its
+/// capacity: the same DevicePlan it builds, and what a staged rank holds.
+fn print_device_plan(a: &PlanArgs, cfg: &MoeConfig, dev: &DeviceFigures) -> Result<()> {
     anyhow::ensure!(
         a.split.reserved_sms < dev.sms,
         "--reserved-sms {} leaves none of the {} SMs to the layer",
@@ -174,22 +193,18 @@ pub fn run(a: PlanArgs) -> Result<()> {
         dev.sms
     );
     let mut device = DevicePlan::new(
-        &cfg,
+        cfg,
         a.tokens,
         a.split.recv_rows,
         dev.sms - a.split.reserved_sms,
         a.ranks_per_gpu,
         kernel_tiles_for(Family::chosen(true)),
-        &dev,
+        dev,
     )?;
     if let Some(n) = a.split.comm_sms {
         device.set_comm_blocks(n);
     }
-    println!(
-        "
-{}",
-        device.describe()
-    );
+    println!("\n{}", device.describe());
     if cfg.ranks > 1 {
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         let s = Geometry::of(&device).staged_bytes();

@@ -290,59 +290,73 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchReport, LaunchError> {
     let start = Instant::now();
     let mut ranks: Vec<Running> = Vec::with_capacity(cfg.world);
     for rank in 0..cfg.world {
-        let mut cmd = Command::new(&cfg.program);
-        cmd.args(&cfg.args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", cfg.world.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("LOCAL_WORLD_SIZE", cfg.world.to_string())
-            .env("GROUP_RANK", "0")
-            .env("MASTER_ADDR", &cfg.master_addr)
-            .env("MASTER_PORT", port.to_string())
-            .envs(cfg.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
+        match spawn_rank(cfg, rank, port) {
+            Ok(r) => ranks.push(r),
             Err(e) => {
                 kill_all(&mut ranks);
-                return Err(LaunchError::Spawn {
-                    rank,
-                    program: cfg.program.to_string_lossy().into_owned(),
-                    detail: e.to_string(),
-                });
+                return Err(e);
             }
-        };
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let cap = cfg.capture.then(|| Arc::clone(&lines));
-        let mut pumps = Vec::new();
-        let mut started = Ok(());
-        if let Some(o) = child.stdout.take() {
-            started = pump(rank, o, false, cfg.forward, cap.clone()).map(|p| pumps.push(p));
         }
-        if let (Ok(()), Some(e)) = (&started, child.stderr.take()) {
-            started = pump(rank, e, true, cfg.forward, cap).map(|p| pumps.push(p));
-        }
-        if let Err(e) = started {
-            let _ = child.kill();
-            let _ = child.wait();
-            kill_all(&mut ranks);
-            return Err(LaunchError::Spawn {
-                rank,
-                program: cfg.program.to_string_lossy().into_owned(),
-                detail: format!("cannot start a thread for its output: {e}"),
-            });
-        }
-        tracing::debug!(rank, pid = child.id(), "rank started");
-        ranks.push(Running {
-            child,
-            status: None,
-            killed: false,
-            pumps,
-            lines,
-        });
     }
+    supervise(cfg, port, start, ranks)
+}
+
+/// Rank `rank` started with torchrun's environment, its output pumped.
+fn spawn_rank(cfg: &LaunchConfig, rank: usize, port: u16) -> Result<Running, LaunchError> {
+    let mut cmd = Command::new(&cfg.program);
+    cmd.args(&cfg.args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", cfg.world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_WORLD_SIZE", cfg.world.to_string())
+        .env("GROUP_RANK", "0")
+        .env("MASTER_ADDR", &cfg.master_addr)
+        .env("MASTER_PORT", port.to_string())
+        .envs(cfg.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn_err = |detail: String| LaunchError::Spawn {
+        rank,
+        program: cfg.program.to_string_lossy().into_owned(),
+        detail,
+    };
+    let mut child = cmd.spawn().map_err(|e| spawn_err(e.to_string()))?;
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let cap = cfg.capture.then(|| Arc::clone(&lines));
+    let mut pumps = Vec::new();
+    let mut started = Ok(());
+    if let Some(o) = child.stdout.take() {
+        started = pump(rank, o, false, cfg.forward, cap.clone()).map(|p| pumps.push(p));
+    }
+    if let (Ok(()), Some(e)) = (&started, child.stderr.take()) {
+        started = pump(rank, e, true, cfg.forward, cap).map(|p| pumps.push(p));
+    }
+    if let Err(e) = started {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(spawn_err(format!(
+            "cannot start a thread for its output: {e}"
+        )));
+    }
+    tracing::debug!(rank, pid = child.id(), "rank started");
+    Ok(Running {
+        child,
+        status: None,
+        killed: false,
+        pumps,
+        lines,
+    })
+}
+
+/// Waits for every rank: on the first failure stops the others (with
+/// `OnFailure::KillAll`), past the timeout stops them all; the report.
+fn supervise(
+    cfg: &LaunchConfig,
+    port: u16,
+    start: Instant,
+    mut ranks: Vec<Running>,
+) -> Result<LaunchReport, LaunchError> {
     let mut first_failure: Option<usize> = None;
     loop {
         for (rank, r) in ranks.iter_mut().enumerate() {

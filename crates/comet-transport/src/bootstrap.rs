@@ -513,93 +513,12 @@ impl Bootstrap {
     }
 
     fn root(cfg: BootstrapConfig, listener: TcpListener) -> Result<Self, BootstrapError> {
-        let start = Instant::now();
+        let joined = Self::accept_ranks(&cfg, &listener)?;
         let io = |context: &str, e: io::Error| BootstrapError::Io {
             rank: 0,
             context: context.into(),
             detail: e.to_string(),
         };
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| io("listener", e))?;
-        let mut joined: BTreeMap<usize, TcpStream> = BTreeMap::new();
-        while joined.len() + 1 < cfg.world {
-            let waited = start.elapsed();
-            if waited >= cfg.timeout {
-                let missing = (1..cfg.world).filter(|r| !joined.contains_key(r)).collect();
-                return Err(BootstrapError::MissingRanks { missing, waited });
-            }
-            let (mut s, from) = match listener.accept() {
-                Ok(x) => x,
-                Err(e)
-                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
-                {
-                    std::thread::sleep(POLL);
-                    continue;
-                }
-                Err(e) => return Err(io("accept", e)),
-            };
-            s.set_nonblocking(false).map_err(|e| io("socket", e))?;
-            let _ = s.set_nodelay(true);
-            // A silent connection may not hold up the others for long.
-            let left = cfg
-                .timeout
-                .saturating_sub(start.elapsed())
-                .clamp(Duration::from_millis(100), HELLO_TIMEOUT);
-            s.set_read_timeout(Some(left))
-                .map_err(|e| io("socket", e))?;
-            let hello = match read_frame(&mut s) {
-                Ok(Some(f)) if f.kind == K_HELLO && f.payload.len() >= 8 => f,
-                Err(e) if e.kind() == ErrorKind::Unsupported => {
-                    let err = BootstrapError::Protocol {
-                        peer: from.to_string(),
-                        detail: e.to_string(),
-                    };
-                    let _ = write_frame(&mut s, K_REJECT, err.to_string().as_bytes());
-                    return Err(err);
-                }
-                other => {
-                    // Port scanners and health checks are no reason to fail
-                    // the world: drop them and keep waiting for ranks.
-                    let why = match other {
-                        Err(e) => e.to_string(),
-                        _ => "first frame was not a hello".into(),
-                    };
-                    tracing::warn!(%from, why, "bootstrap: ignoring a connection that is no comet rank");
-                    continue;
-                }
-            };
-            let rank = u32_at(&hello.payload, 0).unwrap_or(u32::MAX) as usize;
-            let world = u32_at(&hello.payload, 4).unwrap_or(0) as usize;
-            let refuse = |s: &mut TcpStream, err: BootstrapError| {
-                let _ = write_frame(s, K_REJECT, err.to_string().as_bytes());
-                err
-            };
-            if world != cfg.world {
-                return Err(refuse(
-                    &mut s,
-                    BootstrapError::WorldMismatch {
-                        peer: rank,
-                        theirs: world,
-                        ours: cfg.world,
-                    },
-                ));
-            }
-            if rank >= cfg.world {
-                return Err(refuse(
-                    &mut s,
-                    BootstrapError::RankOutOfRange {
-                        rank,
-                        world: cfg.world,
-                    },
-                ));
-            }
-            if rank == 0 || joined.contains_key(&rank) {
-                return Err(refuse(&mut s, BootstrapError::DuplicateRank { rank }));
-            }
-            tracing::debug!(rank, %from, "rank joined");
-            joined.insert(rank, s);
-        }
         let shared = Arc::new(Shared {
             rank: 0,
             peers: Mutex::new(vec![PeerState::Alive; cfg.world]),
@@ -643,6 +562,117 @@ impl Bootstrap {
             readers,
             closed: false,
         })
+    }
+
+    /// Rank 0's side of joining: a connection from every other rank whose
+    /// hello fits this world, within the timeout. Connections that are no
+    /// comet rank are dropped; a rank that cannot join (another world
+    /// size, out of range, a second rank with its number) is refused and
+    /// fails the world.
+    fn accept_ranks(
+        cfg: &BootstrapConfig,
+        listener: &TcpListener,
+    ) -> Result<BTreeMap<usize, TcpStream>, BootstrapError> {
+        let start = Instant::now();
+        let io = |context: &str, e: io::Error| BootstrapError::Io {
+            rank: 0,
+            context: context.into(),
+            detail: e.to_string(),
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| io("listener", e))?;
+        let mut joined: BTreeMap<usize, TcpStream> = BTreeMap::new();
+        while joined.len() + 1 < cfg.world {
+            let waited = start.elapsed();
+            if waited >= cfg.timeout {
+                let missing = (1..cfg.world).filter(|r| !joined.contains_key(r)).collect();
+                return Err(BootstrapError::MissingRanks { missing, waited });
+            }
+            let (mut s, from) = match listener.accept() {
+                Ok(x) => x,
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+                Err(e) => return Err(io("accept", e)),
+            };
+            s.set_nonblocking(false).map_err(|e| io("socket", e))?;
+            let _ = s.set_nodelay(true);
+            // A silent connection may not hold up the others for long.
+            let left = cfg
+                .timeout
+                .saturating_sub(start.elapsed())
+                .clamp(Duration::from_millis(100), HELLO_TIMEOUT);
+            s.set_read_timeout(Some(left))
+                .map_err(|e| io("socket", e))?;
+            if let Some(rank) = Self::admit(cfg, &mut s, &from.to_string(), &joined)? {
+                tracing::debug!(rank, %from, "rank joined");
+                joined.insert(rank, s);
+            }
+        }
+        Ok(joined)
+    }
+
+    /// The rank a new connection's hello names, if it may join `joined`;
+    /// None for a connection that is no comet rank (dropped).
+    fn admit(
+        cfg: &BootstrapConfig,
+        s: &mut TcpStream,
+        from: &str,
+        joined: &BTreeMap<usize, TcpStream>,
+    ) -> Result<Option<usize>, BootstrapError> {
+        let refuse = |s: &mut TcpStream, err: BootstrapError| {
+            let _ = write_frame(s, K_REJECT, err.to_string().as_bytes());
+            err
+        };
+        let hello = match read_frame(s) {
+            Ok(Some(f)) if f.kind == K_HELLO && f.payload.len() >= 8 => f,
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                let err = BootstrapError::Protocol {
+                    peer: from.to_string(),
+                    detail: e.to_string(),
+                };
+                return Err(refuse(s, err));
+            }
+            other => {
+                // Port scanners and health checks are no reason to fail
+                // the world: drop them and keep waiting for ranks.
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    _ => "first frame was not a hello".into(),
+                };
+                tracing::warn!(%from, why, "bootstrap: ignoring a connection that is no comet rank");
+                return Ok(None);
+            }
+        };
+        let rank = u32_at(&hello.payload, 0).unwrap_or(u32::MAX) as usize;
+        let world = u32_at(&hello.payload, 4).unwrap_or(0) as usize;
+        if world != cfg.world {
+            return Err(refuse(
+                s,
+                BootstrapError::WorldMismatch {
+                    peer: rank,
+                    theirs: world,
+                    ours: cfg.world,
+                },
+            ));
+        }
+        if rank >= cfg.world {
+            return Err(refuse(
+                s,
+                BootstrapError::RankOutOfRange {
+                    rank,
+                    world: cfg.world,
+                },
+            ));
+        }
+        if rank == 0 || joined.contains_key(&rank) {
+            return Err(refuse(s, BootstrapError::DuplicateRank { rank }));
+        }
+        Ok(Some(rank))
     }
 
     fn child(cfg: BootstrapConfig) -> Result<Self, BootstrapError> {

@@ -14,6 +14,7 @@
 #   bash scripts/device-checks.sh wire    # token-once (both ways) vs per-row over UCX
 #   bash scripts/device-checks.sh nccl    # the layer over NCCL, 2+ GPUs (test, bench)
 #   bash scripts/device-checks.sh multi   # every rank on its own GPU over NVLink, 2+ GPUs (tests, bench)
+#   bash scripts/device-checks.sh sharing # two ranks' GEMMs on one GPU: SM-bound or contending? ~3 min
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
@@ -25,7 +26,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -151,6 +152,19 @@ multi)
     step "nvlink W=$n $p" bash -c "set -o pipefail; timeout 120 $R comet bench --gpu --ranks $n --tokens 8192 --iters 10 --phases --preset $p 2>&1 | tee '$O/multi_$p.md' | grep -E '^[|] [a-z]|phases|GPU'"
   done
   ;;
+sharing)
+  # Two ranks sharing the GPU run their GEMMs far slower than one rank
+  # does the same rows (qwen2-moe GEMM-only 16.7 ms at W=2 against 11.6 at
+  # W=1, 2026-12-06; 11.9 against about 5.5 over UCX), though each rank's
+  # grid is its own half of the SMs. With 66 SMs held back each rank gets
+  # 33: a GEMM-only time that barely moves says the two grids contend for
+  # something other than SMs (memory, L2), one near 2x that they were
+  # SM-bound and the slowdown is elsewhere.
+  step "W=1" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 5 --preset qwen2-moe 2>&1 | tee $O/sharing_w1.md | grep -E '^[|] [a-z]'"
+  for res in 0 66; do
+    step "W=2 reserved $res" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 5 --reserved-sms $res --phases --preset qwen2-moe 2>&1 | tee $O/sharing_w2_$res.md | grep -E '^[|] [a-z]|phases|overlapped'"
+  done
+  ;;
 qwen)
   # Issue 13's open ratio (qwen2-moe, one rank, 16384 tokens: fused /
   # GEMM-only 1.08 against 1.05), with where a sequential call's time goes.
@@ -183,7 +197,7 @@ profile)
   step ncu-reduce-dispatch bash -c "timeout 400 ncu --clock-control none --target-processes all -k regex:'comet_reduce|comet_dispatch_tokens' -c 4 --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats bash $R comet bench --gpu --preset qwen2-moe --ranks 1 --tokens 16384 --iters 1 2>&1 | tee $O/ncu_qwen.txt | grep -E 'comet_|Throughput|Achieved Occupancy|Registers|Stall|Duration' | head -60"
   ;;
 *)
-  echo "device-checks.sh: unknown part $part (first, second, sanitize, mps, tests, ucx, bench, ucxbench, wire, nccl, multi, qwen, py or profile)" >&2
+  echo "device-checks.sh: unknown part $part (first, second, sanitize, mps, tests, ucx, bench, ucxbench, wire, nccl, multi, sharing, qwen, py or profile)" >&2
   exit 2
   ;;
 esac

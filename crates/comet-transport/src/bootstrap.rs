@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -678,46 +678,12 @@ impl Bootstrap {
     fn child(cfg: BootstrapConfig) -> Result<Self, BootstrapError> {
         let start = Instant::now();
         let rank = cfg.rank;
-        let addr = cfg.addr();
         let io = |context: &str, e: io::Error| BootstrapError::Io {
             rank,
             context: context.into(),
             detail: e.to_string(),
         };
-        // Rank 0 may start later than us: retry until the deadline.
-        let mut s = loop {
-            let last = match addr.to_socket_addrs() {
-                Ok(addrs) => {
-                    let addrs: Vec<SocketAddr> = addrs.collect();
-                    let mut last = format!("{addr} resolves to no address");
-                    let mut ok = None;
-                    for a in addrs {
-                        match TcpStream::connect_timeout(&a, Duration::from_millis(500)) {
-                            Ok(s) => {
-                                ok = Some(s);
-                                break;
-                            }
-                            Err(e) => last = e.to_string(),
-                        }
-                    }
-                    match ok {
-                        Some(s) => break s,
-                        None => last,
-                    }
-                }
-                Err(e) => format!("cannot resolve {addr}: {e}"),
-            };
-            let waited = start.elapsed();
-            if waited >= cfg.timeout {
-                return Err(BootstrapError::Unreachable {
-                    rank,
-                    addr,
-                    waited,
-                    detail: last,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut s = Self::connect_to_root(&cfg, start)?;
         let _ = s.set_nodelay(true);
         let mut hello = (rank as u32).to_le_bytes().to_vec();
         hello.extend_from_slice(&(cfg.world as u32).to_le_bytes());
@@ -728,42 +694,7 @@ impl Bootstrap {
             .max(Duration::from_millis(100));
         s.set_read_timeout(Some(left))
             .map_err(|e| io("socket", e))?;
-        match read_frame(&mut s) {
-            Ok(Some(f)) if f.kind == K_WELCOME => {}
-            Ok(Some(f)) if f.kind == K_REJECT => {
-                return Err(BootstrapError::Rejected {
-                    rank,
-                    reason: String::from_utf8_lossy(&f.payload).into_owned(),
-                })
-            }
-            Ok(Some(f)) => {
-                return Err(BootstrapError::Protocol {
-                    peer: addr,
-                    detail: format!("unexpected frame kind {} instead of welcome", f.kind),
-                })
-            }
-            Ok(None) => {
-                return Err(BootstrapError::PeerGone {
-                    rank,
-                    peer: 0,
-                    reason: "rank 0 closed the connection during the rendezvous".into(),
-                })
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
-                return Err(BootstrapError::Timeout {
-                    rank,
-                    what: "waiting for rank 0 to admit every rank".into(),
-                    waited: start.elapsed(),
-                    missing: vec![0],
-                })
-            }
-            Err(e) => {
-                return Err(BootstrapError::Protocol {
-                    peer: addr,
-                    detail: e.to_string(),
-                })
-            }
-        }
+        Self::await_welcome(&cfg, &mut s, start)?;
         s.set_read_timeout(None).map_err(|e| io("socket", e))?;
         let link = Arc::new(Link {
             peer: 0,
@@ -789,6 +720,75 @@ impl Bootstrap {
             readers: vec![reader],
             closed: false,
         })
+    }
+
+    /// A connection to rank 0, retried until the timeout (rank 0 may start
+    /// after this rank).
+    fn connect_to_root(cfg: &BootstrapConfig, start: Instant) -> Result<TcpStream, BootstrapError> {
+        let addr = cfg.addr();
+        loop {
+            let last = match addr.to_socket_addrs() {
+                Ok(addrs) => {
+                    let mut last = format!("{addr} resolves to no address");
+                    for a in addrs {
+                        match TcpStream::connect_timeout(&a, Duration::from_millis(500)) {
+                            Ok(s) => return Ok(s),
+                            Err(e) => last = e.to_string(),
+                        }
+                    }
+                    last
+                }
+                Err(e) => format!("cannot resolve {addr}: {e}"),
+            };
+            let waited = start.elapsed();
+            if waited >= cfg.timeout {
+                return Err(BootstrapError::Unreachable {
+                    rank: cfg.rank,
+                    addr,
+                    waited,
+                    detail: last,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rank 0's answer to this rank's hello: welcome once every rank has
+    /// joined, or why not.
+    fn await_welcome(
+        cfg: &BootstrapConfig,
+        s: &mut TcpStream,
+        start: Instant,
+    ) -> Result<(), BootstrapError> {
+        let (rank, addr) = (cfg.rank, cfg.addr());
+        match read_frame(s) {
+            Ok(Some(f)) if f.kind == K_WELCOME => Ok(()),
+            Ok(Some(f)) if f.kind == K_REJECT => Err(BootstrapError::Rejected {
+                rank,
+                reason: String::from_utf8_lossy(&f.payload).into_owned(),
+            }),
+            Ok(Some(f)) => Err(BootstrapError::Protocol {
+                peer: addr,
+                detail: format!("unexpected frame kind {} instead of welcome", f.kind),
+            }),
+            Ok(None) => Err(BootstrapError::PeerGone {
+                rank,
+                peer: 0,
+                reason: "rank 0 closed the connection during the rendezvous".into(),
+            }),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                Err(BootstrapError::Timeout {
+                    rank,
+                    what: "waiting for rank 0 to admit every rank".into(),
+                    waited: start.elapsed(),
+                    missing: vec![0],
+                })
+            }
+            Err(e) => Err(BootstrapError::Protocol {
+                peer: addr,
+                detail: e.to_string(),
+            }),
+        }
     }
 
     /// Every rank contributes `blob`; every rank gets all blobs in rank order.

@@ -51,6 +51,8 @@ struct Row {
     fused: f64,
     seq: f64,
     gemm: f64,
+    /// fused/GEMM-only of each round's pair: median, lowest, highest.
+    fused_per_gemm: (f64, f64, f64),
     /// Route, count exchange, dispatch and combine alone.
     comm: f64,
     host_us: f64,
@@ -65,6 +67,16 @@ struct Row {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// `num[i] / den[i]` of each round: median, lowest, highest. Two modes timed
+/// in the same round share the GPU's state then (clocks, power, heat), so
+/// the ratio of a pair moves less than the ratio of two medians taken
+/// over rounds in which that state drifts.
+fn paired_ratio(num: &[f64], den: &[f64]) -> (f64, f64, f64) {
+    let mut r: Vec<f64> = num.iter().zip(den).map(|(n, d)| n / d).collect();
+    let m = median(&mut r);
+    (m, r[0], r[r.len() - 1])
 }
 
 /// Device time of one call of every rank: first start to last end over
@@ -234,13 +246,23 @@ fn bench_one(
     }
     let (mut f, mut s, mut g, mut c, mut host) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..a.iters {
-        world.set_mode(ExecMode::Fused);
-        f.push(timed(&mut world, |w| Ok(w.forward()?))?);
-        world.set_mode(ExecMode::Baseline);
-        s.push(timed(&mut world, |w| Ok(w.forward()?))?);
-        g.push(timed(&mut world, |w| Ok(w.gemms_only()?))?);
-        c.push(timed(&mut world, |w| Ok(w.comms_only()?))?);
+    for round in 0..a.iters {
+        // Each round starts with the next mode, so none always follows the
+        // same one (the GPU runs power-bound back to back: docs/PERF.md).
+        for m in 0..4 {
+            match (round + m) % 4 {
+                0 => {
+                    world.set_mode(ExecMode::Fused);
+                    f.push(timed(&mut world, |w| Ok(w.forward()?))?);
+                }
+                1 => {
+                    world.set_mode(ExecMode::Baseline);
+                    s.push(timed(&mut world, |w| Ok(w.forward()?))?);
+                }
+                2 => g.push(timed(&mut world, |w| Ok(w.gemms_only()?))?),
+                _ => c.push(timed(&mut world, |w| Ok(w.comms_only()?))?),
+            }
+        }
         world.set_mode(ExecMode::Fused);
         let t0 = Instant::now();
         world.forward()?;
@@ -264,6 +286,7 @@ fn bench_one(
         label: label.to_string(),
         ranks: cfg.ranks,
         tokens: a.tokens,
+        fused_per_gemm: paired_ratio(&f, &g),
         fused: median(&mut f),
         seq: median(&mut s),
         gemm: median(&mut g),
@@ -297,13 +320,14 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     }
     println!(
         "comet bench --gpu: device forward, {} routing, median of {} calls timed with CUDA events \
-         (first start to last end over the ranks of a GPU, the slowest GPU), modes in turns; torch \
+         (first start to last end over the ranks of a GPU, the slowest GPU), modes in turns, each \
+         round starting with the next; fused/GEMM-only the median of each round's pair; torch \
          layers on one GPU for the tokens the busiest GPU holds, every expert on it, in turns with ours; \
          host: time of one forward call per rank",
         a.routing, a.iters
     );
     println!();
-    println!("| shape | W | tokens/rank | overlap | fused ms | sequential ms | GEMM-only ms | comm-only ms | fused/GEMM-only | fused/max(comm, GEMM) | best torch | torch ms | fused ms in turns with it | torch/fused | host us/call | max abs fused-seq |");
+    println!("| shape | W | tokens/rank | overlap | fused ms | sequential ms | GEMM-only ms | comm-only ms | fused/GEMM-only (rounds' range) | fused/max(comm, GEMM) | best torch | torch ms | fused ms in turns with it | torch/fused | host us/call | max abs fused-seq |");
     println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let best = r
@@ -313,7 +337,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             .cloned()
             .unwrap_or(("-".into(), f64::NAN, f64::NAN));
         println!(
-            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1e} |",
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} ({:.3}-{:.3}) | {:.3} | {} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1e} |",
             r.label,
             r.ranks,
             r.tokens,
@@ -322,7 +346,9 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             r.seq,
             r.gemm,
             r.comm,
-            r.fused / r.gemm,
+            r.fused_per_gemm.0,
+            r.fused_per_gemm.1,
+            r.fused_per_gemm.2,
             r.fused / r.comm.max(r.gemm),
             best.0,
             best.1,
@@ -525,4 +551,20 @@ fn nccl_rank(
     _: &LayerOptions,
 ) -> Result<DeviceWorld> {
     anyhow::bail!("--transport nccl: this comet was built without NCCL (cargo build -p comet-cli --features nccl)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paired_ratio;
+
+    #[test]
+    fn paired_ratios_follow_each_round_not_the_medians() {
+        // The GPU slows down over the rounds; each round's pair keeps 1.1.
+        let fused = [11.0, 22.0, 33.0];
+        let gemm = [10.0, 20.0, 30.0];
+        let (m, lo, hi) = paired_ratio(&fused, &gemm);
+        assert!((m - 1.1).abs() < 1e-12 && (lo - 1.1).abs() < 1e-12 && (hi - 1.1).abs() < 1e-12);
+        let (m, lo, hi) = paired_ratio(&[1.0, 3.0, 2.0, 5.0], &[1.0, 1.0, 1.0, 1.0]);
+        assert_eq!((m, lo, hi), (3.0, 1.0, 5.0));
+    }
 }

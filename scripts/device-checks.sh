@@ -44,10 +44,13 @@ first)
   # call, in about 7 minutes: ranks of one process placed over the visible
   # GPUs (one GPU: all on it, as before), each rank's context made current
   # before the raw memsets of poison and a failed call's status and the
-  # GEMM-only launches, and the bench's events paired per GPU. The whole
-  # layer suite (it poisons before every call) and one bench row. On a
-  # multi-GPU kind run `multi` too.
+  # GEMM-only launches, the bench's events paired per GPU, its modes
+  # rotated round by round and fused/GEMM-only taken per round (median and
+  # range). The whole layer suite (it poisons before every call) and two
+  # bench rows (issue 13's W=1 ratio among them). On a multi-GPU kind run
+  # `multi` too.
   step gpu_layer tests gpu_layer 420
+  step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
   step "two qwen2-moe" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 5 --preset qwen2-moe 2>&1 | tee $O/two_qwen.md | grep -E '^[|] [a-z]|GPU'"
   ;;
 sanitize)

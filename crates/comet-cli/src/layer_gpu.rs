@@ -12,9 +12,10 @@
 //! count ([`visible_placement`]): with one GPU they share it (each gets its
 //! share of the SMs) and for W > 1 the "link" is device memory, the
 //! protocol on the real kernels, not link speed; with several, ranks store
-//! into each other's GPUs over NVLink. With `--transport local` every rank is staged through
-//! host memory instead, a proxy thread per rank carrying the bytes over the
-//! local transport: the host path of UCX and NCCL, with its copies. With
+//! into each other's GPUs over NVLink. With `--transport local` every rank
+//! is staged through host memory instead, a proxy thread per rank carrying
+//! the bytes over the local transport: the host path of UCX and NCCL, with
+//! its copies. With
 //! `--transport ucx` under `comet launch -n W` each process is one rank,
 //! staged over UCX (TCP or shared memory, per `UCX_TLS`), and prints its
 //! own row; the torch layers are not timed there. Without the launcher

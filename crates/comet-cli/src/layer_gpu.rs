@@ -124,6 +124,8 @@ fn inputs(cfg: &MoeConfig, tokens: usize, kind: RoutingKind, seed: u64) -> Vec<R
         .collect()
 }
 
+/// One shape: the world built, fused and sequential outputs compared, the
+/// torch layers timed in turns with ours, then the modes in turns.
 fn bench_one(
     cfg: &MoeConfig,
     label: &str,
@@ -131,6 +133,76 @@ fn bench_one(
     kind: RoutingKind,
     torch: &mut Option<TorchBaseline>,
 ) -> Result<Row> {
+    let ordinals = visible_placement(cfg.ranks);
+    let gpus = {
+        let mut g = ordinals.clone();
+        g.sort_unstable();
+        g.dedup();
+        g.len()
+    };
+    let (mut world, overlap) = build_world(cfg, label, a, &ordinals, gpus)?;
+    // Every rank's inputs, of which this process holds the ranks it runs.
+    let all = inputs(cfg, a.tokens, kind, a.seed);
+    let mine: Vec<RankInput> = world
+        .ranks()
+        .iter()
+        .map(|r| all[r.layer.rank()].clone())
+        .collect();
+    world.set_inputs(&mine)?;
+    let diff = fused_against_sequential(&mut world, label)?;
+    // The busiest GPU's tokens: those of its ranks (a launched rank runs
+    // the torch layers nowhere).
+    let torch_ok = match torch.as_mut() {
+        Some(t) => time_torch(
+            t,
+            &mut world,
+            cfg,
+            label,
+            a,
+            a.tokens * cfg.ranks.div_ceil(gpus),
+        )?,
+        None => Vec::new(),
+    };
+    let m = time_modes(&mut world, cfg, a)?;
+    let phases = if a.phases {
+        world.set_mode(ExecMode::Baseline);
+        world.time_phases(true)?;
+        world.forward()?;
+        world.check()?;
+        let t = world.phase_times()?;
+        world.time_phases(false)?;
+        t
+    } else {
+        None
+    };
+    world.barrier(Duration::from_secs(a.timeout_s))?;
+    Ok(Row {
+        phases,
+        label: label.to_string(),
+        ranks: cfg.ranks,
+        tokens: a.tokens,
+        fused_per_gemm: m.fused_per_gemm,
+        fused: m.fused,
+        seq: m.seq,
+        gemm: m.gemm,
+        comm: m.comm,
+        host_us: m.host_us,
+        torch: torch_ok,
+        diff,
+        overlap,
+    })
+}
+
+/// This process's ranks of the world over `a.transport` (rank r on GPU
+/// `ordinals[r]` where the ranks are this process's), and whether its plan
+/// overlaps.
+fn build_world(
+    cfg: &MoeConfig,
+    label: &str,
+    a: &LayerArgs,
+    ordinals: &[usize],
+    gpus: usize,
+) -> Result<(DeviceWorld, bool)> {
     let staged = matches!(a.transport.as_str(), "local" | "ucx");
     let mut opts = LayerOptions {
         timeout: Duration::from_secs(a.timeout_s),
@@ -155,13 +227,6 @@ fn bench_one(
     } else {
         String::new()
     };
-    let ordinals = visible_placement(cfg.ranks);
-    let gpus = {
-        let mut g = ordinals.clone();
-        g.sort_unstable();
-        g.dedup();
-        g.len()
-    };
     let placed = if launched(a) {
         String::new()
     } else {
@@ -175,11 +240,11 @@ fn bench_one(
         seed: a.seed,
         scale: 1.0 / (cfg.hidden as f32).sqrt(),
     };
-    let mut world = match a.transport.as_str() {
-        "local" => DeviceWorld::staged(cfg, &ordinals, a.tokens, weights, &opts, None)?,
-        "ucx" => ucx_world(cfg, &ordinals, a.tokens, weights, &mut opts, launched(a))?,
+    let world = match a.transport.as_str() {
+        "local" => DeviceWorld::staged(cfg, ordinals, a.tokens, weights, &opts, None)?,
+        "ucx" => ucx_world(cfg, ordinals, a.tokens, weights, &mut opts, launched(a))?,
         "nccl" => nccl_rank(cfg, a.tokens, weights, &opts)?,
-        _ => DeviceWorld::new(cfg, &ordinals, a.tokens, weights, &opts).with_context(|| {
+        _ => DeviceWorld::new(cfg, ordinals, a.tokens, weights, &opts).with_context(|| {
             format!(
                 "{} ranks over nvlink on GPUs {ordinals:?} (where GPUs cannot reach each \
                  other, CUDA_VISIBLE_DEVICES can name ones that can, or one for all to share)",
@@ -188,27 +253,24 @@ fn bench_one(
         })?,
     };
     let plan = world.ranks()[0].layer.plan();
-    let overlap = plan.overlap;
     // Which GEMM tiles ran (COMET_GEMM_FAMILY can change them).
     eprintln!(
         "  GEMM tiles: {} rows, FC1 {} and FC2 {} output columns",
         plan.tiles.bm, plan.tiles.fc1_cols, plan.tiles.fc2_cols
     );
-    if overlap {
+    if plan.overlap {
         eprintln!(
             "  overlapped: {} communication blocks beside {} GEMM CTAs, {} layer1 chunks",
             plan.comm_blocks, plan.gemm_grid_overlap, plan.chunks
         );
     }
-    // Every rank's inputs, of which this process holds the ranks it runs.
-    let all = inputs(cfg, a.tokens, kind, a.seed);
-    let mine: Vec<RankInput> = world
-        .ranks()
-        .iter()
-        .map(|r| all[r.layer.rank()].clone())
-        .collect();
-    world.set_inputs(&mine)?;
-    // Warm-up, then fused vs sequential outputs must agree.
+    let overlap = plan.overlap;
+    Ok((world, overlap))
+}
+
+/// A warm-up call in each mode; the largest difference between the fused
+/// and the sequential outputs, which must be finite.
+fn fused_against_sequential(world: &mut DeviceWorld, label: &str) -> Result<f64> {
     let mut outs = Vec::new();
     for mode in [ExecMode::Fused, ExecMode::Baseline] {
         world.set_mode(mode);
@@ -221,47 +283,72 @@ fn bench_one(
         anyhow::ensure!(f.is_finite() && b.is_finite(), "{label}: non-finite output");
         diff = diff.max((f - b).abs() as f64);
     }
-    // The busiest GPU's tokens: those of its ranks (a launched rank runs
-    // the torch layers nowhere).
-    let total_tokens = a.tokens * cfg.ranks.div_ceil(gpus);
-    let mut torch_ok = Vec::new();
-    if let Some(t) = torch.as_mut() {
-        for imp in TORCH_IMPLS {
-            let req = json!({"op": "prepare", "impl": imp, "hidden": cfg.hidden, "ffn": cfg.ffn,
-                "experts": cfg.experts, "top_k": cfg.top_k, "tokens": total_tokens, "seed": a.seed});
-            if t.prepare_request(req, &format!("{imp} {label}"))? {
-                // The helper holds one case at a time: time this one now,
-                // in turns with ours.
-                let mut ts = Vec::new();
-                let mut ours = Vec::new();
-                for _ in 0..a.iters {
-                    ts.push(t.time_once()?);
-                    world.set_mode(ExecMode::Fused);
-                    ours.push(timed(&mut world, |w| Ok(w.forward()?))?);
-                }
-                let (tm, om) = (median(&mut ts), median(&mut ours));
-                eprintln!("  {imp}: {tm:.3} ms (ours fused in turns {om:.3} ms)");
-                torch_ok.push((imp.to_string(), tm, om));
+    Ok(diff)
+}
+
+/// Each torch layer the helper can run for `tokens` tokens on one GPU,
+/// timed in turns with our fused call: (implementation, its ms, ours).
+fn time_torch(
+    t: &mut TorchBaseline,
+    world: &mut DeviceWorld,
+    cfg: &MoeConfig,
+    label: &str,
+    a: &LayerArgs,
+    tokens: usize,
+) -> Result<Vec<(String, f64, f64)>> {
+    let mut done = Vec::new();
+    for imp in TORCH_IMPLS {
+        let req = json!({"op": "prepare", "impl": imp, "hidden": cfg.hidden, "ffn": cfg.ffn,
+            "experts": cfg.experts, "top_k": cfg.top_k, "tokens": tokens, "seed": a.seed});
+        if t.prepare_request(req, &format!("{imp} {label}"))? {
+            // The helper holds one case at a time: time this one now, in
+            // turns with ours.
+            let mut ts = Vec::new();
+            let mut ours = Vec::new();
+            for _ in 0..a.iters {
+                ts.push(t.time_once()?);
+                world.set_mode(ExecMode::Fused);
+                ours.push(timed(world, |w| Ok(w.forward()?))?);
             }
+            let (tm, om) = (median(&mut ts), median(&mut ours));
+            eprintln!("  {imp}: {tm:.3} ms (ours fused in turns {om:.3} ms)");
+            done.push((imp.to_string(), tm, om));
         }
     }
+    Ok(done)
+}
+
+/// Medians of the modes timed in turns (ms), fused/GEMM-only per round,
+/// and the host's time per rank of one fused call (us).
+struct Modes {
+    fused: f64,
+    seq: f64,
+    gemm: f64,
+    comm: f64,
+    fused_per_gemm: (f64, f64, f64),
+    host_us: f64,
+}
+
+/// `a.iters` rounds of fused, sequential, GEMM-only and communication-only,
+/// each round starting with the next mode, so none always follows the
+/// same one (the GPU runs power-bound back to back: docs/PERF.md); then
+/// one fused call's host time.
+fn time_modes(world: &mut DeviceWorld, cfg: &MoeConfig, a: &LayerArgs) -> Result<Modes> {
     let (mut f, mut s, mut g, mut c, mut host) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..a.iters {
-        // Each round starts with the next mode, so none always follows the
-        // same one (the GPU runs power-bound back to back: docs/PERF.md).
         for m in 0..4 {
             match (round + m) % 4 {
                 0 => {
                     world.set_mode(ExecMode::Fused);
-                    f.push(timed(&mut world, |w| Ok(w.forward()?))?);
+                    f.push(timed(world, |w| Ok(w.forward()?))?);
                 }
                 1 => {
                     world.set_mode(ExecMode::Baseline);
-                    s.push(timed(&mut world, |w| Ok(w.forward()?))?);
+                    s.push(timed(world, |w| Ok(w.forward()?))?);
                 }
-                2 => g.push(timed(&mut world, |w| Ok(w.gemms_only()?))?),
-                _ => c.push(timed(&mut world, |w| Ok(w.comms_only()?))?),
+                2 => g.push(timed(world, |w| Ok(w.gemms_only()?))?),
+                _ => c.push(timed(world, |w| Ok(w.comms_only()?))?),
             }
         }
         world.set_mode(ExecMode::Fused);
@@ -270,32 +357,13 @@ fn bench_one(
         host.push(t0.elapsed().as_secs_f64() * 1e6 / cfg.ranks as f64);
         world.check()?;
     }
-    let phases = if a.phases {
-        world.set_mode(ExecMode::Baseline);
-        world.time_phases(true)?;
-        world.forward()?;
-        world.check()?;
-        let t = world.phase_times()?;
-        world.time_phases(false)?;
-        t
-    } else {
-        None
-    };
-    world.barrier(Duration::from_secs(a.timeout_s))?;
-    Ok(Row {
-        phases,
-        label: label.to_string(),
-        ranks: cfg.ranks,
-        tokens: a.tokens,
+    Ok(Modes {
         fused_per_gemm: paired_ratio(&f, &g),
         fused: median(&mut f),
         seq: median(&mut s),
         gemm: median(&mut g),
         comm: median(&mut c),
         host_us: median(&mut host),
-        torch: torch_ok,
-        diff,
-        overlap,
     })
 }
 

@@ -282,6 +282,33 @@ struct Symmetric {
     signals_at: CUdeviceptr,
 }
 
+impl Symmetric {
+    /// The symmetric buffers and signals on the transport, sized for the
+    /// plan (every rank allocates the same, collectively).
+    fn alloc<T: DeviceTransport>(
+        t: &T,
+        plan: &DevicePlan,
+        map: &SignalMap,
+    ) -> Result<Symmetric, SchedError> {
+        let (w, h, e) = (plan.cfg.ranks, plan.cfg.hidden, plan.cfg.experts);
+        let (counts, recv, comb) = (
+            t.alloc_buffer(2 * w * e * 4)?,
+            t.alloc_buffer(plan.recv_capacity * h * 2)?,
+            t.alloc_buffer(plan.send_capacity() * h * 2)?,
+        );
+        t.alloc_signals(map.wire_len())?;
+        Ok(Symmetric {
+            counts,
+            recv,
+            comb,
+            counts_at: t.buffer_ptr(counts)?,
+            recv_at: t.buffer_ptr(recv)?,
+            comb_at: t.buffer_ptr(comb)?,
+            signals_at: t.signals_ptr()?,
+        })
+    }
+}
+
 /// Device memory a layer owns, sized once for its plan. Zeroed per call:
 /// `counters` (segment, chunk and combine counts).
 struct Scratch {
@@ -395,65 +422,12 @@ impl<T: DeviceTransport> MoeLayer<T> {
         ctx.bind_to_thread()
             .map_err(|e| dev(rank, "bind context", e))?;
         let v = kernels.variants();
-        let mut figures = opts.figures_for(cfg.ranks);
-        if t.capabilities().initiation == Initiation::Host {
-            // A proxy carries the bytes, in its dispatch wire format, from
-            // mirrors the communication blocks fill.
-            figures.wire = opts.wire_format;
-            figures.proxy = true;
-        }
-        let sms = kernels.gemm.sm_count() as usize;
-        if opts.reserved_sms >= sms {
-            return Err(SchedError::Input {
-                rank,
-                message: format!(
-                    "{} SMs reserved for the transport leave none of the GPU's {sms} to the layer",
-                    opts.reserved_sms
-                ),
-            });
-        }
-        let mut plan = DevicePlan::new(
-            cfg,
-            capacity,
-            opts.recv_capacity,
-            sms - opts.reserved_sms,
-            opts.ranks_per_gpu,
-            v.tiles(),
-            &figures,
-        )?;
-        plan.gather_x = opts.gather_x && cfg.ranks == 1;
-        if let Some(n) = opts.comm_blocks {
-            plan.set_comm_blocks(n);
-        }
-        if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
-            return Err(SchedError::Input {
-                rank,
-                message: format!(
-                    "{} ranks x {} experts exceed the device layout's shared memory",
-                    cfg.ranks, cfg.experts
-                ),
-            });
-        }
+        let plan = Self::device_plan(cfg, capacity, &t, kernels, opts)?;
         for var in [v.fc1_wait, v.fc1, v.fc2_raise, v.fc2] {
             kernels.gemm.prepare(&var).map_err(kerr(rank))?;
         }
         let map = SignalMap::new(cfg, plan.chunks);
-        let (w, h) = (cfg.ranks, cfg.hidden);
-        let (counts, recv, comb) = (
-            t.alloc_buffer(2 * w * cfg.experts * 4)?,
-            t.alloc_buffer(plan.recv_capacity * h * 2)?,
-            t.alloc_buffer(plan.send_capacity() * h * 2)?,
-        );
-        t.alloc_signals(map.wire_len())?;
-        let sym = Symmetric {
-            counts,
-            recv,
-            comb,
-            counts_at: t.buffer_ptr(counts)?,
-            recv_at: t.buffer_ptr(recv)?,
-            comb_at: t.buffer_ptr(comb)?,
-            signals_at: t.signals_ptr()?,
-        };
+        let sym = Symmetric::alloc(&t, &plan, &map)?;
         let side = ctx
             .new_stream()
             .map_err(|e| dev(rank, "create side stream", e))?;
@@ -486,6 +460,59 @@ impl<T: DeviceTransport> MoeLayer<T> {
             routed: 0,
             marks: None,
         })
+    }
+
+    /// The plan this layer runs on this GPU: the cost model's figures for
+    /// the transport (a proxy's wire format where one carries the bytes),
+    /// the SMs left after `opts.reserved_sms`, and the options' overrides.
+    fn device_plan(
+        cfg: &MoeConfig,
+        capacity: usize,
+        t: &T,
+        kernels: &LayerKernels,
+        opts: &LayerOptions,
+    ) -> Result<DevicePlan, SchedError> {
+        let rank = t.rank();
+        let mut figures = opts.figures_for(cfg.ranks);
+        if t.capabilities().initiation == Initiation::Host {
+            // A proxy carries the bytes, in its dispatch wire format, from
+            // mirrors the communication blocks fill.
+            figures.wire = opts.wire_format;
+            figures.proxy = true;
+        }
+        let sms = kernels.gemm.sm_count() as usize;
+        if opts.reserved_sms >= sms {
+            return Err(SchedError::Input {
+                rank,
+                message: format!(
+                    "{} SMs reserved for the transport leave none of the GPU's {sms} to the layer",
+                    opts.reserved_sms
+                ),
+            });
+        }
+        let mut plan = DevicePlan::new(
+            cfg,
+            capacity,
+            opts.recv_capacity,
+            sms - opts.reserved_sms,
+            opts.ranks_per_gpu,
+            kernels.variants().tiles(),
+            &figures,
+        )?;
+        plan.gather_x = opts.gather_x && cfg.ranks == 1;
+        if let Some(n) = opts.comm_blocks {
+            plan.set_comm_blocks(n);
+        }
+        if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
+            return Err(SchedError::Input {
+                rank,
+                message: format!(
+                    "{} ranks x {} experts exceed the device layout's shared memory",
+                    cfg.ranks, cfg.experts
+                ),
+            });
+        }
+        Ok(plan)
     }
 
     pub fn plan(&self) -> &DevicePlan {

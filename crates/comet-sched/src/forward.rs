@@ -1374,7 +1374,7 @@ impl Scratch {
     ) -> Result<Scratch, SchedError> {
         let rank = t.rank();
         let cfg = &plan.cfg;
-        let (w, e, epr) = (cfg.ranks, cfg.experts, cfg.experts_per_rank());
+        let (w, e) = (cfg.ranks, cfg.experts);
         let mut mem: Vec<CudaSlice<u8>> = Vec::new();
         let mut alloc = |bytes: usize, what: &str| -> Result<CUdeviceptr, SchedError> {
             let s = stream
@@ -1423,8 +1423,44 @@ impl Scratch {
                 0
             },
         };
-        // Static tables: FC1 tile i of local expert le waits on the
-        // dispatch signals of its segments, in arrival order.
+        let (deps, [counts, signals, recv, comb]) = Self::static_tables(plan, map, t, sym)?;
+        let tables = [
+            (s.peer_counts, counts),
+            (s.peer_signals, signals),
+            (s.peer_recv, recv),
+            (s.peer_comb, comb),
+        ];
+        // The zero fills of the allocations above run on `stream`; the
+        // synchronous uploads below must come after them.
+        stream
+            .synchronize()
+            .map_err(|e| dev(rank, "allocate scratch", e))?;
+        let upload = |dst: CUdeviceptr, bytes: &[u8]| -> Result<(), SchedError> {
+            // SAFETY: dst is a scratch allocation of at least bytes.len()
+            // bytes; the copy is synchronous.
+            unsafe { cudarc::driver::result::memcpy_htod_sync(dst, bytes) }
+                .map_err(|e| dev(rank, "upload tables", e))
+        };
+        upload(s.deps, &words(&deps))?;
+        for (dst, ptrs) in &tables {
+            upload(*dst, &words(ptrs))?;
+        }
+        s._mem = mem;
+        Ok(s)
+    }
+
+    /// The tables that never change: each FC1 tile's dependencies (local
+    /// expert le's dispatch signals, its segments in arrival order), and
+    /// every rank's counts, signals, receive and combine buffers as this
+    /// rank's kernels address them.
+    fn static_tables<T: DeviceTransport>(
+        plan: &DevicePlan,
+        map: &SignalMap,
+        t: &T,
+        sym: &Symmetric,
+    ) -> Result<(Vec<u32>, [Vec<u64>; 4]), SchedError> {
+        let rank = t.rank();
+        let (w, epr) = (plan.cfg.ranks, plan.cfg.experts_per_rank());
         let deps: Vec<u32> = (0..epr)
             .flat_map(|le| {
                 (0..w).map(move |i| map.wire(map.dispatch(le, ring_source(rank, i, w))).index())
@@ -1461,35 +1497,15 @@ impl Scratch {
                 t.peer_signals_ptr(r)
             }
         };
-        let tables: [(CUdeviceptr, Vec<u64>); 4] = [
-            (s.peer_counts, peers(&own_or_peer(sym.counts), "counts")?),
-            (s.peer_signals, peers(&sig, "signals")?),
-            (
-                s.peer_recv,
+        Ok((
+            deps,
+            [
+                peers(&own_or_peer(sym.counts), "counts")?,
+                peers(&sig, "signals")?,
                 peers(&own_or_peer(sym.recv), "receive buffer")?,
-            ),
-            (
-                s.peer_comb,
                 peers(&own_or_peer(sym.comb), "combine buffer")?,
-            ),
-        ];
-        // The zero fills of the allocations above run on `stream`; the
-        // synchronous uploads below must come after them.
-        stream
-            .synchronize()
-            .map_err(|e| dev(rank, "allocate scratch", e))?;
-        let upload = |dst: CUdeviceptr, bytes: &[u8]| -> Result<(), SchedError> {
-            // SAFETY: dst is a scratch allocation of at least bytes.len()
-            // bytes; the copy is synchronous.
-            unsafe { cudarc::driver::result::memcpy_htod_sync(dst, bytes) }
-                .map_err(|e| dev(rank, "upload tables", e))
-        };
-        upload(s.deps, &words(&deps))?;
-        for (dst, ptrs) in &tables {
-            upload(*dst, &words(ptrs))?;
-        }
-        s._mem = mem;
-        Ok(s)
+            ],
+        ))
     }
 }
 

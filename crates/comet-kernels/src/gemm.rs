@@ -13,7 +13,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use crate::error::KernelError;
 use crate::nvrtc::{Compiler, Target};
 use crate::tiles::TailSplit;
-use crate::variants::{Epilogue, Family, GemmVariant};
+use crate::variants::{Epilogue, Family, GemmVariant, LaunchShape};
 
 /// Signal hooks of one launch (raw device pointers: signal arrays may live
 /// in peer or host-mapped memory).
@@ -456,149 +456,183 @@ impl GemmRuntime {
             return Ok(());
         }
         let (f, grid_cap) = self.function(v)?;
-        // Clustered variants: one cluster per tile pair, grid_cap a multiple
-        // of the cluster size.
-        let cm = v.cluster() as u32;
-        let mut split = TailSplit::none(args.num_tiles / cm as usize, (grid_cap / cm) as usize);
-        split.grid *= cm as usize;
-        split.begin = args.num_tiles;
-        let mut sk = (0, 0, 0);
-        if let Some(d) = args.device {
-            if cm != 1 {
+        let (split, sk) = launch_split(v, args, grid_cap)?;
+        let p = gemm_params(args, &split, sk);
+        let (grid, shape) = (split.grid as u32, v.launch_shape());
+        match v.family {
+            // SAFETY: the parameter is laid out as the kernel's GemmParams;
+            // pointer validity is the caller's contract.
+            Family::Sm80 => unsafe { launch_with(&f, grid, shape, stream, p) },
+            Family::Sm90 { bn, tma_store, .. } => {
+                let hp = self.hopper_params(v, args, p, bn, tma_store)?;
+                // SAFETY: laid out as the kernel's HopperParams; as above.
+                unsafe { launch_with(&f, grid, shape, stream, hp) }
+            }
+        }
+    }
+
+    /// The kernel parameter of a Hopper launch: tensor maps of A (none when
+    /// the producer gathers A), B and, for the store epilogue with bulk
+    /// stores, C, beside the common parameters.
+    fn hopper_params(
+        &self,
+        v: &GemmVariant,
+        args: &GemmArgs,
+        p: GemmParamsC,
+        bn: u32,
+        tma_store: bool,
+    ) -> Result<HopperParamsC, KernelError> {
+        // A gather loads A with cp.async, not TMA
+        // (kernels/grouped_gemm_sm90.cu): no map for it.
+        let tma_a = match args.gather {
+            Some(_) => [0; 16],
+            None => self.maps.get(
+                args.a,
+                &[args.k as u64, args.total_rows as u64],
+                &[args.k as u64 * 2],
+                &[64, 128],
+            )?,
+        };
+        let tma_b = self.maps.get(
+            args.b,
+            &[args.k as u64, args.n as u64, args.experts as u64],
+            &[args.k as u64 * 2, (args.n * args.k * 2) as u64],
+            &[64, bn / 2, 1],
+        )?;
+        // C as bulk stores see it; a C the driver will not map (e.g. a
+        // misaligned base) just keeps every tile on plain stores.
+        let tma_c = if tma_store && v.epilogue == Epilogue::Store {
+            self.maps
+                .get(
+                    args.c,
+                    &[args.n as u64, args.total_rows as u64],
+                    &[args.ldc as u64 * 2],
+                    &[64, 64],
+                )
+                .ok()
+        } else {
+            None
+        };
+        Ok(HopperParamsC {
+            tma_a,
+            tma_b,
+            tma_c: tma_c.unwrap_or([0; 16]),
+            p,
+            tma_store: i32::from(tma_c.is_some()),
+        })
+    }
+}
+
+/// Launches `f` with its one parameter block `param` (a `__grid_constant__`
+/// struct the driver copies at the launch).
+///
+/// # Safety
+/// `param` is laid out as the kernel's parameter; the pointers in it are
+/// valid for the kernel; `stream` is a live stream of `f`'s context.
+unsafe fn launch_with<P>(
+    f: &CudaFunction,
+    grid: u32,
+    shape: LaunchShape,
+    stream: sys::CUstream,
+    mut param: P,
+) -> Result<(), KernelError> {
+    let mut params = [&mut param as *mut P as *mut c_void];
+    // SAFETY: the caller's contract; `param` outlives the call, which
+    // copies it.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            f.cu_function(),
+            (grid, 1, 1),
+            (shape.threads, 1, 1),
+            shape.smem_bytes,
+            stream,
+            &mut params,
+        )
+    }?;
+    Ok(())
+}
+
+/// How a launch spreads its tiles: its grid (clustered variants one
+/// cluster per tile pair; a device tile count at most its grid) and, where
+/// the family splits the last wave along K and the workspace is given,
+/// that split with its (partials, flags, epoch) workspace.
+fn launch_split(
+    v: &GemmVariant,
+    args: &GemmArgs,
+    grid_cap: u32,
+) -> Result<(TailSplit, (u64, u64, u64)), KernelError> {
+    let cm = v.cluster() as u32;
+    let mut split = TailSplit::none(args.num_tiles / cm as usize, (grid_cap / cm) as usize);
+    split.grid *= cm as usize;
+    split.begin = args.num_tiles;
+    let mut sk = (0, 0, 0);
+    if let Some(d) = args.device {
+        if cm != 1 {
+            return Err(KernelError::InvalidShape(format!(
+                "{} runs in clusters; a device tile count needs one CTA per tile",
+                v.kernel_name()
+            )));
+        }
+        split.grid = split.grid.min(d.grid.max(1) as usize);
+    } else if let (Some(w), true) = (args.split, v.family.splits_tail()) {
+        let plan = TailSplit::plan(args.num_tiles, args.k / 64, grid_cap as usize);
+        if plan.ctas > 0 {
+            if w.slots < plan.ctas || w.partials == 0 || w.flags == 0 || args.err == 0 {
                 return Err(KernelError::InvalidShape(format!(
-                    "{} runs in clusters; a device tile count needs one CTA per tile",
-                    v.kernel_name()
+                    "the split tail needs {} workspace slots, flags and the error word \
+                     (given {} slots)",
+                    plan.ctas, w.slots
                 )));
             }
-            split.grid = split.grid.min(d.grid.max(1) as usize);
-        } else if let (Some(w), true) = (args.split, v.family.splits_tail()) {
-            let plan = TailSplit::plan(args.num_tiles, args.k / 64, grid_cap as usize);
-            if plan.ctas > 0 {
-                if w.slots < plan.ctas || w.partials == 0 || w.flags == 0 || args.err == 0 {
-                    return Err(KernelError::InvalidShape(format!(
-                        "the split tail needs {} workspace slots, flags and the error word \
-                         (given {} slots)",
-                        plan.ctas, w.slots
-                    )));
-                }
-                tracing::debug!(?plan, "split tail");
-                split = plan;
-                sk = (w.partials, w.flags, w.epoch);
-            }
+            tracing::debug!(?plan, "split tail");
+            split = plan;
+            sk = (w.partials, w.flags, w.epoch);
         }
-        let h = args.hooks.unwrap_or(HookArgs {
-            signals: 0,
-            deps: 0,
-            wait_target: 0,
-            raise_value: 0,
-            timeout_ns: 0,
-        });
-        let p = GemmParamsC {
-            a: args.a,
-            b: args.b,
-            c: args.c,
-            tiles: args.tiles,
-            scatter_idx: args.scatter_idx,
-            scatter_w: args.scatter_w,
-            signals: h.signals,
-            deps: h.deps,
-            err: args.err,
-            wait_target: h.wait_target,
-            raise_value: h.raise_value,
-            timeout_ns: if args.hooks.is_none() && split.ctas > 0 {
-                SPLIT_TIMEOUT_NS
-            } else {
-                h.timeout_ns
-            },
-            num_tiles: args.num_tiles as i32,
-            k: args.k as i32,
-            n: args.n as i32,
-            ldc: args.ldc as i32,
-            total_rows: args.total_rows as i32,
-            experts: args.experts as i32,
-            sk_partials: sk.0,
-            sk_flags: sk.1,
-            sk_epoch: sk.2,
-            sk_begin: split.begin as i32,
-            sk_len: split.len as i32,
-            sk_ctas: split.ctas as i32,
-            num_tiles_dev: args.device.map_or(0, |d| d.num_tiles),
-            epoch_dev: args.device.map_or(0, |d| d.epoch),
-            a_rows: args.gather.map_or(0, |g| g.rows),
-        };
-        let shape = v.launch_shape();
-        let grid = split.grid as u32;
-        match v.family {
-            Family::Sm80 => {
-                let mut pc = p;
-                let mut params = [&mut pc as *mut GemmParamsC as *mut c_void];
-                // SAFETY: one parameter, laid out as the kernel's GemmParams;
-                // pointer validity is the caller's contract.
-                unsafe {
-                    cudarc::driver::result::launch_kernel(
-                        f.cu_function(),
-                        (grid, 1, 1),
-                        (shape.threads, 1, 1),
-                        shape.smem_bytes,
-                        stream,
-                        &mut params,
-                    )
-                }?;
-            }
-            Family::Sm90 { bn, tma_store, .. } => {
-                // A gather loads A with cp.async, not TMA
-                // (kernels/grouped_gemm_sm90.cu): no map for it.
-                let tma_a = match args.gather {
-                    Some(_) => [0; 16],
-                    None => self.maps.get(
-                        args.a,
-                        &[args.k as u64, args.total_rows as u64],
-                        &[args.k as u64 * 2],
-                        &[64, 128],
-                    )?,
-                };
-                let tma_b = self.maps.get(
-                    args.b,
-                    &[args.k as u64, args.n as u64, args.experts as u64],
-                    &[args.k as u64 * 2, (args.n * args.k * 2) as u64],
-                    &[64, bn / 2, 1],
-                )?;
-                // C as bulk stores see it; a C the driver will not map (e.g. a
-                // misaligned base) just keeps every tile on plain stores.
-                let tma_c = if tma_store && v.epilogue == Epilogue::Store {
-                    self.maps
-                        .get(
-                            args.c,
-                            &[args.n as u64, args.total_rows as u64],
-                            &[args.ldc as u64 * 2],
-                            &[64, 64],
-                        )
-                        .ok()
-                } else {
-                    None
-                };
-                let mut hp = HopperParamsC {
-                    tma_a,
-                    tma_b,
-                    tma_c: tma_c.unwrap_or([0; 16]),
-                    p,
-                    tma_store: i32::from(tma_c.is_some()),
-                };
-                let mut params = [&mut hp as *mut HopperParamsC as *mut c_void];
-                // SAFETY: as above, laid out as the kernel's HopperParams.
-                unsafe {
-                    cudarc::driver::result::launch_kernel(
-                        f.cu_function(),
-                        (grid, 1, 1),
-                        (shape.threads, 1, 1),
-                        shape.smem_bytes,
-                        stream,
-                        &mut params,
-                    )
-                }?;
-            }
-        }
-        Ok(())
+    }
+    Ok((split, sk))
+}
+
+/// The kernels' common parameter block for one launch.
+fn gemm_params(args: &GemmArgs, split: &TailSplit, sk: (u64, u64, u64)) -> GemmParamsC {
+    let h = args.hooks.unwrap_or(HookArgs {
+        signals: 0,
+        deps: 0,
+        wait_target: 0,
+        raise_value: 0,
+        timeout_ns: 0,
+    });
+    GemmParamsC {
+        a: args.a,
+        b: args.b,
+        c: args.c,
+        tiles: args.tiles,
+        scatter_idx: args.scatter_idx,
+        scatter_w: args.scatter_w,
+        signals: h.signals,
+        deps: h.deps,
+        err: args.err,
+        wait_target: h.wait_target,
+        raise_value: h.raise_value,
+        timeout_ns: if args.hooks.is_none() && split.ctas > 0 {
+            SPLIT_TIMEOUT_NS
+        } else {
+            h.timeout_ns
+        },
+        num_tiles: args.num_tiles as i32,
+        k: args.k as i32,
+        n: args.n as i32,
+        ldc: args.ldc as i32,
+        total_rows: args.total_rows as i32,
+        experts: args.experts as i32,
+        sk_partials: sk.0,
+        sk_flags: sk.1,
+        sk_epoch: sk.2,
+        sk_begin: split.begin as i32,
+        sk_len: split.len as i32,
+        sk_ctas: split.ctas as i32,
+        num_tiles_dev: args.device.map_or(0, |d| d.num_tiles),
+        epoch_dev: args.device.map_or(0, |d| d.epoch),
+        a_rows: args.gather.map_or(0, |g| g.rows),
     }
 }
 

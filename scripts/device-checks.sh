@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open (layer tests, a bench row), ~7 min
+#   bash scripts/device-checks.sh first   # what the last session left open (kernel and layer tests, bench rows), ~8 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
@@ -46,9 +46,14 @@ first)
   # before the raw memsets of poison and a failed call's status and the
   # GEMM-only launches, the bench's events paired per GPU, its modes
   # rotated round by round and fused/GEMM-only taken per round (median and
-  # range). The whole layer suite (it poisons before every call) and two
-  # bench rows (issue 13's W=1 ratio among them). On a multi-GPU kind run
-  # `multi` too.
+  # range). Refactored without a GPU: GemmRuntime::launch_raw (split,
+  # parameters, tensor maps, launch as functions), MoeLayer::new's plan and
+  # symmetric buffers, Scratch::new's static tables, and the bench as its
+  # phases. The kernel tests (every family, split tails, clusters), the
+  # whole layer suite (it poisons before every call) and two bench rows
+  # (issue 13's W=1 ratio among them), about 8 minutes. On a multi-GPU
+  # kind run `multi` too.
+  step comet-kernels-gpu tests comet-kernels-gpu 120
   step gpu_layer tests gpu_layer 420
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
   step "two qwen2-moe" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 5 --preset qwen2-moe 2>&1 | tee $O/two_qwen.md | grep -E '^[|] [a-z]|GPU'"

@@ -86,6 +86,73 @@ fn bad(field: &'static str, problem: String) -> SchedError {
     SchedError::Core(comet_core::CoreError::InvalidConfig { field, problem })
 }
 
+/// The shape, capacity and tiles a device plan can take: one error naming
+/// the first field that cannot work.
+fn check_shape(
+    cfg: &MoeConfig,
+    capacity: usize,
+    sms: usize,
+    ranks_per_gpu: usize,
+    tiles: &KernelTiles,
+) -> Result<(), SchedError> {
+    cfg.validate()?;
+    let (w, h, f) = (cfg.ranks, cfg.hidden, cfg.ffn);
+    if capacity == 0 {
+        return Err(bad("capacity", "must be at least one token".into()));
+    }
+    if cfg.experts > MAX_EXPERTS || w > MAX_RANKS {
+        return Err(bad(
+            "experts",
+            format!(
+                "{} experts over {w} ranks: the device layout handles at most \
+                 {MAX_EXPERTS} experts and {MAX_RANKS} ranks",
+                cfg.experts
+            ),
+        ));
+    }
+    if cfg.top_k > MAX_TOP_K {
+        return Err(bad(
+            "top_k",
+            format!("{} exceeds the device reduce's {MAX_TOP_K}", cfg.top_k),
+        ));
+    }
+    for (field, n) in [
+        ("sms", sms),
+        ("ranks_per_gpu", ranks_per_gpu),
+        ("tile rows", tiles.bm),
+        ("FC1 tile columns", tiles.fc1_cols),
+        ("FC2 tile columns", tiles.fc2_cols),
+        ("FC1 raster group", tiles.fc1_group),
+        ("FC2 raster group", tiles.fc2_group),
+    ] {
+        if n == 0 {
+            return Err(bad(field, "must be at least 1".into()));
+        }
+    }
+    for (field, n, tile, which) in [
+        ("hidden", h, tiles.fc2_cols, "FC2"),
+        ("ffn", f, tiles.fc1_cols, "FC1"),
+    ] {
+        let step = lcm(64, tile);
+        if !n.is_multiple_of(step) {
+            return Err(bad(
+                field,
+                format!("{n} must be a multiple of {step} (of 64 and of the {which} tile's {tile} columns)"),
+            ));
+        }
+    }
+    if capacity * cfg.top_k > i32::MAX as usize {
+        return Err(bad(
+            "capacity",
+            format!(
+                "{capacity} tokens x top-{} rows do not fit 32-bit row indices",
+                cfg.top_k
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl DevicePlan {
     /// `recv_capacity: None` sizes the receive side for the worst case
     /// (every rank sends all its tokens to this rank's experts).
@@ -98,65 +165,12 @@ impl DevicePlan {
         tiles: KernelTiles,
         figures: &DeviceFigures,
     ) -> Result<DevicePlan, SchedError> {
-        cfg.validate()?;
-        let (w, h, f, epr) = (cfg.ranks, cfg.hidden, cfg.ffn, cfg.experts_per_rank());
-        if capacity == 0 {
-            return Err(bad("capacity", "must be at least one token".into()));
-        }
-        if cfg.experts > MAX_EXPERTS || w > MAX_RANKS {
-            return Err(bad(
-                "experts",
-                format!(
-                    "{} experts over {w} ranks: the device layout handles at most \
-                     {MAX_EXPERTS} experts and {MAX_RANKS} ranks",
-                    cfg.experts
-                ),
-            ));
-        }
-        if cfg.top_k > MAX_TOP_K {
-            return Err(bad(
-                "top_k",
-                format!("{} exceeds the device reduce's {MAX_TOP_K}", cfg.top_k),
-            ));
-        }
-        for (field, n) in [
-            ("sms", sms),
-            ("ranks_per_gpu", ranks_per_gpu),
-            ("tile rows", tiles.bm),
-            ("FC1 tile columns", tiles.fc1_cols),
-            ("FC2 tile columns", tiles.fc2_cols),
-            ("FC1 raster group", tiles.fc1_group),
-            ("FC2 raster group", tiles.fc2_group),
-        ] {
-            if n == 0 {
-                return Err(bad(field, "must be at least 1".into()));
-            }
-        }
-        for (field, n, tile, which) in [
-            ("hidden", h, tiles.fc2_cols, "FC2"),
-            ("ffn", f, tiles.fc1_cols, "FC1"),
-        ] {
-            let step = lcm(64, tile);
-            if !n.is_multiple_of(step) {
-                return Err(bad(
-                    field,
-                    format!("{n} must be a multiple of {step} (of 64 and of the {which} tile's {tile} columns)"),
-                ));
-            }
-        }
+        check_shape(cfg, capacity, sms, ranks_per_gpu, &tiles)?;
+        let (w, h, epr) = (cfg.ranks, cfg.hidden, cfg.experts_per_rank());
         let worst = w * capacity * cfg.top_k.min(epr);
         // A bound above the worst case buys nothing: nothing can arrive
         // beyond it.
         let recv_capacity = recv_capacity.unwrap_or(worst).min(worst).max(1);
-        if capacity * cfg.top_k > i32::MAX as usize {
-            return Err(bad(
-                "capacity",
-                format!(
-                    "{capacity} tokens x top-{} rows do not fit 32-bit row indices",
-                    cfg.top_k
-                ),
-            ));
-        }
         if recv_capacity > i32::MAX as usize / 2 {
             return Err(bad(
                 "recv_capacity",

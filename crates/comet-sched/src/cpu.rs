@@ -271,41 +271,17 @@ impl<T: Transport> CpuRank<T> {
             trace_on: opts.trace,
         };
 
-        let weights = &self.weights;
-        let chunk_base = &self.chunk_base;
         let (y, mut stats, worker_traces) = match mode {
-            ExecMode::Fused => std::thread::scope(|s| {
-                let comm = s.spawn(|| -> Result<Trace, SchedError> {
-                    let mut tr = Trace::new(origin);
-                    call.dispatch(&mut tr)?;
-                    call.send_chunks(Some(chunk_base), &mut tr)?;
-                    Ok(tr)
-                });
-                let mut tr = Trace::new(origin);
-                let computed = call.compute(weights, routing, &positions, opts.fault, &mut tr);
-                let comm = comm.join().map_err(|p| SchedError::Panicked {
-                    rank,
-                    message: panic_text(p),
-                })?;
-                // A failed send makes the compute worker time out: report the send.
-                let (comm, computed) = match (comm, computed) {
-                    (Err(e), Err(_)) => return Err(e),
-                    pair => pair,
-                };
-                let (y, stats) = computed?;
-                let mut ctr = comm?;
-                ctr.extend(tr);
-                Ok::<_, SchedError>((y, stats, ctr))
-            })?,
+            ExecMode::Fused => call.run_fused(
+                &self.weights,
+                &self.chunk_base,
+                routing,
+                &positions,
+                opts,
+                origin,
+            )?,
             ExecMode::Baseline => {
-                let mut tr = Trace::new(origin);
-                let t0 = Instant::now();
-                call.dispatch(&mut tr)?;
-                call.wait_all_segments(&mut tr)?;
-                let (y, mut stats) =
-                    call.compute_baseline(weights, routing, &positions, opts.fault, &mut tr)?;
-                stats.layer0 += t0.elapsed() - stats.layer0 - stats.layer1;
-                (y, stats, tr)
+                call.run_baseline(&self.weights, routing, &positions, opts, origin)?
             }
         };
         if mode == ExecMode::Fused {
@@ -322,6 +298,62 @@ impl<T: Transport> CpuRank<T> {
 }
 
 impl<T: Transport> Call<'_, T> {
+    /// The fused call: a communication worker (dispatch, then each layer1
+    /// chunk as it completes) beside the compute worker.
+    fn run_fused(
+        &self,
+        weights: &ExpertWeights,
+        chunk_base: &[u64],
+        routing: &Routing,
+        positions: &[usize],
+        opts: &ExecOptions,
+        origin: Instant,
+    ) -> Result<(Vec<f32>, CallStats, Trace), SchedError> {
+        std::thread::scope(|s| {
+            let comm = s.spawn(|| -> Result<Trace, SchedError> {
+                let mut tr = Trace::new(origin);
+                self.dispatch(&mut tr)?;
+                self.send_chunks(Some(chunk_base), &mut tr)?;
+                Ok(tr)
+            });
+            let mut tr = Trace::new(origin);
+            let computed = self.compute(weights, routing, positions, opts.fault, &mut tr);
+            let comm = comm.join().map_err(|p| SchedError::Panicked {
+                rank: self.rank,
+                message: panic_text(p),
+            })?;
+            // A failed send makes the compute worker time out: report the send.
+            let (comm, computed) = match (comm, computed) {
+                (Err(e), Err(_)) => return Err(e),
+                pair => pair,
+            };
+            let (y, stats) = computed?;
+            let mut ctr = comm?;
+            ctr.extend(tr);
+            Ok((y, stats, ctr))
+        })
+    }
+
+    /// The baseline call: the whole dispatch, then every tile, then the
+    /// whole combine and the reduce.
+    fn run_baseline(
+        &self,
+        weights: &ExpertWeights,
+        routing: &Routing,
+        positions: &[usize],
+        opts: &ExecOptions,
+        origin: Instant,
+    ) -> Result<(Vec<f32>, CallStats, Trace), SchedError> {
+        let mut tr = Trace::new(origin);
+        let t0 = Instant::now();
+        self.dispatch(&mut tr)?;
+        self.wait_all_segments(&mut tr)?;
+        let (y, mut stats) =
+            self.compute_baseline(weights, routing, positions, opts.fault, &mut tr)?;
+        stats.layer0 += t0.elapsed() - stats.layer0 - stats.layer1;
+        Ok((y, stats, tr))
+    }
+
     /// The transports' index of map signal `id`.
     fn sig(&self, id: SignalId) -> comet_transport::SignalId {
         self.map.wire(id).index()

@@ -343,6 +343,18 @@ struct Tokens {
     sums: Vec<f32>,
 }
 
+impl Tokens {
+    /// A new call's start: no send order yet, nothing used or landed, no
+    /// pair's rows or landing index (the slots keep their epochs).
+    fn reset(&mut self) {
+        self.order = None;
+        self.used.fill(0);
+        self.landed.fill(0);
+        self.back.iter_mut().for_each(|b| *b = None);
+        self.landing_index.fill(None);
+    }
+}
+
 /// What an expert side knows of the rows a peer sent it in this call: the
 /// token slot and ratio of each row (in the pair's row order, which is
 /// the order of its combine rows too) and how many slots they name.
@@ -493,11 +505,7 @@ impl<'t> StagedProxy<'t> {
             stats: StagedStats::default(),
         };
         if let Some(tok) = &mut self.tokens {
-            tok.order = None;
-            tok.used.fill(0);
-            tok.landed.fill(0);
-            tok.back.iter_mut().for_each(|b| *b = None);
-            tok.landing_index.fill(None);
+            tok.reset();
         }
         // Downloads started, oldest first: put out as they finish.
         let mut staging: VecDeque<Staging> = Default::default();
@@ -517,24 +525,8 @@ impl<'t> StagedProxy<'t> {
             self.land_arrived(dev, &mut lands, &mut call)?;
             self.send_staged(dev, &mut staging, &mut call)?;
             if !planned && call.rows.iter().all(Option::is_some) {
-                call.counts = call.rows.iter().flatten().cloned().collect();
+                self.plan_pieces(&mut call, &mut sends, &mut lands);
                 planned = true;
-                match self.geo.data_pieces(me, &call.counts) {
-                    Ok(all) => {
-                        sends.extend(all.iter().filter(|p| p.from == me).copied());
-                        for p in sends
-                            .iter()
-                            .filter(|p| matches!(p.kind, Kind::Dispatch { .. }))
-                        {
-                            call.unsent[p.to] += 1;
-                        }
-                        lands.extend(all.iter().filter(|p| p.to == me).copied());
-                    }
-                    Err(e) => {
-                        tracing::debug!(rank = me, epoch, error = %e, "call refused");
-                        call.stats.refused = true;
-                    }
-                }
                 // Planning is progress: the count rows all came in.
                 idle = 0;
                 moved_at = Instant::now();
@@ -576,6 +568,30 @@ impl<'t> StagedProxy<'t> {
         dev.end_call()?;
         call.stats.elapsed = started.elapsed();
         Ok(call.stats)
+    }
+
+    /// With every rank's row of counts in: this rank's data pieces to send
+    /// and to land, or a refused call (rows over a receive capacity), which
+    /// moves no data and which every rank refuses alike.
+    fn plan_pieces(&self, call: &mut Call, sends: &mut Vec<Piece>, lands: &mut Vec<Piece>) {
+        let me = self.t.rank();
+        call.counts = call.rows.iter().flatten().cloned().collect();
+        match self.geo.data_pieces(me, &call.counts) {
+            Ok(all) => {
+                sends.extend(all.iter().filter(|p| p.from == me).copied());
+                for p in sends
+                    .iter()
+                    .filter(|p| matches!(p.kind, Kind::Dispatch { .. }))
+                {
+                    call.unsent[p.to] += 1;
+                }
+                lands.extend(all.iter().filter(|p| p.to == me).copied());
+            }
+            Err(e) => {
+                tracing::debug!(rank = me, epoch = call.epoch, error = %e, "call refused");
+                call.stats.refused = true;
+            }
+        }
     }
 
     /// Starts the download of every pending piece whose ready word has

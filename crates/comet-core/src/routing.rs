@@ -117,16 +117,6 @@ impl Routing {
         let (e, k) = (cfg.experts, cfg.top_k);
         let mut rng =
             ChaCha8Rng::seed_from_u64(seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let normal_logits = |rng: &mut ChaCha8Rng, n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    // Box-Muller keeps us on plain `rand` without rand_distr.
-                    let u1: f32 = rng.gen_range(1e-7f32..1.0);
-                    let u2: f32 = rng.gen();
-                    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-                })
-                .collect()
-        };
         match kind {
             RoutingKind::Uniform => {
                 let logits = normal_logits(&mut rng, tokens * e);
@@ -137,68 +127,76 @@ impl Routing {
                 let logits = normal_logits(&mut rng, t * e);
                 Routing::softmax_topk(&logits, e, k).expect("validated config")
             }
-            RoutingKind::Zipf(s) => {
-                // Popularity 1/(i+1)^s over a seeded permutation of experts,
-                // the same permutation on every rank (seeded without rank).
-                let perm = shuffled(e, &mut ChaCha8Rng::seed_from_u64(seed));
-                let pop: Vec<f64> = (0..e).map(|i| 1.0 / ((i + 1) as f64).powf(s)).collect();
-                let mut ids = Vec::with_capacity(tokens * k);
-                let mut weights = Vec::with_capacity(tokens * k);
-                for _ in 0..tokens {
-                    let mut w = pop.clone();
-                    let mut chosen = Vec::with_capacity(k);
-                    for _ in 0..k {
-                        let idx = WeightedIndex::new(&w)
-                            .expect("positive weights")
-                            .sample(&mut rng);
-                        w[idx] = 0.0;
-                        chosen.push(perm[idx] as u32);
-                    }
-                    ids.extend(chosen);
-                    weights.extend(token_weights(&mut rng, k));
-                }
-                Routing {
-                    tokens,
-                    top_k: k,
-                    ids,
-                    weights,
-                }
+            RoutingKind::Zipf(s) => Self::zipf(e, k, tokens, s, seed, &mut rng),
+            RoutingKind::AllToOne => Self::all_to_one(e, k, tokens, seed, &mut rng),
+            RoutingKind::SomeEmpty => Self::some_empty(e, k, tokens, seed, &mut rng),
+        }
+    }
+
+    /// Popularity 1/(i+1)^s over a seeded permutation of the experts, the
+    /// same permutation on every rank (seeded without the rank).
+    fn zipf(e: usize, k: usize, tokens: usize, s: f64, seed: u64, rng: &mut ChaCha8Rng) -> Routing {
+        let perm = shuffled(e, &mut ChaCha8Rng::seed_from_u64(seed));
+        let pop: Vec<f64> = (0..e).map(|i| 1.0 / ((i + 1) as f64).powf(s)).collect();
+        let mut ids = Vec::with_capacity(tokens * k);
+        let mut weights = Vec::with_capacity(tokens * k);
+        for _ in 0..tokens {
+            let mut w = pop.clone();
+            let mut chosen = Vec::with_capacity(k);
+            for _ in 0..k {
+                let idx = WeightedIndex::new(&w)
+                    .expect("positive weights")
+                    .sample(rng);
+                w[idx] = 0.0;
+                chosen.push(perm[idx] as u32);
             }
-            RoutingKind::AllToOne => {
-                let hot = (seed as usize) % e;
-                let mut ids = Vec::with_capacity(tokens * k);
-                let mut weights = Vec::with_capacity(tokens * k);
-                for _ in 0..tokens {
-                    ids.extend((0..k).map(|j| ((hot + j) % e) as u32));
-                    weights.extend(token_weights(&mut rng, k));
-                }
-                Routing {
-                    tokens,
-                    top_k: k,
-                    ids,
-                    weights,
-                }
-            }
-            RoutingKind::SomeEmpty => {
-                // The live subset is seeded without rank so that it is the
-                // same everywhere and the other experts are truly empty.
-                let live = k.max(e / 2);
-                let perm = shuffled(e, &mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(1)));
-                let live_set = &perm[..live];
-                let logits = normal_logits(&mut rng, tokens * live);
-                let sub = Routing::softmax_topk(&logits, live, k).expect("k <= live");
-                let ids = sub
-                    .ids
-                    .iter()
-                    .map(|&i| live_set[i as usize] as u32)
-                    .collect();
-                Routing {
-                    tokens,
-                    top_k: k,
-                    ids,
-                    weights: sub.weights,
-                }
-            }
+            ids.extend(chosen);
+            weights.extend(token_weights(rng, k));
+        }
+        Routing {
+            tokens,
+            top_k: k,
+            ids,
+            weights,
+        }
+    }
+
+    /// Every token to the same k experts from a seeded one on.
+    fn all_to_one(e: usize, k: usize, tokens: usize, seed: u64, rng: &mut ChaCha8Rng) -> Routing {
+        let hot = (seed as usize) % e;
+        let mut ids = Vec::with_capacity(tokens * k);
+        let mut weights = Vec::with_capacity(tokens * k);
+        for _ in 0..tokens {
+            ids.extend((0..k).map(|j| ((hot + j) % e) as u32));
+            weights.extend(token_weights(rng, k));
+        }
+        Routing {
+            tokens,
+            top_k: k,
+            ids,
+            weights,
+        }
+    }
+
+    /// Uniform over a live half of the experts (at least k), the others
+    /// empty. The live subset is seeded without the rank so that it is the
+    /// same everywhere and the other experts are truly empty.
+    fn some_empty(e: usize, k: usize, tokens: usize, seed: u64, rng: &mut ChaCha8Rng) -> Routing {
+        let live = k.max(e / 2);
+        let perm = shuffled(e, &mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(1)));
+        let live_set = &perm[..live];
+        let logits = normal_logits(rng, tokens * live);
+        let sub = Routing::softmax_topk(&logits, live, k).expect("k <= live");
+        let ids = sub
+            .ids
+            .iter()
+            .map(|&i| live_set[i as usize] as u32)
+            .collect();
+        Routing {
+            tokens,
+            top_k: k,
+            ids,
+            weights: sub.weights,
         }
     }
 
@@ -256,6 +254,18 @@ impl Routing {
         }
         c
     }
+}
+
+/// `n` standard normal logits (Box-Muller keeps us on plain `rand`
+/// without rand_distr).
+fn normal_logits(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.gen_range(1e-7f32..1.0);
+            let u2: f32 = rng.gen();
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
 }
 
 /// A permutation of `0..n` drawn from `rng` (Fisher-Yates): the generators

@@ -565,7 +565,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     pub unsafe fn forward(&mut self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         self.check_args(a)?;
         // First: a failed last call's status is cleared by a memset on
-        // this rank's stream, which needs this rank's context current.
+        // this layer's side stream, which needs its context current.
         self.bind()?;
         self.take_status()?;
         // SAFETY: the caller's contract covers `a` and `stream`; everything
@@ -1304,7 +1304,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     ) -> Result<(), SchedError> {
         self.check_args(a)?;
         // First: a failed last call's status is cleared by a memset on
-        // this rank's stream, which needs this rank's context current.
+        // this layer's side stream, which needs its context current.
         self.bind()?;
         self.take_status()?;
         if let Some(m) = self.marks.as_mut() {

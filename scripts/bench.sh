@@ -47,7 +47,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
         # shellcheck disable=SC2086
         say "bench.sh: GPU found; running on GPU $first: comet bench" "${defaults[@]}" $run "$@"
         # shellcheck disable=SC2086
-        CUDA_VISIBLE_DEVICES=$first ./target/release/comet bench "${defaults[@]}" $run "$@"
+        env ${first:+CUDA_VISIBLE_DEVICES=$first} ./target/release/comet bench "${defaults[@]}" $run "$@"
     done
     gpus=$(echo "$visible" | tr ',' '\n' | grep -c .)
     if [ "$gpus" -ge 2 ]; then

@@ -41,7 +41,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
     # the whole GPU (16384 tokens), and two ranks sharing it (8192 tokens
     # each); then, with several GPUs, one rank on each (8192 tokens each).
     # The GPUs CUDA will show (CUDA_VISIBLE_DEVICES where set).
-    visible=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)}
+    visible=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, - || true)}
     first=${visible%%,*}
     for run in "--ranks 1 --tokens 16384" "--ranks 2 --tokens 8192"; do
         # shellcheck disable=SC2086
@@ -49,7 +49,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
         # shellcheck disable=SC2086
         env ${first:+CUDA_VISIBLE_DEVICES=$first} ./target/release/comet bench "${defaults[@]}" $run "$@"
     done
-    gpus=$(echo "$visible" | tr ',' '\n' | grep -c .)
+    gpus=$(echo "$visible" | tr ',' '\n' | grep -c . || true)
     if [ "$gpus" -ge 2 ]; then
         say "bench.sh: $gpus GPUs; running: comet bench" "${defaults[@]}" --ranks "$gpus" --tokens 8192 "$@"
         ./target/release/comet bench "${defaults[@]}" --ranks "$gpus" --tokens 8192 "$@"

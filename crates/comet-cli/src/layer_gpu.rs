@@ -134,12 +134,10 @@ fn bench_one(
     torch: &mut Option<TorchBaseline>,
 ) -> Result<Row> {
     let ordinals = visible_placement(cfg.ranks);
-    let gpus = {
-        let mut g = ordinals.clone();
-        g.sort_unstable();
-        g.dedup();
-        g.len()
-    };
+    let gpus = ordinals
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     let (mut world, overlap) = build_world(cfg, label, a, &ordinals, gpus)?;
     // Every rank's inputs, of which this process holds the ranks it runs.
     let all = inputs(cfg, a.tokens, kind, a.seed);

@@ -138,36 +138,38 @@ impl Routing {
     fn zipf(e: usize, k: usize, tokens: usize, s: f64, seed: u64, rng: &mut ChaCha8Rng) -> Routing {
         let perm = shuffled(e, &mut ChaCha8Rng::seed_from_u64(seed));
         let pop: Vec<f64> = (0..e).map(|i| 1.0 / ((i + 1) as f64).powf(s)).collect();
-        let mut ids = Vec::with_capacity(tokens * k);
-        let mut weights = Vec::with_capacity(tokens * k);
-        for _ in 0..tokens {
+        Self::token_by_token(tokens, k, rng, |rng, ids| {
             let mut w = pop.clone();
-            let mut chosen = Vec::with_capacity(k);
             for _ in 0..k {
                 let idx = WeightedIndex::new(&w)
                     .expect("positive weights")
                     .sample(rng);
                 w[idx] = 0.0;
-                chosen.push(perm[idx] as u32);
+                ids.push(perm[idx] as u32);
             }
-            ids.extend(chosen);
-            weights.extend(token_weights(rng, k));
-        }
-        Routing {
-            tokens,
-            top_k: k,
-            ids,
-            weights,
-        }
+        })
     }
 
     /// Every token to the same k experts from a seeded one on.
     fn all_to_one(e: usize, k: usize, tokens: usize, seed: u64, rng: &mut ChaCha8Rng) -> Routing {
         let hot = (seed as usize) % e;
+        Self::token_by_token(tokens, k, rng, |_, ids| {
+            ids.extend((0..k).map(|j| ((hot + j) % e) as u32));
+        })
+    }
+
+    /// For each token in turn: its k experts from `choose`, then its
+    /// weights ([`token_weights`]), both from `rng`.
+    fn token_by_token(
+        tokens: usize,
+        k: usize,
+        rng: &mut ChaCha8Rng,
+        mut choose: impl FnMut(&mut ChaCha8Rng, &mut Vec<u32>),
+    ) -> Routing {
         let mut ids = Vec::with_capacity(tokens * k);
         let mut weights = Vec::with_capacity(tokens * k);
         for _ in 0..tokens {
-            ids.extend((0..k).map(|j| ((hot + j) % e) as u32));
+            choose(rng, &mut ids);
             weights.extend(token_weights(rng, k));
         }
         Routing {

@@ -15,6 +15,7 @@
 #   bash scripts/device-checks.sh nccl    # the layer over NCCL, 2+ GPUs (test, bench)
 #   bash scripts/device-checks.sh multi   # every rank on its own GPU over NVLink, 2+ GPUs (tests, bench)
 #   bash scripts/device-checks.sh sharing # two ranks' GEMMs on one GPU: SM-bound or contending? ~3 min
+#   bash scripts/device-checks.sh flake   # the staged ranks' intermittent count timeout, lazy and eager module loading, ~6 min
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
@@ -26,7 +27,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -36,27 +37,27 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 rc=0
 step() { echo "=== $1"; shift; "$@"; local r=$?; echo "=== rc=$r"; [ $r -eq 0 ] || rc=$r; }
 tests() { timeout "$2" $R "$1" --ignored --test-threads=1 $3 2>&1 | tee "$O/$1$3.log" | grep -E '^test |test result|panicked'; }
+# The SM clock and power every 100 ms beside a run (a clock that drops
+# when more grids run says power, not SMs or memory).
+clocks() { nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$O/clocks_$1.csv" & CLK=$!; }
+clocks_done() { kill $CLK; awk -F', ' '$2 > 300 {n++; c+=$1; p+=$2; if (!m || $1 < m) m = $1} END {if (n) printf "busy samples %d: SM clock mean %.0f min %d MHz, power mean %.0f W\n", n, c/n, m, p/n}' "$O/clocks_$1.csv"; }
 B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the session of 2026-12-06 (fifth) changed after its last GPU
-  # call, in about 7 minutes: ranks of one process placed over the visible
-  # GPUs (one GPU: all on it, as before), each rank's context made current
-  # before the raw memsets of poison and a failed call's status and the
-  # GEMM-only launches, the bench's events paired per GPU, its modes
-  # rotated round by round and fused/GEMM-only taken per round (median and
-  # range). Refactored without a GPU: GemmRuntime::launch_raw (split,
-  # parameters, tensor maps, launch as functions), MoeLayer::new's plan and
-  # symmetric buffers, Scratch::new's static tables, and the bench as its
-  # phases. The kernel tests (every family, split tails, clusters), the
-  # whole layer suite (it poisons before every call) and two bench rows
-  # (issue 13's W=1 ratio among them), about 8 minutes. On a multi-GPU
-  # kind run `multi` too.
+  # The kernel tests, the whole layer suite (it poisons before every
+  # call) and two bench rows, about 8 minutes: what the last session left
+  # (the side copy kernels bounded to two blocks an SM, a rank alone
+  # summing its last chunk on the whole grid when given communication
+  # blocks). Then `flake`. On a multi-GPU kind run `multi` too.
   step comet-kernels-gpu tests comet-kernels-gpu 120
   step gpu_layer tests gpu_layer 420
+  clocks alone
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
+  clocks_done alone
+  clocks two
   step "two qwen2-moe" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 5 --preset qwen2-moe 2>&1 | tee $O/two_qwen.md | grep -E '^[|] [a-z]|GPU'"
+  clocks_done two
   ;;
 sanitize)
   # The kernels this session changed under compute-sanitizer (racecheck:
@@ -160,6 +161,23 @@ multi)
     step "nvlink W=$n $p" bash -c "set -o pipefail; timeout 120 $R comet bench --gpu --ranks $n --tokens 8192 --iters 10 --phases --preset $p 2>&1 | tee '$O/multi_$p.md' | grep -E '^[|] [a-z]|phases|GPU'"
   done
   ;;
+flake)
+  # 2026-12-06 (sixth session): staged ranks of one process timed out on
+  # their first calls' count exchange ("device wait timed out on count(src
+  # 1)"): W=4 every_routing in 2 of 3 runs with the copy kernels at 127
+  # registers (0 of 5 at 64), W=3 thirty_calls (Rows: no SM left over) in
+  # 1 of 2 at 64.
+  # Each test three times under the driver's default (lazy) module loading
+  # and three under eager loading: failures only under lazy loading point
+  # at a load that waits for the spinning kernels of another rank.
+  for mode in LAZY EAGER; do
+    for i in 1 2 3; do
+      for t in staged_thirty_calls_on_the_same_buffers staged_every_routing_matches_the_reference; do
+        step "$mode $i $t" bash -c "set -o pipefail; CUDA_MODULE_LOADING=$mode timeout 90 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/flake_${mode}_${i}_$t.log | grep -E 'test result|panicked|timed out'"
+      done
+    done
+  done
+  ;;
 sharing)
   # Two ranks sharing the GPU run their GEMMs far slower than one rank
   # does the same rows (qwen2-moe GEMM-only 16.7 ms at W=2 against 11.6 at
@@ -168,9 +186,13 @@ sharing)
   # 33: a GEMM-only time that barely moves says the two grids contend for
   # something other than SMs (memory, L2), one near 2x that they were
   # SM-bound and the slowdown is elsewhere.
+  clocks w1
   step "W=1" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 5 --preset qwen2-moe 2>&1 | tee $O/sharing_w1.md | grep -E '^[|] [a-z]'"
+  clocks_done w1
   for res in 0 66; do
+    clocks w2_$res
     step "W=2 reserved $res" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 5 --reserved-sms $res --phases --preset qwen2-moe 2>&1 | tee $O/sharing_w2_$res.md | grep -E '^[|] [a-z]|phases|overlapped'"
+    clocks_done w2_$res
   done
   ;;
 qwen)

@@ -80,6 +80,14 @@ __device__ __forceinline__ WarpGrid warp_grid() {
   return g;
 }
 
+// The side stream's copy kernels (comet_dispatch, comet_combine) are
+// bounded to 64 registers so two of their blocks share an SM: W ranks
+// sharing a GPU leave each other room for their route and layout blocks
+// while these spin. At 127 registers (four vectors of every row in
+// flight, 2026-12-06) staged ranks waited out their count timeout in two
+// runs of three, and the copies were no faster beside the GEMMs.
+#define COMET_SIDE_BOUNDS __launch_bounds__(512, 2)
+
 // Rows a warp moves at once, and the most top-k slots of a token.
 constexpr int ROWS = 4;
 constexpr int MAX_TOPK = 16;
@@ -248,6 +256,8 @@ struct ReduceParams {
   int w_bf16;
   int wait_chunks;          // 0: FC2 has finished (it ran before on this stream)
   int chunk_sig0;           // index naming chunk_done(0) in timeouts
+  int chunk_begin;          // the chunks [chunk_begin, chunk_end) this launch sums
+  int chunk_end;
 };
 
 __device__ __forceinline__ unsigned dispatch_sig(int W, int le, int src) {
@@ -577,7 +587,7 @@ __device__ __forceinline__ void count_dispatched(const DispatchParams& p, int e,
 // resolves each row's source and destination, then all lanes copy the rows
 // with their loads in flight together; the lane whose row completes a
 // segment raises dispatch(le, me) on its destination.
-extern "C" __global__ void __launch_bounds__(512) comet_dispatch(const __grid_constant__ DispatchParams p) {
+extern "C" __global__ void COMET_SIDE_BOUNDS comet_dispatch(const __grid_constant__ DispatchParams p) {
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
   raise_empty_segments(p, epoch);
@@ -669,7 +679,7 @@ extern "C" __global__ void __launch_bounds__(256) comet_wait_signals(const __gri
 // Rows of other sources only: the reduce reads this rank's own rows in
 // place. The segment table sits in shared memory (each row looks up its
 // segment); rows move ROWS per warp as in the dispatch.
-extern "C" __global__ void __launch_bounds__(512) comet_combine(const __grid_constant__ CombineParams p) {
+extern "C" __global__ void COMET_SIDE_BOUNDS comet_combine(const __grid_constant__ CombineParams p) {
   extern __shared__ int segs[];
   __shared__ int verdict;
   if (!p.sc->ok) return;
@@ -731,7 +741,7 @@ extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_cons
   const int W = p.ranks, vecs = p.cols / 8;
   const WarpGrid wg = warp_grid();
   const int lane = wg.lane;
-  for (int c = 0; c < p.chunks; ++c) {
+  for (int c = p.chunk_begin; c < p.chunk_end; ++c) {
     bool landed = true;
     if (threadIdx.x == 0) {
       if (p.wait_chunks)

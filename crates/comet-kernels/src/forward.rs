@@ -215,6 +215,8 @@ pub struct ReduceParams {
     pub w_bf16: i32,
     pub wait_chunks: i32,
     pub chunk_sig0: i32,
+    pub chunk_begin: i32,
+    pub chunk_end: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<Scalars>() == 40);
@@ -223,7 +225,7 @@ const _: () = assert!(std::mem::size_of::<LayoutParams>() == 208);
 const _: () = assert!(std::mem::size_of::<DispatchParams>() == 136);
 const _: () = assert!(std::mem::size_of::<WaitParams>() == 48);
 const _: () = assert!(std::mem::size_of::<CombineParams>() == 120);
-const _: () = assert!(std::mem::size_of::<ReduceParams>() == 160);
+const _: () = assert!(std::mem::size_of::<ReduceParams>() == 168);
 
 /// `comet::FillParams`.
 #[repr(C)]

@@ -50,6 +50,7 @@ use comet_transport::gpu::DeviceTransport;
 use comet_transport::{BufferId, Initiation};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1141,17 +1142,19 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe { self.k.forward.combine(&p, g, stream) }.map_err(kerr(self.rank()))
     }
 
-    /// `beside_fc2`: on the side stream while FC2 runs (one rank,
-    /// overlapped), each chunk summed once its FC2 tiles are done.
+    /// The sums of `chunks` (of the plan's layer1 chunks). `beside_fc2`: on
+    /// the side stream while FC2 runs (one rank, overlapped), each chunk
+    /// summed once its FC2 tiles are done.
     unsafe fn reduce(
         &self,
         stream: CUstream,
         a: &ForwardArgs,
         blocks: usize,
         beside_fc2: bool,
+        chunks: Range<usize>,
     ) -> Result<(), SchedError> {
         let cfg = &self.plan.cfg;
-        if a.tokens == 0 {
+        if a.tokens == 0 || chunks.is_empty() {
             return Ok(());
         }
         let p = ReduceParams {
@@ -1181,6 +1184,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
             w_bf16: i32::from(a.weights == WeightType::Bf16),
             wait_chunks: i32::from(beside_fc2),
             chunk_sig0: self.map.wire(self.map.chunk_done(0)).index() as i32,
+            chunk_begin: chunks.start as i32,
+            chunk_end: chunks.end as i32,
         };
         // SAFETY: ids/weights have tokens*k entries and y tokens rows
         // (caller); the rest is this layer's memory.
@@ -1203,13 +1208,17 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.dispatch(side, a, comm, true)?;
             self.fc1(stream, a, true, false, grid)?;
             self.fc2(stream, a, true, grid)?;
+            let chunks = self.plan.chunks;
             if self.plan.cfg.ranks == 1 {
-                // Alone there is no combine to wait for: the sum follows
-                // FC2's chunks beside it.
-                self.reduce(side, a, comm, true)?;
+                // Alone there is no combine to wait for: the sums follow
+                // FC2's chunks beside it, but the last chunk's would be a
+                // tail on the communication blocks' few SMs, so the whole
+                // grid sums it once FC2 is done.
+                self.reduce(side, a, comm, true, 0..chunks - 1)?;
+                self.reduce(stream, a, self.plan.gemm_grid, false, chunks - 1..chunks)?;
             } else {
                 self.combine(side, true, comm)?;
-                self.reduce(stream, a, grid, false)?;
+                self.reduce(stream, a, grid, false, 0..chunks)?;
             }
             self.join_side(stream)
         }
@@ -1229,7 +1238,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.mark(5, stream)?;
             self.combine(stream, false, aux)?;
             self.mark(6, stream)?;
-            self.reduce(stream, a, aux, false)?;
+            self.reduce(stream, a, aux, false, 0..self.plan.chunks)?;
             self.mark(7, stream)
         }
     }

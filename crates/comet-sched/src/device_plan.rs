@@ -452,66 +452,42 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_named() {
+        // The plan's error for a capacity, ranks per GPU and tiles must
+        // name `want`.
+        let refused =
+            |cfg: &MoeConfig, cap: usize, per_gpu: usize, tiles: KernelTiles, want: &str| {
+                let fig = DeviceFigures::h200_nvlink();
+                let e = DevicePlan::new(cfg, cap, None, 132, per_gpu, tiles, &fig).unwrap_err();
+                assert!(e.to_string().contains(want), "{e}");
+            };
         let mut cfg = Preset::Mixtral8x7b.config(1).unwrap();
         cfg.ffn = 1000;
-        let e = DevicePlan::new(&cfg, 16, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
-            .unwrap_err();
-        assert!(e.to_string().contains("ffn"), "{e}");
+        refused(&cfg, 16, 1, TILES, "ffn");
         cfg.ffn = 1024;
         cfg.hidden = 4096 + 64;
-        let e = DevicePlan::new(&cfg, 16, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
-            .unwrap_err();
-        assert!(
-            e.to_string().contains(
-                "hidden 4160 must be a multiple of 256 (of 64 and of the FC2 tile's 256 columns)"
-            ),
-            "{e}"
+        refused(
+            &cfg,
+            16,
+            1,
+            TILES,
+            "hidden 4160 must be a multiple of 256 (of 64 and of the FC2 tile's 256 columns)",
         );
         cfg.hidden = 4096;
-        let e = DevicePlan::new(&cfg, 16, None, 132, 0, TILES, &DeviceFigures::h200_nvlink())
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("ranks_per_gpu must be at least 1"),
-            "{e}"
-        );
+        refused(&cfg, 16, 0, TILES, "ranks_per_gpu must be at least 1");
         let no_group = KernelTiles {
             fc2_group: 0,
             ..TILES
         };
-        let e = DevicePlan::new(
-            &cfg,
-            16,
-            None,
-            132,
-            1,
-            no_group,
-            &DeviceFigures::h200_nvlink(),
-        )
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("FC2 raster group must be at least 1"),
-            "{e}"
-        );
-        let e = DevicePlan::new(
+        refused(&cfg, 16, 1, no_group, "FC2 raster group must be at least 1");
+        refused(
             &cfg,
             (1 << 29) + 1,
-            None,
-            132,
             1,
             TILES,
-            &DeviceFigures::h200_nvlink(),
-        )
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("recv_capacity 1073741826 receive rows"),
-            "{e}"
+            "recv_capacity 1073741826 receive rows",
         );
         let cfg = Preset::Mixtral8x7b.config(1).unwrap();
-        let e = DevicePlan::new(&cfg, 0, None, 132, 1, TILES, &DeviceFigures::h200_nvlink())
-            .unwrap_err();
-        assert!(e.to_string().contains("capacity"), "{e}");
+        refused(&cfg, 0, 1, TILES, "capacity");
     }
 
     /// A link whose transfers take about half the GEMM time: where the cost

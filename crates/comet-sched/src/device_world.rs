@@ -436,6 +436,7 @@ impl DeviceWorld {
             + Sync,
         capacity: usize,
     ) -> Result<DeviceWorld, SchedError> {
+        check_queues(ordinals, cuda::hardware_queues())?;
         // One set of kernels per device (ranks sharing a GPU share it).
         let mut loaded: Vec<(usize, LayerKernels)> = Vec::new();
         for (r, ctx) in contexts.iter().enumerate() {
@@ -683,6 +684,29 @@ fn check_ordinals(cfg: &MoeConfig, ordinals: &[usize]) -> Result<(), SchedError>
 
 /// A device wait that timed out (or a driver failure): possibly only the
 /// consequence of another rank's error.
+/// Ranks of one process on one GPU wait in their kernels for each other's
+/// kernels; with one hardware queue (`CUDA_DEVICE_MAX_CONNECTIONS=1`) a
+/// rank's kernels queue behind those waiting for them (measured: every
+/// call's count exchange timed out), so such a world is refused.
+fn check_queues(ordinals: &[usize], queues: usize) -> Result<(), SchedError> {
+    let shared = ordinals
+        .iter()
+        .enumerate()
+        .find(|&(r, o)| ordinals[..r].contains(o));
+    match shared {
+        Some((r, o)) if queues <= 1 => Err(SchedError::Input {
+            rank: r,
+            message: format!(
+                "ranks of this process share GPU {o} but CUDA_DEVICE_MAX_CONNECTIONS=1 gives \
+                 its streams one hardware queue, where a rank's kernels would wait behind \
+                 the kernels waiting for them; unset it or set it to 2 or more (the bundle \
+                 uses 32) before CUDA starts"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn may_be_consequence(e: &SchedError) -> bool {
     matches!(e, SchedError::Device { .. })
 }
@@ -805,7 +829,23 @@ impl WorldRank {
 
 #[cfg(test)]
 mod tests {
-    use super::spread_over_gpus;
+    use super::{check_queues, spread_over_gpus};
+
+    #[test]
+    fn ranks_sharing_a_gpu_need_more_than_one_hardware_queue() {
+        let e = check_queues(&[0, 0], 1).unwrap_err().to_string();
+        assert!(
+            e.contains("CUDA_DEVICE_MAX_CONNECTIONS=1") && e.contains("GPU 0"),
+            "{e}"
+        );
+        assert!(check_queues(&[0, 1, 1], 1)
+            .unwrap_err()
+            .to_string()
+            .contains("rank 2"));
+        assert!(check_queues(&[0, 0], 2).is_ok());
+        assert!(check_queues(&[0, 1], 1).is_ok(), "a GPU each");
+        assert!(check_queues(&[0], 1).is_ok());
+    }
 
     #[test]
     fn ranks_take_a_gpu_each_then_share_them_round_robin() {

@@ -79,6 +79,15 @@ impl StagedLayer<NcclTransport> {
         opts: &LayerOptions,
     ) -> Result<NcclLayer, SchedError> {
         let ordinal = inner.device_ordinal();
+        if cuda::hardware_queues() <= 1 {
+            return Err(SchedError::Input {
+                rank: inner.rank(),
+                message: "CUDA_DEVICE_MAX_CONNECTIONS=1: NCCL's send and receive kernels \
+                          would queue behind the layer's kernels that wait for them; a \
+                          proxied NCCL layer needs 2 or more hardware queues"
+                    .into(),
+            });
+        }
         let set = LaneSet::open(&inner, opts.timeout)?;
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
@@ -333,7 +342,7 @@ impl CudaLanes {
             stop,
             landings: t.comm_stream(),
             landed: StreamQueue::default(),
-            raise: HostSignal::new(&ctx),
+            raise: HostSignal::new(&ctx).map_err(|e| device("prepare signal raises", e))?,
             ctx,
             set,
             view,

@@ -22,7 +22,7 @@ use comet_transport::launch::OnFailure;
 use comet_transport::ucx::{UcxConfig, UcxTransport};
 use comet_transport::Transport;
 use common::layer::{checked_call, rounded_weights, small_cfg};
-use common::{assert_all_done, assert_victim_named, die, launch_world, marker};
+use common::{assert_all_done, assert_victim_named, die, launch_world, launch_world_env, marker};
 use std::time::{Duration, Instant};
 
 const ENTRY: &str = "gpu_staged_rank";
@@ -100,6 +100,21 @@ fn staged_layer_over_ucx_processes_matches_the_reference() {
         let r = launch_world(ENTRY, "calls", world, tls, OnFailure::KillAll, LIMIT);
         assert_all_done(r, "calls", world, tls);
     }
+}
+
+/// Megatron-LM runs with `CUDA_DEVICE_MAX_CONNECTIONS=1`: every stream's
+/// kernels and stream operations in one hardware queue, behind each
+/// other. Each process's proxy then sends rows (its token kernels would
+/// wait behind the kernels waiting for them) and raises signals by copies,
+/// which keep queues of their own. Before that, every call's count
+/// exchange timed out here.
+#[test]
+#[ignore = "needs a GPU and libucx"]
+fn staged_layer_over_ucx_processes_with_one_hardware_queue() {
+    let (world, tls) = (2, "tcp");
+    let one = [("CUDA_DEVICE_MAX_CONNECTIONS", "1")];
+    let r = launch_world_env(ENTRY, "calls", world, tls, &one, OnFailure::KillAll, LIMIT);
+    assert_all_done(r, "calls", world, tls);
 }
 
 /// Every rank a UCX worker of this process (`UcxTransport::in_process`,

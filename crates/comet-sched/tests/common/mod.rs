@@ -28,13 +28,27 @@ pub fn launch_world(
     on_failure: OnFailure,
     timeout: Duration,
 ) -> Result<LaunchReport, LaunchError> {
+    launch_world_env(entry, scenario, world, tls, &[], on_failure, timeout)
+}
+
+/// As [`launch_world`], with `extra` in every rank's environment too.
+pub fn launch_world_env(
+    entry: &str,
+    scenario: &str,
+    world: usize,
+    tls: &str,
+    extra: &[(&str, &str)],
+    on_failure: OnFailure,
+    timeout: Duration,
+) -> Result<LaunchReport, LaunchError> {
     // UCX 1.13's shared-memory transports cannot report peer failures.
     let peer_errors = if tls.starts_with("tcp") { "1" } else { "0" };
-    let env = [
+    let mut env = vec![
         ("UCX_TLS", tls),
         ("COMET_UCX_PEER_ERRORS", peer_errors),
         ("COMET_UCX_TIMEOUT_S", "60"),
     ];
+    env.extend_from_slice(extra);
     launch_ranks(entry, scenario, world, &env, on_failure, timeout)
 }
 

@@ -18,6 +18,7 @@ use crate::forward::{
     CallInfo, DeviceLayout, ForwardArgs, IdType, LayerKernels, LayerOptions, MoeLayer, WeightType,
 };
 use crate::protocol::build_ranks;
+use crate::proxy_layer::needs_queues;
 use crate::staged_device::StagedLayer;
 use comet_core::{ExpertWeights, MoeConfig};
 use comet_transport::cuda;
@@ -685,25 +686,15 @@ fn check_ordinals(cfg: &MoeConfig, ordinals: &[usize]) -> Result<(), SchedError>
 /// A device wait that timed out (or a driver failure): possibly only the
 /// consequence of another rank's error.
 /// Ranks of one process on one GPU wait in their kernels for each other's
-/// kernels; with one hardware queue (`CUDA_DEVICE_MAX_CONNECTIONS=1`) a
-/// rank's kernels queue behind those waiting for them (measured: every
-/// call's count exchange timed out), so such a world is refused.
+/// kernels: refused under one hardware queue ([`needs_queues`]).
 fn check_queues(ordinals: &[usize], queues: usize) -> Result<(), SchedError> {
-    let shared = ordinals
+    match ordinals
         .iter()
         .enumerate()
-        .find(|&(r, o)| ordinals[..r].contains(o));
-    match shared {
-        Some((r, o)) if queues <= 1 => Err(SchedError::Input {
-            rank: r,
-            message: format!(
-                "ranks of this process share GPU {o} but CUDA_DEVICE_MAX_CONNECTIONS=1 gives \
-                 its streams one hardware queue, where a rank's kernels would wait behind \
-                 the kernels waiting for them; unset it or set it to 2 or more (the bundle \
-                 uses 32) before CUDA starts"
-            ),
-        }),
-        _ => Ok(()),
+        .find(|&(r, o)| ordinals[..r].contains(o))
+    {
+        Some((r, o)) => needs_queues(r, queues, &format!("a rank's kernels on GPU {o}")),
+        None => Ok(()),
     }
 }
 

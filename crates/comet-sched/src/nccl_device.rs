@@ -37,7 +37,7 @@ use crate::error::SchedError;
 use crate::forward::{LayerKernels, LayerOptions, MoeLayer};
 use crate::nccl_proxy::lanes::{self, Lane, Span};
 use crate::nccl_proxy::{NcclLanes, NcclProxy, Op};
-use crate::proxy_layer::{ProxyCall, ProxyRun, StagedLayer};
+use crate::proxy_layer::{needs_queues, ProxyCall, ProxyRun, StagedLayer};
 use crate::proxy_plan::{Buf, Geometry, Piece, WireFormat};
 use crate::staged_device::{proxy_event, runs, ProxyView, StagedTransport};
 use crate::stream_queue::StreamQueue;
@@ -79,15 +79,11 @@ impl StagedLayer<NcclTransport> {
         opts: &LayerOptions,
     ) -> Result<NcclLayer, SchedError> {
         let ordinal = inner.device_ordinal();
-        if cuda::hardware_queues() <= 1 {
-            return Err(SchedError::Input {
-                rank: inner.rank(),
-                message: "CUDA_DEVICE_MAX_CONNECTIONS=1: NCCL's send and receive kernels \
-                          would queue behind the layer's kernels that wait for them; a \
-                          proxied NCCL layer needs 2 or more hardware queues"
-                    .into(),
-            });
-        }
+        needs_queues(
+            inner.rank(),
+            cuda::hardware_queues(),
+            "NCCL's kernels and the proxy's copies",
+        )?;
         let set = LaneSet::open(&inner, opts.timeout)?;
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();

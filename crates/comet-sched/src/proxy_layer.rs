@@ -289,6 +289,26 @@ impl<T: Transport + 'static> Drop for StagedLayer<T> {
     }
 }
 
+/// Refuses a layer whose kernels wait for work that other streams of this
+/// process queue (`what`) when CUDA gives the process one hardware queue
+/// (`queues`, [`comet_transport::cuda::hardware_queues`]): there that work
+/// waits behind the waiting kernels until their timeout. Measured on an
+/// H100 (docs/PERF.md, 2026-12-06): a staged rank's count downloads never
+/// finished, and ranks of one process never saw each other's counts.
+pub(crate) fn needs_queues(rank: usize, queues: usize, what: &str) -> Result<(), SchedError> {
+    if queues > 1 {
+        return Ok(());
+    }
+    Err(SchedError::Input {
+        rank,
+        message: format!(
+            "CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream of this process in one hardware \
+             queue, where {what} would wait behind the kernels waiting for them; unset it \
+             (CUDA gives 8) or set 2 or more before CUDA starts"
+        ),
+    })
+}
+
 /// The proxy thread's life: the context bound and the capture mode
 /// relaxed (a graph captured elsewhere in the process is not disturbed by
 /// its synchronous calls), then `dev`'s run.
@@ -307,4 +327,24 @@ fn run_proxy<T: Transport, D: ProxyRun<T>>(
         .map_err(|e| device("bind context", e))?;
     cuda::relax_capture_mode().map_err(|e| device("relax capture mode", e))?;
     dev.run(t, epochs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_queues;
+
+    #[test]
+    fn one_hardware_queue_is_refused_naming_the_variable() {
+        let e = needs_queues(3, 1, "the proxy's downloads")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rank 3")
+                && e.contains("CUDA_DEVICE_MAX_CONNECTIONS=1")
+                && e.contains("the proxy's downloads"),
+            "{e}"
+        );
+        assert!(needs_queues(0, 2, "x").is_ok());
+        assert!(needs_queues(0, 8, "x").is_ok());
+    }
 }

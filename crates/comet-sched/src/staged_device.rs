@@ -17,7 +17,7 @@
 use crate::error::SchedError;
 use crate::forward::{LayerKernels, LayerOptions, MoeLayer, WeightType};
 pub use crate::proxy_layer::StagedLayer;
-use crate::proxy_layer::{ProxyCall, ProxyRun};
+use crate::proxy_layer::{needs_queues, ProxyCall, ProxyRun};
 use crate::proxy_plan::{inbox_bytes, Buf, Geometry, Region, TokenPlace, WireFormat};
 use crate::staged::{SendOrder, SlotRows, Source, StagedDevice, StagedProxy, Ticket};
 use crate::stream_queue::{Marker, StreamQueue};
@@ -1390,16 +1390,9 @@ impl<T: Transport + 'static> StagedLayer<T> {
                     .into(),
             });
         }
+        needs_queues(rank, cuda::hardware_queues(), "the proxy's downloads")?;
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
-        o.wire_format = wire_for_queues(o.wire_format, cuda::hardware_queues());
-        if o.wire_format != opts.wire_format {
-            tracing::warn!(
-                rank,
-                "CUDA_DEVICE_MAX_CONNECTIONS=1: the proxy's token kernels would queue behind \
-                 the kernels waiting for them, so this layer sends rows (copies only)"
-            );
-        }
         if o.wire_format == WireFormat::Tokens && o.reserved_sms == 0 && cfg.ranks > 1 {
             // Token-once packs, sums and landings are kernels, which need
             // SMs that the persistent GEMMs waiting for them do not hold;
@@ -1407,7 +1400,7 @@ impl<T: Transport + 'static> StagedLayer<T> {
             o.reserved_sms = crate::proxy_plan::PROXY_KERNEL_SMS * o.ranks_per_gpu.max(1);
         }
         let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;
-        let (timeout, wire) = (o.timeout, o.wire_format);
+        let (timeout, wire) = (opts.timeout, opts.wire_format);
         StagedLayer::with_proxy(layer, |layer, stop| {
             let geo = Geometry::of(layer.plan());
             CudaStaging::new(layer.transport(), layer, &geo, stop, timeout, wire)
@@ -1415,30 +1408,10 @@ impl<T: Transport + 'static> StagedLayer<T> {
     }
 }
 
-/// The wire a proxy can carry with `queues` hardware queues
-/// ([`cuda::hardware_queues`]). With one, every kernel the proxy launches
-/// (the token-once packs, sums and expansions) queues behind the caller's
-/// kernels, which wait for those very pieces; rows move by copies alone,
-/// which keep queues of their own.
-pub(crate) fn wire_for_queues(wire: WireFormat, queues: usize) -> WireFormat {
-    if queues <= 1 {
-        WireFormat::Rows
-    } else {
-        wire
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn one_hardware_queue_sends_rows() {
-        assert_eq!(wire_for_queues(WireFormat::Tokens, 1), WireFormat::Rows);
-        assert_eq!(wire_for_queues(WireFormat::Rows, 1), WireFormat::Rows);
-        assert_eq!(wire_for_queues(WireFormat::Tokens, 2), WireFormat::Tokens);
-        assert_eq!(wire_for_queues(WireFormat::Tokens, 8), WireFormat::Tokens);
-    }
     use crate::proxy_plan::Kind;
     use rand::{Rng, SeedableRng};
 

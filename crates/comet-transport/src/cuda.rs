@@ -3,10 +3,10 @@
 //! Everything `unsafe` of the `nvlink` and `nccl` transports that touches
 //! the driver lives here: plain `cuMemAlloc` allocations (stream-ordered
 //! pool allocations are neither peer-accessible nor IPC-exportable), CUDA
-//! IPC export/import, peer access, asynchronous copies (a signal is raised
-//! by an 8-byte copy after the data on the same stream: [`HostSignal`])
-//! and a one-thread PTX kernel for counter signals (`SignalOp::Add`),
-//! which copies cannot express; and
+//! IPC export/import, peer access, asynchronous copies, stream memory
+//! operations (`cuStreamWriteValue64` raises a signal after the data on the
+//! same stream) and a one-thread PTX kernel for counter signals
+//! (`SignalOp::Add`), which stream memory operations cannot express; and
 //! for staged (host-proxied) transports, mapped pinned ready words and the
 //! 2-D copies between device mirrors and staging (host staging for UCX,
 //! device staging packed for NCCL's sends and landed from its recvs).
@@ -18,11 +18,10 @@
 use crate::error::TransportError;
 use crate::transport::SignalOp;
 use cudarc::driver::{
-    result, sys, CudaContext, CudaEvent, CudaFunction, CudaStream, DriverError, LaunchConfig,
-    PushKernelArg,
+    result, sys, CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
 };
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 /// Size of a CUDA IPC memory handle.
 pub const IPC_HANDLE_BYTES: usize = 64;
@@ -66,9 +65,10 @@ pub fn device_count() -> usize {
 
 /// The hardware work queues CUDA gives this process's contexts
 /// (`CUDA_DEVICE_MAX_CONNECTIONS`, read when CUDA starts: 8 unset, 1 to
-/// 32). With one, every stream's kernels and stream operations queue
-/// behind each other's (copies keep queues of their own): a kernel queued
-/// after one that spins for it waits out the spinner's timeout.
+/// 32). With one, a stream's kernels, stream operations and downloads
+/// queue behind every other stream's (docs/PERF.md, 2026-12-06): work
+/// queued after a kernel that spins for it waits out the spinner's
+/// timeout.
 pub fn hardware_queues() -> usize {
     queues_from(std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().as_deref())
 }
@@ -231,6 +231,18 @@ pub fn can_access_peer(a: &Arc<CudaContext>, b: &Arc<CudaContext>) -> Result<boo
     Ok(v != 0)
 }
 
+/// Enqueues a 64-bit store of `value` at `addr` on `stream`, after all
+/// earlier work of the stream, preceded by a system-wide memory barrier
+/// (the default flags), so the data copied before it is visible first.
+///
+/// # Safety
+/// `addr` must be an 8-byte aligned device address valid in the stream's
+/// context for as long as the stream may run the operation.
+pub unsafe fn write_value64(stream: &CudaStream, addr: u64, value: u64) -> Result<(), DriverError> {
+    let flags = sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32;
+    sys::cuStreamWriteValue64_v2(stream.cu_stream(), addr, value, flags).result()
+}
+
 /// Enqueues a device-to-device copy (any two addresses of the unified
 /// address space this context can reach: local, peer or IPC-mapped).
 ///
@@ -335,9 +347,8 @@ impl ErrorWord {
     }
 
     pub fn clear(&self, poll: &CudaStream) -> Result<(), DriverError> {
-        // SAFETY: our own live 8-byte word; from pageable memory the driver
-        // has consumed the zeros when the call returns.
-        unsafe { copy_htod_async(poll, self.ptr(), &[0u8; 8])? };
+        // SAFETY: our own live 8-byte word; the stream is synchronised next.
+        unsafe { write_value64(poll, self.ptr(), 0)? };
         poll.synchronize()
     }
 }
@@ -386,7 +397,7 @@ impl SignalAdd {
     /// Enqueues `*addr += delta` (release, system scope) on `stream`.
     ///
     /// # Safety
-    /// As [`HostSignal::raise`].
+    /// As [`write_value64`].
     pub unsafe fn launch(
         &self,
         stream: &Arc<CudaStream>,
@@ -406,31 +417,28 @@ impl SignalAdd {
 
 /// The host half of the signal ABI, the one way every GPU transport raises
 /// a signal word from the host: enqueued on a stream after the data it
-/// guards. `Set` copies the value from a word of pinned memory (a ring,
-/// [`SetRing`]); `Add` is the one-thread release-add kernel
-/// ([`SignalAdd`]), since copies cannot add.
+/// guards. `Set` is `cuStreamWriteValue64` with default flags (a
+/// system-wide barrier first); `Add` is the one-thread release-add kernel
+/// ([`SignalAdd`]), since stream memory operations cannot add.
 ///
-/// Why a copy and not `cuStreamWriteValue64`: with one hardware queue
-/// (`CUDA_DEVICE_MAX_CONNECTIONS=1`, which Megatron-LM sets) a stream
-/// write or a kernel queued on any stream waits behind the caller's
-/// kernels, and a proxy's raise queued behind the kernels that wait for it
-/// never runs (measured on an H100, driver 580: a staged layer's count
-/// exchange timed out every call). Copies have queues of their own and
-/// were never held back there. A copy runs after the stream's earlier
-/// copies have completed, so the data it guards lands first.
+/// Why `cuStreamWriteValue64` and not an 8-byte host-to-device copy:
+/// comet-kernels' `device::raise_signal_async` says the call answered
+/// `CUDA_ERROR_INVALID_VALUE` on a 13.0 driver and copies instead, but the
+/// nvlink transport has raised every `Set` this way on GPUs (H100, driver
+/// 580: docs/PERF.md's nvlink put+signal rows, tests/nvlink_gpu.rs), and a
+/// stream write orders after the stream's earlier copies without staging a
+/// pageable host word. This is the path kept.
 pub struct HostSignal {
     add: SignalAdd,
-    ring: Mutex<SetRing>,
 }
 
 impl HostSignal {
-    /// Loads the counter kernel and pins the ring now: either done at a
-    /// first raise, behind kernels spinning for it, could wait on a context
+    /// Loads the counter kernel now: loaded at a first `Add`, behind
+    /// kernels spinning for it, the module load could wait on a context
     /// synchronisation that waits for those kernels.
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self, DriverError> {
         Ok(Self {
             add: SignalAdd::load(ctx)?,
-            ring: Mutex::new(SetRing::new(ctx)?),
         })
     }
 
@@ -438,8 +446,7 @@ impl HostSignal {
     /// all earlier work of the stream.
     ///
     /// # Safety
-    /// `addr` must be an 8-byte aligned device address valid in the
-    /// stream's context for as long as the stream may run the raise.
+    /// As [`write_value64`].
     pub unsafe fn raise(
         &self,
         stream: &Arc<CudaStream>,
@@ -447,88 +454,10 @@ impl HostSignal {
         op: SignalOp,
     ) -> Result<(), DriverError> {
         match op {
-            // SAFETY: the caller's contract.
-            SignalOp::Set(v) => unsafe {
-                self.ring
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set(stream, addr, v)
-            },
+            // SAFETY: the caller's contract is write_value64's.
+            SignalOp::Set(v) => unsafe { write_value64(stream, addr, v) },
             // SAFETY: as above.
             SignalOp::Add(d) => unsafe { self.add.launch(stream, addr, d) },
-        }
-    }
-}
-
-/// Words of the ring, in two halves.
-const SET_WORDS: usize = 1024;
-const SET_HALF: usize = SET_WORDS / 2;
-
-/// The pinned words `Set` raises copy from. A copy reads its word when the
-/// stream runs it, so a word is written again only once its last copy has
-/// run: leaving a half records an event on every stream that copied from
-/// it, and entering it again waits for those (long done, a half-lap of
-/// raises later, unless a stream stands still).
-struct SetRing {
-    words: PinnedBytes,
-    next: usize,
-    used: [Vec<Arc<CudaStream>>; 2],
-    left: [Vec<CudaEvent>; 2],
-}
-
-impl SetRing {
-    fn new(ctx: &Arc<CudaContext>) -> Result<Self, DriverError> {
-        Ok(Self {
-            words: PinnedBytes::zeroed(ctx, 8 * SET_WORDS)?,
-            next: 0,
-            used: Default::default(),
-            left: Default::default(),
-        })
-    }
-
-    /// # Safety
-    /// As [`HostSignal::raise`].
-    unsafe fn set(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        addr: u64,
-        value: u64,
-    ) -> Result<(), DriverError> {
-        let half = self.next / SET_HALF;
-        if self.next.is_multiple_of(SET_HALF) {
-            for e in self.left[half].drain(..) {
-                e.synchronize()?;
-            }
-        }
-        let at = 8 * self.next;
-        self.words[at..at + 8].copy_from_slice(&value.to_le_bytes());
-        // SAFETY: `addr` as the caller promised; the source word is pinned,
-        // owned by this ring and not written again before the copy ran.
-        unsafe { result::memcpy_htod_async(addr, &self.words[at..at + 8], stream.cu_stream())? };
-        if !self.used[half]
-            .iter()
-            .any(|s| s.cu_stream() == stream.cu_stream())
-        {
-            self.used[half].push(Arc::clone(stream));
-        }
-        self.next = (self.next + 1) % SET_WORDS;
-        if self.next.is_multiple_of(SET_HALF) {
-            for s in std::mem::take(&mut self.used[half]) {
-                self.left[half].push(s.record_event(None)?);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for SetRing {
-    fn drop(&mut self) {
-        // The words are freed below: every copy still to read one runs first.
-        for s in self.used.iter().flatten() {
-            let _ = s.synchronize();
-        }
-        for e in self.left.iter().flatten() {
-            let _ = e.synchronize();
         }
     }
 }

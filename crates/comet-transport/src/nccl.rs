@@ -12,9 +12,8 @@
 //! calls [`NcclTransport::post`] as tiles complete (the proxy of DESIGN.md
 //! section 4); each step is one NCCL group of sends and recvs on the
 //! communication stream, and the receiver's signals are raised after the
-//! group on that stream (an 8-byte copy, or a one-thread release add for
-//! counters: `cuda::HostSignal`), so a GEMM waits on them exactly as on
-//! nvlink.
+//! group on that stream (`cuStreamWriteValue64`, or a one-thread release
+//! add for counters), so a GEMM waits on them exactly as on nvlink.
 //!
 //! The plain [`Transport`] calls work too, but host-driven: `put` and
 //! `signal` are staged on the sender and move at the next collective

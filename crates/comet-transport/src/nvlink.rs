@@ -15,10 +15,10 @@
 //! signal array: kernels store into peers and raise their signals
 //! themselves ([`DeviceTransport`]), and the host-side calls of
 //! [`Transport`] do the same from a communication stream: a put is an
-//! asynchronous copy into the peer's buffer, a signal is an 8-byte copy
-//! (`cuda::HostSignal`) enqueued after it on the same stream, so it can
-//! never overtake the data; counters (`SignalOp::Add`) use a one-thread
-//! release-add kernel. A host wait polls
+//! asynchronous copy into the peer's buffer, a signal is a
+//! `cuStreamWriteValue64` (system-wide barrier first) enqueued after it on
+//! the same stream, so it can never overtake the data; counters
+//! (`SignalOp::Add`) use a one-thread release-add kernel. A host wait polls
 //! the local signal word through a separate stream, bounded by its timeout.
 
 pub mod bench;

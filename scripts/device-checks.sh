@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left open (kernel and layer tests, bench rows), ~8 min
+#   bash scripts/device-checks.sh first   # what the last session left unrun (one-queue refusal, tests, a bench row), ~7 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
@@ -45,19 +45,18 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # The kernel tests, the whole layer suite (it poisons before every
-  # call) and two bench rows, about 8 minutes: what the last session left
-  # (the side copy kernels bounded to two blocks an SM, a rank alone
-  # summing its last chunk on the whole grid when given communication
-  # blocks). Then `flake`. On a multi-GPU kind run `multi` too.
+  # What the last session left unrun (about 7 minutes): the refusal of a
+  # staged layer under one hardware queue (two UCX processes with
+  # CUDA_DEVICE_MAX_CONNECTIONS=1, the test itself new), the host raise's
+  # counter kernel now loaded at setup (the staged tests, the staged
+  # layer over UCX), then the kernel and layer suites and a bench row.
+  step "one queue refused" bash -c "set -o pipefail; timeout 90 $R gpu_staged_ucx --ignored --exact staged_layer_under_one_hardware_queue_is_refused --test-threads=1 2>&1 | tee $O/one_queue.log | grep -E '^test |test result|panicked|CUDA_DEVICE'"
+  step "world under one queue" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 60 $R gpu_layer --ignored --exact small_layer_two_ranks --test-threads=1 2>&1 | grep -o 'CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream.\{0,60\}'"
   step comet-kernels-gpu tests comet-kernels-gpu 120
   step gpu_layer tests gpu_layer 420
   clocks alone
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
   clocks_done alone
-  clocks two
-  step "two qwen2-moe" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 5 --preset qwen2-moe 2>&1 | tee $O/two_qwen.md | grep -E '^[|] [a-z]|GPU'"
-  clocks_done two
   ;;
 sanitize)
   # The kernels this session changed under compute-sanitizer (racecheck:

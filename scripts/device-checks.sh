@@ -15,6 +15,7 @@
 #   bash scripts/device-checks.sh nccl    # the layer over NCCL, 2+ GPUs (test, bench)
 #   bash scripts/device-checks.sh multi   # every rank on its own GPU over NVLink, 2+ GPUs (tests, bench)
 #   bash scripts/device-checks.sh sharing # two ranks' GEMMs on one GPU: SM-bound or contending? ~3 min
+#   bash scripts/device-checks.sh queues  # which stream operations wait behind another stream's waiting kernel, ~1 min
 #   bash scripts/device-checks.sh flake   # the staged ranks' intermittent count timeout, lazy and eager module loading, ~6 min
 #   bash scripts/device-checks.sh qwen    # qwen2-moe, one rank: phases of a call
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
@@ -27,7 +28,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -158,6 +159,14 @@ multi)
   step gpu_layer tests gpu_layer 420
   for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
     step "nvlink W=$n $p" bash -c "set -o pipefail; timeout 120 $R comet bench --gpu --ranks $n --tokens 8192 --iters 10 --phases --preset $p 2>&1 | tee '$O/multi_$p.md' | grep -E '^[|] [a-z]|phases|GPU'"
+  done
+  ;;
+queues)
+  # Which stream operations wait behind another stream's waiting kernel,
+  # per CUDA_DEVICE_MAX_CONNECTIONS (the one-queue refusals and the lead
+  # for the staged count timeout in docs/PERF.md, 2026-12-06), ~1 min.
+  for c in 1 2 4 8 32; do
+    step "queues $c" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=$c timeout 60 python3 scripts/queues.py"
   done
   ;;
 flake)

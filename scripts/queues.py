@@ -1,0 +1,66 @@
+"""Which stream operations wait behind a waiting kernel of another stream.
+
+The GPU's hardware queues (CUDA_DEVICE_MAX_CONNECTIONS, read when CUDA
+starts) decide whether work on one stream can be held back by work waiting
+on another: a staged proxy's downloads, landings and raises must never
+queue behind the kernels that spin for them (docs/ARCHITECTURE.md). Stream
+0 gets a sleeping kernel and then a kernel that waits for it (a waiting
+entry at the head of its queue); each other stream then gets one operation
+and an event, and the operation is "held back" when its event has not
+completed 15 ms later, while stream 0 still sleeps. Run once per value:
+
+    for c in 1 2 4 8 32; do CUDA_DEVICE_MAX_CONNECTIONS=$c python3 scripts/queues.py; done
+
+(2026-12-06, H100: with 1 every kernel was held back and no host-to-device
+copy was; a staged proxy's device-to-host download was. With 4 and more
+nothing was.) A diagnostic: uses torch only to reach the driver.
+"""
+
+import os
+import time
+
+import torch
+
+SLEEP_CYCLES = int(1e8)  # about 50 ms at an H100's clock
+
+
+def main() -> None:
+    queues = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "unset (8)")
+    torch.cuda.init()
+    dev = torch.device("cuda")
+    # torch deals pool streams round robin: 32 created together.
+    streams = [torch.cuda.Stream() for _ in range(32)]
+    small = torch.zeros(1, device=dev)
+    n = 1 << 20
+    pinned = torch.ones(n).pin_memory()
+    back = torch.empty(n).pin_memory()
+    a = torch.empty(n, device=dev)
+    b = torch.ones(n, device=dev)
+
+    ops = {
+        "kernel": lambda: small.add_(1),
+        "host-to-device copy": lambda: a.copy_(pinned, non_blocking=True),
+        "device-to-host copy": lambda: back.copy_(b, non_blocking=True),
+        "device-to-device copy": lambda: a.copy_(b, non_blocking=True),
+    }
+
+    def held_back(stream: int, op) -> bool:
+        with torch.cuda.stream(streams[0]):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            small.add_(1)  # waits for the sleep: a waiting entry
+        done = torch.cuda.Event()
+        with torch.cuda.stream(streams[stream]):
+            op()
+            done.record()
+        time.sleep(0.015)
+        held = not done.query()
+        torch.cuda.synchronize()
+        return held
+
+    for name, op in ops.items():
+        held = [s for s in range(1, len(streams)) if held_back(s, op)]
+        print(f"CUDA_DEVICE_MAX_CONNECTIONS={queues} {name}: held back on streams {held or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

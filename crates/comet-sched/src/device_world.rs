@@ -683,8 +683,6 @@ fn check_ordinals(cfg: &MoeConfig, ordinals: &[usize]) -> Result<(), SchedError>
     Ok(())
 }
 
-/// A device wait that timed out (or a driver failure): possibly only the
-/// consequence of another rank's error.
 /// Ranks of one process on one GPU wait in their kernels for each other's
 /// kernels: refused under one hardware queue ([`needs_queues`]).
 fn check_queues(ordinals: &[usize], queues: usize) -> Result<(), SchedError> {
@@ -698,6 +696,8 @@ fn check_queues(ordinals: &[usize], queues: usize) -> Result<(), SchedError> {
     }
 }
 
+/// A device wait that timed out (or a driver failure): possibly only the
+/// consequence of another rank's error.
 fn may_be_consequence(e: &SchedError) -> bool {
     matches!(e, SchedError::Device { .. })
 }

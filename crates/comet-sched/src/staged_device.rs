@@ -1411,7 +1411,6 @@ impl<T: Transport + 'static> StagedLayer<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use crate::proxy_plan::Kind;
     use rand::{Rng, SeedableRng};
 

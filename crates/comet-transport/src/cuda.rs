@@ -65,10 +65,10 @@ pub fn device_count() -> usize {
 
 /// The hardware work queues CUDA gives this process's contexts
 /// (`CUDA_DEVICE_MAX_CONNECTIONS`, read when CUDA starts: 8 unset, 1 to
-/// 32). With one, a stream's kernels, stream operations and downloads
-/// queue behind every other stream's (docs/PERF.md, 2026-12-06): work
-/// queued after a kernel that spins for it waits out the spinner's
-/// timeout.
+/// 32; a value outside is taken as the nearest bound). With one, every
+/// stream's kernels and device-to-host copies queue behind every other
+/// stream's (docs/PERF.md, 2026-12-06): work queued after a kernel that
+/// spins for it waits out the spinner's timeout.
 pub fn hardware_queues() -> usize {
     queues_from(std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().as_deref())
 }
@@ -908,7 +908,7 @@ mod tests {
     use super::queues_from;
 
     #[test]
-    fn hardware_queues_follow_the_variable_as_cuda_reads_it() {
+    fn hardware_queues_read_the_variable() {
         assert_eq!(queues_from(None), 8, "unset: CUDA's default");
         assert_eq!(queues_from(Some("1")), 1, "Megatron-LM's setting");
         assert_eq!(queues_from(Some(" 32 ")), 32);

@@ -1126,21 +1126,22 @@ impl<'t> StagedProxy<'t> {
     ) -> SchedError {
         let rank = self.t.rank();
         let waited = moved_at.elapsed();
-        // Downloads started go first: they were ready before the rest.
-        let sends: Vec<Piece> = staging
-            .iter()
-            .map(|s| s.piece)
-            .chain(sends.iter().copied())
-            .collect();
-        let pending = sends.len() + lands.len();
-        let what = match (sends.first(), lands.first()) {
-            (Some(p), _) => format!(
+        let pending = staging.len() + sends.len() + lands.len();
+        // A download started goes first: its piece was ready before the
+        // rest, and a download that never finishes (a copy queued behind
+        // the kernels waiting for it) is not the kernels' doing.
+        let what = match (staging.front(), sends.first(), lands.first()) {
+            (Some(s), ..) => format!(
+                "the download of {}, started once its ready word came up (call {epoch})",
+                s.piece
+            ),
+            (None, Some(p), _) => format!(
                 "the kernels' ready word of {} (it is {}, the call is {epoch})",
                 p,
                 dev.ready(p.to, p.signal)
             ),
-            (None, Some(p)) => format!("the arrival of {p} from rank {}", p.from),
-            (None, None) => "the count rows of every rank".into(),
+            (None, None, Some(p)) => format!("the arrival of {p} from rank {}", p.from),
+            (None, None, None) => "the count rows of every rank".into(),
         };
         SchedError::StagedTimeout {
             rank,

@@ -119,6 +119,9 @@ struct HostSide<'t> {
     next: Ticket,
     finished: Ticket,
     rng: ChaCha8Rng,
+    /// Downloads never finish (a copy queued behind the kernels waiting
+    /// for it, as under one hardware queue).
+    stalled: bool,
 }
 
 struct Download {
@@ -158,6 +161,7 @@ impl<'t> HostSide<'t> {
             next: 0,
             finished: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            stalled: false,
         }
     }
 }
@@ -178,7 +182,11 @@ impl HostSide<'_> {
         let slot = self.slot(to, region.buf);
         self.send[slot][region.buf.index()][wire..wire + n].fill(POISON);
         self.next += 1;
-        let looks = self.rng.gen_range(0..4);
+        let looks = if self.stalled {
+            u32::MAX
+        } else {
+            self.rng.gen_range(0..4)
+        };
         self.pending.push_back(Download {
             ticket: self.next,
             to,
@@ -986,6 +994,22 @@ fn a_kernel_that_never_raises_is_named() {
     let msg = err.to_string();
     assert!(
         msg.contains("rank 0") && msg.contains("count(0) 0 -> 1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_download_that_never_finishes_is_named() {
+    let (_, g) = config(2, 1);
+    let world = local_world(2, None);
+    let dev = Arc::new(Device::new(&g));
+    dev.ready[1][g.count_signal(0)].store(1, Ordering::Release);
+    let (mut proxy, _peer) = both(&world, g, Duration::from_millis(300));
+    let mut side = HostSide::new(dev, &g, 1);
+    side.stalled = true;
+    let msg = proxy.call(&mut side, 1).unwrap_err().to_string();
+    assert!(
+        msg.contains("rank 0") && msg.contains("the download of count(0) 0 -> 1"),
         "{msg}"
     );
 }

@@ -25,8 +25,8 @@ given() {
 }
 # One progress line on stderr: the words, space-separated.
 say() { local IFS=' '; echo "$*" >&2; }
-# Every stream its own hardware queue (a staged rank's proxy stream must
-# not queue behind kernels that wait for it).
+# The most hardware queues: a staged rank's proxy work must not queue
+# behind kernels that wait for it (one queue is refused; 32 is a margin).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 echo "bench.sh: building comet in release mode (cargo; a few minutes on a fresh clone)" >&2
 cargo build --release -p comet-cli

@@ -7,7 +7,7 @@
 #   bash scripts/device-checks.sh first   # what the last session left unrun (one-queue refusal, tests, a bench row), ~7 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
-#   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged, kernels)
+#   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged layers, kernels, transport, signals)
 #   bash scripts/device-checks.sh ucx     # the staged layer over UCX processes
 #   bash scripts/device-checks.sh bench   # qwen2-moe over nvlink and local
 #   bash scripts/device-checks.sh ucxbench # qwen2-moe, mixtral over UCX processes
@@ -46,11 +46,11 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the last session left unrun (about 7 minutes): the refusal of a
-  # staged layer under one hardware queue (two UCX processes with
-  # CUDA_DEVICE_MAX_CONNECTIONS=1, the test itself new), the host raise's
-  # counter kernel now loaded at setup (the staged tests, the staged
-  # layer over UCX), then the kernel and layer suites and a bench row.
+  # What the last session left unrun (about 7 minutes): the refusals under
+  # one hardware queue (a staged layer in two UCX processes with
+  # CUDA_DEVICE_MAX_CONNECTIONS=1, the test itself new; two ranks of one
+  # process sharing the GPU), then the kernel and layer suites and a bench
+  # row. Then `queues` (its script's first run with the warm-up).
   step "one queue refused" bash -c "set -o pipefail; timeout 90 $R gpu_staged_ucx --ignored --exact staged_layer_under_one_hardware_queue_is_refused --test-threads=1 2>&1 | tee $O/one_queue.log | grep -E '^test |test result|panicked|CUDA_DEVICE'"
   step "world under one queue" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 60 $R gpu_layer --ignored --exact small_layer_two_ranks --test-threads=1 2>&1 | grep -o 'CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream.\{0,60\}'"
   step comet-kernels-gpu tests comet-kernels-gpu 120
@@ -106,6 +106,8 @@ mps)
 tests)
   step gpu_layer tests gpu_layer 420
   step comet-kernels-gpu tests comet-kernels-gpu 150
+  step nvlink_gpu tests nvlink_gpu 100
+  step gpu_signals tests gpu_signals 80
   ;;
 ucx)
   step gpu_staged_ucx tests gpu_staged_ucx 540

@@ -20,8 +20,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 O=${1:-${OUT:-/tmp/comet-nccl-out}}
 mkdir -p "$O"
 export NCCL_NVLS_ENABLE=0
-# Every stream its own hardware queue: a landing queued behind a kernel
-# that spins waiting for it would stall until the timeout.
+# The most hardware queues: a landing queued behind a kernel that spins
+# waiting for it would stall until the timeout (one queue is refused).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 G=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$G" -lt 2 ]; then

@@ -11,9 +11,11 @@ completed 15 ms later, while stream 0 still sleeps. Run once per value:
 
     for c in 1 2 4 8 32; do CUDA_DEVICE_MAX_CONNECTIONS=$c python3 scripts/queues.py; done
 
-(2026-12-06, H100: with 1 every kernel was held back and no host-to-device
-copy was; a staged proxy's device-to-host download was. With 4 and more
-nothing was.) A diagnostic: uses torch only to reach the driver.
+(2026-12-06, H100, kernels and host-to-device copies only: with 1 every
+kernel was held back and no copy was; with 4 and more nothing was. A
+staged proxy's device-to-host download was held back under 1, by its
+debug log; the device-to-host and device-to-device rows here have not
+run yet.) A diagnostic: uses torch only to reach the driver.
 """
 
 import os
@@ -56,6 +58,15 @@ def main() -> None:
         held = not done.query()
         torch.cuda.synchronize()
         return held
+
+    # Every kernel loaded and every op run once before any is measured:
+    # under lazy loading a first launch may wait for the sleeping kernel.
+    for s in streams:
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(1000)
+            for op in ops.values():
+                op()
+    torch.cuda.synchronize()
 
     for name, op in ops.items():
         held = [s for s in range(1, len(streams)) if held_back(s, op)]

@@ -1,9 +1,10 @@
 //! `cargo xtask bundle`: release binaries for a GPU machine that has only
 //! the driver and CUDA libraries (cudarc loads libcuda, libnvrtc and
 //! libcublas at run time): the `comet` CLI (with the nvlink, nccl and ucx
-//! transports), the GPU test binaries of comet-kernels and comet-sched
-//! (`gpu_layer`, `gpu_nccl_layer`, and `gpu_staged_ucx` with the UCX
-//! libraries it links, which GPU machines lack, in lib/), the torch
+//! transports), the GPU test binaries of comet-kernels, comet-sched
+//! (`gpu_layer`, `gpu_signals`, `gpu_nccl_layer`, and `gpu_staged_ucx`
+//! with the UCX libraries it links, which GPU machines lack, in lib/) and
+//! comet-transport (`nvlink_gpu`), the torch
 //! baseline scripts and an env/run script, in .bundle/ (< 64 MiB).
 
 use std::path::{Path, PathBuf};
@@ -86,9 +87,9 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
     LD_LIBRARY_PATH="/tmp/comet-nccl-lib:${LD_LIBRARY_PATH}"
   fi
 fi
-# Every stream its own hardware queue (the default 8 are shared beyond 8
-# streams, and a staged rank's proxy stream must not queue behind kernels
-# that wait for it).
+# The most hardware queues: a staged rank's proxy work must not queue
+# behind kernels that wait for it. One queue is refused (docs/PERF.md,
+# 2026-12-06); 4 to 32 held nothing back there; 32 is the margin kept.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 export LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0
 export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
@@ -96,6 +97,8 @@ export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
 #        .bundle/run.sh gpu_layer --ignored --test-threads=1
 #        .bundle/run.sh gpu_staged_ucx --ignored --test-threads=1
 #        .bundle/run.sh gpu_nccl_layer --ignored --test-threads=1   (2+ GPUs)
+#        .bundle/run.sh nvlink_gpu --ignored --test-threads=1   (host-driven put and signal)
+#        .bundle/run.sh gpu_signals --ignored --test-threads=1
 exe="$1"; shift
 exec "$HERE/$exe" "$@"
 "#;
@@ -124,57 +127,92 @@ pub fn bundle() -> Result<PathBuf> {
     if !status.success() {
         bail!("building the comet CLI failed");
     }
+    // (cargo test arguments, name in the bundle) of every GPU test binary.
+    let tests: [(&[&str], &str); 6] = [
+        (
+            &["-p", "comet-kernels", "--test", "gpu"],
+            "comet-kernels-gpu",
+        ),
+        (
+            &[
+                "-p",
+                "comet-sched",
+                "--features",
+                "gpu",
+                "--test",
+                "gpu_layer",
+            ],
+            "gpu_layer",
+        ),
+        (
+            &[
+                "-p",
+                "comet-sched",
+                "--features",
+                "gpu,ucx",
+                "--test",
+                "gpu_staged_ucx",
+            ],
+            "gpu_staged_ucx",
+        ),
+        (
+            &[
+                "-p",
+                "comet-sched",
+                "--features",
+                "gpu,nccl",
+                "--test",
+                "gpu_nccl_layer",
+            ],
+            "gpu_nccl_layer",
+        ),
+        (
+            &[
+                "-p",
+                "comet-sched",
+                "--features",
+                "gpu",
+                "--test",
+                "gpu_signals",
+            ],
+            "gpu_signals",
+        ),
+        (
+            &[
+                "-p",
+                "comet-transport",
+                "--features",
+                "nvlink",
+                "--test",
+                "nvlink_gpu",
+            ],
+            "nvlink_gpu",
+        ),
+    ];
     eprintln!(
-        "bundle: building the GPU test binaries (comet-kernels gpu, comet-sched gpu_layer, \
-         gpu_staged_ucx, gpu_nccl_layer)"
+        "bundle: building the GPU test binaries ({})",
+        tests.map(|(_, name)| name).join(", ")
     );
-    let gpu_tests = test_executables(&["-p", "comet-kernels", "--test", "gpu"])?;
-    let gpu_test = gpu_tests
-        .first()
-        .context("no comet-kernels GPU test executable reported")?;
-    let layer_tests = test_executables(&[
-        "-p",
-        "comet-sched",
-        "--features",
-        "gpu",
-        "--test",
-        "gpu_layer",
-    ])?;
-    let layer_test = layer_tests
-        .first()
-        .context("no comet-sched gpu_layer test executable reported")?;
-    let ucx_tests = test_executables(&[
-        "-p",
-        "comet-sched",
-        "--features",
-        "gpu,ucx",
-        "--test",
-        "gpu_staged_ucx",
-    ])?;
-    let ucx_test = ucx_tests
-        .first()
-        .context("no comet-sched gpu_staged_ucx test executable reported")?;
-    let nccl_tests = test_executables(&[
-        "-p",
-        "comet-sched",
-        "--features",
-        "gpu,nccl",
-        "--test",
-        "gpu_nccl_layer",
-    ])?;
-    let nccl_test = nccl_tests
-        .first()
-        .context("no comet-sched gpu_nccl_layer test executable reported")?;
+    let mut built = Vec::new();
+    for (args, name) in tests {
+        let exe = test_executables(args)?
+            .into_iter()
+            .next()
+            .with_context(|| format!("no test executable reported for {name}"))?;
+        built.push((exe, name));
+    }
 
     let dir = root.join(".bundle");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let files: Vec<(PathBuf, &str)> = vec![
-        (target_dir().join("release/comet"), "comet"),
-        (gpu_test.clone(), "comet-kernels-gpu"),
-        (layer_test.clone(), "gpu_layer"),
-        (ucx_test.clone(), "gpu_staged_ucx"),
-        (nccl_test.clone(), "gpu_nccl_layer"),
+    let ucx_test = built
+        .iter()
+        .find(|(_, name)| *name == "gpu_staged_ucx")
+        .map(|(exe, _)| exe.clone())
+        .context("gpu_staged_ucx was built above")?;
+    let mut files: Vec<(PathBuf, &str)> = vec![(target_dir().join("release/comet"), "comet")];
+    files.extend(built);
+    files.extend([
         (
             root.join("scripts/bench_torch_gemm.py"),
             "bench_torch_gemm.py",
@@ -188,7 +226,7 @@ pub fn bundle() -> Result<PathBuf> {
             root.join("scripts/bench_torch_helper.py"),
             "bench_torch_helper.py",
         ),
-    ];
+    ]);
     for (src, name) in &files {
         std::fs::copy(src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
         // Symbols are not needed to run; a missing `strip` only costs size.
@@ -196,7 +234,7 @@ pub fn bundle() -> Result<PathBuf> {
             let _ = Command::new("strip").arg(dir.join(name)).status();
         }
     }
-    copy_ucx_libs(ucx_test, &dir.join("lib"))?;
+    copy_ucx_libs(&ucx_test, &dir.join("lib"))?;
     std::fs::write(dir.join("run.sh"), RUN_SH)?;
     #[cfg(unix)]
     {

@@ -379,6 +379,7 @@ fn build_layer(
                      GPU), but {per_gpu} ranks share cuda:{device}; use \"nvlink\" there"
                 )));
             }
+            NcclLayer::check_queues(ex.rank()).map_err(sched_err)?;
             let t = NcclTransport::new(
                 device,
                 ex,

@@ -264,6 +264,7 @@ impl DeviceWorld {
     ) -> Result<DeviceWorld, SchedError> {
         cfg.validate()?;
         check_ordinals(cfg, ordinals)?;
+        check_queues(ordinals, cuda::hardware_queues())?;
         let transports = NvlinkTransport::in_process(
             ordinals,
             NvlinkOptions {
@@ -313,6 +314,7 @@ impl DeviceWorld {
     ) -> Result<DeviceWorld, SchedError> {
         cfg.validate()?;
         check_ordinals(cfg, ordinals)?;
+        check_queues(ordinals, cuda::hardware_queues())?;
         if transports.len() != cfg.ranks {
             return Err(SchedError::Input {
                 rank: 0,
@@ -437,7 +439,6 @@ impl DeviceWorld {
             + Sync,
         capacity: usize,
     ) -> Result<DeviceWorld, SchedError> {
-        check_queues(ordinals, cuda::hardware_queues())?;
         // One set of kernels per device (ranks sharing a GPU share it).
         let mut loaded: Vec<(usize, LayerKernels)> = Vec::new();
         for (r, ctx) in contexts.iter().enumerate() {
@@ -458,9 +459,6 @@ impl DeviceWorld {
             let per_gpu = ordinals.iter().filter(|&&o| o == ordinals[r]).count();
             let mut lopts = opts.clone();
             lopts.ranks_per_gpu = per_gpu.max(opts.ranks_per_gpu);
-            // The layer's own streams first (a staged layer's proxy stream
-            // must not share a hardware queue with this one, behind kernels
-            // that wait for the proxy).
             let layer = layer(t, &kernels, &lopts)?;
             let stream = contexts[r].new_stream().map_err(|e| SchedError::Device {
                 rank: r,
@@ -691,7 +689,11 @@ fn check_queues(ordinals: &[usize], queues: usize) -> Result<(), SchedError> {
         .enumerate()
         .find(|&(r, o)| ordinals[..r].contains(o))
     {
-        Some((r, o)) => needs_queues(r, queues, &format!("a rank's kernels on GPU {o}")),
+        Some((r, o)) => needs_queues(
+            r,
+            queues,
+            &format!("the kernels of ranks sharing GPU {o} (a GPU per rank avoids it)"),
+        ),
         None => Ok(()),
     }
 }

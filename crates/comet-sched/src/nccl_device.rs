@@ -67,6 +67,17 @@ pub fn lane_sms(ranks: usize) -> usize {
 pub type NcclLayer = StagedLayer<NcclTransport>;
 
 impl StagedLayer<NcclTransport> {
+    /// Refused under one hardware queue ([`needs_queues`]): callers that
+    /// build the NCCL transport (collective) ask first, so every rank
+    /// fails before it.
+    pub fn check_queues(rank: usize) -> Result<(), SchedError> {
+        needs_queues(
+            rank,
+            cuda::hardware_queues(),
+            "NCCL's kernels and the proxy's copies",
+        )
+    }
+
     /// Collective, as [`MoeLayer::new`]: rank `inner.rank()` on
     /// `inner`'s device, its pieces carried by NCCL. Makes the lanes
     /// first (collective splits of `inner`'s communicator, each connected
@@ -79,11 +90,7 @@ impl StagedLayer<NcclTransport> {
         opts: &LayerOptions,
     ) -> Result<NcclLayer, SchedError> {
         let ordinal = inner.device_ordinal();
-        needs_queues(
-            inner.rank(),
-            cuda::hardware_queues(),
-            "NCCL's kernels and the proxy's copies",
-        )?;
+        Self::check_queues(inner.rank())?;
         let set = LaneSet::open(&inner, opts.timeout)?;
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
@@ -338,7 +345,7 @@ impl CudaLanes {
             stop,
             landings: t.comm_stream(),
             landed: StreamQueue::default(),
-            raise: HostSignal::new(&ctx).map_err(|e| device("prepare signal raises", e))?,
+            raise: HostSignal::new(&ctx),
             ctx,
             set,
             view,

@@ -294,7 +294,9 @@ impl<T: Transport + 'static> Drop for StagedLayer<T> {
 /// (`queues`, [`comet_transport::cuda::hardware_queues`]): there that work
 /// waits behind the waiting kernels until their timeout. Measured on an
 /// H100 (docs/PERF.md, 2026-12-06): a staged rank's count downloads never
-/// finished, and ranks of one process never saw each other's counts.
+/// finished, and ranks of one process never saw each other's counts. Only
+/// one queue is refused, the measured failure: 2 and 3 were not run, 4 to
+/// 32 held nothing back, and the message asks for 8 or more.
 pub(crate) fn needs_queues(rank: usize, queues: usize, what: &str) -> Result<(), SchedError> {
     if queues > 1 {
         return Ok(());
@@ -304,7 +306,7 @@ pub(crate) fn needs_queues(rank: usize, queues: usize, what: &str) -> Result<(),
         message: format!(
             "CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream of this process in one hardware \
              queue, where {what} would wait behind the kernels waiting for them; unset it \
-             (CUDA gives 8) or set 2 or more before CUDA starts"
+             (CUDA gives 8) or set 8 or more before CUDA starts"
         ),
     })
 }

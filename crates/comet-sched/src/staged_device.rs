@@ -779,7 +779,7 @@ impl CudaStaging {
             stop,
             downloads: Arc::clone(&t.s.downloads),
             landings: t.comm_stream(),
-            raise: HostSignal::new(t.context()).map_err(|e| failed("prepare signal raises", e))?,
+            raise: HostSignal::new(t.context()),
             view,
             send,
             outbox,

@@ -63,20 +63,25 @@ pub fn device_count() -> usize {
     })
 }
 
-/// The hardware work queues CUDA gives this process's contexts
-/// (`CUDA_DEVICE_MAX_CONNECTIONS`, read when CUDA starts: 8 unset, 1 to
-/// 32; a value outside is taken as the nearest bound). With one, every
-/// stream's kernels and device-to-host copies queue behind every other
-/// stream's (docs/PERF.md, 2026-12-06): work queued after a kernel that
-/// spins for it waits out the spinner's timeout.
+/// The hardware work queues CUDA gives this process's contexts, as
+/// `CUDA_DEVICE_MAX_CONNECTIONS` says now (CUDA reads it once, when it
+/// starts: a process that changes it later misleads this). Unset: 8, the
+/// documented default; 1 to 32 as given. Outside that range CUDA's reading
+/// is not documented: this takes 0 and unreadable values as the default,
+/// larger ones as 32. With one queue every stream's kernels and
+/// device-to-host copies queue behind every other stream's (docs/PERF.md,
+/// 2026-12-06): work queued after a kernel that spins for it waits out the
+/// spinner's timeout.
 pub fn hardware_queues() -> usize {
     queues_from(std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().as_deref())
 }
 
 /// [`hardware_queues`] for a value of the variable.
 pub fn queues_from(var: Option<&str>) -> usize {
-    var.and_then(|v| v.trim().parse::<usize>().ok())
-        .map_or(8, |n| n.clamp(1, 32))
+    match var.and_then(|v| v.trim().parse::<usize>().ok()) {
+        Some(n) if n >= 1 => n.min(32),
+        _ => 8,
+    }
 }
 
 /// Opens device `ordinal`'s primary context with cudarc's event tracking
@@ -371,7 +376,7 @@ const SIGNAL_ADD_PTX: &str = r#"
 }
 "#;
 
-/// The counter-signal kernel, loaded once per context.
+/// The counter-signal kernel, loaded once per [`HostSignal`] that adds.
 pub struct SignalAdd {
     f: CudaFunction,
 }
@@ -419,7 +424,8 @@ impl SignalAdd {
 /// a signal word from the host: enqueued on a stream after the data it
 /// guards. `Set` is `cuStreamWriteValue64` with default flags (a
 /// system-wide barrier first); `Add` is the one-thread release-add kernel
-/// ([`SignalAdd`]), since stream memory operations cannot add.
+/// ([`SignalAdd`], loaded on first use), since stream memory operations
+/// cannot add.
 ///
 /// Why `cuStreamWriteValue64` and not an 8-byte host-to-device copy:
 /// comet-kernels' `device::raise_signal_async` says the call answered
@@ -429,17 +435,24 @@ impl SignalAdd {
 /// stream write orders after the stream's earlier copies without staging a
 /// pageable host word. This is the path kept.
 pub struct HostSignal {
-    add: SignalAdd,
+    ctx: Arc<CudaContext>,
+    add: OnceLock<SignalAdd>,
 }
 
 impl HostSignal {
-    /// Loads the counter kernel now: loaded at a first `Add`, behind
-    /// kernels spinning for it, the module load could wait on a context
-    /// synchronisation that waits for those kernels.
-    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self, DriverError> {
-        Ok(Self {
-            add: SignalAdd::load(ctx)?,
-        })
+    pub fn new(ctx: &Arc<CudaContext>) -> Self {
+        Self {
+            ctx: Arc::clone(ctx),
+            add: OnceLock::new(),
+        }
+    }
+
+    fn add_kernel(&self) -> Result<&SignalAdd, DriverError> {
+        if let Some(k) = self.add.get() {
+            return Ok(k);
+        }
+        let k = SignalAdd::load(&self.ctx)?;
+        Ok(self.add.get_or_init(|| k))
     }
 
     /// Enqueues the raise of the word at `addr` by `op` on `stream`, after
@@ -457,7 +470,7 @@ impl HostSignal {
             // SAFETY: the caller's contract is write_value64's.
             SignalOp::Set(v) => unsafe { write_value64(stream, addr, v) },
             // SAFETY: as above.
-            SignalOp::Add(d) => unsafe { self.add.launch(stream, addr, d) },
+            SignalOp::Add(d) => unsafe { self.add_kernel()?.launch(stream, addr, d) },
         }
     }
 }
@@ -913,7 +926,7 @@ mod tests {
         assert_eq!(queues_from(Some("1")), 1, "Megatron-LM's setting");
         assert_eq!(queues_from(Some(" 32 ")), 32);
         assert_eq!(queues_from(Some("64")), 32, "the most there are");
-        assert_eq!(queues_from(Some("0")), 1);
+        assert_eq!(queues_from(Some("0")), 8, "not a count: the default");
         assert_eq!(queues_from(Some("many")), 8, "unreadable: the default");
     }
 }

@@ -104,12 +104,11 @@ impl RankDevice {
         let poll = ctx.new_stream().map_err(|e| err("create poll stream", e))?;
         let error_word =
             cuda::ErrorWord::zeroed(&ctx).map_err(|e| err("allocate error word", e))?;
-        let raise = cuda::HostSignal::new(&ctx).map_err(|e| err("prepare signal raises", e))?;
         Ok(Self {
             backend,
             rank,
             ordinal,
-            raise,
+            raise: cuda::HostSignal::new(&ctx),
             ctx,
             stream,
             poll,

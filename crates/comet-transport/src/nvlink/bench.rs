@@ -68,6 +68,45 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(ordinals: [usize; 2], sizes: &[usize]) -> Result<GpuBenchReport, TransportError> {
     let max = sizes.iter().copied().max().unwrap_or(0).max(8);
     let ranks = NvlinkTransport::in_process(&ordinals, NvlinkOptions::default())?;
+    let (src, dst) = alloc_pair(&ranks, max)?;
+    let mut pair = Pair::new(&ranks, src, dst, max, ordinals[0] == ordinals[1])?;
+    let mut rows = Vec::new();
+    for &n in sizes {
+        rows.extend(pair.measure(n)?);
+    }
+    let mut notes = Vec::new();
+    if pair.same_device {
+        notes.push(format!(
+            "both ranks on device {}: a same-device copy (read + write of the same HBM) plus the signal; no link is measured",
+            ordinals[0]
+        ));
+    }
+    notes.push(
+        "NCCL rows need one GPU per rank (NCCL refuses two ranks on one GPU); not run here".into(),
+    );
+    let device = ranks[0]
+        .context()
+        .name()
+        .unwrap_or_else(|_| "unknown".into());
+    std::thread::scope(|s| {
+        for t in ranks {
+            s.spawn(move || t.shutdown(Duration::from_secs(30)));
+        }
+    });
+    Ok(GpuBenchReport {
+        device,
+        ordinals,
+        rows,
+        notes,
+    })
+}
+
+/// Collective: a source and a destination buffer of `max` bytes and two
+/// signals on each rank (a thread each); rank 0's ids.
+fn alloc_pair(
+    ranks: &[NvlinkTransport],
+    max: usize,
+) -> Result<(BufferId, BufferId), TransportError> {
     let ids: Vec<Result<(BufferId, BufferId), TransportError>> = std::thread::scope(|s| {
         let hs: Vec<_> = ranks
             .iter()
@@ -88,119 +127,125 @@ pub fn run(ordinals: [usize; 2], sizes: &[usize]) -> Result<GpuBenchReport, Tran
             })
             .collect()
     });
-    let mut got = Vec::new();
-    for r in ids {
-        got.push(r?);
+    ids.into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map(|got| got[0])
+}
+
+/// Rank 0 putting its source buffer (random bytes, never zeros) into rank
+/// 1's destination buffer, by the transport and by the driver's copy.
+struct Pair<'a> {
+    t0: &'a NvlinkTransport,
+    t1: &'a NvlinkTransport,
+    dst: BufferId,
+    src_ptr: u64,
+    dst_ptr: u64,
+    same_device: bool,
+    stream: Arc<CudaStream>,
+    epoch: u64,
+}
+
+impl<'a> Pair<'a> {
+    fn new(
+        ranks: &'a [NvlinkTransport],
+        src: BufferId,
+        dst: BufferId,
+        max: usize,
+        same_device: bool,
+    ) -> Result<Self, TransportError> {
+        let (t0, t1) = (&ranks[0], &ranks[1]);
+        let mut bytes = vec![0u8; max];
+        rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut bytes);
+        t0.put(0, src, 0, &bytes)?;
+        t0.synchronize()?;
+        Ok(Self {
+            t0,
+            t1,
+            dst,
+            src_ptr: t0.buffer_ptr(src)?,
+            dst_ptr: t0.peer_buffer_ptr(1, dst)?.unwrap_or(0),
+            same_device,
+            stream: t0.comm_stream(),
+            epoch: 0,
+        })
     }
-    let (src, dst) = got[0];
-    let (t0, t1) = (&ranks[0], &ranks[1]);
-    // Random bytes, never zeros.
-    let mut bytes = vec![0u8; max];
-    rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut bytes);
-    t0.put(0, src, 0, &bytes)?;
-    t0.synchronize()?;
-    let src_ptr = t0.buffer_ptr(src)?;
-    let dst_ptr = t0.peer_buffer_ptr(1, dst)?.unwrap_or(0);
-    let same_device = ordinals[0] == ordinals[1];
-    let stream = t0.comm_stream();
-    let ctx0 = t0.context().clone();
-    let ctx1 = t1.context().clone();
-    let baseline_name = if same_device {
-        "cuMemcpyDtoDAsync"
-    } else {
-        "cuMemcpyPeerAsync"
-    };
-    let copy = |n: usize| -> Result<(), TransportError> {
+
+    fn baseline_name(&self) -> &'static str {
+        if self.same_device {
+            "cuMemcpyDtoDAsync"
+        } else {
+            "cuMemcpyPeerAsync"
+        }
+    }
+
+    /// The driver's copy of `n` bytes.
+    fn copy(&self, n: usize) -> Result<(), TransportError> {
         // SAFETY: both ranges lie inside live symmetric buffers of `max` bytes.
         unsafe {
-            if same_device {
-                cuda::copy_dtod_async(&stream, dst_ptr, src_ptr, n)
+            if self.same_device {
+                cuda::copy_dtod_async(&self.stream, self.dst_ptr, self.src_ptr, n)
             } else {
-                cuda::copy_peer_async(&stream, dst_ptr, &ctx1, src_ptr, &ctx0, n)
+                let (ctx0, ctx1) = (self.t0.context(), self.t1.context());
+                cuda::copy_peer_async(&self.stream, self.dst_ptr, ctx1, self.src_ptr, ctx0, n)
             }
         }
         .map_err(e("baseline copy"))
-    };
-    let mut epoch = 0u64;
-    let mut rows = Vec::new();
-    for &n in sizes {
+    }
+
+    /// The transport's put of `n` bytes and the signal after it.
+    fn put(&mut self, n: usize) -> Result<(), TransportError> {
+        self.epoch += 1;
+        self.t0.put_device(1, self.dst, 0, self.src_ptr, n)?;
+        self.t0.signal(1, 0, SignalOp::Set(self.epoch))
+    }
+
+    /// Both methods at `n` bytes: throughput over many repetitions, the
+    /// device time of one, and for the put the time until rank 1's host
+    /// sees the signal.
+    fn measure(&mut self, n: usize) -> Result<[GpuBenchRow; 2], TransportError> {
+        let t0 = self.t0;
         let reps = ((256usize << 20) / n.max(1)).clamp(20, 2000);
-        // Warm-up of both methods.
         for _ in 0..3 {
-            copy(n)?;
-            epoch += 1;
-            t0.put_device(1, dst, 0, src_ptr, n)?;
-            t0.signal(1, 0, SignalOp::Set(epoch))?;
+            self.copy(n)?;
+            self.put(n)?;
         }
         t0.synchronize()?;
-        let base_s = timed(t0, reps, || copy(n))?;
-        let put_s = timed(t0, reps, || {
-            epoch += 1;
-            t0.put_device(1, dst, 0, src_ptr, n)?;
-            t0.signal(1, 0, SignalOp::Set(epoch))
-        })?;
-        let mut base_one = Vec::new();
-        let mut put_one = Vec::new();
-        let mut host = Vec::new();
+        let base_s = timed(t0, reps, || self.copy(n))?;
+        let put_s = timed(t0, reps, || self.put(n))?;
+        let (mut base_one, mut put_one, mut host) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..25 {
-            base_one.push(timed(t0, 1, || copy(n))?);
-            put_one.push(timed(t0, 1, || {
-                epoch += 1;
-                t0.put_device(1, dst, 0, src_ptr, n)?;
-                t0.signal(1, 0, SignalOp::Set(epoch))
-            })?);
-            epoch += 1;
+            base_one.push(timed(t0, 1, || self.copy(n))?);
+            put_one.push(timed(t0, 1, || self.put(n))?);
             let start = Instant::now();
-            t0.put_device(1, dst, 0, src_ptr, n)?;
-            t0.signal(1, 0, SignalOp::Set(epoch))?;
+            self.put(n)?;
             // Rank 1 polls its own word, as a host-driven receiver would.
-            t1.wait(0, epoch, Duration::from_secs(10))?;
+            self.t1.wait(0, self.epoch, Duration::from_secs(10))?;
             host.push(start.elapsed().as_secs_f64());
         }
         let gb = |s: f64| (n * reps) as f64 / s / 1e9;
-        rows.push(GpuBenchRow {
-            method: baseline_name.into(),
-            bytes: n,
-            gb_per_s: gb(base_s),
-            device_us: median(base_one) * 1e6,
-            host_us: None,
-        });
-        rows.push(GpuBenchRow {
-            method: "nvlink put+signal".into(),
-            bytes: n,
-            gb_per_s: gb(put_s),
-            device_us: median(put_one) * 1e6,
-            host_us: Some(median(host) * 1e6),
-        });
         tracing::info!(
             bytes = n,
             base_gbps = gb(base_s),
             put_gbps = gb(put_s),
             "nvlink bench point"
         );
+        Ok([
+            GpuBenchRow {
+                method: self.baseline_name().into(),
+                bytes: n,
+                gb_per_s: gb(base_s),
+                device_us: median(base_one) * 1e6,
+                host_us: None,
+            },
+            GpuBenchRow {
+                method: "nvlink put+signal".into(),
+                bytes: n,
+                gb_per_s: gb(put_s),
+                device_us: median(put_one) * 1e6,
+                host_us: Some(median(host) * 1e6),
+            },
+        ])
     }
-    let mut notes = Vec::new();
-    if same_device {
-        notes.push(format!(
-            "both ranks on device {}: a same-device copy (read + write of the same HBM) plus the signal; no link is measured",
-            ordinals[0]
-        ));
-    }
-    notes.push(
-        "NCCL rows need one GPU per rank (NCCL refuses two ranks on one GPU); not run here".into(),
-    );
-    let device = ctx0.name().unwrap_or_else(|_| "unknown".into());
-    std::thread::scope(|s| {
-        for t in ranks {
-            s.spawn(move || t.shutdown(Duration::from_secs(30)));
-        }
-    });
-    Ok(GpuBenchReport {
-        device,
-        ordinals,
-        rows,
-        notes,
-    })
 }
 
 /// The report as a markdown table (for docs/PERF.md and the CLI).

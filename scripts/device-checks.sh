@@ -56,7 +56,7 @@ first)
   step "world under one queue" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=1 timeout 60 $R gpu_layer --ignored --exact small_layer_two_ranks --test-threads=1 2>&1 | grep -o 'CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream.\{0,60\}'"
   step comet-kernels-gpu tests comet-kernels-gpu 120
   step gpu_layer tests gpu_layer 420
-  step "nvlink bench (refactored)" bash -c "set -o pipefail; timeout 60 $R comet bench transport --transports nvlink --sizes 64K,16M 2>&1 | tee $O/nvlink_bench.md | grep -E '^[|] '"
+  step "nvlink bench (refactored)" bash -c "set -o pipefail; timeout 60 $R comet bench transport --transports nvlink --sizes 64K,16M --markdown 2>&1 | tee $O/nvlink_bench.md | grep -E '^[|] '"
   clocks alone
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
   clocks_done alone

@@ -46,10 +46,18 @@ def main() -> None:
         "device-to-device copy": lambda: a.copy_(b, non_blocking=True),
     }
 
-    def held_back(stream: int, op) -> bool:
+    small_back = torch.empty(1).pin_memory()
+    # What waits on stream 0 behind the sleep: a kernel, or a device-to-host
+    # copy (as a layer's status copy once waited behind its call).
+    waiting = {
+        "kernel": lambda: small.add_(1),
+        "device-to-host copy": lambda: small_back.copy_(small, non_blocking=True),
+    }
+
+    def held_back(stream: int, op, wait) -> bool:
         with torch.cuda.stream(streams[0]):
             torch.cuda._sleep(SLEEP_CYCLES)
-            small.add_(1)  # waits for the sleep: a waiting entry
+            wait()  # waits for the sleep: a waiting entry
         done = torch.cuda.Event()
         with torch.cuda.stream(streams[stream]):
             op()
@@ -64,13 +72,17 @@ def main() -> None:
     for s in streams:
         with torch.cuda.stream(s):
             torch.cuda._sleep(1000)
-            for op in ops.values():
+            for op in [*ops.values(), *waiting.values()]:
                 op()
     torch.cuda.synchronize()
 
-    for name, op in ops.items():
-        held = [s for s in range(1, len(streams)) if held_back(s, op)]
-        print(f"CUDA_DEVICE_MAX_CONNECTIONS={queues} {name}: held back on streams {held or 'none'}")
+    for behind, wait in waiting.items():
+        for name, op in ops.items():
+            held = [s for s in range(1, len(streams)) if held_back(s, op, wait)]
+            print(
+                f"CUDA_DEVICE_MAX_CONNECTIONS={queues} {name} behind a waiting {behind}: "
+                f"held back on streams {held or 'none'}"
+            )
 
 
 if __name__ == "__main__":

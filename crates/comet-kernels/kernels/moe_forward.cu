@@ -669,6 +669,22 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __
 }
 
 
+// The call's status word into pinned host memory by a store from the
+// call's stream, not a device-to-host copy: such a copy waiting there for
+// the call's kernels was seen to hold back another stream's
+// device-to-host copy (a staged proxy's count download) until the call
+// ended, which needed that download (docs/PERF.md, 2026-12-06).
+struct StatusParams {
+  const u64* err;
+  u64* status;  // mapped pinned host memory
+};
+
+extern "C" __global__ void __launch_bounds__(32) comet_store_status(const __grid_constant__ StatusParams p) {
+  if (threadIdx.x != 0) return;
+  *(volatile u64*)p.status = *(volatile const u64*)p.err;
+  __threadfence_system();
+}
+
 extern "C" __global__ void __launch_bounds__(256) comet_wait_signals(const __grid_constant__ WaitParams p) {
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;

@@ -240,6 +240,14 @@ pub struct FillParams {
 
 const _: () = assert!(std::mem::size_of::<FillParams>() == 32);
 
+/// `comet::StatusParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct StatusParams {
+    err: CUdeviceptr,
+    status: CUdeviceptr,
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ExpandParams {
@@ -318,6 +326,7 @@ pub struct ForwardKernels {
     dispatch: CudaFunction,
     dispatch_tokens: CudaFunction,
     wait: CudaFunction,
+    status: CudaFunction,
     combine: CudaFunction,
     reduce: CudaFunction,
     fill: CudaFunction,
@@ -349,6 +358,7 @@ impl ForwardKernels {
             dispatch: load_function(&module, "comet_dispatch")?,
             dispatch_tokens: load_function(&module, "comet_dispatch_tokens")?,
             wait: load_function(&module, "comet_wait_signals")?,
+            status: load_function(&module, "comet_store_status")?,
             combine: load_function(&module, "comet_combine")?,
             reduce: load_function(&module, "comet_reduce")?,
             fill: load_function(&module, "comet_fill_random")?,
@@ -410,6 +420,27 @@ impl ForwardKernels {
     pub unsafe fn wait(&self, p: &WaitParams, s: CUstream) -> Result<(), KernelError> {
         // SAFETY: forwarded contract.
         unsafe { launch(&self.wait, Grid::blocks(1), 256, s, p) }
+    }
+
+    /// Stores the device word at `err` into `status` on stream `s`, by a
+    /// kernel: a device-to-host copy queued behind a call's kernels can
+    /// hold back other streams' device-to-host copies.
+    ///
+    /// # Safety
+    /// `err` is a live 8-byte device word of this context.
+    pub unsafe fn store_status(
+        &self,
+        err: CUdeviceptr,
+        status: &StatusWord,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        let p = StatusParams {
+            err,
+            status: status.device_ptr,
+        };
+        // SAFETY: `err` per the caller; `status` is the device address of a
+        // live mapped pinned word, owned by `status`.
+        unsafe { launch(&self.status, Grid::blocks(1), 32, s, &p) }
     }
 
     /// # Safety
@@ -654,6 +685,8 @@ pub unsafe fn fill_u32(
 /// by reading memory: no synchronisation, and it works in a CUDA graph.
 pub struct StatusWord {
     ptr: *mut u64,
+    /// The same word as the device addresses it (the allocation is mapped).
+    device_ptr: CUdeviceptr,
     ctx: Arc<CudaContext>,
 }
 
@@ -665,16 +698,25 @@ impl StatusWord {
     pub fn new(ctx: &Arc<CudaContext>) -> Result<StatusWord, KernelError> {
         ctx.bind_to_thread()?;
         // SAFETY: an 8-byte pinned allocation, zeroed before use.
-        let ptr = unsafe { cudarc::driver::result::malloc_host(8, 0) }? as *mut u64;
+        let ptr = unsafe { cudarc::driver::result::malloc_host(8, sys::CU_MEMHOSTALLOC_DEVICEMAP) }?
+            as *mut u64;
         // SAFETY: freshly allocated, aligned and 8 bytes long.
         unsafe { ptr.write_volatile(0) };
-        Ok(StatusWord {
+        let mut word = StatusWord {
             ptr,
+            device_ptr: 0,
             ctx: Arc::clone(ctx),
-        })
+        };
+        let mut device_ptr: CUdeviceptr = 0;
+        // SAFETY: `ptr` is a live mapped allocation of this context; on
+        // error `word` frees it.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device_ptr, ptr as *mut c_void, 0) }
+            .result()?;
+        word.device_ptr = device_ptr;
+        Ok(word)
     }
 
-    /// The last value the device copied here.
+    /// The last value the device stored here.
     pub fn read(&self) -> u64 {
         // SAFETY: live, aligned, owned by self.
         unsafe { self.ptr.read_volatile() }
@@ -684,22 +726,12 @@ impl StatusWord {
         // SAFETY: as in read.
         unsafe { self.ptr.write_volatile(0) }
     }
-
-    /// Enqueues a copy of the device word at `src` into this word.
-    ///
-    /// # Safety
-    /// `src` is a live 8-byte device word of this context.
-    pub unsafe fn copy_from(&self, src: CUdeviceptr, stream: CUstream) -> Result<(), KernelError> {
-        // SAFETY: 8 bytes from a live device word into our pinned word.
-        unsafe { sys::cuMemcpyDtoHAsync_v2(self.ptr as *mut c_void, src, 8, stream) }.result()?;
-        Ok(())
-    }
 }
 
 impl Drop for StatusWord {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: allocated by malloc_host in new; copies into it are
+        // SAFETY: allocated by malloc_host in new; stores into it are
         // ordered before any drop by the owner's stream synchronisation.
         let _ = unsafe { cudarc::driver::result::free_host(self.ptr as *mut c_void) };
     }

@@ -1267,10 +1267,16 @@ impl<T: DeviceTransport> MoeLayer<T> {
         .map_err(|e| dev(rank, "join side stream", e))
     }
 
-    /// The call's status into pinned host memory (read by the next call).
+    /// The call's status into pinned host memory (read by the next call),
+    /// stored by a kernel: no device-to-host copy waits behind the call.
     unsafe fn finish(&self, stream: CUstream) -> Result<(), SchedError> {
         // SAFETY: the error word of this layer's state block.
-        unsafe { self.status.copy_from(self.s.err, stream) }.map_err(kerr(self.rank()))
+        unsafe {
+            self.k
+                .forward
+                .store_status(self.s.err, &self.status, stream)
+        }
+        .map_err(kerr(self.rank()))
     }
 
     /// Enqueues only the two grouped GEMMs (no hooks, whole share) over the

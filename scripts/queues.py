@@ -1,21 +1,24 @@
-"""Which stream operations wait behind a waiting kernel of another stream.
+"""Which stream operations wait behind a waiting entry of another stream.
 
 The GPU's hardware queues (CUDA_DEVICE_MAX_CONNECTIONS, read when CUDA
-starts) decide whether work on one stream can be held back by work waiting
-on another: a staged proxy's downloads, landings and raises must never
-queue behind the kernels that spin for them (docs/ARCHITECTURE.md). Stream
-0 gets a sleeping kernel and then a kernel that waits for it (a waiting
-entry at the head of its queue); each other stream then gets one operation
-and an event, and the operation is "held back" when its event has not
-completed 15 ms later, while stream 0 still sleeps. Run once per value:
+starts) and its copy engines decide whether work on one stream can be held
+back by work waiting on another: a staged proxy's downloads, landings and
+raises must never queue behind the kernels that spin for them, nor behind
+anything waiting for those kernels (docs/ARCHITECTURE.md). Stream 0 gets a
+sleeping kernel and then an entry that waits for it: a kernel, a
+device-to-host copy or a host-to-device copy. Each other stream then gets
+one operation and an event, and the operation is "held back" when its
+event has not completed 15 ms later, while stream 0 still sleeps. Run once
+per value:
 
     for c in 1 2 4 8 32; do CUDA_DEVICE_MAX_CONNECTIONS=$c python3 scripts/queues.py; done
 
-(2026-12-06, H100, kernels and host-to-device copies only: with 1 every
-kernel was held back and no copy was; with 4 and more nothing was. A
-staged proxy's device-to-host download was held back under 1, by its
-debug log; the device-to-host and device-to-device rows here have not
-run yet.) A diagnostic: uses torch only to reach the driver.
+(2026-12-06, H100, behind a waiting kernel: with 1 kernels and
+device-to-device copies were held back on every stream, copies to and from
+the host on none; with 2 and more nothing was. Behind a waiting copy it has
+not run yet: a staged proxy's count download once never finished while the
+layer's status copy waited behind its call, at 32.) A diagnostic: uses
+torch only to reach the driver.
 """
 
 import os
@@ -47,11 +50,14 @@ def main() -> None:
     }
 
     small_back = torch.empty(1).pin_memory()
-    # What waits on stream 0 behind the sleep: a kernel, or a device-to-host
-    # copy (as a layer's status copy once waited behind its call).
+    small_up = torch.ones(1).pin_memory()
+    # What waits on stream 0 behind the sleep: a kernel, or a copy either
+    # way (as a layer's status copy once waited behind its call, or a
+    # caller's copies may wait behind a staged call).
     waiting = {
         "kernel": lambda: small.add_(1),
         "device-to-host copy": lambda: small_back.copy_(small, non_blocking=True),
+        "host-to-device copy": lambda: small.copy_(small_up, non_blocking=True),
     }
 
     def held_back(stream: int, op, wait) -> bool:

@@ -248,6 +248,8 @@ struct StatusParams {
     status: CUdeviceptr,
 }
 
+const _: () = assert!(std::mem::size_of::<StatusParams>() == 16);
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ExpandParams {
@@ -680,9 +682,10 @@ pub unsafe fn fill_u32(
         .map_err(KernelError::Driver)
 }
 
-/// A 64-bit word in pinned host memory that the stream copies a device
-/// word into at the end of every call, so the host learns a call's status
-/// by reading memory: no synchronisation, and it works in a CUDA graph.
+/// A 64-bit word in mapped pinned host memory that a kernel stores a device
+/// word into at the end of every call ([`ForwardKernels::store_status`]),
+/// so the host learns a call's status by reading memory: no
+/// synchronisation, and it works in a CUDA graph.
 pub struct StatusWord {
     ptr: *mut u64,
     /// The same word as the device addresses it (the allocation is mapped).

@@ -763,7 +763,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         Ok(())
     }
 
-    /// An earlier call's device error (from the status copy), if any.
+    /// An earlier call's device error (from the status word), if any.
     fn take_status(&mut self) -> Result<(), SchedError> {
         let word = self.status.read();
         if word == 0 {

@@ -615,7 +615,11 @@ impl NcclLanes for CudaLanes {
             }
             Polled::TimedOut(waited) => Err(self.failed(
                 "read counts",
-                format!("the copy did not finish within {waited:?}"),
+                format!(
+                    "the copy did not finish within {waited:?} (a copy left waiting \
+                     behind a call on a stream of this process, such as an output copied \
+                     to the host before its call ended, can hold it back)"
+                ),
             )),
         }
     }

@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left unrun (waiting copies, the status store, staged first calls, a bench row), ~7 min
+#   bash scripts/device-checks.sh first   # what the last session left unrun (waiting copies, the status store, staged first calls, copies behind calls, a bench row), ~8 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged layers, kernels, transport, signals)
@@ -46,13 +46,15 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the last session left unrun (about 7 minutes): whether a copy
+  # What the last session left unrun (about 8 minutes): whether a copy
   # waiting behind a call holds back other streams' copies (queues.py's
   # new rows, at 32 and 1 queues), the layer's status now stored by a
   # kernel (the tests that read it: a rank that never calls, bad inputs),
   # the staged tests that timed out once on their first call's count
   # exchange (a count download behind the status copy), four times each
-  # with the proxies' debug log, and a qwen2-moe bench row (issue 13's
+  # with the proxies' debug log, a caller's copies queued behind the
+  # calls (outputs_copied_out_at_once_hold_nothing_back, new), and a
+  # qwen2-moe bench row (issue 13's
   # target is stated for an H200: say which card ran it).
   for c in 32 1; do
     step "queues $c" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=$c timeout 60 python3 scripts/queues.py"
@@ -64,6 +66,11 @@ first)
     for t in staged_thirty_calls_on_the_same_buffers staged_every_routing_matches_the_reference; do
       step "$i $t" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/first_${i}_$t.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
     done
+  done
+  # A caller's copy of each rank's output queued at once behind its call
+  # (new; it fails if a waiting copy holds back a proxy's copies).
+  for i in 1 2; do
+    step "$i copied out at once" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact outputs_copied_out_at_once_hold_nothing_back 2>&1 | tee $O/copied_out_$i.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
   done
   clocks alone
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"

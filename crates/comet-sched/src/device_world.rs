@@ -21,7 +21,7 @@ use crate::protocol::build_ranks;
 use crate::proxy_layer::needs_queues;
 use crate::staged_device::StagedLayer;
 use comet_core::{ExpertWeights, MoeConfig};
-use comet_transport::cuda;
+use comet_transport::cuda::{self, PinnedBytes};
 use comet_transport::gpu::DeviceTransport;
 use comet_transport::local::{local_world, DelayModel};
 use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
@@ -212,6 +212,20 @@ impl WorldRank {
 pub struct DeviceWorld {
     pub cfg: MoeConfig,
     ranks: Vec<WorldRank>,
+    /// Each rank's output copied out by [`DeviceWorld::forward_copying_outputs`]
+    /// (pinned; empty until then).
+    copies: Vec<PinnedBytes>,
+}
+
+impl Drop for DeviceWorld {
+    fn drop(&mut self) {
+        // A copy still queued must not outlive the memory it writes.
+        if !self.copies.is_empty() {
+            for r in &self.ranks {
+                let _ = r.stream.synchronize();
+            }
+        }
+    }
 }
 
 /// B of FC1 per expert `[2F, H]` and of FC2 `[H, F]` (K contiguous) from
@@ -469,6 +483,7 @@ impl DeviceWorld {
         Ok(DeviceWorld {
             cfg: cfg.clone(),
             ranks,
+            copies: Vec::new(),
         })
     }
 
@@ -532,6 +547,72 @@ impl DeviceWorld {
             unsafe { r.layer.forward(r.stream.cu_stream(), &a) }?;
         }
         Ok(())
+    }
+
+    /// Enqueues one call on every rank, each followed on its stream by a
+    /// copy of its output into pinned host memory before the next rank's
+    /// call is enqueued: a caller reading its output back at once, whose
+    /// copy then waits behind a call that waits for its peers
+    /// (docs/ARCHITECTURE.md, copies that wait). [`DeviceWorld::copied_outputs`]
+    /// reads them once `check` has returned.
+    pub fn forward_copying_outputs(&mut self) -> Result<(), SchedError> {
+        if self.copies.is_empty() {
+            // Pinned before any call is enqueued: allocating pinned memory
+            // may wait for the device.
+            self.copies = self
+                .ranks
+                .iter()
+                .map(|r| {
+                    PinnedBytes::zeroed(r.stream.context(), 2 * r.y.len())
+                        .map_err(|e| r.dev("allocate output copy", e))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        for (r, o) in self.ranks.iter().zip(self.copies.iter_mut()) {
+            // The last copy has run before the copy is poisoned (bf16 NaN).
+            r.stream
+                .synchronize()
+                .map_err(|e| r.dev("synchronize", e))?;
+            o.fill(0xFF);
+        }
+        for (r, o) in self.ranks.iter_mut().zip(&self.copies) {
+            let a = r.args();
+            // SAFETY: as in forward.
+            unsafe { r.layer.forward(r.stream.cu_stream(), &a) }?;
+            let bytes = 2 * r.tokens * self.cfg.hidden;
+            if bytes == 0 {
+                continue;
+            }
+            let runs = cuda::Runs {
+                rows: 1,
+                width: bytes,
+                pitch: bytes,
+            };
+            // SAFETY: y's first `bytes` are live device memory of this
+            // rank's context, written only by calls on this stream, ahead of
+            // the copy; `o` is pinned, as long as all of y, and owned by the
+            // world, which waits for the streams before dropping or
+            // poisoning it and reads it only after `check`.
+            unsafe { cuda::copy_runs_to_host(&r.stream, a.y, runs, o.ptr_at(0)) }
+                .map_err(|e| r.dev("copy y out", e))?;
+        }
+        Ok(())
+    }
+
+    /// Each rank's output as [`DeviceWorld::forward_copying_outputs`] copied
+    /// it (f32, `tokens x hidden`); call `check` first.
+    pub fn copied_outputs(&self) -> Vec<Vec<f32>> {
+        let h = self.cfg.hidden;
+        self.ranks
+            .iter()
+            .zip(&self.copies)
+            .map(|(r, o)| {
+                o[..2 * r.tokens * h]
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect()
+            })
+            .collect()
     }
 
     /// Enqueues only the two grouped GEMMs of every rank over the rows of

@@ -252,6 +252,16 @@ impl Harness {
 
     fn compare(&self, inputs: &[RankInput], label: &str, infos: &[comet_sched::forward::CallInfo]) {
         let outs = self.world.outputs().unwrap();
+        self.compare_outputs(&outs, inputs, label, infos);
+    }
+
+    fn compare_outputs(
+        &self,
+        outs: &[Vec<f32>],
+        inputs: &[RankInput],
+        label: &str,
+        infos: &[comet_sched::forward::CallInfo],
+    ) {
         let cfg = &self.world.cfg;
         for (r, (y, inp)) in outs.iter().zip(inputs).enumerate() {
             let want = moe_layer(cfg, &inp.x, &inp.routing, &self.all).unwrap();
@@ -701,6 +711,38 @@ fn staged_thirty_calls_on_the_same_buffers() {
     // tokens have both experts on one rank), then a row per (token, expert).
     thirty_calls(true, 3, 6, 200, WireFormat::Tokens);
     thirty_calls(true, 3, 6, 200, WireFormat::Rows);
+}
+
+/// Every rank's output copied to the host on its stream as soon as its
+/// call is enqueued, before its peers' calls: the copy waits behind a call
+/// that waits for the peers, and must hold back nothing the call needs (a
+/// staged proxy's downloads once waited behind the layer's own status copy:
+/// docs/PERF.md, 2026-12-06). Over nvlink and staged, 30 calls each.
+#[test]
+#[ignore = "needs a GPU"]
+fn outputs_copied_out_at_once_hold_nothing_back() {
+    for staged in [false, true] {
+        let (w, cap) = (3, 200);
+        let c = cfg(w, 256, 6, 2);
+        let mut h = Harness::build(&c, cap, &opts(&c, cap), staged);
+        for call in 0..30u64 {
+            let toks: Vec<usize> = (0..w)
+                .map(|r| (call as usize * 41 + r * 67) % (cap + 1))
+                .collect();
+            let kind = routings()[call as usize % 5];
+            let mode = modes()[call as usize % 2];
+            let inputs = h.inputs(&toks, kind, 5000 + call);
+            let label = format!("staged {staged} call {call} {kind:?} {mode:?} copied out");
+            h.world.set_mode(mode);
+            h.world.set_inputs(&inputs).unwrap();
+            h.world.poison().unwrap();
+            h.world
+                .forward_copying_outputs()
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let infos = h.world.check().unwrap_or_else(|e| panic!("{label}: {e}"));
+            h.compare_outputs(&h.world.copied_outputs(), &inputs, &label, &infos);
+        }
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left unrun (waiting copies, the status store, staged first calls, copies behind calls, a bench row), ~8 min
+#   bash scripts/device-checks.sh first   # what the last session left unrun (waiting copies, the status store, the proxy's copy kernels, staged first calls, copies behind calls, a bench row), ~9 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged layers, kernels, transport, signals)
@@ -46,12 +46,12 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the last session left unrun (about 8 minutes): whether a copy
+  # What the last session left unrun (about 9 minutes): whether a copy
   # waiting behind a call holds back other streams' copies (queues.py's
   # new rows, at 32 and 1 queues), the layer's status now stored by a
   # kernel (the tests that read it: a rank that never calls, bad inputs),
   # the staged tests that timed out once on their first call's count
-  # exchange (a count download behind the status copy), four times each
+  # exchange (a count download behind the status copy), three times each
   # with the proxies' debug log, a caller's copies queued behind the
   # calls (outputs_copied_out_at_once_hold_nothing_back, new), and a
   # qwen2-moe bench row (issue 13's
@@ -59,10 +59,16 @@ first)
   for c in 32 1; do
     step "queues $c" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=$c timeout 60 python3 scripts/queues.py"
   done
+  # The staged proxy's copies are kernels now (comet_copy_runs): the
+  # kernel alone, then over UCX processes and ranks of one process.
+  step "copy kernel" bash -c "set -o pipefail; timeout 60 $R comet-kernels-gpu --ignored --exact copy_rows_between_device_and_mapped_host_memory 2>&1 | grep -E '^test |panicked'"
+  for t in staged_layer_over_ucx_processes_matches_the_reference staged_layer_over_ucx_ranks_of_one_process_matches_the_reference; do
+    step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_staged_ucx --ignored --exact $t --test-threads=1 2>&1 | tee $O/first_$t.log | grep -E '^test |panicked'"
+  done
   for t in a_rank_that_never_calls_is_a_timeout_naming_its_count_signal bad_inputs_are_clear_errors small_layer_two_ranks; do
     step "$t" bash -c "set -o pipefail; timeout 60 $R gpu_layer --ignored --exact $t --test-threads=1 2>&1 | grep -E '^test |panicked'"
   done
-  for i in 1 2 3 4; do
+  for i in 1 2 3; do
     for t in staged_thirty_calls_on_the_same_buffers staged_every_routing_matches_the_reference; do
       step "$i $t" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/first_${i}_$t.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
     done
@@ -82,6 +88,7 @@ sanitize)
   for tool in memcheck racecheck; do
     step "sanitizer $tool" bash -c "set -o pipefail; timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 $R comet-kernels-gpu --ignored --exact small_all_epilogues 2>&1 | tee $O/sanitizer_$tool.log | tail -3"
   done
+  step "sanitizer memcheck copy kernel" bash -c "set -o pipefail; timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $R comet-kernels-gpu --ignored --exact copy_rows_between_device_and_mapped_host_memory 2>&1 | tee $O/sanitizer_copy.log | tail -3"
   step "sanitizer racecheck layer" bash -c "set -o pipefail; timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $R gpu_layer --ignored --exact small_layer_one_rank 2>&1 | tee $O/sanitizer_layer.log | tail -3"
   ;;
 second)

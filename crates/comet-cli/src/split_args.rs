@@ -23,7 +23,7 @@ pub struct SplitArgs {
     #[arg(long)]
     pub recv_rows: Option<usize>,
     /// SMs of the GPU no GEMM takes, left to the transport's own kernels (a
-    /// staged proxy's token kernels, NCCL's). `comet bench`'s default: the
+    /// staged proxy's kernels, NCCL's). `comet bench`'s default: the
     /// transport's choice (4 a rank behind a proxy; NCCL's lanes get at
     /// least what they need whatever is given); `comet plan`'s: none.
     #[arg(long, default_value_t = 0)]

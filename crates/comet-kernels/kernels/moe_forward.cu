@@ -859,6 +859,18 @@ struct SumParams {
   int vecs;                // 16-byte vectors per row
   int pitch;               // 16-byte vectors from one src row to the next
 };
+
+// Mirrored by comet_kernels::forward::CopyParams.
+struct CopyParams {
+  const unsigned char* src;
+  unsigned char* dst;
+  long long src_pitch;     // bytes from one src row to the next
+  long long dst_pitch;
+  long long rows;
+  long long width;         // bytes a row
+  int vec;                 // bytes a move: 16, 4 or 1, dividing every address, pitch and width
+  int pad;
+};
 }  // namespace comet
 
 // Uniform bf16 values in [-scale, scale) from a hash of (seed, index)
@@ -928,5 +940,29 @@ extern "C" __global__ void __launch_bounds__(512) comet_sum_rows(const __grid_co
     o.z = pack_bf16x2(acc[4], acc[5]);
     o.w = pack_bf16x2(acc[6], acc[7]);
     p.dst[i] = o;
+  }
+}
+
+// A staged proxy's copies between device memory and the host memory the
+// GPU maps (its pinned staging, its registered inboxes): rows of `width`
+// bytes from src to dst, each side at its own pitch. Done by the SMs the
+// proxy reserves, not by a copy engine, where a copy waiting behind a call
+// on another stream can hold it back (docs/ARCHITECTURE.md).
+extern "C" __global__ void __launch_bounds__(512) comet_copy_runs(const __grid_constant__ CopyParams p) {
+  const long long per_row = p.width / p.vec;
+  const long long n = p.rows * per_row;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const long long r = i / per_row;
+    const long long c = (i - r * per_row) * p.vec;
+    const unsigned char* s = p.src + r * p.src_pitch + c;
+    unsigned char* d = p.dst + r * p.dst_pitch + c;
+    if (p.vec == 16) {
+      *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(s);
+    } else if (p.vec == 4) {
+      *reinterpret_cast<unsigned*>(d) = *reinterpret_cast<const unsigned*>(s);
+    } else {
+      *d = *s;
+    }
   }
 }

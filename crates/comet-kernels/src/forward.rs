@@ -278,6 +278,38 @@ pub struct SumParams {
 
 const _: () = assert!(std::mem::size_of::<SumParams>() == 56);
 
+/// `comet::CopyParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct CopyParams {
+    src: CUdeviceptr,
+    dst: CUdeviceptr,
+    src_pitch: i64,
+    dst_pitch: i64,
+    rows: i64,
+    width: i64,
+    vec: i32,
+    pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<CopyParams>() == 56);
+
+/// The widest move (16, 4 or 1 bytes) dividing every address, pitch and
+/// width of a copy from `src` rows to `dst` rows.
+fn copy_vector(src: Rows, dst: Rows) -> usize {
+    let all = [
+        src.at as usize,
+        dst.at as usize,
+        src.pitch,
+        dst.pitch,
+        src.width,
+    ];
+    [16, 4]
+        .into_iter()
+        .find(|&v| all.iter().all(|x| x.is_multiple_of(v)))
+        .unwrap_or(1)
+}
+
 /// Rows of `width` bytes, `pitch` apart from `at` (device addresses):
 /// the rows of a piece as a staged proxy's kernels read or write them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,6 +366,7 @@ pub struct ForwardKernels {
     fill: CudaFunction,
     expand: CudaFunction,
     sum: CudaFunction,
+    copy: CudaFunction,
 }
 
 impl ForwardKernels {
@@ -366,6 +399,7 @@ impl ForwardKernels {
             fill: load_function(&module, "comet_fill_random")?,
             expand: load_function(&module, "comet_expand_rows")?,
             sum: load_function(&module, "comet_sum_rows")?,
+            copy: load_function(&module, "comet_copy_runs")?,
         })
     }
 
@@ -535,6 +569,43 @@ impl ForwardKernels {
                 &p,
             )
         }
+    }
+
+    /// Copies the rows of `src` into the rows of `dst` (as many, as wide;
+    /// each at its own pitch) by a kernel: a staged proxy's downloads,
+    /// landings and uploads, between device memory and mapped host memory,
+    /// kept off the copy engines.
+    ///
+    /// # Safety
+    /// Both row sets lie in memory the device can read (and write, for
+    /// `dst`): device memory of this context or mapped host memory,
+    /// untouched by others until the stream has run the kernel; they do
+    /// not overlap.
+    pub unsafe fn copy_rows(&self, src: Rows, dst: Rows, s: CUstream) -> Result<(), KernelError> {
+        if src.rows != dst.rows || src.width != dst.width {
+            return Err(KernelError::InvalidShape(format!(
+                "copy_rows: {} rows of {} bytes into {} rows of {}",
+                src.rows, src.width, dst.rows, dst.width
+            )));
+        }
+        if src.rows == 0 || src.width == 0 {
+            return Ok(());
+        }
+        let vec = copy_vector(src, dst);
+        let p = CopyParams {
+            src: src.at,
+            dst: dst.at,
+            src_pitch: src.pitch as i64,
+            dst_pitch: dst.pitch as i64,
+            rows: src.rows as i64,
+            width: src.width as i64,
+            vec: vec as i32,
+            pad: 0,
+        };
+        let moves = src.rows * (src.width / vec);
+        let blocks = moves.div_ceil(BLOCK_THREADS as usize).clamp(1, 256) as u32;
+        // SAFETY: forwarded contract.
+        unsafe { launch(&self.copy, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
     }
 
     /// Into `dst` (`slots` packed rows of `src.width` bytes): per slot `s`,
@@ -743,6 +814,23 @@ impl Drop for StatusWord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The copy kernel moves the widest vector every address, pitch and
+    /// width allows.
+    #[test]
+    fn copies_move_the_widest_vector_all_allow() {
+        let r = |at: u64, width: usize, pitch: usize| Rows {
+            at,
+            rows: 3,
+            width,
+            pitch,
+        };
+        assert_eq!(copy_vector(r(0x1000, 64, 160), r(0x2000, 64, 64)), 16);
+        assert_eq!(copy_vector(r(0x1004, 64, 160), r(0x2000, 64, 64)), 4);
+        assert_eq!(copy_vector(r(0x1000, 36, 160), r(0x2000, 36, 36)), 4);
+        assert_eq!(copy_vector(r(0x1000, 64, 162), r(0x2000, 64, 64)), 1);
+        assert_eq!(copy_vector(r(0x1000, 13, 16), r(0x2003, 13, 13)), 1);
+    }
 
     /// A piece's index array may start at any multiple of 4 (its pair's
     /// earlier pieces have any number of rows); token rows and the rows

@@ -917,3 +917,117 @@ fn gathered_rows_equal_materialised_rows() {
         }
     }
 }
+
+/// Pinned host memory the device maps (with unified addressing, at the same
+/// address): what a staged proxy's staging and inboxes are.
+struct MappedHost {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl MappedHost {
+    fn new(len: usize, fill: u8) -> MappedHost {
+        // SAFETY: a plain pinned allocation of `len` bytes, filled at once.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(len, 0) }.unwrap() as *mut u8;
+        // SAFETY: freshly allocated, `len` bytes.
+        unsafe { std::ptr::write_bytes(ptr, fill, len) };
+        MappedHost { ptr, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: live, `len` bytes, read after the stream synchronized.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host, freed once, after the stream ran.
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+    }
+}
+
+/// The staged proxy's copy kernel, both ways: strided device rows packed
+/// into mapped host memory and back into a second device buffer at another
+/// pitch, with moves of 16, 4 and 1 bytes (what the addresses, pitches and
+/// width allow). Destinations poisoned first; bytes between rows must stay
+/// poisoned.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn copy_rows_between_device_and_mapped_host_memory() {
+    use comet_kernels::forward::{ForwardKernels, Rows};
+    let ctx = CudaContext::new(0).expect("a CUDA GPU");
+    let stream = ctx.new_stream().expect("stream");
+    let k = ForwardKernels::load(&ctx).expect("forward kernels");
+    let mut rng = ChaCha8Rng::seed_from_u64(0xC0B1);
+    // (rows, width, source pitch, destination pitch, offset into both)
+    for (rows, width, sp, dp, off) in [
+        (37usize, 64usize, 160usize, 96usize, 0usize),
+        (300, 36, 100, 40, 4),
+        (5, 13, 29, 17, 3),
+        (1, 4096, 4096, 4096, 16),
+    ] {
+        let label = format!("{rows} rows of {width} bytes, pitches {sp} -> {dp}, offset {off}");
+        let src: Vec<u8> = (0..off + rows * sp).map(|_| rng.gen()).collect();
+        let d_src = stream.clone_htod(&src).unwrap();
+        let d_back = stream.clone_htod(&vec![0xABu8; off + rows * dp]).unwrap();
+        let host = MappedHost::new(off + rows * width, 0xCD);
+        let (src_p, _a) = d_src.device_ptr(&stream);
+        let (back_p, _b) = d_back.device_ptr(&stream);
+        let at = |p: u64, pitch: usize| Rows {
+            at: p + off as u64,
+            rows,
+            width,
+            pitch,
+        };
+        let packed = at(host.ptr as u64, width);
+        // SAFETY: every row set lies inside its live allocation (sizes
+        // above), the host one pinned and mapped at its own address; none
+        // is touched until the stream synchronizes.
+        unsafe {
+            k.copy_rows(at(src_p, sp), packed, stream.cu_stream())
+                .unwrap();
+            k.copy_rows(packed, at(back_p, dp), stream.cu_stream())
+                .unwrap();
+        }
+        stream.synchronize().unwrap();
+        let h = host.bytes();
+        assert!(
+            h[..off].iter().all(|&b| b == 0xCD),
+            "{label}: before the rows"
+        );
+        let back = stream.clone_dtoh(&d_back).unwrap();
+        for r in 0..rows {
+            let want = &src[off + r * sp..off + r * sp + width];
+            assert_eq!(
+                &h[off + r * width..off + (r + 1) * width],
+                want,
+                "{label}: host row {r}"
+            );
+            assert_eq!(
+                &back[off + r * dp..off + r * dp + width],
+                want,
+                "{label}: device row {r}"
+            );
+            let gap = &back[off + r * dp + width..(off + (r + 1) * dp).min(back.len())];
+            assert!(
+                gap.iter().all(|&b| b == 0xAB),
+                "{label}: between rows after {r}"
+            );
+        }
+        assert!(
+            back[..off].iter().all(|&b| b == 0xAB),
+            "{label}: before the rows"
+        );
+    }
+    // Rows of different shapes are refused before anything is enqueued.
+    let bad = Rows {
+        at: 0,
+        rows: 2,
+        width: 16,
+        pitch: 16,
+    };
+    // SAFETY: refused before any launch.
+    let e = unsafe { k.copy_rows(bad, Rows { rows: 3, ..bad }, stream.cu_stream()) };
+    assert!(e.is_err());
+}

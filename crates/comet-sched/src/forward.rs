@@ -111,7 +111,7 @@ pub struct LayerOptions {
     /// sends rows); the cost model counts the bytes the same way.
     pub wire_format: WireFormat,
     /// SMs of the GPU left to the transport's own kernels (NCCL's, or a
-    /// staged proxy's token kernels, which must run while the layer's
+    /// staged proxy's kernels, which must run while the layer's
     /// kernels spin waiting for what they bring): the ranks on the GPU
     /// share the others. 0: the transport's own choice where it needs
     /// some ([`crate::proxy_plan::PROXY_KERNEL_SMS`] a rank behind a

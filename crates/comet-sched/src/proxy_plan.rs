@@ -159,8 +159,8 @@ pub struct TokenPlace {
     pub pair_rows: usize,
 }
 
-/// SMs per rank left to its proxy's token kernels (packs, combine sums,
-/// landings). They read every remote row of a call: on one SM a sequential
+/// SMs per rank left to its proxy's kernels (copies, token packs, combine
+/// sums, landings). They read every remote row of a call: on one SM a sequential
 /// qwen2-moe call's reduce phase (the combine's sums landing) took 11.7 ms
 /// over UCX shared memory, on 4 a rank 6.4 ms, on 8 5.3 ms (H100,
 /// docs/PERF.md 2026-12-06 ~04:04), and past the GEMMs' saturation the

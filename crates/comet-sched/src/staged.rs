@@ -1133,7 +1133,7 @@ impl<'t> StagedProxy<'t> {
         let what = match (staging.front(), sends.first(), lands.first()) {
             (Some(s), ..) => format!(
                 "the download of {}, started once its ready word came up (call {epoch}); \
-                 a copy left waiting behind a call on a stream of this process (an \
+                 work left waiting behind a call on a stream of this process (an \
                  output copied to the host before its call ended) can hold it back",
                 s.piece
             ),

@@ -23,6 +23,7 @@ use crate::staged::{SendOrder, SlotRows, Source, StagedDevice, StagedProxy, Tick
 use crate::stream_queue::{Marker, StreamQueue};
 use comet_core::MoeConfig;
 use comet_kernels::forward::{ForwardKernels, Rows, SlotSums};
+use comet_kernels::KernelError;
 use comet_transport::cuda::{
     self, DeviceAlloc, ErrorWord, HostRegistration, HostSignal, MappedWords, PinnedBytes, Runs,
 };
@@ -510,23 +511,29 @@ impl Upload {
     }
 
     /// Unless call `epoch` filled them already: `fill` writes the host copy
-    /// and its first `bytes` (within both copies) go up on `stream`.
-    /// Returns the device copy's address.
+    /// and its first `bytes` (within both copies) go up on `stream`, by the
+    /// copy kernel. Returns the device copy's address.
     fn fill(
         &mut self,
+        k: &ForwardKernels,
         stream: &CudaStream,
         epoch: u64,
         bytes: usize,
         fill: impl FnOnce(&mut [u8]),
-    ) -> Result<u64, DriverError> {
+    ) -> Result<u64, KernelError> {
         if self.epoch != epoch {
             fill(&mut self.host);
-            // SAFETY: `bytes` lie within both copies (the caller's check);
-            // the device copy is read only by kernels enqueued on `stream`
-            // after this copy, and the host copy is written again only in a
-            // later call, once the stream has run everything of this one.
+            // SAFETY: `bytes` lie within both copies (the caller's check),
+            // the host one pinned and mapped; the device copy is read only
+            // by kernels enqueued on `stream` after this copy, and the host
+            // copy is written again only in a later call, once the stream
+            // has run everything of this one.
             unsafe {
-                cuda::copy_runs_to_device(stream, self.host.ptr_at(0), self.dev.ptr(), flat(bytes))?
+                k.copy_rows(
+                    packed(self.host.device_ptr_at(0), bytes),
+                    packed(self.dev.ptr(), bytes),
+                    stream.cu_stream(),
+                )?
             };
             self.epoch = epoch;
         }
@@ -571,7 +578,13 @@ struct PackLists {
 impl PackLists {
     /// `rows` on the device (4-byte words), uploaded on `stream` behind
     /// the call's earlier lists. Returns their device address.
-    fn upload(&mut self, stream: &CudaStream, epoch: u64, rows: &[u32]) -> Result<u64, String> {
+    fn upload(
+        &mut self,
+        k: &ForwardKernels,
+        stream: &CudaStream,
+        epoch: u64,
+        rows: &[u32],
+    ) -> Result<u64, String> {
         if self.list.epoch != epoch {
             (self.list.epoch, self.used) = (epoch, 0);
         }
@@ -587,16 +600,16 @@ impl PackLists {
             &mut self.list.host[at..at + bytes],
             rows.iter().map(|r| r.to_le_bytes()),
         );
-        // SAFETY: `bytes` at `at` lie inside both copies (checked); no
-        // earlier list of the call uses them, and a later call writes them
-        // again only after end_call drained `stream`, which runs this copy
-        // before the kernel reading it.
+        // SAFETY: `bytes` at `at` lie inside both copies (checked), the
+        // host one pinned and mapped; no earlier list of the call uses
+        // them, and a later call writes them again only after end_call
+        // drained `stream`, which runs this copy before the kernel reading
+        // it.
         unsafe {
-            cuda::copy_runs_to_device(
-                stream,
-                self.list.host.ptr_at(at),
-                self.list.dev.ptr() + at as u64,
-                flat(bytes),
+            k.copy_rows(
+                packed(self.list.host.device_ptr_at(at), bytes),
+                packed(self.list.dev.ptr() + at as u64, bytes),
+                stream.cu_stream(),
             )
         }
         .map_err(|e| format!("upload: {e:?}"))?;
@@ -622,12 +635,23 @@ fn put_words(dst: &mut [u8], words: impl Iterator<Item = [u8; 4]>) {
     }
 }
 
-/// One run of `bytes` bytes.
-fn flat(bytes: usize) -> Runs {
-    Runs {
+/// `bytes` bytes in one row at device address `at`.
+fn packed(at: u64, bytes: usize) -> Rows {
+    Rows {
+        at,
         rows: 1,
         width: bytes,
         pitch: bytes,
+    }
+}
+
+/// `r`'s rows packed (no gaps) at device address `at`.
+fn packed_rows(at: u64, r: Region) -> Rows {
+    Rows {
+        at,
+        rows: r.rows,
+        width: r.width,
+        pitch: r.width,
     }
 }
 
@@ -847,20 +871,26 @@ impl CudaStaging {
         let l = t.layout;
         let dev = t
             .tables
-            .fill(&self.downloads, sums.epoch, l.ratio + 4 * rows, |b| {
-                put_words(
-                    &mut b[l.starts..l.rows],
-                    sums.starts.iter().map(|x| x.to_le_bytes()),
-                );
-                put_words(
-                    &mut b[l.rows..l.ratio],
-                    sums.rows.iter().map(|x| x.to_le_bytes()),
-                );
-                put_words(
-                    &mut b[l.ratio..l.bytes],
-                    sums.ratio.iter().map(|x| x.to_le_bytes()),
-                );
-            })
+            .fill(
+                &self.kernels,
+                &self.downloads,
+                sums.epoch,
+                l.ratio + 4 * rows,
+                |b| {
+                    put_words(
+                        &mut b[l.starts..l.rows],
+                        sums.starts.iter().map(|x| x.to_le_bytes()),
+                    );
+                    put_words(
+                        &mut b[l.rows..l.ratio],
+                        sums.rows.iter().map(|x| x.to_le_bytes()),
+                    );
+                    put_words(
+                        &mut b[l.ratio..l.bytes],
+                        sums.ratio.iter().map(|x| x.to_le_bytes()),
+                    );
+                },
+            )
             .map_err(|e| self.failed("upload sum tables", e))?;
         let at = |x: usize| dev + x as u64;
         Ok(SlotSums {
@@ -887,7 +917,7 @@ impl CudaStaging {
             ));
         }
         t.index
-            .fill(&self.landings, epoch, bytes, |b| {
+            .fill(&self.kernels, &self.landings, epoch, bytes, |b| {
                 put_words(b, index.iter().map(|x| x.to_le_bytes()))
             })
             .map_err(|e| self.failed("upload sum index", e))
@@ -948,19 +978,16 @@ impl StagedDevice for CudaStaging {
                 format!("{} bytes at {at} past the image", region.bytes()),
             ));
         }
-        let dst = dst.ptr_at(at);
+        let dst = packed_rows(dst.device_ptr_at(at), region);
         // SAFETY: the mirror is a live allocation of the buffer's size and
         // `region` lies inside it (proxy_plan checks counts against the
         // capacities); the kernels finished writing it (its ready word). The
-        // destination is inside this rank's pinned send image (checked), and
-        // the proxy reads it only once `downloaded` says the copy ran.
+        // destination is inside this rank's pinned send image (checked),
+        // mapped, and the proxy reads it only once `downloaded` says the
+        // copy ran.
         unsafe {
-            cuda::copy_runs_to_host(
-                &self.downloads,
-                base + region.offset as u64,
-                runs(region),
-                dst,
-            )
+            self.kernels
+                .copy_rows(rows_of(base, region), dst, self.downloads.cu_stream())
         }
         .map_err(|e| self.failed("download", e))?;
         self.ticket()
@@ -1035,7 +1062,7 @@ impl StagedDevice for CudaStaging {
         };
         let list = t
             .pack
-            .upload(&self.downloads, epoch, rows)
+            .upload(&self.kernels, &self.downloads, epoch, rows)
             .map_err(|e| self.failed("pack tokens", e))?;
         // SAFETY: the region's rows are whole rows inside the mirror of
         // `to`'s recv buffer, final once its ready word came up (as in
@@ -1129,21 +1156,20 @@ impl StagedDevice for CudaStaging {
         // the same stream and writes `rows` whole rows of this rank's own
         // recv buffer (region, as in download).
         unsafe {
-            cuda::copy_runs_to_device(
-                &self.landings,
-                inbox.ptr_at(fresh_at),
-                base + fresh_at as u64,
-                flat(fresh_bytes),
-            )
-            .and_then(|_| {
-                cuda::copy_runs_to_device(
-                    &self.landings,
-                    inbox.ptr_at(place.index),
-                    base + place.index as u64,
-                    flat(4 * args.dst.rows),
+            let s = self.landings.cu_stream();
+            let index_bytes = 4 * args.dst.rows;
+            let at = |x: usize, n: usize| {
+                (
+                    packed(inbox.device_ptr_at(x), n),
+                    packed(base + x as u64, n),
                 )
-            })
-            .map_err(|e| self.failed("land tokens", e))?;
+            };
+            let (fresh_src, fresh_dst) = at(fresh_at, fresh_bytes);
+            let (index_src, index_dst) = at(place.index, index_bytes);
+            self.kernels
+                .copy_rows(fresh_src, fresh_dst, s)
+                .and_then(|_| self.kernels.copy_rows(index_src, index_dst, s))
+                .map_err(|e| self.failed("land tokens", e))?;
             self.kernels
                 .expand_rows(args.tokens, args.index, args.dst, self.landings.cu_stream())
         }
@@ -1208,14 +1234,11 @@ impl StagedDevice for CudaStaging {
     ) -> Result<(), SchedError> {
         let b = region.buf.index();
         let (src, len) = match (from, &self.inbox[b]) {
-            (Source::Inbox, Some(r)) => (r.ptr_at(wire), r.len()),
+            (Source::Inbox, Some(r)) => (r.device_ptr_at(wire), r.len()),
             (Source::Inbox, None) => {
                 return Err(self.failed("land", format!("no registered inbox of {:?}", region.buf)))
             }
-            (Source::Image, _) => (
-                self.landing[b].ptr_at(wire).cast_const(),
-                self.landing[b].len(),
-            ),
+            (Source::Image, _) => (self.landing[b].device_ptr_at(wire), self.landing[b].len()),
         };
         if !fits(wire, region.bytes(), len) {
             return Err(self.failed(
@@ -1223,14 +1246,17 @@ impl StagedDevice for CudaStaging {
                 format!("{} bytes at {wire} past the {from:?}", region.bytes()),
             ));
         }
-        let dst = self.view.own[b] + region.offset as u64;
+        let dst = rows_of(self.view.own[b], region);
         // SAFETY: `region` lies inside this rank's own buffer (as in
         // download); the source is inside the pinned landing image or the
-        // registered inbox (checked), whose bytes at `wire` no other piece
-        // of this call uses and nobody writes before the next call, which
-        // starts only after end_call drained this copy.
-        unsafe { cuda::copy_runs_to_device(&self.landings, src, dst, runs(region)) }
-            .map_err(|e| self.failed("land", e))?;
+        // registered inbox (checked), both mapped, whose bytes at `wire` no
+        // other piece of this call uses and nobody writes before the next
+        // call, which starts only after end_call drained this copy.
+        unsafe {
+            self.kernels
+                .copy_rows(packed_rows(src, region), dst, self.landings.cu_stream())
+        }
+        .map_err(|e| self.failed("land", e))?;
         self.raise_after_landing(signal, value)
     }
 
@@ -1261,20 +1287,21 @@ impl StagedDevice for CudaStaging {
         // staging's pinned copies (each large enough, as checked), read
         // below only after the stream ran the copies.
         unsafe {
-            cuda::copy_runs_to_host(
-                &self.downloads,
-                self.order_dev,
-                flat(4 * rows),
-                self.order.ptr_at(0),
-            )
-            .and_then(|_| {
-                cuda::copy_runs_to_host(
-                    &self.downloads,
-                    call.weights,
-                    flat(wb * call.slots),
-                    self.weights.ptr_at(0),
+            let s = self.downloads.cu_stream();
+            let (order, weights) = (4 * rows, wb * call.slots);
+            self.kernels
+                .copy_rows(
+                    packed(self.order_dev, order),
+                    packed(self.order.device_ptr_at(0), order),
+                    s,
                 )
-            })
+                .and_then(|_| {
+                    self.kernels.copy_rows(
+                        packed(call.weights, weights),
+                        packed(self.weights.device_ptr_at(0), weights),
+                        s,
+                    )
+                })
         }
         .map_err(|e| self.failed("send order", e))?;
         self.downloads
@@ -1393,10 +1420,12 @@ impl<T: Transport + 'static> StagedLayer<T> {
         needs_queues(rank, cuda::hardware_queues(), "the proxy's downloads")?;
         let t = StagedTransport::new(inner, ordinal, 2 * cfg.hidden)?;
         let mut o = opts.clone();
-        if o.wire_format == WireFormat::Tokens && o.reserved_sms == 0 && cfg.ranks > 1 {
-            // Token-once packs, sums and landings are kernels, which need
-            // SMs that the persistent GEMMs waiting for them do not hold;
-            // row downloads and landings are copies and need none.
+        if o.reserved_sms == 0 && cfg.ranks > 1 {
+            // The proxy's copies, packs, sums and landings are kernels,
+            // which need SMs that the persistent GEMMs waiting for them do
+            // not hold. Kernels rather than copy engines: a copy waiting
+            // behind a call on another stream held a copy engine's
+            // download back (docs/ARCHITECTURE.md).
             o.reserved_sms = crate::proxy_plan::PROXY_KERNEL_SMS * o.ranks_per_gpu.max(1);
         }
         let layer = MoeLayer::new(cfg, capacity, t, kernels, &o)?;

@@ -63,7 +63,7 @@ first)
   # kernel alone, then over UCX processes and ranks of one process.
   step "copy kernel" bash -c "set -o pipefail; timeout 60 $R comet-kernels-gpu --ignored --exact copy_rows_between_device_and_mapped_host_memory 2>&1 | grep -E '^test |panicked'"
   for t in staged_layer_over_ucx_processes_matches_the_reference staged_layer_over_ucx_ranks_of_one_process_matches_the_reference; do
-    step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_staged_ucx --ignored --exact $t --test-threads=1 2>&1 | tee $O/first_$t.log | grep -E '^test |panicked'"
+    step "$t" bash -c "set -o pipefail; timeout 100 $R gpu_staged_ucx --ignored --exact $t --test-threads=1 2>&1 | tee $O/first_$t.log | grep -E '^test |panicked'"
   done
   for t in a_rank_that_never_calls_is_a_timeout_naming_its_count_signal bad_inputs_are_clear_errors small_layer_two_ranks; do
     step "$t" bash -c "set -o pipefail; timeout 60 $R gpu_layer --ignored --exact $t --test-threads=1 2>&1 | grep -E '^test |panicked'"

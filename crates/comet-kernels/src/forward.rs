@@ -588,6 +588,12 @@ impl ForwardKernels {
                 src.rows, src.width, dst.rows, dst.width
             )));
         }
+        if src.rows > 1 && (src.width > src.pitch || dst.width > dst.pitch) {
+            return Err(KernelError::InvalidShape(format!(
+                "copy_rows: rows of {} bytes at pitches {} and {} would overlap",
+                src.width, src.pitch, dst.pitch
+            )));
+        }
         if src.rows == 0 || src.width == 0 {
             return Ok(());
         }

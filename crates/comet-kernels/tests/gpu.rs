@@ -950,8 +950,8 @@ impl Drop for MappedHost {
 /// The staged proxy's copy kernel, both ways: strided device rows packed
 /// into mapped host memory and back into a second device buffer at another
 /// pitch, with moves of 16, 4 and 1 bytes (what the addresses, pitches and
-/// width allow). Destinations poisoned first; bytes between rows must stay
-/// poisoned.
+/// width allow), and rows from registered host memory. Destinations
+/// poisoned first; bytes between rows must stay poisoned.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn copy_rows_between_device_and_mapped_host_memory() {
@@ -1020,7 +1020,61 @@ fn copy_rows_between_device_and_mapped_host_memory() {
             "{label}: before the rows"
         );
     }
-    // Rows of different shapes are refused before anything is enqueued.
+    // From memory someone else allocated, registered with the driver and
+    // mapped (a staged proxy's inbox on UCX), at an offset no vector fits.
+    {
+        use cudarc::driver::sys;
+        let (rows, width, pitch, off) = (9usize, 48usize, 80usize, 5usize);
+        let inbox: Vec<u8> = (0..off + rows * width).map(|_| rng.gen()).collect();
+        let d_dst = stream.clone_htod(&vec![0xABu8; rows * pitch]).unwrap();
+        let (dst_p, _d) = d_dst.device_ptr(&stream);
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
+        let mut mapped: u64 = 0;
+        // SAFETY: `inbox` is live and not moved or dropped until it is
+        // unregistered below, after the stream ran the copy.
+        unsafe {
+            sys::cuMemHostRegister_v2(inbox.as_ptr() as *mut _, inbox.len(), flags)
+                .result()
+                .unwrap();
+            sys::cuMemHostGetDevicePointer_v2(&mut mapped, inbox.as_ptr() as *mut _, 0)
+                .result()
+                .unwrap();
+            let src = Rows {
+                at: mapped + off as u64,
+                rows,
+                width,
+                pitch: width,
+            };
+            let dst = Rows {
+                at: dst_p,
+                rows,
+                width,
+                pitch,
+            };
+            k.copy_rows(src, dst, stream.cu_stream()).unwrap();
+            stream.synchronize().unwrap();
+            sys::cuMemHostUnregister(inbox.as_ptr() as *mut _)
+                .result()
+                .unwrap();
+        }
+        let back = stream.clone_dtoh(&d_dst).unwrap();
+        for r in 0..rows {
+            let want = &inbox[off + r * width..off + (r + 1) * width];
+            assert_eq!(
+                &back[r * pitch..r * pitch + width],
+                want,
+                "registered: row {r}"
+            );
+            assert!(
+                back[r * pitch + width..(r + 1) * pitch]
+                    .iter()
+                    .all(|&b| b == 0xAB),
+                "registered: between rows after {r}"
+            );
+        }
+    }
+    // Rows of different shapes, or overlapping ones, are refused before
+    // anything is enqueued.
     let bad = Rows {
         at: 0,
         rows: 2,
@@ -1029,5 +1083,8 @@ fn copy_rows_between_device_and_mapped_host_memory() {
     };
     // SAFETY: refused before any launch.
     let e = unsafe { k.copy_rows(bad, Rows { rows: 3, ..bad }, stream.cu_stream()) };
+    assert!(e.is_err());
+    // SAFETY: refused before any launch.
+    let e = unsafe { k.copy_rows(bad, Rows { pitch: 8, ..bad }, stream.cu_stream()) };
     assert!(e.is_err());
 }

@@ -38,8 +38,8 @@ use crate::forward::{LayerKernels, LayerOptions, MoeLayer};
 use crate::nccl_proxy::lanes::{self, Lane, Span};
 use crate::nccl_proxy::{NcclLanes, NcclProxy, Op};
 use crate::proxy_layer::{needs_queues, ProxyCall, ProxyRun, StagedLayer};
-use crate::proxy_plan::{Buf, Geometry, Piece, WireFormat};
-use crate::staged_device::{proxy_event, runs, ProxyView, StagedTransport};
+use crate::proxy_plan::{Buf, Geometry, Piece, Region, WireFormat};
+use crate::staged_device::{proxy_event, ProxyView, StagedTransport};
 use crate::stream_queue::StreamQueue;
 use comet_core::MoeConfig;
 use comet_transport::cuda::{self, DeviceAlloc, HostSignal, PinnedBytes, Runs};
@@ -650,5 +650,14 @@ impl ProxyRun<NcclTransport> for CudaLanes {
         }
         let drained = self.drain();
         ran.and(drained)
+    }
+}
+
+/// The copy of `r`'s runs.
+fn runs(r: Region) -> Runs {
+    Runs {
+        rows: r.rows,
+        width: r.width,
+        pitch: r.pitch,
     }
 }

@@ -25,7 +25,7 @@ use comet_core::MoeConfig;
 use comet_kernels::forward::{ForwardKernels, Rows, SlotSums};
 use comet_kernels::KernelError;
 use comet_transport::cuda::{
-    self, DeviceAlloc, ErrorWord, HostRegistration, HostSignal, MappedWords, PinnedBytes, Runs,
+    self, DeviceAlloc, ErrorWord, HostRegistration, HostSignal, MappedWords, PinnedBytes,
 };
 use comet_transport::gpu::DeviceTransport;
 use comet_transport::signal_core::buffer;
@@ -448,7 +448,7 @@ pub struct CudaStaging {
     /// `run`).
     inbox: [Option<HostRegistration>; 3],
     /// A device copy of the recv inbox (token-once only): each landing
-    /// copies its fresh token rows and its index in by the copy engine, and
+    /// copies its fresh token rows and its index in by the copy kernel, and
     /// the expand kernel reads them from there, not across PCIe once per
     /// row.
     tokens_dev: Option<DeviceAlloc>,
@@ -697,15 +697,6 @@ fn expand_args(
             pitch: row_bytes,
         },
     })
-}
-
-/// The copy of `r`'s runs.
-pub(crate) fn runs(r: Region) -> Runs {
-    Runs {
-        rows: r.rows,
-        width: r.width,
-        pitch: r.pitch,
-    }
 }
 
 impl Marker for CudaEvent {

@@ -133,9 +133,7 @@ fn test_shapes_overlap_in_several_chunks() {
         let mut reserved = 0;
         if let Some(wire) = staged {
             (figures.proxy, figures.wire) = (true, wire);
-            if wire == WireFormat::Tokens {
-                reserved = PROXY_KERNEL_SMS * w;
-            }
+            reserved = PROXY_KERNEL_SMS * w;
         }
         let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
         let plan = DevicePlan::new(&c, cap, None, 132 - reserved, w, tiles, &figures).unwrap();

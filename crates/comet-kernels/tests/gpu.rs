@@ -26,6 +26,14 @@ fn setup() -> (Arc<CudaContext>, Arc<CudaStream>, GemmRuntime) {
     (ctx, stream, rt)
 }
 
+/// A stream of GPU 0 and the forward kernels loaded there.
+fn forward_setup() -> (Arc<CudaStream>, comet_kernels::forward::ForwardKernels) {
+    let ctx = CudaContext::new(0).expect("a CUDA GPU");
+    let stream = ctx.new_stream().expect("stream");
+    let k = comet_kernels::forward::ForwardKernels::load(&ctx).expect("forward kernels");
+    (stream, k)
+}
+
 fn families(rt: &GemmRuntime) -> Vec<Family> {
     let mut f = vec![Family::Sm80];
     if rt.target().has_wgmma() {
@@ -743,11 +751,9 @@ fn second_tile_list_over_one_upload() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn token_kernels_sum_and_expand_pieces() {
-    use comet_kernels::forward::{ForwardKernels, Rows, SlotSums};
+    use comet_kernels::forward::{Rows, SlotSums};
     use half::bf16;
-    let ctx = CudaContext::new(0).expect("a CUDA GPU");
-    let stream = ctx.new_stream().expect("stream");
-    let k = ForwardKernels::load(&ctx).expect("forward kernels");
+    let (stream, k) = forward_setup();
     let mut rng = ChaCha8Rng::seed_from_u64(0x70CE);
     let (rows, slots, width, pitch) = (37usize, 11usize, 64usize, 160usize); // bf16 columns
     let src: Vec<bf16> = (0..rows * pitch)
@@ -955,10 +961,8 @@ impl Drop for MappedHost {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn copy_rows_between_device_and_mapped_host_memory() {
-    use comet_kernels::forward::{ForwardKernels, Rows};
-    let ctx = CudaContext::new(0).expect("a CUDA GPU");
-    let stream = ctx.new_stream().expect("stream");
-    let k = ForwardKernels::load(&ctx).expect("forward kernels");
+    use comet_kernels::forward::Rows;
+    let (stream, k) = forward_setup();
     let mut rng = ChaCha8Rng::seed_from_u64(0xC0B1);
     // (rows, width, source pitch, destination pitch, offset into both)
     for (rows, width, sp, dp, off) in [

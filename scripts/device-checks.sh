@@ -55,8 +55,9 @@ first)
   # with the proxies' debug log, a caller's copies queued behind the
   # calls (outputs_copied_out_at_once_hold_nothing_back, new), and a
   # qwen2-moe bench row (issue 13's
-  # target is stated for an H200: say which card ran it).
-  for c in 32 1; do
+  # target is stated for an H200: say which card ran it). Short of device
+  # time: QUEUES=32 ROUNDS=1 (about 5 minutes).
+  for c in ${QUEUES:-32 1}; do
     step "queues $c" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=$c timeout 60 python3 scripts/queues.py"
   done
   # The staged proxy's copies are kernels now (comet_copy_runs): the
@@ -68,14 +69,14 @@ first)
   for t in a_rank_that_never_calls_is_a_timeout_naming_its_count_signal bad_inputs_are_clear_errors small_layer_two_ranks; do
     step "$t" bash -c "set -o pipefail; timeout 60 $R gpu_layer --ignored --exact $t --test-threads=1 2>&1 | grep -E '^test |panicked'"
   done
-  for i in 1 2 3; do
+  for i in $(seq ${ROUNDS:-3}); do
     for t in staged_thirty_calls_on_the_same_buffers staged_every_routing_matches_the_reference; do
       step "$i $t" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/first_${i}_$t.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
     done
   done
   # A caller's copy of each rank's output queued at once behind its call
   # (new; it fails if a waiting copy holds back a proxy's copies).
-  for i in 1 2; do
+  for i in $(seq ${ROUNDS:-2}); do
     step "$i copied out at once" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact outputs_copied_out_at_once_hold_nothing_back 2>&1 | tee $O/copied_out_$i.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
   done
   clocks alone

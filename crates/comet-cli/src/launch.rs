@@ -44,6 +44,16 @@ pub fn exit_code(e: &anyhow::Error) -> Option<i32> {
     }
 }
 
+/// `comet` names this very binary, whether or not it is on the PATH (the
+/// README lets users call it by its path); any other program is looked up
+/// as given.
+fn own_program(program: &str) -> String {
+    match std::env::current_exe() {
+        Ok(me) if program == "comet" => me.to_string_lossy().into_owned(),
+        _ => program.to_string(),
+    }
+}
+
 pub fn run(args: LaunchArgs) -> Result<()> {
     if args.world == 0 {
         bail!("-n must be at least 1");
@@ -64,7 +74,8 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     let Some((program, rest)) = args.cmd.split_first() else {
         bail!("no command given after --")
     };
-    let mut cfg = LaunchConfig::new(args.world, program).args(rest);
+    let program = own_program(program);
+    let mut cfg = LaunchConfig::new(args.world, &program).args(rest);
     cfg.master_addr = args.master_addr;
     cfg.master_port = args.master_port;
     cfg.timeout = (args.timeout > 0.0).then(|| Duration::from_secs_f64(args.timeout));
@@ -92,5 +103,18 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             Err(e.into())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_program;
+
+    #[test]
+    fn comet_is_this_binary_and_other_programs_are_as_given() {
+        let me = std::env::current_exe().unwrap();
+        assert_eq!(own_program("comet"), me.to_string_lossy());
+        assert_eq!(own_program("python3"), "python3");
+        assert_eq!(own_program("./comet"), "./comet");
     }
 }

@@ -91,8 +91,9 @@ pub struct LayerArgs {
     /// destination rank both ways: expanded there on dispatch, its expert
     /// rows summed there before combine) or `rows` (one row per token and
     /// expert, as the kernels lay them out).
-    #[arg(long, default_value = "tokens", value_parser = ["tokens", "rows"])]
-    pub wire: String,
+    /// Default tokens; refused with any other transport.
+    #[arg(long, value_parser = ["tokens", "rows"])]
+    pub wire: Option<String>,
     /// With --gpu and one rank: FC1 reads x's rows in place instead of
     /// rows the dispatch copied into expert order (GEMM-only keeps the
     /// copied rows, so its ratio to fused shows what the gather costs or
@@ -178,6 +179,17 @@ pub fn cpu_bench_bytes(cfg: &MoeConfig, tokens: usize) -> u128 {
 impl LayerArgs {
     /// The flags every executor shares, checked before anything runs;
     /// each mistake named by its flag.
+    /// Whether --transport stages the GPU ranks' bytes through a proxy
+    /// that chooses its wire format.
+    pub fn staged(&self) -> bool {
+        matches!(self.transport.as_str(), "local" | "ucx")
+    }
+
+    /// The wire format of a staged transport's proxy.
+    pub fn wire(&self) -> &str {
+        self.wire.as_deref().unwrap_or("tokens")
+    }
+
     pub fn check(&self) -> Result<()> {
         if self.tokens == 0 {
             bail!("--tokens must be at least 1");
@@ -201,7 +213,7 @@ impl LayerArgs {
             bail!("--link-latency-us needs --link-gbps: without it there is no emulated link");
         }
         if self.gpu {
-            let staged = matches!(self.transport.as_str(), "local" | "ucx");
+            let staged = self.staged();
             for (given, flag) in [
                 (self.link_gbps > 0.0 && !staged, "--link-gbps"),
                 (self.link_latency_us.is_some(), "--link-latency-us"),
@@ -234,6 +246,12 @@ impl LayerArgs {
                 self.transport
             ),
             (other, _) => bail!("--transport {other}: expected nvlink, local, ucx or nccl"),
+        }
+        if let (Some(w), false) = (&self.wire, self.gpu && self.staged()) {
+            bail!(
+                "--wire {w} sets how a staged transport's proxy moves rows; it needs --gpu \
+                 with --transport local or ucx (nvlink stores rows, nccl sends rows)"
+            );
         }
         if let Some(p) = &self.trace {
             check_trace_path(p)?;

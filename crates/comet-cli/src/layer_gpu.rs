@@ -201,7 +201,7 @@ fn build_world(
     ordinals: &[usize],
     gpus: usize,
 ) -> Result<(DeviceWorld, bool)> {
-    let staged = matches!(a.transport.as_str(), "local" | "ucx");
+    let staged = a.staged();
     let mut opts = LayerOptions {
         timeout: Duration::from_secs(a.timeout_s),
         // Staged ranks talk through host memory: a slow link, not the GPU's
@@ -210,7 +210,7 @@ fn build_world(
             link_gbps: if a.link_gbps > 0.0 { a.link_gbps } else { 3.0 },
             ..DeviceFigures::h200_slow_link()
         }),
-        wire_format: match a.wire.as_str() {
+        wire_format: match a.wire() {
             "rows" => WireFormat::Rows,
             _ => WireFormat::Tokens,
         },
@@ -221,7 +221,7 @@ fn build_world(
         ..LayerOptions::default()
     };
     let wire = if staged {
-        format!(" ({} on the wire)", a.wire)
+        format!(" ({} on the wire)", a.wire())
     } else {
         String::new()
     };

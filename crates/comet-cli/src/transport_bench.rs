@@ -28,8 +28,8 @@ const WAIT: Duration = Duration::from_secs(120);
 #[derive(Args, Debug, Clone)]
 pub struct TransportBenchArgs {
     /// Transports to measure, comma-separated: tcp (baseline), local, ucx,
-    /// nvlink (GPU; rows next to the driver's own device copy), nccl (two
-    /// GPUs).
+    /// ucx-procs (UCX between two processes), nvlink (GPU; rows next to the
+    /// driver's own device copy), nccl (two GPUs).
     #[arg(long, value_delimiter = ',', default_values_t = default_transports())]
     pub transports: Vec<String>,
     /// Message sizes (4K, 1M, ...), comma-separated.

@@ -251,6 +251,14 @@ fn bad_values_are_refused_up_front_naming_the_flag() {
             "--gather-x sets how the GPU forward runs; it needs --gpu",
         ),
         (
+            vec!["bench", "--wire", "rows"],
+            "--wire rows sets how a staged transport's proxy moves rows; it needs --gpu",
+        ),
+        (
+            vec!["bench", "--gpu", "--wire", "tokens"],
+            "--wire tokens sets how a staged transport's proxy moves rows; it needs --gpu",
+        ),
+        (
             vec!["bench", "--gpu", "--recv-rows", "0"],
             "--recv-rows must be at least 1",
         ),

@@ -61,7 +61,7 @@ def plan(hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1, sms=
     """What a layer of this shape would run on an H200-like GPU of ``sms``
     SMs (no GPU needed): the cost model's choice as a dict (comm_blocks,
     chunks, chunk_cols, overlap, share, gemm grids, recv_capacity,
-    ``dispatch`` (how dispatch crosses the link: "rows"), the estimate in
+    ``wire`` (how token rows cross the link: "rows"), the estimate in
     ms, and ``text``, the summary ``comet plan`` prints). ``max_recv_rows``
     as in ``MoeLayer``."""
     return _comet.plan(hidden, ffn, experts, top_k, max_tokens, ranks, ranks_per_gpu, sms,

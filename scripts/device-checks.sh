@@ -5,6 +5,7 @@
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
 #   bash scripts/device-checks.sh first   # what the last session left unrun (waiting copies, the status store, the proxy's copy kernels, staged first calls, copies behind calls, a bench row), ~9 min
+#   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
 #   bash scripts/device-checks.sh tests   # the GPU tests (nvlink + staged layers, kernels, transport, signals)
@@ -28,7 +29,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -82,6 +83,18 @@ first)
   clocks alone
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
   clocks_done alone
+  ;;
+short)
+  # The least of `first`, for a device budget of a few minutes: the copy
+  # kernel, the staged tests that timed out (once each, with the proxies'
+  # debug log), outputs copied out at once, the qwen2-moe row, and
+  # queues.py at 32 queues.
+  step "copy kernel" bash -c "set -o pipefail; timeout 40 $R comet-kernels-gpu --ignored --exact copy_rows_between_device_and_mapped_host_memory 2>&1 | grep -E '^test |panicked'"
+  for t in staged_thirty_calls_on_the_same_buffers staged_every_routing_matches_the_reference outputs_copied_out_at_once_hold_nothing_back; do
+    step "$t" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 60 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/short_$t.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
+  done
+  step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
+  step "queues 32" bash -c "timeout 45 python3 scripts/queues.py"
   ;;
 sanitize)
   # The kernels this session changed under compute-sanitizer (racecheck:

@@ -39,9 +39,10 @@ use crate::nccl_proxy::lanes::{self, Lane, Span};
 use crate::nccl_proxy::{NcclLanes, NcclProxy, Op};
 use crate::proxy_layer::{needs_queues, ProxyCall, ProxyRun, StagedLayer};
 use crate::proxy_plan::{Buf, Geometry, Piece, Region, WireFormat};
-use crate::staged_device::{proxy_event, ProxyView, StagedTransport};
+use crate::staged_device::{packed, proxy_event, ProxyView, StagedTransport};
 use crate::stream_queue::StreamQueue;
 use comet_core::MoeConfig;
+use comet_kernels::forward::ForwardKernels;
 use comet_transport::cuda::{self, DeviceAlloc, HostSignal, PinnedBytes, Runs};
 use comet_transport::gpu::DeviceTransport;
 use comet_transport::nccl::ffi::{self, RawComm};
@@ -102,7 +103,8 @@ impl StagedLayer<NcclTransport> {
         StagedLayer::with_proxy(layer, |layer, stop| {
             let geo = Geometry::of(layer.plan());
             let bufs = layer.symmetric_buffers();
-            CudaLanes::new(set, layer.transport(), &geo, bufs, stop, timeout)
+            let kernels = Arc::clone(&layer.kernels().forward);
+            CudaLanes::new(set, layer.transport(), &geo, bufs, kernels, stop, timeout)
         })
     }
 }
@@ -286,8 +288,12 @@ pub struct CudaLanes {
     recv_staging: [Span; 3],
     /// Send staging of the combine buffer per peer, when chunks are 2-D.
     send_staging: Vec<Option<DeviceAlloc>>,
-    /// Host image of the counts buffer, pinned.
+    /// Host image of the counts buffer, pinned and mapped: the copy kernel
+    /// stores it (a copy engine's download could wait behind a caller's
+    /// device-to-host copy queued behind the call, docs/PERF.md
+    /// 2026-12-06 ~16:30).
     counts: PinnedBytes,
+    kernels: Arc<ForwardKernels>,
     spare: Vec<CudaEvent>,
 }
 
@@ -297,6 +303,7 @@ impl CudaLanes {
         t: &StagedTransport<NcclTransport>,
         geo: &Geometry,
         bufs: [BufferId; 3],
+        kernels: Arc<ForwardKernels>,
         stop: Arc<AtomicBool>,
         timeout: Duration,
     ) -> Result<CudaLanes, SchedError> {
@@ -352,6 +359,7 @@ impl CudaLanes {
             recv_staging,
             send_staging,
             counts,
+            kernels,
             spare: Vec::new(),
         })
     }
@@ -581,23 +589,13 @@ impl NcclLanes for CudaLanes {
                 self.counts.len()
             )));
         }
-        let one = Runs {
-            rows: 1,
-            width: n,
-            pitch: n,
-        };
+        let src = packed(self.view.own[Buf::Counts.index()], n);
+        let dst = packed(self.counts.device_ptr_at(0), n);
         // SAFETY: the first `n` bytes of this rank's counts buffer (checked)
-        // into the pinned image, which nothing else touches until the event
-        // below says the copy ran.
-        unsafe {
-            cuda::copy_runs_to_host(
-                &self.landings,
-                self.view.own[Buf::Counts.index()],
-                one,
-                self.counts.ptr_at(0),
-            )
-        }
-        .map_err(|e| self.failed("read counts", e))?;
+        // into the pinned, mapped image, which nothing else touches until
+        // the event below says the copy ran.
+        unsafe { self.kernels.copy_rows(src, dst, self.landings.cu_stream()) }
+            .map_err(|e| self.failed("read counts", e))?;
         let stream = Arc::clone(&self.landings);
         let e = self.mark(&stream, "record counts read")?;
         let rank = self.rank;
@@ -615,11 +613,7 @@ impl NcclLanes for CudaLanes {
             }
             Polled::TimedOut(waited) => Err(self.failed(
                 "read counts",
-                format!(
-                    "the copy did not finish within {waited:?} (a copy left waiting \
-                     behind a call on a stream of this process, such as an output copied \
-                     to the host before its call ended, can hold it back)"
-                ),
+                format!("the copy kernel did not finish within {waited:?} (no SM free for it?)"),
             )),
         }
     }

@@ -636,7 +636,7 @@ fn put_words(dst: &mut [u8], words: impl Iterator<Item = [u8; 4]>) {
 }
 
 /// `bytes` bytes in one row at device address `at`.
-fn packed(at: u64, bytes: usize) -> Rows {
+pub(crate) fn packed(at: u64, bytes: usize) -> Rows {
     Rows {
         at,
         rows: 1,

@@ -64,7 +64,9 @@ use std::time::{Duration, Instant};
 ///   communicator for `ncclCommGetAsyncError`, so a failed or aborted peer
 ///   is an error naming it, not a timeout.
 /// - **read_count_buffer.** A synchronous copy of the counts buffer
-///   (`Geometry::bytes(Buf::Counts)`, a few hundred bytes) to the host.
+///   (`Geometry::bytes(Buf::Counts)`, a few hundred bytes) to the host, by
+///   a kernel storing into mapped pinned memory: a copy engine's download
+///   can wait behind a caller's download queued behind the call.
 /// - **ready.** The mapped pinned ready words `staged_device` already gives
 ///   the staged proxy.
 /// - **stopped.** The layer's stop flag, set when it is dropped.

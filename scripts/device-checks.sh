@@ -4,7 +4,7 @@
 # build on a machine with no CUDA. Run from the repository root on a GPU
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
-#   bash scripts/device-checks.sh first   # what the last session left unrun (waiting copies, the status store, the proxy's copy kernels, staged first calls, copies behind calls, a bench row), ~9 min
+#   bash scripts/device-checks.sh first   # what the last session left unrun (the staged tests' rare timeout, copies behind calls, a bench row), ~8 min; then py
 #   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
@@ -47,37 +47,20 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the last session left unrun (about 9 minutes): whether a copy
-  # waiting behind a call holds back other streams' copies (queues.py's
-  # new rows, at 32 and 1 queues), the layer's status now stored by a
-  # kernel (the tests that read it: a rank that never calls, bad inputs),
-  # the staged tests that timed out once on their first call's count
-  # exchange (a count download behind the status copy), three times each
-  # with the proxies' debug log, a caller's copies queued behind the
-  # calls (outputs_copied_out_at_once_hold_nothing_back, new), and a
-  # qwen2-moe bench row (issue 13's
-  # target is stated for an H200: say which card ran it). Short of device
-  # time: QUEUES=32 ROUNDS=1 (about 5 minutes).
-  for c in ${QUEUES:-32 1}; do
-    step "queues $c" bash -c "CUDA_DEVICE_MAX_CONNECTIONS=$c timeout 60 python3 scripts/queues.py"
-  done
-  # The staged proxy's copies are kernels now (comet_copy_runs): the
-  # kernel alone, then over UCX processes and ranks of one process.
-  step "copy kernel" bash -c "set -o pipefail; timeout 60 $R comet-kernels-gpu --ignored --exact copy_rows_between_device_and_mapped_host_memory 2>&1 | grep -E '^test |panicked'"
-  for t in staged_layer_over_ucx_processes_matches_the_reference staged_layer_over_ucx_ranks_of_one_process_matches_the_reference; do
-    step "$t" bash -c "set -o pipefail; timeout 100 $R gpu_staged_ucx --ignored --exact $t --test-threads=1 2>&1 | tee $O/first_$t.log | grep -E '^test |panicked'"
-  done
-  for t in a_rank_that_never_calls_is_a_timeout_naming_its_count_signal bad_inputs_are_clear_errors small_layer_two_ranks; do
-    step "$t" bash -c "set -o pipefail; timeout 60 $R gpu_layer --ignored --exact $t --test-threads=1 2>&1 | grep -E '^test |panicked'"
-  done
-  for i in $(seq ${ROUNDS:-3}); do
+  # What the last session left unrun (about 8 minutes): the staged tests
+  # that timed out about once in ten runs before the status store and the
+  # proxy's copy kernels (each ROUNDS times, default 4, with the proxies'
+  # debug log; 2 of 2 passed each on 2026-12-06), a caller's copies queued
+  # behind the calls twice, and a qwen2-moe bench row (issue 13's target
+  # is stated for an H200: say which card ran it). The NCCL proxy's count
+  # read is a kernel now too; a world of one never reads counts, so its
+  # test is `nccl` on 2 GPUs.
+  for i in $(seq ${ROUNDS:-4}); do
     for t in staged_thirty_calls_on_the_same_buffers staged_every_routing_matches_the_reference; do
       step "$i $t" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/first_${i}_$t.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
     done
   done
-  # A caller's copy of each rank's output queued at once behind its call
-  # (new; it fails if a waiting copy holds back a proxy's copies).
-  for i in $(seq ${ROUNDS:-2}); do
+  for i in 1 2; do
     step "$i copied out at once" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact outputs_copied_out_at_once_hold_nothing_back 2>&1 | tee $O/copied_out_$i.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
   done
   clocks alone

@@ -101,6 +101,11 @@ second)
   for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do
     step "one process ucx sm $p" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 70 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx 2>&1 | tee $O/inproc_${p// /_}.md | grep -E '^[|]|phases' | grep -v -- '---'"
   done
+  # Issue 16's equal point over tcp with both ranks in one process (one
+  # context: their GEMMs in step in every mode, as on two GPUs; under MPS
+  # the slow link put the processes out of step, so the sequential path
+  # ran one rank's GEMMs beside the other's communication).
+  step "one process ucx tcp mixtral F 28672" bash -c "set -o pipefail; UCX_TLS=tcp,self timeout 90 $R comet bench --gpu --preset mixtral-8x7b --ffn 28672 --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx 2>&1 | tee $O/inproc_tcp_mixtral.md | grep -E '^[|]|phases' | grep -v -- '---'"
   ;;
 mps)
   # W processes sharing one GPU without MPS take turns on it (time

@@ -177,8 +177,6 @@ pub fn cpu_bench_bytes(cfg: &MoeConfig, tokens: usize) -> u128 {
 }
 
 impl LayerArgs {
-    /// The flags every executor shares, checked before anything runs;
-    /// each mistake named by its flag.
     /// Whether --transport stages the GPU ranks' bytes through a proxy
     /// that chooses its wire format.
     pub fn staged(&self) -> bool {
@@ -190,6 +188,8 @@ impl LayerArgs {
         self.wire.as_deref().unwrap_or("tokens")
     }
 
+    /// The flags every executor shares, checked before anything runs;
+    /// each mistake named by its flag.
     pub fn check(&self) -> Result<()> {
         if self.tokens == 0 {
             bail!("--tokens must be at least 1");

@@ -336,6 +336,14 @@ fn gpu_bench_without_a_device_fails_before_generating_weights() {
         "--gpu: no CUDA device",
         Duration::from_secs(5),
     );
+    // --wire with a staged transport passes the flags' check (refused
+    // without --gpu or with nvlink: bad_values_are_refused_up_front...).
+    fails_with(
+        &["bench", "--gpu", "--transport", "local", "--wire", "rows"],
+        &[("CUDA_VISIBLE_DEVICES", "")],
+        "--gpu: no CUDA device",
+        Duration::from_secs(5),
+    );
 }
 
 #[test]

@@ -27,7 +27,11 @@
 //!
 //! NCCL's kernels need SMs while the layer's kernels spin waiting for the
 //! bytes they bring, so the layer leaves [`lane_sms`] SMs of its GPU to
-//! them (`LayerOptions::reserved_sms`).
+//! them (`LayerOptions::reserved_sms`). The proxy's one kernel, the copy
+//! of the count matrix into mapped pinned memory (a copy engine's download
+//! could wait behind a caller's), runs on those SMs too: it is enqueued
+//! once every op of the count exchange completed and before any op of the
+//! layer is posted, so no NCCL kernel holds them then.
 //!
 //! On any error of a call the lanes are aborted (`ncclCommAbort`), so no
 //! NCCL kernel is left waiting for a peer that will not come, and the

@@ -51,8 +51,9 @@ first)
   # that timed out about once in ten runs before the status store and the
   # proxy's copy kernels (each ROUNDS times, default 4, with the proxies'
   # debug log; 2 of 2 passed each on 2026-12-06), a caller's copies queued
-  # behind the calls twice, and a qwen2-moe bench row (issue 13's target
-  # is stated for an H200: say which card ran it). The NCCL proxy's count
+  # behind the calls twice, and a qwen2-moe bench row over 30 rounds (the
+  # rounds' ratios spread 1.01-1.14 on H100s, wider than the 5% the layer
+  # adds; issue 13's target is stated for an H200: say which card ran it). The NCCL proxy's count
   # read is a kernel now too; a world of one never reads counts, so its
   # test is `nccl` on 2 GPUs.
   for i in $(seq ${ROUNDS:-4}); do
@@ -64,7 +65,7 @@ first)
     step "$i copied out at once" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact outputs_copied_out_at_once_hold_nothing_back 2>&1 | tee $O/copied_out_$i.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"
   done
   clocks alone
-  step "alone qwen2-moe" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
+  step "alone qwen2-moe" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
   clocks_done alone
   ;;
 short)
@@ -95,7 +96,7 @@ second)
   # process (`mps` has the same as processes).
   step gemm bash -c "set -o pipefail; timeout 150 $R comet bench gemm --preset mixtral-8x7b,phi3.5-moe,qwen2-moe --tokens 16384 --iters 5 --family sm90tma 2>&1 | tee $O/gemm.md | grep -E '^[|] [a-z]|family'"
   for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
-    step "alone $p" bash -c "set -o pipefail; timeout 60 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 10 --preset $p 2>&1 | tee '$O/alone_$p.md' | grep -E '^[|] [a-z]'"
+    step "alone $p" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset $p 2>&1 | tee '$O/alone_$p.md' | grep -E '^[|] [a-z]'"
     step "two $p" bash -c "set -o pipefail; timeout 70 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset $p 2>&1 | tee '$O/two_$p.md' | grep -E '^[|] [a-z]'"
   done
   for p in "qwen2-moe" "mixtral-8x7b --ffn 28672"; do

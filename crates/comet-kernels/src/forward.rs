@@ -614,6 +614,28 @@ impl ForwardKernels {
         unsafe { launch(&self.copy, Grid::blocks(blocks), BLOCK_THREADS, s, &p) }
     }
 
+    /// Copies `bytes` contiguous bytes from `src` to `dst`, as
+    /// [`ForwardKernels::copy_rows`] copies one row.
+    ///
+    /// # Safety
+    /// As [`ForwardKernels::copy_rows`].
+    pub unsafe fn copy_bytes(
+        &self,
+        src: CUdeviceptr,
+        dst: CUdeviceptr,
+        bytes: usize,
+        s: CUstream,
+    ) -> Result<(), KernelError> {
+        let row = |at| Rows {
+            at,
+            rows: 1,
+            width: bytes,
+            pitch: bytes,
+        };
+        // SAFETY: forwarded contract.
+        unsafe { self.copy_rows(row(src), row(dst), s) }
+    }
+
     /// Into `dst` (`slots` packed rows of `src.width` bytes): per slot `s`,
     /// the sum over entries `e` in `starts[s]..starts[s + 1]` of row
     /// `rows[e]` of `src` scaled by `ratio[rows[e]]`, in f32, rounded once

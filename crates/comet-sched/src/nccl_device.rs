@@ -43,7 +43,7 @@ use crate::nccl_proxy::lanes::{self, Lane, Span};
 use crate::nccl_proxy::{NcclLanes, NcclProxy, Op};
 use crate::proxy_layer::{needs_queues, ProxyCall, ProxyRun, StagedLayer};
 use crate::proxy_plan::{Buf, Geometry, Piece, Region, WireFormat};
-use crate::staged_device::{packed, proxy_event, ProxyView, StagedTransport};
+use crate::staged_device::{proxy_event, ProxyView, StagedTransport};
 use crate::stream_queue::StreamQueue;
 use comet_core::MoeConfig;
 use comet_kernels::forward::ForwardKernels;
@@ -593,13 +593,18 @@ impl NcclLanes for CudaLanes {
                 self.counts.len()
             )));
         }
-        let src = packed(self.view.own[Buf::Counts.index()], n);
-        let dst = packed(self.counts.device_ptr_at(0), n);
+        let (src, dst) = (
+            self.view.own[Buf::Counts.index()],
+            self.counts.device_ptr_at(0),
+        );
         // SAFETY: the first `n` bytes of this rank's counts buffer (checked)
         // into the pinned, mapped image, which nothing else touches until
         // the event below says the copy ran.
-        unsafe { self.kernels.copy_rows(src, dst, self.landings.cu_stream()) }
-            .map_err(|e| self.failed("read counts", e))?;
+        unsafe {
+            self.kernels
+                .copy_bytes(src, dst, n, self.landings.cu_stream())
+        }
+        .map_err(|e| self.failed("read counts", e))?;
         let stream = Arc::clone(&self.landings);
         let e = self.mark(&stream, "record counts read")?;
         let rank = self.rank;

@@ -1132,9 +1132,7 @@ impl<'t> StagedProxy<'t> {
         // the kernels waiting for it) is not the kernels' doing.
         let what = match (staging.front(), sends.first(), lands.first()) {
             (Some(s), ..) => format!(
-                "the download of {}, started once its ready word came up (call {epoch}); \
-                 work left waiting behind a call on a stream of this process (an \
-                 output copied to the host before its call ended) can hold it back",
+                "the download of {}, started once its ready word came up (call {epoch})",
                 s.piece
             ),
             (None, Some(p), _) => format!(

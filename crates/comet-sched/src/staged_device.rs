@@ -529,9 +529,10 @@ impl Upload {
             // copy is written again only in a later call, once the stream
             // has run everything of this one.
             unsafe {
-                k.copy_rows(
-                    packed(self.host.device_ptr_at(0), bytes),
-                    packed(self.dev.ptr(), bytes),
+                k.copy_bytes(
+                    self.host.device_ptr_at(0),
+                    self.dev.ptr(),
+                    bytes,
                     stream.cu_stream(),
                 )?
             };
@@ -606,9 +607,10 @@ impl PackLists {
         // drained `stream`, which runs this copy before the kernel reading
         // it.
         unsafe {
-            k.copy_rows(
-                packed(self.list.host.device_ptr_at(at), bytes),
-                packed(self.list.dev.ptr() + at as u64, bytes),
+            k.copy_bytes(
+                self.list.host.device_ptr_at(at),
+                self.list.dev.ptr() + at as u64,
+                bytes,
                 stream.cu_stream(),
             )
         }
@@ -632,16 +634,6 @@ fn rows_of(base: u64, r: Region) -> Rows {
 fn put_words(dst: &mut [u8], words: impl Iterator<Item = [u8; 4]>) {
     for (d, w) in dst.chunks_exact_mut(4).zip(words) {
         d.copy_from_slice(&w);
-    }
-}
-
-/// `bytes` bytes in one row at device address `at`.
-pub(crate) fn packed(at: u64, bytes: usize) -> Rows {
-    Rows {
-        at,
-        rows: 1,
-        width: bytes,
-        pitch: bytes,
     }
 }
 
@@ -1148,21 +1140,15 @@ impl StagedDevice for CudaStaging {
         // recv buffer (region, as in download).
         unsafe {
             let s = self.landings.cu_stream();
-            let index_bytes = 4 * args.dst.rows;
-            let at = |x: usize, n: usize| {
-                (
-                    packed(inbox.device_ptr_at(x), n),
-                    packed(base + x as u64, n),
-                )
+            let copy = |x: usize, n: usize| {
+                self.kernels
+                    .copy_bytes(inbox.device_ptr_at(x), base + x as u64, n, s)
             };
-            let (fresh_src, fresh_dst) = at(fresh_at, fresh_bytes);
-            let (index_src, index_dst) = at(place.index, index_bytes);
-            self.kernels
-                .copy_rows(fresh_src, fresh_dst, s)
-                .and_then(|_| self.kernels.copy_rows(index_src, index_dst, s))
+            copy(fresh_at, fresh_bytes)
+                .and_then(|_| copy(place.index, 4 * args.dst.rows))
                 .map_err(|e| self.failed("land tokens", e))?;
             self.kernels
-                .expand_rows(args.tokens, args.index, args.dst, self.landings.cu_stream())
+                .expand_rows(args.tokens, args.index, args.dst, s)
         }
         .map_err(|e| self.failed("land tokens", e))?;
         self.raise_after_landing(signal, value)
@@ -1281,17 +1267,10 @@ impl StagedDevice for CudaStaging {
             let s = self.downloads.cu_stream();
             let (order, weights) = (4 * rows, wb * call.slots);
             self.kernels
-                .copy_rows(
-                    packed(self.order_dev, order),
-                    packed(self.order.device_ptr_at(0), order),
-                    s,
-                )
+                .copy_bytes(self.order_dev, self.order.device_ptr_at(0), order, s)
                 .and_then(|_| {
-                    self.kernels.copy_rows(
-                        packed(call.weights, weights),
-                        packed(self.weights.device_ptr_at(0), weights),
-                        s,
-                    )
+                    self.kernels
+                        .copy_bytes(call.weights, self.weights.device_ptr_at(0), weights, s)
                 })
         }
         .map_err(|e| self.failed("send order", e))?;

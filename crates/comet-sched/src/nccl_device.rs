@@ -410,27 +410,16 @@ impl CudaLanes {
     /// Whether every lane's stream and the landing stream ran dry within
     /// `timeout`.
     fn idle_within(&self, timeout: Duration) -> Result<bool, SchedError> {
-        let streams: Vec<&Arc<CudaStream>> = self
+        let streams: Vec<&CudaStream> = self
             .set
             .lanes
             .iter()
-            .map(|l| &l.stream)
-            .chain([&self.landings])
+            .map(|l| &*l.stream)
+            .chain([&*self.landings])
             .collect();
-        let look = |_| -> Result<Option<()>, TransportError> {
-            for s in &streams {
-                if !cuda::stream_idle(s)
-                    .map_err(|e| cuda::driver_err("nccl", self.rank, "drain", e))?
-                {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        };
-        Ok(matches!(
-            poll_bounded(timeout, look, std::thread::sleep)?,
-            Polled::Ready(())
-        ))
+        Ok(cuda::streams_idle_within(
+            &streams, timeout, "nccl", self.rank, "drain",
+        )?)
     }
 
     /// Waits for everything enqueued (bounded by the timeout); aborts the
@@ -599,7 +588,9 @@ impl NcclLanes for CudaLanes {
         );
         // SAFETY: the first `n` bytes of this rank's counts buffer (checked)
         // into the pinned, mapped image, which nothing else touches until
-        // the event below says the copy ran.
+        // the event below says the copy ran. Only this call's epoch slot of
+        // what it reads is decoded: after a refused call the next call's
+        // kernels may already write the other slot.
         unsafe {
             self.kernels
                 .copy_bytes(src, dst, n, self.landings.cu_stream())

@@ -908,10 +908,22 @@ impl CudaStaging {
 
     /// Waits for everything enqueued on both streams.
     fn drain(&self) -> Result<(), SchedError> {
-        self.downloads
-            .synchronize()
-            .and_then(|_| self.landings.synchronize())
-            .map_err(|e| self.failed("synchronize", e))
+        self.idle(&[&self.downloads, &self.landings], "drain")
+    }
+
+    /// Waits, bounded by the timeout, for everything enqueued on `streams`.
+    fn idle(&self, streams: &[&CudaStream], what: &str) -> Result<(), SchedError> {
+        match cuda::streams_idle_within(streams, self.timeout, "staged", self.rank, what) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.failed(
+                what,
+                format!(
+                    "its copy kernels did not finish within {:?} (no SM free for them?)",
+                    self.timeout
+                ),
+            )),
+            Err(e) => Err(self.failed(what, e)),
+        }
     }
 
     fn failed(&self, what: &str, e: impl std::fmt::Debug) -> SchedError {
@@ -1274,9 +1286,7 @@ impl StagedDevice for CudaStaging {
                 })
         }
         .map_err(|e| self.failed("send order", e))?;
-        self.downloads
-            .synchronize()
-            .map_err(|e| self.failed("send order", e))?;
+        self.idle(&[&self.downloads], "send order")?;
         let slots = crate::proxy_plan::words(&self.order[..4 * rows]);
         let w = &self.weights[..wb * call.slots];
         let weight = |s: usize| match call.weight_type {

@@ -16,12 +16,14 @@
 //! whether a driver and a device are present before anything else runs.
 
 use crate::error::TransportError;
+use crate::signal_core::{poll_bounded, Polled};
 use crate::transport::SignalOp;
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
 };
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 /// Size of a CUDA IPC memory handle.
 pub const IPC_HANDLE_BYTES: usize = 64;
@@ -750,6 +752,31 @@ pub fn stream_idle(stream: &CudaStream) -> Result<bool, DriverError> {
         sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
         other => Err(DriverError(other)),
     }
+}
+
+/// Whether every stream of `streams` ran dry within `timeout`: the bounded
+/// stand-in for synchronizing them, so a proxy whose copies cannot run
+/// (no SM free for its kernels, a peer that never sends) returns an error
+/// instead of blocking for good. Errors name `backend`, `rank` and `what`.
+pub fn streams_idle_within(
+    streams: &[&CudaStream],
+    timeout: Duration,
+    backend: &'static str,
+    rank: usize,
+    what: &str,
+) -> Result<bool, TransportError> {
+    let look = |_| -> Result<Option<()>, TransportError> {
+        for s in streams {
+            if !stream_idle(s).map_err(|e| driver_err(backend, rank, what, e))? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    };
+    Ok(matches!(
+        poll_bounded(timeout, look, std::thread::sleep)?,
+        Polled::Ready(())
+    ))
 }
 
 /// Whether `stream` is being captured into a CUDA graph.

@@ -601,6 +601,9 @@ impl Bootstrap {
             };
             s.set_nonblocking(false).map_err(|e| io("socket", e))?;
             let _ = s.set_nodelay(true);
+            // A peer alive but not reading must not hold a writer for good.
+            s.set_write_timeout(Some(cfg.timeout.max(Duration::from_millis(100))))
+                .map_err(|e| io("socket", e))?;
             // A silent connection may not hold up the others for long.
             let left = cfg
                 .timeout
@@ -685,6 +688,9 @@ impl Bootstrap {
         };
         let mut s = Self::connect_to_root(&cfg, start)?;
         let _ = s.set_nodelay(true);
+        // As on rank 0's side: writes to a peer that stops reading end.
+        s.set_write_timeout(Some(cfg.timeout.max(Duration::from_millis(100))))
+            .map_err(|e| io("socket", e))?;
         let mut hello = (rank as u32).to_le_bytes().to_vec();
         hello.extend_from_slice(&(cfg.world as u32).to_le_bytes());
         write_frame(&mut s, K_HELLO, &hello).map_err(|e| io("hello to rank 0", e))?;
@@ -974,6 +980,26 @@ impl Drop for Bootstrap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that is alive but stopped reading: with the write timeout the
+    /// links get, a frame larger than the sockets' buffers ends in an error
+    /// instead of blocking its writer for good.
+    #[test]
+    fn a_write_to_a_peer_that_stopped_reading_ends() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut w = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_silent, _) = listener.accept().unwrap();
+        w.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let e = write_frame(&mut w, K_WELCOME, &vec![0u8; 256 << 20]).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn env_is_parsed_and_checked() {

@@ -103,144 +103,70 @@ exe="$1"; shift
 exec "$HERE/$exe" "$@"
 "#;
 
+/// A GPU test binary of the bundle: the cargo package and features that
+/// build it, its test target and its name in the bundle.
+struct GpuTest {
+    package: &'static str,
+    features: &'static str,
+    test: &'static str,
+    name: &'static str,
+}
+
+const GPU_TESTS: [GpuTest; 6] = [
+    GpuTest {
+        package: "comet-kernels",
+        features: "",
+        test: "gpu",
+        name: "comet-kernels-gpu",
+    },
+    GpuTest {
+        package: "comet-sched",
+        features: "gpu",
+        test: "gpu_layer",
+        name: "gpu_layer",
+    },
+    GpuTest {
+        package: "comet-sched",
+        features: "gpu,ucx",
+        test: "gpu_staged_ucx",
+        name: "gpu_staged_ucx",
+    },
+    GpuTest {
+        package: "comet-sched",
+        features: "gpu,nccl",
+        test: "gpu_nccl_layer",
+        name: "gpu_nccl_layer",
+    },
+    GpuTest {
+        package: "comet-sched",
+        features: "gpu",
+        test: "gpu_signals",
+        name: "gpu_signals",
+    },
+    GpuTest {
+        package: "comet-transport",
+        features: "nvlink",
+        test: "nvlink_gpu",
+        name: "nvlink_gpu",
+    },
+];
+
+/// The torch baseline scripts, run from the bundle's folder (the helper is
+/// imported by the other two from there).
+const SCRIPTS: [&str; 3] = [
+    "bench_torch_gemm.py",
+    "bench_torch_layer.py",
+    "bench_torch_helper.py",
+];
+
 /// Builds the bundle; returns its folder.
 pub fn bundle() -> Result<PathBuf> {
-    let root = root();
-    // Every transport comes with the CLI: cudarc loads CUDA and NCCL at run
-    // time, and the UCX libraries it links travel in lib/ (GPU machines
-    // have none), for `comet bench --gpu --transport ucx`.
-    eprintln!("bundle: building comet (release, features nvlink,nccl,ucx)");
-    let status = cargo()
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "comet-cli",
-            "--bin",
-            "comet",
-            "--features",
-            "nvlink,nccl,ucx",
-        ])
-        .status()
-        .context("cargo build --release -p comet-cli")?;
-    if !status.success() {
-        bail!("building the comet CLI failed");
-    }
-    // (cargo test arguments, name in the bundle) of every GPU test binary.
-    let tests: [(&[&str], &str); 6] = [
-        (
-            &["-p", "comet-kernels", "--test", "gpu"],
-            "comet-kernels-gpu",
-        ),
-        (
-            &[
-                "-p",
-                "comet-sched",
-                "--features",
-                "gpu",
-                "--test",
-                "gpu_layer",
-            ],
-            "gpu_layer",
-        ),
-        (
-            &[
-                "-p",
-                "comet-sched",
-                "--features",
-                "gpu,ucx",
-                "--test",
-                "gpu_staged_ucx",
-            ],
-            "gpu_staged_ucx",
-        ),
-        (
-            &[
-                "-p",
-                "comet-sched",
-                "--features",
-                "gpu,nccl",
-                "--test",
-                "gpu_nccl_layer",
-            ],
-            "gpu_nccl_layer",
-        ),
-        (
-            &[
-                "-p",
-                "comet-sched",
-                "--features",
-                "gpu",
-                "--test",
-                "gpu_signals",
-            ],
-            "gpu_signals",
-        ),
-        (
-            &[
-                "-p",
-                "comet-transport",
-                "--features",
-                "nvlink",
-                "--test",
-                "nvlink_gpu",
-            ],
-            "nvlink_gpu",
-        ),
-    ];
-    eprintln!(
-        "bundle: building the GPU test binaries ({})",
-        tests.map(|(_, name)| name).join(", ")
-    );
-    let mut built = Vec::new();
-    for (args, name) in tests {
-        let exe = test_executables(args)?
-            .into_iter()
-            .next()
-            .with_context(|| format!("no test executable reported for {name}"))?;
-        built.push((exe, name));
-    }
-
-    let dir = root.join(".bundle");
+    build_cli()?;
+    let tests = build_gpu_tests()?;
+    let dir = root().join(".bundle");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let ucx_test = built
-        .iter()
-        .find(|(_, name)| *name == "gpu_staged_ucx")
-        .map(|(exe, _)| exe.clone())
-        .context("gpu_staged_ucx was built above")?;
-    let mut files: Vec<(PathBuf, &str)> = vec![(target_dir().join("release/comet"), "comet")];
-    files.extend(built);
-    files.extend([
-        (
-            root.join("scripts/bench_torch_gemm.py"),
-            "bench_torch_gemm.py",
-        ),
-        (
-            root.join("scripts/bench_torch_layer.py"),
-            "bench_torch_layer.py",
-        ),
-        // Imported by both scripts above from the folder they run in.
-        (
-            root.join("scripts/bench_torch_helper.py"),
-            "bench_torch_helper.py",
-        ),
-    ]);
-    for (src, name) in &files {
-        std::fs::copy(src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
-        // Symbols are not needed to run; a missing `strip` only costs size.
-        if !name.ends_with(".py") {
-            let _ = Command::new("strip").arg(dir.join(name)).status();
-        }
-    }
-    copy_ucx_libs(&ucx_test, &dir.join("lib"))?;
-    std::fs::write(dir.join("run.sh"), RUN_SH)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
-    }
+    fill(&dir, &tests)?;
     let total = bytes_under(&dir)?;
     println!(
         "bundle: {} ({:.1} MiB)",
@@ -251,6 +177,74 @@ pub fn bundle() -> Result<PathBuf> {
         bail!("bundle is {total} bytes, over the 64 MiB limit");
     }
     Ok(dir)
+}
+
+/// The `comet` CLI with every transport: cudarc loads CUDA and NCCL at
+/// run time, and the UCX libraries it links travel in lib/ (GPU machines
+/// have none), for `comet bench --gpu --transport ucx`.
+fn build_cli() -> Result<()> {
+    eprintln!("bundle: building comet (release, features nvlink,nccl,ucx)");
+    let status = cargo()
+        .current_dir(root())
+        .args(["build", "--release", "-p", "comet-cli", "--bin", "comet"])
+        .args(["--features", "nvlink,nccl,ucx"])
+        .status()
+        .context("cargo build --release -p comet-cli")?;
+    if !status.success() {
+        bail!("building the comet CLI failed");
+    }
+    Ok(())
+}
+
+/// Every GPU test binary, built; its executable with its bundle name.
+fn build_gpu_tests() -> Result<Vec<(PathBuf, &'static str)>> {
+    eprintln!(
+        "bundle: building the GPU test binaries ({})",
+        GPU_TESTS.map(|t| t.name).join(", ")
+    );
+    GPU_TESTS
+        .iter()
+        .map(|t| {
+            let mut args = vec!["-p", t.package, "--test", t.test];
+            if !t.features.is_empty() {
+                args.extend(["--features", t.features]);
+            }
+            let exe = test_executables(&args)?
+                .into_iter()
+                .next()
+                .with_context(|| format!("no test executable reported for {}", t.name))?;
+            Ok((exe, t.name))
+        })
+        .collect()
+}
+
+/// Copies the CLI, the test binaries (stripped), the scripts, the UCX
+/// libraries and run.sh into `dir`.
+fn fill(dir: &Path, tests: &[(PathBuf, &'static str)]) -> Result<()> {
+    let root = root();
+    let mut files: Vec<(PathBuf, &str)> = vec![(target_dir().join("release/comet"), "comet")];
+    files.extend(tests.iter().cloned());
+    files.extend(SCRIPTS.map(|s| (root.join("scripts").join(s), s)));
+    for (src, name) in &files {
+        std::fs::copy(src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
+        // Symbols are not needed to run; a missing `strip` only costs size.
+        if !name.ends_with(".py") {
+            let _ = Command::new("strip").arg(dir.join(name)).status();
+        }
+    }
+    let ucx_test = tests
+        .iter()
+        .find(|(_, name)| *name == "gpu_staged_ucx")
+        .map(|(exe, _)| exe)
+        .context("gpu_staged_ucx is one of the GPU tests")?;
+    copy_ucx_libs(ucx_test, &dir.join("lib"))?;
+    std::fs::write(dir.join("run.sh"), RUN_SH)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
 }
 
 /// Copies the UCX libraries `exe` links (and libnuma, which they need),

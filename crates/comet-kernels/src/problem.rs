@@ -209,15 +209,22 @@ impl GroupedProblem {
         ldc: usize,
         extra_samples: usize,
     ) -> Result<CheckReport, String> {
-        let oc = self.out_cols();
-        if out.len() < self.out_rows * ldc {
+        let need = self.out_rows * ldc;
+        if out.len() < need {
             return Err(format!(
-                "output has {} elements, expected {}",
-                out.len(),
-                self.out_rows * ldc
+                "output has {} elements, expected {need}",
+                out.len()
             ));
         }
-        // Coverage: which output rows must hold values.
+        self.check_coverage(out, ldc)?;
+        let refs = self.reference_rows(&self.sample_rows(extra_samples));
+        self.compare(out, ldc, &refs)
+    }
+
+    /// Every output row that some input row maps to holds no NaN; every
+    /// other row (scatter) is still all NaN.
+    fn check_coverage(&self, out: &[bf16], ldc: usize) -> Result<(), String> {
+        let oc = self.out_cols();
         let mut written = vec![false; self.out_rows];
         if self.epilogue == Epilogue::Scatter {
             for &d in &self.scatter_idx {
@@ -240,36 +247,48 @@ impl GroupedProblem {
                 return Err(format!("row {row}: written though no input row maps to it"));
             }
         }
-        let samples = self.sample_rows(extra_samples);
-        let refs: Vec<(usize, Vec<f64>)> = {
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1);
-            let chunk = samples.len().div_ceil(threads).max(1);
-            std::thread::scope(|s| {
-                let hs: Vec<_> = samples
-                    .chunks(chunk)
-                    .map(|part| {
-                        s.spawn(move || {
-                            part.iter()
-                                .map(|&r| (r, self.reference_row(r)))
-                                .collect::<Vec<_>>()
-                        })
+        Ok(())
+    }
+
+    /// The f64 reference of each row of `samples`, computed on every core.
+    fn reference_rows(&self, samples: &[usize]) -> Vec<(usize, Vec<f64>)> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let chunk = samples.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = samples
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|&r| (r, self.reference_row(r)))
+                            .collect::<Vec<_>>()
                     })
-                    .collect();
-                hs.into_iter()
-                    .flat_map(|h| h.join().expect("reference thread panicked"))
-                    .collect()
-            })
-        };
+                })
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
+    }
+
+    /// The sampled rows of `out` against their references, element by
+    /// element and as a whole (the tolerances of [`Self::check`]).
+    fn compare(
+        &self,
+        out: &[bf16],
+        ldc: usize,
+        refs: &[(usize, Vec<f64>)],
+    ) -> Result<CheckReport, String> {
         let (mut num, mut den, mut count) = (0f64, 0f64, 0usize);
-        for (_, rf) in &refs {
+        for (_, rf) in refs {
             den += rf.iter().map(|v| v * v).sum::<f64>();
             count += rf.len();
         }
         let rms = (den / count.max(1) as f64).sqrt();
         let mut worst = 0f64;
-        for (r, rf) in &refs {
+        for (r, rf) in refs {
             let orow = match self.epilogue {
                 Epilogue::Scatter => match self.scatter_idx[*r] {
                     d if d < 0 => continue,

@@ -6,9 +6,9 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use comet_kernels::bench::{BenchCase, ExternalBaseline};
 use comet_kernels::KernelError;
@@ -104,8 +104,9 @@ impl TorchBaseline {
                 return Err(err(format!("no answer within {timeout:?}; helper killed")));
             }
             Err(RecvTimeoutError::Disconnected) => {
-                let status = self.child.wait().ok();
-                return Err(err(format!("helper exited ({status:?})")));
+                let status = reap(&mut self.child)
+                    .map_or_else(|| "status unknown".to_string(), |s| s.to_string());
+                return Err(err(format!("helper exited ({status})")));
             }
         };
         serde_json::from_str(&line).map_err(|e| err(format!("bad answer {line:?}: {e}")))
@@ -121,6 +122,22 @@ impl TorchBaseline {
         }
         Ok(a)
     }
+}
+
+/// The exit status of a helper whose output ended: it is exiting, so it
+/// gets a moment to finish on its own (its own status says why), and is
+/// killed if it lingers with its output closed.
+fn reap(child: &mut Child) -> Option<ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return None,
+        }
+    }
+    let _ = child.kill();
+    child.wait().ok()
 }
 
 impl TorchBaseline {
@@ -225,6 +242,14 @@ mod tests {
         let mut t = fake("sys.exit(0)\n");
         let e = t.run_once().unwrap_err().to_string();
         assert!(e.contains("exited") || e.contains("gone"), "{e}");
+    }
+
+    /// Output closed but the process lingering: killed, not waited for.
+    #[test]
+    fn a_helper_that_closes_its_output_and_lingers_is_killed() {
+        let mut t = fake("import os\nos.close(1)\ntime.sleep(600)\n");
+        let e = t.run_once().unwrap_err().to_string();
+        assert!(e.contains("exited (signal: 9"), "{e}");
     }
 
     #[test]

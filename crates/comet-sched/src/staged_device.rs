@@ -911,18 +911,40 @@ impl CudaStaging {
         self.idle(&[&self.downloads, &self.landings], "drain")
     }
 
+    /// The last wait before this staging (its pinned images, the inboxes'
+    /// registrations) and the layer's memory are freed: bounded first, so
+    /// a stuck copy is reported; then, if copies are still queued, waited
+    /// out, because freeing memory a queued kernel will touch is worse
+    /// than the wait. Their kernels get SMs once the layer's kernels end,
+    /// and every wait in those is bounded on the device.
+    fn drain_before_free(&self) -> Result<(), SchedError> {
+        let drained = self.drain();
+        if drained.is_err() {
+            tracing::warn!(
+                rank = self.rank,
+                "staged proxy: copies still queued at its end; waiting them out before freeing"
+            );
+            let _ = self.downloads.synchronize();
+            let _ = self.landings.synchronize();
+        }
+        drained
+    }
+
     /// Waits, bounded by the timeout, for everything enqueued on `streams`.
     fn idle(&self, streams: &[&CudaStream], what: &str) -> Result<(), SchedError> {
         match cuda::streams_idle_within(streams, self.timeout, "staged", self.rank, what) {
             Ok(true) => Ok(()),
-            Ok(false) => Err(self.failed(
-                what,
-                format!(
-                    "its copy kernels did not finish within {:?} (no SM free for them?)",
+            Ok(false) => Err(SchedError::Device {
+                rank: self.rank,
+                message: format!(
+                    "proxy {what}: its copy kernels did not finish within {:?} (no SM free for them?)",
                     self.timeout
                 ),
-            )),
-            Err(e) => Err(self.failed(what, e)),
+            }),
+            Err(e) => Err(SchedError::Device {
+                rank: self.rank,
+                message: format!("proxy {what}: {e}"),
+            }),
         }
     }
 
@@ -1370,7 +1392,7 @@ impl<T: Transport + 'static> ProxyRun<T> for CudaStaging {
             Ok(())
         });
         // The call's error, if any, is the cause of a failed drain.
-        let drained = self.drain();
+        let drained = self.drain_before_free();
         ran.and(drained)
     }
 }

@@ -298,3 +298,47 @@ fn a_rank_of_another_protocol_version_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A peer that joined, sent its part of an all_gather and then stopped
+/// reading (its process frozen): rank 0's write of the result stands still
+/// once the socket's buffers are full, and ends in an error within the
+/// bootstrap's timeout instead of blocking rank 0 for good.
+#[test]
+fn a_write_to_a_peer_that_stopped_reading_is_an_error() {
+    let l = listen("127.0.0.1", 0).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let quick = Duration::from_secs(1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let root = Bootstrap::with_listener(cfg(0, 2, port, quick), l).unwrap();
+        // Far more than loopback's socket buffers hold.
+        let _ = tx.send(root.all_gather(&vec![7u8; 64 << 20], T));
+    });
+    let frame = |kind: u16, payload: &[u8]| {
+        let mut f = 0x434d_5442u32.to_le_bytes().to_vec();
+        f.extend_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(&kind.to_le_bytes());
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&frame(1, &[1, 0, 0, 0, 2, 0, 0, 0])).unwrap();
+    let mut welcome = [0u8; 12];
+    s.read_exact(&mut welcome).unwrap();
+    assert_eq!(u16::from_le_bytes([welcome[6], welcome[7]]), 2, "a welcome");
+    // Its part of all_gather #0, then nothing more is read.
+    let mut gather = 0u64.to_le_bytes().to_vec();
+    gather.push(1);
+    s.write_all(&frame(4, &gather)).unwrap();
+    let got = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("rank 0 still blocked writing to a peer that stopped reading");
+    match got {
+        Err(BootstrapError::Io { context, .. }) => {
+            assert!(context.contains("all_gather #0 to rank 1"), "{context}")
+        }
+        other => panic!("{:?}", other.map(|b| b.len())),
+    }
+    drop(s);
+}

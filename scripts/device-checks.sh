@@ -47,15 +47,15 @@ B="--gpu --preset qwen2-moe --tokens 4096 --iters 3 --ranks 2 --phases"
 
 case "$part" in
 first)
-  # What the last session left unrun (about 8 minutes): the staged tests
-  # that timed out about once in ten runs before the status store and the
-  # proxy's copy kernels (each ROUNDS times, default 4, with the proxies'
-  # debug log; 2 of 2 passed each on 2026-12-06), a caller's copies queued
-  # behind the calls twice, and a qwen2-moe bench row over 30 rounds (the
-  # rounds' ratios spread 1.01-1.14 on H100s, wider than the 5% the layer
-  # adds; issue 13's target is stated for an H200: say which card ran it). The NCCL proxy's count
-  # read is a kernel now too; a world of one never reads counts, so its
-  # test is `nccl` on 2 GPUs.
+  # What the last session left unrun (about 8 minutes): the staged proxy's
+  # end since 5ca9956 (a bounded drain, then copies still queued waited
+  # out before anything is freed; its timeout errors reworded), through
+  # the staged tests, each ROUNDS times (default 4) with the proxies'
+  # debug log, and a caller's copies queued behind the calls twice; then
+  # a qwen2-moe bench row over 30 rounds (issue 13's target is stated for
+  # an H200: say which card ran it; on H100s the rounds spread 0.96-1.19).
+  # The NCCL proxy's count read (a kernel since bc2ee56) needs `nccl` on
+  # 2 GPUs: a world of one never reads counts.
   for i in $(seq ${ROUNDS:-4}); do
     for t in staged_thirty_calls_on_the_same_buffers staged_every_routing_matches_the_reference; do
       step "$i $t" bash -c "set -o pipefail; RUST_LOG=comet_sched=debug timeout 90 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/first_${i}_$t.log | grep -E 'test result|panicked|device wait timed out|proxy stopped'"

@@ -643,6 +643,16 @@ impl ProxyRun<NcclTransport> for CudaLanes {
             self.abort();
         }
         let drained = self.drain();
+        if drained.is_err() {
+            // The landings stream holds only copy kernels, which run once
+            // the layer's bounded kernels leave them SMs: waited out before
+            // the staging they write is freed. The lanes were aborted.
+            tracing::warn!(
+                rank,
+                "nccl proxy: landings still queued at its end; waiting them out"
+            );
+            let _ = self.landings.synchronize();
+        }
         ran.and(drained)
     }
 }

@@ -179,6 +179,14 @@ fn print_cost(dev: &DeviceFigures, est: &CostEstimate) {
         est.overlapped_ms,
         est.speedup()
     );
+    println!(
+        "    layer0          {:8.3} ms  (dispatch beside FC1)",
+        est.layer0_ms
+    );
+    println!(
+        "    layer1          {:8.3} ms  (FC2 beside the combine)",
+        est.layer1_ms
+    );
     println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
 }
 

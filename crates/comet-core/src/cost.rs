@@ -141,8 +141,17 @@ pub struct CostEstimate {
     pub combine_ms: f64,
     /// Everything in sequence on the whole device.
     pub baseline_ms: f64,
-    /// Fused layers with the chosen split.
+    /// Fused layers with the chosen split: `layer0_ms + layer1_ms`.
     pub overlapped_ms: f64,
+    /// Fused layer0, the dispatch beside FC1: the longer of the two, plus
+    /// FC1's work on the last segment to land.
+    pub layer0_ms: f64,
+    /// Fused layer1, FC2 beside the combine: the longer of the two, plus
+    /// the first chunk's FC2 (nothing leaves before it) and each chunk's
+    /// signalling. Each layer hides only its own transfer, so the sum is
+    /// at least about 7/6 of max(communication, GEMMs) where the two are
+    /// equal (ARCHITECTURE.md, "What is overlapped").
+    pub layer1_ms: f64,
     pub comm_blocks: usize,
     pub chunks: usize,
     pub shape: TileShape,
@@ -224,7 +233,8 @@ impl CostModel {
         };
         let baseline_s = dispatch_s + combine_s + all_copy_s + gemm_s;
 
-        let mut best: Option<(f64, usize, usize)> = None;
+        // (layer0 + layer1, blocks, chunks, layer0, layer1) of the best split.
+        let mut best: Option<(f64, usize, usize, f64, f64)> = None;
         // A third of the SMs at most: 48 blocks of a 66-SM share measured
         // 1.6x slower than 24 behind a proxy (docs/PERF.md, 2026-12-06).
         let max_blocks = (dev.sms / 3).max(1);
@@ -263,18 +273,21 @@ impl CostModel {
                 // every chunk pays a fixed signalling cost.
                 let layer1 = c1.max(c1 / n_f + comm1) + n_f * dev.chunk_overhead_us * 1e-6;
                 let total = layer0 + layer1;
-                if best.is_none_or(|(t, _, _)| total < t) {
-                    best = Some((total, blocks, n));
+                if best.is_none_or(|(t, ..)| total < t) {
+                    best = Some((total, blocks, n, layer0, layer1));
                 }
             }
         }
-        let (overlapped_s, comm_blocks, chunks) = best.expect("at least one candidate");
+        let (overlapped_s, comm_blocks, chunks, layer0_s, layer1_s) =
+            best.expect("at least one candidate");
         CostEstimate {
             gemm_ms: gemm_s * 1e3,
             dispatch_ms: dispatch_s * 1e3,
             combine_ms: combine_s * 1e3,
             baseline_ms: baseline_s * 1e3,
             overlapped_ms: overlapped_s * 1e3,
+            layer0_ms: layer0_s * 1e3,
+            layer1_ms: layer1_s * 1e3,
             comm_blocks,
             chunks,
             shape: TileShape {
@@ -411,6 +424,17 @@ mod tests {
         let e = CostModel::estimate(&cfg, 8192, &dev);
         assert!((comm(&e) / e.gemm_ms - 1.0).abs() < 1e-9, "{e:?}");
         assert!(e.overlapped_ms >= e.gemm_ms * 7.0 / 6.0, "{e:?}");
+        // The two layers: FC1 (2/3 of the GEMMs) is the longer in layer0,
+        // the combine (half the communication) in layer1.
+        assert!(
+            (e.layer0_ms + e.layer1_ms - e.overlapped_ms).abs() < 1e-9,
+            "{e:?}"
+        );
+        assert!(
+            e.layer0_ms >= e.gemm_ms * 2.0 / 3.0 * (1.0 - 1e-12),
+            "{e:?}"
+        );
+        assert!(e.layer1_ms >= e.combine_ms * (1.0 - 1e-12), "{e:?}");
         assert!(e.speedup() <= 12.0 / 7.0, "{e:?}");
         // Halve the link: the GEMMs hide under the transfers again.
         dev.link_gbps /= 2.0;

@@ -207,6 +207,8 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
     est.set_item("combine_ms", e.combine_ms)?;
     est.set_item("baseline_ms", e.baseline_ms)?;
     est.set_item("overlapped_ms", e.overlapped_ms)?;
+    est.set_item("layer0_ms", e.layer0_ms)?;
+    est.set_item("layer1_ms", e.layer1_ms)?;
     est.set_item("comm_blocks", e.comm_blocks)?;
     est.set_item("chunks", e.chunks)?;
     d.set_item("estimate", est)?;

@@ -239,6 +239,7 @@ def test_plan_of_a_mixtral_layer():
     assert "rows dispatched into expert order" in p["text"]
     est = p["estimate"]
     assert est["gemm_ms"] > 0 and est["baseline_ms"] >= est["gemm_ms"]
+    assert abs(est["layer0_ms"] + est["layer1_ms"] - est["overlapped_ms"]) < 1e-9
 
 
 def test_plan_of_ranks_sharing_a_gpu_stays_within_the_share():

@@ -34,7 +34,7 @@ use comet_core::cost::DeviceFigures;
 use comet_core::weights::random_tokens;
 use comet_core::{MoeConfig, Routing, RoutingKind};
 use comet_sched::device_world::{visible_placement, DeviceWorld, WorldWeights};
-use comet_sched::forward::{LayerOptions, PHASES};
+use comet_sched::forward::{overlap_bound_ms, LayerOptions, PHASES};
 use comet_sched::proxy_plan::WireFormat;
 use comet_sched::{ExecMode, RankInput};
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -438,6 +438,12 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             parts.join(", "),
             t.iter().sum::<f32>()
         );
+        if let Some(b) = overlap_bound_ms(t) {
+            println!(
+                "per-layer bound on a fused call from these phases (route + layout + max(dispatch, fc1) + max(fc2, combine + reduce)): {b:.3} ms; fused {:.3}",
+                r.fused
+            );
+        }
     }
     let all: Vec<String> = rows
         .iter()

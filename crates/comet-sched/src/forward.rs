@@ -380,6 +380,18 @@ pub const PHASES: [&str; 7] = [
     "route", "layout", "dispatch", "fc1", "fc2", "combine", "reduce",
 ];
 
+/// The least a fused call can take by the phases of a sequential one
+/// (`times` in [`PHASES`] order, ms): each layer hides only its own
+/// transfer, so route + layout + max(dispatch, fc1) + max(fc2, combine +
+/// reduce) (ARCHITECTURE.md, "What is overlapped"). None unless every
+/// phase is there.
+pub fn overlap_bound_ms(times: &[f32]) -> Option<f32> {
+    let &[route, layout, dispatch, fc1, fc2, combine, reduce] = times else {
+        return None;
+    };
+    Some(route + layout + dispatch.max(fc1) + fc2.max(combine + reduce))
+}
+
 /// One timing event before the first phase and one after each.
 struct PhaseMarks {
     events: Vec<CudaEvent>,
@@ -1535,6 +1547,17 @@ fn words<W: Copy + Into<u64>>(v: &[W]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_overlap_bound_takes_the_longer_of_each_layer() {
+        // mixtral-8x7b over UCX shared memory (docs/PERF.md 2026-12-06):
+        // FC1 outlasts the dispatch, the combine and reduce outlast FC2.
+        let t = [0.018, 0.296, 5.223, 9.563, 3.425, 0.484, 4.857];
+        let b = overlap_bound_ms(&t).unwrap();
+        assert!((b - (0.018 + 0.296 + 9.563 + 5.341)).abs() < 1e-4, "{b}");
+        assert!(b < t.iter().sum::<f32>());
+        assert_eq!(overlap_bound_ms(&t[..6]), None);
+    }
 
     #[test]
     fn signals_are_named() {

@@ -669,6 +669,11 @@ impl Layer {
             let Some(mut l) = g.take() else {
                 return Ok(());
             };
+            // Unlocked before the GIL is let go: a thread that holds the
+            // GIL and waits for this lock would otherwise keep the barrier
+            // below from ever getting the GIL back. It now finds the layer
+            // closed.
+            drop(g);
             // SAFETY: as in check.
             let synced = unsafe { l.check(stream_of(stream)) };
             let timeout = self.timeout;

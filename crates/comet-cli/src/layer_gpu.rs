@@ -438,7 +438,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             parts.join(", "),
             t.iter().sum::<f32>()
         );
-        if let Some(b) = overlap_bound_ms(t) {
+        if let Some(b) = overlap_bound_ms(t).filter(|_| r.overlap) {
             println!(
                 "per-layer bound on a fused call from these phases (route + layout + max(dispatch, fc1) + max(fc2, combine + reduce)): {b:.3} ms; fused {:.3}",
                 r.fused

@@ -440,7 +440,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         );
         if let Some(b) = overlap_bound_ms(t).filter(|_| r.overlap) {
             println!(
-                "per-layer bound on a fused call from these phases (route + layout + max(dispatch, fc1) + max(fc2, combine + reduce)): {b:.3} ms; fused {:.3}",
+                "per-layer bound from these phases (route + layout + max(dispatch, fc1) + max(fc2, combine + reduce); ranks sharing a GPU contend more in sequence): {b:.3} ms; fused {:.3}",
                 r.fused
             );
         }

@@ -381,10 +381,12 @@ pub const PHASES: [&str; 7] = [
 ];
 
 /// The least a fused call can take by the phases of a sequential one
-/// (`times` in [`PHASES`] order, ms): each layer hides only its own
-/// transfer, so route + layout + max(dispatch, fc1) + max(fc2, combine +
-/// reduce) (ARCHITECTURE.md, "What is overlapped"). None unless every
-/// phase is there.
+/// (`times` in [`PHASES`] order, ms), were each phase as long in a fused
+/// call: each layer hides only its own transfer, so route + layout +
+/// max(dispatch, fc1) + max(fc2, combine + reduce) (ARCHITECTURE.md, "What
+/// is overlapped"). Ranks sharing a GPU run their GEMMs at once in
+/// sequence but staggered when fused, so there fused calls can beat it.
+/// None unless every phase is there.
 pub fn overlap_bound_ms(times: &[f32]) -> Option<f32> {
     let &[route, layout, dispatch, fc1, fc2, combine, reduce] = times else {
         return None;

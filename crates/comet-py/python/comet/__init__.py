@@ -189,6 +189,10 @@ class MoeLayer:
     the device UUIDs unless given, and then must be given on every rank).
     ``timeout_s`` bounds every device wait and every bootstrap step: past
     it the call fails naming the rank and the signal instead of hanging.
+    Through a ``group`` the IPC-handle exchange is the group's own
+    collective, bounded by the group's timeout, not ``timeout_s``; with
+    ``transport="nccl"``, NCCL's communicator set-up blocks inside NCCL
+    (docs/ARCHITECTURE.md).
     ``device`` is a CUDA ordinal or torch.device (default: torch's current
     device); ``dtype`` may only be torch.bfloat16 (x, y and the weights).
     ``transport`` is "nvlink" (the kernels store into the peers' memory:

@@ -233,8 +233,8 @@ impl CostModel {
         };
         let baseline_s = dispatch_s + combine_s + all_copy_s + gemm_s;
 
-        // (layer0 + layer1, blocks, chunks, layer0, layer1) of the best split.
-        let mut best: Option<(f64, usize, usize, f64, f64)> = None;
+        // (blocks, chunks, layer0, layer1) of the best split.
+        let mut best: Option<(usize, usize, f64, f64)> = None;
         // A third of the SMs at most: 48 blocks of a 66-SM share measured
         // 1.6x slower than 24 behind a proxy (docs/PERF.md, 2026-12-06).
         let max_blocks = (dev.sms / 3).max(1);
@@ -272,20 +272,18 @@ impl CostModel {
                 // Layer1: chunk 0 must compute before anything leaves, and
                 // every chunk pays a fixed signalling cost.
                 let layer1 = c1.max(c1 / n_f + comm1) + n_f * dev.chunk_overhead_us * 1e-6;
-                let total = layer0 + layer1;
-                if best.is_none_or(|(t, ..)| total < t) {
-                    best = Some((total, blocks, n, layer0, layer1));
+                if best.is_none_or(|(.., l0, l1)| layer0 + layer1 < l0 + l1) {
+                    best = Some((blocks, n, layer0, layer1));
                 }
             }
         }
-        let (overlapped_s, comm_blocks, chunks, layer0_s, layer1_s) =
-            best.expect("at least one candidate");
+        let (comm_blocks, chunks, layer0_s, layer1_s) = best.expect("at least one candidate");
         CostEstimate {
             gemm_ms: gemm_s * 1e3,
             dispatch_ms: dispatch_s * 1e3,
             combine_ms: combine_s * 1e3,
             baseline_ms: baseline_s * 1e3,
-            overlapped_ms: overlapped_s * 1e3,
+            overlapped_ms: (layer0_s + layer1_s) * 1e3,
             layer0_ms: layer0_s * 1e3,
             layer1_ms: layer1_s * 1e3,
             comm_blocks,

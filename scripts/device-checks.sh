@@ -5,6 +5,8 @@
 # machine, carrying [".bundle", "target/wheels"], one part per device call
 # (a call may run 10 minutes, a session has 30):
 #   bash scripts/device-checks.sh first   # what the last session left unrun (the staged tests' rare timeout, copies behind calls, a bench row), ~8 min; then py
+#   bash scripts/device-checks.sh groups  # expert groups (FC1 then FC2 group by group): the layer tests over nvlink and staged, ~4 min
+#   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, groups 1, 2, 4 in turns, ~8 min
 #   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
@@ -29,7 +31,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -67,6 +69,29 @@ first)
   clocks alone
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset qwen2-moe 2>&1 | tee $O/alone_qwen.md | grep -E '^[|] [a-z]|GPU'"
   clocks_done alone
+  ;;
+groups)
+  # Expert groups: the new test (groups given, nvlink and staged, every
+  # routing), then the tests of everything the change touched (the device
+  # layout against comet-core's, the nvlink layer, a captured graph, the
+  # staged layer over both wires).
+  for t in expert_groups_match_the_reference the_device_layout_equals_comet_core_s every_routing_and_size_matches_the_reference a_captured_graph_replays_with_new_routing staged_thirty_calls_on_the_same_buffers; do
+    step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/groups_$t.log | grep -E 'test result|panicked'"
+  done
+  ;;
+groupbench)
+  # Issue 16's equal point over UCX shared memory, both ranks in one
+  # process, a row per (token, expert) both ways (a token-once combine
+  # cannot be split by group): mixtral-8x7b and phi3.5-moe (top-2, where
+  # the rows wire puts comm-only near GEMM-only), expert groups 1 (the
+  # per-layer overlap), 2 and 4 in turns. GROUPS_ROUNDS (default 1).
+  for round in $(seq ${GROUPS_ROUNDS:-1}); do
+    for p in mixtral-8x7b phi3.5-moe; do
+      for g in 1 2 4; do
+        step "groups $p g=$g round $round" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 110 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --wire rows --groups $g 2>&1 | tee $O/groups_${p}_g${g}_r$round.md | grep -E '^[|]|overlapped|bound|phases'"
+      done
+    done
+  done
   ;;
 short)
   # The least of `first`, for a device budget of a few minutes: the copy

@@ -216,6 +216,7 @@ fn build_world(
         },
         gather_x: a.gather_x,
         comm_blocks: a.split.comm_sms,
+        expert_groups: a.split.groups,
         reserved_sms: a.split.reserved_sms,
         recv_capacity: a.split.recv_rows,
         ..LayerOptions::default()
@@ -258,8 +259,8 @@ fn build_world(
     );
     if plan.overlap {
         eprintln!(
-            "  overlapped: {} communication blocks beside {} GEMM CTAs, {} layer1 chunks",
-            plan.comm_blocks, plan.gemm_grid_overlap, plan.chunks
+            "  overlapped: {} communication blocks beside {} GEMM CTAs, {} layer1 chunks, {} expert group(s)",
+            plan.comm_blocks, plan.gemm_grid_overlap, plan.chunks, plan.groups
         );
     }
     let overlap = plan.overlap;
@@ -440,7 +441,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         );
         if let Some(b) = overlap_bound_ms(t).filter(|_| r.overlap) {
             println!(
-                "per-layer bound from these phases (route + layout + max(dispatch, fc1) + max(fc2, combine + reduce); ranks sharing a GPU contend more in sequence): {b:.3} ms; fused {:.3}",
+                "per-layer bound from these phases (route + layout + max(dispatch, fc1) + max(fc2, combine + reduce); ranks sharing a GPU contend more in sequence; expert groups pass it): {b:.3} ms; fused {:.3}",
                 r.fused
             );
         }

@@ -180,14 +180,14 @@ fn print_cost(dev: &DeviceFigures, est: &CostEstimate) {
         est.speedup()
     );
     println!(
-        "    layer0          {:8.3} ms  (dispatch beside FC1)",
+        "    layer0          {:8.3} ms  (to the last FC1: the dispatch beside FC1)",
         est.layer0_ms
     );
     println!(
-        "    layer1          {:8.3} ms  (FC2 beside the combine)",
+        "    layer1          {:8.3} ms  (the rest: FC2 beside the combine)",
         est.layer1_ms
     );
-    println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.shape.bm);
+    println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, {} expert group(s), BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.groups, est.shape.bm);
 }
 
 /// What MoeLayer::forward will run on an H200 (sm_90a kernels, of the
@@ -211,6 +211,9 @@ fn print_device_plan(a: &PlanArgs, cfg: &MoeConfig, dev: &DeviceFigures) -> Resu
     )?;
     if let Some(n) = a.split.comm_sms {
         device.set_comm_blocks(n);
+    }
+    if let Some(n) = a.split.groups {
+        device.set_groups(n)?;
     }
     println!("\n{}", device.describe());
     if cfg.ranks > 1 {

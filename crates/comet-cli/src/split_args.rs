@@ -17,6 +17,12 @@ pub struct SplitArgs {
     /// dispatch beside FC1, its reduce beside FC2).
     #[arg(long)]
     pub comm_sms: Option<usize>,
+    /// Expert groups of an overlapped call instead of the cost model's:
+    /// FC1 and FC2 run group by group, each group's combine beside the
+    /// later groups' GEMMs (1: the per-layer overlap). More than one needs
+    /// ranks whose combine overlaps, and the rows wire behind a proxy.
+    #[arg(long)]
+    pub groups: Option<usize>,
     /// Bound on the rows one rank receives in a call (default: the worst
     /// case, every rank sending all its rows to one, which grows with the
     /// world).
@@ -36,6 +42,9 @@ impl SplitArgs {
         if self.recv_rows == Some(0) {
             bail!("--recv-rows must be at least 1");
         }
+        if self.groups == Some(0) {
+            bail!("--groups must be at least 1");
+        }
         Ok(())
     }
 
@@ -43,6 +52,7 @@ impl SplitArgs {
     pub fn given(&self) -> Vec<&'static str> {
         [
             (self.comm_sms.is_some(), "--comm-sms"),
+            (self.groups.is_some(), "--groups"),
             (self.recv_rows.is_some(), "--recv-rows"),
             (self.reserved_sms > 0, "--reserved-sms"),
         ]

@@ -11,6 +11,9 @@
 use crate::config::MoeConfig;
 use crate::schedule::TileShape;
 
+/// The most expert groups the model considers (the device layout's limit).
+pub const MAX_GROUPS: usize = 16;
+
 /// How token rows cross the link, both ways.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WireFormat {
@@ -41,6 +44,11 @@ pub struct DeviceFigures {
     pub block_gbps: f64,
     /// Fixed cost of one layer1 chunk (signal, wait, launch of its sends), us.
     pub chunk_overhead_us: f64,
+    /// Fixed cost of each expert group beyond the first (two more GEMM
+    /// launches, each ending in a part-filled wave of tiles), us. An
+    /// estimate (about half a wave of 128 x 256 tiles at 4096 deep on an
+    /// H100 SM, twice), not yet a measurement.
+    pub group_overhead_us: f64,
     /// Rows per GEMM tile on this device.
     pub bm: usize,
     /// How token rows cross the link.
@@ -68,6 +76,7 @@ impl DeviceFigures {
             sms: 132,
             block_gbps: 25.0,
             chunk_overhead_us: 2.0,
+            group_overhead_us: 10.0,
             bm: 128,
             wire: WireFormat::Rows,
             proxy: false,
@@ -125,6 +134,7 @@ impl DeviceFigures {
             sms: threads.max(1),
             block_gbps: copy_gbps,
             chunk_overhead_us: 30.0,
+            group_overhead_us: 60.0,
             bm: 32,
             wire: WireFormat::Rows,
             proxy: false,
@@ -143,17 +153,23 @@ pub struct CostEstimate {
     pub baseline_ms: f64,
     /// Fused layers with the chosen split: `layer0_ms + layer1_ms`.
     pub overlapped_ms: f64,
-    /// Fused layer0, the dispatch beside FC1: the longer of the two, plus
-    /// FC1's work on the last segment to land.
+    /// Fused, until the last FC1 ends. With one expert group that is
+    /// layer0, the dispatch beside FC1: the longer of the two, plus FC1's
+    /// work on the last segment to land.
     pub layer0_ms: f64,
-    /// Fused layer1, FC2 beside the combine: the longer of the two, plus
-    /// the first chunk's FC2 (nothing leaves before it) and each chunk's
-    /// signalling. Each layer hides only its own transfer, so the sum is
-    /// at least about 7/6 of max(communication, GEMMs) where the two are
-    /// equal (ARCHITECTURE.md, "What is overlapped").
+    /// Fused, the rest. With one expert group that is layer1, FC2 beside
+    /// the combine: the longer of the two, plus the first chunk's FC2
+    /// (nothing leaves before it) and each chunk's signalling. One group
+    /// hides only each layer's own transfer, so the sum is at least about
+    /// 7/6 of max(communication, GEMMs) where the two are equal; more
+    /// groups send a group's combine beside later groups' GEMMs
+    /// (ARCHITECTURE.md, "What is overlapped").
     pub layer1_ms: f64,
     pub comm_blocks: usize,
     pub chunks: usize,
+    /// Expert groups of each rank's local experts, run FC1 then FC2 group
+    /// by group (1: the plain per-layer overlap).
+    pub groups: usize,
     pub shape: TileShape,
 }
 
@@ -164,6 +180,49 @@ impl CostEstimate {
 }
 
 pub struct CostModel;
+
+/// One overlapped call's parts, each over all the call's work and bytes.
+#[derive(Debug, Clone, Copy)]
+struct FusedParts {
+    fc1: f64,
+    fc2: f64,
+    dispatch: f64,
+    combine: f64,
+    /// Dispatch segments (expert, source) of a rank.
+    segments: f64,
+    chunks: usize,
+    chunk_overhead: f64,
+    group_overhead: f64,
+}
+
+impl FusedParts {
+    /// (end of the last FC1, end of the call), in seconds, with the local
+    /// experts in `groups` equal groups: FC1(g0), FC2(g0), FC1(g1), ... on
+    /// the GEMM side, every group's dispatch then every group's combine on
+    /// the link (one side stream). A group's FC1 ends once its work is done
+    /// and, after its last segment lands, the tiles of that segment; its
+    /// combine starts after the previous one, after the whole dispatch and
+    /// after its own first chunk of FC2. One group is the per-layer overlap.
+    fn timeline(&self, groups: usize) -> (f64, f64) {
+        let g = groups as f64;
+        let (fc1, fc2) = (self.fc1 / g, self.fc2 / g);
+        let (dispatch, combine) = (self.dispatch / g, self.combine / g);
+        let tail = fc1 / (self.segments / g).max(1.0);
+        let (mut gemm, mut link, mut fc1_end, mut end) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for i in 0..groups {
+            let landed = (i + 1) as f64 * dispatch;
+            fc1_end = (gemm + fc1).max(landed + tail);
+            gemm = fc1_end + fc2;
+            let start = link
+                .max(self.dispatch)
+                .max(fc1_end + fc2 / self.chunks as f64);
+            link = start + combine;
+            end = end.max(gemm).max(link);
+        }
+        let fixed = (g - 1.0) * self.group_overhead + g * self.chunks as f64 * self.chunk_overhead;
+        (fc1_end, end + fixed)
+    }
+}
 
 impl CostModel {
     /// Candidate chunk counts: those whose chunk width divides `hidden`
@@ -209,6 +268,17 @@ impl CostModel {
 
     /// Prediction for `tokens` tokens per rank, routed uniformly.
     pub fn estimate(cfg: &MoeConfig, tokens: usize, dev: &DeviceFigures) -> CostEstimate {
+        Self::estimate_groups(cfg, tokens, dev, MAX_GROUPS)
+    }
+
+    /// As [`CostModel::estimate`], with at most `max_groups` expert groups
+    /// (1: the per-layer overlap).
+    pub fn estimate_groups(
+        cfg: &MoeConfig,
+        tokens: usize,
+        dev: &DeviceFigures,
+        max_groups: usize,
+    ) -> CostEstimate {
         let flops = cfg.expert_flops(tokens * cfg.top_k);
         let gemm_s = flops / (dev.gemm_tflops * 1e12);
         let (l0_s, l1_s) = (gemm_s * 2.0 / 3.0, gemm_s / 3.0);
@@ -233,8 +303,9 @@ impl CostModel {
         };
         let baseline_s = dispatch_s + combine_s + all_copy_s + gemm_s;
 
-        // (blocks, chunks, layer0, layer1) of the best split.
-        let mut best: Option<(usize, usize, f64, f64)> = None;
+        // (blocks, chunks, groups, layer0, layer1) of the best split.
+        let mut best: Option<(usize, usize, usize, f64, f64)> = None;
+        let max_groups = cfg.experts_per_rank().min(max_groups).clamp(1, MAX_GROUPS);
         // A third of the SMs at most: 48 blocks of a 66-SM share measured
         // 1.6x slower than 24 behind a proxy (docs/PERF.md, 2026-12-06).
         let max_blocks = (dev.sms / 3).max(1);
@@ -261,23 +332,27 @@ impl CostModel {
                 let gbps = dev.link_gbps.min(blocks_gbps);
                 (link(dispatch_bytes, gbps), link(combine_bytes, gbps))
             };
-            let (c0, c1) = (l0_s / compute_share, l1_s / compute_share);
-            // Layer0: tiles wait for whole segments; after the last segment
-            // lands, only its own share of the work (one expert from one
-            // source) is left to compute.
-            let pieces = (cfg.ranks * cfg.experts_per_rank()) as f64;
-            let layer0 = c0.max(comm0 + c0 / pieces);
             for &n in &CostModel::chunk_candidates(cfg.hidden) {
-                let n_f = n as f64;
-                // Layer1: chunk 0 must compute before anything leaves, and
-                // every chunk pays a fixed signalling cost.
-                let layer1 = c1.max(c1 / n_f + comm1) + n_f * dev.chunk_overhead_us * 1e-6;
-                if best.is_none_or(|(.., l0, l1)| layer0 + layer1 < l0 + l1) {
-                    best = Some((blocks, n, layer0, layer1));
+                let parts = FusedParts {
+                    fc1: l0_s / compute_share,
+                    fc2: l1_s / compute_share,
+                    dispatch: comm0,
+                    combine: comm1,
+                    segments: (cfg.ranks * cfg.experts_per_rank()) as f64,
+                    chunks: n,
+                    chunk_overhead: dev.chunk_overhead_us * 1e-6,
+                    group_overhead: dev.group_overhead_us * 1e-6,
+                };
+                for groups in 1..=max_groups {
+                    let (layer0, end) = parts.timeline(groups);
+                    if best.is_none_or(|(.., l0, l1)| end < l0 + l1) {
+                        best = Some((blocks, n, groups, layer0, end - layer0));
+                    }
                 }
             }
         }
-        let (comm_blocks, chunks, layer0_s, layer1_s) = best.expect("at least one candidate");
+        let (comm_blocks, chunks, groups, layer0_s, layer1_s) =
+            best.expect("at least one candidate");
         CostEstimate {
             gemm_ms: gemm_s * 1e3,
             dispatch_ms: dispatch_s * 1e3,
@@ -288,6 +363,7 @@ impl CostModel {
             layer1_ms: layer1_s * 1e3,
             comm_blocks,
             chunks,
+            groups,
             shape: TileShape {
                 bm: dev.bm,
                 chunk_cols: cfg.hidden / chunks,
@@ -384,9 +460,9 @@ mod tests {
         cfg.ffn = 28672;
         let mut dev = DeviceFigures::h200_slow_link();
         dev.sms = 66;
-        let sat = CostModel::estimate(&cfg, 4096, &dev);
+        let sat = CostModel::estimate_groups(&cfg, 4096, &dev, 1);
         dev.gemm_saturation = 1.0;
-        let linear = CostModel::estimate(&cfg, 4096, &dev);
+        let linear = CostModel::estimate_groups(&cfg, 4096, &dev, 1);
         assert!(sat.comm_blocks > linear.comm_blocks, "{sat:?} {linear:?}");
         assert!(
             sat.overlapped_ms < linear.overlapped_ms,
@@ -407,19 +483,17 @@ mod tests {
         assert!(e.chunks > 1, "layer1 should pipeline in chunks: {e:?}");
     }
 
-    /// Each layer hides only its own transfer, the bytes are the same both
-    /// ways and FC1 does twice FC2's work: where communication equals the
-    /// GEMMs, the best split still takes 7/6 of the larger (ARCHITECTURE.md,
-    /// "What is overlapped"; UCX shared memory measured 1.13-1.25).
+    /// With one expert group each layer hides only its own transfer, the
+    /// bytes are the same both ways and FC1 does twice FC2's work: where
+    /// communication equals the GEMMs, the best split still takes 7/6 of
+    /// the larger (ARCHITECTURE.md, "What is overlapped"; UCX shared
+    /// memory measured 1.13-1.25).
     #[test]
     fn per_layer_overlap_is_bounded_at_the_equal_point() {
-        let cfg = Preset::Qwen2Moe.config(2).unwrap();
-        let mut dev = DeviceFigures::h200_nvlink();
-        dev.link_latency_us = 0.0;
-        let probe = CostModel::estimate(&cfg, 8192, &dev);
+        let (cfg, dev) = equal_point();
         let comm = |e: &CostEstimate| e.dispatch_ms + e.combine_ms;
-        dev.link_gbps *= comm(&probe) / probe.gemm_ms;
-        let e = CostModel::estimate(&cfg, 8192, &dev);
+        let e = CostModel::estimate_groups(&cfg, 8192, &dev, 1);
+        assert_eq!(e.groups, 1);
         assert!((comm(&e) / e.gemm_ms - 1.0).abs() < 1e-9, "{e:?}");
         assert!(e.overlapped_ms >= e.gemm_ms * 7.0 / 6.0, "{e:?}");
         // The two layers: FC1 (2/3 of the GEMMs) is the longer in layer0,
@@ -435,9 +509,78 @@ mod tests {
         assert!(e.layer1_ms >= e.combine_ms * (1.0 - 1e-12), "{e:?}");
         assert!(e.speedup() <= 12.0 / 7.0, "{e:?}");
         // Halve the link: the GEMMs hide under the transfers again.
+        let mut dev = dev;
         dev.link_gbps /= 2.0;
-        let slow = CostModel::estimate(&cfg, 8192, &dev);
+        let slow = CostModel::estimate_groups(&cfg, 8192, &dev, 1);
         assert!(slow.overlapped_ms < comm(&slow) * 1.1, "{slow:?}");
+    }
+
+    /// Qwen2-moe over a link on which communication takes as long as the
+    /// GEMMs (no latency).
+    fn equal_point() -> (MoeConfig, DeviceFigures) {
+        let cfg = Preset::Qwen2Moe.config(2).unwrap();
+        let mut dev = DeviceFigures::h200_nvlink();
+        dev.link_latency_us = 0.0;
+        let probe = CostModel::estimate(&cfg, 8192, &dev);
+        dev.link_gbps *= (probe.dispatch_ms + probe.combine_ms) / probe.gemm_ms;
+        (cfg, dev)
+    }
+
+    /// Expert groups send a group's combine beside the later groups'
+    /// GEMMs: at the equal point the model takes several, under the
+    /// per-layer bound of 7/6 and at least max(communication, GEMMs);
+    /// with two groups the timeline gives about 13/12 (ARCHITECTURE.md).
+    #[test]
+    fn expert_groups_pass_the_per_layer_bound() {
+        let (cfg, dev) = equal_point();
+        let one = CostModel::estimate_groups(&cfg, 8192, &dev, 1);
+        let two = CostModel::estimate_groups(&cfg, 8192, &dev, 2);
+        let best = CostModel::estimate(&cfg, 8192, &dev);
+        let g = best.gemm_ms;
+        assert_eq!(two.groups, 2, "{two:?}");
+        assert!(two.overlapped_ms < one.overlapped_ms, "{two:?} {one:?}");
+        assert!(two.overlapped_ms < g * 1.15, "{two:?}");
+        assert!(best.groups > 2, "{best:?}");
+        assert!(best.overlapped_ms <= two.overlapped_ms, "{best:?}");
+        assert!(best.overlapped_ms >= g * (1.0 - 1e-9), "{best:?}");
+        assert!(
+            (best.layer0_ms + best.layer1_ms - best.overlapped_ms).abs() < 1e-9,
+            "{best:?}"
+        );
+        // A group's fixed cost bounds how many pay.
+        let mut dear = dev.clone();
+        dear.group_overhead_us = 1e6;
+        assert_eq!(CostModel::estimate(&cfg, 8192, &dear).groups, 1);
+        // Groups never exceed the local experts.
+        let mut few = cfg.clone();
+        few.experts = 4;
+        assert!(CostModel::estimate(&few, 8192, &dev).groups <= 2);
+    }
+
+    /// The timeline with one group is the per-layer model: layer0 the
+    /// longer of FC1 and the dispatch (plus the last segment's tiles),
+    /// layer1 the longer of FC2 and the combine after FC2's first chunk.
+    #[test]
+    fn one_group_is_the_per_layer_overlap() {
+        let parts = FusedParts {
+            fc1: 4.0,
+            fc2: 2.0,
+            dispatch: 3.0,
+            combine: 3.0,
+            segments: 8.0,
+            chunks: 4,
+            chunk_overhead: 0.01,
+            group_overhead: 0.5,
+        };
+        let (l0, end) = parts.timeline(1);
+        assert!((l0 - 4.0).abs() < 1e-12, "{l0}");
+        assert!((end - (4.0 + 0.5 + 3.0 + 0.04)).abs() < 1e-12, "{end}");
+        // Two groups: FC1(g0) 2, FC2(g0) 1, combine(g0) from 3 to 4.5,
+        // FC1(g1) to 5, FC2(g1) to 6, combine(g1) from 5.25 to 6.75, plus
+        // one group's cost and eight chunks'.
+        let (l0, end) = parts.timeline(2);
+        assert!((l0 - 5.0).abs() < 1e-12, "{l0}");
+        assert!((end - (6.75 + 0.5 + 0.08)).abs() < 1e-12, "{end}");
     }
 
     /// Token-once sends each token once per rank it has experts on, both

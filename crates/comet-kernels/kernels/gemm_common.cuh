@@ -84,11 +84,19 @@ struct GemmParams {
   // space is row a_rows[r] of A (x itself), so the rows are never copied
   // into expert order; null: A's rows are the tile rows.
   const int* a_rows;
+  // When set (the device forward's expert groups), this launch's tiles
+  // start at entry *first_tile_dev of the list: one list holds every
+  // group's tiles back to back, and a launch runs one group of them.
+  const int* first_tile_dev;
 };
 
 // Tiles of this launch: the device count when there is one.
 __device__ __forceinline__ int tile_count(const GemmParams& p) {
   return p.num_tiles_dev ? *p.num_tiles_dev : p.num_tiles;
+}
+// This launch's tile list.
+__device__ __forceinline__ const TileDesc* tile_list(const GemmParams& p) {
+  return p.first_tile_dev ? p.tiles + *p.first_tile_dev : p.tiles;
 }
 // First tile of the split tail (== tile_count: nothing is split).
 __device__ __forceinline__ int split_begin(const GemmParams& p) {

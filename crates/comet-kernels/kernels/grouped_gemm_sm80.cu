@@ -86,7 +86,7 @@ __device__ __forceinline__ void gemm(const GemmParams& p) {
   const int kblocks = p.K / BK;
 
   for (int ti = blockIdx.x; ti < tile_count(p); ti += gridDim.x) {
-    const TileDesc t = p.tiles[ti];
+    const TileDesc t = tile_list(p)[ti];
     if (WAIT) {
       if (!signal_wait_block(p.signals, p.deps + t.dep_off, (unsigned)t.dep_cnt, hook_wait_target(p),
                              p.timeout_ns, p.err, &wait_ok))

@@ -516,7 +516,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
   for (int q = 0;; ++q) {  // q: work items (pairs) taken
     Piece pc;
     if (!work_item<CM>(p, kblocks, crank, q, pc)) break;
-    const TileDesc t = p.tiles[pc.tile];
+    const TileDesc t = tile_list(p)[pc.tile];
     bool ok = true;
     if (WAIT) {
       for (int i = 0; i < t.dep_cnt && ok; ++i)
@@ -667,7 +667,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
     for (int step = 0;; ++step) {
       Piece pc;
       if (!work_item<CM>(p, kblocks, crank, step, pc)) break;
-      const TileDesc t = p.tiles[pc.tile];
+      const TileDesc t = tile_list(p)[pc.tile];
       // A pair of a cluster aborts before its first k-block, in both CTAs
       // alike; the consumers leave without touching the ring.
       if (WAIT && CM > 1) {

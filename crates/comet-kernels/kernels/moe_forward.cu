@@ -25,7 +25,16 @@
 // refused by all ranks alike (COMET_ERR_CAPACITY, index = that rank) and
 // nothing moves. Signal indices are absolute in a rank's signal array:
 // [0, W) count(src), then W + le*W + src dispatch(le, src), then
-// W + epr*W + from*chunks + c combine(from, c).
+// W + epr*W + from*pieces + j combine(from, j), where layer1 piece
+// j = g*chunks + c is column chunk c of expert group g's rows.
+//
+// Expert groups. A rank's local experts split into `groups` groups of
+// consecutive experts (group g: [group_lo(g), group_lo(g + 1))). The tile
+// lists hold group 0's tiles first, and an overlapped call runs FC1(g0),
+// FC2(g0), FC1(g1), FC2(g1), ... (each launch from its group's first
+// tile), so group 0's combine travels beside the later groups' GEMMs
+// instead of after the last FC2 (docs/ARCHITECTURE.md, "What is
+// overlapped"). One group is the plain per-layer overlap.
 #include "gemm_common.cuh"
 
 namespace comet {
@@ -40,8 +49,38 @@ struct Scalars {
   int fc1_tiles;   // entries of the FC1 tile list
   int fc2_tiles;   // entries of the FC2 tile list
   int pad0, pad1;
-  u64 chunk_tiles; // FC2 tiles of one column chunk: target of its counter
+  u64 chunk_tiles; // FC2 tiles of one column chunk, all groups
 };
+
+// Per expert group, written by comet_layout into the call's zeroed
+// counters (a refused call leaves them 0, so its GEMMs run no tile);
+// mirrored by comet_kernels::forward::GroupTiles.
+struct GroupTiles {
+  int fc1_first, fc1_tiles;  // the group's run of the FC1 list
+  int fc2_first, fc2_tiles;  // and of the FC2 list
+  int piece_tiles;           // FC2 tiles of one of its column chunks
+  int pad[3];
+};
+
+// The most expert groups a layer runs.
+constexpr int MAX_GROUPS = 16;
+
+__device__ __forceinline__ int group_lo(int g, int groups, int epr) {
+  return (int)((long long)g * epr / groups);
+}
+__device__ __forceinline__ int group_of_expert(int le, int groups, int epr) {
+  int g = 0;
+  while (group_lo(g + 1, groups, epr) <= le) ++g;
+  return g;
+}
+// Arrival groups of row tiles (step i, local expert le) are numbered
+// expert-group-major, steps inside: group g's at lo*W + i*n + (le - lo),
+// so each expert group's row tiles are consecutive (one group: i*epr + le).
+__device__ __forceinline__ int arrival_index(int le, int i, int groups, int epr, int W) {
+  const int g = group_of_expert(le, groups, epr);
+  const int lo = group_lo(g, groups, epr), n = group_lo(g + 1, groups, epr) - lo;
+  return lo * W + i * n + (le - lo);
+}
 
 __device__ __forceinline__ long long load_id(const void* ids, int i64, long long s) {
   return i64 ? reinterpret_cast<const long long*>(ids)[s]
@@ -154,6 +193,7 @@ struct LayoutParams {
   int* send_slots;          // [slots] slot at each send position
   TileDesc* fc1;            // [max_row_tiles * ncol1]
   TileDesc* fc2;            // [max_row_tiles * nc2 * chunks]
+  GroupTiles* group_tiles;  // [groups]
   u64 timeout_ns;
   int slots;
   int experts;
@@ -171,6 +211,8 @@ struct LayoutParams {
   int chunks;
   int group1;               // FC1 column tiles per raster group
   int group2;               // FC2 column tiles per raster group
+  int groups;               // expert groups, 1..=min(epr, MAX_GROUPS)
+  int pad;
 };
 
 struct DispatchParams {
@@ -210,9 +252,10 @@ struct WaitParams {
 struct CombineParams {
   const bf16_t* out;        // FC2 output [recv rows, hidden]
   const int* segs;
-  const int* rows_from;
-  const u64* chunk_done;    // [chunks] finished FC2 tiles per chunk
-  unsigned* comb_done;      // [chunks][W] rows sent, zeroed by the call
+  const int* rows_from;     // [groups][W]
+  const GroupTiles* group_tiles;
+  const u64* chunk_done;    // [pieces] finished FC2 tiles per piece
+  unsigned* comb_done;      // [pieces][W] rows sent, zeroed by the call
   const u64* peer_comb;     // [W] every rank's combine buffer
   const u64* peer_signals;
   const Scalars* sc;
@@ -221,12 +264,14 @@ struct CombineParams {
   u64 timeout_ns;
   int hidden;
   int cols;
-  int chunks;
+  int chunks;               // column chunks (pieces = groups * chunks)
+  int groups;
   int epr;
   int ranks;
   int me;
   int wait_chunks;          // 0: FC2 has finished (non-overlapped)
   int chunk_sig0;           // index naming chunk_done(0) in timeouts
+  int pad;
 };
 
 struct ReduceParams {
@@ -242,13 +287,15 @@ struct ReduceParams {
   const Scalars* sc;
   const u64* epoch;
   u64* err;
-  const u64* chunk_done;    // [chunks] finished FC2 tiles per chunk
+  const u64* chunk_done;    // [pieces] finished FC2 tiles per piece
+  const GroupTiles* group_tiles;
   u64 timeout_ns;
   int tokens;
   int k;
   int hidden;
   int cols;
-  int chunks;
+  int chunks;               // column chunks (pieces = groups * chunks)
+  int groups;
   int epr;
   int ranks;
   int me;
@@ -258,13 +305,14 @@ struct ReduceParams {
   int chunk_sig0;           // index naming chunk_done(0) in timeouts
   int chunk_begin;          // the chunks [chunk_begin, chunk_end) this launch sums
   int chunk_end;
+  int pad;
 };
 
 __device__ __forceinline__ unsigned dispatch_sig(int W, int le, int src) {
   return (unsigned)(W + le * W + src);
 }
-__device__ __forceinline__ unsigned combine_sig(int W, int epr, int chunks, int from, int c) {
-  return (unsigned)(W + epr * W + from * chunks + c);
+__device__ __forceinline__ unsigned combine_sig(int W, int epr, int pieces, int from, int j) {
+  return (unsigned)(W + epr * W + from * pieces + j);
 }
 
 }  // namespace comet
@@ -341,11 +389,14 @@ __device__ __forceinline__ void raster(long long g, const int* gstart, int E, in
 
 __device__ __forceinline__ RowTile row_tile(int q, const int* gstart, const int* gfirst,
                                             const int* erow, const int* erows, const int* srows,
-                                            int E, int epr, int W, int bm) {
+                                            int E, int epr, int W, int bm, int groups) {
   const int lo = group_of(q, gstart, E);
+  int eg = 0;
+  while (group_lo(eg + 1, groups, epr) * W <= lo) ++eg;
+  const int first = group_lo(eg, groups, epr), n = group_lo(eg + 1, groups, epr) - first;
   RowTile t;
-  t.i_last = lo / epr;
-  t.le = lo - t.i_last * epr;
+  t.i_last = (lo - first * W) / n;
+  t.le = first + (lo - first * W) - t.i_last * n;
   const int r = gfirst[lo] + (q - gstart[lo]);
   const int rel = r * bm;
   t.row0 = erow[t.le] + rel;
@@ -366,12 +417,13 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
   int* erow = sm + W * E;                            // [epr] first row of each local expert
   int* erows = erow + epr;                           // [epr] its rows
   int* srows = erows + epr;                          // [epr][W] segment rows, arrival order
-  int* gcnt = srows + E;                             // [W][epr] row tiles whose last segment is i
-  int* gfirst = gcnt + E;                            // [W][epr] the first of them
-  int* gstart = gfirst + E;                          // [W*epr + 1] prefix over (i, le)
+  int* gcnt = srows + E;                             // [E] row tiles whose last segment is i, by arrival_index
+  int* gfirst = gcnt + E;                            // [E] the first of them
+  int* gstart = gfirst + E;                          // [E + 1] prefix over arrival_index
   int* soff = gstart + E + 1;                        // [E + 1] this rank's send offsets
   __shared__ int ok_flag, bad_dst, recv_total;
-  const int tid = threadIdx.x, nt = blockDim.x;
+  __shared__ int qstart[MAX_GROUPS + 1];  // first row tile of each expert group
+  const int tid = threadIdx.x, nt = blockDim.x, G = p.groups;
   const u64 epoch = *p.epoch;
   const int par = (int)(epoch & 1ull);
 
@@ -447,17 +499,19 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
   }
 
   // 4. Row tiles of each expert, grouped by the arrival step of their last
-  // segment: tiles of local rows first, then those completed by step 1, ...
+  // segment: tiles of local rows first, then those completed by step 1,
+  // ..., inside each expert group (arrival_index).
   for (int le = tid; le < epr; le += nt) {
-    for (int i = 0; i < W; ++i) gcnt[i * epr + le] = 0;
+    for (int i = 0; i < W; ++i) gcnt[arrival_index(le, i, G, epr, W)] = 0;
     const int R = erows[le];
     const int ntile = (R + p.bm - 1) / p.bm;
     int i = 0, end = srows[le * W];
     for (int r = 0; r < ntile; ++r) {
       const int last = min((r + 1) * p.bm, R) - 1;
       while (last >= end) end += srows[le * W + (++i)];
-      if (gcnt[i * epr + le] == 0) gfirst[i * epr + le] = r;
-      gcnt[i * epr + le] += 1;
+      const int a = arrival_index(le, i, G, epr, W);
+      if (gcnt[a] == 0) gfirst[a] = r;
+      gcnt[a] += 1;
     }
   }
   __syncthreads();
@@ -468,6 +522,7 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
       acc += gcnt[g];
     }
     gstart[E] = acc;
+    for (int g = 0; g <= G; ++g) qstart[g] = gstart[group_lo(g, G, epr) * W];
   }
   __syncthreads();
   const int NR = gstart[E];
@@ -500,10 +555,22 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
       p.segs[4 * sg + 2] = src;
       p.segs[4 * sg + 3] = pos;
     }
-    for (int s = tid; s < W; s += nt) {
+    for (int x = tid; x < G * W; x += nt) {
+      const int g = x / W, s = x - g * W;
       int rows = 0;
-      for (int le = 0; le < epr; ++le) rows += (int)mat[s * E + me * epr + le];
-      p.rows_from[s] = rows;
+      for (int le = group_lo(g, G, epr); le < group_lo(g + 1, G, epr); ++le)
+        rows += (int)mat[s * E + me * epr + le];
+      p.rows_from[x] = rows;
+    }
+    for (int g = tid; g < G; g += nt) {
+      const int rt = qstart[g + 1] - qstart[g];
+      GroupTiles t = {};
+      t.fc1_first = qstart[g] * p.ncol1;
+      t.fc1_tiles = rt * p.ncol1;
+      t.fc2_first = qstart[g] * p.nc2 * p.chunks;
+      t.fc2_tiles = rt * p.nc2 * p.chunks;
+      t.piece_tiles = rt * p.nc2;
+      p.group_tiles[g] = t;
     }
     if (tid == 0) {
       Scalars s = {};
@@ -518,15 +585,16 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
     }
   }
 
-  // 6. Tile lists (all blocks). FC1: row tiles in arrival order, rastered
-  // inside each group (see `raster`); each waits on the dispatch signals of
-  // the segments it spans. FC2: chunk-major, rastered the same inside a
-  // chunk, each tile adding 1 to its chunk's counter.
+  // 6. Tile lists (all blocks), expert group by expert group. FC1: row
+  // tiles in arrival order, rastered inside each arrival group (see
+  // `raster`); each waits on the dispatch signals of the segments it
+  // spans. FC2: chunk-major inside the expert group, rastered the same
+  // inside a chunk, each tile adding 1 to its piece's counter.
   const long long gt = (long long)blockIdx.x * nt + tid, gs = (long long)gridDim.x * nt;
   for (long long g = gt; g < n1; g += gs) {
     int q, n;
     raster(g, gstart, E, p.ncol1, p.group1, &q, &n);
-    const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm);
+    const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm, G);
     TileDesc d;
     d.expert = t.le;
     d.row0 = t.row0;
@@ -539,10 +607,14 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
     p.fc1[g] = d;
   }
   for (long long g = gt; g < n2; g += gs) {
-    const int c = (int)(g / per2);
+    int eg = 0;  // the last expert group starting at or before g
+    while (eg + 1 < G && (long long)qstart[eg + 1] * p.nc2 * p.chunks <= g) ++eg;
+    const long long l = g - (long long)qstart[eg] * p.nc2 * p.chunks;
+    const long long per = (long long)(qstart[eg + 1] - qstart[eg]) * p.nc2;
+    const int c = (int)(l / per);
     int q, n;
-    raster(g - (long long)c * per2, gstart, E, p.nc2, p.group2, &q, &n);
-    const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm);
+    raster((long long)qstart[eg] * p.nc2 + (l - c * per), gstart, E, p.nc2, p.group2, &q, &n);
+    const RowTile t = row_tile(q, gstart, gfirst, erow, erows, srows, E, epr, W, p.bm, G);
     TileDesc d;
     d.expert = t.le;
     d.row0 = t.row0;
@@ -550,7 +622,7 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
     d.n0 = c * p.cols + n * p.bn2;
     d.dep_off = 0;
     d.dep_cnt = 0;
-    d.sig = c;
+    d.sig = eg * p.chunks + c;
     d.sig_mode = 1;
     p.fc2[g] = d;
   }
@@ -693,34 +765,40 @@ extern "C" __global__ void __launch_bounds__(256) comet_wait_signals(const __gri
 }
 
 // Rows of other sources only: the reduce reads this rank's own rows in
-// place. The segment table sits in shared memory (each row looks up its
-// segment); rows move ROWS per warp as in the dispatch.
+// place. Piece j = g*chunks + c is column chunk c of expert group g's rows
+// (consecutive: the receive layout is expert-major), sent once FC2 has
+// finished its tiles. The segment table sits in shared memory (each row
+// looks up its segment); rows move ROWS per warp as in the dispatch.
 extern "C" __global__ void COMET_SIDE_BOUNDS comet_combine(const __grid_constant__ CombineParams p) {
   extern __shared__ int segs[];
   __shared__ int verdict;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
-  const int W = p.ranks, nseg = p.epr * W, recv = p.sc->recv_rows;
+  const int W = p.ranks, epr = p.epr, nseg = epr * W, recv = p.sc->recv_rows;
+  const int pieces = p.groups * p.chunks;
   for (int i = threadIdx.x; i < 4 * nseg; i += blockDim.x) segs[i] = p.segs[i];
   __syncthreads();
   const WarpGrid wg = warp_grid();
   const int lane = wg.lane;
-  for (int c = 0; c < p.chunks; ++c) {
+  for (int j = 0; j < pieces; ++j) {
+    const int g = j / p.chunks, c = j - g * p.chunks;
+    const int lo = group_lo(g, p.groups, epr), hi = group_lo(g + 1, p.groups, epr);
+    const int r0 = segs[4 * lo * W], r1 = hi < epr ? segs[4 * hi * W] : recv;
+    const int* rows_from = p.rows_from + g * W;
     if (blockIdx.x == 0)
       for (int s = threadIdx.x; s < W; s += blockDim.x)
-        if (s != p.me && p.rows_from[s] == 0)
-          signal_store_release(peer_word(p.peer_signals, s, combine_sig(W, p.epr, p.chunks, p.me, c)),
-                               epoch);
+        if (s != p.me && rows_from[s] == 0)
+          signal_store_release(peer_word(p.peer_signals, s, combine_sig(W, epr, pieces, p.me, j)), epoch);
     if (p.wait_chunks) {
       const bool done = threadIdx.x != 0 ||
-                        wait_at_least(p.chunk_done + c, p.sc->chunk_tiles, p.timeout_ns, p.err,
-                                      COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + c));
+                        wait_at_least(p.chunk_done + j, (u64)p.group_tiles[g].piece_tiles, p.timeout_ns,
+                                      p.err, COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + j));
       if (!block_verdict(&verdict, done)) return;
     }
-    for (long long w0 = wg.warp * ROWS; w0 < recv; w0 += wg.warps * ROWS) {
+    for (long long w0 = r0 + wg.warp * ROWS; w0 < r1; w0 += wg.warps * ROWS) {
       RowCopy rc;
       int src = -1;
-      if (lane < ROWS && w0 + lane < recv) {
+      if (lane < ROWS && w0 + lane < r1) {
         const int r = (int)(w0 + lane);
         int lo = 0, hi = nseg - 1;
         while (lo < hi) {
@@ -739,8 +817,8 @@ extern "C" __global__ void COMET_SIDE_BOUNDS comet_combine(const __grid_constant
       copy_rows(rc, p.cols / 8, lane);
       signal_fence();
       __syncwarp();
-      if (src >= 0 && atomicAdd(&p.comb_done[c * W + src], 1u) + 1u == (unsigned)p.rows_from[src])
-        signal_raise(peer_word(p.peer_signals, src, 0), combine_sig(W, p.epr, p.chunks, p.me, c), epoch);
+      if (src >= 0 && atomicAdd(&p.comb_done[j * W + src], 1u) + 1u == (unsigned)rows_from[src])
+        signal_raise(peer_word(p.peer_signals, src, 0), combine_sig(W, epr, pieces, p.me, j), epoch);
     }
   }
 }
@@ -754,18 +832,20 @@ extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_cons
   __shared__ int verdict;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
-  const int W = p.ranks, vecs = p.cols / 8;
+  const int W = p.ranks, vecs = p.cols / 8, pieces = p.groups * p.chunks;
   const WarpGrid wg = warp_grid();
   const int lane = wg.lane;
   for (int c = p.chunk_begin; c < p.chunk_end; ++c) {
     bool landed = true;
-    if (threadIdx.x == 0) {
-      if (p.wait_chunks)
-        landed = wait_at_least(p.chunk_done + c, p.sc->chunk_tiles, p.timeout_ns, p.err,
-                               COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + c));
+    // Column chunk c is whole once every expert group's piece of it is.
+    for (int g = 0; g < p.groups && threadIdx.x == 0; ++g) {
+      const int j = g * p.chunks + c;
+      if (p.wait_chunks && landed)
+        landed = wait_at_least(p.chunk_done + j, (u64)p.group_tiles[g].piece_tiles, p.timeout_ns, p.err,
+                               COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + j));
       for (int s = 0; s < W && landed; ++s)
         if (s != p.me)
-          landed = signal_wait(p.signals, combine_sig(W, p.epr, p.chunks, s, c), epoch, p.timeout_ns, p.err);
+          landed = signal_wait(p.signals, combine_sig(W, p.epr, pieces, s, j), epoch, p.timeout_ns, p.err);
     }
     if (!block_verdict(&verdict, landed)) return;
     for (long long t = wg.warp; t < p.tokens; t += wg.warps) {

@@ -56,9 +56,28 @@ pub struct Scalars {
     pub fc1_tiles: i32,
     pub fc2_tiles: i32,
     pub pad: [i32; 2],
-    /// FC2 tiles of one column chunk.
+    /// FC2 tiles of one column chunk (all expert groups).
     pub chunk_tiles: u64,
 }
+
+/// One expert group's runs of the tile lists (mirrors `comet::GroupTiles`):
+/// its FC1 and FC2 launches start at `fc*_first` and run `fc*_tiles`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupTiles {
+    pub fc1_first: i32,
+    pub fc1_tiles: i32,
+    pub fc2_first: i32,
+    pub fc2_tiles: i32,
+    /// FC2 tiles of one of the group's column chunks.
+    pub piece_tiles: i32,
+    pub pad: [i32; 3],
+}
+
+/// The most expert groups the device layout handles (`MAX_GROUPS`), the
+/// cost model's limit too.
+pub const MAX_GROUPS: usize = 16;
+const _: () = assert!(MAX_GROUPS == comet_core::cost::MAX_GROUPS);
 
 /// `comet::RouteParams`.
 #[repr(C)]
@@ -96,6 +115,7 @@ pub struct LayoutParams {
     pub send_slots: CUdeviceptr,
     pub fc1: CUdeviceptr,
     pub fc2: CUdeviceptr,
+    pub group_tiles: CUdeviceptr,
     pub timeout_ns: u64,
     pub slots: i32,
     pub experts: i32,
@@ -115,6 +135,9 @@ pub struct LayoutParams {
     pub group1: i32,
     /// FC2 column tiles per raster group.
     pub group2: i32,
+    /// Expert groups, 1..=min(experts per rank, [`MAX_GROUPS`]).
+    pub groups: i32,
+    pub pad: i32,
 }
 
 /// `comet::DispatchParams`.
@@ -167,6 +190,7 @@ pub struct CombineParams {
     pub out: CUdeviceptr,
     pub segs: CUdeviceptr,
     pub rows_from: CUdeviceptr,
+    pub group_tiles: CUdeviceptr,
     pub chunk_done: CUdeviceptr,
     pub comb_done: CUdeviceptr,
     pub peer_comb: CUdeviceptr,
@@ -178,11 +202,13 @@ pub struct CombineParams {
     pub hidden: i32,
     pub cols: i32,
     pub chunks: i32,
+    pub groups: i32,
     pub epr: i32,
     pub ranks: i32,
     pub me: i32,
     pub wait_chunks: i32,
     pub chunk_sig0: i32,
+    pub pad: i32,
 }
 
 /// `comet::ReduceParams`.
@@ -202,12 +228,14 @@ pub struct ReduceParams {
     pub epoch: CUdeviceptr,
     pub err: CUdeviceptr,
     pub chunk_done: CUdeviceptr,
+    pub group_tiles: CUdeviceptr,
     pub timeout_ns: u64,
     pub tokens: i32,
     pub k: i32,
     pub hidden: i32,
     pub cols: i32,
     pub chunks: i32,
+    pub groups: i32,
     pub epr: i32,
     pub ranks: i32,
     pub me: i32,
@@ -217,15 +245,17 @@ pub struct ReduceParams {
     pub chunk_sig0: i32,
     pub chunk_begin: i32,
     pub chunk_end: i32,
+    pub pad: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<Scalars>() == 40);
+const _: () = assert!(std::mem::size_of::<GroupTiles>() == 32);
 const _: () = assert!(std::mem::size_of::<RouteParams>() == 56);
-const _: () = assert!(std::mem::size_of::<LayoutParams>() == 208);
+const _: () = assert!(std::mem::size_of::<LayoutParams>() == 224);
 const _: () = assert!(std::mem::size_of::<DispatchParams>() == 136);
 const _: () = assert!(std::mem::size_of::<WaitParams>() == 48);
-const _: () = assert!(std::mem::size_of::<CombineParams>() == 120);
-const _: () = assert!(std::mem::size_of::<ReduceParams>() == 168);
+const _: () = assert!(std::mem::size_of::<CombineParams>() == 136);
+const _: () = assert!(std::mem::size_of::<ReduceParams>() == 184);
 
 /// `comet::FillParams`.
 #[repr(C)]

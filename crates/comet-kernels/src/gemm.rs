@@ -104,6 +104,10 @@ pub struct DeviceWork {
     pub epoch: CUdeviceptr,
     /// CTAs of the persistent grid (this rank's share of the SMs).
     pub grid: u32,
+    /// i32: where this launch's tiles start in the list (0 for none: at
+    /// its head). The device forward's expert groups keep every group's
+    /// tiles in one list and launch each group from its own first tile.
+    pub first_tile: CUdeviceptr,
 }
 
 #[repr(C)]
@@ -136,6 +140,7 @@ struct GemmParamsC {
     num_tiles_dev: u64,
     epoch_dev: u64,
     a_rows: u64,
+    first_tile_dev: u64,
 }
 
 #[repr(C, align(64))]
@@ -148,9 +153,9 @@ struct HopperParamsC {
     tma_store: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 184);
-const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 576);
-const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 568);
+const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 192);
+const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 640);
+const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 576);
 
 /// Checks the shape rules every variant shares; one error naming the problem.
 pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
@@ -632,6 +637,7 @@ fn gemm_params(args: &GemmArgs, split: &TailSplit, sk: (u64, u64, u64)) -> GemmP
         sk_ctas: split.ctas as i32,
         num_tiles_dev: args.device.map_or(0, |d| d.num_tiles),
         epoch_dev: args.device.map_or(0, |d| d.epoch),
+        first_tile_dev: args.device.map_or(0, |d| d.first_tile),
         a_rows: args.gather.map_or(0, |g| g.rows),
     }
 }

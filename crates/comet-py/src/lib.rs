@@ -186,6 +186,7 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
     d.set_item("aux_blocks", p.aux_blocks)?;
     d.set_item("chunk_cols", p.chunk_cols)?;
     d.set_item("chunks", p.chunks)?;
+    d.set_item("groups", p.groups)?;
     d.set_item("tile_rows", p.tiles.bm)?;
     d.set_item("fc1_tile_cols", p.tiles.fc1_cols)?;
     d.set_item("fc2_tile_cols", p.tiles.fc2_cols)?;
@@ -210,6 +211,7 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
     est.set_item("layer0_ms", e.layer0_ms)?;
     est.set_item("layer1_ms", e.layer1_ms)?;
     est.set_item("comm_blocks", e.comm_blocks)?;
+    est.set_item("groups", e.groups)?;
     est.set_item("chunks", e.chunks)?;
     d.set_item("estimate", est)?;
     d.set_item("text", p.describe())?;

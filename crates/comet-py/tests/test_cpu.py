@@ -231,6 +231,7 @@ def test_plan_of_a_mixtral_layer():
     assert p["ranks"] == 1 and p["experts_per_rank"] == 8
     assert p["overlap"] is False, "one rank has nothing to overlap"
     assert p["chunks"] == 1 and p["chunk_cols"] == 4096
+    assert p["groups"] == 1, "expert groups need a combine to overlap"
     assert p["share"] == 132 and p["gemm_grid"] == 132
     assert p["capacity"] == 8192 and p["recv_capacity"] == 8192 * 2
     assert "device forward" in p["text"]
@@ -250,6 +251,8 @@ def test_plan_of_ranks_sharing_a_gpu_stays_within_the_share():
         assert p["chunk_cols"] % p["fc2_tile_cols"] == 0
         if p["overlap"]:
             assert p["gemm_grid_overlap"] + p["comm_blocks"] <= p["share"]
+        assert 1 <= p["groups"] <= 64 // ranks
+        assert p["groups"] == 1 or p["overlap"]
     assert comet.plan(3584, 2560, 64, 8, 8192, ranks=8)["overlap"] is True
 
 

@@ -11,6 +11,7 @@
 //! every rank's blocks are resident together.
 
 use crate::error::SchedError;
+use comet_core::cost::MAX_GROUPS;
 use comet_core::cost::{CostEstimate, CostModel, DeviceFigures, WireFormat};
 use comet_core::MoeConfig;
 
@@ -69,11 +70,18 @@ pub struct DevicePlan {
     /// Output columns per layer1 chunk, and the number of chunks.
     pub chunk_cols: usize,
     pub chunks: usize,
+    /// Expert groups of this rank's local experts: an overlapped call runs
+    /// FC1 and FC2 group by group, and each group's combine leaves beside
+    /// the later groups' GEMMs (ARCHITECTURE.md, "What is overlapped").
+    /// The cost model's choice where the call overlaps between ranks, else 1.
+    pub groups: usize,
     pub tiles: KernelTiles,
     /// Row tiles the receive capacity can need (tile list capacity).
     pub max_row_tiles: usize,
     /// How dispatch crosses the link, as the cost model counted it.
     pub wire: WireFormat,
+    /// A proxy carries the combine token-once (no expert groups then).
+    pub proxied_tokens: bool,
     /// FC1 reads x's rows in place (one rank: no row leaves it, so the
     /// dispatch only writes each receive row's token). `new` leaves it
     /// off; a layer of one rank sets it where asked
@@ -182,8 +190,13 @@ impl DevicePlan {
         dev.gemm_tflops *= share as f64 / dev.sms.max(1) as f64;
         dev.sms = share;
         dev.bm = tiles.bm;
-        let estimate = CostModel::estimate(cfg, capacity, &dev);
+        let estimate = CostModel::estimate_groups(cfg, capacity, &dev, max_groups(&dev));
         let overlap = w > 1 && share > 1 && estimate.overlapped_ms < estimate.baseline_ms;
+        let groups = if overlap {
+            estimate.groups.clamp(1, epr)
+        } else {
+            1
+        };
         let comm_blocks = estimate.comm_blocks;
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
@@ -206,9 +219,11 @@ impl DevicePlan {
             aux_blocks: share,
             chunk_cols,
             chunks,
+            groups,
             tiles,
             max_row_tiles: recv_capacity.div_ceil(tiles.bm) + epr,
             wire: figures.wire,
+            proxied_tokens: max_groups(figures) == 1,
             gather_x: false,
             estimate,
         })
@@ -232,6 +247,43 @@ impl DevicePlan {
             self.comm_blocks_given = true;
             self.gemm_grid_overlap = self.share - self.comm_blocks;
         }
+    }
+
+    /// `n` expert groups instead of the cost model's choice. More than one
+    /// needs a combine to overlap (ranks > 1, overlapping) and a wire that
+    /// keeps one row per (token, expert) back: a proxy's token-once combine
+    /// sums a token's rows per rank, not per group.
+    pub fn set_groups(&mut self, n: usize) -> Result<(), SchedError> {
+        let epr = self.cfg.experts_per_rank();
+        let limit = epr.min(MAX_GROUPS);
+        if n == 0 || n > limit {
+            return Err(bad(
+                "expert groups",
+                format!("{n}: must be 1 to {limit} ({epr} local experts, at most {MAX_GROUPS})"),
+            ));
+        }
+        if n > 1 && (self.cfg.ranks == 1 || !self.overlap) {
+            return Err(bad(
+                "expert groups",
+                format!("{n} needs ranks that overlap a combine (this layer does not)"),
+            ));
+        }
+        if n > 1 && self.proxied_tokens {
+            return Err(bad(
+                "expert groups",
+                format!(
+                    "{n} needs the rows wire: a token-once combine sums per rank, not per group"
+                ),
+            ));
+        }
+        self.groups = n;
+        Ok(())
+    }
+
+    /// Layer1 pieces a rank sends each other rank: column chunks of each
+    /// expert group (the combine signals and FC2 counters).
+    pub fn pieces(&self) -> usize {
+        self.groups * self.chunks
     }
 
     /// FC1 tile list capacity.
@@ -264,6 +316,7 @@ impl DevicePlan {
              link (cost model): dispatch {} {:.3} ms, combine {:.3} ms\n\
              GEMM grid: {} CTAs overlapping, {} in sequence; communication blocks: {}\n\
              tiles: {} rows, FC1 {} cols, FC2 {} cols, in column groups of {} (FC1) and {} (FC2); layer1 chunks: {} x {} cols\n\
+             expert groups: {} (FC1 then FC2 group by group; the cost model's {}: fused {:.3} ms, of which {:.3} ms after the last FC1)\n\
              FC1 reads: {}\n\
              capacity: {} tokens, {} receive rows, {} row tiles",
             self.sms,
@@ -293,6 +346,10 @@ impl DevicePlan {
             self.tiles.fc2_group,
             self.chunks,
             self.chunk_cols,
+            self.groups,
+            self.estimate.groups,
+            self.estimate.overlapped_ms,
+            self.estimate.layer1_ms,
             if self.gather_x {
                 "x in place (rows gathered by token)"
             } else {
@@ -302,6 +359,16 @@ impl DevicePlan {
             self.recv_capacity,
             self.max_row_tiles,
         )
+    }
+}
+
+/// Expert groups the model may choose on `dev`: one where a proxy sums a
+/// token's combine rows per rank (token-once), which a group cannot split.
+fn max_groups(dev: &DeviceFigures) -> usize {
+    if dev.proxy && dev.wire == WireFormat::Tokens {
+        1
+    } else {
+        MAX_GROUPS
     }
 }
 
@@ -545,6 +612,57 @@ mod tests {
             assert!(given.overlap && given.chunks > 1, "{given:?}");
             assert_eq!(given.gemm_grid_overlap + 8, given.share);
         }
+    }
+
+    /// The model splits the local experts into groups where a combine
+    /// overlaps and comes back a row per (token, expert); never where a
+    /// proxy sums it token-once, and groups given are checked.
+    #[test]
+    fn expert_groups_follow_the_model_and_are_checked() {
+        let cfg = Preset::Qwen2Moe.config(2).unwrap();
+        let mut fig = DeviceFigures::h200_slow_link();
+        fig.wire = WireFormat::Rows;
+        // Communication about as long as the GEMMs on a 66-SM share.
+        let probe = DevicePlan::new(&cfg, 4096, None, 132, 2, TILES, &fig).unwrap();
+        let e = &probe.estimate;
+        fig.link_gbps *= (e.dispatch_ms + e.combine_ms) / e.gemm_ms;
+        let d = DevicePlan::new(&cfg, 4096, None, 132, 2, TILES, &fig).unwrap();
+        assert!(d.overlap && d.groups > 1, "{d:?}");
+        assert_eq!(d.groups, d.estimate.groups);
+        assert_eq!(d.pieces(), d.groups * d.chunks);
+        assert!(d
+            .describe()
+            .contains(&format!("expert groups: {}", d.groups)));
+        let mut one = d.clone();
+        one.set_groups(1).unwrap();
+        assert_eq!(one.pieces(), one.chunks);
+        for n in [0, cfg.experts_per_rank() + 1] {
+            let err = one.set_groups(n).unwrap_err().to_string();
+            assert!(err.contains("expert groups"), "{err}");
+        }
+        // Token-once over a proxy: one group, and more are refused by name.
+        fig.wire = WireFormat::Tokens;
+        let mut t = DevicePlan::new(&cfg, 4096, None, 132, 2, TILES, &fig).unwrap();
+        assert_eq!(t.groups, 1, "{t:?}");
+        let err = t.set_groups(2).unwrap_err().to_string();
+        assert!(err.contains("token-once"), "{err}");
+        // Nothing overlapped (ranks sharing a GPU): one group, until
+        // blocks given make the combine overlap.
+        let mut s = DevicePlan::new(
+            &cfg,
+            4096,
+            None,
+            132,
+            2,
+            TILES,
+            &DeviceFigures::h200_same_gpu(),
+        )
+        .unwrap();
+        assert_eq!(s.groups, 1);
+        assert!(s.set_groups(2).is_err());
+        s.set_comm_blocks(8);
+        s.set_groups(2).unwrap();
+        assert_eq!(s.pieces(), 2 * s.chunks);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use comet_core::schedule::SignalMap;
 use comet_core::MoeConfig;
 use comet_kernels::forward::{
     fill_u16, fill_u32, layout_smem_bytes, CombineParams, DispatchParams, ForwardKernels, Grid,
-    LayoutParams, ReduceParams, RouteParams, Scalars, StatusWord, WaitParams,
+    GroupTiles, LayoutParams, ReduceParams, RouteParams, Scalars, StatusWord, WaitParams,
 };
 use comet_kernels::gemm::{DeviceWork, Gather};
 use comet_kernels::{
@@ -131,6 +131,11 @@ pub struct LayerOptions {
     /// ([`DevicePlan::comm_blocks`]). Blocks given always overlap, a rank
     /// alone too ([`DevicePlan::set_comm_blocks`]).
     pub comm_blocks: Option<usize>,
+    /// Expert groups of an overlapped call ([`DevicePlan::groups`]);
+    /// None: the cost model's choice. More than one is refused where
+    /// nothing overlaps a combine or a proxy sums the combine token-once
+    /// ([`DevicePlan::set_groups`]).
+    pub expert_groups: Option<usize>,
 }
 
 impl Default for LayerOptions {
@@ -144,6 +149,7 @@ impl Default for LayerOptions {
             reserved_sms: 0,
             gather_x: false,
             comm_blocks: None,
+            expert_groups: None,
         }
     }
 }
@@ -257,8 +263,11 @@ pub struct DeviceLayout {
     /// This rank's receive segments, expert-major then arrival order:
     /// [first row, rows, source, the source's send position].
     pub segments: Vec<[i32; 4]>,
-    /// Rows received from each source.
+    /// Rows received from each source, per expert group (group-major:
+    /// `[group * ranks + source]`).
     pub rows_from: Vec<i32>,
+    /// Each expert group's runs of the tile lists.
+    pub groups: Vec<GroupTiles>,
 }
 
 /// What one finished call did (read by [`MoeLayer::check`]).
@@ -320,6 +329,8 @@ struct Scratch {
     cnt: CUdeviceptr,
     seg_done: CUdeviceptr,
     comb_done: CUdeviceptr,
+    /// [`GroupTiles`] per expert group, among the counters.
+    group_tiles: CUdeviceptr,
     epoch: CUdeviceptr,
     err: CUdeviceptr,
     sc: CUdeviceptr,
@@ -441,7 +452,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         for var in [v.fc1_wait, v.fc1, v.fc2_raise, v.fc2] {
             kernels.gemm.prepare(&var).map_err(kerr(rank))?;
         }
-        let map = SignalMap::new(cfg, plan.chunks);
+        let map = SignalMap::new(cfg, plan.pieces());
         let sym = Symmetric::alloc(&t, &plan, &map)?;
         let side = ctx
             .new_stream()
@@ -517,6 +528,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
         plan.gather_x = opts.gather_x && cfg.ranks == 1;
         if let Some(n) = opts.comm_blocks {
             plan.set_comm_blocks(n);
+        }
+        if let Some(n) = opts.expert_groups {
+            plan.set_groups(n)?;
         }
         if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
             return Err(SchedError::Input {
@@ -715,7 +729,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     pub unsafe fn layout_tables(&mut self, stream: CUstream) -> Result<DeviceLayout, SchedError> {
         // SAFETY: forwarded contract.
         unsafe { self.check(stream) }?;
-        let (e, w) = (self.plan.cfg.experts, self.plan.cfg.ranks);
+        let (e, w, groups) = (self.plan.cfg.experts, self.plan.cfg.ranks, self.plan.groups);
         let rank = self.rank();
         let read = |src: CUdeviceptr, n: usize| -> Result<Vec<i32>, SchedError> {
             let mut bytes = vec![0u8; 4 * n];
@@ -736,7 +750,18 @@ impl<T: DeviceTransport> MoeLayer<T> {
                 .chunks_exact(4)
                 .map(|c| [c[0], c[1], c[2], c[3]])
                 .collect(),
-            rows_from: read(self.s.rows_from, w)?,
+            rows_from: read(self.s.rows_from, w * groups)?,
+            groups: read(self.s.group_tiles, 8 * groups)?
+                .chunks_exact(8)
+                .map(|g| GroupTiles {
+                    fc1_first: g[0],
+                    fc1_tiles: g[1],
+                    fc2_first: g[2],
+                    fc2_tiles: g[3],
+                    piece_tiles: g[4],
+                    pad: [0; 3],
+                })
+                .collect(),
         })
     }
 
@@ -874,6 +899,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             send_slots: self.s.send_slots,
             fc1: self.s.fc1_tiles,
             fc2: self.s.fc2_tiles,
+            group_tiles: self.s.group_tiles,
             timeout_ns: self.timeout_ns,
             slots: (a.tokens * cfg.top_k) as i32,
             experts: cfg.experts as i32,
@@ -891,6 +917,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
             chunks: p.chunks as i32,
             group1: p.tiles.fc1_group as i32,
             group2: p.tiles.fc2_group as i32,
+            groups: p.groups as i32,
+            pad: 0,
         })
     }
 
@@ -971,7 +999,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// Every other rank's combine chunks have landed here (this rank's own
     /// rows are never sent, so its own combine signals are skipped).
     unsafe fn wait_combine(&self, stream: CUstream) -> Result<(), SchedError> {
-        let (w, me, chunks) = (self.plan.cfg.ranks, self.rank(), self.plan.chunks);
+        let (w, me, chunks) = (self.plan.cfg.ranks, self.rank(), self.plan.pieces());
         let at = |from: usize| self.map.wire(self.map.combine(from, 0)).index() as usize;
         // SAFETY: both ranges lie inside this rank's signal array.
         unsafe {
@@ -1003,11 +1031,24 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe { self.k.forward.wait(&p, stream) }.map_err(kerr(self.rank()))
     }
 
-    fn work(&self, count_field: usize, grid: usize) -> DeviceWork {
+    /// What a GEMM launch reads on the device: FC1's (`fc2` false) or
+    /// FC2's tiles, of the whole list or of expert group `group`'s run.
+    fn work(&self, fc2: bool, group: Option<usize>, grid: usize) -> DeviceWork {
+        let (num_tiles, first_tile) = match group {
+            // Scalars' fc1_tiles and fc2_tiles are its 5th and 6th words.
+            None => (self.s.sc + 4 * (4 + u64::from(fc2)), 0),
+            // GroupTiles: fc1_first, fc1_tiles, fc2_first, fc2_tiles, ...
+            Some(g) => {
+                let at = self.s.group_tiles + (g * std::mem::size_of::<GroupTiles>()) as u64;
+                let first = at + 8 * u64::from(fc2);
+                (first + 4, first)
+            }
+        };
         DeviceWork {
-            num_tiles: self.s.sc + 4 * count_field as u64,
+            num_tiles,
             epoch: self.s.epoch,
             grid: grid as u32,
+            first_tile,
         }
     }
 
@@ -1018,13 +1059,15 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.plan.gather_x && a.tokens > 0
     }
 
-    /// `gather`: A is x, its rows by the dispatch's gather rows.
+    /// `gather`: A is x, its rows by the dispatch's gather rows. `group`:
+    /// that expert group's tiles, else the whole list.
     unsafe fn fc1(
         &self,
         stream: CUstream,
         a: &ForwardArgs,
         hooked: bool,
         gather: bool,
+        group: Option<usize>,
         grid: usize,
     ) -> Result<(), SchedError> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
@@ -1060,7 +1103,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
                 timeout_ns: self.timeout_ns,
             }),
             split: None,
-            device: Some(self.work(4, grid)),
+            device: Some(self.work(false, group, grid)),
             gather,
         };
         self.launch_gemm(&v, &args, stream)
@@ -1071,6 +1114,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
         stream: CUstream,
         a: &ForwardArgs,
         hooked: bool,
+        group: Option<usize>,
         grid: usize,
     ) -> Result<(), SchedError> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
@@ -1097,7 +1141,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
                 timeout_ns: self.timeout_ns,
             }),
             split: None,
-            device: Some(self.work(5, grid)),
+            device: Some(self.work(true, group, grid)),
             gather: None,
         };
         self.launch_gemm(&v, &args, stream)
@@ -1130,6 +1174,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             out: self.s.out,
             segs: self.s.segs,
             rows_from: self.s.rows_from,
+            group_tiles: self.s.group_tiles,
             chunk_done: self.s.chunk_done,
             comb_done: self.s.comb_done,
             peer_comb: self.s.peer_comb,
@@ -1141,11 +1186,13 @@ impl<T: DeviceTransport> MoeLayer<T> {
             hidden: cfg.hidden as i32,
             cols: self.plan.chunk_cols as i32,
             chunks: self.plan.chunks as i32,
+            groups: self.plan.groups as i32,
             epr: cfg.experts_per_rank() as i32,
             ranks: cfg.ranks as i32,
             me: self.rank() as i32,
             wait_chunks: i32::from(overlapped),
             chunk_sig0: self.map.wire(self.map.chunk_done(0)).index() as i32,
+            pad: 0,
         };
         let g = Grid {
             blocks: blocks.max(1) as u32,
@@ -1185,12 +1232,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
             epoch: self.s.epoch,
             err: self.s.err,
             chunk_done: self.s.chunk_done,
+            group_tiles: self.s.group_tiles,
             timeout_ns: self.timeout_ns,
             tokens: a.tokens as i32,
             k: cfg.top_k as i32,
             hidden: cfg.hidden as i32,
             cols: self.plan.chunk_cols as i32,
             chunks: self.plan.chunks as i32,
+            groups: self.plan.groups as i32,
             epr: cfg.experts_per_rank() as i32,
             ranks: cfg.ranks as i32,
             me: self.rank() as i32,
@@ -1200,6 +1249,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             chunk_sig0: self.map.wire(self.map.chunk_done(0)).index() as i32,
             chunk_begin: chunks.start as i32,
             chunk_end: chunks.end as i32,
+            pad: 0,
         };
         // SAFETY: ids/weights have tokens*k entries and y tokens rows
         // (caller); the rest is this layer's memory.
@@ -1220,8 +1270,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe {
             self.fork_side(stream)?;
             self.dispatch(side, a, comm, true)?;
-            self.fc1(stream, a, true, false, grid)?;
-            self.fc2(stream, a, true, grid)?;
+            for g in 0..self.plan.groups {
+                self.fc1(stream, a, true, false, Some(g), grid)?;
+                self.fc2(stream, a, true, Some(g), grid)?;
+            }
             let chunks = self.plan.chunks;
             if self.plan.cfg.ranks == 1 {
                 // Alone there is no combine to wait for: the sums follow
@@ -1246,9 +1298,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.dispatch(stream, a, aux, false)?;
             self.wait_dispatch(stream)?;
             self.mark(3, stream)?;
-            self.fc1(stream, a, false, self.gathers(a), grid)?;
+            self.fc1(stream, a, false, self.gathers(a), None, grid)?;
             self.mark(4, stream)?;
-            self.fc2(stream, a, false, grid)?;
+            self.fc2(stream, a, false, None, grid)?;
             self.mark(5, stream)?;
             self.combine(stream, false, aux)?;
             self.mark(6, stream)?;
@@ -1313,8 +1365,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.bind()?;
         // SAFETY: as in forward.
         unsafe {
-            self.fc1(stream, a, false, false, self.plan.gemm_grid)?;
-            self.fc2(stream, a, false, self.plan.gemm_grid)
+            self.fc1(stream, a, false, false, None, self.plan.gemm_grid)?;
+            self.fc2(stream, a, false, None, self.plan.gemm_grid)
         }
     }
 
@@ -1414,9 +1466,12 @@ impl Scratch {
             Ok(p)
         };
         let state = alloc(STATE_BYTES, "allocate state")?;
-        let chunks = plan.chunks;
-        // u64 chunk counters first, then u32 counts.
-        let counters_words = 2 * chunks + e + e + chunks * w;
+        let (chunks, groups) = (plan.pieces(), plan.groups);
+        // u64 piece counters first, then u32 counts, then each expert
+        // group's tile runs (zeroed with the counters: a call the layout
+        // refuses runs no tile).
+        let group_at = 8 * chunks + 4 * (2 * e + chunks * w);
+        let counters_words = group_at / 4 + groups * std::mem::size_of::<GroupTiles>() / 4;
         let counters = alloc(4 * counters_words, "allocate counters")?;
         let slots = plan.send_capacity();
         let tile = std::mem::size_of::<TileDesc>();
@@ -1428,6 +1483,7 @@ impl Scratch {
             cnt: counters + 8 * chunks as u64,
             seg_done: counters + 8 * chunks as u64 + 4 * e as u64,
             comb_done: counters + 8 * chunks as u64 + 8 * e as u64,
+            group_tiles: counters + group_at as u64,
             epoch: state + STATE_EPOCH,
             err: state + STATE_ERR,
             sc: state + STATE_SCALARS,
@@ -1436,7 +1492,7 @@ impl Scratch {
             send_off: alloc(4 * (e + 1), "allocate send offsets")?,
             dest_row: alloc(4 * e, "allocate destination rows")?,
             segs: alloc(16 * e, "allocate segments")?,
-            rows_from: alloc(4 * w, "allocate source rows")?,
+            rows_from: alloc(4 * w * groups, "allocate source rows")?,
             fc1_tiles: alloc(tile * plan.fc1_tiles_cap(), "allocate FC1 tiles")?,
             fc2_tiles: alloc(tile * plan.fc2_tiles_cap(), "allocate FC2 tiles")?,
             deps: alloc(4 * e, "allocate dependencies")?,

@@ -140,6 +140,13 @@ pub fn check_geometry(geo: &Geometry, rank: usize) -> Result<usize, SchedError> 
             geo.chunks, geo.chunk_bytes, geo.row_bytes
         ));
     }
+    if geo.groups == 0 || geo.groups > e / w {
+        return bad(format!(
+            "{} expert groups of {} local experts",
+            geo.groups,
+            e / w
+        ));
+    }
     for (what, rows) in [("receive", geo.recv_rows), ("send", geo.send_rows)] {
         if rows.checked_mul(geo.row_bytes).is_none() {
             return bad(format!(
@@ -152,17 +159,19 @@ pub fn check_geometry(geo: &Geometry, rank: usize) -> Result<usize, SchedError> 
             "{w} ranks x {e} experts overflow the counts buffer's bytes"
         ));
     }
-    // count(src), dispatch(le, src) and combine(from, chunk): W each per
-    // local expert and per chunk, plus W (Geometry::signal_count, checked
+    // count(src), dispatch(le, src) and combine(from, piece): W each per
+    // local expert and per piece, plus W (Geometry::signal_count, checked
     // here); the ready words are W times that.
-    let signals = (1 + e / w)
-        .checked_add(geo.chunks)
+    let signals = geo
+        .groups
+        .checked_mul(geo.chunks)
+        .and_then(|p| (1 + e / w).checked_add(p))
         .and_then(|n| n.checked_mul(w));
     match signals.filter(|s| s.checked_mul(w).is_some()) {
         Some(_) => Ok(geo.signal_count()),
         None => bad(format!(
-            "{w} ranks x {} chunks overflow the signal count",
-            geo.chunks
+            "{w} ranks x {} chunks x {} groups overflow the signal count",
+            geo.chunks, geo.groups
         )),
     }
 }

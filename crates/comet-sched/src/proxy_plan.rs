@@ -97,7 +97,9 @@ pub enum Kind {
     Counts,
     /// The sender's rows for local expert `le` of the receiver.
     Dispatch { le: usize },
-    /// Column chunk `chunk` of the rows the sender computed for the receiver.
+    /// Piece `chunk` of the rows the sender computed for the receiver:
+    /// column chunk `chunk % chunks` of expert group `chunk / chunks`'s
+    /// rows ([`Geometry::pieces`]; with one group, the column chunk).
     Combine { chunk: usize },
 }
 
@@ -230,8 +232,12 @@ pub struct Geometry {
     pub ranks: usize,
     pub experts: usize,
     pub row_bytes: usize,
+    /// Column chunks of layer1, `chunk_bytes` wide.
     pub chunks: usize,
     pub chunk_bytes: usize,
+    /// Expert groups of each rank's local experts (`DevicePlan::groups`):
+    /// a combine piece is one column chunk of one group's rows.
+    pub groups: usize,
     pub recv_rows: usize,
     pub send_rows: usize,
     /// Slots per token: the kernels number slot `j` of token `t` as
@@ -247,6 +253,7 @@ impl Geometry {
             row_bytes: plan.cfg.hidden * 2,
             chunks: plan.chunks,
             chunk_bytes: plan.chunk_cols * 2,
+            groups: plan.groups,
             recv_rows: plan.recv_capacity,
             send_rows: plan.send_capacity(),
             top_k: plan.cfg.top_k,
@@ -255,6 +262,18 @@ impl Geometry {
 
     fn epr(&self) -> usize {
         self.experts / self.ranks
+    }
+
+    /// Combine pieces between two ranks: `groups` x `chunks`, piece
+    /// `g * chunks + c` column chunk `c` of expert group `g`'s rows.
+    pub fn pieces(&self) -> usize {
+        self.groups * self.chunks
+    }
+
+    /// Expert group `g`'s first local expert (as the kernels split them:
+    /// `moe_forward.cu`'s `group_lo`).
+    pub fn group_lo(&self, g: usize) -> usize {
+        g * self.epr() / self.groups.max(1)
     }
 
     /// Bytes of `buf` on one rank.
@@ -378,7 +397,7 @@ impl Geometry {
         SignalMap {
             ranks: self.ranks,
             experts_per_rank: self.epr(),
-            chunks: self.chunks,
+            chunks: self.pieces(),
         }
     }
 
@@ -386,7 +405,7 @@ impl Geometry {
     /// signal array without the local chunk counters, which are no
     /// transport's).
     pub fn signal_count(&self) -> usize {
-        self.map().wire_len() - self.chunks
+        self.map().wire_len() - self.pieces()
     }
 
     pub fn count_signal(&self, from: usize) -> usize {
@@ -398,9 +417,10 @@ impl Geometry {
         m.wire(m.dispatch(le, from)).index() as usize
     }
 
-    pub fn combine_signal(&self, from: usize, chunk: usize) -> usize {
+    /// `piece`: `g * chunks + c` ([`Geometry::pieces`]).
+    pub fn combine_signal(&self, from: usize, piece: usize) -> usize {
         let m = self.map();
-        m.wire(m.combine(from, chunk)).index() as usize
+        m.wire(m.combine(from, piece)).index() as usize
     }
 
     /// The count-exchange piece `from` -> `to` of a call with `epoch`.
@@ -491,26 +511,31 @@ impl Geometry {
         }
         for to in 0..w {
             // Combine: the rows `from` computed for `to` sit at `to`'s send
-            // positions of `from`'s experts, which are consecutive.
+            // positions of `from`'s experts, which are consecutive, and so
+            // are those of each expert group; groups in order, then chunks.
             for from in (0..w).filter(|&f| f != to) {
-                let first: usize = (0..from * epr).map(|x| cnt(to, x)).sum();
-                let rows: usize = (from * epr..(from + 1) * epr).map(|x| cnt(to, x)).sum();
-                for chunk in 0..self.chunks {
-                    let cb = self.chunk_bytes;
-                    out.push(Piece {
-                        from,
-                        to,
-                        kind: Kind::Combine { chunk },
-                        signal: self.combine_signal(from, chunk),
-                        region: Region {
-                            buf: Buf::Comb,
-                            offset: first * rb + chunk * cb,
-                            rows,
-                            width: cb,
-                            pitch: rb,
-                        },
-                        wire: (chunk * self.send_rows + first) * cb,
-                    });
+                for g in 0..self.groups {
+                    let experts = from * epr + self.group_lo(g)..from * epr + self.group_lo(g + 1);
+                    let first: usize = (0..experts.start).map(|x| cnt(to, x)).sum();
+                    let rows: usize = experts.map(|x| cnt(to, x)).sum();
+                    for c in 0..self.chunks {
+                        let cb = self.chunk_bytes;
+                        let chunk = g * self.chunks + c;
+                        out.push(Piece {
+                            from,
+                            to,
+                            kind: Kind::Combine { chunk },
+                            signal: self.combine_signal(from, chunk),
+                            region: Region {
+                                buf: Buf::Comb,
+                                offset: first * rb + c * cb,
+                                rows,
+                                width: cb,
+                                pitch: rb,
+                            },
+                            wire: (c * self.send_rows + first) * cb,
+                        });
+                    }
                 }
             }
         }
@@ -549,6 +574,7 @@ mod tests {
             row_bytes: 64 * 2,
             chunks,
             chunk_bytes: 64 * 2 / chunks,
+            groups: 1,
             recv_rows,
             send_rows,
             top_k: 2,
@@ -658,17 +684,22 @@ mod tests {
 
     /// A receiver's pieces of one buffer never overlap, on the device or on
     /// the wire, and stay inside the buffer; combine pieces cover exactly
-    /// the rows each source sent to each owner, every chunk once.
+    /// the rows each source sent to each owner, every chunk once, each
+    /// expert group's piece the rows of that group's experts.
     #[test]
     fn pieces_are_disjoint_and_inside_their_buffers() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for _ in 0..50 {
+        for _ in 0..80 {
             let w = rng.gen_range(2..=4);
-            let e = w * rng.gen_range(1..=4);
+            let epr = rng.gen_range(1..=5);
+            let e = w * epr;
             let chunks = [1, 2, 4][rng.gen_range(0..3)];
             let tokens = rng.gen_range(0..30);
             let counts = random_counts(&mut rng, w, e, tokens);
-            let g = geometry(w, e, chunks, w * 30, 30);
+            let g = Geometry {
+                groups: rng.gen_range(1..=epr),
+                ..geometry(w, e, chunks, w * 30, 30)
+            };
             let pieces = g.data_pieces(0, &counts).unwrap();
             for (to, to_counts) in counts.iter().enumerate() {
                 for buf in [Buf::Recv, Buf::Comb] {
@@ -698,8 +729,18 @@ mod tests {
                         .iter()
                         .filter(|p| p.to == to && p.from == from && p.region.buf == Buf::Comb)
                         .collect();
-                    assert_eq!(comb.len(), chunks);
-                    assert!(comb.iter().all(|p| p.region.rows == sent));
+                    assert_eq!(comb.len(), g.pieces());
+                    for (i, p) in comb.iter().enumerate() {
+                        // In order: groups, then chunks inside each.
+                        assert_eq!(p.kind, Kind::Combine { chunk: i });
+                        assert_eq!(p.signal, g.combine_signal(from, i));
+                        let grp = i / chunks;
+                        let rows: usize = (from * epr + g.group_lo(grp)
+                            ..from * epr + g.group_lo(grp + 1))
+                            .map(|x| to_counts[x] as usize)
+                            .sum();
+                        assert_eq!(p.region.rows, rows, "{p:?}");
+                    }
                     assert_eq!(
                         comb.iter().map(|p| p.region.bytes()).sum::<usize>(),
                         sent * g.row_bytes

@@ -1346,6 +1346,7 @@ mod tests {
             row_bytes: 16,
             chunks: 1,
             chunk_bytes: 16,
+            groups: 1,
             recv_rows: 8,
             send_rows: 8,
             top_k: 2,

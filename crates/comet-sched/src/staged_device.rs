@@ -1475,12 +1475,14 @@ mod tests {
                 row_bytes: 2 * 64 * rng.gen_range(1..=4),
                 chunks: 1,
                 chunk_bytes: 0,
+                groups: 1,
                 recv_rows: recv,
                 send_rows: 7 * e,
                 top_k: 2,
             };
             let geo = Geometry {
                 chunk_bytes: geo.row_bytes,
+                groups: 1,
                 ..geo
             };
             let len = geo.inbox_bytes(Buf::Recv);

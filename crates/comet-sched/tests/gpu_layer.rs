@@ -600,13 +600,19 @@ fn small_layer_two_ranks() {
 #[ignore = "needs a GPU"]
 fn the_device_layout_equals_comet_core_s() {
     // comet-core's LayoutPlan is the reference of what comet_layout derives.
-    for (w, experts, kind) in [
-        (2, 8, RoutingKind::Zipf(1.2)),
-        (4, 8, RoutingKind::SomeEmpty),
-        (4, 8, RoutingKind::SilentRank),
+    for (w, experts, kind, groups) in [
+        (2, 8, RoutingKind::Zipf(1.2), 1),
+        (4, 8, RoutingKind::SomeEmpty, 1),
+        (4, 8, RoutingKind::SilentRank, 1),
+        (2, 8, RoutingKind::Zipf(1.2), 3),
+        (4, 8, RoutingKind::SomeEmpty, 2),
     ] {
         let c = cfg(w, 256, experts, 2);
-        let mut h = Harness::new(&c, 96, &opts(&c, 96));
+        let o = LayerOptions {
+            expert_groups: Some(groups),
+            ..opts(&c, 96)
+        };
+        let mut h = Harness::new(&c, 96, &o);
         let inputs = h.inputs(&vec![96; w], kind, 77);
         h.call(&inputs, ExecMode::Fused, &format!("layout W={w} {kind:?}"));
         let routings: Vec<Routing> = inputs.iter().map(|i| i.routing.clone()).collect();
@@ -651,14 +657,56 @@ fn the_device_layout_equals_comet_core_s() {
                     );
                 }
             }
-            for src in 0..w {
-                let rows: usize = (0..epr)
-                    .map(|le| plan.recv[me].segment(le, src, w).rows)
+            // Expert group g: local experts [g*epr/groups, (g+1)*epr/groups).
+            let lo = |g: usize| g * epr / groups;
+            let bm = r.layer.plan().tiles.bm;
+            let (ncol1, nc2) = {
+                let p = r.layer.plan();
+                (c.ffn / p.tiles.fc1_cols, p.chunk_cols / p.tiles.fc2_cols)
+            };
+            let chunks = r.layer.plan().chunks;
+            let (mut fc1, mut fc2) = (0, 0);
+            for g in 0..groups {
+                for src in 0..w {
+                    let rows: usize = (lo(g)..lo(g + 1))
+                        .map(|le| plan.recv[me].segment(le, src, w).rows)
+                        .sum();
+                    assert_eq!(
+                        d.rows_from[g * w + src] as usize,
+                        rows,
+                        "rows from {src} in group {g} at rank {me}"
+                    );
+                }
+                // Every local expert's rows in whole row tiles, the group's
+                // runs back to back in both lists.
+                let row_tiles: usize = (lo(g)..lo(g + 1))
+                    .map(|le| {
+                        (0..w)
+                            .map(|s| plan.recv[me].segment(le, s, w).rows)
+                            .sum::<usize>()
+                    })
+                    .map(|rows| rows.div_ceil(bm))
                     .sum();
+                let t = d.groups[g];
                 assert_eq!(
-                    d.rows_from[src] as usize, rows,
-                    "rows from {src} at rank {me}"
+                    (
+                        t.fc1_first,
+                        t.fc1_tiles,
+                        t.fc2_first,
+                        t.fc2_tiles,
+                        t.piece_tiles
+                    ),
+                    (
+                        fc1 as i32,
+                        (row_tiles * ncol1) as i32,
+                        fc2 as i32,
+                        (row_tiles * nc2 * chunks) as i32,
+                        (row_tiles * nc2) as i32
+                    ),
+                    "group {g} of rank {me}"
                 );
+                fc1 += row_tiles * ncol1;
+                fc2 += row_tiles * nc2 * chunks;
             }
         }
     }
@@ -693,6 +741,58 @@ fn a_rank_that_never_calls_is_a_timeout_naming_its_count_signal() {
         let text = e.to_string();
         let named = text.contains("count(src 1)") || (staged && text.contains("count(1)"));
         assert!(text.contains("rank 0") && named, "staged {staged}: {text}");
+    }
+}
+
+/// Expert groups given (the toy layers' GEMMs are too short for the
+/// model to pay a group's fixed cost): FC1 and FC2 run group by group and
+/// each group's combine pieces leave on their own, over nvlink and staged
+/// (a row per (token, expert): a token-once combine sums per rank); every
+/// routing at T = 0, 1 and the capacity, both modes, then ten calls with
+/// changing routing and T.
+#[test]
+#[ignore = "needs a GPU"]
+fn expert_groups_match_the_reference() {
+    // (staged, W, experts, groups, capacity)
+    for (staged, w, experts, groups, cap) in [
+        (false, 2, 8, 2, 128),
+        (false, 2, 8, 4, 96),
+        (false, 4, 8, 2, 96),
+        (true, 2, 8, 3, 128),
+        (true, 3, 6, 2, 96),
+    ] {
+        let c = cfg(w, 256, experts, 2);
+        let o = LayerOptions {
+            wire_format: WireFormat::Rows,
+            expert_groups: Some(groups),
+            ..opts(&c, cap)
+        };
+        let mut h = Harness::build(&c, cap, &o, staged);
+        assert_eq!(h.world.ranks()[0].layer.plan().groups, groups);
+        for (i, kind) in routings().into_iter().enumerate() {
+            for tokens in [0, 1, cap] {
+                let toks: Vec<usize> = (0..w).map(|r| tokens.saturating_sub(r * 3)).collect();
+                let inputs = h.inputs(&toks, kind, (i * 10 + tokens) as u64);
+                for mode in modes() {
+                    let label = format!(
+                        "groups {groups} staged {staged} W={w} {kind:?} T={tokens} {mode:?}"
+                    );
+                    h.call(&inputs, mode, &label);
+                }
+            }
+        }
+        for call in 0..10u64 {
+            let toks: Vec<usize> = (0..w)
+                .map(|r| 1 + ((call as usize * 53 + r * 97) % cap))
+                .collect();
+            let kind = routings()[call as usize % 5];
+            let inputs = h.inputs(&toks, kind, 2000 + call);
+            h.call(
+                &inputs,
+                ExecMode::Fused,
+                &format!("groups {groups} staged {staged} W={w} call {call} {kind:?}"),
+            );
+        }
     }
 }
 

@@ -742,6 +742,7 @@ fn malformed_counts_and_shapes_are_named_errors() {
     assert!(shape_err(Geometry { chunks: 0, ..g }).contains("0 chunks"));
     assert!(shape_err(Geometry {
         chunk_bytes: 10,
+        groups: 1,
         ..g
     })
     .contains("row of 32 bytes"));

@@ -775,6 +775,7 @@ fn config(w: usize, epr: usize) -> (MoeConfig, Geometry) {
         row_bytes: 2 * H,
         chunks,
         chunk_bytes: 2 * H / chunks,
+        groups: 1,
         recv_rows: w * tokens * 2,
         // Slots (`token * top_k + j`), a bound on the rows sent too.
         send_rows: tokens * 2 * cfg.top_k,

@@ -245,6 +245,7 @@ fn geometry(w: usize) -> (MoeConfig, Geometry) {
         row_bytes: 2 * HIDDEN,
         chunks: CHUNKS,
         chunk_bytes: 2 * HIDDEN / CHUNKS,
+        groups: 1,
         recv_rows: w * rows,
         send_rows: rows,
         top_k: TOP_K,

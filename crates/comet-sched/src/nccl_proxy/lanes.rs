@@ -242,6 +242,7 @@ mod tests {
             row_bytes: 64,
             chunks,
             chunk_bytes: 64 / chunks,
+            groups: 1,
             recv_rows: 16,
             send_rows: 8,
             top_k: 2,

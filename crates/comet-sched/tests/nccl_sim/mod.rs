@@ -68,6 +68,7 @@ impl Shape {
             row_bytes: 2 * self.hidden,
             chunks: self.hidden / self.chunk_cols,
             chunk_bytes: 2 * self.chunk_cols,
+            groups: 1,
             recv_rows: recv as usize + slack,
             send_rows: send as usize + slack,
             top_k: 1,

@@ -6,7 +6,7 @@
 # (a call may run 10 minutes, a session has 30):
 #   bash scripts/device-checks.sh first   # what the last session left unrun (the staged tests' rare timeout, copies behind calls, a bench row), ~8 min; then py
 #   bash scripts/device-checks.sh groups  # expert groups (FC1 then FC2 group by group): the layer tests over nvlink and staged, ~4 min
-#   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, groups 1, 2, 4 in turns, ~8 min
+#   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, the model's groups and others in turns, ~4 min
 #   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
 #   bash scripts/device-checks.sh sanitize # ... and its kernels under compute-sanitizer, ~4 min
@@ -82,14 +82,14 @@ groups)
 groupbench)
   # Issue 16's equal point over UCX shared memory, both ranks in one
   # process, a row per (token, expert) both ways (a token-once combine
-  # cannot be split by group): mixtral-8x7b and phi3.5-moe (top-2, where
-  # the rows wire puts comm-only near GEMM-only), expert groups 1 (the
-  # per-layer overlap), 2 and 4 in turns. GROUPS_ROUNDS (default 1).
+  # cannot be split by group; one token-once row for reference):
+  # qwen2-moe at F 5632 and mixtral-8x7b (comm-only near GEMM-only there),
+  # the cost model's groups and groups given, in turns. GROUPS_ROUNDS
+  # (default 1).
   for round in $(seq ${GROUPS_ROUNDS:-1}); do
-    for p in mixtral-8x7b phi3.5-moe; do
-      for g in 1 2 4; do
-        step "groups $p g=$g round $round" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 110 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --wire rows --groups $g 2>&1 | tee $O/groups_${p}_g${g}_r$round.md | grep -E '^[|]|overlapped|bound|phases'"
-      done
+    for spec in "qwen2-moe --ffn 5632|--wire rows" "qwen2-moe --ffn 5632|--wire rows --groups 16" "qwen2-moe --ffn 5632|--wire rows --groups 1" "qwen2-moe --ffn 5632|--wire rows --groups 8" "qwen2-moe --ffn 5632|--wire tokens" "mixtral-8x7b|--wire rows" "mixtral-8x7b|--wire rows --groups 4" "mixtral-8x7b|--wire rows --groups 1"; do
+      p=${spec%%|*}; f=${spec#*|}; n=$(echo "$p $f" | tr -c 'a-z0-9.\n' _)
+      step "groups $p $f round $round" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 120 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --link-gbps 6 $f 2>&1 | tee $O/groups_${n}_r$round.md | grep -E '^[|] [a-z]|overlapped:|bound'"
     done
   done
   ;;

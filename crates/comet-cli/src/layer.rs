@@ -420,7 +420,8 @@ impl CpuPlan {
             dev.block_gbps = l.gbps;
             dev.link_latency_us = l.latency.as_secs_f64() * 1e6;
         }
-        let est = CostModel::estimate(cfg, a.tokens, &dev);
+        // The CPU executor runs the per-layer protocol: one expert group.
+        let est = CostModel::estimate_groups(cfg, a.tokens, &dev, 1);
         let shape = TileShape {
             bm: a.bm,
             chunk_cols: est.shape.chunk_cols,

@@ -189,7 +189,7 @@ struct LayoutParams {
   int* send_off;            // [E + 1] this rank's send order: global expert order
   int* dest_row;            // [E] first row of (e, this rank) on e's owner
   int* segs;                // [epr * W][4]: row, rows, src, src's send position
-  int* rows_from;           // [W] rows received from each source
+  int* rows_from;           // [groups][W] rows received from each source, per expert group
   int* send_slots;          // [slots] slot at each send position
   TileDesc* fc1;            // [max_row_tiles * ncol1]
   TileDesc* fc2;            // [max_row_tiles * nc2 * chunks]

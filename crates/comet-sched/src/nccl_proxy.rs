@@ -140,7 +140,7 @@ pub fn check_geometry(geo: &Geometry, rank: usize) -> Result<usize, SchedError> 
             geo.chunks, geo.chunk_bytes, geo.row_bytes
         ));
     }
-    if geo.groups == 0 || geo.groups > e / w {
+    if geo.groups == 0 || geo.groups > (e / w).min(comet_core::cost::MAX_GROUPS) {
         return bad(format!(
             "{} expert groups of {} local experts",
             geo.groups,

@@ -303,10 +303,16 @@ impl World {
                     }
                 }
             }
-            Kind::Combine { chunk } => {
-                let cb = self.geo.chunk_bytes;
-                let first = from * epr;
-                for (ge, &rows) in truth[rank].iter().enumerate().skip(first).take(epr) {
+            Kind::Combine { chunk: j } => {
+                // Piece j: column chunk `chunk` of expert group `grp`.
+                let (cb, grp, chunk) = (
+                    self.geo.chunk_bytes,
+                    j / self.geo.chunks,
+                    j % self.geo.chunks,
+                );
+                let (lo, hi) = (self.geo.group_lo(grp), self.geo.group_lo(grp + 1));
+                let first = from * epr + lo;
+                for (ge, &rows) in truth[rank].iter().enumerate().skip(first).take(hi - lo) {
                     for i in 0..rows as usize {
                         let at = (plan.send_offset(rank, ge) + i) * rb + chunk * cb;
                         let want = row_bytes(rb, epoch, rank, ge, i, true);
@@ -420,9 +426,10 @@ impl World {
                         }
                     }
                     let cb = g.chunk_bytes;
-                    for ch in 0..g.chunks {
+                    for j in 0..g.pieces() {
+                        let (grp, ch) = (j / g.chunks, j % g.chunks);
                         for s in 0..w {
-                            for ge in me * epr..(me + 1) * epr {
+                            for ge in me * epr + g.group_lo(grp)..me * epr + g.group_lo(grp + 1) {
                                 for i in 0..self.ranks[me].counts[s][ge] {
                                     let at = (self.plans[c].send_offset(s, ge) + i) * rb + ch * cb;
                                     let b = row_bytes(rb, epoch, s, ge, i, true);
@@ -430,7 +437,7 @@ impl World {
                                 }
                             }
                             if s != me {
-                                self.kernel_raise(me, s, g.combine_signal(me, ch));
+                                self.kernel_raise(me, s, g.combine_signal(me, j));
                             }
                         }
                     }
@@ -441,11 +448,11 @@ impl World {
                         me,
                         (0..w)
                             .filter(|&o| o != me)
-                            .flat_map(|o| (0..g.chunks).map(move |ch| g.combine_signal(o, ch))),
+                            .flat_map(|o| (0..g.pieces()).map(move |ch| g.combine_signal(o, ch))),
                     ) =>
                 {
                     for o in (0..w).filter(|&o| o != me) {
-                        for ch in 0..g.chunks {
+                        for ch in 0..g.pieces() {
                             self.check_signal(me, Kind::Combine { chunk: ch }, o)
                                 .map_err(|m| format!("rank {me} reduce: {m}"))?;
                         }
@@ -521,7 +528,7 @@ impl World {
                     for le in 0..self.shape.epr {
                         want.insert((epoch, g.dispatch_signal(le, from)), 1);
                     }
-                    for ch in 0..g.chunks {
+                    for ch in 0..g.pieces() {
                         want.insert((epoch, g.combine_signal(from, ch)), 1);
                     }
                 }
@@ -830,6 +837,7 @@ fn a_world_of_one_moves_nothing() {
         epr: 3,
         hidden: 16,
         chunk_cols: 8,
+        groups: 1,
     };
     let calls = vec![vec![vec![4, 0, 2]], vec![vec![0, 0, 0]]];
     let geo = shape.geometry(&calls, 0);
@@ -856,6 +864,7 @@ fn a_kernel_that_never_raises_is_named_after_the_timeout() {
         epr: 1,
         hidden: 8,
         chunk_cols: 8,
+        groups: 1,
     };
     let calls = vec![vec![vec![1, 2, 0], vec![0, 1, 1], vec![2, 0, 0]]];
     let geo = shape.geometry(&calls, 0);
@@ -896,6 +905,7 @@ fn a_failing_lane_ends_the_call_at_once() {
         epr: 2,
         hidden: 16,
         chunk_cols: 8,
+        groups: 1,
     };
     let calls = vec![
         vec![

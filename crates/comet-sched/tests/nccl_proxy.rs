@@ -347,9 +347,15 @@ impl Sim {
                     }
                 }
             }
-            Kind::Combine { chunk } => {
-                let cb = self.geo.chunk_bytes;
-                for ge in from * epr..(from + 1) * epr {
+            Kind::Combine { chunk: j } => {
+                // Piece j: column chunk `chunk` of expert group `grp`.
+                let (cb, grp, chunk) = (
+                    self.geo.chunk_bytes,
+                    j / self.geo.chunks,
+                    j % self.geo.chunks,
+                );
+                let (lo, hi) = (self.geo.group_lo(grp), self.geo.group_lo(grp + 1));
+                for ge in from * epr + lo..from * epr + hi {
                     for i in 0..self.truth[rank][ge] as usize {
                         let at = (self.plan.send_offset(rank, ge) + i) * rb + chunk * cb;
                         let want = row_bytes(rb, self.epoch, rank, ge, i, true);
@@ -468,11 +474,13 @@ impl Sim {
                         }
                     }
                 }
-                // FC, then each answer chunk into its source's combine rows.
+                // FC, then each answer piece (column chunk c of expert
+                // group grp) into its source's combine rows.
                 let cb = g.chunk_bytes;
-                for c in 0..g.chunks {
+                for j in 0..g.pieces() {
+                    let (grp, c) = (j / g.chunks, j % g.chunks);
                     for s in 0..w {
-                        for ge in me * epr..(me + 1) * epr {
+                        for ge in me * epr + g.group_lo(grp)..me * epr + g.group_lo(grp + 1) {
                             for i in 0..self.ranks[me].counts[s][ge] {
                                 let at = (self.plan.send_offset(s, ge) + i) * rb + c * cb;
                                 let b = row_bytes(rb, epoch, s, ge, i, true);
@@ -480,7 +488,7 @@ impl Sim {
                             }
                         }
                         if s != me {
-                            self.kernel_raise(me, s, g.combine_signal(me, c));
+                            self.kernel_raise(me, s, g.combine_signal(me, j));
                         }
                     }
                 }
@@ -492,11 +500,11 @@ impl Sim {
                     me,
                     (0..w)
                         .filter(|&o| o != me)
-                        .flat_map(|o| (0..g.chunks).map(move |c| g.combine_signal(o, c))),
+                        .flat_map(|o| (0..g.pieces()).map(move |c| g.combine_signal(o, c))),
                 ) =>
             {
                 for o in 0..w {
-                    for c in 0..g.chunks {
+                    for c in 0..g.pieces() {
                         if let Err(m) = self.check_signal(me, Kind::Combine { chunk: c }, o) {
                             panic!("rank {me} reduce: {m}");
                         }
@@ -544,7 +552,7 @@ impl Sim {
                 for le in 0..self.shape.epr {
                     want.insert(g.dispatch_signal(le, from), 1);
                 }
-                for c in 0..g.chunks {
+                for c in 0..g.pieces() {
                     want.insert(g.combine_signal(from, c), 1);
                 }
             }
@@ -619,6 +627,7 @@ fn nothing_routed_and_a_world_of_one() {
             epr: 2,
             hidden: 16,
             chunk_cols: 8,
+            groups: 1,
         };
         let zero = vec![vec![0; shape.experts()]; w];
         run(&mut rng, shape, 3, vec![zero.clone(), zero], w as u64);
@@ -628,6 +637,7 @@ fn nothing_routed_and_a_world_of_one() {
         epr: 3,
         hidden: 16,
         chunk_cols: 8,
+        groups: 1,
     };
     run(&mut rng, shape, 4, vec![vec![vec![4, 0, 2]]], 9);
 }
@@ -660,6 +670,7 @@ fn one_pair_keeps_its_order_while_others_go() {
         epr: 2,
         hidden: 8,
         chunk_cols: 8,
+        groups: 1,
     };
     let counts = vec![vec![1, 2, 3, 4, 0, 6], vec![0; 6], vec![0; 6]];
     let g = shape.geometry(std::slice::from_ref(&counts), 0);
@@ -714,6 +725,7 @@ fn malformed_counts_and_shapes_are_named_errors() {
         epr: 2,
         hidden: 16,
         chunk_cols: 8,
+        groups: 1,
     };
     let g = Geometry {
         recv_rows: 10,
@@ -771,6 +783,7 @@ fn driver_mistakes_are_errors_naming_the_rank() {
         epr: 1,
         hidden: 8,
         chunk_cols: 8,
+        groups: 1,
     };
     let g = shape.geometry(&[vec![vec![1, 1], vec![1, 1]]], 0);
     assert!(matches!(
@@ -834,6 +847,7 @@ fn the_simulator_catches_a_landing_one_row_off() {
         epr: 1,
         hidden: 8,
         chunk_cols: 8,
+        groups: 1,
     };
     let counts = vec![vec![2, 3], vec![1, 2]];
     let geo = shape.geometry(std::slice::from_ref(&counts), 2);

@@ -643,12 +643,15 @@ impl Kernel<'_> {
                 }
             }
         }
-        let cb = self.g.chunk_bytes;
-        let mut order: Vec<usize> = (0..self.g.chunks).collect();
+        // Layer1 pieces: column chunk c of expert group g's rows, as
+        // j = g * chunks + c, in random order.
+        let (cb, chunks) = (self.g.chunk_bytes, self.g.chunks);
+        let mut order: Vec<usize> = (0..self.g.pieces()).collect();
         order.shuffle(&mut self.rng);
-        for c in order {
+        for j in order {
+            let (grp, c) = (j / chunks, j % chunks);
             for (s, from_s) in counts.iter().enumerate() {
-                for le in 0..epr {
+                for le in self.g.group_lo(grp)..self.g.group_lo(grp + 1) {
                     let ge = me * epr + le;
                     for i in 0..from_s[ge] {
                         let pos = plan.send_offset(s, ge) + i;
@@ -658,18 +661,20 @@ impl Kernel<'_> {
                 }
                 self.jitter();
                 if s != me {
-                    self.raise(s, self.g.combine_signal(me, c), epoch);
+                    self.raise(s, self.g.combine_signal(me, j), epoch);
                 }
             }
         }
-        // This rank's answers from every other owner, each chunk checked
+        // This rank's answers from every other owner, each piece checked
         // after its signal.
         for o in (0..w).filter(|&o| o != me) {
-            for c in 0..self.g.chunks {
-                self.wait(self.g.combine_signal(o, c), epoch)?;
+            for j in 0..self.g.pieces() {
+                let (grp, c) = (j / chunks, j % chunks);
+                self.wait(self.g.combine_signal(o, j), epoch)?;
                 let comb = self.dev.own[2].lock().unwrap();
+                let les = self.g.group_lo(grp)..self.g.group_lo(grp + 1);
                 let check = match self.wire {
-                    WireFormat::Rows => self.check_rows(&comb, epoch, o, c, &counts, &plan),
+                    WireFormat::Rows => self.check_rows(&comb, epoch, (o, les), c, &counts, &plan),
                     WireFormat::Tokens => self.check_sums(&comb, epoch, o, c, &routes[me], &plan),
                 };
                 check.map_err(|m| format!("rank {me} call {epoch}: {m}"))?;
@@ -683,19 +688,26 @@ impl Kernel<'_> {
 }
 
 impl Kernel<'_> {
-    /// Rows: every answer of owner `o`, chunk `c`, exactly.
+    /// Rows: every answer of owner `o`'s local experts `les` (an expert
+    /// group), chunk `c`, exactly.
     fn check_rows(
         &self,
         comb: &[u8],
         epoch: u64,
-        o: usize,
+        (o, les): (usize, Range<usize>),
         c: usize,
         counts: &[Vec<usize>],
         plan: &LayoutPlan,
     ) -> Result<(), String> {
         let (me, cb) = (self.me, self.g.chunk_bytes);
         let epr = self.g.experts / self.g.ranks;
-        for (ge, &n) in counts[me].iter().enumerate().skip(o * epr).take(epr) {
+        let experts = o * epr + les.start..o * epr + les.end;
+        for (ge, &n) in counts[me]
+            .iter()
+            .enumerate()
+            .skip(experts.start)
+            .take(experts.len())
+        {
             for i in 0..n {
                 let at = (plan.send_offset(me, ge) + i) * 2 * H + c * cb;
                 if comb[at..at + cb] != answer(epoch, me, ge, i)[c * cb..(c + 1) * cb] {
@@ -893,7 +905,14 @@ fn check_stats(epoch: u64, want: &Expect, got: &StagedStats) -> Result<(), Strin
 }
 
 fn run_world(w: usize, epr: usize, calls: u64, seed: u64, wire: WireFormat) {
-    let (cfg, g) = config(w, epr);
+    run_world_groups(w, epr, 1, calls, seed, wire);
+}
+
+/// As `run_world`, with the local experts in `groups` expert groups: the
+/// combine travels as one piece per (group, column chunk).
+fn run_world_groups(w: usize, epr: usize, groups: usize, calls: u64, seed: u64, wire: WireFormat) {
+    let (cfg, mut g) = config(w, epr);
+    g.groups = groups;
     let world = local_world(
         w,
         Some(DelayModel {
@@ -923,6 +942,16 @@ fn two_ranks_thirty_calls() {
     run_world(2, 2, 30, 1, WireFormat::Tokens);
     run_world(2, 2, 30, 3, WireFormat::Tokens);
     run_world(2, 2, 30, 1, WireFormat::Rows);
+}
+
+/// Expert groups (a row per (token, expert): a token-once combine sums a
+/// token's rows per rank, which a group cannot split): each group's
+/// combine pieces carry exactly its rows, checked after their signals.
+#[test]
+fn expert_groups_carry_each_groups_rows() {
+    run_world_groups(2, 3, 2, 20, 1, WireFormat::Rows);
+    run_world_groups(3, 4, 3, 12, 2, WireFormat::Rows);
+    run_world_groups(2, 2, 2, 12, 3, WireFormat::Rows);
 }
 
 #[test]

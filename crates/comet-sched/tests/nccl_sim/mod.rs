@@ -18,16 +18,21 @@ pub struct Shape {
     pub epr: usize,
     pub hidden: usize,
     pub chunk_cols: usize,
+    /// Expert groups of each rank's local experts (combine pieces per
+    /// group and column chunk).
+    pub groups: usize,
 }
 
 impl Shape {
     pub fn random(rng: &mut ChaCha8Rng, w: usize) -> Shape {
         let hidden = [8, 16, 24][rng.gen_range(0..3)];
+        let epr = rng.gen_range(1..=3);
         Shape {
             w,
-            epr: rng.gen_range(1..=3),
+            epr,
             hidden,
             chunk_cols: [8, hidden][rng.gen_range(0..2)],
+            groups: rng.gen_range(1..=epr),
         }
     }
 
@@ -68,7 +73,7 @@ impl Shape {
             row_bytes: 2 * self.hidden,
             chunks: self.hidden / self.chunk_cols,
             chunk_bytes: 2 * self.chunk_cols,
-            groups: 1,
+            groups: self.groups,
             recv_rows: recv as usize + slack,
             send_rows: send as usize + slack,
             top_k: 1,

@@ -307,6 +307,13 @@ fn every_routing(staged: bool, shapes: &[(usize, usize, usize, usize, usize)]) {
     }
 }
 
+/// Each rank's tokens of call `call` of a run of changing T: 1 to `cap`.
+fn changing_tokens(call: u64, w: usize, cap: usize) -> Vec<usize> {
+    (0..w)
+        .map(|r| 1 + ((call as usize * 53 + r * 97) % cap))
+        .collect()
+}
+
 /// 30 calls on the same buffers with changing routing, T and mode; staged
 /// ranks' transport delays every put and signal by up to 300 us, and their
 /// proxies send dispatch rows as `wire` says.
@@ -322,9 +329,7 @@ fn thirty_calls(staged: bool, w: usize, experts: usize, cap: usize, wire: WireFo
     };
     let mut h = Harness::world(&c, cap, &o, staged.then_some(Some(delay)));
     for call in 0..30u64 {
-        let toks: Vec<usize> = (0..w)
-            .map(|r| 1 + ((call as usize * 53 + r * 97) % cap))
-            .collect();
+        let toks = changing_tokens(call, w, cap);
         let kind = routings()[call as usize % 5];
         let inputs = h.inputs(&toks, kind, 1000 + call);
         let mode = modes()[call as usize % 2];
@@ -782,9 +787,7 @@ fn expert_groups_match_the_reference() {
             }
         }
         for call in 0..10u64 {
-            let toks: Vec<usize> = (0..w)
-                .map(|r| 1 + ((call as usize * 53 + r * 97) % cap))
-                .collect();
+            let toks = changing_tokens(call, w, cap);
             let kind = routings()[call as usize % 5];
             let inputs = h.inputs(&toks, kind, 2000 + call);
             h.call(

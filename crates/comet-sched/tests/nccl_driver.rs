@@ -24,7 +24,7 @@ use comet_core::layout::LayoutPlan;
 use comet_sched::nccl_proxy::{NcclLanes, NcclProxy, NcclStats, Op};
 use comet_sched::proxy_plan::{Buf, Geometry, Kind, Piece};
 use comet_sched::SchedError;
-use nccl_sim::{pack, random_counts, row_bytes, unpack, Shape, POISON};
+use nccl_sim::{pack, piece_experts, random_counts, row_bytes, unpack, Shape, POISON};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{HashMap, VecDeque};
@@ -304,16 +304,10 @@ impl World {
                 }
             }
             Kind::Combine { chunk: j } => {
-                // Piece j: column chunk `chunk` of expert group `grp`.
-                let (cb, grp, chunk) = (
-                    self.geo.chunk_bytes,
-                    j / self.geo.chunks,
-                    j % self.geo.chunks,
-                );
-                let (lo, hi) = (self.geo.group_lo(grp), self.geo.group_lo(grp + 1));
-                let first = from * epr + lo;
-                for (ge, &rows) in truth[rank].iter().enumerate().skip(first).take(hi - lo) {
-                    for i in 0..rows as usize {
+                let cb = self.geo.chunk_bytes;
+                let (experts, chunk) = piece_experts(&self.geo, from, j);
+                for ge in experts {
+                    for i in 0..truth[rank][ge] as usize {
                         let at = (plan.send_offset(rank, ge) + i) * rb + chunk * cb;
                         let want = row_bytes(rb, epoch, rank, ge, i, true);
                         if own[Buf::Comb.index()][at..at + cb] != want[chunk * cb..(chunk + 1) * cb]

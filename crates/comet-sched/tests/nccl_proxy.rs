@@ -25,7 +25,7 @@ use comet_core::MoeConfig;
 use comet_sched::nccl_proxy::{check_geometry, read_counts, Action, Op, PairScheduler, Phase};
 use comet_sched::proxy_plan::{Buf, Geometry, Kind, Piece};
 use comet_sched::SchedError;
-use nccl_sim::{pack, random_counts, row_bytes, unpack, Shape, POISON};
+use nccl_sim::{pack, piece_experts, random_counts, row_bytes, unpack, Shape, POISON};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{HashMap, VecDeque};
@@ -348,14 +348,9 @@ impl Sim {
                 }
             }
             Kind::Combine { chunk: j } => {
-                // Piece j: column chunk `chunk` of expert group `grp`.
-                let (cb, grp, chunk) = (
-                    self.geo.chunk_bytes,
-                    j / self.geo.chunks,
-                    j % self.geo.chunks,
-                );
-                let (lo, hi) = (self.geo.group_lo(grp), self.geo.group_lo(grp + 1));
-                for ge in from * epr + lo..from * epr + hi {
+                let cb = self.geo.chunk_bytes;
+                let (experts, chunk) = piece_experts(&self.geo, from, j);
+                for ge in experts {
                     for i in 0..self.truth[rank][ge] as usize {
                         let at = (self.plan.send_offset(rank, ge) + i) * rb + chunk * cb;
                         let want = row_bytes(rb, self.epoch, rank, ge, i, true);

@@ -7,6 +7,7 @@ use comet_core::{Dtype, MoeConfig};
 use comet_sched::proxy_plan::{Geometry, Region};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use std::ops::Range;
 
 pub const POISON: u8 = 0xA5;
 
@@ -79,6 +80,18 @@ impl Shape {
             top_k: 1,
         }
     }
+}
+
+/// Combine piece `j` of owner `from`: the global experts whose rows it
+/// carries (expert group `j / chunks` of `from`'s) and its column chunk.
+pub fn piece_experts(geo: &Geometry, from: usize, j: usize) -> (Range<usize>, usize) {
+    let epr = geo.experts / geo.ranks;
+    let (grp, chunk) = (j / geo.chunks, j % geo.chunks);
+    let first = from * epr;
+    (
+        first + geo.group_lo(grp)..first + geo.group_lo(grp + 1),
+        chunk,
+    )
 }
 
 /// Row `i` of expert `e` sent by `src` in call `epoch`, or (`back`) what

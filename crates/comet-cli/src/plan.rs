@@ -6,7 +6,7 @@ use crate::shape::ShapeArgs;
 use crate::split_args::SplitArgs;
 use anyhow::{bail, Result};
 use clap::Args;
-use comet_core::cost::{CostEstimate, CostModel, DeviceFigures};
+use comet_core::cost::{CostEstimate, CostModel, DeviceFigures, WireFormat};
 use comet_core::schedule::{Layer0Schedule, Layer1Schedule, SignalMap};
 use comet_core::{LayoutPlan, MoeConfig, Preset, Routing, RoutingKind};
 use comet_kernels::Family;
@@ -34,6 +34,12 @@ pub struct PlanArgs {
     /// h200-same-gpu (ranks sharing one GPU, as `comet bench --gpu` runs them).
     #[arg(long, default_value = "h200-nvlink")]
     pub device: String,
+    /// How a host proxy sends rows (`--device h200-socket`): `tokens`
+    /// (each token once per rank, both ways; the proxy's default) or
+    /// `rows` (a row per (token, expert); expert groups need it behind a
+    /// proxy). Kernels storing into peers always store rows.
+    #[arg(long)]
+    pub wire: Option<String>,
     /// Ranks sharing one GPU (each gets its share of the SMs) for the
     /// device forward's plan; `comet bench --gpu` puts rank r on visible
     /// GPU r mod their count (all W on one GPU where there is one).
@@ -57,6 +63,24 @@ pub fn device_figures(name: &str) -> Result<DeviceFigures> {
             "unknown --device '{other}' (known: h200-nvlink, h200-socket, h200-same-gpu)"
         ),
     }
+}
+
+/// `--device`'s figures with `--wire`'s format, which only a proxy's link
+/// (`h200-socket`) takes.
+fn plan_figures(a: &PlanArgs) -> Result<DeviceFigures> {
+    let mut dev = device_figures(&a.device)?;
+    if let Some(w) = &a.wire {
+        anyhow::ensure!(
+            dev.proxy,
+            "--wire is how a host proxy sends rows: give it with --device h200-socket"
+        );
+        dev.wire = match w.as_str() {
+            "rows" => WireFormat::Rows,
+            "tokens" => WireFormat::Tokens,
+            other => bail!("unknown --wire '{other}' (known: rows, tokens)"),
+        };
+    }
+    Ok(dev)
 }
 
 /// Bytes `comet plan` holds: every rank's routing (ids and weights), the
@@ -94,7 +118,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         a.rank,
         cfg.ranks
     );
-    let dev = device_figures(&a.device)?;
+    let dev = plan_figures(&a)?;
     let est = CostModel::estimate(&cfg, a.tokens, &dev);
     let routings: Vec<Routing> = (0..cfg.ranks)
         .map(|r| Routing::generate(&cfg, r, a.tokens, kind, a.seed))

@@ -171,6 +171,37 @@ fn plan_names_the_dispatch_format_of_the_link() {
     assert!(socket.contains("dispatch token-once"), "{socket}");
 }
 
+/// Expert groups in the plan: the model's where a combine overlaps,
+/// given ones shown, and refused behind a token-once proxy by name.
+#[test]
+fn plan_shows_expert_groups_given_and_refuses_them_token_once() {
+    let args = [
+        "plan",
+        "--preset",
+        "qwen2-moe",
+        "--ranks",
+        "2",
+        "--tokens",
+        "1024",
+        "--device",
+        "h200-socket",
+    ];
+    let rows = succeeds(&[&args[..], &["--wire", "rows", "--groups", "4"]].concat());
+    assert!(rows.contains("expert groups: 4 ("), "{rows}");
+    assert!(
+        rows.contains("dispatch a row per (token, expert)"),
+        "{rows}"
+    );
+    let tokens = succeeds(&args);
+    assert!(tokens.contains("expert groups: 1 ("), "{tokens}");
+    let refused = [&args[..], &["--groups", "4"]].concat();
+    one_error_line(&refused, &comet(&refused), "token-once");
+    let nvlink = ["plan", "--wire", "rows"];
+    one_error_line(&nvlink, &comet(&nvlink), "--device h200-socket");
+    let bad = ["plan", "--device", "h200-socket", "--wire", "bytes"];
+    one_error_line(&bad, &comet(&bad), "unknown --wire 'bytes'");
+}
+
 #[test]
 fn bad_input_is_one_clear_line_and_a_failure() {
     for (args, needle) in [

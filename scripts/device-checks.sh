@@ -27,6 +27,11 @@
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
 # ucx, wire and ucxbench (issue 16); nccl and multi need a 2-GPU kind.
+# Expert groups (since b4f834f) ran on H100s only: on an H200, groups then
+# groupbench (with GROUPS_ROUNDS=2 where time allows) give their figures
+# there; on the H200 qwen2-moe's F 5632 is far from the equal point (its
+# GEMMs are faster, the shared-memory link is not), so groupbench's
+# shapes may want a larger F there.
 # Each step prints its summary lines and `=== rc=N`; full logs go to $OUT
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.

@@ -831,7 +831,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
                 rank,
                 message: format!(
                     "device wait timed out on {}",
-                    signal_name(&self.map, signal as usize)
+                    signal_name(&self.map, self.plan.groups, signal as usize)
                 ),
             },
             Some(source) => SchedError::Kernel { rank, source },
@@ -1427,8 +1427,19 @@ impl<T: DeviceTransport> MoeLayer<T> {
 }
 
 /// Names a signal by its absolute index in a rank's signal array.
-pub fn signal_name(map: &SignalMap, index: usize) -> String {
+/// `groups`: the layer's expert groups; the map's `chunks` are its layer1
+/// pieces, `groups` x column chunks, named by group where there are
+/// several.
+pub fn signal_name(map: &SignalMap, groups: usize, index: usize) -> String {
     let (w, epr, chunks) = (map.ranks, map.experts_per_rank, map.chunks);
+    let cols = (chunks / groups.max(1)).max(1);
+    let piece = |j: usize| {
+        if groups > 1 {
+            format!("group {}, chunk {}", j / cols, j % cols)
+        } else {
+            format!("chunk {j}")
+        }
+    };
     if index < w {
         return format!("count(src {index})");
     }
@@ -1437,9 +1448,14 @@ pub fn signal_name(map: &SignalMap, index: usize) -> String {
         format!("dispatch(expert {}, src {})", i / w, i % w)
     } else if i < epr * w + w * chunks {
         let j = i - epr * w;
-        format!("combine(from {}, chunk {})", j / chunks, j % chunks)
+        format!("combine(from {}, {})", j / chunks, piece(j % chunks))
     } else if i < map.len() {
-        format!("chunk_done({})", i - epr * w - w * chunks)
+        let j = i - epr * w - w * chunks;
+        if groups > 1 {
+            format!("chunk_done({})", piece(j))
+        } else {
+            format!("chunk_done({j})")
+        }
     } else {
         format!("signal {index} (outside the map)")
     }
@@ -1624,20 +1640,29 @@ mod tests {
             experts_per_rank: 3,
             chunks: 4,
         };
-        assert_eq!(signal_name(&map, 1), "count(src 1)");
+        assert_eq!(signal_name(&map, 1, 1), "count(src 1)");
         assert_eq!(
-            signal_name(&map, 2 + map.dispatch(2, 1) as usize),
+            signal_name(&map, 1, 2 + map.dispatch(2, 1) as usize),
             "dispatch(expert 2, src 1)"
         );
         assert_eq!(
-            signal_name(&map, 2 + map.combine(1, 3) as usize),
+            signal_name(&map, 1, 2 + map.combine(1, 3) as usize),
             "combine(from 1, chunk 3)"
         );
         assert_eq!(
-            signal_name(&map, 2 + map.chunk_done(2) as usize),
+            signal_name(&map, 1, 2 + map.chunk_done(2) as usize),
             "chunk_done(2)"
         );
-        assert!(signal_name(&map, 1000).contains("outside"));
+        assert!(signal_name(&map, 1, 1000).contains("outside"));
+        // Two expert groups of two column chunks: piece 3 is group 1's chunk 1.
+        assert_eq!(
+            signal_name(&map, 2, 2 + map.combine(1, 3) as usize),
+            "combine(from 1, group 1, chunk 1)"
+        );
+        assert_eq!(
+            signal_name(&map, 2, 2 + map.chunk_done(2) as usize),
+            "chunk_done(group 1, chunk 0)"
+        );
     }
 
     #[test]

@@ -454,11 +454,20 @@ fn thirty_calls_on_the_same_buffers() {
 #[test]
 #[ignore = "needs a GPU"]
 fn a_captured_graph_replays_with_new_routing() {
-    // W = 1 twice: in sequence, and overlapping its copies (blocks given).
-    for (w, blocks) in [(1, None), (1, Some(4)), (2, None)] {
+    // W = 1 twice: in sequence, and overlapping its copies (blocks given);
+    // W = 2 with one expert group and with two (each group's GEMMs read
+    // their first tile and count on the device, so the graph serves every
+    // call's routing).
+    for (w, blocks, groups) in [
+        (1, None, None),
+        (1, Some(4), None),
+        (2, None, None),
+        (2, None, Some(2)),
+    ] {
         let c = cfg(w, 256, 8, 2);
         let o = LayerOptions {
             comm_blocks: blocks,
+            expert_groups: groups,
             ..opts(&c, 128)
         };
         let mut h = Harness::new(&c, 128, &o);

@@ -151,17 +151,20 @@ fn plan_shows_blocks_given_to_a_rank_alone() {
 
 /// The plan says how dispatch crosses the link: kernels store rows over
 /// NVLink; the socket path is a host proxy's, token-once.
+/// qwen2-moe over 2 ranks, 1024 tokens a rank.
+const QWEN_TWO: [&str; 7] = [
+    "plan",
+    "--preset",
+    "qwen2-moe",
+    "--ranks",
+    "2",
+    "--tokens",
+    "1024",
+];
+
 #[test]
 fn plan_names_the_dispatch_format_of_the_link() {
-    let args = [
-        "plan",
-        "--preset",
-        "qwen2-moe",
-        "--ranks",
-        "2",
-        "--tokens",
-        "1024",
-    ];
+    let args = QWEN_TWO;
     let nvlink = succeeds(&args);
     assert!(
         nvlink.contains("dispatch a row per (token, expert)"),
@@ -175,17 +178,7 @@ fn plan_names_the_dispatch_format_of_the_link() {
 /// given ones shown, and refused behind a token-once proxy by name.
 #[test]
 fn plan_shows_expert_groups_given_and_refuses_them_token_once() {
-    let args = [
-        "plan",
-        "--preset",
-        "qwen2-moe",
-        "--ranks",
-        "2",
-        "--tokens",
-        "1024",
-        "--device",
-        "h200-socket",
-    ];
+    let args = [&QWEN_TWO[..], &["--device", "h200-socket"]].concat();
     let rows = succeeds(&[&args[..], &["--wire", "rows", "--groups", "4"]].concat());
     assert!(rows.contains("expert groups: 4 ("), "{rows}");
     assert!(

@@ -1654,15 +1654,14 @@ mod tests {
             "chunk_done(2)"
         );
         assert!(signal_name(&map, 1, 1000).contains("outside"));
-        // Two expert groups of two column chunks: piece 3 is group 1's chunk 1.
+        // Two expert groups of two column chunks: piece 3 is group 1's
+        // chunk 1, piece 2 its chunk 0.
+        let grouped = |i: u32| signal_name(&map, 2, 2 + i as usize);
         assert_eq!(
-            signal_name(&map, 2, 2 + map.combine(1, 3) as usize),
+            grouped(map.combine(1, 3)),
             "combine(from 1, group 1, chunk 1)"
         );
-        assert_eq!(
-            signal_name(&map, 2, 2 + map.chunk_done(2) as usize),
-            "chunk_done(group 1, chunk 0)"
-        );
+        assert_eq!(grouped(map.chunk_done(2)), "chunk_done(group 1, chunk 0)");
     }
 
     #[test]

@@ -420,11 +420,11 @@ impl CpuPlan {
             dev.block_gbps = l.gbps;
             dev.link_latency_us = l.latency.as_secs_f64() * 1e6;
         }
-        // The CPU executor runs the per-layer protocol: one expert group.
-        let est = CostModel::estimate_groups(cfg, a.tokens, &dev, 1);
+        let est = CostModel::estimate(cfg, a.tokens, &dev);
         let shape = TileShape {
             bm: a.bm,
             chunk_cols: est.shape.chunk_cols,
+            groups: est.groups,
         };
         CpuPlan {
             gflops,
@@ -504,8 +504,8 @@ fn print_cpu_report(
         label, a.tokens, a.routing
     );
     println!(
-        "config: {cfg}; tiles BM {}, {} layer1 chunks of {} columns (cost model)",
-        plan.shape.bm, plan.est.chunks, plan.shape.chunk_cols
+        "config: {cfg}; tiles BM {}, {} layer1 chunks of {} columns, {} expert group(s) (cost model)",
+        plan.shape.bm, plan.est.chunks, plan.shape.chunk_cols, plan.shape.groups
     );
     println!();
     println!(

@@ -163,7 +163,7 @@ fn print_layout(a: &PlanArgs, cfg: &MoeConfig, plan: &LayoutPlan) {
 /// Rank `a.rank`'s layer0 tiles (when each is ready, what it waits on)
 /// and layer1 chunks, at the cost model's tile shape.
 fn print_schedules(a: &PlanArgs, cfg: &MoeConfig, plan: &LayoutPlan, est: &CostEstimate) {
-    let sig = SignalMap::new(cfg, est.chunks);
+    let sig = SignalMap::new(cfg, est.shape.pieces(cfg));
     let l0 = Layer0Schedule::new(plan, a.rank, est.shape, &sig);
     let l1 = Layer1Schedule::new(plan, a.rank, est.shape, &sig);
     let steps = l0.tiles.iter().map(|t| t.ready_step).max().unwrap_or(0);

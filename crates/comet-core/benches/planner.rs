@@ -10,8 +10,9 @@ fn plan_all(cfg: &MoeConfig, counts: &[Vec<usize>]) -> usize {
     let shape = TileShape {
         bm: 128,
         chunk_cols: 512,
+        groups: 1,
     };
-    let sig = SignalMap::new(cfg, shape.chunks(cfg));
+    let sig = SignalMap::new(cfg, shape.pieces(cfg));
     let l0 = Layer0Schedule::new(&plan, 0, shape, &sig);
     let l1 = Layer1Schedule::new(&plan, 0, shape, &sig);
     l0.tiles.len() + l1.tiles.len()

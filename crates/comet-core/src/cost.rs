@@ -367,6 +367,7 @@ impl CostModel {
             shape: TileShape {
                 bm: dev.bm,
                 chunk_cols: cfg.hidden / chunks,
+                groups,
             },
         }
     }

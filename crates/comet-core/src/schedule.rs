@@ -92,6 +92,12 @@ pub struct TileShape {
     pub bm: usize,
     /// Output columns per layer1 chunk (divides `hidden`).
     pub chunk_cols: usize,
+    /// Expert groups of each rank's local experts (1 to experts per rank):
+    /// layer0 and layer1 run group by group, FC1(g0), FC2(g0), FC1(g1),
+    /// ..., and layer1's pieces are (group, column chunk), piece
+    /// `g * chunks + c`, so a group's combine leaves beside the later
+    /// groups' GEMMs (docs/ARCHITECTURE.md, "What is overlapped").
+    pub groups: usize,
 }
 
 impl TileShape {
@@ -108,10 +114,33 @@ impl TileShape {
                 problem: format!("{} does not divide hidden {}", self.chunk_cols, cfg.hidden),
             });
         }
+        let epr = cfg.experts_per_rank();
+        if self.groups == 0 || self.groups > epr {
+            return Err(CoreError::InvalidConfig {
+                field: "groups",
+                problem: format!("{} expert groups of {epr} local experts", self.groups),
+            });
+        }
         Ok(())
     }
     pub fn chunks(&self, cfg: &MoeConfig) -> usize {
         cfg.hidden / self.chunk_cols
+    }
+    /// Layer1 pieces a rank sends each source: groups x column chunks (the
+    /// [`SignalMap`]'s `chunks`).
+    pub fn pieces(&self, cfg: &MoeConfig) -> usize {
+        self.chunks(cfg) * self.groups
+    }
+    /// The first local expert of expert group `g` (the device kernels'
+    /// split: group g holds `g * epr / groups` up to `(g + 1) * epr / groups`).
+    pub fn group_lo(&self, cfg: &MoeConfig, g: usize) -> usize {
+        g * cfg.experts_per_rank() / self.groups.max(1)
+    }
+    /// The expert group of local expert `le`.
+    pub fn group_of(&self, cfg: &MoeConfig, le: usize) -> usize {
+        (0..self.groups)
+            .rfind(|&g| self.group_lo(cfg, g) <= le)
+            .unwrap_or(0)
     }
 }
 
@@ -168,8 +197,9 @@ impl Layer0Schedule {
                 row += rows;
             }
         }
-        // Stable: equal steps keep expert-major order.
-        tiles.sort_by_key(|t| t.ready_step);
+        // Group by group (the compute runs FC1 of a group, then its FC2),
+        // arrival steps inside; stable: equal steps keep expert-major order.
+        tiles.sort_by_key(|t| (shape.group_of(&plan.cfg, t.expert), t.ready_step));
         Layer0Schedule { rank, tiles }
     }
 }
@@ -179,6 +209,7 @@ pub struct Layer1Tile {
     pub expert: usize,
     pub row: usize,
     pub rows: usize,
+    /// Its layer1 piece ([`TileShape::pieces`]; with one group, the chunk).
     pub chunk: usize,
     pub col: usize,
     pub cols: usize,
@@ -197,6 +228,8 @@ pub struct CombineSend {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layer1Chunk {
+    /// The piece: column chunk `index % chunks` of expert group
+    /// `index / chunks` (with one group, the column chunk).
     pub index: usize,
     pub col: usize,
     pub cols: usize,
@@ -229,11 +262,14 @@ impl Layer1Schedule {
         let layout = &plan.recv[rank];
         let nchunks = shape.chunks(cfg);
         let mut tiles = Vec::new();
-        let mut chunks = Vec::with_capacity(nchunks);
-        for c in 0..nchunks {
+        let mut chunks = Vec::with_capacity(shape.pieces(cfg));
+        // Piece j: column chunk c of expert group g's rows, groups first.
+        for j in 0..shape.pieces(cfg) {
+            let (g, c) = (j / nchunks, j % nchunks);
+            let group = shape.group_lo(cfg, g)..shape.group_lo(cfg, g + 1);
             let col = c * shape.chunk_cols;
             let before = tiles.len();
-            for le in 0..cfg.experts_per_rank() {
+            for le in group.clone() {
                 let (start, n) = (layout.expert_row[le], layout.expert_rows[le]);
                 let mut row = start;
                 while row < start + n {
@@ -242,7 +278,7 @@ impl Layer1Schedule {
                         expert: le,
                         row,
                         rows,
-                        chunk: c,
+                        chunk: j,
                         col,
                         cols: shape.chunk_cols,
                     });
@@ -256,7 +292,7 @@ impl Layer1Schedule {
                 if plan.rows_between(dst, rank) == 0 {
                     continue;
                 }
-                for le in 0..cfg.experts_per_rank() {
+                for le in group.clone() {
                     let seg = layout.segment(le, dst, w);
                     if seg.rows > 0 {
                         let dst_pos = plan.send_offset(dst, cfg.global_expert(rank, le));
@@ -268,14 +304,14 @@ impl Layer1Schedule {
                         });
                     }
                 }
-                raises.push((dst, signals.combine(rank, c)));
+                raises.push((dst, signals.combine(rank, j)));
             }
             chunks.push(Layer1Chunk {
-                index: c,
+                index: j,
                 col,
                 cols: shape.chunk_cols,
                 tiles: tiles.len() - before,
-                done_signal: signals.chunk_done(c),
+                done_signal: signals.chunk_done(j),
                 sends,
                 raises,
             });
@@ -336,6 +372,7 @@ mod tests {
         let shape = TileShape {
             bm: 16,
             chunk_cols: 64,
+            groups: 1,
         };
         for rank in 0..4 {
             let s = Layer0Schedule::new(&p, rank, shape, &sig);
@@ -364,8 +401,9 @@ mod tests {
         let shape = TileShape {
             bm: 16,
             chunk_cols: 64,
+            groups: 1,
         };
-        let sig = SignalMap::new(&p.cfg, shape.chunks(&p.cfg));
+        let sig = SignalMap::new(&p.cfg, shape.pieces(&p.cfg));
         for rank in 0..4 {
             let s = Layer1Schedule::new(&p, rank, shape, &sig);
             assert!(s.tiles.windows(2).all(|w| w[0].chunk <= w[1].chunk));
@@ -448,13 +486,15 @@ mod tests {
         let cfg = Preset::Small.config(2).unwrap();
         assert!(TileShape {
             bm: 0,
-            chunk_cols: 64
+            chunk_cols: 64,
+            groups: 1
         }
         .validate(&cfg)
         .is_err());
         assert!(TileShape {
             bm: 64,
-            chunk_cols: 100
+            chunk_cols: 100,
+            groups: 1
         }
         .validate(&cfg)
         .is_err());

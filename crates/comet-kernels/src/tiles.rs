@@ -621,8 +621,9 @@ mod tests {
         let shape = TileShape {
             bm: 128,
             chunk_cols: cfg.hidden / 2,
+            groups: 1,
         };
-        let signals = SignalMap::new(&cfg, shape.chunks(&cfg));
+        let signals = SignalMap::new(&cfg, shape.pieces(&cfg));
         let l0 = Layer0Schedule::new(&plan, 0, shape, &signals);
         for v0 in variants(Epilogue::SwiGlu) {
             let list = TileList::layer0(&l0, cfg.ffn, &v0).unwrap();

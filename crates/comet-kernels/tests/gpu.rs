@@ -606,8 +606,9 @@ fn schedules_from_comet_core_drive_the_hooks() {
         let shape = TileShape {
             bm: 128,
             chunk_cols: 2 * v0.tile_gemm_cols(),
+            groups: 1,
         };
-        let signals_map = SignalMap::new(&cfg, shape.chunks(&cfg));
+        let signals_map = SignalMap::new(&cfg, shape.pieces(&cfg));
         let l0 = Layer0Schedule::new(&plan, 0, shape, &signals_map);
         let p = GroupedProblem::new(
             counts.clone(),

@@ -15,6 +15,11 @@
 //!    finished tiles per chunk; the comm worker sends each chunk as soon as
 //!    its count is complete and raises `combine(rank, chunk)` on every
 //!    source; sources reduce each chunk (weighted top-k sum) as it lands.
+//!
+//! With expert groups ([`TileShape::groups`]) the compute worker runs
+//! layer0 then layer1 group by group, and layer1's chunks are pieces
+//! (group, column chunk): a group's combine leaves while the later groups
+//! compute, as the device forward does.
 
 use crate::error::SchedError;
 use crate::protocol::{
@@ -116,6 +121,7 @@ struct Call<'a, T: Transport> {
     t: &'a T,
     bufs: &'a Buffers,
     map: &'a SignalMap,
+    shape: TileShape,
     epoch: u64,
     /// When the call started and when its waits give up: the timeout
     /// bounds the whole call, not each wait in turn.
@@ -172,7 +178,7 @@ impl<T: Transport> CpuRank<T> {
         let counts = t.alloc_buffer(2 * w * cfg.experts * 8)?;
         let recv = t.alloc_buffer(recv_cap_rows * cfg.hidden * 4)?;
         let combine = t.alloc_buffer(max_tokens * cfg.top_k * cfg.hidden * 4)?;
-        let map = SignalMap::new(cfg, shape.chunks(cfg));
+        let map = SignalMap::new(cfg, shape.pieces(cfg));
         t.alloc_signals(map.wire_len())?;
         // Poisoned, so a tile that reads rows before they land computes NaN
         // instead of plausible zeros.
@@ -255,6 +261,7 @@ impl<T: Transport> CpuRank<T> {
             t: &self.t,
             bufs: &self.bufs,
             map: &self.map,
+            shape: self.shape,
             epoch,
             start,
             deadline,
@@ -519,31 +526,54 @@ impl<T: Transport> Call<'_, T> {
         let f = self.cfg.ffn;
         let total_rows = self.plan.recv[self.rank].total_rows;
         let mut act = vec![f32::NAN; total_rows * f];
-        let t0 = Instant::now();
-        for tile in &self.l0.tiles {
-            if fault != Some(Fault::DropLayer0Deps) {
-                let tw = Instant::now();
-                for &d in &tile.deps {
-                    self.wait(d, self.epoch)?;
-                }
-                stats.waiting += tw.elapsed();
-            }
-            let ts = Instant::now();
-            self.fc1_tile(weights, tile.expert, tile.row, tile.rows, &mut act)?;
-            if self.trace_on {
-                tr.record(
-                    self.rank,
-                    Track::Compute,
-                    format!("fc1 e{} r{}+{}", tile.expert, tile.row, tile.rows),
-                    ts,
-                );
-            }
-        }
-        stats.layer0 = t0.elapsed();
+        let (shape, nchunks) = (self.shape, self.shape.chunks(self.cfg));
         let t1 = Instant::now();
-        for tile in &self.l1.tiles {
+        for g in 0..shape.groups {
+            let t0 = Instant::now();
+            let group = self
+                .l0
+                .tiles
+                .iter()
+                .filter(|t| shape.group_of(self.cfg, t.expert) == g);
+            for tile in group {
+                if fault != Some(Fault::DropLayer0Deps) {
+                    let tw = Instant::now();
+                    for &d in &tile.deps {
+                        self.wait(d, self.epoch)?;
+                    }
+                    stats.waiting += tw.elapsed();
+                }
+                let ts = Instant::now();
+                self.fc1_tile(weights, tile.expert, tile.row, tile.rows, &mut act)?;
+                if self.trace_on {
+                    tr.record(
+                        self.rank,
+                        Track::Compute,
+                        format!("fc1 e{} r{}+{}", tile.expert, tile.row, tile.rows),
+                        ts,
+                    );
+                }
+            }
+            stats.layer0 += t0.elapsed();
+            let group = self.l1.tiles.iter().filter(|t| t.chunk / nchunks == g);
+            self.fc2_tiles(weights, &act, group, tr)?;
+        }
+        let y = self.reduce(routing, positions, fault, &mut stats, tr)?;
+        stats.layer1 = t1.elapsed() - stats.layer0;
+        Ok((y, stats))
+    }
+
+    /// FC2 tiles, each adding one to its piece's counter.
+    fn fc2_tiles<'t>(
+        &self,
+        weights: &ExpertWeights,
+        act: &[f32],
+        tiles: impl Iterator<Item = &'t comet_core::schedule::Layer1Tile>,
+        tr: &mut Trace,
+    ) -> Result<(), SchedError> {
+        for tile in tiles {
             let ts = Instant::now();
-            self.fc2_tile(weights, &act, tile);
+            self.fc2_tile(weights, act, tile);
             self.t.signal(
                 self.rank,
                 self.sig(self.map.chunk_done(tile.chunk)),
@@ -561,9 +591,7 @@ impl<T: Transport> Call<'_, T> {
                 );
             }
         }
-        let y = self.reduce(routing, positions, fault, &mut stats, tr)?;
-        stats.layer1 = t1.elapsed();
-        Ok((y, stats))
+        Ok(())
     }
 
     /// The baseline: all data is present; compute everything, then send
@@ -610,7 +638,8 @@ impl<T: Transport> Call<'_, T> {
         Ok((y, stats))
     }
 
-    /// Weighted top-k sum, chunk by chunk as the combine signals arrive.
+    /// Weighted top-k sum, column chunk by column chunk as the combine
+    /// signals of every expert group's piece of it arrive.
     fn reduce(
         &self,
         routing: &Routing,
@@ -625,11 +654,15 @@ impl<T: Transport> Call<'_, T> {
         if rows_sent == 0 {
             return Ok(y);
         }
-        for chunk in &self.l1.chunks {
+        let nchunks = self.shape.chunks(self.cfg);
+        for chunk in &self.l1.chunks[..nchunks.min(self.l1.chunks.len())] {
             if fault != Some(Fault::SkipCombineWaits) {
                 let tw = Instant::now();
-                for sig in combine_waits(&self.plan, self.rank, chunk.index, self.map) {
-                    self.wait(sig, self.epoch)?;
+                for g in 0..self.shape.groups {
+                    let piece = g * nchunks + chunk.index;
+                    for sig in combine_waits(&self.plan, self.rank, piece, self.map) {
+                        self.wait(sig, self.epoch)?;
+                    }
                 }
                 stats.waiting += tw.elapsed();
             }

@@ -75,6 +75,7 @@ fn fused_and_baseline_match_reference_for_every_rank_count() {
         let shape = TileShape {
             bm: 4,
             chunk_cols: 8,
+            groups: 1,
         };
         let mut world = CpuWorld::new(
             &cfg,
@@ -104,6 +105,66 @@ fn fused_and_baseline_match_reference_for_every_rank_count() {
     }
 }
 
+/// Expert groups: layer0 then layer1 group by group, each group's combine
+/// pieces on their own; every routing, both modes, several groups of
+/// uneven size (3 of 4 local experts: 1, 1, 2).
+#[test]
+fn expert_groups_match_reference() {
+    for (w, epr, groups) in [(2, 4, 3), (3, 2, 2), (4, 4, 4)] {
+        let cfg = MoeConfig {
+            hidden: 32,
+            ffn: 24,
+            experts: epr * w,
+            top_k: 3,
+            ranks: w,
+            dtype: comet_core::Dtype::Bf16,
+        };
+        let shape = TileShape {
+            bm: 4,
+            chunk_cols: 16,
+            groups,
+        };
+        let mut world = CpuWorld::new(
+            &cfg,
+            24,
+            shape,
+            delays(w as u64),
+            7,
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        for (i, kind) in [
+            RoutingKind::Uniform,
+            RoutingKind::Zipf(1.2),
+            RoutingKind::AllToOne,
+            RoutingKind::SomeEmpty,
+            RoutingKind::SilentRank,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ins = inputs(&cfg, 24, kind, 300 + i as u64);
+            for mode in [ExecMode::Fused, ExecMode::Baseline] {
+                let err = run_and_check(&mut world, &ins, mode, &opts(), 7).unwrap();
+                assert!(
+                    err < TOL,
+                    "W={w} groups {groups} {kind:?} {mode:?}: error {err}"
+                );
+            }
+        }
+    }
+    let bad = TileShape {
+        bm: 4,
+        chunk_cols: 16,
+        groups: 5,
+    };
+    let cfg = Preset::Small.config(2).unwrap();
+    let err = CpuWorld::new(&cfg, 8, bad, None, 1, Duration::from_secs(5))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("expert groups"), "{err}");
+}
+
 #[test]
 fn presets_scaled_down_match_reference() {
     for p in Preset::ALL {
@@ -114,6 +175,7 @@ fn presets_scaled_down_match_reference() {
         let shape = TileShape {
             bm: 8,
             chunk_cols: chunk,
+            groups: 1,
         };
         let mut world =
             CpuWorld::new(&cfg, 16, shape, delays(3), 9, Duration::from_secs(20)).unwrap();
@@ -129,6 +191,7 @@ fn epochs_are_reused_without_resetting_buffers() {
     let shape = TileShape {
         bm: 5,
         chunk_cols: 8,
+        groups: 1,
     };
     let mut world = CpuWorld::new(&cfg, 20, shape, delays(11), 1, Duration::from_secs(20)).unwrap();
     for call in 0..30u64 {
@@ -164,6 +227,7 @@ fn a_broken_dependency_set_is_caught() {
     let shape = TileShape {
         bm: 4,
         chunk_cols: 8,
+        groups: 1,
     };
     // Remote puts are delayed far beyond a tile's compute time.
     let slow = Some(DelayModel {
@@ -188,6 +252,7 @@ fn bad_inputs_are_clear_errors() {
     let shape = TileShape {
         bm: 4,
         chunk_cols: 8,
+        groups: 1,
     };
     let mut world = CpuWorld::new(&cfg, 8, shape, None, 1, Duration::from_secs(5)).unwrap();
     let mut ins = inputs(&cfg, 8, RoutingKind::Uniform, 1);
@@ -204,7 +269,8 @@ fn bad_inputs_are_clear_errors() {
         8,
         TileShape {
             bm: 4,
-            chunk_cols: 7
+            chunk_cols: 7,
+            groups: 1
         },
         None,
         1,
@@ -219,6 +285,7 @@ fn a_vanished_peer_is_an_error_not_a_hang() {
     let shape = TileShape {
         bm: 4,
         chunk_cols: 8,
+        groups: 1,
     };
     let mut world = CpuWorld::new(&cfg, 8, shape, None, 1, Duration::from_secs(5)).unwrap();
     world.rank(2).transport().kill();
@@ -261,6 +328,7 @@ mod props {
             h_mult in 1usize..=4,
             ffn in 4usize..=20,
             chunks_pow in 0u32..=2,
+            groups_raw in 1usize..=3,
             bm in 1usize..=9,
             tokens in 0usize..=12,
             kind in kind_strategy(),
@@ -272,7 +340,7 @@ mod props {
             let chunk_cols = hidden / (1usize << chunks_pow).min(hidden / 8 * 8).max(1);
             let chunk_cols = if hidden % chunk_cols == 0 { chunk_cols } else { hidden };
             let cfg = MoeConfig { hidden, ffn, experts, top_k, ranks: w, dtype: comet_core::Dtype::Bf16 };
-            let shape = TileShape { bm, chunk_cols };
+            let shape = TileShape { bm, chunk_cols, groups: groups_raw.min(epr) };
             let mut world = CpuWorld::new(&cfg, tokens.max(1), shape, Some(DelayModel { seed, max: Duration::from_micros(150) }), seed, Duration::from_secs(20)).unwrap();
             let ins = inputs(&cfg, tokens, kind, seed % 1000);
             let err = run_and_check(&mut world, &ins, ExecMode::Fused, &opts(), seed).unwrap();

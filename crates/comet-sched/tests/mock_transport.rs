@@ -166,6 +166,7 @@ fn setup() -> (MoeConfig, TileShape, Routing, Vec<f32>) {
     let shape = TileShape {
         bm: 4,
         chunk_cols: 8,
+        groups: 1,
     };
     let routing = Routing::generate(&cfg, 0, 13, RoutingKind::Zipf(1.0), 3);
     let x = random_tokens(13, 32, 4);
@@ -198,7 +199,7 @@ fn signals_follow_the_schedule() {
     assert!(max_error(&out.y, &want) < 1e-4);
 
     let plan = LayoutPlan::from_routings(&cfg, std::slice::from_ref(&routing)).unwrap();
-    let map = SignalMap::new(&cfg, shape.chunks(&cfg));
+    let map = SignalMap::new(&cfg, shape.pieces(&cfg));
     let l1 = Layer1Schedule::new(&plan, 0, shape, &map);
     let wire = |id| map.wire(id).index();
     let log = mem.0.lock().unwrap().log.clone();

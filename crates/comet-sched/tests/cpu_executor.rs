@@ -61,6 +61,28 @@ fn opts() -> ExecOptions {
     }
 }
 
+/// Every routing kind at `tokens` tokens a rank, both modes, against the
+/// reference (inputs seeded from `seed0`, the check from `seed`).
+fn every_routing(world: &mut CpuWorld, tokens: usize, seed0: u64, seed: u64, label: &str) {
+    let cfg = world.cfg.clone();
+    for (i, kind) in [
+        RoutingKind::Uniform,
+        RoutingKind::Zipf(1.2),
+        RoutingKind::AllToOne,
+        RoutingKind::SomeEmpty,
+        RoutingKind::SilentRank,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ins = inputs(&cfg, tokens, kind, seed0 + i as u64);
+        for mode in [ExecMode::Fused, ExecMode::Baseline] {
+            let err = run_and_check(world, &ins, mode, &opts(), seed).unwrap();
+            assert!(err < TOL, "{label} {kind:?} {mode:?}: error {err}");
+        }
+    }
+}
+
 #[test]
 fn fused_and_baseline_match_reference_for_every_rank_count() {
     for w in 1..=8usize {
@@ -86,22 +108,7 @@ fn fused_and_baseline_match_reference_for_every_rank_count() {
             Duration::from_secs(20),
         )
         .unwrap();
-        for (i, kind) in [
-            RoutingKind::Uniform,
-            RoutingKind::Zipf(1.2),
-            RoutingKind::AllToOne,
-            RoutingKind::SomeEmpty,
-            RoutingKind::SilentRank,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let ins = inputs(&cfg, 24, kind, 100 + i as u64);
-            for mode in [ExecMode::Fused, ExecMode::Baseline] {
-                let err = run_and_check(&mut world, &ins, mode, &opts(), 5).unwrap();
-                assert!(err < TOL, "W={w} {kind:?} {mode:?}: error {err}");
-            }
-        }
+        every_routing(&mut world, 24, 100, 5, &format!("W={w}"));
     }
 }
 
@@ -133,25 +140,7 @@ fn expert_groups_match_reference() {
             Duration::from_secs(20),
         )
         .unwrap();
-        for (i, kind) in [
-            RoutingKind::Uniform,
-            RoutingKind::Zipf(1.2),
-            RoutingKind::AllToOne,
-            RoutingKind::SomeEmpty,
-            RoutingKind::SilentRank,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let ins = inputs(&cfg, 24, kind, 300 + i as u64);
-            for mode in [ExecMode::Fused, ExecMode::Baseline] {
-                let err = run_and_check(&mut world, &ins, mode, &opts(), 7).unwrap();
-                assert!(
-                    err < TOL,
-                    "W={w} groups {groups} {kind:?} {mode:?}: error {err}"
-                );
-            }
-        }
+        every_routing(&mut world, 24, 300, 7, &format!("W={w} groups {groups}"));
     }
     let bad = TileShape {
         bm: 4,

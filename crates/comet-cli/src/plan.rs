@@ -184,9 +184,11 @@ fn print_schedules(a: &PlanArgs, cfg: &MoeConfig, plan: &LayoutPlan, est: &CostE
         );
     }
     println!(
-        "layer1: {} chunks of {} columns, {} tiles each; chunk 0 sends {} blocks",
-        l1.chunks.len(),
+        "layer1: {} chunks of {} columns in {} expert group(s), {} pieces; piece 0 has {} tiles and sends {} blocks",
+        est.shape.chunks(cfg),
         est.shape.chunk_cols,
+        est.shape.groups,
+        l1.chunks.len(),
         l1.chunks.first().map_or(0, |c| c.tiles),
         l1.chunks.first().map_or(0, |c| c.sends.len())
     );

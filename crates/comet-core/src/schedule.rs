@@ -11,6 +11,8 @@
 //! tiles of column chunk c come before chunk c+1, so chunk c is sent while
 //! c+1 computes. Each chunk counts its finished tiles on a local counter
 //! and, once complete, raises one combine signal on every source it feeds.
+//! With expert groups ([`TileShape::groups`]) both layers run group by
+//! group and layer1's chunks are pieces (group, column chunk), group-major.
 
 use crate::config::MoeConfig;
 use crate::error::CoreError;
@@ -324,8 +326,8 @@ impl Layer1Schedule {
     }
 }
 
-/// The combine signals a source waits on before reducing chunk `c`: one per
-/// expert rank it sent rows to.
+/// The combine signals a source waits on for layer1 piece `chunk` (with one
+/// expert group, the column chunk): one per expert rank it sent rows to.
 pub fn combine_waits(
     plan: &LayoutPlan,
     src: usize,

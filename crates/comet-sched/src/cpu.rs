@@ -133,7 +133,8 @@ struct Call<'a, T: Transport> {
     x: &'a [f32],
     /// Tokens this rank sends to each global expert, in slot order.
     by_expert: Vec<Vec<usize>>,
-    /// FC2 output per chunk, `[total_rows, cols]`, shared by the workers.
+    /// FC2 output per column chunk, `[total_rows, cols]`, shared by the
+    /// workers (each expert group's pieces fill their own rows of it).
     chunk_out: Vec<Mutex<Vec<f32>>>,
     trace_on: bool,
 }
@@ -265,10 +266,8 @@ impl<T: Transport> CpuRank<T> {
             epoch,
             start,
             deadline,
-            chunk_out: l1
-                .chunks
-                .iter()
-                .map(|c| Mutex::new(vec![f32::NAN; recv_rows * c.cols]))
+            chunk_out: (0..self.shape.chunks(cfg))
+                .map(|_| Mutex::new(vec![f32::NAN; recv_rows * self.shape.chunk_cols]))
                 .collect(),
             plan,
             l0,
@@ -431,7 +430,7 @@ impl<T: Transport> Call<'_, T> {
                 self.wait(chunk.done_signal, base[chunk.index] + chunk.tiles as u64)?;
             }
             let t0 = Instant::now();
-            let out = self.chunk_out[chunk.index]
+            let out = self.chunk_out[chunk.index % self.chunk_out.len()]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             for s in &chunk.sends {
@@ -506,7 +505,7 @@ impl<T: Transport> Call<'_, T> {
             t.cols,
             &mut out,
         );
-        let mut buf = self.chunk_out[t.chunk]
+        let mut buf = self.chunk_out[t.chunk % self.chunk_out.len()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         buf[t.row * t.cols..(t.row + t.rows) * t.cols].copy_from_slice(&out);

@@ -45,9 +45,10 @@ pub struct DeviceFigures {
     /// Fixed cost of one layer1 chunk (signal, wait, launch of its sends), us.
     pub chunk_overhead_us: f64,
     /// Fixed cost of each expert group beyond the first (two more GEMM
-    /// launches, each ending in a part-filled wave of tiles), us. An
-    /// estimate (about half a wave of 128 x 256 tiles at 4096 deep on an
-    /// H100 SM, twice), not yet a measurement.
+    /// launches, each ending in a part-filled wave of tiles), us. Not
+    /// isolated by a measurement yet: over UCX shared memory on an H100,
+    /// 30-55 ms calls ran faster up to 8 groups (docs/PERF.md 2026-12-06
+    /// ~19:35-19:55), so a group costs a small part of a millisecond.
     pub group_overhead_us: f64,
     /// Rows per GEMM tile on this device.
     pub bm: usize,
@@ -76,6 +77,7 @@ impl DeviceFigures {
             sms: 132,
             block_gbps: 25.0,
             chunk_overhead_us: 2.0,
+            // Two more launches and their tails, at most.
             group_overhead_us: 10.0,
             bm: 128,
             wire: WireFormat::Rows,

@@ -61,6 +61,13 @@ fn opts() -> ExecOptions {
     }
 }
 
+/// A world of `cfg` for 24 tokens a rank, its transport delayed by a
+/// model seeded from the rank count.
+fn world_of(cfg: &MoeConfig, shape: TileShape, seed: u64) -> CpuWorld {
+    let delay = delays(cfg.ranks as u64);
+    CpuWorld::new(cfg, 24, shape, delay, seed, Duration::from_secs(20)).unwrap()
+}
+
 /// Every routing kind at `tokens` tokens a rank, both modes, against the
 /// reference (inputs seeded from `seed0`, the check from `seed`).
 fn every_routing(world: &mut CpuWorld, tokens: usize, seed0: u64, seed: u64, label: &str) {
@@ -99,15 +106,7 @@ fn fused_and_baseline_match_reference_for_every_rank_count() {
             chunk_cols: 8,
             groups: 1,
         };
-        let mut world = CpuWorld::new(
-            &cfg,
-            24,
-            shape,
-            delays(w as u64),
-            5,
-            Duration::from_secs(20),
-        )
-        .unwrap();
+        let mut world = world_of(&cfg, shape, 5);
         every_routing(&mut world, 24, 100, 5, &format!("W={w}"));
     }
 }
@@ -131,15 +130,7 @@ fn expert_groups_match_reference() {
             chunk_cols: 16,
             groups,
         };
-        let mut world = CpuWorld::new(
-            &cfg,
-            24,
-            shape,
-            delays(w as u64),
-            7,
-            Duration::from_secs(20),
-        )
-        .unwrap();
+        let mut world = world_of(&cfg, shape, 7);
         every_routing(&mut world, 24, 300, 7, &format!("W={w} groups {groups}"));
     }
     let bad = TileShape {

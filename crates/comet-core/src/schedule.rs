@@ -87,6 +87,13 @@ impl SignalMap {
     }
 }
 
+/// The first of `experts_per_rank` local experts in expert group `g` of
+/// `groups`: group g holds `g * epr / groups` up to `(g + 1) * epr / groups`,
+/// as the device kernels split them (`moe_forward.cu`'s `group_lo`).
+pub fn group_lo(experts_per_rank: usize, groups: usize, g: usize) -> usize {
+    g * experts_per_rank / groups.max(1)
+}
+
 /// Tile sizes chosen by the planner (cost model or autotune).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileShape {
@@ -133,10 +140,9 @@ impl TileShape {
     pub fn pieces(&self, cfg: &MoeConfig) -> usize {
         self.chunks(cfg) * self.groups
     }
-    /// The first local expert of expert group `g` (the device kernels'
-    /// split: group g holds `g * epr / groups` up to `(g + 1) * epr / groups`).
+    /// The first local expert of expert group `g` ([`group_lo`]).
     pub fn group_lo(&self, cfg: &MoeConfig, g: usize) -> usize {
-        g * cfg.experts_per_rank() / self.groups.max(1)
+        group_lo(cfg.experts_per_rank(), self.groups, g)
     }
     /// The expert group of local expert `le`.
     pub fn group_of(&self, cfg: &MoeConfig, le: usize) -> usize {

@@ -1034,14 +1034,24 @@ impl<T: DeviceTransport> MoeLayer<T> {
     /// What a GEMM launch reads on the device: FC1's (`fc2` false) or
     /// FC2's tiles, of the whole list or of expert group `group`'s run.
     fn work(&self, fc2: bool, group: Option<usize>, grid: usize) -> DeviceWork {
-        let (num_tiles, first_tile) = match group {
-            // Scalars' fc1_tiles and fc2_tiles are its 5th and 6th words.
-            None => (self.s.sc + 4 * (4 + u64::from(fc2)), 0),
-            // GroupTiles: fc1_first, fc1_tiles, fc2_first, fc2_tiles, ...
-            Some(g) => {
-                let at = self.s.group_tiles + (g * std::mem::size_of::<GroupTiles>()) as u64;
-                let first = at + 8 * u64::from(fc2);
-                (first + 4, first)
+        use std::mem::{offset_of, size_of};
+        let (num_tiles, first_tile) = match (group, fc2) {
+            (None, false) => (self.s.sc + offset_of!(Scalars, fc1_tiles) as u64, 0),
+            (None, true) => (self.s.sc + offset_of!(Scalars, fc2_tiles) as u64, 0),
+            (Some(g), _) => {
+                let at = self.s.group_tiles + (g * size_of::<GroupTiles>()) as u64;
+                let (first, tiles) = if fc2 {
+                    (
+                        offset_of!(GroupTiles, fc2_first),
+                        offset_of!(GroupTiles, fc2_tiles),
+                    )
+                } else {
+                    (
+                        offset_of!(GroupTiles, fc1_first),
+                        offset_of!(GroupTiles, fc1_tiles),
+                    )
+                };
+                (at + tiles as u64, at + first as u64)
             }
         };
         DeviceWork {

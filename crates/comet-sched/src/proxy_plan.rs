@@ -270,10 +270,9 @@ impl Geometry {
         self.groups * self.chunks
     }
 
-    /// Expert group `g`'s first local expert (as the kernels split them:
-    /// `moe_forward.cu`'s `group_lo`).
+    /// Expert group `g`'s first local expert (comet-core's `group_lo`).
     pub fn group_lo(&self, g: usize) -> usize {
-        g * self.epr() / self.groups.max(1)
+        comet_core::schedule::group_lo(self.epr(), self.groups, g)
     }
 
     /// Bytes of `buf` on one rank.

@@ -6,6 +6,8 @@
 # (a call may run 10 minutes, a session has 30):
 #   bash scripts/device-checks.sh first   # what the last session left unrun (the staged tests' rare timeout, copies behind calls, a bench row), ~8 min; then py
 #   bash scripts/device-checks.sh groups  # expert groups (FC1 then FC2 group by group): the layer tests over nvlink and staged, ~4 min
+#   bash scripts/device-checks.sh side    # a rank alone moving its rows in the GEMMs' side warps: tests, then issue 13's rows, ~5 min
+#   bash scripts/device-checks.sh sidechunks # ... its phases, qwen2-moe's chunks given, ~4 min
 #   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, the model's groups and others in turns, ~4 min
 #   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
@@ -36,7 +38,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|side|sidechunks|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -82,6 +84,28 @@ groups)
   # staged layer over both wires).
   for t in expert_groups_match_the_reference the_device_layout_equals_comet_core_s every_routing_and_size_matches_the_reference a_captured_graph_replays_with_new_routing staged_thirty_calls_on_the_same_buffers; do
     step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/groups_$t.log | grep -E 'test result|panicked'"
+  done
+  ;;
+side)
+  # A rank alone moving its rows in the GEMMs' side warps (the dispatch in
+  # FC1, the sums of FC2's chunks but the last in FC2): the new test, the
+  # W = 1 cases of the layer tests and a captured graph, then issue 13's
+  # rows at one rank (SIDE_ITERS rounds, default 20).
+  for t in one_rank_moves_its_rows_inside_the_gemms every_routing_and_size_matches_the_reference a_captured_graph_replays_with_new_routing expert_groups_match_the_reference the_device_layout_equals_comet_core_s; do
+    step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/side_$t.log | grep -E 'test result|panicked'"
+  done
+  for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
+    step "alone $p" bash -c "set -o pipefail; timeout 120 $R comet bench --gpu --ranks 1 --tokens 16384 --iters ${SIDE_ITERS:-20} --preset $p 2>&1 | tee $O/side_alone_$p.md | grep -E '^[|] [a-z]|GPU'"
+  done
+  ;;
+sidechunks)
+  # Where a rank alone's time goes with its rows moved in the GEMMs' side
+  # warps: the new test, then qwen2-moe's phases of a sequential and of a
+  # fused call with the plan's chunks and with 1, 2 and 14 (each chunk
+  # more re-reads FC2's A; each fewer leaves more of the sum after FC2).
+  step "side test" bash -c "set -o pipefail; timeout 200 $R gpu_layer --ignored --exact one_rank_moves_its_rows_inside_the_gemms 2>&1 | tee $O/side_test.log | grep -E 'test result|panicked'"
+  for c in "" "--chunks 1" "--chunks 2" "--chunks 14"; do
+    step "qwen alone $c" bash -c "set -o pipefail; timeout 120 $R comet bench --gpu --ranks 1 --tokens 16384 --iters ${SIDE_ITERS:-10} --preset qwen2-moe --phases $c 2>&1 | tee '$O/side_qwen$c.md' | grep -E '^[|] [a-z]|^phases'"
   done
   ;;
 groupbench)

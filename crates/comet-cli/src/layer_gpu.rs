@@ -63,6 +63,21 @@ struct Row {
     overlap: bool,
     /// Milliseconds of each phase of one sequential call (`--phases`).
     phases: Option<Vec<f32>>,
+    /// ... and of one fused call of a rank alone, whose dispatch runs
+    /// inside FC1 and whose sums but the last chunk's inside FC2.
+    fused_phases: Option<Vec<f32>>,
+}
+
+/// Phase times of one call in `mode` (None where that call's phases
+/// cannot be told apart: an overlapped one).
+fn phases_of(world: &mut DeviceWorld, mode: ExecMode) -> Result<Option<Vec<f32>>> {
+    world.set_mode(mode);
+    world.time_phases(true)?;
+    world.forward()?;
+    world.check()?;
+    let t = world.phase_times()?;
+    world.time_phases(false)?;
+    Ok(t)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -162,20 +177,18 @@ fn bench_one(
         None => Vec::new(),
     };
     let m = time_modes(&mut world, cfg, a)?;
-    let phases = if a.phases {
-        world.set_mode(ExecMode::Baseline);
-        world.time_phases(true)?;
-        world.forward()?;
-        world.check()?;
-        let t = world.phase_times()?;
-        world.time_phases(false)?;
-        t
+    let (phases, fused_phases) = if a.phases {
+        (
+            phases_of(&mut world, ExecMode::Baseline)?,
+            phases_of(&mut world, ExecMode::Fused)?,
+        )
     } else {
-        None
+        (None, None)
     };
     world.barrier(Duration::from_secs(a.timeout_s))?;
     Ok(Row {
         phases,
+        fused_phases,
         label: label.to_string(),
         ranks: cfg.ranks,
         tokens: a.tokens,
@@ -217,6 +230,7 @@ fn build_world(
         gather_x: a.gather_x,
         comm_blocks: a.split.comm_sms,
         expert_groups: a.split.groups,
+        chunks: a.split.chunks,
         reserved_sms: a.split.reserved_sms,
         recv_capacity: a.split.recv_rows,
         ..LayerOptions::default()
@@ -426,19 +440,28 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             r.diff
         );
     }
-    for r in rows.iter().filter(|r| r.phases.is_some()) {
-        let t = r.phases.as_deref().unwrap_or_default();
+    let phase_line = |t: &[f32]| {
         let parts: Vec<String> = PHASES
             .iter()
             .zip(t)
             .map(|(name, ms)| format!("{name} {ms:.3}"))
             .collect();
+        format!("{}; sum {:.3}", parts.join(", "), t.iter().sum::<f32>())
+    };
+    for r in rows.iter().filter(|r| r.phases.is_some()) {
+        let t = r.phases.as_deref().unwrap_or_default();
         println!(
-            "\nphases of one sequential call, {} (slowest rank, ms): {}; sum {:.3}",
+            "\nphases of one sequential call, {} (slowest rank, ms): {}",
             r.label,
-            parts.join(", "),
-            t.iter().sum::<f32>()
+            phase_line(t)
         );
+        if let Some(f) = &r.fused_phases {
+            println!(
+                "phases of one fused call alone, {} (the dispatch inside fc1, the sums of every chunk but the last inside fc2): {}",
+                r.label,
+                phase_line(f)
+            );
+        }
         if let Some(b) = overlap_bound_ms(t).filter(|_| r.overlap) {
             println!(
                 "per-layer bound from these phases (route + layout + max(dispatch, fc1) + max(fc2, combine + reduce); ranks sharing a GPU contend more in sequence; expert groups pass it): {b:.3} ms; fused {:.3}",

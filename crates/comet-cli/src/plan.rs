@@ -241,6 +241,9 @@ fn print_device_plan(a: &PlanArgs, cfg: &MoeConfig, dev: &DeviceFigures) -> Resu
     if let Some(n) = a.split.groups {
         device.set_groups(n)?;
     }
+    if let Some(n) = a.split.chunks {
+        device.set_chunks(n)?;
+    }
     println!("\n{}", device.describe());
     if cfg.ranks > 1 {
         let mib = |b: usize| b as f64 / (1 << 20) as f64;

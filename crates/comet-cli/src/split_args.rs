@@ -23,6 +23,11 @@ pub struct SplitArgs {
     /// ranks whose combine overlaps, and the rows wire behind a proxy.
     #[arg(long)]
     pub groups: Option<usize>,
+    /// Layer1 column chunks instead of the plan's (whole FC2 tiles
+    /// dividing the hidden size): where a call overlaps, or a rank alone
+    /// sums every chunk but the last inside FC2.
+    #[arg(long)]
+    pub chunks: Option<usize>,
     /// Bound on the rows one rank receives in a call (default: the worst
     /// case, every rank sending all its rows to one, which grows with the
     /// world).
@@ -53,6 +58,7 @@ impl SplitArgs {
         [
             (self.comm_sms.is_some(), "--comm-sms"),
             (self.groups.is_some(), "--groups"),
+            (self.chunks.is_some(), "--chunks"),
             (self.recv_rows.is_some(), "--recv-rows"),
             (self.reserved_sms > 0, "--reserved-sms"),
         ]

@@ -195,6 +195,23 @@ fn plan_shows_expert_groups_given_and_refuses_them_token_once() {
     one_error_line(&bad, &comet(&bad), "unknown --wire 'bytes'");
 }
 
+/// A rank alone moves its rows in the GEMMs' side warps; chunks given
+/// are shown, and a count that is not whole FC2 tiles is refused naming
+/// the counts that are.
+#[test]
+fn plan_of_a_rank_alone_shows_side_warps_and_chunks_given() {
+    let alone = ["plan", "--preset", "qwen2-moe", "--ranks", "1"];
+    let model = succeeds(&alone);
+    assert!(
+        model.contains("idle producer warps move the rows"),
+        "{model}"
+    );
+    let two = succeeds(&[&alone[..], &["--chunks", "2"]].concat());
+    assert!(two.contains("layer1 chunks: 2 x 1792 cols"), "{two}");
+    let refused = [&alone[..], &["--chunks", "4"]].concat();
+    one_error_line(&refused, &comet(&refused), "1, 2, 7, 14");
+}
+
 #[test]
 fn bad_input_is_one_clear_line_and_a_failure() {
     for (args, needle) in [

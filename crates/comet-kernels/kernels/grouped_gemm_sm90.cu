@@ -14,7 +14,7 @@
 // TMA multicasts into both CTAs' rings, so each SM pulls a third less from
 // L2 per k-block (the bound of 128 x 256 tiles on H100, per NVIDIA's CUTLASS
 // docs on multicast; measured in docs/PERF.md).
-#include "gemm_common.cuh"
+#include "moe_rows.cuh"
 
 namespace comet {
 namespace sm90 {
@@ -33,7 +33,13 @@ struct HopperParams {
   TmaDesc tma_c;  // C: dims {output cols, total_rows}, box {64, 64} (TMA-store variants)
   GemmParams p;
   int tma_store;  // 0: tma_c is not valid here, every tile uses plain stores
+  // Rows the producer warpgroup's idle warps move beside the tiles: the
+  // dispatch in a launch that waits on it, the reduce of finished chunks
+  // in one that counts them (moe_rows.cuh).
+  SideWork side;
 };
+static_assert(sizeof(SideWork) == 336 && sizeof(HopperParams) == 960,
+              "mirrored by comet_kernels::gemm::HopperParamsC");
 
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
@@ -591,6 +597,16 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
     for (int j = 0; j < STAGES; ++j) wait_empty(it + j);
 }
 
+// Warps 1-3 of the producer warpgroup (thread 0 alone streams the tiles;
+// a gather, which takes the whole warpgroup, never has side work). Their
+// work never waits on this launch's producer or consumers, and FC1's
+// producers wait on it only through the segment signals, bounded.
+template <bool WAIT, bool RAISE, int CM>
+__device__ __forceinline__ void side_work(const SideWork& s, int lane, bool leader) {
+  if (WAIT && CM == 1 && s.kind == SIDE_DISPATCH) side_dispatch(s, lane, leader);
+  if (RAISE && CM == 1 && s.kind == SIDE_REDUCE) side_reduce(s, lane);
+}
+
 // A consumer warp's release of ring slot `s`: to every CTA of the cluster
 // whose producer may refill it (each one multicasts into both).
 template <int STAGES, int CM>
@@ -648,6 +664,8 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (threadIdx.x == 0 || (gathers<WAIT, CM>(p) && threadIdx.x < GATHER_THREADS))
       produce<EPI, WAIT, BN, STAGES, CM>(hp, ring, bars, abort_flag, threadIdx.x);
+    else if (threadIdx.x >= 32)
+      side_work<WAIT, RAISE, CM>(hp.side, threadIdx.x & 31, blockIdx.x == 0 && threadIdx.x < 64);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int cw = wg - 1;  // consumer index: tile rows cw*64 .. +64

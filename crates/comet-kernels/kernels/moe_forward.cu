@@ -35,39 +35,11 @@
 // tile), so group 0's combine travels beside the later groups' GEMMs
 // instead of after the last FC2 (docs/ARCHITECTURE.md, "What is
 // overlapped"). One group is the plain per-layer overlap.
-#include "gemm_common.cuh"
+#include "moe_rows.cuh"
 
 namespace comet {
 
-// Written by comet_layout, read by the other phases; mirrored by
-// comet_kernels::forward::Scalars.
-struct Scalars {
-  int ok;          // 1: every rank's rows fit its receive capacity
-  int recv_rows;   // rows this rank receives
-  int sent_rows;   // rows this rank sends (non-dropped slots)
-  int row_tiles;   // row tiles of this rank's experts
-  int fc1_tiles;   // entries of the FC1 tile list
-  int fc2_tiles;   // entries of the FC2 tile list
-  int pad0, pad1;
-  u64 chunk_tiles; // FC2 tiles of one column chunk, all groups
-};
 
-// Per expert group, written by comet_layout into the call's zeroed
-// counters (a refused call leaves them 0, so its GEMMs run no tile);
-// mirrored by comet_kernels::forward::GroupTiles.
-struct GroupTiles {
-  int fc1_first, fc1_tiles;  // the group's run of the FC1 list
-  int fc2_first, fc2_tiles;  // and of the FC2 list
-  int piece_tiles;           // FC2 tiles of one of its column chunks
-  int pad[3];
-};
-
-// The most expert groups a layer runs.
-constexpr int MAX_GROUPS = 16;
-
-__device__ __forceinline__ int group_lo(int g, int groups, int epr) {
-  return (int)((long long)g * epr / groups);
-}
 __device__ __forceinline__ int group_of_expert(int le, int groups, int epr) {
   int g = 0;
   while (group_lo(g + 1, groups, epr) <= le) ++g;
@@ -82,18 +54,6 @@ __device__ __forceinline__ int arrival_index(int le, int i, int groups, int epr,
   return lo * W + i * n + (le - lo);
 }
 
-__device__ __forceinline__ long long load_id(const void* ids, int i64, long long s) {
-  return i64 ? reinterpret_cast<const long long*>(ids)[s]
-             : (long long)reinterpret_cast<const int*>(ids)[s];
-}
-
-__device__ __forceinline__ float bf16_to_f32(unsigned short b) {
-  return __uint_as_float(((unsigned)b) << 16);
-}
-
-__device__ __forceinline__ u64* peer_word(const u64* table, int rank, long long index) {
-  return reinterpret_cast<u64*>(table[rank]) + index;
-}
 
 // Thread 0's verdict for the whole block. `flag` is reused (once per
 // chunk), so the second barrier keeps thread 0 from rewriting it before
@@ -127,41 +87,6 @@ __device__ __forceinline__ WarpGrid warp_grid() {
 // runs of three, and the copies were no faster beside the GEMMs.
 #define COMET_SIDE_BOUNDS __launch_bounds__(512, 2)
 
-// Rows a warp moves at once, and the most top-k slots of a token.
-constexpr int ROWS = 4;
-constexpr int MAX_TOPK = 16;
-// Top-k rows the reduce loads at once (a divisor of MAX_TOPK).
-constexpr int REDUCE_GROUP = 8;
-
-// One lane's row of a warp's batch: 16-byte vectors from src to dst (none
-// when dst is null).
-struct RowCopy {
-  const uint4* src = nullptr;
-  uint4* dst = nullptr;
-};
-
-// Lane r < ROWS holds row r of the batch; all lanes copy all rows, the
-// loads of every row in flight before the stores.
-__device__ __forceinline__ void copy_rows(const RowCopy& mine, int vecs, int lane) {
-  const uint4* src[ROWS];
-  uint4* dst[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    src[r] = reinterpret_cast<const uint4*>(
-        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine.src), r));
-    dst[r] = reinterpret_cast<uint4*>(
-        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine.dst), r));
-  }
-  for (int v = lane; v < vecs; v += 32) {
-    uint4 a[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-      if (dst[r]) a[r] = src[r][v];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-      if (dst[r]) dst[r][v] = a[r];
-  }
-}
 
 struct RouteParams {
   const void* ids;   // [slots] int32 or int64
@@ -215,29 +140,6 @@ struct LayoutParams {
   int pad;
 };
 
-struct DispatchParams {
-  const bf16_t* x;          // [tokens, hidden]
-  const void* ids;
-  const int* local_idx;
-  const int* send_slots;
-  const int* send_off;
-  const int* dest_row;
-  const unsigned* cnt;
-  unsigned* seg_done;       // [E] rows stored of each segment, zeroed by the call
-  const u64* peer_recv;     // [W] every rank's receive buffer
-  const u64* peer_signals;
-  const Scalars* sc;
-  const u64* epoch;
-  int* gather_rows;         // [recv rows] or null: see comet_dispatch_tokens
-  int hidden;
-  int k;
-  int experts;
-  int epr;
-  int ranks;
-  int me;
-  int ids_i64;
-  int tokens;
-};
 
 struct WaitParams {
   const u64* signals;
@@ -274,46 +176,7 @@ struct CombineParams {
   int pad;
 };
 
-struct ReduceParams {
-  const bf16_t* out;        // own FC2 output: rows this rank computed for itself
-  const bf16_t* comb;       // combine buffer [send positions, hidden]
-  const void* ids;
-  const void* w;            // [slots] f32 or bf16
-  const int* local_idx;
-  const int* send_off;
-  const int* segs;
-  bf16_t* y;                // [tokens, hidden]
-  const u64* signals;
-  const Scalars* sc;
-  const u64* epoch;
-  u64* err;
-  const u64* chunk_done;    // [pieces] finished FC2 tiles per piece
-  const GroupTiles* group_tiles;
-  u64 timeout_ns;
-  int tokens;
-  int k;
-  int hidden;
-  int cols;
-  int chunks;               // column chunks (pieces = groups * chunks)
-  int groups;
-  int epr;
-  int ranks;
-  int me;
-  int ids_i64;
-  int w_bf16;
-  int wait_chunks;          // 0: FC2 has finished (it ran before on this stream)
-  int chunk_sig0;           // index naming chunk_done(0) in timeouts
-  int chunk_begin;          // the chunks [chunk_begin, chunk_end) this launch sums
-  int chunk_end;
-  int pad;
-};
 
-__device__ __forceinline__ unsigned dispatch_sig(int W, int le, int src) {
-  return (unsigned)(W + le * W + src);
-}
-__device__ __forceinline__ unsigned combine_sig(int W, int epr, int pieces, int from, int j) {
-  return (unsigned)(W + epr * W + from * pieces + j);
-}
 
 }  // namespace comet
 
@@ -634,25 +497,6 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
   }
 }
 
-// Segments with no rows are complete from the start (block 0 raises them).
-__device__ __forceinline__ void raise_empty_segments(const DispatchParams& p, u64 epoch) {
-  if (blockIdx.x != 0) return;
-  for (int e = threadIdx.x; e < p.experts; e += blockDim.x)
-    if (p.cnt[e] == 0u) {
-      const int dst = e / p.epr;
-      signal_store_release(peer_word(p.peer_signals, dst, dispatch_sig(p.ranks, e - dst * p.epr, p.me)),
-                           epoch);
-    }
-}
-
-// The segment of global expert e from this rank has one more row stored;
-// the lane that stores its last raises dispatch(le, me) on its owner.
-__device__ __forceinline__ void count_dispatched(const DispatchParams& p, int e, u64 epoch) {
-  if (e >= 0 && atomicAdd(&p.seg_done[e], 1u) + 1u == p.cnt[e]) {
-    const int dst = e / p.epr;
-    signal_raise(peer_word(p.peer_signals, dst, 0), dispatch_sig(p.ranks, e - dst * p.epr, p.me), epoch);
-  }
-}
 
 // Warps take send positions from this rank's own rows on (own segments land
 // first, then the next ranks in ring order), ROWS at a time: one lane
@@ -662,29 +506,12 @@ __device__ __forceinline__ void count_dispatched(const DispatchParams& p, int e,
 extern "C" __global__ void COMET_SIDE_BOUNDS comet_dispatch(const __grid_constant__ DispatchParams p) {
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
-  raise_empty_segments(p, epoch);
+  if (blockIdx.x == 0) raise_empty_segments(p, epoch, threadIdx.x, blockDim.x);
   const int total = p.sc->sent_rows;
   const int start = p.send_off[p.me * p.epr];
   const WarpGrid wg = warp_grid();
-  const int lane = wg.lane;
-  for (long long w0 = wg.warp * ROWS; w0 < total; w0 += wg.warps * ROWS) {
-    RowCopy rc;
-    int e = -1;
-    if (lane < ROWS && w0 + lane < total) {
-      long long pos = start + w0 + lane;
-      if (pos >= total) pos -= total;
-      const int slot = p.send_slots[pos];
-      e = (int)load_id(p.ids, p.ids_i64, slot);
-      const int dst = e / p.epr;
-      const long long row = (long long)p.dest_row[e] + p.local_idx[slot];
-      rc.src = reinterpret_cast<const uint4*>(p.x + (size_t)(slot / p.k) * p.hidden);
-      rc.dst = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_recv[dst]) + row * p.hidden);
-    }
-    copy_rows(rc, p.hidden / 8, lane);
-    signal_fence();
-    __syncwarp();
-    count_dispatched(p, e, epoch);
-  }
+  for (long long w0 = wg.warp * ROWS; w0 < total; w0 += wg.warps * ROWS)
+    dispatch_rows<ROWS>(p, w0, ROWS, total, start, wg.lane, epoch);
 }
 
 // The sequential dispatch: a warp per token reads its x row once and stores
@@ -694,7 +521,7 @@ extern "C" __global__ void COMET_SIDE_BOUNDS comet_dispatch(const __grid_constan
 extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __grid_constant__ DispatchParams p) {
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
-  raise_empty_segments(p, epoch);
+  if (blockIdx.x == 0) raise_empty_segments(p, epoch, threadIdx.x, blockDim.x);
   const WarpGrid wg = warp_grid();
   const int lane = wg.lane, vecs = p.hidden / 8;
   for (long long t = wg.warp; t < p.tokens; t += wg.warps) {
@@ -832,39 +659,14 @@ extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_cons
   __shared__ int verdict;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
-  const int W = p.ranks, vecs = p.cols / 8, pieces = p.groups * p.chunks;
+  const int vecs = p.cols / 8;
   const WarpGrid wg = warp_grid();
   const int lane = wg.lane;
   for (int c = p.chunk_begin; c < p.chunk_end; ++c) {
-    bool landed = true;
-    // Column chunk c is whole once every expert group's piece of it is.
-    for (int g = 0; g < p.groups && threadIdx.x == 0; ++g) {
-      const int j = g * p.chunks + c;
-      if (p.wait_chunks && landed)
-        landed = wait_at_least(p.chunk_done + j, (u64)p.group_tiles[g].piece_tiles, p.timeout_ns, p.err,
-                               COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + j));
-      for (int s = 0; s < W && landed; ++s)
-        if (s != p.me)
-          landed = signal_wait(p.signals, combine_sig(W, p.epr, pieces, s, j), epoch, p.timeout_ns, p.err);
-    }
-    if (!block_verdict(&verdict, landed)) return;
+    if (!block_verdict(&verdict, threadIdx.x != 0 || chunk_landed(p, c, epoch))) return;
     for (long long t = wg.warp; t < p.tokens; t += wg.warps) {
-      unsigned long long mine = 0ull;
-      float wmine = 0.f;
-      if (lane < p.k) {
-        const long long slot = t * p.k + lane;
-        const int li = p.local_idx[slot];
-        if (li >= 0) {
-          const int e = (int)load_id(p.ids, p.ids_i64, slot);
-          const int dst = e / p.epr;
-          wmine = p.w_bf16 ? bf16_to_f32(reinterpret_cast<const unsigned short*>(p.w)[slot])
-                           : reinterpret_cast<const float*>(p.w)[slot];
-          const bf16_t* row = dst == p.me
-                                  ? p.out + (long long)(p.segs[4 * ((e - dst * p.epr) * W)] + li) * p.hidden
-                                  : p.comb + (long long)(p.send_off[e] + li) * p.hidden;
-          mine = reinterpret_cast<unsigned long long>(row + (long long)c * p.cols);
-        }
-      }
+      float wmine;
+      const unsigned long long mine = reinterpret_cast<unsigned long long>(token_row(p, t, c, lane, &wmine));
       const uint4* rows[MAX_TOPK];
       float wts[MAX_TOPK];
 #pragma unroll
@@ -888,22 +690,10 @@ extern "C" __global__ void __launch_bounds__(512) comet_reduce(const __grid_cons
           for (int j = 0; j < REDUCE_GROUP; ++j)
             if (rows[g + j] != nullptr) q[j] = __ldcg(rows[g + j] + v);
 #pragma unroll
-          for (int j = 0; j < REDUCE_GROUP; ++j) {
-            if (rows[g + j] == nullptr) continue;
-            const unsigned u[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
-#pragma unroll
-            for (int h = 0; h < 4; ++h) {
-              acc[2 * h] += wts[g + j] * bf16_to_f32((unsigned short)(u[h] & 0xFFFFu));
-              acc[2 * h + 1] += wts[g + j] * bf16_to_f32((unsigned short)(u[h] >> 16));
-            }
-          }
+          for (int j = 0; j < REDUCE_GROUP; ++j)
+            if (rows[g + j] != nullptr) add_weighted(acc, wts[g + j], q[j]);
         }
-        uint4 o;
-        o.x = pack_bf16x2(acc[0], acc[1]);
-        o.y = pack_bf16x2(acc[2], acc[3]);
-        o.z = pack_bf16x2(acc[4], acc[5]);
-        o.w = pack_bf16x2(acc[6], acc[7]);
-        reinterpret_cast<uint4*>(yrow)[v] = o;
+        reinterpret_cast<uint4*>(yrow)[v] = pack_bf16x8(acc);
       }
     }
   }

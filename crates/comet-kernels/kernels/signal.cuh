@@ -93,9 +93,11 @@ __device__ __forceinline__ bool signal_error_set(const u64* err) {
 
 // Bounded wait for *word >= target, called by ONE thread. Returns true once
 // satisfied, false after recording (code, index) on timeout (or on seeing
-// another thread's error).
+// another thread's error). `sleep_ns` between polls: waits of hundreds of
+// microseconds by many warps poll less often, so one L2 line is not
+// hammered beside a GEMM.
 __device__ __forceinline__ bool wait_at_least(const u64* word, u64 target, u64 timeout_ns, u64* err,
-                                              unsigned code, unsigned index) {
+                                              unsigned code, unsigned index, unsigned sleep_ns = 64) {
   if (signal_load_acquire(word) >= target) return true;
   const u64 start = global_timer_ns();
   unsigned spins = 0;
@@ -108,7 +110,7 @@ __device__ __forceinline__ bool wait_at_least(const u64* word, u64 target, u64 t
         return false;
       }
     }
-    __nanosleep(64);
+    __nanosleep(sleep_ns);
   }
 }
 

@@ -342,6 +342,7 @@ impl DeviceProblem {
             split,
             device: None,
             gather,
+            side: None,
         };
         if self.total_rows == 0 && num_tiles > 0 {
             return Err(KernelError::InvalidShape(

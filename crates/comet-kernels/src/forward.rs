@@ -18,6 +18,7 @@ use crate::nvrtc::{CompileUnit, Compiler, Target};
 
 const FORWARD_CU: &str = include_str!("../kernels/moe_forward.cu");
 const COMMON_CUH: &str = include_str!("../kernels/gemm_common.cuh");
+const ROWS_CUH: &str = include_str!("../kernels/moe_rows.cuh");
 const SIGNAL_CUH: &str = include_str!("../kernels/signal.cuh");
 
 /// Threads of the route, layout, dispatch, combine and reduce blocks.
@@ -32,6 +33,7 @@ pub fn forward_unit() -> CompileUnit {
         source: FORWARD_CU.into(),
         headers: BTreeMap::from([
             ("gemm_common.cuh".to_string(), COMMON_CUH.to_string()),
+            ("moe_rows.cuh".to_string(), ROWS_CUH.to_string()),
             ("signal.cuh".to_string(), SIGNAL_CUH.to_string()),
         ]),
         extra_options: vec![],
@@ -142,7 +144,7 @@ pub struct LayoutParams {
 
 /// `comet::DispatchParams`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct DispatchParams {
     pub x: CUdeviceptr,
     pub ids: CUdeviceptr,
@@ -213,7 +215,7 @@ pub struct CombineParams {
 
 /// `comet::ReduceParams`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct ReduceParams {
     pub out: CUdeviceptr,
     pub comb: CUdeviceptr,

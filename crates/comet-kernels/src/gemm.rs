@@ -11,6 +11,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::KernelError;
+use crate::forward::{DispatchParams, ReduceParams};
 use crate::nvrtc::{Compiler, Target};
 use crate::tiles::TailSplit;
 use crate::variants::{Epilogue, Family, GemmVariant, LaunchShape};
@@ -90,6 +91,26 @@ pub struct GemmArgs {
     pub device: Option<DeviceWork>,
     /// None: A's rows are the tile rows.
     pub gather: Option<Gather>,
+    /// None: the producer's idle warps stay idle.
+    pub side: Option<SideWork>,
+}
+
+/// Rows the idle warps of an sm90 launch's producer warpgroup move beside
+/// its tiles (kernels/moe_rows.cuh): a rank's dispatch inside the FC1 that
+/// waits on it, or the reduce of FC2's finished chunks inside the FC2 that
+/// counts them. Warps take the work from `next`, a u32 the call zeroes.
+#[derive(Debug, Clone, Copy)]
+pub struct SideWork {
+    pub rows: SideRows,
+    pub next: CUdeviceptr,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum SideRows {
+    /// Needs the wait hook: FC1's tiles wait on the segments it completes.
+    Dispatch(DispatchParams),
+    /// Needs the raise hook: it sums a chunk once FC2 counted its tiles.
+    Reduce(ReduceParams),
 }
 
 /// Work a launch reads from GPU memory at run time (DESIGN.md 6b): the
@@ -151,11 +172,40 @@ struct HopperParamsC {
     tma_c: [u64; 16],
     p: GemmParamsC,
     tma_store: i32,
+    side: SideWorkC,
+}
+
+/// `comet::SideWork`; `kind` 0 (none), 1 (dispatch) or 2 (reduce) says
+/// which of the two blocks is read.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SideWorkC {
+    kind: i32,
+    pad: i32,
+    next: u64,
+    dispatch: DispatchParams,
+    reduce: ReduceParams,
+}
+
+impl SideWorkC {
+    fn of(side: Option<SideWork>) -> SideWorkC {
+        let mut c = SideWorkC::default();
+        if let Some(s) = side {
+            c.next = s.next;
+            match s.rows {
+                SideRows::Dispatch(d) => (c.kind, c.dispatch) = (1, d),
+                SideRows::Reduce(r) => (c.kind, c.reduce) = (2, r),
+            }
+        }
+        c
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 192);
-const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 640);
 const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 576);
+const _: () = assert!(std::mem::offset_of!(HopperParamsC, side) == 584);
+const _: () = assert!(std::mem::size_of::<SideWorkC>() == 336);
+const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 960);
 
 /// Checks the shape rules every variant shares; one error naming the problem.
 pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
@@ -229,6 +279,21 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
                  not the wait hook)",
                 v.kernel_name()
             ));
+        }
+    }
+    if let Some(s) = a.side {
+        let (fits, what) = match s.rows {
+            SideRows::Dispatch(_) => (v.hooks.wait, "a dispatch needs the wait hook"),
+            SideRows::Reduce(_) => (v.hooks.raise, "a reduce needs the raise hook"),
+        };
+        if !matches!(v.family, Family::Sm90 { cluster: 1, .. }) || !fits || a.gather.is_some() {
+            return bad(format!(
+                "{}: side work runs in unclustered sm90 launches without a gather ({what})",
+                v.kernel_name()
+            ));
+        }
+        if s.next == 0 {
+            return bad("side work needs its work counter".into());
         }
     }
     if v.hooks.wait || v.hooks.raise {
@@ -524,6 +589,7 @@ impl GemmRuntime {
             tma_c: tma_c.unwrap_or([0; 16]),
             p,
             tma_store: i32::from(tma_c.is_some()),
+            side: SideWorkC::of(args.side),
         })
     }
 }
@@ -803,6 +869,50 @@ mod tests {
             split: None,
             device: None,
             gather: None,
+            side: None,
+        }
+    }
+
+    #[test]
+    fn side_work_needs_its_hook_an_unclustered_sm90_launch_and_a_counter() {
+        let hooks = |wait, raise| Hooks { wait, raise };
+        let hooked = GemmArgs {
+            hooks: Some(HookArgs {
+                signals: 1,
+                deps: 1,
+                wait_target: 1,
+                raise_value: 1,
+                timeout_ns: 1,
+            }),
+            err: 1,
+            ..args()
+        };
+        let side = |rows, next| GemmArgs {
+            side: Some(SideWork { rows, next }),
+            ..hooked
+        };
+        let dispatch = SideRows::Dispatch(DispatchParams::default());
+        let reduce = SideRows::Reduce(ReduceParams::default());
+        let fc1 = GemmVariant::new(Family::SM90_TMA, Epilogue::SwiGlu, hooks(true, false));
+        let fc2 = GemmVariant::new(Family::SM90_TMA, Epilogue::Store, hooks(false, true));
+        validate_args(&fc1, &side(dispatch, 8)).unwrap();
+        validate_args(&fc2, &side(reduce, 8)).unwrap();
+        for (v, a, what) in [
+            (&fc1, side(reduce, 8), "raise hook"),
+            (&fc2, side(dispatch, 8), "wait hook"),
+            (&fc1, side(dispatch, 0), "work counter"),
+        ] {
+            let e = validate_args(v, &a).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        for fam in [Family::Sm80, Family::SM90_CLUSTER] {
+            let v = GemmVariant::new(fam, Epilogue::SwiGlu, hooks(true, false));
+            let a = GemmArgs {
+                num_tiles: 2,
+                ..side(dispatch, 8)
+            };
+            let e = validate_args(&v, &a).unwrap_err().to_string();
+            assert!(e.contains("unclustered sm90"), "{e}");
         }
     }
 

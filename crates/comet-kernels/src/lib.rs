@@ -26,7 +26,7 @@
 //!     n: 2 * cfg.ffn, ldc: cfg.ffn, experts, scatter_idx: 0, scatter_w: 0, err,
 //!     hooks: Some(HookArgs { signals, deps: d_deps, wait_target: epoch,
 //!                            raise_value: epoch, timeout_ns }), split: None, device: None,
-//!     gather: None };
+//!     gather: None, side: None };
 //! unsafe { rt.launch(&v, &args, &stream)? };
 //! // after the stream: gemm::check_error_word(err word) names a timed-out signal
 //! ```

@@ -13,6 +13,7 @@ use crate::nvrtc::{CompileUnit, Target};
 
 const SIGNAL_CUH: &str = include_str!("../kernels/signal.cuh");
 const COMMON_CUH: &str = include_str!("../kernels/gemm_common.cuh");
+const ROWS_CUH: &str = include_str!("../kernels/moe_rows.cuh");
 const SM80_CU: &str = include_str!("../kernels/grouped_gemm_sm80.cu");
 const SM90_CU: &str = include_str!("../kernels/grouped_gemm_sm90.cu");
 
@@ -337,6 +338,7 @@ impl GemmVariant {
             headers: BTreeMap::from([
                 ("signal.cuh".to_string(), SIGNAL_CUH.to_string()),
                 ("gemm_common.cuh".to_string(), COMMON_CUH.to_string()),
+                ("moe_rows.cuh".to_string(), ROWS_CUH.to_string()),
             ]),
             extra_options: vec![],
         }

@@ -180,6 +180,7 @@ fn plan_dict<'py>(py: Python<'py>, p: &DevicePlan) -> PyResult<Bound<'py, PyDict
     d.set_item("ranks_per_gpu", p.ranks_per_gpu)?;
     d.set_item("share", p.share)?;
     d.set_item("overlap", p.overlap)?;
+    d.set_item("side_warps", p.side_warps)?;
     d.set_item("comm_blocks", p.comm_blocks)?;
     d.set_item("gemm_grid_overlap", p.gemm_grid_overlap)?;
     d.set_item("gemm_grid", p.gemm_grid)?;

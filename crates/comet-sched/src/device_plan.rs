@@ -29,6 +29,9 @@ pub struct KernelTiles {
     pub fc1_group: usize,
     /// FC2 column tiles per raster group.
     pub fc2_group: usize,
+    /// Whether the GEMMs' idle producer warps can move rows beside their
+    /// tiles (the Hopper family's, unclustered).
+    pub side_warps: bool,
 }
 
 /// The most experts the device route and layout handle.
@@ -55,6 +58,13 @@ pub struct DevicePlan {
     /// Whether the fused mode overlaps communication with the GEMMs: the
     /// cost model's verdict, or blocks given ([`Self::set_comm_blocks`]).
     pub overlap: bool,
+    /// One rank, fused, where the GEMMs can: its rows move inside them,
+    /// on the idle warps of their producer warpgroups: the dispatch in
+    /// FC1, whose tiles wait on its segments, and the sums of FC2's
+    /// chunks but the last in FC2 (docs/ARCHITECTURE.md, "A rank alone").
+    /// Nothing takes an SM from the GEMMs, which communication blocks
+    /// would (docs/PERF.md, 2026-12-06: they did not pay alone).
+    pub side_warps: bool,
     /// Blocks of the communication kernels while the GEMMs run: the cost
     /// model's (a third of the share at most), or given.
     pub comm_blocks: usize,
@@ -198,8 +208,12 @@ impl DevicePlan {
             1
         };
         let comm_blocks = estimate.comm_blocks;
+        let side_warps = w == 1 && tiles.side_warps;
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
+            (cols, h / cols)
+        } else if side_warps {
+            let cols = chunk_width(h, tiles.fc2_cols, h / SIDE_CHUNKS);
             (cols, h / cols)
         } else {
             (h, 1)
@@ -212,6 +226,7 @@ impl DevicePlan {
             ranks_per_gpu,
             share,
             overlap,
+            side_warps,
             comm_blocks,
             comm_blocks_given: false,
             gemm_grid_overlap: if overlap { share - comm_blocks } else { share },
@@ -239,6 +254,7 @@ impl DevicePlan {
         if !self.overlap && self.share > 1 && !self.gather_x {
             let h = self.cfg.hidden;
             self.overlap = true;
+            self.side_warps = false;
             self.chunk_cols = chunk_width(h, self.tiles.fc2_cols, h / GIVEN_CHUNKS);
             self.chunks = h / self.chunk_cols;
         }
@@ -247,6 +263,13 @@ impl DevicePlan {
             self.comm_blocks_given = true;
             self.gemm_grid_overlap = self.share - self.comm_blocks;
         }
+    }
+
+    /// FC1 reads x's rows in place, gathered by token (one rank): the
+    /// dispatch then only writes each receive row's token, in sequence.
+    pub fn gather_in_place(&mut self) {
+        self.gather_x = true;
+        self.side_warps = false;
     }
 
     /// `n` expert groups instead of the cost model's choice. More than one
@@ -277,6 +300,35 @@ impl DevicePlan {
             ));
         }
         self.groups = n;
+        Ok(())
+    }
+
+    /// `n` layer1 column chunks instead of the plan's, each of whole FC2
+    /// tiles. Only where chunks matter: a call that overlaps, or a rank
+    /// alone whose FC2 side warps sum every chunk but the last.
+    pub fn set_chunks(&mut self, n: usize) -> Result<(), SchedError> {
+        let (h, tile) = (self.cfg.hidden, self.tiles.fc2_cols);
+        if !self.overlap && !self.side_warps {
+            return Err(bad(
+                "layer1 chunks",
+                format!("{n}: this layer runs in sequence, where chunks change nothing"),
+            ));
+        }
+        if n == 0 || !h.is_multiple_of(n) || !(h / n).is_multiple_of(tile) {
+            let valid: Vec<String> = (1..=h / tile)
+                .filter(|c| h.is_multiple_of(c * tile))
+                .map(|c| (h / (c * tile)).to_string())
+                .rev()
+                .collect();
+            return Err(bad(
+                "layer1 chunks",
+                format!(
+                    "{n}: chunks are whole FC2 tiles of {tile} columns dividing hidden {h}: {}",
+                    valid.join(", ")
+                ),
+            ));
+        }
+        (self.chunks, self.chunk_cols) = (n, h / n);
         Ok(())
     }
 
@@ -312,7 +364,7 @@ impl DevicePlan {
     pub fn describe(&self) -> String {
         format!(
             "device forward: {} SMs, {} rank(s) per GPU -> {} SMs per rank\n\
-             overlap: {} ({}cost model: overlapped {:.3} ms vs sequential {:.3} ms)\n\
+             overlap: {} ({}cost model: overlapped {:.3} ms vs sequential {:.3} ms){}\n\
              link (cost model): dispatch {} {:.3} ms, combine {:.3} ms\n\
              GEMM grid: {} CTAs overlapping, {} in sequence; communication blocks: {}\n\
              tiles: {} rows, FC1 {} cols, FC2 {} cols, in column groups of {} (FC1) and {} (FC2); layer1 chunks: {} x {} cols\n\
@@ -330,6 +382,11 @@ impl DevicePlan {
             },
             self.estimate.overlapped_ms,
             self.estimate.baseline_ms,
+            if self.side_warps {
+                "; alone: the GEMMs' idle producer warps move the rows (FC1 the dispatch, FC2 the sums of its chunks but the last)"
+            } else {
+                ""
+            },
             match self.wire {
                 WireFormat::Rows => "a row per (token, expert)",
                 WireFormat::Tokens => "token-once",
@@ -386,6 +443,11 @@ fn lcm(a: usize, b: usize) -> usize {
 /// chunk's combine and sum are what is left after FC2.
 const GIVEN_CHUNKS: usize = 8;
 
+/// Chunks of a rank alone whose reduce runs in FC2's side warps: the last
+/// chunk's sum is left after FC2, while every chunk more reads FC2's A
+/// once more (its tiles go chunk by chunk).
+const SIDE_CHUNKS: usize = 4;
+
 /// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
 fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {
     (1..=hidden / tile)
@@ -406,6 +468,7 @@ mod tests {
         fc2_cols: 256,
         fc1_group: 8,
         fc2_group: 8,
+        side_warps: true,
     };
 
     fn plan(p: Preset, w: usize, per_gpu: usize) -> DevicePlan {
@@ -469,18 +532,60 @@ mod tests {
             .contains("overlap: true (communication blocks given;"));
         // FC1 gathering x in place has no dispatch to overlap.
         let mut gathering = plan(Preset::Qwen2Moe, 1, 1);
-        gathering.gather_x = true;
+        gathering.gather_in_place();
         gathering.set_comm_blocks(16);
         assert!(!gathering.overlap);
     }
 
     #[test]
-    fn one_rank_runs_in_sequence_on_the_whole_gpu() {
+    fn one_rank_moves_its_rows_in_the_gemms_side_warps_on_the_whole_gpu() {
         let d = plan(Preset::Mixtral8x7b, 1, 1);
-        assert!(!d.overlap);
+        assert!(!d.overlap && d.side_warps, "{d:?}");
         assert!(!d.gather_x, "FC1 over dispatched rows unless a layer asks");
-        assert_eq!(d.gemm_grid_overlap, 132);
-        assert_eq!(d.chunks, 1);
+        assert_eq!((d.gemm_grid, d.gemm_grid_overlap), (132, 132));
+        // About four chunks of whole FC2 tiles: the last one's sum is
+        // what is left after FC2.
+        assert_eq!((d.chunks, d.chunk_cols), (4, 1024));
+        assert!(d.describe().contains("idle producer warps move the rows"));
+        let qwen = plan(Preset::Qwen2Moe, 1, 1);
+        assert_eq!(qwen.chunk_cols * qwen.chunks, qwen.cfg.hidden);
+        assert!(qwen.chunks > 1 && qwen.chunk_cols.is_multiple_of(TILES.fc2_cols));
+        // Without side warps (the portable GEMMs), and where FC1 gathers x
+        // or blocks are given, a rank alone runs in sequence or on blocks.
+        let portable = KernelTiles {
+            side_warps: false,
+            ..TILES
+        };
+        let cfg = Preset::Mixtral8x7b.config(1).unwrap();
+        let h200 = DeviceFigures::h200_nvlink();
+        let d = DevicePlan::new(&cfg, 4096, None, 132, 1, portable, &h200).unwrap();
+        assert!(!d.side_warps && !d.overlap && d.chunks == 1, "{d:?}");
+        let mut gathering = plan(Preset::Mixtral8x7b, 1, 1);
+        gathering.gather_in_place();
+        assert!(gathering.gather_x && !gathering.side_warps);
+        let mut blocks = plan(Preset::Mixtral8x7b, 1, 1);
+        blocks.set_comm_blocks(8);
+        assert!(blocks.overlap && !blocks.side_warps);
+        // Ranks that share a link never take this path.
+        assert!(!plan(Preset::Mixtral8x7b, 2, 1).side_warps);
+    }
+
+    #[test]
+    fn chunks_given_are_whole_fc2_tiles_where_chunks_matter() {
+        let mut qwen = plan(Preset::Qwen2Moe, 1, 1);
+        qwen.set_chunks(2).unwrap();
+        assert_eq!((qwen.chunks, qwen.chunk_cols), (2, 1792));
+        let e = qwen.set_chunks(4).unwrap_err().to_string();
+        assert!(e.contains("dividing hidden 3584: 1, 2, 7, 14"), "{e}");
+        assert!(qwen.set_chunks(0).is_err());
+        assert_eq!(qwen.chunks, 2, "a refused count changes nothing");
+        let mut two = plan(Preset::Mixtral8x7b, 2, 1);
+        two.set_chunks(8).unwrap();
+        assert_eq!(two.pieces(), 8 * two.groups);
+        let mut sequential = plan(Preset::Mixtral8x7b, 1, 1);
+        sequential.gather_in_place();
+        let e = sequential.set_chunks(2).unwrap_err().to_string();
+        assert!(e.contains("runs in sequence"), "{e}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ use comet_kernels::forward::{
     fill_u16, fill_u32, layout_smem_bytes, CombineParams, DispatchParams, ForwardKernels, Grid,
     GroupTiles, LayoutParams, ReduceParams, RouteParams, Scalars, StatusWord, WaitParams,
 };
-use comet_kernels::gemm::{DeviceWork, Gather};
+use comet_kernels::gemm::{DeviceWork, Gather, SideRows, SideWork};
 use comet_kernels::{
     Epilogue, GemmArgs, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileDesc,
 };
@@ -136,6 +136,9 @@ pub struct LayerOptions {
     /// nothing overlaps a combine or a proxy sums the combine token-once
     /// ([`DevicePlan::set_groups`]).
     pub expert_groups: Option<usize>,
+    /// Layer1 column chunks instead of the plan's
+    /// ([`DevicePlan::set_chunks`]).
+    pub chunks: Option<usize>,
 }
 
 impl Default for LayerOptions {
@@ -150,6 +153,7 @@ impl Default for LayerOptions {
             gather_x: false,
             comm_blocks: None,
             expert_groups: None,
+            chunks: None,
         }
     }
 }
@@ -227,6 +231,7 @@ impl Variants {
 /// The tile shape and raster groups of an FC1 and an FC2 variant.
 fn tiles_of(fc1: &GemmVariant, fc2: &GemmVariant) -> KernelTiles {
     KernelTiles {
+        side_warps: matches!(fc1.family, comet_kernels::Family::Sm90 { cluster: 1, .. }),
         bm: fc1.tile_rows(),
         fc1_cols: fc1.tile_out_cols(),
         fc2_cols: fc2.tile_out_cols(),
@@ -251,6 +256,51 @@ pub fn kernel_tiles_for(family: comet_kernels::Family) -> KernelTiles {
     let family = layer_family(family);
     let v = |e| GemmVariant::new(family, e, Hooks::NONE);
     tiles_of(&v(Epilogue::SwiGlu), &v(Epilogue::Store))
+}
+
+/// How one of a call's GEMM launches runs.
+#[derive(Debug, Clone, Copy)]
+struct GemmLaunch {
+    /// FC1 waits on its segments, FC2 counts its chunks.
+    hooked: bool,
+    /// That expert group's tiles, else the whole list.
+    group: Option<usize>,
+    /// CTAs of the persistent grid.
+    grid: usize,
+    /// Rows the producer's idle warps move beside the tiles.
+    side: Option<SideWork>,
+}
+
+impl GemmLaunch {
+    fn plain(grid: usize) -> GemmLaunch {
+        GemmLaunch {
+            hooked: false,
+            group: None,
+            grid,
+            side: None,
+        }
+    }
+
+    fn hooked(grid: usize) -> GemmLaunch {
+        GemmLaunch {
+            hooked: true,
+            ..GemmLaunch::plain(grid)
+        }
+    }
+
+    fn of_group(self, g: usize) -> GemmLaunch {
+        GemmLaunch {
+            group: Some(g),
+            ..self
+        }
+    }
+
+    fn with(self, side: SideWork) -> GemmLaunch {
+        GemmLaunch {
+            side: Some(side),
+            ..self
+        }
+    }
 }
 
 /// The layout tables of one call as the device derived them.
@@ -329,6 +379,8 @@ struct Scratch {
     cnt: CUdeviceptr,
     seg_done: CUdeviceptr,
     comb_done: CUdeviceptr,
+    /// u32 work counters of the GEMMs' side warps: FC1's, FC2's.
+    side_next: CUdeviceptr,
     /// [`GroupTiles`] per expert group, among the counters.
     group_tiles: CUdeviceptr,
     epoch: CUdeviceptr,
@@ -525,12 +577,17 @@ impl<T: DeviceTransport> MoeLayer<T> {
             kernels.variants().tiles(),
             &figures,
         )?;
-        plan.gather_x = opts.gather_x && cfg.ranks == 1;
+        if opts.gather_x && cfg.ranks == 1 {
+            plan.gather_in_place();
+        }
         if let Some(n) = opts.comm_blocks {
             plan.set_comm_blocks(n);
         }
         if let Some(n) = opts.expert_groups {
             plan.set_groups(n)?;
+        }
+        if let Some(n) = opts.chunks {
+            plan.set_chunks(n)?;
         }
         if layout_smem_bytes(cfg.ranks, cfg.experts) > comet_kernels::forward::LAYOUT_SMEM_MAX {
             return Err(SchedError::Input {
@@ -601,9 +658,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
         // else is this layer's own memory, sized by its plan.
         unsafe {
             self.begin(stream)?;
-            let sequential = !(self.mode == ExecMode::Fused && self.plan.overlap);
+            let fused = self.mode == ExecMode::Fused;
+            let sequential = !(fused && (self.plan.overlap || self.plan.side_warps));
             if let Some(m) = self.marks.as_mut() {
-                m.complete = sequential;
+                m.complete = sequential || !self.plan.overlap;
             }
             self.mark(0, stream)?;
             self.route(stream, a)?;
@@ -612,16 +670,19 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.mark(2, stream)?;
             if sequential {
                 self.sequential(stream, a)?;
-            } else {
+            } else if self.plan.overlap {
                 self.overlapped(stream, a)?;
+            } else {
+                self.alone(stream, a)?;
             }
             self.finish(stream)
         }
     }
 
-    /// Records a timing event around every phase of the sequential calls
-    /// that follow (a diagnosis of where a call's time goes: a record per
-    /// phase on the host), or stops.
+    /// Records a timing event around every phase of the calls that follow
+    /// in sequence or of a rank alone (a diagnosis of where a call's time
+    /// goes: a record per phase on the host; alone, the dispatch is inside
+    /// FC1 and all chunks' sums but the last inside FC2), or stops.
     pub fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
         if !on {
             self.marks = None;
@@ -644,7 +705,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
 
     /// Milliseconds of each of [`PHASES`] in the last call, once its stream
     /// has run it (`check`); `None` unless phases are timed and the call
-    /// ran in sequence.
+    /// ran in sequence or alone.
     pub fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError> {
         let Some(m) = self.marks.as_ref().filter(|m| m.complete) else {
             return Ok(None);
@@ -933,17 +994,11 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe { self.k.forward.layout(&p, g, stream) }.map_err(kerr(self.rank()))
     }
 
-    /// Overlapped: send positions in ring order (own rows first), a few
-    /// blocks. Sequential: a warp per token, x read once, the whole share.
-    unsafe fn dispatch(
-        &self,
-        stream: CUstream,
-        a: &ForwardArgs,
-        blocks: usize,
-        overlapped: bool,
-    ) -> Result<(), SchedError> {
+    /// What the dispatch reads and writes; `gather`: the sequential
+    /// dispatch writes each receive row's token instead of copying it.
+    fn dispatch_params(&self, a: &ForwardArgs, gather: bool) -> DispatchParams {
         let cfg = &self.plan.cfg;
-        let p = DispatchParams {
+        DispatchParams {
             x: a.x,
             ids: a.topk_ids,
             local_idx: self.s.local_idx,
@@ -956,11 +1011,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             peer_signals: self.s.peer_signals,
             sc: self.s.sc,
             epoch: self.s.epoch,
-            gather_rows: if !overlapped && self.gathers(a) {
-                self.s.gather_rows
-            } else {
-                0
-            },
+            gather_rows: if gather { self.s.gather_rows } else { 0 },
             hidden: cfg.hidden as i32,
             k: cfg.top_k as i32,
             experts: cfg.experts as i32,
@@ -969,7 +1020,19 @@ impl<T: DeviceTransport> MoeLayer<T> {
             me: self.rank() as i32,
             ids_i64: i32::from(a.ids == IdType::I64),
             tokens: a.tokens as i32,
-        };
+        }
+    }
+
+    /// Overlapped: send positions in ring order (own rows first), a few
+    /// blocks. Sequential: a warp per token, x read once, the whole share.
+    unsafe fn dispatch(
+        &self,
+        stream: CUstream,
+        a: &ForwardArgs,
+        blocks: usize,
+        overlapped: bool,
+    ) -> Result<(), SchedError> {
+        let p = self.dispatch_params(a, !overlapped && self.gathers(a));
         let (f, g) = (&self.k.forward, Grid::blocks(blocks as u32));
         // SAFETY: x has tokens rows of hidden (caller); the rest is scratch
         // and the peers' receive buffers of the plan's capacity.
@@ -1069,19 +1132,20 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.plan.gather_x && a.tokens > 0
     }
 
-    /// `gather`: A is x, its rows by the dispatch's gather rows. `group`:
-    /// that expert group's tiles, else the whole list.
+    /// `gather`: A is x, its rows by the dispatch's gather rows.
     unsafe fn fc1(
         &self,
         stream: CUstream,
         a: &ForwardArgs,
-        hooked: bool,
         gather: bool,
-        group: Option<usize>,
-        grid: usize,
+        l: GemmLaunch,
     ) -> Result<(), SchedError> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
-        let v = if hooked { self.v.fc1_wait } else { self.v.fc1 };
+        let v = if l.hooked {
+            self.v.fc1_wait
+        } else {
+            self.v.fc1
+        };
         // Rows read are tokens, all below this call's count.
         let gather = gather.then_some(Gather {
             rows: self.s.gather_rows,
@@ -1105,7 +1169,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             scatter_idx: 0,
             scatter_w: 0,
             err: self.s.err,
-            hooks: hooked.then_some(HookArgs {
+            hooks: l.hooked.then_some(HookArgs {
                 signals: self.sym.signals_at,
                 deps: self.s.deps,
                 wait_target: 0,
@@ -1113,8 +1177,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
                 timeout_ns: self.timeout_ns,
             }),
             split: None,
-            device: Some(self.work(false, group, grid)),
+            device: Some(self.work(false, l.group, l.grid)),
             gather,
+            side: l.side,
         };
         self.launch_gemm(&v, &args, stream)
     }
@@ -1123,12 +1188,14 @@ impl<T: DeviceTransport> MoeLayer<T> {
         &self,
         stream: CUstream,
         a: &ForwardArgs,
-        hooked: bool,
-        group: Option<usize>,
-        grid: usize,
+        l: GemmLaunch,
     ) -> Result<(), SchedError> {
         let (cfg, p) = (&self.plan.cfg, &self.plan);
-        let v = if hooked { self.v.fc2_raise } else { self.v.fc2 };
+        let v = if l.hooked {
+            self.v.fc2_raise
+        } else {
+            self.v.fc2
+        };
         let args = GemmArgs {
             a: self.s.act,
             b: a.w2,
@@ -1143,7 +1210,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             scatter_idx: 0,
             scatter_w: 0,
             err: self.s.err,
-            hooks: hooked.then_some(HookArgs {
+            hooks: l.hooked.then_some(HookArgs {
                 signals: self.s.chunk_done,
                 deps: 0,
                 wait_target: 0,
@@ -1151,8 +1218,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
                 timeout_ns: self.timeout_ns,
             }),
             split: None,
-            device: Some(self.work(true, group, grid)),
+            device: Some(self.work(true, l.group, l.grid)),
             gather: None,
+            side: l.side,
         };
         self.launch_gemm(&v, &args, stream)
     }
@@ -1213,22 +1281,17 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe { self.k.forward.combine(&p, g, stream) }.map_err(kerr(self.rank()))
     }
 
-    /// The sums of `chunks` (of the plan's layer1 chunks). `beside_fc2`: on
-    /// the side stream while FC2 runs (one rank, overlapped), each chunk
-    /// summed once its FC2 tiles are done.
-    unsafe fn reduce(
+    /// What the sums of `chunks` (of the plan's layer1 chunks) read and
+    /// write. `beside_fc2`: while FC2 runs (one rank), each chunk summed
+    /// once its FC2 tiles are counted.
+    fn reduce_params(
         &self,
-        stream: CUstream,
         a: &ForwardArgs,
-        blocks: usize,
         beside_fc2: bool,
         chunks: Range<usize>,
-    ) -> Result<(), SchedError> {
+    ) -> ReduceParams {
         let cfg = &self.plan.cfg;
-        if a.tokens == 0 || chunks.is_empty() {
-            return Ok(());
-        }
-        let p = ReduceParams {
+        ReduceParams {
             out: self.s.out,
             comb: self.sym.comb_at,
             ids: a.topk_ids,
@@ -1260,7 +1323,23 @@ impl<T: DeviceTransport> MoeLayer<T> {
             chunk_begin: chunks.start as i32,
             chunk_end: chunks.end as i32,
             pad: 0,
-        };
+        }
+    }
+
+    /// The sums of `chunks` on `blocks` blocks (`beside_fc2`: on the side
+    /// stream while FC2 runs).
+    unsafe fn reduce(
+        &self,
+        stream: CUstream,
+        a: &ForwardArgs,
+        blocks: usize,
+        beside_fc2: bool,
+        chunks: Range<usize>,
+    ) -> Result<(), SchedError> {
+        if a.tokens == 0 || chunks.is_empty() {
+            return Ok(());
+        }
+        let p = self.reduce_params(a, beside_fc2, chunks);
         // SAFETY: ids/weights have tokens*k entries and y tokens rows
         // (caller); the rest is this layer's memory.
         unsafe {
@@ -1281,8 +1360,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.fork_side(stream)?;
             self.dispatch(side, a, comm, true)?;
             for g in 0..self.plan.groups {
-                self.fc1(stream, a, true, false, Some(g), grid)?;
-                self.fc2(stream, a, true, Some(g), grid)?;
+                let l = GemmLaunch::hooked(grid).of_group(g);
+                self.fc1(stream, a, false, l)?;
+                self.fc2(stream, a, l)?;
             }
             let chunks = self.plan.chunks;
             if self.plan.cfg.ranks == 1 {
@@ -1300,6 +1380,37 @@ impl<T: DeviceTransport> MoeLayer<T> {
         }
     }
 
+    /// One rank, fused (`DevicePlan::side_warps`): no link to hide, so
+    /// nothing runs beside the GEMMs but the rows they need. FC1's tiles
+    /// wait on the segments its producer's idle warps copy; FC2's idle
+    /// warps sum each chunk its tiles finished, all but the last, which
+    /// the whole grid sums after it (on those warps it would be a tail).
+    unsafe fn alone(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        let (grid, chunks) = (self.plan.gemm_grid, self.plan.chunks);
+        let dispatch = SideWork {
+            rows: SideRows::Dispatch(self.dispatch_params(a, false)),
+            next: self.s.side_next,
+        };
+        let reduce = SideWork {
+            rows: SideRows::Reduce(self.reduce_params(a, true, 0..chunks - 1)),
+            next: self.s.side_next + 4,
+        };
+        // SAFETY: as in forward; the side warps' rows are the dispatch's
+        // and the reduce's, whose launches read the same.
+        // Timed phases: the dispatch and the other chunks' sums inside the
+        // GEMMs, no combine.
+        unsafe {
+            self.mark(3, stream)?;
+            self.fc1(stream, a, false, GemmLaunch::hooked(grid).with(dispatch))?;
+            self.mark(4, stream)?;
+            self.fc2(stream, a, GemmLaunch::hooked(grid).with(reduce))?;
+            self.mark(5, stream)?;
+            self.mark(6, stream)?;
+            self.reduce(stream, a, grid, false, chunks - 1..chunks)?;
+            self.mark(7, stream)
+        }
+    }
+
     /// Every phase in sequence on the caller's stream.
     unsafe fn sequential(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
         let (aux, grid) = (self.plan.aux_blocks, self.plan.gemm_grid);
@@ -1308,9 +1419,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.dispatch(stream, a, aux, false)?;
             self.wait_dispatch(stream)?;
             self.mark(3, stream)?;
-            self.fc1(stream, a, false, self.gathers(a), None, grid)?;
+            self.fc1(stream, a, self.gathers(a), GemmLaunch::plain(grid))?;
             self.mark(4, stream)?;
-            self.fc2(stream, a, false, None, grid)?;
+            self.fc2(stream, a, GemmLaunch::plain(grid))?;
             self.mark(5, stream)?;
             self.combine(stream, false, aux)?;
             self.mark(6, stream)?;
@@ -1375,8 +1486,9 @@ impl<T: DeviceTransport> MoeLayer<T> {
         self.bind()?;
         // SAFETY: as in forward.
         unsafe {
-            self.fc1(stream, a, false, false, None, self.plan.gemm_grid)?;
-            self.fc2(stream, a, false, None, self.plan.gemm_grid)
+            let l = GemmLaunch::plain(self.plan.gemm_grid);
+            self.fc1(stream, a, false, l)?;
+            self.fc2(stream, a, l)
         }
     }
 
@@ -1493,10 +1605,11 @@ impl Scratch {
         };
         let state = alloc(STATE_BYTES, "allocate state")?;
         let (chunks, groups) = (plan.pieces(), plan.groups);
-        // u64 piece counters first, then u32 counts, then each expert
-        // group's tile runs (zeroed with the counters: a call the layout
-        // refuses runs no tile).
-        let group_at = 8 * chunks + 4 * (2 * e + chunks * w);
+        // u64 piece counters first, then u32 counts and the side warps'
+        // two work counters, then each expert group's tile runs (zeroed
+        // with the counters: a call the layout refuses runs no tile).
+        let side_at = 8 * chunks + 4 * (2 * e + chunks * w);
+        let group_at = side_at + 8;
         let counters_words = group_at / 4 + groups * std::mem::size_of::<GroupTiles>() / 4;
         let counters = alloc(4 * counters_words, "allocate counters")?;
         let slots = plan.send_capacity();
@@ -1509,6 +1622,7 @@ impl Scratch {
             cnt: counters + 8 * chunks as u64,
             seg_done: counters + 8 * chunks as u64 + 4 * e as u64,
             comb_done: counters + 8 * chunks as u64 + 8 * e as u64,
+            side_next: counters + side_at as u64,
             group_tiles: counters + group_at as u64,
             epoch: state + STATE_EPOCH,
             err: state + STATE_ERR,

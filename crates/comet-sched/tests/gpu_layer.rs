@@ -358,6 +358,45 @@ fn one_rank_gathering_x_matches_the_reference() {
     }
 }
 
+/// One rank's fused calls move its rows in the GEMMs' side warps (the
+/// default where the GEMMs are Hopper's): the dispatch inside FC1, whose
+/// tiles wait on its segments, and the sums of all chunks but the last
+/// inside FC2. Top-2 and top-11 (dropped slots among them) in two chunks,
+/// then a wide layer in three and in nine (few calls: its reference is
+/// slow on the host).
+#[test]
+#[ignore = "needs a GPU"]
+fn one_rank_moves_its_rows_inside_the_gemms() {
+    for (c, cap) in [(cfg(1, 512, 4, 2), 200), (cfg(1, 256, 16, 11), 96)] {
+        let mut h = Harness::new(&c, cap, &opts(&c, cap));
+        let plan = h.world.ranks()[0].layer.plan();
+        assert!(plan.side_warps && plan.chunks > 1, "{plan:?}");
+        one_rank_calls(&mut h, cap, "side warps");
+    }
+    for chunks in [None, Some(9)] {
+        let c = cfg_wide(1, 1152, 4, 2);
+        let o = LayerOptions {
+            chunks,
+            ..opts(&c, 96)
+        };
+        let mut h = Harness::new(&c, 96, &o);
+        assert_eq!(h.world.ranks()[0].layer.plan().chunks, chunks.unwrap_or(3));
+        for (i, kind) in [RoutingKind::Uniform, RoutingKind::SomeEmpty]
+            .into_iter()
+            .enumerate()
+        {
+            for tokens in [96, 41, 1] {
+                let inputs = h.inputs(&[tokens], kind, (i * 100 + tokens) as u64);
+                h.call(
+                    &inputs,
+                    ExecMode::Fused,
+                    &format!("side warps wide {chunks:?} {kind:?} T={tokens}"),
+                );
+            }
+        }
+    }
+}
+
 /// One rank given communication blocks overlaps its own copies: the
 /// dispatch beside FC1 (tiles waiting on their segments) and the reduce on
 /// the side stream summing each chunk once FC2's tiles of it are done.
@@ -454,7 +493,8 @@ fn thirty_calls_on_the_same_buffers() {
 #[test]
 #[ignore = "needs a GPU"]
 fn a_captured_graph_replays_with_new_routing() {
-    // W = 1 twice: in sequence, and overlapping its copies (blocks given);
+    // W = 1 twice: its rows moved in the GEMMs' side warps, and
+    // overlapping its copies on blocks given;
     // W = 2 with one expert group and with two (each group's GEMMs read
     // their first tile and count on the device, so the graph serves every
     // call's routing).

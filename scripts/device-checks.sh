@@ -8,6 +8,7 @@
 #   bash scripts/device-checks.sh groups  # expert groups (FC1 then FC2 group by group): the layer tests over nvlink and staged, ~4 min
 #   bash scripts/device-checks.sh side    # a rank alone moving its rows in the GEMMs' side warps: tests, then issue 13's rows, ~5 min
 #   bash scripts/device-checks.sh sidechunks # ... its phases, qwen2-moe's chunks given, ~4 min
+#   bash scripts/device-checks.sh raise   # FC2's raise hook on bulk stores: qwen2-moe alone, then the layer tests, ~5 min
 #   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, the model's groups and others in turns, ~4 min
 #   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
@@ -38,7 +39,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|side|sidechunks|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -106,6 +107,16 @@ sidechunks)
   step "side test" bash -c "set -o pipefail; timeout 200 $R gpu_layer --ignored --exact one_rank_moves_its_rows_inside_the_gemms 2>&1 | tee $O/side_test.log | grep -E 'test result|panicked'"
   for c in "" "--chunks 1" "--chunks 2" "--chunks 14"; do
     step "qwen alone $c" bash -c "set -o pipefail; timeout 120 $R comet bench --gpu --ranks 1 --tokens 16384 --iters ${SIDE_ITERS:-10} --preset qwen2-moe --phases $c 2>&1 | tee '$O/side_qwen$c.md' | grep -E '^[|] [a-z]|^phases'"
+  done
+  ;;
+raise)
+  # FC2's raise hook on bulk stores (each tile's signal one tile later,
+  # once its stores completed) and a rank alone in about three chunks:
+  # issue 13's qwen2-moe row with phases first, then the tests of every
+  # raising FC2 (a rank alone, ranks over nvlink with groups, staged).
+  step "qwen alone" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 1 --tokens 16384 --iters ${SIDE_ITERS:-10} --preset qwen2-moe --phases 2>&1 | tee $O/raise_qwen.md | grep -E '^[|] [a-z]|^phases'"
+  for t in one_rank_moves_its_rows_inside_the_gemms every_routing_and_size_matches_the_reference expert_groups_match_the_reference staged_thirty_calls_on_the_same_buffers a_captured_graph_replays_with_new_routing; do
+    step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/raise_$t.log | grep -E 'test result|panicked'"
   done
   ;;
 groupbench)

@@ -153,6 +153,11 @@ __device__ __forceinline__ void bulk_wait_read() {
 }
 // This thread's bulk stores are complete.
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// ... all but the N groups it committed last.
+template <int N>
+__device__ __forceinline__ void bulk_wait_all_but() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
 // Generic-proxy shared-memory writes become visible to the async proxy (TMA, wgmma).
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -620,18 +625,42 @@ __device__ __forceinline__ void release_slot(unsigned bars, int s) {
   }
 }
 
+// A tile's raise, held until its bulk stores are complete (TileDesc's
+// sig and sig_mode; sig < 0: nothing held).
+struct HeldRaise {
+  int sig = -1, mode = 0;
+};
+
+// Both consumers' stores of the held tile are visible (each consumer's
+// thread 0 saw its bulk stores complete and fenced them into the generic
+// proxy; plain stores were fenced by their threads): consumer 0 raises.
+__device__ __forceinline__ void raise_held(const GemmParams& p, const HeldRaise& h, int cw, int lt) {
+  if (h.sig < 0) return;
+  signal_fence();
+  named_barrier(1, 256);
+  if (cw == 0 && lt == 0) {
+    if (h.mode == 1)
+      signal_raise_add(p.signals, (unsigned)h.sig, 1ull);
+    else
+      signal_raise(p.signals, (unsigned)h.sig, hook_raise_value(p));
+  }
+}
+
 // TMA_ST: full tiles of the store epilogue leave through bulk tensor stores
 // (one thread per consumer issues them and only waits for the reads of its
 // staging before the next pass refills it), so the global writes overlap
-// the next pass and the next tile's math. Partial tiles (rows of the next
-// expert follow in C), scatter and raise-hook variants keep plain stores;
-// so does SwiGLU (one pass per tile: bulk stores measured no faster there,
-// 2026-11-23, docs/PERF.md).
+// the next pass and the next tile's math. With the raise hook a tile's
+// signal waits for its stores to complete, so it is raised one tile
+// later, once the next tile's stores are issued: raised at once, the wait
+// for the writes cost FC2 about 10% (plain stores did too: docs/PERF.md,
+// 2026-12-06). Partial tiles (rows of the next expert follow in C) and
+// scatter keep plain stores; so does SwiGLU (one pass per tile: bulk stores
+// measured no faster there, 2026-11-23).
 template <int EPI, bool WAIT, bool RAISE, int BN, int STAGES, bool TMA_ST = false, int CM = 1>
 __device__ __forceinline__ void gemm(const HopperParams& hp) {
   static_assert(CM == 1 || CM == 2, "clusters of one or two CTAs along M");
   constexpr int NB = BN / 128;  // wgmma n128 blocks per consumer
-  constexpr bool TS = TMA_ST && EPI == EPI_STORE && !RAISE;
+  constexpr bool TS = TMA_ST && EPI == EPI_STORE;
   using S = Smem<BN, STAGES>;
   extern __shared__ unsigned char smem_raw[];
   const Places<BN, STAGES> at(smem_raw);
@@ -681,6 +710,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
     unsigned pend_v[BN / 8];
     TileDesc pend_t = {};
     bool pend = false;
+    HeldRaise held;
     int it = 0;
     for (int step = 0;; ++step) {
       Piece pc;
@@ -843,18 +873,28 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
         }
         store_pass<EPI>(p, t, pass, 128, out_cols, stg, cw, lt);
       }
-      if (RAISE) {
-        if (t.sig >= 0) {
-          signal_fence();
-          named_barrier(1, 256);
-          if (cw == 0 && lt == 0) {
-            if (t.sig_mode == 1)
-              signal_raise_add(p.signals, (unsigned)t.sig, 1ull);
-            else
-              signal_raise(p.signals, (unsigned)t.sig, hook_raise_value(p));
-          }
+      if (RAISE && TS) {
+        // The tile before is complete once no more than this tile's own
+        // groups are in flight (none when this one stored plainly).
+        if (lt == 0) {
+          if (bulk)
+            bulk_wait_all_but<PASSES>();
+          else
+            bulk_wait_all();
+          asm volatile("fence.proxy.async.global;\n" ::: "memory");
         }
+        raise_held(p, held, cw, lt);
+        held = HeldRaise{t.sig, t.sig_mode};
+      } else if (RAISE) {
+        raise_held(p, HeldRaise{t.sig, t.sig_mode}, cw, lt);
       }
+    }
+    if (RAISE && TS) {
+      if (lt == 0) {
+        bulk_wait_all();
+        asm volatile("fence.proxy.async.global;\n" ::: "memory");
+      }
+      raise_held(p, held, cw, lt);
     }
     if (DEFER && pend) store_swiglu<BN>(p, pend_t, pend_v, stg, cw, warp, lane, lt);
     // Shared memory must outlive the last bulk stores' reads.

@@ -445,8 +445,11 @@ const GIVEN_CHUNKS: usize = 8;
 
 /// Chunks of a rank alone whose reduce runs in FC2's side warps: the last
 /// chunk's sum is left after FC2, while every chunk more reads FC2's A
-/// once more (its tiles go chunk by chunk).
-const SIDE_CHUNKS: usize = 4;
+/// once more (its tiles go chunk by chunk). On qwen2-moe at 16384 tokens
+/// (H100) a chunk more cost FC2 about 0.035 ms and the whole sum took
+/// 0.38 ms, so the two balance at three or four (docs/PERF.md, 2026-12-06
+/// ~22:10).
+const SIDE_CHUNKS: usize = 3;
 
 /// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
 fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {

@@ -50,6 +50,9 @@ impl SplitArgs {
         if self.groups == Some(0) {
             bail!("--groups must be at least 1");
         }
+        if self.chunks == Some(0) {
+            bail!("--chunks must be at least 1");
+        }
         Ok(())
     }
 

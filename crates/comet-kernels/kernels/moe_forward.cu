@@ -39,7 +39,6 @@
 
 namespace comet {
 
-
 __device__ __forceinline__ int group_of_expert(int le, int groups, int epr) {
   int g = 0;
   while (group_lo(g + 1, groups, epr) <= le) ++g;
@@ -53,7 +52,6 @@ __device__ __forceinline__ int arrival_index(int le, int i, int groups, int epr,
   const int lo = group_lo(g, groups, epr), n = group_lo(g + 1, groups, epr) - lo;
   return lo * W + i * n + (le - lo);
 }
-
 
 // Thread 0's verdict for the whole block. `flag` is reused (once per
 // chunk), so the second barrier keeps thread 0 from rewriting it before
@@ -86,7 +84,6 @@ __device__ __forceinline__ WarpGrid warp_grid() {
 // flight, 2026-12-06) staged ranks waited out their count timeout in two
 // runs of three, and the copies were no faster beside the GEMMs.
 #define COMET_SIDE_BOUNDS __launch_bounds__(512, 2)
-
 
 struct RouteParams {
   const void* ids;   // [slots] int32 or int64
@@ -140,7 +137,6 @@ struct LayoutParams {
   int pad;
 };
 
-
 struct WaitParams {
   const u64* signals;
   const Scalars* sc;
@@ -175,8 +171,6 @@ struct CombineParams {
   int chunk_sig0;           // index naming chunk_done(0) in timeouts
   int pad;
 };
-
-
 
 }  // namespace comet
 
@@ -497,7 +491,6 @@ extern "C" __global__ void __launch_bounds__(512) comet_layout(const __grid_cons
   }
 }
 
-
 // Warps take send positions from this rank's own rows on (own segments land
 // first, then the next ranks in ring order), ROWS at a time: one lane
 // resolves each row's source and destination, then all lanes copy the rows
@@ -566,7 +559,6 @@ extern "C" __global__ void __launch_bounds__(512) comet_dispatch_tokens(const __
     count_dispatched(p, e, epoch);
   }
 }
-
 
 // The call's status word into pinned host memory by a store from the
 // call's stream, not a device-to-host copy: such a copy waiting there for

@@ -260,7 +260,9 @@ __device__ __forceinline__ bool chunk_landed(const ReduceParams& p, int c, u64 e
 // G of its rows' loads in flight and each row's address fetched from its
 // lane as it is needed: few registers (the GEMM's side warps have 40), at
 // the cost of a shuffle per row and vector. comet_reduce keeps all k
-// addresses and 8 loads per thread instead.
+// addresses and 8 loads per thread instead. The shuffles take every lane,
+// so a chunk is whole 32-vector rounds: a multiple of 256 columns (the
+// host refuses others, comet_kernels::gemm::validate_args).
 template <int G>
 __device__ __forceinline__ void sum_token_lean(const ReduceParams& p, long long t, int c, int lane) {
   float wmine;
@@ -340,6 +342,7 @@ __device__ __forceinline__ void side_reduce(const SideWork& s, int lane) {
       // of the grid polls its counter, each once a microsecond or so.
       const bool ok = __shfl_sync(0xffffffffu, lane == 0 ? chunk_landed(p, c, epoch, 1024) : true, 0);
       if (!ok) return;
+      __syncwarp();  // lane 0's acquire orders the other lanes' loads too
       whole = c;
     }
     const long long t0 = (i % blocks) * SIDE_TOKENS;

@@ -295,6 +295,15 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
         if s.next == 0 {
             return bad("side work needs its work counter".into());
         }
+        // Every lane of a side warp shuffles in each 32-vector round.
+        if let SideRows::Reduce(r) = s.rows {
+            if r.cols <= 0 || r.cols % 256 != 0 {
+                return bad(format!(
+                    "a side reduce sums chunks of whole 256-column rounds, not {}",
+                    r.cols
+                ));
+            }
+        }
     }
     if v.hooks.wait || v.hooks.raise {
         match a.hooks {
@@ -873,10 +882,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn side_work_needs_its_hook_an_unclustered_sm90_launch_and_a_counter() {
-        let hooks = |wait, raise| Hooks { wait, raise };
-        let hooked = GemmArgs {
+    /// `a` with hook arguments and an error word.
+    fn hooked(a: GemmArgs) -> GemmArgs {
+        GemmArgs {
             hooks: Some(HookArgs {
                 signals: 1,
                 deps: 1,
@@ -885,14 +893,26 @@ mod tests {
                 timeout_ns: 1,
             }),
             err: 1,
-            ..args()
-        };
+            ..a
+        }
+    }
+
+    #[test]
+    fn side_work_needs_its_hook_an_unclustered_sm90_launch_and_a_counter() {
+        let hooks = |wait, raise| Hooks { wait, raise };
         let side = |rows, next| GemmArgs {
             side: Some(SideWork { rows, next }),
-            ..hooked
+            ..hooked(args())
         };
         let dispatch = SideRows::Dispatch(DispatchParams::default());
-        let reduce = SideRows::Reduce(ReduceParams::default());
+        let reduce = SideRows::Reduce(ReduceParams {
+            cols: 512,
+            ..ReduceParams::default()
+        });
+        let narrow = SideRows::Reduce(ReduceParams {
+            cols: 128,
+            ..ReduceParams::default()
+        });
         let fc1 = GemmVariant::new(Family::SM90_TMA, Epilogue::SwiGlu, hooks(true, false));
         let fc2 = GemmVariant::new(Family::SM90_TMA, Epilogue::Store, hooks(false, true));
         validate_args(&fc1, &side(dispatch, 8)).unwrap();
@@ -901,6 +921,7 @@ mod tests {
             (&fc1, side(reduce, 8), "raise hook"),
             (&fc2, side(dispatch, 8), "wait hook"),
             (&fc1, side(dispatch, 0), "work counter"),
+            (&fc2, side(narrow, 8), "256-column rounds, not 128"),
         ] {
             let e = validate_args(v, &a).unwrap_err().to_string();
             assert!(e.contains(what), "{e}");
@@ -937,18 +958,9 @@ mod tests {
                     raise: false,
                 },
             );
-            let hooked = GemmArgs {
-                hooks: Some(HookArgs {
-                    signals: 1,
-                    deps: 1,
-                    wait_target: 1,
-                    raise_value: 1,
-                    timeout_ns: 1,
-                }),
-                err: 1,
-                ..g(0x100, 7)
-            };
-            let e = validate_args(&waits, &hooked).unwrap_err().to_string();
+            let e = validate_args(&waits, &hooked(g(0x100, 7)))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("no dependency waits"), "{e}");
         }
         let c2 = GemmVariant::new(Family::SM90_CLUSTER, Epilogue::Store, Hooks::NONE);

@@ -101,9 +101,10 @@ pub enum Family {
     Sm80,
     /// 128 x `bn` x 64 tiles, TMA + mbarrier ring of `stages`, 1 producer
     /// warp + 2 consumer warpgroups with wgmma; sm_90a only. With
-    /// `tma_store`, full tiles of the store epilogue without the raise hook
-    /// leave through asynchronous TMA bulk stores; every other case is the
-    /// same code as without it. With `cluster` = 2, CTAs run as clusters of
+    /// `tma_store`, full tiles of the store epilogue leave through
+    /// asynchronous TMA bulk stores (with the raise hook, each tile's
+    /// signal once its stores completed, a tile later); every other case
+    /// is the same code as without it. With `cluster` = 2, CTAs run as clusters of
     /// two along M sharing each k-block of B through TMA multicast; the tile
     /// list then holds pairs ([`TileList`](crate::TileList) builds them).
     Sm90 {

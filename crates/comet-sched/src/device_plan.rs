@@ -270,6 +270,7 @@ impl DevicePlan {
     pub fn gather_in_place(&mut self) {
         self.gather_x = true;
         self.side_warps = false;
+        (self.chunk_cols, self.chunks) = (self.cfg.hidden, 1);
     }
 
     /// `n` expert groups instead of the cost model's choice. More than one
@@ -305,7 +306,8 @@ impl DevicePlan {
 
     /// `n` layer1 column chunks instead of the plan's, each of whole FC2
     /// tiles. Only where chunks matter: a call that overlaps, or a rank
-    /// alone whose FC2 side warps sum every chunk but the last.
+    /// alone whose FC2 side warps sum every chunk but the last. After
+    /// [`Self::set_comm_blocks`], which may choose chunks of its own.
     pub fn set_chunks(&mut self, n: usize) -> Result<(), SchedError> {
         let (h, tile) = (self.cfg.hidden, self.tiles.fc2_cols);
         if !self.overlap && !self.side_warps {
@@ -566,6 +568,7 @@ mod tests {
         let mut gathering = plan(Preset::Mixtral8x7b, 1, 1);
         gathering.gather_in_place();
         assert!(gathering.gather_x && !gathering.side_warps);
+        assert_eq!(gathering.chunks, 1, "in sequence FC2 takes one chunk");
         let mut blocks = plan(Preset::Mixtral8x7b, 1, 1);
         blocks.set_comm_blocks(8);
         assert!(blocks.overlap && !blocks.side_warps);

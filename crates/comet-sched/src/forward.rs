@@ -231,7 +231,9 @@ impl Variants {
 /// The tile shape and raster groups of an FC1 and an FC2 variant.
 fn tiles_of(fc1: &GemmVariant, fc2: &GemmVariant) -> KernelTiles {
     KernelTiles {
-        side_warps: matches!(fc1.family, comet_kernels::Family::Sm90 { cluster: 1, .. }),
+        // A side warp's sums go in rounds of 32 vectors (256 columns).
+        side_warps: matches!(fc1.family, comet_kernels::Family::Sm90 { cluster: 1, .. })
+            && fc2.tile_out_cols().is_multiple_of(256),
         bm: fc1.tile_rows(),
         fc1_cols: fc1.tile_out_cols(),
         fc2_cols: fc2.tile_out_cols(),

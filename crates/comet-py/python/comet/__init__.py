@@ -60,7 +60,8 @@ def plan(hidden, ffn, experts, top_k, max_tokens, ranks=1, ranks_per_gpu=1, sms=
          max_recv_rows=None):
     """What a layer of this shape would run on an H200-like GPU of ``sms``
     SMs (no GPU needed): the cost model's choice as a dict (comm_blocks,
-    chunks, chunk_cols, overlap, share, gemm grids, recv_capacity,
+    chunks, chunk_cols, overlap, side_warps (one rank: its rows move in
+    the GEMMs' idle producer warps), share, gemm grids, recv_capacity,
     ``wire`` (how token rows cross the link: "rows"), the estimate in
     ms, and ``text``, the summary ``comet plan`` prints). ``max_recv_rows``
     as in ``MoeLayer``."""

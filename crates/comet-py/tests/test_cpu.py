@@ -231,7 +231,7 @@ def test_plan_of_a_mixtral_layer():
     assert p["ranks"] == 1 and p["experts_per_rank"] == 8
     assert p["overlap"] is False, "one rank has no link to overlap"
     assert p["side_warps"] is True, "its rows move in the GEMMs' idle producer warps"
-    assert p["chunks"] == 4 and p["chunk_cols"] == 1024, "the last chunk's sum is left after FC2"
+    assert p["chunks"] == 2 and p["chunk_cols"] == 2048, "the last chunk's sum is left after FC2"
     assert p["groups"] == 1, "expert groups need a combine to overlap"
     assert p["share"] == 132 and p["gemm_grid"] == 132
     assert p["capacity"] == 8192 and p["recv_capacity"] == 8192 * 2

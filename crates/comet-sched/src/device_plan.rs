@@ -213,7 +213,7 @@ impl DevicePlan {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
             (cols, h / cols)
         } else if side_warps {
-            let cols = chunk_width(h, tiles.fc2_cols, h / SIDE_CHUNKS);
+            let cols = side_chunk_width(cfg, tiles.fc2_cols);
             (cols, h / cols)
         } else {
             (h, 1)
@@ -445,13 +445,31 @@ fn lcm(a: usize, b: usize) -> usize {
 /// chunk's combine and sum are what is left after FC2.
 const GIVEN_CHUNKS: usize = 8;
 
-/// Chunks of a rank alone whose reduce runs in FC2's side warps: the last
-/// chunk's sum is left after FC2, while every chunk more reads FC2's A
-/// once more (its tiles go chunk by chunk). On qwen2-moe at 16384 tokens
-/// (H100) a chunk more cost FC2 about 0.035 ms and the whole sum took
-/// 0.38 ms, so the two balance at three or four (docs/PERF.md, 2026-12-06
-/// ~22:10).
-const SIDE_CHUNKS: usize = 3;
+/// Part of the time to read FC2's A once that a chunk more adds to FC2
+/// (its tiles go chunk by chunk, so each chunk reads A again; the GEMM
+/// hides the rest): qwen2-moe at 16384 tokens lost about 0.035 ms a chunk
+/// on an H100, where reading its A (0.67 GB) takes 0.2 ms (docs/PERF.md,
+/// 2026-12-06 ~22:10).
+const A_REREAD_EXPOSED: f64 = 0.17;
+
+/// Chunk width of a rank alone whose FC2 side warps sum every chunk but
+/// the last: the whole FC2 tiles dividing `hidden` whose count C costs
+/// least, (C - 1) re-reads of A's exposed part against the last chunk's
+/// sum after FC2 (1/C of every row read and y written). Both go by bytes
+/// per row, so the tokens and the memory's speed drop out: qwen2-moe (F
+/// 2560, H 3584, top-8) takes 2 chunks, mixtral (F 14336, H 4096, top-2) 2.
+fn side_chunk_width(cfg: &MoeConfig, tile: usize) -> usize {
+    let (h, f, k) = (cfg.hidden as f64, cfg.ffn as f64, cfg.top_k as f64);
+    let cost = |cols: usize| {
+        let c = (cfg.hidden / cols) as f64;
+        (c - 1.0) * f * A_REREAD_EXPOSED + h * (1.0 + 1.0 / k) / c
+    };
+    (1..=cfg.hidden / tile)
+        .map(|m| m * tile)
+        .filter(|c| cfg.hidden.is_multiple_of(*c))
+        .min_by(|a, b| cost(*a).total_cmp(&cost(*b)))
+        .unwrap_or(cfg.hidden)
+}
 
 /// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
 fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {
@@ -548,13 +566,27 @@ mod tests {
         assert!(!d.overlap && d.side_warps, "{d:?}");
         assert!(!d.gather_x, "FC1 over dispatched rows unless a layer asks");
         assert_eq!((d.gemm_grid, d.gemm_grid_overlap), (132, 132));
-        // About four chunks of whole FC2 tiles: the last one's sum is
-        // what is left after FC2.
-        assert_eq!((d.chunks, d.chunk_cols), (4, 1024));
+        // Chunks of whole FC2 tiles: the last one's sum is what is left
+        // after FC2, each one more re-reads FC2's A.
+        assert_eq!((d.chunks, d.chunk_cols), (2, 2048));
         assert!(d.describe().contains("idle producer warps move the rows"));
         let qwen = plan(Preset::Qwen2Moe, 1, 1);
-        assert_eq!(qwen.chunk_cols * qwen.chunks, qwen.cfg.hidden);
-        assert!(qwen.chunks > 1 && qwen.chunk_cols.is_multiple_of(TILES.fc2_cols));
+        assert_eq!((qwen.chunks, qwen.chunk_cols), (2, 1792));
+        // A wide layer whose A is narrow takes more: the sum weighs more
+        // than the re-reads.
+        let mut wide = Preset::Qwen2Moe.config(1).unwrap();
+        (wide.hidden, wide.ffn, wide.top_k) = (8192, 1024, 8);
+        let w = DevicePlan::new(
+            &wide,
+            4096,
+            None,
+            132,
+            1,
+            TILES,
+            &DeviceFigures::h200_nvlink(),
+        )
+        .unwrap();
+        assert_eq!((w.chunks, w.chunk_cols), (8, 1024), "{w:?}");
         // Without side warps (the portable GEMMs), and where FC1 gathers x
         // or blocks are given, a rank alone runs in sequence or on blocks.
         let portable = KernelTiles {

@@ -9,6 +9,7 @@
 #   bash scripts/device-checks.sh side    # a rank alone moving its rows in the GEMMs' side warps: tests, then issue 13's rows, ~5 min
 #   bash scripts/device-checks.sh sidechunks # ... its phases, qwen2-moe's chunks given, ~4 min
 #   bash scripts/device-checks.sh raise   # FC2's raise hook on bulk stores: qwen2-moe alone, then the layer tests, ~5 min
+#   bash scripts/device-checks.sh h200    # issue 13's rows on an H200 (alone on the side warps; two ranks), expert groups over shared memory, ~8 min
 #   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, the model's groups and others in turns, ~4 min
 #   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
 #   bash scripts/device-checks.sh second  # ... and its figures (GEMMs, the layer at W = 1, 2, over UCX), ~6 min
@@ -27,6 +28,9 @@
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
 #   bash scripts/device-checks.sh mps     # UCX ranks in one process, as processes without and with MPS
+# Next session: `raise` (the tests of this session's last kernels, which
+# ran on an H100 except the warp sync after a side warp's acquire), then
+# `h200` where an H200 comes.
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
 # ucx, wire and ucxbench (issue 16); nccl and multi need a 2-GPU kind.
@@ -39,7 +43,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -117,6 +121,21 @@ raise)
   step "qwen alone" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 1 --tokens 16384 --iters ${SIDE_ITERS:-10} --preset qwen2-moe --phases 2>&1 | tee $O/raise_qwen.md | grep -E '^[|] [a-z]|^phases'"
   for t in one_rank_moves_its_rows_inside_the_gemms every_routing_and_size_matches_the_reference expert_groups_match_the_reference staged_thirty_calls_on_the_same_buffers a_captured_graph_replays_with_new_routing; do
     step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/raise_$t.log | grep -E 'test result|panicked'"
+  done
+  ;;
+h200)
+  # What this session (2026-12-06, after 22:00) could not run: issue 13's
+  # rows on the card its targets name (a rank alone on the side warps,
+  # 2 chunks now for all three presets), ranks sharing the GPU with FC2's
+  # raises held a tile (each tile's signal after its bulk stores), and
+  # shared memory with expert groups (groupbench's qwen row and mixtral's).
+  for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
+    step "alone $p" bash -c "set -o pipefail; timeout 150 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset $p --phases 2>&1 | tee $O/h200_alone_$p.md | grep -E '^[|] [a-z]|^phases'"
+    step "two $p" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset $p 2>&1 | tee $O/h200_two_$p.md | grep -E '^[|] [a-z]'"
+  done
+  for spec in "qwen2-moe --ffn 11264|--wire rows --groups 8" "qwen2-moe --ffn 11264|--wire rows --groups 1" "mixtral-8x7b|--wire rows --groups 4"; do
+    p=${spec%%|*}; f=${spec#*|}; n=$(echo "$p $f" | tr -c 'a-z0-9.\n' _)
+    step "ucx sm $p $f" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 120 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --link-gbps 6 $f 2>&1 | tee $O/h200_${n}.md | grep -E '^[|] [a-z]|bound'"
   done
   ;;
 groupbench)

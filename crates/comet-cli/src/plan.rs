@@ -213,7 +213,7 @@ fn print_cost(dev: &DeviceFigures, est: &CostEstimate) {
         "    layer1          {:8.3} ms  (the rest: FC2 beside the combine)",
         est.layer1_ms
     );
-    println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, {} expert group(s), BM {}", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.groups, est.shape.bm);
+    println!("  choice            {} communication blocks of {} SMs, {} layer1 chunks of {} columns, {} expert group(s), BM {} (the schedules above; the device forward's own below)", est.comm_blocks, dev.sms, est.chunks, est.shape.chunk_cols, est.groups, est.shape.bm);
 }
 
 /// What MoeLayer::forward will run on an H200 (sm_90a kernels, of the

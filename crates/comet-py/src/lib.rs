@@ -18,7 +18,7 @@ use comet_sched::device_world::WorldLayer;
 use comet_sched::forward::{kernel_tiles_for, LayerKernels, LayerOptions, MoeLayer};
 use comet_sched::nccl_device::NcclLayer;
 use comet_sched::{ExecMode, SchedError};
-use comet_transport::gpu::{BlobExchange, DeviceTransport};
+use comet_transport::gpu::{agree, BlobExchange, DeviceTransport};
 use comet_transport::nccl::{NcclOptions, NcclTransport};
 use comet_transport::nvlink::{NvlinkOptions, NvlinkTransport};
 use comet_transport::TransportError;
@@ -502,6 +502,19 @@ impl Layer {
             // exchange takes it back for its all_gather.
             let built = py.detach(|| -> Result<(Inner, usize), PyErr> {
                 let ex = plan.connect().map_err(transport_err)?;
+                // What sizes buffers or shapes the protocol is the same on
+                // every rank, before any GPU or peer memory depends on it.
+                let settings = [
+                    ("hidden", hidden.to_string()),
+                    ("ffn", ffn.to_string()),
+                    ("experts", experts.to_string()),
+                    ("top_k", top_k.to_string()),
+                    ("max_tokens", max_tokens.to_string()),
+                    ("max_recv_rows", format!("{max_recv_rows:?}")),
+                    ("transport", transport.to_string()),
+                    ("ranks_per_gpu", format!("{ranks_per_gpu:?}")),
+                ];
+                agree(ex.as_ref(), &settings, timeout).map_err(transport_err)?;
                 let per_gpu = match ranks_per_gpu {
                     Some(n) => n,
                     None => ranks_on_my_gpu(ex.as_ref(), device, timeout).map_err(transport_err)?,

@@ -7,6 +7,7 @@ torch.Tensor does."""
 
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -420,12 +421,62 @@ def test_group_world_is_used_and_checked(clean_env):
     assert "rank 2 of 2 ranks" in str(e.value)
 
 
-@pytest.mark.skipif(comet.cuda_available(), reason="a CUDA device is present")
-def test_group_failure_or_missing_cuda_is_a_comet_error(clean_env):
+def test_group_failure_is_a_comet_error(clean_env):
     g = Group(0, 2)
     with pytest.raises(comet.CometError) as e:
         comet.MoeLayer(1024, 512, 8, 2, 128, group=g)
-    assert "no CUDA driver or device" in str(e.value)
+    assert "the group is down" in str(e.value)
+    assert g.calls == 1
+
+
+class SharedGroup:
+    """Ranks in threads of one process gathering through shared lists."""
+
+    def __init__(self, rank, board):
+        self.rank, self.world, self.board = rank, len(board["blobs"]), board
+
+    def all_gather(self, blob, timeout_s):
+        b = self.board
+        b["blobs"][self.rank] = bytes(blob)
+        b["filled"].wait(timeout_s)
+        out = list(b["blobs"])
+        b["read"].wait(timeout_s)  # no rank refills before all have read
+        return out
+
+
+def layers_in_threads(max_tokens):
+    """comet.MoeLayer on a rank per thread, one max_tokens each; the
+    exception each raised."""
+    n = len(max_tokens)
+    board = {"blobs": [None] * n, "filled": threading.Barrier(n), "read": threading.Barrier(n)}
+    errors = [None] * n
+
+    def rank(r):
+        try:
+            comet.MoeLayer(1024, 512, 8, 2, max_tokens[r], group=SharedGroup(r, board), timeout_s=5)
+        except Exception as e:  # noqa: BLE001 - each rank's error is the result
+            errors[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return errors
+
+
+def test_ranks_must_pass_the_same_settings(clean_env):
+    # Before any GPU or peer memory: every rank names the same difference.
+    for e in layers_in_threads([128, 64]):
+        assert isinstance(e, comet.CometError), e
+        assert "rank 1 has max_tokens = 64 where rank 0 has 128" in str(e), e
+
+
+@pytest.mark.skipif(comet.cuda_available(), reason="a CUDA device is present")
+def test_missing_cuda_is_a_comet_error_once_ranks_agree(clean_env):
+    for e in layers_in_threads([128, 128]):
+        assert isinstance(e, comet.CometError), e
+        assert "no CUDA driver or device" in str(e), e
 
 
 def test_layer_mode_and_repr_need_no_gpu_for_errors():

@@ -25,6 +25,51 @@ pub trait BlobExchange: Send + Sync {
     }
 }
 
+/// Collective: every rank of `ex` passed the same `settings` (name,
+/// value pairs in the same order), or one error on every rank naming the
+/// first that differs from rank 0's: "rank 1 has max_tokens = 4096 where
+/// rank 0 has 8192". Settings that size buffers or shape the protocol
+/// must agree, or a rank would write past another's buffers or wait for
+/// signals never raised.
+pub fn agree(
+    ex: &dyn BlobExchange,
+    settings: &[(&str, String)],
+    timeout: Duration,
+) -> Result<(), TransportError> {
+    let mine: String = settings
+        .iter()
+        .map(|(name, value)| format!("{name}={value}\n"))
+        .collect();
+    let all = ex.all_gather(mine.as_bytes(), timeout)?;
+    let parse = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let first = parse(&all[0]);
+    for (r, blob) in all.iter().enumerate().skip(1) {
+        let theirs = parse(blob);
+        let differs = first
+            .lines()
+            .zip(theirs.lines())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| (a.to_string(), b.to_string()));
+        let detail = match differs {
+            Some((a, b)) => {
+                let (name, v0) = a.split_once('=').unwrap_or((&a, ""));
+                let v = b.split_once('=').map_or(b.as_str(), |(_, v)| v);
+                format!("rank {r} has {name} = {v} where rank 0 has {v0}")
+            }
+            None if first.lines().count() != theirs.lines().count() => {
+                format!("rank {r} passed other settings than rank 0")
+            }
+            None => continue,
+        };
+        return Err(TransportError::Mismatch {
+            rank: ex.rank(),
+            what: "settings",
+            detail: format!("{detail}: every rank of a layer must pass the same"),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(any(feature = "nvlink", feature = "nccl"))]
 /// GPU-side view of a transport: the addresses kernels need.
 ///
@@ -303,6 +348,38 @@ impl BlobExchange for crate::bootstrap::Bootstrap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_agree_on_settings_or_all_name_the_first_difference() {
+        let run = |tokens: [usize; 3]| -> Vec<Result<(), TransportError>> {
+            let w = ThreadExchange::world(3);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = w
+                    .iter()
+                    .map(|x| {
+                        let t = tokens[x.rank()];
+                        s.spawn(move || {
+                            let settings = [
+                                ("hidden", "4096".to_string()),
+                                ("max_tokens", t.to_string()),
+                            ];
+                            agree(x.as_ref(), &settings, Duration::from_secs(10))
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        assert!(run([8192; 3]).iter().all(|r| r.is_ok()));
+        for (rank, r) in run([8192, 8192, 4096]).into_iter().enumerate() {
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("rank {rank}: collective settings mismatch"))
+                    && e.contains("rank 2 has max_tokens = 4096 where rank 0 has 8192"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn thread_exchange_gathers_in_rank_order_many_rounds() {

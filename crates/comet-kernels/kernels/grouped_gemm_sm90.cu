@@ -162,6 +162,10 @@ __device__ __forceinline__ void bulk_wait_all_but() {
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// Global memory, between the generic and the async proxy (both ways).
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
 
 // K-major operand in shared memory, 128-byte swizzle: rows of 64 bf16, 8-row
 // core groups 1024 bytes apart.
@@ -533,7 +537,7 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
       for (int i = 0; i < t.dep_cnt && ok; ++i)
         ok = signal_wait(p.signals, p.deps[t.dep_off + i], hook_wait_target(p), p.timeout_ns, p.err);
       // A and B are read by the async proxy after the acquire.
-      asm volatile("fence.proxy.async.global;\n" ::: "memory");
+      fence_proxy_async_global();
       if (CM > 1) {
         // Two slots, so the peer can be one pair ahead but never two.
         const unsigned slot = (unsigned)q & 1u, peer = crank ^ 1u;
@@ -881,7 +885,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
             bulk_wait_all_but<PASSES>();
           else
             bulk_wait_all();
-          asm volatile("fence.proxy.async.global;\n" ::: "memory");
+          fence_proxy_async_global();
         }
         raise_held(p, held, cw, lt);
         held = HeldRaise{t.sig, t.sig_mode};
@@ -892,7 +896,7 @@ __device__ __forceinline__ void gemm(const HopperParams& hp) {
     if (RAISE && TS) {
       if (lt == 0) {
         bulk_wait_all();
-        asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        fence_proxy_async_global();
       }
       raise_held(p, held, cw, lt);
     }

@@ -317,9 +317,8 @@ impl DevicePlan {
             ));
         }
         if n == 0 || !h.is_multiple_of(n) || !(h / n).is_multiple_of(tile) {
-            let valid: Vec<String> = (1..=h / tile)
-                .filter(|c| h.is_multiple_of(c * tile))
-                .map(|c| (h / (c * tile)).to_string())
+            let valid: Vec<String> = chunk_widths(h, tile)
+                .map(|w| (h / w).to_string())
                 .rev()
                 .collect();
             return Err(bad(
@@ -464,20 +463,23 @@ fn side_chunk_width(cfg: &MoeConfig, tile: usize) -> usize {
         let c = (cfg.hidden / cols) as f64;
         (c - 1.0) * f * A_REREAD_EXPOSED + h * (1.0 + 1.0 / k) / c
     };
-    (1..=cfg.hidden / tile)
-        .map(|m| m * tile)
-        .filter(|c| cfg.hidden.is_multiple_of(*c))
+    chunk_widths(cfg.hidden, tile)
         .min_by(|a, b| cost(*a).total_cmp(&cost(*b)))
         .unwrap_or(cfg.hidden)
 }
 
 /// The multiple of `tile` dividing `hidden` closest to `goal` (ties: wider).
 fn chunk_width(hidden: usize, tile: usize, goal: usize) -> usize {
-    (1..=hidden / tile)
-        .map(|m| m * tile)
-        .filter(|c| hidden.is_multiple_of(*c))
+    chunk_widths(hidden, tile)
         .min_by_key(|&c| (c.abs_diff(goal), usize::MAX - c))
         .unwrap_or(hidden)
+}
+
+/// The chunk widths of whole `tile`s that divide `hidden`, narrowest first.
+fn chunk_widths(hidden: usize, tile: usize) -> impl DoubleEndedIterator<Item = usize> {
+    (1..=hidden / tile)
+        .map(move |m| m * tile)
+        .filter(move |c| hidden.is_multiple_of(*c))
 }
 
 #[cfg(test)]

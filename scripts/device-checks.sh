@@ -9,6 +9,8 @@
 #   bash scripts/device-checks.sh side    # a rank alone moving its rows in the GEMMs' side warps: tests, then issue 13's rows, ~5 min
 #   bash scripts/device-checks.sh sidechunks # ... its phases, qwen2-moe's chunks given, ~4 min
 #   bash scripts/device-checks.sh raise   # FC2's raise hook on bulk stores: qwen2-moe alone, then the layer tests, ~5 min
+#   bash scripts/device-checks.sh ranks   # ranks moving their rows in the GEMMs' side warps: tests over nvlink and staged, blocks given, the mutations, ~8 min
+#   bash scripts/device-checks.sh sidebench # ... their figures: W=2 over nvlink and UCX shared memory, side warps and blocks in turns, ~8 min
 #   bash scripts/device-checks.sh h200    # issue 13's rows on an H200 (alone on the side warps; two ranks), expert groups over shared memory, ~8 min
 #   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, the model's groups and others in turns, ~4 min
 #   bash scripts/device-checks.sh short   # the least of first (the copy kernel, the staged tests, copies out, a bench row), ~3 min
@@ -43,7 +45,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|ranks|sidebench|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -121,6 +123,38 @@ raise)
   step "qwen alone" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 1 --tokens 16384 --iters ${SIDE_ITERS:-10} --preset qwen2-moe --phases 2>&1 | tee $O/raise_qwen.md | grep -E '^[|] [a-z]|^phases'"
   for t in one_rank_moves_its_rows_inside_the_gemms every_routing_and_size_matches_the_reference expert_groups_match_the_reference staged_thirty_calls_on_the_same_buffers a_captured_graph_replays_with_new_routing; do
     step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/raise_$t.log | grep -E 'test result|panicked'"
+  done
+  ;;
+ranks)
+  # Ranks moving their rows in the GEMMs' side warps (the dispatch in FC1,
+  # the combine of each chunk in FC2) over nvlink and staged, the same on
+  # blocks given, then mutations built by hand beside gpu_layer (where
+  # present): gpu_layer_mutA (a rank alone's dispatch raises every segment
+  # before copying), _mutB (its side sums do not wait for their chunk),
+  # _mutC (the side combine does not wait for its piece); each must fail.
+  for t in every_routing_and_size_matches_the_reference ranks_on_communication_blocks_match_the_reference expert_groups_match_the_reference staged_every_routing_matches_the_reference a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed one_rank_moves_its_rows_inside_the_gemms; do
+    step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/ranks_$t.log | grep -E 'test result|panicked' | head -3"
+  done
+  for m in "A one_rank_moves_its_rows_inside_the_gemms" "B one_rank_moves_its_rows_inside_the_gemms" "C every_routing_and_size_matches_the_reference"; do
+    [ -x .bundle/gpu_layer_mut${m%% *} ] || continue
+    step "mutation $m (must fail)" bash -c "timeout 100 $R gpu_layer_mut$m --ignored --exact 2>&1 | tee $O/mut${m%% *}.log | grep -E 'test result|panicked' -A2 | head -4"
+  done
+  ;;
+sidebench)
+  # Issue 13's qwen2-moe row alone, then ranks moving their rows in the
+  # GEMMs' side warps against the same on communication blocks, in turns:
+  # two ranks sharing the GPU over nvlink (8192 tokens a rank), and over
+  # UCX shared memory (issue 16's equal point: qwen2-moe at F 11264 on an
+  # H200, 5632 on an H100).
+  step "alone qwen2-moe" bash -c "set -o pipefail; timeout 100 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 20 --preset qwen2-moe --phases 2>&1 | tee $O/sb_alone_qwen.md | grep -E '^[|] [a-z]|^phases'"
+  for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
+    for f in "" "--comm-sms 12"; do
+      step "two $p $f" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset $p --phases $f 2>&1 | tee '$O/sb_two_$p$f.md' | grep -E '^[|] [a-z]|^phases'"
+    done
+  done
+  F=${SIDE_FFN:-5632}
+  for f in "" "--comm-sms 20"; do
+    step "ucx sm qwen2-moe F $F $f" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 120 $R comet bench --gpu --preset qwen2-moe --ffn $F --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --link-gbps 6 --wire rows $f 2>&1 | tee '$O/sb_ucx$f.md' | grep -E '^[|] [a-z]|bound|^phases'"
   done
   ;;
 h200)

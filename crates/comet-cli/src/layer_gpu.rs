@@ -63,8 +63,9 @@ struct Row {
     overlap: bool,
     /// Milliseconds of each phase of one sequential call (`--phases`).
     phases: Option<Vec<f32>>,
-    /// ... and of one fused call of a rank alone, whose dispatch runs
-    /// inside FC1 and whose sums but the last chunk's inside FC2.
+    /// ... and of one fused call on the GEMMs' side warps, whose dispatch
+    /// runs inside FC1 and whose combine (alone: sums but the last
+    /// chunk's) inside FC2.
     fused_phases: Option<Vec<f32>>,
 }
 
@@ -457,7 +458,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         );
         if let Some(f) = &r.fused_phases {
             println!(
-                "phases of one fused call alone, {} (the dispatch inside fc1, the sums of every chunk but the last inside fc2): {}",
+                "phases of one fused call on the GEMMs' side warps, {} (the dispatch inside fc1; inside fc2 the combine of each chunk, alone the sums of every chunk but the last): {}",
                 r.label,
                 phase_line(f)
             );

@@ -11,10 +11,11 @@ use clap::Args;
 /// Device-forward flags, flattened into each command's arguments.
 #[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
 pub struct SplitArgs {
-    /// Communication blocks beside the overlapped GEMMs instead of the cost
-    /// model's (the dispatch and combine kernels, and a staged proxy's
-    /// token kernels); blocks given always overlap, a rank alone too (its
-    /// dispatch beside FC1, its reduce beside FC2).
+    /// Communication blocks beside the overlapped GEMMs (the dispatch and
+    /// combine kernels, and a staged proxy's token kernels) instead of the
+    /// rows moving in the Hopper GEMMs' idle warps, or of the cost model's
+    /// blocks for other GEMMs; blocks given always overlap, a rank alone
+    /// too (its dispatch beside FC1, its reduce beside FC2).
     #[arg(long)]
     pub comm_sms: Option<usize>,
     /// Expert groups of an overlapped call instead of the cost model's:

@@ -34,11 +34,11 @@ struct HopperParams {
   GemmParams p;
   int tma_store;  // 0: tma_c is not valid here, every tile uses plain stores
   // Rows the producer warpgroup's idle warps move beside the tiles: the
-  // dispatch in a launch that waits on it, the reduce of finished chunks
-  // in one that counts them (moe_rows.cuh).
+  // dispatch in a launch that waits on it, the reduce or the combine of
+  // finished chunks in one that counts them (moe_rows.cuh).
   SideWork side;
 };
-static_assert(sizeof(SideWork) == 336 && sizeof(HopperParams) == 960,
+static_assert(sizeof(SideWork) == 480 && sizeof(HopperParams) == 1088,
               "mirrored by comet_kernels::gemm::HopperParamsC");
 
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
@@ -607,13 +607,15 @@ __device__ __forceinline__ void produce(const HopperParams& hp, unsigned ring, u
 }
 
 // Warps 1-3 of the producer warpgroup (thread 0 alone streams the tiles;
-// a gather, which takes the whole warpgroup, never has side work). Their
-// work never waits on this launch's producer or consumers, and FC1's
-// producers wait on it only through the segment signals, bounded.
+// a gather, which takes the whole warpgroup, never has side work). FC1's
+// never wait, and its producer waits on them only through the segment
+// signals, bounded; FC2's wait (bounded) on the chunk counters its
+// consumers raise, which never wait on them.
 template <bool WAIT, bool RAISE, int CM>
 __device__ __forceinline__ void side_work(const SideWork& s, int lane, bool leader) {
   if (WAIT && CM == 1 && s.kind == SIDE_DISPATCH) side_dispatch(s, lane, leader);
   if (RAISE && CM == 1 && s.kind == SIDE_REDUCE) side_reduce(s, lane);
+  if (RAISE && CM == 1 && s.kind == SIDE_COMBINE) side_combine(s, lane, leader);
 }
 
 // A consumer warp's release of ring slot `s`: to every CTA of the cluster

@@ -147,31 +147,6 @@ struct WaitParams {
   int count;
 };
 
-struct CombineParams {
-  const bf16_t* out;        // FC2 output [recv rows, hidden]
-  const int* segs;
-  const int* rows_from;     // [groups][W]
-  const GroupTiles* group_tiles;
-  const u64* chunk_done;    // [pieces] finished FC2 tiles per piece
-  unsigned* comb_done;      // [pieces][W] rows sent, zeroed by the call
-  const u64* peer_comb;     // [W] every rank's combine buffer
-  const u64* peer_signals;
-  const Scalars* sc;
-  const u64* epoch;
-  u64* err;
-  u64 timeout_ns;
-  int hidden;
-  int cols;
-  int chunks;               // column chunks (pieces = groups * chunks)
-  int groups;
-  int epr;
-  int ranks;
-  int me;
-  int wait_chunks;          // 0: FC2 has finished (non-overlapped)
-  int chunk_sig0;           // index naming chunk_done(0) in timeouts
-  int pad;
-};
-
 }  // namespace comet
 
 using namespace comet;
@@ -593,52 +568,18 @@ extern "C" __global__ void COMET_SIDE_BOUNDS comet_combine(const __grid_constant
   __shared__ int verdict;
   if (!p.sc->ok) return;
   const u64 epoch = *p.epoch;
-  const int W = p.ranks, epr = p.epr, nseg = epr * W, recv = p.sc->recv_rows;
-  const int pieces = p.groups * p.chunks;
-  for (int i = threadIdx.x; i < 4 * nseg; i += blockDim.x) segs[i] = p.segs[i];
+  const int W = p.ranks;
+  for (int i = threadIdx.x; i < 4 * p.epr * W; i += blockDim.x) segs[i] = p.segs[i];
   __syncthreads();
   const WarpGrid wg = warp_grid();
-  const int lane = wg.lane;
-  for (int j = 0; j < pieces; ++j) {
-    const int g = j / p.chunks, c = j - g * p.chunks;
-    const int lo = group_lo(g, p.groups, epr), hi = group_lo(g + 1, p.groups, epr);
-    const int r0 = segs[4 * lo * W], r1 = hi < epr ? segs[4 * hi * W] : recv;
+  for (int j = p.piece_begin; j < p.piece_end; ++j) {
+    const int g = j / p.chunks;
     const int* rows_from = p.rows_from + g * W;
-    if (blockIdx.x == 0)
-      for (int s = threadIdx.x; s < W; s += blockDim.x)
-        if (s != p.me && rows_from[s] == 0)
-          signal_store_release(peer_word(p.peer_signals, s, combine_sig(W, epr, pieces, p.me, j)), epoch);
-    if (p.wait_chunks) {
-      const bool done = threadIdx.x != 0 ||
-                        wait_at_least(p.chunk_done + j, (u64)p.group_tiles[g].piece_tiles, p.timeout_ns,
-                                      p.err, COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + j));
-      if (!block_verdict(&verdict, done)) return;
-    }
-    for (long long w0 = r0 + wg.warp * ROWS; w0 < r1; w0 += wg.warps * ROWS) {
-      RowCopy rc;
-      int src = -1;
-      if (lane < ROWS && w0 + lane < r1) {
-        const int r = (int)(w0 + lane);
-        int lo = 0, hi = nseg - 1;
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (segs[4 * mid] <= r) lo = mid; else hi = mid - 1;
-        }
-        const int* sg = segs + 4 * lo;
-        if (sg[2] != p.me) {
-          src = sg[2];
-          const long long pos = (long long)sg[3] + (r - sg[0]);
-          rc.src = reinterpret_cast<const uint4*>(p.out + (size_t)r * p.hidden + (size_t)c * p.cols);
-          rc.dst = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_comb[src]) +
-                                            pos * p.hidden + (long long)c * p.cols);
-        }
-      }
-      copy_rows(rc, p.cols / 8, lane);
-      signal_fence();
-      __syncwarp();
-      if (src >= 0 && atomicAdd(&p.comb_done[j * W + src], 1u) + 1u == (unsigned)rows_from[src])
-        signal_raise(peer_word(p.peer_signals, src, 0), combine_sig(W, epr, pieces, p.me, j), epoch);
-    }
+    if (blockIdx.x == 0) raise_empty_pieces(p, rows_from, j, j + 1, epoch, threadIdx.x, blockDim.x);
+    if (p.wait_chunks && !block_verdict(&verdict, threadIdx.x != 0 || piece_done(p, j, 64))) return;
+    const GroupRows gr = group_rows(p, segs, g);
+    for (long long w0 = gr.r0 + wg.warp * ROWS; w0 < gr.r1; w0 += wg.warps * ROWS)
+      combine_rows<ROWS>(p, segs, rows_from, j, w0, ROWS, gr.r1, wg.lane, epoch);
   }
 }
 

@@ -1,9 +1,10 @@
 // comet-rs: the rows the MoE forward moves (DESIGN.md 6b). The parameter
-// blocks of the dispatch and the reduce, and the warp-level movers they
-// run, shared by moe_forward.cu's kernels and by the side warps of the
-// Hopper GEMM (grouped_gemm_sm90.cu), which move a rank's own rows beside
-// its tiles: the dispatch inside FC1, the reduce of finished chunks inside
-// FC2 (docs/ARCHITECTURE.md, "A rank alone").
+// blocks of the dispatch, the combine and the reduce, and the warp-level
+// movers they run, shared by moe_forward.cu's kernels and by the side
+// warps of the Hopper GEMM (grouped_gemm_sm90.cu), which move a rank's
+// rows beside its tiles: the dispatch inside FC1, the combine (a rank
+// alone: the reduce) of finished chunks inside FC2 (docs/ARCHITECTURE.md,
+// "Rows moved inside the GEMMs").
 #pragma once
 #include "gemm_common.cuh"
 
@@ -147,6 +148,33 @@ struct ReduceParams {
   int pad;
 };
 
+struct CombineParams {
+  const bf16_t* out;        // FC2 output [recv rows, hidden]
+  const int* segs;
+  const int* rows_from;     // [groups][W]
+  const GroupTiles* group_tiles;
+  const u64* chunk_done;    // [pieces] finished FC2 tiles per piece
+  unsigned* comb_done;      // [pieces][W] rows sent, zeroed by the call
+  const u64* peer_comb;     // [W] every rank's combine buffer
+  const u64* peer_signals;
+  const Scalars* sc;
+  const u64* epoch;
+  u64* err;
+  u64 timeout_ns;
+  int hidden;
+  int cols;
+  int chunks;               // column chunks (pieces = groups * chunks)
+  int groups;
+  int epr;
+  int ranks;
+  int me;
+  int wait_chunks;          // 0: FC2 has finished (non-overlapped)
+  int chunk_sig0;           // index naming chunk_done(0) in timeouts
+  int piece_begin;          // the pieces [piece_begin, piece_end) this launch sends
+  int piece_end;
+  int pad;
+};
+
 __device__ __forceinline__ unsigned dispatch_sig(int W, int le, int src) {
   return (unsigned)(W + le * W + src);
 }
@@ -173,6 +201,69 @@ __device__ __forceinline__ void count_dispatched(const DispatchParams& p, int e,
     const int dst = e / p.epr;
     signal_raise(peer_word(p.peer_signals, dst, 0), dispatch_sig(p.ranks, e - dst * p.epr, p.me), epoch);
   }
+}
+
+// Pieces [j0, j1) (of one expert group) that a source sent no rows of
+// are complete from the start: threads `first`, `first + step`, ... of one
+// block raise them on their sources.
+__device__ __forceinline__ void raise_empty_pieces(const CombineParams& p, const int* rows_from, int j0,
+                                                   int j1, u64 epoch, int first, int step) {
+  const int W = p.ranks, pieces = p.groups * p.chunks;
+  for (int i = first; i < (j1 - j0) * W; i += step) {
+    const int j = j0 + i / W, s = i % W;
+    if (s != p.me && rows_from[s] == 0)
+      signal_store_release(peer_word(p.peer_signals, s, combine_sig(W, p.epr, pieces, p.me, j)), epoch);
+  }
+}
+
+// Piece j's FC2 tiles are all counted: one thread waits, polling every
+// `sleep_ns`; false once the wait ran out (in the error word).
+__device__ __forceinline__ bool piece_done(const CombineParams& p, int j, unsigned sleep_ns) {
+  return wait_at_least(p.chunk_done + j, (u64)p.group_tiles[j / p.chunks].piece_tiles, p.timeout_ns, p.err,
+                       COMET_ERR_SIGNAL_TIMEOUT, (unsigned)(p.chunk_sig0 + j), sleep_ns);
+}
+
+// Expert group g's receive rows [r0, r1).
+struct GroupRows {
+  int r0, r1;
+};
+__device__ __forceinline__ GroupRows group_rows(const CombineParams& p, const int* segs, int g) {
+  const int W = p.ranks, epr = p.epr;
+  const int lo = group_lo(g, p.groups, epr), hi = group_lo(g + 1, p.groups, epr);
+  return {segs[4 * lo * W], hi < epr ? segs[4 * hi * W] : p.sc->recv_rows};
+}
+
+// One warp's receive rows [w0, w0 + n) (n <= 32, below r1) of piece j
+// back to their sources' combine buffers, N rows at a time: lane r < n
+// finds row r's segment (segs: 4 ints each, ordered by first row), and
+// the lane whose row completes (j, source) raises combine(me, j) there.
+template <int N>
+__device__ __forceinline__ void combine_rows(const CombineParams& p, const int* segs, const int* rows_from, int j,
+                                             long long w0, int n, int r1, int lane, u64 epoch) {
+  const int W = p.ranks, c = j % p.chunks;
+  RowCopy rc;
+  int src = -1;
+  if (lane < n && w0 + lane < r1) {
+    const int r = (int)(w0 + lane);
+    int lo = 0, hi = p.epr * W - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (segs[4 * mid] <= r) lo = mid; else hi = mid - 1;
+    }
+    const int* sg = segs + 4 * lo;
+    if (sg[2] != p.me) {
+      src = sg[2];
+      const long long pos = (long long)sg[3] + (r - sg[0]);
+      rc.src = reinterpret_cast<const uint4*>(p.out + (size_t)r * p.hidden + (size_t)c * p.cols);
+      rc.dst = reinterpret_cast<uint4*>(reinterpret_cast<bf16_t*>(p.peer_comb[src]) + pos * p.hidden +
+                                        (long long)c * p.cols);
+    }
+  }
+  for (int r = 0; r < n; r += N) copy_rows<N>(rc, p.cols / 8, lane, r);
+  signal_fence();
+  __syncwarp();
+  if (src >= 0 && atomicAdd(&p.comb_done[j * W + src], 1u) + 1u == (unsigned)rows_from[src])
+    signal_raise(peer_word(p.peer_signals, src, 0), combine_sig(W, p.epr, p.groups * p.chunks, p.me, j), epoch);
 }
 
 // One warp's send positions [w0, w0 + n) (n <= 32, from `start` around the
@@ -290,13 +381,14 @@ __device__ __forceinline__ void sum_token_lean(const ReduceParams& p, long long 
 // What the side warps of one GEMM launch do (none: kind 0). `next` is the
 // call's zeroed work counter: warps take work from it, not by their place
 // in the grid, so whichever CTAs are resident make the progress.
-enum SideKind { SIDE_NONE = 0, SIDE_DISPATCH = 1, SIDE_REDUCE = 2 };
+enum SideKind { SIDE_NONE = 0, SIDE_DISPATCH = 1, SIDE_REDUCE = 2, SIDE_COMBINE = 3 };
 struct SideWork {
   int kind;
   int pad;
   unsigned* next;
   DispatchParams d;
   ReduceParams r;
+  CombineParams c;
 };
 
 // Send positions a side warp takes at once, copied 2 rows at a time.
@@ -347,6 +439,37 @@ __device__ __forceinline__ void side_reduce(const SideWork& s, int lane) {
     }
     const long long t0 = (i % blocks) * SIDE_TOKENS;
     for (long long t = t0; t < t0 + SIDE_TOKENS && t < p.tokens; ++t) sum_token_lean<4>(p, t, c, lane);
+  }
+}
+
+// The combine by FC2's side warps: pieces [piece_begin, piece_end) of one
+// expert group, each piece's rows once its tiles are counted (one warp,
+// `leader`, raises the pieces a source sent nothing of). Taken SIDE_ROWS
+// rows at a time in piece order, so the first chunk leaves first.
+__device__ __forceinline__ void side_combine(const SideWork& s, int lane, bool leader) {
+  const CombineParams& p = s.c;
+  if (!p.sc->ok) return;
+  const u64 epoch = *p.epoch;
+  const int g = p.piece_begin / p.chunks;
+  const int* rows_from = p.rows_from + g * p.ranks;
+  if (leader) raise_empty_pieces(p, rows_from, p.piece_begin, p.piece_end, epoch, lane, 32);
+  const GroupRows gr = group_rows(p, p.segs, g);
+  const long long blocks = (gr.r1 - gr.r0 + SIDE_ROWS - 1) / SIDE_ROWS;
+  if (blocks <= 0) return;
+  int whole = -1;  // the last piece this warp saw counted
+  for (;;) {
+    long long i = 0;
+    if (lane == 0) i = atomicAdd(s.next, 1u);
+    i = __shfl_sync(0xffffffffu, i, 0);
+    const int j = p.piece_begin + (int)(i / blocks);
+    if (j >= p.piece_end) return;
+    if (j != whole) {
+      const bool ok = __shfl_sync(0xffffffffu, lane == 0 ? piece_done(p, j, 1024) : true, 0);
+      if (!ok) return;
+      __syncwarp();  // lane 0's acquire orders the other lanes' loads too
+      whole = j;
+    }
+    combine_rows<2>(p, p.segs, rows_from, j, gr.r0 + (i % blocks) * SIDE_ROWS, SIDE_ROWS, gr.r1, lane, epoch);
   }
 }
 

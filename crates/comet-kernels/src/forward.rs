@@ -187,7 +187,7 @@ pub struct WaitParams {
 
 /// `comet::CombineParams`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct CombineParams {
     pub out: CUdeviceptr,
     pub segs: CUdeviceptr,
@@ -210,6 +210,9 @@ pub struct CombineParams {
     pub me: i32,
     pub wait_chunks: i32,
     pub chunk_sig0: i32,
+    /// The pieces `[piece_begin, piece_end)` this launch sends back.
+    pub piece_begin: i32,
+    pub piece_end: i32,
     pub pad: i32,
 }
 
@@ -256,7 +259,7 @@ const _: () = assert!(std::mem::size_of::<RouteParams>() == 56);
 const _: () = assert!(std::mem::size_of::<LayoutParams>() == 224);
 const _: () = assert!(std::mem::size_of::<DispatchParams>() == 136);
 const _: () = assert!(std::mem::size_of::<WaitParams>() == 48);
-const _: () = assert!(std::mem::size_of::<CombineParams>() == 136);
+const _: () = assert!(std::mem::size_of::<CombineParams>() == 144);
 const _: () = assert!(std::mem::size_of::<ReduceParams>() == 184);
 
 /// `comet::FillParams`.

@@ -11,7 +11,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::KernelError;
-use crate::forward::{DispatchParams, ReduceParams};
+use crate::forward::{CombineParams, DispatchParams, ReduceParams};
 use crate::nvrtc::{Compiler, Target};
 use crate::tiles::TailSplit;
 use crate::variants::{Epilogue, Family, GemmVariant, LaunchShape};
@@ -97,8 +97,9 @@ pub struct GemmArgs {
 
 /// Rows the idle warps of an sm90 launch's producer warpgroup move beside
 /// its tiles (kernels/moe_rows.cuh): a rank's dispatch inside the FC1 that
-/// waits on it, or the reduce of FC2's finished chunks inside the FC2 that
-/// counts them. Warps take the work from `next`, a u32 the call zeroes.
+/// waits on it, or the reduce or combine of FC2's finished chunks inside
+/// the FC2 that counts them. Warps take the work from `next`, a u32 the
+/// call zeroes.
 #[derive(Debug, Clone, Copy)]
 pub struct SideWork {
     pub rows: SideRows,
@@ -111,6 +112,9 @@ pub enum SideRows {
     Dispatch(DispatchParams),
     /// Needs the raise hook: it sums a chunk once FC2 counted its tiles.
     Reduce(ReduceParams),
+    /// Needs the raise hook: it sends a piece back to its sources once FC2
+    /// counted its tiles; the pieces of one expert group.
+    Combine(CombineParams),
 }
 
 /// Work a launch reads from GPU memory at run time (DESIGN.md 6b): the
@@ -175,8 +179,8 @@ struct HopperParamsC {
     side: SideWorkC,
 }
 
-/// `comet::SideWork`; `kind` 0 (none), 1 (dispatch) or 2 (reduce) says
-/// which of the two blocks is read.
+/// `comet::SideWork`; `kind` 0 (none), 1 (dispatch), 2 (reduce) or 3
+/// (combine) says which of the three blocks is read.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct SideWorkC {
@@ -185,6 +189,7 @@ struct SideWorkC {
     next: u64,
     dispatch: DispatchParams,
     reduce: ReduceParams,
+    combine: CombineParams,
 }
 
 impl SideWorkC {
@@ -195,6 +200,7 @@ impl SideWorkC {
             match s.rows {
                 SideRows::Dispatch(d) => (c.kind, c.dispatch) = (1, d),
                 SideRows::Reduce(r) => (c.kind, c.reduce) = (2, r),
+                SideRows::Combine(m) => (c.kind, c.combine) = (3, m),
             }
         }
         c
@@ -204,8 +210,8 @@ impl SideWorkC {
 const _: () = assert!(std::mem::size_of::<GemmParamsC>() == 192);
 const _: () = assert!(std::mem::offset_of!(HopperParamsC, tma_store) == 576);
 const _: () = assert!(std::mem::offset_of!(HopperParamsC, side) == 584);
-const _: () = assert!(std::mem::size_of::<SideWorkC>() == 336);
-const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 960);
+const _: () = assert!(std::mem::size_of::<SideWorkC>() == 480);
+const _: () = assert!(std::mem::size_of::<HopperParamsC>() == 1088);
 
 /// Checks the shape rules every variant shares; one error naming the problem.
 pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
@@ -285,6 +291,7 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
         let (fits, what) = match s.rows {
             SideRows::Dispatch(_) => (v.hooks.wait, "a dispatch needs the wait hook"),
             SideRows::Reduce(_) => (v.hooks.raise, "a reduce needs the raise hook"),
+            SideRows::Combine(_) => (v.hooks.raise, "a combine needs the raise hook"),
         };
         if !matches!(v.family, Family::Sm90 { cluster: 1, .. }) || !fits || a.gather.is_some() {
             return bad(format!(
@@ -301,6 +308,20 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
                 return bad(format!(
                     "a side reduce sums chunks of whole 256-column rounds, not {}",
                     r.cols
+                ));
+            }
+        }
+        // The kernel takes its expert group from the first piece.
+        if let SideRows::Combine(m) = s.rows {
+            let group = |j: i32| j.div_euclid(m.chunks.max(1));
+            if m.chunks <= 0
+                || m.piece_begin < 0
+                || m.piece_begin >= m.piece_end
+                || group(m.piece_begin) != group(m.piece_end - 1)
+            {
+                return bad(format!(
+                    "a side combine sends pieces of one expert group, not [{}, {}) of {} chunks",
+                    m.piece_begin, m.piece_end, m.chunks
                 ));
             }
         }
@@ -913,15 +934,29 @@ mod tests {
             cols: 128,
             ..ReduceParams::default()
         });
+        // Pieces [begin, end) of 3 chunks a group.
+        let combine = |piece_begin, piece_end| {
+            SideRows::Combine(CombineParams {
+                chunks: 3,
+                piece_begin,
+                piece_end,
+                ..CombineParams::default()
+            })
+        };
         let fc1 = GemmVariant::new(Family::SM90_TMA, Epilogue::SwiGlu, hooks(true, false));
         let fc2 = GemmVariant::new(Family::SM90_TMA, Epilogue::Store, hooks(false, true));
         validate_args(&fc1, &side(dispatch, 8)).unwrap();
         validate_args(&fc2, &side(reduce, 8)).unwrap();
+        validate_args(&fc2, &side(combine(3, 6), 8)).unwrap();
+        validate_args(&fc2, &side(combine(4, 5), 8)).unwrap();
         for (v, a, what) in [
             (&fc1, side(reduce, 8), "raise hook"),
             (&fc2, side(dispatch, 8), "wait hook"),
+            (&fc1, side(combine(0, 3), 8), "raise hook"),
             (&fc1, side(dispatch, 0), "work counter"),
             (&fc2, side(narrow, 8), "256-column rounds, not 128"),
+            (&fc2, side(combine(2, 4), 8), "one expert group, not [2, 4)"),
+            (&fc2, side(combine(3, 3), 8), "one expert group, not [3, 3)"),
         ] {
             let e = validate_args(v, &a).unwrap_err().to_string();
             assert!(e.contains(what), "{e}");

@@ -58,15 +58,17 @@ pub struct DevicePlan {
     /// Whether the fused mode overlaps communication with the GEMMs: the
     /// cost model's verdict, or blocks given ([`Self::set_comm_blocks`]).
     pub overlap: bool,
-    /// One rank, fused, where the GEMMs can: its rows move inside them,
-    /// on the idle warps of their producer warpgroups: the dispatch in
-    /// FC1, whose tiles wait on its segments, and the sums of FC2's
-    /// chunks but the last in FC2 (docs/ARCHITECTURE.md, "A rank alone").
-    /// Nothing takes an SM from the GEMMs, which communication blocks
-    /// would (docs/PERF.md, 2026-12-06: they did not pay alone).
+    /// Fused, where the GEMMs can: the rows move inside them, on the idle
+    /// warps of their producer warpgroups: the dispatch in FC1, whose
+    /// tiles wait on its segments, and in FC2 the combine of each finished
+    /// chunk (a rank alone: the sums of its chunks but the last;
+    /// docs/ARCHITECTURE.md, "Rows moved inside the GEMMs"). Nothing takes
+    /// an SM from the GEMMs, which communication blocks would (docs/PERF.md,
+    /// 2026-12-06: they did not pay alone). Off where blocks are given.
     pub side_warps: bool,
     /// Blocks of the communication kernels while the GEMMs run: the cost
-    /// model's (a third of the share at most), or given.
+    /// model's (a third of the share at most), or given; none on the side
+    /// warps.
     pub comm_blocks: usize,
     /// Whether `comm_blocks` was given rather than the model's.
     pub comm_blocks_given: bool,
@@ -207,8 +209,8 @@ impl DevicePlan {
         } else {
             1
         };
-        let comm_blocks = estimate.comm_blocks;
-        let side_warps = w == 1 && tiles.side_warps;
+        let side_warps = tiles.side_warps;
+        let comm_blocks = if side_warps { 0 } else { estimate.comm_blocks };
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
             (cols, h / cols)
@@ -229,7 +231,7 @@ impl DevicePlan {
             side_warps,
             comm_blocks,
             comm_blocks_given: false,
-            gemm_grid_overlap: if overlap { share - comm_blocks } else { share },
+            gemm_grid_overlap: share - comm_blocks,
             gemm_grid: share,
             aux_blocks: share,
             chunk_cols,
@@ -245,7 +247,8 @@ impl DevicePlan {
     }
 
     /// `n` communication blocks beside the overlapped GEMMs instead of the
-    /// cost model's choice, at least one and leaving the GEMMs one SM.
+    /// cost model's choice or the side warps, at least one and leaving the
+    /// GEMMs one SM.
     /// Blocks given always overlap: where the model would run in sequence
     /// (a rank alone, with no link to hide; ranks sharing a GPU over
     /// NVLink) the dispatch then runs beside FC1 and the combine and
@@ -254,11 +257,11 @@ impl DevicePlan {
         if !self.overlap && self.share > 1 && !self.gather_x {
             let h = self.cfg.hidden;
             self.overlap = true;
-            self.side_warps = false;
             self.chunk_cols = chunk_width(h, self.tiles.fc2_cols, h / GIVEN_CHUNKS);
             self.chunks = h / self.chunk_cols;
         }
         if self.overlap {
+            self.side_warps = false;
             self.comm_blocks = n.clamp(1, self.share.saturating_sub(1).max(1));
             self.comm_blocks_given = true;
             self.gemm_grid_overlap = self.share - self.comm_blocks;
@@ -383,10 +386,10 @@ impl DevicePlan {
             },
             self.estimate.overlapped_ms,
             self.estimate.baseline_ms,
-            if self.side_warps {
-                "; alone: the GEMMs' idle producer warps move the rows (FC1 the dispatch, FC2 the sums of its chunks but the last)"
-            } else {
-                ""
+            match (self.side_warps, self.cfg.ranks) {
+                (false, _) => "",
+                (true, 1) => "; the GEMMs' idle producer warps move the rows (FC1 the dispatch, FC2 the sums of its chunks but the last)",
+                (true, _) => "; the GEMMs' idle producer warps move the rows (FC1 the dispatch, FC2 the combine of each chunk)",
             },
             match self.wire {
                 WireFormat::Rows => "a row per (token, expert)",
@@ -451,12 +454,15 @@ const GIVEN_CHUNKS: usize = 8;
 /// 2026-12-06 ~22:10).
 const A_REREAD_EXPOSED: f64 = 0.17;
 
-/// Chunk width of a rank alone whose FC2 side warps sum every chunk but
-/// the last: the whole FC2 tiles dividing `hidden` whose count C costs
-/// least, (C - 1) re-reads of A's exposed part against the last chunk's
-/// sum after FC2 (1/C of every row read and y written). Both go by bytes
-/// per row, so the tokens and the memory's speed drop out: qwen2-moe (F
-/// 2560, H 3584, top-8) takes 2 chunks, mixtral (F 14336, H 4096, top-2) 2.
+/// Chunk width where FC2's side warps move the chunks and the cost model
+/// sees no link worth overlapping (a rank alone summing every chunk but
+/// the last; ranks sharing a GPU combining each): the whole FC2 tiles
+/// dividing `hidden` whose count C costs least, (C - 1) re-reads of A's
+/// exposed part against the last chunk's work after FC2 (1/C of every row
+/// read and y written; a combine moves about as many bytes). Both go by
+/// bytes per row, so the tokens and the memory's speed drop out: qwen2-moe
+/// (F 2560, H 3584, top-8) takes 2 chunks, mixtral (F 14336, H 4096,
+/// top-2) 2.
 fn side_chunk_width(cfg: &MoeConfig, tile: usize) -> usize {
     let (h, f, k) = (cfg.hidden as f64, cfg.ffn as f64, cfg.top_k as f64);
     let cost = |cols: usize| {
@@ -606,8 +612,6 @@ mod tests {
         let mut blocks = plan(Preset::Mixtral8x7b, 1, 1);
         blocks.set_comm_blocks(8);
         assert!(blocks.overlap && !blocks.side_warps);
-        // Ranks that share a link never take this path.
-        assert!(!plan(Preset::Mixtral8x7b, 2, 1).side_warps);
     }
 
     #[test]
@@ -628,12 +632,32 @@ mod tests {
         assert!(e.contains("runs in sequence"), "{e}");
     }
 
+    /// Several ranks move their rows in the GEMMs' side warps too (FC2's
+    /// combine each chunk), the GEMMs on the whole share; the portable
+    /// GEMMs and blocks given take communication blocks from it.
     #[test]
     fn several_ranks_overlap_over_nvlink() {
-        let d = plan(Preset::Qwen2Moe, 8, 1);
-        assert!(d.overlap, "{d:?}");
+        for (w, per_gpu) in [(8, 1), (2, 2)] {
+            let d = plan(Preset::Qwen2Moe, w, per_gpu);
+            assert!(d.overlap && d.side_warps, "{d:?}");
+            assert_eq!((d.comm_blocks, d.gemm_grid_overlap), (0, d.share));
+            assert!(d.chunks > 1, "pieces leave while FC2 runs: {d:?}");
+            assert!(d.describe().contains("FC2 the combine of each chunk"));
+            let mut blocks = d.clone();
+            blocks.set_comm_blocks(12);
+            assert!(!blocks.side_warps && blocks.comm_blocks == 12, "{blocks:?}");
+            assert_eq!(blocks.gemm_grid_overlap, d.share - 12);
+        }
+        let portable = KernelTiles {
+            side_warps: false,
+            ..TILES
+        };
+        let cfg = Preset::Qwen2Moe.config(8).unwrap();
+        let h200 = DeviceFigures::h200_nvlink();
+        let d = DevicePlan::new(&cfg, 8192, None, 132, 1, portable, &h200).unwrap();
+        assert!(d.overlap && !d.side_warps, "{d:?}");
         assert!(d.comm_blocks >= 1 && d.comm_blocks <= d.share / 3);
-        assert!(d.chunks >= 1);
+        assert_eq!(d.gemm_grid_overlap + d.comm_blocks, d.share);
     }
 
     #[test]

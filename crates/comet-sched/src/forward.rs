@@ -17,12 +17,19 @@
 //! 6. `combine`: finished chunks back to their sources, `combine(from, c)`;
 //! 7. `reduce`: the weighted top-k sum into y (bf16).
 //!
-//! Overlapped (fused mode, when the plan says it pays): dispatch and
-//! combine run on a side stream forked from the caller's with
-//! `plan.comm_blocks` blocks while the GEMMs take the rest of the rank's
-//! share of SMs. Sequential (the non-overlapped baseline, and the fused
-//! mode when there is nothing to overlap): the same kernels one after
-//! another on the caller's stream with the whole share.
+//! Fused, inside the GEMMs (where they are Hopper's, unclustered:
+//! `plan.side_warps`): the idle warps of their producer warpgroups move
+//! the rows. FC1's dispatch, its tiles waiting on the segments they
+//! complete; FC2's combine of each finished chunk (a rank alone: the sums
+//! of its chunks but the last); the reduce after FC2 on the whole share.
+//! Nothing takes an SM from the GEMMs.
+//! Overlapped on blocks (fused mode otherwise, when the plan says it pays,
+//! or blocks given): dispatch and combine run on a side stream forked from
+//! the caller's with `plan.comm_blocks` blocks while the GEMMs take the
+//! rest of the rank's share of SMs. Sequential (the non-overlapped
+//! baseline, and the fused mode when there is nothing to overlap): the
+//! same kernels one after another on the caller's stream with the whole
+//! share.
 //!
 //! Device errors (a bounded wait that timed out, an expert id out of
 //! range, rows over a receive capacity) land in an error word whose value
@@ -381,7 +388,8 @@ struct Scratch {
     cnt: CUdeviceptr,
     seg_done: CUdeviceptr,
     comb_done: CUdeviceptr,
-    /// u32 work counters of the GEMMs' side warps: FC1's, FC2's.
+    /// u32 work counters of the GEMMs' side warps: FC1's, then each
+    /// expert group's FC2's.
     side_next: CUdeviceptr,
     /// [`GroupTiles`] per expert group, among the counters.
     group_tiles: CUdeviceptr,
@@ -663,7 +671,8 @@ impl<T: DeviceTransport> MoeLayer<T> {
             let fused = self.mode == ExecMode::Fused;
             let sequential = !(fused && (self.plan.overlap || self.plan.side_warps));
             if let Some(m) = self.marks.as_mut() {
-                m.complete = sequential || !self.plan.overlap;
+                // Expert groups interleave FC1 and FC2: no phase is one span.
+                m.complete = sequential || (self.plan.side_warps && self.plan.groups == 1);
             }
             self.mark(0, stream)?;
             self.route(stream, a)?;
@@ -672,10 +681,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
             self.mark(2, stream)?;
             if sequential {
                 self.sequential(stream, a)?;
-            } else if self.plan.overlap {
-                self.overlapped(stream, a)?;
+            } else if self.plan.side_warps {
+                self.inside(stream, a)?;
             } else {
-                self.alone(stream, a)?;
+                self.overlapped(stream, a)?;
             }
             self.finish(stream)
         }
@@ -1240,17 +1249,12 @@ impl<T: DeviceTransport> MoeLayer<T> {
         unsafe { self.k.gemm.launch_raw(v, args, stream) }.map_err(kerr(self.rank()))
     }
 
-    unsafe fn combine(
-        &self,
-        stream: CUstream,
-        overlapped: bool,
-        blocks: usize,
-    ) -> Result<(), SchedError> {
+    /// What the combine of `pieces` (of the plan's layer1 pieces) reads
+    /// and writes. `beside_fc2`: while FC2 runs, each piece sent once its
+    /// FC2 tiles are counted.
+    fn combine_params(&self, beside_fc2: bool, pieces: Range<usize>) -> CombineParams {
         let cfg = &self.plan.cfg;
-        if cfg.ranks == 1 {
-            return Ok(());
-        }
-        let p = CombineParams {
+        CombineParams {
             out: self.s.out,
             segs: self.s.segs,
             rows_from: self.s.rows_from,
@@ -1270,10 +1274,27 @@ impl<T: DeviceTransport> MoeLayer<T> {
             epr: cfg.experts_per_rank() as i32,
             ranks: cfg.ranks as i32,
             me: self.rank() as i32,
-            wait_chunks: i32::from(overlapped),
+            wait_chunks: i32::from(beside_fc2),
             chunk_sig0: self.map.wire(self.map.chunk_done(0)).index() as i32,
+            piece_begin: pieces.start as i32,
+            piece_end: pieces.end as i32,
             pad: 0,
-        };
+        }
+    }
+
+    /// Every piece back to its sources on `blocks` blocks (`overlapped`:
+    /// on the side stream while FC2 runs).
+    unsafe fn combine(
+        &self,
+        stream: CUstream,
+        overlapped: bool,
+        blocks: usize,
+    ) -> Result<(), SchedError> {
+        let cfg = &self.plan.cfg;
+        if cfg.ranks == 1 {
+            return Ok(());
+        }
+        let p = self.combine_params(overlapped, 0..self.plan.pieces());
         let g = Grid {
             blocks: blocks.max(1) as u32,
             smem: (16 * cfg.experts) as u32,
@@ -1382,33 +1403,52 @@ impl<T: DeviceTransport> MoeLayer<T> {
         }
     }
 
-    /// One rank, fused (`DevicePlan::side_warps`): no link to hide, so
-    /// nothing runs beside the GEMMs but the rows they need. FC1's tiles
-    /// wait on the segments its producer's idle warps copy; FC2's idle
-    /// warps sum each chunk its tiles finished, all but the last, which
-    /// the whole grid sums after it (on those warps it would be a tail).
-    unsafe fn alone(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
-        let (grid, chunks) = (self.plan.gemm_grid, self.plan.chunks);
+    /// Fused inside the GEMMs (`DevicePlan::side_warps`): nothing runs
+    /// beside them, their producers' idle warps move the rows. The first
+    /// expert group's FC1 carries the whole dispatch (every group's tiles
+    /// wait on the segments it completes); each group's FC2 sends its
+    /// pieces back as their tiles finish, or, a rank alone with nothing to
+    /// send, sums every chunk but the last, which on those warps would be
+    /// a tail. The whole grid sums the rest after the last FC2.
+    unsafe fn inside(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
+        let (grid, chunks, groups) = (self.plan.gemm_grid, self.plan.chunks, self.plan.groups);
+        let alone = self.plan.cfg.ranks == 1;
+        // One work counter per launch: the dispatch's, then each FC2's.
+        let next = |i: usize| self.s.side_next + 4 * i as u64;
         let dispatch = SideWork {
             rows: SideRows::Dispatch(self.dispatch_params(a, false)),
-            next: self.s.side_next,
+            next: next(0),
         };
-        let reduce = SideWork {
-            rows: SideRows::Reduce(self.reduce_params(a, true, 0..chunks - 1)),
-            next: self.s.side_next + 4,
+        let fc2_side = |g: usize| SideWork {
+            rows: if alone {
+                SideRows::Reduce(self.reduce_params(a, true, 0..chunks - 1))
+            } else {
+                SideRows::Combine(self.combine_params(true, g * chunks..(g + 1) * chunks))
+            },
+            next: next(1 + g),
         };
-        // SAFETY: as in forward; the side warps' rows are the dispatch's
-        // and the reduce's, whose launches read the same.
-        // Timed phases: the dispatch and the other chunks' sums inside the
-        // GEMMs, no combine.
+        let rest = if alone { chunks - 1..chunks } else { 0..chunks };
+        // SAFETY: as in forward; the side warps' rows are the dispatch's,
+        // the combine's and the reduce's, whose launches read the same.
+        // Timed phases (one group): the dispatch inside FC1, the combine
+        // or the sums inside FC2.
         unsafe {
             self.mark(3, stream)?;
-            self.fc1(stream, a, false, GemmLaunch::hooked(grid).with(dispatch))?;
-            self.mark(4, stream)?;
-            self.fc2(stream, a, GemmLaunch::hooked(grid).with(reduce))?;
+            for g in 0..groups {
+                let fc1 = GemmLaunch::hooked(grid).of_group(g);
+                self.fc1(
+                    stream,
+                    a,
+                    false,
+                    if g == 0 { fc1.with(dispatch) } else { fc1 },
+                )?;
+                self.mark(4, stream)?;
+                let fc2 = GemmLaunch::hooked(grid).of_group(g).with(fc2_side(g));
+                self.fc2(stream, a, fc2)?;
+            }
             self.mark(5, stream)?;
             self.mark(6, stream)?;
-            self.reduce(stream, a, grid, false, chunks - 1..chunks)?;
+            self.reduce(stream, a, grid, false, rest)?;
             self.mark(7, stream)
         }
     }
@@ -1608,10 +1648,11 @@ impl Scratch {
         let state = alloc(STATE_BYTES, "allocate state")?;
         let (chunks, groups) = (plan.pieces(), plan.groups);
         // u64 piece counters first, then u32 counts and the side warps'
-        // two work counters, then each expert group's tile runs (zeroed
-        // with the counters: a call the layout refuses runs no tile).
+        // work counters (the dispatch's, each group's FC2's), then each
+        // expert group's tile runs (zeroed with the counters: a call the
+        // layout refuses runs no tile).
         let side_at = 8 * chunks + 4 * (2 * e + chunks * w);
-        let group_at = side_at + 8;
+        let group_at = side_at + (4 * (1 + groups)).next_multiple_of(8);
         let counters_words = group_at / 4 + groups * std::mem::size_of::<GroupTiles>() / 4;
         let counters = alloc(4 * counters_words, "allocate counters")?;
         let slots = plan.send_capacity();

@@ -96,7 +96,9 @@ fn opts(cfg: &MoeConfig, capacity: usize) -> LayerOptions {
 /// The premise of the GPU tests with several ranks, on CPU: with the
 /// figures the harness gives, and behind a proxy the layer's own
 /// adjustments (the proxy's cost form, its wire, the SMs its kernels
-/// keep), every shape the tests build overlaps in more than one chunk.
+/// keep), every shape the tests build overlaps in more than one chunk,
+/// on the Hopper GEMMs' side warps, and on several communication blocks
+/// where the GEMMs have none.
 #[test]
 fn test_shapes_overlap_in_several_chunks() {
     use comet_sched::device_plan::DevicePlan;
@@ -135,13 +137,16 @@ fn test_shapes_overlap_in_several_chunks() {
             (figures.proxy, figures.wire) = (true, wire);
             reserved = PROXY_KERNEL_SMS * w;
         }
-        let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
-        let plan = DevicePlan::new(&c, cap, None, 132 - reserved, w, tiles, &figures).unwrap();
-        assert!(plan.overlap && plan.chunks > 1, "{c} {staged:?}: {plan:?}");
-        assert!(
-            plan.comm_blocks > 1,
-            "several blocks share the segments: {plan:?}"
-        );
+        for family in [comet_kernels::Family::SM90_TMA, comet_kernels::Family::Sm80] {
+            let tiles = kernel_tiles_for(family);
+            let plan = DevicePlan::new(&c, cap, None, 132 - reserved, w, tiles, &figures).unwrap();
+            assert!(plan.overlap && plan.chunks > 1, "{c} {staged:?}: {plan:?}");
+            assert_eq!(plan.side_warps, family != comet_kernels::Family::Sm80);
+            assert!(
+                plan.side_warps || plan.comm_blocks > 1,
+                "several blocks share the segments: {plan:?}"
+            );
+        }
     }
 }
 
@@ -290,16 +295,30 @@ fn routings() -> [RoutingKind; 5] {
 
 /// Every routing kind at T = 0, 1, the capacity and below it, both modes,
 /// on each (ranks, ffn, experts, top-k, capacity) of `shapes`.
-fn every_routing(staged: bool, shapes: &[(usize, usize, usize, usize, usize)]) {
+/// `blocks`: communication blocks given (the default moves the rows in
+/// the GEMMs' side warps where they are Hopper's).
+fn every_routing(
+    staged: bool,
+    blocks: Option<usize>,
+    shapes: &[(usize, usize, usize, usize, usize)],
+) {
     for &(w, ffn, experts, k, cap) in shapes {
         let c = cfg(w, ffn, experts, k);
-        let mut h = Harness::build(&c, cap, &opts(&c, cap), staged);
+        let o = LayerOptions {
+            comm_blocks: blocks,
+            ..opts(&c, cap)
+        };
+        let mut h = Harness::build(&c, cap, &o, staged);
+        let plan = h.world.ranks()[0].layer.plan();
+        assert!(blocks.is_none() || !plan.side_warps, "{plan:?}");
         for (i, kind) in routings().into_iter().enumerate() {
             for tokens in [0, 1, cap, cap - 37] {
                 let toks: Vec<usize> = (0..w).map(|r| tokens.saturating_sub(r * 3)).collect();
                 let inputs = h.inputs(&toks, kind, (i * 10 + tokens) as u64);
                 for mode in modes() {
-                    let label = format!("staged {staged} W={w} {kind:?} T={tokens} {mode:?}");
+                    let label = format!(
+                        "staged {staged} blocks {blocks:?} W={w} {kind:?} T={tokens} {mode:?}"
+                    );
                     h.call(&inputs, mode, &label);
                 }
             }
@@ -448,6 +467,7 @@ fn one_rank_calls(h: &mut Harness, cap: usize, what: &str) {
 fn every_routing_and_size_matches_the_reference() {
     every_routing(
         false,
+        None,
         &[
             (1, 256, 4, 2, 200),
             (2, 512, 4, 2, 256),
@@ -493,15 +513,15 @@ fn thirty_calls_on_the_same_buffers() {
 #[test]
 #[ignore = "needs a GPU"]
 fn a_captured_graph_replays_with_new_routing() {
-    // W = 1 twice: its rows moved in the GEMMs' side warps, and
-    // overlapping its copies on blocks given;
-    // W = 2 with one expert group and with two (each group's GEMMs read
-    // their first tile and count on the device, so the graph serves every
-    // call's routing).
+    // W = 1 and 2 twice: the rows moved in the GEMMs' side warps, and on
+    // blocks given; W = 2 with two expert groups too (each group's GEMMs
+    // read their first tile and count on the device, so the graph serves
+    // every call's routing).
     for (w, blocks, groups) in [
         (1, None, None),
         (1, Some(4), None),
         (2, None, None),
+        (2, Some(4), None),
         (2, None, Some(2)),
     ] {
         let c = cfg(w, 256, 8, 2);
@@ -851,7 +871,17 @@ fn expert_groups_match_the_reference() {
 #[test]
 #[ignore = "needs a GPU"]
 fn staged_every_routing_matches_the_reference() {
-    every_routing(true, &[(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)]);
+    every_routing(true, None, &[(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)]);
+}
+
+/// Ranks given communication blocks (the GEMMs' side warps idle): the
+/// dispatch and combine on blocks beside the GEMMs, over nvlink and
+/// staged.
+#[test]
+#[ignore = "needs a GPU"]
+fn ranks_on_communication_blocks_match_the_reference() {
+    every_routing(false, Some(4), &[(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)]);
+    every_routing(true, Some(4), &[(2, 512, 4, 2, 256)]);
 }
 
 #[test]
@@ -957,8 +987,24 @@ fn phases_of_sequential_calls_are_timed() {
     assert_eq!(t.len(), comet_sched::forward::PHASES.len());
     assert!(t.iter().all(|ms| ms.is_finite() && *ms >= 0.0), "{t:?}");
     assert!(t[3] > 0.0 && t[4] > 0.0, "the GEMMs take time: {t:?}");
-    // An overlapped call has no phases in sequence to time.
-    h.call(&inputs, ExecMode::Fused, "overlapped");
-    assert!(h.world.phase_times().unwrap().is_none());
+    // A fused call moving its rows in the GEMMs' side warps (one group)
+    // is timed by GEMM; one overlapping on blocks has no phases in
+    // sequence to time.
+    h.call(&inputs, ExecMode::Fused, "fused");
+    let side = h.world.ranks()[0].layer.plan().side_warps;
+    let fused = h.world.phase_times().unwrap();
+    assert_eq!(fused.is_some(), side, "{fused:?}");
+    if let Some(t) = fused {
+        assert!(t[3] > 0.0 && t[4] > 0.0, "the GEMMs take time: {t:?}");
+    }
     h.world.time_phases(false).unwrap();
+    drop(h);
+    let o = LayerOptions {
+        comm_blocks: Some(4),
+        ..opts(&c, 128)
+    };
+    let mut blocks = Harness::new(&c, 128, &o);
+    blocks.world.time_phases(true).unwrap();
+    blocks.call(&inputs, ExecMode::Fused, "overlapped on blocks");
+    assert!(blocks.world.phase_times().unwrap().is_none());
 }

@@ -63,24 +63,29 @@ fn opts(cfg: &MoeConfig) -> LayerOptions {
 }
 
 /// The premise of the GPU test, on CPU: on an H200 (Hopper tiles, the SMs
-/// NCCL's lanes leave) the fused mode overlaps in more than one chunk.
+/// NCCL's lanes leave) the fused mode overlaps in more than one chunk,
+/// its rows moving in the GEMMs' side warps (on the portable GEMMs' tiles,
+/// on several blocks).
 #[test]
 fn the_test_shape_overlaps_in_several_chunks() {
     for w in [2, 4] {
         let c = small_cfg(w);
         let o = opts(&c);
-        let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
         // As the layer sees them behind NCCL's proxy (MoeLayer::new).
         let mut figures = o.figures.clone().expect("figures");
         figures.proxy = true;
         figures.wire = comet_core::cost::WireFormat::Rows;
-        let plan =
-            DevicePlan::new(&c, CAP, None, SMS - lane_sms(w), 1, tiles, &figures).expect("plan");
-        assert!(plan.overlap && plan.chunks > 1, "W={w}: {plan:?}");
-        assert!(
-            plan.comm_blocks > 1,
-            "several blocks share the pieces: {plan:?}"
-        );
+        for family in [comet_kernels::Family::SM90_TMA, comet_kernels::Family::Sm80] {
+            let tiles = kernel_tiles_for(family);
+            let plan = DevicePlan::new(&c, CAP, None, SMS - lane_sms(w), 1, tiles, &figures)
+                .expect("plan");
+            assert!(plan.overlap && plan.chunks > 1, "W={w}: {plan:?}");
+            assert_eq!(plan.side_warps, family != comet_kernels::Family::Sm80);
+            assert!(
+                plan.side_warps || plan.comm_blocks > 1,
+                "several blocks share the pieces: {plan:?}"
+            );
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 #   bash scripts/device-checks.sh sidechunks # ... its phases, qwen2-moe's chunks given, ~4 min
 #   bash scripts/device-checks.sh raise   # FC2's raise hook on bulk stores: qwen2-moe alone, then the layer tests, ~5 min
 #   bash scripts/device-checks.sh ranks   # ranks moving their rows in the GEMMs' side warps: tests over nvlink and staged, blocks given, the mutations, ~8 min
+#   bash scripts/device-checks.sh oneshot # the most of ranks and sidebench in one call (570 s)
 #   bash scripts/device-checks.sh sidebench # ... their figures: W=2 over nvlink and UCX shared memory, side warps and blocks in turns, ~8 min
 #   bash scripts/device-checks.sh h200    # issue 13's rows on an H200 (alone on the side warps; two ranks), expert groups over shared memory, ~8 min
 #   bash scripts/device-checks.sh groupbench # ... and their figures over UCX shared memory, the model's groups and others in turns, ~4 min
@@ -45,7 +46,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|ranks|sidebench|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|ranks|oneshot|sidebench|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -138,6 +139,25 @@ ranks)
   for m in "A one_rank_moves_its_rows_inside_the_gemms" "B one_rank_moves_its_rows_inside_the_gemms" "C every_routing_and_size_matches_the_reference"; do
     [ -x .bundle/gpu_layer_mut${m%% *} ] || continue
     step "mutation $m (must fail)" bash -c "timeout 100 $R gpu_layer_mut$m --ignored --exact 2>&1 | tee $O/mut${m%% *}.log | grep -E 'test result|panicked' -A2 | head -4"
+  done
+  ;;
+oneshot)
+  # ranks' tests and mutations, then sidebench's first rows, within one
+  # device call (steps past ONESHOT_S seconds, default 570, are skipped).
+  skip() { [ $SECONDS -lt ${ONESHOT_S:-570} ] || { echo "=== skipped (time): $1"; return 0; }; step "$@"; }
+  for t in every_routing_and_size_matches_the_reference expert_groups_match_the_reference staged_every_routing_matches_the_reference ranks_on_communication_blocks_match_the_reference; do
+    skip "$t" bash -c "set -o pipefail; timeout 120 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/one_$t.log | grep -E 'test result|panicked' -A1 | head -3"
+  done
+  for m in "C every_routing_and_size_matches_the_reference" "A one_rank_moves_its_rows_inside_the_gemms" "B one_rank_moves_its_rows_inside_the_gemms"; do
+    [ -x .bundle/gpu_layer_mut${m%% *} ] || continue
+    skip "mutation $m (must fail)" bash -c "timeout 60 $R gpu_layer_mut$m --ignored --exact 2>&1 | tee $O/mut${m%% *}.log | grep -E 'test result|panicked' -A2 | head -4"
+  done
+  for f in "" "--comm-sms 12"; do
+    skip "two qwen2-moe $f" bash -c "set -o pipefail; timeout 80 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset qwen2-moe --phases $f 2>&1 | tee '$O/one_two_qwen$f.md' | grep -E '^[|] [a-z]|^phases'"
+  done
+  skip "alone qwen2-moe" bash -c "set -o pipefail; timeout 80 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 20 --preset qwen2-moe 2>&1 | tee $O/one_alone_qwen.md | grep -E '^[|] [a-z]'"
+  for t in a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed one_rank_moves_its_rows_inside_the_gemms; do
+    skip "$t" bash -c "set -o pipefail; timeout 100 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/one_$t.log | grep -E 'test result|panicked' -A1 | head -3"
   done
   ;;
 sidebench)

@@ -514,7 +514,7 @@ impl Layer {
                     ("transport", transport.to_string()),
                     ("ranks_per_gpu", format!("{ranks_per_gpu:?}")),
                 ];
-                agree(ex.as_ref(), &settings, timeout).map_err(transport_err)?;
+                agree(ex.as_ref(), "settings", &settings, timeout).map_err(transport_err)?;
                 let per_gpu = match ranks_per_gpu {
                     Some(n) => n,
                     None => ranks_on_my_gpu(ex.as_ref(), device, timeout).map_err(transport_err)?,
@@ -526,7 +526,12 @@ impl Layer {
                     recv_capacity: max_recv_rows,
                     ..LayerOptions::default()
                 };
-                let mut layer = build_layer(transport, &cfg, max_tokens, device, ex, &opts)?;
+                let mut layer =
+                    build_layer(transport, &cfg, max_tokens, device, Arc::clone(&ex), &opts)?;
+                // ... and what each rank derived from its own GPU, before
+                // any kernel writes a peer's memory.
+                let derived = layer.plan().protocol();
+                agree(ex.as_ref(), "device plan", &derived, timeout).map_err(transport_err)?;
                 layer.set_mode(mode);
                 Ok((layer, rank))
             })?;

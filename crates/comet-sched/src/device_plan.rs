@@ -336,6 +336,23 @@ impl DevicePlan {
         Ok(())
     }
 
+    /// What of the plan every rank of a layer must derive alike, by name:
+    /// the receive capacity every rank's refusal assumes, the pieces that
+    /// number the combine signals and their columns, the wire a proxy
+    /// carries. Ranks derive it from their own GPU's SMs and kernels, so
+    /// GPUs that differ may derive another (comet-py compares it across
+    /// ranks before the first call).
+    pub fn protocol(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("recv_capacity", self.recv_capacity.to_string()),
+            ("chunks", self.chunks.to_string()),
+            ("chunk_cols", self.chunk_cols.to_string()),
+            ("expert_groups", self.groups.to_string()),
+            ("wire", format!("{:?}", self.wire)),
+            ("proxied_tokens", self.proxied_tokens.to_string()),
+        ]
+    }
+
     /// Layer1 pieces a rank sends each other rank: column chunks of each
     /// expert group (the combine signals and FC2 counters).
     pub fn pieces(&self) -> usize {
@@ -658,6 +675,26 @@ mod tests {
         assert!(d.overlap && !d.side_warps, "{d:?}");
         assert!(d.comm_blocks >= 1 && d.comm_blocks <= d.share / 3);
         assert_eq!(d.gemm_grid_overlap + d.comm_blocks, d.share);
+    }
+
+    /// Ranks on GPUs with other SM counts can derive other chunks: the
+    /// protocol names them.
+    #[test]
+    fn the_protocol_names_what_ranks_must_derive_alike() {
+        let cfg = Preset::Qwen2Moe.config(8).unwrap();
+        let h200 = DeviceFigures::h200_nvlink();
+        let on = |sms| DevicePlan::new(&cfg, 8192, None, sms, 1, TILES, &h200).unwrap();
+        let (a, b) = (on(132), on(16));
+        assert_eq!(a.protocol(), on(132).protocol());
+        assert_ne!(a.chunks, b.chunks, "{a:?} {b:?}");
+        let differs: Vec<_> = a
+            .protocol()
+            .into_iter()
+            .zip(b.protocol())
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| x.0)
+            .collect();
+        assert!(differs.contains(&"chunks"), "{differs:?}");
     }
 
     #[test]

@@ -25,14 +25,15 @@ pub trait BlobExchange: Send + Sync {
     }
 }
 
-/// Collective: every rank of `ex` passed the same `settings` (name,
-/// value pairs in the same order), or one error on every rank naming the
-/// first that differs from rank 0's: "rank 1 has max_tokens = 4096 where
-/// rank 0 has 8192". Settings that size buffers or shape the protocol
-/// must agree, or a rank would write past another's buffers or wait for
-/// signals never raised.
+/// Collective: every rank of `ex` has the same `settings` (name, value
+/// pairs in the same order; `what` they are, e.g. "settings" or "device
+/// plan"), or one error on every rank naming the first that differs from
+/// rank 0's: "rank 1 has max_tokens = 4096 where rank 0 has 8192".
+/// Settings that size buffers or shape the protocol must agree, or a rank
+/// would write past another's buffers or wait for signals never raised.
 pub fn agree(
     ex: &dyn BlobExchange,
+    what: &'static str,
     settings: &[(&str, String)],
     timeout: Duration,
 ) -> Result<(), TransportError> {
@@ -63,8 +64,8 @@ pub fn agree(
         };
         return Err(TransportError::Mismatch {
             rank: ex.rank(),
-            what: "settings",
-            detail: format!("{detail}: every rank of a layer must pass the same"),
+            what,
+            detail: format!("{detail}: every rank of a layer must have the same {what}"),
         });
     }
     Ok(())
@@ -363,7 +364,7 @@ mod tests {
                                 ("hidden", "4096".to_string()),
                                 ("max_tokens", t.to_string()),
                             ];
-                            agree(x.as_ref(), &settings, Duration::from_secs(10))
+                            agree(x.as_ref(), "settings", &settings, Duration::from_secs(10))
                         })
                     })
                     .collect();

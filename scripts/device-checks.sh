@@ -10,6 +10,7 @@
 #   bash scripts/device-checks.sh sidechunks # ... its phases, qwen2-moe's chunks given, ~4 min
 #   bash scripts/device-checks.sh raise   # FC2's raise hook on bulk stores: qwen2-moe alone, then the layer tests, ~5 min
 #   bash scripts/device-checks.sh ranks   # ranks moving their rows in the GEMMs' side warps: tests over nvlink and staged, blocks given, the mutations, ~8 min
+#   bash scripts/device-checks.sh inside  # ranks on the side warps where no link is overlapped (tests, a mutation), ~2 min
 #   bash scripts/device-checks.sh oneshot # the most of ranks and sidebench in one call (570 s)
 #   bash scripts/device-checks.sh sidebench # ... their figures: W=2 over nvlink and UCX shared memory, side warps and blocks in turns, ~8 min
 #   bash scripts/device-checks.sh h200    # issue 13's rows on an H200 (alone on the side warps; two ranks), expert groups over shared memory, ~8 min
@@ -46,7 +47,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|ranks|oneshot|sidebench|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|ranks|inside|oneshot|sidebench|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -133,31 +134,42 @@ ranks)
   # present): gpu_layer_mutA (a rank alone's dispatch raises every segment
   # before copying), _mutB (its side sums do not wait for their chunk),
   # _mutC (the side combine does not wait for its piece); each must fail.
-  for t in every_routing_and_size_matches_the_reference ranks_on_communication_blocks_match_the_reference expert_groups_match_the_reference staged_every_routing_matches_the_reference a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed one_rank_moves_its_rows_inside_the_gemms; do
+  for t in every_routing_and_size_matches_the_reference ranks_move_their_rows_inside_the_gemms expert_groups_match_the_reference staged_every_routing_matches_the_reference a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed one_rank_moves_its_rows_inside_the_gemms; do
     step "$t" bash -c "set -o pipefail; timeout 150 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/ranks_$t.log | grep -E 'test result|panicked' | head -3"
   done
-  for m in "A one_rank_moves_its_rows_inside_the_gemms" "B one_rank_moves_its_rows_inside_the_gemms" "C every_routing_and_size_matches_the_reference"; do
+  for m in "A one_rank_moves_its_rows_inside_the_gemms" "B one_rank_moves_its_rows_inside_the_gemms" "C ranks_move_their_rows_inside_the_gemms"; do
     [ -x .bundle/gpu_layer_mut${m%% *} ] || continue
     step "mutation $m (must fail)" bash -c "timeout 100 $R gpu_layer_mut$m --ignored --exact 2>&1 | tee $O/mut${m%% *}.log | grep -E 'test result|panicked' -A2 | head -4"
   done
+  ;;
+inside)
+  # Ranks moving their rows in the GEMMs' side warps where the model
+  # overlaps no link (the plan's rule since 2026-12-07), a graph of it,
+  # its phases, and the side combine broken (gpu_layer_mutC: must fail).
+  for t in ranks_move_their_rows_inside_the_gemms a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed; do
+    step "$t" bash -c "set -o pipefail; timeout 100 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/in_$t.log | grep -E 'test result|panicked' -A1 | head -3"
+  done
+  [ -x .bundle/gpu_layer_mutC ] && step "mutation C (must fail)" bash -c "timeout 60 $R gpu_layer_mutC ranks_move_their_rows_inside_the_gemms --ignored --exact 2>&1 | grep -E 'test result|panicked' -A2 | head -4"
   ;;
 oneshot)
   # ranks' tests and mutations, then sidebench's first rows, within one
   # device call (steps past ONESHOT_S seconds, default 570, are skipped).
   skip() { [ $SECONDS -lt ${ONESHOT_S:-570} ] || { echo "=== skipped (time): $1"; return 0; }; step "$@"; }
-  for t in every_routing_and_size_matches_the_reference expert_groups_match_the_reference staged_every_routing_matches_the_reference ranks_on_communication_blocks_match_the_reference; do
-    skip "$t" bash -c "set -o pipefail; timeout 120 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/one_$t.log | grep -E 'test result|panicked' -A1 | head -3"
-  done
-  for m in "C every_routing_and_size_matches_the_reference" "A one_rank_moves_its_rows_inside_the_gemms" "B one_rank_moves_its_rows_inside_the_gemms"; do
-    [ -x .bundle/gpu_layer_mut${m%% *} ] || continue
-    skip "mutation $m (must fail)" bash -c "timeout 60 $R gpu_layer_mut$m --ignored --exact 2>&1 | tee $O/mut${m%% *}.log | grep -E 'test result|panicked' -A2 | head -4"
-  done
+  gl() { skip "$1" bash -c "set -o pipefail; timeout $2 $R gpu_layer --ignored --exact $1 2>&1 | tee $O/one_$1.log | grep -E 'test result|panicked' -A1 | head -3"; }
+  mut() { [ -x .bundle/gpu_layer_mut$1 ] && skip "mutation $1 $2 (must fail)" bash -c "timeout 60 $R gpu_layer_mut$1 $2 --ignored --exact 2>&1 | tee $O/mut$1.log | grep -E 'test result|panicked' -A2 | head -4"; }
+  gl every_routing_and_size_matches_the_reference 120
+  mut C ranks_move_their_rows_inside_the_gemms
+  gl staged_every_routing_matches_the_reference 100
+  gl expert_groups_match_the_reference 120
   for f in "" "--comm-sms 12"; do
     skip "two qwen2-moe $f" bash -c "set -o pipefail; timeout 80 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 10 --preset qwen2-moe --phases $f 2>&1 | tee '$O/one_two_qwen$f.md' | grep -E '^[|] [a-z]|^phases'"
   done
+  gl ranks_move_their_rows_inside_the_gemms 100
+  mut A one_rank_moves_its_rows_inside_the_gemms
+  mut B one_rank_moves_its_rows_inside_the_gemms
   skip "alone qwen2-moe" bash -c "set -o pipefail; timeout 80 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 20 --preset qwen2-moe 2>&1 | tee $O/one_alone_qwen.md | grep -E '^[|] [a-z]'"
   for t in a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed one_rank_moves_its_rows_inside_the_gemms; do
-    skip "$t" bash -c "set -o pipefail; timeout 100 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/one_$t.log | grep -E 'test result|panicked' -A1 | head -3"
+    gl $t 100
   done
   ;;
 sidebench)

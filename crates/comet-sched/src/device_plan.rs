@@ -58,13 +58,15 @@ pub struct DevicePlan {
     /// Whether the fused mode overlaps communication with the GEMMs: the
     /// cost model's verdict, or blocks given ([`Self::set_comm_blocks`]).
     pub overlap: bool,
-    /// Fused, where the GEMMs can: the rows move inside them, on the idle
-    /// warps of their producer warpgroups: the dispatch in FC1, whose
-    /// tiles wait on its segments, and in FC2 the combine of each finished
-    /// chunk (a rank alone: the sums of its chunks but the last;
-    /// docs/ARCHITECTURE.md, "Rows moved inside the GEMMs"). Nothing takes
-    /// an SM from the GEMMs, which communication blocks would (docs/PERF.md,
-    /// 2026-12-06: they did not pay alone). Off where blocks are given.
+    /// Fused, where the GEMMs can and the model overlaps no link (a rank
+    /// alone; ranks whose transfers would not pay for chunks): the rows
+    /// move inside the GEMMs, on the idle warps of their producer
+    /// warpgroups: the dispatch in FC1, whose tiles wait on its segments,
+    /// and in FC2 the combine of each finished chunk (a rank alone: the
+    /// sums of its chunks but the last; docs/ARCHITECTURE.md, "Rows moved
+    /// inside the GEMMs"). Nothing takes an SM from the GEMMs, which
+    /// communication blocks would (docs/PERF.md, 2026-12-06: they did not
+    /// pay alone). Off where blocks are given.
     pub side_warps: bool,
     /// Blocks of the communication kernels while the GEMMs run: the cost
     /// model's (a third of the share at most), or given; none on the side
@@ -209,7 +211,11 @@ impl DevicePlan {
         } else {
             1
         };
-        let side_warps = tiles.side_warps;
+        // Where the model overlaps a link, blocks beside the GEMMs; where
+        // it does not, the copies ride in the GEMMs' idle warps (ranks
+        // sharing a GPU: no faster than in sequence, 2026-12-07, where
+        // blocks given were faster; behind a proxy: not measured).
+        let side_warps = tiles.side_warps && !overlap;
         let comm_blocks = if side_warps { 0 } else { estimate.comm_blocks };
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
@@ -649,36 +655,33 @@ mod tests {
         assert!(e.contains("runs in sequence"), "{e}");
     }
 
-    /// Several ranks move their rows in the GEMMs' side warps too (FC2's
-    /// combine each chunk), the GEMMs on the whole share; the portable
-    /// GEMMs and blocks given take communication blocks from it.
+    /// Ranks the model overlaps (over NVLink on these figures) take
+    /// communication blocks from the share; ranks with no link worth
+    /// overlapping move their rows in the GEMMs' side warps (FC2 the
+    /// combine of each chunk), the GEMMs on the whole share.
     #[test]
     fn several_ranks_overlap_over_nvlink() {
-        for (w, per_gpu) in [(8, 1), (2, 2)] {
-            let d = plan(Preset::Qwen2Moe, w, per_gpu);
-            assert!(d.overlap && d.side_warps, "{d:?}");
-            assert_eq!((d.comm_blocks, d.gemm_grid_overlap), (0, d.share));
-            assert!(d.chunks > 1, "pieces leave while FC2 runs: {d:?}");
-            assert!(d.describe().contains("FC2 the combine of each chunk"));
-            let mut blocks = d.clone();
-            blocks.set_comm_blocks(12);
-            assert!(!blocks.side_warps && blocks.comm_blocks == 12, "{blocks:?}");
-            assert_eq!(blocks.gemm_grid_overlap, d.share - 12);
-        }
-        let portable = KernelTiles {
-            side_warps: false,
-            ..TILES
-        };
-        let cfg = Preset::Qwen2Moe.config(8).unwrap();
-        let h200 = DeviceFigures::h200_nvlink();
-        let d = DevicePlan::new(&cfg, 8192, None, 132, 1, portable, &h200).unwrap();
+        let d = plan(Preset::Qwen2Moe, 8, 1);
         assert!(d.overlap && !d.side_warps, "{d:?}");
         assert!(d.comm_blocks >= 1 && d.comm_blocks <= d.share / 3);
         assert_eq!(d.gemm_grid_overlap + d.comm_blocks, d.share);
+        assert!(d.chunks >= 1);
+        // A link so fast its transfers cannot pay for a chunk's overhead.
+        let mut fast = DeviceFigures::h200_nvlink();
+        fast.link_gbps *= 1e3;
+        fast.chunk_overhead_us = 1e3;
+        let cfg = Preset::Qwen2Moe.config(2).unwrap();
+        let d = DevicePlan::new(&cfg, 8192, None, 132, 2, TILES, &fast).unwrap();
+        assert!(!d.overlap && d.side_warps, "{d:?}");
+        assert_eq!((d.comm_blocks, d.gemm_grid_overlap), (0, d.share));
+        assert_eq!((d.chunks, d.chunk_cols), (2, 1792), "side_chunk_width's");
+        assert!(d.describe().contains("FC2 the combine of each chunk"));
+        let mut blocks = d.clone();
+        blocks.set_comm_blocks(12);
+        assert!(!blocks.side_warps && blocks.comm_blocks == 12, "{blocks:?}");
+        assert_eq!(blocks.gemm_grid_overlap, d.share - 12);
     }
 
-    /// Ranks on GPUs with other SM counts can derive other chunks: the
-    /// protocol names them.
     #[test]
     fn the_protocol_names_what_ranks_must_derive_alike() {
         let cfg = Preset::Qwen2Moe.config(8).unwrap();

@@ -17,9 +17,9 @@
 //! 6. `combine`: finished chunks back to their sources, `combine(from, c)`;
 //! 7. `reduce`: the weighted top-k sum into y (bf16).
 //!
-//! Fused, inside the GEMMs (where they are Hopper's, unclustered:
-//! `plan.side_warps`): the idle warps of their producer warpgroups move
-//! the rows. FC1's dispatch, its tiles waiting on the segments they
+//! Fused, inside the GEMMs (where they are Hopper's, unclustered, and the
+//! plan overlaps no link: `plan.side_warps`): the idle warps of their
+//! producer warpgroups move the rows. FC1's dispatch, its tiles waiting on the segments they
 //! complete; FC2's combine of each finished chunk (a rank alone: the sums
 //! of its chunks but the last); the reduce after FC2 on the whole share.
 //! Nothing takes an SM from the GEMMs.

@@ -97,8 +97,9 @@ fn opts(cfg: &MoeConfig, capacity: usize) -> LayerOptions {
 /// figures the harness gives, and behind a proxy the layer's own
 /// adjustments (the proxy's cost form, its wire, the SMs its kernels
 /// keep), every shape the tests build overlaps in more than one chunk,
-/// on the Hopper GEMMs' side warps, and on several communication blocks
-/// where the GEMMs have none.
+/// on several communication blocks (the Hopper GEMMs' side warps too);
+/// with the plain figures of `inside_opts` they move their rows in the
+/// Hopper GEMMs' side warps instead, in more than one chunk.
 #[test]
 fn test_shapes_overlap_in_several_chunks() {
     use comet_sched::device_plan::DevicePlan;
@@ -125,6 +126,17 @@ fn test_shapes_overlap_in_several_chunks() {
         (2, 256, 4, 2, 32, tokens),
         (2, 256, 4, 2, 128, tokens),
     ];
+    for (w, ffn, experts, k, cap) in INSIDE_SHAPES {
+        let c = cfg(w, ffn, experts, k);
+        let o = inside_opts();
+        let tiles = kernel_tiles_for(comet_kernels::Family::SM90_TMA);
+        let figures = o.figures.expect("figures");
+        let plan = DevicePlan::new(&c, cap, None, 132, w, tiles, &figures).unwrap();
+        assert!(
+            !plan.overlap && plan.side_warps && plan.chunks > 1,
+            "{c}: {plan:?}"
+        );
+    }
     for (w, ffn, experts, k, cap, staged) in shapes {
         let c = cfg(w, ffn, experts, k);
         let mut o = opts(&c, cap);
@@ -141,14 +153,31 @@ fn test_shapes_overlap_in_several_chunks() {
             let tiles = kernel_tiles_for(family);
             let plan = DevicePlan::new(&c, cap, None, 132 - reserved, w, tiles, &figures).unwrap();
             assert!(plan.overlap && plan.chunks > 1, "{c} {staged:?}: {plan:?}");
-            assert_eq!(plan.side_warps, family != comet_kernels::Family::Sm80);
             assert!(
-                plan.side_warps || plan.comm_blocks > 1,
+                !plan.side_warps && plan.comm_blocks > 1,
                 "several blocks share the segments: {plan:?}"
             );
         }
     }
 }
+
+/// The H200 figures as they are: for the test shapes the model sees no
+/// link worth overlapping, so ranks move their rows in the Hopper GEMMs'
+/// side warps (FC1 the dispatch, FC2 the combine).
+fn inside_opts() -> LayerOptions {
+    LayerOptions {
+        timeout: Duration::from_secs(10),
+        figures: Some(DeviceFigures::h200_nvlink()),
+        ..LayerOptions::default()
+    }
+}
+
+/// (W, ffn, experts, top-k, capacity) of `ranks_move_their_rows_inside_the_gemms`.
+const INSIDE_SHAPES: [(usize, usize, usize, usize, usize); 3] = [
+    (2, 512, 4, 2, 256),
+    (4, 256, 8, 3, 160),
+    (2, 256, 16, 11, 96),
+];
 
 /// The harness's figures for a staged world: behind a proxy the blocks
 /// also copy every row into the mirrors, and at a real block's rate those
@@ -295,29 +324,22 @@ fn routings() -> [RoutingKind; 5] {
 
 /// Every routing kind at T = 0, 1, the capacity and below it, both modes,
 /// on each (ranks, ffn, experts, top-k, capacity) of `shapes`.
-/// `blocks`: communication blocks given (the default moves the rows in
-/// the GEMMs' side warps where they are Hopper's).
-fn every_routing(
-    staged: bool,
-    blocks: Option<usize>,
-    shapes: &[(usize, usize, usize, usize, usize)],
-) {
+/// `inside`: the plain figures, where ranks move their rows in the
+/// GEMMs' side warps (else the harness's, overlapping on blocks).
+fn every_routing(staged: bool, inside: bool, shapes: &[(usize, usize, usize, usize, usize)]) {
     for &(w, ffn, experts, k, cap) in shapes {
         let c = cfg(w, ffn, experts, k);
-        let o = LayerOptions {
-            comm_blocks: blocks,
-            ..opts(&c, cap)
-        };
+        let o = if inside { inside_opts() } else { opts(&c, cap) };
         let mut h = Harness::build(&c, cap, &o, staged);
         let plan = h.world.ranks()[0].layer.plan();
-        assert!(blocks.is_none() || !plan.side_warps, "{plan:?}");
+        assert!(w == 1 || plan.overlap != inside, "{plan:?}");
         for (i, kind) in routings().into_iter().enumerate() {
             for tokens in [0, 1, cap, cap - 37] {
                 let toks: Vec<usize> = (0..w).map(|r| tokens.saturating_sub(r * 3)).collect();
                 let inputs = h.inputs(&toks, kind, (i * 10 + tokens) as u64);
                 for mode in modes() {
                     let label = format!(
-                        "staged {staged} blocks {blocks:?} W={w} {kind:?} T={tokens} {mode:?}"
+                        "staged {staged} inside {inside} W={w} {kind:?} T={tokens} {mode:?}"
                     );
                     h.call(&inputs, mode, &label);
                 }
@@ -467,7 +489,7 @@ fn one_rank_calls(h: &mut Harness, cap: usize, what: &str) {
 fn every_routing_and_size_matches_the_reference() {
     every_routing(
         false,
-        None,
+        false,
         &[
             (1, 256, 4, 2, 200),
             (2, 512, 4, 2, 256),
@@ -514,26 +536,27 @@ fn thirty_calls_on_the_same_buffers() {
 #[ignore = "needs a GPU"]
 fn a_captured_graph_replays_with_new_routing() {
     // W = 1 and 2 twice: the rows moved in the GEMMs' side warps, and on
-    // blocks given; W = 2 with two expert groups too (each group's GEMMs
-    // read their first tile and count on the device, so the graph serves
-    // every call's routing).
-    for (w, blocks, groups) in [
-        (1, None, None),
-        (1, Some(4), None),
-        (2, None, None),
-        (2, Some(4), None),
-        (2, None, Some(2)),
+    // blocks (given, or the model's); W = 2 with two expert groups too
+    // (each group's GEMMs read their first tile and count on the device,
+    // so the graph serves every call's routing).
+    for (w, blocks, groups, inside) in [
+        (1, None, None, false),
+        (1, Some(4), None, false),
+        (2, None, None, true),
+        (2, None, None, false),
+        (2, None, Some(2), false),
     ] {
         let c = cfg(w, 256, 8, 2);
+        let figures = if inside { inside_opts() } else { opts(&c, 128) };
         let o = LayerOptions {
             comm_blocks: blocks,
             expert_groups: groups,
-            ..opts(&c, 128)
+            ..figures
         };
         let mut h = Harness::new(&c, 128, &o);
         assert_eq!(
             h.world.ranks()[0].layer.plan().overlap,
-            w > 1 || blocks.is_some()
+            (w > 1 && !inside) || blocks.is_some()
         );
         let first = h.inputs(&vec![128; w], RoutingKind::Uniform, 7);
         h.world.set_inputs(&first).unwrap();
@@ -871,17 +894,17 @@ fn expert_groups_match_the_reference() {
 #[test]
 #[ignore = "needs a GPU"]
 fn staged_every_routing_matches_the_reference() {
-    every_routing(true, None, &[(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)]);
+    every_routing(true, false, &[(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)]);
 }
 
-/// Ranks given communication blocks (the GEMMs' side warps idle): the
-/// dispatch and combine on blocks beside the GEMMs, over nvlink and
-/// staged.
+/// Ranks with no link worth overlapping move their rows in the Hopper
+/// GEMMs' side warps: the dispatch inside FC1 (tiles waiting on the
+/// segments the peers' side warps complete), the combine of each chunk
+/// inside FC2, the reduce after it.
 #[test]
 #[ignore = "needs a GPU"]
-fn ranks_on_communication_blocks_match_the_reference() {
-    every_routing(false, Some(4), &[(2, 512, 4, 2, 256), (4, 256, 8, 3, 160)]);
-    every_routing(true, Some(4), &[(2, 512, 4, 2, 256)]);
+fn ranks_move_their_rows_inside_the_gemms() {
+    every_routing(false, true, &INSIDE_SHAPES);
 }
 
 #[test]
@@ -987,24 +1010,20 @@ fn phases_of_sequential_calls_are_timed() {
     assert_eq!(t.len(), comet_sched::forward::PHASES.len());
     assert!(t.iter().all(|ms| ms.is_finite() && *ms >= 0.0), "{t:?}");
     assert!(t[3] > 0.0 && t[4] > 0.0, "the GEMMs take time: {t:?}");
-    // A fused call moving its rows in the GEMMs' side warps (one group)
-    // is timed by GEMM; one overlapping on blocks has no phases in
-    // sequence to time.
-    h.call(&inputs, ExecMode::Fused, "fused");
-    let side = h.world.ranks()[0].layer.plan().side_warps;
-    let fused = h.world.phase_times().unwrap();
+    // A fused call overlapping on blocks has no phases in sequence to
+    // time; one moving its rows in the GEMMs' side warps (one group) is
+    // timed by GEMM.
+    h.call(&inputs, ExecMode::Fused, "overlapped on blocks");
+    assert!(h.world.phase_times().unwrap().is_none());
+    h.world.time_phases(false).unwrap();
+    drop(h);
+    let mut inside = Harness::new(&c, 128, &inside_opts());
+    let side = inside.world.ranks()[0].layer.plan().side_warps;
+    inside.world.time_phases(true).unwrap();
+    inside.call(&inputs, ExecMode::Fused, "inside the GEMMs");
+    let fused = inside.world.phase_times().unwrap();
     assert_eq!(fused.is_some(), side, "{fused:?}");
     if let Some(t) = fused {
         assert!(t[3] > 0.0 && t[4] > 0.0, "the GEMMs take time: {t:?}");
     }
-    h.world.time_phases(false).unwrap();
-    drop(h);
-    let o = LayerOptions {
-        comm_blocks: Some(4),
-        ..opts(&c, 128)
-    };
-    let mut blocks = Harness::new(&c, 128, &o);
-    blocks.world.time_phases(true).unwrap();
-    blocks.call(&inputs, ExecMode::Fused, "overlapped on blocks");
-    assert!(blocks.world.phase_times().unwrap().is_none());
 }

@@ -391,6 +391,22 @@ struct SideWork {
   CombineParams c;
 };
 
+// The next item a side warp takes from its launch's work counter, on
+// every lane.
+__device__ __forceinline__ long long take_item(unsigned* next, int lane) {
+  long long i = 0;
+  if (lane == 0) i = atomicAdd(next, 1u);
+  return __shfl_sync(0xffffffffu, i, 0);
+}
+
+// Lane 0's verdict on its wait, on every lane; lane 0's acquire orders
+// the other lanes' loads too.
+__device__ __forceinline__ bool warp_verdict(bool lane0) {
+  const bool ok = __shfl_sync(0xffffffffu, lane0, 0);
+  __syncwarp();
+  return ok;
+}
+
 // Send positions a side warp takes at once, copied 2 rows at a time.
 constexpr int SIDE_ROWS = 8;
 // Tokens a side warp sums at once.
@@ -406,9 +422,7 @@ __device__ __forceinline__ void side_dispatch(const SideWork& s, int lane, bool 
   if (leader) raise_empty_segments(p, epoch, lane, 32);
   const int total = p.sc->sent_rows, start = p.send_off[p.me * p.epr];
   for (;;) {
-    long long w0 = 0;
-    if (lane == 0) w0 = (long long)atomicAdd(s.next, 1u) * SIDE_ROWS;
-    w0 = __shfl_sync(0xffffffffu, w0, 0);
+    const long long w0 = take_item(s.next, lane) * SIDE_ROWS;
     if (w0 >= total) return;
     dispatch_rows<2>(p, w0, SIDE_ROWS, total, start, lane, epoch);
   }
@@ -424,17 +438,13 @@ __device__ __forceinline__ void side_reduce(const SideWork& s, int lane) {
   const long long blocks = (p.tokens + SIDE_TOKENS - 1) / SIDE_TOKENS;
   int whole = -1;  // the last chunk this warp saw whole
   for (;;) {
-    long long i = 0;
-    if (lane == 0) i = atomicAdd(s.next, 1u);
-    i = __shfl_sync(0xffffffffu, i, 0);
+    const long long i = take_item(s.next, lane);
     const int c = p.chunk_begin + (int)(i / blocks);
     if (c >= p.chunk_end) return;
     if (c != whole) {
       // A chunk of FC2 takes hundreds of microseconds: every side warp
       // of the grid polls its counter, each once a microsecond or so.
-      const bool ok = __shfl_sync(0xffffffffu, lane == 0 ? chunk_landed(p, c, epoch, 1024) : true, 0);
-      if (!ok) return;
-      __syncwarp();  // lane 0's acquire orders the other lanes' loads too
+      if (!warp_verdict(lane == 0 ? chunk_landed(p, c, epoch, 1024) : true)) return;
       whole = c;
     }
     const long long t0 = (i % blocks) * SIDE_TOKENS;
@@ -458,15 +468,11 @@ __device__ __forceinline__ void side_combine(const SideWork& s, int lane, bool l
   if (blocks <= 0) return;
   int whole = -1;  // the last piece this warp saw counted
   for (;;) {
-    long long i = 0;
-    if (lane == 0) i = atomicAdd(s.next, 1u);
-    i = __shfl_sync(0xffffffffu, i, 0);
+    const long long i = take_item(s.next, lane);
     const int j = p.piece_begin + (int)(i / blocks);
     if (j >= p.piece_end) return;
     if (j != whole) {
-      const bool ok = __shfl_sync(0xffffffffu, lane == 0 ? piece_done(p, j, 1024) : true, 0);
-      if (!ok) return;
-      __syncwarp();  // lane 0's acquire orders the other lanes' loads too
+      if (!warp_verdict(lane == 0 ? piece_done(p, j, 1024) : true)) return;
       whole = j;
     }
     combine_rows<2>(p, p.segs, rows_from, j, gr.r0 + (i % blocks) * SIDE_ROWS, SIDE_ROWS, gr.r1, lane, epoch);

@@ -173,11 +173,12 @@ oneshot)
   done
   ;;
 sidebench)
-  # Issue 13's qwen2-moe row alone, then ranks moving their rows in the
-  # GEMMs' side warps against the same on communication blocks, in turns:
-  # two ranks sharing the GPU over nvlink (8192 tokens a rank), and over
-  # UCX shared memory (issue 16's equal point: qwen2-moe at F 11264 on an
-  # H200, 5632 on an H100).
+  # Issue 13's qwen2-moe row alone, then the plan's choice against
+  # communication blocks given: two ranks sharing the GPU over nvlink
+  # (8192 tokens a rank; on an H100's figures the model overlaps nothing,
+  # so the plan's choice is the side warps), and over UCX shared memory
+  # (issue 16's equal point: qwen2-moe at F 11264 on an H200, 5632 on an
+  # H100; the model overlaps there, so both rows run on blocks).
   step "alone qwen2-moe" bash -c "set -o pipefail; timeout 100 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 20 --preset qwen2-moe --phases 2>&1 | tee $O/sb_alone_qwen.md | grep -E '^[|] [a-z]|^phases'"
   for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
     for f in "" "--comm-sms 12"; do

@@ -32,9 +32,10 @@
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
 #   bash scripts/device-checks.sh mps     # UCX ranks in one process, as processes without and with MPS
-# Next session: `raise` (the tests of this session's last kernels, which
-# ran on an H100 except the warp sync after a side warp's acquire), then
-# `h200` where an H200 comes.
+# Next session: `inside` (ranks on the side warps where the model
+# overlaps no link: its test has not run on a GPU, nor the side loops'
+# take_item/warp_verdict), then `h200` where an H200 comes (issue 13's
+# last figure), then `sidebench`.
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
 # ucx, wire and ucxbench (issue 16); nccl and multi need a 2-GPU kind.

@@ -317,11 +317,13 @@ pub fn validate_args(v: &GemmVariant, a: &GemmArgs) -> Result<(), KernelError> {
             if m.chunks <= 0
                 || m.piece_begin < 0
                 || m.piece_begin >= m.piece_end
+                || m.piece_end > m.groups.saturating_mul(m.chunks)
                 || group(m.piece_begin) != group(m.piece_end - 1)
             {
                 return bad(format!(
-                    "a side combine sends pieces of one expert group, not [{}, {}) of {} chunks",
-                    m.piece_begin, m.piece_end, m.chunks
+                    "a side combine sends pieces of one expert group, not [{}, {}) of {} \
+                     groups of {} chunks",
+                    m.piece_begin, m.piece_end, m.groups, m.chunks
                 ));
             }
         }
@@ -934,9 +936,10 @@ mod tests {
             cols: 128,
             ..ReduceParams::default()
         });
-        // Pieces [begin, end) of 3 chunks a group.
+        // Pieces [begin, end) of 2 groups of 3 chunks.
         let combine = |piece_begin, piece_end| {
             SideRows::Combine(CombineParams {
+                groups: 2,
                 chunks: 3,
                 piece_begin,
                 piece_end,
@@ -957,6 +960,11 @@ mod tests {
             (&fc2, side(narrow, 8), "256-column rounds, not 128"),
             (&fc2, side(combine(2, 4), 8), "one expert group, not [2, 4)"),
             (&fc2, side(combine(3, 3), 8), "one expert group, not [3, 3)"),
+            (
+                &fc2,
+                side(combine(6, 7), 8),
+                "not [6, 7) of 2 groups of 3 chunks",
+            ),
         ] {
             let e = validate_args(v, &a).unwrap_err().to_string();
             assert!(e.contains(what), "{e}");

@@ -691,9 +691,10 @@ impl<T: DeviceTransport> MoeLayer<T> {
     }
 
     /// Records a timing event around every phase of the calls that follow
-    /// in sequence or of a rank alone (a diagnosis of where a call's time
-    /// goes: a record per phase on the host; alone, the dispatch is inside
-    /// FC1 and all chunks' sums but the last inside FC2), or stops.
+    /// in sequence or on the GEMMs' side warps with one expert group (a
+    /// diagnosis of where a call's time goes: a record per phase on the
+    /// host; on the side warps the dispatch is inside FC1, and the combine
+    /// or, alone, all chunks' sums but the last inside FC2), or stops.
     pub fn time_phases(&mut self, on: bool) -> Result<(), SchedError> {
         if !on {
             self.marks = None;
@@ -716,7 +717,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
 
     /// Milliseconds of each of [`PHASES`] in the last call, once its stream
     /// has run it (`check`); `None` unless phases are timed and the call
-    /// ran in sequence or alone.
+    /// ran in sequence or on the side warps with one expert group.
     pub fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError> {
         let Some(m) = self.marks.as_ref().filter(|m| m.complete) else {
             return Ok(None);

@@ -388,8 +388,7 @@ struct Scratch {
     cnt: CUdeviceptr,
     seg_done: CUdeviceptr,
     comb_done: CUdeviceptr,
-    /// u32 work counters of the GEMMs' side warps: FC1's, then each
-    /// expert group's FC2's.
+    /// u32 work counters of the GEMMs' side warps: FC1's, FC2's.
     side_next: CUdeviceptr,
     /// [`GroupTiles`] per expert group, among the counters.
     group_tiles: CUdeviceptr,
@@ -671,8 +670,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
             let fused = self.mode == ExecMode::Fused;
             let sequential = !(fused && (self.plan.overlap || self.plan.side_warps));
             if let Some(m) = self.marks.as_mut() {
-                // Expert groups interleave FC1 and FC2: no phase is one span.
-                m.complete = sequential || (self.plan.side_warps && self.plan.groups == 1);
+                m.complete = sequential || self.plan.side_warps;
             }
             self.mark(0, stream)?;
             self.route(stream, a)?;
@@ -691,7 +689,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
     }
 
     /// Records a timing event around every phase of the calls that follow
-    /// in sequence or on the GEMMs' side warps with one expert group (a
+    /// in sequence or on the GEMMs' side warps (a
     /// diagnosis of where a call's time goes: a record per phase on the
     /// host; on the side warps the dispatch is inside FC1, and the combine
     /// or, alone, all chunks' sums but the last inside FC2), or stops.
@@ -717,7 +715,7 @@ impl<T: DeviceTransport> MoeLayer<T> {
 
     /// Milliseconds of each of [`PHASES`] in the last call, once its stream
     /// has run it (`check`); `None` unless phases are timed and the call
-    /// ran in sequence or on the side warps with one expert group.
+    /// ran in sequence or on the side warps.
     pub fn phase_times(&self) -> Result<Option<Vec<f32>>, SchedError> {
         let Some(m) = self.marks.as_ref().filter(|m| m.complete) else {
             return Ok(None);
@@ -1404,49 +1402,37 @@ impl<T: DeviceTransport> MoeLayer<T> {
         }
     }
 
-    /// Fused inside the GEMMs (`DevicePlan::side_warps`): nothing runs
-    /// beside them, their producers' idle warps move the rows. The first
-    /// expert group's FC1 carries the whole dispatch (every group's tiles
-    /// wait on the segments it completes); each group's FC2 sends its
-    /// pieces back as their tiles finish, or, a rank alone with nothing to
-    /// send, sums every chunk but the last, which on those warps would be
-    /// a tail. The whole grid sums the rest after the last FC2.
+    /// Fused inside the GEMMs (`DevicePlan::side_warps`, which overlaps no
+    /// link and so runs one expert group): nothing runs beside them, their
+    /// producers' idle warps move the rows. FC1 carries the dispatch; FC2
+    /// sends each piece back as its tiles finish, or, a rank alone with
+    /// nothing to send, sums every chunk but the last, which on those
+    /// warps would be a tail. The whole grid sums the rest after FC2.
     unsafe fn inside(&self, stream: CUstream, a: &ForwardArgs) -> Result<(), SchedError> {
-        let (grid, chunks, groups) = (self.plan.gemm_grid, self.plan.chunks, self.plan.groups);
+        let (grid, chunks) = (self.plan.gemm_grid, self.plan.chunks);
         let alone = self.plan.cfg.ranks == 1;
-        // One work counter per launch: the dispatch's, then each FC2's.
-        let next = |i: usize| self.s.side_next + 4 * i as u64;
         let dispatch = SideWork {
             rows: SideRows::Dispatch(self.dispatch_params(a, false)),
-            next: next(0),
+            next: self.s.side_next,
         };
-        let fc2_side = |g: usize| SideWork {
+        let fc2_side = SideWork {
             rows: if alone {
                 SideRows::Reduce(self.reduce_params(a, true, 0..chunks - 1))
             } else {
-                SideRows::Combine(self.combine_params(true, g * chunks..(g + 1) * chunks))
+                SideRows::Combine(self.combine_params(true, 0..chunks))
             },
-            next: next(1 + g),
+            next: self.s.side_next + 4,
         };
         let rest = if alone { chunks - 1..chunks } else { 0..chunks };
         // SAFETY: as in forward; the side warps' rows are the dispatch's,
         // the combine's and the reduce's, whose launches read the same.
-        // Timed phases (one group): the dispatch inside FC1, the combine
-        // or the sums inside FC2.
+        // Timed phases: the dispatch inside FC1, the combine or the sums
+        // inside FC2.
         unsafe {
             self.mark(3, stream)?;
-            for g in 0..groups {
-                let fc1 = GemmLaunch::hooked(grid).of_group(g);
-                self.fc1(
-                    stream,
-                    a,
-                    false,
-                    if g == 0 { fc1.with(dispatch) } else { fc1 },
-                )?;
-                self.mark(4, stream)?;
-                let fc2 = GemmLaunch::hooked(grid).of_group(g).with(fc2_side(g));
-                self.fc2(stream, a, fc2)?;
-            }
+            self.fc1(stream, a, false, GemmLaunch::hooked(grid).with(dispatch))?;
+            self.mark(4, stream)?;
+            self.fc2(stream, a, GemmLaunch::hooked(grid).with(fc2_side))?;
             self.mark(5, stream)?;
             self.mark(6, stream)?;
             self.reduce(stream, a, grid, false, rest)?;
@@ -1649,11 +1635,10 @@ impl Scratch {
         let state = alloc(STATE_BYTES, "allocate state")?;
         let (chunks, groups) = (plan.pieces(), plan.groups);
         // u64 piece counters first, then u32 counts and the side warps'
-        // work counters (the dispatch's, each group's FC2's), then each
-        // expert group's tile runs (zeroed with the counters: a call the
-        // layout refuses runs no tile).
+        // two work counters, then each expert group's tile runs (zeroed
+        // with the counters: a call the layout refuses runs no tile).
         let side_at = 8 * chunks + 4 * (2 * e + chunks * w);
-        let group_at = side_at + (4 * (1 + groups)).next_multiple_of(8);
+        let group_at = side_at + 8;
         let counters_words = group_at / 4 + groups * std::mem::size_of::<GroupTiles>() / 4;
         let counters = alloc(4 * counters_words, "allocate counters")?;
         let slots = plan.send_capacity();

@@ -10,6 +10,7 @@
 #   bash scripts/device-checks.sh sidechunks # ... its phases, qwen2-moe's chunks given, ~4 min
 #   bash scripts/device-checks.sh raise   # FC2's raise hook on bulk stores: qwen2-moe alone, then the layer tests, ~5 min
 #   bash scripts/device-checks.sh ranks   # ranks moving their rows in the GEMMs' side warps: tests over nvlink and staged, blocks given, the mutations, ~8 min
+#   bash scripts/device-checks.sh next    # what the thirteenth session left unrun: inside, mutation C, issue 13's rows alone, issue 16's sm equal point (one call)
 #   bash scripts/device-checks.sh inside  # ranks on the side warps where no link is overlapped (tests, a mutation), ~2 min
 #   bash scripts/device-checks.sh oneshot # the most of ranks and sidebench in one call (570 s)
 #   bash scripts/device-checks.sh sidebench # ... their figures: W=2 over nvlink and UCX shared memory, side warps and blocks in turns, ~8 min
@@ -48,7 +49,7 @@
 # (the device machine returns it) or /tmp/comet-device-checks. The figures
 # go to docs/PERF.md by hand, with the date, device and commit.
 set -o pipefail
-part=${1:?usage: device-checks.sh first|short|side|sidechunks|raise|ranks|inside|oneshot|sidebench|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
+part=${1:?usage: device-checks.sh first|next|short|side|sidechunks|raise|ranks|inside|oneshot|sidebench|h200|groups|groupbench|second|sanitize|mps|tests|ucx|bench|ucxbench|wire|nccl|multi|sharing|queues|flake|qwen|py|profile}
 O=${OUT:-/tmp/comet-device-checks}
 mkdir -p "$O"
 R=.bundle/run.sh
@@ -171,6 +172,27 @@ oneshot)
   skip "alone qwen2-moe" bash -c "set -o pipefail; timeout 80 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 20 --preset qwen2-moe 2>&1 | tee $O/one_alone_qwen.md | grep -E '^[|] [a-z]'"
   for t in a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed one_rank_moves_its_rows_inside_the_gemms; do
     gl $t 100
+  done
+  ;;
+next)
+  # What the last session (2026-12-07, thirteenth) left unrun, in one call
+  # (steps past NEXT_S seconds, default 560, are skipped): ranks on the
+  # side warps where no link is overlapped (the plan's rule of 640208c),
+  # the side combine broken (gpu_layer_mutC: must fail), issue 13's rows
+  # alone (qwen2-moe first; on an H200 these are its targets' card), then
+  # issue 16's shared-memory equal point (mixtral, 4 groups) twice.
+  skip() { [ $SECONDS -lt ${NEXT_S:-560} ] || { echo "=== skipped (time): $1"; return 0; }; step "$@"; }
+  for t in ranks_move_their_rows_inside_the_gemms a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed; do
+    skip "$t" bash -c "set -o pipefail; timeout 120 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/next_$t.log | grep -E 'test result|panicked' -A1 | head -3"
+  done
+  [ -x .bundle/gpu_layer_mutC ] && skip "mutation C (must fail)" bash -c "timeout 60 $R gpu_layer_mutC ranks_move_their_rows_inside_the_gemms --ignored --exact 2>&1 | tee $O/next_mutC.log | grep -E 'test result|panicked' -A2 | head -4"
+  for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
+    skip "alone $p" bash -c "set -o pipefail; timeout 100 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset $p --phases 2>&1 | tee $O/next_alone_$p.md | grep -E '^[|] [a-z]|^phases'"
+  done
+  for round in 1 2; do
+    for g in 4 1; do
+      skip "ucx sm mixtral groups $g round $round" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 100 $R comet bench --gpu --preset mixtral-8x7b --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --link-gbps 6 --wire rows --groups $g 2>&1 | tee $O/next_sm_mixtral_g${g}_r$round.md | grep -E '^[|] [a-z]|overlapped:|bound'"
+    done
   done
   ;;
 sidebench)

@@ -54,7 +54,7 @@ use comet_kernels::{
     Epilogue, GemmArgs, GemmRuntime, GemmVariant, HookArgs, Hooks, KernelError, TileDesc,
 };
 use comet_transport::gpu::DeviceTransport;
-use comet_transport::{BufferId, Initiation};
+use comet_transport::{BufferId, Initiation, TransportError};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use std::ops::Range;
@@ -360,12 +360,14 @@ impl Symmetric {
         map: &SignalMap,
     ) -> Result<Symmetric, SchedError> {
         let (w, h, e) = (plan.cfg.ranks, plan.cfg.hidden, plan.cfg.experts);
+        let sized = |e| plans_differ(t.rank(), plan, e);
         let (counts, recv, comb) = (
-            t.alloc_buffer(2 * w * e * 4)?,
-            t.alloc_buffer(plan.recv_capacity * h * 2)?,
-            t.alloc_buffer(plan.send_capacity() * h * 2)?,
+            t.alloc_buffer(2 * w * e * 4).map_err(sized)?,
+            t.alloc_buffer(plan.recv_capacity * h * 2).map_err(sized)?,
+            t.alloc_buffer(plan.send_capacity() * h * 2)
+                .map_err(sized)?,
         );
-        t.alloc_signals(map.wire_len())?;
+        t.alloc_signals(map.wire_len()).map_err(sized)?;
         Ok(Symmetric {
             counts,
             recv,
@@ -477,6 +479,30 @@ fn dev(rank: usize, what: &str, e: impl std::fmt::Display) -> SchedError {
     SchedError::Device {
         rank,
         message: format!("{what}: {e}"),
+    }
+}
+
+/// A collective allocation whose sizes differ between ranks means their
+/// plans differ (each derives its own from its GPU: SMs, reserved SMs,
+/// options); say so with this rank's plan, not only the byte counts.
+fn plans_differ(rank: usize, plan: &DevicePlan, e: TransportError) -> SchedError {
+    match e {
+        TransportError::Mismatch { detail, what, .. } => {
+            let mine: Vec<String> = plan
+                .protocol()
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            SchedError::Input {
+                rank,
+                message: format!(
+                    "the ranks derived different device plans ({what}: {detail}); this rank's is \
+                     {}: every rank needs the same GPU model, reserved SMs and layer options",
+                    mine.join(", ")
+                ),
+            }
+        }
+        e => e.into(),
     }
 }
 
@@ -1784,6 +1810,49 @@ mod tests {
         assert!((b - (0.018 + 0.296 + 9.563 + 5.341)).abs() < 1e-4, "{b}");
         assert!(b < t.iter().sum::<f32>());
         assert_eq!(overlap_bound_ms(&t[..6]), None);
+    }
+
+    #[test]
+    fn a_size_mismatch_names_the_plans_and_other_errors_pass() {
+        let cfg = comet_core::Preset::Mixtral8x7b.config(2).unwrap();
+        let tiles = KernelTiles {
+            bm: 128,
+            fc1_cols: 128,
+            fc2_cols: 256,
+            fc1_group: 8,
+            fc2_group: 8,
+            side_warps: true,
+        };
+        let plan = DevicePlan::new(
+            &cfg,
+            256,
+            None,
+            132,
+            1,
+            tiles,
+            &DeviceFigures::h200_nvlink(),
+        )
+        .unwrap();
+        let e = TransportError::Mismatch {
+            rank: 1,
+            what: "alloc_buffer",
+            detail: "10 bytes here but 20 on rank 0".into(),
+        };
+        let msg = plans_differ(1, &plan, e).to_string();
+        for want in [
+            "rank 1",
+            "different device plans",
+            "20 on rank 0",
+            "chunks",
+            "recv_capacity",
+        ] {
+            assert!(msg.contains(want), "{want} missing from {msg}");
+        }
+        let other = TransportError::Bootstrap("gone".into());
+        assert!(matches!(
+            plans_differ(1, &plan, other),
+            SchedError::Transport(TransportError::Bootstrap(_))
+        ));
     }
 
     #[test]

@@ -180,7 +180,7 @@ next)
   # side warps where no link is overlapped (the plan's rule of 640208c),
   # the side combine broken (gpu_layer_mutC: must fail), issue 13's rows
   # alone (qwen2-moe first; on an H200 these are its targets' card), then
-  # issue 16's shared-memory equal point (mixtral, 4 groups) twice.
+  # issue 16's shared-memory equal point twice.
   skip() { [ $SECONDS -lt ${NEXT_S:-560} ] || { echo "=== skipped (time): $1"; return 0; }; step "$@"; }
   for t in ranks_move_their_rows_inside_the_gemms a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed; do
     skip "$t" bash -c "set -o pipefail; timeout 120 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/next_$t.log | grep -E 'test result|panicked' -A1 | head -3"
@@ -189,9 +189,12 @@ next)
   for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
     skip "alone $p" bash -c "set -o pipefail; timeout 100 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset $p --phases 2>&1 | tee $O/next_alone_$p.md | grep -E '^[|] [a-z]|^phases'"
   done
+  # The equal point over shared memory: qwen2-moe token-once at F 2816
+  # (F 4096 read comm/GEMM 0.70 on 2026-12-06), mixtral rows in 4 groups.
   for round in 1 2; do
-    for g in 4 1; do
-      skip "ucx sm mixtral groups $g round $round" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 100 $R comet bench --gpu --preset mixtral-8x7b --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --link-gbps 6 --wire rows --groups $g 2>&1 | tee $O/next_sm_mixtral_g${g}_r$round.md | grep -E '^[|] [a-z]|overlapped:|bound'"
+    for spec in "qwen2-moe --ffn 2816|--wire tokens" "mixtral-8x7b|--wire rows --groups 4"; do
+      p=${spec%%|*}; f=${spec#*|}; n=$(echo "$p $f" | tr -c 'a-z0-9.\n' _)
+      skip "ucx sm $p $f round $round" bash -c "set -o pipefail; UCX_TLS=sm,self timeout 100 $R comet bench --gpu --preset $p --tokens 4096 --iters 5 --ranks 2 --phases --transport ucx --link-gbps 6 $f 2>&1 | tee $O/next_sm_${n}_r$round.md | grep -E '^[|] [a-z]|overlapped:|bound'"
     done
   done
   ;;

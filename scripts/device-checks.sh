@@ -186,6 +186,11 @@ next)
     skip "$t" bash -c "set -o pipefail; timeout 120 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/next_$t.log | grep -E 'test result|panicked' -A1 | head -3"
   done
   [ -x .bundle/gpu_layer_mutC ] && skip "mutation C (must fail)" bash -c "timeout 60 $R gpu_layer_mutC ranks_move_their_rows_inside_the_gemms --ignored --exact 2>&1 | tee $O/next_mutC.log | grep -E 'test result|panicked' -A2 | head -4"
+  # NCCL's communicators non-blocking, every call settled within a bound:
+  # a world of one, and a rank that never joins (must fail in ~3 s).
+  for t in world_of_one_on_one_gpu a_rank_that_never_joins_fails_the_set_up; do
+    skip "nccl $t" bash -c "set -o pipefail; timeout 60 $R nccl_gpu --ignored --exact $t 2>&1 | tee $O/next_nccl_$t.log | grep -E 'test result|panicked' -A2 | head -4"
+  done
   for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
     skip "alone $p" bash -c "set -o pipefail; timeout 100 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset $p --phases 2>&1 | tee $O/next_alone_$p.md | grep -E '^[|] [a-z]|^phases'"
   done

@@ -4,7 +4,7 @@
 //! transports), the GPU test binaries of comet-kernels, comet-sched
 //! (`gpu_layer`, `gpu_signals`, `gpu_nccl_layer`, and `gpu_staged_ucx`
 //! with the UCX libraries it links, which GPU machines lack, in lib/) and
-//! comet-transport (`nvlink_gpu`), the torch
+//! comet-transport (`nvlink_gpu`, `nccl_gpu`), the torch
 //! baseline scripts and an env/run script, in .bundle/ (< 64 MiB).
 
 use std::path::{Path, PathBuf};
@@ -98,6 +98,7 @@ export COMET_CACHE_DIR="${COMET_CACHE_DIR:-/tmp/comet-cache}"
 #        .bundle/run.sh gpu_staged_ucx --ignored --test-threads=1
 #        .bundle/run.sh gpu_nccl_layer --ignored --test-threads=1   (2+ GPUs)
 #        .bundle/run.sh nvlink_gpu --ignored --test-threads=1   (host-driven put and signal)
+#        .bundle/run.sh nccl_gpu --ignored --test-threads=1   (a world of one; 2+ GPUs for the rest)
 #        .bundle/run.sh gpu_signals --ignored --test-threads=1
 exe="$1"; shift
 exec "$HERE/$exe" "$@"
@@ -112,7 +113,7 @@ struct GpuTest {
     name: &'static str,
 }
 
-const GPU_TESTS: [GpuTest; 6] = [
+const GPU_TESTS: [GpuTest; 7] = [
     GpuTest {
         package: "comet-kernels",
         features: "",
@@ -148,6 +149,12 @@ const GPU_TESTS: [GpuTest; 6] = [
         features: "nvlink",
         test: "nvlink_gpu",
         name: "nvlink_gpu",
+    },
+    GpuTest {
+        package: "comet-transport",
+        features: "nccl",
+        test: "nccl_gpu",
+        name: "nccl_gpu",
     },
 ];
 

@@ -213,7 +213,7 @@ impl LaneSet {
     ) -> Result<(), SchedError> {
         let me = self.rank;
         let name = format!("lane {} -> {}", l.lane.from, l.lane.to);
-        let nccl = |e| lane_err(me, &name, "connect", e);
+        let nccl = |e: ffi::CommError| lane_err(me, &name, "connect", e);
         // SAFETY: both words lie in `scratch`, which lives until the wait
         // below has seen the op complete (or the lane was aborted).
         unsafe {
@@ -261,16 +261,16 @@ fn nccl_transport_err(
     rank: usize,
     lane: &str,
     what: &str,
-    e: cudarc::nccl::result::NcclError,
+    e: impl Into<ffi::CommError>,
 ) -> TransportError {
     TransportError::Backend {
         backend: "nccl",
         rank,
-        message: format!("{lane}: {what}: {}", ffi::describe(&e)),
+        message: format!("{lane}: {what}: {}", e.into()),
     }
 }
 
-fn lane_err(rank: usize, lane: &str, what: &str, e: cudarc::nccl::result::NcclError) -> SchedError {
+fn lane_err(rank: usize, lane: &str, what: &str, e: impl Into<ffi::CommError>) -> SchedError {
     SchedError::Transport(nccl_transport_err(rank, lane, what, e))
 }
 

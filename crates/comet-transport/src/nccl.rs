@@ -84,11 +84,11 @@ pub struct NcclTransport {
     inner: Mutex<Inner>,
 }
 
-fn nccl_err(rank: usize, what: &str, e: cudarc::nccl::result::NcclError) -> TransportError {
+fn nccl_err(rank: usize, what: &str, e: impl Into<ffi::CommError>) -> TransportError {
     TransportError::Backend {
         backend: BACKEND,
         rank,
-        message: format!("{what}: {}", ffi::describe(&e)),
+        message: format!("{what}: {}", e.into()),
     }
 }
 
@@ -149,7 +149,7 @@ impl NcclTransport {
                 ),
             })?;
         dev.bind()?;
-        let comm = ffi::RawComm::init(&id, rank, world)
+        let comm = ffi::RawComm::init(&id, rank, world, opts.collective_timeout)
             .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
         tracing::debug!(rank, world, ordinal, "nccl transport up");
         Ok(Self {
@@ -286,7 +286,10 @@ impl NcclTransport {
                 in_group = true;
             }
             if !grouped && in_group {
-                ffi::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+                inner
+                    .comm
+                    .group_end()
+                    .map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
                 in_group = false;
             }
             match *op {
@@ -311,7 +314,10 @@ impl NcclTransport {
             }
         }
         if in_group {
-            ffi::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+            inner
+                .comm
+                .group_end()
+                .map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
         }
         Ok(())
     }

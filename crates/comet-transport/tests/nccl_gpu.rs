@@ -134,6 +134,31 @@ fn world_of_one_on_one_gpu() {
     threads(1);
 }
 
+/// A rank that takes the unique id but never joins: the other's set-up
+/// (inside NCCL, which waits for every rank with no bound of its own) ends
+/// in an error that says so, not a thread blocked for good. One GPU does:
+/// the missing rank never touches a device.
+#[test]
+#[ignore = "needs a GPU"]
+fn a_rank_that_never_joins_fails_the_set_up() {
+    require(1);
+    let mut ex = ThreadExchange::world(2).into_iter();
+    let (joins, leaves) = (ex.next().unwrap(), ex.next().unwrap());
+    let leaver = std::thread::spawn(move || leaves.all_gather(&[], T).map(|_| ()));
+    let opts = NcclOptions {
+        collective_timeout: Duration::from_secs(3),
+    };
+    let got = NcclTransport::new(0, joins as Arc<dyn BlobExchange>, opts);
+    leaver.join().expect("leaver").expect("id exchange");
+    let e = got
+        .err()
+        .expect("set-up with a rank missing must fail")
+        .to_string();
+    for want in ["rank 0", "ncclCommInitRank", "still in progress", "aborted"] {
+        assert!(e.contains(want), "{want:?} missing from: {e}");
+    }
+}
+
 #[test]
 #[ignore = "needs two GPUs"]
 fn one_process_one_thread_per_gpu() {

@@ -2,11 +2,45 @@
 //! its safe `Comm` hides the raw communicator that send/recv of raw device
 //! addresses need).
 
+use crate::signal_core::{poll_bounded, Polled};
 use cudarc::driver::CudaStream;
+use cudarc::nccl::result::NcclStatus;
 use cudarc::nccl::{result, sys};
 use std::ffi::{c_char, c_int, c_uint};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::time::Duration;
 
 pub type NcclResult<T> = Result<T, result::NcclError>;
+
+/// How a call on a communicator failed: NCCL's code, or NCCL's host side of
+/// it still in progress when its bound ran out (communicators are
+/// non-blocking, so a peer that never comes cannot hold a call for good).
+#[derive(Debug)]
+pub enum CommError {
+    Nccl(result::NcclError),
+    Stalled(Duration),
+}
+
+impl From<result::NcclError> for CommError {
+    fn from(e: result::NcclError) -> Self {
+        CommError::Nccl(e)
+    }
+}
+
+impl std::fmt::Display for CommError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommError::Nccl(e) => f.write_str(&describe(e)),
+            CommError::Stalled(waited) => write!(
+                f,
+                "still in progress after {waited:?} (a peer missing, gone, or in another \
+                 call?); communicator aborted"
+            ),
+        }
+    }
+}
+
+pub type CommResult<T> = Result<T, CommError>;
 
 /// The NCCL result code of `e` with NCCL's own words for it (cudarc's
 /// `Debug` of an error says only "NcclError").
@@ -54,15 +88,16 @@ struct ConfigV217 {
 const UNDEF: c_int = c_int::MIN;
 
 impl ConfigV217 {
-    /// Defaults, but blocking (every call returns with its work enqueued),
-    /// at most `max_ctas` CTAs per NCCL kernel, and resources never shared
-    /// with the parent (a lane must not wait behind another).
+    /// Defaults, but non-blocking (a call may return while NCCL's host side
+    /// of it still runs: [`RawComm`] waits for that, bounded), at most
+    /// `max_ctas` CTAs per NCCL kernel, and resources never shared with
+    /// the parent (a lane must not wait behind another).
     fn new(max_ctas: Option<u32>) -> Self {
         ConfigV217 {
             size: std::mem::size_of::<ConfigV217>(),
             magic: 0xcafe_beef,
             version: 21700,
-            blocking: 1,
+            blocking: 0,
             cga_cluster_size: UNDEF,
             min_ctas: UNDEF,
             max_ctas: max_ctas.map_or(UNDEF, |n| n.clamp(1, 64) as c_int),
@@ -89,9 +124,17 @@ pub fn unique_id() -> NcclResult<[u8; 128]> {
 }
 
 /// A communicator, destroyed (or aborted, after an error) on drop.
+///
+/// Non-blocking: NCCL returns from set-up, splits, sends and receives while
+/// its host side of them still runs (joining the peers, connecting a pair).
+/// Each call here waits for that within the communicator's bound before it
+/// returns, so the caller's next stream operation is ordered after the
+/// NCCL kernel it enqueued, and a peer that never comes becomes an error
+/// and an aborted communicator instead of a thread blocked inside NCCL.
 pub struct RawComm {
     comm: sys::ncclComm_t,
-    aborted: bool,
+    aborted: AtomicBool,
+    bound: Duration,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls
@@ -102,21 +145,70 @@ unsafe impl Sync for RawComm {}
 
 impl RawComm {
     /// Collective over the `world` ranks that hold `id`; the calling
-    /// thread's current CUDA context selects the device.
-    pub fn init(id: &[u8; 128], rank: usize, world: usize) -> NcclResult<Self> {
+    /// thread's current CUDA context selects the device. A rank that does
+    /// not join within `bound` makes it an error.
+    pub fn init(id: &[u8; 128], rank: usize, world: usize, bound: Duration) -> CommResult<Self> {
         let mut uid = sys::ncclUniqueId { internal: [0; 128] };
         for (c, &b) in uid.internal.iter_mut().zip(id.iter()) {
             *c = b as _;
         }
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by NCCL on success; world and rank are
-        // checked by the caller to fit an i32.
-        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32)? };
-        // SAFETY: initialised by the successful call above.
-        Ok(Self {
-            comm: unsafe { comm.assume_init() },
-            aborted: false,
-        })
+        let mut cfg = ConfigV217::new(None);
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: NCCL writes `comm` (a handle usable for polling and abort
+        // at once, while its set-up runs behind it) and reads `cfg.size`
+        // bytes of `cfg`; world and rank are checked by the caller to fit
+        // an i32.
+        unsafe {
+            sys::ncclCommInitRankConfig(
+                &mut comm,
+                world as c_int,
+                uid,
+                rank as c_int,
+                (&mut cfg as *mut ConfigV217).cast(),
+            )
+            .result()?
+        };
+        let c = RawComm {
+            comm,
+            aborted: AtomicBool::new(false),
+            bound,
+        };
+        c.settle()?;
+        Ok(c)
+    }
+
+    /// Waits until NCCL's host side of the last call is done, within the
+    /// bound; at the bound the communicator is aborted (NCCL's abort
+    /// stops a set-up or connection in progress).
+    fn settle(&self) -> CommResult<()> {
+        let look = |_| {
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a query on a live communicator into a local.
+            let asked = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) }.result();
+            Ok(match asked.and_then(|_| state.result()) {
+                Ok(NcclStatus::InProgress) => None,
+                Ok(_) => Some(Ok(())),
+                Err(e) => Some(Err(e)),
+            })
+        };
+        // `look` never returns an error of its own: NCCL's is its value.
+        match poll_bounded(self.bound, look, std::thread::sleep) {
+            Ok(Polled::Ready(r)) => r.map_err(CommError::Nccl),
+            Ok(Polled::TimedOut(waited)) => {
+                self.abort();
+                Err(CommError::Stalled(waited))
+            }
+            Err(_) => Err(CommError::Stalled(Duration::ZERO)),
+        }
+    }
+
+    /// What a non-blocking call returned: done, or in progress (settled
+    /// here, bounded).
+    fn settled(&self, status: NcclResult<NcclStatus>) -> CommResult<()> {
+        match status? {
+            NcclStatus::InProgress => self.settle(),
+            _ => Ok(()),
+        }
     }
 
     /// Enqueues a send of `len` bytes at device address `ptr`.
@@ -129,16 +221,15 @@ impl RawComm {
         len: usize,
         peer: usize,
         stream: &CudaStream,
-    ) -> NcclResult<()> {
-        result::send(
+    ) -> CommResult<()> {
+        self.settled(result::send(
             ptr as *const _,
             len,
             sys::ncclDataType_t::ncclUint8,
             peer as i32,
             self.comm,
             stream.cu_stream() as _,
-        )
-        .map(|_| ())
+        ))
     }
 
     /// Enqueues a receive of `len` bytes into device address `ptr`.
@@ -151,58 +242,76 @@ impl RawComm {
         len: usize,
         peer: usize,
         stream: &CudaStream,
-    ) -> NcclResult<()> {
-        result::recv(
+    ) -> CommResult<()> {
+        self.settled(result::recv(
             ptr as *mut _,
             len,
             sys::ncclDataType_t::ncclUint8,
             peer as i32,
             self.comm,
             stream.cu_stream() as _,
-        )
-        .map(|_| ())
+        ))
+    }
+
+    /// Ends a group of sends and receives on this communicator alone; its
+    /// operations are enqueued when this returns.
+    pub fn group_end(&self) -> CommResult<()> {
+        self.settled(result::group_end())
     }
 
     /// Collective over every rank of this communicator (each calls it, in
     /// the same order of splits): the ranks that pass the same `color` form
     /// a new communicator, ordered by `key`; `None` joins none and gets
-    /// `None`. Its NCCL kernels use at most `max_ctas` CTAs, and it shares
-    /// no resources with this one. Needs NCCL 2.18 ([`SPLIT_SINCE`]).
+    /// `None`. Its NCCL kernels use at most `max_ctas` CTAs, it shares no
+    /// resources with this one, and it has this one's bound. Needs NCCL
+    /// 2.18 ([`SPLIT_SINCE`]).
     pub fn split(
         &self,
         color: Option<u32>,
         key: usize,
         max_ctas: Option<u32>,
-    ) -> NcclResult<Option<RawComm>> {
+    ) -> CommResult<Option<RawComm>> {
         // NCCL_SPLIT_NOCOLOR; a colour must be a non-negative int.
         let color = color.map_or(-1, |c| c.min(i32::MAX as u32) as c_int);
         let key = key.min(i32::MAX as usize) as c_int;
         let mut cfg = ConfigV217::new(max_ctas);
-        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // NCCL's set-up thread stores the new handle here when it is done
+        // (it stays null for NCCL_SPLIT_NOCOLOR); leaked if the split never
+        // settles, as that thread might still write it.
+        let slot = Box::new(AtomicPtr::<sys::ncclComm>::new(std::ptr::null_mut()));
         // SAFETY: `self.comm` is live and not used concurrently (callers
         // hold the transport's lock); NCCL reads `cfg.size` bytes of `cfg`
-        // (a prefix of ncclConfig_t, see ConfigV217) and writes `comm`,
-        // null for NCCL_SPLIT_NOCOLOR.
-        unsafe {
+        // (a prefix of ncclConfig_t, see ConfigV217) and writes the slot,
+        // which lives until the split settled (or is leaked).
+        let status = unsafe {
             sys::ncclCommSplit(
                 self.comm,
                 color,
                 key,
-                &mut comm,
+                slot.as_ptr(),
                 (&mut cfg as *mut ConfigV217).cast(),
             )
-            .result()?
+            .result()
         };
-        Ok((!comm.is_null()).then_some(RawComm {
+        // A split's progress is the parent's to report.
+        if let Err(e) = self.settled(status) {
+            if matches!(e, CommError::Stalled(_)) {
+                Box::leak(slot);
+            }
+            return Err(e);
+        }
+        let comm = slot.load(Ordering::Acquire);
+        Ok((!comm.is_null()).then(|| RawComm {
             comm,
-            aborted: false,
+            aborted: AtomicBool::new(false),
+            bound: self.bound,
         }))
     }
 
     /// The error NCCL recorded for this communicator while it ran its
     /// operations (a peer that failed or left, a network error), if any.
     pub fn async_error(&self) -> NcclResult<()> {
-        if self.aborted {
+        if self.aborted.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mut found = sys::ncclResult_t::ncclSuccess;
@@ -213,9 +322,8 @@ impl RawComm {
 
     /// Abandons in-flight operations (a peer died or a wait timed out), so
     /// the stream can drain; the communicator is unusable afterwards.
-    pub fn abort(&mut self) {
-        if !self.aborted {
-            self.aborted = true;
+    pub fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::Relaxed) {
             // SAFETY: the communicator is live and not used concurrently.
             let _ = unsafe { result::comm_abort(self.comm) };
         }
@@ -224,8 +332,9 @@ impl RawComm {
 
 impl Drop for RawComm {
     fn drop(&mut self) {
-        if !self.aborted {
-            // SAFETY: the communicator is live; its streams were drained by
+        if !self.aborted.load(Ordering::Relaxed) {
+            // SAFETY: the communicator is live and settled (every call
+            // above waits for its host side); its streams were drained by
             // the transport before dropping.
             let _ = unsafe { result::comm_destroy(self.comm) };
         }
@@ -234,8 +343,4 @@ impl Drop for RawComm {
 
 pub fn group_start() -> NcclResult<()> {
     result::group_start().map(|_| ())
-}
-
-pub fn group_end() -> NcclResult<()> {
-    result::group_end().map(|_| ())
 }

@@ -355,9 +355,14 @@ wire)
   ;;
 nccl)
   # One GPU per rank (a machine of 2 or more): the layer over NCCL against
-  # the reference (it says "skipped" on fewer GPUs), then qwen2-moe timed.
+  # the reference (it says "skipped" on fewer GPUs), the transport's own
+  # tests, then qwen2-moe timed on non-blocking communicators (every call
+  # settled, bounded) and on blocking ones (NCCL_COMM_BLOCKING=1, NCCL's
+  # own override): what the bound costs per piece.
   step gpu_nccl_layer tests gpu_nccl_layer 420
+  step nccl_gpu tests nccl_gpu 300
   step bench-nccl bash -c "timeout 170 $R comet launch -n 2 -- .bundle/comet bench $B --transport nccl 2>&1 | tee $O/bench_nccl.md | grep -E '^[|]|^phases'"
+  step bench-nccl-blocking bash -c "NCCL_COMM_BLOCKING=1 timeout 170 $R comet launch -n 2 -- .bundle/comet bench $B --transport nccl 2>&1 | tee $O/bench_nccl_blocking.md | grep -E '^[|]|^phases'"
   ;;
 multi)
   # A multi-GPU kind: the ranks of one process each on a GPU of its own

@@ -159,7 +159,7 @@ impl LaneSet {
         };
         for split in lanes::lane_splits(w) {
             let mine = split.colour_of(me);
-            let comm = t.split(mine.map(|(c, _)| c), me, Some(LANE_CTAS))?;
+            let comm = t.split(mine.map(|(c, _)| c), me, Some(LANE_CTAS), timeout)?;
             let (Some((_, lane)), Some(comm)) = (mine, comm) else {
                 continue;
             };

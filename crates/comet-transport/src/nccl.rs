@@ -279,18 +279,37 @@ impl NcclTransport {
             });
         }
         let mut in_group = false;
-        for (op, &(a, b)) in ops.iter().zip(&addrs) {
+        let enqueued = self.enqueue_resolved(inner, ops, &addrs, &mut in_group);
+        if enqueued.is_err() && in_group {
+            // Leave no group open on this thread: NCCL would defer every
+            // later call of it (the communicator is aborted already).
+            ffi::group_abandon();
+        }
+        enqueued
+    }
+
+    /// `ops` at their resolved addresses, sends and receives in groups
+    /// (`in_group` says whether one is open, for the caller's cleanup).
+    fn enqueue_resolved(
+        &self,
+        inner: &mut Inner,
+        ops: &[LocalOp],
+        addrs: &[(u64, u64)],
+        in_group: &mut bool,
+    ) -> Result<(), TransportError> {
+        for (op, &(a, b)) in ops.iter().zip(addrs) {
             let grouped = matches!(op, LocalOp::Send { .. } | LocalOp::Recv { .. });
-            if grouped && !in_group {
+            if grouped && !*in_group {
                 ffi::group_start().map_err(|e| nccl_err(self.rank, "ncclGroupStart", e))?;
-                in_group = true;
+                *in_group = true;
             }
-            if !grouped && in_group {
+            if !grouped && *in_group {
+                // Closed by ncclGroupEnd whatever it returns.
+                *in_group = false;
                 inner
                     .comm
                     .group_end()
                     .map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
-                in_group = false;
             }
             match *op {
                 // SAFETY (all arms): addresses were resolved against live
@@ -313,7 +332,8 @@ impl NcclTransport {
                 }
             }
         }
-        if in_group {
+        if *in_group {
+            *in_group = false;
             inner
                 .comm
                 .group_end()
@@ -324,14 +344,16 @@ impl NcclTransport {
 
     /// Collective over the world: the ranks that pass the same `color`
     /// get a new communicator of their own, ordered by `key` (`None`
-    /// joins none), whose NCCL kernels use at most `max_ctas` CTAs. Every
-    /// rank makes the same splits in the same order; a proxy builds its
-    /// lanes this way (one communicator per ordered pair of ranks).
+    /// joins none), whose NCCL kernels use at most `max_ctas` CTAs and
+    /// whose calls are bounded by `bound`. Every rank makes the same splits
+    /// in the same order; a proxy builds its lanes this way (one
+    /// communicator per ordered pair of ranks).
     pub fn split(
         &self,
         color: Option<u32>,
         key: usize,
         max_ctas: Option<u32>,
+        bound: Duration,
     ) -> Result<Option<ffi::RawComm>, TransportError> {
         let have = ffi::version().map_err(|e| nccl_err(self.rank, "ncclGetVersion", e))?;
         if have < ffi::SPLIT_SINCE {
@@ -347,7 +369,7 @@ impl NcclTransport {
         self.dev.bind()?;
         self.inner()
             .comm
-            .split(color, key, max_ctas)
+            .split(color, key, max_ctas, bound)
             .map_err(|e| nccl_err(self.rank, "ncclCommSplit", e))
     }
 

@@ -19,6 +19,8 @@ pub type NcclResult<T> = Result<T, result::NcclError>;
 pub enum CommError {
     Nccl(result::NcclError),
     Stalled(Duration),
+    /// An earlier call failed and aborted the communicator.
+    Aborted,
 }
 
 impl From<result::NcclError> for CommError {
@@ -36,6 +38,9 @@ impl std::fmt::Display for CommError {
                 "still in progress after {waited:?} (a peer missing, gone, or in another \
                  call?); communicator aborted"
             ),
+            CommError::Aborted => {
+                f.write_str("the communicator was aborted after an earlier failure")
+            }
         }
     }
 }
@@ -68,7 +73,7 @@ pub fn version() -> NcclResult<u32> {
 pub const SPLIT_SINCE: u32 = 21800;
 
 /// The part of `ncclConfig_t` that NCCL 2.17 defined, which is all a
-/// split asks for; NCCL reads `size` bytes of it and takes its defaults
+/// communicator here asks for; NCCL reads `size` bytes of it and takes its defaults
 /// (`NCCL_CONFIG_INITIALIZER`) for every later field, whatever version of
 /// the library is loaded.
 #[repr(C)]
@@ -82,6 +87,9 @@ struct ConfigV217 {
     max_ctas: c_int,
     net_name: *const c_char,
     split_share: c_int,
+    /// The struct's tail padding, named so it is not left uninitialised:
+    /// NCCL 2.26 reads a traffic class here whatever `version` says.
+    traffic_class: c_int,
 }
 
 /// NCCL's `NCCL_CONFIG_UNDEF_INT`: "NCCL chooses".
@@ -103,6 +111,7 @@ impl ConfigV217 {
             max_ctas: max_ctas.map_or(UNDEF, |n| n.clamp(1, 64) as c_int),
             net_name: std::ptr::null(),
             split_share: 0,
+            traffic_class: UNDEF,
         }
     }
 }
@@ -131,6 +140,7 @@ pub fn unique_id() -> NcclResult<[u8; 128]> {
 /// returns, so the caller's next stream operation is ordered after the
 /// NCCL kernel it enqueued, and a peer that never comes becomes an error
 /// and an aborted communicator instead of a thread blocked inside NCCL.
+/// Any failure aborts it; every later call is then an error.
 pub struct RawComm {
     comm: sys::ncclComm_t,
     aborted: AtomicBool,
@@ -138,12 +148,20 @@ pub struct RawComm {
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls
-// on it are not concurrent; the transport serialises them behind a mutex.
+// on it are not concurrent; `&mut`/`&` access from one thread at a time is
+// what the owner (the transport's mutex, or a lane's one proxy thread)
+// gives. Not `Sync`: two threads must not call into it at once.
 unsafe impl Send for RawComm {}
-// SAFETY: see Send; shared references only reach it through that mutex.
-unsafe impl Sync for RawComm {}
 
 impl RawComm {
+    fn wrap(comm: sys::ncclComm_t, bound: Duration) -> RawComm {
+        RawComm {
+            comm,
+            aborted: AtomicBool::new(false),
+            bound,
+        }
+    }
+
     /// Collective over the `world` ranks that hold `id`; the calling
     /// thread's current CUDA context selects the device. A rank that does
     /// not join within `bound` makes it an error.
@@ -158,7 +176,7 @@ impl RawComm {
         // at once, while its set-up runs behind it) and reads `cfg.size`
         // bytes of `cfg`; world and rank are checked by the caller to fit
         // an i32.
-        unsafe {
+        let status = unsafe {
             sys::ncclCommInitRankConfig(
                 &mut comm,
                 world as c_int,
@@ -166,21 +184,33 @@ impl RawComm {
                 rank as c_int,
                 (&mut cfg as *mut ConfigV217).cast(),
             )
-            .result()?
+            .result()
         };
-        let c = RawComm {
-            comm,
-            aborted: AtomicBool::new(false),
-            bound,
-        };
-        c.settle()?;
+        if comm.is_null() {
+            return Err(status
+                .err()
+                .unwrap_or(result::NcclError(sys::ncclResult_t::ncclInternalError))
+                .into());
+        }
+        let c = RawComm::wrap(comm, bound);
+        c.settled(status)?;
         Ok(c)
     }
 
+    fn live(&self) -> CommResult<()> {
+        if self.aborted.load(Ordering::Relaxed) {
+            Err(CommError::Aborted)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Waits until NCCL's host side of the last call is done, within the
-    /// bound; at the bound the communicator is aborted (NCCL's abort
-    /// stops a set-up or connection in progress).
+    /// bound. A failure, or the bound, aborts the communicator (NCCL's
+    /// abort stops a set-up or connection in progress; a destroy would
+    /// not).
     fn settle(&self) -> CommResult<()> {
+        self.live()?;
         let look = |_| {
             let mut state = sys::ncclResult_t::ncclSuccess;
             // SAFETY: a query on a live communicator into a local.
@@ -188,26 +218,30 @@ impl RawComm {
             Ok(match asked.and_then(|_| state.result()) {
                 Ok(NcclStatus::InProgress) => None,
                 Ok(_) => Some(Ok(())),
-                Err(e) => Some(Err(e)),
+                Err(e) => Some(Err(CommError::Nccl(e))),
             })
         };
-        // `look` never returns an error of its own: NCCL's is its value.
-        match poll_bounded(self.bound, look, std::thread::sleep) {
-            Ok(Polled::Ready(r)) => r.map_err(CommError::Nccl),
-            Ok(Polled::TimedOut(waited)) => {
-                self.abort();
-                Err(CommError::Stalled(waited))
-            }
-            Err(_) => Err(CommError::Stalled(Duration::ZERO)),
+        let outcome = match poll_bounded(self.bound, look, std::thread::sleep) {
+            Ok(Polled::Ready(r)) => r,
+            Ok(Polled::TimedOut(waited)) => Err(CommError::Stalled(waited)),
+            // `look` never fails: NCCL's error is its value.
+            Err(_) => Err(CommError::Aborted),
+        };
+        if outcome.is_err() {
+            self.abort();
         }
+        outcome
     }
 
-    /// What a non-blocking call returned: done, or in progress (settled
-    /// here, bounded).
+    /// What a non-blocking call returned: settled here, bounded, whatever
+    /// it returned (a split returns success while it still runs).
     fn settled(&self, status: NcclResult<NcclStatus>) -> CommResult<()> {
-        match status? {
-            NcclStatus::InProgress => self.settle(),
-            _ => Ok(()),
+        match status {
+            Ok(_) => self.settle(),
+            Err(e) => {
+                self.abort();
+                Err(e.into())
+            }
         }
     }
 
@@ -222,6 +256,7 @@ impl RawComm {
         peer: usize,
         stream: &CudaStream,
     ) -> CommResult<()> {
+        self.live()?;
         self.settled(result::send(
             ptr as *const _,
             len,
@@ -243,6 +278,7 @@ impl RawComm {
         peer: usize,
         stream: &CudaStream,
     ) -> CommResult<()> {
+        self.live()?;
         self.settled(result::recv(
             ptr as *mut _,
             len,
@@ -263,14 +299,16 @@ impl RawComm {
     /// the same order of splits): the ranks that pass the same `color` form
     /// a new communicator, ordered by `key`; `None` joins none and gets
     /// `None`. Its NCCL kernels use at most `max_ctas` CTAs, it shares no
-    /// resources with this one, and it has this one's bound. Needs NCCL
-    /// 2.18 ([`SPLIT_SINCE`]).
+    /// resources with this one, and its calls are bounded by `bound`.
+    /// Needs NCCL 2.18 ([`SPLIT_SINCE`]).
     pub fn split(
         &self,
         color: Option<u32>,
         key: usize,
         max_ctas: Option<u32>,
+        bound: Duration,
     ) -> CommResult<Option<RawComm>> {
+        self.live()?;
         // NCCL_SPLIT_NOCOLOR; a colour must be a non-negative int.
         let color = color.map_or(-1, |c| c.min(i32::MAX as u32) as c_int);
         let key = key.min(i32::MAX as usize) as c_int;
@@ -294,30 +332,31 @@ impl RawComm {
             .result()
         };
         // A split's progress is the parent's to report.
-        if let Err(e) = self.settled(status) {
-            if matches!(e, CommError::Stalled(_)) {
-                Box::leak(slot);
+        let done = self.settled(status);
+        if let Err(CommError::Stalled(waited)) = done {
+            Box::leak(slot);
+            return Err(CommError::Stalled(waited));
+        }
+        let comm = slot.load(Ordering::Acquire);
+        let child = (!comm.is_null()).then(|| RawComm::wrap(comm, bound));
+        if let Err(e) = done {
+            // A failed split may still hand out its half-made child.
+            if let Some(c) = &child {
+                c.abort();
             }
             return Err(e);
         }
-        let comm = slot.load(Ordering::Acquire);
-        Ok((!comm.is_null()).then(|| RawComm {
-            comm,
-            aborted: AtomicBool::new(false),
-            bound: self.bound,
-        }))
+        Ok(child)
     }
 
     /// The error NCCL recorded for this communicator while it ran its
     /// operations (a peer that failed or left, a network error), if any.
-    pub fn async_error(&self) -> NcclResult<()> {
-        if self.aborted.load(Ordering::Relaxed) {
-            return Ok(());
-        }
+    pub fn async_error(&self) -> CommResult<()> {
+        self.live()?;
         let mut found = sys::ncclResult_t::ncclSuccess;
         // SAFETY: a query on a live communicator into a local.
         unsafe { sys::ncclCommGetAsyncError(self.comm, &mut found).result()? };
-        found.result().map(|_| ())
+        found.result().map(|_| ()).map_err(CommError::Nccl)
     }
 
     /// Abandons in-flight operations (a peer died or a wait timed out), so
@@ -334,8 +373,8 @@ impl Drop for RawComm {
     fn drop(&mut self) {
         if !self.aborted.load(Ordering::Relaxed) {
             // SAFETY: the communicator is live and settled (every call
-            // above waits for its host side); its streams were drained by
-            // the transport before dropping.
+            // above waits for its host side, and aborts it on any failure);
+            // its streams were drained by the transport before dropping.
             let _ = unsafe { result::comm_destroy(self.comm) };
         }
     }
@@ -343,4 +382,9 @@ impl Drop for RawComm {
 
 pub fn group_start() -> NcclResult<()> {
     result::group_start().map(|_| ())
+}
+
+/// Closes a group that failed half-way, whatever NCCL makes of it.
+pub fn group_abandon() {
+    let _ = result::group_end();
 }

@@ -178,9 +178,10 @@ next)
   # What the last session (2026-12-07, thirteenth) left unrun, in one call
   # (steps past NEXT_S seconds, default 560, are skipped): ranks on the
   # side warps where no link is overlapped (the plan's rule of 640208c),
-  # the side combine broken (gpu_layer_mutC: must fail), issue 13's rows
-  # alone (qwen2-moe first; on an H200 these are its targets' card), then
-  # issue 16's shared-memory equal point twice.
+  # the side combine broken (gpu_layer_mutC: must fail), NCCL's bounded
+  # set-up, issue 13's qwen2-moe row alone (on an H200 its targets' card),
+  # two ranks sharing the GPU on the plan against blocks given, the other
+  # presets alone, then issue 16's shared-memory equal point twice.
   skip() { [ $SECONDS -lt ${NEXT_S:-560} ] || { echo "=== skipped (time): $1"; return 0; }; step "$@"; }
   for t in ranks_move_their_rows_inside_the_gemms a_captured_graph_replays_with_new_routing phases_of_sequential_calls_are_timed; do
     skip "$t" bash -c "set -o pipefail; timeout 120 $R gpu_layer --ignored --exact $t 2>&1 | tee $O/next_$t.log | grep -E 'test result|panicked' -A1 | head -3"
@@ -191,7 +192,15 @@ next)
   for t in world_of_one_on_one_gpu a_rank_that_never_joins_fails_the_set_up; do
     skip "nccl $t" bash -c "set -o pipefail; timeout 60 $R nccl_gpu --ignored --exact $t 2>&1 | tee $O/next_nccl_$t.log | grep -E 'test result|panicked' -A2 | head -4"
   done
-  for p in qwen2-moe mixtral-8x7b phi3.5-moe; do
+  skip "alone qwen2-moe" bash -c "set -o pipefail; timeout 100 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset qwen2-moe --phases 2>&1 | tee $O/next_alone_qwen2-moe.md | grep -E '^[|] [a-z]|^phases'"
+  # Two ranks sharing the GPU: the model's plan (no overlap: side warps)
+  # against 12 blocks given, each preset (is the same-GPU verdict wrong?).
+  for p in mixtral-8x7b phi3.5-moe qwen2-moe; do
+    for f in "" "--comm-sms 12"; do
+      skip "two $p $f" bash -c "set -o pipefail; timeout 90 $R comet bench --gpu --ranks 2 --tokens 8192 --iters 8 --preset $p $f 2>&1 | tee '$O/next_two_$p${f// /_}.md' | grep -E '^[|] [a-z]'"
+    done
+  done
+  for p in mixtral-8x7b phi3.5-moe; do
     skip "alone $p" bash -c "set -o pipefail; timeout 100 $R comet bench --gpu --ranks 1 --tokens 16384 --iters 30 --preset $p --phases 2>&1 | tee $O/next_alone_$p.md | grep -E '^[|] [a-z]|^phases'"
   done
   # The equal point over shared memory: qwen2-moe token-once at F 2816

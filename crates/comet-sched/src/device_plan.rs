@@ -511,19 +511,23 @@ fn chunk_widths(hidden: usize, tile: usize) -> impl DoubleEndedIterator<Item = u
         .filter(move |c| hidden.is_multiple_of(*c))
 }
 
+/// The Hopper GEMMs' tiles, for plans made in tests without a GPU.
+#[cfg(test)]
+pub(crate) const TEST_TILES: KernelTiles = KernelTiles {
+    bm: 128,
+    fc1_cols: 128,
+    fc2_cols: 256,
+    fc1_group: 8,
+    fc2_group: 8,
+    side_warps: true,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use comet_core::Preset;
 
-    const TILES: KernelTiles = KernelTiles {
-        bm: 128,
-        fc1_cols: 128,
-        fc2_cols: 256,
-        fc1_group: 8,
-        fc2_group: 8,
-        side_warps: true,
-    };
+    const TILES: KernelTiles = TEST_TILES;
 
     fn plan(p: Preset, w: usize, per_gpu: usize) -> DevicePlan {
         let cfg = p.config(w).unwrap();

@@ -1815,14 +1815,7 @@ mod tests {
     #[test]
     fn a_size_mismatch_names_the_plans_and_other_errors_pass() {
         let cfg = comet_core::Preset::Mixtral8x7b.config(2).unwrap();
-        let tiles = KernelTiles {
-            bm: 128,
-            fc1_cols: 128,
-            fc2_cols: 256,
-            fc1_group: 8,
-            fc2_group: 8,
-            side_warps: true,
-        };
+        let tiles = crate::device_plan::TEST_TILES;
         let plan = DevicePlan::new(
             &cfg,
             256,

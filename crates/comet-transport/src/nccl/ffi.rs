@@ -388,3 +388,41 @@ pub fn group_start() -> NcclResult<()> {
 pub fn group_abandon() {
     let _ = result::group_end();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn the_config_prefix_lies_where_nccl_reads_it() {
+        // ncclConfig_t of nccl.h (2.17 to 2.28, x86-64): NCCL reads `size`
+        // bytes, so every byte of them must be a field it knows or ours.
+        assert_eq!(size_of::<ConfigV217>(), 48);
+        assert_eq!(offset_of!(ConfigV217, blocking), 16);
+        assert_eq!(offset_of!(ConfigV217, max_ctas), 28);
+        assert_eq!(offset_of!(ConfigV217, net_name), 32);
+        assert_eq!(offset_of!(ConfigV217, split_share), 40);
+        assert_eq!(offset_of!(ConfigV217, traffic_class), 44);
+    }
+
+    #[test]
+    fn communicators_are_non_blocking_and_lanes_capped() {
+        let c = ConfigV217::new(None);
+        assert_eq!((c.blocking, c.max_ctas, c.traffic_class), (0, UNDEF, UNDEF));
+        assert_eq!(c.size, 48);
+        assert_eq!(ConfigV217::new(Some(2)).max_ctas, 2);
+        assert_eq!(ConfigV217::new(Some(500)).max_ctas, 64);
+        assert_eq!(ConfigV217::new(Some(0)).max_ctas, 1);
+    }
+
+    #[test]
+    fn a_stalled_call_says_what_to_suspect() {
+        let s = CommError::Stalled(Duration::from_secs(3)).to_string();
+        assert!(
+            s.contains("3s") && s.contains("peer") && s.contains("aborted"),
+            "{s}"
+        );
+        assert!(CommError::Aborted.to_string().contains("earlier failure"));
+    }
+}

@@ -214,8 +214,11 @@ impl DevicePlan {
         // Where the model overlaps a link, blocks beside the GEMMs; where
         // it does not, the copies ride in the GEMMs' idle warps (ranks
         // sharing a GPU: no faster than in sequence, 2026-12-07, where
-        // blocks given were faster; behind a proxy: not measured).
-        let side_warps = tiles.side_warps && !overlap;
+        // blocks given were faster), except behind a proxy, whose mirrors
+        // and token-once rows the side warps have never been run or tested
+        // against: a proxied layer the model does not overlap runs in
+        // sequence.
+        let side_warps = tiles.side_warps && !overlap && !(figures.proxy && w > 1);
         let comm_blocks = if side_warps { 0 } else { estimate.comm_blocks };
         let (chunk_cols, chunks) = if overlap {
             let cols = chunk_width(h, tiles.fc2_cols, h / estimate.chunks.max(1));
@@ -684,6 +687,14 @@ mod tests {
         blocks.set_comm_blocks(12);
         assert!(!blocks.side_warps && blocks.comm_blocks == 12, "{blocks:?}");
         assert_eq!(blocks.gemm_grid_overlap, d.share - 12);
+        // Behind a proxy the same verdict runs in sequence: the side warps
+        // never ran against a proxy's mirrors.
+        let proxied = DeviceFigures {
+            proxy: true,
+            ..fast.clone()
+        };
+        let p = DevicePlan::new(&cfg, 8192, None, 132, 2, TILES, &proxied).unwrap();
+        assert!(!p.overlap && !p.side_warps && p.chunks == 1, "{p:?}");
     }
 
     #[test]

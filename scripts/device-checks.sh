@@ -33,10 +33,14 @@
 #   bash scripts/device-checks.sh py      # comet-py's GPU tests and the example
 #   bash scripts/device-checks.sh profile # ncu on qwen2-moe's reduce and dispatch (W=1)
 #   bash scripts/device-checks.sh mps     # UCX ranks in one process, as processes without and with MPS
-# Next session: `inside` (ranks on the side warps where the model
-# overlaps no link: its test has not run on a GPU, nor the side loops'
-# take_item/warp_verdict), then `h200` where an H200 comes (issue 13's
-# last figure), then `sidebench`.
+# Next session: `next` (what the thirteenth and fourteenth sessions left
+# unrun, in one call: ranks_move_their_rows_inside_the_gemms, which since
+# 2026-12-07's fix of the harness's set-up check can pass at all, and
+# mutation C against it; NCCL's bounded set-up; issue 13's rows; two ranks
+# sharing the GPU, the plan against blocks; issue 16's equal point). Build
+# .bundle/gpu_layer_mutC by hand first (side_combine's piece_done wait
+# replaced by `true`: `warp_verdict(true)`). Then `h200` where an H200
+# comes (issue 13's last figure).
 # More than 30 minutes in all: in one session take tests first (nothing
 # else means much if they fail), then py and qwen (issues 15 and 13), then
 # ucx, wire and ucxbench (issue 16); nccl and multi need a 2-GPU kind.

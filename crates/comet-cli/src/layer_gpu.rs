@@ -178,10 +178,18 @@ fn bench_one(
         None => Vec::new(),
     };
     let m = time_modes(&mut world, cfg, a)?;
+    // A fused call's phases are timed where its rows ride in the GEMMs'
+    // side warps (on blocks they overlap, so have no phases of their own;
+    // without either it is the sequential call again).
+    let side_warps = world.ranks().iter().any(|r| r.layer.plan().side_warps);
     let (phases, fused_phases) = if a.phases {
         (
             phases_of(&mut world, ExecMode::Baseline)?,
-            phases_of(&mut world, ExecMode::Fused)?,
+            if side_warps {
+                phases_of(&mut world, ExecMode::Fused)?
+            } else {
+                None
+            },
         )
     } else {
         (None, None)

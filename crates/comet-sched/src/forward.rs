@@ -482,9 +482,9 @@ fn dev(rank: usize, what: &str, e: impl std::fmt::Display) -> SchedError {
     }
 }
 
-/// A collective allocation whose sizes differ between ranks means their
-/// plans differ (each derives its own from its GPU: SMs, reserved SMs,
-/// options); say so with this rank's plan, not only the byte counts.
+/// A collective allocation that differs between ranks most often means
+/// their plans differ (each derives its own from its GPU: SMs, reserved
+/// SMs, options); say so with this rank's plan, not only the byte counts.
 fn plans_differ(rank: usize, plan: &DevicePlan, e: TransportError) -> SchedError {
     match e {
         TransportError::Mismatch { detail, what, .. } => {
@@ -496,8 +496,9 @@ fn plans_differ(rank: usize, plan: &DevicePlan, e: TransportError) -> SchedError
             SchedError::Input {
                 rank,
                 message: format!(
-                    "the ranks derived different device plans ({what}: {detail}); this rank's is \
-                     {}: every rank needs the same GPU model, reserved SMs and layer options",
+                    "the ranks' layer set-up differs ({what}: {detail}), as when they derive \
+                     different device plans; this rank's is {}: every rank needs the same GPU \
+                     model, reserved SMs and layer options",
                     mine.join(", ")
                 ),
             }

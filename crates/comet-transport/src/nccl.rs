@@ -39,6 +39,7 @@ use crate::transport::{
     check_rank, BufferId, Capabilities, Initiation, SignalId, SignalOp, Transport,
 };
 use cudarc::driver::{CudaContext, CudaStream};
+use ffi::Way;
 use plan::{LocalOp, Source, Transfer};
 use std::fmt::Display;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -280,10 +281,14 @@ impl NcclTransport {
         }
         let mut in_group = false;
         let enqueued = self.enqueue_resolved(inner, ops, &addrs, &mut in_group);
-        if enqueued.is_err() && in_group {
-            // Leave no group open on this thread: NCCL would defer every
-            // later call of it (the communicator is aborted already).
-            ffi::group_abandon();
+        if enqueued.is_err() {
+            // Leave no group open on this thread (NCCL would defer every
+            // later call of it, an abort too), then give the communicator
+            // up: part of the step may be queued.
+            if in_group {
+                ffi::group_abandon();
+            }
+            inner.comm.abort();
         }
         enqueued
     }
@@ -319,11 +324,11 @@ impl NcclTransport {
                         .map_err(|e| self.dev.err("local copy", e))?
                 }
                 LocalOp::Send { peer, len, .. } => {
-                    unsafe { inner.comm.send(a, len, peer, &self.dev.stream) }
+                    unsafe { inner.comm.queue(Way::Send, a, len, peer, &self.dev.stream) }
                         .map_err(|e| nccl_err(self.rank, "ncclSend", e))?
                 }
                 LocalOp::Recv { peer, len, .. } => {
-                    unsafe { inner.comm.recv(a, len, peer, &self.dev.stream) }
+                    unsafe { inner.comm.queue(Way::Recv, a, len, peer, &self.dev.stream) }
                         .map_err(|e| nccl_err(self.rank, "ncclRecv", e))?
                 }
                 LocalOp::Signal { op, .. } => {

@@ -132,6 +132,13 @@ pub fn unique_id() -> NcclResult<[u8; 128]> {
     Ok(out)
 }
 
+/// The direction of a point-to-point op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    Send,
+    Recv,
+}
+
 /// A communicator, destroyed (or aborted, after an error) on drop.
 ///
 /// Non-blocking: NCCL returns from set-up, splits, sends and receives while
@@ -245,7 +252,28 @@ impl RawComm {
         }
     }
 
-    /// Enqueues a send of `len` bytes at device address `ptr`.
+    /// One point-to-point op, NCCL's return code as it is (nothing
+    /// settled).
+    ///
+    /// # Safety
+    /// As [`Self::send`].
+    unsafe fn post(
+        &self,
+        way: Way,
+        ptr: u64,
+        len: usize,
+        peer: usize,
+        stream: &CudaStream,
+    ) -> NcclResult<NcclStatus> {
+        let (ty, s) = (sys::ncclDataType_t::ncclUint8, stream.cu_stream() as _);
+        match way {
+            Way::Send => result::send(ptr as *const _, len, ty, peer as i32, self.comm, s),
+            Way::Recv => result::recv(ptr as *mut _, len, ty, peer as i32, self.comm, s),
+        }
+    }
+
+    /// Enqueues a send of `len` bytes at device address `ptr`, outside
+    /// any group: settled before it returns.
     ///
     /// # Safety
     /// `ptr .. ptr + len` must stay valid until the stream has run it.
@@ -257,17 +285,12 @@ impl RawComm {
         stream: &CudaStream,
     ) -> CommResult<()> {
         self.live()?;
-        self.settled(result::send(
-            ptr as *const _,
-            len,
-            sys::ncclDataType_t::ncclUint8,
-            peer as i32,
-            self.comm,
-            stream.cu_stream() as _,
-        ))
+        // SAFETY: the caller's promise, passed on.
+        self.settled(unsafe { self.post(Way::Send, ptr, len, peer, stream) })
     }
 
-    /// Enqueues a receive of `len` bytes into device address `ptr`.
+    /// Enqueues a receive of `len` bytes into device address `ptr`,
+    /// outside any group: settled before it returns.
     ///
     /// # Safety
     /// As [`Self::send`].
@@ -279,14 +302,29 @@ impl RawComm {
         stream: &CudaStream,
     ) -> CommResult<()> {
         self.live()?;
-        self.settled(result::recv(
-            ptr as *mut _,
-            len,
-            sys::ncclDataType_t::ncclUint8,
-            peer as i32,
-            self.comm,
-            stream.cu_stream() as _,
-        ))
+        // SAFETY: the caller's promise, passed on.
+        self.settled(unsafe { self.post(Way::Recv, ptr, len, peer, stream) })
+    }
+
+    /// A send or receive inside an open group: queued only, so neither
+    /// settled nor, on failure, aborted here (an abort inside the group
+    /// would be run by its end); the caller closes the group
+    /// ([`group_abandon`] on failure) and then aborts.
+    ///
+    /// # Safety
+    /// As [`Self::send`].
+    pub unsafe fn queue(
+        &self,
+        way: Way,
+        ptr: u64,
+        len: usize,
+        peer: usize,
+        stream: &CudaStream,
+    ) -> CommResult<()> {
+        self.live()?;
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.post(way, ptr, len, peer, stream) }?;
+        Ok(())
     }
 
     /// Ends a group of sends and receives on this communicator alone; its

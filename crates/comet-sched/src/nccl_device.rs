@@ -49,7 +49,7 @@ use comet_core::MoeConfig;
 use comet_kernels::forward::ForwardKernels;
 use comet_transport::cuda::{self, DeviceAlloc, HostSignal, PinnedBytes, Runs};
 use comet_transport::gpu::DeviceTransport;
-use comet_transport::nccl::ffi::{self, RawComm};
+use comet_transport::nccl::ffi::{self, RawComm, Way};
 use comet_transport::nccl::NcclTransport;
 use comet_transport::signal_core::{poll_bounded, Polled};
 use comet_transport::{BufferId, SignalOp, Transport, TransportError};
@@ -218,9 +218,10 @@ impl LaneSet {
         // below has seen the op complete (or the lane was aborted).
         unsafe {
             if l.lane.from == me {
-                l.comm.send(scratch.ptr(), 8, l.peer, &l.stream)
+                l.comm.post(Way::Send, scratch.ptr(), 8, l.peer, &l.stream)
             } else {
-                l.comm.recv(scratch.ptr() + 8, 8, l.peer, &l.stream)
+                l.comm
+                    .post(Way::Recv, scratch.ptr() + 8, 8, l.peer, &l.stream)
             }
         }
         .map_err(nccl)?;
@@ -492,8 +493,11 @@ impl NcclLanes for CudaLanes {
         // (mirror or send staging, above), live until the layer is dropped,
         // which drains the lanes first; NCCL reads it on the lane's stream
         // after the packing.
-        unsafe { l.comm.send(plan.from, plan.len, l.peer, &l.stream) }
-            .map_err(|e| lane_err(me, &name, "ncclSend", e))?;
+        unsafe {
+            l.comm
+                .post(Way::Send, plan.from, plan.len, l.peer, &l.stream)
+        }
+        .map_err(|e| lane_err(me, &name, "ncclSend", e))?;
         self.posted(i, op, "record send")
     }
 
@@ -511,8 +515,11 @@ impl NcclLanes for CudaLanes {
         // staging of the buffer, which no other piece of the call uses
         // (disjoint wire ranges) and which the next call's recvs reach only
         // after this call's landings completed.
-        unsafe { l.comm.recv(at, piece.region.bytes(), l.peer, &l.stream) }
-            .map_err(|e| lane_err(me, &name, "ncclRecv", e))?;
+        unsafe {
+            l.comm
+                .post(Way::Recv, at, piece.region.bytes(), l.peer, &l.stream)
+        }
+        .map_err(|e| lane_err(me, &name, "ncclRecv", e))?;
         self.posted(i, op, "record recv")
     }
 

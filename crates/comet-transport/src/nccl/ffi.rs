@@ -256,8 +256,8 @@ impl RawComm {
     /// settled).
     ///
     /// # Safety
-    /// As [`Self::send`].
-    unsafe fn post(
+    /// As [`Self::post`].
+    unsafe fn raw(
         &self,
         way: Way,
         ptr: u64,
@@ -272,13 +272,14 @@ impl RawComm {
         }
     }
 
-    /// Enqueues a send of `len` bytes at device address `ptr`, outside
-    /// any group: settled before it returns.
+    /// Enqueues a send from (or a receive into) `len` bytes at device
+    /// address `ptr`, outside any group: settled before it returns.
     ///
     /// # Safety
     /// `ptr .. ptr + len` must stay valid until the stream has run it.
-    pub unsafe fn send(
+    pub unsafe fn post(
         &self,
+        way: Way,
         ptr: u64,
         len: usize,
         peer: usize,
@@ -286,24 +287,7 @@ impl RawComm {
     ) -> CommResult<()> {
         self.live()?;
         // SAFETY: the caller's promise, passed on.
-        self.settled(unsafe { self.post(Way::Send, ptr, len, peer, stream) })
-    }
-
-    /// Enqueues a receive of `len` bytes into device address `ptr`,
-    /// outside any group: settled before it returns.
-    ///
-    /// # Safety
-    /// As [`Self::send`].
-    pub unsafe fn recv(
-        &self,
-        ptr: u64,
-        len: usize,
-        peer: usize,
-        stream: &CudaStream,
-    ) -> CommResult<()> {
-        self.live()?;
-        // SAFETY: the caller's promise, passed on.
-        self.settled(unsafe { self.post(Way::Recv, ptr, len, peer, stream) })
+        self.settled(unsafe { self.raw(way, ptr, len, peer, stream) })
     }
 
     /// A send or receive inside an open group: queued only, so neither
@@ -312,7 +296,7 @@ impl RawComm {
     /// ([`group_abandon`] on failure) and then aborts.
     ///
     /// # Safety
-    /// As [`Self::send`].
+    /// As [`Self::post`].
     pub unsafe fn queue(
         &self,
         way: Way,
@@ -323,7 +307,7 @@ impl RawComm {
     ) -> CommResult<()> {
         self.live()?;
         // SAFETY: the caller's promise, passed on.
-        unsafe { self.post(way, ptr, len, peer, stream) }?;
+        unsafe { self.raw(way, ptr, len, peer, stream) }?;
         Ok(())
     }
 

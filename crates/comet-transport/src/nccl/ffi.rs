@@ -49,7 +49,7 @@ pub type CommResult<T> = Result<T, CommError>;
 
 /// The NCCL result code of `e` with NCCL's own words for it (cudarc's
 /// `Debug` of an error says only "NcclError").
-pub fn describe(e: &result::NcclError) -> String {
+fn describe(e: &result::NcclError) -> String {
     // SAFETY: NCCL returns a static string for every result code.
     let words = unsafe { sys::ncclGetErrorString(e.0) };
     let words = if words.is_null() {
